@@ -1,0 +1,188 @@
+"""The patch recorder: every change a plugin makes to a module or library attribute goes through here.
+
+Each change is recorded with the original value, so it can be reverted (in reverse order), and summarised
+in one table at start-up. Patches of module *instances* (e.g. ``model.model.layers[3].mlp.forward``) are
+preferred over patches of library modules; third-party modules are never reloaded.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+_MISSING = object()
+_INDEX = re.compile(r"\.\d+(?=\.|$)")
+
+
+@dataclass(frozen=True)
+class PatchRecord:
+    """One recorded change.
+
+    Attributes:
+        plugin: name of the plugin that made it.
+        target: readable name of what was changed, e.g. ``model.layers.0.mlp.forward``.
+        replacement: readable name of what it was replaced with, e.g. ``fused_lora_mlp (triton)``.
+        owner: the object whose attribute was changed.
+        attribute: the attribute name.
+        original: the previous value, or a sentinel when the attribute was not set on ``owner`` itself.
+    """
+
+    plugin: str
+    target: str
+    replacement: str
+    owner: Any
+    attribute: str
+    original: Any
+
+    @property
+    def had_own_attribute(self) -> bool:
+        return self.original is not _MISSING
+
+
+def _name_of(obj: Any) -> str:
+    name = getattr(obj, "__qualname__", None) or getattr(obj, "__name__", None)
+    if name is None:
+        name = type(obj).__name__
+    module = getattr(obj, "__module__", None)
+    return f"{module}.{name}" if module and not module.startswith("builtins") else str(name)
+
+
+def _is_own_attribute(owner: Any, attribute: str) -> bool:
+    """True when ``attribute`` is set on ``owner`` itself (incl. ``nn.Module`` children/params/buffers)."""
+    if attribute in getattr(owner, "__dict__", {}):
+        return True
+    for registry in ("_modules", "_parameters", "_buffers"):
+        if attribute in (getattr(owner, "__dict__", {}).get(registry) or {}):
+            return True
+    return False
+
+
+class PatchRecorder:
+    """Records, reverts and summarises patches. One recorder per :class:`AccelerationFramework`."""
+
+    def __init__(self) -> None:
+        self._records: list[PatchRecord] = []
+
+    @property
+    def records(self) -> tuple[PatchRecord, ...]:
+        return tuple(self._records)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def patch(
+        self,
+        owner: Any,
+        attribute: str,
+        replacement: Any,
+        *,
+        plugin: str,
+        target: str | None = None,
+        description: str | None = None,
+    ) -> PatchRecord:
+        """Set ``owner.attribute = replacement`` and record it.
+
+        Args:
+            owner: object to change (a module instance, a class, a Python module).
+            attribute: attribute name on ``owner``.
+            replacement: new value.
+            plugin: name of the plugin making the change.
+            target: readable name of the target (default: ``<type of owner>.<attribute>``).
+            description: readable name of the replacement (default: its qualified name).
+
+        Raises:
+            AttributeError: ``owner`` has no attribute ``attribute`` (patches never invent attributes).
+        """
+        if not hasattr(owner, attribute):
+            raise AttributeError(f"{plugin}: cannot patch {_name_of(owner)}.{attribute}: no such attribute")
+        original = getattr(owner, attribute) if _is_own_attribute(owner, attribute) else _MISSING
+        record = PatchRecord(
+            plugin=plugin,
+            target=target or f"{_name_of(owner) if isinstance(owner, type) else type(owner).__name__}.{attribute}",
+            replacement=description or _name_of(replacement),
+            owner=owner,
+            attribute=attribute,
+            original=original,
+        )
+        setattr(owner, attribute, replacement)
+        self._records.append(record)
+        return record
+
+    def revert(self) -> int:
+        """Undo every recorded patch, newest first. Returns how many were reverted."""
+        count = 0
+        while self._records:
+            record = self._records.pop()
+            if record.had_own_attribute:
+                setattr(record.owner, record.attribute, record.original)
+            else:
+                delattr(record.owner, record.attribute)
+            count += 1
+        return count
+
+    @contextmanager
+    def reverting(self) -> Iterator[PatchRecorder]:
+        """Context manager that reverts every patch recorded inside it (and before it) on exit."""
+        try:
+            yield self
+        finally:
+            self.revert()
+
+    def summary_rows(self) -> list[tuple[str, str, str, int]]:
+        """Rows ``(plugin, target, replacement, count)``; numeric indices in targets are folded to ``*``."""
+        counts: OrderedDict[tuple[str, str, str], int] = OrderedDict()
+        for r in self._records:
+            key = (r.plugin, _INDEX.sub(".*", r.target), r.replacement)
+            counts[key] = counts.get(key, 0) + 1
+        return [(p, t, rep, n) for (p, t, rep), n in counts.items()]
+
+    def summary_table(self) -> str:
+        """A plain-text table of all patches, one row per (plugin, target pattern, replacement)."""
+        rows = self.summary_rows()
+        if not rows:
+            return "fms-acceleration: no patches applied"
+        header = ("plugin", "target", "replacement", "count")
+        body = [(p, t, r, str(n)) for p, t, r, n in rows]
+        widths = [max(len(row[i]) for row in [header, *body]) for i in range(4)]
+
+        def fmt(row: tuple[str, ...]) -> str:
+            return "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        return "\n".join(["fms-acceleration patches:", fmt(header), rule, *(fmt(r) for r in body)])
+
+
+class PluginPatcher:
+    """A plugin's view of the recorder: every patch is attributed to that plugin."""
+
+    def __init__(self, recorder: PatchRecorder, plugin: str) -> None:
+        self._recorder = recorder
+        self.plugin = plugin
+
+    def patch(
+        self, owner: Any, attribute: str, replacement: Any, *, target: str | None = None, description: str | None = None
+    ) -> PatchRecord:
+        """Record-and-set, see :meth:`PatchRecorder.patch`."""
+        return self._recorder.patch(
+            owner, attribute, replacement, plugin=self.plugin, target=target, description=description
+        )
+
+    def patch_forward(
+        self, module: Any, forward: Callable[..., Any], *, target: str, description: str | None = None
+    ) -> PatchRecord:
+        """Replace the ``forward`` of one module *instance* (the class is untouched)."""
+        return self.patch(module, "forward", forward, target=f"{target}.forward", description=description)
+
+    def replace_child(
+        self, parent: Any, child_name: str, new_child: Any, *, target: str, description: str | None = None
+    ) -> PatchRecord:
+        """Replace the sub-module ``parent.<child_name>`` with ``new_child``."""
+        return self.patch(parent, child_name, new_child, target=target, description=description)
+
+    def count(self) -> int:
+        """How many patches this plugin has recorded so far."""
+        return sum(1 for r in self._recorder.records if r.plugin == self.plugin)

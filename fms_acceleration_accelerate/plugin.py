@@ -1,0 +1,167 @@
+"""The plugin contract.
+
+A plugin is a subclass of :class:`AccelerationPlugin` that declares, as class attributes:
+
+* ``name``: unique name (defaults to the class name);
+* ``configuration_and_paths`` (all must be present) and/or ``configuration_or_paths`` (any one activates):
+  dotted config paths it registers under, e.g. ``"peft.quantization.bitsandbytes"``;
+* ``config_class``: a frozen dataclass the section at the matched path is parsed into (strictly);
+* ``required_packages``: PEP 508 requirement strings checked when the plugin activates;
+* ``install_hint``: the pip command that installs those packages;
+* ``supported_model_types``: HF ``config.model_type`` values it supports (``None``: any);
+* ``order``: position in the deterministic run order (lower first; loaders ~100, augmentation ~200,
+  kernels ~300);
+* ``incompatible_paths``: config paths that may not be active together with this plugin;
+
+and implements any of the hooks below. Hooks return what they change; patches go through ``self.patches``
+(a :class:`~fms_acceleration_accelerate.patching.PluginPatcher`) so the framework can report and revert them.
+
+Plugins are discovered through the entry-point group ``fms_acceleration_accelerate.plugins``; nothing is
+registered in a global table. The seed's ``AccelerationPlugin.register_plugin(cls, configuration_and_paths=[...])``
+still works: it sets the class attributes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from .errors import AccelerationConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .patching import PluginPatcher
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """Config class of plugins whose section takes no options."""
+
+
+class AccelerationPlugin:
+    """Base class of every acceleration plugin. See the module docstring for the declarations."""
+
+    name: ClassVar[str] = ""
+    configuration_and_paths: ClassVar[tuple[str, ...]] = ()
+    configuration_or_paths: ClassVar[tuple[str, ...]] = ()
+    config_class: ClassVar[type] = NoOptions
+    required_packages: ClassVar[tuple[str, ...]] = ()
+    install_hint: ClassVar[str] = ""
+    supported_model_types: ClassVar[tuple[str, ...] | None] = None
+    order: ClassVar[int] = 500
+    incompatible_paths: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Any, *, matched_paths: tuple[str, ...], patches: PluginPatcher) -> None:
+        """Create an activated plugin.
+
+        Args:
+            config: instance of ``config_class`` parsed from the section at ``matched_paths[0]``.
+            matched_paths: the registered paths present in the configuration (AND: all; OR: the one found).
+            patches: recorder view through which all patches must be made.
+        """
+        self.config = config
+        self.matched_paths = matched_paths
+        self.patches = patches
+
+    # ------------------------------------------------------------------ registration (seed compatibility)
+    @staticmethod
+    def register_plugin(
+        plugin: type[AccelerationPlugin],
+        configuration_and_paths: Sequence[str] | None = None,
+        configuration_or_paths: Sequence[str] | None = None,
+        **attributes: Any,
+    ) -> type[AccelerationPlugin]:
+        """Declare the config paths (and any other class attribute) of ``plugin``; returns ``plugin``.
+
+        This is the seed's API; it only sets class attributes. Discovery still happens through the
+        plugin package's entry point.
+        """
+        if not (isinstance(plugin, type) and issubclass(plugin, AccelerationPlugin)):
+            raise TypeError(f"register_plugin expects an AccelerationPlugin subclass, got {plugin!r}")
+        if configuration_and_paths is not None:
+            plugin.configuration_and_paths = tuple(configuration_and_paths)
+        if configuration_or_paths is not None:
+            plugin.configuration_or_paths = tuple(configuration_or_paths)
+        for key, value in attributes.items():
+            if not hasattr(AccelerationPlugin, key):
+                raise TypeError(f"register_plugin: unknown plugin attribute {key!r}")
+            setattr(plugin, key, value)
+        plugin.validate_declaration()
+        return plugin
+
+    @classmethod
+    def plugin_name(cls) -> str:
+        return cls.name or cls.__name__
+
+    @classmethod
+    def all_paths(cls) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*cls.configuration_and_paths, *cls.configuration_or_paths)))
+
+    @classmethod
+    def validate_declaration(cls) -> None:
+        """Check the class-level declarations (internal consistency, not user input)."""
+        if not cls.all_paths():
+            raise TypeError(f"plugin {cls.plugin_name()} declares no configuration paths")
+        if cls.configuration_and_paths and cls.configuration_or_paths:
+            raise TypeError(
+                f"plugin {cls.plugin_name()} declares both AND and OR paths; declare one kind"
+            )
+        if not dataclasses.is_dataclass(cls.config_class):
+            raise TypeError(f"plugin {cls.plugin_name()}: config_class must be a dataclass")
+        for path in cls.all_paths():
+            if not path or any(not part.isidentifier() for part in path.split(".")):
+                raise TypeError(f"plugin {cls.plugin_name()}: invalid configuration path {path!r}")
+
+    # ------------------------------------------------------------------ hooks: loading and augmentation
+    @property
+    def requires_custom_loading(self) -> bool:
+        """True when this plugin loads the model (overrides :meth:`model_loader`)."""
+        return type(self).model_loader is not AccelerationPlugin.model_loader
+
+    @property
+    def requires_augmentation(self) -> bool:
+        """True when this plugin changes the loaded model (overrides :meth:`augmentation`)."""
+        return type(self).augmentation is not AccelerationPlugin.augmentation
+
+    def model_loader(self, model_name_or_path: str, **kwargs: Any) -> Any:
+        """Load and return the model (only for plugins that own loading)."""
+        raise NotImplementedError(f"plugin {self.plugin_name()} does not load models")
+
+    def augmentation(self, model: Any, train_args: Any, modifiable_args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
+        """Change the model (e.g. add LoRA adapters, patch kernels); return ``(model, modifiable_args)``."""
+        raise NotImplementedError(f"plugin {self.plugin_name()} does not augment models")
+
+    # ------------------------------------------------------------------ hooks: Accelerator.prepare
+    def prepare_contribution(self, model: Any, context: Any) -> Any:
+        """Before FSDP wrapping: return a ``distributed.PrepareContribution`` (wrap policy units, ignored
+        modules, mixed-precision needs) for this plugin's layers, or ``None``."""
+        return None
+
+    def after_prepare(self, model: Any, context: Any) -> None:
+        """After wrapping: patch what needs the wrapped/sharded model (through ``self.patches``)."""
+        return None
+
+    def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:
+        """HF Trainer / TRL callbacks this plugin needs, after any last preparation of ``model``."""
+        return []
+
+    # ------------------------------------------------------------------ checks and reporting
+    def check_compatibility(self, active: Sequence[AccelerationPlugin]) -> None:
+        """Raise :class:`AccelerationConfigError` if this plugin cannot run with the ``active`` ones."""
+        return None
+
+    def check_model_type(self, model_type: str | None) -> None:
+        """Raise :class:`AccelerationConfigError` if this plugin does not support ``model_type``."""
+        supported = self.supported_model_types
+        if supported is None or model_type in supported:
+            return
+        raise AccelerationConfigError(
+            f"plugin {self.plugin_name()!r} does not support model type {model_type!r}",
+            path=self.matched_paths[0] if self.matched_paths else None,
+            fix=f"supported model types: {', '.join(supported)}; remove this section for this model",
+        )
+
+    def describe(self) -> list[str]:
+        """One line per thing this plugin will do, for ``fms-accelerate check`` (no model needed)."""
+        options = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
+        return [f"options: {options}" if options else "no options"]
