@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test suite (default CPU tier; GPU tests are skipped without CUDA). Extra args go to pytest.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+VPY=$(bash scripts/setup_env.sh) || exit 1
+"$VPY" -m pytest -m "not gpu" -p no:cacheprovider "$@"
+rc=$?
+if [ "$rc" -eq 5 ]; then
+  echo "error: pytest collected no tests" >&2
+  exit 1
+fi
+exit "$rc"
