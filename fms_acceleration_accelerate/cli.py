@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_cfg.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     p_cfg.add_argument("name", nargs="?")
     p_cfg.set_defaults(func=_cmd_configs)
-    p_check = sub.add_parser("check", help="validate a config (acceleration or Accelerate YAML) without loading a model")
+    p_check = sub.add_parser(
+        "check", help="validate a config (acceleration or Accelerate YAML) without loading a model"
+    )
     p_check.add_argument("config", help="path of the YAML file, or the name of a shipped configuration")
     p_check.set_defaults(func=_cmd_check)
     return parser
@@ -111,7 +113,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "configs" and args.action == "show" and not args.name:
         parser.error("configs show needs a NAME (see 'fms-accelerate configs')")
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except AccelerationConfigError as exc:  # e.g. two installed plugins claiming one config path
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

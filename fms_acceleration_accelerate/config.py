@@ -18,7 +18,7 @@ import enum
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
@@ -103,7 +103,9 @@ def load_acceleration_config(source: str | os.PathLike | Mapping[str, Any] | Non
     )
 
 
-def _from_document(document: Any, *, origin: str, base_dir: Path, allow_bare_body: bool) -> AccelerationConfig:
+def _from_document(
+    document: Any, *, origin: str, base_dir: Path, allow_bare_body: bool, allow_redirect: bool = True
+) -> AccelerationConfig:
     if document is None:
         document = {}
     if not isinstance(document, Mapping):
@@ -128,9 +130,24 @@ def _from_document(document: Any, *, origin: str, base_dir: Path, allow_bare_bod
     root = present[0]
     body = document[root]
     if root == "acceleration" and isinstance(body, (str, os.PathLike)):
+        if not allow_redirect:
+            raise AccelerationConfigError(
+                f"{origin} points to another file ({body!r}) but was itself named by an 'acceleration:' path",
+                path="acceleration",
+                fix="let 'acceleration:' name an acceleration-only file (with a 'plugins:' section)",
+            )
         nested = Path(body) if Path(body).is_absolute() else base_dir / body
-        return _from_document(read_yaml(nested), origin=str(nested), base_dir=nested.parent, allow_bare_body=False)
-    if root == "acceleration" and isinstance(body, Mapping) and set(body) == {"plugins"}:
+        return _from_document(
+            read_yaml(nested), origin=str(nested), base_dir=nested.parent, allow_bare_body=False, allow_redirect=False
+        )
+    if root == "acceleration" and isinstance(body, Mapping) and "plugins" in body:
+        if set(body) != {"plugins"}:
+            others = ", ".join(sorted(str(k) for k in body if k != "plugins"))
+            raise AccelerationConfigError(
+                f"holds 'plugins:' next to other keys ({others})",
+                path="acceleration",
+                fix="put every plugin section either directly under 'acceleration:' or under 'acceleration.plugins:'",
+            )
         root, body = "acceleration.plugins", body["plugins"]
     return AccelerationConfig(body=_check_body(body, root), root=root, origin=origin)
 
@@ -166,7 +183,7 @@ def get_section(body: Mapping[str, Any], dotted: str) -> tuple[bool, Any]:
 # Strict dataclass parsing
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:  # noqa: A002
+def option(default: Any = dataclasses.MISSING, help: str = "", **kwargs: Any) -> Any:
     """A dataclass field with a help text (shown by ``fms-accelerate check`` and in generated configs)."""
     metadata = dict(kwargs.pop("metadata", {}) or {})
     metadata["help"] = help
@@ -198,46 +215,69 @@ def parse_dataclass(cls: type[T], data: Any, path: str) -> T:
     Returns:
         An instance of ``cls``.
     """
+    return parse_dataclass_sections(cls, [(path, data)])
+
+
+def parse_dataclass_sections(cls: type[T], sections: Sequence[tuple[str, Any]]) -> T:
+    """Build ``cls`` from the options of several config sections (a plugin with several AND paths).
+
+    Every section is checked on its own (messages name the section's path); together they may set each
+    option at most once. With one section this is :func:`parse_dataclass`.
+
+    Args:
+        cls: a dataclass type.
+        sections: ``(dotted path, mapping or None)`` pairs; the first one is the plugin's primary section.
+
+    Returns:
+        An instance of ``cls``.
+    """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
-    if data is None or data is True:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise AccelerationConfigError(
-            f"must be a mapping of options, got {type(data).__name__} ({data!r})",
-            path=path,
-            fix=f"write the options under it (valid keys: {', '.join(_field_names(cls)) or 'none'}), "
-            "or leave it empty for the defaults",
-        )
+    if not sections:
+        raise ValueError("parse_dataclass_sections needs at least one section")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    for key in data:
-        if key not in fields:
+    primary = sections[0][0]
+    values: dict[str, Any] = {}
+    set_at: dict[str, str] = {}
+    for path, data in sections:
+        if data is None or data is True:
+            data = {}
+        if not isinstance(data, Mapping):
             raise AccelerationConfigError(
-                f"unknown key {key!r}.{did_you_mean(key, fields)}",
-                path=join_path(path, str(key)),
-                fix=f"valid keys here: {', '.join(sorted(fields)) or 'none'}",
+                f"must be a mapping of options, got {type(data).__name__} ({data!r})",
+                path=path,
+                fix=f"write the options under it (valid keys: {', '.join(sorted(fields)) or 'none'}), "
+                "or leave it empty for the defaults",
             )
-    values = {}
+        for key in data:
+            if key not in fields:
+                raise AccelerationConfigError(
+                    f"unknown key {key!r}.{did_you_mean(key, fields)}",
+                    path=join_path(path, str(key)),
+                    fix=f"valid keys here: {', '.join(sorted(fields)) or 'none'}",
+                )
+            if key in set_at:
+                raise AccelerationConfigError(
+                    f"option {key!r} is set twice (also at {join_path(set_at[key], key)})",
+                    path=join_path(path, key),
+                    fix="set it in one section only",
+                )
+            set_at[key] = path
+            values[key] = coerce_value(data[key], hints[key], join_path(path, key))
     for name, f in fields.items():
-        if name in data:
-            values[name] = coerce_value(data[name], hints[name], join_path(path, name))
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+        if name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise AccelerationConfigError(
                 f"missing required key {name!r}",
-                path=path,
+                path=primary,
                 fix=f"add '{name}: ...' ({f.metadata.get('help', 'see the plugin documentation')})",
             )
     try:
         return cls(**values)
     except AccelerationConfigError as exc:
         if exc.path is None:
-            raise AccelerationConfigError(exc.problem, path=path, fix=exc.fix) from None
+            raise AccelerationConfigError(exc.problem, path=primary, fix=exc.fix) from None
         raise
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls) if f.init]
 
 
 def describe_type(annotation: Any) -> str:

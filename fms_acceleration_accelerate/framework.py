@@ -12,7 +12,7 @@ from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from .config import AccelerationConfig, get_section, load_acceleration_config, parse_dataclass
+from .config import AccelerationConfig, get_section, load_acceleration_config, parse_dataclass_sections
 from .errors import AccelerationConfigError, did_you_mean
 from .patching import PatchRecorder, PluginPatcher
 from .plugin import AccelerationPlugin
@@ -48,6 +48,8 @@ def check_requirements(requirements: Sequence[str], *, who: str, path: str, inst
             req = Requirement(text)
         except InvalidRequirement as exc:  # a plugin bug, not a user error
             raise TypeError(f"{who}: invalid requirement {text!r}: {exc}") from None
+        if req.marker is not None and not req.marker.evaluate():
+            continue  # not needed on this platform / Python
         try:
             installed = metadata.version(req.name)
         except metadata.PackageNotFoundError:
@@ -161,8 +163,8 @@ class AccelerationFramework:
                 )
                 continue
             primary = matched[0]
-            _, section = get_section(self.config.body, primary)
-            config = parse_dataclass(cls.config_class, section, self.config.path(primary))
+            sections = [(self.config.path(p), get_section(self.config.body, p)[1]) for p in matched]
+            config = parse_dataclass_sections(cls.config_class, sections)
             if check_packages:
                 check_requirements(
                     cls.required_packages, who=entry.name, path=self.config.path(primary), install_hint=cls.install_hint
@@ -215,7 +217,18 @@ class AccelerationFramework:
                         fix=f"remove either {self.config.path(plugin.matched_paths[0])} or {self.config.path(path)}",
                     )
         for plugin in self.active_plugins:
-            plugin.check_compatibility(self.active_plugins)
+            with self._full_paths(plugin):
+                plugin.check_compatibility(self.active_plugins)
+
+    @contextmanager
+    def _full_paths(self, plugin: AccelerationPlugin) -> Iterator[None]:
+        """Re-raise a plugin's error about one of its sections with the section's full key path."""
+        try:
+            yield
+        except AccelerationConfigError as exc:
+            if exc.path in plugin.matched_paths:
+                raise AccelerationConfigError(exc.problem, path=self.config.path(exc.path), fix=exc.fix) from None
+            raise
 
     # ------------------------------------------------------------------------------------ public API
     @property
@@ -243,7 +256,8 @@ class AccelerationFramework:
     def check_model_type(self, model_type: str | None) -> None:
         """Raise :class:`AccelerationConfigError` if an active plugin does not support ``model_type``."""
         for plugin in self.active_plugins:
-            plugin.check_model_type(model_type)
+            with self._full_paths(plugin):
+                plugin.check_model_type(model_type)
 
     def model_loader(self, model_name_or_path: str, **kwargs: Any) -> Any:
         """Load the model with the one plugin that owns loading (the model type is checked first)."""
@@ -270,7 +284,18 @@ class AccelerationFramework:
         modifiable_args = tuple(modifiable_args)
         for plugin in self.active_plugins:
             if plugin.requires_augmentation:
-                model, modifiable_args = plugin.augmentation(model, train_args, modifiable_args)
+                result = plugin.augmentation(model, train_args, modifiable_args)
+                if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], tuple)):
+                    raise TypeError(
+                        f"plugin {plugin.plugin_name()!r}: augmentation must return (model, modifiable_args) with "
+                        f"modifiable_args a tuple, got {type(result).__name__}"
+                    )
+                if len(result[1]) != len(modifiable_args):
+                    raise TypeError(
+                        f"plugin {plugin.plugin_name()!r}: augmentation returned {len(result[1])} modifiable_args "
+                        f"for {len(modifiable_args)} given; return one value per argument (None to consume one)"
+                    )
+                model, modifiable_args = result
         return model, modifiable_args
 
     def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:

@@ -51,14 +51,21 @@ def _name_of(obj: Any) -> str:
     return f"{module}.{name}" if module and not module.startswith("builtins") else str(name)
 
 
-def _is_own_attribute(owner: Any, attribute: str) -> bool:
-    """True when ``attribute`` is set on ``owner`` itself (incl. ``nn.Module`` children/params/buffers)."""
-    if attribute in getattr(owner, "__dict__", {}):
-        return True
+def _own_value(owner: Any, attribute: str) -> Any:
+    """The raw value of ``attribute`` set on ``owner`` itself, or ``_MISSING`` when it is inherited.
+
+    Reads ``owner.__dict__`` (and an ``nn.Module``'s ``_modules``/``_parameters``/``_buffers``) directly rather
+    than ``getattr``, so descriptors such as ``staticmethod``/``classmethod`` on a class are kept as they are
+    and restored unchanged on revert.
+    """
+    own = getattr(owner, "__dict__", {})
+    if attribute in own:
+        return own[attribute]
     for registry in ("_modules", "_parameters", "_buffers"):
-        if attribute in (getattr(owner, "__dict__", {}).get(registry) or {}):
-            return True
-    return False
+        values = own.get(registry) or {}
+        if attribute in values:
+            return values[attribute]
+    return _MISSING
 
 
 class PatchRecorder:
@@ -99,7 +106,7 @@ class PatchRecorder:
         """
         if not hasattr(owner, attribute):
             raise AttributeError(f"{plugin}: cannot patch {_name_of(owner)}.{attribute}: no such attribute")
-        original = getattr(owner, attribute) if _is_own_attribute(owner, attribute) else _MISSING
+        original = _own_value(owner, attribute)
         record = PatchRecord(
             plugin=plugin,
             target=target or f"{_name_of(owner) if isinstance(owner, type) else type(owner).__name__}.{attribute}",

@@ -38,6 +38,16 @@ class NoOptions:
     """Config class of plugins whose section takes no options."""
 
 
+_SEQUENCE_DECLARATIONS = (
+    "configuration_and_paths",
+    "configuration_or_paths",
+    "required_packages",
+    "supported_model_types",
+    "incompatible_paths",
+)
+_DECLARATIONS = (*_SEQUENCE_DECLARATIONS, "name", "config_class", "install_hint", "order")
+
+
 class AccelerationPlugin:
     """Base class of every acceleration plugin. See the module docstring for the declarations."""
 
@@ -78,15 +88,34 @@ class AccelerationPlugin:
         """
         if not (isinstance(plugin, type) and issubclass(plugin, AccelerationPlugin)):
             raise TypeError(f"register_plugin expects an AccelerationPlugin subclass, got {plugin!r}")
+        updates: dict[str, Any] = {}
         if configuration_and_paths is not None:
-            plugin.configuration_and_paths = tuple(configuration_and_paths)
+            updates["configuration_and_paths"] = configuration_and_paths
         if configuration_or_paths is not None:
-            plugin.configuration_or_paths = tuple(configuration_or_paths)
+            updates["configuration_or_paths"] = configuration_or_paths
         for key, value in attributes.items():
-            if not hasattr(AccelerationPlugin, key):
-                raise TypeError(f"register_plugin: unknown plugin attribute {key!r}")
+            if key not in _DECLARATIONS:
+                raise TypeError(
+                    f"register_plugin: unknown plugin attribute {key!r}; valid: {', '.join(sorted(_DECLARATIONS))}"
+                )
+            updates[key] = value
+        for key, value in updates.items():
+            if key in _SEQUENCE_DECLARATIONS and value is not None:
+                if isinstance(value, str):
+                    raise TypeError(f"register_plugin: {key} must be a list of strings, not the string {value!r}")
+                updates[key] = tuple(value)
+        previous = {key: plugin.__dict__[key] for key in updates if key in plugin.__dict__}
+        for key, value in updates.items():
             setattr(plugin, key, value)
-        plugin.validate_declaration()
+        try:
+            plugin.validate_declaration()
+        except TypeError:
+            for key in updates:  # leave the class as it was
+                if key in previous:
+                    setattr(plugin, key, previous[key])
+                else:
+                    delattr(plugin, key)
+            raise
         return plugin
 
     @classmethod
@@ -100,15 +129,21 @@ class AccelerationPlugin:
     @classmethod
     def validate_declaration(cls) -> None:
         """Check the class-level declarations (internal consistency, not user input)."""
+        for key in _SEQUENCE_DECLARATIONS:
+            value = getattr(cls, key)
+            if value is None and key == "supported_model_types":
+                continue
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise TypeError(f"plugin {cls.plugin_name()}: {key} must be a tuple of strings, got {value!r}")
+        if not isinstance(cls.order, int) or isinstance(cls.order, bool):
+            raise TypeError(f"plugin {cls.plugin_name()}: order must be an int, got {cls.order!r}")
         if not cls.all_paths():
             raise TypeError(f"plugin {cls.plugin_name()} declares no configuration paths")
         if cls.configuration_and_paths and cls.configuration_or_paths:
-            raise TypeError(
-                f"plugin {cls.plugin_name()} declares both AND and OR paths; declare one kind"
-            )
+            raise TypeError(f"plugin {cls.plugin_name()} declares both AND and OR paths; declare one kind")
         if not dataclasses.is_dataclass(cls.config_class):
             raise TypeError(f"plugin {cls.plugin_name()}: config_class must be a dataclass")
-        for path in cls.all_paths():
+        for path in (*cls.all_paths(), *cls.incompatible_paths):
             if not path or any(not part.isidentifier() for part in path.split(".")):
                 raise TypeError(f"plugin {cls.plugin_name()}: invalid configuration path {path!r}")
 
@@ -127,7 +162,9 @@ class AccelerationPlugin:
         """Load and return the model (only for plugins that own loading)."""
         raise NotImplementedError(f"plugin {self.plugin_name()} does not load models")
 
-    def augmentation(self, model: Any, train_args: Any, modifiable_args: tuple[Any, ...]) -> tuple[Any, tuple[Any, ...]]:
+    def augmentation(
+        self, model: Any, train_args: Any, modifiable_args: tuple[Any, ...]
+    ) -> tuple[Any, tuple[Any, ...]]:
         """Change the model (e.g. add LoRA adapters, patch kernels); return ``(model, modifiable_args)``."""
         raise NotImplementedError(f"plugin {self.plugin_name()} does not augment models")
 

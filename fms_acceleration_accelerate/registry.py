@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from types import MappingProxyType
 
+from .errors import AccelerationConfigError
 from .plugin import AccelerationPlugin
 
 ENTRY_POINT_GROUP = "fms_acceleration_accelerate.plugins"
@@ -73,9 +74,9 @@ class PluginRegistry:
         by_path: dict[str, PluginEntry] = {}
         for entry in normalised:
             if entry.name in by_name:
-                raise ValueError(
-                    f"two plugins are named {entry.name!r} ({_origin(by_name[entry.name])} and {_origin(entry)}); "
-                    "uninstall one of them"
+                raise AccelerationConfigError(
+                    f"two plugins are named {entry.name!r} ({_origin(by_name[entry.name])} and {_origin(entry)})",
+                    fix="uninstall one of the two packages",
                 )
             by_name[entry.name] = entry
             if entry.plugin_class is None:
@@ -83,9 +84,10 @@ class PluginRegistry:
             entry.plugin_class.validate_declaration()
             for path in entry.plugin_class.all_paths():
                 if path in by_path:
-                    raise ValueError(
+                    raise AccelerationConfigError(
                         f"config path {path!r} is claimed by both {by_path[path].name!r} ({_origin(by_path[path])}) "
-                        f"and {entry.name!r} ({_origin(entry)}); uninstall one of them"
+                        f"and {entry.name!r} ({_origin(entry)})",
+                        fix="uninstall one of the two packages",
                     )
                 by_path[path] = entry
         self._entries = tuple(sorted(normalised, key=_sort_key))
@@ -105,7 +107,7 @@ class PluginRegistry:
             version = dist.version if dist is not None else None
             try:
                 plugin_class = ep.load()
-            except ImportError as exc:
+            except (ImportError, AttributeError) as exc:  # missing module / missing attribute in the module
                 entries.append(
                     PluginEntry(ep.name, None, dist_name, version, ep.value, load_error=f"{type(exc).__name__}: {exc}")
                 )
@@ -114,6 +116,11 @@ class PluginRegistry:
                 entries.append(
                     PluginEntry(ep.name, None, dist_name, version, ep.value, load_error="not an AccelerationPlugin")
                 )
+                continue
+            try:
+                plugin_class.validate_declaration()
+            except TypeError as exc:  # a broken plugin must not take every other plugin down with it
+                entries.append(PluginEntry(ep.name, None, dist_name, version, ep.value, load_error=str(exc)))
                 continue
             entries.append(PluginEntry(plugin_class.plugin_name(), plugin_class, dist_name, version, ep.value))
         return cls(entries)
