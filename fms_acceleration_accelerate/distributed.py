@@ -1,0 +1,719 @@
+"""The prepare-time contract between plugins and the framework: FSDP units, ignored modules, mixed precision.
+
+This module knows nothing about Accelerate's internals (that is ``accelerate_integration``); it works on plain
+``torch.nn.Module`` trees and torch's FSDP APIs, so it can be tested with ``torchrun`` and gloo on CPU.
+
+Flow inside ``Accelerator.prepare`` (driven by ``accelerate_integration``)::
+
+    context = PrepareContext(...)                          # what the run looks like (FSDP1/2, dtype, world size)
+    parts = [plugin.prepare_contribution(model, context)]  # each active plugin, in run order; None = nothing
+    merged = merge_contributions(parts)                    # conflicts -> AccelerationConfigError
+    plan = plan_fsdp_units(model, merged, fsdp_version)    # which modules become FSDP units
+    FSDP1: fsdp1_auto_wrap_policy(plan) -> fsdp_plugin.auto_wrap_policy (+ ignored modules, mixed precision)
+    FSDP2: apply_fsdp2_plan(model, plan, merged, kwargs)   # our own fully_shard on the units, bottom-up;
+           Accelerate then shards embeddings / tail / root and leaves our units alone
+    Accelerate's own prepare
+    plugin.after_prepare(wrapped_model, context)           # each active plugin, in run order
+
+How the unit plan is chosen
+---------------------------
+* **Decoder layers** (classes named in ``model._no_split_modules``) and every module a plugin lists in
+  ``wrap_units`` are units.
+* **Fused scopes.** A plugin whose kernel replaces the forward of a module and reads its sub-modules' weights
+  directly (a fused LoRA kernel reads ``q_proj.base_layer.weight``, ``q_proj.lora_A.default.weight`` ...
+  without calling those modules) lists that module in ``fused_scopes``. No unit is ever created strictly
+  *inside* a fused scope, so every weight the kernel reads belongs to the unit that encloses the scope (the
+  decoder layer), and that unit's pre-forward all-gather (FSDP1 flat-parameter unshard, FSDP2 group unshard)
+  has gathered it before the fused forward runs; its post-backward reduce-scatters the LoRA gradients the
+  kernel produced. No hand-made all-reduce of adapters is involved.
+* **FSDP1 only: frozen and trainable parameters are never mixed in one flat parameter** (a mixed flat
+  parameter needs ``use_orig_params=True`` and allocates gradient storage for its frozen part). After the
+  units above are chosen, every unit whose own parameters are mixed is split: the largest callable
+  sub-modules whose parameters are all trainable (LoRA ``lora_A``/``lora_B`` linears, ``modules_to_save``
+  copies) become units of their own, so the decoder-layer unit keeps only frozen weights. Inside a fused scope
+  this split is impossible; the plan then records the mixed unit, and FSDP1 needs ``use_orig_params: true``
+  (checked, with the fix in the error).
+* **FSDP2** shards each parameter separately, so frozen and trainable parameters in one group cost nothing;
+  LoRA adapters stay inside their decoder layer's group (one all-gather per layer instead of one per
+  adapter), which is also what fused kernels need.
+
+Optimizers
+----------
+``Accelerator.prepare(model, optimizer, ...)`` prepares the model before the optimizer and re-points the
+optimizer's parameters at the wrapped/sharded ones (FSDP2: by name, including the units we shard ourselves:
+``apply_fsdp2_plan`` returns the old->new parameter map and the integration swaps the optimizer's entries
+before Accelerate sees them). Pass the model and its optimizer to the *same* ``prepare`` call. An optimizer
+created from the model but prepared in a *later* call is not re-pointed (Accelerate's own rule for FSDP; under
+FSDP2 Accelerate refuses a model without its optimizer). Parameters added by ``augmentation`` (LoRA) must exist
+before the optimizer is created.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Union
+
+import torch
+from torch import nn
+
+from .errors import AccelerationConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .framework import AccelerationFramework
+
+ModuleSelector = Union[type, str, Callable[[str, nn.Module], bool]]
+"""Selects modules: a class (``isinstance``), a class *name* (``type(m).__name__``, as in
+``transformer_cls_names_to_wrap``), or a predicate ``(qualified_name, module) -> bool``."""
+
+ParamSelector = Callable[[str, nn.Parameter], bool]
+"""Selects parameters: a predicate ``(qualified_name, parameter) -> bool``."""
+
+FullyShardCustomizer = Callable[[str, nn.Module, dict], Union[dict, None]]
+"""FSDP2 hook: ``(unit_name, module, default_fully_shard_kwargs) -> kwargs | None``. Return the keyword
+arguments to use for ``fully_shard(module, **kwargs)`` of a unit this plugin cares about (e.g. a different
+``mp_policy`` or ``shard_placement_fn`` for quantized weights), or ``None`` to leave the unit alone."""
+
+_CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Context and contribution
+
+
+@dataclass(frozen=True)
+class PrepareContext:
+    """What the run looks like, given to ``prepare_contribution`` and ``after_prepare``.
+
+    Attributes:
+        distributed_type: Accelerate's ``DistributedType`` value as a string (``"NO"``, ``"MULTI_GPU"``,
+            ``"MULTI_CPU"``, ``"FSDP"``, ``"DEEPSPEED"``, ...).
+        fsdp_version: 1 or 2 under FSDP, else ``None``.
+        device: the process's device.
+        mixed_precision: ``"no"``, ``"fp16"``, ``"bf16"`` or ``"fp8"``.
+        world_size: number of processes.
+        framework: the :class:`~fms_acceleration_accelerate.framework.AccelerationFramework` running the hooks.
+        accelerator: the ``accelerate.Accelerator`` (``None`` when the hooks are driven without one, e.g. in
+            tests or a hand-written ``fully_shard`` loop).
+    """
+
+    distributed_type: str = "NO"
+    fsdp_version: int | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    mixed_precision: str = "no"
+    world_size: int = 1
+    framework: AccelerationFramework | None = None
+    accelerator: Any = None
+
+    @property
+    def is_fsdp(self) -> bool:
+        return self.fsdp_version is not None
+
+    @property
+    def is_deepspeed(self) -> bool:
+        return self.distributed_type == "DEEPSPEED"
+
+    @property
+    def compute_dtype(self) -> torch.dtype | None:
+        """The autocast / FSDP compute dtype implied by ``mixed_precision`` (``None`` for ``"no"``)."""
+        return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}.get(self.mixed_precision)
+
+
+@dataclass(frozen=True)
+class PrepareContribution:
+    """What one plugin needs from the wrapping step. Every field is optional; empty means "no opinion".
+
+    Attributes:
+        wrap_units: modules that must be FSDP units of their own (e.g. quantized base layers whose storage is
+            sharded in a special way).
+        fused_scopes: modules whose forward a fused kernel replaces and which read their sub-modules' weights
+            directly; no unit is created strictly inside them (see the module docstring).
+        ignored_modules: modules FSDP must not manage at all (their parameters stay whole and local on
+            every rank; the plugin is then responsible for them).
+        keep_dtype_params: parameters whose storage dtype must never be cast (packed quantized weights held
+            in a float dtype). FSDP1: their dtype must equal the mixed-precision ``param_dtype`` (checked).
+            FSDP2: units holding them are sharded with ``param_dtype=None`` (no cast on all-gather).
+        trainable_dtype: dtype of trainable parameters before wrapping (e.g. LoRA in fp32 as master weights
+            while the base runs in bf16). ``None``: FSDP2 upcasts trainable parameters to fp32 under mixed
+            precision, as Accelerate does; FSDP1 leaves them.
+        param_dtype: dtype parameters are gathered / computed in (FSDP mixed-precision ``param_dtype``).
+        reduce_dtype: dtype of gradient reductions (e.g. ``torch.float32`` for stable LoRA updates).
+        customize_fully_shard: FSDP2 per-unit ``fully_shard`` keyword customisation, see
+            :data:`FullyShardCustomizer`.
+        refuse_deepspeed_reason: why this plugin cannot run under DeepSpeed (``None``: it can; its
+            ``prepare_contribution`` has done its work before DeepSpeed wraps the model).
+        notes: human-readable lines for logs (what the plugin asked for and why).
+    """
+
+    wrap_units: tuple[ModuleSelector, ...] = ()
+    fused_scopes: tuple[ModuleSelector, ...] = ()
+    ignored_modules: tuple[ModuleSelector, ...] = ()
+    keep_dtype_params: tuple[ParamSelector, ...] = ()
+    trainable_dtype: torch.dtype | None = None
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+    customize_fully_shard: FullyShardCustomizer | None = None
+    refuse_deepspeed_reason: str | None = None
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("wrap_units", "fused_scopes", "ignored_modules", "keep_dtype_params", "notes"):
+            value = getattr(self, name)
+            if not isinstance(value, tuple):
+                raise TypeError(f"PrepareContribution.{name} must be a tuple, got {type(value).__name__}")
+        for name in ("wrap_units", "fused_scopes", "ignored_modules"):
+            for selector in getattr(self, name):
+                if not (isinstance(selector, (type, str)) or callable(selector)):
+                    raise TypeError(f"PrepareContribution.{name}: {selector!r} is not a class, class name or predicate")
+        for name in ("trainable_dtype", "param_dtype", "reduce_dtype"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, torch.dtype):
+                raise TypeError(f"PrepareContribution.{name} must be a torch.dtype or None, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MergedContribution:
+    """The contributions of all active plugins, combined by :func:`merge_contributions`.
+
+    Selector fields hold ``(plugin_name, selector)`` pairs so messages can name who asked for what.
+    """
+
+    wrap_units: tuple[tuple[str, ModuleSelector], ...] = ()
+    fused_scopes: tuple[tuple[str, ModuleSelector], ...] = ()
+    ignored_modules: tuple[tuple[str, ModuleSelector], ...] = ()
+    keep_dtype_params: tuple[tuple[str, ParamSelector], ...] = ()
+    trainable_dtype: torch.dtype | None = None
+    param_dtype: torch.dtype | None = None
+    reduce_dtype: torch.dtype | None = None
+    customizers: tuple[tuple[str, FullyShardCustomizer], ...] = ()
+    refuse_deepspeed: tuple[tuple[str, str], ...] = ()
+    notes: tuple[str, ...] = ()
+    contributors: tuple[str, ...] = ()
+
+    @property
+    def is_empty(self) -> bool:
+        """True when no plugin asked for anything that changes the wrapping."""
+        return not (
+            self.wrap_units
+            or self.fused_scopes
+            or self.ignored_modules
+            or self.keep_dtype_params
+            or self.trainable_dtype
+            or self.param_dtype
+            or self.reduce_dtype
+            or self.customizers
+        )
+
+    def select_ignored(self, model: nn.Module) -> list[nn.Module]:
+        """The modules of ``model`` selected by any ``ignored_modules`` selector (outermost only)."""
+        return _outermost(_select(model, [s for _, s in self.ignored_modules]), model)
+
+    def keeps_dtype(self, name: str, param: nn.Parameter) -> bool:
+        return any(sel(name, param) for _, sel in self.keep_dtype_params)
+
+
+def merge_contributions(contributions: Sequence[tuple[str, PrepareContribution | None]]) -> MergedContribution:
+    """Combine ``(plugin_name, contribution)`` pairs (in run order) into one :class:`MergedContribution`.
+
+    Selectors are unioned. Dtype requests must agree: two plugins asking for different ``param_dtype``,
+    ``reduce_dtype`` or ``trainable_dtype`` is a conflict.
+
+    Raises:
+        AccelerationConfigError: conflicting dtype requests (names both plugins and the fix).
+        TypeError: a plugin returned something other than a ``PrepareContribution`` or ``None``.
+    """
+    fields: dict[str, list[Any]] = {
+        k: [] for k in ("wrap_units", "fused_scopes", "ignored_modules", "keep_dtype_params", "customizers",
+                        "refuse_deepspeed", "notes", "contributors")
+    }
+    dtypes: dict[str, tuple[str, torch.dtype] | None] = {"trainable_dtype": None, "param_dtype": None,
+                                                        "reduce_dtype": None}
+    for name, part in contributions:
+        if part is None:
+            continue
+        if not isinstance(part, PrepareContribution):
+            raise TypeError(
+                f"plugin {name!r}: prepare_contribution must return a PrepareContribution or None, "
+                f"got {type(part).__name__}"
+            )
+        fields["contributors"].append(name)
+        for key in ("wrap_units", "fused_scopes", "ignored_modules", "keep_dtype_params"):
+            fields[key].extend((name, s) for s in getattr(part, key))
+        if part.customize_fully_shard is not None:
+            fields["customizers"].append((name, part.customize_fully_shard))
+        if part.refuse_deepspeed_reason:
+            fields["refuse_deepspeed"].append((name, part.refuse_deepspeed_reason))
+        fields["notes"].extend(f"{name}: {note}" for note in part.notes)
+        for key in dtypes:
+            wanted = getattr(part, key)
+            if wanted is None:
+                continue
+            previous = dtypes[key]
+            if previous is not None and previous[1] != wanted:
+                raise AccelerationConfigError(
+                    f"plugins {previous[0]!r} and {name!r} need different FSDP {key}: {previous[1]} vs {wanted}",
+                    fix="configure the two plugins for the same dtype (see their sections' dtype options) "
+                    "or deactivate one of them",
+                )
+            dtypes[key] = (name, wanted)
+    return MergedContribution(
+        **{k: tuple(v) for k, v in fields.items()},
+        **{k: (v[1] if v is not None else None) for k, v in dtypes.items()},
+    )
+
+
+def collect_contributions(
+    plugins: Iterable[Any], model: nn.Module, context: PrepareContext
+) -> MergedContribution:
+    """Call ``prepare_contribution(model, context)`` on each plugin (in the given order) and merge."""
+    return merge_contributions([(p.plugin_name(), p.prepare_contribution(model, context)) for p in plugins])
+
+
+def check_deepspeed(merged: MergedContribution) -> None:
+    """Raise :class:`AccelerationConfigError` if any contributing plugin refuses DeepSpeed."""
+    if merged.refuse_deepspeed:
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in merged.refuse_deepspeed)
+        raise AccelerationConfigError(
+            f"these acceleration plugins cannot run under DeepSpeed: {reasons}",
+            path="acceleration",
+            fix="use FSDP (distributed_type: FSDP) in the Accelerate config, or remove these plugins' sections",
+        )
+
+
+# --------------------------------------------------------------------------------------------------------
+# Module selection helpers
+
+
+def _matches(selector: ModuleSelector, name: str, module: nn.Module) -> bool:
+    if isinstance(selector, type):
+        return isinstance(module, selector)
+    if isinstance(selector, str):
+        return type(module).__name__ == selector
+    return bool(selector(name, module))
+
+
+def _select(model: nn.Module, selectors: Sequence[ModuleSelector]) -> list[tuple[str, nn.Module]]:
+    if not selectors:
+        return []
+    return [(n, m) for n, m in model.named_modules() if any(_matches(s, n, m) for s in selectors)]
+
+
+def _outermost(selected: list[tuple[str, nn.Module]], model: nn.Module) -> list[nn.Module]:
+    names = [n for n, _ in selected]
+    return [m for n, m in selected if not any(_is_strictly_inside(n, other) for other in names)]
+
+
+def _is_strictly_inside(name: str, ancestor: str) -> bool:
+    """True when the module ``name`` lies strictly below ``ancestor`` (qualified names; root is ``""``)."""
+    if name == ancestor:
+        return False
+    return ancestor == "" or name.startswith(ancestor + ".")
+
+
+def decoder_layer_class_names(model: nn.Module) -> tuple[str, ...]:
+    """Class names in the first non-empty ``_no_split_modules`` found in ``model`` (PEFT wrappers included)."""
+    for module in model.modules():
+        names = getattr(module, "_no_split_modules", None)
+        if names:
+            return tuple(names)
+    return ()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Unit plan
+
+
+@dataclass(frozen=True)
+class FsdpUnit:
+    """One planned FSDP unit.
+
+    Attributes:
+        name: qualified module name (``""`` for the root).
+        reason: why it is a unit (``"root"``, ``"decoder layer"``, ``"plugin <name>"``, ``"trainable split"``).
+        trainable: qualified names of the trainable parameters this unit owns (not owned by a nested unit).
+        frozen: qualified names of the frozen parameters this unit owns.
+    """
+
+    name: str
+    reason: str
+    trainable: tuple[str, ...]
+    frozen: tuple[str, ...]
+
+    @property
+    def kind(self) -> str:
+        """``"trainable"``, ``"frozen"``, ``"mixed"`` or ``"empty"``."""
+        if self.trainable and self.frozen:
+            return "mixed"
+        if self.trainable:
+            return "trainable"
+        return "frozen" if self.frozen else "empty"
+
+
+@dataclass(frozen=True)
+class FsdpUnitPlan:
+    """Which modules become FSDP units, in bottom-up order (children before parents, root last).
+
+    Attributes:
+        fsdp_version: 1 or 2.
+        units: the planned units (root included, last).
+        ignored: qualified names of ignored modules.
+    """
+
+    fsdp_version: int
+    units: tuple[FsdpUnit, ...]
+    ignored: tuple[str, ...] = ()
+
+    @property
+    def unit_names(self) -> tuple[str, ...]:
+        return tuple(u.name for u in self.units)
+
+    @property
+    def mixed_units(self) -> tuple[FsdpUnit, ...]:
+        return tuple(u for u in self.units if u.kind == "mixed")
+
+    def unit(self, name: str) -> FsdpUnit:
+        for u in self.units:
+            if u.name == name:
+                return u
+        raise KeyError(name)
+
+    def describe(self) -> list[str]:
+        """One line per unit: name, reason, kind and parameter counts."""
+        return [
+            f"{u.name or '<root>'}: {u.kind} ({u.reason}; {len(u.trainable)} trainable, {len(u.frozen)} frozen)"
+            for u in self.units
+        ]
+
+
+def plan_fsdp_units(model: nn.Module, merged: MergedContribution, fsdp_version: int) -> FsdpUnitPlan:
+    """Choose the FSDP units of ``model`` (see the module docstring for the rules).
+
+    Args:
+        model: the model as it will be passed to ``Accelerator.prepare`` (LoRA already added).
+        merged: the merged plugin contributions.
+        fsdp_version: 1 or 2.
+
+    Returns:
+        The :class:`FsdpUnitPlan`, units bottom-up, root last.
+    """
+    if fsdp_version not in (1, 2):
+        raise ValueError(f"fsdp_version must be 1 or 2, got {fsdp_version!r}")
+    modules = dict(model.named_modules())
+    ignored = [n for n, m in modules.items() if any(m is x for x in merged.select_ignored(model))]
+    scopes = [n for n, _ in _select(model, [s for _, s in merged.fused_scopes])]
+
+    def allowed(name: str) -> bool:
+        if any(name == i or _is_strictly_inside(name, i) for i in ignored):
+            return False
+        return not any(_is_strictly_inside(name, s) for s in scopes)
+
+    reasons: dict[str, str] = {}
+    layer_classes = decoder_layer_class_names(model)
+    for name, module in modules.items():
+        if name and type(module).__name__ in layer_classes and allowed(name):
+            reasons[name] = "decoder layer"
+    for plugin, selector in merged.wrap_units:
+        for name, module in modules.items():
+            if name and allowed(name) and _matches(selector, name, module):
+                reasons.setdefault(name, f"plugin {plugin}")
+    reasons[""] = "root"
+
+    if fsdp_version == 1:
+        _split_trainable(model, modules, reasons, ignored, scopes)
+
+    units = _build_units(model, modules, reasons, ignored)
+    return FsdpUnitPlan(fsdp_version=fsdp_version, units=units, ignored=tuple(ignored))
+
+
+def _owner_of(name: str, unit_names: Iterable[str]) -> str:
+    """The innermost unit containing module ``name`` (the root ``""`` contains everything)."""
+    best = ""
+    for u in unit_names:
+        if (u == name or _is_strictly_inside(name, u)) and len(u) >= len(best):
+            best = u
+    return best
+
+
+def _owned_params(
+    model: nn.Module, modules: Mapping[str, nn.Module], unit_names: Sequence[str], ignored: Sequence[str]
+) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    owned: dict[str, list[tuple[str, nn.Parameter]]] = {u: [] for u in unit_names}
+    seen: set[int] = set()
+    for mod_name, module in modules.items():
+        if any(mod_name == i or _is_strictly_inside(mod_name, i) for i in ignored):
+            continue
+        owner = _owner_of(mod_name, unit_names)
+        for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:  # tied weights: owned where first seen
+                continue
+            seen.add(id(param))
+            owned[owner].append((f"{mod_name}.{pname}" if mod_name else pname, param))
+    return owned
+
+
+def _split_trainable(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    reasons: dict[str, str],
+    ignored: Sequence[str],
+    scopes: Sequence[str],
+) -> None:
+    """FSDP1: make the largest callable all-trainable sub-modules of mixed units units of their own."""
+    owned = _owned_params(model, modules, list(reasons), ignored)
+    for unit_name, params in owned.items():
+        kinds = {p.requires_grad for _, p in params}
+        if len(kinds) < 2:
+            continue
+        # candidates: modules owned by this unit, not inside a fused scope, not containers, whose whole
+        # subtree (minus nested units/ignored) is trainable; keep the outermost ones.
+        candidates = []
+        for name, module in modules.items():
+            if name == unit_name or _owner_of(name, reasons) != unit_name or isinstance(module, _CONTAINERS):
+                continue
+            if any(_is_strictly_inside(name, s) or name == s for s in scopes):
+                continue
+            if any(name == i or _is_strictly_inside(name, i) for i in ignored):
+                continue
+            sub = [p for n, p in module.named_parameters() if _owner_of(_module_of(name, n), reasons) == unit_name]
+            if sub and all(p.requires_grad for p in sub):
+                candidates.append(name)
+        for name in candidates:
+            if not any(_is_strictly_inside(name, other) for other in candidates):
+                reasons[name] = "trainable split"
+
+
+def _module_of(prefix: str, param_name: str) -> str:
+    """Qualified module name of parameter ``param_name`` (relative to module ``prefix``)."""
+    full = f"{prefix}.{param_name}" if prefix else param_name
+    return full.rsplit(".", 1)[0] if "." in full else ""
+
+
+def _build_units(
+    model: nn.Module, modules: Mapping[str, nn.Module], reasons: Mapping[str, str], ignored: Sequence[str]
+) -> tuple[FsdpUnit, ...]:
+    names = list(reasons)
+    owned = _owned_params(model, modules, names, ignored)
+    order = {n: i for i, n in enumerate(modules)}
+    # bottom-up: deeper first, then reverse module order; root last
+    ordered = sorted(names, key=lambda n: (n == "", -n.count(".") if n else 0, -order[n]))
+    return tuple(
+        FsdpUnit(
+            name=n,
+            reason=reasons[n],
+            trainable=tuple(pn for pn, p in owned[n] if p.requires_grad),
+            frozen=tuple(pn for pn, p in owned[n] if not p.requires_grad),
+        )
+        for n in ordered
+    )
+
+
+# --------------------------------------------------------------------------------------------------------
+# FSDP1
+
+
+def fsdp1_auto_wrap_policy(model: nn.Module, plan: FsdpUnitPlan) -> Callable[..., bool]:
+    """An FSDP1 ``auto_wrap_policy`` callable that wraps exactly the non-root units of ``plan``.
+
+    Args:
+        model: the model the plan was made for (the policy matches module *instances*).
+        plan: an FSDP1 plan from :func:`plan_fsdp_units`.
+
+    Returns:
+        ``policy(module, recurse, nonwrapped_numel) -> bool`` as ``FullyShardedDataParallel`` expects.
+    """
+    if plan.fsdp_version != 1:
+        raise ValueError("fsdp1_auto_wrap_policy needs a plan made with fsdp_version=1")
+    targets = {id(model.get_submodule(u.name)) for u in plan.units if u.name}
+
+    def policy(module: nn.Module, recurse: bool, nonwrapped_numel: int = 0) -> bool:
+        if recurse:
+            return True
+        return id(module) in targets
+
+    policy.fms_acceleration_units = tuple(u.name for u in plan.units if u.name)  # type: ignore[attr-defined]
+    return policy
+
+
+def check_fsdp1_plan(plan: FsdpUnitPlan, *, use_orig_params: bool) -> None:
+    """Raise :class:`AccelerationConfigError` when FSDP1 cannot run ``plan`` as configured."""
+    mixed = plan.mixed_units
+    if mixed and not use_orig_params:
+        names = ", ".join(u.name or "<root>" for u in mixed[:4])
+        raise AccelerationConfigError(
+            f"FSDP1 units {names} hold both trainable and frozen parameters (a fused-kernel scope, or a module "
+            "with both kinds of parameters), which FSDP1 flat parameters allow only with use_orig_params",
+            fix="set 'fsdp_use_orig_params: true' under fsdp_config in the Accelerate config, or use "
+            "fsdp_version: 2",
+        )
+
+
+def check_keep_dtype_fsdp1(model: nn.Module, merged: MergedContribution, param_dtype: torch.dtype | None) -> None:
+    """FSDP1 casts every flat parameter to ``param_dtype``: quantized storage must already be that dtype."""
+    if param_dtype is None:
+        return
+    for name, param in model.named_parameters():
+        if merged.keeps_dtype(name, param) and param.dtype != param_dtype:
+            raise AccelerationConfigError(
+                f"FSDP1 would cast the packed quantized weight {name} ({param.dtype}) to {param_dtype}, "
+                "corrupting it",
+                fix=f"store quantized weights as {param_dtype} (bitsandbytes: bnb_4bit_quant_storage={param_dtype}), "
+                "or use fsdp_version: 2",
+            )
+
+
+# --------------------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def upcast_trainable(model: nn.Module, dtype: torch.dtype, merged: MergedContribution) -> list[str]:
+    """Cast trainable floating parameters (except keep-dtype ones) to ``dtype`` in place; returns their names."""
+    changed = []
+    for name, param in model.named_parameters():
+        if (
+            param.requires_grad
+            and param.is_floating_point()
+            and param.dtype != dtype
+            and not merged.keeps_dtype(name, param)
+        ):
+            param.data = param.data.to(dtype)
+            changed.append(name)
+    return changed
+
+
+def apply_fsdp2_plan(
+    model: nn.Module,
+    plan: FsdpUnitPlan,
+    merged: MergedContribution,
+    fully_shard_kwargs: Mapping[str, Any],
+    *,
+    shard_root: bool = False,
+) -> dict[nn.Parameter, nn.Parameter]:
+    """Apply ``torch.distributed.fsdp.fully_shard`` to the plan's units, bottom-up.
+
+    Units already sharded are skipped. Units owning keep-dtype parameters get a mixed-precision policy
+    without ``param_dtype`` (no cast of packed storage); a plugin's ``customize_fully_shard`` may replace
+    the keyword arguments of any unit (two plugins customising the same unit is an error).
+
+    Args:
+        model: the module tree to shard in place (a process group must be initialised).
+        plan: an FSDP2 plan from :func:`plan_fsdp_units`.
+        merged: the merged contributions.
+        fully_shard_kwargs: defaults for every ``fully_shard`` call (``mesh``, ``mp_policy``,
+            ``reshard_after_forward``, ``offload_policy``, ``ignored_params``).
+        shard_root: also shard the root (leave ``False`` when Accelerate shards the root afterwards).
+
+    Returns:
+        ``{old_parameter: new_parameter}`` for every parameter that changed identity, to re-point an
+        optimizer created before sharding (see :func:`switch_optimizer_params`).
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    if plan.fsdp_version != 2:
+        raise ValueError("apply_fsdp2_plan needs a plan made with fsdp_version=2")
+    before = dict(model.named_parameters())
+    for unit in plan.units:
+        if unit.name == "" and not shard_root:
+            continue
+        module = model.get_submodule(unit.name) if unit.name else model
+        if isinstance(module, FSDPModule):
+            continue
+        kwargs = dict(fully_shard_kwargs)
+        owned = [*unit.trainable, *unit.frozen]
+        params = dict(model.named_parameters())
+        keep = [n for n in owned if n in params and merged.keeps_dtype(n, params[n])]
+        if keep:
+            policy = kwargs.get("mp_policy") or MixedPrecisionPolicy()
+            kwargs["mp_policy"] = dataclasses.replace(policy, param_dtype=None, cast_forward_inputs=False)
+        chosen_by = None
+        for plugin, customize in merged.customizers:
+            custom = customize(unit.name, module, dict(kwargs))
+            if custom is None:
+                continue
+            if chosen_by is not None:
+                raise AccelerationConfigError(
+                    f"plugins {chosen_by!r} and {plugin!r} both customise the FSDP2 sharding of {unit.name or '<root>'}",
+                    fix="deactivate one of the two plugins",
+                )
+            chosen_by, kwargs = plugin, dict(custom)
+        fully_shard(module, **kwargs)
+    after = dict(model.named_parameters())
+    return {before[n]: after[n] for n in before if n in after and after[n] is not before[n]}
+
+
+def switch_optimizer_params(optimizer: torch.optim.Optimizer, mapping: Mapping[nn.Parameter, nn.Parameter]) -> int:
+    """Re-point ``optimizer``'s parameter groups at new parameters (identity map); returns how many changed.
+
+    The optimizer must have no state yet (created, not stepped), which holds before ``prepare``.
+    """
+    if not mapping:
+        return 0
+    if optimizer.state:
+        raise AccelerationConfigError(
+            "the optimizer already has state (it has stepped) and cannot follow the model's sharded parameters",
+            fix="create the optimizer after augmentation and pass it to accelerator.prepare together with the model, "
+            "before any optimizer.step()",
+        )
+    changed = 0
+    for group in optimizer.param_groups:
+        new = []
+        for p in group["params"]:
+            q = mapping.get(p, p)
+            changed += q is not p
+            new.append(q)
+        group["params"] = new
+    return changed
+
+
+def fully_shard_kwargs_from_policy(
+    *,
+    mesh: Any = None,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = None,
+    reshard_after_forward: bool | int | None = True,
+    offload_policy: Any = None,
+    ignored_params: set[nn.Parameter] | None = None,
+) -> dict[str, Any]:
+    """Default ``fully_shard`` keyword arguments (a helper for code driving FSDP2 without Accelerate)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, OffloadPolicy
+
+    kwargs: dict[str, Any] = {
+        "mesh": mesh,
+        "reshard_after_forward": reshard_after_forward,
+        "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype),
+        "offload_policy": offload_policy if offload_policy is not None else OffloadPolicy(),
+    }
+    if ignored_params:
+        kwargs["ignored_params"] = set(ignored_params)
+    return kwargs
+
+
+def run_after_prepare(plugins: Iterable[Any], model: nn.Module, context: PrepareContext) -> None:
+    """Call ``after_prepare(model, context)`` on each plugin in order."""
+    for plugin in plugins:
+        plugin.after_prepare(model, context)
+
+
+__all__ = [
+    "FsdpUnit",
+    "FsdpUnitPlan",
+    "FullyShardCustomizer",
+    "MergedContribution",
+    "ModuleSelector",
+    "ParamSelector",
+    "PrepareContext",
+    "PrepareContribution",
+    "apply_fsdp2_plan",
+    "check_deepspeed",
+    "check_fsdp1_plan",
+    "check_keep_dtype_fsdp1",
+    "collect_contributions",
+    "decoder_layer_class_names",
+    "fsdp1_auto_wrap_policy",
+    "fully_shard_kwargs_from_policy",
+    "merge_contributions",
+    "plan_fsdp_units",
+    "run_after_prepare",
+    "switch_optimizer_params",
+    "upcast_trainable",
+]
