@@ -1,0 +1,287 @@
+"""Gated linear units on separate gate/up tensors: SwiGLU ``silu(gate) * up`` and GeGLU ``gelu(gate) * up``.
+
+Math runs in fp32 and rounds once. The backward saves only the two inputs and recomputes the activation (no
+activation tensor is kept between forward and backward). Inputs may be row-strided views, e.g. the two halves of
+a fused ``gate_up_proj`` output, without a copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._utils import check_float_dtype, flatten_rows, next_power_of_2, use_triton
+
+__all__ = ["geglu", "geglu_ref", "geglu_triton", "swiglu", "swiglu_ref", "swiglu_triton"]
+
+_ACT_SILU = 0
+_ACT_GELU_TANH = 1
+_ACT_GELU_ERF = 2
+_GELU_APPROXIMATIONS = {"tanh": _ACT_GELU_TANH, "none": _ACT_GELU_ERF}
+
+
+@triton.jit
+def _activation_and_derivative(g, ACT: tl.constexpr, NEED_DERIVATIVE: tl.constexpr):
+    """Returns act(g) and, when asked, act'(g) (else a placeholder equal to act(g)); fp32 in and out."""
+    if ACT == 0:
+        sig = tl.sigmoid(g)
+        act = g * sig
+        if NEED_DERIVATIVE:
+            deriv = sig * (1.0 + g * (1.0 - sig))
+        else:
+            deriv = act
+    elif ACT == 1:
+        sqrt_2_over_pi = 0.7978845608028654
+        inner = sqrt_2_over_pi * (g + 0.044715 * g * g * g)
+        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh(inner), overflow-free
+        act = 0.5 * g * (1.0 + t)
+        if NEED_DERIVATIVE:
+            deriv = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * sqrt_2_over_pi * (1.0 + 3.0 * 0.044715 * g * g)
+        else:
+            deriv = act
+    else:
+        cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+        act = g * cdf
+        if NEED_DERIVATIVE:
+            deriv = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+        else:
+            deriv = act
+    return act, deriv
+
+
+@triton.jit
+def _glu_fwd_kernel(
+    GATE,
+    UP,
+    OUT,
+    stride_g,
+    stride_u,
+    stride_o,
+    n_cols,
+    ACT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(GATE + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(UP + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+    act, _unused = _activation_and_derivative(g, ACT, False)
+    tl.store(OUT + row * stride_o + cols, (act * u).to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_bwd_kernel(
+    DOUT,
+    GATE,
+    UP,
+    DGATE,
+    DUP,
+    stride_do,
+    stride_g,
+    stride_u,
+    stride_dg,
+    stride_du,
+    n_cols,
+    ACT: tl.constexpr,
+    HAS_DGATE: tl.constexpr,
+    HAS_DUP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    dout = tl.load(DOUT + row * stride_do + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(GATE + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    act, deriv = _activation_and_derivative(g, ACT, HAS_DGATE)
+    if HAS_DUP:
+        tl.store(DUP + row * stride_du + cols, (dout * act).to(DUP.dtype.element_ty), mask=mask)
+    if HAS_DGATE:
+        u = tl.load(UP + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DGATE + row * stride_dg + cols, (dout * u * deriv).to(DGATE.dtype.element_ty), mask=mask)
+
+
+def _launch_config(n_cols: int) -> tuple[int, int]:
+    block = min(2048, next_power_of_2(n_cols))
+    return block, (8 if block >= 2048 else 4)
+
+
+def _forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
+    g2, u2 = flatten_rows(gate), flatten_rows(up)
+    n_rows, n_cols = g2.shape
+    out = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
+    if out.numel():
+        block, warps = _launch_config(n_cols)
+        _glu_fwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            g2, u2, out, g2.stride(0), u2.stride(0), out.stride(0), n_cols, ACT=act, BLOCK=block, num_warps=warps
+        )
+    return out.view(gate.shape)
+
+
+def _backward(
+    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: int, need_dgate: bool, need_dup: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    if not (need_dgate or need_dup):
+        return None, None
+    d2, g2, u2 = flatten_rows(dout), flatten_rows(gate), flatten_rows(up)
+    n_rows, n_cols = g2.shape
+    dgate = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device) if need_dgate else None
+    dup = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device) if need_dup else None
+    if g2.numel():
+        block, warps = _launch_config(n_cols)
+        _glu_bwd_kernel[(n_rows, triton.cdiv(n_cols, block))](
+            d2, g2, u2, dgate if need_dgate else d2, dup if need_dup else d2,
+            d2.stride(0), g2.stride(0), u2.stride(0), n_cols if need_dgate else 0, n_cols if need_dup else 0,
+            n_cols, ACT=act, HAS_DGATE=need_dgate, HAS_DUP=need_dup, BLOCK=block, num_warps=warps,
+        )  # fmt: skip
+    return (dgate.view(gate.shape) if need_dgate else None), (dup.view(up.shape) if need_dup else None)
+
+
+class _GLUFunction(torch.autograd.Function):
+    """Eager autograd path; ``torch.compile`` uses the custom op below."""
+
+    @staticmethod
+    def forward(ctx, gate, up, act):
+        ctx.save_for_backward(gate, up)
+        ctx.act = act
+        return _forward(gate, up, act)
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, up = ctx.saved_tensors
+        dgate, dup = _backward(dout, gate, up, ctx.act, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dgate, dup, None
+
+
+@torch.library.custom_op("fms_accel_kernels::glu_fwd", mutates_args=())
+def _glu_fwd_op(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
+    return _forward(gate, up, act)
+
+
+@_glu_fwd_op.register_fake
+def _(gate, up, act):
+    return torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+
+
+@torch.library.custom_op("fms_accel_kernels::glu_bwd", mutates_args=())
+def _glu_bwd_op(
+    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: int, need_dgate: bool, need_dup: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dgate, dup = _backward(dout, gate, up, act, need_dgate, need_dup)
+    return (dgate if dgate is not None else gate.new_empty(0)), (dup if dup is not None else up.new_empty(0))
+
+
+@_glu_bwd_op.register_fake
+def _(dout, gate, up, act, need_dgate, need_dup):
+    dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device) if need_dgate else gate.new_empty(0)
+    dup = torch.empty(up.shape, dtype=up.dtype, device=up.device) if need_dup else up.new_empty(0)
+    return dgate, dup
+
+
+def _glu_setup_context(ctx, inputs, output):
+    gate, up, act = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.act = act
+
+
+def _glu_autograd_backward(ctx, dout):
+    gate, up = ctx.saved_tensors
+    need_dgate, need_dup = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    dgate, dup = _glu_bwd_op(dout, gate, up, ctx.act, need_dgate, need_dup)
+    return (dgate if need_dgate else None), (dup if need_dup else None), None
+
+
+_glu_fwd_op.register_autograd(_glu_autograd_backward, setup_context=_glu_setup_context)
+
+
+def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
+    check_float_dtype("gate", gate)
+    check_float_dtype("up", up)
+    if gate.shape != up.shape:
+        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"gate ({gate.dtype}) and up ({up.dtype}) must share a dtype")
+
+
+def _triton_glu(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
+    _check(gate, up)
+    if torch.compiler.is_compiling():
+        return _glu_fwd_op(gate, up, act)
+    return _GLUFunction.apply(gate, up, act)
+
+
+def _gelu_code(approximate: str) -> int:
+    if approximate not in _GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate must be 'tanh' or 'none' (as in torch.nn.functional.gelu); got {approximate!r}")
+    return _GELU_APPROXIMATIONS[approximate]
+
+
+def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Pure-torch SwiGLU as HF's MLP computes it: ``silu(gate) * up``.
+
+    Args:
+        gate: (..., I) gate projection output.
+        up: (..., I) up projection output.
+
+    Returns:
+        (..., I) tensor in the inputs' dtype.
+    """
+    return F.silu(gate) * up
+
+
+def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """Triton SwiGLU with autograd (fp32 math, recomputing backward); contract of :func:`swiglu_ref`."""
+    return _triton_glu(gate, up, _ACT_SILU)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU ``silu(gate) * up``: Triton on CUDA (or ``TRITON_INTERPRET=1``), else the reference.
+
+    Args:
+        gate: (..., I) gate projection output, fp32/bf16/fp16.
+        up: (..., I) up projection output, same shape and dtype.
+
+    Returns:
+        (..., I) tensor in the inputs' dtype.
+    """
+    if use_triton(gate, up):
+        return swiglu_triton(gate, up)
+    return swiglu_ref(gate, up)
+
+
+def geglu_ref(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """Pure-torch GeGLU: ``gelu(gate, approximate) * up``.
+
+    Args:
+        gate: (..., I) gate projection output.
+        up: (..., I) up projection output.
+        approximate: ``"tanh"`` (Gemma's ``gelu_pytorch_tanh``) or ``"none"`` (exact erf GELU).
+
+    Returns:
+        (..., I) tensor in the inputs' dtype.
+    """
+    _gelu_code(approximate)
+    return F.gelu(gate, approximate=approximate) * up
+
+
+def geglu_triton(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """Triton GeGLU with autograd (fp32 math, recomputing backward); contract of :func:`geglu_ref`."""
+    return _triton_glu(gate, up, _gelu_code(approximate))
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """GeGLU ``gelu(gate) * up``: Triton on CUDA (or ``TRITON_INTERPRET=1``), else the reference.
+
+    Args:
+        gate: (..., I) gate projection output, fp32/bf16/fp16.
+        up: (..., I) up projection output, same shape and dtype.
+        approximate: ``"tanh"`` or ``"none"``, as in ``torch.nn.functional.gelu``.
+
+    Returns:
+        (..., I) tensor in the inputs' dtype.
+    """
+    if use_triton(gate, up):
+        return geglu_triton(gate, up, approximate)
+    return geglu_ref(gate, up, approximate)

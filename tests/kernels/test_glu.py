@@ -1,0 +1,83 @@
+"""SwiGLU / GeGLU kernels vs references: forward, d(gate), d(up); strided halves of a fused projection."""
+
+import pytest
+import torch
+
+from fms_acceleration_accelerate_kernels import geglu, geglu_ref, geglu_triton, swiglu, swiglu_ref, swiglu_triton
+from tests.kernels.harness import check_against_reference, device_for_tests
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(5, 7, 123), (3, 2100), (1, 33)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_swiglu_matches_reference(shape, dtype):
+    torch.manual_seed(0)
+    check_against_reference(
+        swiglu_ref,
+        swiglu_triton,
+        inputs=dict(gate=torch.randn(shape) * 3, up=torch.randn(shape)),
+        dtype=dtype,
+        grad_inputs=("gate", "up"),
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES[:2])
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_geglu_matches_reference(shape, dtype, approximate):
+    torch.manual_seed(0)
+    check_against_reference(
+        geglu_ref,
+        geglu_triton,
+        inputs=dict(gate=torch.randn(shape) * 3, up=torch.randn(shape)),
+        kwargs=dict(approximate=approximate),
+        dtype=dtype,
+        grad_inputs=("gate", "up"),
+    )
+
+
+def test_glu_on_halves_of_fused_projection():
+    torch.manual_seed(0)
+    device = device_for_tests()
+    fused = torch.randn(4, 6, 2 * 40, device=device, requires_grad=True)
+    gate, up = fused.chunk(2, dim=-1)
+    swiglu_triton(gate, up).square().sum().backward()
+    grad = fused.grad.clone()
+    fused.grad = None
+    gate, up = fused.chunk(2, dim=-1)
+    swiglu_ref(gate, up).square().sum().backward()
+    torch.testing.assert_close(grad, fused.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_glu_only_up_requires_grad():
+    torch.manual_seed(0)
+    device = device_for_tests()
+    gate = torch.randn(3, 17, device=device)
+    up = torch.randn(3, 17, device=device, requires_grad=True)
+    geglu_triton(gate, up).sum().backward()
+    torch.testing.assert_close(up.grad, torch.nn.functional.gelu(gate, approximate="tanh"), atol=1e-5, rtol=1e-5)
+
+
+def test_glu_rejects_bad_inputs():
+    device = device_for_tests()
+    with pytest.raises(ValueError, match="same shape"):
+        swiglu_triton(torch.randn(2, 3, device=device), torch.randn(2, 4, device=device))
+    with pytest.raises(ValueError, match="approximate"):
+        geglu_triton(torch.randn(2, 3, device=device), torch.randn(2, 3, device=device), approximate="fast")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("op", ["swiglu", "geglu"])
+def test_glu_8b_shape(op):
+    torch.manual_seed(0)
+    ref, impl = (swiglu_ref, swiglu) if op == "swiglu" else (geglu_ref, geglu)
+    check_against_reference(
+        ref,
+        impl,
+        inputs=dict(gate=torch.randn(4, 2048, 14336), up=torch.randn(4, 2048, 14336)),
+        dtype=torch.bfloat16,
+        grad_inputs=("gate", "up"),
+    )

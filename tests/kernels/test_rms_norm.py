@@ -1,0 +1,66 @@
+"""RMSNorm kernel vs its pure-torch reference (forward, dx, dweight), incl. Gemma's (1 + w) variant."""
+
+import pytest
+import torch
+
+from fms_acceleration_accelerate_kernels import rms_norm, rms_norm_ref, rms_norm_triton
+from tests.kernels.harness import check_against_reference, device_for_tests
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 7, 123), (3, 64), (2, 1, 257)])
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_rms_norm_matches_reference(shape, dtype, offset):
+    torch.manual_seed(0)
+    hidden = shape[-1]
+    check_against_reference(
+        rms_norm_ref,
+        rms_norm_triton,
+        inputs=dict(x=torch.randn(shape), weight=torch.randn(hidden) * 0.5 + 1.0),
+        kwargs=dict(eps=1e-6, offset=offset),
+        dtype=dtype,
+        grad_inputs=("x", "weight"),
+    )
+
+
+def test_rms_norm_frozen_weight_gives_only_dx():
+    torch.manual_seed(0)
+    device = device_for_tests()
+    x = torch.randn(4, 33, device=device, requires_grad=True)
+    weight = torch.randn(33, device=device)
+    rms_norm_triton(x, weight).sum().backward()
+    x_ref = x.detach().clone().requires_grad_(True)
+    rms_norm_ref(x_ref, weight).sum().backward()
+    assert weight.grad is None
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_non_contiguous_rows():
+    torch.manual_seed(0)
+    device = device_for_tests()
+    base = torch.randn(6, 80, device=device)
+    x = base[:, :40]  # row stride 80, unit column stride
+    weight = torch.randn(40, device=device)
+    torch.testing.assert_close(rms_norm_triton(x, weight), rms_norm_ref(x, weight), atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_rejects_bad_weight():
+    with pytest.raises(ValueError, match="weight must have shape"):
+        rms_norm_triton(torch.randn(2, 8, device=device_for_tests()), torch.randn(7, device=device_for_tests()))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_rms_norm_8b_shape(dtype):
+    torch.manual_seed(0)
+    check_against_reference(
+        rms_norm_ref,
+        rms_norm,
+        inputs=dict(x=torch.randn(4, 2048, 4096), weight=torch.randn(4096) * 0.1 + 1.0),
+        kwargs=dict(eps=1e-5),
+        dtype=dtype,
+        grad_inputs=("x", "weight"),
+    )
