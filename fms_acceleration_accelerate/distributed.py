@@ -53,7 +53,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -63,14 +63,14 @@ from .errors import AccelerationConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from .framework import AccelerationFramework
 
-ModuleSelector = Union[type, str, Callable[[str, nn.Module], bool]]
+ModuleSelector = type | str | Callable[[str, nn.Module], bool]
 """Selects modules: a class (``isinstance``), a class *name* (``type(m).__name__``, as in
 ``transformer_cls_names_to_wrap``), or a predicate ``(qualified_name, module) -> bool``."""
 
 ParamSelector = Callable[[str, nn.Parameter], bool]
 """Selects parameters: a predicate ``(qualified_name, parameter) -> bool``."""
 
-FullyShardCustomizer = Callable[[str, nn.Module, dict], Union[dict, None]]
+FullyShardCustomizer = Callable[[str, nn.Module, dict], dict | None]
 """FSDP2 hook: ``(unit_name, module, default_fully_shard_kwargs) -> kwargs | None``. Return the keyword
 arguments to use for ``fully_shard(module, **kwargs)`` of a unit this plugin cares about (e.g. a different
 ``mp_policy`` or ``shard_placement_fn`` for quantized weights), or ``None`` to leave the unit alone."""
@@ -224,11 +224,23 @@ def merge_contributions(contributions: Sequence[tuple[str, PrepareContribution |
         TypeError: a plugin returned something other than a ``PrepareContribution`` or ``None``.
     """
     fields: dict[str, list[Any]] = {
-        k: [] for k in ("wrap_units", "fused_scopes", "ignored_modules", "keep_dtype_params", "customizers",
-                        "refuse_deepspeed", "notes", "contributors")
+        k: []
+        for k in (
+            "wrap_units",
+            "fused_scopes",
+            "ignored_modules",
+            "keep_dtype_params",
+            "customizers",
+            "refuse_deepspeed",
+            "notes",
+            "contributors",
+        )
     }
-    dtypes: dict[str, tuple[str, torch.dtype] | None] = {"trainable_dtype": None, "param_dtype": None,
-                                                        "reduce_dtype": None}
+    dtypes: dict[str, tuple[str, torch.dtype] | None] = {
+        "trainable_dtype": None,
+        "param_dtype": None,
+        "reduce_dtype": None,
+    }
     for name, part in contributions:
         if part is None:
             continue
@@ -263,9 +275,7 @@ def merge_contributions(contributions: Sequence[tuple[str, PrepareContribution |
     )
 
 
-def collect_contributions(
-    plugins: Iterable[Any], model: nn.Module, context: PrepareContext
-) -> MergedContribution:
+def collect_contributions(plugins: Iterable[Any], model: nn.Module, context: PrepareContext) -> MergedContribution:
     """Call ``prepare_contribution(model, context)`` on each plugin (in the given order) and merge."""
     return merge_contributions([(p.plugin_name(), p.prepare_contribution(model, context)) for p in plugins])
 
@@ -543,8 +553,7 @@ def check_fsdp1_plan(plan: FsdpUnitPlan, *, use_orig_params: bool) -> None:
         raise AccelerationConfigError(
             f"FSDP1 units {names} hold both trainable and frozen parameters (a fused-kernel scope, or a module "
             "with both kinds of parameters), which FSDP1 flat parameters allow only with use_orig_params",
-            fix="set 'fsdp_use_orig_params: true' under fsdp_config in the Accelerate config, or use "
-            "fsdp_version: 2",
+            fix="set 'fsdp_use_orig_params: true' under fsdp_config in the Accelerate config, or use fsdp_version: 2",
         )
 
 
@@ -555,8 +564,7 @@ def check_keep_dtype_fsdp1(model: nn.Module, merged: MergedContribution, param_d
     for name, param in model.named_parameters():
         if merged.keeps_dtype(name, param) and param.dtype != param_dtype:
             raise AccelerationConfigError(
-                f"FSDP1 would cast the packed quantized weight {name} ({param.dtype}) to {param_dtype}, "
-                "corrupting it",
+                f"FSDP1 would cast the packed quantized weight {name} ({param.dtype}) to {param_dtype}, corrupting it",
                 fix=f"store quantized weights as {param_dtype} (bitsandbytes: bnb_4bit_quant_storage={param_dtype}), "
                 "or use fsdp_version: 2",
             )
