@@ -1,0 +1,562 @@
+"""Model knowledge as data: one declarative spec per supported decoder architecture.
+
+Every kernel plugin reads these specs instead of hard-coding architecture details: which module classes (by
+class name, as transformers 5.x names them) are the decoder layer, the attention (and its projection attribute
+names), the MLP (gate/up/down names and activation kind), the norms, which module-level function applies the
+rotary embedding, what the causal-LM head does to its logits (Gemma2's final soft-capping, Granite's
+``logits_scaling``), and the causal-LM class itself.
+
+Adding an architecture is adding one :class:`ArchitectureSpec` to ``_SPECS`` below (and one tiny config to the
+spec tests). Nothing here imports transformers at import time; :func:`check_spec_classes` imports the
+architecture's modeling module to check that the named classes and functions exist in the installed version,
+and :func:`match_model` checks a loaded model instance against its spec, naming the first module that does not
+match.
+
+Classes are matched by name along the MRO, so wrappers that subclass a model class (FSDP2's ``FSDP<Name>``)
+still match.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal
+
+from .errors import AccelerationConfigError
+
+__all__ = [
+    "ACTIVATION_CLASSES",
+    "ArchitectureSpec",
+    "AttentionSpec",
+    "LogitsSpec",
+    "MLPSpec",
+    "MatchedModule",
+    "activation_of",
+    "ModelMatch",
+    "ModelStructureError",
+    "NormSpec",
+    "RotarySpec",
+    "ARCHITECTURE_SPECS",
+    "architecture_spec",
+    "check_spec_classes",
+    "class_names_of",
+    "has_class",
+    "match_model",
+    "supported_model_types",
+]
+
+
+class ModelStructureError(AccelerationConfigError):
+    """A model (or the installed transformers) does not match the architecture spec; names the module."""
+
+
+# Activation module classes of transformers (5.x and the late 4.x names) -> (activation, gelu approximation).
+# ``approximate`` is ``None`` for SiLU and ``"tanh"``/``"none"`` for GELU, as in ``torch.nn.functional.gelu``.
+ACTIVATION_CLASSES: Mapping[str, tuple[Literal["silu", "gelu"], str | None]] = MappingProxyType(
+    {
+        "SiLUActivation": ("silu", None),
+        "SiLU": ("silu", None),
+        "GELUTanh": ("gelu", "tanh"),
+        "PytorchGELUTanh": ("gelu", "tanh"),
+        "NewGELUActivation": ("gelu", "tanh"),
+        "GELUActivation": ("gelu", "none"),
+    }
+)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """The self-attention module.
+
+    Attributes:
+        class_names: attention module class names.
+        q_proj / k_proj / v_proj: attribute names of the separate projections (``None`` when fused).
+        qkv_proj: attribute name of a fused q|k|v projection (Phi-3 ``qkv_proj``, GPTBigCode ``c_attn``).
+        o_proj: attribute name of the output projection.
+    """
+
+    class_names: tuple[str, ...]
+    q_proj: str | None = "q_proj"
+    k_proj: str | None = "k_proj"
+    v_proj: str | None = "v_proj"
+    qkv_proj: str | None = None
+    o_proj: str = "o_proj"
+
+    def __post_init__(self) -> None:
+        separate = (self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv_proj is None and None in separate:
+            raise TypeError("AttentionSpec needs q_proj, k_proj and v_proj, or qkv_proj")
+        if self.qkv_proj is not None and any(p is not None for p in separate):
+            raise TypeError("AttentionSpec: give either q_proj/k_proj/v_proj or qkv_proj, not both")
+
+    @property
+    def input_projections(self) -> tuple[str, ...]:
+        """Attribute names of the projections that read the attention input (q, k, v or the fused one)."""
+        if self.qkv_proj is not None:
+            return (self.qkv_proj,)
+        return (self.q_proj, self.k_proj, self.v_proj)  # type: ignore[return-value]
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return (*self.input_projections, self.o_proj)
+
+
+@dataclass(frozen=True)
+class MLPSpec:
+    """The feed-forward module of a dense decoder layer.
+
+    Attributes:
+        class_names: MLP module class names.
+        kind: ``"glu"`` (``down(act(gate(x)) * up(x))``, SwiGLU or GeGLU by the activation) or ``"mlp"``
+            (``fc_out(act(fc_in(x)))``, GPTBigCode).
+        gate_proj / up_proj: separate gate and up projections (``glu``), or ``fc_in`` in ``gate_proj`` for ``mlp``.
+        gate_up_proj: a fused gate|up projection whose output is ``cat(gate, up)`` (Phi-3).
+        down_proj: the output projection (``fc_out`` for ``mlp``).
+        activation: attribute name of the activation module.
+        dropout: attribute name of a dropout applied after ``down_proj`` (GPTBigCode), if any.
+    """
+
+    class_names: tuple[str, ...]
+    kind: Literal["glu", "mlp"]
+    down_proj: str
+    activation: str
+    gate_proj: str | None = None
+    up_proj: str | None = None
+    gate_up_proj: str | None = None
+    dropout: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind == "glu" and self.gate_up_proj is None and (self.gate_proj is None or self.up_proj is None):
+            raise TypeError("a glu MLPSpec needs gate_proj and up_proj, or gate_up_proj")
+        if self.kind == "mlp" and (self.gate_proj is None or self.up_proj is not None or self.gate_up_proj):
+            raise TypeError("an mlp MLPSpec names its input projection in gate_proj only")
+
+    @property
+    def input_projections(self) -> tuple[str, ...]:
+        if self.gate_up_proj is not None:
+            return (self.gate_up_proj,)
+        return tuple(p for p in (self.gate_proj, self.up_proj) if p is not None)
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return (*self.input_projections, self.down_proj)
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """The normalisation modules (every instance of these classes in the model is a norm).
+
+    Attributes:
+        class_names: norm module class names.
+        kind: ``"rms"`` (RMSNorm) or ``"layernorm"`` (``torch.nn.LayerNorm``).
+        eps_attribute: attribute holding epsilon (``variance_epsilon`` for Llama-style, ``eps`` for Gemma).
+        weight_offset: added to the weight (1.0 for Gemma's ``x_hat * (1 + weight)``).
+    """
+
+    class_names: tuple[str, ...]
+    kind: Literal["rms", "layernorm"]
+    eps_attribute: str
+    weight_offset: float = 0.0
+
+
+@dataclass(frozen=True)
+class RotarySpec:
+    """The module-level rotary function the attention forward calls by its global name.
+
+    Attributes:
+        module: the modeling module, e.g. ``transformers.models.llama.modeling_llama``.
+        function: the function's name in it (``apply_rotary_pos_emb``).
+        partial: rotates only the first ``R < head_dim`` features (cos/sin narrower than the head).
+    """
+
+    module: str
+    function: str = "apply_rotary_pos_emb"
+    partial: bool = False
+
+
+@dataclass(frozen=True)
+class LogitsSpec:
+    """What the causal-LM head does between ``lm_head`` and the loss.
+
+    Attributes:
+        softcap_config: config attribute of the final logit soft-capping ``c * tanh(logits / c)`` (Gemma2).
+        scaling_config: config attribute the logits are divided by (Granite ``logits_scaling``).
+        router_aux_loss: the head adds a router load-balancing loss when ``output_router_logits`` (MoE).
+    """
+
+    softcap_config: str | None = None
+    scaling_config: str | None = None
+    router_aux_loss: bool = False
+
+
+@dataclass(frozen=True)
+class ArchitectureSpec:
+    """Everything the kernel plugins need to know about one decoder-only architecture.
+
+    Attributes:
+        model_type: HF ``config.model_type``.
+        modeling_module: module that defines the classes below.
+        causal_lm_class: the ``...ForCausalLM`` class name.
+        base_model_attribute: attribute of the causal LM holding the decoder stack (``model``/``transformer``).
+        lm_head_attribute: attribute of the causal LM holding the output projection.
+        decoder_layer_classes: decoder layer class names.
+        attention: the attention spec.
+        mlp: the dense MLP spec (``None`` for MoE layers, whose experts are 3-D parameter tensors).
+        norm: the norm spec.
+        rotary: the rotary function (``None``: learned absolute positions, GPTBigCode).
+        logits: the head's logit transforms.
+    """
+
+    model_type: str
+    modeling_module: str
+    causal_lm_class: str
+    decoder_layer_classes: tuple[str, ...]
+    attention: AttentionSpec
+    norm: NormSpec
+    mlp: MLPSpec | None = None
+    rotary: RotarySpec | None = None
+    logits: LogitsSpec = LogitsSpec()
+    base_model_attribute: str = "model"
+    lm_head_attribute: str = "lm_head"
+
+    def class_names(self) -> tuple[str, ...]:
+        """Every class name the spec refers to."""
+        names = [self.causal_lm_class, *self.decoder_layer_classes, *self.attention.class_names,
+                 *self.norm.class_names]
+        if self.mlp is not None:
+            names.extend(self.mlp.class_names)
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def has_rms_norm(self) -> bool:
+        return self.norm.kind == "rms"
+
+    @property
+    def has_glu_mlp(self) -> bool:
+        return self.mlp is not None and self.mlp.kind == "glu"
+
+
+def _llama_like(prefix: str, model_type: str, module: str, **overrides: Any) -> ArchitectureSpec:
+    """Spec of a Llama-shaped architecture whose classes are ``<prefix>Attention``, ``<prefix>MLP``, ..."""
+    fields: dict[str, Any] = dict(
+        model_type=model_type,
+        modeling_module=module,
+        causal_lm_class=f"{prefix}ForCausalLM",
+        decoder_layer_classes=(f"{prefix}DecoderLayer",),
+        attention=AttentionSpec(class_names=(f"{prefix}Attention",)),
+        mlp=MLPSpec(
+            class_names=(f"{prefix}MLP",), kind="glu", gate_proj="gate_proj", up_proj="up_proj",
+            down_proj="down_proj", activation="act_fn",
+        ),
+        norm=NormSpec(class_names=(f"{prefix}RMSNorm",), kind="rms", eps_attribute="variance_epsilon"),
+        rotary=RotarySpec(module=module),
+    )
+    fields.update(overrides)
+    return ArchitectureSpec(**fields)
+
+
+def _m(name: str) -> str:
+    return f"transformers.models.{name}.modeling_{name}"
+
+
+_SPECS: tuple[ArchitectureSpec, ...] = (
+    _llama_like("Llama", "llama", _m("llama")),
+    _llama_like("Mistral", "mistral", _m("mistral")),
+    _llama_like(
+        "Mixtral", "mixtral", _m("mixtral"),
+        mlp=None,
+        logits=LogitsSpec(router_aux_loss=True),
+    ),
+    _llama_like("Granite", "granite", _m("granite"), logits=LogitsSpec(scaling_config="logits_scaling")),
+    _llama_like(
+        "GraniteMoe", "granitemoe", _m("granitemoe"),
+        mlp=None,
+        logits=LogitsSpec(scaling_config="logits_scaling", router_aux_loss=True),
+    ),
+    ArchitectureSpec(
+        model_type="gpt_bigcode",
+        modeling_module=_m("gpt_bigcode"),
+        causal_lm_class="GPTBigCodeForCausalLM",
+        decoder_layer_classes=("GPTBigCodeBlock",),
+        attention=AttentionSpec(
+            class_names=("GPTBigCodeAttention",), q_proj=None, k_proj=None, v_proj=None, qkv_proj="c_attn",
+            o_proj="c_proj",
+        ),
+        mlp=MLPSpec(
+            class_names=("GPTBigCodeMLP",), kind="mlp", gate_proj="c_fc", down_proj="c_proj", activation="act",
+            dropout="dropout",
+        ),
+        norm=NormSpec(class_names=("LayerNorm",), kind="layernorm", eps_attribute="eps"),
+        rotary=None,
+        base_model_attribute="transformer",
+    ),
+    _llama_like("Qwen2", "qwen2", _m("qwen2")),
+    _llama_like("Qwen3", "qwen3", _m("qwen3")),
+    _llama_like(
+        "Gemma", "gemma", _m("gemma"),
+        norm=NormSpec(class_names=("GemmaRMSNorm",), kind="rms", eps_attribute="eps", weight_offset=1.0),
+    ),
+    _llama_like(
+        "Gemma2", "gemma2", _m("gemma2"),
+        norm=NormSpec(class_names=("Gemma2RMSNorm",), kind="rms", eps_attribute="eps", weight_offset=1.0),
+        logits=LogitsSpec(softcap_config="final_logit_softcapping"),
+    ),
+    _llama_like(
+        "Phi3", "phi3", _m("phi3"),
+        attention=AttentionSpec(
+            class_names=("Phi3Attention",), q_proj=None, k_proj=None, v_proj=None, qkv_proj="qkv_proj",
+        ),
+        mlp=MLPSpec(
+            class_names=("Phi3MLP",), kind="glu", gate_up_proj="gate_up_proj", down_proj="down_proj",
+            activation="activation_fn",
+        ),
+        rotary=RotarySpec(module=_m("phi3"), partial=True),
+    ),
+)
+
+ARCHITECTURE_SPECS: Mapping[str, ArchitectureSpec] = MappingProxyType({s.model_type: s for s in _SPECS})
+"""``model_type`` -> spec, for every supported architecture (read-only)."""
+
+assert len(ARCHITECTURE_SPECS) == len(_SPECS), "two specs share a model_type"
+
+
+def supported_model_types() -> tuple[str, ...]:
+    """The ``model_type`` values that have a spec, in declaration order."""
+    return tuple(ARCHITECTURE_SPECS)
+
+
+def architecture_spec(model_type: str | None, *, path: str | None = None) -> ArchitectureSpec:
+    """The spec of ``model_type``.
+
+    Args:
+        model_type: HF ``config.model_type``.
+        path: config key path to name in the error (the plugin section asking).
+
+    Raises:
+        ModelStructureError: no spec for ``model_type``.
+    """
+    spec = ARCHITECTURE_SPECS.get(model_type or "")
+    if spec is None:
+        raise ModelStructureError(
+            f"architecture {model_type!r} has no model spec, so no kernel can be patched into it",
+            path=path,
+            fix=f"supported model types: {', '.join(supported_model_types())}; to add one, add an "
+            "ArchitectureSpec entry to fms_acceleration_accelerate/model_specs.py",
+        )
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# checks against the installed transformers and against a model instance
+
+
+def check_spec_classes(spec: ArchitectureSpec) -> None:
+    """Check that the installed transformers defines every class and function ``spec`` names (no model needed).
+
+    Raises:
+        ModelStructureError: the modeling module, a class, or the rotary function is missing, or the attention
+            forward does not call the rotary function by its global name (so patching it would do nothing).
+    """
+    try:
+        module = importlib.import_module(spec.modeling_module)
+    except ImportError as exc:
+        raise ModelStructureError(
+            f"{spec.model_type}: cannot import {spec.modeling_module} ({exc})",
+            fix="install a transformers version that has this architecture (pip install -U transformers)",
+        ) from None
+    # torch.nn's LayerNorm is referenced by GPTBigCode, not defined in its module
+    import torch.nn as nn
+
+    for name in spec.class_names():
+        if not isinstance(getattr(module, name, None) or getattr(nn, name, None), type):
+            raise ModelStructureError(
+                f"{spec.model_type}: {spec.modeling_module} defines no class {name!r} (the installed transformers "
+                "renamed or removed it)",
+                fix="update the ArchitectureSpec in fms_acceleration_accelerate/model_specs.py for this "
+                "transformers version",
+            )
+    if spec.rotary is not None:
+        rotary_module = importlib.import_module(spec.rotary.module)
+        if not callable(getattr(rotary_module, spec.rotary.function, None)):
+            raise ModelStructureError(
+                f"{spec.model_type}: {spec.rotary.module} has no function {spec.rotary.function!r}",
+                fix="update the RotarySpec in fms_acceleration_accelerate/model_specs.py",
+            )
+        for name in spec.attention.class_names:
+            forward = inspect.unwrap(getattr(module, name).forward)
+            if spec.rotary.function not in forward.__code__.co_names:
+                raise ModelStructureError(
+                    f"{spec.model_type}: {name}.forward does not call {spec.rotary.function} by its module-level "
+                    "name, so replacing that function would not change the model",
+                    fix="update the RotarySpec in fms_acceleration_accelerate/model_specs.py",
+                )
+
+
+def class_names_of(module: Any) -> tuple[str, ...]:
+    """Names of every class in ``type(module).__mro__``."""
+    return tuple(c.__name__ for c in type(module).__mro__)
+
+
+def has_class(module: Any, names: tuple[str, ...]) -> bool:
+    """True when ``module`` is an instance of a class named in ``names`` (matched along the MRO)."""
+    return any(n in names for n in class_names_of(module))
+
+
+@dataclass(frozen=True)
+class MatchedModule:
+    """One module of the model that a spec entry matched.
+
+    Attributes:
+        path: dotted path from the root that was matched (``model.layers.3.mlp``).
+        module: the module instance.
+    """
+
+    path: str
+    module: Any
+
+
+@dataclass(frozen=True)
+class ModelMatch:
+    """The modules of a model instance, as its spec describes them (all checked)."""
+
+    spec: ArchitectureSpec
+    causal_lm: MatchedModule
+    decoder_layers: tuple[MatchedModule, ...]
+    attentions: tuple[MatchedModule, ...]
+    mlps: tuple[MatchedModule, ...]
+    norms: tuple[MatchedModule, ...]
+
+
+def _modules(root: Any) -> Iterator[tuple[str, Any]]:
+    yield from root.named_modules(remove_duplicate=True)
+
+
+def _child(parent: MatchedModule, attribute: str, what: str, spec: ArchitectureSpec) -> Any:
+    import torch.nn as nn
+
+    child = getattr(parent.module, attribute, None)
+    if not isinstance(child, nn.Module):
+        have = ", ".join(n for n, _ in parent.module.named_children()) or "none"
+        raise ModelStructureError(
+            f"{spec.model_type}: module {parent.path or '<root>'} ({type(parent.module).__name__}) has no "
+            f"{what} sub-module {attribute!r} (its children: {have})",
+            fix="the model does not match the transformers class its spec was written for; check the "
+            "transformers version, or update the spec in fms_acceleration_accelerate/model_specs.py",
+        )
+    return child
+
+
+def match_model(model: Any, spec: ArchitectureSpec) -> ModelMatch:
+    """Find the spec's modules in ``model`` (a causal LM, or a wrapper such as a PEFT model) and check them.
+
+    Args:
+        model: the model (``torch.nn.Module``) to inspect.
+        spec: its architecture spec.
+
+    Returns:
+        The matched modules, with their paths from ``model``.
+
+    Raises:
+        ModelStructureError: naming the module that does not match the spec.
+    """
+    import torch
+    import torch.nn as nn
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    causal = [MatchedModule(p, m) for p, m in _modules(model) if has_class(m, (spec.causal_lm_class,))]
+    if len(causal) != 1:
+        found = "none" if not causal else ", ".join(c.path or "<root>" for c in causal)
+        raise ModelStructureError(
+            f"{spec.model_type}: expected exactly one {spec.causal_lm_class} in the model "
+            f"({type(model).__name__}), found {found}",
+            fix=f"pass the {spec.causal_lm_class} (or a PEFT model wrapping it) loaded with AutoModelForCausalLM",
+        )
+    lm = causal[0]
+    _child(lm, spec.base_model_attribute, "decoder stack", spec)
+    head = _child(lm, spec.lm_head_attribute, "output projection", spec)
+    if not hasattr(head, "weight"):
+        raise ModelStructureError(
+            f"{spec.model_type}: {_join(lm.path, spec.lm_head_attribute)} has no weight",
+            fix="the output projection must be a linear layer",
+        )
+
+    layers, attentions, mlps, norms = [], [], [], []
+    for path, module in _modules(lm.module):
+        matched = MatchedModule(_join(lm.path, path), module)
+        if has_class(module, spec.decoder_layer_classes):
+            layers.append(matched)
+        if has_class(module, spec.attention.class_names):
+            attentions.append(matched)
+        if spec.mlp is not None and has_class(module, spec.mlp.class_names):
+            mlps.append(matched)
+        if has_class(module, spec.norm.class_names):
+            norms.append(matched)
+    if not layers:
+        raise ModelStructureError(
+            f"{spec.model_type}: no decoder layer of class {' / '.join(spec.decoder_layer_classes)} found in "
+            f"{lm.path or '<root>'} ({type(lm.module).__name__})",
+            fix="check the transformers version against fms_acceleration_accelerate/model_specs.py",
+        )
+    expected = {"attention": (attentions, spec.attention.class_names)}
+    if spec.mlp is not None:
+        expected["MLP"] = (mlps, spec.mlp.class_names)
+    for what, (found_modules, names) in expected.items():
+        if len(found_modules) != len(layers):
+            raise ModelStructureError(
+                f"{spec.model_type}: found {len(layers)} decoder layers but {len(found_modules)} {what} modules of "
+                f"class {' / '.join(names)}",
+                fix="every decoder layer must hold one; check the transformers version against the spec",
+            )
+    for attention in attentions:
+        for name in spec.attention.projections:
+            _child(attention, name, "attention projection", spec)
+    for mlp in mlps:
+        assert spec.mlp is not None
+        for name in spec.mlp.projections:
+            _child(mlp, name, "MLP projection", spec)
+        act = _child(mlp, spec.mlp.activation, "activation", spec)
+        if spec.mlp.kind == "glu" and not any(n in ACTIVATION_CLASSES for n in class_names_of(act)):
+            raise ModelStructureError(
+                f"{spec.model_type}: activation {_join(mlp.path, spec.mlp.activation)} is "
+                f"{type(act).__name__}, which no gated-MLP kernel implements",
+                fix=f"supported activations: {', '.join(ACTIVATION_CLASSES)}; disable the MLP kernels "
+                "(fast_swiglu: false) for this model",
+            )
+    for norm in norms:
+        weight = getattr(norm.module, "weight", None)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 1:
+            raise ModelStructureError(
+                f"{spec.model_type}: norm {norm.path} ({type(norm.module).__name__}) has no 1-D weight",
+                fix="norms without an affine weight are not supported by the norm kernels",
+            )
+        if not hasattr(norm.module, spec.norm.eps_attribute):
+            raise ModelStructureError(
+                f"{spec.model_type}: norm {norm.path} ({type(norm.module).__name__}) has no attribute "
+                f"{spec.norm.eps_attribute!r} (epsilon)",
+                fix="update the NormSpec in fms_acceleration_accelerate/model_specs.py",
+            )
+    return ModelMatch(
+        spec=spec,
+        causal_lm=lm,
+        decoder_layers=tuple(layers),
+        attentions=tuple(attentions),
+        mlps=tuple(mlps),
+        norms=tuple(norms),
+    )
+
+
+def activation_of(mlp: Any, spec: MLPSpec) -> tuple[Literal["silu", "gelu"], str | None]:
+    """``(activation, gelu approximation)`` of an MLP instance (checked by :func:`match_model`)."""
+    act = getattr(mlp, spec.activation)
+    for name in class_names_of(act):
+        if name in ACTIVATION_CLASSES:
+            return ACTIVATION_CLASSES[name]
+    raise ModelStructureError(f"unsupported activation {type(act).__name__}")
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
