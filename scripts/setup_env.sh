@@ -24,13 +24,17 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 stamp="$VENV/.fms-setup-stamp"
-want=$(cat pyproject.toml kernels/pyproject.toml plugins/*/pyproject.toml scripts/setup_env.sh scripts/constraints.txt 2>/dev/null | sha256sum | cut -c1-16)
+want=$({ cat pyproject.toml kernels/pyproject.toml plugins/*/pyproject.toml scripts/setup_env.sh scripts/constraints.txt 2>/dev/null || true; } | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "$VPY"
   exit 0
 fi
 
-pip_install() { "$VPY" -m pip install --disable-pip-version-check -q -c scripts/constraints.txt "$@" >&2; }
+pip_install() {
+  # (this machine's pip config names extra local indexes that may be absent: drop those warnings)
+  "$VPY" -m pip install --disable-pip-version-check -q -c scripts/constraints.txt "$@" 2>&1 | { grep -v "is ignored: it is neither" >&2 || true; }
+  return "${PIPESTATUS[0]}"
+}
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   log "installing torch==2.13.0 (CPU build)"
   pip_install "torch==2.13.0"
@@ -39,8 +43,8 @@ if ! "$VPY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 
   # CPU: Triton's interpreter needs triton >= 3.7 (3.6 fails on some reductions)
   pip_install "triton>=3.7"
 fi
-editables=(-e ".[test,bitsandbytes,trl]" -e kernels)
-for plugin in plugins/*/; do
+editables=(-e ".[test,bitsandbytes,trl]")
+for plugin in kernels/ plugins/*/; do
   [ -f "$plugin/pyproject.toml" ] && editables+=(-e "$plugin")
 done
 log "installing the framework, kernels and plugins (editable)"
