@@ -29,17 +29,17 @@ from .errors import AccelerationConfigError
 
 __all__ = [
     "ACTIVATION_CLASSES",
+    "ARCHITECTURE_SPECS",
     "ArchitectureSpec",
     "AttentionSpec",
     "LogitsSpec",
     "MLPSpec",
     "MatchedModule",
-    "activation_of",
     "ModelMatch",
     "ModelStructureError",
     "NormSpec",
     "RotarySpec",
-    "ARCHITECTURE_SPECS",
+    "activation_of",
     "architecture_spec",
     "check_spec_classes",
     "class_names_of",
@@ -224,8 +224,7 @@ class ArchitectureSpec:
 
     def class_names(self) -> tuple[str, ...]:
         """Every class name the spec refers to."""
-        names = [self.causal_lm_class, *self.decoder_layer_classes, *self.attention.class_names,
-                 *self.norm.class_names]
+        names = [self.causal_lm_class, *self.decoder_layer_classes, *self.attention.class_names, *self.norm.class_names]
         if self.mlp is not None:
             names.extend(self.mlp.class_names)
         return tuple(dict.fromkeys(names))
@@ -248,8 +247,12 @@ def _llama_like(prefix: str, model_type: str, module: str, **overrides: Any) -> 
         decoder_layer_classes=(f"{prefix}DecoderLayer",),
         attention=AttentionSpec(class_names=(f"{prefix}Attention",)),
         mlp=MLPSpec(
-            class_names=(f"{prefix}MLP",), kind="glu", gate_proj="gate_proj", up_proj="up_proj",
-            down_proj="down_proj", activation="act_fn",
+            class_names=(f"{prefix}MLP",),
+            kind="glu",
+            gate_proj="gate_proj",
+            up_proj="up_proj",
+            down_proj="down_proj",
+            activation="act_fn",
         ),
         norm=NormSpec(class_names=(f"{prefix}RMSNorm",), kind="rms", eps_attribute="variance_epsilon"),
         rotary=RotarySpec(module=module),
@@ -266,13 +269,17 @@ _SPECS: tuple[ArchitectureSpec, ...] = (
     _llama_like("Llama", "llama", _m("llama")),
     _llama_like("Mistral", "mistral", _m("mistral")),
     _llama_like(
-        "Mixtral", "mixtral", _m("mixtral"),
+        "Mixtral",
+        "mixtral",
+        _m("mixtral"),
         mlp=None,
         logits=LogitsSpec(router_aux_loss=True),
     ),
     _llama_like("Granite", "granite", _m("granite"), logits=LogitsSpec(scaling_config="logits_scaling")),
     _llama_like(
-        "GraniteMoe", "granitemoe", _m("granitemoe"),
+        "GraniteMoe",
+        "granitemoe",
+        _m("granitemoe"),
         mlp=None,
         logits=LogitsSpec(scaling_config="logits_scaling", router_aux_loss=True),
     ),
@@ -282,11 +289,19 @@ _SPECS: tuple[ArchitectureSpec, ...] = (
         causal_lm_class="GPTBigCodeForCausalLM",
         decoder_layer_classes=("GPTBigCodeBlock",),
         attention=AttentionSpec(
-            class_names=("GPTBigCodeAttention",), q_proj=None, k_proj=None, v_proj=None, qkv_proj="c_attn",
+            class_names=("GPTBigCodeAttention",),
+            q_proj=None,
+            k_proj=None,
+            v_proj=None,
+            qkv_proj="c_attn",
             o_proj="c_proj",
         ),
         mlp=MLPSpec(
-            class_names=("GPTBigCodeMLP",), kind="mlp", gate_proj="c_fc", down_proj="c_proj", activation="act",
+            class_names=("GPTBigCodeMLP",),
+            kind="mlp",
+            gate_proj="c_fc",
+            down_proj="c_proj",
+            activation="act",
             dropout="dropout",
         ),
         norm=NormSpec(class_names=("LayerNorm",), kind="layernorm", eps_attribute="eps"),
@@ -296,21 +311,34 @@ _SPECS: tuple[ArchitectureSpec, ...] = (
     _llama_like("Qwen2", "qwen2", _m("qwen2")),
     _llama_like("Qwen3", "qwen3", _m("qwen3")),
     _llama_like(
-        "Gemma", "gemma", _m("gemma"),
+        "Gemma",
+        "gemma",
+        _m("gemma"),
         norm=NormSpec(class_names=("GemmaRMSNorm",), kind="rms", eps_attribute="eps", weight_offset=1.0),
     ),
     _llama_like(
-        "Gemma2", "gemma2", _m("gemma2"),
+        "Gemma2",
+        "gemma2",
+        _m("gemma2"),
         norm=NormSpec(class_names=("Gemma2RMSNorm",), kind="rms", eps_attribute="eps", weight_offset=1.0),
         logits=LogitsSpec(softcap_config="final_logit_softcapping"),
     ),
     _llama_like(
-        "Phi3", "phi3", _m("phi3"),
+        "Phi3",
+        "phi3",
+        _m("phi3"),
         attention=AttentionSpec(
-            class_names=("Phi3Attention",), q_proj=None, k_proj=None, v_proj=None, qkv_proj="qkv_proj",
+            class_names=("Phi3Attention",),
+            q_proj=None,
+            k_proj=None,
+            v_proj=None,
+            qkv_proj="qkv_proj",
         ),
         mlp=MLPSpec(
-            class_names=("Phi3MLP",), kind="glu", gate_up_proj="gate_up_proj", down_proj="down_proj",
+            class_names=("Phi3MLP",),
+            kind="glu",
+            gate_up_proj="gate_up_proj",
+            down_proj="down_proj",
             activation="activation_fn",
         ),
         rotary=RotarySpec(module=_m("phi3"), partial=True),
