@@ -29,6 +29,9 @@ class PatchRecord:
         owner: the object whose attribute was changed.
         attribute: the attribute name.
         original: the previous value, or a sentinel when the attribute was not set on ``owner`` itself.
+        undo: how to undo the change when the attribute was not set on ``owner`` itself and deleting it is not
+            the inverse (a property whose setter stores the value elsewhere, e.g. transformers'
+            ``PreTrainedModel.loss_function``); ``None``: delete the attribute.
     """
 
     plugin: str
@@ -37,6 +40,7 @@ class PatchRecord:
     owner: Any
     attribute: str
     original: Any
+    undo: Callable[[], None] | None = None
 
     @property
     def had_own_attribute(self) -> bool:
@@ -90,6 +94,7 @@ class PatchRecorder:
         plugin: str,
         target: str | None = None,
         description: str | None = None,
+        undo: Callable[[], None] | None = None,
     ) -> PatchRecord:
         """Set ``owner.attribute = replacement`` and record it.
 
@@ -100,6 +105,8 @@ class PatchRecorder:
             plugin: name of the plugin making the change.
             target: readable name of the target (default: ``<type of owner>.<attribute>``).
             description: readable name of the replacement (default: its qualified name).
+            undo: called on revert instead of deleting the attribute, when ``owner`` did not hold the attribute
+                itself (see :attr:`PatchRecord.undo`); ignored when it did (the original value is restored).
 
         Raises:
             AttributeError: ``owner`` has no attribute ``attribute`` (patches never invent attributes).
@@ -114,6 +121,7 @@ class PatchRecorder:
             owner=owner,
             attribute=attribute,
             original=original,
+            undo=undo,
         )
         setattr(owner, attribute, replacement)
         self._records.append(record)
@@ -126,6 +134,8 @@ class PatchRecorder:
             record = self._records.pop()
             if record.had_own_attribute:
                 setattr(record.owner, record.attribute, record.original)
+            elif record.undo is not None:
+                record.undo()
             else:
                 delattr(record.owner, record.attribute)
             count += 1
@@ -171,11 +181,18 @@ class PluginPatcher:
         self.plugin = plugin
 
     def patch(
-        self, owner: Any, attribute: str, replacement: Any, *, target: str | None = None, description: str | None = None
+        self,
+        owner: Any,
+        attribute: str,
+        replacement: Any,
+        *,
+        target: str | None = None,
+        description: str | None = None,
+        undo: Callable[[], None] | None = None,
     ) -> PatchRecord:
         """Record-and-set, see :meth:`PatchRecorder.patch`."""
         return self._recorder.patch(
-            owner, attribute, replacement, plugin=self.plugin, target=target, description=description
+            owner, attribute, replacement, plugin=self.plugin, target=target, description=description, undo=undo
         )
 
     def patch_forward(
