@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from fms_acceleration_accelerate_kernels import geglu, geglu_ref, geglu_triton, swiglu, swiglu_ref, swiglu_triton
+
 from tests.kernels.harness import check_against_reference, device_for_tests
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

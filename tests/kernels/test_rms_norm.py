@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from fms_acceleration_accelerate_kernels import rms_norm, rms_norm_ref, rms_norm_triton
+
 from tests.kernels.harness import check_against_reference, device_for_tests
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]

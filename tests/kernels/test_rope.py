@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from fms_acceleration_accelerate_kernels import apply_rotary_pos_emb, rope, rope_ref, rope_triton
+
 from tests.kernels.harness import check_against_reference, device_for_tests
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -39,7 +39,9 @@ def test_rope_matches_reference(dtype, batch, n_q, n_k, seq, head_dim, rot):
     check_against_reference(
         _joined(rope_ref),
         _joined(rope_triton),
-        inputs=dict(q=torch.randn(batch, n_q, seq, head_dim), k=torch.randn(batch, n_k, seq, head_dim), cos=cos, sin=sin),
+        inputs=dict(
+            q=torch.randn(batch, n_q, seq, head_dim), k=torch.randn(batch, n_k, seq, head_dim), cos=cos, sin=sin
+        ),
         dtype=dtype,
         grad_inputs=("q", "k"),
     )
@@ -82,7 +84,9 @@ def test_apply_rotary_pos_emb_matches_hf():
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # (B, S, H, D) layout with unsqueeze_dim=2
     q2, k2 = q.transpose(1, 2).contiguous(), k.transpose(1, 2).contiguous()
-    for got, want in zip(apply_rotary_pos_emb(q2, k2, cos, sin, unsqueeze_dim=2), hf_apply(q2, k2, cos, sin, unsqueeze_dim=2)):
+    for got, want in zip(
+        apply_rotary_pos_emb(q2, k2, cos, sin, unsqueeze_dim=2), hf_apply(q2, k2, cos, sin, unsqueeze_dim=2)
+    ):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 

@@ -383,7 +383,9 @@ def cross_entropy_ref(
     z = logits.float() / logits_scaling
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
-    rows = F.cross_entropy(z, target.long(), ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
+    rows = F.cross_entropy(
+        z, target.long(), ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing
+    )
     return _reduce(rows, target, ignore_index, reduction, num_items_in_batch)
 
 

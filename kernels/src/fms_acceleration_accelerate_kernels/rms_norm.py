@@ -155,7 +155,9 @@ class _RMSNormFunction(torch.autograd.Function):
 
 
 @torch.library.custom_op("fms_accel_kernels::rms_norm_fwd", mutates_args=())
-def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _rms_norm_fwd_op(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     return _forward(x, weight, eps, offset)
 
 
@@ -166,7 +168,13 @@ def _(x, weight, eps, offset):
 
 @torch.library.custom_op("fms_accel_kernels::rms_norm_bwd", mutates_args=())
 def _rms_norm_bwd_op(
-    dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float, need_dx: bool, need_dw: bool
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    offset: float,
+    need_dx: bool,
+    need_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dx, dw = _backward(dy, x, weight, rstd, offset, need_dx, need_dw)
     return (dx if dx is not None else x.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
