@@ -1,0 +1,725 @@
+"""Fused LoRA over a frozen (possibly 4-bit) base weight, with a memory-lean backward.
+
+For one projection ``y = x W^T + b + s * (x A^T) B^T`` with ``W`` (out, in) frozen, ``A`` (r, in), ``B`` (out, r):
+
+* forward dequantises ``W`` into a temporary (via the layer's dequant backend, see ``dequant.py``), runs one
+  GEMM, frees it, and adds the LoRA term in the GEMM epilogue (``addmm_``);
+* backward saves only ``x``, the tiny ``x A^T`` (tokens, r) and references to ``A``, ``B`` and the quantised
+  weight; it dequantises ``W`` again for ``dx = dy W`` instead of keeping a dense copy alive between forward and
+  backward. Gradients: ``dx``, ``dA``, ``dB`` (and the bias when it requires grad); the base weight is frozen
+  (a dense base weight that requires grad is refused).
+
+Grouped variants share one input: ``lora_qkv`` saves ``x`` once, computes all three LoRA down-projections with
+one GEMM (``A_q``, ``A_k``, ``A_v`` stacked) and accumulates ``dx`` of q, k and v into one buffer;
+``lora_mlp_swiglu`` fuses gate/up/down with the SwiGLU activation, saving ``x``, ``gate`` and ``up`` and
+recomputing ``silu(gate) * up`` in backward. ``quantized_linear`` is the same machinery without an adapter, for
+frozen quantised layers that LoRA does not target (their backward dequantises again instead of storing ``W``).
+
+Dtypes: the matmuls run in ``x``'s dtype (or the autocast dtype when autocast is on); ``A``/``B`` (often fp32
+under PEFT) are cast to it for the matmuls and receive gradients in their own dtype.
+
+LoRA dropout: these kernels implement dropout = 0 only (the dominant QLoRA setting, and the one where saving
+only ``x`` is possible; with dropout the dropped input or its mask would have to be kept as well).
+``peft_lora_projection`` refuses a PEFT layer whose dropout is active (training mode and p > 0) with a
+``ValueError`` that says how to fix it, and ``fused_lora_unsupported_reason`` returns the same reason without
+raising, so a patcher can keep PEFT's own forward for such layers and report it.
+
+FSDP: ``A``, ``B`` and the base module must be the ones seen *inside* the module's forward (after FSDP has
+gathered them); a patched forward should call these functions from within the LoRA module's forward, never hold
+parameters captured at patch time. The backward dequantises the base weight through the same tensor objects,
+which FSDP re-gathers before the module's backward.
+
+Double backward and ``retain_graph`` re-use of the MLP backward are supported (no saved tensor is modified in
+place); higher-order gradients are not (``once_differentiable``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from ._utils import use_triton
+from .dequant import (
+    DEFAULT_DEQUANT_BACKENDS,
+    DenseWeight,
+    DequantBackend,
+    QuantizedWeight,
+    base_layer_of,
+    quantized_weight,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    tl = None
+
+__all__ = [
+    "LoraProjection",
+    "fused_lora_unsupported_reason",
+    "lora_linear",
+    "lora_linear_ref",
+    "lora_mlp_swiglu",
+    "lora_mlp_swiglu_ref",
+    "lora_qkv",
+    "lora_qkv_ref",
+    "peft_lora_projection",
+    "quantized_linear",
+    "quantized_linear_ref",
+]
+
+Base = nn.Module | torch.Tensor | QuantizedWeight
+
+
+@dataclass(frozen=True)
+class LoraProjection:
+    """One projection for the fused functions: a frozen base and an optional LoRA adapter.
+
+    Attributes:
+        base: the frozen base: a linear module (``nn.Linear``, ``bnb.nn.Linear4bit``, a PEFT LoRA layer whose
+            ``base_layer`` is used, or any layer a backend in ``backends`` handles), a dense (out, in) weight
+            tensor, or a ``QuantizedWeight``.
+        lora_A: (r, in) adapter down-projection, or None for a projection without adapter.
+        lora_B: (out, r) adapter up-projection (None exactly when ``lora_A`` is None).
+        scaling: LoRA scaling ``s`` (PEFT: ``lora_alpha / r``).
+        bias: (out,) bias; when None and ``base`` is a module, the module's bias (if any) is used.
+    """
+
+    base: Base
+    lora_A: torch.Tensor | None = None
+    lora_B: torch.Tensor | None = None
+    scaling: float = 1.0
+    bias: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.lora_A is None) != (self.lora_B is None):
+            raise ValueError("lora_A and lora_B must both be given or both be None")
+        if self.lora_A is not None:
+            if self.lora_A.dim() != 2 or self.lora_B.dim() != 2 or self.lora_A.shape[0] != self.lora_B.shape[1]:
+                raise ValueError(
+                    f"expected lora_A (r, in) and lora_B (out, r), got {tuple(self.lora_A.shape)} and "
+                    f"{tuple(self.lora_B.shape)}"
+                )
+
+
+@dataclass(frozen=True)
+class _Resolved:
+    weight: QuantizedWeight
+    lora_A: torch.Tensor | None
+    lora_B: torch.Tensor | None
+    scaling: float
+    bias: torch.Tensor | None
+
+
+def _resolve(spec: LoraProjection, in_features: int, backends: Sequence[DequantBackend]) -> _Resolved:
+    base = spec.base
+    bias = spec.bias
+    if isinstance(base, nn.Module):
+        weight = quantized_weight(base, backends)
+        if bias is None:
+            bias = getattr(base_layer_of(base), "bias", None)
+        if isinstance(weight, DenseWeight) and weight.weight.requires_grad:
+            raise ValueError(
+                f"the base weight of {type(base).__name__} requires grad, but the fused LoRA kernels keep the base "
+                "frozen (no weight gradient); freeze it (weight.requires_grad_(False)) or do not fuse this layer"
+            )
+    elif isinstance(base, torch.Tensor):
+        if base.requires_grad:
+            raise ValueError(
+                "the base weight requires grad, but the fused LoRA kernels keep the base frozen; pass "
+                "weight.detach() if it is meant to be frozen"
+            )
+        weight = DenseWeight(base)
+    elif isinstance(base, QuantizedWeight):
+        weight = base
+    else:
+        raise TypeError(
+            f"base must be a linear module, a (out, in) weight tensor or a QuantizedWeight, got {type(base).__name__}"
+        )
+    out_features, base_in = weight.shape
+    if base_in != in_features:
+        raise ValueError(f"input has {in_features} features but the base weight is {weight.shape} (out, in)")
+    if spec.lora_A is not None:
+        if spec.lora_A.shape[1] != in_features or spec.lora_B.shape[0] != out_features:
+            raise ValueError(
+                f"LoRA shapes A {tuple(spec.lora_A.shape)}, B {tuple(spec.lora_B.shape)} do not fit a base "
+                f"weight of shape {weight.shape} (out, in)"
+            )
+    if bias is not None and bias.shape != (out_features,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({out_features},)")
+    return _Resolved(weight, spec.lora_A, spec.lora_B, float(spec.scaling), bias)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+
+
+def _lora_down(x2: torch.Tensor, lora_As: Sequence[torch.Tensor | None], dtype: torch.dtype):
+    """``x A^T`` for all adapters with one GEMM. Returns (xa (T, sum r) or None, [(index, column slice)])."""
+    present = [(i, a) for i, a in enumerate(lora_As) if a is not None]
+    if not present:
+        return None, []
+    stacked = torch.cat([a.to(dtype) for _, a in present], dim=0) if len(present) > 1 else present[0][1].to(dtype)
+    xa = x2 @ stacked.t()
+    slices, start = [], 0
+    for i, a in present:
+        slices.append((i, slice(start, start + a.shape[0])))
+        start += a.shape[0]
+    return xa, slices
+
+
+def _lora_backward(
+    grads: Sequence[torch.Tensor | None],
+    inp: torch.Tensor,
+    down: torch.Tensor | None,
+    lora_As: Sequence[torch.Tensor | None],
+    lora_Bs: Sequence[torch.Tensor | None],
+    scalings: Sequence[float],
+    d_inp: torch.Tensor | None,
+    need_inp: bool,
+    dtype: torch.dtype,
+):
+    """Adapter gradients of projections sharing one input.
+
+    Args:
+        grads: per projection, (T, out_i) upstream gradient or None.
+        inp: (T, in) shared input.
+        down: (T, sum r) saved ``inp A^T`` of all adapters (column blocks in projection order).
+        d_inp: (T, in) input gradient accumulated so far (the base part), or None.
+        need_inp: whether the input gradient is wanted.
+
+    Returns:
+        (d_inp, dA list, dB list); entries of projections without adapter or gradient are None.
+    """
+    n = len(grads)
+    d_as: list[torch.Tensor | None] = [None] * n
+    d_bs: list[torch.Tensor | None] = [None] * n
+    parts, part_as, part_idx = [], [], []
+    col = 0
+    for i in range(n):
+        a, b = lora_As[i], lora_Bs[i]
+        if a is None:
+            continue
+        r = a.shape[0]
+        cols = slice(col, col + r)
+        col += r
+        g = grads[i]
+        if g is None:
+            continue
+        s = scalings[i]
+        # dB = s * g^T (x A^T);  d(x A^T) = s * g B
+        d_bs[i] = (g.t() @ down[:, cols]).mul_(s).to(b.dtype)
+        parts.append((g @ b.to(dtype)).mul_(s))
+        part_as.append(a.to(dtype))
+        part_idx.append(i)
+    if parts:
+        d_down = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        stacked_a = torch.cat(part_as, dim=0) if len(part_as) > 1 else part_as[0]
+        if need_inp:
+            if d_inp is None:
+                d_inp = d_down @ stacked_a
+            else:
+                d_inp.addmm_(d_down, stacked_a)
+        d_a_all = d_down.t() @ inp  # (sum r, in)
+        row = 0
+        for i in part_idx:
+            r = lora_As[i].shape[0]
+            d_as[i] = d_a_all[row : row + r].to(lora_As[i].dtype)
+            row += r
+    return d_inp, d_as, d_bs
+
+
+@dataclass(frozen=True)
+class _Plan:
+    weights: tuple[QuantizedWeight, ...]
+    scalings: tuple[float, ...]
+    out_features: tuple[int, ...]
+
+
+# ------------------------------------------------------------------------------ grouped linear (O, QKV)
+
+
+class _FusedLoraLinearFunction(torch.autograd.Function):
+    """N projections of one input: y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T.
+
+    ``flat`` holds (A_0, B_0, bias_0, A_1, B_1, bias_1, ...), None where absent.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, plan: _Plan, *flat: torch.Tensor | None):
+        n = len(plan.weights)
+        lora_As, lora_Bs, biases = flat[0::3], flat[1::3], flat[2::3]
+        dtype = x.dtype
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        outs = []
+        for i in range(n):
+            w = plan.weights[i].dequantize(dtype)
+            bias = biases[i].to(dtype) if biases[i] is not None else None
+            outs.append(F.linear(x2, w, bias))
+            del w  # the dense weight lives only for this GEMM
+        down, slices = _lora_down(x2, lora_As, dtype)
+        for i, cols in slices:
+            outs[i].addmm_(down[:, cols], lora_Bs[i].to(dtype).t(), alpha=plan.scalings[i])
+        ctx.plan = plan
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(x2, down, *lora_As, *lora_Bs)
+        outs = tuple(o.view(*lead, o.shape[-1]) for o in outs)
+        return outs[0] if n == 1 else outs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outs: torch.Tensor | None):
+        plan: _Plan = ctx.plan
+        n = len(plan.weights)
+        x2, down, *ab = ctx.saved_tensors
+        lora_As, lora_Bs = ab[:n], ab[n:]
+        dtype = x2.dtype
+        grads = [
+            g.reshape(-1, plan.out_features[i]).to(dtype) if g is not None else None for i, g in enumerate(grad_outs)
+        ]
+        need = ctx.needs_input_grad
+        need_x = need[0]
+        with torch.autocast(device_type=x2.device.type, enabled=False):
+            dx = None
+            if need_x:
+                for i in range(n):
+                    if grads[i] is None:
+                        continue
+                    w = plan.weights[i].dequantize(dtype)  # recomputed instead of saved
+                    if dx is None:
+                        dx = grads[i] @ w
+                    else:
+                        dx.addmm_(grads[i], w)
+                    del w
+            dx, d_as, d_bs = _lora_backward(grads, x2, down, lora_As, lora_Bs, plan.scalings, dx, need_x, dtype)
+            result: list[torch.Tensor | None] = [dx.view(ctx.x_shape) if (need_x and dx is not None) else None, None]
+            for i in range(n):
+                bias_grad = None
+                if need[4 + 3 * i] and grads[i] is not None:
+                    bias_grad = grads[i].sum(0)
+                result += [
+                    d_as[i] if need[2 + 3 * i] else None,
+                    d_bs[i] if need[3 + 3 * i] else None,
+                    bias_grad,
+                ]
+        return tuple(result)
+
+
+def _run_grouped(x: torch.Tensor, specs: Sequence[LoraProjection], backends: Sequence[DequantBackend]):
+    resolved = [_resolve(s, x.shape[-1], backends) for s in specs]
+    dtype = _compute_dtype(x)
+    plan = _Plan(
+        weights=tuple(r.weight for r in resolved),
+        scalings=tuple(r.scaling for r in resolved),
+        out_features=tuple(r.weight.shape[0] for r in resolved),
+    )
+    flat: list[torch.Tensor | None] = []
+    for r in resolved:
+        flat += [r.lora_A, r.lora_B, r.bias]
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _FusedLoraLinearFunction.apply(x.to(dtype), plan, *flat)
+
+
+def lora_linear(
+    x: torch.Tensor,
+    base: Base,
+    lora_A: torch.Tensor | None,
+    lora_B: torch.Tensor | None,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
+) -> torch.Tensor:
+    """Fused LoRA projection ``x W^T + bias + scaling * (x A^T) B^T`` (e.g. the attention O projection).
+
+    Callers must pass ``lora_A``/``lora_B`` (and ``base``) as obtained inside the module's forward, so that FSDP
+    has gathered them (see the module docstring).
+
+    Args:
+        x: (..., in) input.
+        base: frozen base: linear module, (out, in) weight tensor or ``QuantizedWeight``.
+        lora_A: (r, in) adapter weight (``lora_A.weight``), or None for no adapter.
+        lora_B: (out, r) adapter weight (``lora_B.weight``), or None.
+        scaling: LoRA scaling (PEFT: ``lora_alpha / r``).
+        bias: (out,) bias; defaults to the base module's bias.
+        backends: dequant dispatchers for a module base; the first match wins.
+
+    Returns:
+        (..., out) output in the compute dtype (``x``'s dtype, or the autocast dtype).
+    """
+    return _run_grouped(x, [LoraProjection(base, lora_A, lora_B, scaling, bias)], backends)
+
+
+def quantized_linear(
+    x: torch.Tensor,
+    base: Base,
+    bias: torch.Tensor | None = None,
+    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
+) -> torch.Tensor:
+    """Frozen (quantised) linear ``x W^T + bias`` whose backward dequantises ``W`` again instead of storing it.
+
+    Args:
+        x: (..., in) input.
+        base: frozen base: linear module (e.g. ``bnb.nn.Linear4bit``), (out, in) weight or ``QuantizedWeight``.
+        bias: (out,) bias; defaults to the base module's bias.
+        backends: dequant dispatchers for a module base; the first match wins.
+
+    Returns:
+        (..., out) output in the compute dtype.
+    """
+    return _run_grouped(x, [LoraProjection(base, None, None, 1.0, bias)], backends)
+
+
+def lora_qkv(
+    x: torch.Tensor,
+    q: LoraProjection,
+    k: LoraProjection,
+    v: LoraProjection,
+    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused q, k, v projections of one input, each a frozen base plus an optional LoRA adapter.
+
+    ``x`` is saved once; the three LoRA down-projections run as one GEMM; in backward ``dx`` of all three
+    accumulates into one buffer and each base weight is dequantised again, one at a time.
+
+    Args:
+        x: (..., hidden) input.
+        q, k, v: the three projections; tensors inside must be those seen inside the module forward (FSDP).
+        backends: dequant dispatchers for module bases; the first match wins.
+
+    Returns:
+        (q, k, v), each (..., out_i) in the compute dtype.
+    """
+    return _run_grouped(x, [q, k, v], backends)
+
+
+# ------------------------------------------------------------------------------------------------ SwiGLU
+
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_fwd_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = offs.to(tl.int64)
+        mask = offs < n
+        g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        h = g * tl.sigmoid(g) * u
+        tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.constexpr):
+        # dgate_ptr may alias dh_ptr: every element is read before it is written by the same program.
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = offs.to(tl.int64)
+        mask = offs < n
+        dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(g)
+        silu = g * sig
+        dup = dh * silu
+        dgate = dh * u * sig * (1.0 + g * (1.0 - sig))
+        tl.store(dgate_ptr + offs, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
+        tl.store(dup_ptr + offs, dup.to(dup_ptr.dtype.element_ty), mask=mask)
+
+
+_SWIGLU_BLOCK = 2048
+
+
+def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up, fp32 math, one rounding. gate/up contiguous, same shape."""
+    if triton is not None and use_triton(gate, up):
+        out = torch.empty_like(gate)
+        n = gate.numel()
+        _swiglu_fwd_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate, up, out, n, BLOCK=_SWIGLU_BLOCK, num_warps=8)
+        return out
+    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+def _swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    """(dgate, dup) of h = silu(gate) * up. dgate is written over ``dh`` (which the caller owns)."""
+    if triton is not None and use_triton(dh, gate, up):
+        dup = torch.empty_like(up)
+        n = dh.numel()
+        _swiglu_bwd_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](dh, gate, up, dh, dup, n, BLOCK=_SWIGLU_BLOCK, num_warps=8)
+        return dh, dup
+    g, u, d = gate.float(), up.float(), dh.float()
+    sig = torch.sigmoid(g)
+    dup = (d * g * sig).to(up.dtype)
+    dgate = d * u * sig * (1.0 + g * (1.0 - sig))
+    dh.copy_(dgate)
+    return dh, dup
+
+
+# -------------------------------------------------------------------------------------------------- MLP
+
+
+class _FusedLoraMlpFunction(torch.autograd.Function):
+    """y = down(silu(gate(x)) * up(x)), each projection a frozen base plus optional LoRA.
+
+    ``flat`` holds (A_g, B_g, bias_g, A_u, B_u, bias_u, A_d, B_d, bias_d), None where absent.
+    Saved: x, gate, up, the (T, r) LoRA down-projections; not saved: h = silu(gate) * up, any dense weight.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, plan: _Plan, *flat: torch.Tensor | None):
+        lora_As, lora_Bs, biases = flat[0::3], flat[1::3], flat[2::3]
+        dtype = x.dtype
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        gate_up = []
+        for i in (0, 1):
+            w = plan.weights[i].dequantize(dtype)
+            bias = biases[i].to(dtype) if biases[i] is not None else None
+            gate_up.append(F.linear(x2, w, bias))
+            del w
+        down_gu, slices = _lora_down(x2, lora_As[:2], dtype)
+        for i, cols in slices:
+            gate_up[i].addmm_(down_gu[:, cols], lora_Bs[i].to(dtype).t(), alpha=plan.scalings[i])
+        gate, up = gate_up
+        h = _swiglu_forward(gate, up)
+        w = plan.weights[2].dequantize(dtype)
+        bias = biases[2].to(dtype) if biases[2] is not None else None
+        y = F.linear(h, w, bias)
+        del w
+        down_d, slices_d = _lora_down(h, lora_As[2:], dtype)
+        if slices_d:
+            y.addmm_(down_d, lora_Bs[2].to(dtype).t(), alpha=plan.scalings[2])
+        del h
+        ctx.plan = plan
+        ctx.x_shape = x.shape
+        ctx.save_for_backward(x2, gate, up, down_gu, down_d, *lora_As, *lora_Bs)
+        return y.view(*lead, y.shape[-1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        plan: _Plan = ctx.plan
+        x2, gate, up, down_gu, down_d, *ab = ctx.saved_tensors
+        lora_As, lora_Bs = ab[:3], ab[3:]
+        dtype = x2.dtype
+        need = ctx.needs_input_grad
+        gy = grad_y.reshape(-1, plan.out_features[2]).to(dtype)
+        with torch.autocast(device_type=x2.device.type, enabled=False):
+            # down projection: its input h is recomputed (only needed for dA_down)
+            d_as_d = [None]
+            d_bs_d = [None]
+            dh = plan.weights[2].dequantize(dtype)
+            dh = gy @ dh  # (T, I); the dense down weight is dropped right after
+            if lora_As[2] is not None:
+                h = _swiglu_forward(gate, up)
+                dh, d_as_d, d_bs_d = _lora_backward(
+                    [gy], h, down_d, lora_As[2:], lora_Bs[2:], plan.scalings[2:], dh, True, dtype
+                )
+                del h
+            bias_d = gy.sum(0) if need[10] else None
+            dgate, dup = _swiglu_backward(dh, gate, up)  # dgate overwrites dh
+            del dh
+            need_x = need[0]
+            dx = None
+            if need_x:
+                for i, g in ((0, dgate), (1, dup)):
+                    w = plan.weights[i].dequantize(dtype)
+                    if dx is None:
+                        dx = g @ w
+                    else:
+                        dx.addmm_(g, w)
+                    del w
+            dx, d_as, d_bs = _lora_backward(
+                [dgate, dup], x2, down_gu, lora_As[:2], lora_Bs[:2], plan.scalings[:2], dx, need_x, dtype
+            )
+            bias_g = dgate.sum(0) if need[4] else None
+            bias_u = dup.sum(0) if need[7] else None
+        return (
+            dx.view(ctx.x_shape) if need_x else None,
+            None,
+            d_as[0] if need[2] else None,
+            d_bs[0] if need[3] else None,
+            bias_g,
+            d_as[1] if need[5] else None,
+            d_bs[1] if need[6] else None,
+            bias_u,
+            d_as_d[0] if need[8] else None,
+            d_bs_d[0] if need[9] else None,
+            bias_d,
+        )
+
+
+def lora_mlp_swiglu(
+    x: torch.Tensor,
+    gate: LoraProjection,
+    up: LoraProjection,
+    down: LoraProjection,
+    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
+) -> torch.Tensor:
+    """Fused SwiGLU MLP ``down(silu(gate(x)) * up(x))``, each projection a frozen base plus optional LoRA.
+
+    Saves ``x``, ``gate`` and ``up`` (the activation is recomputed in backward) and no dense weight; each base
+    weight is dequantised into a temporary when needed, in forward and again in backward.
+
+    Args:
+        x: (..., hidden) input.
+        gate, up: (intermediate, hidden) projections; down: (hidden, intermediate). Tensors inside must be
+            those seen inside the module forward (FSDP).
+        backends: dequant dispatchers for module bases; the first match wins.
+
+    Returns:
+        (..., hidden) output in the compute dtype.
+    """
+    hidden = x.shape[-1]
+    g = _resolve(gate, hidden, backends)
+    u = _resolve(up, hidden, backends)
+    if g.weight.shape != u.weight.shape:
+        raise ValueError(f"gate {g.weight.shape} and up {u.weight.shape} projections must have the same shape")
+    d = _resolve(down, g.weight.shape[0], backends)
+    resolved = [g, u, d]
+    dtype = _compute_dtype(x)
+    plan = _Plan(
+        weights=tuple(r.weight for r in resolved),
+        scalings=tuple(r.scaling for r in resolved),
+        out_features=tuple(r.weight.shape[0] for r in resolved),
+    )
+    flat: list[torch.Tensor | None] = []
+    for r in resolved:
+        flat += [r.lora_A, r.lora_B, r.bias]
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _FusedLoraMlpFunction.apply(x.to(dtype), plan, *flat)
+
+
+# ------------------------------------------------------------------------------------------- references
+
+
+def _ref_projection(x: torch.Tensor, spec: LoraProjection, backends: Sequence[DequantBackend]) -> torch.Tensor:
+    r = _resolve(spec, x.shape[-1], backends)
+    w = r.weight.dequantize_ref(x.dtype)
+    bias = r.bias.to(x.dtype) if r.bias is not None else None
+    y = F.linear(x, w, bias)
+    if r.lora_A is not None:
+        # PEFT's order: lora_B(lora_A(x)) * scaling
+        y = y + F.linear(F.linear(x, r.lora_A.to(x.dtype)), r.lora_B.to(x.dtype)) * r.scaling
+    return y
+
+
+def lora_linear_ref(
+    x: torch.Tensor,
+    base: Base,
+    lora_A: torch.Tensor | None,
+    lora_B: torch.Tensor | None,
+    scaling: float,
+    bias: torch.Tensor | None = None,
+    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
+) -> torch.Tensor:
+    """Pure-torch (autograd) reference of ``lora_linear``; same arguments and result."""
+    return _ref_projection(x, LoraProjection(base, lora_A, lora_B, scaling, bias), backends)
+
+
+def quantized_linear_ref(
+    x: torch.Tensor,
+    base: Base,
+    bias: torch.Tensor | None = None,
+    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
+) -> torch.Tensor:
+    """Pure-torch (autograd) reference of ``quantized_linear``; same arguments and result."""
+    return _ref_projection(x, LoraProjection(base, None, None, 1.0, bias), backends)
+
+
+def lora_qkv_ref(
+    x: torch.Tensor,
+    q: LoraProjection,
+    k: LoraProjection,
+    v: LoraProjection,
+    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-torch (autograd) reference of ``lora_qkv``; same arguments and result."""
+    return tuple(_ref_projection(x, spec, backends) for spec in (q, k, v))
+
+
+def lora_mlp_swiglu_ref(
+    x: torch.Tensor,
+    gate: LoraProjection,
+    up: LoraProjection,
+    down: LoraProjection,
+    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
+) -> torch.Tensor:
+    """Pure-torch (autograd) reference of ``lora_mlp_swiglu``; same arguments and result."""
+    h = F.silu(_ref_projection(x, gate, backends)) * _ref_projection(x, up, backends)
+    return _ref_projection(h, down, backends)
+
+
+# ------------------------------------------------------------------------------------------------- PEFT
+
+
+def fused_lora_unsupported_reason(module: nn.Module, adapter_name: str | None = None) -> str | None:
+    """Why a PEFT LoRA layer cannot use the fused kernels right now, or None when it can.
+
+    Refused: several active adapters, DoRA or another LoRA variant, a bias on ``lora_B`` (``lora_bias``),
+    merged or disabled adapters, and active dropout (``lora_dropout`` > 0 while the module is training).
+
+    Args:
+        module: a PEFT LoRA layer (``peft.tuners.lora.LoraLayer``).
+        adapter_name: adapter to use; defaults to the single active adapter.
+    """
+    if not hasattr(module, "lora_A") or not hasattr(module, "base_layer"):
+        return f"{type(module).__name__} is not a PEFT LoRA layer (no lora_A / base_layer)"
+    if getattr(module, "disable_adapters", False):
+        return "adapters are disabled on this layer"
+    if getattr(module, "merged", False):
+        return "the adapter is merged into the base weight"
+    if adapter_name is None:
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        if len(active) != 1:
+            return f"the fused kernels handle exactly one active LoRA adapter, this layer has {active}"
+        adapter_name = active[0]
+    if adapter_name not in module.lora_A:
+        return f"adapter {adapter_name!r} not found (have {list(module.lora_A.keys())})"
+    if adapter_name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter_name):
+        return "DoRA and other LoRA variants are not fused; use plain LoRA or leave fused_lora off"
+    if module.lora_B[adapter_name].bias is not None:
+        return "lora_bias=True is not supported by the fused kernels"
+    dropout = module.lora_dropout[adapter_name]
+    p = getattr(dropout, "p", 0.0)
+    if module.training and dropout.training and p > 0:
+        return (
+            f"lora_dropout={p} is active; the fused kernels implement dropout 0 only. Set lora_dropout=0 in the "
+            "LoraConfig (the usual QLoRA setting) or leave fused_lora off for this model"
+        )
+    return None
+
+
+def peft_lora_projection(module: nn.Module, adapter_name: str | None = None) -> LoraProjection:
+    """A ``LoraProjection`` read from a PEFT LoRA layer; call it inside that layer's forward (FSDP gathering).
+
+    Args:
+        module: a PEFT LoRA layer wrapping a linear (e.g. ``peft.tuners.lora.bnb.Linear4bit``).
+        adapter_name: adapter to use; defaults to the single active adapter.
+
+    Returns:
+        ``LoraProjection(base=module.base_layer, lora_A=A.weight, lora_B=B.weight, scaling=...)``.
+
+    Raises:
+        ValueError: the layer cannot be fused (see ``fused_lora_unsupported_reason``).
+    """
+    reason = fused_lora_unsupported_reason(module, adapter_name)
+    if reason is not None:
+        raise ValueError(f"cannot fuse LoRA layer {type(module).__name__}: {reason}")
+    if adapter_name is None:
+        adapter_name = next(a for a in module.active_adapters if a in module.lora_A)
+    return LoraProjection(
+        base=module.get_base_layer(),
+        lora_A=module.lora_A[adapter_name].weight,
+        lora_B=module.lora_B[adapter_name].weight,
+        scaling=float(module.scaling[adapter_name]),
+    )
