@@ -388,14 +388,15 @@ def test_gpu_8b_shapes(base_kind):
         q_base=bases["q"], k_base=bases["k"], v_base=bases["v"], scaling=2.0,
     )  # fmt: skip
     assert max(errs.values()) < 2e-2, errs
+    o_base = bases["o"]
     errs = _gpu_case(
-        lambda x, a, b: lora_linear(x, bases["o"], a, b, 2.0),
-        lambda x, a, b: lora_linear_ref(x, bases["o"], a, b, 2.0),
+        lambda x, a, b: lora_linear(x, o_base, a, b, 2.0),
+        lambda x, a, b: lora_linear_ref(x, o_base, a, b, 2.0),
         dict(x=x, a=lora["o"][0], b=lora["o"][1]),
         ("x", "a", "b"),
     )
     assert max(errs.values()) < 2e-2, errs
-    del bases, lora
+    bases = lora = o_base = None  # free the attention layers before the MLP
     torch.cuda.empty_cache()
     mlp = [
         make_base(base_kind, s["hidden"], s["inter"], seed=5),
