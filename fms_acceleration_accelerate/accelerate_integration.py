@@ -1,0 +1,550 @@
+"""The one module that touches Accelerate's internals.
+
+What it does
+------------
+* :class:`AccelerationKwargs` — ``Accelerator(kwargs_handlers=[AccelerationKwargs(config="accel.yaml")])``
+  with the stock ``accelerate.Accelerator``.
+* Accelerate 1.15 looks every kwargs handler up by exact class in a fixed table and raises ``KeyError`` for
+  any other class. So :func:`install` wraps exactly two methods of ``accelerate.Accelerator``:
+
+  - ``__init__``: removes :class:`AccelerationKwargs` from ``kwargs_handlers`` before Accelerate sees it, runs
+    the original ``__init__`` unchanged, then (only if an acceleration config is present: the handler, or the
+    section passed by the launcher in ``$FMS_ACCELERATION_SECTION``) creates an
+    :class:`~fms_acceleration_accelerate.framework.AccelerationFramework` and attaches it to the instance
+    (see :func:`get_framework`).
+  - ``prepare``: for an Accelerator *without* a framework it calls the original directly (identical
+    behaviour). With one: ``prepare_contribution`` of each active plugin -> the wrap plan (FSDP1: a custom
+    ``auto_wrap_policy``, ignored modules and mixed-precision settings on the FSDP plugin, restored after
+    the call; FSDP2: our own ``fully_shard`` of the planned units and the optimizer re-pointed at the sharded
+    parameters, after which Accelerate shards the rest) -> Accelerate's ``prepare`` -> ``after_prepare`` of
+    each plugin. DeepSpeed: contributions run before prepare (plugins that can run there do their work in
+    ``prepare_contribution``); a plugin that cannot run there refuses with an error before DeepSpeed starts.
+
+  The wrapping is idempotent (a second :func:`install` does nothing), recorded in a
+  :class:`~fms_acceleration_accelerate.patching.PatchRecorder` kept on the class itself
+  (``Accelerator._fms_acceleration_patches``), and undone by :func:`uninstall`. :func:`install` runs when
+  an :class:`AccelerationKwargs` is created, when the start-up hook sees ``$FMS_ACCELERATION_SECTION`` (set
+  by ``accelerate launch`` for every worker), or when called directly.
+
+* The launcher side of ``accelerate launch --config_file cfg.yaml`` with an ``acceleration:`` section:
+  :func:`install_launcher_support` wraps ``BaseConfig.from_yaml_file`` (which rejects unknown keys) so that
+  the section is validated *in the launcher* (an error exits with status 2 and the key path, before any
+  worker starts), removed from what Accelerate parses, and exported as JSON in
+  ``$FMS_ACCELERATION_SECTION`` to every process the launcher starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import inspect
+import json
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, KwargsHandler
+
+from .config import read_yaml
+from .distributed import (
+    MergedContribution,
+    PrepareContext,
+    apply_fsdp2_plan,
+    check_deepspeed,
+    check_fsdp1_plan,
+    check_keep_dtype_fsdp1,
+    collect_contributions,
+    fsdp1_auto_wrap_policy,
+    plan_fsdp_units,
+    run_after_prepare,
+    switch_optimizer_params,
+    upcast_trainable,
+)
+from .errors import AccelerationConfigError
+from .framework import AccelerationFramework, is_main_process
+from .patching import PatchRecorder
+from .registry import PluginRegistry
+
+logger = logging.getLogger("fms_acceleration_accelerate")
+
+ENV_SECTION = "FMS_ACCELERATION_SECTION"
+"""JSON of the ``acceleration:`` section, set by the launcher for every worker process."""
+ENV_SECTION_ORIGIN = "FMS_ACCELERATION_SECTION_ORIGIN"
+"""The config file the section came from (for messages only)."""
+ENV_DISABLE_HOOK = "FMS_ACCELERATION_DISABLE_HOOK"
+"""Set to ``1`` to turn the interpreter start-up hook off."""
+
+SECTION_KEY = "acceleration"
+_RECORDER_ATTR = "_fms_acceleration_patches"
+_FRAMEWORK_ATTR = "_fms_acceleration_framework"
+_WRAPPED_MARK = "__fms_acceleration_wrapped__"
+_PATCHER = "accelerate-integration"
+
+
+@dataclasses.dataclass
+class AccelerationKwargs(KwargsHandler):
+    """Kwargs handler that activates acceleration plugins on a stock ``accelerate.Accelerator``.
+
+    Example::
+
+        from accelerate import Accelerator
+        from fms_acceleration_accelerate import AccelerationKwargs
+
+        accelerator = Accelerator(kwargs_handlers=[AccelerationKwargs(config="accel.yaml")])
+
+    Args:
+        config: acceleration YAML path, an Accelerate YAML with an ``acceleration:`` section, or a dict.
+        registry: plugins to choose from (default: installed entry points).
+        check_packages: verify each active plugin's required packages (disable only in tests).
+
+    Creating the handler installs the ``Accelerator`` wrapper (idempotent; see :func:`install`).
+    """
+
+    config: str | os.PathLike | Mapping[str, Any] | None = None
+    registry: PluginRegistry | None = None
+    check_packages: bool = True
+
+    def __post_init__(self) -> None:
+        if self.config is not None and not isinstance(self.config, (str, os.PathLike, Mapping)):
+            raise TypeError(
+                f"AccelerationKwargs(config=...) takes a YAML path or a dict, got {type(self.config).__name__}"
+            )
+        install()
+
+    def to_kwargs(self) -> dict[str, Any]:  # Accelerate never calls this for our handler; kept meaningful
+        return {"config": self.config, "check_packages": self.check_packages}
+
+    def build_framework(self) -> AccelerationFramework:
+        """The framework this handler describes."""
+        return AccelerationFramework(self.config, registry=self.registry, check_packages=self.check_packages)
+
+
+# ------------------------------------------------------------------------------------------------ lookup
+
+
+def get_framework(accelerator: Any) -> AccelerationFramework | None:
+    """The :class:`AccelerationFramework` attached to ``accelerator`` (``None`` when no acceleration config)."""
+    return getattr(accelerator, _FRAMEWORK_ATTR, None)
+
+
+def attach_framework(accelerator: Any, framework: AccelerationFramework) -> None:
+    """Attach ``framework`` to an existing ``accelerator`` (e.g. one created before :func:`install`)."""
+    if get_framework(accelerator) is not None:
+        raise ValueError("this Accelerator already has an acceleration framework attached")
+    setattr(accelerator, _FRAMEWORK_ATTR, framework)
+
+
+def section_from_environment() -> dict[str, Any] | None:
+    """The ``acceleration:`` section the launcher exported, as ``{"acceleration": body}`` (or ``None``)."""
+    raw = os.environ.get(ENV_SECTION)
+    if not raw:
+        return None
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise AccelerationConfigError(
+            f"${ENV_SECTION} is not valid JSON ({exc})",
+            fix=f"unset {ENV_SECTION}; it is set by 'accelerate launch' from the config file's acceleration section",
+        ) from None
+    return {SECTION_KEY: body}
+
+
+# ------------------------------------------------------------------------------------------------ install
+
+
+def is_installed(accelerator_cls: type = Accelerator) -> bool:
+    """True when :func:`install` has wrapped ``accelerator_cls``."""
+    return _RECORDER_ATTR in vars(accelerator_cls)
+
+
+def install(accelerator_cls: type = Accelerator) -> bool:
+    """Wrap ``accelerator_cls.__init__`` and ``.prepare`` (see the module docstring). Idempotent.
+
+    Returns:
+        True if the wrapper was installed now, False if it already was.
+    """
+    if is_installed(accelerator_cls):
+        return False
+    recorder = PatchRecorder()
+    original_init = accelerator_cls.__init__
+    original_prepare = accelerator_cls.prepare
+    recorder.patch(
+        accelerator_cls,
+        "__init__",
+        _make_init(original_init),
+        plugin=_PATCHER,
+        target=f"{accelerator_cls.__name__}.__init__",
+        description="accept AccelerationKwargs; attach AccelerationFramework",
+    )
+    recorder.patch(
+        accelerator_cls,
+        "prepare",
+        _make_prepare(original_prepare),
+        plugin=_PATCHER,
+        target=f"{accelerator_cls.__name__}.prepare",
+        description="plugin wrap contributions -> prepare -> after_prepare",
+    )
+    setattr(accelerator_cls, _RECORDER_ATTR, recorder)
+    return True
+
+
+def uninstall(accelerator_cls: type = Accelerator) -> int:
+    """Undo :func:`install`; returns the number of reverted patches (0 if not installed)."""
+    recorder: PatchRecorder | None = vars(accelerator_cls).get(_RECORDER_ATTR)
+    if recorder is None:
+        return 0
+    delattr(accelerator_cls, _RECORDER_ATTR)
+    return recorder.revert()
+
+
+def _make_init(original_init: Callable[..., None]) -> Callable[..., None]:
+    signature = inspect.signature(original_init)
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        handlers = list(bound.arguments.get("kwargs_handlers") or [])
+        ours = [h for h in handlers if isinstance(h, AccelerationKwargs)]
+        if len(ours) > 1:
+            raise ValueError("pass at most one AccelerationKwargs in kwargs_handlers")
+        if ours:
+            bound.arguments["kwargs_handlers"] = [h for h in handlers if not isinstance(h, AccelerationKwargs)]
+        original_init(*bound.args, **bound.kwargs)
+        if ours:
+            framework = ours[0].build_framework()
+        else:
+            section = section_from_environment()
+            if section is None:
+                return
+            framework = AccelerationFramework(section)
+        setattr(self, _FRAMEWORK_ATTR, framework)
+        if is_main_process():
+            logger.info("fms-acceleration active plugins: %s", ", ".join(framework.active_plugin_names) or "none")
+
+    setattr(__init__, _WRAPPED_MARK, original_init)
+    __init__.__doc__ = original_init.__doc__
+    return __init__
+
+
+def _make_prepare(original_prepare: Callable[..., Any]) -> Callable[..., Any]:
+    def prepare(self: Any, *args: Any, device_placement: Any = None) -> Any:
+        framework = get_framework(self)
+        if framework is None:
+            return original_prepare(self, *args, device_placement=device_placement)
+        return _prepare_with_framework(self, framework, original_prepare, args, device_placement)
+
+    setattr(prepare, _WRAPPED_MARK, original_prepare)
+    prepare.__doc__ = original_prepare.__doc__
+    return prepare
+
+
+# ------------------------------------------------------------------------------------------------ prepare
+
+
+def build_context(accelerator: Any, framework: AccelerationFramework) -> PrepareContext:
+    """The :class:`PrepareContext` of ``accelerator``."""
+    distributed_type = accelerator.distributed_type
+    fsdp_version = None
+    if distributed_type == DistributedType.FSDP:
+        fsdp_version = 2 if accelerator.is_fsdp2 else 1
+    return PrepareContext(
+        distributed_type=str(getattr(distributed_type, "value", distributed_type)),
+        fsdp_version=fsdp_version,
+        device=accelerator.device,
+        mixed_precision=str(accelerator.mixed_precision),
+        world_size=accelerator.num_processes,
+        framework=framework,
+        accelerator=accelerator,
+    )
+
+
+def _prepare_with_framework(
+    accelerator: Any,
+    framework: AccelerationFramework,
+    original_prepare: Callable[..., Any],
+    args: tuple[Any, ...],
+    device_placement: Any,
+) -> Any:
+    context = build_context(accelerator, framework)
+    models = [a for a in args if isinstance(a, torch.nn.Module)]
+    optimizers = [a for a in args if isinstance(a, torch.optim.Optimizer)]
+    scoped = PatchRecorder()  # changes to Accelerate's FSDP plugin, only for the duration of this call
+    with scoped.reverting():
+        for model in models:
+            merged = collect_contributions(framework.active_plugins, model, context)
+            for note in merged.notes:
+                logger.info("fms-acceleration: %s", note)
+            if context.is_deepspeed:
+                check_deepspeed(merged)
+            elif context.fsdp_version == 1:
+                _before_fsdp1(accelerator, model, merged, scoped)
+            elif context.fsdp_version == 2:
+                _before_fsdp2(accelerator, model, merged, optimizers, scoped)
+        result = original_prepare(accelerator, *args, device_placement=device_placement)
+    prepared = result if isinstance(result, (tuple, list)) else (result,)
+    for obj in prepared:
+        if isinstance(obj, torch.nn.Module):
+            run_after_prepare(framework.active_plugins, obj, context)
+    framework.log_patch_summary()
+    return result
+
+
+def _before_fsdp1(accelerator: Any, model: torch.nn.Module, merged: MergedContribution, scoped: PatchRecorder) -> None:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        return  # wrapped by the user already: Accelerate leaves it alone, so do we
+    fsdp_plugin = accelerator.state.fsdp_plugin
+    plan = plan_fsdp_units(model, merged, 1)
+    check_fsdp1_plan(plan, use_orig_params=bool(fsdp_plugin.use_orig_params))
+    scoped.patch(
+        fsdp_plugin,
+        "auto_wrap_policy",
+        fsdp1_auto_wrap_policy(model, plan),
+        plugin=_PATCHER,
+        description=f"unit plan ({len(plan.units) - 1} units)",
+    )
+    ignored = merged.select_ignored(model)
+    if ignored:
+        existing = list(fsdp_plugin.ignored_modules or [])
+        if isinstance(fsdp_plugin.ignored_modules, str):
+            raise AccelerationConfigError(
+                "fsdp_ignored_modules is a regular expression in the Accelerate config, and acceleration plugins "
+                "also ignore modules",
+                fix="remove fsdp_ignored_modules from the Accelerate config",
+            )
+        scoped.patch(fsdp_plugin, "ignored_modules", [*existing, *ignored], plugin=_PATCHER)
+    policy = fsdp_plugin.mixed_precision_policy
+    param_dtype = getattr(policy, "param_dtype", None)
+    if merged.param_dtype is not None or merged.reduce_dtype is not None:
+        from torch.distributed.fsdp import MixedPrecision
+
+        base = policy if policy is not None else MixedPrecision()
+        changes = {}
+        if merged.param_dtype is not None:
+            changes["param_dtype"] = merged.param_dtype
+        if merged.reduce_dtype is not None:
+            changes["reduce_dtype"] = merged.reduce_dtype
+        new_policy = dataclasses.replace(base, **changes)
+        param_dtype = new_policy.param_dtype
+        scoped.patch(fsdp_plugin, "mixed_precision_policy", new_policy, plugin=_PATCHER)
+    check_keep_dtype_fsdp1(model, merged, param_dtype)
+    if merged.trainable_dtype is not None:
+        upcast_trainable(model, merged.trainable_dtype, merged)
+    if is_main_process():
+        logger.info("fms-acceleration FSDP1 units:\n  %s", "\n  ".join(plan.describe()))
+
+
+def _before_fsdp2(
+    accelerator: Any,
+    model: torch.nn.Module,
+    merged: MergedContribution,
+    optimizers: list[torch.optim.Optimizer],
+    scoped: PatchRecorder,
+) -> None:
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy
+
+    if merged.is_empty or isinstance(model, FSDPModule):
+        return  # nothing asked for (Accelerate's own FSDP2 path, unchanged) or sharded by the user
+    fsdp_plugin = accelerator.state.fsdp_plugin
+    if fsdp_plugin.cpu_ram_efficient_loading:
+        raise AccelerationConfigError(
+            "fsdp_cpu_ram_efficient_loading is on, but the active acceleration plugins shard some modules "
+            "themselves under FSDP2, which Accelerate's meta-device reload does not support",
+            fix="set 'fsdp_cpu_ram_efficient_loading: false' under fsdp_config",
+        )
+    base_policy = fsdp_plugin.mixed_precision_policy or MixedPrecisionPolicy()
+    changes = {}
+    if merged.param_dtype is not None:
+        changes["param_dtype"] = merged.param_dtype
+    if merged.reduce_dtype is not None:
+        changes["reduce_dtype"] = merged.reduce_dtype
+    mp_policy = dataclasses.replace(base_policy, **changes) if changes else base_policy
+    if changes:
+        scoped.patch(fsdp_plugin, "mixed_precision_policy", mp_policy, plugin=_PATCHER)
+
+    # The same trainable-parameter upcast Accelerate does before fully_shard (its own pass then finds nothing
+    # left to cast, so it never touches the parameters we have sharded).
+    has_4bit = any(p.__class__.__name__ == "Params4bit" for p in model.parameters())
+    if merged.trainable_dtype is not None:
+        upcast_trainable(model, merged.trainable_dtype, merged)
+    elif accelerator.mixed_precision != "no" and not has_4bit:
+        upcast_trainable(model, torch.float32, merged)
+
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    kwargs: dict[str, Any] = {
+        "reshard_after_forward": fsdp_plugin.reshard_after_forward,
+        "offload_policy": fsdp_plugin.cpu_offload or OffloadPolicy(),
+        "mp_policy": mp_policy,
+        "mesh": mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None,
+    }
+    ignored_modules = merged.select_ignored(model)
+    if ignored_modules:
+        if fsdp_plugin.ignored_modules is not None:
+            raise AccelerationConfigError(
+                "fsdp_ignored_modules is set in the Accelerate config, and acceleration plugins also ignore modules",
+                fix="remove fsdp_ignored_modules from the Accelerate config",
+            )
+        kwargs["ignored_params"] = {p for m in ignored_modules for p in m.parameters()}
+        scoped.patch(fsdp_plugin, "ignored_modules", ignored_modules, plugin=_PATCHER)
+    plan = plan_fsdp_units(model, merged, 2)
+    mapping = apply_fsdp2_plan(model, plan, merged, kwargs, shard_root=False)
+    for optimizer in optimizers:
+        switch_optimizer_params(optimizer, mapping)
+    if is_main_process():
+        logger.info("fms-acceleration FSDP2 units:\n  %s", "\n  ".join(plan.describe()))
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+
+
+def split_accelerate_config(path: str | os.PathLike) -> tuple[dict[str, Any], Any]:
+    """Read an Accelerate YAML; return ``(document_without_section, section_or_None)``."""
+    document = read_yaml(path)
+    if not isinstance(document, dict):
+        return document, None
+    rest = {k: v for k, v in document.items() if k != SECTION_KEY}
+    return rest, document.get(SECTION_KEY)
+
+
+def validate_section(section: Any, origin: str) -> AccelerationFramework:
+    """Build (and so validate) a framework from an ``acceleration:`` section read from ``origin``."""
+    if isinstance(section, str):  # 'acceleration: other.yaml', relative to the Accelerate config
+        nested = Path(section) if Path(section).is_absolute() else Path(origin).parent / section
+        return AccelerationFramework(str(nested))
+    return AccelerationFramework({SECTION_KEY: section})
+
+
+def export_section(section: Any, origin: str) -> str:
+    """Resolve ``section`` (a mapping, or a path to an acceleration file) to JSON and put it in the environment."""
+    if isinstance(section, str):
+        framework = validate_section(section, origin)
+        body: Any = dict(framework.config.body)
+    else:
+        body = section
+    try:
+        encoded = json.dumps(body)
+    except TypeError as exc:
+        raise AccelerationConfigError(
+            f"the acceleration section of {origin} cannot be passed to workers ({exc})",
+            path=SECTION_KEY,
+            fix="use only plain YAML values (strings, numbers, booleans, lists, mappings)",
+        ) from None
+    os.environ[ENV_SECTION] = encoded
+    os.environ[ENV_SECTION_ORIGIN] = str(origin)
+    return encoded
+
+
+def install_launcher_support() -> bool:
+    """Let ``accelerate launch`` read configs with an ``acceleration:`` section. Idempotent.
+
+    Wraps ``accelerate.commands.config.config_args.BaseConfig.from_yaml_file``: when the file has the
+    section, it is validated (on error: message on stderr, exit status 2, no traceback, before any worker
+    starts), exported to ``$FMS_ACCELERATION_SECTION`` and stripped from what Accelerate parses (through a
+    temporary copy of the file, so Accelerate's own parsing is unchanged).
+
+    Returns:
+        True if installed now, False if it already was.
+    """
+    from accelerate.commands.config import config_args
+
+    owner = config_args.BaseConfig
+    if _RECORDER_ATTR in vars(owner):
+        return False
+    original = vars(owner)["from_yaml_file"].__func__
+    recorder = PatchRecorder()
+
+    def from_yaml_file(cls: type, yaml_file: str | None = None) -> Any:
+        path = config_args.default_yaml_config_file if yaml_file is None else yaml_file
+        with _section_stripped(path) as stripped:
+            return original(cls, yaml_file=stripped)
+
+    setattr(from_yaml_file, _WRAPPED_MARK, original)
+    recorder.patch(
+        owner,
+        "from_yaml_file",
+        classmethod(from_yaml_file),
+        plugin=_PATCHER,
+        target="accelerate BaseConfig.from_yaml_file",
+        description="accept and export the acceleration: section",
+    )
+    setattr(owner, _RECORDER_ATTR, recorder)
+    return True
+
+
+def uninstall_launcher_support() -> int:
+    """Undo :func:`install_launcher_support`."""
+    from accelerate.commands.config import config_args
+
+    recorder: PatchRecorder | None = vars(config_args.BaseConfig).get(_RECORDER_ATTR)
+    if recorder is None:
+        return 0
+    delattr(config_args.BaseConfig, _RECORDER_ATTR)
+    return recorder.revert()
+
+
+@contextlib.contextmanager
+def _section_stripped(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a path Accelerate can parse: ``path`` itself, or a temporary copy without the section."""
+    try:
+        document = read_yaml(path)
+    except AccelerationConfigError:
+        yield str(path)  # missing / unreadable file: let Accelerate report it its own way
+        return
+    if not isinstance(document, dict) or SECTION_KEY not in document:
+        yield str(path)
+        return
+    rest = {k: v for k, v in document.items() if k != SECTION_KEY}
+    section = document[SECTION_KEY]
+    try:
+        validate_section(section, str(path))
+        export_section(section, str(path))
+    except AccelerationConfigError as exc:
+        rank = os.environ.get("MACHINE_RANK") or "0"
+        print(f"fms-acceleration: error in {path} (machine {rank}): {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    handle, tmp = tempfile.mkstemp(prefix="accelerate_config_", suffix=".yaml")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            yaml.safe_dump(rest, out)
+        yield tmp
+    finally:
+        os.unlink(tmp)
+
+
+def run_accelerate_launch(argv: list[str]) -> int:
+    """``fms-accelerate launch ARGS``: the stock ``accelerate launch`` with :func:`install_launcher_support`."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+
+    install_launcher_support()
+    parser = launch_command_parser()
+    args = parser.parse_args(argv)
+    launch_command(args)
+    return 0
+
+
+__all__ = [
+    "ENV_DISABLE_HOOK",
+    "ENV_SECTION",
+    "ENV_SECTION_ORIGIN",
+    "AccelerationKwargs",
+    "attach_framework",
+    "build_context",
+    "export_section",
+    "get_framework",
+    "install",
+    "install_launcher_support",
+    "is_installed",
+    "run_accelerate_launch",
+    "section_from_environment",
+    "split_accelerate_config",
+    "uninstall",
+    "uninstall_launcher_support",
+    "validate_section",
+]

@@ -1,0 +1,57 @@
+"""Packaging glue for the interpreter start-up hook only; all metadata lives in pyproject.toml.
+
+``fms_acceleration_accelerate.pth`` must land at the top of site-packages (next to the packages), which
+setuptools does not do for data files. Two small command subclasses put it there:
+
+* regular installs / wheels: ``build_py`` copies it into the root of ``build_lib`` (so it is in the wheel);
+* editable installs (``pip install -e .``, PEP 660): ``editable_wheel`` adds it to the root of the editable
+  wheel next to setuptools' own ``__editable__*.pth`` (whose name sorts first, so our hook module is
+  importable when our ``.pth`` runs).
+
+See ``_fms_acceleration_startup.py`` for what the hook does (nothing unless an acceleration section is in play).
+"""
+
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
+
+PTH_NAME = "fms_acceleration_accelerate.pth"
+PTH_SOURCE = Path(__file__).resolve().parent / PTH_NAME
+
+
+class BuildPyWithPth(build_py):
+    """``build_py`` that also places the start-up ``.pth`` at the root of ``build_lib``."""
+
+    def run(self):
+        super().run()
+        if not self.editable_mode:
+            self.copy_file(str(PTH_SOURCE), str(Path(self.build_lib) / PTH_NAME), preserve_mode=False)
+
+    def get_outputs(self, include_bytecode=True):
+        outputs = list(super().get_outputs(include_bytecode))
+        if not self.editable_mode:
+            outputs.append(str(Path(self.build_lib) / PTH_NAME))
+        return outputs
+
+
+class EditableWheelWithPth(editable_wheel):
+    """``editable_wheel`` that also writes the start-up ``.pth`` into the editable wheel's root."""
+
+    def initialize_options(self):
+        if not hasattr(editable_wheel, "_install_namespaces"):  # guards a future setuptools change
+            raise RuntimeError(
+                "this setuptools has no editable_wheel._install_namespaces, so the start-up hook cannot be "
+                "installed in editable mode; use 'pip install .' or setuptools<=84"
+            )
+        super().initialize_options()
+
+    def _install_namespaces(self, installation_dir, pth_prefix):
+        # setuptools calls this with the root of the unpacked editable wheel; everything written there is
+        # packed into the wheel and installed into site-packages
+        super()._install_namespaces(installation_dir, pth_prefix)
+        Path(installation_dir, PTH_NAME).write_text(PTH_SOURCE.read_text(encoding="utf-8"), encoding="utf-8")
+
+
+setup(cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth})
