@@ -40,3 +40,50 @@ __all__ = [
     "swiglu_ref",
     "swiglu_triton",
 ]
+
+# --- 4-bit dequantisation backends and fused LoRA (dequant.py, nf4.py, lora.py) ---------------------------
+from .dequant import (
+    DEFAULT_DEQUANT_BACKENDS,
+    DequantBackend,
+    QuantizedWeight,
+    dequantize_weight,
+    get_dequant_backend,
+    quantized_weight,
+)
+from .lora import (
+    LoraProjection,
+    fused_lora_unsupported_reason,
+    lora_linear,
+    lora_linear_ref,
+    lora_mlp_swiglu,
+    lora_mlp_swiglu_ref,
+    lora_qkv,
+    lora_qkv_ref,
+    peft_lora_projection,
+    quantized_linear,
+    quantized_linear_ref,
+)
+from .nf4 import dequantize_4bit, dequantize_4bit_ref, dequantize_4bit_triton
+
+__all__ += [
+    "DEFAULT_DEQUANT_BACKENDS",
+    "DequantBackend",
+    "LoraProjection",
+    "QuantizedWeight",
+    "dequantize_4bit",
+    "dequantize_4bit_ref",
+    "dequantize_4bit_triton",
+    "dequantize_weight",
+    "fused_lora_unsupported_reason",
+    "get_dequant_backend",
+    "lora_linear",
+    "lora_linear_ref",
+    "lora_mlp_swiglu",
+    "lora_mlp_swiglu_ref",
+    "lora_qkv",
+    "lora_qkv_ref",
+    "peft_lora_projection",
+    "quantized_linear",
+    "quantized_linear_ref",
+    "quantized_weight",
+]
