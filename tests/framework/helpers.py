@@ -35,11 +35,11 @@ class KernelOptions:
     fast_rms_layernorm: bool = option(False, help="fused RMSNorm")
     fast_rope_embeddings: bool = option(False, help="fused RoPE")
     fast_loss: bool = option(False, help="fused loss")
-    backend: Backend = option(Backend.TRITON, help="kernel backend")
+    backend: Backend = option(Backend.TRITON, help="kernel backend")  # noqa: RUF009
     block_size: int | None = option(None, help="kernel block size")
     scale: float = option(1.0, help="a float")
     layers: tuple[str, ...] = option((), help="layer names")
-    inner: Inner = option(Inner(), help="nested")
+    inner: Inner = option(Inner(), help="nested")  # noqa: RUF009
     label: str = option("k", help="a string")
 
     def __post_init__(self) -> None:
