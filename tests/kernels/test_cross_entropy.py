@@ -132,8 +132,9 @@ def test_cross_entropy_8b_shape():
         cross_entropy_ref,
         cross_entropy,
         inputs=dict(logits=torch.randn(n, vocab) * 3, target=_targets(n, vocab)),
+        kwargs=dict(reduction="sum"),  # O(1) gradients, so the tolerances below can fail
         dtype=torch.bfloat16,
         grad_inputs=("logits",),
-        tolerance=LOSS_TOL[torch.bfloat16],
-        grad_tolerance=Tolerance(atol=1e-4, rtol=5e-2),
+        tolerance=Tolerance(atol=1.0, rtol=1e-2),
+        grad_tolerance=Tolerance(atol=4e-3, rtol=5e-2),
     )

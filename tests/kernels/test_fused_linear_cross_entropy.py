@@ -121,8 +121,9 @@ def test_flce_8b_shape():
         fused_linear_cross_entropy_ref,
         fused_linear_cross_entropy,
         inputs=p,
+        kwargs=dict(reduction="sum"),  # O(1) gradients, so the tolerances below can fail
         dtype=torch.bfloat16,
         grad_inputs=("hidden", "weight"),
-        tolerance=Tolerance(5e-2, 2e-2),
-        grad_tolerance=Tolerance(5e-3, 5e-2),
+        tolerance=Tolerance(atol=1.0, rtol=1e-2),
+        grad_tolerance=Tolerance(atol=1e-2, rtol=5e-2),
     )

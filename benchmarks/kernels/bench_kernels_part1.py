@@ -1,0 +1,367 @@
+"""GPU microbenchmark of the part-1 kernels at Llama-8B shapes (bf16): ours vs PyTorch eager vs Liger-Kernel.
+
+For every op, forward and forward+backward are timed (``triton.testing.do_bench``, median, L2 flushed between
+runs), the minimum HBM traffic of the op gives an achieved bandwidth that is compared with the measured
+device-to-device copy bandwidth, and the peak extra memory of one forward+backward is recorded. Correctness
+at the same shapes: the max abs error of each implementation's output and gradients against an fp32 reference
+computed from the same bf16 inputs.
+
+Usage::
+
+    python benchmarks/kernels/bench_kernels_part1.py --out OUT_DIR [--rep-ms 100]
+
+Writes ``OUT_DIR/kernels_part1.csv`` and ``OUT_DIR/kernels_part1.json`` (environment, copy bandwidth, rows).
+Liger-Kernel is used when importable (install liger-kernel==0.8.5); its columns are empty otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.metadata
+import json
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# 8B reference shape (DESIGN.md section 7)
+BATCH, SEQ, HIDDEN, INTERMEDIATE = 4, 2048, 4096, 14336
+N_HEADS, N_KV_HEADS, HEAD_DIM, VOCAB = 32, 8, 128, 128256
+TOKENS = BATCH * SEQ
+DTYPE = torch.bfloat16
+
+
+@dataclass
+class Case:
+    """One op at one shape: inputs factory, implementations, traffic/FLOP model."""
+
+    op: str
+    make_inputs: Callable[[], dict[str, torch.Tensor]]
+    grad_names: tuple[str, ...]
+    impls: dict[str, Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]]
+    reference: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]]
+    bytes_fwd: int = 0  # minimum HBM bytes of the forward
+    bytes_fwd_bwd: int = 0  # minimum HBM bytes of forward + backward
+    flops_fwd_bwd: int = 0  # for compute-bound ops (reported as TFLOP/s)
+    notes: str = ""
+
+
+@dataclass
+class Row:
+    op: str
+    impl: str
+    fwd_ms: float | None = None
+    fwd_bwd_ms: float | None = None
+    fwd_gbps: float | None = None
+    fwd_bwd_gbps: float | None = None
+    fwd_bwd_pct_copy_bw: float | None = None
+    fwd_bwd_tflops: float | None = None
+    peak_extra_mib: float | None = None
+    max_abs_err: dict = field(default_factory=dict)
+    speedup_vs_eager: float | None = None
+    speedup_vs_liger: float | None = None
+    error: str = ""
+    notes: str = ""
+
+
+def _bench(fn: Callable[[], object], rep_ms: int) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def copy_bandwidth_gbps(rep_ms: int) -> float:
+    """Device-to-device copy bandwidth (read + write bytes / time) of a 1 GiB buffer."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = _bench(lambda: dst.copy_(src), rep_ms)
+    return 2 * src.numel() / (ms * 1e-3) / 1e9
+
+
+def _as_tuple(out):
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _load_liger():
+    try:
+        from liger_kernel.transformers import functional as liger
+    except ImportError as exc:  # reported in the JSON, the liger columns stay empty
+        return None, f"liger-kernel not importable: {exc}"
+    return liger, importlib.metadata.version("liger-kernel")
+
+
+def build_cases() -> list[Case]:
+    import fms_acceleration_accelerate_kernels as K
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as hf_rope
+
+    liger, _ = _load_liger()
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, device="cuda", dtype=torch.float32) * scale).to(DTYPE)
+
+    def hf_rms(x, weight):  # LlamaRMSNorm.forward
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5)
+        return weight * xf.to(x.dtype)
+
+    def rope_inputs():
+        inv_freq = 1.0 / (500000.0 ** (torch.arange(0, HEAD_DIM, 2, device="cuda").float() / HEAD_DIM))
+        pos = torch.arange(SEQ, device="cuda").float()[None].expand(BATCH, SEQ)
+        emb = torch.cat([pos[..., None] * inv_freq] * 2, dim=-1)
+        # HF layout: projections (B, S, H, D) viewed as (B, H, S, D)
+        q = randn(BATCH, SEQ, N_HEADS, HEAD_DIM).transpose(1, 2)
+        k = randn(BATCH, SEQ, N_KV_HEADS, HEAD_DIM).transpose(1, 2)
+        return dict(q=q, k=k, cos=emb.cos().to(DTYPE), sin=emb.sin().to(DTYPE))
+
+    def targets():
+        t = torch.randint(0, VOCAB, (TOKENS,), generator=g, device="cuda")
+        t[::16] = -100
+        return t
+
+    el = 2  # bytes per bf16 element
+    cases: list[Case] = []
+
+    nh = TOKENS * HIDDEN
+    impls = {"ours": lambda x, weight: K.rms_norm(x, weight, 1e-5), "eager": hf_rms}
+    if liger:
+        impls["liger"] = lambda x, weight: liger.liger_rms_norm(x, weight, 1e-5)
+    cases.append(
+        Case(
+            "rms_norm", lambda: dict(x=randn(BATCH, SEQ, HIDDEN), weight=randn(HIDDEN, scale=0.1) + 1),
+            ("x", "weight"), impls, lambda x, weight: K.rms_norm_ref(x, weight, 1e-5),
+            bytes_fwd=2 * nh * el, bytes_fwd_bwd=5 * nh * el,
+        )
+    )  # fmt: skip
+
+    qk = TOKENS * (N_HEADS + N_KV_HEADS) * HEAD_DIM
+    impls = {"ours": K.apply_rotary_pos_emb, "eager": hf_rope}
+    if liger:
+        impls["liger"] = liger.liger_rope
+    cases.append(
+        Case(
+            "rope", rope_inputs, ("q", "k"), impls, K.rope_ref, bytes_fwd=2 * qk * el, bytes_fwd_bwd=4 * qk * el,
+            notes="q,k in HF projection layout (B,S,H,D memory); Liger rotates in place",
+        )
+    )  # fmt: skip
+
+    ni = TOKENS * INTERMEDIATE
+    for name, ours, eager, liger_fn, ref in (
+        ("swiglu", K.swiglu, lambda gate, up: F.silu(gate) * up, "liger_swiglu", K.swiglu_ref),
+        ("geglu_tanh", K.geglu, lambda gate, up: F.gelu(gate, approximate="tanh") * up, "liger_geglu", K.geglu_ref),
+    ):
+        impls = {"ours": ours, "eager": eager}
+        if liger:
+            impls["liger"] = getattr(liger, liger_fn)
+        cases.append(
+            Case(
+                name, lambda: dict(gate=randn(BATCH, SEQ, INTERMEDIATE), up=randn(BATCH, SEQ, INTERMEDIATE)),
+                ("gate", "up"), impls, ref, bytes_fwd=3 * ni * el, bytes_fwd_bwd=8 * ni * el,
+            )
+        )  # fmt: skip
+
+    nv = TOKENS * VOCAB
+    impls = {
+        "ours": lambda logits, target: K.cross_entropy(logits, target),
+        "eager": lambda logits, target: F.cross_entropy(logits.float(), target, ignore_index=-100),
+    }
+    if liger:
+        impls["liger"] = lambda logits, target: liger.liger_cross_entropy(logits, target)
+    cases.append(
+        Case(
+            "cross_entropy", lambda: dict(logits=randn(TOKENS, VOCAB, scale=2.0), target=targets()), ("logits",),
+            impls, K.cross_entropy_ref, bytes_fwd=nv * el, bytes_fwd_bwd=3 * nv * el,
+            notes="eager = HF loss (logits upcast to fp32); Liger writes the gradient over the logits in forward",
+        )
+    )  # fmt: skip
+
+    for frozen in (False, True):
+        impls = {
+            "ours": lambda hidden, weight, target: K.fused_linear_cross_entropy(hidden, weight, target),
+            "eager": lambda hidden, weight, target: F.cross_entropy(
+                (hidden @ weight.t()).float(), target, ignore_index=-100
+            ),
+        }
+        if liger:
+            impls["liger"] = lambda hidden, weight, target: liger.liger_fused_linear_cross_entropy(
+                hidden, weight, target
+            )
+        cases.append(
+            Case(
+                "fused_linear_ce" + ("_frozen_weight" if frozen else ""),
+                lambda: dict(hidden=randn(TOKENS, HIDDEN), weight=randn(VOCAB, HIDDEN, scale=HIDDEN**-0.5),
+                             target=targets()),
+                ("hidden",) if frozen else ("hidden", "weight"), impls, K.fused_linear_cross_entropy_ref,
+                flops_fwd_bwd=(4 if frozen else 6) * TOKENS * VOCAB * HIDDEN,
+                notes="weight frozen (LoRA): no weight-gradient GEMM" if frozen else "",
+            )
+        )  # fmt: skip
+    return cases
+
+
+def _prepare(inputs: dict[str, torch.Tensor], grad_names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, value in inputs.items():
+        v = value.detach().clone() if value.is_contiguous() else value.detach().transpose(1, 2).clone().transpose(1, 2)
+        out[name] = v.requires_grad_(name in grad_names)
+    return out
+
+
+def _run_fwd_bwd(fn, inputs, grad_names, upstream):
+    outs = _as_tuple(fn(**inputs))
+    torch.autograd.backward(outs, upstream if upstream is not None else None)
+    grads = {n: inputs[n].grad for n in grad_names}
+    return outs, grads
+
+
+def _measure(row, fn, case, base_inputs, upstream, ref_outs, ref_grads, rep_ms, copy_bw) -> None:
+    """Fill ``row`` with errors vs the fp32 reference, timings, bandwidth and peak memory of ``fn``."""
+    impl_upstream = None
+    if upstream is not None:
+        probe = _as_tuple(fn(**_prepare(base_inputs, case.grad_names)))
+        impl_upstream = [u.to(o.dtype) for u, o in zip(upstream, probe)]
+        del probe
+    inputs = _prepare(base_inputs, case.grad_names)
+    outs, grads = _run_fwd_bwd(fn, inputs, case.grad_names, impl_upstream)
+    errs = {f"out{i}": (o.float() - r.float()).abs().max().item() for i, (o, r) in enumerate(zip(outs, ref_outs))}
+    errs.update({f"d_{n}": (grads[n].float() - ref_grads[n].float()).abs().max().item() for n in case.grad_names})
+    row.max_abs_err = errs
+    del outs, grads
+
+    inputs = _prepare(base_inputs, case.grad_names)
+    row.fwd_ms = _bench(lambda: fn(**inputs), rep_ms)
+
+    def fwd_bwd():
+        for n in case.grad_names:
+            inputs[n].grad = None
+        torch.autograd.backward(_as_tuple(fn(**inputs)), impl_upstream)
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fwd_bwd()
+    torch.cuda.synchronize()
+    row.peak_extra_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
+    row.fwd_bwd_ms = _bench(fwd_bwd, rep_ms)
+    if case.bytes_fwd:
+        row.fwd_gbps = case.bytes_fwd / (row.fwd_ms * 1e-3) / 1e9
+        row.fwd_bwd_gbps = case.bytes_fwd_bwd / (row.fwd_bwd_ms * 1e-3) / 1e9
+        row.fwd_bwd_pct_copy_bw = 100.0 * row.fwd_bwd_gbps / copy_bw
+    if case.flops_fwd_bwd:
+        row.fwd_bwd_tflops = case.flops_fwd_bwd / (row.fwd_bwd_ms * 1e-3) / 1e12
+
+
+def run_case(case: Case, rep_ms: int, copy_bw: float) -> list[Row]:
+    rows = []
+    base_inputs = case.make_inputs()
+    # fp32 truth from the same bf16 inputs
+    ref_inputs = {n: (v.detach().float() if v.is_floating_point() else v).requires_grad_(n in case.grad_names)
+                  for n, v in base_inputs.items()}  # fmt: skip
+    ref_outs = _as_tuple(case.reference(**ref_inputs))
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    upstream = [torch.randn(o.shape, generator=gen, device="cuda") if o.dim() else None for o in ref_outs]
+    upstream = None if all(u is None for u in upstream) else upstream
+    torch.autograd.backward(ref_outs, upstream)
+    ref_grads = {n: ref_inputs[n].grad for n in case.grad_names}
+    ref_outs = [o.detach() for o in ref_outs]
+    del ref_inputs
+
+    for impl_name, fn in case.impls.items():
+        row = Row(case.op, impl_name, notes=case.notes)
+        try:
+            _measure(row, fn, case, base_inputs, upstream, ref_outs, ref_grads, rep_ms, copy_bw)
+        except Exception as exc:
+            row.error = f"{type(exc).__name__}: {str(exc)[:300]}"
+        torch.cuda.empty_cache()
+        rows.append(row)
+
+    times = {r.impl: r.fwd_bwd_ms for r in rows if r.fwd_bwd_ms}
+    for r in rows:
+        if r.fwd_bwd_ms and times.get("eager"):
+            r.speedup_vs_eager = times["eager"] / r.fwd_bwd_ms
+        if r.fwd_bwd_ms and times.get("liger"):
+            r.speedup_vs_liger = times["liger"] / r.fwd_bwd_ms
+    return rows
+
+
+def environment() -> dict:
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    versions = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version()}
+    for pkg in ("transformers", "liger-kernel", "fms-acceleration-accelerate-kernels"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "gpu": props.name,
+        "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+        "cuda": torch.version.cuda,
+        "versions": versions,
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "shapes": dict(
+            batch=BATCH,
+            seq=SEQ,
+            hidden=HIDDEN,
+            intermediate=INTERMEDIATE,
+            heads=N_HEADS,
+            kv_heads=N_KV_HEADS,
+            head_dim=HEAD_DIM,
+            vocab=VOCAB,
+            dtype=str(DTYPE),
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, type=Path, help="output directory for CSV and JSON")
+    parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
+    parser.add_argument("--ops", nargs="*", default=None, help="subset of ops to run (default: all)")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    env = environment()
+    _liger, liger_status = _load_liger()
+    env["liger_status"] = liger_status
+    copy_bw = copy_bandwidth_gbps(args.rep_ms)
+    env["copy_bandwidth_gbps"] = round(copy_bw, 1)
+    print(f"{env['gpu']}: copy bandwidth {copy_bw:.0f} GB/s; liger: {liger_status}", flush=True)
+
+    rows: list[Row] = []
+    for case in build_cases():
+        if args.ops and case.op not in args.ops:
+            continue
+        case_rows = run_case(case, args.rep_ms, copy_bw)
+        rows.extend(case_rows)
+        for r in case_rows:
+            print(
+                f"{r.op:28s} {r.impl:6s} fwd {r.fwd_ms or float('nan'):8.3f} ms  fwd+bwd {r.fwd_bwd_ms or float('nan'):8.3f} ms"
+                f"  %copyBW {r.fwd_bwd_pct_copy_bw or float('nan'):5.1f}  TFLOP/s {r.fwd_bwd_tflops or float('nan'):6.1f}"
+                f"  peak+ {r.peak_extra_mib or float('nan'):8.1f} MiB  vs liger x{r.speedup_vs_liger or float('nan'):.2f}"
+                f"  err {json.dumps({k: float(f'{v:.2e}') for k, v in r.max_abs_err.items()})} {r.error}",
+                flush=True,
+            )
+
+    fields = [f for f in Row.__dataclass_fields__ if f != "max_abs_err"] + ["max_abs_err"]
+    with open(args.out / "kernels_part1.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for r in rows:
+            d = asdict(r)
+            d["max_abs_err"] = json.dumps(d["max_abs_err"])
+            writer.writerow(d)
+    with open(args.out / "kernels_part1.json", "w") as fh:
+        json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, fh, indent=2)
+
+
+if __name__ == "__main__":
+    main()
