@@ -1,0 +1,113 @@
+"""Adding LoRA adapters to a 4-bit model without ``prepare_model_for_kbit_training``'s fp32 upcast.
+
+``peft.prepare_model_for_kbit_training`` casts every non-quantized parameter (embeddings, lm_head, norms) to
+float32: on an 8B model that is ~1 B frozen parameters stored twice as large for nothing, since they are
+frozen. Here the base stays in the training dtype and frozen; what matters for stable training is kept as
+options: LoRA weights in float32 (``fp32_lora_params``) and norms computed in float32 (``fp32_norm_compute``,
+which upcasts activations inside the norm, not the stored weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from fms_acceleration_accelerate.errors import AccelerationConfigError
+from torch import nn
+
+from .config import CONFIG_PATH, BnbQuantizationConfig
+
+
+def _lora_config_type() -> type:
+    from peft import LoraConfig
+
+    return LoraConfig
+
+
+def add_lora_adapters(model: nn.Module, peft_config: Any, config: BnbQuantizationConfig) -> nn.Module:
+    """Wrap ``model`` in a ``peft.PeftModel`` with the user's LoRA config; the base stays frozen, uncast.
+
+    Args:
+        model: the 4-bit model from the loader.
+        peft_config: a ``peft.LoraConfig`` (``target_modules`` may be a list, a regex or ``"all-linear"``).
+        config: the plugin configuration.
+
+    Returns:
+        The ``PeftModel``; LoRA parameters in float32 when ``config.fp32_lora_params``, else in the dtype
+        of the model's non-quantized parameters.
+    """
+    from peft import get_peft_model
+
+    if not isinstance(peft_config, _lora_config_type()):
+        raise AccelerationConfigError(
+            f"the bitsandbytes plugin adds LoRA adapters and needs a peft.LoraConfig, got {type(peft_config).__name__}",
+            path=f"plugins.{CONFIG_PATH}.no_peft_model",
+            fix="pass modifiable_args=(LoraConfig(...),) to augmentation, or set no_peft_model: true and add the "
+            "adapters yourself",
+        )
+    base_dtype = _base_dtype(model)
+    peft_model = get_peft_model(model, peft_config, autocast_adapter_dtype=config.fp32_lora_params)
+    lora_dtype = torch.float32 if config.fp32_lora_params else base_dtype
+    for name, param in peft_model.named_parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != lora_dtype:
+            param.data = param.data.to(lora_dtype)
+        if not param.requires_grad:
+            continue
+        if "lora_" not in name and "modules_to_save" not in name:
+            raise AssertionError(f"unexpected trainable base parameter {name}")
+    return peft_model
+
+
+def _base_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's non-quantized floating parameters (the training dtype)."""
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return module.weight.dtype
+    for param in model.parameters():
+        if param.is_floating_point() and type(param).__name__ != "Params4bit":
+            return param.dtype
+    return torch.float32
+
+
+def enable_input_grads_for_checkpointing(model: nn.Module, train_args: Any) -> bool:
+    """Make the embedding output require grad when gradient checkpointing is (or will be) on.
+
+    With a frozen base, re-entrant checkpointing sees inputs that need no grad and would skip the backward
+    of the checkpointed block; the HF hook ``enable_input_require_grads`` fixes that. Returns whether it was
+    enabled.
+    """
+    wants = bool(getattr(train_args, "gradient_checkpointing", False)) or bool(
+        getattr(model, "is_gradient_checkpointing", False)
+    )
+    if wants and hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+        return True
+    return False
+
+
+def is_norm_module(module: nn.Module) -> bool:
+    """True for ``nn.LayerNorm`` and the RMSNorm classes of HF models (class name ends in ``RMSNorm``)."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
+
+
+def fp32_norm_forward(module: nn.Module, original: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """A forward for ``module`` that normalises in float32 and returns the input dtype.
+
+    ``x [..., hidden] -> [..., hidden]``. LayerNorm runs ``F.layer_norm`` on float32 copies of input, weight
+    and bias; RMSNorm-like modules run their own forward on a float32 input (their weight is promoted to
+    float32 in the product). Stored weights are not changed.
+    """
+    if isinstance(module, nn.LayerNorm):
+
+        def layer_norm_fp32(x: torch.Tensor) -> torch.Tensor:
+            weight = module.weight.float() if module.weight is not None else None
+            bias = module.bias.float() if module.bias is not None else None
+            return nn.functional.layer_norm(x.float(), module.normalized_shape, weight, bias, module.eps).to(x.dtype)
+
+        return layer_norm_fp32
+
+    def rms_norm_fp32(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return original(x.float(), *args, **kwargs).to(x.dtype)
+
+    return rms_norm_fp32

@@ -1,0 +1,384 @@
+"""Loading a Hugging Face causal LM with 4-bit bitsandbytes weights.
+
+Everything a user can get wrong is checked *before* any weight is read: the bitsandbytes install, the
+quant type, the storage dtype (must equal the training dtype, or FSDP cannot flatten/shard the packed
+weights next to the other parameters), and whether the architecture has linear layers to quantize (the
+check builds the model on the ``meta`` device, which costs no memory).
+
+Distributed loading (``low_cpu_mem_usage=True`` with an initialised process group of more than one rank):
+only global rank 0 reads and quantizes the checkpoint; every other rank builds the same module tree on the
+``meta`` device and receives the quantized tensors (packed 4-bit bytes, scales, and the non-quantized
+parameters and buffers) by broadcast, so the checkpoint is read and quantized once per job instead of once
+per rank. Tied weights are re-tied afterwards on every rank.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from fms_acceleration_accelerate.errors import AccelerationConfigError
+from torch import nn
+
+from .config import CONFIG_PATH, BnbQuantizationConfig
+
+logger = logging.getLogger("fms_acceleration_accelerate_peft")
+
+INSTALL_HINT = "pip install 'fms-acceleration-accelerate-peft[bitsandbytes]'  (or: pip install 'bitsandbytes>=0.45')"
+
+_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def require_bitsandbytes() -> None:
+    """Raise :class:`AccelerationConfigError` naming the pip command when bitsandbytes is missing."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise AccelerationConfigError(
+            "bitsandbytes is not installed; the 4-bit QLoRA plugin needs it",
+            path=f"plugins.{CONFIG_PATH}",
+            fix=INSTALL_HINT,
+        )
+
+
+def resolve_training_dtype(value: Any, checkpoint_dtype: Any = None) -> torch.dtype:
+    """The training dtype from a ``torch_dtype``/``dtype`` argument (dtype, name, ``"auto"`` or ``None``).
+
+    ``None``/``"auto"`` take the checkpoint's ``torch_dtype`` (transformers 5 behaviour), else float32.
+    """
+    if value is None or value == "auto":
+        value = checkpoint_dtype if checkpoint_dtype is not None else torch.float32
+    if isinstance(value, str):
+        name = value.replace("torch.", "")
+        if name not in _DTYPE_NAMES:
+            raise AccelerationConfigError(
+                f"torch_dtype {value!r} is not a floating-point training dtype",
+                fix="pass torch_dtype=torch.bfloat16 (or float16 / float32)",
+            )
+        return _DTYPE_NAMES[name]
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise AccelerationConfigError(
+            f"torch_dtype {value!r} is not a floating-point training dtype",
+            fix="pass torch_dtype=torch.bfloat16 (or float16 / float32)",
+        )
+    return value
+
+
+def check_storage_dtype(config: BnbQuantizationConfig, training_dtype: torch.dtype) -> torch.dtype:
+    """Return the storage dtype, or raise when FSDP could not shard it alongside ``training_dtype`` params."""
+    storage = config.storage_dtype(training_dtype)
+    if storage != training_dtype:
+        raise AccelerationConfigError(
+            f"bnb_4bit_quant_storage {config.bnb_4bit_quant_storage!r} differs from the training dtype "
+            f"{str(training_dtype).replace('torch.', '')}: FSDP flattens and shards all parameters of a unit "
+            "in one dtype, and a cast of packed 4-bit storage scrambles the weights",
+            path=f"plugins.{CONFIG_PATH}.bnb_4bit_quant_storage",
+            fix="set bnb_4bit_quant_storage: auto (or equal to torch_dtype)",
+        )
+    return storage
+
+
+@dataclass(frozen=True)
+class QuantizationPlan:
+    """What will be quantized, decided before loading.
+
+    Attributes:
+        training_dtype: dtype of the non-quantized parameters and of the packed storage.
+        compute_dtype: matmul dtype.
+        quantized_modules: qualified names of the linear layers that become 4-bit.
+        skipped_modules: names kept in full precision (output embedding, ``_keep_in_fp32_modules``).
+    """
+
+    training_dtype: torch.dtype
+    compute_dtype: torch.dtype
+    quantized_modules: tuple[str, ...]
+    skipped_modules: tuple[str, ...]
+
+
+def _linear_types() -> tuple[type, ...]:
+    types: list[type] = [nn.Linear]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    except ImportError:  # pragma: no cover - very old transformers
+        pass
+    return tuple(types)
+
+
+def build_meta_model(model_config: Any, training_dtype: torch.dtype, **kwargs: Any) -> nn.Module:
+    """Build the causal-LM module tree for ``model_config`` on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(model_config, dtype=training_dtype, **kwargs)
+        except ValueError as exc:
+            raise AccelerationConfigError(
+                f"model type {getattr(model_config, 'model_type', '?')!r} is not a causal LM that transformers "
+                f"can build ({exc})",
+                path=f"plugins.{CONFIG_PATH}",
+                fix="use a causal language model (AutoModelForCausalLM), or remove the bitsandbytes section",
+            ) from None
+
+
+def plan_quantization(
+    model_config: Any, config: BnbQuantizationConfig, training_dtype: torch.dtype, **build_kwargs: Any
+) -> QuantizationPlan:
+    """Check that the model can be 4-bit quantized and list what will be; raises before any loading.
+
+    Raises:
+        AccelerationConfigError: already quantized checkpoint, not a causal LM, or no linear layer to quantize.
+    """
+    existing = getattr(model_config, "quantization_config", None)
+    if existing is not None:
+        method = existing.get("quant_method") if isinstance(existing, dict) else getattr(existing, "quant_method", "?")
+        raise AccelerationConfigError(
+            f"the checkpoint is already quantized (quant_method={method!s}); bitsandbytes cannot re-quantize it",
+            path=f"plugins.{CONFIG_PATH}",
+            fix="load an unquantized checkpoint, or use the plugin for that quantization format",
+        )
+    check_storage_dtype(config, training_dtype)
+    meta = build_meta_model(model_config, training_dtype, **build_kwargs)
+    skip: set[str] = set()
+    output = meta.get_output_embeddings() if hasattr(meta, "get_output_embeddings") else None
+    keep_fp32 = tuple(getattr(meta, "_keep_in_fp32_modules", None) or ())
+    linear_types = _linear_types()
+    quantized: list[str] = []
+    for name, module in meta.named_modules():
+        if not isinstance(module, linear_types):
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if module is output or any(k == leaf or name.startswith(k) for k in keep_fp32):
+            skip.add(name)
+            continue
+        quantized.append(name)
+    if not quantized:
+        raise AccelerationConfigError(
+            f"model type {getattr(model_config, 'model_type', '?')!r} has no linear layer that bitsandbytes can "
+            "quantize (found "
+            + (f"only the skipped {', '.join(sorted(skip))}" if skip else "no nn.Linear")
+            + ")",
+            path=f"plugins.{CONFIG_PATH}",
+            fix="remove the bitsandbytes section for this model (use plain LoRA), or pick a transformer LM",
+        )
+    return QuantizationPlan(
+        training_dtype=training_dtype,
+        compute_dtype=config.compute_dtype(training_dtype),
+        quantized_modules=tuple(quantized),
+        skipped_modules=tuple(sorted(skip)),
+    )
+
+
+def make_hf_bnb_config(config: BnbQuantizationConfig, plan: QuantizationPlan) -> Any:
+    """The ``transformers.BitsAndBytesConfig`` equivalent to ``config`` for ``plan``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=config.quant_type,
+        bnb_4bit_use_double_quant=config.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=plan.compute_dtype,
+        bnb_4bit_quant_storage=plan.training_dtype,
+        llm_int8_skip_modules=list(plan.skipped_modules) or None,
+    )
+
+
+def _dist_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+    return torch.device("cpu")
+
+
+def load_quantized_causal_lm(
+    model_name_or_path: str, config: BnbQuantizationConfig, **kwargs: Any
+) -> nn.Module:
+    """Load a causal LM with 4-bit bitsandbytes linear layers.
+
+    Args:
+        model_name_or_path: local directory or hub name.
+        config: the plugin configuration.
+        **kwargs: ``from_pretrained`` arguments. ``torch_dtype``/``dtype`` is the training dtype
+            (default: the checkpoint's). ``low_cpu_mem_usage=True`` under an initialised process group of
+            more than one rank makes rank 0 load and broadcast (see the module docstring). ``device_map``
+            defaults to the local CUDA device when there is one, else CPU. A ``quantization_config`` argument
+            is refused (the plugin builds it).
+
+    Returns:
+        The model, with ``nn.Linear`` layers (except the output embedding) replaced by
+        ``bitsandbytes.nn.Linear4bit`` holding packed weights in the training dtype.
+
+    Raises:
+        AccelerationConfigError: any problem found before loading (see :func:`plan_quantization`).
+    """
+    require_bitsandbytes()
+    from transformers import AutoConfig
+
+    kwargs = dict(kwargs)
+    if "quantization_config" in kwargs:
+        raise AccelerationConfigError(
+            "model_loader got a quantization_config argument, but the bitsandbytes plugin builds its own",
+            path=f"plugins.{CONFIG_PATH}",
+            fix="drop quantization_config and set the options in the acceleration config section",
+        )
+    dtype_arg = kwargs.pop("torch_dtype", None)
+    dtype_arg = kwargs.pop("dtype", dtype_arg)
+    low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", None)
+    trust_remote_code = kwargs.get("trust_remote_code", False)
+    config_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
+    model_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, **config_kwargs)
+    training_dtype = resolve_training_dtype(dtype_arg, getattr(model_config, "torch_dtype", None))
+    build_kwargs = {"trust_remote_code": trust_remote_code}
+    if "attn_implementation" in kwargs:
+        build_kwargs["attn_implementation"] = kwargs["attn_implementation"]
+    plan = plan_quantization(model_config, config, training_dtype, **build_kwargs)
+    bnb_config = make_hf_bnb_config(config, plan)
+
+    rank, world = _dist_world()
+    rank0_only = bool(low_cpu_mem_usage) and world > 1
+    device = _default_device()
+    kwargs.setdefault("device_map", {"": device})
+    if rank0_only:
+        if rank == 0:
+            model = _from_pretrained(model_name_or_path, bnb_config, training_dtype, kwargs)
+            broadcast_quantized_model(model, src_model=True)
+            return model
+        return receive_quantized_model(model_config, bnb_config, plan, device, build_kwargs)
+    return _from_pretrained(model_name_or_path, bnb_config, training_dtype, kwargs)
+
+
+def _from_pretrained(name: str, bnb_config: Any, dtype: torch.dtype, kwargs: dict[str, Any]) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(name, quantization_config=bnb_config, dtype=dtype, **kwargs)
+    _retie(model)
+    return model
+
+
+def _retie(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
+        model.tie_weights()
+        out, inp = model.get_output_embeddings(), model.get_input_embeddings()
+        if out is not None and inp is not None and out.weight is not inp.weight:
+            raise RuntimeError("tie_word_embeddings is set but the output and input embeddings could not be tied")
+
+
+# ------------------------------------------------------------------------------------------------- broadcast
+_QS_KIND = "qs"
+
+
+def _comm_device(model_device: torch.device) -> torch.device:
+    backend = torch.distributed.get_backend()
+    if backend == "nccl":
+        return _default_device()
+    return torch.device("cpu")
+
+
+def _iter_payload(model: nn.Module) -> Iterable[tuple[str, str, torch.Tensor, bool]]:
+    """``(kind, name, tensor, requires_grad)`` in a fixed order: params, 4-bit stats, then buffers."""
+    import bitsandbytes as bnb
+
+    for name, param in model.named_parameters():
+        yield "param", name, param.data, param.requires_grad
+        if isinstance(param, bnb.nn.Params4bit):
+            assert param.quant_state is not None, f"{name} is a Params4bit without quant_state"
+            for key, value in param.quant_state.as_dict(packed=True).items():
+                yield _QS_KIND, f"{name}\x00{key}", value, False
+    for name, buf in model.named_buffers():
+        yield "buffer", name, buf, False
+
+
+def broadcast_quantized_model(model: nn.Module, src_model: bool = True) -> None:
+    """On rank 0: send the quantized model's tensors to every other rank (see :func:`receive_quantized_model`)."""
+    import bitsandbytes as bnb
+
+    device = next(model.parameters()).device
+    comm = _comm_device(device)
+    payload = list(_iter_payload(model))
+    manifest = {
+        "entries": [(kind, name, tuple(t.shape), t.dtype, rg) for kind, name, t, rg in payload],
+        "quantized": [
+            (name, m.in_features, m.out_features, m.bias is not None)
+            for name, m in model.named_modules()
+            if isinstance(m, bnb.nn.Linear4bit)
+        ],
+        "config": model.config.to_dict(),
+        "device_type": device.type,
+    }
+    torch.distributed.broadcast_object_list([manifest], src=0)
+    for _, _, tensor, _ in payload:
+        torch.distributed.broadcast(tensor.detach().contiguous().to(comm), src=0)
+
+
+def receive_quantized_model(
+    model_config: Any, bnb_config: Any, plan: QuantizationPlan, device: torch.device, build_kwargs: dict[str, Any]
+) -> nn.Module:
+    """On ranks > 0: build the module tree on meta and fill it with the tensors rank 0 broadcasts."""
+    import bitsandbytes as bnb
+    from transformers.quantizers import AutoHfQuantizer
+    from transformers.utils.quantization_config import QuantizationMethod
+
+    holder: list[Any] = [None]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    manifest = holder[0]
+    target = device if manifest["device_type"] == device.type else torch.device(manifest["device_type"])
+    comm = _comm_device(target)
+    model_config.quantization_config = bnb_config
+    model = build_meta_model(model_config, plan.training_dtype, **build_kwargs)
+    for name, in_features, out_features, has_bias in manifest["quantized"]:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=has_bias,
+            compute_dtype=plan.compute_dtype,
+            compress_statistics=bnb_config.bnb_4bit_use_double_quant,
+            quant_type=bnb_config.bnb_4bit_quant_type,
+            quant_storage=plan.training_dtype,
+            device="meta",
+        )
+        setattr(parent, leaf, new)
+    received: dict[str, tuple[torch.Tensor, bool]] = {}
+    quant_stats: dict[str, dict[str, torch.Tensor]] = {}
+    for kind, name, shape, dtype, requires_grad in manifest["entries"]:
+        tensor = torch.empty(shape, dtype=dtype, device=comm)
+        torch.distributed.broadcast(tensor, src=0)
+        tensor = tensor.to(target)
+        if kind == _QS_KIND:
+            pname, key = name.split("\x00")
+            quant_stats.setdefault(pname, {})[key] = tensor
+        else:
+            received[f"{kind}\x00{name}"] = (tensor, requires_grad)
+    for key, (tensor, requires_grad) in received.items():
+        kind, name = key.split("\x00")
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if kind == "buffer":
+            owner._buffers[leaf] = tensor
+        elif name in quant_stats:
+            owner._parameters[leaf] = bnb.nn.Params4bit.from_prequantized(
+                data=tensor, quantized_stats=quant_stats[name], requires_grad=False, device=target, module=owner
+            )
+        else:
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=requires_grad)
+    _retie(model)
+    leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    if leftover:
+        raise RuntimeError(f"rank-0 broadcast left tensors on the meta device: {leftover[:5]}")
+    model.is_quantized = True
+    model.is_loaded_in_4bit = True
+    model.quantization_method = QuantizationMethod.BITS_AND_BYTES
+    model.hf_quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=False)
+    model.eval()
+    return model

@@ -1,0 +1,162 @@
+"""The ``peft.quantization.bitsandbytes`` plugin: 4-bit QLoRA that loads, augments and shards.
+
+Hooks:
+
+* ``model_loader``: the model with 4-bit bitsandbytes linear layers, storage in the training dtype
+  (:mod:`.loader`; rank 0 loads and broadcasts with ``low_cpu_mem_usage=True`` under a process group).
+* ``augmentation``: LoRA from the user's ``peft.LoraConfig`` (``modifiable_args[0]``, as upstream), frozen
+  base without the fp32 upcast of ``prepare_model_for_kbit_training`` (:mod:`.augmentation`). Returns
+  ``modifiable_args`` with the LoRA config replaced by ``None`` so a trainer does not add adapters twice.
+  With ``no_peft_model: true`` no adapters are added.
+* ``prepare_contribution`` / ``after_prepare``: FSDP1/FSDP2 handling of the packed weights (:mod:`.sharding`).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, ClassVar
+
+import torch
+from fms_acceleration_accelerate.errors import AccelerationConfigError
+from fms_acceleration_accelerate.plugin import AccelerationPlugin
+from torch import nn
+
+from .augmentation import (
+    add_lora_adapters,
+    enable_input_grads_for_checkpointing,
+    fp32_norm_forward,
+    is_norm_module,
+)
+from .config import CONFIG_PATH, BnbQuantizationConfig
+from .loader import INSTALL_HINT, load_quantized_causal_lm
+from .sharding import convert_linear4bit_for_fsdp2, is_params4bit, packed_bytes_per_rank
+
+logger = logging.getLogger("fms_acceleration_accelerate_peft")
+
+
+def _count_4bit(model: nn.Module) -> int:
+    return sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Packed4bitLinear"))
+
+
+class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
+    """4-bit (nf4/fp4) bitsandbytes QLoRA; see the module docstring."""
+
+    name: ClassVar[str] = "bitsandbytes"
+    configuration_and_paths: ClassVar[tuple[str, ...]] = (CONFIG_PATH,)
+    config_class: ClassVar[type] = BnbQuantizationConfig
+    required_packages: ClassVar[tuple[str, ...]] = ("bitsandbytes>=0.45",)
+    install_hint: ClassVar[str] = INSTALL_HINT
+    order: ClassVar[int] = 100
+
+    config: BnbQuantizationConfig
+
+    # ---------------------------------------------------------------------------------------------- loading
+    def model_loader(self, model_name_or_path: str, **kwargs: Any) -> nn.Module:
+        """Load ``model_name_or_path`` with 4-bit weights; see :func:`.loader.load_quantized_causal_lm`."""
+        return load_quantized_causal_lm(model_name_or_path, self.config, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------- augmentation
+    @property
+    def requires_augmentation(self) -> bool:
+        return not self.config.no_peft_model or self.config.fp32_norm_compute
+
+    def augmentation(
+        self, model: nn.Module, train_args: Any, modifiable_args: tuple[Any, ...]
+    ) -> tuple[nn.Module, tuple[Any, ...]]:
+        """Add LoRA adapters (unless ``no_peft_model``) and the configured stable-training options.
+
+        Args:
+            model: the 4-bit model from :meth:`model_loader`.
+            train_args: training arguments (``gradient_checkpointing`` is read), or ``None``.
+            modifiable_args: ``(peft_config, ...)`` as upstream.
+
+        Returns:
+            ``(model, modifiable_args)`` with the LoRA config replaced by ``None`` once applied.
+        """
+        if _count_4bit(model) == 0:
+            raise AccelerationConfigError(
+                "augmentation got a model without 4-bit layers",
+                path=f"plugins.{CONFIG_PATH}",
+                fix="load the model with framework.model_loader(...) when framework.requires_custom_loading is True",
+            )
+        if self.config.fp32_norm_compute:
+            for name, module in model.named_modules():
+                if is_norm_module(module):
+                    self.patches.patch_forward(
+                        module,
+                        fp32_norm_forward(module, module.forward),
+                        target=name or type(module).__name__,
+                        description="fp32 norm compute",
+                    )
+        if self.config.no_peft_model:
+            return model, tuple(modifiable_args)
+        args = tuple(modifiable_args)
+        peft_config = args[0] if args else None
+        if peft_config is None:
+            raise AccelerationConfigError(
+                "augmentation needs the LoRA config: pass modifiable_args=(peft.LoraConfig(...),)",
+                path=f"plugins.{CONFIG_PATH}",
+                fix="pass your LoraConfig as the first modifiable argument, or set no_peft_model: true",
+            )
+        model = add_lora_adapters(model, peft_config, self.config)
+        enable_input_grads_for_checkpointing(model, train_args)
+        return model, (None, *args[1:])
+
+    # ---------------------------------------------------------------------------------------------- prepare
+    def prepare_contribution(self, model: nn.Module, context: Any) -> Any:
+        """FSDP handling of the packed weights (see :mod:`.sharding`); ``None`` when not under FSDP."""
+        from fms_acceleration_accelerate.distributed import PrepareContribution
+
+        if not getattr(context, "is_fsdp", False):
+            return None
+        training_dtype = _training_dtype(model)
+        lora_dtype = torch.float32 if self.config.fp32_lora_params else training_dtype
+        reduce_dtype = torch.float32 if self.config.fp32_lora_params else None
+        if context.fsdp_version == 1:
+            return PrepareContribution(
+                keep_dtype_params=(is_params4bit,),
+                trainable_dtype=lora_dtype,
+                reduce_dtype=reduce_dtype,
+                notes=(f"FSDP1: packed 4-bit storage kept in {training_dtype}; LoRA in {lora_dtype}",),
+            )
+        notes = []
+        if self.config.fsdp2_packed_all_gather:
+            report = convert_linear4bit_for_fsdp2(model, training_dtype, max(int(context.world_size), 1))
+            notes.append(
+                f"FSDP2: {len(report.converted)} 4-bit layers sharded as packed bytes (Packed4bitLinear)"
+                + (f"; {len(report.kept)} left to FSDP2's default (rows do not split): {report.kept[:3]}" if report.kept else "")
+            )
+        return PrepareContribution(
+            # packed weights ignore param_dtype themselves; only bnb layers left as they are need keep-dtype
+            keep_dtype_params=(is_params4bit,),
+            trainable_dtype=lora_dtype,
+            reduce_dtype=reduce_dtype,
+            notes=tuple(notes),
+        )
+
+    def after_prepare(self, model: nn.Module, context: Any) -> None:
+        """Log how many bytes of 4-bit weights this rank holds after sharding."""
+        if getattr(context, "is_fsdp", False):
+            logger.info("bitsandbytes: this rank holds %d bytes of packed 4-bit weights", packed_bytes_per_rank(model))
+
+    def describe(self) -> list[str]:
+        c = self.config
+        lines = [
+            f"load: 4-bit {c.quant_type} bitsandbytes weights (double quant {c.bnb_4bit_use_double_quant}), "
+            f"storage {c.bnb_4bit_quant_storage}, compute {c.bnb_4bit_compute_dtype}",
+            "augment: " + ("no adapters (no_peft_model)" if c.no_peft_model else "LoRA from the given LoraConfig")
+            + f"; LoRA params {'float32' if c.fp32_lora_params else 'training dtype'}; no fp32 upcast of frozen params",
+        ]
+        if c.fp32_norm_compute:
+            lines.append("patch: norms computed in float32")
+        lines.append(
+            "FSDP2: " + ("4-bit weights sharded/gathered as packed bytes" if c.fsdp2_packed_all_gather else "default")
+        )
+        return lines
+
+
+def _training_dtype(model: nn.Module) -> torch.dtype:
+    for module in model.modules():
+        if isinstance(module, nn.Embedding):
+            return module.weight.dtype
+    return torch.float32
