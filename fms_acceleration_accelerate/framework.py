@@ -169,7 +169,9 @@ class AccelerationFramework:
                 check_requirements(
                     cls.required_packages, who=entry.name, path=self.config.path(primary), install_hint=cls.install_hint
                 )
-            active.append(cls(config, matched_paths=matched, patches=PluginPatcher(self.patches, entry.name)))
+            plugin = cls(config, matched_paths=matched, patches=PluginPatcher(self.patches, entry.name))
+            plugin.config_root = self.config.root
+            active.append(plugin)
         failed = ", ".join(f"{e.name} ({e.load_error})" for e in self.registry.failed())
         for path in sorted(claimed - handled):
             hint = KNOWN_SECTIONS.get(path)
@@ -222,11 +224,13 @@ class AccelerationFramework:
 
     @contextmanager
     def _full_paths(self, plugin: AccelerationPlugin) -> Iterator[None]:
-        """Re-raise a plugin's error about one of its sections with the section's full key path."""
+        """Re-raise a plugin's error about a key in its sections with the full key path (root prefixed)."""
         try:
             yield
         except AccelerationConfigError as exc:
-            if exc.path in plugin.matched_paths:
+            if exc.path is not None and any(
+                exc.path == p or exc.path.startswith(p + ".") for p in plugin.matched_paths
+            ):
                 raise AccelerationConfigError(exc.problem, path=self.config.path(exc.path), fix=exc.fix) from None
             raise
 
@@ -273,7 +277,8 @@ class AccelerationFramework:
             model_name_or_path, trust_remote_code=kwargs.get("trust_remote_code", False)
         )
         self.check_model_type(getattr(model_config, "model_type", None))
-        return loaders[0].model_loader(model_name_or_path, **kwargs)
+        with self._full_paths(loaders[0]):
+            return loaders[0].model_loader(model_name_or_path, **kwargs)
 
     def augmentation(
         self, model: Any, train_args: Any = None, modifiable_args: tuple[Any, ...] = ()
@@ -284,7 +289,8 @@ class AccelerationFramework:
         modifiable_args = tuple(modifiable_args)
         for plugin in self.active_plugins:
             if plugin.requires_augmentation:
-                result = plugin.augmentation(model, train_args, modifiable_args)
+                with self._full_paths(plugin):
+                    result = plugin.augmentation(model, train_args, modifiable_args)
                 if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], tuple)):
                     raise TypeError(
                         f"plugin {plugin.plugin_name()!r}: augmentation must return (model, modifiable_args) with "

@@ -61,6 +61,10 @@ class AccelerationPlugin:
     order: ClassVar[int] = 500
     incompatible_paths: ClassVar[tuple[str, ...]] = ()
 
+    config_root: str = "plugins"
+    """Key under which the framework found this plugin's sections (``plugins``, ``acceleration``,
+    ``acceleration.plugins`` or ``""``); set by the framework, used by :meth:`key_path`."""
+
     def __init__(self, config: Any, *, matched_paths: tuple[str, ...], patches: PluginPatcher) -> None:
         """Create an activated plugin.
 
@@ -117,6 +121,16 @@ class AccelerationPlugin:
                     delattr(plugin, key)
             raise
         return plugin
+
+    def key_path(self, *keys: str) -> str:
+        """Full dotted path of ``keys`` inside this plugin's (first) section, for error messages.
+
+        E.g. ``self.key_path("quant_type")`` -> ``"acceleration.peft.quantization.bitsandbytes.quant_type"``
+        when the config was an Accelerate config. (An :class:`AccelerationConfigError` whose ``path`` is
+        relative to the config body, e.g. ``"peft.quantization.bitsandbytes"``, is also completed by the
+        framework when raised from a hook.)
+        """
+        return ".".join(k for k in (self.config_root, *self.matched_paths[:1], *keys) if k)
 
     @classmethod
     def plugin_name(cls) -> str:

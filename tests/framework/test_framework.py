@@ -440,3 +440,20 @@ def test_context_manager_reverts():
         fw.augmentation(net, None, ())
         raise RuntimeError("boom")
     assert torch.allclose(net(x), ref)
+
+
+def test_plugin_errors_get_the_full_key_path():
+    class Strict(AccelerationPlugin):
+        configuration_or_paths = ("training.strict",)
+
+        def augmentation(self, model, train_args, modifiable_args):
+            raise AccelerationConfigError("relative path from a hook", path="training.strict.level", fix="f")
+
+    reg = PluginRegistry([Strict])
+    fw = AccelerationFramework({"acceleration": {"training": {"strict": {}}}}, registry=reg)
+    assert fw.plugin("Strict").key_path("level") == "acceleration.training.strict.level"
+    with pytest.raises(AccelerationConfigError) as err:
+        fw.augmentation(TinyNet(), None, ())
+    assert err.value.path == "acceleration.training.strict.level"
+    bare = AccelerationFramework({"training": {"strict": {}}}, registry=reg)
+    assert bare.plugin("Strict").key_path() == "training.strict"
