@@ -289,6 +289,8 @@ def describe_type(annotation: Any) -> str:
         return " | ".join(describe_type(a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return "null"
+    if annotation is bool:
+        return "true | false"
     if origin in (tuple, list):
         args = [a for a in typing.get_args(annotation) if a is not Ellipsis]
         return f"list of {describe_type(args[0])}" if args else "list"
@@ -327,8 +329,11 @@ def coerce_value(value: Any, annotation: Any, path: str) -> Any:
                     errors.append(exc)
             if len(errors) == 1:
                 raise errors[0]
+        choices = [str(a) for arg in args if typing.get_origin(arg) is Literal for a in typing.get_args(arg)]
         raise AccelerationConfigError(
-            f"invalid value {value!r}", path=path, fix=f"expected {describe_type(annotation)}"
+            f"invalid value {value!r}.{did_you_mean(value, choices) if isinstance(value, str) else ''}",
+            path=path,
+            fix=f"expected {describe_type(annotation)}",
         )
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):

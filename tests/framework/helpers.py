@@ -41,6 +41,7 @@ class KernelOptions:
     layers: tuple[str, ...] = option((), help="layer names")
     inner: Inner = option(Inner(), help="nested")  # noqa: RUF009
     label: str = option("k", help="a string")
+    loss: bool | Literal["cross_entropy", "fused_linear"] = option(False, help="bool or a mode")
 
     def __post_init__(self) -> None:
         if self.fast_rope_embeddings and not self.fast_rms_layernorm:

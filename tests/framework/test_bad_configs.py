@@ -99,6 +99,15 @@ CASES = [
     ),
     pytest.param(K(block_size="big"), f"{KP}.block_size", ["expected an integer, got 'big'"], id="optional-int"),
     pytest.param(
+        K(loss="fused_linar"),
+        f"{KP}.loss",
+        [
+            "invalid value 'fused_linar'. Did you mean 'fused_linear'?",
+            "true | false | 'cross_entropy' | 'fused_linear'",
+        ],
+        id="union-typo",
+    ),
+    pytest.param(
         K(layers="q_proj"), f"{KP}.layers", ["expected a list, got str", "e.g. ['q_proj']"], id="list-expected"
     ),
     pytest.param(K(layers=["q", 1]), f"{KP}.layers[1]", ["expected a string, got int"], id="list-item-type"),
