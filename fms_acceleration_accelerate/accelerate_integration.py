@@ -518,12 +518,18 @@ def _section_stripped(path: str | os.PathLike) -> Iterator[str]:
         os.unlink(tmp)
 
 
-def run_accelerate_launch(argv: list[str]) -> int:
-    """``fms-accelerate launch ARGS``: the stock ``accelerate launch`` with :func:`install_launcher_support`."""
+def run_accelerate_launch(argv: list[str], prog: str = "fms-accelerate launch") -> int:
+    """``fms-accelerate launch ARGS``: the stock ``accelerate launch`` with :func:`install_launcher_support`.
+
+    Workers receive the section through ``$FMS_ACCELERATION_SECTION``; they pick it up through the start-up
+    hook (installed with this package) or, when the hook is disabled, by calling :func:`install` / creating
+    an :class:`AccelerationKwargs` before their ``Accelerator``.
+    """
     from accelerate.commands.launch import launch_command, launch_command_parser
 
     install_launcher_support()
     parser = launch_command_parser()
+    parser.prog = prog
     args = parser.parse_args(argv)
     launch_command(args)
     return 0

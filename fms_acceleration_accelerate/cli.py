@@ -4,6 +4,7 @@ Sub-commands:
     plugins              list installed plugins, their versions and config paths
     configs [show NAME]  list the shipped sample configurations / print one
     check CONFIG         validate a config and say what it will do, without loading any model
+    launch ARGS...       ``accelerate launch ARGS...`` that accepts an ``acceleration:`` section in the config
 """
 
 from __future__ import annotations
@@ -105,10 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_check.add_argument("config", help="path of the YAML file, or the name of a shipped configuration")
     p_check.set_defaults(func=_cmd_check)
+    # 'launch' is dispatched in main() before parsing (every argument belongs to accelerate launch); the
+    # entry here only lists it in --help
+    sub.add_parser(
+        "launch",
+        add_help=False,
+        help="'accelerate launch' (same arguments) accepting an 'acceleration:' section in --config_file",
+    )
     return parser
 
 
+def _cmd_launch(argv: Sequence[str]) -> int:
+    """Run the stock ``accelerate launch`` with support for the ``acceleration:`` config section."""
+    from .accelerate_integration import run_accelerate_launch
+
+    return run_accelerate_launch(list(argv), prog="fms-accelerate launch")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "launch":
+        return _cmd_launch(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "configs" and args.action == "show" and not args.name:
