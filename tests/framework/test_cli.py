@@ -1,0 +1,129 @@
+"""The fms-accelerate command: plugins, configs, configs show, check (run as a real subprocess)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fms_acceleration_accelerate import cli
+from fms_acceleration_accelerate.registry import PluginRegistry
+
+from .helpers import write_fake_distribution
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*args: str, extra_path: str | None = None) -> subprocess.CompletedProcess:
+    """Run ``fms-accelerate ARGS`` (the installed console script when present) in a fresh process."""
+    script = shutil.which("fms-accelerate", path=str(Path(sys.executable).parent))
+    command = [script] if script else [sys.executable, "-m", "fms_acceleration_accelerate.cli"]
+    env = dict(os.environ)
+    env.pop("ACCELERATION_FRAMEWORK_CONFIG_FILE", None)
+    if extra_path:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (extra_path, env.get("PYTHONPATH")) if p)
+    return subprocess.run(
+        [*command, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120, check=False
+    )
+
+
+def test_plugins_lists_installed_plugins_with_versions_and_paths(tmp_path):
+    write_fake_distribution(tmp_path, dist="fake-cli-plugin", version="9.8.7", module="fake_cli_plugin")
+    result = run_cli("plugins", extra_path=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    line = next(line for line in result.stdout.splitlines() if line.startswith("fake "))
+    assert "fake-cli-plugin 9.8.7" in line and "OR training.fake" in line
+    # every plugin installed in this environment (e.g. the project's own plugin packages) is listed
+    for entry in PluginRegistry.discover().entries:
+        assert any(line.startswith(entry.name) for line in result.stdout.splitlines()), entry.name
+        if entry.plugin_class is not None:
+            assert all(path in result.stdout for path in entry.plugin_class.all_paths())
+
+
+def test_configs_lists_and_shows_shipped_configurations():
+    shipped = cli.shipped_configs()
+    assert shipped, "launch_configs/CONTENTS.yaml lists no configuration"
+    result = run_cli("configs")
+    assert result.returncode == 0, result.stderr
+    for name, item in shipped.items():
+        assert any(line.split()[:2] == [name, item["filename"]] for line in result.stdout.splitlines()), name
+    name = sorted(shipped)[0]
+    shown = run_cli("configs", "show", name)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == shipped[name]["path"].read_text(encoding="utf-8")
+    missing = run_cli("configs", "show", "no-such-config")
+    assert missing.returncode != 0 and "no shipped configuration named 'no-such-config'" in missing.stderr
+    no_name = run_cli("configs", "show")
+    assert no_name.returncode != 0 and "configs show needs a NAME" in no_name.stderr
+
+
+def test_check_by_shortname_and_path_in_process(capsys):
+    shipped = cli.shipped_configs()
+    name = sorted(shipped)[0]
+    assert cli.main(["check", name]) == 0
+    assert "ok: configuration is valid" in capsys.readouterr().out
+
+
+def test_project_plugins_are_listed():
+    """The project's own plugin packages (installed by scripts/setup_env.sh) are found through entry points."""
+    result = run_cli("plugins")
+    names = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
+    assert {"bitsandbytes", "fused_ops_and_kernels"} <= names, result.stdout
+    assert "FAILED TO LOAD" not in result.stdout
+
+
+def test_check_typo_exits_nonzero_with_path_and_suggestion_and_no_traceback(tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text(
+        "plugins:\n  training:\n    fused_ops_and_kernels:\n      fast_rsm_layernorm: true\n", encoding="utf-8"
+    )
+    result = run_cli("check", str(config))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout and "ok:" not in result.stdout
+    assert "[plugins.training.fused_ops_and_kernels.fast_rsm_layernorm]" in result.stderr
+    assert "Did you mean 'fast_rms_layernorm'?" in result.stderr
+    assert "valid keys here:" in result.stderr
+
+
+def test_check_typo_in_a_third_party_plugin(tmp_path):
+    write_fake_distribution(tmp_path, dist="fake-cli-plugin", version="9.8.7", module="fake_cli_plugin")
+    config = tmp_path / "typo.yaml"
+    config.write_text("distributed_type: 'NO'\nacceleration:\n  training:\n    fake: {sped: 2}\n", encoding="utf-8")
+    result = run_cli("check", str(config), extra_path=str(tmp_path))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "[acceleration.training.fake.sped] unknown key 'sped'. Did you mean 'speed'?" in result.stderr
+    config.write_text("distributed_type: 'NO'\nacceleration:\n  training:\n    fake: {speed: 2}\n", encoding="utf-8")
+    result = run_cli("check", str(config), extra_path=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "activate fake fake-cli-plugin 9.8.7 <- acceleration.training.fake" in result.stdout
+    assert "options: speed=2" in result.stdout
+
+
+def test_check_section_typo_exits_nonzero_without_traceback(tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text("distributed_type: 'NO'\nacceleration:\n  pfet:\n    quantization: {}\n", encoding="utf-8")
+    result = run_cli("check", str(config))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr + result.stdout
+    assert "[acceleration.pfet] unknown section 'pfet'. Did you mean 'peft'?" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("plugins: [\n", "is not valid YAML"),
+        ("plugins: !!python/object/apply:os.system ['echo hacked']\n", "is not valid YAML"),
+    ],
+)
+def test_check_bad_files_in_process(tmp_path, capsys, text, expected):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text, encoding="utf-8")
+    assert cli.main(["check", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err
+    assert cli.main(["check", str(tmp_path / "missing.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
