@@ -1,0 +1,100 @@
+"""Options of the fused-ops-and-kernels plugin (sections ``training.fused_ops_and_kernels`` or
+``peft.quantization.fused_ops_and_kernels``; the option names of upstream fms-acceleration are kept)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from fms_acceleration_accelerate.config import option
+from fms_acceleration_accelerate.errors import AccelerationConfigError
+
+LossMode = Literal["none", "cross_entropy", "fused_linear"]
+
+BASE_LAYERS = ("bitsandbytes", "auto_gptq")
+
+
+@dataclass(frozen=True)
+class FusedOpsAndKernelsConfig:
+    """Which kernels to patch into the model.
+
+    Every kernel dispatches to Triton on CUDA tensors (and in the Triton interpreter with ``TRITON_INTERPRET=1``)
+    and to its pure-torch reference otherwise.
+    """
+
+    base_layer: Literal["bitsandbytes", "auto_gptq"] | None = option(
+        None,
+        help="quantized base layer format the fused LoRA / dequant kernels read: 'bitsandbytes' (nf4/fp4 "
+        "Linear4bit, dequantised by our own Triton kernels), 'auto_gptq' (needs a GPTQ plugin that provides "
+        "the dequant backend; none ships in this release), or null for bf16/fp16/fp32 bases",
+    )
+    fused_lora: bool = option(
+        False,
+        help="fused LoRA kernels: q/k/v in one op (lora_qkv), o and other single projections (lora_linear), "
+        "SwiGLU MLP in one op (lora_mlp_swiglu); needs PEFT LoRA with lora_dropout=0 and one active adapter",
+    )
+    fast_loss: bool | Literal["cross_entropy", "fused_linear"] = option(
+        False,
+        help="true or 'cross_entropy': Triton cross-entropy as the model's loss_function (num_items_in_batch "
+        "aware); 'fused_linear': lm_head + cross-entropy fused and chunked in training, so the full logits are "
+        "never materialised (outputs.logits is None in training steps); false: HF's loss",
+    )
+    fast_rms_layernorm: bool = option(False, help="Triton RMSNorm for every RMSNorm module (incl. Gemma's 1+w)")
+    fast_rope_embeddings: bool = option(False, help="Triton rotary embedding of q and k (incl. partial rotary)")
+    fast_swiglu: bool = option(
+        False,
+        help="Triton SwiGLU/GeGLU activation in gated MLPs that fused_lora does not replace as a whole",
+    )
+    fused_dequant: bool = option(
+        False,
+        help="frozen quantized projections without a LoRA adapter (e.g. the MLP when LoRA targets only "
+        "q,k,v,o) run our dequant + matmul, whose backward dequantises again instead of keeping weights",
+    )
+
+    def __post_init__(self) -> None:
+        if not any(
+            (
+                self.fused_lora,
+                self.fast_loss,
+                self.fast_rms_layernorm,
+                self.fast_rope_embeddings,
+                self.fast_swiglu,
+                self.fused_dequant,
+            )
+        ):
+            raise AccelerationConfigError(
+                "no kernel is enabled, so this section would change nothing",
+                fix="enable at least one of fused_lora, fast_loss, fast_rms_layernorm, fast_rope_embeddings, "
+                "fast_swiglu, fused_dequant (or remove the section)",
+            )
+        if self.fused_dequant and self.base_layer is None:
+            raise AccelerationConfigError(
+                "fused_dequant: true needs a quantized base layer",
+                fix="set base_layer: bitsandbytes (QLoRA), or remove fused_dequant for bf16 models",
+            )
+
+    @property
+    def loss_mode(self) -> LossMode:
+        """``"none"``, ``"cross_entropy"`` or ``"fused_linear"`` (``fast_loss: true`` is ``"cross_entropy"``)."""
+        if self.fast_loss is True:
+            return "cross_entropy"
+        if self.fast_loss is False:
+            return "none"
+        return self.fast_loss
+
+    def requested_kernels(self) -> tuple[str, ...]:
+        """Option names of the kernels this configuration asks for, in patch order."""
+        names = []
+        if self.fast_rms_layernorm:
+            names.append("fast_rms_layernorm")
+        if self.fast_rope_embeddings:
+            names.append("fast_rope_embeddings")
+        if self.fast_swiglu:
+            names.append("fast_swiglu")
+        if self.loss_mode != "none":
+            names.append("fast_loss")
+        if self.fused_lora:
+            names.append("fused_lora")
+        if self.fused_dequant:
+            names.append("fused_dequant")
+        return tuple(names)

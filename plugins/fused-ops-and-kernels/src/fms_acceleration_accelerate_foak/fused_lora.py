@@ -1,0 +1,326 @@
+"""Fused LoRA and fused dequant patches over the projections named by the architecture spec.
+
+Per attention / MLP module the projections are classified as
+
+* ``lora``: a PEFT LoRA layer (one active adapter, plain LoRA, ``lora_dropout=0``) over any base the dequant
+  backends handle (bf16/fp16/fp32 ``nn.Linear`` or bitsandbytes ``Linear4bit``);
+* ``quantized``: a frozen quantized layer without adapter (e.g. the MLP of a QLoRA model whose LoRA targets
+  only q, k, v, o);
+* ``dense``: a plain floating-point linear layer without adapter (left alone unless it is part of a group).
+
+and replaced as follows:
+
+* **q, k, v** (separate projections) of an attention with at least one fused member: one ``lora_qkv`` call
+  computes all three; it runs in ``q_proj``'s forward and hands k and v to ``k_proj``/``v_proj``'s forwards,
+  which the attention forward calls next with the same input tensor (checked by identity; any other call
+  computes on its own). The attention forward itself is not replaced, so every transformers version and
+  attention backend keeps working.
+* **gate, up, down** of a SwiGLU MLP with separate gate and up projections and at least one fused member: the
+  MLP's forward becomes one ``lora_mlp_swiglu`` call (activation included).
+* **every other projection** (o, Phi-3's fused qkv and gate_up, GPTBigCode's, GeGLU MLPs): its own forward
+  becomes ``lora_linear`` (``lora``) or ``quantized_linear`` (``quantized``).
+
+Every replacement reads the LoRA A/B weights and the base layer inside a forward of a module that contains them
+(never at patch time), so under FSDP they are the gathered tensors as long as no FSDP unit lies strictly inside
+the attention / MLP module (the plugin declares those modules as fused scopes and checks it after wrapping).
+When a layer cannot be fused at run time (adapters disabled or merged, several active adapters, extra forward
+arguments such as ``adapter_names``), the forward it replaced runs instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fms_acceleration_accelerate.model_specs import (
+    ArchitectureSpec,
+    MatchedModule,
+    ModelMatch,
+    ModelStructureError,
+    activation_of,
+)
+from fms_acceleration_accelerate.patching import PluginPatcher
+
+ProjectionKind = Literal["lora", "quantized", "dense"]
+
+
+def is_peft_lora_layer(module: nn.Module) -> bool:
+    """True for a PEFT LoRA tuner layer (it has ``lora_A`` adapters and a ``base_layer``)."""
+    return isinstance(getattr(module, "lora_A", None), nn.ModuleDict) and isinstance(
+        getattr(module, "base_layer", None), nn.Module
+    )
+
+
+@dataclass(frozen=True)
+class Projection:
+    """One projection of an attention or MLP module.
+
+    Attributes:
+        path: dotted path in the model.
+        module: the projection module (a PEFT LoRA layer, a quantized layer, or ``nn.Linear``).
+        kind: ``"lora"``, ``"quantized"`` or ``"dense"``.
+        backend: name of the dequant backend that reads its base weight (``"dense"``, ``"bnb_4bit"``, ...).
+    """
+
+    path: str
+    module: nn.Module
+    kind: ProjectionKind
+    backend: str
+
+
+def classify_projection(path: str, module: nn.Module, backends: Sequence[Any]) -> Projection:
+    """Classify one projection and check that the fused kernels can handle it.
+
+    Raises:
+        ModelStructureError: a LoRA layer the kernels cannot fuse (DoRA, dropout > 0, several adapters,
+            ``lora_bias``), or a base layer type no dequant backend handles; the message names the module.
+    """
+    from fms_acceleration_accelerate_kernels.dequant import base_layer_of, get_dequant_backend
+    from fms_acceleration_accelerate_kernels.lora import fused_lora_unsupported_reason
+
+    try:
+        backend = get_dequant_backend(base_layer_of(module), backends).name
+    except TypeError as exc:
+        raise ModelStructureError(f"projection {path}: {exc}", fix="set fused_lora/fused_dequant: false") from None
+    if not is_peft_lora_layer(module):
+        return Projection(path, module, "dense" if backend == "dense" else "quantized", backend)
+    reason = fused_lora_unsupported_reason(module)
+    if reason is None:
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        p = float(getattr(module.lora_dropout[active[0]], "p", 0.0))
+        if p > 0:
+            reason = f"lora_dropout={p}; the fused kernels implement dropout 0 only"
+    if reason is not None:
+        raise ModelStructureError(
+            f"LoRA layer {path} cannot be fused: {reason}",
+            fix="use a LoraConfig with lora_dropout=0, one adapter and no DoRA / lora_bias, or set fused_lora: false",
+        )
+    return Projection(path, module, "lora", backend)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+@dataclass
+class FusedLoraReport:
+    """What :func:`patch_fused_lora` did.
+
+    Attributes:
+        lora: paths of LoRA projections now computed by fused kernels.
+        quantized: paths of adapter-less quantized projections now computed by fused dequant kernels.
+        scopes: attention / MLP modules whose sub-module weights the patched forwards read (for FSDP checks).
+        backends: dequant backend names seen on fused projections.
+        whole_mlps: ``id()`` of MLP modules whose whole forward (activation included) a fused kernel replaced.
+    """
+
+    lora: list[str] = field(default_factory=list)
+    quantized: list[str] = field(default_factory=list)
+    scopes: list[MatchedModule] = field(default_factory=list)
+    backends: set[str] = field(default_factory=set)
+    whole_mlps: set[int] = field(default_factory=set)
+
+    def add(self, projection: Projection) -> None:
+        if projection.kind == "lora":
+            self.lora.append(projection.path)
+        elif projection.kind == "quantized":
+            self.quantized.append(projection.path)
+        self.backends.add(projection.backend)
+
+
+def _projection_args(module: nn.Module) -> Any:
+    """The ``LoraProjection`` of a module, read now (inside a forward)."""
+    from fms_acceleration_accelerate_kernels.lora import LoraProjection, peft_lora_projection
+
+    if is_peft_lora_layer(module):
+        return peft_lora_projection(module)
+    return LoraProjection(base=module)
+
+
+def _runtime_fusable(modules: Sequence[nn.Module]) -> bool:
+    """False when a LoRA member cannot be fused in its current state (disabled / merged adapters, ...)."""
+    from fms_acceleration_accelerate_kernels.lora import fused_lora_unsupported_reason
+
+    return all(not is_peft_lora_layer(m) or fused_lora_unsupported_reason(m) is None for m in modules)
+
+
+def _single_forward(module: nn.Module, previous: Callable[..., Any], backends: Sequence[Any]) -> Callable[..., Any]:
+    from fms_acceleration_accelerate_kernels import lora_linear
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or not _runtime_fusable((module,)):
+            return previous(x, *args, **kwargs)
+        p = _projection_args(module)
+        return lora_linear(x, p.base, p.lora_A, p.lora_B, p.scaling, p.bias, backends=backends)
+
+    return forward
+
+
+class QKVGroup:
+    """One fused q/k/v computation shared by the forwards of the three projections of one attention module.
+
+    ``q_forward`` computes q, k and v with ``lora_qkv`` and keeps k and v for ``k_forward`` / ``v_forward``,
+    which return them only when called with the very same input tensor (the attention forward calls
+    ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` in that order); anything else runs the projection's previous
+    forward. Each kept tensor is dropped as soon as it is handed out.
+    """
+
+    def __init__(self, modules: Sequence[nn.Module], backends: Sequence[Any]) -> None:
+        assert len(modules) == 3
+        self.modules = tuple(modules)
+        self.previous = tuple(m.forward for m in modules)
+        self.backends = tuple(backends)
+        self._kept: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
+
+    def q_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        from fms_acceleration_accelerate_kernels import lora_qkv
+
+        self._kept = [None, None]
+        if args or kwargs or not _runtime_fusable(self.modules):
+            return self.previous[0](x, *args, **kwargs)
+        q, k, v = lora_qkv(x, *(_projection_args(m) for m in self.modules), backends=self.backends)
+        self._kept = [(x, k), (x, v)]
+        return q
+
+    def _take(self, index: int, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
+        kept = self._kept[index]
+        self._kept[index] = None
+        if kept is not None and kept[0] is x and not args and not kwargs:
+            return kept[1]
+        return self.previous[index + 1](x, *args, **kwargs)
+
+    def k_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._take(0, x, args, kwargs)
+
+    def v_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._take(1, x, args, kwargs)
+
+
+def _swiglu_mlp_forward(
+    modules: Sequence[nn.Module], previous: Callable[..., Any], backends: Sequence[Any]
+) -> Callable[..., Any]:
+    from fms_acceleration_accelerate_kernels import lora_mlp_swiglu
+
+    gate, up, down = modules
+
+    def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args or kwargs or not _runtime_fusable(modules):
+            return previous(x, *args, **kwargs)
+        return lora_mlp_swiglu(
+            x, _projection_args(gate), _projection_args(up), _projection_args(down), backends=backends
+        )
+
+    return forward
+
+
+def _wanted(projection: Projection, fused_lora: bool, fused_dequant: bool) -> bool:
+    return (projection.kind == "lora" and fused_lora) or (projection.kind == "quantized" and fused_dequant)
+
+
+def patch_fused_lora(
+    match: ModelMatch,
+    patches: PluginPatcher,
+    *,
+    fused_lora: bool,
+    fused_dequant: bool,
+    backends: Sequence[Any],
+) -> FusedLoraReport:
+    """Patch the fused LoRA / fused dequant kernels into every attention and MLP of the model.
+
+    Args:
+        match: the model's matched modules.
+        patches: the plugin's patcher.
+        fused_lora: fuse PEFT LoRA projections.
+        fused_dequant: fuse adapter-less quantized projections.
+        backends: ordered dequant backends (first match wins).
+
+    Returns:
+        A :class:`FusedLoraReport` (empty lists mean nothing was patched; the caller decides if that is an error).
+    """
+    spec: ArchitectureSpec = match.spec
+    report = FusedLoraReport()
+
+    def projections(owner: MatchedModule, names: Sequence[str]) -> list[Projection]:
+        return [classify_projection(_join(owner.path, n), getattr(owner.module, n), backends) for n in names]
+
+    def patch_single(p: Projection) -> None:
+        patches.patch_forward(
+            p.module,
+            _single_forward(p.module, p.module.forward, backends),
+            target=p.path,
+            description=f"kernels.{'lora_linear' if p.kind == 'lora' else 'quantized_linear'} [{p.backend}]",
+        )
+        report.add(p)
+
+    for attention in match.attentions:
+        before = len(report.lora) + len(report.quantized)
+        inputs = projections(attention, spec.attention.input_projections)
+        if len(inputs) == 3 and any(_wanted(p, fused_lora, fused_dequant) for p in inputs):
+            group = QKVGroup([p.module for p in inputs], backends)
+            for p, fn in zip(inputs, (group.q_forward, group.k_forward, group.v_forward)):
+                patches.patch_forward(
+                    p.module, fn, target=p.path, description=f"kernels.lora_qkv [{p.backend}] ({p.kind})"
+                )
+                report.add(p)
+        else:
+            for p in inputs:
+                if _wanted(p, fused_lora, fused_dequant):
+                    patch_single(p)
+        (o_proj,) = projections(attention, (spec.attention.o_proj,))
+        if _wanted(o_proj, fused_lora, fused_dequant):
+            patch_single(o_proj)
+        if len(report.lora) + len(report.quantized) > before:
+            report.scopes.append(attention)
+
+    mlp_spec = spec.mlp
+    for mlp in match.mlps:
+        assert mlp_spec is not None
+        before = len(report.lora) + len(report.quantized)
+        members = projections(mlp, mlp_spec.projections)
+        swiglu_group = (
+            mlp_spec.kind == "glu"
+            and mlp_spec.gate_up_proj is None
+            and activation_of(mlp.module, mlp_spec)[0] == "silu"
+        )
+        if swiglu_group and any(_wanted(p, fused_lora, fused_dequant) for p in members):
+            patches.patch_forward(
+                mlp.module,
+                _swiglu_mlp_forward([p.module for p in members], mlp.module.forward, backends),
+                target=mlp.path,
+                description="kernels.lora_mlp_swiglu [" + ",".join(sorted({p.backend for p in members})) + "]",
+            )
+            for p in members:
+                report.add(p)
+            report.whole_mlps.add(id(mlp.module))
+        else:
+            for p in members:
+                if _wanted(p, fused_lora, fused_dequant):
+                    patch_single(p)
+        if len(report.lora) + len(report.quantized) > before:
+            report.scopes.append(mlp)
+    return report
+
+
+def fsdp_units_inside(module: nn.Module) -> list[str]:
+    """Names of FSDP units (FSDP1 ``FullyShardedDataParallel`` or FSDP2 ``fully_shard`` modules) strictly
+    inside ``module``."""
+    unit_types: list[type] = []
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        unit_types.append(FSDPModule)
+    except ImportError:  # pragma: no cover - torch < 2.6
+        pass
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        unit_types.append(FullyShardedDataParallel)
+    except ImportError:  # pragma: no cover - torch built without distributed
+        pass
+    if not unit_types:
+        return []
+    return [n for n, m in module.named_modules() if n and isinstance(m, tuple(unit_types))]

@@ -1,0 +1,332 @@
+"""The fused-ops-and-kernels plugin: patches Triton kernels into model instances, driven by the model specs.
+
+When each kernel is patched
+---------------------------
+* ``augmentation`` (after any LoRA-adding plugin, which runs earlier in the order): RMSNorm, RoPE, the gated-MLP
+  activation and the loss. Their replacement forwards read only the weights of the module they replace (or
+  none), so FSDP wrapping before or after makes no difference.
+* Fused LoRA / fused dequant read the weights of *sub-modules* (``q_proj.lora_A.default.weight`` inside the
+  patched ``q_proj``, the three MLP projections inside the patched MLP). They are patched
+
+  - in ``after_prepare`` when the run uses FSDP (known at augmentation from ``ACCELERATE_USE_FSDP`` or
+    ``train_args.fsdp``; always in ``after_prepare`` when the integration reports FSDP and they are still
+    pending). ``prepare_contribution`` declares every attention and MLP module a *fused scope*, so no FSDP unit
+    is created inside them and the decoder-layer unit's all-gather covers every weight the kernels read;
+    ``after_prepare`` checks that no unit ended up inside a patched module.
+  - otherwise in ``augmentation``, or, when LoRA is not on the model yet but a ``LoraConfig`` is among the
+    modifiable arguments (the trainer adds it later), in ``get_callbacks_and_ready_for_train`` (given the
+    PEFT model) or ``after_prepare``, whichever comes first.
+
+No silent no-ops: every requested kernel must patch at least one module, or the hook raises an error naming the
+architecture, the option and the modules it checked. Unsupported architectures and options an architecture
+cannot use (RoPE on GPTBigCode, ...) are refused in ``check_model_type``, before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from fms_acceleration_accelerate.errors import AccelerationConfigError
+from fms_acceleration_accelerate.model_specs import (
+    ARCHITECTURE_SPECS,
+    ArchitectureSpec,
+    ModelMatch,
+    ModelStructureError,
+    architecture_spec,
+    check_spec_classes,
+    match_model,
+)
+from fms_acceleration_accelerate.plugin import AccelerationPlugin
+
+from .config import FusedOpsAndKernelsConfig
+from .fused_lora import FusedLoraReport, fsdp_units_inside, is_peft_lora_layer, patch_fused_lora
+from .patches import (
+    patch_fused_linear_loss,
+    patch_glu_mlps,
+    patch_loss_function,
+    patch_rms_norms,
+    patch_rotary,
+)
+
+_NOT_STARTED, _PENDING, _DONE = "not started", "pending", "done"
+
+
+def _fsdp_expected(train_args: Any) -> bool:
+    """Whether the coming ``Accelerator.prepare`` will wrap the model with FSDP, as far as is known now."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes"):
+        return True
+    return bool(getattr(train_args, "fsdp", None))
+
+
+def _has_unapplied_lora_config(modifiable_args: Sequence[Any]) -> bool:
+    return any(type(a).__name__ == "LoraConfig" for a in modifiable_args)
+
+
+class FusedOpsAndKernelsPlugin(AccelerationPlugin):
+    """Patches the kernels of ``fms-acceleration-accelerate-kernels`` into a causal LM (see the module doc)."""
+
+    name = "fused_ops_and_kernels"
+    configuration_or_paths = ("training.fused_ops_and_kernels", "peft.quantization.fused_ops_and_kernels")
+    config_class = FusedOpsAndKernelsConfig
+    required_packages = ("fms-acceleration-accelerate-kernels", "triton>=3.6")
+    install_hint = "pip install fms-acceleration-accelerate-foak fms-acceleration-accelerate-kernels 'triton>=3.6'"
+    supported_model_types = tuple(ARCHITECTURE_SPECS)
+    order = 300
+    config: FusedOpsAndKernelsConfig
+
+    def __init__(self, config: FusedOpsAndKernelsConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self._extra_backends: tuple[Any, ...] = ()
+        self._augmented = False
+        self._fused_state = _NOT_STARTED if (config.fused_lora or config.fused_dequant) else _DONE
+        self._fused_report: FusedLoraReport | None = None
+        self._fsdp_expected = False
+        self.patch_counts: dict[str, int] = {}
+        """Option name -> how many patches it made (filled as the hooks run)."""
+
+    # ------------------------------------------------------------------------------------------- checks
+    def _path(self, key: str | None = None) -> str:
+        base = self.matched_paths[0] if self.matched_paths else "fused_ops_and_kernels"
+        return f"{base}.{key}" if key else base
+
+    def check_compatibility(self, active: Sequence[AccelerationPlugin]) -> None:
+        """Collect dequant backends other plugins provide; refuse ``base_layer: auto_gptq`` without one.
+
+        A plugin provides backends through a method ``provided_dequant_backends() -> tuple[DequantBackend, ...]``
+        (entries placed before the built-in bitsandbytes and dense backends).
+        """
+        extra: list[Any] = []
+        for plugin in active:
+            if plugin is self:
+                continue
+            provider = getattr(plugin, "provided_dequant_backends", None)
+            if callable(provider):
+                extra.extend(provider())
+        self._extra_backends = tuple(extra)
+        if self.config.base_layer == "auto_gptq" and not any(b.name.startswith("gptq") for b in extra):
+            raise AccelerationConfigError(
+                "base_layer: auto_gptq needs a GPTQ dequant backend, which a GPTQ plugin provides; no active plugin "
+                "provides one (this release ships no GPTQ plugin)",
+                path=self._path("base_layer"),
+                fix="use a bitsandbytes QLoRA model with base_layer: bitsandbytes, or remove base_layer and "
+                "fused_lora for this model",
+            )
+
+    def check_model_type(self, model_type: str | None) -> None:
+        """Refuse architectures without a spec, specs the installed transformers does not match, and options
+        the architecture cannot use (raised before the model is loaded)."""
+        super().check_model_type(model_type)
+        spec = architecture_spec(model_type, path=self._path())
+        check_spec_classes(spec)
+        self._check_options(spec)
+
+    def _check_options(self, spec: ArchitectureSpec) -> None:
+        c = self.config
+        problems: list[tuple[str, str]] = []
+        if c.fast_rms_layernorm and not spec.has_rms_norm:
+            problems.append(("fast_rms_layernorm", f"its norms are {spec.norm.kind}, not RMSNorm"))
+        if c.fast_rope_embeddings and spec.rotary is None:
+            problems.append(("fast_rope_embeddings", "it has no rotary embedding (learned absolute positions)"))
+        if c.fast_swiglu and not spec.has_glu_mlp:
+            why = "its MoE experts are 3-D parameter tensors" if spec.mlp is None else "its MLP is not gated"
+            problems.append(("fast_swiglu", why))
+        if problems:
+            option, why = problems[0]
+            raise AccelerationConfigError(
+                f"{option} cannot be used with {spec.model_type}: {why}",
+                path=self._path(option),
+                fix=f"set {option}: false for {spec.model_type} models",
+            )
+
+    # ------------------------------------------------------------------------------------------- hooks
+    def augmentation(
+        self, model: Any, train_args: Any, modifiable_args: tuple[Any, ...]
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """Patch the kernels (fused LoRA possibly later, see the module docstring); returns the same model."""
+        if self._augmented:
+            raise RuntimeError(
+                f"{self.plugin_name()}: augmentation already ran on this framework; revert it first "
+                "(framework.revert()) before patching another model"
+            )
+        self._augmented = True
+        spec, match = self._match(model)
+        c = self.config
+        if c.fast_rms_layernorm:
+            self._count("fast_rms_layernorm", patch_rms_norms(match, self.patches), spec)
+        if c.fast_rope_embeddings:
+            self._count("fast_rope_embeddings", patch_rotary(spec, self.patches), spec)
+
+        self._fsdp_expected = _fsdp_expected(train_args)
+        if self._fused_state == _NOT_STARTED:
+            has_lora = any(is_peft_lora_layer(m) for _, m in model.named_modules())
+            if self._fsdp_expected or (c.fused_lora and not has_lora and _has_unapplied_lora_config(modifiable_args)):
+                self._fused_state = _PENDING
+            else:
+                self._apply_fused(model)
+
+        if c.fast_swiglu:
+            skip = self._fused_report.whole_mlps if self._fused_report is not None else set()
+            count = patch_glu_mlps(match, self.patches, skip=skip)
+            if self._fused_report is not None and self._fused_report.whole_mlps:
+                count += len(self._fused_report.whole_mlps)  # the fused MLP kernel includes the activation
+            self._count("fast_swiglu", count, spec)
+        if c.loss_mode == "cross_entropy":
+            self._count("fast_loss", patch_loss_function(match, self.patches), spec)
+        elif c.loss_mode == "fused_linear":
+            self._count("fast_loss", patch_fused_linear_loss(match, self.patches), spec)
+        return model, modifiable_args
+
+    def prepare_contribution(self, model: Any, context: Any) -> Any:
+        """Under FSDP: declare attention and MLP modules fused scopes (no unit inside them)."""
+        if not (self.config.fused_lora or self.config.fused_dequant):
+            return None
+        from fms_acceleration_accelerate.distributed import PrepareContribution
+
+        spec = architecture_spec(model.config.model_type, path=self._path())
+        scopes = [*spec.attention.class_names, *(spec.mlp.class_names if spec.mlp is not None else ())]
+        return PrepareContribution(
+            fused_scopes=tuple(scopes),
+            notes=(
+                f"{self.plugin_name()}: fused LoRA kernels read q/k/v and MLP projection weights inside "
+                f"{', '.join(scopes)}; no FSDP unit may be created inside them",
+            ),
+        )
+
+    def after_prepare(self, model: Any, context: Any) -> None:
+        """Apply pending fused LoRA kernels on the wrapped model; check FSDP units against patched modules."""
+        if self._fused_state == _PENDING:
+            self._apply_fused(model)
+        if getattr(context, "is_fsdp", False):
+            self._check_fsdp(model)
+
+    def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:
+        """Apply fused LoRA kernels left pending because the trainer added LoRA after augmentation."""
+        if self._fused_state == _PENDING and model is not None and not self._fsdp_expected:
+            self._apply_fused(model)
+        return []
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _match(self, model: Any) -> tuple[ArchitectureSpec, ModelMatch]:
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
+        self.check_model_type(model_type)
+        spec = architecture_spec(model_type, path=self._path())
+        return spec, match_model(model, spec)
+
+    def _count(self, option: str, count: int, spec: ArchitectureSpec, checked: str = "") -> None:
+        self.patch_counts[option] = self.patch_counts.get(option, 0) + count
+        if count == 0:
+            raise ModelStructureError(
+                f"{option} patched nothing in this {spec.model_type} model{checked}",
+                path=self._path(option),
+                fix=f"set {option}: false, or check the model against its spec in "
+                "fms_acceleration_accelerate/model_specs.py",
+            )
+
+    def dequant_backends(self) -> tuple[Any, ...]:
+        """The ordered dequant backends the fused kernels use (other plugins' first, then the built-in ones)."""
+        from fms_acceleration_accelerate_kernels.dequant import DEFAULT_DEQUANT_BACKENDS
+
+        return (*self._extra_backends, *DEFAULT_DEQUANT_BACKENDS)
+
+    def _apply_fused(self, model: Any) -> None:
+        spec, match = self._match(model)
+        c = self.config
+        report = patch_fused_lora(
+            match,
+            self.patches,
+            fused_lora=c.fused_lora,
+            fused_dequant=c.fused_dequant,
+            backends=self.dequant_backends(),
+        )
+        self._fused_report = report
+        self._fused_state = _DONE
+        checked = ", ".join(f"{a.path}.{n}" for a in match.attentions[:1] for n in spec.attention.projections) + (
+            ", ..." if match.attentions else ""
+        )
+        if c.fused_lora:
+            self._count(
+                "fused_lora",
+                len(report.lora),
+                spec,
+                f" (no fusable PEFT LoRA layer among {checked}; apply LoRA before the kernels are patched)",
+            )
+        if c.fused_dequant:
+            self._count("fused_dequant", len(report.quantized), spec, " (no adapter-less quantized projection)")
+        quantized = sorted(report.backends - {"dense"})
+        if c.base_layer == "bitsandbytes" and "bnb_4bit" not in report.backends:
+            raise ModelStructureError(
+                "base_layer: bitsandbytes, but no fused projection has a bitsandbytes 4-bit base "
+                f"(found: {', '.join(sorted(report.backends)) or 'none'})",
+                path=self._path("base_layer"),
+                fix="load the model in 4 bit (BitsAndBytesConfig(load_in_4bit=True) or the bitsandbytes plugin), "
+                "or remove base_layer for a bf16 model",
+            )
+        if c.base_layer is None and quantized:
+            raise ModelStructureError(
+                f"the fused projections have quantized bases ({', '.join(quantized)}) but base_layer is not set",
+                path=self._path("base_layer"),
+                fix="set base_layer: bitsandbytes",
+            )
+
+    def _check_fsdp(self, model: Any) -> None:
+        report = self._fused_report
+        if report is not None:
+            for scope in report.scopes:
+                inside = fsdp_units_inside(scope.module)
+                if inside:
+                    raise ModelStructureError(
+                        f"FSDP units {', '.join(inside[:3])} were created inside {scope.path}, whose patched forward "
+                        "reads their weights directly; they would be read sharded",
+                        path=self._path("fused_lora"),
+                        fix="let the framework choose the FSDP units (it honours this plugin's fused scopes), or "
+                        "wrap whole decoder layers only",
+                    )
+        if self.config.loss_mode == "fused_linear":
+            spec, match = self._match(model)
+            lm = match.causal_lm.module
+            head_name = spec.lm_head_attribute
+            if any(n == head_name or n.startswith(head_name + ".") for n in fsdp_units_inside(lm)):
+                raise ModelStructureError(
+                    f"{match.causal_lm.path or '<root>'}.{head_name} is an FSDP unit of its own, but "
+                    "fast_loss: fused_linear reads its weight in the causal-LM forward",
+                    path=self._path("fast_loss"),
+                    fix="keep lm_head in the root FSDP unit, or use fast_loss: true",
+                )
+
+    def describe(self) -> list[str]:
+        """What will be patched (no model needed)."""
+        c = self.config
+        lines = [
+            "kernels run in Triton on CUDA tensors (in the Triton interpreter with TRITON_INTERPRET=1), else as "
+            "their pure-torch references",
+        ]
+        if c.fast_rms_layernorm:
+            lines.append("fast_rms_layernorm: forward of every RMSNorm module (spec norm classes) -> kernels.rms_norm")
+        if c.fast_rope_embeddings:
+            lines.append(
+                "fast_rope_embeddings: the architecture's module-level apply_rotary_pos_emb -> "
+                "kernels.apply_rotary_pos_emb (process-wide for that architecture until revert)"
+            )
+        if c.fast_swiglu:
+            lines.append("fast_swiglu: forward of every gated MLP -> projections + kernels.swiglu / kernels.geglu")
+        if c.loss_mode == "cross_entropy":
+            lines.append("fast_loss: causal LM loss_function -> kernels.cross_entropy (num_items_in_batch aware)")
+        elif c.loss_mode == "fused_linear":
+            lines.append(
+                "fast_loss: causal LM forward in training with labels -> kernels.fused_linear_cross_entropy "
+                "(logits not materialised, outputs.logits is None); otherwise the original forward"
+            )
+        if c.fused_lora or c.fused_dequant:
+            what = [w for w, on in (("LoRA", c.fused_lora), ("adapter-less quantized", c.fused_dequant)) if on]
+            base = {"bitsandbytes": "bitsandbytes 4-bit (own Triton nf4/fp4 dequant)", "auto_gptq": "GPTQ"}.get(
+                c.base_layer or "", "bf16/fp16/fp32"
+            )
+            lines.append(
+                f"fused_lora/fused_dequant: {' and '.join(what)} projections over {base} bases: q/k/v -> "
+                "kernels.lora_qkv, SwiGLU MLP -> kernels.lora_mlp_swiglu, other projections -> kernels.lora_linear / "
+                "quantized_linear; patched in augmentation, or after Accelerator.prepare under FSDP"
+            )
+        return lines

@@ -1,0 +1,86 @@
+"""Tiny random-initialised causal LMs of every architecture with a spec, built from configs in code."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+VOCAB = 64
+SEQ = 12
+
+_COMMON: dict[str, Any] = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+# model_type -> config overrides (on top of _COMMON, except GPTBigCode which has its own names)
+TINY_CONFIGS: dict[str, dict[str, Any]] = {
+    "llama": {},
+    "mistral": {},
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+    "granite": dict(logits_scaling=2.0, attention_multiplier=0.2, residual_multiplier=0.5, embedding_multiplier=2.0),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, logits_scaling=2.0),
+    "gpt_bigcode": dict(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        vocab_size=VOCAB,
+        multi_query=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    ),
+    "qwen2": {},
+    "qwen3": dict(head_dim=8),
+    "gemma": dict(head_dim=8),
+    "gemma2": dict(head_dim=8, final_logit_softcapping=5.0, attn_logit_softcapping=None),
+    "phi3": dict(partial_rotary_factor=0.5),
+}
+
+
+def tiny_config(model_type: str, **overrides: Any):
+    from transformers import AutoConfig
+
+    kwargs = {} if model_type == "gpt_bigcode" else dict(_COMMON)
+    kwargs.update(TINY_CONFIGS[model_type])
+    kwargs.update(overrides)
+    config = AutoConfig.for_model(model_type, **kwargs)
+    config._attn_implementation = "eager"
+    for attr in ("attention_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout"):
+        if hasattr(config, attr):
+            setattr(config, attr, 0.0)
+    return config
+
+
+def tiny_model(model_type: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any):
+    """A tiny random causal LM in train mode (no dropout anywhere)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(model_type, **overrides), dtype=dtype)
+    # make Gemma's zero-initialised (1 + w) norm weights and other constant inits non-trivial
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.train()
+
+
+def tiny_batch(batch: int = 2, seq: int = SEQ, seed: int = 1) -> dict[str, torch.Tensor]:
+    """input_ids and labels (some positions ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, VOCAB, (batch, seq), generator=g)
+    labels = input_ids.clone()
+    labels[:, :2] = -100
+    return {"input_ids": input_ids, "labels": labels}
