@@ -77,9 +77,10 @@ def enable_input_grads_for_checkpointing(model: nn.Module, train_args: Any) -> b
     of the checkpointed block; the HF hook ``enable_input_require_grads`` fixes that. Returns whether it was
     enabled.
     """
-    wants = bool(getattr(train_args, "gradient_checkpointing", False)) or bool(
-        getattr(model, "is_gradient_checkpointing", False)
+    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else (
+        "is_gradient_checkpointing"
     )
+    wants = bool(getattr(train_args, "gradient_checkpointing", False)) or bool(getattr(model, flag, False))
     if wants and hasattr(model, "enable_input_require_grads"):
         model.enable_input_require_grads()
         return True
