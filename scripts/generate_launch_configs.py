@@ -553,6 +553,7 @@ def render_output(output: Output, root: Path) -> str:
             "# ----------------------------------------------------------------------------------------------",
             "# fms-acceleration-accelerate: the plugin configuration (same body as 'plugins:' in an",
             "# acceleration-only file). Accelerate's own keys above are unchanged.",
+            *body.leading,
             "acceleration:",
         ]
         render(body, 1, lines)

@@ -135,6 +135,10 @@ def test_accelerate_configs_are_valid_for_accelerate(path, tmp_path, monkeypatch
         for key, value in prepare_multi_gpu_env(args).items():
             if key.startswith(("FSDP_", "ACCELERATE_")):
                 monkeypatch.setenv(key, value)
+        if document["fsdp_config"]["fsdp_version"] == 1:
+            # FSDP1 + sync_module_states asks for the current CUDA device, which this CPU test has not got
+            monkeypatch.setenv("FSDP_SYNC_MODULE_STATES", "false")
+            monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "false")
         plugin = FullyShardedDataParallelPlugin()
         assert plugin.fsdp_version == document["fsdp_config"]["fsdp_version"]
 
