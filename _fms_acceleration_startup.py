@@ -101,6 +101,11 @@ class _LoaderProxy:
 
 
 def _activate_worker():
+    integration = sys.modules.get("fms_acceleration_accelerate.accelerate_integration")
+    if integration is not None and not hasattr(integration, "install"):
+        # the script imported the integration module first and it is importing accelerate right now;
+        # it installs itself at the end of its own import (see its _install_for_launched_worker)
+        return
     from fms_acceleration_accelerate.accelerate_integration import install
 
     install()

@@ -535,6 +535,19 @@ def run_accelerate_launch(argv: list[str], prog: str = "fms-accelerate launch") 
     return 0
 
 
+def _install_for_launched_worker() -> None:
+    """Finish the start-up hook's job when this module was imported before ``accelerate``.
+
+    The hook installs the wrapper right after ``import accelerate``; when that import happens *inside* this
+    module's own import, the hook cannot call :func:`install` yet and leaves it to this function.
+    """
+    startup = sys.modules.get("_fms_acceleration_startup")
+    if startup is not None and startup.mode() == "worker":
+        install()
+
+
+_install_for_launched_worker()
+
 __all__ = [
     "ENV_DISABLE_HOOK",
     "ENV_SECTION",

@@ -1,0 +1,238 @@
+"""``accelerate launch`` / ``fms-accelerate launch`` with an ``acceleration:`` section, on CPU (gloo).
+
+The worker script never imports this package: the start-up hook installed with it (``.pth``) does the work.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import _fms_acceleration_startup as startup
+
+from .conftest import ACCELERATE, SCRIPTS, TORCHRUN, VENV_BIN, finish, free_port, run, start, write_config
+
+pytestmark = pytest.mark.slow
+
+WORKER = str(SCRIPTS / "report_worker.py")
+
+CONFIG = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: {machines}
+num_processes: 2
+machine_rank: 0
+main_training_function: main
+mixed_precision: 'no'
+rdzv_backend: static
+same_network: true
+use_cpu: false
+acceleration:
+  testing:
+    toy_lora: {{r: 2, reduce_fp32: true}}
+    marker: {{report_dir: {report}}}
+"""
+
+
+def _reports(env: dict[str, str]) -> list[dict]:
+    folder = Path(env["REPORT_DIR"])
+    return [json.loads(p.read_text()) for p in sorted(folder.glob("rank*.json"))]
+
+
+def _check_two_ranks(env: dict[str, str], launchers: int = 1) -> None:
+    reports = _reports(env)
+    assert [r["rank"] for r in reports] == [0, 1]
+    for r in reports:
+        assert r["world"] == 2
+        assert r["sum"] == 3.0  # a real 2-process all-reduce
+        assert r["plugins"] == ["toy_lora", "toy_marker"]
+        assert r["script_imported_package"] is False
+    markers = [json.loads(m.read_text())["rank"] for m in Path(env["REPORT_DIR"]).glob("marker_rank*.json")]
+    assert sorted(m for m in markers if m is not None) == ["0", "1"]  # every worker activated the plugins
+    assert markers.count(None) == launchers  # and each launcher validated the section before starting them
+
+
+def _has_hook() -> bool:
+    return any(
+        p.endswith("fms_acceleration_accelerate.pth")
+        for d in sys.path
+        if os.path.isdir(d)
+        for p in os.listdir(d)
+        if p.endswith(".pth")
+    )
+
+
+needs_hook = pytest.mark.skipif(not _has_hook(), reason="package not installed with its start-up .pth hook")
+
+
+@needs_hook
+def test_accelerate_launch_two_processes(launch_env, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", CONFIG.format(machines=1, report=launch_env["REPORT_DIR"]))
+    result = run(
+        [ACCELERATE, "launch", "--config_file", str(cfg), "--main_process_port", str(free_port()), WORKER],
+        launch_env,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    _check_two_ranks(launch_env)
+
+
+@needs_hook
+def test_fms_accelerate_launch_same_arguments(launch_env, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", CONFIG.format(machines=1, report=launch_env["REPORT_DIR"]))
+    cli = str(VENV_BIN / "fms-accelerate")
+    result = run(
+        [cli, "launch", "--config_file", str(cfg), "--main_process_port", str(free_port()), WORKER],
+        launch_env,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    _check_two_ranks(launch_env)
+
+
+@needs_hook
+def test_two_node_loopback(launch_env, tmp_path):
+    """Two launches on one machine, machine ranks 0 and 1, one process each."""
+    cfg = write_config(tmp_path / "cfg.yaml", CONFIG.format(machines=2, report=launch_env["REPORT_DIR"]))
+    port = str(free_port())
+    procs = [
+        start(
+            [
+                ACCELERATE,
+                "launch",
+                "--config_file",
+                str(cfg),
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+                WORKER,
+            ],
+            launch_env,
+            tmp_path,
+        )
+        for rank in (0, 1)
+    ]
+    results = [finish(p) for p in procs]
+    for result in results:
+        assert result.returncode == 0, result.stderr[-4000:]
+    _check_two_ranks(launch_env, launchers=2)
+    assert sorted(r["node_rank"] for r in _reports(launch_env)) == ["0", "1"]
+
+
+BAD = """\
+compute_environment: LOCAL_MACHINE
+distributed_type: MULTI_GPU
+num_machines: {machines}
+num_processes: 2
+machine_rank: 0
+rdzv_backend: static
+acceleration:
+  testing:
+    toy_lora: {{rank: 2}}
+"""
+
+
+@needs_hook
+@pytest.mark.parametrize("machines", [1, 2])
+def test_bad_section_fails_in_every_launcher_before_workers(launch_env, tmp_path, machines):
+    cfg = write_config(tmp_path / "bad.yaml", BAD.format(machines=machines))
+    port = str(free_port())
+    procs = [
+        start(
+            [
+                ACCELERATE,
+                "launch",
+                "--config_file",
+                str(cfg),
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+                WORKER,
+            ],
+            launch_env,
+            tmp_path,
+        )
+        for rank in range(machines)
+    ]
+    for proc in procs:
+        result = finish(proc, timeout=60)
+        assert result.returncode == 2
+        assert "[acceleration.testing.toy_lora.rank] unknown key 'rank'" in result.stderr
+        assert "valid keys here" in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not list(Path(launch_env["REPORT_DIR"]).glob("started_*")), "a worker started"
+
+
+def test_bad_section_in_environment_fails_on_every_rank(launch_env, tmp_path):
+    """A worker that gets a bad section (e.g. set by hand) fails at Accelerator() on every rank, no hang."""
+    env = dict(launch_env, FMS_ACCELERATION_SECTION=json.dumps({"testing": {"toy_lora": {"r": 0}}}))
+    script = tmp_path / "w.py"
+    script.write_text(
+        # importing the integration module before accelerate: the hook must still install the wrapper
+        "import fms_acceleration_accelerate.accelerate_integration\n"
+        "from accelerate import Accelerator\n"
+        "Accelerator(cpu=True)\n",
+        encoding="utf-8",
+    )
+    result = run(
+        [TORCHRUN, "--nproc_per_node", "2", "--master_port", str(free_port()), str(script)], env, tmp_path, timeout=90
+    )
+    assert result.returncode != 0
+    assert result.stderr.count("[acceleration.testing.toy_lora] r must be positive") == 2
+
+
+def test_hook_can_be_switched_off(launch_env, tmp_path):
+    cfg = write_config(tmp_path / "cfg.yaml", CONFIG.format(machines=1, report=launch_env["REPORT_DIR"]))
+    env = dict(launch_env, FMS_ACCELERATION_DISABLE_HOOK="1")
+    result = run([ACCELERATE, "launch", "--config_file", str(cfg), WORKER], env, tmp_path, timeout=60)
+    assert result.returncode != 0
+    assert "unknown keys (['acceleration'])" in result.stderr  # stock Accelerate behaviour
+
+
+# ----------------------------------------------------------------------------- start-up hook functions
+
+
+def test_startup_mode_detection():
+    assert startup.mode(environ={}, argv=["x.py"], orig_argv=["python", "x.py"]) is None
+    assert startup.mode(environ={"FMS_ACCELERATION_SECTION": "{}"}, argv=["x.py"], orig_argv=[]) == "worker"
+    assert startup.mode(environ={}, argv=["/v/bin/accelerate", "launch", "t.py"], orig_argv=[]) == "launcher"
+    assert startup.mode(environ={}, argv=["/v/bin/accelerate", "env"], orig_argv=[]) is None
+    assert startup.mode(environ={}, argv=["/v/bin/accelerate-launch", "t.py"], orig_argv=[]) == "launcher"
+    assert (
+        startup.mode(environ={}, argv=["-m"], orig_argv=["py", "-m", "accelerate.commands.launch", "t.py"])
+        == "launcher"
+    )
+    disabled = {"FMS_ACCELERATION_DISABLE_HOOK": "1", "FMS_ACCELERATION_SECTION": "{}"}
+    assert startup.mode(environ=disabled, argv=["/v/bin/accelerate", "launch"], orig_argv=[]) is None
+
+
+def test_pth_line_is_inactive_and_cheap(tmp_path):
+    """The installed .pth line imports nothing for an ordinary process."""
+    pth = Path(startup.__file__).with_name("fms_acceleration_accelerate.pth")
+    line = pth.read_text(encoding="utf-8").strip()
+    assert line.startswith("import ")
+    code = (
+        "import sys, time\n"
+        "sys.modules.pop('_fms_acceleration_startup', None)\n"
+        f"line = {line!r}\n"
+        "t = time.perf_counter()\n"
+        "for _ in range(1000):\n"
+        "    exec(line, {})\n"
+        "per = (time.perf_counter() - t) / 1000\n"
+        "assert '_fms_acceleration_startup' not in sys.modules\n"
+        "print(per)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FMS_ACCELERATION")}
+    result = run([sys.executable, "-c", code], env, tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert float(result.stdout.strip()) < 0.001  # well under the 5 ms budget (typically ~5 us)
