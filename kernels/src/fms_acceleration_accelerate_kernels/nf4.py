@@ -245,12 +245,12 @@ def dequantize_4bit_ref(packed: torch.Tensor, state: FourBitState, dtype: torch.
 if triton is not None:
 
     @triton.jit
-    def _fp32_to_bf16_rne(x):
-        # fp32 -> bf16 rounding to nearest even, written out so that every backend rounds the same way (the
-        # Triton CPU interpreter truncates in ``.to(tl.bfloat16)``). Inputs are finite here (table * scale).
+    def _fp32_to_bf16_bits_rne(x):
+        # fp32 -> bf16 bit pattern (in the low 16 bits of a uint32), rounding to nearest even; written out so
+        # that every backend rounds the same way (the Triton CPU interpreter truncates in ``.to(tl.bfloat16)``).
+        # Inputs are finite here (table entry * scale).
         bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
 
     @triton.jit
     def _dequant_4bit_kernel(
@@ -260,15 +260,14 @@ if triton is not None:
         nested_code_ptr,  # fp32 (256,)  (unused unless NESTED)
         nested_absmax_ptr,  # fp32 (n_blocks / NESTED_BLOCK,)  (unused unless NESTED)
         nested_offset_ptr,  # fp32 (1,)  (unused unless NESTED)
-        out_ptr,  # output (n_values,)
+        out_words_ptr,  # output viewed as int32 (16-bit outputs) or int64 (fp32 outputs) words, (n_bytes,)
         n_bytes,
-        n_values,
         n_blocks,
         HALF_BLOCK: tl.constexpr,  # bytes per quantisation block (blocksize / 2)
         BLOCKS_PER_PROGRAM: tl.constexpr,
         NESTED: tl.constexpr,
         NESTED_BLOCK: tl.constexpr,
-        OUT_BF16: tl.constexpr,
+        OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32
         SIGN_BIT: tl.constexpr,
     ):
         # One program dequantises BLOCKS_PER_PROGRAM whole quantisation blocks, laid out as a
@@ -299,14 +298,21 @@ if triton is not None:
         else:
             value_high = tl.load(code_ptr + high) * scale[:, None]
             value_low = tl.load(code_ptr + low) * scale[:, None]
-        # Byte i holds values 2i (high nibble) and 2i+1 (low nibble): interleave along the row.
-        values = tl.interleave(value_high, value_low)
-        out_offsets = blocks[:, None] * (2 * HALF_BLOCK) + tl.arange(0, 2 * HALF_BLOCK)[None, :]
-        if OUT_BF16:
-            values = _fp32_to_bf16_rne(values)
-        else:
-            values = values.to(out_ptr.dtype.element_ty)
-        tl.store(out_ptr + out_offsets, values, mask=out_offsets < n_values)
+        # Byte i holds values 2i (high nibble) and 2i+1 (low nibble). Instead of interleaving the two halves in
+        # registers, both are packed into one output word (little-endian: value 2i in the low half), so the
+        # output is written as words at the same offsets as the input bytes: one contiguous vectorised store.
+        if OUT_KIND == 0:  # bf16: 2 x 16 bits -> 32-bit word
+            word = _fp32_to_bf16_bits_rne(value_high) | (_fp32_to_bf16_bits_rne(value_low) << 16)
+            word = word.to(tl.int32, bitcast=True)
+        elif OUT_KIND == 1:  # fp16
+            bits_high = value_high.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+            bits_low = value_low.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+            word = (bits_high | (bits_low << 16)).to(tl.int32, bitcast=True)
+        else:  # fp32: 2 x 32 bits -> 64-bit word
+            bits_high = value_high.to(tl.uint32, bitcast=True).to(tl.uint64)
+            bits_low = value_low.to(tl.uint32, bitcast=True).to(tl.uint64)
+            word = (bits_high | (bits_low << 32)).to(tl.int64, bitcast=True)
+        tl.store(out_words_ptr + byte_offsets, word, mask=byte_mask)
 
 
 # Bytes one program handles: big enough to amortise scheduling, small enough for registers.
@@ -322,7 +328,8 @@ def dequantize_4bit_triton(
     """Triton 4-bit dequantisation; same result as ``dequantize_4bit_ref`` (bit-exact).
 
     One program handles ``max(1, 2048 // (blocksize / 2))`` whole quantisation blocks with contiguous,
-    vectorised byte loads and one scale load per block.
+    vectorised byte loads, one scale load per block, and writes the two values of each byte as one 32-bit
+    (64-bit for fp32) word, so that loads and stores are both contiguous.
 
     Args:
         packed: packed 4-bit weight in any storage dtype (ceil(n / 2) bytes), on a CUDA device (or on CPU
@@ -365,6 +372,13 @@ def dequantize_4bit_triton(
         # Unused by the kernel (NESTED=False prunes the loads); any valid pointer will do.
         nested_code = nested_absmax = nested_offset = code
         nested_block = 1
+    # The kernel writes each byte's two values as one word (see the kernel). An odd number of values or a
+    # view that starts mid-word goes through a padded scratch buffer.
+    word_dtype = torch.int64 if dtype == torch.float32 else torch.int32
+    target = out
+    if state.numel % 2 or out.storage_offset() % 2:
+        target = torch.empty(state.numel + state.numel % 2, dtype=dtype, device=data.device)
+    words = target.reshape(-1).view(word_dtype)
     grid = (triton.cdiv(n_blocks, blocks_per_program),)
     _dequant_4bit_kernel[grid](
         data,
@@ -373,20 +387,21 @@ def dequantize_4bit_triton(
         nested_code,
         nested_absmax,
         nested_offset,
-        out,
+        words,
         state.n_bytes,
-        state.numel,
         n_blocks,
         HALF_BLOCK=half_block,
         BLOCKS_PER_PROGRAM=blocks_per_program,
         NESTED=state.nested is not None,
         NESTED_BLOCK=nested_block,
-        OUT_BF16=dtype == torch.bfloat16,
+        OUT_KIND={torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}[dtype],
         SIGN_BIT=state.quant_type == "fp4",
         num_warps=4,
         # Keep multiply and add of the nested scale separately rounded (no FMA), as the definition says.
         enable_fp_fusion=False,
     )
+    if target is not out:
+        out.copy_(target.reshape(-1)[: state.numel].view(state.shape))
     return out
 
 
