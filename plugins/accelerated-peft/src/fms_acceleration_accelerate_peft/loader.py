@@ -236,7 +236,8 @@ def load_quantized_causal_lm(
     trust_remote_code = kwargs.get("trust_remote_code", False)
     config_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
     model_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, **config_kwargs)
-    training_dtype = resolve_training_dtype(dtype_arg, getattr(model_config, "torch_dtype", None))
+    checkpoint_dtype = model_config.__dict__.get("dtype", model_config.__dict__.get("torch_dtype"))
+    training_dtype = resolve_training_dtype(dtype_arg, checkpoint_dtype)
     build_kwargs = {"trust_remote_code": trust_remote_code}
     if "attn_implementation" in kwargs:
         build_kwargs["attn_implementation"] = kwargs["attn_implementation"]
@@ -250,7 +251,7 @@ def load_quantized_causal_lm(
     if rank0_only:
         if rank == 0:
             model = _from_pretrained(model_name_or_path, bnb_config, training_dtype, kwargs)
-            broadcast_quantized_model(model, src_model=True)
+            broadcast_quantized_model(model)
             return model
         return receive_quantized_model(model_config, bnb_config, plan, device, build_kwargs)
     return _from_pretrained(model_name_or_path, bnb_config, training_dtype, kwargs)
@@ -298,7 +299,7 @@ def _iter_payload(model: nn.Module) -> Iterable[tuple[str, str, torch.Tensor, bo
         yield "buffer", name, buf, False
 
 
-def broadcast_quantized_model(model: nn.Module, src_model: bool = True) -> None:
+def broadcast_quantized_model(model: nn.Module) -> None:
     """On rank 0: send the quantized model's tensors to every other rank (see :func:`receive_quantized_model`)."""
     import bitsandbytes as bnb
 
