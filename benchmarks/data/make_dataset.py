@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import itertools
 import json
 import math
 import random
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         "mean": round(sum(kept) / len(kept), 1),
     }
     hist_edges = [50, 100, 200, 400, 800, 1600, 2001]
-    hist = [sum(1 for n in kept if lo <= n < hi) for lo, hi in zip(hist_edges, hist_edges[1:])]
+    hist = [sum(1 for n in kept if lo <= n < hi) for lo, hi in itertools.pairwise(hist_edges)]
     note = [
         "# Benchmark instruction dataset",
         "",
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         "|" + "---|" * len(stats),
         "| " + " | ".join(str(v) for v in stats.values()) + " |",
         "",
-        "| tokens | " + " | ".join(f"{lo}–{hi - 1}" for lo, hi in zip(hist_edges, hist_edges[1:])) + " |",
+        "| tokens | " + " | ".join(f"{lo}–{hi - 1}" for lo, hi in itertools.pairwise(hist_edges)) + " |",
         "|---|" + "---|" * len(hist),
         "| examples | " + " | ".join(str(h) for h in hist) + " |",
         "",

@@ -1,0 +1,483 @@
+"""Shared pieces of the benchmark harness: scenario schema, model building, data, environment, CSV columns.
+
+Used by ``run_benchmarks.py`` (the runner, one process for the whole matrix) and ``train_bench.py`` (the
+training script each scenario runs under ``accelerate launch``). Both are scripts in this folder, so they
+import this module as a sibling (``sys.path[0]`` is this folder when they run).
+
+Also a small command line for the runner's model building step::
+
+    python benchmarks/benchlib.py build-model --config '{"model_type": "llama", ...}' --out DIR --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import importlib.util
+import json
+import os
+import platform
+import random
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_ROOT = BENCH_DIR.parent
+DATA_DIR = BENCH_DIR / "data"
+INSTRUCTIONS_JSONL = DATA_DIR / "instructions.jsonl"
+TOKENIZER_JSON = DATA_DIR / "tokenizer.json"
+
+PEFT_METHODS = ("full", "lora", "qlora")
+PREP_MODES = ("hf", "lean")
+PEERS = ("none", "liger")
+DATASETS = ("synthetic", "instructions")
+COLLATE_MODES = ("pad", "pack", "flatten")
+DTYPES = ("bfloat16", "float16", "float32")
+
+PAD_ID = 0
+EOS_ID = 1
+
+VERSION_PACKAGES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "triton", "liger-kernel")
+
+
+class ScenarioError(ValueError):
+    """A scenarios file that cannot be run as written (the message names the scenario, the key and the fix)."""
+
+
+# ----------------------------------------------------------------------------------------------- scenarios
+@dataclass(frozen=True)
+class Scenario:
+    """One benchmark run: a model, a fine-tuning method, a plugin stack and a workload.
+
+    Attributes:
+        name: unique row name in the CSV.
+        group: scenarios compared with each other; ratios and loss agreement are against the group's baseline.
+        model: key of the scenarios file's ``models:`` section, or a local model folder.
+        peft: ``full`` (all parameters), ``lora`` (bf16 base) or ``qlora`` (4-bit base).
+        plugins: acceleration stack: ``"none"``, the short name of a shipped configuration in
+            ``launch_configs/`` (``fms-accelerate configs`` lists them), a YAML path (acceleration-only file or
+            Accelerate config with an ``acceleration:`` section), or the acceleration body inline (a mapping).
+        prep: how a run *without* plugins prepares a 4-bit model: ``hf`` = the Hugging Face docs recipe
+            (``prepare_model_for_kbit_training``, which upcasts frozen non-4-bit params to fp32), ``lean`` =
+            the same without that upcast. Identical for ``full`` / ``lora``.
+        peer: another library applied to the same model: ``none`` or ``liger`` (Liger-Kernel).
+        baseline: this row is its group's baseline (default: the group's first row with no plugins, no peer,
+            ``prep: hf``).
+        accelerate_config: optional base Accelerate config (path) to start from, e.g. an FSDP config;
+            default: a single-node config written by the runner.
+        inject_delay_ms: sleep this long after every optimizer step (test hook: simulates a slowdown).
+        loss_rtol: largest relative per-step loss difference from the baseline that still counts as agreeing.
+    """
+
+    name: str
+    group: str
+    model: str
+    peft: str = "lora"
+    plugins: str | Mapping[str, Any] = "none"
+    prep: str = "hf"
+    peer: str = "none"
+    baseline: bool | None = None
+    batch_size: int = 4
+    seq_len: int = 2048
+    steps: int = 30
+    warmup_steps: int = 10
+    gradient_checkpointing: bool = True
+    num_gpus: int = 1
+    dataset: str = "synthetic"
+    collate: str = "pad"
+    dtype: str = "bfloat16"
+    attn_implementation: str = "sdpa"
+    learning_rate: float = 1e-4
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    bnb_quant_type: str = "nf4"
+    bnb_double_quant: bool = True
+    accelerate_config: str | None = None
+    seed: int = 42
+    inject_delay_ms: float = 0.0
+    loss_rtol: float = 0.03
+
+    @property
+    def uses_plugins(self) -> bool:
+        return not (isinstance(self.plugins, str) and self.plugins == "none")
+
+    @property
+    def plugins_label(self) -> str:
+        """How the stack is written in the CSV: the config name/path, or ``inline`` for a mapping."""
+        if isinstance(self.plugins, Mapping):
+            return "inline:" + json.dumps(self.plugins, sort_keys=True, separators=(",", ":"))
+        return self.plugins
+
+    def is_default_baseline_candidate(self) -> bool:
+        return not self.uses_plugins and self.peer == "none" and self.prep == "hf"
+
+
+SCENARIO_FIELDS = {f.name: f for f in dataclasses.fields(Scenario)}
+
+
+def _check_choice(where: str, key: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ScenarioError(f"{where}: {key}={value!r} is not one of {', '.join(choices)}")
+
+
+def _coerce(where: str, key: str, value: Any) -> Any:
+    f = SCENARIO_FIELDS[key]
+    default = f.default
+    if key == "lora_target_modules":
+        if isinstance(value, str):
+            return (value,)
+        if not isinstance(value, Sequence):
+            raise ScenarioError(f"{where}: {key} must be a list of module names, got {value!r}")
+        return tuple(str(v) for v in value)
+    if key == "plugins":
+        if value is None:
+            return "none"
+        if not isinstance(value, (str, Mapping)):
+            raise ScenarioError(f"{where}: plugins must be 'none', a config name, a path or a mapping, got {value!r}")
+        return value
+    if key == "baseline":
+        if value is not None and not isinstance(value, bool):
+            raise ScenarioError(f"{where}: baseline must be true or false, got {value!r}")
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ScenarioError(f"{where}: {key} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ScenarioError(f"{where}: {key} must be an integer, got {value!r}")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ScenarioError(f"{where}: {key} must be a number, got {value!r}")
+        return float(value)
+    if value is not None and not isinstance(value, str):
+        raise ScenarioError(f"{where}: {key} must be a string, got {value!r}")
+    return value
+
+
+def make_scenario(raw: Mapping[str, Any], defaults: Mapping[str, Any], where: str) -> Scenario:
+    """Build and validate one :class:`Scenario` from its mapping merged over ``defaults``."""
+    merged = {**defaults, **raw}
+    unknown = sorted(set(merged) - set(SCENARIO_FIELDS))
+    if unknown:
+        raise ScenarioError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(SCENARIO_FIELDS)}")
+    for required in ("name", "group", "model"):
+        if required not in merged:
+            raise ScenarioError(f"{where}: missing required key {required!r}")
+    kwargs = {k: _coerce(where, k, v) for k, v in merged.items()}
+    s = Scenario(**kwargs)
+    where = f"{where} ({s.name})"
+    _check_choice(where, "peft", s.peft, PEFT_METHODS)
+    _check_choice(where, "prep", s.prep, PREP_MODES)
+    _check_choice(where, "peer", s.peer, PEERS)
+    _check_choice(where, "dataset", s.dataset, DATASETS)
+    _check_choice(where, "collate", s.collate, COLLATE_MODES)
+    _check_choice(where, "dtype", s.dtype, DTYPES)
+    if s.steps <= s.warmup_steps:
+        raise ScenarioError(f"{where}: steps ({s.steps}) must exceed warmup_steps ({s.warmup_steps})")
+    if s.batch_size < 1 or s.seq_len < 2 or s.num_gpus < 1:
+        raise ScenarioError(f"{where}: batch_size, num_gpus must be >= 1 and seq_len >= 2")
+    if s.dataset == "synthetic" and s.collate != "pad":
+        raise ScenarioError(f"{where}: synthetic data is full-length already; collate must be 'pad' (no padding)")
+    return s
+
+
+@dataclass(frozen=True)
+class ScenarioFile:
+    """A parsed scenarios file.
+
+    Attributes:
+        models: name -> model spec (``{"config": {...}}`` random init, or ``{"path": DIR}``).
+        scenarios: in file order.
+        baselines: group -> name of its baseline scenario.
+    """
+
+    path: str
+    models: Mapping[str, Mapping[str, Any]]
+    scenarios: tuple[Scenario, ...]
+    baselines: Mapping[str, str] = field(default_factory=dict)
+
+    def select(self, names: Sequence[str] | None, groups: Sequence[str] | None) -> list[Scenario]:
+        """Scenarios whose name is in ``names`` or group in ``groups`` (all when both are empty)."""
+        known = {s.name for s in self.scenarios}
+        for n in names or ():
+            if n not in known:
+                raise ScenarioError(f"no scenario named {n!r} in {self.path}; known: {', '.join(sorted(known))}")
+        if not names and not groups:
+            return list(self.scenarios)
+        return [s for s in self.scenarios if s.name in (names or ()) or s.group in (groups or ())]
+
+
+def load_scenarios(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> ScenarioFile:
+    """Read and validate a scenarios YAML file.
+
+    Args:
+        path: the file. Layout: ``models:`` (name -> spec), ``defaults:`` (scenario keys), ``scenarios:`` (list).
+        overrides: scenario keys forced on every scenario (the runner's ``--set KEY=VALUE``).
+
+    Raises:
+        ScenarioError: any problem, naming the scenario and key.
+    """
+    with open(path, encoding="utf-8") as handle:
+        doc = yaml.safe_load(handle) or {}
+    if not isinstance(doc, Mapping):
+        raise ScenarioError(f"{path}: top level must be a mapping with models/defaults/scenarios")
+    unknown = sorted(set(doc) - {"models", "defaults", "scenarios", "description"})
+    if unknown:
+        raise ScenarioError(
+            f"{path}: unknown top-level key(s) {', '.join(unknown)} (valid: models, defaults, scenarios)"
+        )
+    models = doc.get("models") or {}
+    for name, spec in models.items():
+        if not isinstance(spec, Mapping) or len(set(spec) & {"config", "path"}) != 1:
+            raise ScenarioError(f"{path}: model {name!r} needs exactly one of 'config' (random init) or 'path'")
+    defaults = {**(doc.get("defaults") or {}), **(overrides or {})}
+    raw_list = doc.get("scenarios") or []
+    if not isinstance(raw_list, list) or not raw_list:
+        raise ScenarioError(f"{path}: 'scenarios' must be a non-empty list")
+    scenarios = []
+    seen: set[str] = set()
+    for i, raw in enumerate(raw_list):
+        where = f"{path}: scenarios[{i}]"
+        if not isinstance(raw, Mapping):
+            raise ScenarioError(f"{where}: must be a mapping")
+        s = make_scenario({**raw, **(overrides or {})}, defaults, where)
+        if s.name in seen:
+            raise ScenarioError(f"{where}: duplicate scenario name {s.name!r}")
+        seen.add(s.name)
+        if s.model not in models and not Path(s.model).exists():
+            raise ScenarioError(f"{where}: model {s.model!r} is neither in 'models:' nor an existing folder")
+        scenarios.append(s)
+    baselines: dict[str, str] = {}
+    for s in scenarios:
+        if s.baseline:
+            if s.group in baselines:
+                raise ScenarioError(f"{path}: group {s.group!r} has two baselines: {baselines[s.group]}, {s.name}")
+            baselines[s.group] = s.name
+    for s in scenarios:
+        if s.group not in baselines and s.baseline is not False and s.is_default_baseline_candidate():
+            baselines[s.group] = s.name
+    return ScenarioFile(path=str(path), models=models, scenarios=tuple(scenarios), baselines=baselines)
+
+
+# ----------------------------------------------------------------------------------------------- models
+def model_spec_summary(spec: Mapping[str, Any]) -> str:
+    """Short description of a model spec for the CSV (e.g. ``llama h4096 i14336 L8 v128256``)."""
+    if "path" in spec:
+        return str(spec["path"])
+    c = spec["config"]
+    parts = [str(c.get("model_type", "?"))]
+    for key, tag in (("hidden_size", "h"), ("intermediate_size", "i"), ("num_hidden_layers", "L"), ("vocab_size", "v")):
+        if key in c:
+            parts.append(f"{tag}{c[key]}")
+    return " ".join(parts)
+
+
+def build_random_model(
+    config: Mapping[str, Any], out_dir: str | os.PathLike, device: str, dtype: str, seed: int
+) -> None:
+    """Create a random-init causal LM from a config mapping and ``save_pretrained`` it to ``out_dir``.
+
+    Args:
+        config: ``AutoConfig.for_model`` keywords; must contain ``model_type``.
+        out_dir: destination folder (created).
+        device: where to initialise (``cuda`` is much faster for billions of parameters).
+        dtype: storage dtype of the saved weights.
+        seed: torch seed for the initialisation (same seed -> same weights).
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = dict(config)
+    model_type = config.pop("model_type")
+    cfg = AutoConfig.for_model(model_type, **config)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
+    model.save_pretrained(str(out_dir))
+    del model
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------- data
+def load_instruction_token_lists(seq_len: int, tokenizer_path: Path = TOKENIZER_JSON) -> list[list[int]]:
+    """Tokenise the shipped instruction dataset; each example ends in ``<eos>`` and is cut to ``seq_len``."""
+    from tokenizers import Tokenizer
+
+    sys.path.insert(0, str(DATA_DIR))
+    try:
+        from make_dataset import format_example
+    finally:
+        sys.path.remove(str(DATA_DIR))
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    texts = []
+    with INSTRUCTIONS_JSONL.open(encoding="utf-8") as handle:
+        for line in handle:
+            record = json.loads(line)
+            texts.append(format_example(record["instruction"], record["response"]))
+    encoded = tokenizer.encode_batch(texts)
+    return [([*e.ids, EOS_ID])[:seq_len] for e in encoded]
+
+
+def make_batches(scenario: Scenario, vocab_size: int, num_batches: int, rank: int, world: int) -> list[dict[str, Any]]:
+    """The batches one rank trains on, identical for every scenario with the same data settings.
+
+    Returns a list of dicts of CPU tensors: ``input_ids``, ``labels`` and ``attention_mask`` (pad) or
+    ``position_ids`` (flatten), plus ``num_tokens`` (int: non-padding tokens in the batch).
+    Global batch ``i`` of rank ``r`` is the ``i * world + r``-th batch of one fixed sequence.
+    """
+    import torch
+
+    bs, seq = scenario.batch_size, scenario.seq_len
+    total = num_batches * world
+    out: list[dict[str, Any]] = []
+    if scenario.dataset == "synthetic":
+        gen = torch.Generator().manual_seed(scenario.seed)
+        for i in range(total):
+            ids = torch.randint(2, vocab_size, (bs, seq), generator=gen)
+            if i % world == rank:
+                out.append(
+                    {
+                        "input_ids": ids,
+                        "labels": ids.clone(),
+                        "attention_mask": torch.ones_like(ids),
+                        "num_tokens": bs * seq,
+                    }
+                )
+        return out
+
+    examples = load_instruction_token_lists(seq)
+    max_id = max(max(e) for e in examples)
+    if max_id >= vocab_size:
+        raise ScenarioError(
+            f"{scenario.name}: the shipped tokenizer emits ids up to {max_id} but the model's vocab is {vocab_size}"
+        )
+    rng = random.Random(scenario.seed)
+    if scenario.collate == "pack":
+        stream: list[int] = []
+        order = list(range(len(examples)))
+        while len(stream) < total * bs * seq:
+            rng.shuffle(order)
+            for j in order:
+                stream.extend(examples[j])
+        for i in range(total):
+            chunk = torch.tensor(stream[i * bs * seq : (i + 1) * bs * seq]).view(bs, seq)
+            if i % world == rank:
+                out.append(
+                    {"input_ids": chunk, "labels": chunk.clone(), "attention_mask": torch.ones_like(chunk),
+                     "num_tokens": bs * seq}
+                )  # fmt: skip
+        return out
+
+    order: list[int] = []
+    while len(order) < total * bs:
+        perm = list(range(len(examples)))
+        rng.shuffle(perm)
+        order.extend(perm)
+    for i in range(total):
+        rows = [examples[j] for j in order[i * bs : (i + 1) * bs]]
+        if i % world != rank:
+            continue
+        n_tokens = sum(len(r) for r in rows)
+        if scenario.collate == "pad":
+            width = max(len(r) for r in rows)
+            ids = torch.full((bs, width), PAD_ID, dtype=torch.long)
+            mask = torch.zeros((bs, width), dtype=torch.long)
+            for k, r in enumerate(rows):
+                ids[k, : len(r)] = torch.tensor(r)
+                mask[k, : len(r)] = 1
+            labels = ids.masked_fill(mask == 0, -100)
+            out.append({"input_ids": ids, "labels": labels, "attention_mask": mask, "num_tokens": n_tokens})
+        else:  # flatten: one row, positions restart per example, no cross-example targets
+            ids = torch.tensor([t for r in rows for t in r]).unsqueeze(0)
+            pos = torch.tensor([p for r in rows for p in range(len(r))]).unsqueeze(0)
+            labels = ids.clone()
+            labels[pos == 0] = -100
+            out.append({"input_ids": ids, "labels": labels, "position_ids": pos, "num_tokens": n_tokens})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- environment
+def package_version(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def environment_info() -> dict[str, str]:
+    """Versions and device, for every CSV row."""
+    info = {
+        "python": platform.python_version(),
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    for pkg in VERSION_PACKAGES:
+        key = "peft_version" if pkg == "peft" else pkg.replace("-", "_")  # "peft" is the method column
+        info[key] = package_version(pkg)
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["device"] = "cuda"
+            info["gpu_name"] = torch.cuda.get_device_name(0)
+        else:
+            info["device"] = "cpu"
+            info["gpu_name"] = ""
+    except ImportError:  # pragma: no cover - torch is required
+        info["device"], info["gpu_name"] = "cpu", ""
+    return info
+
+
+def device_slug(gpu_name: str) -> str:
+    """Folder-friendly name of the device (``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``)."""
+    text = (gpu_name or "cpu").lower()
+    return "".join(c if c.isalnum() else "-" for c in text).strip("-").replace("--", "-")
+
+
+# ----------------------------------------------------------------------------------------------- CSV
+CSV_COLUMNS = (
+    "scenario", "group", "is_baseline", "status", "note",
+    "peft", "plugins", "active_plugins", "prep", "peer", "model", "entry",
+    "batch_size", "seq_len", "steps", "warmup_steps", "gradient_checkpointing", "num_gpus",
+    "dataset", "collate", "dtype",
+    "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s", "padding_fraction",
+    "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib",
+    "throughput_ratio", "memory_ratio", "reserved_ratio",
+    "loss_first", "loss_final", "loss_max_rel_diff", "loss_match",
+    "wall_s", "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version",
+    "bitsandbytes", "triton", "liger_kernel", "python", "date", "command",
+)  # fmt: skip
+"""One row per scenario. Units: tokens/s, seconds, GiB. Ratios are against the group's baseline."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="benchlib.py")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    b = sub.add_parser("build-model", help="random-init a model from a config and save_pretrained it")
+    b.add_argument("--config", required=True, help="JSON mapping for AutoConfig.for_model (with model_type)")
+    b.add_argument("--out", required=True)
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--dtype", default="bfloat16", choices=DTYPES)
+    b.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    build_random_model(json.loads(args.config), args.out, args.device, args.dtype, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

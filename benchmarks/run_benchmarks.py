@@ -1,0 +1,876 @@
+"""Benchmark runner: every scenario of a scenarios file through ``accelerate launch``, one CSV + charts.
+
+Usage (from the repository root)::
+
+    python benchmarks/run_benchmarks.py run benchmarks/scenarios.yaml            # the GPU matrix
+    python benchmarks/run_benchmarks.py run benchmarks/scenarios-cpu.yaml --out /tmp/bench
+    python benchmarks/run_benchmarks.py table  RESULTS.csv                        # Markdown table
+    python benchmarks/run_benchmarks.py charts RESULTS.csv --out DIR              # PNG charts again
+    python benchmarks/run_benchmarks.py readme README.md --csv RESULTS.csv        # (re)generate a README table
+    python benchmarks/run_benchmarks.py readme README.md --check                  # fail if it is out of date
+
+Each scenario runs as its own process tree: the runner writes an Accelerate config (single node, the
+scenario's number of processes, mixed precision from its dtype) with the plugin stack as its top-level
+``acceleration:`` section, and runs ``accelerate launch --config_file THAT.yaml benchmarks/train_bench.py
+...``. Baselines, peers and accelerated stacks of a group run in the same invocation on the same device,
+so the ratios in the CSV compare like with like. See benchmarks/README.md for the columns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import benchlib
+import yaml
+from benchlib import CSV_COLUMNS, REPO_ROOT, Scenario, ScenarioError, ScenarioFile
+
+TRAIN_SCRIPT = Path(__file__).resolve().parent / "train_bench.py"
+README_BEGIN = "<!-- benchmark-table:begin"
+README_END = "<!-- benchmark-table:end -->"
+ENTRY_SECTION = "section"
+ENTRY_ENV = "env"
+
+
+class SkipScenario(Exception):
+    """The scenario cannot run here (missing plugin / peer / GPUs); recorded as ``skipped`` with the reason."""
+
+
+# ----------------------------------------------------------------------------------------------- stacks
+@dataclass(frozen=True)
+class Stack:
+    """A resolved plugin stack.
+
+    Attributes:
+        label: as written in the scenario.
+        body: the acceleration body (``{"peft": {...}}``) or ``None`` for no plugins.
+        accelerate_base: Accelerate settings that came with the stack's config file (e.g. FSDP), or ``None``.
+        origin: the file it was read from.
+    """
+
+    label: str
+    body: Mapping[str, Any] | None
+    accelerate_base: Mapping[str, Any] | None = None
+    origin: str = ""
+
+
+def shipped_launch_configs() -> dict[str, Path]:
+    """Short name -> file of the configurations in launch_configs/ (from its CONTENTS.yaml)."""
+    folder = REPO_ROOT / "launch_configs"
+    contents = folder / "CONTENTS.yaml"
+    out: dict[str, Path] = {}
+    if contents.is_file():
+        doc = yaml.safe_load(contents.read_text(encoding="utf-8")) or {}
+        for _key, items in doc.items():
+            if not isinstance(items, list):
+                continue
+            for item in items:
+                if isinstance(item, Mapping) and "shortname" in item and "filename" in item:
+                    out.setdefault(str(item["shortname"]), folder / str(item["filename"]))
+    for path in sorted(folder.rglob("*.yaml")):  # files not listed in CONTENTS are still usable by stem
+        if path.name != "CONTENTS.yaml":
+            out.setdefault(path.stem, path)
+    return out
+
+
+def resolve_stack(plugins: str | Mapping[str, Any], label: str) -> Stack:
+    """Turn a scenario's ``plugins`` value into a :class:`Stack`.
+
+    Raises:
+        SkipScenario: the named configuration does not exist (yet).
+        AccelerationConfigError: the configuration is invalid.
+    """
+    from fms_acceleration_accelerate.config import load_acceleration_config
+
+    if isinstance(plugins, Mapping):
+        return Stack(label, dict(load_acceleration_config(dict(plugins)).body), None, "<inline>")
+    if plugins == "none":
+        return Stack(label, None)
+    path = Path(plugins)
+    if not path.is_file() and not path.is_absolute():
+        path = REPO_ROOT / plugins
+    if not path.is_file():
+        shipped = shipped_launch_configs()
+        if plugins not in shipped:
+            names = ", ".join(sorted(shipped)) or "none yet"
+            raise SkipScenario(f"no launch config named {plugins!r} (shipped: {names})")
+        path = shipped[plugins]
+    config = load_acceleration_config(path)
+    doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    base = None
+    if "acceleration" in doc:
+        base = {k: v for k, v in doc.items() if k != "acceleration"} or None
+    return Stack(label, dict(config.body), base, str(path))
+
+
+def check_stack_activates(stack: Stack) -> list[str]:
+    """Names of the plugins the stack activates; :class:`SkipScenario` if any section has no installed plugin."""
+    from fms_acceleration_accelerate import AccelerationConfigError, AccelerationFramework
+
+    if stack.body is None:
+        return []
+    try:
+        framework = AccelerationFramework(dict(stack.body))
+    except AccelerationConfigError as exc:
+        if "is not installed" in str(exc) or "needs" in str(exc):
+            raise SkipScenario(f"plugin requirements missing: {exc}") from None
+        raise
+    if framework.passthrough:
+        raise SkipScenario(
+            "not accelerated here: " + "; ".join(f"{p.path} ({p.reason})" for p in framework.passthrough)
+        )
+    names = list(framework.active_plugin_names)
+    framework.revert()
+    return names
+
+
+def integration_available() -> bool:
+    """True when the Accelerate integration (the ``acceleration:`` section in ``accelerate launch``) is installed."""
+    return benchlib.has_module("fms_acceleration_accelerate.accelerate_integration")
+
+
+# ----------------------------------------------------------------------------------------------- launching
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def mixed_precision_for(s: Scenario, on_cpu: bool) -> str:
+    if on_cpu:
+        return "no"
+    return {"bfloat16": "bf16", "float16": "fp16"}.get(s.dtype, "no")
+
+
+def write_accelerate_config(
+    s: Scenario, stack: Stack, path: Path, *, on_cpu: bool, entry: str, extra_base: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """Write the Accelerate config of one scenario; returns it."""
+    cfg: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "NO" if s.num_gpus == 1 else "MULTI_GPU",
+        "num_machines": 1,
+        "machine_rank": 0,
+        "gpu_ids": "all",
+        "main_training_function": "main",
+        "rdzv_backend": "static",
+        "same_network": True,
+        "downcast_bf16": "no",
+    }
+    for base in (stack.accelerate_base, extra_base):
+        if base:
+            cfg.update({k: v for k, v in base.items() if k != "acceleration"})
+    cfg["num_processes"] = s.num_gpus
+    cfg["main_process_port"] = free_port()
+    cfg["mixed_precision"] = mixed_precision_for(s, on_cpu)
+    cfg["use_cpu"] = on_cpu
+    if on_cpu:
+        cfg["distributed_type"] = "NO"
+    if stack.body is not None and entry == ENTRY_SECTION:
+        cfg["acceleration"] = dict(stack.body)
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
+    return cfg
+
+
+def train_args_for(s: Scenario) -> list[str]:
+    """``train_bench.py`` options for the scenario fields that differ from the defaults."""
+    defaults = Scenario(name="", group="", model="")
+    out: list[str] = []
+    for name in benchlib.SCENARIO_FIELDS:
+        if name in ("baseline", "plugins"):
+            continue
+        value = getattr(s, name)
+        if name not in ("name", "group", "model") and value == getattr(defaults, name):
+            continue
+        flag = "--" + name.replace("_", "-")
+        if name == "lora_target_modules":
+            out += [flag, *value]
+        else:
+            out += [flag, str(value)]
+    out += ["--plugins", s.plugins_label if not isinstance(s.plugins, Mapping) else "inline"]
+    return out
+
+
+LAUNCHERS = {
+    # the stock command, through its console script's module (so the interpreter/venv cannot differ)
+    "accelerate": (["-m", "accelerate.commands.accelerate_cli", "launch"], ["accelerate", "launch"]),
+    # this project's wrapper taking the same arguments (needed only when the start-up hook is not installed)
+    "fms-accelerate": (["-m", "fms_acceleration_accelerate.cli", "launch"], ["fms-accelerate", "launch"]),
+}
+
+
+def pick_launcher(requested: str) -> str:
+    """``accelerate`` when the start-up hook that lets it read ``acceleration:`` sections is installed."""
+    if requested != "auto":
+        return requested
+    if benchlib.has_module("_fms_acceleration_startup") or not integration_available():
+        return "accelerate"
+    return "fms-accelerate"
+
+
+def launch_argv(launcher: str) -> list[str]:
+    return [sys.executable, *LAUNCHERS[launcher][0]]
+
+
+def display_command(argv: Sequence[str]) -> str:
+    """The command as a user would type it (``accelerate launch ...``)."""
+    argv = list(argv)
+    for module_args, shown in LAUNCHERS.values():
+        prefix = [sys.executable, *module_args]
+        if argv[: len(prefix)] == prefix:
+            argv = [*shown, *argv[len(prefix) :]]
+            break
+    text = shlex.join(str(a) for a in argv)
+    return text.replace(str(REPO_ROOT) + os.sep, "")
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Stop the process group this runner started for one scenario (by its id)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def _tail(path: Path, lines: int = 40) -> str:
+    if not path.is_file():
+        return ""
+    text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    return "\n".join(text[-lines:])
+
+
+def _last_error_line(log: Path) -> str:
+    for line in reversed(_tail(log, 200).splitlines()):
+        stripped = line.strip()
+        if stripped and ("Error" in stripped or "error" in stripped or "Exception" in stripped):
+            return stripped[:300]
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------- rows
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return ""
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def base_row(s: Scenario, models: ScenarioFile) -> dict[str, Any]:
+    spec = models.models.get(s.model)
+    return {
+        "scenario": s.name,
+        "group": s.group,
+        "is_baseline": "yes" if models.baselines.get(s.group) == s.name else "no",
+        "peft": s.peft,
+        "plugins": s.plugins_label,
+        "prep": s.prep,
+        "peer": s.peer,
+        "model": f"{s.model} ({benchlib.model_spec_summary(spec)})" if spec else s.model,
+        "batch_size": s.batch_size,
+        "seq_len": s.seq_len,
+        "steps": s.steps,
+        "warmup_steps": s.warmup_steps,
+        "gradient_checkpointing": s.gradient_checkpointing,
+        "num_gpus": s.num_gpus,
+        "dataset": s.dataset,
+        "collate": s.collate if s.dataset != "synthetic" else "",
+        "dtype": s.dtype,
+    }
+
+
+def fill_result(row: dict[str, Any], result: Mapping[str, Any]) -> None:
+    row["status"] = result.get("status", "failed")
+    for key in (
+        "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s",
+        "padding_fraction", "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib",
+        "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version", "bitsandbytes", "triton",
+        "liger_kernel", "python", "date", "entry",
+    ):  # fmt: skip
+        if key in result:
+            row[key] = result[key]
+    losses = result.get("losses") or []
+    if losses:
+        row["loss_first"] = losses[0]
+        row["loss_final"] = losses[-1]
+    if "active_plugins" in result:
+        row["active_plugins"] = "+".join(result["active_plugins"])
+
+
+def memory_metric(row: Mapping[str, Any]) -> float | None:
+    """Peak allocated GPU memory, or peak RSS on CPU (GiB)."""
+    for key in ("peak_alloc_gib", "peak_rss_gib"):
+        value = _to_float(row.get(key))
+        if value is not None:
+            return value
+    return None
+
+
+def _to_float(value: Any) -> float | None:
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def compute_relative(
+    rows: list[dict[str, Any]], losses: Mapping[str, list[float]], s_by_name: Mapping[str, Scenario]
+) -> None:
+    """Fill ratio and loss-agreement columns of every row against its group's baseline row."""
+    by_name = {r["scenario"]: r for r in rows}
+    for row in rows:
+        base_name = next(
+            (r["scenario"] for r in rows if r["group"] == row["group"] and r["is_baseline"] == "yes"), None
+        )
+        base = by_name.get(base_name) if base_name else None
+        for key in ("throughput_ratio", "memory_ratio", "reserved_ratio", "loss_max_rel_diff", "loss_match"):
+            row[key] = ""
+        if base is None or base.get("status") != "ok" or row.get("status") != "ok":
+            continue
+        for key, a, b in (
+            ("throughput_ratio", _to_float(row.get("train_tokens_per_s")), _to_float(base.get("train_tokens_per_s"))),
+            ("memory_ratio", memory_metric(row), memory_metric(base)),
+            ("reserved_ratio", _to_float(row.get("peak_reserved_gib")), _to_float(base.get("peak_reserved_gib"))),
+        ):
+            if a is not None and b:
+                row[key] = a / b
+        mine, ref = losses.get(row["scenario"]), losses.get(base_name)
+        if row is base:
+            row["loss_max_rel_diff"] = 0.0
+            row["loss_match"] = "baseline"
+        elif mine and ref:
+            n = min(len(mine), len(ref))
+            diff = max(abs(mine[i] - ref[i]) / max(abs(ref[i]), 1e-8) for i in range(n))
+            row["loss_max_rel_diff"] = diff
+            tol = s_by_name[row["scenario"]].loss_rtol if row["scenario"] in s_by_name else 0.03
+            row["loss_match"] = "yes" if diff <= tol else "no"
+
+
+DIGITS = {
+    "train_tokens_per_s": 1, "train_tokens_per_s_per_gpu": 1, "step_time_s": 4, "step_time_p50_s": 4,
+    "padding_fraction": 4, "peak_alloc_gib": 3, "peak_reserved_gib": 3, "peak_rss_gib": 3,
+    "throughput_ratio": 3, "memory_ratio": 3, "reserved_ratio": 3, "loss_first": 4, "loss_final": 4,
+    "loss_max_rel_diff": 5, "wall_s": 1,
+}  # fmt: skip
+
+
+def write_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: _fmt(row.get(c), DIGITS.get(c, 6)) for c in CSV_COLUMNS})
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+# ----------------------------------------------------------------------------------------------- output
+def _num(row: Mapping[str, Any], key: str, digits: int, suffix: str = "") -> str:
+    value = _to_float(row.get(key))
+    return "" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Full results as a Markdown table (what the runner prints)."""
+    cpu = all(not r.get("peak_alloc_gib") for r in rows)
+    mem_label = "peak RSS GiB" if cpu else "peak alloc GiB"
+    header = [
+        "scenario", "group", "plugins", "tok/s", "× base", "step s", mem_label, "× base",
+        "peak reserved GiB", "final loss", "loss Δ max", "status",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        status = r.get("status", "")
+        if status != "ok" and r.get("note"):
+            status = f"{status}: {r['note']}"
+        cells = [
+            str(r.get("scenario", "")) + (" (baseline)" if r.get("is_baseline") == "yes" else ""),
+            str(r.get("group", "")),
+            str(r.get("plugins", ""))
+            + (f" + {r['peer']}" if r.get("peer") not in (None, "", "none") else "")
+            + (" [lean]" if r.get("prep") == "lean" and r.get("peft") == "qlora" else ""),
+            _num(r, "train_tokens_per_s", 0),
+            _num(r, "throughput_ratio", 2, "×"),
+            _num(r, "step_time_s", 3),
+            _num(r, "peak_rss_gib" if cpu else "peak_alloc_gib", 2),
+            _num(r, "memory_ratio", 2, "×"),
+            _num(r, "peak_reserved_gib", 2),
+            _num(r, "loss_final", 4),
+            _num(r, "loss_max_rel_diff", 4),
+            status.replace("|", "/").replace("\n", " ")[:160],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def readme_table(rows: Sequence[Mapping[str, Any]], source: str) -> str:
+    """The compact performance table for README files, generated from a results CSV."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    if not ok:
+        return f"_No successful rows in {source}._"
+    first = ok[0]
+    cpu = not first.get("peak_alloc_gib")
+    device = first.get("gpu_name") or "CPU"
+    model = first.get("model", "")
+    lines = [
+        f"Measured on **{device}** ({first.get('date', '')[:10]}; torch {first.get('torch', '')}, transformers "
+        f"{first.get('transformers', '')}, peft {first.get('peft_version', '')}, bitsandbytes "
+        f"{first.get('bitsandbytes', '') or '-'}, liger-kernel {first.get('liger_kernel', '') or '-'}). Model: "
+        f"{model}; batch {first.get('batch_size')} × {first.get('seq_len')} tokens; ratios are against the "
+        f"HF baseline of the same group in the same run. Source: `{source}` (generated by "
+        "`python benchmarks/run_benchmarks.py readme`).",
+        "",
+        "| group | scenario | stack | train tok/s | speed-up | peak memory GiB | memory vs baseline | loss matches |",
+        "|---|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in ok:
+        stack = r.get("plugins", "")
+        if stack == "none":
+            stack = "HF" + (" lean" if r.get("prep") == "lean" and r.get("peft") == "qlora" else "")
+        if r.get("peer") not in (None, "", "none"):
+            stack += f" + {r['peer']}"
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    str(r.get("group", "")),
+                    str(r.get("scenario", "")),
+                    stack,
+                    _num(r, "train_tokens_per_s", 0),
+                    _num(r, "throughput_ratio", 2, "×"),
+                    _num(r, "peak_rss_gib" if cpu else "peak_alloc_gib", 1),
+                    _num(r, "memory_ratio", 2, "×"),
+                    str(r.get("loss_match", "")),
+                ]
+            )
+            + " |"
+        )
+    skipped = [r for r in rows if r.get("status") != "ok"]
+    if skipped:
+        lines += [
+            "",
+            "Not run: " + "; ".join(f"{r['scenario']} ({r.get('status')}: {r.get('note', '')})" for r in skipped),
+        ]
+    return "\n".join(lines)
+
+
+def write_charts(
+    rows: Sequence[Mapping[str, Any]], out_dir: Path, losses: Mapping[str, list[float]] | None = None
+) -> list[Path]:
+    """PNG bar charts of throughput and memory ratios vs each group's baseline (+ loss curves when given)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written: list[Path] = []
+    groups = list(dict.fromkeys(str(r.get("group", "")) for r in rows))
+    colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
+    device = next((r.get("gpu_name") for r in rows if r.get("gpu_name")), "") or "CPU"
+    for key, title, fname in (
+        ("throughput_ratio", "Train tokens/s vs group baseline (higher is better)", "throughput_ratio.png"),
+        ("memory_ratio", "Peak memory vs group baseline (lower is better)", "memory_ratio.png"),
+    ):
+        data = [(f"{r['group']} / {r['scenario']}", _to_float(r.get(key)), str(r["group"])) for r in rows]
+        data = [d for d in data if d[1] is not None]
+        fig, ax = plt.subplots(figsize=(9, 0.45 * max(len(data), 1) + 1.6))
+        if data:
+            labels, values, grp = zip(*data)
+            ypos = range(len(values))
+            ax.barh(list(ypos), values, color=[colors[g] for g in grp])
+            ax.set_yticks(list(ypos), labels=labels, fontsize=8)
+            ax.invert_yaxis()
+            for y, v in zip(ypos, values):
+                ax.text(v, y, f" {v:.2f}×", va="center", fontsize=8)
+            ax.set_xlim(0, max(values) * 1.2)
+        else:
+            ax.text(0.5, 0.5, "no successful rows", ha="center", va="center", transform=ax.transAxes)
+        ax.axvline(1.0, color="black", linewidth=1, linestyle="--")
+        ax.set_title(f"{title}\n{device}", fontsize=10)
+        ax.set_xlabel("ratio")
+        fig.tight_layout()
+        path = out_dir / fname
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    if losses:
+        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
+        for ax, g in zip(axes[0], groups):
+            for r in rows:
+                curve = losses.get(str(r["scenario"]))
+                if r["group"] == g and curve:
+                    ax.plot(range(len(curve)), curve, label=str(r["scenario"]), linewidth=1)
+            ax.set_title(f"loss: {g}", fontsize=10)
+            ax.set_xlabel("step")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / "loss_curves.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+# ----------------------------------------------------------------------------------------------- run
+def detect_device(requested: str) -> tuple[bool, int]:
+    """``(on_cpu, number of GPUs)`` without creating a CUDA context in this process."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if requested == "cpu":
+        return True, 0
+    if requested == "cuda" and count == 0:
+        raise SystemExit("error: --device cuda but no CUDA device is visible")
+    return count == 0, count
+
+
+def gpu_name_without_context() -> str:
+    exe = shutil.which("nvidia-smi")
+    if exe:
+        try:
+            out = subprocess.run(
+                [exe, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            )
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip().splitlines()[0].strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return "gpu"
+
+
+class Runner:
+    """Runs the selected scenarios of one file and keeps the CSV/losses up to date after each."""
+
+    def __init__(self, sfile: ScenarioFile, scenarios: list[Scenario], args: argparse.Namespace) -> None:
+        self.sfile = sfile
+        self.scenarios = scenarios
+        self.args = args
+        self.on_cpu, self.num_gpus = detect_device(args.device)
+        if args.out:
+            self.out_dir = Path(args.out)
+        else:
+            slug = benchlib.device_slug("cpu" if self.on_cpu else gpu_name_without_context())
+            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M")
+            self.out_dir = REPO_ROOT / "benchmarks" / "results" / slug / f"{stamp}-{Path(sfile.path).stem}"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "logs").mkdir(exist_ok=True)
+        self.work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="fms_bench_"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.entry = args.entry if args.entry != "auto" else (ENTRY_SECTION if integration_available() else ENTRY_ENV)
+        self.launcher = pick_launcher(args.launcher)
+        self.model_dirs: dict[str, str] = {}
+        self.rows: list[dict[str, Any]] = []
+        self.losses: dict[str, list[float]] = {}
+        self.started = time.monotonic()
+
+    # -- models
+    def model_dir(self, s: Scenario) -> str:
+        spec = self.sfile.models.get(s.model)
+        if spec is None:
+            return s.model
+        if "path" in spec:
+            return str(spec["path"])
+        if s.model not in self.model_dirs:
+            target = self.work_dir / "models" / s.model
+            if not (target / "config.json").is_file():
+                device = "cpu" if self.on_cpu else "cuda"
+                dtype = "float32" if self.on_cpu else s.dtype
+                cmd = [
+                    sys.executable, str(Path(__file__).with_name("benchlib.py")), "build-model",
+                    "--config", json.dumps(dict(spec["config"])), "--out", str(target), "--device", device,
+                    "--dtype", dtype, "--seed", "0",
+                ]  # fmt: skip
+                print(f"[bench] building model {s.model} ({benchlib.model_spec_summary(spec)}) on {device}", flush=True)
+                t0 = time.monotonic()
+                done = subprocess.run(cmd, capture_output=True, text=True)
+                if done.returncode != 0:
+                    raise RuntimeError(
+                        f"building model {s.model!r} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+                    )
+                print(f"[bench] model {s.model} ready in {time.monotonic() - t0:.0f}s: {target}", flush=True)
+            self.model_dirs[s.model] = str(target)
+        return self.model_dirs[s.model]
+
+    # -- one scenario
+    def prepare(self, s: Scenario) -> tuple[list[str], dict[str, str], Stack, list[str]]:
+        if s.peer == "liger":
+            if self.on_cpu:
+                raise SkipScenario("Liger-Kernel needs a CUDA GPU")
+            if not benchlib.has_module("liger_kernel"):
+                raise SkipScenario(
+                    "liger-kernel is not installed (carry its wheel in wheels/; see benchmarks/README.md)"
+                )
+        if s.peft == "qlora" and not benchlib.has_module("bitsandbytes"):
+            raise SkipScenario("bitsandbytes is not installed (carry its wheel in wheels/)")
+        if not self.on_cpu and s.num_gpus > self.num_gpus:
+            raise SkipScenario(f"needs {s.num_gpus} GPUs, {self.num_gpus} visible")
+        if self.on_cpu and s.num_gpus > 1:
+            raise SkipScenario("multi-process scenarios need GPUs")
+        stack = resolve_stack(s.plugins, s.plugins_label)
+        active = check_stack_activates(stack)
+        extra_base = None
+        if s.accelerate_config:
+            extra_base = yaml.safe_load(Path(s.accelerate_config).read_text(encoding="utf-8")) or {}
+        cfg_path = self.work_dir / "configs" / f"{s.name}.yaml"
+        cfg_path.parent.mkdir(exist_ok=True)
+        write_accelerate_config(s, stack, cfg_path, on_cpu=self.on_cpu, entry=self.entry, extra_base=extra_base)
+        env = dict(os.environ)
+        env.setdefault("HF_HUB_OFFLINE", "1")
+        env.setdefault("TRANSFORMERS_OFFLINE", "1")
+        env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        argv = [*launch_argv(self.launcher), "--config_file", str(cfg_path), str(TRAIN_SCRIPT), *train_args_for(s)]
+        argv += ["--model-dir", self.model_dir(s), "--result-json", str(self.work_dir / f"{s.name}.json")]
+        if stack.body is not None:
+            if self.entry == ENTRY_SECTION:
+                accel_file = cfg_path  # the Accelerate config itself; its acceleration: section is read
+            else:
+                accel_file = self.work_dir / "configs" / f"{s.name}.acceleration.yaml"
+                accel_file.write_text(yaml.safe_dump({"plugins": dict(stack.body)}, sort_keys=False), encoding="utf-8")
+                env["ACCELERATION_FRAMEWORK_CONFIG_FILE"] = str(accel_file)
+            argv += ["--acceleration-config", str(accel_file), "--entry", self.entry]
+        return argv, env, stack, active
+
+    def run_one(self, s: Scenario) -> dict[str, Any]:
+        row = base_row(s, self.sfile)
+        elapsed = time.monotonic() - self.started
+        budget_left = self.args.time_budget - elapsed if self.args.time_budget else None
+        if budget_left is not None and budget_left < self.args.min_scenario_time:
+            row.update(status="skipped", note=f"time budget ({self.args.time_budget:.0f}s) used up")
+            return row
+        try:
+            argv, env, stack, active = self.prepare(s)
+        except SkipScenario as exc:
+            row.update(status="skipped", note=str(exc))
+            return row
+        except (ScenarioError, ValueError, RuntimeError, OSError) as exc:
+            row.update(status="failed", note=f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500])
+            return row
+        row["command"] = display_command(argv)
+        row["active_plugins"] = "+".join(active)
+        row["entry"] = self.entry if stack.body is not None else ""
+        log = self.out_dir / "logs" / f"{s.name}.log"
+        timeout = self.args.scenario_timeout
+        if budget_left is not None:
+            timeout = min(timeout, max(budget_left, self.args.min_scenario_time))
+        print(f"[bench] {s.name}: {row['command']}", flush=True)
+        t0 = time.monotonic()
+        result_path = self.work_dir / f"{s.name}.json"
+        result_path.unlink(missing_ok=True)
+        with log.open("w", encoding="utf-8") as handle:
+            handle.write(row["command"] + "\n\n")
+            handle.flush()
+            proc = subprocess.Popen(
+                argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT), start_new_session=True
+            )
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_tree(proc)
+                code = None
+        row["wall_s"] = time.monotonic() - t0
+        result = json.loads(result_path.read_text(encoding="utf-8")) if result_path.is_file() else {}
+        if code is None:
+            row.update(status="failed", note=f"timed out after {timeout:.0f}s")
+        elif code != 0 or result.get("status") != "ok":
+            note = result.get("error") or _last_error_line(log) or f"exit code {code}"
+            row.update(status="failed", note=str(note).replace("\n", " ")[:500])
+        else:
+            fill_result(row, result)
+            self.losses[s.name] = list(result.get("losses") or [])
+        return row
+
+    def save(self) -> None:
+        compute_relative(self.rows, self.losses, {s.name: s for s in self.scenarios})
+        write_csv(self.rows, self.out_dir / "results.csv")
+        (self.out_dir / "losses.json").write_text(json.dumps(self.losses, indent=1), encoding="utf-8")
+
+    def run(self) -> Path:
+        invocation = display_command([sys.executable, *sys.argv])
+        (self.out_dir / "command.txt").write_text(
+            f"{invocation}\n# launcher: {self.launcher}; entry: {self.entry}; cwd: repository root; started {benchlib.environment_info()['date']}\n",
+            encoding="utf-8",
+        )
+        for s in self.scenarios:
+            row = self.run_one(s)
+            row.setdefault("command", "")
+            took = f" in {row['wall_s']:.0f}s" if row.get("wall_s") else ""
+            print(f"[bench] {s.name}: {row['status']}{took} {row.get('note', '')}".rstrip(), flush=True)
+            self.rows.append(row)
+            self.save()
+        charts = write_charts(self.rows, self.out_dir, self.losses)
+        table = markdown_table(self.rows)
+        (self.out_dir / "summary.md").write_text(table + "\n", encoding="utf-8")
+        print(table)
+        print(f"\n[bench] results: {self.out_dir / 'results.csv'}; charts: {', '.join(p.name for p in charts)}")
+        if not self.args.keep_models and not self.args.work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+        return self.out_dir / "results.csv"
+
+
+# ----------------------------------------------------------------------------------------------- readme
+def render_readme_block(csv_path: str, repo_root: Path = REPO_ROOT) -> str:
+    path = Path(csv_path)
+    full = path if path.is_absolute() else repo_root / path
+    rows = read_csv(full)
+    try:
+        shown = full.resolve().relative_to(repo_root.resolve()).as_posix()
+    except ValueError:
+        shown = str(full)
+    return f"{README_BEGIN} source={shown} -->\n{readme_table(rows, shown)}\n{README_END}"
+
+
+def update_readme(readme: Path, csv_path: str | None, check: bool) -> int:
+    """Regenerate the table between the markers of ``readme`` (``--check``: only verify it is current)."""
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    start = text.find(README_BEGIN)
+    end = text.find(README_END, start + 1) if start >= 0 else -1
+    if csv_path is None:
+        if start < 0:
+            print(f"error: {readme} has no '{README_BEGIN} source=... -->' marker; pass --csv", file=sys.stderr)
+            return 2
+        header = text[start : text.find("-->", start)]
+        if "source=" not in header:
+            print(f"error: the marker in {readme} names no source=CSV; pass --csv", file=sys.stderr)
+            return 2
+        csv_path = header.split("source=", 1)[1].strip()
+    block = render_readme_block(csv_path)
+    if start >= 0 and end >= 0:
+        new = text[:start] + block + text[end + len(README_END) :]
+    else:
+        new = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
+    if check:
+        if new != text:
+            print(
+                f"{readme}: the benchmark table is out of date; run: python benchmarks/run_benchmarks.py readme {readme}"
+            )
+            return 1
+        print(f"{readme}: the benchmark table matches {csv_path}")
+        return 0
+    readme.write_text(new, encoding="utf-8")
+    print(f"{readme}: table regenerated from {csv_path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- CLI
+def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run_benchmarks.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run the scenarios of a file")
+    r.add_argument("scenarios", help="scenarios YAML (e.g. benchmarks/scenarios.yaml)")
+    r.add_argument("--out", help="results folder (default benchmarks/results/<device>/<date>-<file>)")
+    r.add_argument("--only", nargs="+", default=[], help="scenario names to run")
+    r.add_argument("--group", nargs="+", default=[], help="scenario groups to run")
+    r.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override a scenario key everywhere")
+    r.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    r.add_argument("--entry", choices=["auto", ENTRY_SECTION, ENTRY_ENV], default="auto",
+                   help="how the stack reaches the workers: the acceleration: section of the Accelerate config "
+                   "(needs the Accelerate integration) or ACCELERATION_FRAMEWORK_CONFIG_FILE; auto picks section "
+                   "when the integration is installed")  # fmt: skip
+    r.add_argument("--launcher", choices=["auto", *LAUNCHERS], default="auto",
+                   help="auto: stock 'accelerate launch' when this package's start-up hook is installed, "
+                   "else 'fms-accelerate launch' (same arguments)")  # fmt: skip
+    r.add_argument("--work-dir", help="where models/configs go (kept); default: a temp folder, removed at the end")
+    r.add_argument("--keep-models", action="store_true", help="keep the temp folder with the built models")
+    r.add_argument(
+        "--time-budget", type=float, default=0.0, help="seconds for the whole run; later scenarios are skipped"
+    )
+    r.add_argument(
+        "--min-scenario-time", type=float, default=45.0, help="do not start a scenario with less budget left"
+    )
+    r.add_argument("--scenario-timeout", type=float, default=600.0)
+    r.add_argument("--compare", nargs="?", const="auto", default=None, metavar="REFERENCE_CSV",
+                   help="compare with reference results after the run (non-zero exit on regression)")  # fmt: skip
+    r.add_argument("--threshold", type=float, default=0.05, help="regression threshold for --compare")
+    t = sub.add_parser("table", help="print the Markdown table of a results CSV")
+    t.add_argument("csv")
+    t.add_argument("--style", choices=["full", "readme"], default="full")
+    c = sub.add_parser("charts", help="render the PNG charts of a results CSV")
+    c.add_argument("csv")
+    c.add_argument("--out", help="folder (default: next to the CSV)")
+    m = sub.add_parser("readme", help="regenerate the performance table between the markers of a Markdown file")
+    m.add_argument("markdown", help="e.g. README.md")
+    m.add_argument("--csv", help="results CSV (default: the source= named in the file's marker)")
+    m.add_argument("--check", action="store_true", help="exit 1 if the table differs from what the CSV gives")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith((".yaml", ".yml")):
+        argv = ["run", *argv]
+    args = build_parser().parse_args(argv)
+    if args.command == "table":
+        rows = read_csv(args.csv)
+        print(markdown_table(rows) if args.style == "full" else readme_table(rows, args.csv))
+        return 0
+    if args.command == "charts":
+        rows = read_csv(args.csv)
+        out = Path(args.out) if args.out else Path(args.csv).parent
+        out.mkdir(parents=True, exist_ok=True)
+        losses_path = Path(args.csv).with_name("losses.json")
+        losses = json.loads(losses_path.read_text(encoding="utf-8")) if losses_path.is_file() else None
+        for path in write_charts(rows, out, losses):
+            print(path)
+        return 0
+    if args.command == "readme":
+        return update_readme(Path(args.markdown), args.csv, args.check)
+    try:
+        sfile = benchlib.load_scenarios(args.scenarios, _parse_overrides(args.set))
+        scenarios = sfile.select(args.only, args.group)
+    except ScenarioError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not scenarios:
+        print("error: no scenario selected", file=sys.stderr)
+        return 2
+    csv_path = Runner(sfile, scenarios, args).run()
+    if args.compare is not None:
+        import compare
+
+        reference = None if args.compare == "auto" else args.compare
+        return compare.main(
+            [str(csv_path), *(["--reference", reference] if reference else []), "--threshold", str(args.threshold)]
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,342 @@
+"""Training script of one benchmark scenario; the runner starts it with ``accelerate launch``.
+
+The same loop serves every row of a scenario group, so only the model preparation differs:
+
+* **HF baseline** (no plugins, ``--prep hf``): exactly the Hugging Face docs recipe. Full FT / LoRA:
+  ``from_pretrained`` (+ ``get_peft_model``). QLoRA: ``BitsAndBytesConfig`` + ``prepare_model_for_kbit_training``
+  + ``get_peft_model``.
+* **Lean baseline** (``--prep lean``): QLoRA without ``prepare_model_for_kbit_training``'s fp32 upcast of the
+  frozen non-4-bit parameters (embeddings, lm_head, norms); base frozen, same checkpointing.
+* **Peer** (``--peer liger``): Liger-Kernel's ``apply_liger_kernel_to_<model_type>()`` before loading (its
+  documented use), on top of either baseline recipe.
+* **Accelerated** (``--acceleration-config FILE``): the framework API of this project:
+  ``AccelerationFramework(FILE)``, ``model_loader`` when a plugin owns loading, ``augmentation(model,
+  train_args, modifiable_args=(peft_config,))``; the ``Accelerator()`` created below picks the same
+  section up at ``prepare`` (the launcher's config carries it as an ``acceleration:`` section).
+
+The loop: ``model.train()``, AdamW, ``accelerator.prepare(model, optimizer)``, ``steps`` optimizer steps,
+the first ``warmup_steps`` untimed. Rank 0 writes one JSON result (``--result-json``): train tokens/s over
+the timed steps counting only non-padding tokens, step times, peak allocated / reserved CUDA memory (max over
+ranks; peak RSS on CPU), and the loss of every step (mean over ranks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import benchlib
+from benchlib import Scenario
+
+GIB = 1024**3
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One option per :class:`~benchlib.Scenario` field (``--batch-size``, ``--peft`` ...), plus the run's files."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for f in dataclasses.fields(Scenario):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "plugins":
+            parser.add_argument(flag, default="none", help="label of the plugin stack (for the result only)")
+        elif f.name == "baseline":
+            continue
+        elif f.name == "lora_target_modules":
+            parser.add_argument(flag, nargs="+", default=list(f.default))
+        elif isinstance(f.default, bool):
+            parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=f.default)
+        elif f.default is dataclasses.MISSING:
+            parser.add_argument(flag, required=True)
+        else:
+            kind = type(f.default) if f.default is not None else str
+            parser.add_argument(flag, type=kind, default=f.default)
+    parser.add_argument("--model-dir", required=True, help="folder with a save_pretrained checkpoint")
+    parser.add_argument("--acceleration-config", default=None, help="YAML with the acceleration section")
+    parser.add_argument("--entry", default="", help="how the section reached this process (recorded only)")
+    parser.add_argument("--result-json", required=True)
+    return parser
+
+
+def scenario_from_args(args: argparse.Namespace) -> Scenario:
+    values = {}
+    for f in dataclasses.fields(Scenario):
+        if f.name == "baseline":
+            continue
+        value = getattr(args, f.name)
+        values[f.name] = tuple(value) if f.name == "lora_target_modules" else value
+    return Scenario(**values)
+
+
+# ----------------------------------------------------------------------------------------------- model prep
+def apply_liger(model_dir: str) -> str:
+    """Apply Liger-Kernel's patches for the checkpoint's architecture (class level, before loading)."""
+    import liger_kernel.transformers as liger
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(model_dir).model_type
+    apply = getattr(liger, f"apply_liger_kernel_to_{model_type}", None)
+    if apply is None:
+        raise ValueError(f"liger_kernel {benchlib.package_version('liger-kernel')} has no patch for {model_type!r}")
+    apply()
+    return f"apply_liger_kernel_to_{model_type}"
+
+
+def enable_checkpointing(model: Any) -> None:
+    """Gradient (activation) checkpointing of the decoder layers, non-reentrant, unless already on."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    flag = (
+        "is_activation_checkpointing" if hasattr(base, "is_activation_checkpointing") else "is_gradient_checkpointing"
+    )
+    if getattr(base, flag, False):
+        return
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x (the old name warns)
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def make_train_args(s: Scenario, out_dir: str) -> Any:
+    """``transformers.TrainingArguments`` describing this run, for plugins' ``augmentation(model, train_args)``.
+
+    Created before the ``Accelerator`` (as the HF Trainer does): building it resets Accelerate's shared state.
+    """
+    import torch
+    from transformers import TrainingArguments
+
+    on_gpu = torch.cuda.is_available()
+    return TrainingArguments(
+        output_dir=out_dir,
+        per_device_train_batch_size=s.batch_size,
+        max_steps=s.steps,
+        learning_rate=s.learning_rate,
+        gradient_checkpointing=s.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=on_gpu and s.dtype == "bfloat16",
+        fp16=on_gpu and s.dtype == "float16",
+        use_cpu=not on_gpu,
+        report_to="none",
+        seed=s.seed,
+    )
+
+
+def load_and_prepare(
+    s: Scenario, model_dir: str, framework: Any, accelerator: Any, train_args: Any
+) -> tuple[Any, dict]:
+    """Load the model and make it trainable the way the scenario says; returns ``(model, info)``."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    info: dict[str, Any] = {"loader": "transformers", "augmented_by_plugins": False, "peer_patch": ""}
+    dtype = getattr(torch, s.dtype)
+    device = accelerator.device
+    is_fsdp = str(accelerator.distributed_type).endswith("FSDP")
+    if s.peer == "liger":
+        info["peer_patch"] = apply_liger(model_dir)
+
+    if framework is not None and framework.requires_custom_loading:
+        model = framework.model_loader(model_dir, torch_dtype=dtype, attn_implementation=s.attn_implementation)
+        info["loader"] = "plugin"
+    else:
+        kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": s.attn_implementation}
+        if not is_fsdp:
+            kwargs["device_map"] = {"": device}
+        if s.peft == "qlora":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type=s.bnb_quant_type,
+                bnb_4bit_use_double_quant=s.bnb_double_quant,
+                bnb_4bit_compute_dtype=dtype,
+            )
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    model.config.use_cache = False
+
+    peft_config = None
+    if s.peft != "full":
+        peft_config = LoraConfig(
+            r=s.lora_r,
+            lora_alpha=s.lora_alpha,
+            lora_dropout=s.lora_dropout,
+            target_modules=list(s.lora_target_modules),
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+    if framework is not None and framework.requires_augmentation:
+        model, (peft_config,) = framework.augmentation(model, train_args, modifiable_args=(peft_config,))
+        info["augmented_by_plugins"] = True
+    if peft_config is not None:  # not consumed by a plugin: plain PEFT
+        if s.peft == "qlora" and s.prep == "hf" and framework is None:
+            # the HF docs recipe: freezes the base, upcasts frozen non-4-bit params to fp32, enables checkpointing
+            model = prepare_model_for_kbit_training(
+                model,
+                use_gradient_checkpointing=s.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False},
+            )
+        model = get_peft_model(model, peft_config)
+    if s.gradient_checkpointing:
+        enable_checkpointing(model)
+    model.train()  # from_pretrained returns eval mode, and HF checkpoints only in train mode
+    info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    info["total_params"] = sum(p.numel() for p in model.parameters())
+    info["fp32_params"] = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32)
+    return model, info
+
+
+# ----------------------------------------------------------------------------------------------- loop
+def make_accelerator(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """``(accelerator, framework or None, entry)``: the stock ``Accelerator()`` and the framework it carries.
+
+    Under ``accelerate launch`` with an ``acceleration:`` section, the launcher exports the section to every
+    worker and the ``Accelerator`` builds the framework itself (through the start-up hook; :func:`install` is
+    called here too, idempotently, in case the hook is switched off). This script then uses *that* framework
+    for ``model_loader`` / ``augmentation``, so loading, augmentation and the prepare hooks share one set of
+    plugin instances. Without the integration, the framework is built from ``--acceleration-config`` and
+    attached (``entry`` says which happened; it goes into the CSV).
+    """
+    from accelerate import Accelerator
+
+    try:
+        from fms_acceleration_accelerate import accelerate_integration as integration
+    except ImportError:
+        integration = None
+    if integration is not None and (os.environ.get(integration.ENV_SECTION) or args.acceleration_config):
+        integration.install()
+    accelerator = Accelerator()
+    framework = integration.get_framework(accelerator) if integration is not None else None
+    entry = "accelerate launch: acceleration section" if framework is not None else ""
+    if framework is None and args.acceleration_config:
+        from fms_acceleration_accelerate import AccelerationFramework
+
+        framework = AccelerationFramework(args.acceleration_config)
+        entry = f"framework from --acceleration-config ({args.entry or 'file'})"
+        if integration is not None:
+            integration.attach_framework(accelerator, framework)
+    if framework is not None and framework.passthrough:
+        raise SystemExit(
+            "acceleration sections without an installed plugin (the run would not be accelerated): "
+            + "; ".join(f"{p.path}: {p.reason}" for p in framework.passthrough)
+        )
+    if args.acceleration_config and framework is None:
+        raise SystemExit("--acceleration-config given but no acceleration framework could be built")
+    return accelerator, framework, entry
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from accelerate.utils import set_seed
+
+    s = scenario_from_args(args)
+    work_dir = tempfile.mkdtemp(prefix="train_bench_")
+    train_args = make_train_args(s, os.path.join(work_dir, "trainer"))
+    accelerator, framework, entry = make_accelerator(args)
+    set_seed(s.seed)
+    device = accelerator.device
+    on_cuda = device.type == "cuda"
+
+    model, info = load_and_prepare(s, args.model_dir, framework, accelerator, train_args)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=s.learning_rate, fused=True if on_cuda else None)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if framework is not None:
+        framework.get_callbacks_and_ready_for_train(model, accelerator)
+
+    vocab = model.config.vocab_size if hasattr(model, "config") else accelerator.unwrap_model(model).config.vocab_size
+    batches = benchlib.make_batches(s, vocab, s.steps, accelerator.process_index, accelerator.num_processes)
+    losses: list[float] = []
+    step_times: list[float] = []
+    measured_tokens = 0
+    padded_tokens = 0
+    t_start = 0.0
+    for step in range(s.steps):
+        batch = batches[step]
+        if step == s.warmup_steps:
+            if on_cuda:
+                torch.cuda.synchronize()
+            t_start = time.perf_counter()
+        t0 = time.perf_counter()
+        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "num_tokens"}
+        loss = model(**inputs).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()  # syncs the step
+        if s.inject_delay_ms > 0:
+            time.sleep(s.inject_delay_ms / 1000.0)
+        losses.append(loss_value)
+        if step >= s.warmup_steps:
+            step_times.append(time.perf_counter() - t0)
+            measured_tokens += batch["num_tokens"]
+            padded_tokens += batch["input_ids"].numel()
+        if accelerator.is_main_process:
+            print(f"step {step:4d} loss {loss_value:.4f} time {time.perf_counter() - t0:.3f}s", flush=True)
+    if on_cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t_start
+
+    counts = torch.tensor([measured_tokens, padded_tokens], dtype=torch.float64, device=device)
+    counts = accelerator.reduce(counts, reduction="sum")
+    if on_cuda:
+        peaks = torch.tensor(
+            [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)], device=device
+        ).float()
+    else:
+        peaks = torch.zeros(2, device=device)
+    rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0], device=device)
+    peaks = accelerator.gather(peaks).view(-1, 2).max(dim=0).values
+    rss = accelerator.gather(rss).max()
+    total_tokens, total_slots = counts.tolist()
+    result = {
+        "status": "ok",
+        "train_tokens_per_s": total_tokens / elapsed,
+        "train_tokens_per_s_per_gpu": total_tokens / elapsed / accelerator.num_processes,
+        "step_time_s": statistics.fmean(step_times),
+        "step_time_p50_s": statistics.median(step_times),
+        "padding_fraction": 1.0 - total_tokens / total_slots if total_slots else 0.0,
+        "measured_tokens": int(total_tokens),
+        "peak_alloc_gib": peaks[0].item() / GIB if on_cuda else None,
+        "peak_reserved_gib": peaks[1].item() / GIB if on_cuda else None,
+        "peak_rss_gib": rss.item() / GIB,
+        "losses": losses,
+        "num_processes": accelerator.num_processes,
+        "distributed_type": str(accelerator.distributed_type),
+        "active_plugins": list(framework.active_plugin_names) if framework is not None else [],
+        "patches": len(framework.patches) if framework is not None else None,
+        "entry": entry,
+        **info,
+        **benchlib.environment_info(),
+    }
+    accelerator.wait_for_everyone()
+    shutil.rmtree(work_dir, ignore_errors=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        result = run(args)
+    except BaseException as exc:  # record why, then fail the process (the runner reads the log and the code)
+        if rank == 0 and not isinstance(exc, KeyboardInterrupt):
+            Path(args.result_json).write_text(
+                json.dumps({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]}), encoding="utf-8"
+            )
+        traceback.print_exc()
+        return 1
+    if rank == 0:
+        Path(args.result_json).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
