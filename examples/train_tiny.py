@@ -26,6 +26,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from fms_acceleration_accelerate import AccelerationFramework
+from fms_acceleration_accelerate.accelerate_integration import get_framework
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE / "data" / "tiny_instructions.jsonl"
@@ -89,7 +90,9 @@ def main() -> None:
     args = parser.parse_args()
 
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    framework = AccelerationFramework()  # the acceleration section `accelerate launch` handed to this process
+    # the framework built from the acceleration section that `accelerate launch` handed to this process;
+    # run without one (plain python), nothing is accelerated
+    framework = get_framework(accelerator) or AccelerationFramework({})
     dtype = torch.bfloat16
 
     model_dir = Path(args.work_dir) / "base"
