@@ -253,6 +253,12 @@ if triton is not None:
         return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
 
     @triton.jit
+    def _with_sign_of_nibble(magnitude, nibble):
+        # fp32 magnitude (>= 0) with its sign bit set from bit 3 of the 4-bit code
+        sign = (nibble & 8).to(tl.uint32) << 28
+        return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _dequant_4bit_kernel(
         packed_ptr,  # uint8 (n_bytes,)
         absmax_ptr,  # fp32/fp16/bf16 (n_blocks,), or uint8 (n_blocks,) when NESTED
@@ -290,11 +296,10 @@ if triton is not None:
         high = (packed >> 4).to(tl.int32)
         low = (packed & 0xF).to(tl.int32)
         if SIGN_BIT:
-            # FP4: bit 3 is the sign of entry (code & 7), so that code 8 gives -0.0 as bitsandbytes' kernels do.
-            value_high = tl.load(code_ptr + (high & 7))
-            value_high = tl.where((high & 8) != 0, -value_high, value_high) * scale[:, None]
-            value_low = tl.load(code_ptr + (low & 7))
-            value_low = tl.where((low & 8) != 0, -value_low, value_low) * scale[:, None]
+            # FP4: bit 3 is the sign of entry (code & 7) (entries 0..7 are >= 0), so code 8 gives -0.0. The sign
+            # bit is set with an integer OR: a float negation may compile to (0 - x), which gives +0.0 for +0.0.
+            value_high = _with_sign_of_nibble(tl.load(code_ptr + (high & 7)), high) * scale[:, None]
+            value_low = _with_sign_of_nibble(tl.load(code_ptr + (low & 7)), low) * scale[:, None]
         else:
             value_high = tl.load(code_ptr + high) * scale[:, None]
             value_low = tl.load(code_ptr + low) * scale[:, None]
