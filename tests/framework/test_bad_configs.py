@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+import fms_acceleration_accelerate
 from fms_acceleration_accelerate import AccelerationConfigError, AccelerationFramework
 
 from .helpers import registry
@@ -290,11 +293,35 @@ def test_python_object_tag_is_never_constructed(tmp_path):
         yaml.safe_load(path.read_text())
 
 
-def test_unknown_plugin_names_are_not_imported(tmp_path):
+def test_unknown_plugin_names_are_not_imported():
     """A section naming a module is only ever data: nothing in a config is imported by name."""
+    assert "this" not in sys.modules  # the stdlib's Zen module prints when imported
     fw = AccelerationFramework(
-        {"plugins": {"os": {"system": {"command": "echo hacked"}}, "training": {"test_kernels": {}}}},
+        {
+            "plugins": {
+                "this": {"zen": {}},
+                "os": {"system": {"command": "echo hacked"}},
+                "training": {"test_kernels": {}},
+            }
+        },
         registry=registry(),
     )
     assert fw.active_plugin_names == ("kernels",)
-    assert [s.path for s in fw.passthrough] == ["plugins.os"]
+    assert [s.path for s in fw.passthrough] == ["plugins.os", "plugins.this"]
+    assert "this" not in sys.modules
+
+
+def test_framework_reads_yaml_only_with_safe_load():
+    package = Path(fms_acceleration_accelerate.__file__).parent
+    for source in sorted(package.glob("*.py")):
+        text = source.read_text(encoding="utf-8")
+        for unsafe in (
+            "yaml.load(",
+            "yaml.unsafe_load",
+            "yaml.full_load",
+            "yaml.Loader",
+            "pickle.load",
+            "eval(",
+            "exec(",
+        ):
+            assert unsafe not in text, f"{source.name} uses {unsafe}"
