@@ -10,7 +10,8 @@ from its observable behaviour so that this module never calls bitsandbytes' comp
 * the values are split into consecutive blocks of ``blocksize`` values (the last one may be partial); block
   ``j`` has the scale ``absmax[j]``; value = ``code[nibble] * absmax[j]`` computed in fp32 and rounded once to
   the output dtype (round to nearest even); ``code`` is the 16-entry NF4 or FP4 table (for FP4, bit 3 of the
-  nibble negates entry ``nibble & 7``, which makes code 8 a -0.0 as in bitsandbytes' kernels);
+  nibble negates entry ``nibble & 7``, which makes code 8 a -0.0 as bitsandbytes' CPU kernel does; its CUDA
+  kernel gives +0.0 there, which compares equal);
 * with double quantisation ("nested", bitsandbytes' ``compress_statistics``) the scales are themselves stored
   as uint8 indices into a 256-entry table ``nested.code``, in blocks of ``nested.blocksize`` scales with fp32
   scales ``nested.absmax``, plus one fp32 ``nested.offset``:
@@ -227,10 +228,10 @@ def dequantize_4bit_ref(packed: torch.Tensor, state: FourBitState, dtype: torch.
     codes = torch.stack((data >> 4, data & 0xF), dim=-1).reshape(-1)[: state.numel].long()
     code = state.code.to(device=data.device, dtype=torch.float32)
     if state.quant_type == "fp4":
-        # bit 3 is the sign of entry (code & 7): code 8 gives -0.0 (bitsandbytes' kernels do the same, although
-        # the table bitsandbytes stores in QuantState.code has +0.0 there).
+        # bit 3 is the sign of entry (code & 7): code 8 gives -0.0 (as bitsandbytes' CPU kernel; the table that
+        # bitsandbytes stores in QuantState.code has +0.0 there). copysign sets the sign bit on every device.
         magnitude = code[codes & 7]
-        values = torch.where(codes >= 8, -magnitude, magnitude)
+        values = torch.copysign(magnitude, torch.where(codes >= 8, -1.0, 1.0).to(magnitude.dtype))
     else:
         values = code[codes]
     scales = _block_scales_ref(state).to(data.device)
