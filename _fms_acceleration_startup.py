@@ -59,7 +59,12 @@ def mode(environ=None, argv=None, orig_argv=None):
 
 
 class _AfterImport:
-    """A one-shot ``sys.meta_path`` finder: runs ``callback`` right after module ``name`` is executed."""
+    """A ``sys.meta_path`` finder that runs ``callback`` once, right after module ``name`` is executed.
+
+    ``find_spec`` may be called without an import following (``importlib.util.find_spec`` availability
+    checks, as transformers does for accelerate), so the finder stays in place until the module is actually
+    executed, then removes itself.
+    """
 
     def __init__(self, name, callback):
         self.name = name
@@ -68,21 +73,25 @@ class _AfterImport:
     def find_spec(self, fullname, path=None, target=None):
         if fullname != self.name:
             return None
-        sys.meta_path.remove(self)  # one shot; also keeps the lookup below from finding us again
         from importlib.util import find_spec
 
-        spec = find_spec(fullname)
+        index = sys.meta_path.index(self)
+        sys.meta_path.remove(self)  # let the real finders answer
+        try:
+            spec = find_spec(fullname)
+        finally:
+            sys.meta_path.insert(index, self)
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        loader = spec.loader
-        exec_module = loader.exec_module
-        callback = self.callback
+        exec_module = spec.loader.exec_module
 
         def exec_then_callback(module):
             exec_module(module)
-            callback()
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+                self.callback()
 
-        spec.loader = _LoaderProxy(loader, exec_then_callback)
+        spec.loader = _LoaderProxy(spec.loader, exec_then_callback)
         return spec
 
 

@@ -141,6 +141,22 @@ def attach_framework(accelerator: Any, framework: AccelerationFramework) -> None
     setattr(accelerator, _FRAMEWORK_ATTR, framework)
 
 
+def get_callbacks_and_ready_for_train(model: Any, accelerator: Any) -> list[Any]:
+    """Callbacks of the plugins attached to ``accelerator`` (e.g. ``trainer.accelerator``), after their last
+    preparation of ``model``; ``[]`` when the Accelerator has no acceleration config.
+
+    For the HF Trainer / TRL, whose Accelerator is created inside the trainer::
+
+        trainer = SFTTrainer(...)
+        for callback in get_callbacks_and_ready_for_train(trainer.model, trainer.accelerator):
+            trainer.add_callback(callback)
+    """
+    framework = get_framework(accelerator)
+    if framework is None:
+        return []
+    return framework.get_callbacks_and_ready_for_train(model, accelerator)
+
+
 def section_from_environment() -> dict[str, Any] | None:
     """The ``acceleration:`` section the launcher exported, as ``{"acceleration": body}`` (or ``None``)."""
     raw = os.environ.get(ENV_SECTION)
@@ -556,6 +572,7 @@ __all__ = [
     "attach_framework",
     "build_context",
     "export_section",
+    "get_callbacks_and_ready_for_train",
     "get_framework",
     "install",
     "install_launcher_support",
