@@ -84,3 +84,43 @@ def tiny_batch(batch: int = 2, seq: int = SEQ, seed: int = 1) -> dict[str, torch
     labels = input_ids.clone()
     labels[:, :2] = -100
     return {"input_ids": input_ids, "labels": labels}
+
+
+def supported_kernel_options(model_type: str) -> dict[str, Any]:
+    """Every non-LoRA kernel option the architecture supports, switched on (fast_loss left to the caller)."""
+    from fms_acceleration_accelerate.model_specs import architecture_spec
+
+    spec = architecture_spec(model_type)
+    return {
+        "fast_rms_layernorm": spec.has_rms_norm,
+        "fast_rope_embeddings": spec.rotary is not None,
+        "fast_swiglu": spec.has_glu_mlp,
+    }
+
+
+def make_framework(section: dict[str, Any], path: str = "training"):
+    """An AccelerationFramework with only the fused-ops plugin, configured at ``<path>.fused_ops_and_kernels``."""
+    from fms_acceleration_accelerate_foak import FusedOpsAndKernelsPlugin
+
+    from fms_acceleration_accelerate.framework import AccelerationFramework
+    from fms_acceleration_accelerate.registry import PluginRegistry
+
+    body: dict[str, Any] = {"fused_ops_and_kernels": section}
+    for part in reversed(path.split(".")):
+        body = {part: body}
+    return AccelerationFramework(body, registry=PluginRegistry([FusedOpsAndKernelsPlugin]))
+
+
+def loss_and_grads(model, batch: dict[str, torch.Tensor], **kwargs: Any):
+    """(loss, {name: grad}) of one forward/backward; grads are cleared afterwards."""
+    out = model(**batch, **kwargs)
+    out.loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out, grads
+
+
+def assert_grads_close(expected: dict, actual: dict, rtol: float = 1e-4, atol: float = 1e-6) -> None:
+    assert expected.keys() == actual.keys() and expected
+    for name, g in expected.items():
+        torch.testing.assert_close(actual[name], g, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
