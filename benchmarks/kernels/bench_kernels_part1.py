@@ -61,6 +61,8 @@ class Row:
     fwd_bwd_gbps: float | None = None
     fwd_bwd_pct_copy_bw: float | None = None
     fwd_bwd_tflops: float | None = None
+    fwd_bwd_kernel_ms: float | None = None  # sum of GPU kernel times (profiler), free of CPU launch overhead
+    kernel_pct_copy_bw: float | None = None
     peak_extra_mib: float | None = None
     max_abs_err: dict = field(default_factory=dict)
     speedup_vs_eager: float | None = None
@@ -73,6 +75,18 @@ def _bench(fn: Callable[[], object], rep_ms: int) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def _kernel_ms(fn: Callable[[], object], iters: int = 10) -> float:
+    """Mean GPU time of the kernels (and copies/memsets) ``fn`` launches, from the CUDA profiler."""
+    fn()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    total_us = sum(e.time_range.elapsed_us() for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    return total_us / iters / 1e3
 
 
 def copy_bandwidth_gbps(rep_ms: int) -> float:
@@ -157,7 +171,8 @@ def build_cases() -> list[Case]:
     ):
         impls = {"ours": ours, "eager": eager}
         if liger:
-            impls["liger"] = getattr(liger, liger_fn)
+            liger_impl = getattr(liger, liger_fn)  # takes positional (a, b)
+            impls["liger"] = lambda gate, up, _f=liger_impl: _f(gate, up)
         cases.append(
             Case(
                 name, lambda: dict(gate=randn(BATCH, SEQ, INTERMEDIATE), up=randn(BATCH, SEQ, INTERMEDIATE)),
@@ -168,6 +183,7 @@ def build_cases() -> list[Case]:
     nv = TOKENS * VOCAB
     impls = {
         "ours": lambda logits, target: K.cross_entropy(logits, target),
+        "ours_inplace": lambda logits, target: K.cross_entropy(logits, target, inplace_backward=True),
         "eager": lambda logits, target: F.cross_entropy(logits.float(), target, ignore_index=-100),
     }
     if liger:
@@ -252,6 +268,9 @@ def _measure(row, fn, case, base_inputs, upstream, ref_outs, ref_grads, rep_ms, 
         row.fwd_gbps = case.bytes_fwd / (row.fwd_ms * 1e-3) / 1e9
         row.fwd_bwd_gbps = case.bytes_fwd_bwd / (row.fwd_bwd_ms * 1e-3) / 1e9
         row.fwd_bwd_pct_copy_bw = 100.0 * row.fwd_bwd_gbps / copy_bw
+    row.fwd_bwd_kernel_ms = _kernel_ms(fwd_bwd)
+    if case.bytes_fwd:
+        row.kernel_pct_copy_bw = 100.0 * case.bytes_fwd_bwd / (row.fwd_bwd_kernel_ms * 1e-3) / 1e9 / copy_bw
     if case.flops_fwd_bwd:
         row.fwd_bwd_tflops = case.flops_fwd_bwd / (row.fwd_bwd_ms * 1e-3) / 1e12
 
@@ -289,6 +308,52 @@ def run_case(case: Case, rep_ms: int, copy_bw: float) -> list[Row]:
     return rows
 
 
+def sweep_launch_configs(copy_bw: float) -> list[dict]:
+    """Kernel time of alternative launch configurations of the CE row kernels and the RMSNorm backward."""
+    import importlib
+    from functools import partial
+
+    ce = importlib.import_module("fms_acceleration_accelerate_kernels.cross_entropy")
+    rms = importlib.import_module("fms_acceleration_accelerate_kernels.rms_norm")
+    out = []
+
+    def record(kernel, ms, traffic_bytes, **config):
+        pct = 100 * traffic_bytes / (ms * 1e-3) / 1e9 / copy_bw
+        out.append(dict(kernel=kernel, **config, ms=ms, pct_copy_bw=pct))
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    logits = (torch.randn(TOKENS, VOCAB, generator=g, device="cuda") * 2).to(DTYPE)
+    target = torch.randint(0, VOCAB, (TOKENS,), generator=g, device="cuda")
+    grad_loss = torch.ones(TOKENS, device="cuda")
+    grad = torch.empty_like(logits)
+    scale = torch.ones(1, device="cuda")
+    nv_bytes = logits.numel() * logits.element_size()
+    ce_args = (logits, target, -100, None, 1.0, 0.0)
+    for launch in [(2048, 4), (2048, 8), (4096, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16), (16384, 16),
+                   (16384, 32), (32768, 32)]:  # fmt: skip
+        cfg = dict(block=launch[0], warps=launch[1])
+        _loss, lse = ce.ce_forward_rows(*ce_args, launch=launch)
+        record("ce_fwd", _kernel_ms(partial(ce.ce_forward_rows, *ce_args, launch=launch)), nv_bytes, **cfg)
+        bwd = partial(ce.ce_backward_rows, grad_loss, *ce_args[:2], lse, *ce_args[2:], out=grad, launch=launch)
+        record("ce_bwd", _kernel_ms(bwd), 2 * nv_bytes, **cfg)
+        fused = partial(ce.ce_forward_rows, *ce_args, grad_out=grad, grad_scale=scale, launch=launch)
+        record("ce_fwd_with_grad", _kernel_ms(fused), 2 * nv_bytes, **cfg)
+    del logits, grad, ce_args
+
+    x = torch.randn(TOKENS, HIDDEN, generator=g, device="cuda").to(DTYPE)
+    w = torch.ones(HIDDEN, device="cuda", dtype=DTYPE)
+    dy = torch.randn_like(x)
+    _y, rstd = rms._forward(x, w, 1e-5, 0.0)
+    x_bytes = x.numel() * x.element_size()
+    record("rms_fwd", _kernel_ms(partial(rms._forward, x, w, 1e-5, 0.0)), 2 * x_bytes)
+    for per_sm in (1, 2, 4, 8):
+        for warps in (4, 8, 16):
+            bwd = partial(rms._backward, dy, x, w, rstd, 0.0, True, True, programs_per_sm=per_sm, num_warps=warps)
+            record("rms_bwd_dx_dw", _kernel_ms(bwd), 3 * x_bytes, programs_per_sm=per_sm, warps=warps)
+    record("rms_bwd_dx_only", _kernel_ms(partial(rms._backward, dy, x, w, rstd, 0.0, True, False)), 3 * x_bytes)
+    return out
+
+
 def environment() -> dict:
     import triton
 
@@ -324,6 +389,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory for CSV and JSON")
     parser.add_argument("--rep-ms", type=int, default=100, help="do_bench repetition time per measurement")
     parser.add_argument("--ops", nargs="*", default=None, help="subset of ops to run (default: all)")
+    parser.add_argument("--sweep", action="store_true", help="also time alternative kernel launch configs")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("this benchmark needs a CUDA GPU")
@@ -345,11 +411,18 @@ def main() -> None:
         for r in case_rows:
             print(
                 f"{r.op:28s} {r.impl:6s} fwd {r.fwd_ms or float('nan'):8.3f} ms  fwd+bwd {r.fwd_bwd_ms or float('nan'):8.3f} ms"
+                f"  kernel {r.fwd_bwd_kernel_ms or float('nan'):8.3f} ms %copyBW(kernel) {r.kernel_pct_copy_bw or float('nan'):5.1f}"
                 f"  %copyBW {r.fwd_bwd_pct_copy_bw or float('nan'):5.1f}  TFLOP/s {r.fwd_bwd_tflops or float('nan'):6.1f}"
                 f"  peak+ {r.peak_extra_mib or float('nan'):8.1f} MiB  vs liger x{r.speedup_vs_liger or float('nan'):.2f}"
                 f"  err {json.dumps({k: float(f'{v:.2e}') for k, v in r.max_abs_err.items()})} {r.error}",
                 flush=True,
             )
+
+    sweep = []
+    if args.sweep:
+        sweep = sweep_launch_configs(copy_bw)
+        for entry in sweep:
+            print("sweep", json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in entry.items()}))
 
     fields = [f for f in Row.__dataclass_fields__ if f != "max_abs_err"] + ["max_abs_err"]
     with open(args.out / "kernels_part1.csv", "w", newline="") as fh:
@@ -360,7 +433,7 @@ def main() -> None:
             d["max_abs_err"] = json.dumps(d["max_abs_err"])
             writer.writerow(d)
     with open(args.out / "kernels_part1.json", "w") as fh:
-        json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, fh, indent=2)
+        json.dump({"environment": env, "rows": [asdict(r) for r in rows], "sweep": sweep}, fh, indent=2)
 
 
 if __name__ == "__main__":

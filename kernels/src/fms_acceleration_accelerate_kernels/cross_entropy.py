@@ -145,7 +145,10 @@ def _ce_bwd_kernel(
     )  # fmt: skip
 
 
-def _vocab_block(n_cols: int) -> tuple[int, int]:
+def _vocab_block(n_cols: int, launch: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(BLOCK, num_warps) of the row kernels; ``launch`` overrides both (used by the benchmark's sweep)."""
+    if launch is not None:
+        return launch
     block = min(_MAX_VOCAB_BLOCK, next_power_of_2(n_cols))
     warps = 16 if block >= 8192 else (8 if block >= 2048 else 4)
     return block, warps
@@ -164,6 +167,7 @@ def ce_forward_rows(
     label_smoothing: float,
     grad_out: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
+    launch: tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss and log-sum-exp of (N, V) logits; optionally writes the gradient in the same pass.
 
@@ -181,7 +185,7 @@ def ce_forward_rows(
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
         return loss, lse
-    block, warps = _vocab_block(n_cols)
+    block, warps = _vocab_block(n_cols, launch)
     softcap_value, has_softcap = _softcap_args(softcap)
     write_grad = grad_out is not None
     if write_grad:
@@ -205,6 +209,7 @@ def ce_backward_rows(
     logits_scaling: float,
     label_smoothing: float,
     out: torch.Tensor | None = None,
+    launch: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_loss * loss_rows)`` w.r.t. (N, V) logits, written to ``out`` (new if None).
 
@@ -215,7 +220,7 @@ def ce_backward_rows(
         out = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if n_rows == 0:
         return out
-    block, warps = _vocab_block(n_cols)
+    block, warps = _vocab_block(n_cols, launch)
     softcap_value, has_softcap = _softcap_args(softcap)
     _ce_bwd_kernel[(n_rows,)](
         logits, target, lse, grad_loss, out,
@@ -429,6 +434,7 @@ def cross_entropy(
     softcap: float | None = None,
     logits_scaling: float = 1.0,
     label_smoothing: float = 0.0,
+    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """Cross-entropy: Triton on CUDA (or ``TRITON_INTERPRET=1``), else the reference.
 
@@ -441,6 +447,8 @@ def cross_entropy(
         softcap: Gemma2 final logit softcapping value, or None.
         logits_scaling: Granite's logits divisor.
         label_smoothing: as in ``torch.nn.functional.cross_entropy``.
+        inplace_backward: Triton path only: write the gradient over ``logits`` (saves an (N, V) buffer; only
+            safe when nothing reads the logits after the backward).
 
     Returns:
         fp32 scalar, or (N,) fp32 for ``reduction="none"``.
@@ -454,5 +462,5 @@ def cross_entropy(
         label_smoothing=label_smoothing,
     )
     if use_triton(logits, target):
-        return cross_entropy_triton(logits, target, **kwargs)
+        return cross_entropy_triton(logits, target, **kwargs, inplace_backward=inplace_backward)
     return cross_entropy_ref(logits, target, **kwargs)

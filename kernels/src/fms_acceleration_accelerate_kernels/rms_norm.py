@@ -107,8 +107,14 @@ def _backward(
     offset: float,
     need_dx: bool,
     need_dw: bool,
+    programs_per_sm: int = 4,
+    num_warps: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Launch the backward kernel. Returns ``dx`` (or None) and ``dweight`` (or None)."""
+    """Launch the backward kernel. Returns ``dx`` (or None) and ``dweight`` (or None).
+
+    ``programs_per_sm`` (programs accumulating weight-gradient partials) and ``num_warps`` are launch knobs,
+    exposed for the benchmark's sweep.
+    """
     x2 = flatten_rows(x)
     dy2 = flatten_rows(dy)
     n_rows, n_cols = x2.shape
@@ -116,7 +122,7 @@ def _backward(
     if not (need_dx or need_dw):
         return None, None
     if need_dw:
-        n_programs = max(1, min(n_rows, 4 * multiprocessor_count(x.device)))
+        n_programs = max(1, min(n_rows, programs_per_sm * multiprocessor_count(x.device)))
     else:
         n_programs = max(1, n_rows)
     rows_per_program = triton.cdiv(n_rows, n_programs) if n_rows else 0
@@ -127,7 +133,7 @@ def _backward(
             dy2, x2, weight, rstd.reshape(-1), dx2 if need_dx else x2, dw_partial if need_dw else rstd,
             dy2.stride(0), x2.stride(0), dx2.stride(0) if need_dx else 0,
             n_rows, n_cols, offset, rows_per_program,
-            BLOCK=block, HAS_DX=need_dx, HAS_DW=need_dw, num_warps=num_warps_for(block),
+            BLOCK=block, HAS_DX=need_dx, HAS_DW=need_dw, num_warps=num_warps or num_warps_for(block),
         )  # fmt: skip
     dx = dx2.view(x.shape) if need_dx else None
     if need_dw:
