@@ -22,11 +22,12 @@ log() { echo "[gpu_setup] $*" >&2; }
 PIP=("$PY" -m pip install --disable-pip-version-check --no-input --no-deps --no-index)
 export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 
-pip_try() {  # pip install, retrying with --user when site-packages is not writable
-  "${PIP[@]}" "$@" && return 0
-  log "retrying with --user: $*"
-  "${PIP[@]}" --user "$@"
-}
+# --user only where the interpreter's site-packages is not writable (never inside a venv, where it fails)
+if ! "$PY" -c "import os, sys, sysconfig; sys.exit(0 if os.access(sysconfig.get_paths()['purelib'], os.W_OK) else 1)"; then
+  log "site-packages is not writable: installing with --user"
+  PIP+=(--user)
+fi
+pip_try() { "${PIP[@]}" "$@"; }
 
 log "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])'))"
 
@@ -61,9 +62,23 @@ else
   log "no wheels/ folder: scenarios needing bitsandbytes or liger-kernel will be skipped"
 fi
 
-# 2. this repository's packages, editable
-if ! "$PY" -c "import setuptools" >/dev/null 2>&1; then
-  log "setuptools missing: it is needed to install the packages (carry a setuptools wheel in wheels/)"
+# 2. this repository's packages, editable. Building them needs setuptools with its own bdist_wheel
+# (setuptools >= 70.1) or setuptools + the `wheel` package; carry both wheels under wheels/build/ if the
+# machine has neither (they are then installed by step 1).
+if ! "$PY" - <<'EOF'
+import sys
+try:
+    import setuptools
+except ImportError:
+    sys.exit("[gpu_setup] setuptools is missing: carry setuptools and wheel wheels in wheels/build/")
+from importlib.util import find_spec
+from packaging.version import Version
+if Version(setuptools.__version__) < Version("70.1") and find_spec("wheel") is None:
+    sys.exit(f"[gpu_setup] setuptools {setuptools.__version__} needs the 'wheel' package to build: carry "
+             "setuptools>=70.1 (or wheel) in wheels/build/")
+EOF
+then
+  log "the editable installs below will probably fail (see the line above)"
 fi
 EDITABLES=(-e .)
 for dir in kernels plugins/*; do

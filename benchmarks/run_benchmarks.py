@@ -6,6 +6,7 @@ Usage (from the repository root)::
     python benchmarks/run_benchmarks.py run benchmarks/scenarios-cpu.yaml --out /tmp/bench
     python benchmarks/run_benchmarks.py table  RESULTS.csv                        # Markdown table
     python benchmarks/run_benchmarks.py charts RESULTS.csv --out DIR              # PNG charts again
+    python benchmarks/run_benchmarks.py merge A.csv B.csv --out DIR               # join calls (whole groups)
     python benchmarks/run_benchmarks.py readme README.md --csv RESULTS.csv        # (re)generate a README table
     python benchmarks/run_benchmarks.py readme README.md --check                  # fail if it is out of date
 
@@ -735,6 +736,36 @@ class Runner:
         return self.out_dir / "results.csv"
 
 
+def merge_results(csvs: Sequence[Path], out_dir: Path) -> int:
+    """Concatenate result CSVs (ratios stay as measured: they are within a group, and a group must come from
+    one call); refuses a scenario present twice or a group split over several files."""
+    rows: list[dict[str, str]] = []
+    losses: dict[str, list[float]] = {}
+    group_source: dict[str, Path] = {}
+    for path in csvs:
+        for row in read_csv(path):
+            if any(r["scenario"] == row["scenario"] for r in rows):
+                print(f"error: scenario {row['scenario']!r} appears in more than one CSV", file=sys.stderr)
+                return 2
+            first = group_source.setdefault(row["group"], path)
+            if first != path:
+                print(f"error: group {row['group']!r} is split over {first} and {path}: its ratios would "
+                      "compare runs of different calls", file=sys.stderr)  # fmt: skip
+                return 2
+            rows.append(row)
+        loss_file = path.with_name("losses.json")
+        if loss_file.is_file():
+            losses.update(json.loads(loss_file.read_text(encoding="utf-8")))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, out_dir / "results.csv")
+    (out_dir / "losses.json").write_text(json.dumps(losses, indent=1), encoding="utf-8")
+    write_charts(rows, out_dir, losses)
+    table = markdown_table(rows)
+    (out_dir / "summary.md").write_text(table + "\n", encoding="utf-8")
+    print(table)
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------- readme
 def render_readme_block(csv_path: str, repo_root: Path = REPO_ROOT) -> str:
     path = Path(csv_path)
@@ -825,6 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("charts", help="render the PNG charts of a results CSV")
     c.add_argument("csv")
     c.add_argument("--out", help="folder (default: next to the CSV)")
+    g = sub.add_parser("merge", help="join results CSVs of several calls (e.g. one per group) into one folder")
+    g.add_argument("csvs", nargs="+")
+    g.add_argument("--out", required=True, help="folder for the merged results.csv, losses.json, charts, summary.md")
     m = sub.add_parser("readme", help="regenerate the performance table between the markers of a Markdown file")
     m.add_argument("markdown", help="e.g. README.md")
     m.add_argument("--csv", help="results CSV (default: the source= named in the file's marker)")
@@ -852,6 +886,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "readme":
         return update_readme(Path(args.markdown), args.csv, args.check)
+    if args.command == "merge":
+        return merge_results([Path(p) for p in args.csvs], Path(args.out))
     try:
         sfile = benchlib.load_scenarios(args.scenarios, _parse_overrides(args.set))
         scenarios = sfile.select(args.only, args.group)

@@ -150,8 +150,8 @@ def load_and_prepare(
         info["loader"] = "plugin"
     else:
         kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": s.attn_implementation}
-        if not is_fsdp:
-            kwargs["device_map"] = {"": device}
+        if not is_fsdp:  # each process loads onto its own GPU (an index: what bitsandbytes expects)
+            kwargs["device_map"] = {"": accelerator.local_process_index if device.type == "cuda" else "cpu"}
         if s.peft == "qlora":
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True,
