@@ -10,10 +10,10 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from fms_acceleration_accelerate import AccelerationFramework  # noqa: E402
-from fms_acceleration_accelerate.errors import AccelerationConfigError  # noqa: E402
+from fms_acceleration_accelerate import AccelerationFramework
+from fms_acceleration_accelerate.errors import AccelerationConfigError
 
-from .helpers import framework, tiny_llama  # noqa: E402
+from .helpers import framework, tiny_llama
 
 TEMPLATE = Path(__file__).resolve().parents[3] / "plugins" / "accelerated-peft" / "configs" / "bnb.yaml"
 
@@ -55,7 +55,7 @@ def test_unknown_option_names_valid_keys():
 @pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
 def test_storage_dtype_that_cannot_shard_fails_before_loading(llama_dir, no_from_pretrained, storage):
     fw = framework({"bnb_4bit_quant_storage": storage})
-    with pytest.raises(AccelerationConfigError, match="bnb_4bit_quant_storage.*FSDP"):
+    with pytest.raises(AccelerationConfigError, match=r"bnb_4bit_quant_storage.*FSDP"):
         fw.model_loader(str(llama_dir), dtype=torch.float32)
 
 
@@ -76,7 +76,7 @@ def test_not_a_causal_lm_fails_before_loading(tmp_path, no_from_pretrained):
         framework().model_loader(str(tmp_path), dtype=torch.float32)
 
 
-_NO_LINEAR_MODEL = '''
+_NO_LINEAR_MODEL = """
 import torch
 from transformers import PretrainedConfig, PreTrainedModel
 
@@ -101,7 +101,7 @@ class NoLinearForCausalLM(PreTrainedModel):
 
     def forward(self, input_ids=None, **kwargs):
         return self.mix(self.embed(input_ids).transpose(1, 2))
-'''
+"""
 
 
 def test_model_without_linear_layers_fails_before_loading(tmp_path, no_from_pretrained):
@@ -131,7 +131,9 @@ def test_missing_bitsandbytes_names_the_pip_command(monkeypatch, llama_dir):
         return real(name)
 
     monkeypatch.setattr(metadata, "version", version)
-    with pytest.raises(AccelerationConfigError, match=r"pip install 'fms-acceleration-accelerate-peft\[bitsandbytes\]'"):
+    with pytest.raises(
+        AccelerationConfigError, match=r"pip install 'fms-acceleration-accelerate-peft\[bitsandbytes\]'"
+    ):
         framework()
 
 
@@ -139,7 +141,9 @@ def test_loader_without_bitsandbytes_fails_before_loading(monkeypatch, llama_dir
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     with pytest.raises(AccelerationConfigError, match="pip install"):
         framework().model_loader(str(llama_dir), dtype=torch.float32)
 

@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from .helpers import batches, lora_config, plugin_model, reference_model, tiny_llama, train  # noqa: E402
+from .helpers import batches, lora_config, plugin_model, reference_model, tiny_llama, train
 
 
 @pytest.fixture(scope="module")
@@ -17,9 +17,8 @@ def llama_dir(tmp_path_factory):
 
 def test_loader_quantizes_linears_keeps_lm_head_and_dtype(llama_dir):
     import bitsandbytes as bnb
-
-    from fms_acceleration_accelerate_peft.loader import load_quantized_causal_lm
     from fms_acceleration_accelerate_peft.config import BnbQuantizationConfig
+    from fms_acceleration_accelerate_peft.loader import load_quantized_causal_lm
 
     model = load_quantized_causal_lm(str(llama_dir), BnbQuantizationConfig(quant_type="fp4"), dtype=torch.float32)
     quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -107,10 +106,9 @@ def test_no_peft_model_leaves_adapters_to_caller(llama_dir):
 
 
 def test_adapter_round_trip_through_plain_peft(llama_dir, tmp_path):
+    from fms_acceleration_accelerate_peft.save import save_lora_adapters
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-
-    from fms_acceleration_accelerate_peft.save import save_lora_adapters
 
     from .helpers import quantized_base
 

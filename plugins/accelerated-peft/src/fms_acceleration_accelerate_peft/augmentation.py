@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from fms_acceleration_accelerate.errors import AccelerationConfigError
 from torch import nn
+
+from fms_acceleration_accelerate.errors import AccelerationConfigError
 
 from .config import CONFIG_PATH, BnbQuantizationConfig
 
@@ -77,8 +78,10 @@ def enable_input_grads_for_checkpointing(model: nn.Module, train_args: Any) -> b
     of the checkpointed block; the HF hook ``enable_input_require_grads`` fixes that. Returns whether it was
     enabled.
     """
-    flag = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else (
-        "is_gradient_checkpointing"
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(type(model), "is_activation_checkpointing")
+        else ("is_gradient_checkpointing")
     )
     wants = bool(getattr(train_args, "gradient_checkpointing", False)) or bool(getattr(model, flag, False))
     if wants and hasattr(model, "enable_input_require_grads"):

@@ -11,13 +11,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+
 from fms_acceleration_accelerate.config import option
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 
 CONFIG_PATH = "peft.quantization.bitsandbytes"
-
-DtypeName = Literal["auto", "bfloat16", "float16", "float32"]
-StorageName = Literal["auto", "bfloat16", "float16", "float32", "uint8"]
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
 
@@ -54,10 +52,10 @@ class BnbQuantizationConfig:
     bnb_4bit_use_double_quant: bool = option(
         True, help="quantize the per-block absmax scales a second time (double quantization)"
     )
-    bnb_4bit_compute_dtype: DtypeName = option(
+    bnb_4bit_compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
         "auto", help="dtype of the matmul after dequantization; auto = training dtype (torch_dtype)"
     )
-    bnb_4bit_quant_storage: StorageName = option(
+    bnb_4bit_quant_storage: Literal["auto", "bfloat16", "float16", "float32", "uint8"] = option(
         "auto",
         help="dtype holding the packed 4-bit bytes; must equal the training dtype so FSDP can shard it; "
         "auto = training dtype",
@@ -74,8 +72,7 @@ class BnbQuantizationConfig:
     def __post_init__(self) -> None:
         if self.bnb_4bit_compute_dtype == "float16" and self.bnb_4bit_quant_storage == "bfloat16":
             raise AccelerationConfigError(
-                "bnb_4bit_compute_dtype float16 with bnb_4bit_quant_storage bfloat16 mixes two 16-bit training "
-                "dtypes",
+                "bnb_4bit_compute_dtype float16 with bnb_4bit_quant_storage bfloat16 mixes two 16-bit training dtypes",
                 fix="use 'auto' for both (the training dtype), or set both to the same dtype",
             )
 

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from fms_acceleration_accelerate.errors import AccelerationConfigError
 from torch import nn
+
+from fms_acceleration_accelerate.errors import AccelerationConfigError
 
 from .config import CONFIG_PATH, BnbQuantizationConfig
 
@@ -159,9 +160,7 @@ def plan_quantization(
     if not quantized:
         raise AccelerationConfigError(
             f"model type {getattr(model_config, 'model_type', '?')!r} has no linear layer that bitsandbytes can "
-            "quantize (found "
-            + (f"only the skipped {', '.join(sorted(skip))}" if skip else "no nn.Linear")
-            + ")",
+            "quantize (found " + (f"only the skipped {', '.join(sorted(skip))}" if skip else "no nn.Linear") + ")",
             path=f"plugins.{CONFIG_PATH}",
             fix="remove the bitsandbytes section for this model (use plain LoRA), or pick a transformer LM",
         )
@@ -199,9 +198,7 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_quantized_causal_lm(
-    model_name_or_path: str, config: BnbQuantizationConfig, **kwargs: Any
-) -> nn.Module:
+def load_quantized_causal_lm(model_name_or_path: str, config: BnbQuantizationConfig, **kwargs: Any) -> nn.Module:
     """Load a causal LM with 4-bit bitsandbytes linear layers.
 
     Args:
@@ -374,7 +371,9 @@ def receive_quantized_model(
         else:
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=requires_grad)
     _retie(model)
-    leftover = [n for n, p in model.named_parameters() if p.is_meta] + [n for n, b in model.named_buffers() if b.is_meta]
+    leftover = [n for n, p in model.named_parameters() if p.is_meta] + [
+        n for n, b in model.named_buffers() if b.is_meta
+    ]
     if leftover:
         raise RuntimeError(f"rank-0 broadcast left tensors on the meta device: {leftover[:5]}")
     model.is_quantized = True

@@ -3,7 +3,8 @@
 Hooks:
 
 * ``model_loader``: the model with 4-bit bitsandbytes linear layers, storage in the training dtype
-  (:mod:`.loader`; rank 0 loads and broadcasts with ``low_cpu_mem_usage=True`` under a process group).
+  (:mod:`.loader`; rank 0 loads and broadcasts with ``low_cpu_mem_usage=True`` under a process group);
+  its 4-bit layers accept full checkpoints (``Accelerator.load_state``), see :mod:`.checkpoint`.
 * ``augmentation``: LoRA from the user's ``peft.LoraConfig`` (``modifiable_args[0]``, as upstream), frozen
   base without the fp32 upcast of ``prepare_model_for_kbit_training`` (:mod:`.augmentation`). Returns
   ``modifiable_args`` with the LoRA config replaced by ``None`` so a trainer does not add adapters twice.
@@ -17,9 +18,10 @@ import logging
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
+
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 from fms_acceleration_accelerate.plugin import AccelerationPlugin
-from torch import nn
 
 from .augmentation import (
     add_lora_adapters,
@@ -27,6 +29,7 @@ from .augmentation import (
     fp32_norm_forward,
     is_norm_module,
 )
+from .checkpoint import checked_quant_stats_loader
 from .config import CONFIG_PATH, BnbQuantizationConfig
 from .loader import INSTALL_HINT, load_quantized_causal_lm
 from .sharding import convert_linear4bit_for_fsdp2, is_params4bit, packed_bytes_per_rank
@@ -53,7 +56,17 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
     # ---------------------------------------------------------------------------------------------- loading
     def model_loader(self, model_name_or_path: str, **kwargs: Any) -> nn.Module:
         """Load ``model_name_or_path`` with 4-bit weights; see :func:`.loader.load_quantized_causal_lm`."""
-        return load_quantized_causal_lm(model_name_or_path, self.config, **kwargs)
+        model = load_quantized_causal_lm(model_name_or_path, self.config, **kwargs)
+        for name, module in model.named_modules():
+            if type(module).__name__ == "Linear4bit":
+                self.patches.patch(
+                    module,
+                    "_load_from_state_dict",
+                    checked_quant_stats_loader(module, module._load_from_state_dict),
+                    target=f"{name}._load_from_state_dict",
+                    description="consume + check 4-bit stats on checkpoint load",
+                )
+        return model
 
     # ---------------------------------------------------------------------------------------------- augmentation
     @property
@@ -124,7 +137,11 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
             report = convert_linear4bit_for_fsdp2(model, training_dtype, max(int(context.world_size), 1))
             notes.append(
                 f"FSDP2: {len(report.converted)} 4-bit layers sharded as packed bytes (Packed4bitLinear)"
-                + (f"; {len(report.kept)} left to FSDP2's default (rows do not split): {report.kept[:3]}" if report.kept else "")
+                + (
+                    f"; {len(report.kept)} left to FSDP2's default (rows do not split): {report.kept[:3]}"
+                    if report.kept
+                    else ""
+                )
             )
         return PrepareContribution(
             # packed weights ignore param_dtype themselves; only bnb layers left as they are need keep-dtype
@@ -144,7 +161,8 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
         lines = [
             f"load: 4-bit {c.quant_type} bitsandbytes weights (double quant {c.bnb_4bit_use_double_quant}), "
             f"storage {c.bnb_4bit_quant_storage}, compute {c.bnb_4bit_compute_dtype}",
-            "augment: " + ("no adapters (no_peft_model)" if c.no_peft_model else "LoRA from the given LoraConfig")
+            "augment: "
+            + ("no adapters (no_peft_model)" if c.no_peft_model else "LoRA from the given LoraConfig")
             + f"; LoRA params {'float32' if c.fp32_lora_params else 'training dtype'}; no fp32 upcast of frozen params",
         ]
         if c.fp32_norm_compute:
