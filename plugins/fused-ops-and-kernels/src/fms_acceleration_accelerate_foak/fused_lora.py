@@ -149,7 +149,7 @@ def _runtime_fusable(modules: Sequence[nn.Module]) -> bool:
 
 
 def _single_forward(module: nn.Module, previous: Callable[..., Any], backends: Sequence[Any]) -> Callable[..., Any]:
-    from fms_acceleration_accelerate_kernels import lora_linear
+    from fms_acceleration_accelerate_kernels.lora import lora_linear
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or not _runtime_fusable((module,)):
@@ -177,7 +177,7 @@ class QKVGroup:
         self._kept: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
 
     def q_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        from fms_acceleration_accelerate_kernels import lora_qkv
+        from fms_acceleration_accelerate_kernels.lora import lora_qkv
 
         self._kept = [None, None]
         if args or kwargs or not _runtime_fusable(self.modules):
@@ -203,7 +203,7 @@ class QKVGroup:
 def _swiglu_mlp_forward(
     modules: Sequence[nn.Module], previous: Callable[..., Any], backends: Sequence[Any]
 ) -> Callable[..., Any]:
-    from fms_acceleration_accelerate_kernels import lora_mlp_swiglu
+    from fms_acceleration_accelerate_kernels.lora import lora_mlp_swiglu
 
     gate, up, down = modules
 

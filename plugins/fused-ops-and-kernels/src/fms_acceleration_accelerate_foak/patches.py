@@ -29,7 +29,7 @@ IGNORE_INDEX = -100
 
 
 def _rms_norm_forward(norm: nn.Module, eps_attribute: str, offset: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    from fms_acceleration_accelerate_kernels import rms_norm
+    from fms_acceleration_accelerate_kernels.rms_norm import rms_norm
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
         return rms_norm(hidden_states, norm.weight, float(getattr(norm, eps_attribute)), offset)
@@ -77,7 +77,7 @@ def patch_rotary(spec: ArchitectureSpec, patches: PluginPatcher) -> int:
             f"{spec.model_type} has no rotary embedding (learned absolute positions)",
             fix="set fast_rope_embeddings: false for this model",
         )
-    from fms_acceleration_accelerate_kernels import apply_rotary_pos_emb
+    from fms_acceleration_accelerate_kernels.rope import apply_rotary_pos_emb
 
     module = importlib.import_module(spec.rotary.module)
     patches.patch(
@@ -95,7 +95,7 @@ def patch_rotary(spec: ArchitectureSpec, patches: PluginPatcher) -> int:
 
 def glu_activation(mlp: nn.Module, spec: ArchitectureSpec) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """The gated-activation kernel ``(gate, up) -> act(gate) * up`` matching the MLP's activation module."""
-    from fms_acceleration_accelerate_kernels import geglu, swiglu
+    from fms_acceleration_accelerate_kernels.glu import geglu, swiglu
 
     assert spec.mlp is not None
     kind, approximate = activation_of(mlp, spec.mlp)
@@ -189,7 +189,7 @@ def causal_lm_cross_entropy(
     Returns:
         fp32 scalar loss.
     """
-    from fms_acceleration_accelerate_kernels import cross_entropy
+    from fms_acceleration_accelerate_kernels.cross_entropy import cross_entropy
 
     if shift_labels is None:
         padded = F.pad(labels, (0, 1), value=ignore_index)
@@ -258,7 +258,7 @@ def check_lm_head_for_fused_loss(match: ModelMatch) -> nn.Linear:
 
 def _fused_linear_forward(match: ModelMatch, original: Callable[..., Any]) -> Callable[..., Any]:
     """Causal-LM forward computing the training loss with the fused linear cross-entropy kernel."""
-    from fms_acceleration_accelerate_kernels import fused_linear_cross_entropy
+    from fms_acceleration_accelerate_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
     from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
     spec = match.spec
