@@ -98,8 +98,9 @@ def test_cross_entropy_inplace_backward_writes_gradient_over_logits():
     logits = base.clone().requires_grad_(True)
     cross_entropy_triton(logits, target, inplace_backward=True).backward()
     torch.testing.assert_close(logits.grad, ref_logits.grad, atol=1e-6, rtol=1e-5)
-    # the gradient was computed into the logits' own storage (autograd copies it for a leaf's .grad)
+    # the gradient was computed into the logits' own storage and adopted as .grad without a copy
     torch.testing.assert_close(logits.detach(), ref_logits.grad, atol=1e-6, rtol=1e-5)
+    assert logits.grad.data_ptr() == logits.data_ptr()
 
 
 def test_cross_entropy_all_ignored_mean_is_nan_like_torch():

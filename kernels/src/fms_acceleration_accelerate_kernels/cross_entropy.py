@@ -145,13 +145,21 @@ def _ce_bwd_kernel(
     )  # fmt: skip
 
 
-def _vocab_block(n_cols: int, launch: tuple[int, int] | None = None) -> tuple[int, int]:
-    """(BLOCK, num_warps) of the row kernels; ``launch`` overrides both (used by the benchmark's sweep)."""
+def _vocab_block(n_cols: int, kind: str, launch: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(BLOCK, num_warps) of a row kernel; ``launch`` overrides both (used by the benchmark's sweep).
+
+    Defaults come from the launch sweep on an H100 at V=128256 (benchmarks/results/kernels/): the loss-only
+    forward is fastest with small blocks and few warps, the gradient pass with one wide block per row.
+    """
     if launch is not None:
         return launch
-    block = min(_MAX_VOCAB_BLOCK, next_power_of_2(n_cols))
-    warps = 16 if block >= 8192 else (8 if block >= 2048 else 4)
-    return block, warps
+    max_block = {"fwd": 4096, "fwd_grad": 4096, "bwd": 32768}[kind]
+    block = min(max_block, next_power_of_2(n_cols))
+    if kind == "fwd":
+        return block, 4
+    if kind == "fwd_grad":
+        return block, (8 if block >= 4096 else 4)
+    return block, max(4, min(32, block // 1024))
 
 
 def _softcap_args(softcap: float | None) -> tuple[float, bool]:
@@ -185,9 +193,9 @@ def ce_forward_rows(
     lse = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
     if n_rows == 0:
         return loss, lse
-    block, warps = _vocab_block(n_cols, launch)
-    softcap_value, has_softcap = _softcap_args(softcap)
     write_grad = grad_out is not None
+    block, warps = _vocab_block(n_cols, "fwd_grad" if write_grad else "fwd", launch)
+    softcap_value, has_softcap = _softcap_args(softcap)
     if write_grad:
         assert grad_scale is not None and grad_out.stride(-1) == 1
     _ce_fwd_kernel[(n_rows,)](
@@ -220,7 +228,7 @@ def ce_backward_rows(
         out = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if n_rows == 0:
         return out
-    block, warps = _vocab_block(n_cols, launch)
+    block, warps = _vocab_block(n_cols, "bwd", launch)
     softcap_value, has_softcap = _softcap_args(softcap)
     _ce_bwd_kernel[(n_rows,)](
         logits, target, lse, grad_loss, out,
@@ -245,7 +253,8 @@ class _CrossEntropyRowsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         logits, target, lse = ctx.saved_tensors
-        out = logits if ctx.inplace_backward else None
+        # a fresh alias of the logits' storage, so autograd can adopt it as a leaf's .grad without a copy
+        out = logits.detach() if ctx.inplace_backward else None
         grad = ce_backward_rows(grad_loss, logits, target, lse, *ctx.options, out=out)
         return grad, None, None, None, None, None, None
 
