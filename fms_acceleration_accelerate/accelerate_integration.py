@@ -411,10 +411,37 @@ def _before_fsdp2(
         scoped.patch(fsdp_plugin, "ignored_modules", ignored_modules, plugin=_PATCHER)
     plan = plan_fsdp_units(model, merged, 2)
     mapping = apply_fsdp2_plan(model, plan, merged, kwargs, shard_root=False)
+    _point_transformer_policy_at_sharded_units(fsdp_plugin, model, plan, scoped)
     for optimizer in optimizers:
         switch_optimizer_params(optimizer, mapping)
     if is_main_process():
         logger.info("fms-acceleration FSDP2 units:\n  %s", "\n  ".join(plan.describe()))
+
+
+def _point_transformer_policy_at_sharded_units(
+    fsdp_plugin: Any, model: torch.nn.Module, plan: Any, scoped: PatchRecorder
+) -> None:
+    """After our ``fully_shard``, the units' classes are FSDP2's ``FSDP<Name>`` subclasses, so Accelerate's
+    transformer policy (which looks classes up by name) would no longer find ``LlamaDecoderLayer`` and
+    raise. For the duration of the call, name the classes that exist now: Accelerate skips modules that are
+    already sharded, and its activation checkpointing still finds the layers."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    policy = fsdp_plugin.auto_wrap_policy
+    if getattr(policy, "func", policy) is not transformer_auto_wrap_policy:
+        return
+    present = {type(m).__name__ for m in model.modules()}
+    wanted = list(fsdp_plugin.transformer_cls_names_to_wrap or []) or []
+    sharded = sorted({type(model.get_submodule(u.name)).__name__ for u in plan.units if u.name})
+    names = [n for n in dict.fromkeys([*wanted, *sharded]) if n in present]
+    scoped.patch(fsdp_plugin, "auto_wrap_policy", policy, plugin=_PATCHER, description="restored after prepare")
+    scoped.patch(
+        fsdp_plugin,
+        "transformer_cls_names_to_wrap",
+        names,
+        plugin=_PATCHER,
+        description="classes of the units sharded by fms-acceleration",
+    )
 
 
 # ------------------------------------------------------------------------------------------------ launcher
