@@ -452,7 +452,7 @@ def device_slug(gpu_name: str) -> str:
 # ----------------------------------------------------------------------------------------------- CSV
 CSV_COLUMNS = (
     "scenario", "group", "is_baseline", "status", "note",
-    "peft", "plugins", "active_plugins", "prep", "peer", "model", "entry",
+    "peft", "plugins", "active_plugins", "patches", "prep", "peer", "model", "entry",
     "batch_size", "seq_len", "steps", "warmup_steps", "gradient_checkpointing", "num_gpus",
     "dataset", "collate", "dtype",
     "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s", "padding_fraction",

@@ -309,7 +309,7 @@ def fill_result(row: dict[str, Any], result: Mapping[str, Any]) -> None:
         "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s",
         "padding_fraction", "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib",
         "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version", "bitsandbytes", "triton",
-        "liger_kernel", "python", "date", "entry",
+        "liger_kernel", "python", "date", "entry", "patches",
     ):  # fmt: skip
         if key in result:
             row[key] = result[key]
@@ -523,8 +523,12 @@ def write_charts(
         plt.close(fig)
         written.append(path)
     if losses:
-        fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.6), squeeze=False)
-        for ax, g in zip(axes[0], groups):
+        ncols = min(3, len(groups))
+        nrows = math.ceil(len(groups) / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.4 * nrows), squeeze=False)
+        for ax in axes.flat[len(groups) :]:
+            ax.set_visible(False)
+        for ax, g in zip(axes.flat, groups):
             for r in rows:
                 curve = losses.get(str(r["scenario"]))
                 if r["group"] == g and curve:
