@@ -9,11 +9,25 @@ from .registry import ENTRY_POINT_GROUP, PluginEntry, PluginRegistry
 
 __version__ = "0.1.0"
 
+_ACCELERATE_EXPORTS = ("AccelerationKwargs", "get_framework", "get_callbacks_and_ready_for_train")
+
+
+def __getattr__(name: str):
+    """``AccelerationKwargs`` & co. live in ``accelerate_integration``; importing them lazily keeps
+    ``import fms_acceleration_accelerate`` free of Accelerate (the CLI and config checks do not need it)."""
+    if name in _ACCELERATE_EXPORTS:
+        from . import accelerate_integration
+
+        return getattr(accelerate_integration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ENTRY_POINT_GROUP",
     "AccelerationConfig",
     "AccelerationConfigError",
     "AccelerationFramework",
+    "AccelerationKwargs",
     "AccelerationPlugin",
     "NoOptions",
     "PassthroughSection",
@@ -22,6 +36,8 @@ __all__ = [
     "PluginEntry",
     "PluginPatcher",
     "PluginRegistry",
+    "get_callbacks_and_ready_for_train",
+    "get_framework",
     "load_acceleration_config",
     "option",
     "parse_dataclass",
