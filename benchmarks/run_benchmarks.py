@@ -280,8 +280,10 @@ def _fmt(value: Any, digits: int) -> str:
     return str(value)
 
 
-def base_row(s: Scenario, models: ScenarioFile) -> dict[str, Any]:
+def base_row(s: Scenario, models: ScenarioFile, model_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     spec = models.models.get(s.model)
+    if spec is not None and "config" in spec and model_overrides:
+        spec = {"config": {**spec["config"], **model_overrides}}
     return {
         "scenario": s.name,
         "group": s.group,
@@ -399,12 +401,22 @@ def _num(row: Mapping[str, Any], key: str, digits: int, suffix: str = "") -> str
     return "" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def stack_label(row: Mapping[str, Any]) -> str:
+    """``HF``, ``HF lean``, ``HF + liger``, or the plugin stack's name (``+ peer`` when one is applied)."""
+    stack = str(row.get("plugins", ""))
+    if stack == "none":
+        stack = "HF" + (" lean" if row.get("prep") == "lean" and row.get("peft") == "qlora" else "")
+    if row.get("peer") not in (None, "", "none"):
+        stack += f" + {row['peer']}"
+    return stack
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Full results as a Markdown table (what the runner prints)."""
     cpu = all(not r.get("peak_alloc_gib") for r in rows)
     mem_label = "peak RSS GiB" if cpu else "peak alloc GiB"
     header = [
-        "scenario", "group", "plugins", "tok/s", "× base", "step s", mem_label, "× base",
+        "scenario", "group", "stack", "tok/s", "× base", "step s", mem_label, "× base",
         "peak reserved GiB", "final loss", "loss Δ max", "status",
     ]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -415,9 +427,7 @@ def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
         cells = [
             str(r.get("scenario", "")) + (" (baseline)" if r.get("is_baseline") == "yes" else ""),
             str(r.get("group", "")),
-            str(r.get("plugins", ""))
-            + (f" + {r['peer']}" if r.get("peer") not in (None, "", "none") else "")
-            + (" [lean]" if r.get("prep") == "lean" and r.get("peft") == "qlora" else ""),
+            stack_label(r),
             _num(r, "train_tokens_per_s", 0),
             _num(r, "throughput_ratio", 2, "×"),
             _num(r, "step_time_s", 3),
@@ -453,11 +463,7 @@ def readme_table(rows: Sequence[Mapping[str, Any]], source: str) -> str:
         "|---|---|---|---:|---:|---:|---:|---|",
     ]
     for r in ok:
-        stack = r.get("plugins", "")
-        if stack == "none":
-            stack = "HF" + (" lean" if r.get("prep") == "lean" and r.get("peft") == "qlora" else "")
-        if r.get("peer") not in (None, "", "none"):
-            stack += f" + {r['peer']}"
+        stack = stack_label(r)
         lines.append(
             "| "
             + " | ".join(
@@ -608,12 +614,14 @@ class Runner:
             if not (target / "config.json").is_file():
                 device = "cpu" if self.on_cpu else "cuda"
                 dtype = "float32" if self.on_cpu else s.dtype
+                config = {**spec["config"], **_parse_overrides(self.args.model_set)}
                 cmd = [
                     sys.executable, str(Path(__file__).with_name("benchlib.py")), "build-model",
-                    "--config", json.dumps(dict(spec["config"])), "--out", str(target), "--device", device,
+                    "--config", json.dumps(config), "--out", str(target), "--device", device,
                     "--dtype", dtype, "--seed", "0",
                 ]  # fmt: skip
-                print(f"[bench] building model {s.model} ({benchlib.model_spec_summary(spec)}) on {device}", flush=True)
+                summary = benchlib.model_spec_summary({"config": config})
+                print(f"[bench] building model {s.model} ({summary}) on {device}", flush=True)
                 t0 = time.monotonic()
                 done = subprocess.run(cmd, capture_output=True, text=True)
                 if done.returncode != 0:
@@ -664,7 +672,7 @@ class Runner:
         return argv, env, stack, active
 
     def run_one(self, s: Scenario) -> dict[str, Any]:
-        row = base_row(s, self.sfile)
+        row = base_row(s, self.sfile, _parse_overrides(self.args.model_set))
         elapsed = time.monotonic() - self.started
         budget_left = self.args.time_budget - elapsed if self.args.time_budget else None
         if budget_left is not None and budget_left < self.args.min_scenario_time:
@@ -834,6 +842,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--only", nargs="+", default=[], help="scenario names to run")
     r.add_argument("--group", nargs="+", default=[], help="scenario groups to run")
     r.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override a scenario key everywhere")
+    r.add_argument("--model-set", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override a config key of every random-init model (e.g. a shrunken dry run of the GPU "
+                   "matrix on CPU: num_hidden_layers=1 hidden_size=64 ...)")  # fmt: skip
     r.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     r.add_argument("--entry", choices=["auto", ENTRY_SECTION, ENTRY_ENV], default="auto",
                    help="how the stack reaches the workers: the acceleration: section of the Accelerate config "

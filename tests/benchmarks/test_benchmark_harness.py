@@ -226,3 +226,21 @@ def test_runner_end_to_end_on_cpu_and_regression_check(tmp_path: Path) -> None:
     assert "| base | train_tokens_per_s |" in flagged.stdout and "REGRESSION" in flagged.stdout
     same = _run(["benchmarks/compare.py", str(out / "results.csv"), "--reference", str(out / "results.csv")])
     assert same.returncode == 0, same.stdout
+
+
+def test_merge_joins_whole_groups_and_refuses_split_groups(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    run_benchmarks.write_csv([dict(r, group="qlora") for r in _rows(1500, 8, 1.5)], a / "results.csv")
+    run_benchmarks.write_csv(
+        [dict(r, group="lora", scenario="l-" + r["scenario"]) for r in _rows(1200, 8, 1.2)], b / "results.csv"
+    )
+    assert run_benchmarks.merge_results([a / "results.csv", b / "results.csv"], tmp_path / "m") == 0
+    merged = run_benchmarks.read_csv(tmp_path / "m" / "results.csv")
+    assert [r["scenario"] for r in merged] == ["base", "cand", "l-base", "l-cand"]
+    assert (tmp_path / "m" / "throughput_ratio.png").is_file()
+    run_benchmarks.write_csv(
+        [dict(r, group="qlora", scenario="x-" + r["scenario"]) for r in _rows(1, 1, 1)], b / "results.csv"
+    )
+    assert run_benchmarks.merge_results([a / "results.csv", b / "results.csv"], tmp_path / "m2") == 2
