@@ -2,8 +2,9 @@
 
 When each kernel is patched
 ---------------------------
-* ``augmentation`` (after any LoRA-adding plugin, which runs earlier in the order): RMSNorm, RoPE, the gated-MLP
-  activation and the loss. Their replacement forwards read only the weights of the module they replace (or
+* ``augmentation`` (after any LoRA-adding plugin, which runs earlier in the order), or, when a script never
+  calls it (the section came with the Accelerate config and the script only calls ``Accelerator.prepare``),
+  ``prepare_contribution`` just before wrapping: RMSNorm, RoPE, the gated-MLP activation and the loss. Their replacement forwards read only the weights of the module they replace (or
   none), so FSDP wrapping before or after makes no difference.
 * Fused LoRA / fused dequant read the weights of *sub-modules* (``q_proj.lora_A.default.weight`` inside the
   patched ``q_proj``, the three MLP projections inside the patched MLP). They are patched
@@ -150,7 +151,12 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
                 f"{self.plugin_name()}: augmentation already ran on this framework; revert it first "
                 "(framework.revert()) before patching another model"
             )
+        self._patch_model(model, modifiable_args, fsdp=_fsdp_expected(train_args))
+        return model, modifiable_args
+
+    def _patch_model(self, model: Any, modifiable_args: Sequence[Any], *, fsdp: bool) -> None:
         self._augmented = True
+        self._fsdp_expected = fsdp
         spec, match = self._match(model)
         c = self.config
         if c.fast_rms_layernorm:
@@ -158,10 +164,9 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         if c.fast_rope_embeddings:
             self._count("fast_rope_embeddings", patch_rotary(spec, self.patches), spec)
 
-        self._fsdp_expected = _fsdp_expected(train_args)
         if self._fused_state == _NOT_STARTED:
             has_lora = any(is_peft_lora_layer(m) for _, m in model.named_modules())
-            if self._fsdp_expected or (c.fused_lora and not has_lora and _has_unapplied_lora_config(modifiable_args)):
+            if fsdp or (c.fused_lora and not has_lora and _has_unapplied_lora_config(modifiable_args)):
                 self._fused_state = _PENDING
             else:
                 self._apply_fused(model)
@@ -176,10 +181,13 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             self._count("fast_loss", patch_loss_function(match, self.patches), spec)
         elif c.loss_mode == "fused_linear":
             self._count("fast_loss", patch_fused_linear_loss(match, self.patches), spec)
-        return model, modifiable_args
 
     def prepare_contribution(self, model: Any, context: Any) -> Any:
-        """Under FSDP: declare attention and MLP modules fused scopes (no unit inside them)."""
+        """Patch now if ``augmentation`` never ran (an Accelerate-only script: the section came with the
+        Accelerate config), then, for fused LoRA, declare attention and MLP modules fused scopes (no FSDP
+        unit inside them)."""
+        if not self._augmented:
+            self._patch_model(model, (), fsdp=bool(getattr(context, "is_fsdp", False)))
         if not (self.config.fused_lora or self.config.fused_dequant):
             return None
         from fms_acceleration_accelerate.distributed import PrepareContribution
