@@ -181,7 +181,7 @@ def write_accelerate_config(
     cfg["main_process_port"] = free_port()
     cfg["mixed_precision"] = mixed_precision_for(s, on_cpu)
     cfg["use_cpu"] = on_cpu
-    if on_cpu:
+    if on_cpu and s.num_gpus == 1:
         cfg["distributed_type"] = "NO"
     if stack.body is not None and entry == ENTRY_SECTION:
         cfg["acceleration"] = dict(stack.body)
@@ -220,9 +220,26 @@ def pick_launcher(requested: str) -> str:
     """``accelerate`` when the start-up hook that lets it read ``acceleration:`` sections is installed."""
     if requested != "auto":
         return requested
-    if benchlib.has_module("_fms_acceleration_startup") or not integration_available():
+    if startup_hook_installed() or not integration_available():
         return "accelerate"
     return "fms-accelerate"
+
+
+def startup_hook_installed() -> bool:
+    """True when a ``.pth`` file in site-packages runs this package's interpreter start-up hook."""
+    import site
+
+    folders = [*site.getsitepackages(), site.getusersitepackages()]
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for pth in folder.glob("*.pth"):
+            try:
+                if "_fms_acceleration_startup" in pth.read_text(encoding="utf-8", errors="replace"):
+                    return True
+            except OSError:
+                continue
+    return False
 
 
 def launch_argv(launcher: str) -> list[str]:
@@ -645,8 +662,6 @@ class Runner:
             raise SkipScenario("bitsandbytes is not installed (carry its wheel in wheels/)")
         if not self.on_cpu and s.num_gpus > self.num_gpus:
             raise SkipScenario(f"needs {s.num_gpus} GPUs, {self.num_gpus} visible")
-        if self.on_cpu and s.num_gpus > 1:
-            raise SkipScenario("multi-process scenarios need GPUs")
         stack = resolve_stack(s.plugins, s.plugins_label)
         active = check_stack_activates(stack)
         extra_base = None

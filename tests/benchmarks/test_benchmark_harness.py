@@ -33,6 +33,7 @@ defaults: {model: micro, dtype: float32, batch_size: 2, seq_len: 32, steps: 4, w
 scenarios:
   - {name: base, group: g, peft: lora}
   - {name: slow, group: g, peft: lora, inject_delay_ms: 1500}   # the same run with an injected slowdown
+  - {name: ddp, group: g2, peft: lora, num_gpus: 2}   # 2 processes (gloo on CPU): ranks split the batches
 """
 
 
@@ -200,8 +201,11 @@ def test_runner_end_to_end_on_cpu_and_regression_check(tmp_path: Path) -> None:
         assert tuple(reader.fieldnames) == benchlib.CSV_COLUMNS
         rows = list(reader)
     by_name = {r["scenario"]: r for r in rows}
-    assert list(by_name) == ["base", "slow"]
-    for r in rows:
+    assert list(by_name) == ["base", "slow", "ddp"]
+    assert by_name["ddp"]["status"] == "ok", by_name["ddp"]["note"]
+    assert int(by_name["ddp"]["measured_tokens"]) == 2 * 3 * 2 * 32  # counted over both ranks
+    assert by_name["ddp"]["num_gpus"] == "2" and by_name["ddp"]["is_baseline"] == "yes"
+    for r in (by_name["base"], by_name["slow"]):
         assert r["status"] == "ok", r["note"]
         assert float(r["train_tokens_per_s"]) > 0 and float(r["step_time_s"]) > 0 and float(r["peak_rss_gib"]) > 0
         assert int(r["measured_tokens"]) == 3 * 2 * 32  # 3 timed steps x batch 2 x 32 tokens, no padding
