@@ -746,20 +746,22 @@ class Runner:
             f"{invocation}\n# launcher: {self.launcher}; entry: {self.entry}; cwd: repository root; started {benchlib.environment_info()['date']}\n",
             encoding="utf-8",
         )
-        for s in self.scenarios:
-            row = self.run_one(s)
-            row.setdefault("command", "")
-            took = f" in {row['wall_s']:.0f}s" if row.get("wall_s") else ""
-            print(f"[bench] {s.name}: {row['status']}{took} {row.get('note', '')}".rstrip(), flush=True)
-            self.rows.append(row)
-            self.save()
+        try:
+            for s in self.scenarios:
+                row = self.run_one(s)
+                row.setdefault("command", "")
+                took = f" in {row['wall_s']:.0f}s" if row.get("wall_s") else ""
+                print(f"[bench] {s.name}: {row['status']}{took} {row.get('note', '')}".rstrip(), flush=True)
+                self.rows.append(row)
+                self.save()
+        finally:  # the built models can be many GB
+            if not self.args.keep_models and not self.args.work_dir:
+                shutil.rmtree(self.work_dir, ignore_errors=True)
         charts = write_charts(self.rows, self.out_dir, self.losses)
         table = markdown_table(self.rows)
         (self.out_dir / "summary.md").write_text(table + "\n", encoding="utf-8")
         print(table)
         print(f"\n[bench] results: {self.out_dir / 'results.csv'}; charts: {', '.join(p.name for p in charts)}")
-        if not self.args.keep_models and not self.args.work_dir:
-            shutil.rmtree(self.work_dir, ignore_errors=True)
         return self.out_dir / "results.csv"
 
 
