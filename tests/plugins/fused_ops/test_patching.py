@@ -172,6 +172,20 @@ def test_fused_linear_loss_return_dict_false():
     framework.revert()
 
 
+def test_fused_linear_loss_return_dict_none_means_config_default():
+    """PEFT's forward passes ``return_dict=None`` explicitly: that must give the config's (dict) output."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    batch = tiny_batch()
+    expected = model(**batch).loss
+    framework = make_framework({"fast_loss": "fused_linear"})
+    framework.augmentation(model)
+    out = model(**batch, return_dict=None)
+    torch.testing.assert_close(out.loss, expected)
+    framework.revert()
+
+
 @pytest.mark.parametrize("model_type", ["llama", "qwen3"])
 def test_gradient_checkpointing(model_type):
     model = tiny_model(model_type)

@@ -297,8 +297,10 @@ def _fused_linear_forward(match: ModelMatch, original: Callable[..., Any]) -> Ca
                 "fast_loss: fused_linear computes the training loss over every position; logits_to_keep must be 0 "
                 f"in training, got {logits_to_keep!r}"
             )
-        return_dict = extra.pop("return_dict", True)
         config = lm.config
+        return_dict = extra.pop("return_dict", None)
+        if return_dict is None:  # PEFT passes return_dict=None explicitly; None means the config's choice
+            return_dict = getattr(config, "return_dict", True)
         if spec.logits.router_aux_loss and arguments.get("output_router_logits") is None:
             arguments["output_router_logits"] = bool(getattr(config, "output_router_logits", False))
         outputs = getattr(lm, spec.base_model_attribute)(**arguments, **extra)
