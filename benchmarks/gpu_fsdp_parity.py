@@ -99,6 +99,10 @@ def run_mode(args: argparse.Namespace) -> dict:
             auto_wrap_policy="transformer_based_wrap",
             cpu_ram_efficient_loading=False,
             state_dict_type="SHARDED_STATE_DICT",
+            # FSDP1: fused LoRA kernels read the adapters inside the decoder layer's unit, so that unit holds
+            # frozen and trainable parameters; FSDP1 flat parameters allow that only with use_orig_params
+            # (without it the framework refuses with that fix; FSDP2 needs nothing)
+            use_orig_params=True,
         )
     accelerator = Accelerator(
         cpu=args.cpu, mixed_precision=args.mixed_precision, fsdp_plugin=fsdp_plugin, kwargs_handlers=[handler]

@@ -322,6 +322,32 @@ def test_trainable_dense_base_and_bad_shapes_are_refused():
         LoraProjection(layer, a, None)
 
 
+def test_fsdp1_orig_param_views_of_a_mixed_flat_parameter_are_treated_as_frozen():
+    """FSDP1 with use_orig_params: inside the forward, the frozen base weight is a plain tensor *view* of a flat
+    parameter that requires grad (it also holds the LoRA weights). The fused kernel must run, give the LoRA
+    gradients of the reference, and leave the frozen segment's gradient zero."""
+    torch.manual_seed(0)
+    out_f, in_f, r = 8, 16, 2
+    weight = torch.randn(out_f, in_f, dtype=torch.float32)
+    a, b = lora_weights(in_f, out_f, r, 81)
+    flat = nn.Parameter(torch.cat([weight.flatten(), a.flatten(), b.flatten()]).to(DEVICE))
+    n_w, n_a = weight.numel(), a.numel()
+    layer = nn.Linear(in_f, out_f, bias=False, device=DEVICE)
+    del layer.weight
+    layer.weight = flat[:n_w].view(out_f, in_f)  # what FSDP1 sets during forward: a view, not a Parameter
+    a_view = flat[n_w : n_w + n_a].view(r, in_f)
+    b_view = flat[n_w + n_a :].view(out_f, r)
+    x = torch.randn(3, in_f, device=DEVICE)
+
+    lora_linear(x, layer, a_view, b_view, 0.5).square().sum().backward()
+
+    a_ref, b_ref = a.clone().to(DEVICE).requires_grad_(), b.clone().to(DEVICE).requires_grad_()
+    lora_linear_ref(x, weight.to(DEVICE), a_ref, b_ref, 0.5).square().sum().backward()
+    torch.testing.assert_close(flat.grad[n_w : n_w + n_a].view(r, in_f), a_ref.grad)
+    torch.testing.assert_close(flat.grad[n_w + n_a :].view(out_f, r), b_ref.grad)
+    assert torch.count_nonzero(flat.grad[:n_w]) == 0
+
+
 def test_autocast_runs_in_the_autocast_dtype():
     base = make_base("nf4_double_quant", 64, 32, seed=90)
     a, b = (t.to(DEVICE).requires_grad_(True) for t in lora_weights(64, 32, 4, 91))

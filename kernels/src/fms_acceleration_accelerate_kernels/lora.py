@@ -124,7 +124,11 @@ def _resolve(spec: LoraProjection, in_features: int, backends: Sequence[DequantB
         weight = quantized_weight(base, backends)
         if bias is None:
             bias = getattr(base_layer_of(base), "bias", None)
-        if isinstance(weight, DenseWeight) and weight.weight.requires_grad:
+        # Only a trainable *Parameter* is refused. Under FSDP1 with use_orig_params the forward sees plain tensor
+        # views of the flat parameter, which require grad when the flat parameter also holds LoRA weights; those
+        # views stand for frozen parameters, get no gradient here, and FSDP drops the (zero) gradient of frozen
+        # original parameters.
+        if isinstance(weight, DenseWeight) and isinstance(weight.weight, nn.Parameter) and weight.weight.requires_grad:
             raise ValueError(
                 f"the base weight of {type(base).__name__} requires grad, but the fused LoRA kernels keep the base "
                 "frozen (no weight gradient); freeze it (weight.requires_grad_(False)) or do not fuse this layer"
