@@ -418,9 +418,26 @@ def _num(row: Mapping[str, Any], key: str, digits: int, suffix: str = "") -> str
     return "" if value is None else f"{value:.{digits}f}{suffix}"
 
 
+def _inline_summary(body: Mapping[str, Any]) -> str:
+    """``bitsandbytes(nf4) + fused_ops_and_kernels(fused_lora, fast_loss=fused_linear)`` for an inline stack:
+    each plugin section (a mapping of scalars) by its last key, true flags by name, other values as k=v."""
+    parts = []
+    for key, value in body.items():
+        if isinstance(value, Mapping) and value and all(isinstance(v, Mapping) for v in value.values()):
+            parts.append(_inline_summary(value))
+        elif isinstance(value, Mapping):
+            shown = [k if v is True else f"{k}={v}" for k, v in value.items() if v is not False]
+            parts.append(f"{key}({', '.join(shown)})")
+        else:
+            parts.append(f"{key}={value}")
+    return " + ".join(parts)
+
+
 def stack_label(row: Mapping[str, Any]) -> str:
     """``HF``, ``HF lean``, ``HF + liger``, or the plugin stack's name (``+ peer`` when one is applied)."""
     stack = str(row.get("plugins", ""))
+    if stack.startswith("inline:"):
+        stack = "inline: " + _inline_summary(json.loads(stack[len("inline:") :]))
     if stack == "none":
         stack = "HF" + (" lean" if row.get("prep") == "lean" and row.get("peft") == "qlora" else "")
     if row.get("peer") not in (None, "", "none"):
