@@ -1,0 +1,19 @@
+"""The README's performance table is generated from the committed CSV, never typed by hand."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_readme_performance_table_matches_its_csv():
+    result = subprocess.run(
+        [sys.executable, "benchmarks/run_benchmarks.py", "readme", "README.md", "--check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "matches" in result.stdout
