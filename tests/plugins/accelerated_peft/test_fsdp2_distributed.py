@@ -109,6 +109,8 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
             received_logits = model(input_ids=ids).logits
         _prepare(fw, model, WORLD, shard=True)
         assert sum(isinstance(m, Packed4bitLinear) for m in model.modules()) == 14
+        swaps = [r for r in fw.patches.records if r.replacement.startswith("Packed4bitLinear")]
+        assert len(swaps) == 14  # the module swaps go through the patch recorder (summary table, revert)
         assert isinstance(model.get_base_model().model.layers[0], FSDPModule)
 
         class Counting(DefaultAllGather):

@@ -134,7 +134,20 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
             )
         notes = []
         if self.config.fsdp2_packed_all_gather:
-            report = convert_linear4bit_for_fsdp2(model, training_dtype, max(int(context.world_size), 1))
+            names = {id(m): n for n, m in model.named_modules()}
+
+            def record_replacement(parent: torch.nn.Module, child: str, new: torch.nn.Module) -> None:
+                self.patches.replace_child(
+                    parent,
+                    child,
+                    new,
+                    target=f"{names[id(parent)]}.{child}".lstrip("."),
+                    description="Packed4bitLinear (FSDP2 packed 4-bit all-gather)",
+                )
+
+            report = convert_linear4bit_for_fsdp2(
+                model, training_dtype, max(int(context.world_size), 1), replace=record_replacement
+            )
             notes.append(
                 f"FSDP2: {len(report.converted)} 4-bit layers sharded as packed bytes (Packed4bitLinear)"
                 + (
