@@ -20,8 +20,10 @@ element, 0.28x of bf16) and rebuild a full :class:`Packed4bitWeight` that *alias
 The mixed-precision ``param_dtype`` is deliberately ignored: packed storage is never cast.
 
 :class:`Packed4bitLinear` is the frozen linear layer that computes with it: ``y = x W^T + b`` with ``W``
-dequantized by bitsandbytes inside a custom autograd function that saves only the packed tensors and
-dequantizes again in backward (the bitsandbytes ``MatMul4Bit`` recipe).
+dequantized by this project's own 4-bit kernels (``fms_acceleration_accelerate_kernels.nf4``, bit-exact with
+bitsandbytes; no bitsandbytes C function is called) inside a custom autograd function that saves only the
+packed tensors and dequantizes again in backward. The fused-ops plugin reads the same weight through the
+``bnb_4bit_packed`` dequant backend (:mod:`.dequant_backend`).
 """
 
 from __future__ import annotations
@@ -138,20 +140,42 @@ class Packed4bitWeight(torch.Tensor):
             f"blocksize={self.blocksize}, device={self.packed.device})"
         )
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense weight, shape ``self.shape``, in ``dtype`` (default: the logical dtype)."""
-        from bitsandbytes.functional import QuantState, dequantize_4bit
+    def four_bit_state(self, code: torch.Tensor | None = None) -> Any:
+        """The ``FourBitState`` of our dequant kernels for this weight (2-D ``[rows, row_numel]`` logical shape).
+
+        Args:
+            code: fp32 ``[16]`` lookup table of ``quant_type`` on the packed tensors' device; built when ``None``.
+
+        Returns:
+            ``fms_acceleration_accelerate_kernels.nf4.FourBitState`` sharing ``absmax`` (already float32, so no
+            double quantisation remains).
+        """
+        from fms_acceleration_accelerate_kernels.nf4 import FourBitState, four_bit_code
 
         numel = self.numel()
         rows = numel // self.row_numel if self.dim() != 2 else self.shape[0]
-        state = QuantState(
+        return FourBitState(
             absmax=self.absmax,
-            shape=torch.Size((rows, numel // rows)),
-            dtype=dtype or self.dtype,
+            shape=(rows, numel // rows),
             blocksize=self.blocksize,
             quant_type=self.quant_type,
+            dtype=self.dtype,
+            code=code if code is not None else four_bit_code(self.quant_type, device=self.packed.device),
         )
-        return dequantize_4bit(self.packed, state).reshape(self.shape)
+
+    def dequantize(self, dtype: torch.dtype | None = None, code: torch.Tensor | None = None) -> torch.Tensor:
+        """The dense weight, shape ``self.shape``, in ``dtype`` (default: the logical dtype).
+
+        Computed by this project's 4-bit kernels (``fms_acceleration_accelerate_kernels.nf4.dequantize_4bit``:
+        Triton on CUDA / in the interpreter, else the torch reference), bit-exact with bitsandbytes.
+
+        Args:
+            dtype: output dtype (fp32/bf16/fp16).
+            code: optional cached fp32 ``[16]`` code table of ``quant_type`` on the weight's device.
+        """
+        from fms_acceleration_accelerate_kernels.nf4 import dequantize_4bit
+
+        return dequantize_4bit(self.packed, self.four_bit_state(code), dtype=dtype or self.dtype).reshape(self.shape)
 
     def _element_range(self, dim: int, start: int, end: int) -> tuple[int, int]:
         """Flat element range of rows ``[start, end)`` along dim 0 (the only dim FSDP shards)."""
@@ -342,22 +366,25 @@ class _Packed4bitMatmul(torch.autograd.Function):
     """``y = x W^T + b`` with ``W`` dequantized on the fly; saves only the packed weight."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: Packed4bitWeight, bias: torch.Tensor | None) -> torch.Tensor:
-        w = weight.dequantize(x.dtype)
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: Packed4bitWeight, bias: torch.Tensor | None, code: torch.Tensor
+    ) -> torch.Tensor:
+        w = weight.dequantize(x.dtype, code)
         ctx.weight = weight
+        ctx.code = code
         ctx.has_bias = bias is not None
         return nn.functional.linear(x, w, bias)
 
     @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None]:
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, torch.Tensor | None, None]:
         weight: Packed4bitWeight = ctx.weight
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = grad_out @ weight.dequantize(grad_out.dtype)
+            grad_x = grad_out @ weight.dequantize(grad_out.dtype, ctx.code)
         grad_b = None
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        return grad_x, None, grad_b
+        return grad_x, None, grad_b, None
 
 
 class Packed4bitLinear(nn.Module):
@@ -375,6 +402,13 @@ class Packed4bitLinear(nn.Module):
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = nn.Parameter(bias.detach(), requires_grad=bias.requires_grad) if bias is not None else None
         self.compute_dtype = compute_dtype
+        from fms_acceleration_accelerate_kernels.nf4 import four_bit_code
+
+        # the 16-entry code table of quant_type, kept on the layer's device (moves with .to(); not saved) so
+        # that no forward builds a host tensor and copies it to the GPU
+        self.register_buffer(
+            "quant_code", four_bit_code(weight.quant_type, device=weight.packed.device), persistent=False
+        )
 
     @classmethod
     def from_bnb(cls, module: nn.Module, dtype: torch.dtype) -> Packed4bitLinear:
@@ -391,7 +425,7 @@ class Packed4bitLinear(nn.Module):
         if self.compute_dtype is not None:
             x = x.to(self.compute_dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return _Packed4bitMatmul.apply(x, self.weight, bias).to(in_dtype)
+        return _Packed4bitMatmul.apply(x, self.weight, bias, self.quant_code).to(in_dtype)
 
     def extra_repr(self) -> str:
         w = self.weight

@@ -10,6 +10,8 @@ Hooks:
   ``modifiable_args`` with the LoRA config replaced by ``None`` so a trainer does not add adapters twice.
   With ``no_peft_model: true`` no adapters are added.
 * ``prepare_contribution`` / ``after_prepare``: FSDP1/FSDP2 handling of the packed weights (:mod:`.sharding`).
+* ``provided_dequant_backends``: the ``bnb_4bit_packed`` dequant backend, so the fused-ops plugin's fused LoRA
+  / fused dequant kernels read ``Packed4bitLinear`` bases (:mod:`.dequant_backend`).
 """
 
 from __future__ import annotations
@@ -163,6 +165,13 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
             reduce_dtype=reduce_dtype,
             notes=tuple(notes),
         )
+
+    def provided_dequant_backends(self) -> tuple[Any, ...]:
+        """Dequant backends for the fused-ops plugin: reads :class:`~.packed4bit.Packed4bitLinear` weights
+        (the FSDP2 packed layers) with our own 4-bit kernels; see :mod:`.dequant_backend`."""
+        from .dequant_backend import packed4bit_backend
+
+        return (packed4bit_backend(),)
 
     def after_prepare(self, model: nn.Module, context: Any) -> None:
         """Log how many bytes of 4-bit weights this rank holds after sharding."""
