@@ -54,6 +54,16 @@ from .patches import (
 _NOT_STARTED, _PENDING, _DONE = "not started", "pending", "done"
 
 
+def is_bitsandbytes_backend(name: str) -> bool:
+    """Whether a dequant backend name denotes a bitsandbytes-format 4-bit base (``base_layer: bitsandbytes``).
+
+    ``"bnb_4bit"`` is the kernels' backend for ``bitsandbytes.nn.Linear4bit``; other plugins name backends of
+    layers that hold the same packed format ``"bnb_4bit_<something>"`` (e.g. the bitsandbytes plugin's
+    ``"bnb_4bit_packed"`` for its FSDP2 ``Packed4bitLinear``).
+    """
+    return name == "bnb_4bit" or name.startswith("bnb_4bit_")
+
+
 def _fsdp_expected(train_args: Any) -> bool:
     """Whether the coming ``Accelerator.prepare`` will wrap the model with FSDP, as far as is known now."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes"):
@@ -264,7 +274,7 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         if c.fused_dequant:
             self._count("fused_dequant", len(report.quantized), spec, " (no adapter-less quantized projection)")
         quantized = sorted(report.backends - {"dense"})
-        if c.base_layer == "bitsandbytes" and "bnb_4bit" not in report.backends:
+        if c.base_layer == "bitsandbytes" and not any(is_bitsandbytes_backend(n) for n in report.backends):
             raise ModelStructureError(
                 "base_layer: bitsandbytes, but no fused projection has a bitsandbytes 4-bit base "
                 f"(found: {', '.join(sorted(report.backends)) or 'none'})",
