@@ -346,14 +346,38 @@ def loss_divisor(
     return torch.tensor(float(num_items_in_batch), dtype=torch.float32, device=target.device)
 
 
+def check_target(target: torch.Tensor, n_rows: int) -> None:
+    """Raise ``ValueError``/``TypeError`` unless ``target`` is an (n_rows,) int64/int32 tensor of class ids."""
+    if target.dim() != 1 or target.shape[0] != n_rows:
+        raise ValueError(f"target must be 1-D with {n_rows} entries; got shape {tuple(target.shape)}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"target must be an int64 or int32 tensor of class ids; got {target.dtype}")
+
+
+def loss_options(
+    ignore_index: int,
+    reduction: str,
+    num_items_in_batch: int | float | torch.Tensor | None,
+    softcap: float | None,
+    logits_scaling: float,
+    label_smoothing: float,
+) -> dict:
+    """The loss options shared by the cross-entropy entry points, as keyword arguments."""
+    return dict(
+        ignore_index=ignore_index,
+        reduction=reduction,
+        num_items_in_batch=num_items_in_batch,
+        softcap=softcap,
+        logits_scaling=logits_scaling,
+        label_smoothing=label_smoothing,
+    )
+
+
 def _check_inputs(logits: torch.Tensor, target: torch.Tensor) -> None:
     check_float_dtype("logits", logits)
     if logits.dim() != 2:
         raise ValueError(f"logits must be 2-D (N, V); got shape {tuple(logits.shape)}. Flatten with .view(-1, V).")
-    if target.dim() != 1 or target.shape[0] != logits.shape[0]:
-        raise ValueError(f"target must be 1-D with {logits.shape[0]} entries; got shape {tuple(target.shape)}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must be an int64 or int32 tensor of class ids; got {target.dtype}")
+    check_target(target, logits.shape[0])
 
 
 def _reduce(loss_rows: torch.Tensor, target: torch.Tensor, ignore_index: int, reduction: str, num_items_in_batch):
@@ -462,14 +486,7 @@ def cross_entropy(
     Returns:
         fp32 scalar, or (N,) fp32 for ``reduction="none"``.
     """
-    kwargs = dict(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        softcap=softcap,
-        logits_scaling=logits_scaling,
-        label_smoothing=label_smoothing,
-    )
+    kwargs = loss_options(ignore_index, reduction, num_items_in_batch, softcap, logits_scaling, label_smoothing)
     if use_triton(logits, target):
         return cross_entropy_triton(logits, target, **kwargs, inplace_backward=inplace_backward)
     return cross_entropy_ref(logits, target, **kwargs)

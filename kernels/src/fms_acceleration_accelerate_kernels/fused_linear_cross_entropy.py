@@ -17,7 +17,14 @@ import torch
 import torch.nn.functional as F
 
 from ._utils import check_float_dtype, use_triton
-from .cross_entropy import ce_forward_rows, cross_entropy_ref, loss_divisor, validate_loss_options
+from .cross_entropy import (
+    ce_forward_rows,
+    check_target,
+    cross_entropy_ref,
+    loss_divisor,
+    loss_options,
+    validate_loss_options,
+)
 
 __all__ = ["fused_linear_cross_entropy", "fused_linear_cross_entropy_ref", "fused_linear_cross_entropy_triton"]
 
@@ -200,10 +207,7 @@ def _check_inputs(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tens
         )
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden ({hidden.dtype}) and weight ({weight.dtype}) must share a dtype")
-    if target.dim() != 1 or target.shape[0] != hidden.shape[0]:
-        raise ValueError(f"target must be 1-D with {hidden.shape[0]} entries; got shape {tuple(target.shape)}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"target must be an int64 or int32 tensor of class ids; got {target.dtype}")
+    check_target(target, hidden.shape[0])
     if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
         raise ValueError(f"bias must have shape ({weight.shape[0]},); got {tuple(bias.shape)}")
 
@@ -319,14 +323,7 @@ def fused_linear_cross_entropy(
     Returns:
         fp32 scalar loss.
     """
-    kwargs = dict(
-        ignore_index=ignore_index,
-        reduction=reduction,
-        num_items_in_batch=num_items_in_batch,
-        softcap=softcap,
-        logits_scaling=logits_scaling,
-        label_smoothing=label_smoothing,
-    )
+    kwargs = loss_options(ignore_index, reduction, num_items_in_batch, softcap, logits_scaling, label_smoothing)
     if use_triton(hidden, weight, target, bias):
         return fused_linear_cross_entropy_triton(hidden, weight, target, bias, **kwargs)
     return fused_linear_cross_entropy_ref(hidden, weight, target, bias, **kwargs)
