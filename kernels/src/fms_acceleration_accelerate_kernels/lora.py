@@ -245,6 +245,14 @@ def _lora_backward(
     return d_inp, d_as, d_bs
 
 
+def _base_linear(
+    inp: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype
+) -> torch.Tensor:
+    """(T, in) -> (T, out) ``inp @ W^T + bias`` in ``dtype``; the dense ``W`` lives only for this GEMM."""
+    w = weight.dequantize(dtype)
+    return F.linear(inp, w, bias.to(dtype) if bias is not None else None)
+
+
 @dataclass(frozen=True)
 class _Plan:
     weights: tuple[QuantizedWeight, ...]
@@ -270,10 +278,7 @@ class _FusedLoraLinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         outs = []
         for i in range(n):
-            w = plan.weights[i].dequantize(dtype)
-            bias = biases[i].to(dtype) if biases[i] is not None else None
-            outs.append(F.linear(x2, w, bias))
-            del w  # the dense weight lives only for this GEMM
+            outs.append(_base_linear(x2, plan.weights[i], biases[i], dtype))
         down, slices = _lora_down(x2, lora_As, dtype)
         for i, cols in slices:
             outs[i].addmm_(down[:, cols], lora_Bs[i].to(dtype).t(), alpha=plan.scalings[i])
@@ -322,8 +327,8 @@ class _FusedLoraLinearFunction(torch.autograd.Function):
         return tuple(result)
 
 
-def _run_grouped(x: torch.Tensor, specs: Sequence[LoraProjection], backends: Sequence[DequantBackend]):
-    resolved = [_resolve(s, x.shape[-1], backends) for s in specs]
+def _apply_fused(function: type[torch.autograd.Function], x: torch.Tensor, resolved: Sequence[_Resolved]):
+    """Run ``function`` (a fused LoRA autograd function) on ``x`` in the compute dtype, autocast off inside."""
     dtype = _compute_dtype(x)
     plan = _Plan(
         weights=tuple(r.weight for r in resolved),
@@ -334,7 +339,12 @@ def _run_grouped(x: torch.Tensor, specs: Sequence[LoraProjection], backends: Seq
     for r in resolved:
         flat += [r.lora_A, r.lora_B, r.bias]
     with torch.autocast(device_type=x.device.type, enabled=False):
-        return _FusedLoraLinearFunction.apply(x.to(dtype), plan, *flat)
+        return function.apply(x.to(dtype), plan, *flat)
+
+
+def _run_grouped(x: torch.Tensor, specs: Sequence[LoraProjection], backends: Sequence[DequantBackend]):
+    resolved = [_resolve(s, x.shape[-1], backends) for s in specs]
+    return _apply_fused(_FusedLoraLinearFunction, x, resolved)
 
 
 def lora_linear(
@@ -486,19 +496,13 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         gate_up = []
         for i in (0, 1):
-            w = plan.weights[i].dequantize(dtype)
-            bias = biases[i].to(dtype) if biases[i] is not None else None
-            gate_up.append(F.linear(x2, w, bias))
-            del w
+            gate_up.append(_base_linear(x2, plan.weights[i], biases[i], dtype))
         down_gu, slices = _lora_down(x2, lora_As[:2], dtype)
         for i, cols in slices:
             gate_up[i].addmm_(down_gu[:, cols], lora_Bs[i].to(dtype).t(), alpha=plan.scalings[i])
         gate, up = gate_up
         h = _swiglu_forward(gate, up)
-        w = plan.weights[2].dequantize(dtype)
-        bias = biases[2].to(dtype) if biases[2] is not None else None
-        y = F.linear(h, w, bias)
-        del w
+        y = _base_linear(h, plan.weights[2], biases[2], dtype)
         down_d, slices_d = _lora_down(h, lora_As[2:], dtype)
         if slices_d:
             y.addmm_(down_d, lora_Bs[2].to(dtype).t(), alpha=plan.scalings[2])
@@ -590,17 +594,7 @@ def lora_mlp_swiglu(
         raise ValueError(f"gate {g.weight.shape} and up {u.weight.shape} projections must have the same shape")
     d = _resolve(down, g.weight.shape[0], backends)
     resolved = [g, u, d]
-    dtype = _compute_dtype(x)
-    plan = _Plan(
-        weights=tuple(r.weight for r in resolved),
-        scalings=tuple(r.scaling for r in resolved),
-        out_features=tuple(r.weight.shape[0] for r in resolved),
-    )
-    flat: list[torch.Tensor | None] = []
-    for r in resolved:
-        flat += [r.lora_A, r.lora_B, r.bias]
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return _FusedLoraMlpFunction.apply(x.to(dtype), plan, *flat)
+    return _apply_fused(_FusedLoraMlpFunction, x, resolved)
 
 
 # ------------------------------------------------------------------------------------------- references
