@@ -66,6 +66,31 @@ def _has_hook() -> bool:
     )
 
 
+def _start_machines(cfg: Path, machines: int, env: dict[str, str], cwd: Path) -> list:
+    """Start one ``accelerate launch`` per machine rank on this host, all meeting at one loopback port."""
+    port = str(free_port())
+    return [
+        start(
+            [
+                ACCELERATE,
+                "launch",
+                "--config_file",
+                str(cfg),
+                "--machine_rank",
+                str(rank),
+                "--main_process_ip",
+                "127.0.0.1",
+                "--main_process_port",
+                port,
+                WORKER,
+            ],
+            env,
+            cwd,
+        )
+        for rank in range(machines)
+    ]
+
+
 needs_hook = pytest.mark.skipif(not _has_hook(), reason="package not installed with its start-up .pth hook")
 
 
@@ -98,27 +123,7 @@ def test_fms_accelerate_launch_same_arguments(launch_env, tmp_path):
 def test_two_node_loopback(launch_env, tmp_path):
     """Two launches on one machine, machine ranks 0 and 1, one process each."""
     cfg = write_config(tmp_path / "cfg.yaml", CONFIG.format(machines=2, report=launch_env["REPORT_DIR"]))
-    port = str(free_port())
-    procs = [
-        start(
-            [
-                ACCELERATE,
-                "launch",
-                "--config_file",
-                str(cfg),
-                "--machine_rank",
-                str(rank),
-                "--main_process_ip",
-                "127.0.0.1",
-                "--main_process_port",
-                port,
-                WORKER,
-            ],
-            launch_env,
-            tmp_path,
-        )
-        for rank in (0, 1)
-    ]
+    procs = _start_machines(cfg, 2, launch_env, tmp_path)
     results = [finish(p) for p in procs]
     for result in results:
         assert result.returncode == 0, result.stderr[-4000:]
@@ -143,27 +148,7 @@ acceleration:
 @pytest.mark.parametrize("machines", [1, 2])
 def test_bad_section_fails_in_every_launcher_before_workers(launch_env, tmp_path, machines):
     cfg = write_config(tmp_path / "bad.yaml", BAD.format(machines=machines))
-    port = str(free_port())
-    procs = [
-        start(
-            [
-                ACCELERATE,
-                "launch",
-                "--config_file",
-                str(cfg),
-                "--machine_rank",
-                str(rank),
-                "--main_process_ip",
-                "127.0.0.1",
-                "--main_process_port",
-                port,
-                WORKER,
-            ],
-            launch_env,
-            tmp_path,
-        )
-        for rank in range(machines)
-    ]
+    procs = _start_machines(cfg, machines, launch_env, tmp_path)
     for proc in procs:
         result = finish(proc, timeout=60)
         assert result.returncode == 2
