@@ -93,3 +93,19 @@ def finish(proc: subprocess.Popen, timeout: int = LAUNCH_TIMEOUT) -> subprocess.
         out, err = proc.communicate()
         pytest.fail(f"timed out after {timeout}s: {proc.args}\nstderr:\n{err[-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_torchrun_worker(
+    script: str, env: dict[str, str], out_dir: Path, timeout: int = LAUNCH_TIMEOUT
+) -> subprocess.CompletedProcess:
+    """Run ``scripts/<script>`` under torchrun with 2 local processes; ``out_dir`` is its argument and the cwd."""
+    cmd = [
+        TORCHRUN,
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(SCRIPTS / script),
+        str(out_dir),
+    ]
+    return run(cmd, env, out_dir, timeout=timeout)

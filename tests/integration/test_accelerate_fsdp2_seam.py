@@ -6,23 +6,14 @@ import json
 
 import pytest
 
-from .conftest import SCRIPTS, TORCHRUN, free_port, run
+from .conftest import run_torchrun_worker
 
 pytestmark = pytest.mark.slow
 
 
 def test_accelerate_fsdp2_prepare_with_plugin_units(launch_env, tmp_path):
     env = dict(launch_env, FMS_ACCELERATION_DISABLE_HOOK="1")
-    cmd = [
-        TORCHRUN,
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(SCRIPTS / "accelerate_fsdp2_seam_worker.py"),
-        str(tmp_path),
-    ]
-    result = run(cmd, env, tmp_path, timeout=180)
+    result = run_torchrun_worker("accelerate_fsdp2_seam_worker.py", env, tmp_path, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for report in reports:

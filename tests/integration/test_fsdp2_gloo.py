@@ -6,23 +6,14 @@ import json
 
 import pytest
 
-from .conftest import SCRIPTS, TORCHRUN, free_port, run
+from .conftest import run_torchrun_worker
 
 pytestmark = pytest.mark.slow
 
 
 def test_fsdp2_two_processes_match_one_process(launch_env, tmp_path):
     env = dict(launch_env, FMS_ACCELERATION_DISABLE_HOOK="1")
-    cmd = [
-        TORCHRUN,
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-        str(SCRIPTS / "fsdp2_gloo_worker.py"),
-        str(tmp_path),
-    ]
-    result = run(cmd, env, tmp_path, timeout=240)
+    result = run_torchrun_worker("fsdp2_gloo_worker.py", env, tmp_path, timeout=240)
     assert result.returncode == 0, result.stderr[-4000:]
     out = json.loads((tmp_path / "result.json").read_text())
     assert out["world"] == 2
