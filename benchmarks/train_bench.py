@@ -236,6 +236,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from accelerate.utils import set_seed
 
+    phases: dict[str, float] = {}  # seconds per phase, to see where a scenario's wall time goes
+    t_phase = time.perf_counter()
+
+    def phase_done(name: str) -> None:
+        nonlocal t_phase
+        now = time.perf_counter()
+        phases[name] = round(now - t_phase, 3)
+        t_phase = now
+
     s = scenario_from_args(args)
     work_dir = tempfile.mkdtemp(prefix="train_bench_")
     train_args = make_train_args(s, os.path.join(work_dir, "trainer"))
@@ -243,16 +252,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(s.seed)
     device = accelerator.device
     on_cuda = device.type == "cuda"
+    phase_done("accelerator")
 
     model, info = load_and_prepare(s, args.model_dir, framework, accelerator, train_args)
+    phase_done("load_and_augment")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate, fused=True if on_cuda else None)
     model, optimizer = accelerator.prepare(model, optimizer)
     if framework is not None:
         framework.get_callbacks_and_ready_for_train(model, accelerator)
+    phase_done("prepare")
 
     vocab = model.config.vocab_size if hasattr(model, "config") else accelerator.unwrap_model(model).config.vocab_size
     batches = benchlib.make_batches(s, vocab, s.steps, accelerator.process_index, accelerator.num_processes)
+    phase_done("data")
     losses: list[float] = []
     step_times: list[float] = []
     measured_tokens = 0
@@ -283,6 +296,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if on_cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t_start
+    phase_done("train")
+    if accelerator.is_main_process:
+        print("phases (s): " + ", ".join(f"{k} {v}" for k, v in phases.items()), flush=True)
 
     counts = torch.tensor([measured_tokens, padded_tokens], dtype=torch.float64, device=device)
     counts = accelerator.reduce(counts, reduction="sum")
@@ -313,6 +329,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "active_plugins": list(framework.active_plugin_names) if framework is not None else [],
         "patches": len(framework.patches) if framework is not None else None,
         "entry": entry,
+        "phase_seconds": phases,
         **info,
         **benchlib.environment_info(),
     }
