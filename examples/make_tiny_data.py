@@ -31,13 +31,14 @@ def make_records(n: int, seed: int = 1234) -> list[dict[str, str]]:
         elif kind == 3:
             w = rng.choice(WORDS)
             c = rng.choice(sorted(set(w)))
-            records.append(
-                {"instruction": f"How many times does '{c}' occur in '{w}'?", "response": str(w.count(c))}
-            )
+            records.append({"instruction": f"How many times does '{c}' occur in '{w}'?", "response": str(w.count(c))})
         else:
             nums = [rng.randrange(50) for _ in range(rng.randrange(3, 7))]
             records.append(
-                {"instruction": f"Sort ascending: {', '.join(map(str, nums))}", "response": ", ".join(map(str, sorted(nums)))}
+                {
+                    "instruction": f"Sort ascending: {', '.join(map(str, nums))}",
+                    "response": ", ".join(map(str, sorted(nums))),
+                }
             )
     return records
 
