@@ -60,6 +60,7 @@ TEMPLATES: dict[str, Template] = {
     ),
     "foak-peft": Template("plugins/fused-ops-and-kernels/configs/fast_quantized_peft.yaml"),
     "foak-kernels": Template("plugins/fused-ops-and-kernels/configs/fast_kernels.yaml"),
+    "foak-lora": Template("plugins/fused-ops-and-kernels/configs/fast_lora.yaml"),
 }
 
 
@@ -101,6 +102,12 @@ OUTPUTS: tuple[Output, ...] = (
         "foak-fast-kernels",
         ("foak-kernels",),
         "full fine-tuning / LoRA: fused RMSNorm, RoPE and loss kernels (acceleration-only, upstream layout)",
+    ),
+    Output(
+        "foak-fast-lora",
+        ("foak-lora",),
+        "LoRA on 16-bit weights: fused LoRA, fused linear cross-entropy, RMSNorm, RoPE, SwiGLU kernels "
+        "(acceleration-only, upstream layout)",
     ),
     Output(
         "accelerate-single-gpu-qlora-foak",
