@@ -31,6 +31,16 @@ which FSDP re-gathers before the module's backward.
 
 Double backward and ``retain_graph`` re-use of the MLP backward are supported (no saved tensor is modified in
 place); higher-order gradients are not (``once_differentiable``).
+
+torch.compile: the fused autograd functions are traced by Dynamo as they are (no custom op wraps the whole
+projection: the module-based API resolves the base layer, its ``QuantizedWeight`` and the adapter in plain Python
+that Dynamo follows). The one piece Dynamo cannot trace is the Triton 4-bit dequant kernel, so under
+``torch.compiler.is_compiling()`` a bitsandbytes 4-bit weight is dequantised by the custom op
+``fms_accel_kernels::lora_dequantize_4bit`` (packed bytes, scales and tables as plain tensors), in forward and
+again in backward; the compiled backward therefore still saves no dense weight. ``lora_linear`` over a dense or
+bnb 4-bit base compiles with ``fullgraph=True`` (checked with the aot_eager backend on CPU in
+tests/kernels/test_lora_compile.py). Other ``QuantizedWeight`` formats are dequantised by their own
+``dequantize`` under compile, which Dynamo traces only if that is plain torch code.
 """
 
 from __future__ import annotations
@@ -46,12 +56,14 @@ from torch.autograd.function import once_differentiable
 from ._utils import use_triton
 from .dequant import (
     DEFAULT_DEQUANT_BACKENDS,
+    Bnb4bitWeight,
     DenseWeight,
     DequantBackend,
     QuantizedWeight,
     base_layer_of,
     quantized_weight,
 )
+from .nf4 import FourBitState, NestedAbsmax, dequantize_4bit
 
 try:
     import triton
@@ -167,6 +179,56 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# ------------------------------------------------------------------------------------- torch.compile seam
+
+
+@torch.library.custom_op("fms_accel_kernels::lora_dequantize_4bit", mutates_args=())
+def _dequantize_4bit_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_code: torch.Tensor | None,
+    nested_offset: torch.Tensor | None,
+    shape: list[int],
+    blocksize: int,
+    nested_blocksize: int,
+    quant_type: str,
+    orig_dtype: torch.dtype,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    nested = None
+    if nested_absmax is not None:
+        nested = NestedAbsmax(absmax=nested_absmax, code=nested_code, blocksize=nested_blocksize, offset=nested_offset)
+    state = FourBitState(
+        absmax=absmax, shape=tuple(shape), blocksize=blocksize, quant_type=quant_type, dtype=orig_dtype, code=code,
+        nested=nested,
+    )  # fmt: skip
+    return dequantize_4bit(packed, state, dtype=dtype)
+
+
+@_dequantize_4bit_op.register_fake
+def _(packed, absmax, code, nested_absmax, nested_code, nested_offset, shape, blocksize, nested_blocksize,
+      quant_type, orig_dtype, dtype):  # fmt: skip
+    return packed.new_empty(tuple(shape), dtype=dtype)
+
+
+def _dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
+    """Dense (out, in) weight in ``dtype``; under ``torch.compile`` a bitsandbytes 4-bit weight goes through
+    the opaque custom op ``fms_accel_kernels::lora_dequantize_4bit`` (plain tensors and scalars in, so Dynamo
+    does not trace into the Triton dequant kernel or the state dataclasses)."""
+    if torch.compiler.is_compiling() and isinstance(weight, Bnb4bitWeight):
+        state = weight.state
+        nested = state.nested
+        return _dequantize_4bit_op(
+            weight.packed, state.absmax, state.code,
+            nested.absmax if nested is not None else None, nested.code if nested is not None else None,
+            nested.offset if nested is not None else None, list(state.shape), state.blocksize,
+            nested.blocksize if nested is not None else 0, state.quant_type, state.dtype, dtype,
+        )  # fmt: skip
+    return weight.dequantize(dtype)
+
+
 # ------------------------------------------------------------------------------------------ shared helpers
 
 
@@ -249,7 +311,7 @@ def _base_linear(
     inp: torch.Tensor, weight: QuantizedWeight, bias: torch.Tensor | None, dtype: torch.dtype
 ) -> torch.Tensor:
     """(T, in) -> (T, out) ``inp @ W^T + bias`` in ``dtype``; the dense ``W`` lives only for this GEMM."""
-    w = weight.dequantize(dtype)
+    w = _dequantize(weight, dtype)
     return F.linear(inp, w, bias.to(dtype) if bias is not None else None)
 
 
@@ -307,7 +369,7 @@ class _FusedLoraLinearFunction(torch.autograd.Function):
                 for i in range(n):
                     if grads[i] is None:
                         continue
-                    w = plan.weights[i].dequantize(dtype)  # recomputed instead of saved
+                    w = _dequantize(plan.weights[i], dtype)  # recomputed instead of saved
                     if dx is None:
                         dx = grads[i] @ w
                     else:
@@ -525,7 +587,7 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
             # down projection: its input h is recomputed (only needed for dA_down)
             d_as_d = [None]
             d_bs_d = [None]
-            dh = plan.weights[2].dequantize(dtype)
+            dh = _dequantize(plan.weights[2], dtype)
             dh = gy @ dh  # (T, I); the dense down weight is dropped right after
             if lora_As[2] is not None:
                 h = _swiglu_forward(gate, up)
@@ -540,7 +602,7 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
             dx = None
             if need_x:
                 for i, g in ((0, dgate), (1, dup)):
-                    w = plan.weights[i].dequantize(dtype)
+                    w = _dequantize(plan.weights[i], dtype)
                     if dx is None:
                         dx = g @ w
                     else:
