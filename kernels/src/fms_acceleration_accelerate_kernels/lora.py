@@ -12,7 +12,7 @@ For one projection ``y = x W^T + b + s * (x A^T) B^T`` with ``W`` (out, in) froz
 Grouped variants share one input: ``lora_qkv`` saves ``x`` once, computes all three LoRA down-projections with
 one GEMM (``A_q``, ``A_k``, ``A_v`` stacked) and accumulates ``dx`` of q, k and v into one buffer;
 ``lora_mlp_swiglu`` fuses gate/up/down with the SwiGLU activation, saving ``x``, ``gate`` and ``up`` and
-recomputing ``silu(gate) * up`` in backward. ``quantized_linear`` is the same machinery without an adapter, for
+recomputing ``silu(gate) * up`` in backward; ``lora_mlp_geglu`` is the same with ``gelu(gate) * up`` (Gemma). ``quantized_linear`` is the same machinery without an adapter, for
 frozen quantised layers that LoRA does not target (their backward dequantises again instead of storing ``W``).
 
 Dtypes: the matmuls run in ``x``'s dtype (or the autocast dtype when autocast is on); ``A``/``B`` (often fp32
@@ -77,6 +77,8 @@ __all__ = [
     "fused_lora_unsupported_reason",
     "lora_linear",
     "lora_linear_ref",
+    "lora_mlp_geglu",
+    "lora_mlp_geglu_ref",
     "lora_mlp_swiglu",
     "lora_mlp_swiglu_ref",
     "lora_qkv",
@@ -320,6 +322,7 @@ class _Plan:
     weights: tuple[QuantizedWeight, ...]
     scalings: tuple[float, ...]
     out_features: tuple[int, ...]
+    activation: str = "silu"  # MLP only: "silu", "gelu_tanh" or "gelu_none"
 
 
 # ------------------------------------------------------------------------------ grouped linear (O, QKV)
@@ -389,13 +392,19 @@ class _FusedLoraLinearFunction(torch.autograd.Function):
         return tuple(result)
 
 
-def _apply_fused(function: type[torch.autograd.Function], x: torch.Tensor, resolved: Sequence[_Resolved]):
+def _apply_fused(
+    function: type[torch.autograd.Function],
+    x: torch.Tensor,
+    resolved: Sequence[_Resolved],
+    activation: str = "silu",
+):
     """Run ``function`` (a fused LoRA autograd function) on ``x`` in the compute dtype, autocast off inside."""
     dtype = _compute_dtype(x)
     plan = _Plan(
         weights=tuple(r.weight for r in resolved),
         scalings=tuple(r.scaling for r in resolved),
         out_features=tuple(r.weight.shape[0] for r in resolved),
+        activation=activation,
     )
     flat: list[torch.Tensor | None] = []
     for r in resolved:
@@ -540,14 +549,130 @@ def _swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
     return dh, dup
 
 
+# ------------------------------------------------------------------------------------------------ GeGLU
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_TANH_COEF = 0.044715
+_INV_SQRT_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+if triton is not None:
+
+    @triton.jit
+    def _gelu_and_derivative(g, TANH: tl.constexpr):
+        """gelu(g) and gelu'(g) in fp32: tanh approximation when TANH, else the exact erf form.
+
+        Literal constants: a jitted function may only read globals that are ``tl.constexpr``.
+        """
+        if TANH:
+            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+            t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh(inner) without overflow
+            act = 0.5 * g * (1.0 + t)
+            deriv = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
+        else:
+            cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+            act = g * cdf
+            deriv = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
+        return act, deriv
+
+    @triton.jit
+    def _geglu_fwd_kernel(gate_ptr, up_ptr, out_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = offs.to(tl.int64)
+        mask = offs < n
+        g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        act, _deriv = _gelu_and_derivative(g, TANH)
+        tl.store(out_ptr + offs, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _geglu_bwd_kernel(dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr):
+        # dgate_ptr may alias dh_ptr: every element is read before it is written by the same program.
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        offs = offs.to(tl.int64)
+        mask = offs < n
+        dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        act, deriv = _gelu_and_derivative(g, TANH)
+        tl.store(dgate_ptr + offs, (dh * u * deriv).to(dgate_ptr.dtype.element_ty), mask=mask)
+        tl.store(dup_ptr + offs, (dh * act).to(dup_ptr.dtype.element_ty), mask=mask)
+
+
+_GELU_ACTIVATIONS = {"tanh": "gelu_tanh", "none": "gelu_none"}
+
+
+def _gelu_activation(approximate: str) -> str:
+    if approximate not in _GELU_ACTIVATIONS:
+        raise ValueError(f"approximate must be 'tanh' or 'none' (as in torch.nn.functional.gelu), got {approximate!r}")
+    return _GELU_ACTIVATIONS[approximate]
+
+
+def _gelu_torch(g: torch.Tensor, tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 gelu(g) and gelu'(g) (the torch fallback of ``_gelu_and_derivative``)."""
+    if tanh:
+        t = torch.tanh(_SQRT_2_OVER_PI * (g + _GELU_TANH_COEF * g * g * g))
+        act = 0.5 * g * (1.0 + t)
+        deriv = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_COEF * g * g)
+    else:
+        cdf = 0.5 * (1.0 + torch.erf(g * _INV_SQRT_2))
+        act = g * cdf
+        deriv = cdf + g * torch.exp(-0.5 * g * g) * _INV_SQRT_2PI
+    return act, deriv
+
+
+def _geglu_forward(gate: torch.Tensor, up: torch.Tensor, tanh: bool) -> torch.Tensor:
+    """gelu(gate) * up, fp32 math, one rounding. gate/up contiguous, same shape."""
+    if triton is not None and use_triton(gate, up):
+        out = torch.empty_like(gate)
+        n = gate.numel()
+        _geglu_fwd_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](
+            gate, up, out, n, TANH=tanh, BLOCK=_SWIGLU_BLOCK, num_warps=8
+        )
+        return out
+    return (F.gelu(gate.float(), approximate="tanh" if tanh else "none") * up.float()).to(gate.dtype)
+
+
+def _geglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, tanh: bool):
+    """(dgate, dup) of h = gelu(gate) * up. dgate is written over ``dh`` (which the caller owns)."""
+    if triton is not None and use_triton(dh, gate, up):
+        dup = torch.empty_like(up)
+        n = dh.numel()
+        _geglu_bwd_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](
+            dh, gate, up, dh, dup, n, TANH=tanh, BLOCK=_SWIGLU_BLOCK, num_warps=8
+        )
+        return dh, dup
+    g, u, d = gate.float(), up.float(), dh.float()
+    act, deriv = _gelu_torch(g, tanh)
+    dup = (d * act).to(up.dtype)
+    dh.copy_(d * u * deriv)
+    return dh, dup
+
+
+def _glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
+    """act(gate) * up for the MLP plan's activation ("silu", "gelu_tanh", "gelu_none")."""
+    if activation == "silu":
+        return _swiglu_forward(gate, up)
+    return _geglu_forward(gate, up, activation == "gelu_tanh")
+
+
+def _glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str):
+    """(dgate, dup) for the MLP plan's activation; dgate overwrites ``dh``."""
+    if activation == "silu":
+        return _swiglu_backward(dh, gate, up)
+    return _geglu_backward(dh, gate, up, activation == "gelu_tanh")
+
+
 # -------------------------------------------------------------------------------------------------- MLP
 
 
 class _FusedLoraMlpFunction(torch.autograd.Function):
-    """y = down(silu(gate(x)) * up(x)), each projection a frozen base plus optional LoRA.
+    """y = down(act(gate(x)) * up(x)), each projection a frozen base plus optional LoRA.
+
+    ``act`` is ``plan.activation``: silu (SwiGLU) or gelu with the tanh / erf form (GeGLU).
 
     ``flat`` holds (A_g, B_g, bias_g, A_u, B_u, bias_u, A_d, B_d, bias_d), None where absent.
-    Saved: x, gate, up, the (T, r) LoRA down-projections; not saved: h = silu(gate) * up, any dense weight.
+    Saved: x, gate, up, the (T, r) LoRA down-projections; not saved: h = act(gate) * up, any dense weight.
     """
 
     @staticmethod
@@ -563,7 +688,7 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
         for i, cols in slices:
             gate_up[i].addmm_(down_gu[:, cols], lora_Bs[i].to(dtype).t(), alpha=plan.scalings[i])
         gate, up = gate_up
-        h = _swiglu_forward(gate, up)
+        h = _glu_forward(gate, up, plan.activation)
         y = _base_linear(h, plan.weights[2], biases[2], dtype)
         down_d, slices_d = _lora_down(h, lora_As[2:], dtype)
         if slices_d:
@@ -590,13 +715,13 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
             dh = _dequantize(plan.weights[2], dtype)
             dh = gy @ dh  # (T, I); the dense down weight is dropped right after
             if lora_As[2] is not None:
-                h = _swiglu_forward(gate, up)
+                h = _glu_forward(gate, up, plan.activation)
                 dh, d_as_d, d_bs_d = _lora_backward(
                     [gy], h, down_d, lora_As[2:], lora_Bs[2:], plan.scalings[2:], dh, True, dtype
                 )
                 del h
             bias_d = gy.sum(0) if need[10] else None
-            dgate, dup = _swiglu_backward(dh, gate, up)  # dgate overwrites dh
+            dgate, dup = _glu_backward(dh, gate, up, plan.activation)  # dgate overwrites dh
             del dh
             need_x = need[0]
             dx = None
@@ -649,14 +774,55 @@ def lora_mlp_swiglu(
     Returns:
         (..., hidden) output in the compute dtype.
     """
+    return _apply_fused(_FusedLoraMlpFunction, x, _resolve_mlp(x, gate, up, down, backends), "silu")
+
+
+def _resolve_mlp(
+    x: torch.Tensor,
+    gate: LoraProjection,
+    up: LoraProjection,
+    down: LoraProjection,
+    backends: Sequence[DequantBackend],
+) -> list[_Resolved]:
     hidden = x.shape[-1]
     g = _resolve(gate, hidden, backends)
     u = _resolve(up, hidden, backends)
     if g.weight.shape != u.weight.shape:
         raise ValueError(f"gate {g.weight.shape} and up {u.weight.shape} projections must have the same shape")
     d = _resolve(down, g.weight.shape[0], backends)
-    resolved = [g, u, d]
-    return _apply_fused(_FusedLoraMlpFunction, x, resolved)
+    return [g, u, d]
+
+
+def lora_mlp_geglu(
+    x: torch.Tensor,
+    gate: LoraProjection,
+    up: LoraProjection,
+    down: LoraProjection,
+    approximate: str = "tanh",
+    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
+) -> torch.Tensor:
+    """Fused GeGLU MLP ``down(gelu(gate(x)) * up(x))`` (Gemma / Gemma 2), each projection a frozen base plus
+    optional LoRA.
+
+    Same memory-lean design as ``lora_mlp_swiglu``: saves ``x``, ``gate`` and ``up`` (``gelu(gate) * up`` is
+    recomputed in backward, fp32 math) and no dense weight; ``dgate`` is written over the ``dh`` buffer.
+
+    Args:
+        x: (..., hidden) input.
+        gate, up: (intermediate, hidden) projections; down: (hidden, intermediate). Tensors inside must be
+            those seen inside the module forward (FSDP).
+        approximate: ``"tanh"`` (HF ``gelu_pytorch_tanh``, Gemma's default) or ``"none"`` (exact erf GELU), as
+            in ``torch.nn.functional.gelu``.
+        backends: dequant dispatchers for module bases; the first match wins.
+
+    Returns:
+        (..., hidden) output in the compute dtype.
+
+    Raises:
+        ValueError: ``approximate`` is not ``"tanh"`` or ``"none"``, or the projection shapes do not fit.
+    """
+    activation = _gelu_activation(approximate)
+    return _apply_fused(_FusedLoraMlpFunction, x, _resolve_mlp(x, gate, up, down, backends), activation)
 
 
 # ------------------------------------------------------------------------------------------- references
@@ -716,6 +882,20 @@ def lora_mlp_swiglu_ref(
 ) -> torch.Tensor:
     """Pure-torch (autograd) reference of ``lora_mlp_swiglu``; same arguments and result."""
     h = F.silu(_ref_projection(x, gate, backends)) * _ref_projection(x, up, backends)
+    return _ref_projection(h, down, backends)
+
+
+def lora_mlp_geglu_ref(
+    x: torch.Tensor,
+    gate: LoraProjection,
+    up: LoraProjection,
+    down: LoraProjection,
+    approximate: str = "tanh",
+    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
+) -> torch.Tensor:
+    """Pure-torch (autograd) reference of ``lora_mlp_geglu``; same arguments and result."""
+    _gelu_activation(approximate)
+    h = F.gelu(_ref_projection(x, gate, backends), approximate=approximate) * _ref_projection(x, up, backends)
     return _ref_projection(h, down, backends)
 
 
