@@ -46,7 +46,7 @@ def _spy(monkeypatch, function: str) -> list[int]:
 
 @pytest.mark.parametrize("model_type", ALL)
 def test_fused_lora_matches_peft(model_type, monkeypatch):
-    spies = {f: _spy(monkeypatch, f) for f in ("lora_qkv", "lora_linear", "lora_mlp_swiglu")}
+    spies = {f: _spy(monkeypatch, f) for f in ("lora_qkv", "lora_linear", "lora_mlp_swiglu", "lora_mlp_geglu")}
     model = _lora(tiny_model(model_type), _targets(model_type))
     batch = tiny_batch()
     expected, expected_grads = loss_and_grads(model, batch)
@@ -64,8 +64,10 @@ def test_fused_lora_matches_peft(model_type, monkeypatch):
 
     separate_qkv = spec.attention.qkv_proj is None
     assert len(spies["lora_qkv"]) == (n_layers if separate_qkv else 0)
-    swiglu_mlp = spec.has_glu_mlp and spec.mlp.gate_up_proj is None and model_type not in ("gemma", "gemma2")
-    assert len(spies["lora_mlp_swiglu"]) == (n_layers if swiglu_mlp else 0)
+    gemma = model_type in ("gemma", "gemma2")  # GELU-gated MLPs: the fused GeGLU MLP kernel
+    fused_mlp = spec.has_glu_mlp and spec.mlp.gate_up_proj is None
+    assert len(spies["lora_mlp_swiglu"]) == (n_layers if fused_mlp and not gemma else 0)
+    assert len(spies["lora_mlp_geglu"]) == (n_layers if fused_mlp and gemma else 0)
     assert spies["lora_linear"]  # o_proj at least
     framework.revert()
     assert all("forward" not in vars(m) for m in model.modules())

@@ -16,7 +16,7 @@ and replaced as follows:
   computes on its own). The attention forward itself is not replaced, so every transformers version and
   attention backend keeps working.
 * **gate, up, down** of a SwiGLU MLP with separate gate and up projections and at least one fused member: the
-  MLP's forward becomes one ``lora_mlp_swiglu`` call (activation included).
+  MLP's forward becomes one ``lora_mlp_swiglu`` / ``lora_mlp_geglu`` call (activation included).
 * **every other projection** (o, Phi-3's fused qkv and gate_up, GPTBigCode's, GeGLU MLPs): its own forward
   becomes ``lora_linear`` (``lora``) or ``quantized_linear`` (``quantized``).
 
@@ -200,19 +200,25 @@ class QKVGroup:
         return self._take(1, x, args, kwargs)
 
 
-def _swiglu_mlp_forward(
-    modules: Sequence[nn.Module], previous: Callable[..., Any], backends: Sequence[Any]
+def _glu_mlp_forward(
+    modules: Sequence[nn.Module],
+    previous: Callable[..., Any],
+    backends: Sequence[Any],
+    activation: tuple[str, str | None],
 ) -> Callable[..., Any]:
-    from fms_acceleration_accelerate_kernels.lora import lora_mlp_swiglu
+    """Whole gated-MLP forward as one fused kernel: ``lora_mlp_swiglu`` (SiLU) or ``lora_mlp_geglu`` (GELU)."""
+    from fms_acceleration_accelerate_kernels.lora import lora_mlp_geglu, lora_mlp_swiglu
 
     gate, up, down = modules
+    kind, approximate = activation
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args or kwargs or not _runtime_fusable(modules):
             return previous(x, *args, **kwargs)
-        return lora_mlp_swiglu(
-            x, _projection_args(gate), _projection_args(up), _projection_args(down), backends=backends
-        )
+        projections = (_projection_args(gate), _projection_args(up), _projection_args(down))
+        if kind == "silu":
+            return lora_mlp_swiglu(x, *projections, backends=backends)
+        return lora_mlp_geglu(x, *projections, approximate=approximate or "none", backends=backends)
 
     return forward
 
@@ -281,17 +287,15 @@ def patch_fused_lora(
         assert mlp_spec is not None
         before = len(report.lora) + len(report.quantized)
         members = projections(mlp, mlp_spec.projections)
-        swiglu_group = (
-            mlp_spec.kind == "glu"
-            and mlp_spec.gate_up_proj is None
-            and activation_of(mlp.module, mlp_spec)[0] == "silu"
-        )
-        if swiglu_group and any(_wanted(p, fused_lora, fused_dequant) for p in members):
+        glu_group = mlp_spec.kind == "glu" and mlp_spec.gate_up_proj is None
+        if glu_group and any(_wanted(p, fused_lora, fused_dequant) for p in members):
+            activation = activation_of(mlp.module, mlp_spec)
+            kernel = "lora_mlp_swiglu" if activation[0] == "silu" else "lora_mlp_geglu"
             patches.patch_forward(
                 mlp.module,
-                _swiglu_mlp_forward([p.module for p in members], mlp.module.forward, backends),
+                _glu_mlp_forward([p.module for p in members], mlp.module.forward, backends, activation),
                 target=mlp.path,
-                description="kernels.lora_mlp_swiglu [" + ",".join(sorted({p.backend for p in members})) + "]",
+                description=f"kernels.{kernel} [" + ",".join(sorted({p.backend for p in members})) + "]",
             )
             for p in members:
                 report.add(p)
