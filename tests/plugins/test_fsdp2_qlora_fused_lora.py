@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import importlib
 import os
-import time
 import traceback
-from pathlib import Path
 
 import pytest
 import torch
@@ -25,7 +23,16 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
-from .accelerated_peft.helpers import batches, free_port, init_gloo, lora_config, tiny_llama  # noqa: E402
+from .accelerated_peft.helpers import (  # noqa: E402
+    batches,
+    free_port,
+    init_gloo,
+    lora_config,
+    prepare_fsdp2,
+    spawn_workers,
+    tiny_llama,
+    train_sharded,
+)
 
 STEPS = 3
 WORLD = 2
@@ -132,24 +139,6 @@ def _build(path: str, **loader_kwargs):
     return fw, model
 
 
-def _prepare(fw, model, world: int, *, shard: bool) -> None:
-    from fms_acceleration_accelerate.distributed import (
-        PrepareContext,
-        apply_fsdp2_plan,
-        collect_contributions,
-        fully_shard_kwargs_from_policy,
-        plan_fsdp_units,
-    )
-
-    context = PrepareContext(distributed_type="FSDP", fsdp_version=2, world_size=world)
-    merged = collect_contributions(fw.active_plugins, model, context)
-    if shard:
-        plan = plan_fsdp_units(model, merged, 2)
-        apply_fsdp2_plan(model, plan, merged, fully_shard_kwargs_from_policy(), shard_root=True)
-    for plugin in fw.active_plugins:
-        plugin.after_prepare(model, context)
-
-
 class _Counters:
     """Call counters installed on the kernel entry points (process-local; the spawned workers exit after)."""
 
@@ -190,37 +179,6 @@ def _install_counters() -> _Counters:
     return counters
 
 
-def _lora_grads(model) -> dict[str, torch.Tensor]:
-    from torch.distributed.tensor import DTensor
-
-    out = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad and p.grad is not None:
-            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-            out[name] = g.detach().clone()
-    return out
-
-
-def _run(model, data, rank: int, world: int):
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses, grads = [], None
-    for step, ids in enumerate(data):
-        part = ids.chunk(world)[rank]
-        loss = model(input_ids=part, labels=part).loss
-        loss.backward()
-        if step == len(data) - 1:  # lora_B starts at zero, so lora_A gets a gradient only after a step
-            grads = _lora_grads(model)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        value = loss.detach().clone()
-        if world > 1:
-            torch.distributed.all_reduce(value)
-            value /= world
-        losses.append(value.item())
-    return losses, grads
-
-
 def _fused_records(fw) -> list[str]:
     return [f"{r.target}: {r.replacement}" for r in fw.patches.records if "kernels.lora" in r.replacement]
 
@@ -237,7 +195,7 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
         foak = fw.plugin("fused_ops_and_kernels")
         assert not _fused_records(fw), "under FSDP fused LoRA must wait for after_prepare"
         counters = _install_counters()  # before the patches: their forwards bind some kernels when created
-        _prepare(fw, model, WORLD, shard=True)
+        prepare_fsdp2(fw, model, WORLD, shard=True)
         layers = model.get_base_model().model.layers
         assert all(isinstance(layer, FSDPModule) for layer in layers)
         packed_layers = [m for m in model.modules() if isinstance(m, Packed4bitLinear)]
@@ -255,7 +213,7 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
 
         layers[0].set_custom_all_gather(Counting())
         try:
-            losses, grads = _run(model, batches(STEPS), rank, WORLD)
+            losses, grads = train_sharded(model, batches(STEPS), rank, WORLD, grads_at_step=-1)
         finally:
             counters.restore()
         layer0_bf16 = sum(m.out_features * m.in_features * 2 for m in layers[0].modules() if m in packed_layers)
@@ -279,34 +237,19 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
         raise
 
 
-def _spawn(path: Path, out: Path, timeout: float = 300.0) -> None:
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(
-        _worker, args=(str(path), free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"distributed workers did not finish within {timeout}s")
-
-
 def test_fsdp2_packed_qlora_with_fused_lora_two_processes_match_one(tmp_path, monkeypatch):
     path = tiny_llama(tmp_path / "llama")
     out = tmp_path / "rank0.pt"
-    _spawn(path, out)
+    spawn_workers(_worker, (str(path), free_port(), str(out)), WORLD, timeout=300.0)
     got = torch.load(out, weights_only=False)
 
     # one process, the same two plugins, the same conversion and patches (FSDP2 context, nothing sharded)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     fw, model = _build(str(path))
     counters = _install_counters()
-    _prepare(fw, model, 1, shard=False)
+    prepare_fsdp2(fw, model, 1, shard=False)
     try:
-        losses, grads = _run(model, batches(STEPS), 0, 1)
+        losses, grads = train_sharded(model, batches(STEPS), 0, 1, grads_at_step=-1)
     finally:
         counters.restore()
 

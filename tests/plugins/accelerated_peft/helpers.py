@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -73,6 +75,79 @@ def init_gloo(rank: int, world: int, port: int) -> None:
     import datetime
 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+
+
+def prepare_fsdp2(fw, model: torch.nn.Module, world: int, *, shard: bool):
+    """The framework's FSDP2 prepare flow without Accelerate: contributions, unit plan, our own ``fully_shard``
+    (when ``shard``), then every plugin's ``after_prepare``. Returns the merged contribution."""
+    from fms_acceleration_accelerate.distributed import (
+        PrepareContext,
+        apply_fsdp2_plan,
+        collect_contributions,
+        fully_shard_kwargs_from_policy,
+        plan_fsdp_units,
+    )
+
+    context = PrepareContext(distributed_type="FSDP", fsdp_version=2, world_size=world)
+    merged = collect_contributions(fw.active_plugins, model, context)
+    if shard:
+        plan = plan_fsdp_units(model, merged, 2)
+        apply_fsdp2_plan(model, plan, merged, fully_shard_kwargs_from_policy(), shard_root=True)
+    for plugin in fw.active_plugins:
+        plugin.after_prepare(model, context)
+    return merged
+
+
+def trainable_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full (gathered) gradients of the trainable parameters, keyed by name without checkpoint wrappers."""
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.grad is not None:
+            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+            out[name.replace("_checkpoint_wrapped_module.", "")] = g.detach().clone()
+    return out
+
+
+def train_sharded(
+    model: torch.nn.Module, data: Sequence[torch.Tensor], rank: int, world: int, *, grads_at_step: int = 0
+) -> tuple[list[float], dict[str, torch.Tensor] | None]:
+    """AdamW steps where each rank takes its slice of every batch. Returns the global (rank-mean) losses and the
+    gradients of step ``grads_at_step`` (negative: from the end)."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    grads_step = grads_at_step % len(data)
+    losses, grads = [], None
+    for step, ids in enumerate(data):
+        part = ids.chunk(world)[rank]
+        loss = model(input_ids=part, labels=part).loss
+        loss.backward()
+        if step == grads_step:
+            grads = trainable_grads(model)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.detach().clone()
+        if world > 1:
+            torch.distributed.all_reduce(value)
+            value /= world
+        losses.append(value.item())
+    return losses, grads
+
+
+def spawn_workers(worker: Callable[..., None], args: tuple, nprocs: int, timeout: float) -> None:
+    """Start ``worker(rank, *args)`` in ``nprocs`` spawned processes; kill them and fail after ``timeout`` s."""
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(worker, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            pytest.fail(f"distributed workers did not finish within {timeout}s")
 
 
 BNB = {"peft": {"quantization": {"bitsandbytes": {"quant_type": "nf4"}}}}

@@ -13,7 +13,6 @@ One spawn runs every distributed check (process start-up dominates the cost):
 
 from __future__ import annotations
 
-import time
 import traceback
 from pathlib import Path
 
@@ -22,7 +21,17 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from .helpers import batches, framework, free_port, init_gloo, lora_config, tiny_llama
+from .helpers import (
+    batches,
+    framework,
+    free_port,
+    init_gloo,
+    lora_config,
+    prepare_fsdp2,
+    spawn_workers,
+    tiny_llama,
+    train_sharded,
+)
 
 STEPS = 4
 WORLD = 2
@@ -34,57 +43,6 @@ def _build(path: Path, **loader_kwargs):
     torch.manual_seed(5)
     model, _ = fw.augmentation(model, None, (lora_config(),))
     return fw, model
-
-
-def _prepare(fw, model, world: int, *, shard: bool):
-    from fms_acceleration_accelerate.distributed import (
-        PrepareContext,
-        apply_fsdp2_plan,
-        collect_contributions,
-        fully_shard_kwargs_from_policy,
-        plan_fsdp_units,
-    )
-
-    context = PrepareContext(distributed_type="FSDP", fsdp_version=2, world_size=world)
-    merged = collect_contributions(fw.active_plugins, model, context)
-    if shard:
-        plan = plan_fsdp_units(model, merged, 2)
-        apply_fsdp2_plan(model, plan, merged, fully_shard_kwargs_from_policy(), shard_root=True)
-    for plugin in fw.active_plugins:
-        plugin.after_prepare(model, context)
-    return merged
-
-
-def _lora_grads(model):
-    from torch.distributed.tensor import DTensor
-
-    out = {}
-    for name, p in model.named_parameters():
-        if p.requires_grad and p.grad is not None:
-            g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-            out[name.replace("_checkpoint_wrapped_module.", "")] = g.detach().clone()
-    return out
-
-
-def _run(model, data, rank: int, world: int):
-    """Train STEPS steps; each rank takes its slice of every batch. Returns global losses and step-1 grads."""
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses, grads = [], None
-    for step, ids in enumerate(data):
-        part = ids.chunk(world)[rank]
-        loss = model(input_ids=part, labels=part).loss
-        loss.backward()
-        if step == 0:
-            grads = _lora_grads(model)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        value = loss.detach().clone()
-        if world > 1:
-            torch.distributed.all_reduce(value)
-            value /= world
-        losses.append(value.item())
-    return losses, grads
 
 
 def _worker(rank: int, path: str, port: int, out: str) -> None:
@@ -107,7 +65,7 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
         ids = batches(1, seed=9)[0]
         with torch.no_grad():
             received_logits = model(input_ids=ids).logits
-        _prepare(fw, model, WORLD, shard=True)
+        prepare_fsdp2(fw, model, WORLD, shard=True)
         assert sum(isinstance(m, Packed4bitLinear) for m in model.modules()) == 14
         swaps = [r for r in fw.patches.records if r.replacement.startswith("Packed4bitLinear")]
         assert len(swaps) == 14  # the module swaps go through the patch recorder (summary table, revert)
@@ -120,7 +78,7 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
                 Counting.bytes += output_tensor.numel() * output_tensor.element_size()
                 return super().__call__(output_tensor, input_tensor, group, async_op)
 
-        losses, grads = _run(model, batches(STEPS), rank, WORLD)
+        losses, grads = train_sharded(model, batches(STEPS), rank, WORLD)
         full = gather_full_state_dict(model)
         save_lora_adapters(model, Path(out).parent / "adapter")
         held = packed_bytes_per_rank(model)
@@ -130,7 +88,7 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
 
         fw2 = framework({"no_peft_model": True})
         bare = fw2.model_loader(path, dtype=torch.float32, low_cpu_mem_usage=True)
-        _prepare(fw2, bare, WORLD, shard=False)
+        prepare_fsdp2(fw2, bare, WORLD, shard=False)
         linears = [m for m in bare.modules() if isinstance(m, Packed4bitLinear)]
         for m in linears:
             fully_shard(m, reshard_after_forward=True)
@@ -160,21 +118,6 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
         raise
 
 
-def _spawn(path: Path, out: Path, timeout: float = 240.0) -> None:
-    import torch.multiprocessing as mp
-
-    ctx = mp.start_processes(
-        _worker, args=(str(path), free_port(), str(out)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + timeout
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.kill()
-            pytest.fail(f"distributed workers did not finish within {timeout}s")
-
-
 def test_fsdp2_two_processes_match_one(tmp_path):
     from fms_acceleration_accelerate_peft.save import gather_full_state_dict
     from peft import PeftModel
@@ -182,7 +125,7 @@ def test_fsdp2_two_processes_match_one(tmp_path):
 
     path = tiny_llama(tmp_path / "llama")
     out = tmp_path / "rank0.pt"
-    _spawn(path, out)
+    spawn_workers(_worker, (str(path), free_port(), str(out)), WORLD, timeout=240.0)
     got = torch.load(out, weights_only=False)
 
     # one process, whole batches, same conversion (no sharding)
@@ -191,8 +134,8 @@ def test_fsdp2_two_processes_match_one(tmp_path):
     with torch.no_grad():
         ref_logits = model(input_ids=ids).logits
     torch.testing.assert_close(got["received_logits"], ref_logits, rtol=0, atol=0)  # rank-0 load is exact
-    _prepare(fw, model, 1, shard=False)
-    losses, grads = _run(model, batches(STEPS), 0, 1)
+    prepare_fsdp2(fw, model, 1, shard=False)
+    losses, grads = train_sharded(model, batches(STEPS), 0, 1)
     full = gather_full_state_dict(model)
 
     assert got["losses"] == pytest.approx(losses, abs=1e-5), (got["losses"], losses)
