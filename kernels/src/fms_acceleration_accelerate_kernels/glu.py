@@ -7,6 +7,8 @@ a fused ``gate_up_proj`` output, without a copy.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -19,7 +21,7 @@ __all__ = ["geglu", "geglu_ref", "geglu_triton", "swiglu", "swiglu_ref", "swiglu
 _ACT_SILU = 0
 _ACT_GELU_TANH = 1
 _ACT_GELU_ERF = 2
-_GELU_APPROXIMATIONS = {"tanh": _ACT_GELU_TANH, "none": _ACT_GELU_ERF}
+_GELU_APPROXIMATIONS = MappingProxyType({"tanh": _ACT_GELU_TANH, "none": _ACT_GELU_ERF})
 
 
 @triton.jit

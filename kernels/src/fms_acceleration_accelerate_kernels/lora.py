@@ -47,6 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
@@ -599,7 +600,7 @@ if triton is not None:
         tl.store(dup_ptr + offs, (dh * act).to(dup_ptr.dtype.element_ty), mask=mask)
 
 
-_GELU_ACTIVATIONS = {"tanh": "gelu_tanh", "none": "gelu_none"}
+_GELU_ACTIVATIONS = MappingProxyType({"tanh": "gelu_tanh", "none": "gelu_none"})
 
 
 def _gelu_activation(approximate: str) -> str:

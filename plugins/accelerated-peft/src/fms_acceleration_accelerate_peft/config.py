@@ -8,6 +8,7 @@ knobs, Hugging Face's ``BitsAndBytesConfig`` (``bnb_4bit_use_double_quant``, ``b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Literal
 
 import torch
@@ -17,7 +18,9 @@ from fms_acceleration_accelerate.errors import AccelerationConfigError
 
 CONFIG_PATH = "peft.quantization.bitsandbytes"
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+_DTYPES = MappingProxyType(
+    {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32, "uint8": torch.uint8}
+)
 
 
 def dtype_from_name(name: str, auto: torch.dtype) -> torch.dtype:

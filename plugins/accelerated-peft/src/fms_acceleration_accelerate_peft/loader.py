@@ -19,6 +19,7 @@ import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ logger = logging.getLogger("fms_acceleration_accelerate_peft")
 
 INSTALL_HINT = "pip install 'fms-acceleration-accelerate-peft[bitsandbytes]'  (or: pip install 'bitsandbytes>=0.45')"
 
-_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+_DTYPE_NAMES = MappingProxyType({"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32})
 
 
 def require_bitsandbytes() -> None:

@@ -29,6 +29,8 @@ packed tensors and dequantizes again in backward. The fused-ops plugin reads the
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -341,24 +343,26 @@ def _equal(func: Any, a: Any, b: Any) -> bool:
     return False
 
 
-_DISPATCH: dict[Any, Any] = {
-    aten.detach.default: _detach,
-    aten.alias.default: _detach,
-    aten.split.Tensor: _split,
-    aten.slice.Tensor: _slice,
-    aten.new_zeros.default: _new_zeros,
-    aten.copy_.default: _copy_,
-    aten.view.default: _view,
-    aten._unsafe_view.default: _view,
-    aten.as_strided.default: _as_strided,
-    aten._to_copy.default: _to_copy,
-    aten.clone.default: _clone,
-    aten.is_pinned.default: _is_pinned,
-    aten._pin_memory.default: _pin,
-    aten.record_stream.default: _record_stream,
-    aten.empty_like.default: _empty_like,
-    aten.equal.default: _equal,
-}
+_DISPATCH: Mapping[Any, Any] = MappingProxyType(
+    {
+        aten.detach.default: _detach,
+        aten.alias.default: _detach,
+        aten.split.Tensor: _split,
+        aten.slice.Tensor: _slice,
+        aten.new_zeros.default: _new_zeros,
+        aten.copy_.default: _copy_,
+        aten.view.default: _view,
+        aten._unsafe_view.default: _view,
+        aten.as_strided.default: _as_strided,
+        aten._to_copy.default: _to_copy,
+        aten.clone.default: _clone,
+        aten.is_pinned.default: _is_pinned,
+        aten._pin_memory.default: _pin,
+        aten.record_stream.default: _record_stream,
+        aten.empty_like.default: _empty_like,
+        aten.equal.default: _equal,
+    }
+)
 
 
 # ----------------------------------------------------------------------------------------- the layer
