@@ -139,3 +139,74 @@ def test_cross_entropy_8b_shape():
         tolerance=Tolerance(atol=1.0, rtol=1e-2),
         grad_tolerance=Tolerance(atol=4e-3, rtol=5e-2),
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_backward_scales_by_non_unit_upstream(reduction):
+    """The forward-written gradient is scaled by the incoming gradient (here 2.5, as under loss scaling)."""
+    torch.manual_seed(0)
+    device = device_for_tests()
+    base = torch.randn(9, 300, device=device) * 3
+    target = _targets(9, 300).to(device)
+    ref_logits = base.clone().requires_grad_(True)
+    logits = base.clone().requires_grad_(True)
+    want = cross_entropy_ref(ref_logits, target, reduction=reduction, num_items_in_batch=None)
+    got = cross_entropy_triton(logits, target, reduction=reduction)
+    (want.sum() * 2.5).backward()
+    (got.sum() * 2.5).backward()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logits.grad, ref_logits.grad, atol=1e-6, rtol=1e-5)
+
+
+def test_cross_entropy_second_backward_raises_with_a_clear_message():
+    device = device_for_tests()
+    logits = torch.randn(4, 50, device=device, requires_grad=True)
+    target = _targets(4, 50).to(device)
+    loss = cross_entropy_triton(logits, target)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
+def test_cross_entropy_without_grad_leaves_logits_untouched():
+    device = device_for_tests()
+    logits = torch.randn(5, 70, device=device)
+    target = _targets(5, 70).to(device)
+    before = logits.clone()
+    with torch.no_grad():
+        got = cross_entropy_triton(logits, target, inplace_backward=True)
+    torch.testing.assert_close(got, cross_entropy_ref(before, target))
+    assert torch.equal(logits, before)
+
+
+@pytest.mark.parametrize(
+    "launch",
+    [(256, 2, 0, True), (256, 2, 0, False), (128, 1, 1, True), (512, 4, 2, False), (4096, 4, 1, True)],
+    ids=["lane", "block", "lane-persistent", "block-persistent", "one-block"],
+)
+@pytest.mark.parametrize("options", [dict(), dict(softcap=7.0, logits_scaling=2.0, label_smoothing=0.1)])
+def test_ce_row_kernel_launch_variants_agree(launch, options):
+    """Every launch variant the benchmark sweeps (block, warps, persistent grid, per-lane or per-block
+    statistics) gives the reference loss and gradient, with several blocks per row (reverse pass 2)."""
+    from fms_acceleration_accelerate_kernels.cross_entropy import ce_forward_rows
+
+    torch.manual_seed(0)
+    device = device_for_tests()
+    n, vocab = 7, 1001
+    logits = torch.randn(n, vocab, device=device) * 5
+    target = _targets(n, vocab).to(device)
+    ref_logits = logits.clone().requires_grad_(True)
+    want = cross_entropy_ref(ref_logits, target, reduction="sum", **options)
+    want.backward()
+    grad = torch.empty_like(logits)
+    loss_rows, _lse = ce_forward_rows(
+        logits, target, -100, options.get("softcap"), options.get("logits_scaling", 1.0),
+        options.get("label_smoothing", 0.0), grad_out=grad, grad_scale=torch.ones(1, device=device), launch=launch,
+    )  # fmt: skip
+    torch.testing.assert_close(loss_rows.sum(), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_logits.grad, atol=1e-6, rtol=1e-5)
+    loss_only, _ = ce_forward_rows(
+        logits, target, -100, options.get("softcap"), options.get("logits_scaling", 1.0),
+        options.get("label_smoothing", 0.0), launch=launch,
+    )  # fmt: skip
+    torch.testing.assert_close(loss_only, loss_rows)

@@ -2,13 +2,21 @@
 softcapping, Granite logit scaling and optional label smoothing.
 
 The logits seen by the softmax are ``z = f(x)`` with ``f(x) = softcap * tanh((x / logits_scaling) / softcap)``
-(no tanh without ``softcap``; ``logits_scaling`` divides, as in HF's Granite). One program per row streams the
-vocabulary in blocks with an online max/sum (fp32), so logits are read in their own dtype and never upcast in
-memory. Per row it stores the loss and the log-sum-exp; the backward recomputes ``softmax(z) - target`` from them
-(one read, one write of the logits) and can write the gradient over the logits buffer (``inplace_backward``).
+(no tanh without ``softcap``; ``logits_scaling`` divides, as in HF's Granite). Logits are read in their own
+dtype and never upcast in memory; statistics are fp32.
 
-The same row kernel can also write the gradient during the forward pass (used by the fused linear
-cross-entropy, whose logits chunks are private buffers).
+Training path (reduction ``"mean"``/``"sum"``, logits requiring grad): ONE kernel per row computes the
+log-sum-exp (pass 1), then re-reads the row and writes ``dloss/dlogits`` for an incoming gradient of 1
+(pass 2). Pass 2 walks the row backwards, so the blocks read last in pass 1 (still in L2) are re-read first;
+pass 1 keeps per-lane running max/sum (one exp per element, no block reductions inside the loop). HBM traffic
+is about one read plus one write of the logits. The backward is a scale by the incoming gradient done by a
+kernel that reads that gradient on the device and returns at once when it is 1 (no host sync, no traffic).
+
+Other paths (``reduction="none"``, no grad, ``torch.compile``): a loss-only forward (one read) stores the
+per-row log-sum-exp; the backward recomputes ``softmax(z) - target`` from it (one read, one write).
+
+The same row kernel serves the fused linear cross-entropy, which writes the gradient over its private logits
+chunks.
 """
 
 from __future__ import annotations
@@ -18,12 +26,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import check_float_dtype, next_power_of_2, use_triton
+from ._utils import check_float_dtype, multiprocessor_count, next_power_of_2, use_triton
 
 __all__ = ["cross_entropy", "cross_entropy_ref", "cross_entropy_triton"]
 
 _REDUCTIONS = ("mean", "sum", "none")
-_MAX_VOCAB_BLOCK = 8192
 
 
 @triton.jit
@@ -40,33 +47,7 @@ def _transform(x, inv_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _ce_write_grad_row(
-    row_ptr,
-    grad_ptr,
-    target,
-    lse,
-    weight,
-    n_cols,
-    inv_scale,
-    softcap,
-    smoothing,
-    HAS_SOFTCAP: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """grad[j] = weight * (softmax(z)[j] - (1 - smoothing) * [j == target] - smoothing / V) * dz/dx[j]."""
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        z, dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
-        p = tl.exp(z - lse)
-        g = p - smoothing / n_cols - tl.where(cols == target, 1.0 - smoothing, 0.0)
-        g = g * dz * weight
-        tl.store(grad_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _ce_fwd_kernel(
+def _ce_row_kernel(
     LOGITS,
     TARGET,
     LOSS,
@@ -75,45 +56,90 @@ def _ce_fwd_kernel(
     GRAD_SCALE,
     stride_logits,
     stride_grad,
+    n_rows,
     n_cols,
     ignore_index,
     inv_scale,
     softcap,
     smoothing,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
+    LANE_STATS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = LOGITS + row * stride_logits
-    target = tl.load(TARGET + row)
-    valid = target != ignore_index
-    m = float("-inf")
-    s = 0.0
-    z_sum = 0.0
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        z, _dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
-        z = tl.where(mask, z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-        m = m_new
-        z_sum += tl.sum(tl.where(mask, z, 0.0), axis=0)
-    lse = m + tl.log(s)
-    safe_target = tl.where(valid, target, 0)
-    x_t = tl.load(row_ptr + safe_target).to(tl.float32)
-    z_t, _dz_t = _transform(x_t, inv_scale, softcap, HAS_SOFTCAP)
-    loss = lse - (1.0 - smoothing) * z_t - smoothing * z_sum / n_cols
-    tl.store(LOSS + row, tl.where(valid, loss, 0.0))
-    tl.store(LSE + row, lse)
-    if WRITE_GRAD:
-        weight = tl.where(valid, tl.load(GRAD_SCALE), 0.0)
-        _ce_write_grad_row(
-            row_ptr, GRAD + row * stride_grad, safe_target, lse, weight, n_cols, inv_scale, softcap, smoothing,
-            HAS_SOFTCAP, BLOCK,
-        )  # fmt: skip
+    """Loss and log-sum-exp of rows ``pid, pid + n_programs, ...``; with WRITE_GRAD also their gradient.
+
+    LANE_STATS: running max/sum kept per lane (no block reductions in the loop) instead of per block.
+    """
+    n_programs = tl.num_programs(0)
+    n_blocks = tl.cdiv(n_cols, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    # an int64 loop counter, so row offsets never overflow (a plain int in interpreter mode)
+    for row64 in range(tl.program_id(0).to(tl.int64), n_rows, n_programs):
+        row_ptr = LOGITS + row64 * stride_logits
+        target = tl.load(TARGET + row64)
+        valid = target != ignore_index
+        safe_target = tl.where(valid, target, 0)
+        # ---- pass 1: log-sum-exp (and the sum of z for label smoothing)
+        if LANE_STATS:
+            # finite start value: z - m never meets (-inf) - (-inf), masked lanes (z = -inf) add exp(-inf) = 0
+            m_vec = tl.full([BLOCK], -3.4028234663852886e38, tl.float32)
+            s_vec = tl.zeros([BLOCK], tl.float32)
+        else:
+            m = float("-inf")
+            s = 0.0
+        z_vec = tl.zeros([BLOCK], tl.float32)
+        for b in range(0, n_blocks):
+            cols = b * BLOCK + offs
+            mask = cols < n_cols
+            if WRITE_GRAD:
+                x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+            else:
+                x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            z, _dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
+            z = tl.where(mask, z, float("-inf"))
+            if HAS_SMOOTHING:
+                z_vec += tl.where(mask, z, 0.0)
+            if LANE_STATS:
+                # one exp per element: exp(-|z - m|) rescales either the old sum or the new element
+                bigger = z > m_vec
+                t = tl.exp(tl.where(bigger, m_vec - z, z - m_vec))
+                s_vec = tl.where(bigger, s_vec * t + 1.0, s_vec + t)
+                m_vec = tl.where(bigger, z, m_vec)
+            else:
+                m_new = tl.maximum(m, tl.max(z, axis=0))
+                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+                m = m_new
+        if LANE_STATS:
+            m = tl.max(m_vec, axis=0)
+            s = tl.sum(s_vec * tl.exp(m_vec - m), axis=0)
+        lse = m + tl.log(s)
+        x_t = tl.load(row_ptr + safe_target).to(tl.float32)
+        z_t, _dz_t = _transform(x_t, inv_scale, softcap, HAS_SOFTCAP)
+        loss = lse - (1.0 - smoothing) * z_t
+        if HAS_SMOOTHING:
+            loss -= smoothing * tl.sum(z_vec, axis=0) / n_cols
+        tl.store(LOSS + row64, tl.where(valid, loss, 0.0))
+        tl.store(LSE + row64, lse)
+        # ---- pass 2 (WRITE_GRAD): grad = scale * (softmax(z) - (1 - eps) onehot - eps / V) * dz/dx, last block
+        # first so that the blocks pass 1 read last are re-read while still in L2
+        if WRITE_GRAD:
+            weight = tl.where(valid, tl.load(GRAD_SCALE), 0.0)
+            grad_ptr = GRAD + row64 * stride_grad
+            for rb in range(0, n_blocks):
+                cols = (n_blocks - 1 - rb) * BLOCK + offs
+                mask = cols < n_cols
+                x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                z, dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
+                g = tl.exp(z - lse) - tl.where(cols == safe_target, 1.0 - smoothing, 0.0)
+                if HAS_SMOOTHING:
+                    g -= smoothing / n_cols
+                if HAS_SOFTCAP:
+                    g = g * dz
+                else:
+                    g = g * inv_scale
+                tl.store(grad_ptr + cols, (g * weight).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -132,38 +158,81 @@ def _ce_bwd_kernel(
     softcap,
     smoothing,
     HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
+    """grad[row] = grad_loss[row] * dloss_row/dlogits[row], recomputed from the stored log-sum-exp."""
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(TARGET + row)
     valid = target != ignore_index
     weight = tl.where(valid, tl.load(GRAD_LOSS + row * stride_grad_loss).to(tl.float32), 0.0)
+    safe_target = tl.where(valid, target, 0)
     lse = tl.load(LSE + row)
-    _ce_write_grad_row(
-        LOGITS + row * stride_logits, GRAD + row * stride_grad, tl.where(valid, target, 0), lse, weight, n_cols,
-        inv_scale, softcap, smoothing, HAS_SOFTCAP, BLOCK,
-    )  # fmt: skip
+    row_ptr = LOGITS + row * stride_logits
+    grad_ptr = GRAD + row * stride_grad
+    for start in range(0, n_cols, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        z, dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
+        g = tl.exp(z - lse) - tl.where(cols == safe_target, 1.0 - smoothing, 0.0)
+        if HAS_SMOOTHING:
+            g -= smoothing / n_cols
+        if HAS_SOFTCAP:
+            g = g * dz
+        else:
+            g = g * inv_scale
+        tl.store(grad_ptr + cols, (g * weight).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-def _vocab_block(n_cols: int, kind: str, launch: tuple[int, int] | None = None) -> tuple[int, int]:
-    """(BLOCK, num_warps) of a row kernel; ``launch`` overrides both (used by the benchmark's sweep).
+@triton.jit
+def _scale_rows_kernel(GRAD, SCALE, stride_grad, n_rows, n_cols, BLOCK: tl.constexpr):
+    """grad *= scale (a device scalar), skipped without touching memory when scale == 1."""
+    scale = tl.load(SCALE).to(tl.float32)
+    if scale != 1.0:
+        offs = tl.arange(0, BLOCK)
+        for row in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+            grad_ptr = GRAD + row * stride_grad
+            for start in range(0, n_cols, BLOCK):
+                cols = start + offs
+                mask = cols < n_cols
+                g = tl.load(grad_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                tl.store(grad_ptr + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
-    Defaults come from the launch sweep on an H100 at V=128256 (benchmarks/results/kernels/): the loss-only
-    forward is fastest with small blocks and few warps, the gradient pass with one wide block per row.
+
+# Launch settings per kernel kind: (BLOCK cap, num_warps, programs per SM (0: one program per row), LANE_STATS).
+# "fwd" (loss only, one read) and "bwd" (read + write) come from the H100 sweep at V=128256 recorded in
+# benchmarks/results/kernels/; "fwd_grad" (read, L2 re-read, write) is swept by benchmarks/kernels/bench_kernels.py.
+_LAUNCH = {
+    "fwd": (4096, 4, 0, False),
+    "fwd_grad": (8192, 16, 0, True),
+    "bwd": (32768, 32, 0, False),
+}
+
+
+def _launch_settings(n_cols: int, kind: str, launch: tuple | None = None) -> tuple[int, int, int, bool]:
+    """(BLOCK, num_warps, programs_per_sm, lane_stats) of a row kernel; ``launch`` overrides (benchmark sweep).
+
+    ``launch`` may give the first 2, 3 or 4 entries; missing ones come from the defaults of ``kind``.
     """
+    cap, warps, per_sm, lane = _LAUNCH[kind]
     if launch is not None:
-        return launch
-    max_block = {"fwd": 4096, "fwd_grad": 4096, "bwd": 32768}[kind]
-    block = min(max_block, next_power_of_2(n_cols))
-    if kind == "fwd":
-        return block, 4
-    if kind == "fwd_grad":
-        return block, (8 if block >= 4096 else 4)
-    return block, max(4, min(32, block // 1024))
+        settings = tuple(launch) + (cap, warps, per_sm, lane)[len(launch) :]
+        cap, warps, per_sm, lane = settings
+    block = min(cap, next_power_of_2(n_cols))
+    # small rows: fewer warps than elements per block would only idle
+    warps = max(1, min(warps, block // 256)) if block < 256 * warps else warps
+    return block, warps, per_sm, bool(lane)
 
 
 def _softcap_args(softcap: float | None) -> tuple[float, bool]:
     return (float(softcap), True) if softcap is not None else (1.0, False)
+
+
+def _grid(n_rows: int, per_sm: int, device: torch.device) -> int:
+    if per_sm <= 0:
+        return n_rows
+    return max(1, min(n_rows, per_sm * multiprocessor_count(device)))
 
 
 def ce_forward_rows(
@@ -175,15 +244,17 @@ def ce_forward_rows(
     label_smoothing: float,
     grad_out: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
-    launch: tuple[int, int] | None = None,
+    launch: tuple | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row loss and log-sum-exp of (N, V) logits; optionally writes the gradient in the same pass.
+    """Per-row loss and log-sum-exp of (N, V) logits; optionally writes the gradient in the same kernel.
 
     Args:
         logits: (N, V) with unit stride on V.
         target: (N,) integer class ids (``ignore_index`` rows give loss 0 and gradient 0).
-        grad_out: optional (N, V) buffer (may be ``logits`` itself) receiving ``grad_scale * dloss_row/dlogits``.
+        grad_out: optional (N, V) buffer with unit stride on V (may be ``logits`` itself) receiving
+            ``grad_scale * dloss_row/dlogits``.
         grad_scale: 1-element fp32 tensor (device) multiplying the written gradient; required with ``grad_out``.
+        launch: launch-setting override (benchmark sweep), see :func:`_launch_settings`.
 
     Returns:
         ``(loss_rows, lse)``: two (N,) fp32 tensors.
@@ -194,15 +265,16 @@ def ce_forward_rows(
     if n_rows == 0:
         return loss, lse
     write_grad = grad_out is not None
-    block, warps = _vocab_block(n_cols, "fwd_grad" if write_grad else "fwd", launch)
+    block, warps, per_sm, lane = _launch_settings(n_cols, "fwd_grad" if write_grad else "fwd", launch)
     softcap_value, has_softcap = _softcap_args(softcap)
     if write_grad:
         assert grad_scale is not None and grad_out.stride(-1) == 1
-    _ce_fwd_kernel[(n_rows,)](
+    _ce_row_kernel[(_grid(n_rows, per_sm, logits.device),)](
         logits, target, loss, lse, grad_out if write_grad else logits, grad_scale if write_grad else lse,
-        logits.stride(0), grad_out.stride(0) if write_grad else 0, n_cols, ignore_index,
+        logits.stride(0), grad_out.stride(0) if write_grad else 0, n_rows, n_cols, ignore_index,
         1.0 / logits_scaling, softcap_value, label_smoothing,
-        HAS_SOFTCAP=has_softcap, WRITE_GRAD=write_grad, BLOCK=block, num_warps=warps,
+        HAS_SOFTCAP=has_softcap, HAS_SMOOTHING=label_smoothing > 0, WRITE_GRAD=write_grad, LANE_STATS=lane,
+        BLOCK=block, num_warps=warps,
     )  # fmt: skip
     return loss, lse
 
@@ -217,7 +289,7 @@ def ce_backward_rows(
     logits_scaling: float,
     label_smoothing: float,
     out: torch.Tensor | None = None,
-    launch: tuple[int, int] | None = None,
+    launch: tuple | None = None,
 ) -> torch.Tensor:
     """Gradient of ``sum(grad_loss * loss_rows)`` w.r.t. (N, V) logits, written to ``out`` (new if None).
 
@@ -228,15 +300,66 @@ def ce_backward_rows(
         out = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if n_rows == 0:
         return out
-    block, warps = _vocab_block(n_cols, "bwd", launch)
+    block, warps, _per_sm, _lane = _launch_settings(n_cols, "bwd", launch)
     softcap_value, has_softcap = _softcap_args(softcap)
     _ce_bwd_kernel[(n_rows,)](
         logits, target, lse, grad_loss, out,
         logits.stride(0), out.stride(0), grad_loss.stride(0), n_cols, ignore_index,
         1.0 / logits_scaling, softcap_value, label_smoothing,
-        HAS_SOFTCAP=has_softcap, BLOCK=block, num_warps=warps,
+        HAS_SOFTCAP=has_softcap, HAS_SMOOTHING=label_smoothing > 0, BLOCK=block, num_warps=warps,
     )  # fmt: skip
     return out
+
+
+def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``grad *= scale`` in place for a (N, V) buffer with unit stride on V and a 1-element device ``scale``.
+
+    The kernel reads ``scale`` on the device and exits without touching ``grad`` when it equals 1, so the
+    common ``loss.backward()`` costs one tiny launch and no host synchronisation.
+    """
+    n_rows, n_cols = grad.shape
+    if grad.numel() == 0:
+        return grad
+    assert grad.stride(-1) == 1 and scale.numel() == 1
+    block = min(4096, next_power_of_2(n_cols))
+    _scale_rows_kernel[(_grid(n_rows, 8, grad.device),)](
+        grad, scale, grad.stride(0), n_rows, n_cols, BLOCK=block, num_warps=4 if block < 4096 else 8
+    )
+    return grad
+
+
+class _CrossEntropyFusedFunction(torch.autograd.Function):
+    """Reduced loss (mean/sum) whose gradient is written during the forward pass (eager training path)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, divisor, ignore_index, softcap, logits_scaling, label_smoothing, inplace):
+        if inplace:
+            grad = logits.detach()  # a fresh alias: autograd may adopt it as a leaf's .grad without a copy
+        else:
+            grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        if divisor is None:
+            grad_scale = torch.ones(1, dtype=torch.float32, device=logits.device)
+        else:
+            grad_scale = divisor.reciprocal().reshape(1)
+        loss_rows, _lse = ce_forward_rows(
+            logits, target, ignore_index, softcap, logits_scaling, label_smoothing, grad_out=grad,
+            grad_scale=grad_scale,
+        )  # fmt: skip
+        total = loss_rows.sum()
+        ctx.grad = grad
+        return total if divisor is None else total / divisor
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad = ctx.grad
+        if grad is None:
+            raise RuntimeError(
+                "cross_entropy writes the logits gradient during the forward pass and hands it out once; a "
+                "second backward through the same graph (retain_graph=True) is not supported. Recompute the loss."
+            )
+        ctx.grad = None
+        scale_rows_(grad, grad_loss.detach().to(torch.float32).reshape(1))
+        return grad, None, None, None, None, None, None, None
 
 
 class _CrossEntropyRowsFunction(torch.autograd.Function):
@@ -441,9 +564,15 @@ def cross_entropy_triton(
     """Triton cross-entropy with autograd; contract of :func:`cross_entropy_ref`.
 
     Args:
-        inplace_backward: write the logits gradient over ``logits`` (saves one (N, V) buffer). Only safe when
-            nothing reads ``logits`` after the backward; ignored under ``torch.compile``.
+        inplace_backward: write the logits gradient over ``logits`` (saves one (N, V) buffer). With
+            ``reduction="mean"``/``"sum"`` the gradient is written during the forward pass, so ``logits`` hold
+            the gradient as soon as this returns; with ``"none"`` it is written by the backward. Only safe when
+            nothing reads ``logits`` afterwards; ignored under ``torch.compile``.
         (others): as in :func:`cross_entropy_ref`.
+
+    With ``reduction="mean"``/``"sum"`` and logits that require grad, the gradient is computed in the forward
+    kernel (one read + one write of the logits in all), so a second backward through the same graph
+    (``retain_graph=True``) raises.
     """
     _check_inputs(logits, target)
     validate_loss_options(reduction, num_items_in_batch, softcap, logits_scaling, label_smoothing)
@@ -453,6 +582,10 @@ def cross_entropy_triton(
     options = (int(ignore_index), softcap, float(logits_scaling), float(label_smoothing))
     if torch.compiler.is_compiling():
         loss_rows = _ce_rows_op(logits, target, *options)[0]
+    elif reduction != "none" and logits.requires_grad and torch.is_grad_enabled():
+        # training path: gradient written by the forward kernel, backward is a (usually skipped) scale
+        divisor = None if reduction == "sum" else loss_divisor(target, ignore_index, num_items_in_batch)
+        return _CrossEntropyFusedFunction.apply(logits, target, divisor, *options, bool(inplace_backward))
     else:
         loss_rows = _CrossEntropyRowsFunction.apply(logits, target, *options, bool(inplace_backward))
     return _reduce(loss_rows, target, ignore_index, reduction, num_items_in_batch)
@@ -481,7 +614,7 @@ def cross_entropy(
         logits_scaling: Granite's logits divisor.
         label_smoothing: as in ``torch.nn.functional.cross_entropy``.
         inplace_backward: Triton path only: write the gradient over ``logits`` (saves an (N, V) buffer; only
-            safe when nothing reads the logits after the backward).
+            safe when nothing reads the logits after the loss call; see :func:`cross_entropy_triton`).
 
     Returns:
         fp32 scalar, or (N,) fp32 for ``reduction="none"``.
