@@ -122,3 +122,29 @@ def test_rope_8b_shape():
         dtype=torch.bfloat16,
         grad_inputs=("q", "k"),
     )
+
+
+def test_rope_backward_writes_gradients_in_the_layout_of_q_and_k():
+    """HF's q/k are (B, S, H, D) projections viewed as (B, H, S, D): the gradients come back in that layout
+    (no copy in the projection's backward or into a leaf's .grad) even when the incoming gradients do not."""
+    from fms_acceleration_accelerate_kernels import rope_triton
+
+    device = device_for_tests()
+    torch.manual_seed(0)
+    b, s, h, hkv, d = 2, 5, 4, 2, 16
+    q_proj = torch.randn(b, s, h, d, device=device, requires_grad=True)
+    k_proj = torch.randn(b, s, hkv, d, device=device, requires_grad=True)
+    q, k = q_proj.transpose(1, 2), k_proj.transpose(1, 2)
+    seen = {}
+    q.register_hook(lambda g: seen.__setitem__("q", g.stride()))  # the gradient exactly as rope returns it
+    k.register_hook(lambda g: seen.__setitem__("k", g.stride()))
+    cos, sin = torch.randn(b, s, d, device=device), torch.randn(b, s, d, device=device)
+    q_out, k_out = rope_triton(q, k, cos, sin)
+    dq_out = torch.randn(q_out.shape, device=device)  # contiguous (B, H, S, D): a different layout
+    dk_out = torch.randn(k_out.shape, device=device)
+    torch.autograd.backward((q_out, k_out), (dq_out, dk_out))
+    assert seen == {"q": q.stride(), "k": k.stride()}
+    q_ref, k_ref = q.detach().clone().requires_grad_(True), k.detach().clone().requires_grad_(True)
+    torch.autograd.backward(rope_ref(q_ref, k_ref, cos, sin), (dq_out, dk_out))
+    torch.testing.assert_close(q_proj.grad.transpose(1, 2), q_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k_proj.grad.transpose(1, 2), k_ref.grad, atol=1e-5, rtol=1e-5)

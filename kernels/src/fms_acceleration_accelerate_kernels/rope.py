@@ -157,10 +157,30 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _output_like(t: torch.Tensor, strides: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Empty tensor shaped like ``t`` with ``strides`` (or ``t``'s dense layout), unit stride on the last dim."""
+    if strides is not None:
+        return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
+    out = torch.empty_like(t)  # keeps a dense layout, e.g. HF's (B, S, H, D) memory viewed as (B, H, S, D)
+    if out.stride(-1) != 1:
+        out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    return out
+
+
 def _launch(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    backward: bool,
+    out_strides: tuple[tuple[int, ...], tuple[int, ...]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k (or their gradients when ``backward``). Outputs keep the inputs' memory layout."""
+    """Rotate q and k (or their gradients when ``backward``).
+
+    Outputs keep the inputs' memory layout, or take ``out_strides`` (the backward writes the gradients in the
+    layout of the forward inputs, so the projection's backward and a leaf's ``.grad`` need no copy whatever
+    layout the incoming gradients have).
+    """
     q = _unit_last(q)
     k = _unit_last(k)
     cos = _as_batched_table(cos, "cos")
@@ -168,12 +188,8 @@ def _launch(
     batch, n_q, seq, head_dim = q.shape
     n_k = k.shape[1]
     half = cos.shape[-1] // 2
-    q_out = torch.empty_like(q)
-    k_out = torch.empty_like(k)
-    if q_out.stride(-1) != 1:
-        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    if k_out.stride(-1) != 1:
-        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    q_out = _output_like(q, out_strides[0] if out_strides else None)
+    k_out = _output_like(k, out_strides[1] if out_strides else None)
     if q.numel() == 0:
         return q_out, k_out
     block_half = next_power_of_2(half)
@@ -206,12 +222,13 @@ class _RopeFunction(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin):
         q_out, k_out = _launch(q, k, cos, sin, backward=False)
         ctx.save_for_backward(cos, sin)
+        ctx.out_strides = (q_out.stride(), k_out.stride())  # dense, unit last stride: the inputs' layout
         return q_out, k_out
 
     @staticmethod
     def backward(ctx, dq_out, dk_out):
         cos, sin = ctx.saved_tensors  # unused outputs arrive as zeros (grads are materialized by default)
-        dq, dk = _launch(dq_out, dk_out, cos, sin, backward=True)
+        dq, dk = _launch(dq_out, dk_out, cos, sin, backward=True, out_strides=ctx.out_strides)
         return dq, dk, None, None
 
 
