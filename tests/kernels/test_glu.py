@@ -81,3 +81,21 @@ def test_glu_8b_shape(op):
         dtype=torch.bfloat16,
         grad_inputs=("gate", "up"),
     )
+
+
+@pytest.mark.parametrize("launch", [(128, 1), (256, 2), (1024, 8), (4096, 16)])
+def test_glu_launch_variants_agree(launch):
+    """The launch settings the benchmark sweeps (several column blocks per row, odd width) give the same result."""
+    from fms_acceleration_accelerate_kernels.glu import _ACT_SILU, _backward, _forward
+
+    torch.manual_seed(0)
+    device = device_for_tests()
+    gate, up, dout = (torch.randn(6, 333, device=device) for _ in range(3))
+    out = _forward(gate, up, _ACT_SILU, launch=launch)
+    dgate, dup = _backward(dout, gate, up, _ACT_SILU, True, True, launch=launch)
+    g_ref, u_ref = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    ref = swiglu_ref(g_ref, u_ref)
+    ref.backward(dout)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dgate, g_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dup, u_ref.grad, atol=1e-5, rtol=1e-5)

@@ -58,30 +58,36 @@ def _rms_norm_bwd_kernel(
     offset,
     rows_per_program,
     BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
     HAS_DX: tl.constexpr,
     HAS_DW: tl.constexpr,
 ):
+    """dx and per-program dweight partial sums for rows [pid * rows_per_program, ...), ROWS rows at a time
+    (a (ROWS, BLOCK) tile: more loads in flight per iteration than one row)."""
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32) + offset
+    col_mask = cols < n_cols
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32) + offset
     dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
     first = pid.to(tl.int64) * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
-    for row in range(first, last):
-        dy = tl.load(DY + row * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        x_hat = x * rstd
+    for start in range(first, last, ROWS):
+        rows = start + tl.arange(0, ROWS)
+        row_mask = rows < last
+        mask = row_mask[:, None] & col_mask[None, :]
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
+        x_hat = x * rstd[:, None]
         if HAS_DX:
-            w_dy = w * dy
-            proj = tl.sum(w_dy * x_hat, axis=0) / n_cols
-            dx = rstd * (w_dy - x_hat * proj)
-            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            w_dy = w[None, :] * dy
+            proj = tl.sum(w_dy * x_hat, axis=1) / n_cols
+            dx = rstd[:, None] * (w_dy - x_hat * proj[:, None])
+            tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if HAS_DW:
-            dw_acc += dy * x_hat
+            dw_acc += tl.sum(dy * x_hat, axis=0)
     if HAS_DW:
-        tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=mask)
+        tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=col_mask)
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +105,14 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -
     return y2.view(x.shape), rstd.view(x.shape[:-1])
 
 
+def _rows_per_iter(block: int, need_dw: bool, override: int | None) -> int:
+    """Rows per loop iteration of the backward: 2 for rows up to 8192 wide with a weight gradient (programs
+    then loop over many rows), else 1 (dx only: one program per row)."""
+    if override is not None:
+        return override
+    return 2 if need_dw and block <= 8192 else 1
+
+
 def _backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -109,11 +123,13 @@ def _backward(
     need_dw: bool,
     programs_per_sm: int = 2,
     num_warps: int | None = None,
+    rows_per_iter: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernel. Returns ``dx`` (or None) and ``dweight`` (or None).
 
-    ``programs_per_sm`` (programs accumulating weight-gradient partials; 2 was fastest in the H100 sweep) and
-    ``num_warps`` are launch knobs, exposed for the benchmark's sweep.
+    ``programs_per_sm`` (programs accumulating weight-gradient partials; 2 was fastest in the H100 sweep),
+    ``num_warps`` and ``rows_per_iter`` (rows loaded per loop iteration with a weight gradient) are launch
+    knobs, exposed for the benchmark's sweep.
     """
     x2 = flatten_rows(x)
     dy2 = flatten_rows(dy)
@@ -133,7 +149,8 @@ def _backward(
             dy2, x2, weight, rstd.reshape(-1), dx2 if need_dx else x2, dw_partial if need_dw else rstd,
             dy2.stride(0), x2.stride(0), dx2.stride(0) if need_dx else 0,
             n_rows, n_cols, offset, rows_per_program,
-            BLOCK=block, HAS_DX=need_dx, HAS_DW=need_dw, num_warps=num_warps or num_warps_for(block),
+            BLOCK=block, ROWS=_rows_per_iter(block, need_dw, rows_per_iter), HAS_DX=need_dx, HAS_DW=need_dw,
+            num_warps=num_warps or num_warps_for(block),
         )  # fmt: skip
     dx = dx2.view(x.shape) if need_dx else None
     if need_dw:
