@@ -66,10 +66,12 @@ def test_rms_norm_8b_shape(dtype):
     )
 
 
-@pytest.mark.parametrize("programs_per_sm,rows_per_iter,num_warps", [(1, 1, 4), (2, 2, 4), (3, 4, 2), (64, 2, 1)])
-def test_rms_norm_backward_launch_variants_agree(programs_per_sm, rows_per_iter, num_warps):
-    """Every backward launch the benchmark sweeps gives the same dx and dweight (odd row counts: partial
-    row tiles, programs with no rows)."""
+@pytest.mark.parametrize(
+    "programs_per_sm,prefetch,num_warps", [(1, False, 4), (2, True, 4), (3, True, 2), (64, True, 1), (64, False, 1)]
+)
+def test_rms_norm_backward_launch_variants_agree(programs_per_sm, prefetch, num_warps):
+    """Every backward launch the benchmark sweeps gives the same dx and dweight (odd row counts, programs
+    with no rows, prefetch of a row past the program's last)."""
     from fms_acceleration_accelerate_kernels.rms_norm import _backward, _forward
 
     torch.manual_seed(0)
@@ -78,7 +80,7 @@ def test_rms_norm_backward_launch_variants_agree(programs_per_sm, rows_per_iter,
     weight = torch.randn(203, device=device)
     dy = torch.randn_like(x)
     _y, rstd = _forward(x, weight, 1e-6, 0.0)
-    dx, dw = _backward(dy, x, weight, rstd, 0.0, True, True, programs_per_sm, num_warps, rows_per_iter)
+    dx, dw = _backward(dy, x, weight, rstd, 0.0, True, True, programs_per_sm, num_warps, prefetch)
     x_ref = x.clone().requires_grad_(True)
     w_ref = weight.clone().requires_grad_(True)
     rms_norm_ref(x_ref, w_ref, 1e-6).backward(dy)

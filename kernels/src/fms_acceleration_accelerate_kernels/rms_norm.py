@@ -12,7 +12,15 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_float_dtype, flatten_rows, multiprocessor_count, num_warps_for, row_block, use_triton
+from ._utils import (
+    check_float_dtype,
+    flatten_rows,
+    multiprocessor_count,
+    next_power_of_2,
+    num_warps_for,
+    row_block,
+    use_triton,
+)
 
 __all__ = ["rms_norm", "rms_norm_ref", "rms_norm_triton"]
 
@@ -58,12 +66,15 @@ def _rms_norm_bwd_kernel(
     offset,
     rows_per_program,
     BLOCK: tl.constexpr,
-    ROWS: tl.constexpr,
+    PREFETCH: tl.constexpr,
     HAS_DX: tl.constexpr,
     HAS_DW: tl.constexpr,
 ):
-    """dx and per-program dweight partial sums for rows [pid * rows_per_program, ...), ROWS rows at a time
-    (a (ROWS, BLOCK) tile: more loads in flight per iteration than one row)."""
+    """dx and per-program dweight partial sums for rows [pid * rows_per_program, ...).
+
+    PREFETCH: the next row's dy/x/rstd are loaded (in their own dtype) before the current row is processed,
+    so two rows of loads are in flight per program instead of one.
+    """
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     col_mask = cols < n_cols
@@ -71,23 +82,55 @@ def _rms_norm_bwd_kernel(
     dw_acc = tl.zeros([BLOCK], dtype=tl.float32)
     first = pid.to(tl.int64) * rows_per_program
     last = tl.minimum(first + rows_per_program, n_rows)
-    for start in range(first, last, ROWS):
-        rows = start + tl.arange(0, ROWS)
-        row_mask = rows < last
-        mask = row_mask[:, None] & col_mask[None, :]
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-        x_hat = x * rstd[:, None]
+    if PREFETCH:
+        next_mask = cols < tl.where(first < last, n_cols, 0)  # nothing loaded past the program's rows
+        dy_next = tl.load(DY + first * stride_dy + cols, mask=next_mask, other=0.0)
+        x_next = tl.load(X + first * stride_x + cols, mask=next_mask, other=0.0)
+        rstd_next = tl.load(RSTD + tl.minimum(first, n_rows - 1))  # clamped: always in bounds
+    for row in range(first, last):
+        if PREFETCH:
+            dy = dy_next.to(tl.float32)
+            x = x_next.to(tl.float32)
+            rstd = rstd_next
+            nxt = row + 1
+            next_mask = cols < tl.where(nxt < last, n_cols, 0)
+            dy_next = tl.load(DY + nxt * stride_dy + cols, mask=next_mask, other=0.0)
+            x_next = tl.load(X + nxt * stride_x + cols, mask=next_mask, other=0.0)
+            rstd_next = tl.load(RSTD + tl.minimum(nxt, n_rows - 1))
+        else:
+            dy = tl.load(DY + row * stride_dy + cols, mask=col_mask, other=0.0).to(tl.float32)
+            x = tl.load(X + row * stride_x + cols, mask=col_mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + row)
+        x_hat = x * rstd
         if HAS_DX:
-            w_dy = w[None, :] * dy
-            proj = tl.sum(w_dy * x_hat, axis=1) / n_cols
-            dx = rstd[:, None] * (w_dy - x_hat * proj[:, None])
-            tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+            w_dy = w * dy
+            proj = tl.sum(w_dy * x_hat, axis=0) / n_cols
+            dx = rstd * (w_dy - x_hat * proj)
+            tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=col_mask)
         if HAS_DW:
-            dw_acc += tl.sum(dy * x_hat, axis=0)
+            dw_acc += dy * x_hat
     if HAS_DW:
         tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw_acc, mask=col_mask)
+
+
+@triton.jit
+def _sum_partials_kernel(PARTIAL, OUT, n_partials, n_cols, BLOCK: tl.constexpr):
+    """OUT[cols] = sum over partial rows (fp32), rounded once to OUT's dtype: one launch for sum and cast."""
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(0, n_partials):
+        acc += tl.load(PARTIAL + i * n_cols + cols, mask=mask, other=0.0)
+    tl.store(OUT + cols, acc.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _sum_partials(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(P, H) fp32 partial sums -> (H,) in ``dtype``."""
+    n_partials, n_cols = partial.shape
+    out = torch.empty(n_cols, dtype=dtype, device=partial.device)
+    block = min(256, next_power_of_2(n_cols))
+    _sum_partials_kernel[(triton.cdiv(n_cols, block),)](partial, out, n_partials, n_cols, BLOCK=block, num_warps=2)
+    return out
 
 
 def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,14 +148,6 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float) -
     return y2.view(x.shape), rstd.view(x.shape[:-1])
 
 
-def _rows_per_iter(block: int, need_dw: bool, override: int | None) -> int:
-    """Rows per loop iteration of the backward: 2 for rows up to 8192 wide with a weight gradient (programs
-    then loop over many rows), else 1 (dx only: one program per row)."""
-    if override is not None:
-        return override
-    return 2 if need_dw and block <= 8192 else 1
-
-
 def _backward(
     dy: torch.Tensor,
     x: torch.Tensor,
@@ -123,13 +158,13 @@ def _backward(
     need_dw: bool,
     programs_per_sm: int = 2,
     num_warps: int | None = None,
-    rows_per_iter: int | None = None,
+    prefetch: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Launch the backward kernel. Returns ``dx`` (or None) and ``dweight`` (or None).
 
     ``programs_per_sm`` (programs accumulating weight-gradient partials; 2 was fastest in the H100 sweep),
-    ``num_warps`` and ``rows_per_iter`` (rows loaded per loop iteration with a weight gradient) are launch
-    knobs, exposed for the benchmark's sweep.
+    ``num_warps`` and ``prefetch`` (load the next row while processing the current one; off by default: it
+    raises register use, which lowers the programs resident per SM) are launch knobs for the benchmark's sweep.
     """
     x2 = flatten_rows(x)
     dy2 = flatten_rows(dy)
@@ -149,12 +184,12 @@ def _backward(
             dy2, x2, weight, rstd.reshape(-1), dx2 if need_dx else x2, dw_partial if need_dw else rstd,
             dy2.stride(0), x2.stride(0), dx2.stride(0) if need_dx else 0,
             n_rows, n_cols, offset, rows_per_program,
-            BLOCK=block, ROWS=_rows_per_iter(block, need_dw, rows_per_iter), HAS_DX=need_dx, HAS_DW=need_dw,
+            BLOCK=block, PREFETCH=bool(prefetch), HAS_DX=need_dx, HAS_DW=need_dw,
             num_warps=num_warps or num_warps_for(block),
         )  # fmt: skip
     dx = dx2.view(x.shape) if need_dx else None
     if need_dw:
-        dw = dw_partial.sum(0).to(weight.dtype) if n_rows > 0 else torch.zeros_like(weight)
+        dw = _sum_partials(dw_partial, weight.dtype) if n_rows > 0 else torch.zeros_like(weight)
     else:
         dw = None
     return dx, dw
