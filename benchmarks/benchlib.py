@@ -40,6 +40,8 @@ PEERS = ("none", "liger")
 DATASETS = ("synthetic", "instructions")
 COLLATE_MODES = ("pad", "pack", "flatten")
 DTYPES = ("bfloat16", "float16", "float32")
+DISTRIBUTED = ("ddp", "fsdp1", "fsdp2")
+RANK_DATA = ("split", "replicate")
 
 PAD_ID = 0
 EOS_ID = 1
@@ -74,6 +76,14 @@ class Scenario:
             default: a single-node config written by the runner.
         inject_delay_ms: sleep this long after every optimizer step (test hook: simulates a slowdown).
         loss_rtol: largest relative per-step loss difference from the baseline that still counts as agreeing.
+        distributed: how ``num_gpus`` processes share the work: ``ddp`` (plain data parallel; nothing on one
+            GPU), ``fsdp1`` or ``fsdp2`` (Accelerate's FSDP with the runner's ``fsdp_config``, also on one GPU).
+        rank_data: ``split`` (rank ``r`` trains on global batch ``i * world + r``) or ``replicate`` (every rank
+            trains on the batches a 1-GPU run sees, so the averaged gradient, hence the loss curve, equals the
+            1-GPU run's: a tight loss-parity check of the sharding; throughput is unaffected).
+        extrapolate_layers: > 0: rows of the same group and stack that differ only in the model's layer count
+            form a series; the runner fits peak memory per GPU linearly in the layer count and extrapolates to
+            this many layers (reported as an extrapolation, next to the measured points).
     """
 
     name: str
@@ -105,6 +115,9 @@ class Scenario:
     seed: int = 42
     inject_delay_ms: float = 0.0
     loss_rtol: float = 0.03
+    distributed: str = "ddp"
+    rank_data: str = "split"
+    extrapolate_layers: int = 0
 
     @property
     def uses_plugins(self) -> bool:
@@ -183,6 +196,10 @@ def make_scenario(raw: Mapping[str, Any], defaults: Mapping[str, Any], where: st
     _check_choice(where, "dataset", s.dataset, DATASETS)
     _check_choice(where, "collate", s.collate, COLLATE_MODES)
     _check_choice(where, "dtype", s.dtype, DTYPES)
+    _check_choice(where, "distributed", s.distributed, DISTRIBUTED)
+    _check_choice(where, "rank_data", s.rank_data, RANK_DATA)
+    if s.extrapolate_layers < 0:
+        raise ScenarioError(f"{where}: extrapolate_layers must be >= 0 (0: no extrapolation)")
     if s.steps <= s.warmup_steps:
         raise ScenarioError(f"{where}: steps ({s.steps}) must exceed warmup_steps ({s.warmup_steps})")
     if s.batch_size < 1 or s.seq_len < 2 or s.num_gpus < 1:
@@ -237,10 +254,7 @@ def load_scenarios(path: str | os.PathLike, overrides: Mapping[str, Any] | None 
         raise ScenarioError(
             f"{path}: unknown top-level key(s) {', '.join(unknown)} (valid: models, defaults, scenarios)"
         )
-    models = doc.get("models") or {}
-    for name, spec in models.items():
-        if not isinstance(spec, Mapping) or len(set(spec) & {"config", "path"}) != 1:
-            raise ScenarioError(f"{path}: model {name!r} needs exactly one of 'config' (random init) or 'path'")
+    models = resolve_model_specs(doc.get("models") or {}, str(path))
     defaults = {**(doc.get("defaults") or {}), **(overrides or {})}
     raw_list = doc.get("scenarios") or []
     if not isinstance(raw_list, list) or not raw_list:
@@ -271,6 +285,53 @@ def load_scenarios(path: str | os.PathLike, overrides: Mapping[str, Any] | None 
 
 
 # ----------------------------------------------------------------------------------------------- models
+def resolve_model_specs(raw: Mapping[str, Any], where: str) -> dict[str, dict[str, Any]]:
+    """Validate the ``models:`` section; a ``layers_of`` entry becomes a ``config`` spec with ``derived_from``.
+
+    Each model needs exactly one of ``config`` (random init, built once per run), ``path`` (a local checkpoint)
+    or ``layers_of: {model: NAME, num_hidden_layers: N}``: the first ``N`` decoder layers of another random-init
+    model of the file, served from *its* checkpoint (the runner links its weight files; the layers beyond ``N``
+    are not loaded), so a layer-count series costs one build.
+
+    Raises:
+        ScenarioError: a malformed entry (the message names it and the fix).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    kinds = {"config", "path", "layers_of"}
+    for name, spec in raw.items():
+        if not isinstance(spec, Mapping) or len(set(spec) & kinds) != 1 or set(spec) - kinds:
+            raise ScenarioError(
+                f"{where}: model {name!r} needs exactly one of 'config' (random init), 'path' or "
+                "'layers_of: {model: NAME, num_hidden_layers: N}'"
+            )
+        out[name] = dict(spec)
+    for name, spec in list(out.items()):
+        if "layers_of" not in spec:
+            continue
+        ref = spec["layers_of"]
+        parent = out.get(ref.get("model")) if isinstance(ref, Mapping) else None
+        layers = ref.get("num_hidden_layers") if isinstance(ref, Mapping) else None
+        if parent is None or "config" not in parent or "derived_from" in parent:
+            raise ScenarioError(
+                f"{where}: model {name!r}: layers_of.model must name a random-init ('config') model of this file"
+            )
+        if not isinstance(layers, int) or not 1 <= layers <= int(parent["config"].get("num_hidden_layers", 0)):
+            raise ScenarioError(
+                f"{where}: model {name!r}: layers_of.num_hidden_layers must be an integer from 1 to the layers of "
+                f"{ref['model']!r} ({parent['config'].get('num_hidden_layers')})"
+            )
+        out[name] = {"config": {**parent["config"], "num_hidden_layers": layers}, "derived_from": ref["model"]}
+    return out
+
+
+def model_layers(spec: Mapping[str, Any] | None) -> int | None:
+    """Decoder layers of a random-init model spec (``None`` for a local path)."""
+    if not spec or "config" not in spec:
+        return None
+    value = spec["config"].get("num_hidden_layers")
+    return int(value) if value is not None else None
+
+
 def model_spec_summary(spec: Mapping[str, Any]) -> str:
     """Short description of a model spec for the CSV (e.g. ``llama h4096 i14336 L8 v128256``)."""
     if "path" in spec:
@@ -454,15 +515,20 @@ CSV_COLUMNS = (
     "scenario", "group", "is_baseline", "status", "note",
     "peft", "plugins", "active_plugins", "patches", "prep", "peer", "model", "entry",
     "batch_size", "seq_len", "steps", "warmup_steps", "gradient_checkpointing", "num_gpus",
-    "dataset", "collate", "dtype",
+    "distributed", "rank_data", "num_layers", "dataset", "collate", "dtype",
     "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s", "padding_fraction",
-    "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib",
+    "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib", "gpu_mem_gib",
+    "allgather_bytes_per_step", "reduce_scatter_bytes_per_step",
     "throughput_ratio", "memory_ratio", "reserved_ratio",
+    "scaling_reference", "scaling_efficiency", "loss_vs_1gpu_max_rel_diff", "loss_vs_1gpu_match",
+    "fit_target_layers", "fit_gib_per_layer", "fit_peak_alloc_gib_extrapolated", "fit_verdict",
     "loss_first", "loss_final", "loss_max_rel_diff", "loss_match",
-    "wall_s", "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version",
+    "wall_s", "wall_breakdown", "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version",
     "bitsandbytes", "triton", "liger_kernel", "python", "date", "command",
 )  # fmt: skip
-"""One row per scenario. Units: tokens/s, seconds, GiB. Ratios are against the group's baseline."""
+"""One row per scenario. Units: tokens/s, seconds, GiB, bytes. Memory is per GPU (max over ranks). Ratios are
+against the group's baseline; ``scaling_efficiency`` = tokens/s per GPU / tokens/s of the matching 1-GPU row
+(``scaling_reference``); ``fit_*`` are linear extrapolations of measured peak memory in the layer count."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:

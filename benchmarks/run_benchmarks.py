@@ -29,6 +29,7 @@ import shlex
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -159,10 +160,50 @@ def mixed_precision_for(s: Scenario, on_cpu: bool) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}.get(s.dtype, "no")
 
 
+def fsdp_config_for(version: int) -> dict[str, Any]:
+    """The ``fsdp_config`` every row of one FSDP version gets (baseline and plugin stacks alike).
+
+    Stock Accelerate settings as the HF docs use them for (Q)LoRA: one unit per decoder layer
+    (``TRANSFORMER_BASED_WRAP``), rank 0 reads the checkpoint and the others receive it
+    (``cpu_ram_efficient_loading`` + ``sync_module_states``), full sharding; FSDP1 with ``use_orig_params``
+    (frozen base and trainable adapters share a unit). Accelerate's own activation checkpointing stays off:
+    every row enables the model's (non-reentrant) gradient checkpointing itself.
+    """
+    common = {
+        "fsdp_version": version,
+        "fsdp_auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+        "fsdp_cpu_ram_efficient_loading": True,
+        "fsdp_sync_module_states": True,
+        "fsdp_offload_params": False,
+        "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+        "fsdp_activation_checkpointing": False,
+    }
+    if version == 1:
+        return {
+            **common,
+            "fsdp_sharding_strategy": "FULL_SHARD",
+            "fsdp_backward_prefetch": "BACKWARD_PRE",
+            "fsdp_forward_prefetch": False,
+            "fsdp_use_orig_params": True,
+        }
+    return {**common, "fsdp_reshard_after_forward": True}
+
+
+def fsdp_version_of(s: Scenario) -> int | None:
+    return {"fsdp1": 1, "fsdp2": 2}.get(s.distributed)
+
+
 def write_accelerate_config(
     s: Scenario, stack: Stack, path: Path, *, on_cpu: bool, entry: str, extra_base: Mapping[str, Any] | None
 ) -> dict[str, Any]:
-    """Write the Accelerate config of one scenario; returns it."""
+    """Write the Accelerate config of one scenario; returns it.
+
+    ``distributed: fsdp1|fsdp2`` gives ``distributed_type: FSDP`` with :func:`fsdp_config_for` (also on one GPU);
+    a stack or ``accelerate_config`` file may refine it but not name another FSDP version (ScenarioError).
+    On CPU, Accelerate cannot run FSDP: the config asks for plain multi-process (gloo) and ``train_bench.py``
+    switches the ``Accelerator`` to FSDP through a test seam (its ``entry`` column says so).
+    """
+    version = fsdp_version_of(s)
     cfg: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": "NO" if s.num_gpus == 1 else "MULTI_GPU",
@@ -174,15 +215,32 @@ def write_accelerate_config(
         "same_network": True,
         "downcast_bf16": "no",
     }
+    if version is not None:
+        cfg["distributed_type"] = "FSDP"
+        cfg["fsdp_config"] = fsdp_config_for(version)
     for base in (stack.accelerate_base, extra_base):
-        if base:
-            cfg.update({k: v for k, v in base.items() if k != "acceleration"})
+        if not base:
+            continue
+        base_version = (base.get("fsdp_config") or {}).get("fsdp_version", 1)
+        if base.get("distributed_type") == "FSDP" and base_version != version:
+            raise ScenarioError(
+                f"{s.name}: the stack's Accelerate config runs FSDP{base_version} but the scenario says "
+                f"distributed: {s.distributed}; set distributed: fsdp{base_version} (or use an acceleration-only stack)"
+            )
+        for key, value in base.items():
+            if key == "acceleration":
+                continue
+            if key == "fsdp_config" and "fsdp_config" in cfg:
+                cfg["fsdp_config"] = {**cfg["fsdp_config"], **value}
+            else:
+                cfg[key] = value
     cfg["num_processes"] = s.num_gpus
     cfg["main_process_port"] = free_port()
     cfg["mixed_precision"] = mixed_precision_for(s, on_cpu)
     cfg["use_cpu"] = on_cpu
-    if on_cpu and s.num_gpus == 1:
-        cfg["distributed_type"] = "NO"
+    if on_cpu:  # Accelerate refuses FSDP on CPU: gloo processes here, FSDP through train_bench's seam
+        cfg["distributed_type"] = "NO" if s.num_gpus == 1 else "MULTI_GPU"
+        cfg.pop("fsdp_config", None)
     if stack.body is not None and entry == ENTRY_SECTION:
         cfg["acceleration"] = dict(stack.body)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
@@ -286,6 +344,25 @@ def _last_error_line(log: Path) -> str:
     return ""
 
 
+def wall_breakdown(result: Mapping[str, Any], started_at: float, ended_at: float) -> str:
+    """Where one row's wall time went: ``launch 5.1 | imports 4.2 | ... | exit 1.3`` (seconds).
+
+    ``launch``: from starting ``accelerate launch`` to the first line of ``train_bench.py`` (the launcher's own
+    imports and checks, process start); then the script's phases on rank 0 (``imports``, ``accelerator``,
+    ``load_and_augment``, ``prepare``, ``data``, ``train`` = warmup + timed steps, ``finish``); ``exit``: from
+    writing the result to the launcher's exit (interpreter and CUDA teardown of every process).
+    Empty when the worker wrote no timestamps (it never started).
+    """
+    stamps = result.get("timestamps") or {}
+    phases = result.get("phase_seconds") or {}
+    if "script_start" not in stamps:
+        return ""
+    parts = [("launch", stamps["script_start"] - started_at), *phases.items()]
+    if "result_written" in stamps:
+        parts.append(("exit", ended_at - stamps["result_written"]))
+    return " | ".join(f"{name} {max(float(sec), 0.0):.1f}" for name, sec in parts)
+
+
 # ----------------------------------------------------------------------------------------------- rows
 def _fmt(value: Any, digits: int) -> str:
     if value is None or value == "":
@@ -316,6 +393,9 @@ def base_row(s: Scenario, models: ScenarioFile, model_overrides: Mapping[str, An
         "warmup_steps": s.warmup_steps,
         "gradient_checkpointing": s.gradient_checkpointing,
         "num_gpus": s.num_gpus,
+        "distributed": s.distributed,
+        "rank_data": s.rank_data,
+        "num_layers": benchlib.model_layers(spec),
         "dataset": s.dataset,
         "collate": s.collate if s.dataset != "synthetic" else "",
         "dtype": s.dtype,
@@ -327,6 +407,7 @@ def fill_result(row: dict[str, Any], result: Mapping[str, Any]) -> None:
     for key in (
         "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s",
         "padding_fraction", "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib",
+        "gpu_mem_gib", "allgather_bytes_per_step", "reduce_scatter_bytes_per_step",
         "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version", "bitsandbytes", "triton",
         "liger_kernel", "python", "date", "entry", "patches",
     ):  # fmt: skip
@@ -391,11 +472,131 @@ def compute_relative(
             row["loss_match"] = "yes" if diff <= tol else "no"
 
 
+SCALING_KEY = (
+    "model", "peft", "plugins", "prep", "peer", "batch_size", "seq_len", "gradient_checkpointing", "dataset",
+    "collate", "dtype",
+)  # fmt: skip
+"""Columns a multi-GPU row and its 1-GPU reference row must share (everything but the GPUs / FSDP)."""
+SPLIT_DATA_LOSS_RTOL = 0.1
+FIT_HEADROOM = 0.95
+DEFAULT_GPU_MEM_GIB = 80.0
+
+
+def scaling_reference(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The successful 1-GPU row with the same stack and workload as ``row`` (``None`` if there is none).
+
+    Preference: the same ``distributed`` value (e.g. FSDP2 on 1 GPU), then a plain 1-GPU row (``ddp``: no
+    wrapper), then any; the earliest such row of the run.
+    """
+    if str(row.get("num_gpus")) in ("", "1"):
+        return None
+    key = tuple(str(row.get(k, "")) for k in SCALING_KEY)
+    candidates = [
+        r for r in rows
+        if r is not row and str(r.get("num_gpus")) == "1" and r.get("status") == "ok"
+        and tuple(str(r.get(k, "")) for k in SCALING_KEY) == key
+    ]  # fmt: skip
+    for wanted in (row.get("distributed"), "ddp", None):
+        for r in candidates:
+            if wanted is None or r.get("distributed", "ddp") == wanted:
+                return r
+    return None
+
+
+def loss_agreement(mine: Sequence[float], ref: Sequence[float], replicate: bool, rtol: float) -> tuple[float, str]:
+    """``(difference, verdict)`` of a multi-GPU loss curve against its 1-GPU reference.
+
+    ``replicate`` (every rank saw the 1-GPU run's batches): the largest relative per-step difference, ``yes``
+    within ``rtol``. Otherwise (split data: each step of the N-GPU run averages N different batches) only a
+    loose check is possible: the relative difference of the mean loss over the second half of the steps,
+    ``loose-yes`` within :data:`SPLIT_DATA_LOSS_RTOL`.
+    """
+    n = min(len(mine), len(ref))
+    if n == 0:
+        return math.nan, ""
+    if replicate:
+        diff = max(abs(mine[i] - ref[i]) / max(abs(ref[i]), 1e-8) for i in range(n))
+        return diff, "yes" if diff <= rtol else "no"
+    half = slice(n // 2, n)
+    a, b = statistics.fmean(mine[:n][half]), statistics.fmean(ref[:n][half])
+    diff = abs(a - b) / max(abs(b), 1e-8)
+    return diff, "loose-yes" if diff <= SPLIT_DATA_LOSS_RTOL else "loose-no"
+
+
+def compute_scaling(
+    rows: list[dict[str, Any]], losses: Mapping[str, list[float]], s_by_name: Mapping[str, Scenario]
+) -> None:
+    """Fill ``scaling_reference``, ``scaling_efficiency`` (tokens/s per GPU at N / tokens/s of the 1-GPU row)
+    and the loss agreement with that row, for every multi-GPU row."""
+    for row in rows:
+        for key in ("scaling_reference", "scaling_efficiency", "loss_vs_1gpu_max_rel_diff", "loss_vs_1gpu_match"):
+            row[key] = ""
+        if row.get("status") != "ok":
+            continue
+        ref = scaling_reference(row, rows)
+        if ref is None:
+            continue
+        row["scaling_reference"] = ref["scenario"]
+        per_gpu, single = _to_float(row.get("train_tokens_per_s_per_gpu")), _to_float(ref.get("train_tokens_per_s"))
+        if per_gpu is not None and single:
+            row["scaling_efficiency"] = per_gpu / single
+        mine, theirs = losses.get(row["scenario"]), losses.get(ref["scenario"])
+        if mine and theirs:
+            s = s_by_name.get(row["scenario"])
+            rtol = s.loss_rtol if s is not None else 0.03
+            diff, verdict = loss_agreement(mine, theirs, row.get("rank_data") == "replicate", rtol)
+            row["loss_vs_1gpu_max_rel_diff"], row["loss_vs_1gpu_match"] = diff, verdict
+
+
+def compute_fits(rows: list[dict[str, Any]], s_by_name: Mapping[str, Scenario]) -> None:
+    """Peak memory per GPU vs layer count: a least-squares line through the measured points of each series
+    (rows with ``extrapolate_layers`` of the same group, stack, GPUs and workload), evaluated at the target
+    layer count. ``fit_verdict``: ``fits`` when the extrapolated peak is within 95 % of the GPU's memory."""
+    series: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        for key in ("fit_target_layers", "fit_gib_per_layer", "fit_peak_alloc_gib_extrapolated", "fit_verdict"):
+            row[key] = ""
+        s = s_by_name.get(row["scenario"])
+        if s is None or s.extrapolate_layers <= 0:
+            continue
+        row["fit_target_layers"] = s.extrapolate_layers
+        key = (row["group"], row["peft"], row["plugins"], row["prep"], row["peer"], row.get("distributed"),
+               str(row["num_gpus"]), str(row["batch_size"]), str(row["seq_len"]), s.extrapolate_layers)  # fmt: skip
+        series.setdefault(key, []).append(row)
+    for members in series.values():
+        points = [
+            (float(r["num_layers"]), memory_metric(r))
+            for r in members
+            if r.get("status") == "ok" and r.get("num_layers") not in (None, "") and memory_metric(r) is not None
+        ]
+        if len({x for x, _ in points}) < 2:
+            for r in members:
+                r["fit_verdict"] = f"not extrapolated: {len(points)} measured layer count(s), need 2"
+            continue
+        mean_x = statistics.fmean(x for x, _ in points)
+        mean_y = statistics.fmean(y for _, y in points)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+        target = float(members[0]["fit_target_layers"])
+        value = mean_y + slope * (target - mean_x)
+        capacity = next((_to_float(r.get("gpu_mem_gib")) for r in members if _to_float(r.get("gpu_mem_gib"))), None)
+        capacity = capacity or DEFAULT_GPU_MEM_GIB
+        verdict = "fits" if value <= FIT_HEADROOM * capacity else "does not fit"
+        measured = ", ".join(f"{int(x)}L {y:.1f}" for x, y in sorted(points))
+        for r in members:
+            r["fit_gib_per_layer"] = slope
+            r["fit_peak_alloc_gib_extrapolated"] = value
+            r["fit_verdict"] = (
+                f"{verdict} (extrapolated from measured {measured} GiB: {value:.1f} GiB at {int(target)} layers "
+                f"vs {capacity:.0f} GiB per GPU)"
+            )
+
+
 DIGITS = {
     "train_tokens_per_s": 1, "train_tokens_per_s_per_gpu": 1, "step_time_s": 4, "step_time_p50_s": 4,
-    "padding_fraction": 4, "peak_alloc_gib": 3, "peak_reserved_gib": 3, "peak_rss_gib": 3,
+    "padding_fraction": 4, "peak_alloc_gib": 3, "peak_reserved_gib": 3, "peak_rss_gib": 3, "gpu_mem_gib": 1,
     "throughput_ratio": 3, "memory_ratio": 3, "reserved_ratio": 3, "loss_first": 4, "loss_final": 4,
-    "loss_max_rel_diff": 5, "wall_s": 1,
+    "loss_max_rel_diff": 5, "wall_s": 1, "scaling_efficiency": 3, "loss_vs_1gpu_max_rel_diff": 5,
+    "fit_gib_per_layer": 3, "fit_peak_alloc_gib_extrapolated": 2,
 }  # fmt: skip
 
 
@@ -445,8 +646,111 @@ def stack_label(row: Mapping[str, Any]) -> str:
     return stack
 
 
+def by_group(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Rows ordered by group (groups in order of first appearance), run order within a group: a scenarios file
+    may run its most important rows first (for ``--time-budget``) and still print one block per group."""
+    order = {g: i for i, g in enumerate(dict.fromkeys(str(r.get("group", "")) for r in rows))}
+    return sorted(rows, key=lambda r: order[str(r.get("group", ""))])
+
+
+def is_multi_gpu(row: Mapping[str, Any]) -> bool:
+    return str(row.get("num_gpus", "1")) not in ("", "1") or row.get("distributed") in ("fsdp1", "fsdp2")
+
+
+def _mib(row: Mapping[str, Any], key: str) -> str:
+    value = _to_float(row.get(key))
+    if value is None:
+        return ""
+    mib = value / 2**20
+    return f"{mib:.0f}" if mib >= 10 else f"{mib:.3f}"
+
+
+def multigpu_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Multi-GPU rows with their scaling efficiency against the matching 1-GPU row ("" when none ran)."""
+    multi = [r for r in by_group(rows) if is_multi_gpu(r)]
+    if not multi:
+        return ""
+    cpu = all(not r.get("peak_alloc_gib") for r in rows)
+    header = [
+        "scenario", "stack", "dist", "GPUs", "tok/s", "tok/s/GPU", "1-GPU row", "scaling eff",
+        "peak RSS GiB" if cpu else "peak alloc GiB/GPU", "reserved GiB/GPU", "all-gather MiB/step",
+        "reduce-scatter MiB/step", "loss vs 1 GPU", "status",
+    ]  # fmt: skip
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in multi:
+        status = r.get("status", "")
+        if status != "ok" and r.get("note"):
+            status = f"{status}: {r['note']}"
+        eff = _to_float(r.get("scaling_efficiency"))
+        loss = r.get("loss_vs_1gpu_match", "")
+        if loss and _to_float(r.get("loss_vs_1gpu_max_rel_diff")) is not None:
+            loss = f"{loss} ({float(r['loss_vs_1gpu_max_rel_diff']):.4f})"
+        cells = [
+            str(r.get("scenario", "")), stack_label(r), str(r.get("distributed", "")), str(r.get("num_gpus", "")),
+            _num(r, "train_tokens_per_s", 0), _num(r, "train_tokens_per_s_per_gpu", 0),
+            str(r.get("scaling_reference", "")), "" if eff is None else f"{100 * eff:.0f}%",
+            _num(r, "peak_rss_gib" if cpu else "peak_alloc_gib", 2), _num(r, "peak_reserved_gib", 2),
+            _mib(r, "allgather_bytes_per_step"), _mib(r, "reduce_scatter_bytes_per_step"), loss,
+            status.replace("|", "/").replace("\n", " ")[:160],
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    data = "replicated on every rank" if all(r.get("rank_data") == "replicate" for r in multi) else "as in rank_data"
+    lines += [
+        "",
+        "Scaling efficiency = tokens/s per GPU / tokens/s of the 1-GPU row (same stack, model, per-GPU batch). "
+        f"Memory: max over ranks. Data: {data}; loss vs 1 GPU compares the loss curves step by step "
+        "(replicated data) or the mean of the second half (loose, split data).",
+    ]
+    return "\n".join(lines)
+
+
+def fit_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Measured points and the extrapolated peak memory of every layer-count series ("" when none)."""
+    series = [r for r in by_group(rows) if str(r.get("fit_target_layers", "")) not in ("", "0")]
+    if not series:
+        return ""
+    lines = [
+        "| scenario | stack | dist | GPUs | layers | peak alloc GiB/GPU (measured) | GiB per layer (fit) | "
+        "extrapolated | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in series:
+        status = r.get("status", "")
+        measured = _num(r, "peak_alloc_gib", 2) or _num(r, "peak_rss_gib", 2)
+        if status != "ok":
+            measured = f"{status}: {str(r.get('note', ''))[:80]}"
+        target = r.get("fit_target_layers", "")
+        value = _num(r, "fit_peak_alloc_gib_extrapolated", 1)
+        lines.append(
+            "| " + " | ".join([
+                str(r.get("scenario", "")), stack_label(r), str(r.get("distributed", "")), str(r.get("num_gpus", "")),
+                str(r.get("num_layers", "")), measured.replace("|", "/"), _num(r, "fit_gib_per_layer", 3),
+                f"{value} GiB at {target} layers" if value else "", str(r.get("fit_verdict", "")).split(" (")[0],
+            ]) + " |"
+        )  # fmt: skip
+    lines += [
+        "",
+        "EXTRAPOLATION, not a measurement: a least-squares line through the measured peak memory per GPU at the "
+        "layer counts above, evaluated at the target layer count; 'fits' = within 95% of the GPU's memory.",
+    ]
+    return "\n".join(lines)
+
+
 def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Full results as a Markdown table (what the runner prints)."""
+    """Full results as Markdown (what the runner prints): one table of every row, then the multi-GPU table and
+    the memory extrapolations when the run has such rows."""
+    sections = [single_table(rows)]
+    multi, fits = multigpu_table(rows), fit_table(rows)
+    if multi:
+        sections += ["", "### Multi-GPU", "", multi]
+    if fits:
+        sections += ["", "### Memory extrapolation (layer-count series)", "", fits]
+    return "\n".join(sections)
+
+
+def single_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Every row: throughput and memory against the group's baseline, loss agreement, status."""
+    rows = by_group(rows)
     cpu = all(not r.get("peak_alloc_gib") for r in rows)
     mem_label = "peak RSS GiB" if cpu else "peak alloc GiB"
     header = [
@@ -536,10 +840,19 @@ def write_charts(
     groups = list(dict.fromkeys(str(r.get("group", "")) for r in rows))
     colors = {g: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
     device = next((r.get("gpu_name") for r in rows if r.get("gpu_name")), "") or "CPU"
-    for key, title, fname in (
+    charts = [
         ("throughput_ratio", "Train tokens/s vs group baseline (higher is better)", "throughput_ratio.png"),
         ("memory_ratio", "Peak memory vs group baseline (lower is better)", "memory_ratio.png"),
-    ):
+    ]
+    if any(_to_float(r.get("scaling_efficiency")) is not None for r in rows):
+        charts.append(
+            (
+                "scaling_efficiency",
+                "Tokens/s per GPU vs the same stack on 1 GPU (1.0 = linear)",
+                "scaling_efficiency.png",
+            )
+        )
+    for key, title, fname in charts:
         data = [(f"{r['group']} / {r['scenario']}", _to_float(r.get(key)), str(r["group"])) for r in rows]
         data = [d for d in data if d[1] is not None]
         fig, ax = plt.subplots(figsize=(9, 0.45 * max(len(data), 1) + 1.6))
@@ -585,6 +898,23 @@ def write_charts(
 
 
 # ----------------------------------------------------------------------------------------------- run
+def link_truncated_checkpoint(parent: Path, target: Path, num_layers: int) -> None:
+    """A checkpoint folder whose ``config.json`` keeps the first ``num_layers`` decoder layers of ``parent``;
+    every other file is a symlink to the parent's (``from_pretrained`` then skips the unused layers' weights)."""
+    target.mkdir(parents=True, exist_ok=True)
+    for item in parent.iterdir():
+        link = target / item.name
+        if item.name == "config.json":
+            config = json.loads(item.read_text(encoding="utf-8"))
+            config["num_hidden_layers"] = num_layers
+            for key in ("layer_types",):  # per-layer lists (newer configs) must match the layer count
+                if isinstance(config.get(key), list):
+                    config[key] = config[key][:num_layers]
+            link.write_text(json.dumps(config, indent=2), encoding="utf-8")
+        elif not link.exists():
+            link.symlink_to(item.resolve())
+
+
 def detect_device(requested: str) -> tuple[bool, int]:
     """``(on_cpu, number of GPUs)`` without creating a CUDA context in this process."""
     import torch
@@ -638,33 +968,40 @@ class Runner:
 
     # -- models
     def model_dir(self, s: Scenario) -> str:
-        spec = self.sfile.models.get(s.model)
+        return self.model_dir_for(s.model, s.dtype)
+
+    def model_dir_for(self, name: str, dtype: str) -> str:
+        """The checkpoint folder of model ``name``: built once per run (random init, ``save_pretrained`` as
+        safetensors), or linked from its parent's files for a ``layers_of`` model."""
+        spec = self.sfile.models.get(name)
         if spec is None:
-            return s.model
+            return name
         if "path" in spec:
             return str(spec["path"])
-        if s.model not in self.model_dirs:
-            target = self.work_dir / "models" / s.model
-            if not (target / "config.json").is_file():
-                device = "cpu" if self.on_cpu else "cuda"
-                dtype = "float32" if self.on_cpu else s.dtype
-                config = {**spec["config"], **_parse_overrides(self.args.model_set)}
-                cmd = [
-                    sys.executable, str(Path(__file__).with_name("benchlib.py")), "build-model",
-                    "--config", json.dumps(config), "--out", str(target), "--device", device,
-                    "--dtype", dtype, "--seed", "0",
-                ]  # fmt: skip
-                summary = benchlib.model_spec_summary({"config": config})
-                print(f"[bench] building model {s.model} ({summary}) on {device}", flush=True)
-                t0 = time.monotonic()
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    raise RuntimeError(
-                        f"building model {s.model!r} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-                    )
-                print(f"[bench] model {s.model} ready in {time.monotonic() - t0:.0f}s: {target}", flush=True)
-            self.model_dirs[s.model] = str(target)
-        return self.model_dirs[s.model]
+        if name in self.model_dirs:
+            return self.model_dirs[name]
+        target = self.work_dir / "models" / name
+        config = {**spec["config"], **_parse_overrides(self.args.model_set)}
+        if "derived_from" in spec:
+            parent = Path(self.model_dir_for(spec["derived_from"], dtype))
+            link_truncated_checkpoint(parent, target, int(spec["config"]["num_hidden_layers"]))
+            print(f"[bench] model {name}: first {spec['config']['num_hidden_layers']} layers of {parent}", flush=True)
+        elif not (target / "config.json").is_file():
+            device = "cpu" if self.on_cpu else "cuda"
+            cmd = [
+                sys.executable, str(Path(__file__).with_name("benchlib.py")), "build-model",
+                "--config", json.dumps(config), "--out", str(target), "--device", device,
+                "--dtype", "float32" if self.on_cpu else dtype, "--seed", "0",
+            ]  # fmt: skip
+            summary = benchlib.model_spec_summary({"config": config})
+            print(f"[bench] building model {name} ({summary}) on {device}", flush=True)
+            t0 = time.monotonic()
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"building model {name!r} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+            print(f"[bench] model {name} ready in {time.monotonic() - t0:.0f}s: {target}", flush=True)
+        self.model_dirs[name] = str(target)
+        return self.model_dirs[name]
 
     # -- one scenario
     def prepare(self, s: Scenario) -> tuple[list[str], dict[str, str], Stack, list[str]]:
@@ -727,6 +1064,7 @@ class Runner:
             timeout = min(timeout, max(budget_left, self.args.min_scenario_time))
         print(f"[bench] {s.name}: {row['command']}", flush=True)
         t0 = time.monotonic()
+        started_at = time.time()  # wall clock: compared with the worker's timestamps (same machine)
         result_path = self.work_dir / f"{s.name}.json"
         result_path.unlink(missing_ok=True)
         with log.open("w", encoding="utf-8") as handle:
@@ -742,6 +1080,7 @@ class Runner:
                 code = None
         row["wall_s"] = time.monotonic() - t0
         result = json.loads(result_path.read_text(encoding="utf-8")) if result_path.is_file() else {}
+        row["wall_breakdown"] = wall_breakdown(result, started_at, time.time())
         if code is None:
             row.update(status="failed", note=f"timed out after {timeout:.0f}s")
         elif code != 0 or result.get("status") != "ok":
@@ -753,7 +1092,10 @@ class Runner:
         return row
 
     def save(self) -> None:
-        compute_relative(self.rows, self.losses, {s.name: s for s in self.scenarios})
+        s_by_name = {s.name: s for s in self.scenarios}
+        compute_relative(self.rows, self.losses, s_by_name)
+        compute_scaling(self.rows, self.losses, s_by_name)
+        compute_fits(self.rows, s_by_name)
         write_csv(self.rows, self.out_dir / "results.csv")
         (self.out_dir / "losses.json").write_text(json.dumps(self.losses, indent=1), encoding="utf-8")
 
@@ -769,6 +1111,8 @@ class Runner:
                 row.setdefault("command", "")
                 took = f" in {row['wall_s']:.0f}s" if row.get("wall_s") else ""
                 print(f"[bench] {s.name}: {row['status']}{took} {row.get('note', '')}".rstrip(), flush=True)
+                if row.get("wall_breakdown"):
+                    print(f"[bench] {s.name}: wall seconds: {row['wall_breakdown']}", flush=True)
                 self.rows.append(row)
                 self.save()
         finally:  # the built models can be many GB

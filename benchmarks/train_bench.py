@@ -23,6 +23,7 @@ ranks; peak RSS on CPU), and the loss of every step (mean over ranks).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -33,12 +34,14 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import benchlib
 from benchlib import Scenario
 
+SCRIPT_START = time.time()  # after the stdlib/yaml imports (milliseconds): the runner's per-row breakdown
 GIB = 1024**3
 
 
@@ -153,11 +156,16 @@ def load_and_prepare(
         if not is_fsdp:  # each process loads onto its own GPU (an index: what bitsandbytes expects)
             kwargs["device_map"] = {"": accelerator.local_process_index if device.type == "cuda" else "cpu"}
         if s.peft == "qlora":
+            quant: dict[str, Any] = {}
+            if is_fsdp:  # the HF docs' FSDP-QLoRA recipe: packed 4-bit bytes stored in the training dtype
+                quant["bnb_4bit_quant_storage"] = dtype
+                info["bnb_4bit_quant_storage"] = str(dtype)
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True,
                 bnb_4bit_quant_type=s.bnb_quant_type,
                 bnb_4bit_use_double_quant=s.bnb_double_quant,
                 bnb_4bit_compute_dtype=dtype,
+                **quant,
             )
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     model.config.use_cache = False
@@ -213,6 +221,9 @@ def make_accelerator(args: argparse.Namespace) -> tuple[Any, Any, str]:
     if integration is not None and (os.environ.get(integration.ENV_SECTION) or args.acceleration_config):
         integration.install()
     accelerator = Accelerator()
+    seam = ""
+    if args.distributed in ("fsdp1", "fsdp2") and accelerator.device.type == "cpu":
+        seam = cpu_fsdp_seam(accelerator, int(args.distributed[-1]))
     framework = integration.get_framework(accelerator) if integration is not None else None
     entry = "accelerate launch: acceleration section" if framework is not None else ""
     if framework is None and args.acceleration_config:
@@ -229,22 +240,117 @@ def make_accelerator(args: argparse.Namespace) -> tuple[Any, Any, str]:
         )
     if args.acceleration_config and framework is None:
         raise SystemExit("--acceleration-config given but no acceleration framework could be built")
+    if seam:
+        entry = f"{entry}; {seam}" if entry else seam
     return accelerator, framework, entry
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def cpu_fsdp_seam(accelerator: Any, version: int) -> str:
+    """Switch a CPU (gloo) ``Accelerator`` to FSDP ``version``: Accelerate refuses FSDP without a GPU.
+
+    The CPU tier's way to run the real ``Accelerator.prepare`` FSDP path (the same settings the runner writes
+    for GPUs: one unit per decoder layer; FSDP1 with ``use_orig_params``). Needs >= 2 processes (a process
+    group). Returns the label recorded in the result's ``entry``.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.num_processes < 2:
+        raise SystemExit("FSDP on CPU runs through a gloo process group: use num_gpus >= 2 on CPU")
+    kwargs: dict[str, Any] = {
+        "fsdp_version": version,
+        "auto_wrap_policy": "transformer_based_wrap",
+        "cpu_ram_efficient_loading": False,
+        "state_dict_type": "SHARDED_STATE_DICT",
+    }
+    if version == 1:
+        kwargs["use_orig_params"] = True
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**kwargs)
+    accelerator.state.distributed_type = DistributedType.FSDP
+    return f"cpu seam: FSDP{version} over gloo"
+
+
+class CollectiveCounter:
+    """Counts the bytes of the all-gathers and reduce-scatters this process issues (e.g. FSDP's).
+
+    Wraps the ``torch.distributed`` functions that FSDP1/FSDP2 call (whichever exist in this torch:
+    ``all_gather_into_tensor`` / ``all_gather_single`` / ``all_gather`` / ``_all_gather_base`` and the
+    ``reduce_scatter`` equivalents) through a :class:`~fms_acceleration_accelerate.patching.PatchRecorder`, so
+    every wrapper is recorded and :meth:`counting` reverts them on exit. All-gather bytes: the gathered output
+    (every rank's shard, this rank's included); reduce-scatter bytes: the full input. Collectives issued inside
+    torch's C++ (DDP's bucketed all-reduce) are not seen.
+    """
+
+    GATHER = ("all_gather_into_tensor", "all_gather_single", "_all_gather_base", "all_gather")
+    SCATTER = ("reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base", "reduce_scatter")
+
+    def __init__(self) -> None:
+        self.bytes = {"allgather": 0, "reduce_scatter": 0}
+        self.calls = {"allgather": 0, "reduce_scatter": 0}
+
+    @staticmethod
+    def _nbytes(value: Any) -> int:
+        if isinstance(value, (list, tuple)):
+            return sum(CollectiveCounter._nbytes(v) for v in value)
+        return value.numel() * value.element_size() if hasattr(value, "element_size") else 0
+
+    def _wrap(self, kind: str, position: int, original: Callable[..., Any]) -> Callable[..., Any]:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if len(args) > position:
+                tensor = args[position]
+            else:  # keyword call: the output (gather) / input (scatter) under any of torch's names
+                names = (
+                    ("output_tensor", "output", "tensor_list")
+                    if kind == "allgather"
+                    else ("input", "input_tensor", "input_list")
+                )
+                tensor = next((kwargs[n] for n in names if n in kwargs), None)
+            self.bytes[kind] += self._nbytes(tensor) if tensor is not None else 0
+            self.calls[kind] += 1
+            return original(*args, **kwargs)
+
+        counted.__wrapped__ = original  # type: ignore[attr-defined]
+        return counted
+
+    @contextlib.contextmanager
+    def counting(self) -> Iterator[CollectiveCounter]:
+        import torch.distributed as dist
+
+        from fms_acceleration_accelerate.patching import PatchRecorder
+
+        recorder = PatchRecorder()
+        with recorder.reverting():
+            for kind, names, position in (("allgather", self.GATHER, 0), ("reduce_scatter", self.SCATTER, 1)):
+                for name in names:
+                    original = getattr(dist, name, None)
+                    if original is None:
+                        continue
+                    recorder.patch(
+                        dist, name, self._wrap(kind, position, original), plugin="train_bench",
+                        description=f"byte counter ({kind})",
+                    )  # fmt: skip
+            yield self
+
+
+class PhaseClock:
+    """Seconds per phase of the run (rank 0 prints them; the runner turns them into a wall-time breakdown)."""
+
+    def __init__(self, start: float) -> None:
+        self.phases: dict[str, float] = {}
+        self._last = start
+
+    def done(self, name: str) -> None:
+        now = time.time()
+        self.phases[name] = round(now - self._last, 3)
+        self._last = now
+
+
+def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
+    import peft  # noqa: F401  (the imports phase: what every row pays before its first CUDA call)
     import torch
+    import transformers  # noqa: F401
     from accelerate.utils import set_seed
 
-    phases: dict[str, float] = {}  # seconds per phase, to see where a scenario's wall time goes
-    t_phase = time.perf_counter()
-
-    def phase_done(name: str) -> None:
-        nonlocal t_phase
-        now = time.perf_counter()
-        phases[name] = round(now - t_phase, 3)
-        t_phase = now
-
+    clock.done("imports")
     s = scenario_from_args(args)
     work_dir = tempfile.mkdtemp(prefix="train_bench_")
     train_args = make_train_args(s, os.path.join(work_dir, "trainer"))
@@ -252,56 +358,67 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     set_seed(s.seed)
     device = accelerator.device
     on_cuda = device.type == "cuda"
-    phase_done("accelerator")
+    clock.done("accelerator")
 
     model, info = load_and_prepare(s, args.model_dir, framework, accelerator, train_args)
-    phase_done("load_and_augment")
+    clock.done("load_and_augment")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate, fused=True if on_cuda else None)
     model, optimizer = accelerator.prepare(model, optimizer)
     if framework is not None:
         framework.get_callbacks_and_ready_for_train(model, accelerator)
-    phase_done("prepare")
+    clock.done("prepare")
 
     vocab = model.config.vocab_size if hasattr(model, "config") else accelerator.unwrap_model(model).config.vocab_size
-    batches = benchlib.make_batches(s, vocab, s.steps, accelerator.process_index, accelerator.num_processes)
-    phase_done("data")
+    if s.rank_data == "replicate":  # every rank trains on the 1-GPU run's batches (see Scenario.rank_data)
+        batches = benchlib.make_batches(s, vocab, s.steps, 0, 1)
+    else:
+        batches = benchlib.make_batches(s, vocab, s.steps, accelerator.process_index, accelerator.num_processes)
+    clock.done("data")
     losses: list[float] = []
     step_times: list[float] = []
     measured_tokens = 0
     padded_tokens = 0
     t_start = 0.0
-    for step in range(s.steps):
-        batch = batches[step]
-        if step == s.warmup_steps:
-            if on_cuda:
-                torch.cuda.synchronize()
-            t_start = time.perf_counter()
-        t0 = time.perf_counter()
-        inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "num_tokens"}
-        loss = model(**inputs).loss
-        accelerator.backward(loss)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()  # syncs the step
-        if s.inject_delay_ms > 0:
-            time.sleep(s.inject_delay_ms / 1000.0)
-        losses.append(loss_value)
-        if step >= s.warmup_steps:
-            step_times.append(time.perf_counter() - t0)
-            measured_tokens += batch["num_tokens"]
-            padded_tokens += batch["input_ids"].numel()
-        if accelerator.is_main_process:
-            print(f"step {step:4d} loss {loss_value:.4f} time {time.perf_counter() - t0:.3f}s", flush=True)
-    if on_cuda:
-        torch.cuda.synchronize()
-    elapsed = time.perf_counter() - t_start
-    phase_done("train")
-    if accelerator.is_main_process:
-        print("phases (s): " + ", ".join(f"{k} {v}" for k, v in phases.items()), flush=True)
+    counter = CollectiveCounter()
+    with contextlib.ExitStack() as timed:
+        for step in range(s.steps):
+            batch = batches[step]
+            if step == s.warmup_steps:
+                if on_cuda:
+                    torch.cuda.synchronize()
+                if accelerator.num_processes > 1:
+                    timed.enter_context(counter.counting())  # reverted when the loop ends
+                t_start = time.perf_counter()
+            t0 = time.perf_counter()
+            inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "num_tokens"}
+            loss = model(**inputs).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()  # syncs the step
+            if s.inject_delay_ms > 0:
+                time.sleep(s.inject_delay_ms / 1000.0)
+            losses.append(loss_value)
+            if step >= s.warmup_steps:
+                step_times.append(time.perf_counter() - t0)
+                measured_tokens += batch["num_tokens"]
+                padded_tokens += batch["input_ids"].numel()
+            if accelerator.is_main_process:
+                print(f"step {step:4d} loss {loss_value:.4f} time {time.perf_counter() - t0:.3f}s", flush=True)
+        if on_cuda:
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - t_start
+    clock.done("train")
 
-    counts = torch.tensor([measured_tokens, padded_tokens], dtype=torch.float64, device=device)
-    counts = accelerator.reduce(counts, reduction="sum")
+    timed_steps = len(step_times)
+    counts = torch.tensor(
+        [measured_tokens, padded_tokens, counter.bytes["allgather"] / timed_steps,
+         counter.bytes["reduce_scatter"] / timed_steps],
+        dtype=torch.float64, device=device,
+    )  # fmt: skip
+    tokens = accelerator.reduce(counts[:2].clone(), reduction="sum")
+    comm = accelerator.gather(counts[2:].clone()).view(-1, 2).max(dim=0).values
     if on_cuda:
         peaks = torch.tensor(
             [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)], device=device
@@ -311,7 +428,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0], device=device)
     peaks = accelerator.gather(peaks).view(-1, 2).max(dim=0).values
     rss = accelerator.gather(rss).max()
-    total_tokens, total_slots = counts.tolist()
+    total_tokens, total_slots = tokens.tolist()
     result = {
         "status": "ok",
         "train_tokens_per_s": total_tokens / elapsed,
@@ -323,37 +440,62 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "peak_alloc_gib": peaks[0].item() / GIB if on_cuda else None,
         "peak_reserved_gib": peaks[1].item() / GIB if on_cuda else None,
         "peak_rss_gib": rss.item() / GIB,
+        "gpu_mem_gib": torch.cuda.get_device_properties(device).total_memory / GIB if on_cuda else None,
+        "allgather_bytes_per_step": int(comm[0].item()) if accelerator.num_processes > 1 else None,
+        "reduce_scatter_bytes_per_step": int(comm[1].item()) if accelerator.num_processes > 1 else None,
+        "collective_calls": dict(counter.calls),
         "losses": losses,
         "num_processes": accelerator.num_processes,
         "distributed_type": str(accelerator.distributed_type),
         "active_plugins": list(framework.active_plugin_names) if framework is not None else [],
         "patches": len(framework.patches) if framework is not None else None,
         "entry": entry,
-        "phase_seconds": phases,
         **info,
         **benchlib.environment_info(),
     }
     accelerator.wait_for_everyone()
     shutil.rmtree(work_dir, ignore_errors=True)
+    clock.done("finish")
+    if accelerator.is_main_process:
+        print("phases (s): " + ", ".join(f"{k} {v}" for k, v in clock.phases.items()), flush=True)
+    accelerator.end_training()  # destroys the process group: a clean, prompt exit of every rank
     return result
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    clock = PhaseClock(SCRIPT_START)
     try:
-        result = run(args)
+        result = run(args, clock)
     except BaseException as exc:  # record why, then fail the process (the runner reads the log and the code)
         if rank == 0 and not isinstance(exc, KeyboardInterrupt):
-            Path(args.result_json).write_text(
-                json.dumps({"status": "failed", "error": f"{type(exc).__name__}: {exc}"[:2000]}), encoding="utf-8"
-            )
+            failed = {
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}"[:2000],
+                "phase_seconds": clock.phases,
+                "timestamps": {"script_start": SCRIPT_START, "result_written": time.time()},
+            }
+            Path(args.result_json).write_text(json.dumps(failed), encoding="utf-8")
         traceback.print_exc()
         return 1
     if rank == 0:
+        result["phase_seconds"] = clock.phases
+        result["timestamps"] = {"script_start": SCRIPT_START, "result_written": time.time()}
         Path(args.result_json).write_text(json.dumps(result), encoding="utf-8")
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown (measured at 1-3 s per process with torch/CUDA loaded, paid by
+    every row): the result is written, the process group destroyed, so only output needs flushing."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

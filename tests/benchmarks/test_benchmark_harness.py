@@ -248,3 +248,142 @@ def test_merge_joins_whole_groups_and_refuses_split_groups(tmp_path: Path) -> No
         [dict(r, group="qlora", scenario="x-" + r["scenario"]) for r in _rows(1, 1, 1)], b / "results.csv"
     )
     assert run_benchmarks.merge_results([a / "results.csv", b / "results.csv"], tmp_path / "m2") == 2
+
+
+# ------------------------------------------------------------------------------------------- multi-GPU / FSDP
+MULTI_SCENARIOS = """
+models:
+  micro:
+    config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
+             num_attention_heads: 2, num_key_value_heads: 1, vocab_size: 256, max_position_embeddings: 128,
+             tie_word_embeddings: false}
+defaults: {model: micro, dtype: float32, batch_size: 2, seq_len: 32, steps: 4, warmup_steps: 1,
+           gradient_checkpointing: true, learning_rate: 0.001, rank_data: replicate, peft: lora}
+scenarios:
+  - {name: lora-fsdp2-x2, group: fsdp2-x2, num_gpus: 2, distributed: fsdp2}
+  - {name: lora-x1, group: x1}
+"""
+
+
+def test_fsdp_rows_get_the_shared_fsdp_config_and_conflicts_are_refused(tmp_path: Path) -> None:
+    stack = run_benchmarks.resolve_stack("none", "none")
+    s = benchlib.Scenario(name="x", group="g", model="m", num_gpus=2, distributed="fsdp2")
+    cfg = run_benchmarks.write_accelerate_config(
+        s, stack, tmp_path / "a.yaml", on_cpu=False, entry=run_benchmarks.ENTRY_SECTION, extra_base=None
+    )
+    assert cfg["distributed_type"] == "FSDP" and cfg["num_processes"] == 2
+    assert (
+        cfg["fsdp_config"]["fsdp_version"] == 2
+        and cfg["fsdp_config"]["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    )
+    one = benchlib.Scenario(name="y", group="g", model="m", num_gpus=1, distributed="fsdp1")
+    cfg1 = run_benchmarks.write_accelerate_config(
+        one, stack, tmp_path / "b.yaml", on_cpu=False, entry=run_benchmarks.ENTRY_SECTION, extra_base=None
+    )
+    assert cfg1["distributed_type"] == "FSDP" and cfg1["fsdp_config"]["fsdp_use_orig_params"] is True
+    on_cpu = run_benchmarks.write_accelerate_config(
+        s, stack, tmp_path / "c.yaml", on_cpu=True, entry=run_benchmarks.ENTRY_SECTION, extra_base=None
+    )
+    assert on_cpu["distributed_type"] == "MULTI_GPU" and "fsdp_config" not in on_cpu  # FSDP via train_bench's seam
+    fsdp1_stack = run_benchmarks.resolve_stack("accelerate-fsdp1-qlora-foak", "accelerate-fsdp1-qlora-foak")
+    with pytest.raises(benchlib.ScenarioError, match="distributed: fsdp1"):
+        run_benchmarks.write_accelerate_config(
+            s, fsdp1_stack, tmp_path / "d.yaml", on_cpu=False, entry=run_benchmarks.ENTRY_SECTION, extra_base=None
+        )
+    fsdp2_stack = run_benchmarks.resolve_stack("accelerate-fsdp2-qlora-foak", "accelerate-fsdp2-qlora-foak")
+    merged = run_benchmarks.write_accelerate_config(
+        s, fsdp2_stack, tmp_path / "e.yaml", on_cpu=False, entry=run_benchmarks.ENTRY_SECTION, extra_base=None
+    )
+    assert merged["num_processes"] == 2 and merged["fsdp_config"]["fsdp_version"] == 2 and merged["acceleration"]
+
+
+def test_scaling_reference_prefers_same_distribution_and_loss_checks() -> None:
+    common = {"model": "m", "peft": "lora", "plugins": "none", "prep": "hf", "peer": "none", "batch_size": "4",
+              "seq_len": "64", "gradient_checkpointing": "True", "dataset": "synthetic", "collate": "", "dtype": "bf16"}  # fmt: skip
+    multi = {"scenario": "x2", "num_gpus": "2", "distributed": "fsdp2", "status": "ok", **common}
+    plain = {"scenario": "x1", "num_gpus": "1", "distributed": "ddp", "status": "ok", **common}
+    fsdp1 = {"scenario": "x1-fsdp2", "num_gpus": "1", "distributed": "fsdp2", "status": "ok", **common}
+    other = {**plain, "scenario": "x1-other", "peft": "qlora"}
+    assert run_benchmarks.scaling_reference(multi, [other, plain, multi]) is plain
+    assert run_benchmarks.scaling_reference(multi, [plain, fsdp1, multi]) is fsdp1
+    assert run_benchmarks.scaling_reference(multi, [other, multi]) is None
+    assert run_benchmarks.scaling_reference(plain, [plain, fsdp1]) is None
+    assert run_benchmarks.loss_agreement([2.0, 1.5], [2.0, 1.5], True, 0.01) == (0.0, "yes")
+    assert run_benchmarks.loss_agreement([2.0, 1.7], [2.0, 1.5], True, 0.01)[1] == "no"
+    assert run_benchmarks.loss_agreement([3.0, 2.0, 1.52, 1.48], [2.0, 2.5, 1.5, 1.5], False, 0.01)[1] == "loose-yes"
+
+
+def test_memory_extrapolation_is_a_labelled_line_fit() -> None:
+    s = {n: benchlib.Scenario(name=n, group="fit", model="m", peft="qlora", extrapolate_layers=80) for n in "abc"}
+    base = {"group": "fit", "peft": "qlora", "plugins": "none", "prep": "hf", "peer": "none", "distributed": "fsdp2",
+            "num_gpus": "2", "batch_size": "1", "seq_len": "2048", "status": "ok", "gpu_mem_gib": "79.2"}  # fmt: skip
+    rows = [
+        {**base, "scenario": "a", "num_layers": "2", "peak_alloc_gib": "10.0"},
+        {**base, "scenario": "b", "num_layers": "4", "peak_alloc_gib": "11.0"},
+        {**base, "scenario": "c", "num_layers": "4", "plugins": "other", "peak_alloc_gib": "30.0"},
+    ]
+    run_benchmarks.compute_fits(rows, s)
+    a, b, c = rows
+    assert a["fit_gib_per_layer"] == pytest.approx(0.5) and b["fit_peak_alloc_gib_extrapolated"] == pytest.approx(49.0)
+    assert a["fit_verdict"].startswith("fits (extrapolated from measured 2L 10.0, 4L 11.0 GiB: 49.0 GiB at 80 layers")
+    assert c["fit_verdict"].startswith("not extrapolated: 1 measured")  # its own series (another stack)
+    rows[1]["peak_alloc_gib"] = "12.0"  # 1 GiB per layer -> 88 GiB at 80 layers
+    run_benchmarks.compute_fits(rows, s)
+    assert rows[0]["fit_verdict"].startswith("does not fit")
+    table = run_benchmarks.fit_table(rows)
+    assert "EXTRAPOLATION, not a measurement" in table and "88.0 GiB at 80 layers" in table
+
+
+def test_layers_of_models_link_the_parent_checkpoint(tmp_path: Path) -> None:
+    raw = {
+        "big": {"config": {"model_type": "llama", "num_hidden_layers": 4}},
+        "big-2l": {"layers_of": {"model": "big", "num_hidden_layers": 2}},
+    }
+    specs = benchlib.resolve_model_specs(raw, "f.yaml")
+    assert specs["big-2l"] == {"config": {"model_type": "llama", "num_hidden_layers": 2}, "derived_from": "big"}
+    assert benchlib.model_layers(specs["big-2l"]) == 2
+    with pytest.raises(benchlib.ScenarioError, match="from 1 to the layers"):
+        benchlib.resolve_model_specs({**raw, "bad": {"layers_of": {"model": "big", "num_hidden_layers": 5}}}, "f")
+    with pytest.raises(benchlib.ScenarioError, match="exactly one of"):
+        benchlib.resolve_model_specs({"x": {"config": {}, "path": "p"}}, "f")
+    parent = tmp_path / "big"
+    parent.mkdir()
+    (parent / "config.json").write_text(json.dumps({"num_hidden_layers": 4}), encoding="utf-8")
+    (parent / "model.safetensors").write_bytes(b"weights")
+    run_benchmarks.link_truncated_checkpoint(parent, tmp_path / "small", 2)
+    assert json.loads((tmp_path / "small" / "config.json").read_text())["num_hidden_layers"] == 2
+    assert (tmp_path / "small" / "model.safetensors").is_symlink()
+    assert (tmp_path / "small" / "model.safetensors").read_bytes() == b"weights"
+
+
+@pytest.mark.slow
+def test_fsdp2_gloo_run_through_the_runner(tmp_path: Path) -> None:
+    """2 gloo processes, FSDP2 through Accelerate's prepare (CPU seam) vs the same stack in one process."""
+    scenarios = tmp_path / "scenarios.yaml"
+    scenarios.write_text(MULTI_SCENARIOS, encoding="utf-8")
+    out = tmp_path / "out"
+    run = _run(["benchmarks/run_benchmarks.py", "run", str(scenarios), "--out", str(out), "--device", "cpu"])
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    with (out / "results.csv").open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == benchlib.CSV_COLUMNS
+        rows = {r["scenario"]: r for r in reader}
+    multi, single = rows["lora-fsdp2-x2"], rows["lora-x1"]
+    assert multi["status"] == "ok" and single["status"] == "ok", (multi["note"], single["note"])
+    assert "cpu seam: FSDP2" in multi["entry"] and multi["distributed"] == "fsdp2" and multi["num_gpus"] == "2"
+    assert int(multi["allgather_bytes_per_step"]) > 0 and int(multi["reduce_scatter_bytes_per_step"]) > 0
+    assert single["allgather_bytes_per_step"] == ""  # one process: nothing to gather
+    assert multi["scaling_reference"] == "lora-x1"
+    assert float(multi["scaling_efficiency"]) == pytest.approx(
+        float(multi["train_tokens_per_s_per_gpu"]) / float(single["train_tokens_per_s"]), rel=1e-2
+    )
+    assert int(multi["measured_tokens"]) == 2 * int(single["measured_tokens"])  # both ranks, replicated data
+    # every rank saw the 1-GPU batches: the sharded run must follow the 1-GPU loss curve
+    assert multi["loss_vs_1gpu_match"] == "yes", multi["loss_vs_1gpu_max_rel_diff"]
+    for r in (multi, single):
+        parts = [p.split()[0] for p in r["wall_breakdown"].split(" | ")]
+        assert parts == ["launch", "imports", "accelerator", "load_and_augment", "prepare", "data", "train",
+                         "finish", "exit"]  # fmt: skip
+    assert "### Multi-GPU" in run.stdout and "| lora-fsdp2-x2 | HF | fsdp2 | 2 |" in run.stdout
+    assert "wall seconds: launch" in run.stdout
+    assert (out / "scaling_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
