@@ -205,7 +205,7 @@ def _scale_rows_kernel(GRAD, SCALE, stride_grad, n_rows, n_cols, BLOCK: tl.const
 # benchmarks/results/kernels/; "fwd_grad" (read, L2 re-read, write) is swept by benchmarks/kernels/bench_kernels.py.
 _LAUNCH = {
     "fwd": (4096, 4, 0, False),
-    "fwd_grad": (8192, 16, 0, True),
+    "fwd_grad": (16384, 16, 0, True),
     "bwd": (32768, 32, 0, False),
 }
 
