@@ -208,6 +208,10 @@ class ArchitectureSpec:
         norm: the norm spec.
         rotary: the rotary function (``None``: learned absolute positions, GPTBigCode).
         logits: the head's logit transforms.
+        mlp_output_only_to_residual: inside the decoder layer the MLP output goes only into the residual sum
+            (``residual + mlp(x)``, possibly times a scalar): no later op of the layer saves it for backward, so
+            activation checkpointing's recomputation may skip the MLP output projection. False when a norm,
+            dropout or anything else follows the MLP (Gemma 2's post-feedforward norm, Phi-3's dropout).
     """
 
     model_type: str
@@ -221,6 +225,7 @@ class ArchitectureSpec:
     logits: LogitsSpec = LogitsSpec()
     base_model_attribute: str = "model"
     lm_head_attribute: str = "lm_head"
+    mlp_output_only_to_residual: bool = False
 
     def class_names(self) -> tuple[str, ...]:
         """Every class name the spec refers to."""
@@ -256,6 +261,7 @@ def _llama_like(prefix: str, model_type: str, module: str, **overrides: Any) -> 
         ),
         norm=NormSpec(class_names=(f"{prefix}RMSNorm",), kind="rms", eps_attribute="variance_epsilon"),
         rotary=RotarySpec(module=module),
+        mlp_output_only_to_residual=True,  # ``residual + self.mlp(x)`` ends the layer
     )
     fields.update(overrides)
     return ArchitectureSpec(**fields)
@@ -322,6 +328,7 @@ _SPECS: tuple[ArchitectureSpec, ...] = (
         _m("gemma2"),
         norm=NormSpec(class_names=("Gemma2RMSNorm",), kind="rms", eps_attribute="eps", weight_offset=1.0),
         logits=LogitsSpec(softcap_config="final_logit_softcapping"),
+        mlp_output_only_to_residual=False,  # post_feedforward_layernorm saves the MLP output
     ),
     _llama_like(
         "Phi3",
@@ -342,6 +349,7 @@ _SPECS: tuple[ArchitectureSpec, ...] = (
             activation="activation_fn",
         ),
         rotary=RotarySpec(module=_m("phi3"), partial=True),
+        mlp_output_only_to_residual=False,  # resid_mlp_dropout follows the MLP
     ),
 )
 

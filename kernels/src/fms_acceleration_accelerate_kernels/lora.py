@@ -324,6 +324,7 @@ class _Plan:
     scalings: tuple[float, ...]
     out_features: tuple[int, ...]
     activation: str = "silu"  # MLP only: "silu", "gelu_tanh" or "gelu_none"
+    compute_output: bool = True  # MLP only: False skips the down projection (see lora_mlp_swiglu)
 
 
 # ------------------------------------------------------------------------------ grouped linear (O, QKV)
@@ -398,6 +399,7 @@ def _apply_fused(
     x: torch.Tensor,
     resolved: Sequence[_Resolved],
     activation: str = "silu",
+    compute_output: bool = True,
 ):
     """Run ``function`` (a fused LoRA autograd function) on ``x`` in the compute dtype, autocast off inside."""
     dtype = _compute_dtype(x)
@@ -406,6 +408,7 @@ def _apply_fused(
         scalings=tuple(r.scaling for r in resolved),
         out_features=tuple(r.weight.shape[0] for r in resolved),
         activation=activation,
+        compute_output=compute_output,
     )
     flat: list[torch.Tensor | None] = []
     for r in resolved:
@@ -690,10 +693,13 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
             gate_up[i].addmm_(down_gu[:, cols], lora_Bs[i].to(dtype).t(), alpha=plan.scalings[i])
         gate, up = gate_up
         h = _glu_forward(gate, up, plan.activation)
-        y = _base_linear(h, plan.weights[2], biases[2], dtype)
         down_d, slices_d = _lora_down(h, lora_As[2:], dtype)
-        if slices_d:
-            y.addmm_(down_d, lora_Bs[2].to(dtype).t(), alpha=plan.scalings[2])
+        if plan.compute_output:
+            y = _base_linear(h, plan.weights[2], biases[2], dtype)
+            if slices_d:
+                y.addmm_(down_d, lora_Bs[2].to(dtype).t(), alpha=plan.scalings[2])
+        else:  # the caller discards y (checkpoint recomputation): only the saved tensors below matter
+            y = x2.new_zeros(x2.shape[0], plan.out_features[2])
         del h
         ctx.plan = plan
         ctx.x_shape = x.shape
@@ -760,6 +766,7 @@ def lora_mlp_swiglu(
     up: LoraProjection,
     down: LoraProjection,
     backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
+    compute_output: bool = True,
 ) -> torch.Tensor:
     """Fused SwiGLU MLP ``down(silu(gate(x)) * up(x))``, each projection a frozen base plus optional LoRA.
 
@@ -771,11 +778,16 @@ def lora_mlp_swiglu(
         gate, up: (intermediate, hidden) projections; down: (hidden, intermediate). Tensors inside must be
             those seen inside the module forward (FSDP).
         backends: dequant dispatchers for module bases; the first match wins.
+        compute_output: ``False`` skips the down projection (its dequant and GEMM) and returns zeros, while
+            saving exactly what a full call saves, so backward is unchanged. Only for a forward whose output
+            is discarded: activation checkpointing's recomputation of a layer where nothing after the MLP
+            saves its output (see ``fms_acceleration_accelerate_foak.recompute``).
 
     Returns:
-        (..., hidden) output in the compute dtype.
+        (..., hidden) output in the compute dtype (zeros when ``compute_output`` is ``False``).
     """
-    return _apply_fused(_FusedLoraMlpFunction, x, _resolve_mlp(x, gate, up, down, backends), "silu")
+    resolved = _resolve_mlp(x, gate, up, down, backends)
+    return _apply_fused(_FusedLoraMlpFunction, x, resolved, "silu", compute_output)
 
 
 def _resolve_mlp(
@@ -801,6 +813,7 @@ def lora_mlp_geglu(
     down: LoraProjection,
     approximate: str = "tanh",
     backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
+    compute_output: bool = True,
 ) -> torch.Tensor:
     """Fused GeGLU MLP ``down(gelu(gate(x)) * up(x))`` (Gemma / Gemma 2), each projection a frozen base plus
     optional LoRA.
@@ -815,15 +828,17 @@ def lora_mlp_geglu(
         approximate: ``"tanh"`` (HF ``gelu_pytorch_tanh``, Gemma's default) or ``"none"`` (exact erf GELU), as
             in ``torch.nn.functional.gelu``.
         backends: dequant dispatchers for module bases; the first match wins.
+        compute_output: as in ``lora_mlp_swiglu``.
 
     Returns:
-        (..., hidden) output in the compute dtype.
+        (..., hidden) output in the compute dtype (zeros when ``compute_output`` is ``False``).
 
     Raises:
         ValueError: ``approximate`` is not ``"tanh"`` or ``"none"``, or the projection shapes do not fit.
     """
     activation = _gelu_activation(approximate)
-    return _apply_fused(_FusedLoraMlpFunction, x, _resolve_mlp(x, gate, up, down, backends), activation)
+    resolved = _resolve_mlp(x, gate, up, down, backends)
+    return _apply_fused(_FusedLoraMlpFunction, x, resolved, activation, compute_output)
 
 
 # ------------------------------------------------------------------------------------------- references
@@ -893,6 +908,7 @@ def lora_mlp_geglu_ref(
     down: LoraProjection,
     approximate: str = "tanh",
     backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
+    compute_output: bool = True,
 ) -> torch.Tensor:
     """Pure-torch (autograd) reference of ``lora_mlp_geglu``; same arguments and result."""
     _gelu_activation(approximate)

@@ -51,6 +51,14 @@ class FusedOpsAndKernelsConfig:
         "q,k,v,o) run our dequant + matmul, whose backward dequantises again instead of keeping weights",
     )
 
+    lean_recompute: bool = option(
+        True,
+        help="under non-reentrant activation checkpointing, the recomputed forward of each decoder layer skips "
+        "the MLP down projection (and its dequant), whose output checkpointing discards; only for "
+        "architectures where the MLP output feeds just the residual sum (Llama, Mistral, Granite, Qwen2/3, "
+        "Gemma) and MLPs this plugin patches (fast_swiglu or fused_lora/fused_dequant); gradients unchanged",
+    )
+
     def __post_init__(self) -> None:
         if not any(
             (

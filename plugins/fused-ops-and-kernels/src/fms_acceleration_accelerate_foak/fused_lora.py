@@ -45,6 +45,8 @@ from fms_acceleration_accelerate.model_specs import (
 )
 from fms_acceleration_accelerate.patching import PluginPatcher
 
+from .recompute import RecomputeState
+
 ProjectionKind = Literal["lora", "quantized", "dense"]
 
 
@@ -205,8 +207,12 @@ def _glu_mlp_forward(
     previous: Callable[..., Any],
     backends: Sequence[Any],
     activation: tuple[str, str | None],
+    recompute: RecomputeState | None = None,
 ) -> Callable[..., Any]:
-    """Whole gated-MLP forward as one fused kernel: ``lora_mlp_swiglu`` (SiLU) or ``lora_mlp_geglu`` (GELU)."""
+    """Whole gated-MLP forward as one fused kernel: ``lora_mlp_swiglu`` (SiLU) or ``lora_mlp_geglu`` (GELU).
+
+    With ``recompute``, a checkpoint recomputation skips the down projection (see ``recompute.py``).
+    """
     from fms_acceleration_accelerate_kernels.lora import lora_mlp_geglu, lora_mlp_swiglu
 
     gate, up, down = modules
@@ -216,9 +222,12 @@ def _glu_mlp_forward(
         if args or kwargs or not _runtime_fusable(modules):
             return previous(x, *args, **kwargs)
         projections = (_projection_args(gate), _projection_args(up), _projection_args(down))
+        compute_output = recompute.compute_output() if recompute is not None else True
         if kind == "silu":
-            return lora_mlp_swiglu(x, *projections, backends=backends)
-        return lora_mlp_geglu(x, *projections, approximate=approximate or "none", backends=backends)
+            return lora_mlp_swiglu(x, *projections, backends=backends, compute_output=compute_output)
+        return lora_mlp_geglu(
+            x, *projections, approximate=approximate or "none", backends=backends, compute_output=compute_output
+        )
 
     return forward
 
@@ -234,6 +243,7 @@ def patch_fused_lora(
     fused_lora: bool,
     fused_dequant: bool,
     backends: Sequence[Any],
+    recompute: RecomputeState | None = None,
 ) -> FusedLoraReport:
     """Patch the fused LoRA / fused dequant kernels into every attention and MLP of the model.
 
@@ -243,6 +253,8 @@ def patch_fused_lora(
         fused_lora: fuse PEFT LoRA projections.
         fused_dequant: fuse adapter-less quantized projections.
         backends: ordered dequant backends (first match wins).
+        recompute: when given, whole fused MLPs skip their down projection in checkpoint recomputations
+            (only pass it for architectures whose spec has ``mlp_output_only_to_residual``).
 
     Returns:
         A :class:`FusedLoraReport` (empty lists mean nothing was patched; the caller decides if that is an error).
@@ -293,7 +305,7 @@ def patch_fused_lora(
             kernel = "lora_mlp_swiglu" if activation[0] == "silu" else "lora_mlp_geglu"
             patches.patch_forward(
                 mlp.module,
-                _glu_mlp_forward([p.module for p in members], mlp.module.forward, backends, activation),
+                _glu_mlp_forward([p.module for p in members], mlp.module.forward, backends, activation, recompute),
                 target=mlp.path,
                 description=f"kernels.{kernel} [" + ",".join(sorted({p.backend for p in members})) + "]",
             )

@@ -126,7 +126,11 @@ def _glu_forward(mlp: nn.Module, spec: ArchitectureSpec) -> Callable[[torch.Tens
     return forward
 
 
-def patch_glu_mlps(match: ModelMatch, patches: PluginPatcher, skip: set[int] = frozenset()) -> int:  # type: ignore[assignment]
+def patch_glu_mlps(
+    match: ModelMatch,
+    patches: PluginPatcher,
+    skip: set[int] = frozenset(),  # type: ignore[assignment]
+) -> int:
     """Replace the forward of every gated MLP by one that applies the SwiGLU/GeGLU kernel.
 
     The projections are still called as modules (PEFT, bitsandbytes and FSDP see their normal calls).

@@ -50,6 +50,7 @@ from .patches import (
     patch_rms_norms,
     patch_rotary,
 )
+from .recompute import RecomputeState, install_recompute_context, patch_dense_down_projections
 
 _NOT_STARTED, _PENDING, _DONE = "not started", "pending", "done"
 
@@ -96,6 +97,11 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         self._fsdp_expected = False
         self.patch_counts: dict[str, int] = {}
         """Option name -> how many patches it made (filled as the hooks run)."""
+        self.recompute = RecomputeState()
+        """Set during checkpoint recomputations (``lean_recompute``); ``recompute.skipped`` counts the skips."""
+        self._dense_down_patched = False
+        self.recompute_status = "not installed yet"
+        """``lean_recompute``'s state: on for N layers, inactive (why), or not applicable."""
 
     # ------------------------------------------------------------------------------------------- checks
     def _path(self, key: str | None = None) -> str:
@@ -191,6 +197,38 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             self._count("fast_loss", patch_loss_function(match, self.patches), spec)
         elif c.loss_mode == "fused_linear":
             self._count("fast_loss", patch_fused_linear_loss(match, self.patches), spec)
+        self._install_recompute(model)
+
+    def _recompute_for(self, spec: ArchitectureSpec) -> RecomputeState | None:
+        """The recompute state to hand to MLP patches, or None when lean recomputation does not apply."""
+        return self.recompute if self.config.lean_recompute and spec.mlp_output_only_to_residual else None
+
+    def _install_recompute(self, model: Any) -> None:
+        """Route the decoder layers' checkpoint recomputation through ``self.recompute`` (idempotent).
+
+        Runs after patching and again after ``Accelerator.prepare`` / at ``get_callbacks_and_ready_for_train``,
+        because checkpointing is usually enabled after the model is patched.
+        """
+        if not (self.config.lean_recompute and self._patched_mlps):
+            return
+        spec, match = self._match(model)
+        if self._recompute_for(spec) is None:
+            self.recompute_status = f"not applicable to {spec.model_type} (an op after the MLP saves its output)"
+            return
+        wrapped, reason = install_recompute_context(match, self.patches, self.recompute)
+        if wrapped:
+            self.recompute_status = f"on for {wrapped} decoder layers"
+            if self.patch_counts.get("fast_swiglu", 0) > 0 and not self._dense_down_patched:
+                whole = self._fused_report.whole_mlps if self._fused_report is not None else set()
+                patch_dense_down_projections(match, self.patches, self.recompute, whole)
+                self._dense_down_patched = True
+        elif reason and not self.recompute_status.startswith("on"):
+            self.recompute_status = f"inactive: {reason}"
+
+    @property
+    def _patched_mlps(self) -> bool:
+        whole = self._fused_report is not None and bool(self._fused_report.whole_mlps)
+        return whole or self.patch_counts.get("fast_swiglu", 0) > 0
 
     def prepare_contribution(self, model: Any, context: Any) -> Any:
         """Patch now if ``augmentation`` never ran (an Accelerate-only script: the section came with the
@@ -218,11 +256,14 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             self._apply_fused(model)
         if getattr(context, "is_fsdp", False):
             self._check_fsdp(model)
+        self._install_recompute(model)
 
     def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:
         """Apply fused LoRA kernels left pending because the trainer added LoRA after augmentation."""
         if self._fused_state == _PENDING and model is not None and not self._fsdp_expected:
             self._apply_fused(model)
+        if model is not None:
+            self._install_recompute(model)
         return []
 
     # ------------------------------------------------------------------------------------------- helpers
@@ -258,6 +299,7 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             fused_lora=c.fused_lora,
             fused_dequant=c.fused_dequant,
             backends=self.dequant_backends(),
+            recompute=self._recompute_for(spec),
         )
         self._fused_report = report
         self._fused_state = _DONE
@@ -336,6 +378,11 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             lines.append(
                 "fast_loss: causal LM forward in training with labels -> kernels.fused_linear_cross_entropy "
                 "(logits not materialised, outputs.logits is None); otherwise the original forward"
+            )
+        if c.lean_recompute and (c.fast_swiglu or c.fused_lora or c.fused_dequant):
+            lines.append(
+                "lean_recompute: each decoder layer's _gradient_checkpointing_func gets a context_fn; in the "
+                "recomputation the MLP down projection is skipped (non-reentrant checkpointing, Llama-style layers)"
             )
         if c.fused_lora or c.fused_dequant:
             what = [w for w, on in (("LoRA", c.fused_lora), ("adapter-less quantized", c.fused_dequant)) if on]
