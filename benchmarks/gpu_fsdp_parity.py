@@ -343,9 +343,7 @@ def run_worker(args: argparse.Namespace) -> None:
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     foak = framework.plugin("fused_ops_and_kernels")
-    q_proj = model.get_submodule(
-        next(n for n, m in model.named_modules() if n.endswith("layers.0.self_attn.q_proj") and hasattr(m, "lora_A"))
-    )
+    q_proj = _first_lora_q_proj(model)
     result = {
         "case": case.name,
         "stack": case.stack,
@@ -361,7 +359,7 @@ def run_worker(args: argparse.Namespace) -> None:
         "distributed_type": distributed_type + (" (CPU seam)" if args.cpu and version is not None else ""),
         "plugins": list(framework.active_plugin_names),
         "patch_counts": dict(foak.patch_counts) if foak is not None else {},
-        "base_layer_class": type(getattr(q_proj, "base_layer", q_proj)).__name__,
+        "base_layer_class": type(q_proj.base_layer).__name__ if q_proj is not None else None,
         "fsdp_units": sum(1 for m in model.modules() if isinstance(m, (FSDPModule, FullyShardedDataParallel))),
         "versions": {
             name: __import__(name).__version__
@@ -379,6 +377,15 @@ def run_worker(args: argparse.Namespace) -> None:
         print(f"{case.name} losses: " + " ".join(f"{x:.4f}" for x in losses), flush=True)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+
+
+def _first_lora_q_proj(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The first decoder layer's LoRA ``q_proj`` (FSDP1 / checkpoint wrappers add names to the path)."""
+    for name, module in model.named_modules():
+        clean = name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+        if clean.endswith("self_attn.q_proj") and hasattr(module, "base_layer"):
+            return module
+    return None
 
 
 def _importable(name: str) -> bool:
@@ -458,12 +465,38 @@ def _start(job: Job, args: argparse.Namespace, out: Path, ports: set[int], timeo
     print(f"[parity] start {job.case.name} (devices {','.join(job.devices or []) or 'cpu'})", flush=True)
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # the torchrun process tree we started (own session)
-    except ProcessLookupError:
-        pass
-    proc.wait()
+def _descendants(pid: int) -> list[int]:
+    """Process ids below ``pid`` (Linux ``/proc``; torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Stop a case that outlived its timeout: SIGTERM (torchrun forwards it to its workers), then SIGKILL."""
+    tree = _descendants(proc.pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in (proc.pid, *tree):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        try:
+            proc.wait(timeout=10)
+            if sig == signal.SIGTERM and not any(Path(f"/proc/{pid}").exists() for pid in tree):
+                return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def run_matrix(cases: list[Case], args: argparse.Namespace, out: Path) -> list[Job]:
@@ -483,7 +516,7 @@ def run_matrix(cases: list[Case], args: argparse.Namespace, out: Path) -> list[J
         for job in list(running):
             code = job.proc.poll()
             if code is None and now - job.started > job.timeout:
-                _kill_group(job.proc)
+                _kill_tree(job.proc)
                 job.timed_out, code = True, job.proc.returncode
             if code is not None:
                 job.exit_code, job.wall = code, now - job.started

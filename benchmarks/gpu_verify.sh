@@ -2,11 +2,11 @@
 # One GPU call that re-checks what only a GPU can check, for the device tool (carry: wheels):
 #   0. benchmarks/gpu_setup.sh (carried wheels: bitsandbytes, liger-kernel; this repo's packages, editable),
 #   1. the GPU test tier (`pytest -m gpu`: kernels at 8B shapes, fused LoRA / nf4 dequant on CUDA, the
-#      benchmark runner on CUDA), capped at $GPU_TESTS_TIMEOUT seconds (default 150),
+#      benchmark runner on CUDA), capped at $GPU_TESTS_TIMEOUT seconds (default 140),
 #   2. the FSDP parity matrix (benchmarks/gpu_fsdp_parity.py): LoRA + fused ops and the flagship QLoRA stack
 #      through the real Accelerate FSDP1 / FSDP2 paths, 25 steps each, world size 1 and -- when 2 GPUs are
 #      visible -- 2, every case in its own process tree with a timeout; it gets what is left of
-#      $VERIFY_BUDGET seconds (default 330) and never less than 150.
+#      $VERIFY_BUDGET seconds (default 350: the whole script stays under 6 minutes) and never less than 150.
 # Usage (repository root):  bash benchmarks/gpu_verify.sh "$OUT/verify"
 # Writes setup.log, gpu_tests.log, parity.log and parity/ (summary.json, summary.md, one .json + .log per case)
 # under the given folder; prints a compact summary. Exit status: non-zero if any step failed.
@@ -16,8 +16,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?usage: bash benchmarks/gpu_verify.sh OUT_DIR}
 PY=${PYTHON:-python3}
-GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-150}
-VERIFY_BUDGET=${VERIFY_BUDGET:-330}
+GPU_TESTS_TIMEOUT=${GPU_TESTS_TIMEOUT:-140}
+VERIFY_BUDGET=${VERIFY_BUDGET:-350}
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0} TORCH_SYMM_MEM_DISABLE_MULTICAST=${TORCH_SYMM_MEM_DISABLE_MULTICAST:-1}
 mkdir -p "$OUT"
 status=0
