@@ -249,10 +249,11 @@ def load_scenarios(path: str | os.PathLike, overrides: Mapping[str, Any] | None 
         doc = yaml.safe_load(handle) or {}
     if not isinstance(doc, Mapping):
         raise ScenarioError(f"{path}: top level must be a mapping with models/defaults/scenarios")
-    unknown = sorted(set(doc) - {"models", "defaults", "scenarios", "description"})
-    if unknown:
+    unknown = sorted(set(doc) - {"models", "defaults", "scenarios", "description", "anchors"})
+    if unknown:  # `anchors:` holds YAML anchors the scenarios reuse (e.g. one inline stack for several rows)
         raise ScenarioError(
-            f"{path}: unknown top-level key(s) {', '.join(unknown)} (valid: models, defaults, scenarios)"
+            f"{path}: unknown top-level key(s) {', '.join(unknown)} (valid: models, defaults, scenarios, "
+            "description, anchors)"
         )
     models = resolve_model_specs(doc.get("models") or {}, str(path))
     defaults = {**(doc.get("defaults") or {}), **(overrides or {})}

@@ -25,6 +25,7 @@ import datetime as _dt
 import json
 import math
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -550,8 +551,8 @@ def compute_scaling(
 
 def compute_fits(rows: list[dict[str, Any]], s_by_name: Mapping[str, Scenario]) -> None:
     """Peak memory per GPU vs layer count: a least-squares line through the measured points of each series
-    (rows with ``extrapolate_layers`` of the same group, stack, GPUs and workload), evaluated at the target
-    layer count. ``fit_verdict``: ``fits`` when the extrapolated peak is within 95 % of the GPU's memory."""
+    (rows with ``extrapolate_layers`` of the same model shape but depth, stack, GPUs and workload; groups may
+    differ, e.g. one group per layer count), evaluated at the target layer count. ``fit_verdict``: ``fits`` when the extrapolated peak is within 95 % of the GPU's memory."""
     series: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         for key in ("fit_target_layers", "fit_gib_per_layer", "fit_peak_alloc_gib_extrapolated", "fit_verdict"):
@@ -560,7 +561,8 @@ def compute_fits(rows: list[dict[str, Any]], s_by_name: Mapping[str, Scenario]) 
         if s is None or s.extrapolate_layers <= 0:
             continue
         row["fit_target_layers"] = s.extrapolate_layers
-        key = (row["group"], row["peft"], row["plugins"], row["prep"], row["peer"], row.get("distributed"),
+        shape = re.sub(r" L\d+", "", str(row.get("model", "")).split(" (", 1)[-1])  # the model but its depth
+        key = (shape, row["peft"], row["plugins"], row["prep"], row["peer"], row.get("distributed"),
                str(row["num_gpus"]), str(row["batch_size"]), str(row["seq_len"]), s.extrapolate_layers)  # fmt: skip
         series.setdefault(key, []).append(row)
     for members in series.values():
@@ -970,6 +972,13 @@ class Runner:
     def model_dir(self, s: Scenario) -> str:
         return self.model_dir_for(s.model, s.dtype)
 
+    def needs_build(self, name: str) -> bool:
+        """True when model ``name`` (or the model it takes its layers from) has not been built yet."""
+        spec = self.sfile.models.get(name)
+        if spec is None or "path" in spec or name in self.model_dirs:
+            return False
+        return self.needs_build(spec["derived_from"]) if "derived_from" in spec else True
+
     def model_dir_for(self, name: str, dtype: str) -> str:
         """The checkpoint folder of model ``name``: built once per run (random init, ``save_pretrained`` as
         safetensors), or linked from its parent's files for a ``layers_of`` model."""
@@ -996,7 +1005,10 @@ class Runner:
             summary = benchlib.model_spec_summary({"config": config})
             print(f"[bench] building model {name} ({summary}) on {device}", flush=True)
             t0 = time.monotonic()
-            done = subprocess.run(cmd, capture_output=True, text=True)
+            try:
+                done = subprocess.run(cmd, capture_output=True, text=True, timeout=self.args.scenario_timeout)
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"building model {name!r} took over {self.args.scenario_timeout:.0f}s") from None
             if done.returncode != 0:
                 raise RuntimeError(f"building model {name!r} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
             print(f"[bench] model {name} ready in {time.monotonic() - t0:.0f}s: {target}", flush=True)
@@ -1014,6 +1026,11 @@ class Runner:
                 )
         if s.peft == "qlora" and not benchlib.has_module("bitsandbytes"):
             raise SkipScenario("bitsandbytes is not installed (carry its wheel in wheels/)")
+        if self.on_cpu and s.distributed == "fsdp1":
+            raise SkipScenario(
+                "FSDP1 needs a GPU here (torch's FSDP1 rejects the CPU device_id Accelerate passes; the CPU seam "
+                "covers FSDP2)"
+            )
         if not self.on_cpu and s.num_gpus > self.num_gpus:
             raise SkipScenario(f"needs {s.num_gpus} GPUs, {self.num_gpus} visible")
         stack = resolve_stack(s.plugins, s.plugins_label)
@@ -1044,7 +1061,10 @@ class Runner:
         row = base_row(s, self.sfile, _parse_overrides(self.args.model_set))
         elapsed = time.monotonic() - self.started
         budget_left = self.args.time_budget - elapsed if self.args.time_budget else None
-        if budget_left is not None and budget_left < self.args.min_scenario_time:
+        # a row that must first build its model (random init + save, tens of seconds for billions of
+        # parameters) needs twice the minimum, so the build cannot overrun the budget
+        needed = self.args.min_scenario_time * (2 if self.needs_build(s.model) else 1)
+        if budget_left is not None and budget_left < needed:
             row.update(status="skipped", note=f"time budget ({self.args.time_budget:.0f}s) used up")
             return row
         try:

@@ -38,6 +38,29 @@ scenarios:
 
 
 # ------------------------------------------------------------------------------------------- scenario files
+def test_multigpu_matrix_measures_the_shipped_fsdp_configs() -> None:
+    """The acceleration-only stacks of scenarios-multigpu.yaml carry exactly the section of the shipped
+    Accelerate FSDP configs, so its rows measure what those files run."""
+    sfile = benchlib.load_scenarios(BENCH / "scenarios-multigpu.yaml")
+    used = {s.plugins for s in sfile.scenarios if isinstance(s.plugins, str) and s.uses_plugins}
+    body = {name: run_benchmarks.resolve_stack(name, name).body for name in used}
+    for shipped, same_as in (
+        ("accelerate-fsdp2-qlora-foak", "accelerated-peft-bnb-nf4-foak"),
+        ("accelerate-fsdp1-qlora-foak", "accelerated-peft-bnb-nf4-foak"),
+        ("accelerate-fsdp2-fast-kernels", "foak-fast-kernels"),
+    ):
+        assert run_benchmarks.resolve_stack(shipped, shipped).body == body[same_as], shipped
+    config = sfile.models["llama70b-shape-4l"]["config"]
+    assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]) == (8192, 28672, 64)
+    assert (config["num_key_value_heads"], config["vocab_size"]) == (8, 128256)
+    assert sfile.models["llama70b-shape-2l"]["derived_from"] == "llama70b-shape-4l"
+    multi = [s for s in sfile.scenarios if s.num_gpus > 1]
+    assert multi and all(s.distributed in ("fsdp1", "fsdp2") and s.rank_data == "replicate" for s in multi)
+    assert sfile.scenarios[0].name == "qlora-foak-fsdp2-x2"  # priority order: the flagship row first
+    lora = {s.name: s for s in sfile.scenarios if s.peft == "lora"}
+    assert lora["lora-foak-fsdp2-x2"].plugins_label == lora["lora-foak-x1"].plugins_label  # scaling pair
+
+
 @pytest.mark.parametrize("path", SHIPPED_SCENARIO_FILES, ids=lambda p: p.name)
 def test_shipped_scenario_files_load_and_name_existing_stacks(path: Path) -> None:
     sfile = benchlib.load_scenarios(path)
@@ -318,8 +341,15 @@ def test_memory_extrapolation_is_a_labelled_line_fit() -> None:
     base = {"group": "fit", "peft": "qlora", "plugins": "none", "prep": "hf", "peer": "none", "distributed": "fsdp2",
             "num_gpus": "2", "batch_size": "1", "seq_len": "2048", "status": "ok", "gpu_mem_gib": "79.2"}  # fmt: skip
     rows = [
-        {**base, "scenario": "a", "num_layers": "2", "peak_alloc_gib": "10.0"},
-        {**base, "scenario": "b", "num_layers": "4", "peak_alloc_gib": "11.0"},
+        {**base, "scenario": "a", "num_layers": "2", "peak_alloc_gib": "10.0", "model": "m2 (llama h8 L2 v4)"},
+        {
+            **base,
+            "scenario": "b",
+            "num_layers": "4",
+            "peak_alloc_gib": "11.0",
+            "model": "m4 (llama h8 L4 v4)",
+            "group": "fit-4l",
+        },  # one group per depth is fine: the series is the stack on one model shape
         {**base, "scenario": "c", "num_layers": "4", "plugins": "other", "peak_alloc_gib": "30.0"},
     ]
     run_benchmarks.compute_fits(rows, s)
