@@ -58,6 +58,7 @@ from .distributed import (
     PrepareContext,
     apply_fsdp2_plan,
     check_deepspeed,
+    check_fsdp1_dtypes,
     check_fsdp1_plan,
     check_keep_dtype_fsdp1,
     collect_contributions,
@@ -353,6 +354,7 @@ def _before_fsdp1(accelerator: Any, model: torch.nn.Module, merged: MergedContri
     check_keep_dtype_fsdp1(model, merged, param_dtype)
     if merged.trainable_dtype is not None:
         upcast_trainable(model, merged.trainable_dtype, merged)
+    check_fsdp1_dtypes(model, plan, merged, mixed_precision=str(accelerator.mixed_precision) != "no")
     if is_main_process():
         logger.info("fms-acceleration FSDP1 units:\n  %s", "\n  ".join(plan.describe()))
 

@@ -557,6 +557,48 @@ def check_fsdp1_plan(plan: FsdpUnitPlan, *, use_orig_params: bool) -> None:
         )
 
 
+def check_fsdp1_dtypes(
+    model: nn.Module, plan: FsdpUnitPlan, merged: MergedContribution, *, mixed_precision: bool
+) -> None:
+    """Refuse FSDP1 unit plans whose flat parameters cannot hold their parameters' dtypes safely.
+
+    Call with the parameters in their final pre-wrap dtypes (after any trainable upcast). Two cases:
+
+    * FSDP1 flattens each unit's own parameters into one flat parameter, which has one dtype; fp32 LoRA
+      adapters kept inside a decoder-layer unit (a fused-kernel scope) next to bf16 weights cannot be flattened.
+    * Under mixed precision Accelerate upcasts every *trainable* FSDP1 flat parameter to fp32; a unit that
+      also holds packed quantized storage (keep-dtype parameters) would get its storage bytes cast.
+
+    Raises:
+        AccelerationConfigError: naming the first offending unit, its parameters, and the fixes.
+    """
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for unit in plan.units:
+        where = unit.name or "<root>"
+        by_dtype: dict[torch.dtype, str] = {}
+        for name in (*unit.trainable, *unit.frozen):
+            param = params.get(name)
+            if param is not None:
+                by_dtype.setdefault(param.dtype, name)
+        if len(by_dtype) > 1:
+            found = ", ".join(f"{n} ({str(d).replace('torch.', '')})" for d, n in by_dtype.items())
+            raise AccelerationConfigError(
+                f"FSDP1 unit {where} would hold parameters of {len(by_dtype)} dtypes ({found}), but an FSDP1 "
+                "flat parameter has one dtype",
+                fix="keep trainable parameters in the weights' dtype (bitsandbytes plugin: fp32_lora_params: false), "
+                "or use fsdp_version: 2, which shards each parameter on its own",
+            )
+        packed = [n for n in unit.frozen if n in params and merged.keeps_dtype(n, params[n])]
+        if mixed_precision and unit.trainable and packed:
+            raise AccelerationConfigError(
+                f"FSDP1 unit {where} holds trainable parameters ({unit.trainable[0]}, ...) and packed quantized "
+                f"storage ({packed[0]}, ...); under mixed precision Accelerate upcasts trainable FSDP1 flat "
+                "parameters to fp32, which would cast the packed bytes",
+                fix="use fsdp_version: 2 (recommended for QLoRA), or mixed_precision: 'no' with the adapters in the "
+                "storage dtype (fp32_lora_params: false), or fused_lora: false so the adapters get units of their own",
+            )
+
+
 def check_keep_dtype_fsdp1(model: nn.Module, merged: MergedContribution, param_dtype: torch.dtype | None) -> None:
     """FSDP1 casts every flat parameter to ``param_dtype``: quantized storage must already be that dtype."""
     if param_dtype is None:

@@ -89,7 +89,7 @@ def test_qlora_nf4_fused_dequant_mlp(saved_tiny_llama, monkeypatch):  # noqa: F8
     _, (ref_out, ref_grads) = _run(build(), {**section, "lean_recompute": False}, path="peft.quantization")
     calls = _down_gemms(monkeypatch)
     model = build()
-    framework, (out, grads) = _run(model, section, path="peft.quantization")
+    _, (out, grads) = _run(model, section, path="peft.quantization")
     layers = model.config.num_hidden_layers
     assert calls == [True] * layers + [False] * layers
     torch.testing.assert_close(out.loss, ref_out.loss, rtol=0, atol=0)
@@ -150,3 +150,24 @@ def test_linear_kernel_matches_torch_and_skips():
         torch.testing.assert_close(a, e)
     with pytest.raises(ValueError, match="x has 3 features, weight expects 7"):
         linear(x[..., :3], w)
+
+
+def test_ddp_wrapped_model_is_unwrapped(tmp_path, monkeypatch):
+    """Accelerator.prepare returns DDP on several processes; the hooks must see the model inside it."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        calls = _down_gemms(monkeypatch)
+        model = tiny_model("llama")
+        framework = make_framework({"fast_swiglu": True})
+        framework.augmentation(model, None, ())
+        ddp = DistributedDataParallel(_checkpointing(model))
+        framework.get_callbacks_and_ready_for_train(ddp)
+        assert framework.plugin("fused_ops_and_kernels").recompute_status == "on for 2 decoder layers"
+        loss_and_grads(ddp, tiny_batch())
+        assert calls.count(False) == 2
+    finally:
+        dist.destroy_process_group()

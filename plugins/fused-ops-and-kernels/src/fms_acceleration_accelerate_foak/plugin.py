@@ -65,6 +65,16 @@ def is_bitsandbytes_backend(name: str) -> bool:
     return name == "bnb_4bit" or name.startswith("bnb_4bit_")
 
 
+def _unwrap_data_parallel(model: Any) -> Any:
+    """The module inside DDP / DataParallel wrappers (``Accelerator.prepare`` returns DDP on several processes;
+    FSDP wrappers need no unwrapping: they expose the model's attributes)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DataParallel, DistributedDataParallel)):
+        model = model.module
+    return model
+
+
 def _fsdp_expected(train_args: Any) -> bool:
     """Whether the coming ``Accelerator.prepare`` will wrap the model with FSDP, as far as is known now."""
     if os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes"):
@@ -211,6 +221,7 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         """
         if not (self.config.lean_recompute and self._patched_mlps):
             return
+        model = _unwrap_data_parallel(model)
         spec, match = self._match(model)
         if self._recompute_for(spec) is None:
             self.recompute_status = f"not applicable to {spec.model_type} (an op after the MLP saves its output)"
@@ -252,6 +263,7 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
 
     def after_prepare(self, model: Any, context: Any) -> None:
         """Apply pending fused LoRA kernels on the wrapped model; check FSDP units against patched modules."""
+        model = _unwrap_data_parallel(model)
         if self._fused_state == _PENDING:
             self._apply_fused(model)
         if getattr(context, "is_fsdp", False):
@@ -260,6 +272,8 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
 
     def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:
         """Apply fused LoRA kernels left pending because the trainer added LoRA after augmentation."""
+        if model is not None:
+            model = _unwrap_data_parallel(model)
         if self._fused_state == _PENDING and model is not None and not self._fsdp_expected:
             self._apply_fused(model)
         if model is not None:
