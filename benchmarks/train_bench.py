@@ -18,6 +18,13 @@ The loop: ``model.train()``, AdamW, ``accelerator.prepare(model, optimizer)``, `
 the first ``warmup_steps`` untimed. Rank 0 writes one JSON result (``--result-json``): train tokens/s over
 the timed steps counting only non-padding tokens, step times, peak allocated / reserved CUDA memory (max over
 ranks; peak RSS on CPU), and the loss of every step (mean over ranks).
+
+Several processes (``--num-gpus N``): ``--distributed fsdp1|fsdp2`` runs under the FSDP settings of the
+Accelerate config (on CPU through :func:`cpu_fsdp_seam`); the HF QLoRA recipe then stores the packed 4-bit
+bytes in the training dtype (``bnb_4bit_quant_storage``, as the HF FSDP-QLoRA docs do). During the timed steps
+a :class:`CollectiveCounter` counts all-gather / reduce-scatter bytes. ``--rank-data replicate`` gives every
+rank the 1-GPU run's batches (loss parity with 1 GPU). The result also carries the seconds of every phase and
+two wall-clock timestamps, from which the runner prints where the row's wall time went.
 """
 
 from __future__ import annotations
