@@ -262,7 +262,6 @@ def check_lm_head_for_fused_loss(match: ModelMatch) -> nn.Linear:
 
 def _fused_linear_forward(match: ModelMatch, original: Callable[..., Any]) -> Callable[..., Any]:
     """Causal-LM forward computing the training loss with the fused linear cross-entropy kernel."""
-    from fms_acceleration_accelerate_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
     from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
     spec = match.spec
@@ -313,35 +312,19 @@ def _fused_linear_forward(match: ModelMatch, original: Callable[..., Any]) -> Ca
         shift_labels = extra.get("shift_labels")
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-        head = getattr(lm, spec.lm_head_attribute)
-        weight = head.weight
-        if type(weight).__name__ == "DTensor" or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-            raise RuntimeError(
-                f"fast_loss: fused_linear reads {spec.lm_head_attribute}.weight inside the causal-LM forward, but "
-                f"it is not gathered there ({type(weight).__name__} of shape {tuple(weight.shape)}); keep "
-                f"{spec.lm_head_attribute} in the root FSDP unit or use fast_loss: true"
-            )
-        hidden2 = hidden.reshape(-1, hidden.shape[-1])
-        device_type = hidden2.device.type
-        if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            hidden2, weight = hidden2.to(dtype), weight.to(dtype)
-        elif weight.dtype != hidden2.dtype:
-            hidden2 = hidden2.to(weight.dtype)
-        bias = head.bias
-        if bias is not None and bias.dtype != hidden2.dtype:
-            bias = bias.to(hidden2.dtype)
         softcap = getattr(config, spec.logits.softcap_config) if spec.logits.softcap_config else None
         scaling = getattr(config, spec.logits.scaling_config) if spec.logits.scaling_config else None
-        loss = fused_linear_cross_entropy(
-            hidden2,
-            weight,
-            shift_labels.reshape(-1).to(hidden2.device),
-            bias,
-            ignore_index=extra.get("ignore_index", IGNORE_INDEX),
-            num_items_in_batch=extra.get("num_items_in_batch"),
-            softcap=softcap,
-            logits_scaling=float(scaling) if scaling is not None else 1.0,
+        # through lm_head's own call, so FSDP (lm_head in a unit of its own or grouped with the final norm)
+        # gathers its weight and reduces its gradient as for any module forward
+        loss = getattr(lm, spec.lm_head_attribute)(
+            hidden.reshape(-1, hidden.shape[-1]),
+            fused_loss={
+                "target": shift_labels.reshape(-1).to(hidden.device),
+                "ignore_index": extra.get("ignore_index", IGNORE_INDEX),
+                "num_items_in_batch": extra.get("num_items_in_batch"),
+                "softcap": softcap,
+                "logits_scaling": float(scaling) if scaling is not None else 1.0,
+            },
         )
         result: dict[str, Any] = {"loss": loss, "logits": None}
         if spec.logits.router_aux_loss and arguments["output_router_logits"]:
@@ -355,6 +338,37 @@ def _fused_linear_forward(match: ModelMatch, original: Callable[..., Any]) -> Ca
                 result[key] = value
         output = output_class(**result)
         return output if return_dict else output.to_tuple()
+
+    return forward
+
+
+def _fused_loss_head_forward(head: nn.Linear, original: Callable[..., Any], where: str) -> Callable[..., Any]:
+    """lm_head forward: ``head(hidden)`` as before; ``head(hidden2d, fused_loss={...})`` returns the fused linear
+    cross-entropy of ``hidden2d @ weight.T + bias`` (the weight read here, inside lm_head's own call)."""
+    from fms_acceleration_accelerate_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+
+    def forward(hidden: torch.Tensor, fused_loss: dict[str, Any] | None = None) -> torch.Tensor:
+        if fused_loss is None:
+            return original(hidden)
+        weight = head.weight
+        if type(weight).__name__ == "DTensor" or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+            raise RuntimeError(
+                f"fast_loss: fused_linear: {where}.weight is not gathered inside its own forward "
+                f"({type(weight).__name__} of shape {tuple(weight.shape)}); an FSDP unit wraps it in an unsupported "
+                "way — use fast_loss: true"
+            )
+        device_type = hidden.device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        elif weight.dtype != hidden.dtype:
+            hidden = hidden.to(weight.dtype)
+        bias = head.bias
+        if bias is not None and bias.dtype != hidden.dtype:
+            bias = bias.to(hidden.dtype)
+        options = dict(fused_loss)
+        target = options.pop("target")
+        return fused_linear_cross_entropy(hidden, weight, target, bias, **options)
 
     return forward
 
@@ -374,6 +388,14 @@ def patch_fused_linear_loss(match: ModelMatch, patches: PluginPatcher) -> int:
             f"{type(lm).__name__} has no router_aux_loss_coef; the installed transformers does not match the spec",
             fix="set fast_loss: true instead of 'fused_linear'",
         )
+    head = getattr(lm, spec.lm_head_attribute)
+    head_path = f"{match.causal_lm.path + '.' if match.causal_lm.path else ''}{spec.lm_head_attribute}"
+    patches.patch_forward(
+        head,
+        _fused_loss_head_forward(head, head.forward, head_path),
+        target=head_path,
+        description="kernels.fused_linear_cross_entropy when called with fused_loss=",
+    )
     patches.patch_forward(
         lm,
         _fused_linear_forward(match, lm.forward),

@@ -358,17 +358,6 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
                         fix="let the framework choose the FSDP units (it honours this plugin's fused scopes), or "
                         "wrap whole decoder layers only",
                     )
-        if self.config.loss_mode == "fused_linear":
-            spec, match = self._match(model)
-            lm = match.causal_lm.module
-            head_name = spec.lm_head_attribute
-            if any(n == head_name or n.startswith(head_name + ".") for n in fsdp_units_inside(lm)):
-                raise ModelStructureError(
-                    f"{match.causal_lm.path or '<root>'}.{head_name} is an FSDP unit of its own, but "
-                    "fast_loss: fused_linear reads its weight in the causal-LM forward",
-                    path=self._path("fast_loss"),
-                    fix="keep lm_head in the root FSDP unit, or use fast_loss: true",
-                )
 
     def describe(self) -> list[str]:
         """What will be patched (no model needed)."""
