@@ -237,7 +237,10 @@ def write_accelerate_config(
                 cfg[key] = value
     cfg["num_processes"] = s.num_gpus
     cfg["main_process_port"] = free_port()
-    cfg["mixed_precision"] = mixed_precision_for(s, on_cpu)
+    # a stack's own Accelerate config may pin mixed precision (the shipped FSDP1 QLoRA config trains in plain
+    # bf16: Accelerate's FSDP1 fp32 upcast of trainable units would reach the packed 4-bit storage)
+    pinned = (stack.accelerate_base or {}).get("mixed_precision")
+    cfg["mixed_precision"] = "no" if on_cpu else str(pinned) if pinned is not None else mixed_precision_for(s, on_cpu)
     cfg["use_cpu"] = on_cpu
     if on_cpu:  # Accelerate refuses FSDP on CPU: gloo processes here, FSDP through train_bench's seam
         cfg["distributed_type"] = "NO" if s.num_gpus == 1 else "MULTI_GPU"

@@ -58,6 +58,16 @@ TEMPLATES: dict[str, Template] = {
         "plugins/accelerated-peft/configs/bnb.yaml",
         overrides=(("peft.quantization.bitsandbytes.quant_type", "nf4"),),
     ),
+    # FSDP1 flat parameters hold one dtype, and under mixed precision Accelerate upcasts every trainable one to
+    # fp32; fused LoRA keeps the adapters in the decoder-layer unit next to the packed 4-bit storage, so FSDP1
+    # runs that unit in one dtype: adapters in the storage dtype and no mixed-precision upcast (see "fsdp1")
+    "bnb-nf4-fsdp1": Template(
+        "plugins/accelerated-peft/configs/bnb.yaml",
+        overrides=(
+            ("peft.quantization.bitsandbytes.quant_type", "nf4"),
+            ("peft.quantization.bitsandbytes.fp32_lora_params", False),
+        ),
+    ),
     "foak-peft": Template("plugins/fused-ops-and-kernels/configs/fast_quantized_peft.yaml"),
     "foak-kernels": Template("plugins/fused-ops-and-kernels/configs/fast_kernels.yaml"),
     "foak-lora": Template("plugins/fused-ops-and-kernels/configs/fast_lora.yaml"),
@@ -117,7 +127,7 @@ OUTPUTS: tuple[Output, ...] = (
     ),
     Output(
         "accelerate-fsdp1-qlora-foak",
-        ("bnb-nf4", "foak-peft"),
+        ("bnb-nf4-fsdp1", "foak-peft"),
         "Accelerate config, FSDP1 on 8 GPUs of one machine: QLoRA nf4 + fused kernels",
         accelerate_base="fsdp1",
     ),
@@ -202,7 +212,11 @@ fsdp_config:
   fsdp_state_dict_type: SHARDED_STATE_DICT
   # Needed for LoRA: frozen base weights and trainable adapters share FSDP units.
   fsdp_use_orig_params: true
-mixed_precision: bf16
+# No autocast / FSDP1 mixed precision: the model is loaded in bf16 and trains in bf16 (LoRA adapters too,
+# fp32_lora_params: false below). Under mixed precision Accelerate upcasts every trainable FSDP1 flat
+# parameter to fp32, which would include the packed 4-bit storage that fused LoRA keeps in the same unit.
+# Gradients are still reduced in fp32 (the bitsandbytes plugin asks for it). FSDP2 has no such limit.
+mixed_precision: 'no'
 num_machines: 1
 # Total number of processes (one per GPU).
 num_processes: 8

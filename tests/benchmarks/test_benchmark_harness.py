@@ -46,10 +46,11 @@ def test_multigpu_matrix_measures_the_shipped_fsdp_configs() -> None:
     body = {name: run_benchmarks.resolve_stack(name, name).body for name in used}
     for shipped, same_as in (
         ("accelerate-fsdp2-qlora-foak", "accelerated-peft-bnb-nf4-foak"),
-        ("accelerate-fsdp1-qlora-foak", "accelerated-peft-bnb-nf4-foak"),
         ("accelerate-fsdp2-fast-kernels", "foak-fast-kernels"),
     ):
         assert run_benchmarks.resolve_stack(shipped, shipped).body == body[same_as], shipped
+    fsdp1 = next(s for s in sfile.scenarios if s.name == "qlora-foak-fsdp1-x2")
+    assert fsdp1.plugins == "accelerate-fsdp1-qlora-foak"  # the shipped FSDP1 file itself (pins mixed precision)
     config = sfile.models["llama70b-shape-4l"]["config"]
     assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]) == (8192, 28672, 64)
     assert (config["num_key_value_heads"], config["vocab_size"]) == (8, 128256)
