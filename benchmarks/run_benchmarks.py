@@ -235,6 +235,10 @@ def write_accelerate_config(
                 cfg["fsdp_config"] = {**cfg["fsdp_config"], **value}
             else:
                 cfg[key] = value
+    if version == 2 and stack.body is not None and "fsdp_config" in cfg:
+        # plugin stacks shard their own FSDP2 units, which Accelerate's meta-device reload cannot follow (the
+        # framework refuses the combination; the shipped FSDP2 configs turn it off). Loading is not timed.
+        cfg["fsdp_config"] = {**cfg["fsdp_config"], "fsdp_cpu_ram_efficient_loading": False}
     cfg["num_processes"] = s.num_gpus
     cfg["main_process_port"] = free_port()
     # a stack's own Accelerate config may pin mixed precision (the shipped FSDP1 QLoRA config trains in plain

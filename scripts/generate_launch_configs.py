@@ -235,7 +235,10 @@ fsdp_config:
   # Shard each decoder layer (the model's _no_split_modules); the acceleration plugins shard their own
   # units (e.g. LoRA adapters with their base layer) before Accelerate's prepare.
   fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_cpu_ram_efficient_loading: true
+  # false: the acceleration plugins shard their own units before Accelerate's prepare, which Accelerate's
+  # meta-device reload cannot follow (refused when on); the bitsandbytes plugin loads on rank 0 and
+  # broadcasts by itself (low_cpu_mem_usage=True).
+  fsdp_cpu_ram_efficient_loading: false
   fsdp_offload_params: false
   # FSDP2 takes a bool here: free the gathered parameters after each unit's forward.
   fsdp_reshard_after_forward: true
@@ -262,7 +265,8 @@ enable_cpu_affinity: false
 fsdp_config:
   fsdp_version: 2
   fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  fsdp_cpu_ram_efficient_loading: true
+  # false: plugins shard their own units (see the single-machine FSDP2 config)
+  fsdp_cpu_ram_efficient_loading: false
   fsdp_offload_params: false
   fsdp_reshard_after_forward: true
   fsdp_state_dict_type: SHARDED_STATE_DICT

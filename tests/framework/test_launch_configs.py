@@ -238,3 +238,18 @@ def test_generator_reports_missing_template_and_bad_override(small_plan, monkeyp
     monkeypatch.setitem(gen.TEMPLATES, "a", gen.Template("t/a.yaml", overrides=(("peft.quantization.a.kinds", 1),)))
     with pytest.raises(gen.TemplateError, match="no key 'kinds' there"):
         gen.build_body(("a",), small_plan)
+
+
+def test_shipped_fsdp_configs_avoid_combinations_the_prepare_hooks_refuse():
+    """Found on 2 H100s: FSDP2 + fsdp_cpu_ram_efficient_loading is refused once plugins shard their own units,
+    and FSDP1 + mixed precision + fused LoRA would put packed storage in an fp32-upcast flat parameter."""
+    for path in LAUNCH_CONFIGS.glob("accelerate-*.yaml"):
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        fsdp = config.get("fsdp_config") or {}
+        if config.get("distributed_type") != "FSDP":
+            continue
+        if fsdp.get("fsdp_version") == 2:
+            assert fsdp["fsdp_cpu_ram_efficient_loading"] is False, path.name
+        bnb = config["acceleration"].get("peft", {}).get("quantization", {}).get("bitsandbytes")
+        if fsdp.get("fsdp_version") == 1 and bnb is not None:
+            assert config["mixed_precision"] == "no" and bnb["fp32_lora_params"] is False, path.name
