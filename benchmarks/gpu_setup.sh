@@ -33,7 +33,7 @@ log "python: $PY ($("$PY" -c 'import sys; print(sys.version.split()[0])'))"
 
 # 1. carried wheels
 if [ -d wheels ]; then
-  mapfile -t WHEELS < <(find wheels -name '*.whl' | sort)
+  mapfile -t WHEELS < <(find -L wheels -name '*.whl' | sort)
   for whl in "${WHEELS[@]}"; do
     base=$(basename "$whl")
     dist=${base%%-*}
