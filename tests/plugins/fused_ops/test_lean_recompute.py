@@ -18,18 +18,17 @@ def _checkpointing(model, reentrant: bool = False):
 
 
 def _down_gemms(monkeypatch) -> list[bool]:
-    """compute_output of every call of kernels.linear / lora_mlp_* (True: the down GEMM ran)."""
+    """compute_output of every call of lora_mlp_swiglu / lora_mlp_geglu (True: the down GEMM ran)."""
     calls: list[bool] = []
-    for module, names in (("linear", ("linear",)), ("lora", ("lora_mlp_swiglu", "lora_mlp_geglu"))):
-        mod = importlib.import_module(f"fms_acceleration_accelerate_kernels.{module}")
-        for name in names:
-            original = getattr(mod, name)
+    mod = importlib.import_module("fms_acceleration_accelerate_kernels.lora")
+    for name in ("lora_mlp_swiglu", "lora_mlp_geglu"):
+        original = getattr(mod, name)
 
-            def spy(*args, _original=original, **kwargs):
-                calls.append(kwargs.get("compute_output", True))
-                return _original(*args, **kwargs)
+        def spy(*args, _original=original, **kwargs):
+            calls.append(kwargs.get("compute_output", True))
+            return _original(*args, **kwargs)
 
-            monkeypatch.setattr(mod, name, spy)
+        monkeypatch.setattr(mod, name, spy)
     return calls
 
 
@@ -41,22 +40,12 @@ def _run(model, section, path="training", steps=1):
     return framework, results[-1]
 
 
-@pytest.mark.parametrize(
-    "case",
-    ["full-swiglu", "lora-fused-mlp", "lora-dense-mlp"],
-)
-def test_grads_unchanged_and_down_projection_skipped(case, monkeypatch):
+def test_grads_unchanged_and_down_projection_skipped(monkeypatch):
     def build():
         model = tiny_model("llama")
-        if case == "lora-fused-mlp":
-            model = _lora(model, ["q_proj", "v_proj", "gate_proj", "down_proj"])
-        elif case == "lora-dense-mlp":
-            model = _lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"])
-        return _checkpointing(model)
+        return _checkpointing(_lora(model, ["q_proj", "v_proj", "gate_proj", "down_proj"]))  # MLP fused whole
 
-    section = {"fast_swiglu": True, "fast_rms_layernorm": True}
-    if case.startswith("lora"):
-        section["fused_lora"] = True
+    section = {"fast_swiglu": True, "fast_rms_layernorm": True, "fused_lora": True}
     _, (ref_out, ref_grads) = _run(build(), {**section, "lean_recompute": False})
 
     calls = _down_gemms(monkeypatch)
@@ -66,16 +55,26 @@ def test_grads_unchanged_and_down_projection_skipped(case, monkeypatch):
     layers = model.config.num_hidden_layers
     assert plugin.recompute_status == f"on for {layers} decoder layers"
     # forward: every layer's down GEMM runs; recomputation: none does
-    assert calls.count(True) == layers and calls.count(False) == layers
+    assert calls == [True] * layers + [False] * layers
     assert plugin.recompute.skipped == layers
     torch.testing.assert_close(out.loss, ref_out.loss, rtol=0, atol=0)
     assert_grads_close(ref_grads, grads, rtol=1e-6, atol=1e-7)
-    if case == "full-swiglu":
-        assert any(n.endswith("mlp.down_proj.weight") for n in grads)
 
     framework.revert()
-    layer = model.get_base_model().model.layers[0] if hasattr(model, "get_base_model") else model.model.layers[0]
+    layer = model.get_base_model().model.layers[0]
     assert "context_fn" not in layer._gradient_checkpointing_func.keywords
+
+
+@pytest.mark.parametrize("case", ["full-swiglu", "lora-dense-mlp"])
+def test_plain_down_projections_are_left_to_checkpoint_early_stop(case):
+    """A plain nn.Linear down projection saves its inputs before its GEMM: PyTorch's early stop skips it."""
+    model = tiny_model("llama")
+    if case == "lora-dense-mlp":
+        model = _lora(model, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    section = {"fast_swiglu": True, **({"fused_lora": True} if case.startswith("lora") else {})}
+    framework, _ = _run(_checkpointing(model), section)
+    assert not [r for r in framework.patches.records if r.attribute == "_gradient_checkpointing_func"]
+    assert framework.plugin("fused_ops_and_kernels").recompute.skipped == 0
 
 
 def test_qlora_nf4_fused_dequant_mlp(saved_tiny_llama, monkeypatch):  # noqa: F811
@@ -98,8 +97,8 @@ def test_qlora_nf4_fused_dequant_mlp(saved_tiny_llama, monkeypatch):  # noqa: F8
 
 def test_checkpointing_enabled_after_patching_is_picked_up_at_ready_for_train(monkeypatch):
     calls = _down_gemms(monkeypatch)
-    model = tiny_model("llama")
-    framework = make_framework({"fast_swiglu": True})
+    model = _lora(tiny_model("llama"), ["gate_proj", "up_proj", "down_proj"])
+    framework = make_framework({"fused_lora": True})
     framework.augmentation(model, None, ())
     plugin = framework.plugin("fused_ops_and_kernels")
     assert plugin.recompute_status.startswith("inactive: activation checkpointing is not enabled")
@@ -116,40 +115,16 @@ def test_checkpointing_enabled_after_patching_is_picked_up_at_ready_for_train(mo
     ("model_type", "reentrant", "status"),
     [
         ("gemma2", False, "not applicable to gemma2"),
-        ("phi3", False, "not applicable to phi3"),
         ("llama", True, "inactive: checkpointing is reentrant"),
     ],
 )
 def test_not_applied_where_unsafe(model_type, reentrant, status, monkeypatch):
     calls = _down_gemms(monkeypatch)
-    model = _checkpointing(tiny_model(model_type), reentrant=reentrant)
-    framework, _ = _run(model, {"fast_swiglu": True})
+    model = _checkpointing(_lora(tiny_model(model_type), ["gate_proj", "up_proj", "down_proj"]), reentrant=reentrant)
+    framework, _ = _run(model, {"fused_lora": True})
     plugin = framework.plugin("fused_ops_and_kernels")
     assert plugin.recompute_status.startswith(status)
-    assert plugin.recompute.skipped == 0 and False not in calls
-
-
-def test_linear_kernel_matches_torch_and_skips():
-    from fms_acceleration_accelerate_kernels.linear import linear
-
-    torch.manual_seed(0)
-    x = torch.randn(3, 5, 7, requires_grad=True)
-    w = torch.randn(4, 7, requires_grad=True)
-    b = torch.randn(4, requires_grad=True)
-    y = linear(x, w, b)
-    ref = torch.nn.functional.linear(x, w, b)
-    torch.testing.assert_close(y, ref)
-    g = torch.randn_like(ref)
-    grads = torch.autograd.grad(y, (x, w, b), g)
-    ref_grads = torch.autograd.grad(ref, (x, w, b), g)
-    for a, e in zip(grads, ref_grads):
-        torch.testing.assert_close(a, e)
-    skipped = linear(x, w, b, compute_output=False)
-    assert skipped.shape == ref.shape and not skipped.any()
-    for a, e in zip(torch.autograd.grad(skipped, (x, w, b), g), ref_grads):  # backward is the full call's
-        torch.testing.assert_close(a, e)
-    with pytest.raises(ValueError, match="x has 3 features, weight expects 7"):
-        linear(x[..., :3], w)
+    assert plugin.recompute.skipped == 0 and calls and False not in calls
 
 
 def test_ddp_wrapped_model_is_unwrapped(tmp_path, monkeypatch):
@@ -161,8 +136,8 @@ def test_ddp_wrapped_model_is_unwrapped(tmp_path, monkeypatch):
     dist.init_process_group("gloo", store=store, rank=0, world_size=1)
     try:
         calls = _down_gemms(monkeypatch)
-        model = tiny_model("llama")
-        framework = make_framework({"fast_swiglu": True})
+        model = _lora(tiny_model("llama"), ["gate_proj", "up_proj", "down_proj"])
+        framework = make_framework({"fused_lora": True})
         framework.augmentation(model, None, ())
         ddp = DistributedDataParallel(_checkpointing(model))
         framework.get_callbacks_and_ready_for_train(ddp)

@@ -54,9 +54,10 @@ class FusedOpsAndKernelsConfig:
     lean_recompute: bool = option(
         True,
         help="under non-reentrant activation checkpointing, the recomputed forward of each decoder layer skips "
-        "the MLP down projection (and its dequant), whose output checkpointing discards; only for "
-        "architectures where the MLP output feeds just the residual sum (Llama, Mistral, Granite, Qwen2/3, "
-        "Gemma) and MLPs this plugin patches (fast_swiglu or fused_lora/fused_dequant); gradients unchanged",
+        "the down projection (and its dequant) of MLPs that fused_lora/fused_dequant compute as one kernel, "
+        "whose output checkpointing discards; only for architectures where the MLP output feeds just the "
+        "residual sum (Llama, Mistral, Granite, Qwen2/3, Gemma); gradients unchanged. (A plain nn.Linear down "
+        "projection needs nothing: PyTorch's checkpoint early stop already skips it.)",
     )
 
     def __post_init__(self) -> None:

@@ -50,7 +50,7 @@ from .patches import (
     patch_rms_norms,
     patch_rotary,
 )
-from .recompute import RecomputeState, install_recompute_context, patch_dense_down_projections
+from .recompute import RecomputeState, install_recompute_context
 
 _NOT_STARTED, _PENDING, _DONE = "not started", "pending", "done"
 
@@ -109,7 +109,6 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         """Option name -> how many patches it made (filled as the hooks run)."""
         self.recompute = RecomputeState()
         """Set during checkpoint recomputations (``lean_recompute``); ``recompute.skipped`` counts the skips."""
-        self._dense_down_patched = False
         self.recompute_status = "not installed yet"
         """``lean_recompute``'s state: on for N layers, inactive (why), or not applicable."""
 
@@ -229,17 +228,15 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         wrapped, reason = install_recompute_context(match, self.patches, self.recompute)
         if wrapped:
             self.recompute_status = f"on for {wrapped} decoder layers"
-            if self.patch_counts.get("fast_swiglu", 0) > 0 and not self._dense_down_patched:
-                whole = self._fused_report.whole_mlps if self._fused_report is not None else set()
-                patch_dense_down_projections(match, self.patches, self.recompute, whole)
-                self._dense_down_patched = True
         elif reason and not self.recompute_status.startswith("on"):
             self.recompute_status = f"inactive: {reason}"
 
     @property
     def _patched_mlps(self) -> bool:
-        whole = self._fused_report is not None and bool(self._fused_report.whole_mlps)
-        return whole or self.patch_counts.get("fast_swiglu", 0) > 0
+        """Whether a fused kernel computes some MLP as a whole (one autograd function whose saved tensors are
+        packed after its forward ran, so checkpoint early stop cannot skip its down projection; a plain
+        ``nn.Linear`` down projection saves its inputs before its GEMM and early stop already skips it)."""
+        return self._fused_report is not None and bool(self._fused_report.whole_mlps)
 
     def prepare_contribution(self, model: Any, context: Any) -> Any:
         """Patch now if ``augmentation`` never ran (an Accelerate-only script: the section came with the
@@ -382,10 +379,10 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
                 "fast_loss: causal LM forward in training with labels -> kernels.fused_linear_cross_entropy "
                 "(logits not materialised, outputs.logits is None); otherwise the original forward"
             )
-        if c.lean_recompute and (c.fast_swiglu or c.fused_lora or c.fused_dequant):
+        if c.lean_recompute and (c.fused_lora or c.fused_dequant):
             lines.append(
                 "lean_recompute: each decoder layer's _gradient_checkpointing_func gets a context_fn; in the "
-                "recomputation the MLP down projection is skipped (non-reentrant checkpointing, Llama-style layers)"
+                "recomputation the down projection of fused MLPs is skipped (non-reentrant checkpointing, Llama-style layers)"
             )
         if c.fused_lora or c.fused_dequant:
             what = [w for w, on in (("LoRA", c.fused_lora), ("adapter-less quantized", c.fused_dequant)) if on]

@@ -7,6 +7,14 @@ second run's outputs are discarded. In Llama-style layers (``residual + mlp(x)``
 that residual sum, so nothing saved depends on it and the down projection's GEMM (plus its dequant for a 4-bit
 base) is wasted work in the recomputation: one of the layer's seven projection GEMMs, ~1/7 of its recompute.
 
+PyTorch's checkpoint "early stop" (on by default) ends a recomputation once the last needed tensor is saved
+again. A plain ``nn.Linear`` down projection saves its *inputs* before its GEMM runs, so early stop already skips
+that GEMM. The fused MLP kernels (``lora_mlp_swiglu`` / ``lora_mlp_geglu``: one autograd function for gate, up,
+activation and down) save their tensors only after their whole forward ran, so early stop cannot cut inside
+them; this module is for them. On an H100 at the DESIGN §7 shape the QLoRA step went from 0.1995 s to 0.181 s
+with it (together with the second session's kernel changes; the ablation row of ``benchmarks/scenarios.yaml``
+separates the two).
+
 This module wires that skip without replacing the checkpoint machinery:
 
 * :class:`RecomputeState` (one per model) says whether the current forward is a recomputation; it is set by
@@ -15,7 +23,8 @@ This module wires that skip without replacing the checkpoint machinery:
   plugin's patcher, so it is recorded and reverted) to pass that ``context_fn``. It only does so where it is
   safe: checkpointing enabled on the layer, non-reentrant, no ``context_fn`` of the user's, and an
   architecture whose spec says the MLP output is not saved by anything after it in the layer.
-* the MLP forwards patched by the plugin read ``state.recomputing`` and ask the kernels for no output.
+* the fused MLP forwards patched by the plugin call ``state.compute_output()`` and ask the kernels for no
+  output during a recomputation.
 
 Checkpointing applied any other way (e.g. FSDP's ``activation_checkpointing`` wrapper) never sets the state,
 so the MLP computes normally there.
@@ -28,9 +37,6 @@ import functools
 import threading
 from collections.abc import Iterator
 from typing import Any
-
-import torch
-from torch import nn
 
 from fms_acceleration_accelerate.model_specs import ModelMatch
 from fms_acceleration_accelerate.patching import PluginPatcher
@@ -112,44 +118,3 @@ def install_recompute_context(match: ModelMatch, patches: PluginPatcher, state: 
         )
         wrapped += 1
     return wrapped, "; ".join(sorted(reasons))
-
-
-def _skippable_down_forward(down: nn.Linear, state: RecomputeState) -> Any:
-    from fms_acceleration_accelerate_kernels.linear import linear
-
-    def forward(h: torch.Tensor) -> torch.Tensor:
-        return linear(h, down.weight, down.bias, compute_output=state.compute_output())
-
-    return forward
-
-
-def patch_dense_down_projections(
-    match: ModelMatch, patches: PluginPatcher, state: RecomputeState, skip: set[int]
-) -> int:
-    """Give every MLP's down projection that is a plain ``nn.Linear`` a forward that skips its GEMM in a
-    recomputation (``kernels.linear`` with ``compute_output=False``; same saved tensors, same gradients).
-
-    Args:
-        match: the model's matched modules (the spec must have a gated MLP).
-        patches: the plugin's patcher.
-        state: the model's recompute state.
-        skip: ``id()`` of MLP modules a fused kernel replaced as a whole (they skip inside the kernel).
-
-    Returns:
-        Number of down projections patched.
-    """
-    spec = match.spec
-    assert spec.mlp is not None
-    count = 0
-    for mlp in match.mlps:
-        down = getattr(mlp.module, spec.mlp.down_proj)
-        if id(mlp.module) in skip or type(down) is not nn.Linear or "forward" in vars(down):
-            continue
-        patches.patch_forward(
-            down,
-            _skippable_down_forward(down, state),
-            target=f"{mlp.path}.{spec.mlp.down_proj}",
-            description="kernels.linear (skipped in checkpoint recomputation)",
-        )
-        count += 1
-    return count
