@@ -240,6 +240,7 @@ def _make_init(original_init: Callable[..., None]) -> Callable[..., None]:
             if section is None:
                 return
             framework = AccelerationFramework(section)
+        check_accelerate_settings(self, framework)
         setattr(self, _FRAMEWORK_ATTR, framework)
         if is_main_process():
             logger.info("fms-acceleration active plugins: %s", ", ".join(framework.active_plugin_names) or "none")
@@ -247,6 +248,28 @@ def _make_init(original_init: Callable[..., None]) -> Callable[..., None]:
     setattr(__init__, _WRAPPED_MARK, original_init)
     __init__.__doc__ = original_init.__doc__
     return __init__
+
+
+def check_accelerate_settings(accelerator: Any, framework: AccelerationFramework) -> None:
+    """Refuse Accelerate settings the prepare hooks cannot honour, when the ``Accelerator`` is created (before
+    the script loads a model). ``Accelerator.prepare`` checks the same again as a backstop.
+
+    Raises:
+        AccelerationConfigError: FSDP2 with ``fsdp_cpu_ram_efficient_loading`` while a plugin shards its own
+            units (``contributes_under_fsdp2``).
+    """
+    if accelerator.distributed_type != DistributedType.FSDP or not accelerator.is_fsdp2:
+        return
+    if not getattr(accelerator.state.fsdp_plugin, "cpu_ram_efficient_loading", False):
+        return
+    sharding = [p.plugin_name() for p in framework.active_plugins if p.contributes_under_fsdp2()]
+    if sharding:
+        raise AccelerationConfigError(
+            f"fsdp_cpu_ram_efficient_loading is on, but plugins {', '.join(sharding)} shard their own FSDP2 units, "
+            "which Accelerate's meta-device reload does not support",
+            fix="set 'fsdp_cpu_ram_efficient_loading: false' under fsdp_config (the bitsandbytes plugin loads on "
+            "rank 0 and broadcasts by itself)",
+        )
 
 
 def _make_prepare(original_prepare: Callable[..., Any]) -> Callable[..., Any]:

@@ -188,6 +188,14 @@ class AccelerationPlugin:
         modules, mixed-precision needs) for this plugin's layers, or ``None``."""
         return None
 
+    def contributes_under_fsdp2(self) -> bool:
+        """Whether ``prepare_contribution`` may return a contribution under FSDP2, known from the config alone
+        (no model). The framework then applies its own ``fully_shard`` plan, which rules out Accelerate
+        settings it cannot follow (``fsdp_cpu_ram_efficient_loading``); answering here lets them be refused
+        when the ``Accelerator`` is created, before any model is loaded. Default: whether the plugin overrides
+        ``prepare_contribution``."""
+        return type(self).prepare_contribution is not AccelerationPlugin.prepare_contribution
+
     def after_prepare(self, model: Any, context: Any) -> None:
         """After wrapping: patch what needs the wrapped/sharded model (through ``self.patches``)."""
         return None

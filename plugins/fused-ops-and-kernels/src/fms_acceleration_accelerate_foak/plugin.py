@@ -258,6 +258,10 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             ),
         )
 
+    def contributes_under_fsdp2(self) -> bool:
+        """Fused scopes (no FSDP unit inside attention / MLP modules) only with fused LoRA / dequant."""
+        return self.config.fused_lora or self.config.fused_dequant
+
     def after_prepare(self, model: Any, context: Any) -> None:
         """Apply pending fused LoRA kernels on the wrapped model; check FSDP units against patched modules."""
         model = _unwrap_data_parallel(model)
