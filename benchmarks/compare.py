@@ -11,6 +11,8 @@ Rows are matched by scenario name. A row regresses when, beyond the thresholds:
 * on the same device (same ``gpu_name``): its absolute train tokens/s dropped, or its peak allocated GPU
   memory grew (``memory_ratio`` is checked on any device);
 * its loss matched the baseline in the reference and no longer does;
+* multi-GPU rows: its scaling efficiency dropped, its all-gather / reduce-scatter bytes per step grew (memory
+  threshold), or its loss matched the 1-GPU row in the reference and no longer does;
 * it ran in the reference and failed now (a row skipped now, e.g. a missing wheel, is reported, not failed,
   unless ``--strict``).
 
@@ -109,6 +111,13 @@ def compare_rows(
         if same_device:
             checks += [("train_tokens_per_s", True, threshold), ("peak_alloc_gib", False, memory_threshold)]
         checks.append(("memory_ratio", False, memory_threshold))
+        # multi-GPU rows: scaling efficiency (a ratio within one run) and collective bytes per step (exact counts,
+        # device independent) must not get worse
+        checks += [
+            ("scaling_efficiency", True, threshold),
+            ("allgather_bytes_per_step", False, memory_threshold),
+            ("reduce_scatter_bytes_per_step", False, memory_threshold),
+        ]
         for column, higher_better, tol in checks:
             a, b = _f(row, column), _f(base, column)
             if a is None or b is None or b == 0:
@@ -120,6 +129,9 @@ def compare_rows(
             findings.append(
                 Finding(name, "loss_match", "yes", "no", "", True, f"max rel diff {row.get('loss_max_rel_diff', '')}")
             )
+        if base.get("loss_vs_1gpu_match") == "yes" and row.get("loss_vs_1gpu_match") == "no":
+            detail = f"max rel diff {row.get('loss_vs_1gpu_max_rel_diff', '')}"
+            findings.append(Finding(name, "loss_vs_1gpu_match", "yes", "no", "", True, detail))
     return findings
 
 

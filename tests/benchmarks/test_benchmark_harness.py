@@ -418,3 +418,21 @@ def test_fsdp2_gloo_run_through_the_runner(tmp_path: Path) -> None:
     assert "### Multi-GPU" in run.stdout and "| lora-fsdp2-x2 | HF | fsdp2 | 2 |" in run.stdout
     assert "wall seconds: launch" in run.stdout
     assert (out / "scaling_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_flags_multi_gpu_regressions() -> None:
+    """Scaling efficiency, collective bytes per step and 1-GPU loss parity of multi-GPU rows."""
+
+    def row(eff: str, gather: str, parity: str) -> dict[str, str]:
+        return {
+            "scenario": "x2", "status": "ok", "gpu_name": "H100", "throughput_ratio": "1.3", "memory_ratio": "0.6",
+            "train_tokens_per_s": "80000", "peak_alloc_gib": "9", "scaling_efficiency": eff,
+            "allgather_bytes_per_step": gather, "reduce_scatter_bytes_per_step": "1000",
+            "loss_vs_1gpu_match": parity, "loss_vs_1gpu_max_rel_diff": "0.3" if parity == "no" else "0.002",
+        }  # fmt: skip
+
+    ref = [row("0.90", "5000000", "yes")]
+    assert not any(f.regression for f in compare.compare_rows(ref, ref, 0.05, 0.05))
+    flagged = {f.metric for f in compare.compare_rows([row("0.80", "6000000", "no")], ref, 0.05, 0.05) if f.regression}
+    assert flagged == {"scaling_efficiency", "allgather_bytes_per_step", "loss_vs_1gpu_match"}
+    assert not any(f.regression for f in compare.compare_rows([row("0.88", "5100000", "yes")], ref, 0.05, 0.05))
