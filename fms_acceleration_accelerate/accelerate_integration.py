@@ -255,9 +255,12 @@ def check_accelerate_settings(accelerator: Any, framework: AccelerationFramework
     the script loads a model). ``Accelerator.prepare`` checks the same again as a backstop.
 
     Raises:
-        AccelerationConfigError: FSDP2 with ``fsdp_cpu_ram_efficient_loading`` while a plugin shards its own
-            units (``contributes_under_fsdp2``).
+        AccelerationConfigError: a plugin's ``check_run_settings`` refused the run's settings, or FSDP2 with
+            ``fsdp_cpu_ram_efficient_loading`` while a plugin shards its own units (``contributes_under_fsdp2``).
     """
+    context = build_context(accelerator, framework)
+    for plugin in framework.active_plugins:
+        plugin.check_run_settings(context)
     if accelerator.distributed_type != DistributedType.FSDP or not accelerator.is_fsdp2:
         return
     if not getattr(accelerator.state.fsdp_plugin, "cpu_ram_efficient_loading", False):

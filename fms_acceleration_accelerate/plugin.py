@@ -188,6 +188,13 @@ class AccelerationPlugin:
         modules, mixed-precision needs) for this plugin's layers, or ``None``."""
         return None
 
+    def check_run_settings(self, context: Any) -> None:
+        """Refuse distributed / precision settings this plugin cannot work with, from ``context`` (a
+        ``distributed.PrepareContext``) alone: called when the ``Accelerator`` is created, before the script
+        loads a model. Raise :class:`~fms_acceleration_accelerate.errors.AccelerationConfigError` naming the
+        setting and the fix. Default: accept everything."""
+        return None
+
     def contributes_under_fsdp2(self) -> bool:
         """Whether ``prepare_contribution`` may return a contribution under FSDP2, known from the config alone
         (no model). The framework then applies its own ``fully_shard`` plan, which rules out Accelerate

@@ -258,6 +258,21 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             ),
         )
 
+    def check_run_settings(self, context: Any) -> None:
+        """FSDP1 + mixed precision + fused LoRA over 4-bit bases: the fused scopes keep adapters and packed storage
+        in one FSDP1 unit, whose flat parameter Accelerate upcasts to fp32 under mixed precision (casting the
+        packed bytes). Refused here, before loading; ``Accelerator.prepare`` checks the unit plan itself too."""
+        quantized = self.config.base_layer is not None and (self.config.fused_lora or self.config.fused_dequant)
+        if context.fsdp_version == 1 and context.mixed_precision != "no" and quantized:
+            raise AccelerationConfigError(
+                f"FSDP1 with mixed_precision {context.mixed_precision!r} and fused kernels over "
+                f"{self.config.base_layer} 4-bit bases: Accelerate upcasts the FSDP1 unit holding the adapters to "
+                "fp32, and the fused kernels keep the packed 4-bit storage in that same unit",
+                path=self._path("fused_lora"),
+                fix="use fsdp_version: 2 (recommended), or mixed_precision: 'no' with the adapters in the storage "
+                "dtype (bitsandbytes: fp32_lora_params: false), as launch_configs/accelerate-fsdp1-qlora-foak.yaml",
+            )
+
     def contributes_under_fsdp2(self) -> bool:
         """Fused scopes (no FSDP unit inside attention / MLP modules) only with fused LoRA / dequant."""
         return self.config.fused_lora or self.config.fused_dequant
