@@ -112,6 +112,9 @@ def main() -> None:
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
         task_type="CAUSAL_LM",
     )
+    # seed here, not only when the base model is first built: LoRA's A matrices are drawn from the global RNG,
+    # and a rerun that finds the saved base model must draw the same ones
+    torch.manual_seed(args.seed)
     model, (lora,) = framework.augmentation(model, None, modifiable_args=(lora,))
     if lora is not None:  # no plugin consumed the LoRA config: apply it the plain peft way
         model = get_peft_model(model, lora)
