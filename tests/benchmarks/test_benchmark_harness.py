@@ -213,17 +213,22 @@ def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     )  # fmt: skip
 
 
-@pytest.mark.slow
-def test_runner_end_to_end_on_cpu_and_regression_check(tmp_path: Path) -> None:
+def _run_cpu_scenarios(tmp_path: Path, text: str, out: Path) -> tuple[str, list[dict[str, str]]]:
+    """Run a scenarios file through the runner on CPU; return its stdout and the CSV rows (header checked)."""
     scenarios = tmp_path / "scenarios.yaml"
-    scenarios.write_text(TINY_SCENARIOS, encoding="utf-8")
-    out = tmp_path / "out"
+    scenarios.write_text(text, encoding="utf-8")
     run = _run(["benchmarks/run_benchmarks.py", "run", str(scenarios), "--out", str(out), "--device", "cpu"])
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     with (out / "results.csv").open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         assert tuple(reader.fieldnames) == benchlib.CSV_COLUMNS
-        rows = list(reader)
+        return run.stdout, list(reader)
+
+
+@pytest.mark.slow
+def test_runner_end_to_end_on_cpu_and_regression_check(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    stdout, rows = _run_cpu_scenarios(tmp_path, TINY_SCENARIOS, out)
     by_name = {r["scenario"]: r for r in rows}
     assert list(by_name) == ["base", "slow", "ddp"]
     assert by_name["ddp"]["status"] == "ok", by_name["ddp"]["note"]
@@ -242,7 +247,7 @@ def test_runner_end_to_end_on_cpu_and_regression_check(tmp_path: Path) -> None:
     for name in ("throughput_ratio.png", "memory_ratio.png", "loss_curves.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
-    assert "| base (baseline) | g |" in run.stdout  # the Markdown table is printed
+    assert "| base (baseline) | g |" in stdout  # the Markdown table is printed
     assert len(json.loads((out / "losses.json").read_text())["slow"]) == 4
 
     # the regression check: a reference where the scenario ran at full speed vs a new run where it was slowed
@@ -390,15 +395,9 @@ def test_layers_of_models_link_the_parent_checkpoint(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_fsdp2_gloo_run_through_the_runner(tmp_path: Path) -> None:
     """2 gloo processes, FSDP2 through Accelerate's prepare (CPU seam) vs the same stack in one process."""
-    scenarios = tmp_path / "scenarios.yaml"
-    scenarios.write_text(MULTI_SCENARIOS, encoding="utf-8")
     out = tmp_path / "out"
-    run = _run(["benchmarks/run_benchmarks.py", "run", str(scenarios), "--out", str(out), "--device", "cpu"])
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    with (out / "results.csv").open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        assert tuple(reader.fieldnames) == benchlib.CSV_COLUMNS
-        rows = {r["scenario"]: r for r in reader}
+    stdout, table = _run_cpu_scenarios(tmp_path, MULTI_SCENARIOS, out)
+    rows = {r["scenario"]: r for r in table}
     multi, single = rows["lora-fsdp2-x2"], rows["lora-x1"]
     assert multi["status"] == "ok" and single["status"] == "ok", (multi["note"], single["note"])
     assert "cpu seam: FSDP2" in multi["entry"] and multi["distributed"] == "fsdp2" and multi["num_gpus"] == "2"
@@ -415,8 +414,8 @@ def test_fsdp2_gloo_run_through_the_runner(tmp_path: Path) -> None:
         parts = [p.split()[0] for p in r["wall_breakdown"].split(" | ")]
         assert parts == ["launch", "imports", "accelerator", "load_and_augment", "prepare", "data", "train",
                          "finish", "exit"]  # fmt: skip
-    assert "### Multi-GPU" in run.stdout and "| lora-fsdp2-x2 | HF | fsdp2 | 2 |" in run.stdout
-    assert "wall seconds: launch" in run.stdout
+    assert "### Multi-GPU" in stdout and "| lora-fsdp2-x2 | HF | fsdp2 | 2 |" in stdout
+    assert "wall seconds: launch" in stdout
     assert (out / "scaling_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

@@ -47,6 +47,21 @@ def _transform(x, inv_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing,
+                HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr):  # fmt: skip
+    """dloss/dx of one block of raw logits ``x`` (fp32): (softmax(z) - (1 - eps) onehot - eps / V) * dz/dx."""
+    z, dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
+    g = tl.exp(z - lse) - tl.where(cols == safe_target, 1.0 - smoothing, 0.0)
+    if HAS_SMOOTHING:
+        g -= smoothing / n_cols
+    if HAS_SOFTCAP:
+        g = g * dz
+    else:
+        g = g * inv_scale
+    return g
+
+
+@triton.jit
 def _ce_row_kernel(
     LOGITS,
     TARGET,
@@ -131,14 +146,8 @@ def _ce_row_kernel(
                 cols = (n_blocks - 1 - rb) * BLOCK + offs
                 mask = cols < n_cols
                 x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                z, dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
-                g = tl.exp(z - lse) - tl.where(cols == safe_target, 1.0 - smoothing, 0.0)
-                if HAS_SMOOTHING:
-                    g -= smoothing / n_cols
-                if HAS_SOFTCAP:
-                    g = g * dz
-                else:
-                    g = g * inv_scale
+                g = _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing,
+                                HAS_SOFTCAP, HAS_SMOOTHING)  # fmt: skip
                 tl.store(grad_ptr + cols, (g * weight).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
@@ -174,14 +183,7 @@ def _ce_bwd_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        z, dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
-        g = tl.exp(z - lse) - tl.where(cols == safe_target, 1.0 - smoothing, 0.0)
-        if HAS_SMOOTHING:
-            g -= smoothing / n_cols
-        if HAS_SOFTCAP:
-            g = g * dz
-        else:
-            g = g * inv_scale
+        g = _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing, HAS_SOFTCAP, HAS_SMOOTHING)
         tl.store(grad_ptr + cols, (g * weight).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
