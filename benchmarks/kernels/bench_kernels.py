@@ -383,6 +383,7 @@ def sweep_launch_configs(copy_bw: float) -> list[dict]:
            launch=str(ce._LAUNCH["fwd"]))  # fmt: skip
     for launch in [(4096, 4, 0, True), (8192, 8, 0, True), (2048, 4, 0, False)]:
         record("ce_fwd_loss_only", partial(ce.ce_forward_rows, *ce_args, launch=launch), nv_bytes, launch=str(launch))
+    record("copy_same_bytes_as_ce_fwd_grad", partial(torch.clone, logits), 2 * nv_bytes, default=True)
     record("ce_backward_scale_is_1", partial(ce.scale_rows_, grad, scale), 0, default=True)
     record("ce_backward_scale_not_1", partial(ce.scale_rows_, grad, scale * 0.5), 2 * nv_bytes, default=True)
     del logits, grad, ce_args
@@ -392,6 +393,9 @@ def sweep_launch_configs(copy_bw: float) -> list[dict]:
     dy = torch.randn_like(x)
     _y, rstd = rms._forward(x, w, 1e-5, 0.0)
     x_bytes = x.numel() * x.element_size()
+    # what a plain device copy of the same bytes reaches: the attainable bandwidth at this size (the 1 GiB copy
+    # reference of the "% copy BW" column is larger than any tensor here)
+    record("copy_same_bytes_as_rms_fwd", partial(torch.clone, x), 2 * x_bytes, default=True)
     record("rms_fwd", partial(rms._forward, x, w, 1e-5, 0.0), 2 * x_bytes, default=True)
     record("rms_bwd_dx_dw", partial(rms._backward, dy, x, w, rstd, 0.0, True, True), 3 * x_bytes, default=True)
     for per_sm, warps, prefetch in [(1, 8, False), (2, 4, False), (2, 16, False), (3, 8, False), (2, 8, True),

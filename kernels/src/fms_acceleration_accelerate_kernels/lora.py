@@ -698,7 +698,12 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
             y = _base_linear(h, plan.weights[2], biases[2], dtype)
             if slices_d:
                 y.addmm_(down_d, lora_Bs[2].to(dtype).t(), alpha=plan.scalings[2])
-        else:  # the caller discards y (checkpoint recomputation): only the saved tensors below matter
+        elif plan.out_features[2] == x2.shape[1]:
+            # the caller discards y (checkpoint recomputation): only the saved tensors below matter. The
+            # placeholder is the input itself, not a new tensor: a recomputation under selective checkpointing
+            # (checkpoint_keep_attention) may only run ops its forward ran, and the forward ran no allocation here
+            y = x2
+        else:
             y = x2.new_zeros(x2.shape[0], plan.out_features[2])
         del h
         ctx.plan = plan
@@ -778,13 +783,14 @@ def lora_mlp_swiglu(
         gate, up: (intermediate, hidden) projections; down: (hidden, intermediate). Tensors inside must be
             those seen inside the module forward (FSDP).
         backends: dequant dispatchers for module bases; the first match wins.
-        compute_output: ``False`` skips the down projection (its dequant and GEMM) and returns zeros, while
+        compute_output: ``False`` skips the down projection (its dequant and GEMM) and returns a placeholder
+            of the output's shape whose values are meaningless (the input itself where shapes allow), while
             saving exactly what a full call saves, so backward is unchanged. Only for a forward whose output
             is discarded: activation checkpointing's recomputation of a layer where nothing after the MLP
             saves its output (see ``fms_acceleration_accelerate_foak.recompute``).
 
     Returns:
-        (..., hidden) output in the compute dtype (zeros when ``compute_output`` is ``False``).
+        (..., hidden) output in the compute dtype (a placeholder when ``compute_output`` is ``False``).
     """
     resolved = _resolve_mlp(x, gate, up, down, backends)
     return _apply_fused(_FusedLoraMlpFunction, x, resolved, "silu", compute_output)
@@ -831,7 +837,7 @@ def lora_mlp_geglu(
         compute_output: as in ``lora_mlp_swiglu``.
 
     Returns:
-        (..., hidden) output in the compute dtype (zeros when ``compute_output`` is ``False``).
+        (..., hidden) output in the compute dtype (a placeholder when ``compute_output`` is ``False``).
 
     Raises:
         ValueError: ``approximate`` is not ``"tanh"`` or ``"none"``, or the projection shapes do not fit.

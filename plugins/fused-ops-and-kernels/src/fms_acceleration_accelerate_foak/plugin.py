@@ -50,7 +50,7 @@ from .patches import (
     patch_rms_norms,
     patch_rotary,
 )
-from .recompute import RecomputeState, install_recompute_context
+from .recompute import RecomputeState, install_attention_scopes, install_recompute_context
 
 _NOT_STARTED, _PENDING, _DONE = "not started", "pending", "done"
 
@@ -107,10 +107,13 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         self._fsdp_expected = False
         self.patch_counts: dict[str, int] = {}
         """Option name -> how many patches it made (filled as the hooks run)."""
-        self.recompute = RecomputeState()
-        """Set during checkpoint recomputations (``lean_recompute``); ``recompute.skipped`` counts the skips."""
+        self.recompute = RecomputeState(keep_attention=config.checkpoint_keep_attention)
+        """Set during checkpoint recomputations (``lean_recompute``, ``checkpoint_keep_attention``);
+        ``recompute.skipped`` / ``.kept`` count what they did."""
         self.recompute_status = "not installed yet"
         """``lean_recompute``'s state: on for N layers, inactive (why), or not applicable."""
+        self.keep_attention_status = "on request only" if not config.checkpoint_keep_attention else "not installed yet"
+        """``checkpoint_keep_attention``'s state: on for N layers, or inactive (why)."""
 
     # ------------------------------------------------------------------------------------------- checks
     def _path(self, key: str | None = None) -> str:
@@ -218,18 +221,27 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         Runs after patching and again after ``Accelerator.prepare`` / at ``get_callbacks_and_ready_for_train``,
         because checkpointing is usually enabled after the model is patched.
         """
-        if not (self.config.lean_recompute and self._patched_mlps):
+        keep = self.config.checkpoint_keep_attention
+        lean_requested = self.config.lean_recompute and self._patched_mlps
+        if not (lean_requested or keep):
             return
         model = _unwrap_data_parallel(model)
         spec, match = self._match(model)
-        if self._recompute_for(spec) is None:
+        lean = lean_requested and self._recompute_for(spec) is not None
+        if lean_requested and not lean:
             self.recompute_status = f"not applicable to {spec.model_type} (an op after the MLP saves its output)"
+        if not (lean or keep):
             return
         wrapped, reason = install_recompute_context(match, self.patches, self.recompute)
-        if wrapped:
-            self.recompute_status = f"on for {wrapped} decoder layers"
-        elif reason and not self.recompute_status.startswith("on"):
-            self.recompute_status = f"inactive: {reason}"
+        if keep:
+            install_attention_scopes(match, self.patches, self.recompute)
+        for wanted, attribute in ((lean, "recompute_status"), (keep, "keep_attention_status")):
+            if not wanted:
+                continue
+            if wrapped:
+                setattr(self, attribute, f"on for {wrapped} decoder layers")
+            elif reason and not getattr(self, attribute).startswith("on"):
+                setattr(self, attribute, f"inactive: {reason}")
 
     @property
     def _patched_mlps(self) -> bool:
@@ -402,6 +414,12 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             lines.append(
                 "lean_recompute: each decoder layer's _gradient_checkpointing_func gets a context_fn; in the "
                 "recomputation the down projection of fused MLPs is skipped (non-reentrant checkpointing, Llama-style layers)"
+            )
+        if c.checkpoint_keep_attention:
+            lines.append(
+                "checkpoint_keep_attention: each decoder layer's _gradient_checkpointing_func gets a selective "
+                "checkpointing context_fn and each attention forward a scope wrapper; the recomputation reuses the "
+                "forward's q/k/v/o GEMM and SDPA outputs"
             )
         if c.fused_lora or c.fused_dequant:
             what = [w for w, on in (("LoRA", c.fused_lora), ("adapter-less quantized", c.fused_dequant)) if on]

@@ -28,6 +28,15 @@ This module wires that skip without replacing the checkpoint machinery:
 
 Checkpointing applied any other way (e.g. FSDP's ``activation_checkpointing`` wrapper) never sets the state,
 so the MLP computes normally there.
+
+The same ``context_fn`` carries ``checkpoint_keep_attention`` (off by default): PyTorch's selective activation
+checkpointing (``create_selective_checkpoint_contexts``) keeps the outputs of the attention block's projection
+GEMMs and of the fused attention kernel from the forward, so the recomputation reuses them instead of running
+q/k/v/o and SDPA again. Which ops count as "in the attention block" is decided by a scope flag that a wrapper
+around each attention module's ``forward`` sets (recorded and reverted through the patcher). The cost is those
+outputs per layer (bf16 Llama 8B shape: q, k, v, attention output and o, 7 bytes per token per hidden unit,
+235 MB per layer at 8192 tokens); the gain is the attention block's share of the recomputation, exact (the kept tensors are the
+ones the recomputation would have produced).
 """
 
 from __future__ import annotations
@@ -35,23 +44,52 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 from fms_acceleration_accelerate.model_specs import ModelMatch
+
+#: aten ops whose outputs ``checkpoint_keep_attention`` keeps inside an attention module: the projection GEMMs
+#: and every fused SDPA backend (cuDNN / flash / memory-efficient on CUDA, flash on CPU).
+KEPT_ATTENTION_OPS = (
+    "mm",
+    "addmm",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention_for_cpu",
+)
+
+
+def _kept_op_overloads() -> frozenset:
+    import torch
+
+    ops = (getattr(torch.ops.aten, name, None) for name in KEPT_ATTENTION_OPS)
+    return frozenset(op.default for op in ops if op is not None and hasattr(op, "default"))
 from fms_acceleration_accelerate.patching import PluginPatcher
 
 
 class RecomputeState:
     """Whether the running forward is activation checkpointing's recomputation (per model, per thread).
 
+    Args:
+        keep_attention: keep the attention block's GEMM / SDPA outputs for the recomputation
+            (``checkpoint_keep_attention``).
+
     Attributes:
         skipped: how many MLP output projections were skipped so far (for tests and the run summary).
+        kept: how many attention op outputs the forwards kept for their recomputation (the recomputation
+            replays the forward's decisions, so each is reused, not re-run).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_attention: bool = False) -> None:
         self._local = threading.local()
+        self.keep_attention = keep_attention
+        self._kept_ops: frozenset | None = None
         self.skipped = 0
+        self.kept = 0
+        self.warned_inactive = False
 
     @property
     def recomputing(self) -> bool:
@@ -65,9 +103,51 @@ class RecomputeState:
         finally:
             self._local.depth -= 1
 
+    @property
+    def in_checkpointed_forward(self) -> bool:
+        return getattr(self._local, "forward", 0) > 0
+
+    @contextlib.contextmanager
+    def checkpointed_forward(self) -> Iterator[None]:
+        self._local.forward = getattr(self._local, "forward", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.forward -= 1
+
+    @property
+    def in_attention(self) -> bool:
+        return getattr(self._local, "attention", 0) > 0
+
+    @contextlib.contextmanager
+    def attention_scope(self) -> Iterator[None]:
+        """Entered by the wrapped attention forwards: ops run inside are the ones ``keep_attention`` keeps."""
+        self._local.attention = getattr(self._local, "attention", 0) + 1
+        try:
+            yield
+        finally:
+            self._local.attention -= 1
+
+    def _policy(self, ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Any:
+        from torch.utils.checkpoint import CheckpointPolicy
+
+        if self._kept_ops is None:
+            self._kept_ops = _kept_op_overloads()
+        if self.in_attention and op in self._kept_ops:
+            if not ctx.is_recompute:  # (torch < 2.12 also asks during the recomputation)
+                self.kept += 1
+            return CheckpointPolicy.MUST_SAVE
+        return CheckpointPolicy.PREFER_RECOMPUTE
+
     def context_fn(self) -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
         """``torch.utils.checkpoint``'s ``context_fn``: (forward context, recomputation context)."""
-        return contextlib.nullcontext(), self.recomputation()
+        if not self.keep_attention:
+            return contextlib.nullcontext(), self.recomputation()
+        from torch.utils.checkpoint import create_selective_checkpoint_contexts
+
+        # a fresh pair per checkpointed call: the two share the cache of that call's kept outputs
+        forward, recompute = create_selective_checkpoint_contexts(self._policy)
+        return _entered_together(self.checkpointed_forward(), forward), _entered_together(self.recomputation(), recompute)
 
     def compute_output(self) -> bool:
         """False inside a recomputation (the caller then skips its output projection); counts the skips."""
@@ -75,6 +155,14 @@ class RecomputeState:
             self.skipped += 1
             return False
         return True
+
+
+@contextlib.contextmanager
+def _entered_together(*contexts: contextlib.AbstractContextManager) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        for context in contexts:
+            stack.enter_context(context)
+        yield
 
 
 def _non_reentrant_without_context(func: Any) -> bool:
@@ -114,7 +202,46 @@ def install_recompute_context(match: ModelMatch, patches: PluginPatcher, state: 
             "_gradient_checkpointing_func",
             functools.partial(func, context_fn=state.context_fn),
             target=f"{layer.path}._gradient_checkpointing_func",
-            description="recomputation skips the MLP output projection",
+            description="recomputation context (lean_recompute / checkpoint_keep_attention)",
         )
         wrapped += 1
     return wrapped, "; ".join(sorted(reasons))
+
+
+def install_attention_scopes(match: ModelMatch, patches: PluginPatcher, state: RecomputeState) -> int:
+    """Wrap each attention module's ``forward`` so the ops it runs happen inside ``state.attention_scope()``.
+
+    Idempotent (wrapped modules carry the state on their forward). Returns how many modules were wrapped now.
+    """
+    import torch
+
+    wrapped = 0
+    for attention in match.attentions:
+        module = attention.module
+        original = module.forward
+        if getattr(original, "_foak_attention_scope", None) is state:
+            continue
+
+        def forward(*args: Any, _original: Any = original, _module: Any = module, **kwargs: Any) -> Any:
+            if not state.warned_inactive and _module.training and torch.is_grad_enabled():
+                if not (state.in_checkpointed_forward or state.recomputing):
+                    state.warned_inactive = True
+                    warnings.warn(
+                        "checkpoint_keep_attention has no effect: this attention forward does not run under the "
+                        "plugin's checkpoint context (activation checkpointing off, reentrant, or applied by "
+                        "another wrapper); enable it with gradient_checkpointing_enable(gradient_checkpointing_"
+                        "kwargs={'use_reentrant': False}) before training, or set checkpoint_keep_attention: false",
+                        stacklevel=2,
+                    )
+            with state.attention_scope():
+                return _original(*args, **kwargs)
+
+        forward._foak_attention_scope = state  # type: ignore[attr-defined]
+        patches.patch_forward(
+            module,
+            forward,
+            target=attention.path,
+            description="checkpoint_keep_attention: marks the attention block's ops for selective checkpointing",
+        )
+        wrapped += 1
+    return wrapped
