@@ -369,7 +369,9 @@ def sweep_launch_configs(copy_bw: float) -> list[dict]:
            default=True, launch=str(ce._LAUNCH["fwd_grad"]))  # fmt: skip
     for launch in [(4096, 8, 0, False), (8192, 16, 0, True), (16384, 16, 0, True), (16384, 16, 1, True),
                    (16384, 32, 0, True), (8192, 8, 0, True), (8192, 16, 1, True), (32768, 32, 0, False),
-                   (4096, 8, 0, True), (16384, 16, 2, True)]:  # fmt: skip
+                   (4096, 8, 0, True), (16384, 16, 2, True), (32768, 32, 1, False), (16384, 32, 1, False),
+                   (32768, 16, 1, False), (65536, 32, 1, False), (32768, 32, 2, False), (16384, 16, 1, False),
+                   (65536, 32, 0, False)]:  # fmt: skip
         fn = partial(ce.ce_forward_rows, *ce_args, grad_out=grad, grad_scale=scale, launch=launch)
         record("ce_fwd_grad", fn, 2 * nv_bytes, launch=str(launch))
     # in place (the gradient over the logits, as inplace_backward=True and the fused linear CE do)
@@ -398,8 +400,9 @@ def sweep_launch_configs(copy_bw: float) -> list[dict]:
     record("copy_same_bytes_as_rms_fwd", partial(torch.clone, x), 2 * x_bytes, default=True)
     record("rms_fwd", partial(rms._forward, x, w, 1e-5, 0.0), 2 * x_bytes, default=True)
     record("rms_bwd_dx_dw", partial(rms._backward, dy, x, w, rstd, 0.0, True, True), 3 * x_bytes, default=True)
-    for per_sm, warps, prefetch in [(1, 8, False), (2, 4, False), (2, 16, False), (3, 8, False), (2, 8, True),
-                                    (1, 16, True), (1, 8, True), (2, 16, True), (4, 4, True)]:  # fmt: skip
+    for per_sm, warps, prefetch in [(2, 8, False), (1, 8, False), (2, 4, False), (2, 16, False), (3, 8, False),
+                                    (2, 8, True), (1, 16, False), (1, 8, True), (2, 16, True), (4, 4, True),
+                                    (4, 8, True)]:  # fmt: skip
         bwd = partial(rms._backward, dy, x, w, rstd, 0.0, True, True, per_sm, warps, prefetch)
         record("rms_bwd_dx_dw", bwd, 3 * x_bytes, programs_per_sm=per_sm, warps=warps, prefetch=prefetch)
     record("rms_bwd_dx_only", partial(rms._backward, dy, x, w, rstd, 0.0, True, False), 3 * x_bytes, default=True)

@@ -86,3 +86,15 @@ def test_rms_norm_backward_launch_variants_agree(programs_per_sm, prefetch, num_
     rms_norm_ref(x_ref, w_ref, 1e-6).backward(dy)
     torch.testing.assert_close(dx, x_ref.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dw, w_ref.grad, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("partials", "cols"), [(70, 100), (1, 5), (32, 64)])
+def test_weight_gradient_partials_are_summed_over_every_tile(partials, cols):
+    """The dweight reduction reads (32, 64) tiles: partial-row and column counts off the tile sizes."""
+    import importlib
+
+    rms_module = importlib.import_module("fms_acceleration_accelerate_kernels.rms_norm")
+    torch.manual_seed(0)
+    partial = torch.randn(partials, cols, device=device_for_tests())
+    out = rms_module._sum_partials(partial, torch.float32)
+    torch.testing.assert_close(out, partial.sum(0), atol=1e-5, rtol=1e-5)
