@@ -140,6 +140,15 @@ def make_train_args(s: Scenario, out_dir: str) -> Any:
     )
 
 
+def hf_peft_fsdp_recipe(model: Any, accelerator: Any) -> None:
+    """The HF Trainer's FSDP set-up for a PEFT model (``update_fsdp_plugin_peft``, before ``prepare``)."""
+    try:
+        from transformers.distributed.fsdp import update_fsdp_plugin_peft
+    except ImportError:  # transformers < 5 kept it in the trainer's integrations
+        from transformers.integrations.fsdp import update_fsdp_plugin_peft  # type: ignore[no-redef]
+    update_fsdp_plugin_peft(model, accelerator)
+
+
 def load_and_prepare(
     s: Scenario, model_dir: str, framework: Any, accelerator: Any, train_args: Any
 ) -> tuple[Any, dict]:
@@ -198,7 +207,21 @@ def load_and_prepare(
                 use_gradient_checkpointing=s.gradient_checkpointing,
                 gradient_checkpointing_kwargs={"use_reentrant": False},
             )
-        model = get_peft_model(model, peft_config)
+        fsdp1 = is_fsdp and getattr(getattr(accelerator.state, "fsdp_plugin", None), "fsdp_version", 1) == 1
+        if fsdp1 and framework is not None:
+            # FSDP1 flat parameters hold one dtype, and a plugin's fused scopes keep each adapter in its decoder
+            # layer's unit next to the bf16 base: adapters in the model dtype (PEFT's default upcasts to fp32)
+            model = get_peft_model(model, peft_config, autocast_adapter_dtype=False)
+            info["lora_dtype"] = "model dtype (FSDP1 + plugin fused scopes)"
+        else:
+            model = get_peft_model(model, peft_config)
+        if fsdp1 and framework is None:
+            # what the HF Trainer does for PEFT under FSDP (update_fsdp_plugin_peft): the fp32 LoRA layers get
+            # FSDP units of their own (peft's fsdp_auto_wrap_policy), and bnb QLoRA computes in its quant
+            # storage dtype. Applied to FSDP1 rows only: FSDP1 needs it (one dtype per flat parameter); the FSDP2
+            # rows keep the per-decoder-layer policy of the committed 2-GPU runs.
+            hf_peft_fsdp_recipe(model, accelerator)
+            info["fsdp_peft_wrap"] = "transformers update_fsdp_plugin_peft (HF Trainer's PEFT + FSDP recipe)"
     if s.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()  # from_pretrained returns eval mode, and HF checkpoints only in train mode

@@ -166,7 +166,7 @@ def _backward(
     offset: float,
     need_dx: bool,
     need_dw: bool,
-    programs_per_sm: int = 1,
+    programs_per_sm: int = 2,
     num_warps: int | None = None,
     prefetch: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -174,8 +174,8 @@ def _backward(
 
     ``programs_per_sm`` (programs accumulating weight-gradient partials), ``num_warps`` and ``prefetch`` (load
     the next row while processing the current one) are launch knobs for the benchmark's sweep. Defaults: the
-    fastest of the H100 sweep at the 8B shape (third session: 1 program per SM, 16 warps for rows of >= 4096
-    columns, prefetch; 0.095 ms
+    fastest of the H100 sweep at the 8B shape (third session, with the tiled partial reduction: 2 programs
+    per SM, default warps, prefetch: 0.077 ms
     vs 0.104 ms for the earlier 2 per SM, default warps, no prefetch; ``benchmarks/results/kernels``).
     """
     x2 = flatten_rows(x)
@@ -197,7 +197,7 @@ def _backward(
             dy2.stride(0), x2.stride(0), dx2.stride(0) if need_dx else 0,
             n_rows, n_cols, offset, rows_per_program,
             BLOCK=block, PREFETCH=bool(prefetch), HAS_DX=need_dx, HAS_DW=need_dw,
-            num_warps=num_warps or (16 if block >= 4096 else num_warps_for(block)),
+            num_warps=num_warps or num_warps_for(block),
         )  # fmt: skip
     dx = dx2.view(x.shape) if need_dx else None
     if need_dw:
