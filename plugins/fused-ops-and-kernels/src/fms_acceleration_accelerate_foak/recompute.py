@@ -49,6 +49,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from fms_acceleration_accelerate.model_specs import ModelMatch
+from fms_acceleration_accelerate.patching import PluginPatcher
 
 #: aten ops whose outputs ``checkpoint_keep_attention`` keeps inside an attention module: the projection GEMMs
 #: and every fused SDPA backend (cuDNN / flash / memory-efficient on CUDA, flash on CPU).
@@ -67,7 +68,6 @@ def _kept_op_overloads() -> frozenset:
 
     ops = (getattr(torch.ops.aten, name, None) for name in KEPT_ATTENTION_OPS)
     return frozenset(op.default for op in ops if op is not None and hasattr(op, "default"))
-from fms_acceleration_accelerate.patching import PluginPatcher
 
 
 class RecomputeState:
@@ -147,7 +147,9 @@ class RecomputeState:
 
         # a fresh pair per checkpointed call: the two share the cache of that call's kept outputs
         forward, recompute = create_selective_checkpoint_contexts(self._policy)
-        return _entered_together(self.checkpointed_forward(), forward), _entered_together(self.recomputation(), recompute)
+        return _entered_together(self.checkpointed_forward(), forward), _entered_together(
+            self.recomputation(), recompute
+        )
 
     def compute_output(self) -> bool:
         """False inside a recomputation (the caller then skips its output projection); counts the skips."""
