@@ -84,6 +84,8 @@ class Scenario:
         extrapolate_layers: > 0: rows of the same group and stack that differ only in the model's layer count
             form a series; the runner fits peak memory per GPU linearly in the layer count and extrapolates to
             this many layers (reported as an extrapolation, next to the measured points).
+        extended: not part of the file's default selection (the core matrix): run only when named with
+            ``--only`` / ``--group`` or when the runner is given ``--extended``.
     """
 
     name: str
@@ -118,6 +120,7 @@ class Scenario:
     distributed: str = "ddp"
     rank_data: str = "split"
     extrapolate_layers: int = 0
+    extended: bool = False
 
     @property
     def uses_plugins(self) -> bool:
@@ -224,15 +227,26 @@ class ScenarioFile:
     scenarios: tuple[Scenario, ...]
     baselines: Mapping[str, str] = field(default_factory=dict)
 
-    def select(self, names: Sequence[str] | None, groups: Sequence[str] | None) -> list[Scenario]:
-        """Scenarios whose name is in ``names`` or group in ``groups`` (all when both are empty)."""
+    def select(
+        self, names: Sequence[str] | None, groups: Sequence[str] | None, extended: bool = False
+    ) -> list[Scenario]:
+        """Scenarios whose name is in ``names`` or group in ``groups``; with both empty, the core matrix (every
+        row not marked ``extended``), or every row when ``extended``. A row named in ``names`` always runs; a
+        group selects its ``extended`` rows only with ``extended``."""
         known = {s.name for s in self.scenarios}
         for n in names or ():
             if n not in known:
                 raise ScenarioError(f"no scenario named {n!r} in {self.path}; known: {', '.join(sorted(known))}")
-        if not names and not groups:
-            return list(self.scenarios)
-        return [s for s in self.scenarios if s.name in (names or ()) or s.group in (groups or ())]
+        known_groups = {s.group for s in self.scenarios}
+        for g in groups or ():
+            if g not in known_groups:
+                raise ScenarioError(f"no group {g!r} in {self.path}; known: {', '.join(sorted(known_groups))}")
+        every = not names and not groups
+        return [
+            s
+            for s in self.scenarios
+            if s.name in (names or ()) or ((every or s.group in (groups or ())) and (extended or not s.extended))
+        ]
 
 
 def load_scenarios(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> ScenarioFile:

@@ -790,8 +790,8 @@ def single_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def readme_table(rows: Sequence[Mapping[str, Any]], source: str) -> str:
-    """The compact performance table for README files, generated from a results CSV."""
-    ok = [r for r in rows if r.get("status") == "ok"]
+    """The compact performance table for README files, generated from a results CSV (one block per group)."""
+    ok = [r for r in by_group(rows) if r.get("status") == "ok"]
     if not ok:
         return f"_No successful rows in {source}._"
     first = ok[0]
@@ -1246,6 +1246,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="results folder (default benchmarks/results/<device>/<date>-<file>)")
     r.add_argument("--only", nargs="+", default=[], help="scenario names to run")
     r.add_argument("--group", nargs="+", default=[], help="scenario groups to run")
+    r.add_argument(
+        "--extended",
+        action="store_true",
+        help="also run the rows marked `extended: true` (default: the core matrix only)",
+    )
     r.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="override a scenario key everywhere")
     r.add_argument("--model-set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override a config key of every random-init model (e.g. a shrunken dry run of the GPU "
@@ -1310,7 +1315,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return merge_results([Path(p) for p in args.csvs], Path(args.out))
     try:
         sfile = benchlib.load_scenarios(args.scenarios, _parse_overrides(args.set))
-        scenarios = sfile.select(args.only, args.group)
+        scenarios = sfile.select(args.only, args.group, args.extended)
     except ScenarioError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

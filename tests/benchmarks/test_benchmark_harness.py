@@ -87,10 +87,30 @@ def test_reference_matrix_is_the_design_shape() -> None:
     assert {s.peer for s in sfile.scenarios} == {"none", "liger"}
 
 
+def test_core_matrix_selection_leaves_out_extended_rows() -> None:
+    sfile = benchlib.load_scenarios(BENCH / "scenarios.yaml")
+    core = sfile.select([], [])
+    extended = [s for s in sfile.scenarios if s.extended]
+    assert extended and all(not s.extended for s in core)
+    assert len(core) + len(extended) == len(sfile.scenarios) == len(sfile.select([], [], extended=True))
+    # every group keeps its baseline, our best stack and the Liger peer in the core matrix
+    for group in ("qlora", "lora", "full"):
+        rows = [s for s in core if s.group == group]
+        assert sfile.baselines[group] in {s.name for s in rows}
+        assert any(s.peer == "liger" for s in rows) and any(s.uses_plugins for s in rows)
+    # a group leaves its extended rows out unless asked; a name always selects its row
+    assert "full-foak" not in {s.name for s in sfile.select([], ["full"])}
+    assert "full-foak" in {s.name for s in sfile.select([], ["full"], extended=True)}
+    assert [s.name for s in sfile.select(["full-foak"], [])] == ["full-foak"]
+    with pytest.raises(benchlib.ScenarioError, match="no group 'fulll'"):
+        sfile.select([], ["fulll"])
+
+
 @pytest.mark.parametrize(
     ("patch", "message"),
     [
         ({"batch_sise": 2}, "unknown key"),
+        ({"extended": "yes"}, "true or false"),
         ({"peft": "qlora4"}, "not one of"),
         ({"steps": 3, "warmup_steps": 3}, "must exceed"),
         ({"gradient_checkpointing": "yes"}, "true or false"),
