@@ -181,13 +181,31 @@ def test_cross_entropy_without_grad_leaves_logits_untouched():
 
 @pytest.mark.parametrize(
     "launch",
-    [(256, 2, 0, True), (256, 2, 0, False), (128, 1, 1, True), (512, 4, 2, False), (4096, 4, 1, True)],
-    ids=["lane", "block", "lane-persistent", "block-persistent", "one-block"],
+    [
+        (256, 2, 0, True),
+        (256, 2, 0, False),
+        (128, 1, 1, True),
+        (512, 4, 2, False),
+        (4096, 4, 1, True),
+        (256, 2, 0, False, False, False),
+        (128, 1, 1, True, True, False),
+        (512, 4, 0, False, False, True),
+    ],
+    ids=[
+        "lane",
+        "block",
+        "lane-persistent",
+        "block-persistent",
+        "one-block",
+        "no-hints-forward",
+        "hints-forward",
+        "no-hints-reverse",
+    ],
 )
 @pytest.mark.parametrize("options", [dict(), dict(softcap=7.0, logits_scaling=2.0, label_smoothing=0.1)])
 def test_ce_row_kernel_launch_variants_agree(launch, options):
     """Every launch variant the benchmark sweeps (block, warps, persistent grid, per-lane or per-block
-    statistics) gives the reference loss and gradient, with several blocks per row (reverse pass 2)."""
+    statistics, L2 hints, pass-2 direction) gives the reference loss and gradient, with several blocks per row."""
     from fms_acceleration_accelerate_kernels.cross_entropy import ce_forward_rows
 
     torch.manual_seed(0)

@@ -7,9 +7,10 @@ dtype and never upcast in memory; statistics are fp32.
 
 Training path (reduction ``"mean"``/``"sum"``, logits requiring grad): ONE kernel per row computes the
 log-sum-exp (pass 1), then re-reads the row and writes ``dloss/dlogits`` for an incoming gradient of 1
-(pass 2). Pass 2 walks the row backwards, so the blocks read last in pass 1 (still in L2) are re-read first;
-pass 1 keeps per-lane running max/sum (one exp per element, no block reductions inside the loop). HBM traffic
-is about one read plus one write of the logits. The backward is a scale by the incoming gradient done by a
+(pass 2), which the L2 cache serves in part. Block size, warps, grid, per-lane or per-block running statistics,
+L2 eviction hints and the direction of pass 2 (backwards re-reads first what pass 1 read last) are launch
+settings chosen by the GPU sweep of ``benchmarks/kernels/bench_kernels.py``. HBM traffic is about one read plus
+one write of the logits. The backward is a scale by the incoming gradient done by a
 kernel that reads that gradient on the device and returns at once when it is 1 (no host sync, no traffic).
 
 Other paths (``reduction="none"``, no grad, ``torch.compile``): a loss-only forward (one read) stores the
@@ -81,11 +82,15 @@ def _ce_row_kernel(
     HAS_SMOOTHING: tl.constexpr,
     WRITE_GRAD: tl.constexpr,
     LANE_STATS: tl.constexpr,
+    L2_HINTS: tl.constexpr,
+    REVERSE: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Loss and log-sum-exp of rows ``pid, pid + n_programs, ...``; with WRITE_GRAD also their gradient.
 
     LANE_STATS: running max/sum kept per lane (no block reductions in the loop) instead of per block.
+    L2_HINTS: pass 1 loads with ``evict_last`` and pass 2 with ``evict_first`` (no hints otherwise).
+    REVERSE: pass 2 walks the row from its last block (re-reads first what pass 1 read last).
     """
     n_programs = tl.num_programs(0)
     n_blocks = tl.cdiv(n_cols, BLOCK)
@@ -108,7 +113,7 @@ def _ce_row_kernel(
         for b in range(0, n_blocks):
             cols = b * BLOCK + offs
             mask = cols < n_cols
-            if WRITE_GRAD:
+            if WRITE_GRAD and L2_HINTS:
                 x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
             else:
                 x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -143,9 +148,15 @@ def _ce_row_kernel(
             weight = tl.where(valid, tl.load(GRAD_SCALE), 0.0)
             grad_ptr = GRAD + row64 * stride_grad
             for rb in range(0, n_blocks):
-                cols = (n_blocks - 1 - rb) * BLOCK + offs
+                if REVERSE:
+                    cols = (n_blocks - 1 - rb) * BLOCK + offs
+                else:
+                    cols = rb * BLOCK + offs
                 mask = cols < n_cols
-                x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                if L2_HINTS:
+                    x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+                else:
+                    x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
                 g = _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing,
                                 HAS_SOFTCAP, HAS_SMOOTHING)  # fmt: skip
                 tl.store(grad_ptr + cols, (g * weight).to(grad_ptr.dtype.element_ty), mask=mask)
@@ -202,31 +213,32 @@ def _scale_rows_kernel(GRAD, SCALE, stride_grad, n_rows, n_cols, BLOCK: tl.const
                 tl.store(grad_ptr + cols, (g * scale).to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-# Launch settings per kernel kind: (BLOCK cap, num_warps, programs per SM (0: one program per row), LANE_STATS).
+# Launch settings per kernel kind: (BLOCK cap, num_warps, programs per SM (0: one program per row), LANE_STATS,
+# L2_HINTS, REVERSE); the last two only matter for the gradient-writing row kernel ("fwd_grad").
 # "fwd" (loss only, one read) and "bwd" (read + write) come from the H100 sweep at V=128256 recorded in
 # benchmarks/results/kernels/; "fwd_grad" (read, L2 re-read, write) is swept by benchmarks/kernels/bench_kernels.py.
 _LAUNCH = {
-    "fwd": (4096, 4, 0, False),
+    "fwd": (4096, 4, 0, False, False, False),
     # H100 sweep at 8192 x 128256 bf16 (third session): (32768, 32, 0, False) 1.95 ms; the earlier
     # (16384, 16, 0, True) 2.70 ms (benchmarks/results/kernels)
-    "fwd_grad": (32768, 32, 0, False),
-    "bwd": (32768, 32, 0, False),
+    "fwd_grad": (32768, 32, 0, False, True, True),
+    "bwd": (32768, 32, 0, False, False, False),
 }
 
 
-def _launch_settings(n_cols: int, kind: str, launch: tuple | None = None) -> tuple[int, int, int, bool]:
-    """(BLOCK, num_warps, programs_per_sm, lane_stats) of a row kernel; ``launch`` overrides (benchmark sweep).
+def _launch_settings(n_cols: int, kind: str, launch: tuple | None = None) -> tuple[int, int, int, bool, bool, bool]:
+    """(BLOCK, num_warps, programs_per_sm, lane_stats, l2_hints, reverse) of a row kernel; ``launch`` overrides
+    (benchmark sweep).
 
-    ``launch`` may give the first 2, 3 or 4 entries; missing ones come from the defaults of ``kind``.
+    ``launch`` may give the first 2 to 6 entries; missing ones come from the defaults of ``kind``.
     """
-    cap, warps, per_sm, lane = _LAUNCH[kind]
-    if launch is not None:
-        settings = tuple(launch) + (cap, warps, per_sm, lane)[len(launch) :]
-        cap, warps, per_sm, lane = settings
+    defaults = _LAUNCH[kind]
+    settings = defaults if launch is None else tuple(launch) + defaults[len(launch) :]
+    cap, warps, per_sm, lane, hints, reverse = settings
     block = min(cap, next_power_of_2(n_cols))
     # small rows: fewer warps than elements per block would only idle
     warps = max(1, min(warps, block // 256)) if block < 256 * warps else warps
-    return block, warps, per_sm, bool(lane)
+    return block, warps, per_sm, bool(lane), bool(hints), bool(reverse)
 
 
 def _softcap_args(softcap: float | None) -> tuple[float, bool]:
@@ -269,7 +281,7 @@ def ce_forward_rows(
     if n_rows == 0:
         return loss, lse
     write_grad = grad_out is not None
-    block, warps, per_sm, lane = _launch_settings(n_cols, "fwd_grad" if write_grad else "fwd", launch)
+    block, warps, per_sm, lane, hints, reverse = _launch_settings(n_cols, "fwd_grad" if write_grad else "fwd", launch)
     softcap_value, has_softcap = _softcap_args(softcap)
     if write_grad:
         assert grad_scale is not None and grad_out.stride(-1) == 1
@@ -278,7 +290,7 @@ def ce_forward_rows(
         logits.stride(0), grad_out.stride(0) if write_grad else 0, n_rows, n_cols, ignore_index,
         1.0 / logits_scaling, softcap_value, label_smoothing,
         HAS_SOFTCAP=has_softcap, HAS_SMOOTHING=label_smoothing > 0, WRITE_GRAD=write_grad, LANE_STATS=lane,
-        BLOCK=block, num_warps=warps,
+        L2_HINTS=hints, REVERSE=reverse, BLOCK=block, num_warps=warps,
     )  # fmt: skip
     return loss, lse
 
@@ -304,7 +316,7 @@ def ce_backward_rows(
         out = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if n_rows == 0:
         return out
-    block, warps, _per_sm, _lane = _launch_settings(n_cols, "bwd", launch)
+    block, warps = _launch_settings(n_cols, "bwd", launch)[:2]
     softcap_value, has_softcap = _softcap_args(softcap)
     _ce_bwd_kernel[(n_rows,)](
         logits, target, lse, grad_loss, out,
