@@ -63,6 +63,98 @@ def _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing
 
 
 @triton.jit
+def _ce_one_row(
+    row64,
+    LOGITS,
+    TARGET,
+    LOSS,
+    LSE,
+    GRAD,
+    GRAD_SCALE,
+    stride_logits,
+    stride_grad,
+    n_cols,
+    ignore_index,
+    inv_scale,
+    softcap,
+    smoothing,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    LANE_STATS: tl.constexpr,
+    L2_HINTS: tl.constexpr,
+    REVERSE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """Loss and log-sum-exp of row ``row64`` (int64); with WRITE_GRAD also its gradient. See ``_ce_row_kernel``."""
+    n_blocks = tl.cdiv(n_cols, BLOCK)
+    offs = tl.arange(0, BLOCK)
+    row_ptr = LOGITS + row64 * stride_logits
+    target = tl.load(TARGET + row64)
+    valid = target != ignore_index
+    safe_target = tl.where(valid, target, 0)
+    x_t = tl.load(row_ptr + safe_target).to(tl.float32)  # issued before the row loop: its latency is hidden
+    # ---- pass 1: log-sum-exp (and the sum of z for label smoothing)
+    if LANE_STATS:
+        # finite start value: z - m never meets (-inf) - (-inf), masked lanes (z = -inf) add exp(-inf) = 0
+        m_vec = tl.full([BLOCK], -3.4028234663852886e38, tl.float32)
+        s_vec = tl.zeros([BLOCK], tl.float32)
+    else:
+        m = float("-inf")
+        s = 0.0
+    z_vec = tl.zeros([BLOCK], tl.float32)
+    for b in range(0, n_blocks):
+        cols = b * BLOCK + offs
+        mask = cols < n_cols
+        if WRITE_GRAD and L2_HINTS:
+            x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
+        else:
+            x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        z, _dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
+        z = tl.where(mask, z, float("-inf"))
+        if HAS_SMOOTHING:
+            z_vec += tl.where(mask, z, 0.0)
+        if LANE_STATS:
+            # one exp per element: exp(-|z - m|) rescales either the old sum or the new element
+            bigger = z > m_vec
+            t = tl.exp(tl.where(bigger, m_vec - z, z - m_vec))
+            s_vec = tl.where(bigger, s_vec * t + 1.0, s_vec + t)
+            m_vec = tl.where(bigger, z, m_vec)
+        else:
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            m = m_new
+    if LANE_STATS:
+        m = tl.max(m_vec, axis=0)
+        s = tl.sum(s_vec * tl.exp(m_vec - m), axis=0)
+    lse = m + tl.log(s)
+    z_t, _dz_t = _transform(x_t, inv_scale, softcap, HAS_SOFTCAP)
+    loss = lse - (1.0 - smoothing) * z_t
+    if HAS_SMOOTHING:
+        loss -= smoothing * tl.sum(z_vec, axis=0) / n_cols
+    tl.store(LOSS + row64, tl.where(valid, loss, 0.0))
+    tl.store(LSE + row64, lse)
+    # ---- pass 2 (WRITE_GRAD): grad = scale * (softmax(z) - (1 - eps) onehot - eps / V) * dz/dx, last block
+    # first so that the blocks pass 1 read last are re-read while still in L2
+    if WRITE_GRAD:
+        weight = tl.where(valid, tl.load(GRAD_SCALE), 0.0)
+        grad_ptr = GRAD + row64 * stride_grad
+        for rb in range(0, n_blocks):
+            if REVERSE:
+                cols = (n_blocks - 1 - rb) * BLOCK + offs
+            else:
+                cols = rb * BLOCK + offs
+            mask = cols < n_cols
+            if L2_HINTS:
+                x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
+            else:
+                x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+            g = _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing,
+                            HAS_SOFTCAP, HAS_SMOOTHING)  # fmt: skip
+            tl.store(grad_ptr + cols, (g * weight).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _ce_row_kernel(
     LOGITS,
     TARGET,
@@ -84,82 +176,27 @@ def _ce_row_kernel(
     LANE_STATS: tl.constexpr,
     L2_HINTS: tl.constexpr,
     REVERSE: tl.constexpr,
+    PERSISTENT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    """Loss and log-sum-exp of rows ``pid, pid + n_programs, ...``; with WRITE_GRAD also their gradient.
+    """Loss and log-sum-exp of rows; with WRITE_GRAD also their gradient.
 
+    PERSISTENT: each program loops over rows ``pid, pid + n_programs, ...`` (grid smaller than the row count);
+    otherwise one program per row and no row loop.
     LANE_STATS: running max/sum kept per lane (no block reductions in the loop) instead of per block.
     L2_HINTS: pass 1 loads with ``evict_last`` and pass 2 with ``evict_first`` (no hints otherwise).
     REVERSE: pass 2 walks the row from its last block (re-reads first what pass 1 read last).
     """
-    n_programs = tl.num_programs(0)
-    n_blocks = tl.cdiv(n_cols, BLOCK)
-    offs = tl.arange(0, BLOCK)
-    # an int64 loop counter, so row offsets never overflow (a plain int in interpreter mode)
-    for row64 in range(tl.program_id(0).to(tl.int64), n_rows, n_programs):
-        row_ptr = LOGITS + row64 * stride_logits
-        target = tl.load(TARGET + row64)
-        valid = target != ignore_index
-        safe_target = tl.where(valid, target, 0)
-        # ---- pass 1: log-sum-exp (and the sum of z for label smoothing)
-        if LANE_STATS:
-            # finite start value: z - m never meets (-inf) - (-inf), masked lanes (z = -inf) add exp(-inf) = 0
-            m_vec = tl.full([BLOCK], -3.4028234663852886e38, tl.float32)
-            s_vec = tl.zeros([BLOCK], tl.float32)
-        else:
-            m = float("-inf")
-            s = 0.0
-        z_vec = tl.zeros([BLOCK], tl.float32)
-        for b in range(0, n_blocks):
-            cols = b * BLOCK + offs
-            mask = cols < n_cols
-            if WRITE_GRAD and L2_HINTS:
-                x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_last").to(tl.float32)
-            else:
-                x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            z, _dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
-            z = tl.where(mask, z, float("-inf"))
-            if HAS_SMOOTHING:
-                z_vec += tl.where(mask, z, 0.0)
-            if LANE_STATS:
-                # one exp per element: exp(-|z - m|) rescales either the old sum or the new element
-                bigger = z > m_vec
-                t = tl.exp(tl.where(bigger, m_vec - z, z - m_vec))
-                s_vec = tl.where(bigger, s_vec * t + 1.0, s_vec + t)
-                m_vec = tl.where(bigger, z, m_vec)
-            else:
-                m_new = tl.maximum(m, tl.max(z, axis=0))
-                s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
-                m = m_new
-        if LANE_STATS:
-            m = tl.max(m_vec, axis=0)
-            s = tl.sum(s_vec * tl.exp(m_vec - m), axis=0)
-        lse = m + tl.log(s)
-        x_t = tl.load(row_ptr + safe_target).to(tl.float32)
-        z_t, _dz_t = _transform(x_t, inv_scale, softcap, HAS_SOFTCAP)
-        loss = lse - (1.0 - smoothing) * z_t
-        if HAS_SMOOTHING:
-            loss -= smoothing * tl.sum(z_vec, axis=0) / n_cols
-        tl.store(LOSS + row64, tl.where(valid, loss, 0.0))
-        tl.store(LSE + row64, lse)
-        # ---- pass 2 (WRITE_GRAD): grad = scale * (softmax(z) - (1 - eps) onehot - eps / V) * dz/dx, last block
-        # first so that the blocks pass 1 read last are re-read while still in L2
-        if WRITE_GRAD:
-            weight = tl.where(valid, tl.load(GRAD_SCALE), 0.0)
-            grad_ptr = GRAD + row64 * stride_grad
-            for rb in range(0, n_blocks):
-                if REVERSE:
-                    cols = (n_blocks - 1 - rb) * BLOCK + offs
-                else:
-                    cols = rb * BLOCK + offs
-                mask = cols < n_cols
-                if L2_HINTS:
-                    x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
-                else:
-                    x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                g = _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing,
-                                HAS_SOFTCAP, HAS_SMOOTHING)  # fmt: skip
-                tl.store(grad_ptr + cols, (g * weight).to(grad_ptr.dtype.element_ty), mask=mask)
+    if PERSISTENT:
+        # an int64 loop counter, so row offsets never overflow (a plain int in interpreter mode)
+        for row64 in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+            _ce_one_row(row64, LOGITS, TARGET, LOSS, LSE, GRAD, GRAD_SCALE, stride_logits, stride_grad, n_cols,
+                        ignore_index, inv_scale, softcap, smoothing, HAS_SOFTCAP, HAS_SMOOTHING, WRITE_GRAD,
+                        LANE_STATS, L2_HINTS, REVERSE, BLOCK)  # fmt: skip
+    else:
+        _ce_one_row(tl.program_id(0).to(tl.int64), LOGITS, TARGET, LOSS, LSE, GRAD, GRAD_SCALE, stride_logits,
+                    stride_grad, n_cols, ignore_index, inv_scale, softcap, smoothing, HAS_SOFTCAP, HAS_SMOOTHING,
+                    WRITE_GRAD, LANE_STATS, L2_HINTS, REVERSE, BLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -290,7 +327,7 @@ def ce_forward_rows(
         logits.stride(0), grad_out.stride(0) if write_grad else 0, n_rows, n_cols, ignore_index,
         1.0 / logits_scaling, softcap_value, label_smoothing,
         HAS_SOFTCAP=has_softcap, HAS_SMOOTHING=label_smoothing > 0, WRITE_GRAD=write_grad, LANE_STATS=lane,
-        L2_HINTS=hints, REVERSE=reverse, BLOCK=block, num_warps=warps,
+        L2_HINTS=hints, REVERSE=reverse, PERSISTENT=per_sm > 0, BLOCK=block, num_warps=warps,
     )  # fmt: skip
     return loss, lse
 
