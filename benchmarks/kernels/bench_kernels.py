@@ -364,18 +364,20 @@ def sweep_launch_configs(copy_bw: float) -> list[dict]:
     scale = torch.ones(1, device="cuda")
     nv_bytes = logits.numel() * logits.element_size()
     ce_args = (logits, target, -100, None, 1.0, 0.0)
-    # (BLOCK, num_warps, programs per SM (0: one per row), per-lane statistics, L2 eviction hints, reverse pass 2)
+    # (BLOCK, num_warps, programs per SM (0: one per row), per-lane statistics, L2 eviction hints, reverse pass 2,
+    #  target column written after pass 2)
     record("ce_fwd_grad", partial(ce.ce_forward_rows, *ce_args, grad_out=grad, grad_scale=scale), 2 * nv_bytes,
            default=True, launch=str(ce._LAUNCH["fwd_grad"]))  # fmt: skip
-    shapes = [(32768, 32, 0, False), (16384, 16, 0, False), (16384, 32, 0, False), (8192, 8, 0, False),
-              (4096, 8, 0, False), (32768, 32, 1, False), (16384, 16, 0, True), (65536, 32, 0, False)]  # fmt: skip
-    variants = [(*shape, hints, reverse) for shape in shapes for hints in (True, False) for reverse in (True, False)]
+    shapes = [(32768, 32, 0, False), (16384, 16, 0, False), (8192, 8, 0, False), (4096, 8, 0, False),
+              (4096, 4, 0, False), (2048, 4, 0, False), (8192, 16, 1, False)]  # fmt: skip
+    flags = [(hints, reverse, fixup) for hints in (True, False) for reverse in (True, False) for fixup in (True, False)]
+    variants = [(*shape, *f) for shape in shapes for f in flags]
     for launch in variants:
         fn = partial(ce.ce_forward_rows, *ce_args, grad_out=grad, grad_scale=scale, launch=launch)
         record("ce_fwd_grad", fn, 2 * nv_bytes, launch=str(launch))
     # in place (the gradient over the logits, as inplace_backward=True and the fused linear CE do)
     work = logits.clone()
-    for launch in [ce._LAUNCH["fwd_grad"], *(v for v in variants if v[:4] in shapes[:3])]:
+    for launch in [ce._LAUNCH["fwd_grad"], *(v for v in variants if v[:4] in shapes[2:5] and v[6])]:
         fn = partial(ce.ce_forward_rows, work, *ce_args[1:], grad_out=work, grad_scale=scale, launch=launch)
         record("ce_fwd_grad_inplace", fn, 2 * nv_bytes, default=launch == ce._LAUNCH["fwd_grad"],
                launch=str(tuple(launch)))  # fmt: skip

@@ -190,6 +190,9 @@ def test_cross_entropy_without_grad_leaves_logits_untouched():
         (256, 2, 0, False, False, False),
         (128, 1, 1, True, True, False),
         (512, 4, 0, False, False, True),
+        (256, 2, 0, False, False, False, True),
+        (128, 1, 1, True, True, True, True),
+        (4096, 4, 0, False, True, True, True),
     ],
     ids=[
         "lane",
@@ -200,12 +203,16 @@ def test_cross_entropy_without_grad_leaves_logits_untouched():
         "no-hints-forward",
         "hints-forward",
         "no-hints-reverse",
+        "fixup",
+        "fixup-lane-persistent",
+        "fixup-one-block",
     ],
 )
 @pytest.mark.parametrize("options", [dict(), dict(softcap=7.0, logits_scaling=2.0, label_smoothing=0.1)])
 def test_ce_row_kernel_launch_variants_agree(launch, options):
     """Every launch variant the benchmark sweeps (block, warps, persistent grid, per-lane or per-block
-    statistics, L2 hints, pass-2 direction) gives the reference loss and gradient, with several blocks per row."""
+    statistics, L2 hints, pass-2 direction, target column written after pass 2) gives the reference loss and
+    gradient, with several blocks per row; in place over the logits too."""
     from fms_acceleration_accelerate_kernels.cross_entropy import ce_forward_rows
 
     torch.manual_seed(0)
@@ -223,6 +230,12 @@ def test_ce_row_kernel_launch_variants_agree(launch, options):
     )  # fmt: skip
     torch.testing.assert_close(loss_rows.sum(), want, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(grad, ref_logits.grad, atol=1e-6, rtol=1e-5)
+    work = logits.clone()  # the gradient written over the logits (inplace_backward, fused linear CE)
+    ce_forward_rows(
+        work, target, -100, options.get("softcap"), options.get("logits_scaling", 1.0),
+        options.get("label_smoothing", 0.0), grad_out=work, grad_scale=torch.ones(1, device=device), launch=launch,
+    )  # fmt: skip
+    torch.testing.assert_close(work, ref_logits.grad, atol=1e-6, rtol=1e-5)
     loss_only, _ = ce_forward_rows(
         logits, target, -100, options.get("softcap"), options.get("logits_scaling", 1.0),
         options.get("label_smoothing", 0.0), launch=launch,

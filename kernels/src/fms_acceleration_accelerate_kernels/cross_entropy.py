@@ -49,10 +49,14 @@ def _transform(x, inv_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 @triton.jit
 def _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing,
-                HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr):  # fmt: skip
-    """dloss/dx of one block of raw logits ``x`` (fp32): (softmax(z) - (1 - eps) onehot - eps / V) * dz/dx."""
+                HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ONEHOT: tl.constexpr = True):  # fmt: skip
+    """dloss/dx of one block of raw logits ``x`` (fp32): (softmax(z) - (1 - eps) onehot - eps / V) * dz/dx.
+
+    Without ONEHOT the target term is left out (the caller writes the target's gradient itself)."""
     z, dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
-    g = tl.exp(z - lse) - tl.where(cols == safe_target, 1.0 - smoothing, 0.0)
+    g = tl.exp(z - lse)
+    if ONEHOT:
+        g -= tl.where(cols == safe_target, 1.0 - smoothing, 0.0)
     if HAS_SMOOTHING:
         g -= smoothing / n_cols
     if HAS_SOFTCAP:
@@ -84,6 +88,7 @@ def _ce_one_row(
     LANE_STATS: tl.constexpr,
     L2_HINTS: tl.constexpr,
     REVERSE: tl.constexpr,
+    FIXUP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     """Loss and log-sum-exp of row ``row64`` (int64); with WRITE_GRAD also its gradient. See ``_ce_row_kernel``."""
@@ -92,7 +97,7 @@ def _ce_one_row(
     row_ptr = LOGITS + row64 * stride_logits
     target = tl.load(TARGET + row64)
     valid = target != ignore_index
-    safe_target = tl.where(valid, target, 0)
+    safe_target = tl.where(valid, target, 0).to(tl.int32)  # int32: the per-element compare stays 32-bit
     x_t = tl.load(row_ptr + safe_target).to(tl.float32)  # issued before the row loop: its latency is hidden
     # ---- pass 1: log-sum-exp (and the sum of z for label smoothing)
     if LANE_STATS:
@@ -128,7 +133,7 @@ def _ce_one_row(
         m = tl.max(m_vec, axis=0)
         s = tl.sum(s_vec * tl.exp(m_vec - m), axis=0)
     lse = m + tl.log(s)
-    z_t, _dz_t = _transform(x_t, inv_scale, softcap, HAS_SOFTCAP)
+    z_t, dz_t = _transform(x_t, inv_scale, softcap, HAS_SOFTCAP)
     loss = lse - (1.0 - smoothing) * z_t
     if HAS_SMOOTHING:
         loss -= smoothing * tl.sum(z_vec, axis=0) / n_cols
@@ -150,8 +155,20 @@ def _ce_one_row(
             else:
                 x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
             g = _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing,
-                            HAS_SOFTCAP, HAS_SMOOTHING)  # fmt: skip
+                            HAS_SOFTCAP, HAS_SMOOTHING, not FIXUP)  # fmt: skip
             tl.store(grad_ptr + cols, (g * weight).to(grad_ptr.dtype.element_ty), mask=mask)
+        if FIXUP:
+            # the target's gradient, from the fp32 logit loaded before pass 1 (rounded once, so the
+            # cancellation in softmax - 1 is not made worse), written after every thread's pass-2 stores
+            tl.debug_barrier()
+            g_t = tl.exp(z_t - lse) - (1.0 - smoothing)
+            if HAS_SMOOTHING:
+                g_t -= smoothing / n_cols
+            if HAS_SOFTCAP:
+                g_t = g_t * dz_t
+            else:
+                g_t = g_t * inv_scale
+            tl.store(grad_ptr + safe_target, (g_t * weight).to(grad_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -176,6 +193,7 @@ def _ce_row_kernel(
     LANE_STATS: tl.constexpr,
     L2_HINTS: tl.constexpr,
     REVERSE: tl.constexpr,
+    FIXUP: tl.constexpr,
     PERSISTENT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -186,17 +204,19 @@ def _ce_row_kernel(
     LANE_STATS: running max/sum kept per lane (no block reductions in the loop) instead of per block.
     L2_HINTS: pass 1 loads with ``evict_last`` and pass 2 with ``evict_first`` (no hints otherwise).
     REVERSE: pass 2 walks the row from its last block (re-reads first what pass 1 read last).
+    FIXUP: pass 2 writes softmax terms only; the target column's gradient is stored once afterwards (no
+    per-element compare with the target).
     """
     if PERSISTENT:
         # an int64 loop counter, so row offsets never overflow (a plain int in interpreter mode)
         for row64 in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
             _ce_one_row(row64, LOGITS, TARGET, LOSS, LSE, GRAD, GRAD_SCALE, stride_logits, stride_grad, n_cols,
                         ignore_index, inv_scale, softcap, smoothing, HAS_SOFTCAP, HAS_SMOOTHING, WRITE_GRAD,
-                        LANE_STATS, L2_HINTS, REVERSE, BLOCK)  # fmt: skip
+                        LANE_STATS, L2_HINTS, REVERSE, FIXUP, BLOCK)  # fmt: skip
     else:
         _ce_one_row(tl.program_id(0).to(tl.int64), LOGITS, TARGET, LOSS, LSE, GRAD, GRAD_SCALE, stride_logits,
                     stride_grad, n_cols, ignore_index, inv_scale, softcap, smoothing, HAS_SOFTCAP, HAS_SMOOTHING,
-                    WRITE_GRAD, LANE_STATS, L2_HINTS, REVERSE, BLOCK)  # fmt: skip
+                    WRITE_GRAD, LANE_STATS, L2_HINTS, REVERSE, FIXUP, BLOCK)  # fmt: skip
 
 
 @triton.jit
@@ -251,31 +271,33 @@ def _scale_rows_kernel(GRAD, SCALE, stride_grad, n_rows, n_cols, BLOCK: tl.const
 
 
 # Launch settings per kernel kind: (BLOCK cap, num_warps, programs per SM (0: one program per row), LANE_STATS,
-# L2_HINTS, REVERSE); the last two only matter for the gradient-writing row kernel ("fwd_grad").
+# L2_HINTS, REVERSE, FIXUP); the last three only matter for the gradient-writing row kernel ("fwd_grad").
 # "fwd" (loss only, one read) and "bwd" (read + write) come from the H100 sweep at V=128256 recorded in
 # benchmarks/results/kernels/; "fwd_grad" (read, L2 re-read, write) is swept by benchmarks/kernels/bench_kernels.py.
 _LAUNCH = {
-    "fwd": (4096, 4, 0, False, False, False),
+    "fwd": (4096, 4, 0, False, False, False, False),
     # H100 sweep at 8192 x 128256 bf16 (third session): (32768, 32, 0, False) 1.95 ms; the earlier
     # (16384, 16, 0, True) 2.70 ms (benchmarks/results/kernels)
-    "fwd_grad": (32768, 32, 0, False, True, True),
-    "bwd": (32768, 32, 0, False, False, False),
+    "fwd_grad": (32768, 32, 0, False, True, True, False),
+    "bwd": (32768, 32, 0, False, False, False, False),
 }
 
 
-def _launch_settings(n_cols: int, kind: str, launch: tuple | None = None) -> tuple[int, int, int, bool, bool, bool]:
-    """(BLOCK, num_warps, programs_per_sm, lane_stats, l2_hints, reverse) of a row kernel; ``launch`` overrides
-    (benchmark sweep).
+def _launch_settings(
+    n_cols: int, kind: str, launch: tuple | None = None
+) -> tuple[int, int, int, bool, bool, bool, bool]:
+    """(BLOCK, num_warps, programs_per_sm, lane_stats, l2_hints, reverse, fixup) of a row kernel; ``launch``
+    overrides (benchmark sweep).
 
-    ``launch`` may give the first 2 to 6 entries; missing ones come from the defaults of ``kind``.
+    ``launch`` may give the first 2 to 7 entries; missing ones come from the defaults of ``kind``.
     """
     defaults = _LAUNCH[kind]
     settings = defaults if launch is None else tuple(launch) + defaults[len(launch) :]
-    cap, warps, per_sm, lane, hints, reverse = settings
+    cap, warps, per_sm, lane, hints, reverse, fixup = settings
     block = min(cap, next_power_of_2(n_cols))
     # small rows: fewer warps than elements per block would only idle
     warps = max(1, min(warps, block // 256)) if block < 256 * warps else warps
-    return block, warps, per_sm, bool(lane), bool(hints), bool(reverse)
+    return block, warps, per_sm, bool(lane), bool(hints), bool(reverse), bool(fixup)
 
 
 def _softcap_args(softcap: float | None) -> tuple[float, bool]:
@@ -318,7 +340,9 @@ def ce_forward_rows(
     if n_rows == 0:
         return loss, lse
     write_grad = grad_out is not None
-    block, warps, per_sm, lane, hints, reverse = _launch_settings(n_cols, "fwd_grad" if write_grad else "fwd", launch)
+    block, warps, per_sm, lane, hints, reverse, fixup = _launch_settings(
+        n_cols, "fwd_grad" if write_grad else "fwd", launch
+    )
     softcap_value, has_softcap = _softcap_args(softcap)
     if write_grad:
         assert grad_scale is not None and grad_out.stride(-1) == 1
@@ -327,7 +351,7 @@ def ce_forward_rows(
         logits.stride(0), grad_out.stride(0) if write_grad else 0, n_rows, n_cols, ignore_index,
         1.0 / logits_scaling, softcap_value, label_smoothing,
         HAS_SOFTCAP=has_softcap, HAS_SMOOTHING=label_smoothing > 0, WRITE_GRAD=write_grad, LANE_STATS=lane,
-        L2_HINTS=hints, REVERSE=reverse, PERSISTENT=per_sm > 0, BLOCK=block, num_warps=warps,
+        L2_HINTS=hints, REVERSE=reverse, FIXUP=fixup, PERSISTENT=per_sm > 0, BLOCK=block, num_warps=warps,
     )  # fmt: skip
     return loss, lse
 
