@@ -367,7 +367,7 @@ def sweep_launch_configs(copy_bw: float) -> list[dict]:
     # (BLOCK, num_warps, programs per SM (0: one per row), per-lane statistics, L2 eviction hints, reverse pass 2,
     #  target column written after pass 2)
     record("ce_fwd_grad", partial(ce.ce_forward_rows, *ce_args, grad_out=grad, grad_scale=scale), 2 * nv_bytes,
-           default=True, launch=str(ce._LAUNCH["fwd_grad"]))  # fmt: skip
+           default=True, launch=str(ce.launch_defaults("fwd_grad", logits.device)))  # fmt: skip
     shapes = [(32768, 32, 0, False), (16384, 16, 0, False), (8192, 8, 0, False), (4096, 8, 0, False),
               (4096, 4, 0, False), (2048, 4, 0, False), (8192, 16, 1, False)]  # fmt: skip
     flags = [(hints, reverse, fixup) for hints in (True, False) for reverse in (True, False) for fixup in (True, False)]
@@ -377,13 +377,14 @@ def sweep_launch_configs(copy_bw: float) -> list[dict]:
         record("ce_fwd_grad", fn, 2 * nv_bytes, launch=str(launch))
     # in place (the gradient over the logits, as inplace_backward=True and the fused linear CE do)
     work = logits.clone()
-    for launch in [ce._LAUNCH["fwd_grad"], *(v for v in variants if v[:4] in shapes[2:5] and v[6])]:
+    default_launch = ce.launch_defaults("fwd_grad", logits.device)
+    for launch in [default_launch, *(v for v in variants if v[:4] in shapes[2:5] and v[6])]:
         fn = partial(ce.ce_forward_rows, work, *ce_args[1:], grad_out=work, grad_scale=scale, launch=launch)
-        record("ce_fwd_grad_inplace", fn, 2 * nv_bytes, default=launch == ce._LAUNCH["fwd_grad"],
+        record("ce_fwd_grad_inplace", fn, 2 * nv_bytes, default=launch == default_launch,
                launch=str(tuple(launch)))  # fmt: skip
     del work
     record("ce_fwd_loss_only", partial(ce.ce_forward_rows, *ce_args), nv_bytes, default=True,
-           launch=str(ce._LAUNCH["fwd"]))  # fmt: skip
+           launch=str(ce.launch_defaults("fwd", logits.device)))  # fmt: skip
     for launch in [(4096, 4, 0, True), (8192, 8, 0, True), (2048, 4, 0, False)]:
         record("ce_fwd_loss_only", partial(ce.ce_forward_rows, *ce_args, launch=launch), nv_bytes, launch=str(launch))
     record("copy_same_bytes_as_ce_fwd_grad", partial(torch.clone, logits), 2 * nv_bytes, default=True)

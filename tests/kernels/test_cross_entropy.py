@@ -241,3 +241,19 @@ def test_ce_row_kernel_launch_variants_agree(launch, options):
         options.get("label_smoothing", 0.0), launch=launch,
     )  # fmt: skip
     torch.testing.assert_close(loss_only, loss_rows)
+
+
+def test_launch_defaults_follow_the_gpu_sweeps(monkeypatch):
+    """Per-GPU launch defaults: the H200 sweep's setting on an H200, the H100 one elsewhere (and on CPU)."""
+    import importlib
+    from types import SimpleNamespace
+
+    ce = importlib.import_module("fms_acceleration_accelerate_kernels.cross_entropy")
+
+    cuda = torch.device("cuda", 0)
+    names = iter(["NVIDIA H200", "NVIDIA H100 80GB HBM3", "NVIDIA H200"])
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(name=next(names)))
+    assert ce.launch_defaults("fwd_grad", cuda) == ce._LAUNCH_BY_GPU["H200"]["fwd_grad"] != ce._LAUNCH["fwd_grad"]
+    assert ce.launch_defaults("fwd_grad", cuda) == ce._LAUNCH["fwd_grad"]
+    assert ce.launch_defaults("fwd", cuda) == ce._LAUNCH["fwd"]  # no H200 override for this kind
+    assert ce.launch_defaults("fwd_grad", torch.device("cpu")) == ce._LAUNCH["fwd_grad"]

@@ -22,6 +22,8 @@ chunks.
 
 from __future__ import annotations
 
+from types import MappingProxyType
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -274,24 +276,46 @@ def _scale_rows_kernel(GRAD, SCALE, stride_grad, n_rows, n_cols, BLOCK: tl.const
 # L2_HINTS, REVERSE, FIXUP); the last three only matter for the gradient-writing row kernel ("fwd_grad").
 # "fwd" (loss only, one read) and "bwd" (read + write) come from the H100 sweep at V=128256 recorded in
 # benchmarks/results/kernels/; "fwd_grad" (read, L2 re-read, write) is swept by benchmarks/kernels/bench_kernels.py.
-_LAUNCH = {
-    "fwd": (4096, 4, 0, False, False, False, False),
-    # H100 sweep at 8192 x 128256 bf16 (third session): (32768, 32, 0, False) 1.95 ms; the earlier
-    # (16384, 16, 0, True) 2.70 ms (benchmarks/results/kernels)
-    "fwd_grad": (32768, 32, 0, False, True, True, False),
-    "bwd": (32768, 32, 0, False, False, False, False),
-}
+_LAUNCH = MappingProxyType(
+    {
+        "fwd": (4096, 4, 0, False, False, False, False),
+        # H100 sweep at 8192 x 128256 bf16 (third session): (32768, 32, 0, False) 1.95 ms; the earlier
+        # (16384, 16, 0, True) 2.70 ms (benchmarks/results/kernels)
+        "fwd_grad": (32768, 32, 0, False, True, True, False),
+        "bwd": (32768, 32, 0, False, False, False, False),
+    }
+)
+
+# Per-GPU overrides of _LAUNCH (a substring of the CUDA device name -> kind -> settings), each from a sweep on
+# that GPU. H200, 8192 x 128256 bf16 (benchmarks/results/kernels/2026-11-26-h200-ce-sweep, run 2):
+# (4096, 8, 0, False, True, True) 1.588 ms against 1.792 ms for the H100 setting; the H100 sweep of the third
+# session had the opposite order (32768/32 warps 1.95 ms, 4096/8 warps 2.10 ms).
+_LAUNCH_BY_GPU = MappingProxyType(
+    {
+        "H200": MappingProxyType({"fwd_grad": (4096, 8, 0, False, True, True, False)}),
+    }
+)
+
+
+def launch_defaults(kind: str, device: torch.device) -> tuple:
+    """The default launch settings of a row-kernel kind on ``device`` (per-GPU override, else ``_LAUNCH``)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_properties(device).name
+        for key, table in _LAUNCH_BY_GPU.items():
+            if key in name and kind in table:
+                return table[kind]
+    return _LAUNCH[kind]
 
 
 def _launch_settings(
-    n_cols: int, kind: str, launch: tuple | None = None
+    n_cols: int, kind: str, launch: tuple | None = None, device: torch.device | None = None
 ) -> tuple[int, int, int, bool, bool, bool, bool]:
     """(BLOCK, num_warps, programs_per_sm, lane_stats, l2_hints, reverse, fixup) of a row kernel; ``launch``
     overrides (benchmark sweep).
 
-    ``launch`` may give the first 2 to 7 entries; missing ones come from the defaults of ``kind``.
+    ``launch`` may give the first 2 to 7 entries; missing ones come from the defaults of ``kind`` on ``device``.
     """
-    defaults = _LAUNCH[kind]
+    defaults = launch_defaults(kind, device) if device is not None else _LAUNCH[kind]
     settings = defaults if launch is None else tuple(launch) + defaults[len(launch) :]
     cap, warps, per_sm, lane, hints, reverse, fixup = settings
     block = min(cap, next_power_of_2(n_cols))
@@ -341,7 +365,7 @@ def ce_forward_rows(
         return loss, lse
     write_grad = grad_out is not None
     block, warps, per_sm, lane, hints, reverse, fixup = _launch_settings(
-        n_cols, "fwd_grad" if write_grad else "fwd", launch
+        n_cols, "fwd_grad" if write_grad else "fwd", launch, logits.device
     )
     softcap_value, has_softcap = _softcap_args(softcap)
     if write_grad:
@@ -377,7 +401,7 @@ def ce_backward_rows(
         out = torch.empty((n_rows, n_cols), dtype=logits.dtype, device=logits.device)
     if n_rows == 0:
         return out
-    block, warps = _launch_settings(n_cols, "bwd", launch)[:2]
+    block, warps = _launch_settings(n_cols, "bwd", launch, logits.device)[:2]
     softcap_value, has_softcap = _softcap_args(softcap)
     _ce_bwd_kernel[(n_rows,)](
         logits, target, lse, grad_loss, out,
