@@ -32,6 +32,8 @@ class PatchRecord:
         undo: how to undo the change when the attribute was not set on ``owner`` itself and deleting it is not
             the inverse (a property whose setter stores the value elsewhere, e.g. transformers'
             ``PreTrainedModel.loss_function``); ``None``: delete the attribute.
+        restore: builds the original value again on revert (the record then keeps no reference to it, e.g.
+            a replaced layer whose weight memory must be released once its replacement is sharded).
     """
 
     plugin: str
@@ -41,6 +43,7 @@ class PatchRecord:
     attribute: str
     original: Any
     undo: Callable[[], None] | None = None
+    restore: Callable[[], Any] | None = None
 
     @property
     def had_own_attribute(self) -> bool:
@@ -95,6 +98,7 @@ class PatchRecorder:
         target: str | None = None,
         description: str | None = None,
         undo: Callable[[], None] | None = None,
+        restore: Callable[[], Any] | None = None,
     ) -> PatchRecord:
         """Set ``owner.attribute = replacement`` and record it.
 
@@ -107,13 +111,15 @@ class PatchRecorder:
             description: readable name of the replacement (default: its qualified name).
             undo: called on revert instead of deleting the attribute, when ``owner`` did not hold the attribute
                 itself (see :attr:`PatchRecord.undo`); ignored when it did (the original value is restored).
+            restore: returns the original value on revert, which then sets ``owner.attribute = restore()``; the
+                record keeps no reference to the original (see :attr:`PatchRecord.restore`).
 
         Raises:
             AttributeError: ``owner`` has no attribute ``attribute`` (patches never invent attributes).
         """
         if not hasattr(owner, attribute):
             raise AttributeError(f"{plugin}: cannot patch {_name_of(owner)}.{attribute}: no such attribute")
-        original = _own_value(owner, attribute)
+        original = _own_value(owner, attribute) if restore is None else _MISSING
         record = PatchRecord(
             plugin=plugin,
             target=target or f"{_name_of(owner) if isinstance(owner, type) else type(owner).__name__}.{attribute}",
@@ -122,6 +128,7 @@ class PatchRecorder:
             attribute=attribute,
             original=original,
             undo=undo,
+            restore=restore,
         )
         setattr(owner, attribute, replacement)
         self._records.append(record)
@@ -132,7 +139,9 @@ class PatchRecorder:
         count = 0
         while self._records:
             record = self._records.pop()
-            if record.had_own_attribute:
+            if record.restore is not None:
+                setattr(record.owner, record.attribute, record.restore())
+            elif record.had_own_attribute:
                 setattr(record.owner, record.attribute, record.original)
             elif record.undo is not None:
                 record.undo()
@@ -189,10 +198,18 @@ class PluginPatcher:
         target: str | None = None,
         description: str | None = None,
         undo: Callable[[], None] | None = None,
+        restore: Callable[[], Any] | None = None,
     ) -> PatchRecord:
         """Record-and-set, see :meth:`PatchRecorder.patch`."""
         return self._recorder.patch(
-            owner, attribute, replacement, plugin=self.plugin, target=target, description=description, undo=undo
+            owner,
+            attribute,
+            replacement,
+            plugin=self.plugin,
+            target=target,
+            description=description,
+            undo=undo,
+            restore=restore,
         )
 
     def patch_forward(
@@ -202,10 +219,21 @@ class PluginPatcher:
         return self.patch(module, "forward", forward, target=f"{target}.forward", description=description)
 
     def replace_child(
-        self, parent: Any, child_name: str, new_child: Any, *, target: str, description: str | None = None
+        self,
+        parent: Any,
+        child_name: str,
+        new_child: Any,
+        *,
+        target: str,
+        description: str | None = None,
+        restore: Callable[[], Any] | None = None,
     ) -> PatchRecord:
-        """Replace the sub-module ``parent.<child_name>`` with ``new_child``."""
-        return self.patch(parent, child_name, new_child, target=target, description=description)
+        """Replace the sub-module ``parent.<child_name>`` with ``new_child``.
+
+        ``restore`` (optional) rebuilds the original child on revert, so the record does not hold it: use it
+        when the original owns memory that must go once the replacement is in use (see
+        :meth:`PatchRecorder.patch`)."""
+        return self.patch(parent, child_name, new_child, target=target, description=description, restore=restore)
 
     def count(self) -> int:
         """How many patches this plugin has recorded so far."""

@@ -168,3 +168,28 @@ def test_summary_table_folds_layer_indices():
     assert table[3].split()[-1] == "3"
     rec.revert()
     assert PatchRecorder().summary_table() == "fms-acceleration: no patches applied"
+
+
+def test_replace_child_with_restore_keeps_no_reference_to_the_original():
+    import gc
+    import weakref
+
+    parent = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    original = parent[0]
+    gone = weakref.ref(original)
+    spec = (original.in_features, original.out_features)
+    rec = PatchRecorder()
+    patcher = PluginPatcher(rec, "p")
+    rebuilt = []
+
+    def restore():
+        rebuilt.append(torch.nn.Linear(*spec))
+        return rebuilt[-1]
+
+    patcher.replace_child(parent, "0", torch.nn.Identity(), target="0", restore=restore)
+    del original
+    gc.collect()
+    assert gone() is None  # the record does not keep the replaced module (nor its memory) alive
+    assert len(rec) == 1 and not rec.records[0].had_own_attribute
+    assert rec.revert() == 1
+    assert parent[0] is rebuilt[0] and isinstance(parent[0], torch.nn.Linear)

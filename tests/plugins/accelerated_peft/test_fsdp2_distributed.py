@@ -13,6 +13,7 @@ One spawn runs every distributed check (process start-up dominates the cost):
 
 from __future__ import annotations
 
+import gc
 import traceback
 from pathlib import Path
 
@@ -65,8 +66,26 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
         ids = batches(1, seed=9)[0]
         with torch.no_grad():
             received_logits = model(input_ids=ids).logits
+        import bitsandbytes as bnb
+
+        layers4bit = [(n, m) for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+        before = {n: m.weight.data.clone() for n, m in layers4bit}
+        full_storages = {
+            (m.weight.untyped_storage().data_ptr(), m.weight.untyped_storage().nbytes()) for _, m in layers4bit
+        }
         prepare_fsdp2(fw, model, WORLD, shard=True)
         assert sum(isinstance(m, Packed4bitLinear) for m in model.modules()) == 14
+        # the replaced layers' full packed bytes are gone once their replacements are sharded (held, they cost a
+        # whole unsharded 4-bit layer per decoder layer on every rank)
+        swaps = fw.active_plugins[0]._packed_swaps
+        assert len(swaps) == 14 and all(sw.released and sw.original.weight.numel() == 0 for sw in swaps)
+        gc.collect()
+        alive = {
+            (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+            for t in gc.get_objects()
+            if isinstance(t, torch.Tensor) and type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu"
+        }
+        assert not (full_storages & alive), "a full (unsharded) 4-bit weight of a replaced layer is still alive"
         swaps = [r for r in fw.patches.records if r.replacement.startswith("Packed4bitLinear")]
         assert len(swaps) == 14  # the module swaps go through the patch recorder (summary table, revert)
         assert isinstance(model.get_base_model().model.layers[0], FSDPModule)
@@ -82,6 +101,14 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
         full = gather_full_state_dict(model)
         save_lora_adapters(model, Path(out).parent / "adapter")
         held = packed_bytes_per_rank(model)
+        # revert after sharding (collective): the original layers come back with their exact packed bytes
+        fw.patches.revert()
+        restored = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+        assert set(restored) == set(before)
+        for n, data in before.items():
+            got = restored[n].weight.data
+            # compared as bytes: packed codes viewed as float32 may spell NaNs
+            assert got.shape == data.shape and torch.equal(got.view(torch.uint8), data.view(torch.uint8)), n
 
         # all-gather traffic of 4-bit layers alone: each Packed4bitLinear its own unit
         from torch.distributed.fsdp import fully_shard

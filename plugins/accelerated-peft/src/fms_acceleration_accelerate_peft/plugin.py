@@ -34,7 +34,7 @@ from .augmentation import (
 from .checkpoint import checked_quant_stats_loader
 from .config import CONFIG_PATH, BnbQuantizationConfig
 from .loader import INSTALL_HINT, load_quantized_causal_lm
-from .sharding import convert_linear4bit_for_fsdp2, is_params4bit, packed_bytes_per_rank
+from .sharding import PackedSwap, convert_linear4bit_for_fsdp2, is_params4bit, packed_bytes_per_rank
 
 logger = logging.getLogger("fms_acceleration_accelerate_peft")
 
@@ -54,6 +54,11 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
     order: ClassVar[int] = 100
 
     config: BnbQuantizationConfig
+
+    def __init__(self, config: Any, *, matched_paths: tuple[str, ...], patches: Any) -> None:
+        super().__init__(config, matched_paths=matched_paths, patches=patches)
+        # the Linear4bit -> Packed4bitLinear swaps of this plugin's model (released after FSDP2 sharding)
+        self._packed_swaps: list[PackedSwap] = []
 
     # ---------------------------------------------------------------------------------------------- loading
     def model_loader(self, model_name_or_path: str, **kwargs: Any) -> nn.Module:
@@ -139,12 +144,15 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
             names = {id(m): n for n, m in model.named_modules()}
 
             def record_replacement(parent: torch.nn.Module, child: str, new: torch.nn.Module) -> None:
+                swap = PackedSwap(parent, child, getattr(parent, child))
+                self._packed_swaps.append(swap)
                 self.patches.replace_child(
                     parent,
                     child,
                     new,
                     target=f"{names[id(parent)]}.{child}".lstrip("."),
                     description="Packed4bitLinear (FSDP2 packed 4-bit all-gather)",
+                    restore=swap.restore,
                 )
 
             report = convert_linear4bit_for_fsdp2(
@@ -174,9 +182,15 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
         return (packed4bit_backend(),)
 
     def after_prepare(self, model: nn.Module, context: Any) -> None:
-        """Log how many bytes of 4-bit weights this rank holds after sharding."""
+        """Release the full packed bytes of the layers replaced for FSDP2 once their replacements are sharded
+        (see :class:`.sharding.PackedSwap`); log how many bytes of 4-bit weights this rank holds."""
+        released = sum(swap.release() for swap in self._packed_swaps)
         if getattr(context, "is_fsdp", False):
-            logger.info("bitsandbytes: this rank holds %d bytes of packed 4-bit weights", packed_bytes_per_rank(model))
+            logger.info(
+                "bitsandbytes: this rank holds %d bytes of packed 4-bit weights (%d replaced layers released)",
+                packed_bytes_per_rank(model),
+                released,
+            )
 
     def describe(self) -> list[str]:
         c = self.config

@@ -46,7 +46,7 @@ def _is_fsdp1(model: nn.Module) -> bool:
     return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
 
 
-def _gather_packed(local: Packed4bitWeight, dtensor: Any) -> Packed4bitWeight:
+def gather_packed(local: Packed4bitWeight, dtensor: Any) -> Packed4bitWeight:
     """All-gather a row-sharded :class:`Packed4bitWeight` DTensor into the full packed weight (every rank)."""
     import torch.distributed as dist
 
@@ -94,7 +94,7 @@ def gather_full_state_dict(
             tensor: Any = param.detach()
             if isinstance(tensor, DTensor):
                 local = tensor._local_tensor
-                tensor = _gather_packed(local, tensor) if isinstance(local, Packed4bitWeight) else tensor.full_tensor()
+                tensor = gather_packed(local, tensor) if isinstance(local, Packed4bitWeight) else tensor.full_tensor()
             if isinstance(tensor, Packed4bitWeight) and dequantize:
                 tensor = tensor.dequantize()
             if cpu:

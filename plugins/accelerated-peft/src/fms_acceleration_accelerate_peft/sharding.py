@@ -12,9 +12,11 @@ FSDP2 (per-parameter sharding):
     blocks over the world size is converted to :class:`~.packed4bit.Packed4bitLinear`, whose weight is a
     :class:`~.packed4bit.Packed4bitWeight`: each rank then keeps only its rows in 4-bit form (codes and
     scales), and the all-gather moves packed bytes. Layers that do not split evenly keep bitsandbytes'
-    layer and are sharded by FSDP2 as plain storage (still 4-bit bytes, scales replicated). The conversion
-    is a model transformation (like peft's LoRA injection), listed in the contribution's notes; it is done
-    once per model and is not a monkey-patch of any library.
+    layer and are sharded by FSDP2 as plain storage (still 4-bit bytes, scales replicated). Each swap goes
+    through the patch recorder (summary table, revert) with a :class:`PackedSwap` that rebuilds the original
+    layer on revert instead of the record holding it: once FSDP2 has sharded the replacement, the original's
+    full packed bytes are released (:meth:`PackedSwap.release`), so a rank keeps only its shard of every
+    layer (holding them cost a whole unsharded 4-bit layer per decoder layer on every rank).
 """
 
 from __future__ import annotations
@@ -84,6 +86,55 @@ def convert_linear4bit_for_fsdp2(
         setter(parent, child, new)
         converted.append(name)
     return ConversionReport(tuple(converted), tuple(kept))
+
+
+class PackedSwap:
+    """One ``Linear4bit`` -> :class:`Packed4bitLinear` swap: undo information that does not pin memory.
+
+    Holds the original layer object, whose packed bytes :meth:`release` drops once the replacement is sharded
+    (the replacement's shard is then the only copy on this rank); :meth:`restore` refills them from the
+    replacement (an all-gather when it is sharded: collective, every rank must revert) and returns the original.
+
+    Args:
+        parent: module holding the layer.
+        child: attribute name of the layer on ``parent``.
+        original: the ``bitsandbytes.nn.Linear4bit`` being replaced.
+    """
+
+    def __init__(self, parent: nn.Module, child: str, original: nn.Module) -> None:
+        self.parent = parent
+        self.child = child
+        self.original = original
+        data = original.weight.data
+        self.data_shape, self.data_dtype, self.device = data.shape, data.dtype, data.device
+        self.released = False
+
+    def release(self) -> bool:
+        """Drop the original's packed bytes if the replacement's weight is now a shard (DTensor); True if so."""
+        from torch.distributed.tensor import DTensor
+
+        current = getattr(self.parent, self.child)
+        if self.released or not isinstance(current.weight, DTensor):
+            return False
+        self.original.weight.data = torch.empty(0, dtype=self.data_dtype, device=self.device)
+        self.released = True
+        return True
+
+    def restore(self) -> nn.Module:
+        """The original layer with its packed bytes (gathered from the replacement's shards if released)."""
+        if self.released:
+            from torch.distributed.tensor import DTensor
+
+            from .save import gather_packed
+
+            weight = getattr(self.parent, self.child).weight
+            full = gather_packed(weight._local_tensor, weight) if isinstance(weight, DTensor) else weight
+            data = torch.zeros(self.data_shape, dtype=self.data_dtype, device=self.device)
+            codes = full.packed.reshape(-1)
+            data.view(-1).view(torch.uint8)[: codes.numel()].copy_(codes)  # storage may round up to its dtype
+            self.original.weight.data = data
+            self.released = False
+        return self.original
 
 
 def packed_bytes_per_rank(model: nn.Module) -> int:

@@ -203,7 +203,8 @@ class QKVGroup:
 
 
 def _glu_mlp_forward(
-    modules: Sequence[nn.Module],
+    mlp: nn.Module,
+    names: Sequence[str],
     previous: Callable[..., Any],
     backends: Sequence[Any],
     activation: tuple[str, str | None],
@@ -211,17 +212,20 @@ def _glu_mlp_forward(
 ) -> Callable[..., Any]:
     """Whole gated-MLP forward as one fused kernel: ``lora_mlp_swiglu`` (SiLU) or ``lora_mlp_geglu`` (GELU).
 
+    The gate/up/down modules are read from ``mlp`` by ``names`` at every call, never captured: another plugin
+    may replace them after this patch (the bitsandbytes plugin swaps 4-bit layers for FSDP2-shardable ones in
+    ``prepare``), and a captured module would keep the replaced layer and its full weight alive and in use.
     With ``recompute``, a checkpoint recomputation skips the down projection (see ``recompute.py``).
     """
     from fms_acceleration_accelerate_kernels.lora import lora_mlp_geglu, lora_mlp_swiglu
 
-    gate, up, down = modules
     kind, approximate = activation
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        modules = [getattr(mlp, n) for n in names]
         if args or kwargs or not _runtime_fusable(modules):
             return previous(x, *args, **kwargs)
-        projections = (_projection_args(gate), _projection_args(up), _projection_args(down))
+        projections = [_projection_args(m) for m in modules]
         compute_output = recompute.compute_output() if recompute is not None else True
         if kind == "silu":
             return lora_mlp_swiglu(x, *projections, backends=backends, compute_output=compute_output)
@@ -305,7 +309,7 @@ def patch_fused_lora(
             kernel = "lora_mlp_swiglu" if activation[0] == "silu" else "lora_mlp_geglu"
             patches.patch_forward(
                 mlp.module,
-                _glu_mlp_forward([p.module for p in members], mlp.module.forward, backends, activation, recompute),
+                _glu_mlp_forward(mlp.module, mlp_spec.projections, mlp.module.forward, backends, activation, recompute),
                 target=mlp.path,
                 description=f"kernels.{kernel} [" + ",".join(sorted({p.backend for p in members})) + "]",
             )
