@@ -1,0 +1,117 @@
+"""Model-state bytes one rank holds after the FSDP2 prepare of a 4-bit QLoRA model, per decoder layer (CPU, gloo).
+
+Two gloo processes load a random-init Llama (hidden 512, intermediate 2048; 2 and then 4 layers) through the
+bitsandbytes + fused-ops plugins, shard it with the framework's FSDP2 plan, and sum the bytes of every live
+tensor storage on rank 0 (``gc``). The difference between the 4- and the 2-layer model, per layer, is what one
+more decoder layer costs a rank before any activation: about half of a layer's packed 4-bit bytes (its shard)
+plus scales and adapters. A retained unsharded copy shows up as one extra full packed layer per layer.
+
+    python benchmarks/fsdp2_held_bytes.py
+"""
+
+import gc
+import json
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+from tests.plugins.accelerated_peft.helpers import free_port, init_gloo, lora_config, prepare_fsdp2, spawn_workers
+
+
+def build(path, layers):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(
+        vocab_size=96,
+        hidden_size=512,
+        intermediate_size=2048,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+
+
+def live_bytes():
+    gc.collect()
+    seen = {}
+    for t in gc.get_objects():
+        if isinstance(t, torch.Tensor):
+            for x in (t, getattr(t, "_local_tensor", None), getattr(t, "packed", None), getattr(t, "absmax", None)):
+                if (isinstance(x, torch.Tensor) and type(x) in (torch.Tensor, torch.nn.Parameter)) or type(
+                    x
+                ).__name__ == "Params4bit":
+                    try:
+                        st = x.untyped_storage()
+                        seen[st.data_ptr()] = st.nbytes()
+                    except Exception:
+                        pass
+    return sum(seen.values())
+
+
+def worker(rank, path, port, out):
+    try:
+        from fms_acceleration_accelerate import AccelerationFramework
+
+        init_gloo(rank, 2, port)
+        fw = AccelerationFramework(
+            {
+                "peft": {
+                    "quantization": {
+                        "bitsandbytes": {"quant_type": "nf4"},
+                        "fused_ops_and_kernels": {
+                            "base_layer": "bitsandbytes",
+                            "fused_lora": True,
+                            "fused_dequant": True,
+                        },
+                    }
+                }
+            }
+        )
+        model = fw.model_loader(path, dtype=torch.float32, low_cpu_mem_usage=True)
+        model, _ = fw.augmentation(model, None, (lora_config(),))
+        prepare_fsdp2(fw, model, 2, shard=True)
+        b = live_bytes()
+        if rank == 0:
+            open(out, "w").write(json.dumps(b))
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    except Exception:
+        traceback.print_exc()
+        raise
+
+
+def main():
+    res = {}
+    tmp = tempfile.mkdtemp(prefix="fms_held_")
+    for layers in (2, 4):
+        p = os.path.join(tmp, f"llama{layers}")
+        build(p, layers)
+        spawn_workers(worker, (p, free_port(), p + ".json"), 2, timeout=300)
+        res[layers] = json.load(open(p + ".json"))
+    per_layer = (res[4] - res[2]) / 2
+    # one layer's 4-bit weights: q,o 512x512, k,v 512x128, mlp 3 x 512x2048 -> packed bytes = numel / 2
+    numel = 2 * 512 * 512 + 2 * 512 * 128 + 3 * 512 * 2048
+    print(
+        json.dumps(
+            {
+                "live_bytes_2l": res[2],
+                "live_bytes_4l": res[4],
+                "per_layer": per_layer,
+                "full_packed_layer": numel // 2,
+                "ratio_per_layer_to_full_packed": per_layer / (numel // 2),
+            }
+        )
+    )
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
