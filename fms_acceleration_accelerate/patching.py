@@ -238,3 +238,8 @@ class PluginPatcher:
     def count(self) -> int:
         """How many patches this plugin has recorded so far."""
         return sum(1 for r in self._recorder.records if r.plugin == self.plugin)
+
+    @property
+    def records(self) -> tuple[PatchRecord, ...]:
+        """This plugin's records, oldest first."""
+        return tuple(r for r in self._recorder.records if r.plugin == self.plugin)

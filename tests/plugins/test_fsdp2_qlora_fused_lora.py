@@ -289,3 +289,46 @@ def test_fsdp2_packed_qlora_with_fused_lora_two_processes_match_one(tmp_path, mo
     per_gather = got["gathered_layer0"] / (2 * STEPS)
     print(f"layer-0 all-gather {per_gather:.0f} B vs bf16 base weights {got['bf16_layer0']} B")
     assert 0 < per_gather < 0.5 * got["bf16_layer0"], (per_gather, got["bf16_layer0"])
+
+
+def test_layers_swapped_after_patching_are_read_by_name_and_reported(tmp_path, monkeypatch):
+    """Kernels patched before it was known that FSDP comes (no ACCELERATE_USE_FSDP, no train args), then the
+    bitsandbytes plugin swaps the 4-bit layers for Packed4bitLinear in prepare and releases the originals' bytes:
+    the fused q/k/v group and the whole-MLP kernel read the current layers by name (same logits as a one-process
+    model prepared the usual way), and the single projections left on the replaced objects are reported."""
+    from fms_acceleration_accelerate_peft.packed4bit import Packed4bitLinear
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    path = tiny_llama(tmp_path / "llama")
+    ids = batches(1)[0]
+    fw = _framework()
+    model = fw.model_loader(str(path), dtype=torch.float32)
+    torch.manual_seed(5)
+    # LoRA on q and v: k, o and the MLP are adapter-less 4-bit layers computed by fused dequant
+    model, _ = fw.augmentation(model, None, (lora_config(("q_proj", "v_proj")),))
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+    layers = model.get_base_model().model.layers
+    mlp = layers[0].mlp
+    old = [m for layer in layers for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj)]
+    old += [layer.self_attn.k_proj for layer in layers]
+    assert any("lora_mlp_swiglu" in r.replacement for r in fw.patches.records)  # patched before the swap
+    with pytest.warns(UserWarning, match="replaced after patching and run unfused"):
+        prepare_fsdp2(fw, model, 1, shard=False)  # converts every Linear4bit (world 1: no sharding, no release)
+    assert isinstance(mlp.gate_proj, Packed4bitLinear)
+    for m in old:  # as after a release under sharding: a kernel still reading a replaced layer would fail
+        m.weight.data = torch.empty(0, dtype=m.weight.dtype)
+    counters = _Counters()
+    lora = importlib.import_module("fms_acceleration_accelerate_kernels.lora")
+    for name in ("lora_qkv", "lora_mlp_swiglu"):
+        counters.wrap(lora, name, name)
+    counters.wrap(Packed4bitLinear, "forward", "Packed4bitLinear.forward")  # the unfused, replaced projections
+    try:
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+    finally:
+        counters.restore()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert counters.calls.get("lora_mlp_swiglu", 0) == 2  # the MLP kernel runs on the new layers
+    assert counters.calls.get("lora_qkv", 0) == 2  # q/k/v group reads the new k_proj by name
+    assert counters.calls.get("Packed4bitLinear.forward", 0) > 0  # what the warning announced

@@ -168,23 +168,31 @@ class QKVGroup:
     ``q_forward`` computes q, k and v with ``lora_qkv`` and keeps k and v for ``k_forward`` / ``v_forward``,
     which return them only when called with the very same input tensor (the attention forward calls
     ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` in that order); anything else runs the projection's previous
-    forward. Each kept tensor is dropped as soon as it is handed out.
+    forward. Each kept tensor is dropped as soon as it is handed out. The three modules are read from the
+    attention module by ``names`` at every call (another plugin may replace one after this patch; see
+    ``_glu_mlp_forward``).
     """
 
-    def __init__(self, modules: Sequence[nn.Module], backends: Sequence[Any]) -> None:
-        assert len(modules) == 3
-        self.modules = tuple(modules)
-        self.previous = tuple(m.forward for m in modules)
+    def __init__(self, attention: nn.Module, names: Sequence[str], backends: Sequence[Any]) -> None:
+        assert len(names) == 3
+        self.attention = attention
+        self.names = tuple(names)
+        self.previous = tuple(getattr(attention, n).forward for n in names)
         self.backends = tuple(backends)
         self._kept: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
+
+    @property
+    def modules(self) -> tuple[nn.Module, ...]:
+        return tuple(getattr(self.attention, n) for n in self.names)
 
     def q_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         from fms_acceleration_accelerate_kernels.lora import lora_qkv
 
         self._kept = [None, None]
-        if args or kwargs or not _runtime_fusable(self.modules):
+        modules = self.modules
+        if args or kwargs or not _runtime_fusable(modules):
             return self.previous[0](x, *args, **kwargs)
-        q, k, v = lora_qkv(x, *(_projection_args(m) for m in self.modules), backends=self.backends)
+        q, k, v = lora_qkv(x, *(_projection_args(m) for m in modules), backends=self.backends)
         self._kept = [(x, k), (x, v)]
         return q
 
@@ -217,11 +225,11 @@ def _glu_mlp_forward(
     ``prepare``), and a captured module would keep the replaced layer and its full weight alive and in use.
     With ``recompute``, a checkpoint recomputation skips the down projection (see ``recompute.py``).
     """
-    from fms_acceleration_accelerate_kernels.lora import lora_mlp_geglu, lora_mlp_swiglu
-
     kind, approximate = activation
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        from fms_acceleration_accelerate_kernels.lora import lora_mlp_geglu, lora_mlp_swiglu
+
         modules = [getattr(mlp, n) for n in names]
         if args or kwargs or not _runtime_fusable(modules):
             return previous(x, *args, **kwargs)
@@ -282,7 +290,7 @@ def patch_fused_lora(
         before = len(report.lora) + len(report.quantized)
         inputs = projections(attention, spec.attention.input_projections)
         if len(inputs) == 3 and any(_wanted(p, fused_lora, fused_dequant) for p in inputs):
-            group = QKVGroup([p.module for p in inputs], backends)
+            group = QKVGroup(attention.module, spec.attention.input_projections, backends)
             for p, fn in zip(inputs, (group.q_forward, group.k_forward, group.v_forward)):
                 patches.patch_forward(
                     p.module, fn, target=p.path, description=f"kernels.lora_qkv [{p.backend}] ({p.kind})"

@@ -26,6 +26,7 @@ cannot use (RoPE on GPTBigCode, ...) are refused in ``check_model_type``, before
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -296,7 +297,29 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             self._apply_fused(model)
         if getattr(context, "is_fsdp", False):
             self._check_fsdp(model)
+        self._warn_detached_patches(model)
         self._install_recompute(model)
+
+    def _warn_detached_patches(self, model: Any) -> None:
+        """Warn when a projection whose forward this plugin patched is no longer part of the model (another
+        plugin replaced the layer in ``prepare``, e.g. bitsandbytes' FSDP2 conversion): that projection now runs
+        its own, unfused forward. Happens when the kernels were patched before it was known that FSDP comes."""
+        from torch import nn
+
+        attached = {id(m) for m in model.modules()}
+        detached = [
+            r.target
+            for r in self.patches.records
+            if r.attribute == "forward" and isinstance(r.owner, nn.Module) and id(r.owner) not in attached
+        ]
+        if detached:
+            warnings.warn(
+                f"{self.plugin_name()}: {len(detached)} patched projections were replaced after patching and run "
+                f"unfused (e.g. {', '.join(detached[:3])}); set ACCELERATE_USE_FSDP=true (as `accelerate launch` "
+                "does) or pass training arguments with `fsdp` to augmentation, so that fused kernels are patched "
+                "after FSDP preparation",
+                stacklevel=2,
+            )
 
     def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:
         """Apply fused LoRA kernels left pending because the trainer added LoRA after augmentation."""
