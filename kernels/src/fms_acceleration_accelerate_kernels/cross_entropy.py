@@ -58,21 +58,26 @@ def _transform(x, inv_scale, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing,
+def _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing, weight,
                 HAS_SOFTCAP: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ONEHOT: tl.constexpr = True):  # fmt: skip
-    """dloss/dx of one block of raw logits ``x`` (fp32): (softmax(z) - (1 - eps) onehot - eps / V) * dz/dx.
+    """weight * dloss/dx of one block of raw logits ``x`` (fp32): (softmax(z) - (1 - eps) onehot - eps / V) * dz/dx.
 
-    Without ONEHOT the target term is left out (the caller writes the target's gradient itself)."""
-    z, dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
-    g = _exp(z - lse)
+    Without ONEHOT the target term is left out (the caller writes the target's gradient itself). Without a
+    softcap, z = x * inv_scale and softmax(z) = exp2(x * inv_scale * log2 e - lse * log2 e): one FMA and one ex2
+    per element, and dz/dx * weight is one scalar."""
+    if HAS_SOFTCAP:
+        z, dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
+        g = _exp(z - lse)
+    else:
+        g = tl.exp2(x * (inv_scale * 1.4426950408889634) - lse * 1.4426950408889634)
     if ONEHOT:
         g -= tl.where(cols == safe_target, 1.0 - smoothing, 0.0)
     if HAS_SMOOTHING:
         g -= smoothing / n_cols
     if HAS_SOFTCAP:
-        g = g * dz
+        g = g * (dz * weight)
     else:
-        g = g * inv_scale
+        g = g * (inv_scale * weight)
     return g
 
 
@@ -116,6 +121,7 @@ def _ce_one_row(
         s_vec = tl.zeros([BLOCK], tl.float32)
     else:
         m = float("-inf")
+        mx = float("-inf")  # the running max of x (plain path, no softcap)
         s = 0.0
     z_vec = tl.zeros([BLOCK], tl.float32)
     for b in range(0, n_blocks):
@@ -128,12 +134,21 @@ def _ce_one_row(
             x = tl.load(row_ptr + cols, mask=mask, other=fill, eviction_policy="evict_last").to(tl.float32)
         else:
             x = tl.load(row_ptr + cols, mask=mask, other=fill).to(tl.float32)
-        z, _dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
         if HAS_SOFTCAP:
+            z, _dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
             z = tl.where(mask, z, float("-inf"))
+        else:
+            z = x * inv_scale
         if HAS_SMOOTHING:
             z_vec += tl.where(mask, z, 0.0)
-        if LANE_STATS:
+        if not (LANE_STATS or HAS_SOFTCAP):
+            # z = x * inv_scale, inv_scale > 0: track the max in x units; exp(z - m) = exp2(x * a - max_x * a)
+            # with a = inv_scale * log2 e: one FMA and one ex2 per element (z itself only feeds smoothing)
+            a = inv_scale * 1.4426950408889634
+            mx_new = tl.maximum(mx, tl.max(x, axis=0))
+            s = s * tl.exp2((mx - mx_new) * a) + tl.sum(tl.exp2(x * a - mx_new * a), axis=0)
+            mx = mx_new
+        elif LANE_STATS:
             # one exp per element: exp(-|z - m|) rescales either the old sum or the new element
             bigger = z > m_vec
             t = _exp(tl.where(bigger, m_vec - z, z - m_vec))
@@ -146,6 +161,8 @@ def _ce_one_row(
     if LANE_STATS:
         m = tl.max(m_vec, axis=0)
         s = tl.sum(s_vec * _exp(m_vec - m), axis=0)
+    elif not HAS_SOFTCAP:
+        m = mx * inv_scale
     lse = m + tl.log(s)
     z_t, dz_t = _transform(x_t, inv_scale, softcap, HAS_SOFTCAP)
     loss = lse - (1.0 - smoothing) * z_t
@@ -168,9 +185,9 @@ def _ce_one_row(
                 x = tl.load(row_ptr + cols, mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32)
             else:
                 x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-            g = _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing,
+            g = _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing, weight,
                             HAS_SOFTCAP, HAS_SMOOTHING, not FIXUP)  # fmt: skip
-            tl.store(grad_ptr + cols, (g * weight).to(grad_ptr.dtype.element_ty), mask=mask)
+            tl.store(grad_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
         if FIXUP:
             # the target's gradient, from the fp32 logit loaded before pass 1 (rounded once, so the
             # cancellation in softmax - 1 is not made worse), written after every thread's pass-2 stores
@@ -257,7 +274,7 @@ def _ce_bwd_kernel(
     target = tl.load(TARGET + row)
     valid = target != ignore_index
     weight = tl.where(valid, tl.load(GRAD_LOSS + row * stride_grad_loss).to(tl.float32), 0.0)
-    safe_target = tl.where(valid, target, 0)
+    safe_target = tl.where(valid, target, 0).to(tl.int32)
     lse = tl.load(LSE + row)
     row_ptr = LOGITS + row * stride_logits
     grad_ptr = GRAD + row * stride_grad
@@ -265,8 +282,9 @@ def _ce_bwd_kernel(
         cols = start + tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        g = _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing, HAS_SOFTCAP, HAS_SMOOTHING)
-        tl.store(grad_ptr + cols, (g * weight).to(grad_ptr.dtype.element_ty), mask=mask)
+        g = _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing, weight,
+                        HAS_SOFTCAP, HAS_SMOOTHING)  # fmt: skip
+        tl.store(grad_ptr + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
