@@ -320,7 +320,10 @@ class AccelerationFramework:
         print(self.patches.summary_table(), flush=True)
 
     def revert(self) -> int:
-        """Undo every patch made through this framework; returns how many were undone."""
+        """Undo every patch made through this framework; returns how many were undone.
+
+        After FSDP2 sharding this may be collective: a 4-bit layer the bitsandbytes plugin replaced is rebuilt
+        from the all-gathered shards of its replacement, so every rank must call it."""
         return self.patches.revert()
 
     def __enter__(self) -> AccelerationFramework:
