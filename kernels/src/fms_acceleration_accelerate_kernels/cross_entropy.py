@@ -34,6 +34,7 @@ from ._utils import check_float_dtype, multiprocessor_count, next_power_of_2, us
 __all__ = ["cross_entropy", "cross_entropy_ref", "cross_entropy_triton"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+_LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): e**x = 2**(x * _LOG2E)
 
 
 @triton.jit
@@ -41,7 +42,7 @@ def _exp(x):
     """e**x as ``exp2(x * log2 e)``: one flush-to-zero ``ex2.approx`` per element on NVIDIA GPUs, where ``tl.exp``
     emits the non-flushing ``ex2.approx.f32`` and its subnormal handling (several instructions per element; the
     row kernel is instruction-bound between its block reductions). Results below 2**-126 become 0."""
-    return tl.exp2(x * 1.4426950408889634)
+    return tl.exp2(x * _LOG2E)
 
 
 @triton.jit
@@ -69,7 +70,7 @@ def _grad_block(x, cols, lse, safe_target, n_cols, inv_scale, softcap, smoothing
         z, dz = _transform(x, inv_scale, softcap, HAS_SOFTCAP)
         g = _exp(z - lse)
     else:
-        g = tl.exp2(x * (inv_scale * 1.4426950408889634) - lse * 1.4426950408889634)
+        g = tl.exp2(x * (inv_scale * _LOG2E) - lse * _LOG2E)
     if ONEHOT:
         g -= tl.where(cols == safe_target, 1.0 - smoothing, 0.0)
     if HAS_SMOOTHING:
@@ -144,7 +145,7 @@ def _ce_one_row(
         if not (LANE_STATS or HAS_SOFTCAP):
             # z = x * inv_scale, inv_scale > 0: track the max in x units; exp(z - m) = exp2(x * a - max_x * a)
             # with a = inv_scale * log2 e: one FMA and one ex2 per element (z itself only feeds smoothing)
-            a = inv_scale * 1.4426950408889634
+            a = inv_scale * _LOG2E
             mx_new = tl.maximum(mx, tl.max(x, axis=0))
             s = s * tl.exp2((mx - mx_new) * a) + tl.sum(tl.exp2(x * a - mx_new * a), axis=0)
             mx = mx_new
