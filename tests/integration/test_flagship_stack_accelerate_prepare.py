@@ -62,6 +62,7 @@ def test_flagship_stack_through_accelerator_prepare_fsdp2(launch_env, tmp_path):
 
         # every 4-bit layer is a Packed4bitLinear whose local shard is a Packed4bitWeight with half the rows
         assert len(report["packed"]) == PROJECTIONS
+        assert report["released_swaps"] == PROJECTIONS  # no rank keeps an unsharded copy of any 4-bit layer
         for layer in report["packed"]:
             assert layer["dtensor"] and layer["local_is_packed"], layer
             assert layer["local_rows"] * 2 == layer["out_features"], layer

@@ -156,6 +156,10 @@ report = {
     "records_before_prepare": records_before_prepare,
     "records_after_prepare": records_after_prepare,
     "packed": packed,
+    # the replaced Linear4bit layers whose full packed bytes were dropped once their replacements were sharded
+    "released_swaps": sum(
+        1 for swap in getattr(framework.plugin("bitsandbytes"), "_packed_swaps", ()) if swap.released
+    ),
     "base_class": base_class.__name__,
     "plain_base_forwards": plain_forwards["count"],
     "fsdp_units": sorted(n for n, m in model.named_modules() if isinstance(m, FSDPModule)),
