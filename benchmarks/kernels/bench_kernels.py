@@ -378,7 +378,7 @@ def sweep_launch_configs(copy_bw: float) -> list[dict]:
     # in place (the gradient over the logits, as inplace_backward=True and the fused linear CE do)
     work = logits.clone()
     default_launch = ce.launch_defaults("fwd_grad", logits.device)
-    for launch in [default_launch, *(v for v in variants if v[:4] in shapes[2:5] and v[6])]:
+    for launch in [default_launch, *(v for v in variants if v[:4] in shapes[:5] and v[6] and v != default_launch)]:
         fn = partial(ce.ce_forward_rows, work, *ce_args[1:], grad_out=work, grad_scale=scale, launch=launch)
         record("ce_fwd_grad_inplace", fn, 2 * nv_bytes, default=launch == default_launch,
                launch=str(tuple(launch)))  # fmt: skip

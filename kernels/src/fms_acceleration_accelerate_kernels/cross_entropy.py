@@ -310,9 +310,10 @@ def _scale_rows_kernel(GRAD, SCALE, stride_grad, n_rows, n_cols, BLOCK: tl.const
 _LAUNCH = MappingProxyType(
     {
         "fwd": (4096, 4, 0, False, False, False, False),
-        # H100 sweep at 8192 x 128256 bf16 (third session): (32768, 32, 0, False) 1.95 ms; the earlier
-        # (16384, 16, 0, True) 2.70 ms (benchmarks/results/kernels)
-        "fwd_grad": (32768, 32, 0, False, True, True, False),
+        # H100 sweep at 8192 x 128256 bf16 (fifth session, exp2/FMA kernel body, two runs):
+        # (32768, 32, 0, False, True, False, True) 1.580 / 1.581 ms; the previous default (…, True, True, False)
+        # 1.606 / 1.604 ms; 4096 / 8 warps 2.05 ms (benchmarks/results/kernels/2026-11-26-h100-ce)
+        "fwd_grad": (32768, 32, 0, False, True, False, True),
         "bwd": (32768, 32, 0, False, False, False, False),
     }
 )
