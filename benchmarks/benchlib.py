@@ -533,6 +533,7 @@ CSV_COLUMNS = (
     "distributed", "rank_data", "num_layers", "dataset", "collate", "dtype",
     "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s", "padding_fraction",
     "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib", "gpu_mem_gib",
+    "state_alloc_gib", "forward_alloc_gib",
     "allgather_bytes_per_step", "reduce_scatter_bytes_per_step",
     "throughput_ratio", "memory_ratio", "reserved_ratio",
     "scaling_reference", "scaling_efficiency", "loss_vs_1gpu_max_rel_diff", "loss_vs_1gpu_match",
@@ -541,7 +542,8 @@ CSV_COLUMNS = (
     "wall_s", "wall_breakdown", "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version",
     "bitsandbytes", "triton", "liger_kernel", "python", "date", "command",
 )  # fmt: skip
-"""One row per scenario. Units: tokens/s, seconds, GiB, bytes. Memory is per GPU (max over ranks). Ratios are
+"""One row per scenario. Units: tokens/s, seconds, GiB, bytes. Memory is per GPU (max over ranks):
+``state_alloc_gib`` = allocated after ``prepare``, ``forward_alloc_gib`` = after the first timed forward. Ratios are
 against the group's baseline; ``scaling_efficiency`` = tokens/s per GPU / tokens/s of the matching 1-GPU row
 (``scaling_reference``); ``fit_*`` are linear extrapolations of measured peak memory in the layer count."""
 

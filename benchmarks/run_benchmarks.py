@@ -603,6 +603,7 @@ def compute_fits(rows: list[dict[str, Any]], s_by_name: Mapping[str, Scenario]) 
 DIGITS = {
     "train_tokens_per_s": 1, "train_tokens_per_s_per_gpu": 1, "step_time_s": 4, "step_time_p50_s": 4,
     "padding_fraction": 4, "peak_alloc_gib": 3, "peak_reserved_gib": 3, "peak_rss_gib": 3, "gpu_mem_gib": 1,
+    "state_alloc_gib": 3, "forward_alloc_gib": 3,
     "throughput_ratio": 3, "memory_ratio": 3, "reserved_ratio": 3, "loss_first": 4, "loss_final": 4,
     "loss_max_rel_diff": 5, "wall_s": 1, "scaling_efficiency": 3, "loss_vs_1gpu_max_rel_diff": 5,
     "fit_gib_per_layer": 3, "fit_peak_alloc_gib_extrapolated": 2,
@@ -719,9 +720,9 @@ def fit_table(rows: Sequence[Mapping[str, Any]]) -> str:
     if not series:
         return ""
     lines = [
-        "| scenario | stack | dist | GPUs | layers | peak alloc GiB/GPU (measured) | GiB per layer (fit) | "
-        "extrapolated | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scenario | stack | dist | GPUs | layers | peak alloc GiB/GPU (measured) | after prepare | "
+        "after 1st forward | GiB per layer (fit) | extrapolated | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in series:
         status = r.get("status", "")
@@ -733,14 +734,17 @@ def fit_table(rows: Sequence[Mapping[str, Any]]) -> str:
         lines.append(
             "| " + " | ".join([
                 str(r.get("scenario", "")), stack_label(r), str(r.get("distributed", "")), str(r.get("num_gpus", "")),
-                str(r.get("num_layers", "")), measured.replace("|", "/"), _num(r, "fit_gib_per_layer", 3),
+                str(r.get("num_layers", "")), measured.replace("|", "/"), _num(r, "state_alloc_gib", 2),
+                _num(r, "forward_alloc_gib", 2), _num(r, "fit_gib_per_layer", 3),
                 f"{value} GiB at {target} layers" if value else "", str(r.get("fit_verdict", "")).split(" (")[0],
             ]) + " |"
         )  # fmt: skip
     lines += [
         "",
         "EXTRAPOLATION, not a measurement: a least-squares line through the measured peak memory per GPU at the "
-        "layer counts above, evaluated at the target layer count; 'fits' = within 95% of the GPU's memory.",
+        "layer counts above, evaluated at the target layer count; 'fits' = within 95% of the GPU's memory. "
+        "'after prepare' / 'after 1st forward': CUDA memory allocated per GPU (max over ranks) once the model is "
+        "prepared (what its state holds) and after the first timed forward (state + saved activations).",
     ]
     return "\n".join(lines)
 

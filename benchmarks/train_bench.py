@@ -17,7 +17,8 @@ The same loop serves every row of a scenario group, so only the model preparatio
 The loop: ``model.train()``, AdamW, ``accelerator.prepare(model, optimizer)``, ``steps`` optimizer steps,
 the first ``warmup_steps`` untimed. Rank 0 writes one JSON result (``--result-json``): train tokens/s over
 the timed steps counting only non-padding tokens, step times, peak allocated / reserved CUDA memory (max over
-ranks; peak RSS on CPU), and the loss of every step (mean over ranks).
+ranks; peak RSS on CPU), the CUDA memory allocated after ``prepare`` (model state) and after the first timed
+forward (state + saved activations), and the loss of every step (mean over ranks).
 
 Several processes (``--num-gpus N``): ``--distributed fsdp1|fsdp2`` runs under the FSDP settings of the
 Accelerate config (on CPU through :func:`cpu_fsdp_seam`); the HF QLoRA recipe then stores the packed 4-bit
@@ -397,6 +398,9 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     if framework is not None:
         framework.get_callbacks_and_ready_for_train(model, accelerator)
+    # what the prepared model holds on this GPU before any step (sharded parameters and what plugins keep)
+    state_alloc = torch.cuda.memory_allocated(device) if on_cuda else 0
+    forward_alloc = 0  # allocated after the first timed step's forward: state + saved activations + loss
     clock.done("prepare")
 
     vocab = model.config.vocab_size if hasattr(model, "config") else accelerator.unwrap_model(model).config.vocab_size
@@ -423,6 +427,8 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
             t0 = time.perf_counter()
             inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "num_tokens"}
             loss = model(**inputs).loss
+            if step == s.warmup_steps and on_cuda:
+                forward_alloc = torch.cuda.memory_allocated(device)
             accelerator.backward(loss)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -451,12 +457,13 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
     comm = accelerator.gather(counts[2:].clone()).view(-1, 2).max(dim=0).values
     if on_cuda:
         peaks = torch.tensor(
-            [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)], device=device
-        ).float()
+            [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device), state_alloc,
+             forward_alloc], device=device,
+        ).float()  # fmt: skip
     else:
-        peaks = torch.zeros(2, device=device)
+        peaks = torch.zeros(4, device=device)
     rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0], device=device)
-    peaks = accelerator.gather(peaks).view(-1, 2).max(dim=0).values
+    peaks = accelerator.gather(peaks).view(-1, 4).max(dim=0).values
     rss = accelerator.gather(rss).max()
     total_tokens, total_slots = tokens.tolist()
     result = {
@@ -469,6 +476,8 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
         "measured_tokens": int(total_tokens),
         "peak_alloc_gib": peaks[0].item() / GIB if on_cuda else None,
         "peak_reserved_gib": peaks[1].item() / GIB if on_cuda else None,
+        "state_alloc_gib": peaks[2].item() / GIB if on_cuda else None,
+        "forward_alloc_gib": peaks[3].item() / GIB if on_cuda else None,
         "peak_rss_gib": rss.item() / GIB,
         "gpu_mem_gib": torch.cuda.get_device_properties(device).total_memory / GIB if on_cuda else None,
         "allgather_bytes_per_step": int(comm[0].item()) if accelerator.num_processes > 1 else None,

@@ -51,10 +51,12 @@ def test_multigpu_matrix_measures_the_shipped_fsdp_configs() -> None:
         assert run_benchmarks.resolve_stack(shipped, shipped).body == body[same_as], shipped
     fsdp1 = next(s for s in sfile.scenarios if s.name == "qlora-foak-fsdp1-x2")
     assert fsdp1.plugins == "accelerate-fsdp1-qlora-foak"  # the shipped FSDP1 file itself (pins mixed precision)
-    config = sfile.models["llama70b-shape-4l"]["config"]
+    config = sfile.models["llama70b-shape-8l"]["config"]
     assert (config["hidden_size"], config["intermediate_size"], config["num_attention_heads"]) == (8192, 28672, 64)
     assert (config["num_key_value_heads"], config["vocab_size"]) == (8, 128256)
-    assert sfile.models["llama70b-shape-2l"]["derived_from"] == "llama70b-shape-4l"
+    for depth in (2, 4):  # slices of the one 8-layer checkpoint (built once per call)
+        assert sfile.models[f"llama70b-shape-{depth}l"]["derived_from"] == "llama70b-shape-8l"
+        assert sfile.models[f"llama70b-shape-{depth}l"]["config"]["num_hidden_layers"] == depth
     multi = [s for s in sfile.scenarios if s.num_gpus > 1]
     assert multi and all(s.distributed in ("fsdp1", "fsdp2") and s.rank_data == "replicate" for s in multi)
     assert sfile.scenarios[0].name == "qlora-foak-fsdp2-x2"  # priority order: the flagship row first

@@ -319,12 +319,12 @@ _LAUNCH = MappingProxyType(
 )
 
 # Per-GPU overrides of _LAUNCH (a substring of the CUDA device name -> kind -> settings), each from a sweep on
-# that GPU. H200, 8192 x 128256 bf16 (benchmarks/results/kernels/2026-11-26-h200-ce-sweep, run 2):
-# (4096, 8, 0, False, True, True) 1.588 ms against 1.792 ms for the H100 setting; the H100 sweep of the third
-# session had the opposite order (32768/32 warps 1.95 ms, 4096/8 warps 2.10 ms).
+# that GPU. H200, 8192 x 128256 bf16, exp2/FMA kernel body (fifth session, benchmarks/results/kernels/
+# 2026-11-26-h200-ce): (16384, 16, 0, False, True, True, True) 1.319 ms; the H100 default 1.340 ms; the previous
+# H200 override (4096, 8, 0, False, True, True, False) 1.495 ms.
 _LAUNCH_BY_GPU = MappingProxyType(
     {
-        "H200": MappingProxyType({"fwd_grad": (4096, 8, 0, False, True, True, False)}),
+        "H200": MappingProxyType({"fwd_grad": (16384, 16, 0, False, True, True, True)}),
     }
 )
 
