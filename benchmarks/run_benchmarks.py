@@ -415,8 +415,8 @@ def fill_result(row: dict[str, Any], result: Mapping[str, Any]) -> None:
     for key in (
         "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s",
         "padding_fraction", "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib",
-        "gpu_mem_gib", "allgather_bytes_per_step", "reduce_scatter_bytes_per_step",
-        "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version", "bitsandbytes", "triton",
+        "gpu_mem_gib", "state_alloc_gib", "forward_alloc_gib", "allgather_bytes_per_step",
+        "reduce_scatter_bytes_per_step", "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version", "bitsandbytes", "triton",
         "liger_kernel", "python", "date", "entry", "patches",
     ):  # fmt: skip
         if key in result:

@@ -51,6 +51,38 @@ from benchlib import Scenario
 
 SCRIPT_START = time.time()  # after the stdlib/yaml imports (milliseconds): the runner's per-row breakdown
 GIB = 1024**3
+MEMORY_TRACE_ENV = "FMS_BENCH_MEMORY_TRACE"
+"""Set to 1 (CUDA only): record every allocation's Python stack and print, on rank 0, the live CUDA bytes grouped
+by allocation site after the first timed forward and after its backward (``[memtrace]`` lines). Slower; for
+finding what a stack keeps alive, not for timing."""
+_TRACE_SITES = (
+    "fms_acceleration", "train_bench", "transformers/", "peft/", "bitsandbytes/", "torch/distributed/",
+    "torch/utils/checkpoint", "torch/optim/",
+)  # fmt: skip
+
+
+def live_cuda_bytes_by_site(torch: Any, top: int = 25) -> list[tuple[str, int]]:
+    """The live CUDA blocks of this process, summed per allocation site: the three innermost stack frames in
+    ``_TRACE_SITES`` (needs ``torch.cuda.memory._record_memory_history`` to have been on when they were made)."""
+    totals: dict[str, int] = {}
+    for segment in torch.cuda.memory._snapshot()["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] != "active_allocated":
+                continue
+            traced = [  # innermost first
+                f"{Path(f['filename']).name}:{f['line']} {f['name']}" for f in block.get("frames") or []
+                if any(key in f["filename"] for key in _TRACE_SITES)
+            ]  # fmt: skip
+            site = " <- ".join(traced[:3]) or "no traced frame (made before tracing, or outside the traced libraries)"
+            totals[site] = totals.get(site, 0) + block["size"]
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+
+
+def print_memory_trace(torch: Any, label: str) -> None:
+    total = torch.cuda.memory_allocated()
+    print(f"[memtrace] {label}: allocated {total / GIB:.3f} GiB, by site:", flush=True)
+    for site, nbytes in live_cuda_bytes_by_site(torch):
+        print(f"[memtrace]   {nbytes / GIB:8.3f} GiB  {site}", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,6 +421,9 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
     set_seed(s.seed)
     device = accelerator.device
     on_cuda = device.type == "cuda"
+    trace_memory = on_cuda and os.environ.get(MEMORY_TRACE_ENV) == "1" and accelerator.is_main_process
+    if trace_memory:
+        torch.cuda.memory._record_memory_history(max_entries=100000, stacks="python")
     clock.done("accelerator")
 
     model, info = load_and_prepare(s, args.model_dir, framework, accelerator, train_args)
@@ -429,7 +464,12 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
             loss = model(**inputs).loss
             if step == s.warmup_steps and on_cuda:
                 forward_alloc = torch.cuda.memory_allocated(device)
+                if trace_memory:
+                    print_memory_trace(torch, f"step {step} after forward")
             accelerator.backward(loss)
+            if step == s.warmup_steps and trace_memory:
+                print_memory_trace(torch, f"step {step} after backward (peak so far "
+                                          f"{torch.cuda.max_memory_allocated() / GIB:.3f} GiB)")  # fmt: skip
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss_value = accelerator.reduce(loss.detach().float(), reduction="mean").item()  # syncs the step
