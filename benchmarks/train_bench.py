@@ -78,6 +78,35 @@ def live_cuda_bytes_by_site(torch: Any, top: int = 25) -> list[tuple[str, int]]:
     return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
 
 
+def trace_backward_memory(torch: Any, model: Any, armed: list[bool]) -> None:
+    """While ``armed[0]``, print the allocated CUDA memory each time the backward pass reaches the output of a
+    decoder layer (one line per layer), and the by-site breakdown when it reaches the first layer's output."""
+    layers = next((m for n, m in model.named_modules() if n.endswith("layers") and isinstance(m, torch.nn.ModuleList)),
+                  None)  # fmt: skip
+    if layers is None:
+        print("[memtrace] no decoder-layer list found: backward trace off", flush=True)
+        return
+
+    def on_forward(index: int) -> Callable[..., None]:
+        def hook(_module: Any, _args: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            if armed[0] and isinstance(out, torch.Tensor) and out.requires_grad:
+
+                def on_grad(_grad: Any) -> None:
+                    total = torch.cuda.memory_allocated() / GIB
+                    print(f"[memtrace] backward reached the output of layer {index}: allocated {total:.3f} GiB",
+                          flush=True)  # fmt: skip
+                    if index == 0:
+                        print_memory_trace(torch, "backward at the output of layer 0")
+
+                out.register_hook(on_grad)
+
+        return hook
+
+    for index, layer in enumerate(layers):
+        layer.register_forward_hook(on_forward(index))
+
+
 def print_memory_trace(torch: Any, label: str) -> None:
     total = torch.cuda.memory_allocated()
     print(f"[memtrace] {label}: allocated {total / GIB:.3f} GiB, by site:", flush=True)
@@ -450,6 +479,9 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
     padded_tokens = 0
     t_start = 0.0
     counter = CollectiveCounter()
+    armed = [False]  # the backward trace of the first timed step only
+    if trace_memory:
+        trace_backward_memory(torch, model, armed)
     with contextlib.ExitStack() as timed:
         for step in range(s.steps):
             batch = batches[step]
@@ -460,6 +492,7 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
                     timed.enter_context(counter.counting())  # reverted when the loop ends
                 t_start = time.perf_counter()
             t0 = time.perf_counter()
+            armed[0] = step == s.warmup_steps
             inputs = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "num_tokens"}
             loss = model(**inputs).loss
             if step == s.warmup_steps and on_cuda:
