@@ -533,17 +533,20 @@ CSV_COLUMNS = (
     "distributed", "rank_data", "num_layers", "dataset", "collate", "dtype",
     "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s", "padding_fraction",
     "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib", "gpu_mem_gib",
-    "state_alloc_gib", "forward_alloc_gib",
+    "state_alloc_gib", "forward_alloc_gib", "prepare_peak_alloc_gib", "train_peak_alloc_gib",
     "allgather_bytes_per_step", "reduce_scatter_bytes_per_step",
     "throughput_ratio", "memory_ratio", "reserved_ratio",
     "scaling_reference", "scaling_efficiency", "loss_vs_1gpu_max_rel_diff", "loss_vs_1gpu_match",
     "fit_target_layers", "fit_gib_per_layer", "fit_peak_alloc_gib_extrapolated", "fit_verdict",
+    "fit_train_gib_per_layer", "fit_train_peak_alloc_gib_extrapolated",
     "loss_first", "loss_final", "loss_max_rel_diff", "loss_match",
     "wall_s", "wall_breakdown", "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version",
     "bitsandbytes", "triton", "liger_kernel", "python", "date", "command",
 )  # fmt: skip
 """One row per scenario. Units: tokens/s, seconds, GiB, bytes. Memory is per GPU (max over ranks):
-``state_alloc_gib`` = allocated after ``prepare``, ``forward_alloc_gib`` = after the first timed forward. Ratios are
+``state_alloc_gib`` = allocated after ``prepare``, ``forward_alloc_gib`` = after the first timed forward;
+``peak_alloc_gib`` is the larger of ``prepare_peak_alloc_gib`` (loading + prepare) and ``train_peak_alloc_gib``
+(the training steps). Ratios are
 against the group's baseline; ``scaling_efficiency`` = tokens/s per GPU / tokens/s of the matching 1-GPU row
 (``scaling_reference``); ``fit_*`` are linear extrapolations of measured peak memory in the layer count."""
 

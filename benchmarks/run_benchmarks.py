@@ -415,7 +415,8 @@ def fill_result(row: dict[str, Any], result: Mapping[str, Any]) -> None:
     for key in (
         "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s",
         "padding_fraction", "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib",
-        "gpu_mem_gib", "state_alloc_gib", "forward_alloc_gib", "allgather_bytes_per_step",
+        "gpu_mem_gib", "state_alloc_gib", "forward_alloc_gib", "prepare_peak_alloc_gib", "train_peak_alloc_gib",
+        "allgather_bytes_per_step",
         "reduce_scatter_bytes_per_step", "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version", "bitsandbytes", "triton",
         "liger_kernel", "python", "date", "entry", "patches",
     ):  # fmt: skip
@@ -556,13 +557,29 @@ def compute_scaling(
             row["loss_vs_1gpu_max_rel_diff"], row["loss_vs_1gpu_match"] = diff, verdict
 
 
+def _line_at(points: Sequence[tuple[float, float]], target: float) -> tuple[float, float]:
+    """Least-squares line through ``points`` (x, y): (slope, value at ``target``)."""
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
+    return slope, mean_y + slope * (target - mean_x)
+
+
+FIT_KEYS = (
+    "fit_target_layers", "fit_gib_per_layer", "fit_peak_alloc_gib_extrapolated", "fit_verdict",
+    "fit_train_gib_per_layer", "fit_train_peak_alloc_gib_extrapolated",
+)  # fmt: skip
+
+
 def compute_fits(rows: list[dict[str, Any]], s_by_name: Mapping[str, Scenario]) -> None:
     """Peak memory per GPU vs layer count: a least-squares line through the measured points of each series
     (rows with ``extrapolate_layers`` of the same model shape but depth, stack, GPUs and workload; groups may
-    differ, e.g. one group per layer count), evaluated at the target layer count. ``fit_verdict``: ``fits`` when the extrapolated peak is within 95 % of the GPU's memory."""
+    differ, e.g. one group per layer count), evaluated at the target layer count. ``fit_verdict``: ``fits`` when
+    the extrapolated peak is within 95 % of the GPU's memory. Where the rows measured the training steps' own
+    peak (``train_peak_alloc_gib``, without loading + prepare), that is extrapolated too (``fit_train_*``)."""
     series: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
-        for key in ("fit_target_layers", "fit_gib_per_layer", "fit_peak_alloc_gib_extrapolated", "fit_verdict"):
+        for key in FIT_KEYS:
             row[key] = ""
         s = s_by_name.get(row["scenario"])
         if s is None or s.extrapolate_layers <= 0:
@@ -573,20 +590,20 @@ def compute_fits(rows: list[dict[str, Any]], s_by_name: Mapping[str, Scenario]) 
                str(row["num_gpus"]), str(row["batch_size"]), str(row["seq_len"]), s.extrapolate_layers)  # fmt: skip
         series.setdefault(key, []).append(row)
     for members in series.values():
-        points = [
-            (float(r["num_layers"]), memory_metric(r))
-            for r in members
-            if r.get("status") == "ok" and r.get("num_layers") not in (None, "") and memory_metric(r) is not None
-        ]
+        measured_rows = [r for r in members if r.get("status") == "ok" and r.get("num_layers") not in (None, "")]
+        points = [(float(r["num_layers"]), memory_metric(r)) for r in measured_rows if memory_metric(r) is not None]
         if len({x for x, _ in points}) < 2:
             for r in members:
                 r["fit_verdict"] = f"not extrapolated: {len(points)} measured layer count(s), need 2"
             continue
-        mean_x = statistics.fmean(x for x, _ in points)
-        mean_y = statistics.fmean(y for _, y in points)
-        slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sum((x - mean_x) ** 2 for x, _ in points)
         target = float(members[0]["fit_target_layers"])
-        value = mean_y + slope * (target - mean_x)
+        slope, value = _line_at(points, target)
+        train_points = [
+            (float(r["num_layers"]), _to_float(r.get("train_peak_alloc_gib")))
+            for r in measured_rows
+            if _to_float(r.get("train_peak_alloc_gib")) is not None
+        ]
+        train = _line_at(train_points, target) if len({x for x, _ in train_points}) >= 2 else ("", "")
         capacity = next((_to_float(r.get("gpu_mem_gib")) for r in members if _to_float(r.get("gpu_mem_gib"))), None)
         capacity = capacity or DEFAULT_GPU_MEM_GIB
         verdict = "fits" if value <= FIT_HEADROOM * capacity else "does not fit"
@@ -594,6 +611,7 @@ def compute_fits(rows: list[dict[str, Any]], s_by_name: Mapping[str, Scenario]) 
         for r in members:
             r["fit_gib_per_layer"] = slope
             r["fit_peak_alloc_gib_extrapolated"] = value
+            r["fit_train_gib_per_layer"], r["fit_train_peak_alloc_gib_extrapolated"] = train
             r["fit_verdict"] = (
                 f"{verdict} (extrapolated from measured {measured} GiB: {value:.1f} GiB at {int(target)} layers "
                 f"vs {capacity:.0f} GiB per GPU)"
@@ -603,7 +621,8 @@ def compute_fits(rows: list[dict[str, Any]], s_by_name: Mapping[str, Scenario]) 
 DIGITS = {
     "train_tokens_per_s": 1, "train_tokens_per_s_per_gpu": 1, "step_time_s": 4, "step_time_p50_s": 4,
     "padding_fraction": 4, "peak_alloc_gib": 3, "peak_reserved_gib": 3, "peak_rss_gib": 3, "gpu_mem_gib": 1,
-    "state_alloc_gib": 3, "forward_alloc_gib": 3,
+    "state_alloc_gib": 3, "forward_alloc_gib": 3, "prepare_peak_alloc_gib": 3, "train_peak_alloc_gib": 3,
+    "fit_train_gib_per_layer": 3, "fit_train_peak_alloc_gib_extrapolated": 2,
     "throughput_ratio": 3, "memory_ratio": 3, "reserved_ratio": 3, "loss_first": 4, "loss_final": 4,
     "loss_max_rel_diff": 5, "wall_s": 1, "scaling_efficiency": 3, "loss_vs_1gpu_max_rel_diff": 5,
     "fit_gib_per_layer": 3, "fit_peak_alloc_gib_extrapolated": 2,
@@ -720,9 +739,10 @@ def fit_table(rows: Sequence[Mapping[str, Any]]) -> str:
     if not series:
         return ""
     lines = [
-        "| scenario | stack | dist | GPUs | layers | peak alloc GiB/GPU (measured) | after prepare | "
-        "after 1st forward | GiB per layer (fit) | extrapolated | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | stack | dist | GPUs | layers | peak alloc GiB/GPU (measured) | load + prepare peak | "
+        "training peak | after prepare | after 1st forward | GiB per layer (fit) | extrapolated | "
+        "training peak extrapolated | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in series:
         status = r.get("status", "")
@@ -731,20 +751,25 @@ def fit_table(rows: Sequence[Mapping[str, Any]]) -> str:
             measured = f"{status}: {str(r.get('note', ''))[:80]}"
         target = r.get("fit_target_layers", "")
         value = _num(r, "fit_peak_alloc_gib_extrapolated", 1)
+        train_value = _num(r, "fit_train_peak_alloc_gib_extrapolated", 1)
         lines.append(
             "| " + " | ".join([
                 str(r.get("scenario", "")), stack_label(r), str(r.get("distributed", "")), str(r.get("num_gpus", "")),
-                str(r.get("num_layers", "")), measured.replace("|", "/"), _num(r, "state_alloc_gib", 2),
-                _num(r, "forward_alloc_gib", 2), _num(r, "fit_gib_per_layer", 3),
-                f"{value} GiB at {target} layers" if value else "", str(r.get("fit_verdict", "")).split(" (")[0],
+                str(r.get("num_layers", "")), measured.replace("|", "/"), _num(r, "prepare_peak_alloc_gib", 2),
+                _num(r, "train_peak_alloc_gib", 2), _num(r, "state_alloc_gib", 2), _num(r, "forward_alloc_gib", 2),
+                _num(r, "fit_gib_per_layer", 3), f"{value} GiB at {target} layers" if value else "",
+                f"{train_value} GiB ({_num(r, 'fit_train_gib_per_layer', 3)} per layer)" if train_value else "",
+                str(r.get("fit_verdict", "")).split(" (")[0],
             ]) + " |"
         )  # fmt: skip
     lines += [
         "",
         "EXTRAPOLATION, not a measurement: a least-squares line through the measured peak memory per GPU at the "
         "layer counts above, evaluated at the target layer count; 'fits' = within 95% of the GPU's memory. "
-        "'after prepare' / 'after 1st forward': CUDA memory allocated per GPU (max over ranks) once the model is "
-        "prepared (what its state holds) and after the first timed forward (state + saved activations).",
+        "'load + prepare peak' / 'training peak': the peak before and after the first training step (the peak "
+        "column is the larger). 'after prepare' / 'after 1st forward': CUDA memory allocated per GPU (max over "
+        "ranks) once the model is prepared (what its state holds) and after the first timed forward (state + "
+        "saved activations).",
     ]
     return "\n".join(lines)
 

@@ -17,8 +17,9 @@ The same loop serves every row of a scenario group, so only the model preparatio
 The loop: ``model.train()``, AdamW, ``accelerator.prepare(model, optimizer)``, ``steps`` optimizer steps,
 the first ``warmup_steps`` untimed. Rank 0 writes one JSON result (``--result-json``): train tokens/s over
 the timed steps counting only non-padding tokens, step times, peak allocated / reserved CUDA memory (max over
-ranks; peak RSS on CPU), the CUDA memory allocated after ``prepare`` (model state) and after the first timed
-forward (state + saved activations), and the loss of every step (mean over ranks).
+ranks; peak RSS on CPU; the peak of loading + ``prepare`` and of the training steps also apart), the CUDA
+memory allocated after ``prepare`` (model state) and after the first timed forward (state + saved activations),
+and the loss of every step (mean over ranks).
 
 Several processes (``--num-gpus N``): ``--distributed fsdp1|fsdp2`` runs under the FSDP settings of the
 Accelerate config (on CPU through :func:`cpu_fsdp_seam`); the HF QLoRA recipe then stores the packed 4-bit
@@ -462,8 +463,14 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
     model, optimizer = accelerator.prepare(model, optimizer)
     if framework is not None:
         framework.get_callbacks_and_ready_for_train(model, accelerator)
-    # what the prepared model holds on this GPU before any step (sharded parameters and what plugins keep)
+    # what the prepared model holds on this GPU before any step (sharded parameters and what plugins keep), the
+    # peak of loading + preparing (a loader may hold more than the sharded state for a while), then the peak
+    # counters restart so that the training steps get their own peak
     state_alloc = torch.cuda.memory_allocated(device) if on_cuda else 0
+    prepare_peak = torch.cuda.max_memory_allocated(device) if on_cuda else 0
+    prepare_peak_reserved = torch.cuda.max_memory_reserved(device) if on_cuda else 0
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     forward_alloc = 0  # allocated after the first timed step's forward: state + saved activations + loss
     clock.done("prepare")
 
@@ -529,14 +536,15 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
     tokens = accelerator.reduce(counts[:2].clone(), reduction="sum")
     comm = accelerator.gather(counts[2:].clone()).view(-1, 2).max(dim=0).values
     if on_cuda:
+        train_peak = torch.cuda.max_memory_allocated(device)
         peaks = torch.tensor(
-            [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device), state_alloc,
-             forward_alloc], device=device,
+            [max(prepare_peak, train_peak), max(prepare_peak_reserved, torch.cuda.max_memory_reserved(device)),
+             state_alloc, forward_alloc, prepare_peak, train_peak], device=device,
         ).float()  # fmt: skip
     else:
-        peaks = torch.zeros(4, device=device)
+        peaks = torch.zeros(6, device=device)
     rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0], device=device)
-    peaks = accelerator.gather(peaks).view(-1, 4).max(dim=0).values
+    peaks = accelerator.gather(peaks).view(-1, 6).max(dim=0).values
     rss = accelerator.gather(rss).max()
     total_tokens, total_slots = tokens.tolist()
     result = {
@@ -551,6 +559,8 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
         "peak_reserved_gib": peaks[1].item() / GIB if on_cuda else None,
         "state_alloc_gib": peaks[2].item() / GIB if on_cuda else None,
         "forward_alloc_gib": peaks[3].item() / GIB if on_cuda else None,
+        "prepare_peak_alloc_gib": peaks[4].item() / GIB if on_cuda else None,
+        "train_peak_alloc_gib": peaks[5].item() / GIB if on_cuda else None,
         "peak_rss_gib": rss.item() / GIB,
         "gpu_mem_gib": torch.cuda.get_device_properties(device).total_memory / GIB if on_cuda else None,
         "allgather_bytes_per_step": int(comm[0].item()) if accelerator.num_processes > 1 else None,

@@ -390,6 +390,14 @@ def test_memory_extrapolation_is_a_labelled_line_fit() -> None:
     assert rows[0]["fit_verdict"].startswith("does not fit")
     table = run_benchmarks.fit_table(rows)
     assert "EXTRAPOLATION, not a measurement" in table and "88.0 GiB at 80 layers" in table
+    assert a["fit_train_peak_alloc_gib_extrapolated"] == ""  # no training-only peak measured
+    # the training steps' own peak (loading + prepare apart) gets its own line: 0.25 GiB per layer -> 29.5 GiB
+    rows[0]["train_peak_alloc_gib"], rows[1]["train_peak_alloc_gib"] = "10.0", "10.5"
+    run_benchmarks.compute_fits(rows, s)
+    assert a["fit_train_gib_per_layer"] == pytest.approx(0.25)
+    assert b["fit_train_peak_alloc_gib_extrapolated"] == pytest.approx(29.5)
+    assert rows[0]["fit_verdict"].startswith("does not fit")  # the verdict stays on the whole run's peak
+    assert "29.5 GiB (0.250 per layer)" in run_benchmarks.fit_table(rows)
 
 
 def test_layers_of_models_link_the_parent_checkpoint(tmp_path: Path) -> None:
@@ -457,3 +465,27 @@ def test_compare_flags_multi_gpu_regressions() -> None:
     flagged = {f.metric for f in compare.compare_rows([row("0.80", "6000000", "no")], ref, 0.05, 0.05) if f.regression}
     assert flagged == {"scaling_efficiency", "allgather_bytes_per_step", "loss_vs_1gpu_match"}
     assert not any(f.regression for f in compare.compare_rows([row("0.88", "5100000", "yes")], ref, 0.05, 0.05))
+
+
+def test_memory_trace_groups_live_blocks_by_their_innermost_traced_frames() -> None:
+    import types
+
+    import train_bench
+
+    def frame(path: str, line: int, name: str) -> dict:
+        return {"filename": path, "line": line, "name": name}
+
+    kernel = [frame("/t/torch/nn/functional.py", 1, "linear"), frame("/s/fms_acceleration_x/lora.py", 5, "_base"),
+              frame("/s/transformers/modeling_llama.py", 9, "forward"), frame("/b/train_bench.py", 3, "run"),
+              frame("/b/train_bench.py", 1, "main")]  # fmt: skip
+    snapshot = {"segments": [{"blocks": [
+        {"state": "active_allocated", "size": 300, "frames": kernel},
+        {"state": "active_allocated", "size": 100, "frames": kernel},
+        {"state": "inactive", "size": 10_000, "frames": kernel},  # cached, not live
+        {"state": "active_allocated", "size": 7, "frames": [frame("/t/torch/nn/functional.py", 1, "linear")]},
+    ]}]}  # fmt: skip
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(memory=types.SimpleNamespace(_snapshot=lambda: snapshot)))
+    sites = train_bench.live_cuda_bytes_by_site(fake)
+    assert sites[0] == ("lora.py:5 _base <- modeling_llama.py:9 forward <- train_bench.py:3 run", 400)
+    assert sites[1][1] == 7 and sites[1][0].startswith("no traced frame")
+    assert len(sites) == 2
