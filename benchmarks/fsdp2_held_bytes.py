@@ -6,6 +6,9 @@ tensor storage on rank 0 (``gc``). The difference between the 4- and the 2-layer
 more decoder layer costs a rank before any activation: about half of a layer's packed 4-bit bytes (its shard)
 plus scales and adapters. A retained unsharded copy shows up as one extra full packed layer per layer.
 
+The same count right after every ``fully_shard`` of the prepare gives the most a rank held while preparing
+(``during_prepare_*``): the loaded model plus the shards made so far, less what was freed unit by unit.
+
     python benchmarks/fsdp2_held_bytes.py
 """
 
@@ -77,10 +80,23 @@ def worker(rank, path, port, out):
         )
         model = fw.model_loader(path, dtype=torch.float32, low_cpu_mem_usage=True)
         model, _ = fw.augmentation(model, None, (lora_config(),))
-        prepare_fsdp2(fw, model, 2, shard=True)
+        import torch.distributed.fsdp as fsdp
+
+        fully_shard, samples = fsdp.fully_shard, []
+
+        def sampled(*args, **kwargs):
+            result = fully_shard(*args, **kwargs)
+            samples.append(live_bytes())
+            return result
+
+        fsdp.fully_shard = sampled
+        try:
+            prepare_fsdp2(fw, model, 2, shard=True)
+        finally:
+            fsdp.fully_shard = fully_shard
         b = live_bytes()
         if rank == 0:
-            open(out, "w").write(json.dumps(b))
+            open(out, "w").write(json.dumps({"after": b, "during": max(samples)}))
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     except Exception:
@@ -96,20 +112,17 @@ def main():
         build(p, layers)
         spawn_workers(worker, (p, free_port(), p + ".json"), 2, timeout=300)
         res[layers] = json.load(open(p + ".json"))
-    per_layer = (res[4] - res[2]) / 2
     # one layer's 4-bit weights: q,o 512x512, k,v 512x128, mlp 3 x 512x2048 -> packed bytes = numel / 2
-    numel = 2 * 512 * 512 + 2 * 512 * 128 + 3 * 512 * 2048
-    print(
-        json.dumps(
-            {
-                "live_bytes_2l": res[2],
-                "live_bytes_4l": res[4],
-                "per_layer": per_layer,
-                "full_packed_layer": numel // 2,
-                "ratio_per_layer_to_full_packed": per_layer / (numel // 2),
-            }
-        )
-    )
+    full = (2 * 512 * 512 + 2 * 512 * 128 + 3 * 512 * 2048) // 2
+    report = {"full_packed_layer": full}
+    for key in ("after", "during"):
+        per_layer = (res[4][key] - res[2][key]) / 2
+        prefix = "" if key == "after" else "during_prepare_"
+        report.update({
+            f"{prefix}live_bytes_2l": res[2][key], f"{prefix}live_bytes_4l": res[4][key],
+            f"{prefix}per_layer": per_layer, f"{prefix}ratio_per_layer_to_full_packed": per_layer / full,
+        })  # fmt: skip
+    print(json.dumps(report))
     shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -51,6 +51,7 @@ before the optimizer is created.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -141,6 +142,10 @@ class PrepareContribution:
         reduce_dtype: dtype of gradient reductions (e.g. ``torch.float32`` for stable LoRA updates).
         customize_fully_shard: FSDP2 per-unit ``fully_shard`` keyword customisation, see
             :data:`FullyShardCustomizer`.
+        after_unit_sharded: FSDP2: called as ``(unit_name, module)`` right after each unit of the framework's
+            plan is sharded (``""`` is the root), e.g. to free what the unit's shards made redundant before
+            the next unit is sharded (the peak memory of preparing is then one unit's worth, not the model's).
+            Not called for units sharded by anyone else (Accelerate's root); use ``after_prepare`` for those.
         refuse_deepspeed_reason: why this plugin cannot run under DeepSpeed (``None``: it can; its
             ``prepare_contribution`` has done its work before DeepSpeed wraps the model).
         notes: human-readable lines for logs (what the plugin asked for and why).
@@ -154,6 +159,7 @@ class PrepareContribution:
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
     customize_fully_shard: FullyShardCustomizer | None = None
+    after_unit_sharded: Callable[[str, nn.Module], None] | None = None
     refuse_deepspeed_reason: str | None = None
     notes: tuple[str, ...] = ()
 
@@ -187,6 +193,7 @@ class MergedContribution:
     param_dtype: torch.dtype | None = None
     reduce_dtype: torch.dtype | None = None
     customizers: tuple[tuple[str, FullyShardCustomizer], ...] = ()
+    unit_sharded_callbacks: tuple[tuple[str, Callable[[str, nn.Module], None]], ...] = ()
     refuse_deepspeed: tuple[tuple[str, str], ...] = ()
     notes: tuple[str, ...] = ()
     contributors: tuple[str, ...] = ()
@@ -203,6 +210,7 @@ class MergedContribution:
             or self.param_dtype
             or self.reduce_dtype
             or self.customizers
+            or self.unit_sharded_callbacks
         )
 
     def select_ignored(self, model: nn.Module) -> list[nn.Module]:
@@ -231,6 +239,7 @@ def merge_contributions(contributions: Sequence[tuple[str, PrepareContribution |
             "ignored_modules",
             "keep_dtype_params",
             "customizers",
+            "unit_sharded_callbacks",
             "refuse_deepspeed",
             "notes",
             "contributors",
@@ -254,6 +263,8 @@ def merge_contributions(contributions: Sequence[tuple[str, PrepareContribution |
             fields[key].extend((name, s) for s in getattr(part, key))
         if part.customize_fully_shard is not None:
             fields["customizers"].append((name, part.customize_fully_shard))
+        if part.after_unit_sharded is not None:
+            fields["unit_sharded_callbacks"].append((name, part.after_unit_sharded))
         if part.refuse_deepspeed_reason:
             fields["refuse_deepspeed"].append((name, part.refuse_deepspeed_reason))
         fields["notes"].extend(f"{name}: {note}" for note in part.notes)
@@ -643,7 +654,8 @@ def apply_fsdp2_plan(
 
     Units already sharded are skipped. Units owning keep-dtype parameters get a mixed-precision policy
     without ``param_dtype`` (no cast of packed storage); a plugin's ``customize_fully_shard`` may replace
-    the keyword arguments of any unit (two plugins customising the same unit is an error).
+    the keyword arguments of any unit (two plugins customising the same unit is an error). After each
+    ``fully_shard``, every plugin's ``after_unit_sharded`` is called with the unit.
 
     Args:
         model: the module tree to shard in place (a process group must be initialised).
@@ -654,14 +666,17 @@ def apply_fsdp2_plan(
         shard_root: also shard the root (leave ``False`` when Accelerate shards the root afterwards).
 
     Returns:
-        ``{old_parameter: new_parameter}`` for every parameter that changed identity, to re-point an
-        optimizer created before sharding (see :func:`switch_optimizer_params`).
+        ``{old_parameter: new_parameter}`` for every parameter that changed identity and is still referenced
+        elsewhere (e.g. by an optimizer created before sharding, see :func:`switch_optimizer_params`). The
+        old parameters are held only weakly, so a unit's unsharded tensors can be freed once it is sharded.
     """
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
     if plan.fsdp_version != 2:
         raise ValueError("apply_fsdp2_plan needs a plan made with fsdp_version=2")
-    before = dict(model.named_parameters())
+    # weak references: a parameter that only the module held (a frozen base weight) is freed as soon as its unit
+    # is sharded; one that an optimizer holds stays alive and is mapped below
+    before = {n: weakref.ref(p) for n, p in model.named_parameters()}
     for unit in plan.units:
         if unit.name == "" and not shard_root:
             continue
@@ -672,6 +687,7 @@ def apply_fsdp2_plan(
         owned = [*unit.trainable, *unit.frozen]
         params = dict(model.named_parameters())
         keep = [n for n in owned if n in params and merged.keeps_dtype(n, params[n])]
+        del params  # holds the unit's unsharded parameters
         if keep:
             policy = kwargs.get("mp_policy") or MixedPrecisionPolicy()
             kwargs["mp_policy"] = dataclasses.replace(policy, param_dtype=None, cast_forward_inputs=False)
@@ -687,8 +703,11 @@ def apply_fsdp2_plan(
                 )
             chosen_by, kwargs = plugin, dict(custom)
         fully_shard(module, **kwargs)
+        for _plugin, callback in merged.unit_sharded_callbacks:
+            callback(unit.name, module)
     after = dict(model.named_parameters())
-    return {before[n]: after[n] for n in before if n in after and after[n] is not before[n]}
+    old = {n: ref() for n, ref in before.items()}
+    return {p: after[n] for n, p in old.items() if p is not None and n in after and after[n] is not p}
 
 
 def switch_optimizer_params(optimizer: torch.optim.Optimizer, mapping: Mapping[nn.Parameter, nn.Parameter]) -> int:

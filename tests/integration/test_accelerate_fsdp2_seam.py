@@ -27,4 +27,11 @@ def test_accelerate_fsdp2_prepare_with_plugin_units(launch_env, tmp_path):
             "base_model.model.model.layers.0",
             "base_model.model.model.layers.1",
         ]
-        assert report["events"][-2:] == ["prepare_contribution", "after_prepare"]
+        events = report["events"]
+        unit_events = [e for e in events if e.startswith("unit_sharded:")]
+        assert [e for e in events if e not in unit_events][-2:] == ["prepare_contribution", "after_prepare"]
+        # after_unit_sharded: once per unit our plan shards (the decoder layers), right after its fully_shard;
+        # Accelerate's own pass shards the root, embeddings and lm_head afterwards (no callback for those)
+        assert sorted(unit_events) == [f"unit_sharded:base_model.model.model.layers.{i}:True" for i in (0, 1)]
+        first, last = events.index(unit_events[0]), events.index(unit_events[-1])
+        assert events.index("prepare_contribution") < first and last < events.index("after_prepare")

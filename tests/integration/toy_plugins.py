@@ -56,8 +56,14 @@ class ToyLoraPlugin(AccelerationPlugin):
             fused_scopes=("LlamaAttention",) if self.config.fused_attention else (),
             reduce_dtype=torch.float32 if self.config.reduce_fp32 else None,
             refuse_deepspeed_reason="toy plugin refuses DeepSpeed" if self.config.refuse_deepspeed else None,
+            after_unit_sharded=self._unit_sharded,
             notes=("toy contribution",),
         )
+
+    def _unit_sharded(self, name, module):
+        from torch.distributed.fsdp import FSDPModule
+
+        self.events.append(f"unit_sharded:{name or '<root>'}:{isinstance(module, FSDPModule)}")
 
     def after_prepare(self, model, context):
         self.events.append("after_prepare")

@@ -73,7 +73,44 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
         full_storages = {
             (m.weight.untyped_storage().data_ptr(), m.weight.untyped_storage().nbytes()) for _, m in layers4bit
         }
-        prepare_fsdp2(fw, model, WORLD, shard=True)
+        bnb_plugin = fw.active_plugins[0]
+        released_before_after_prepare = []
+        after_prepare = bnb_plugin.after_prepare
+
+        def spy(*args, **kwargs):
+            released_before_after_prepare.append(sum(sw.released for sw in bnb_plugin._packed_swaps))
+            return after_prepare(*args, **kwargs)
+
+        bnb_plugin.after_prepare = spy
+
+        def alive_full_storages() -> int:
+            gc.collect()
+            alive = {
+                (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+                for t in gc.get_objects()
+                if isinstance(t, torch.Tensor) and type(t) in (torch.Tensor, torch.nn.Parameter)
+            }
+            return len(full_storages & alive)
+
+        import torch.distributed.fsdp as fsdp
+
+        fully_shard, alive_before_each_unit = fsdp.fully_shard, []
+
+        def counting_fully_shard(*args, **kwargs):
+            alive_before_each_unit.append(alive_full_storages())
+            return fully_shard(*args, **kwargs)
+
+        fsdp.fully_shard = counting_fully_shard
+        try:
+            prepare_fsdp2(fw, model, WORLD, shard=True)
+        finally:
+            fsdp.fully_shard = fully_shard
+        # released unit by unit as the framework shards them (after_unit_sharded; apply_fsdp2_plan holds the
+        # pre-shard parameters only weakly), not all at the end: while preparing, a rank holds the unsharded
+        # rest of the model and the shards made so far, never the whole model twice. Units: layers.1, layers.0,
+        # root, each decoder layer with 7 replaced 4-bit projections.
+        assert alive_before_each_unit == [14, 7, 0]
+        assert released_before_after_prepare == [14]
         assert sum(isinstance(m, Packed4bitLinear) for m in model.modules()) == 14
         # the replaced layers' full packed bytes are gone once their replacements are sharded (held, they cost a
         # whole unsharded 4-bit layer per decoder layer on every rank)

@@ -140,6 +140,7 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
                 notes=(f"FSDP1: packed 4-bit storage kept in {training_dtype}; LoRA in {lora_dtype}",),
             )
         notes = []
+        release = None
         if self.config.fsdp2_packed_all_gather:
             names = {id(m): n for n, m in model.named_modules()}
 
@@ -158,6 +159,7 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
             report = convert_linear4bit_for_fsdp2(
                 model, training_dtype, max(int(context.world_size), 1), replace=record_replacement
             )
+            release = self._release_sharded_swaps if report.converted else None
             notes.append(
                 f"FSDP2: {len(report.converted)} 4-bit layers sharded as packed bytes (Packed4bitLinear)"
                 + (
@@ -171,8 +173,17 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
             keep_dtype_params=(is_params4bit,),
             trainable_dtype=lora_dtype,
             reduce_dtype=reduce_dtype,
+            after_unit_sharded=release,
             notes=tuple(notes),
         )
+
+    def _release_sharded_swaps(self, unit_name: str, unit: nn.Module) -> None:
+        """``after_unit_sharded``: free the full packed bytes of every replaced layer whose replacement is now
+        sharded, before the next unit is sharded. Otherwise a rank holds the whole 4-bit model *and* all its shards
+        until ``after_prepare``: at the 70B layer shape, a full packed layer (0.45 GiB with its float32 scales)
+        next to its shard, per decoder layer."""
+        for swap in self._packed_swaps:
+            swap.release()
 
     def provided_dequant_backends(self) -> tuple[Any, ...]:
         """Dequant backends for the fused-ops plugin: reads :class:`~.packed4bit.Packed4bitLinear` weights
@@ -184,7 +195,9 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
     def after_prepare(self, model: nn.Module, context: Any) -> None:
         """Release the full packed bytes of the layers replaced for FSDP2 once their replacements are sharded
         (see :class:`.sharding.PackedSwap`); log how many bytes of 4-bit weights this rank holds."""
-        released = sum(swap.release() for swap in self._packed_swaps)
+        for swap in self._packed_swaps:  # those of units sharded by someone else (e.g. Accelerate's root)
+            swap.release()
+        released = sum(swap.released for swap in self._packed_swaps)
         if getattr(context, "is_fsdp", False):
             logger.info(
                 "bitsandbytes: this rank holds %d bytes of packed 4-bit weights (%d replaced layers released)",
