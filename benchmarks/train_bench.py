@@ -508,7 +508,7 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
                     print_memory_trace(torch, f"step {step} after forward")
             accelerator.backward(loss)
             if step == s.warmup_steps and trace_memory:
-                print_memory_trace(torch, f"step {step} after backward (peak so far "
+                print_memory_trace(torch, f"step {step} after backward (training peak so far "
                                           f"{torch.cuda.max_memory_allocated() / GIB:.3f} GiB)")  # fmt: skip
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
