@@ -944,6 +944,12 @@ def link_truncated_checkpoint(parent: Path, target: Path, num_layers: int) -> No
         link = target / item.name
         if item.name == "config.json":
             config = json.loads(item.read_text(encoding="utf-8"))
+            if int(config.get("num_hidden_layers", 0)) < num_layers:
+                raise ScenarioError(
+                    f"cannot take the first {num_layers} decoder layers of {parent}: its config.json has "
+                    f"num_hidden_layers={config.get('num_hidden_layers')} (a --model-set num_hidden_layers smaller "
+                    "than a layers_of slice?)"
+                )
             config["num_hidden_layers"] = num_layers
             for key in ("layer_types",):  # per-layer lists (newer configs) must match the layer count
                 if isinstance(config.get(key), list):

@@ -420,6 +420,8 @@ def test_layers_of_models_link_the_parent_checkpoint(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "small" / "config.json").read_text())["num_hidden_layers"] == 2
     assert (tmp_path / "small" / "model.safetensors").is_symlink()
     assert (tmp_path / "small" / "model.safetensors").read_bytes() == b"weights"
+    with pytest.raises(benchlib.ScenarioError, match="num_hidden_layers=4"):  # more layers than the parent holds
+        run_benchmarks.link_truncated_checkpoint(parent, tmp_path / "bigger", 6)
 
 
 @pytest.mark.slow
