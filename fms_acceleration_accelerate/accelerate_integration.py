@@ -65,6 +65,7 @@ from .distributed import (
     fsdp1_auto_wrap_policy,
     plan_fsdp_units,
     run_after_prepare,
+    skip_backward_unshard_of_frozen_embeddings,
     switch_optimizer_params,
     upcast_trainable,
 )
@@ -318,6 +319,7 @@ def _prepare_with_framework(
     models = [a for a in args if isinstance(a, torch.nn.Module)]
     optimizers = [a for a in args if isinstance(a, torch.optim.Optimizer)]
     scoped = PatchRecorder()  # changes to Accelerate's FSDP plugin, only for the duration of this call
+    ours_fsdp2: list[torch.nn.Module] = []
     with scoped.reverting():
         for model in models:
             merged = collect_contributions(framework.active_plugins, model, context)
@@ -327,9 +329,13 @@ def _prepare_with_framework(
                 check_deepspeed(merged)
             elif context.fsdp_version == 1:
                 _before_fsdp1(accelerator, model, merged, scoped)
-            elif context.fsdp_version == 2:
-                _before_fsdp2(accelerator, model, merged, optimizers, scoped)
+            elif context.fsdp_version == 2 and _before_fsdp2(accelerator, model, merged, optimizers, scoped):
+                ours_fsdp2.append(model)
         result = original_prepare(accelerator, *args, device_placement=device_placement)
+    for model in ours_fsdp2:  # fully_shard works in place: the prepared model is the same object
+        skipped = skip_backward_unshard_of_frozen_embeddings(model)
+        if skipped:
+            logger.info("fms-acceleration FSDP2: no backward all-gather for frozen embedding units %s", skipped)
     prepared = result if isinstance(result, (tuple, list)) else (result,)
     for obj in prepared:
         if isinstance(obj, torch.nn.Module):
@@ -391,11 +397,12 @@ def _before_fsdp2(
     merged: MergedContribution,
     optimizers: list[torch.optim.Optimizer],
     scoped: PatchRecorder,
-) -> None:
+) -> bool:
+    """Shard the plan's units before Accelerate's FSDP2 pass; ``False`` when Accelerate's path is left as is."""
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, OffloadPolicy
 
     if merged.is_empty or isinstance(model, FSDPModule):
-        return  # nothing asked for (Accelerate's own FSDP2 path, unchanged) or sharded by the user
+        return False  # nothing asked for (Accelerate's own FSDP2 path, unchanged) or sharded by the user
     fsdp_plugin = accelerator.state.fsdp_plugin
     if fsdp_plugin.cpu_ram_efficient_loading:
         raise AccelerationConfigError(
@@ -444,6 +451,7 @@ def _before_fsdp2(
         switch_optimizer_params(optimizer, mapping)
     if is_main_process():
         logger.info("fms-acceleration FSDP2 units:\n  %s", "\n  ".join(plan.describe()))
+    return True
 
 
 def _point_transformer_policy_at_sharded_units(

@@ -27,6 +27,10 @@ def test_accelerate_fsdp2_prepare_with_plugin_units(launch_env, tmp_path):
             "base_model.model.model.layers.0",
             "base_model.model.model.layers.1",
         ]
+        # the frozen input embedding is not all-gathered again in backward (saving exactly its table per step);
+        # nothing else changed (the losses above follow the unsharded reference)
+        assert report["no_backward_unshard"] == ["base_model.model.model.embed_tokens"]
+        assert report["saved_gather_bytes"] == report["embed_bytes"] > 0
         events = report["events"]
         unit_events = [e for e in events if e.startswith("unit_sharded:")]
         assert [e for e in events if e not in unit_events][-2:] == ["prepare_contribution", "after_prepare"]

@@ -36,12 +36,40 @@ def build(framework):
         tie_word_embeddings=False,
     )
     model, _ = framework.augmentation(LlamaForCausalLM(config), None, ())
+    # what PEFT + gradient checkpointing do: the input embeddings' output requires grad, so FSDP2 would re-gather
+    # the (frozen) embedding unit in backward unless told it is not needed there
+    model.enable_input_require_grads()
     return model
 
 
-def train(model, optimizer, batch, backward):
+def gathered_bytes_per_step(model, optimizer, batch, backward):
+    """All-gather output bytes of one training step (FSDP2 calls ``dist.all_gather_into_tensor`` or, in newer
+    torch, ``dist.all_gather_single``; both take the output first)."""
+    dist = torch.distributed
+    originals = {n: getattr(dist, n) for n in ("all_gather_into_tensor", "all_gather_single") if hasattr(dist, n)}
+    total = [0]
+
+    def counting(original):
+        def gather(output, *args, **kwargs):
+            total[0] += output.numel() * output.element_size()
+            return original(output, *args, **kwargs)
+
+        return gather
+
+    for name, original in originals.items():
+        setattr(dist, name, counting(original))
+    try:
+        train(model, optimizer, batch, backward, steps=1)
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+    assert total[0] > 0, "no all-gather counted: FSDP2 calls a collective this worker does not wrap"
+    return total[0]
+
+
+def train(model, optimizer, batch, backward, steps=3):
     losses = []
-    for _ in range(3):
+    for _ in range(steps):
         loss = model(input_ids=batch, labels=batch).loss
         backward(loss)
         optimizer.step()
@@ -68,7 +96,19 @@ model = build(framework)
 optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
 model, optimizer = accelerator.prepare(model, optimizer)
 losses = train(model, optimizer, batch, accelerator.backward)
+no_backward_unshard = sorted(
+    n
+    for n, m in model.named_modules()
+    if isinstance(m, FSDPModule) and not m._get_fsdp_state()._fsdp_param_group.unshard_in_backward
+)
+embed = model.get_input_embeddings()
+skipped_bytes = gathered_bytes_per_step(model, optimizer, batch, accelerator.backward)
+embed.set_unshard_in_backward(True)  # FSDP2's default, for comparison
+default_bytes = gathered_bytes_per_step(model, optimizer, batch, accelerator.backward)
 report = {
+    "no_backward_unshard": no_backward_unshard,
+    "saved_gather_bytes": default_bytes - skipped_bytes,
+    "embed_bytes": embed.weight.numel() * embed.weight.element_size(),
     "losses": losses,
     "ref_losses": ref_losses,
     "units": sorted(n for n, m in model.named_modules() if isinstance(m, FSDPModule)),
