@@ -43,6 +43,7 @@ import logging
 import os
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,7 @@ from .distributed import (
     collect_contributions,
     fsdp1_auto_wrap_policy,
     plan_fsdp_units,
+    release_replaced_parameters,
     run_after_prepare,
     skip_backward_unshard_of_frozen_embeddings,
     switch_optimizer_params,
@@ -320,6 +322,8 @@ def _prepare_with_framework(
     optimizers = [a for a in args if isinstance(a, torch.optim.Optimizer)]
     scoped = PatchRecorder()  # changes to Accelerate's FSDP plugin, only for the duration of this call
     ours_fsdp2: list[torch.nn.Module] = []
+    # weak references to every parameter before sharding (see release_replaced_parameters)
+    before = {id(m): [weakref.ref(p) for p in m.parameters()] for m in models}
     with scoped.reverting():
         for model in models:
             merged = collect_contributions(framework.active_plugins, model, context)
@@ -340,6 +344,15 @@ def _prepare_with_framework(
     for obj in prepared:
         if isinstance(obj, torch.nn.Module):
             run_after_prepare(framework.active_plugins, obj, context)
+    for model in ours_fsdp2:
+        released, nbytes = release_replaced_parameters(before[id(model)], model)
+        if released:
+            logger.info(
+                "fms-acceleration FSDP2: freed %d unsharded parameters (%.1f MiB) that sharding replaced but the "
+                "training script still referenced",
+                released,
+                nbytes / 2**20,
+            )
     framework.log_patch_summary()
     return result
 

@@ -27,6 +27,10 @@ def test_accelerate_fsdp2_prepare_with_plugin_units(launch_env, tmp_path):
             "base_model.model.model.layers.0",
             "base_model.model.model.layers.1",
         ]
+        # the script's own list of the pre-sharding trainable parameters no longer pins their unsharded storage
+        # (every one was replaced by its shard; the optimizer follows the shards, as the losses above show)
+        assert report["held_replaced"] == report["held_count"] > 0
+        assert report["held_bytes_before"] > 0 and report["held_bytes_after"] == 0
         # the frozen input embedding is not all-gathered again in backward (saving exactly its table per step);
         # nothing else changed (the losses above follow the unsharded reference)
         assert report["no_backward_unshard"] == ["base_model.model.model.embed_tokens"]

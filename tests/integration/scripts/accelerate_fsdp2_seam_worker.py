@@ -93,8 +93,11 @@ ref_opt = torch.optim.AdamW([p for p in reference.parameters() if p.requires_gra
 ref_losses = train(reference, ref_opt, batch, lambda loss: loss.backward())
 
 model = build(framework)
-optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+held = [p for p in model.parameters() if p.requires_grad]  # a script keeping its list of trainable parameters
+held_bytes = sum(p.untyped_storage().nbytes() for p in held)
+optimizer = torch.optim.AdamW(held, lr=1e-2)
 model, optimizer = accelerator.prepare(model, optimizer)
+current = {id(p) for p in model.parameters()}
 losses = train(model, optimizer, batch, accelerator.backward)
 no_backward_unshard = sorted(
     n
@@ -106,6 +109,10 @@ skipped_bytes = gathered_bytes_per_step(model, optimizer, batch, accelerator.bac
 embed.set_unshard_in_backward(True)  # FSDP2's default, for comparison
 default_bytes = gathered_bytes_per_step(model, optimizer, batch, accelerator.backward)
 report = {
+    "held_bytes_before": held_bytes,
+    "held_replaced": sum(id(p) not in current for p in held),
+    "held_bytes_after": sum(p.untyped_storage().nbytes() for p in held),
+    "held_count": len(held),
     "no_backward_unshard": no_backward_unshard,
     "saved_gather_bytes": default_bytes - skipped_bytes,
     "embed_bytes": embed.weight.numel() * embed.weight.element_size(),
