@@ -571,12 +571,21 @@ FIT_KEYS = (
 )  # fmt: skip
 
 
+def _phase_line(rows: Sequence[Mapping[str, Any]], column: str, target: float) -> tuple[float, float] | None:
+    """``(slope, value at target)`` of one memory column against the layer count; None under two layer counts."""
+    points = [(float(r["num_layers"]), _to_float(r.get(column))) for r in rows]
+    points = [(x, y) for x, y in points if y is not None]
+    return _line_at(points, target) if len({x for x, _ in points}) >= 2 else None
+
+
 def compute_fits(rows: list[dict[str, Any]], s_by_name: Mapping[str, Scenario]) -> None:
     """Peak memory per GPU vs layer count: a least-squares line through the measured points of each series
     (rows with ``extrapolate_layers`` of the same model shape but depth, stack, GPUs and workload; groups may
     differ, e.g. one group per layer count), evaluated at the target layer count. ``fit_verdict``: ``fits`` when
-    the extrapolated peak is within 95 % of the GPU's memory. Where the rows measured the training steps' own
-    peak (``train_peak_alloc_gib``, without loading + prepare), that is extrapolated too (``fit_train_*``)."""
+    the extrapolated peak is within 95 % of the GPU's memory. Where the rows measured the peak of loading +
+    preparing and the training steps' own peak apart (``prepare_peak_alloc_gib``, ``train_peak_alloc_gib``), each
+    gets its own line and the extrapolated peak is the larger of the two at the target (``fit_train_*`` keeps the
+    training line)."""
     series: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         for key in FIT_KEYS:
@@ -597,13 +606,18 @@ def compute_fits(rows: list[dict[str, Any]], s_by_name: Mapping[str, Scenario]) 
                 r["fit_verdict"] = f"not extrapolated: {len(points)} measured layer count(s), need 2"
             continue
         target = float(members[0]["fit_target_layers"])
-        slope, value = _line_at(points, target)
-        train_points = [
-            (float(r["num_layers"]), _to_float(r.get("train_peak_alloc_gib")))
-            for r in measured_rows
-            if _to_float(r.get("train_peak_alloc_gib")) is not None
-        ]
-        train = _line_at(train_points, target) if len({x for x, _ in train_points}) >= 2 else ("", "")
+        train = _phase_line(measured_rows, "train_peak_alloc_gib", target)
+        prepare = _phase_line(measured_rows, "prepare_peak_alloc_gib", target)
+        if train is not None and prepare is not None:
+            # the run's peak is the larger of two phases that grow at different rates per layer (loading +
+            # preparing holds more per layer, training starts higher): a line through the maxima would mix the
+            # two where the dominant phase changes within the series, so each phase gets its own line
+            slope, value = max(train, prepare, key=lambda line: line[1])
+            how = "the larger of the load + prepare and the training lines"
+        else:
+            slope, value = _line_at(points, target)
+            how = "one line through the peaks"
+        train = train if train is not None else ("", "")
         capacity = next((_to_float(r.get("gpu_mem_gib")) for r in members if _to_float(r.get("gpu_mem_gib"))), None)
         capacity = capacity or DEFAULT_GPU_MEM_GIB
         verdict = "fits" if value <= FIT_HEADROOM * capacity else "does not fit"
@@ -613,8 +627,8 @@ def compute_fits(rows: list[dict[str, Any]], s_by_name: Mapping[str, Scenario]) 
             r["fit_peak_alloc_gib_extrapolated"] = value
             r["fit_train_gib_per_layer"], r["fit_train_peak_alloc_gib_extrapolated"] = train
             r["fit_verdict"] = (
-                f"{verdict} (extrapolated from measured {measured} GiB: {value:.1f} GiB at {int(target)} layers "
-                f"vs {capacity:.0f} GiB per GPU)"
+                f"{verdict} (extrapolated from measured {measured} GiB, {how}: {value:.1f} GiB at {int(target)} "
+                f"layers vs {capacity:.0f} GiB per GPU)"
             )
 
 
@@ -764,8 +778,10 @@ def fit_table(rows: Sequence[Mapping[str, Any]]) -> str:
         )  # fmt: skip
     lines += [
         "",
-        "EXTRAPOLATION, not a measurement: a least-squares line through the measured peak memory per GPU at the "
-        "layer counts above, evaluated at the target layer count; 'fits' = within 95% of the GPU's memory. "
+        "EXTRAPOLATION, not a measurement: least-squares lines through the measured peak memory per GPU at the "
+        "layer counts above, evaluated at the target layer count; where the load + prepare peak and the training "
+        "peak were measured apart, each phase has its own line and 'extrapolated' (with its 'GiB per layer') is "
+        "the larger of the two at the target; 'fits' = within 95% of the GPU's memory. "
         "'load + prepare peak' / 'training peak': the peak before and after the first training step (the peak "
         "column is the larger). 'after prepare' / 'after 1st forward': CUDA memory allocated per GPU (max over "
         "ranks) once the model is prepared (what its state holds) and after the first timed forward (state + "
@@ -1188,9 +1204,11 @@ class Runner:
         return self.out_dir / "results.csv"
 
 
-def merge_results(csvs: Sequence[Path], out_dir: Path) -> int:
+def merge_results(csvs: Sequence[Path], out_dir: Path, refit: str | None = None) -> int:
     """Concatenate result CSVs (ratios stay as measured: they are within a group, and a group must come from
-    one call); refuses a scenario present twice or a group split over several files."""
+    one call); refuses a scenario present twice or a group split over several files. ``refit``: a scenarios
+    file whose ``extrapolate_layers`` rows get their memory extrapolation recomputed (:func:`compute_fits`),
+    e.g. after the fit itself changed; the measured columns are kept as they are."""
     rows: list[dict[str, str]] = []
     losses: dict[str, list[float]] = {}
     group_source: dict[str, Path] = {}
@@ -1208,6 +1226,8 @@ def merge_results(csvs: Sequence[Path], out_dir: Path) -> int:
         loss_file = path.with_name("losses.json")
         if loss_file.is_file():
             losses.update(json.loads(loss_file.read_text(encoding="utf-8")))
+    if refit:
+        compute_fits(rows, {sc.name: sc for sc in benchlib.load_scenarios(refit).scenarios})
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(rows, out_dir / "results.csv")
     (out_dir / "losses.json").write_text(json.dumps(losses, indent=1), encoding="utf-8")
@@ -1319,6 +1339,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("merge", help="join results CSVs of several calls (e.g. one per group) into one folder")
     g.add_argument("csvs", nargs="+")
     g.add_argument("--out", required=True, help="folder for the merged results.csv, losses.json, charts, summary.md")
+    g.add_argument("--refit", metavar="SCENARIOS", help="recompute the memory extrapolation with this scenarios file")
     m = sub.add_parser("readme", help="regenerate the performance table between the markers of a Markdown file")
     m.add_argument("markdown", help="e.g. README.md")
     m.add_argument("--csv", help="results CSV (default: the source= named in the file's marker)")
@@ -1347,7 +1368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "readme":
         return update_readme(Path(args.markdown), args.csv, args.check)
     if args.command == "merge":
-        return merge_results([Path(p) for p in args.csvs], Path(args.out))
+        return merge_results([Path(p) for p in args.csvs], Path(args.out), args.refit)
     try:
         sfile = benchlib.load_scenarios(args.scenarios, _parse_overrides(args.set))
         scenarios = sfile.select(args.only, args.group, args.extended)

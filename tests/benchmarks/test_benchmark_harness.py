@@ -383,7 +383,9 @@ def test_memory_extrapolation_is_a_labelled_line_fit() -> None:
     run_benchmarks.compute_fits(rows, s)
     a, b, c = rows
     assert a["fit_gib_per_layer"] == pytest.approx(0.5) and b["fit_peak_alloc_gib_extrapolated"] == pytest.approx(49.0)
-    assert a["fit_verdict"].startswith("fits (extrapolated from measured 2L 10.0, 4L 11.0 GiB: 49.0 GiB at 80 layers")
+    assert a["fit_verdict"].startswith(
+        "fits (extrapolated from measured 2L 10.0, 4L 11.0 GiB, one line through the peaks: 49.0 GiB at 80 layers"
+    )
     assert c["fit_verdict"].startswith("not extrapolated: 1 measured")  # its own series (another stack)
     rows[1]["peak_alloc_gib"] = "12.0"  # 1 GiB per layer -> 88 GiB at 80 layers
     run_benchmarks.compute_fits(rows, s)
@@ -398,6 +400,20 @@ def test_memory_extrapolation_is_a_labelled_line_fit() -> None:
     assert b["fit_train_peak_alloc_gib_extrapolated"] == pytest.approx(29.5)
     assert rows[0]["fit_verdict"].startswith("does not fit")  # the verdict stays on the whole run's peak
     assert "29.5 GiB (0.250 per layer)" in run_benchmarks.fit_table(rows)
+    # both phases measured, and the dominant one changes within the series (training at 2 layers, loading +
+    # preparing at 8): each phase gets its own line, the peak is the larger at the target -- not one line
+    # through the maxima (6.0 -> 8.0 GiB would give 32.0 GiB at 80 layers)
+    two = [
+        {**base, "scenario": "a", "num_layers": "2", "model": "m2 (llama h8 L2 v4)", "peak_alloc_gib": "6.0",
+         "prepare_peak_alloc_gib": "5.0", "train_peak_alloc_gib": "6.0"},
+        {**base, "scenario": "b", "num_layers": "8", "model": "m8 (llama h8 L8 v4)", "peak_alloc_gib": "8.0",
+         "prepare_peak_alloc_gib": "8.0", "train_peak_alloc_gib": "7.2"},
+    ]  # fmt: skip
+    run_benchmarks.compute_fits(two, s)
+    assert two[0]["fit_peak_alloc_gib_extrapolated"] == pytest.approx(44.0)  # 5.0 + 78 x 0.5
+    assert two[0]["fit_gib_per_layer"] == pytest.approx(0.5)
+    assert two[1]["fit_train_peak_alloc_gib_extrapolated"] == pytest.approx(21.6)  # 6.0 + 78 x 0.2
+    assert "the larger of the load + prepare and the training lines: 44.0 GiB" in two[0]["fit_verdict"]
 
 
 def test_layers_of_models_link_the_parent_checkpoint(tmp_path: Path) -> None:
