@@ -322,8 +322,8 @@ def _prepare_with_framework(
     optimizers = [a for a in args if isinstance(a, torch.optim.Optimizer)]
     scoped = PatchRecorder()  # changes to Accelerate's FSDP plugin, only for the duration of this call
     ours_fsdp2: list[torch.nn.Module] = []
-    # weak references to every parameter before sharding (see release_replaced_parameters)
-    before = {id(m): [weakref.ref(p) for p in m.parameters()] for m in models}
+    # FSDP2: weak references to every parameter before sharding (see release_replaced_parameters)
+    before = {id(m): [weakref.ref(p) for p in m.parameters()] for m in models} if context.fsdp_version == 2 else {}
     with scoped.reverting():
         for model in models:
             merged = collect_contributions(framework.active_plugins, model, context)
