@@ -21,6 +21,9 @@ from fms_acceleration_accelerate import PluginRegistry
 from fms_acceleration_accelerate.accelerate_integration import AccelerationKwargs, get_framework
 from tests.integration.toy_plugins import ToyLoraPlugin
 
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
+from train_bench import CollectiveCounter  # counts FSDP all-gather bytes, as the benchmarks do
+
 SECTION = {"testing": {"toy_lora": {"reduce_fp32": True}}}
 
 
@@ -43,28 +46,12 @@ def build(framework):
 
 
 def gathered_bytes_per_step(model, optimizer, batch, backward):
-    """All-gather output bytes of one training step (FSDP2 calls ``dist.all_gather_into_tensor`` or, in newer
-    torch, ``dist.all_gather_single``; both take the output first)."""
-    dist = torch.distributed
-    originals = {n: getattr(dist, n) for n in ("all_gather_into_tensor", "all_gather_single") if hasattr(dist, n)}
-    total = [0]
-
-    def counting(original):
-        def gather(output, *args, **kwargs):
-            total[0] += output.numel() * output.element_size()
-            return original(output, *args, **kwargs)
-
-        return gather
-
-    for name, original in originals.items():
-        setattr(dist, name, counting(original))
-    try:
+    """All-gather output bytes of one training step, counted by the benchmark's own collective counter."""
+    counter = CollectiveCounter()
+    with counter.counting():
         train(model, optimizer, batch, backward, steps=1)
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
-    assert total[0] > 0, "no all-gather counted: FSDP2 calls a collective this worker does not wrap"
-    return total[0]
+    assert counter.bytes["allgather"] > 0, "no all-gather counted: FSDP2 calls a collective the counter misses"
+    return counter.bytes["allgather"]
 
 
 def train(model, optimizer, batch, backward, steps=3):
