@@ -344,8 +344,10 @@ def _prepare_with_framework(
     for obj in prepared:
         if isinstance(obj, torch.nn.Module):
             run_after_prepare(framework.active_plugins, obj, context)
-    for model in ours_fsdp2:
-        released, nbytes = release_replaced_parameters(before[id(model)], model)
+    # every FSDP2 model, also those Accelerate sharded on its own: without fsdp_cpu_ram_efficient_loading its
+    # fully_shard leaves the unsharded (fp32-upcast) parameters to whatever the script still holds
+    for model in models:
+        released, nbytes = release_replaced_parameters(before.get(id(model), ()), model)
         if released:
             logger.info(
                 "fms-acceleration FSDP2: freed %d unsharded parameters (%.1f MiB) that sharding replaced but the "

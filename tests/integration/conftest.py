@@ -96,9 +96,10 @@ def finish(proc: subprocess.Popen, timeout: int = LAUNCH_TIMEOUT) -> subprocess.
 
 
 def run_torchrun_worker(
-    script: str, env: dict[str, str], out_dir: Path, timeout: int = LAUNCH_TIMEOUT
+    script: str, env: dict[str, str], out_dir: Path, timeout: int = LAUNCH_TIMEOUT, args: tuple[str, ...] = ()
 ) -> subprocess.CompletedProcess:
-    """Run ``scripts/<script>`` under torchrun with 2 local processes; ``out_dir`` is its argument and the cwd."""
+    """Run ``scripts/<script>`` under torchrun with 2 local processes; ``out_dir`` (its first argument, then
+    ``args``) is also the cwd."""
     cmd = [
         TORCHRUN,
         "--nproc_per_node",
@@ -107,5 +108,6 @@ def run_torchrun_worker(
         str(free_port()),
         str(SCRIPTS / script),
         str(out_dir),
+        *args,
     ]
     return run(cmd, env, out_dir, timeout=timeout)

@@ -43,3 +43,27 @@ def test_accelerate_fsdp2_prepare_with_plugin_units(launch_env, tmp_path):
         assert sorted(unit_events) == [f"unit_sharded:base_model.model.model.layers.{i}:True" for i in (0, 1)]
         first, last = events.index(unit_events[0]), events.index(unit_events[-1])
         assert events.index("prepare_contribution") < first and last < events.index("after_prepare")
+
+
+def test_accelerate_own_fsdp2_path_releases_held_parameters(launch_env, tmp_path):
+    """A plugin that contributes no FSDP2 units leaves the sharding to Accelerate (full fine-tuning with the
+    kernels plugin does); without ``fsdp_cpu_ram_efficient_loading`` its ``fully_shard`` replaces every
+    parameter, and a script's own list of them must not keep the whole unsharded model alive."""
+    env = dict(launch_env, FMS_ACCELERATION_DISABLE_HOOK="1")
+    result = run_torchrun_worker("accelerate_fsdp2_seam_worker.py", env, tmp_path, timeout=180, args=("full",))
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for ours, ref in zip(report["losses"], report["ref_losses"], strict=True):
+            assert abs(ours - ref) < 1e-5
+        # Accelerate's own units (no plugin plan): the root, each decoder layer and the leaf modules it adds
+        assert report["units"] == [
+            "",
+            "lm_head",
+            "model.embed_tokens",
+            "model.layers.0",
+            "model.layers.1",
+            "model.norm",
+        ]
+        assert report["held_replaced"] == report["held_count"] > 0
+        assert report["held_bytes_before"] > 0 and report["held_bytes_after"] == 0
