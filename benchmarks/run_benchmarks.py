@@ -161,6 +161,15 @@ def mixed_precision_for(s: Scenario, on_cpu: bool) -> str:
     return {"bfloat16": "bf16", "float16": "fp16"}.get(s.dtype, "no")
 
 
+def shards_own_fsdp2_units(body: Mapping[str, Any]) -> bool:
+    """Whether a plugin of the acceleration ``body`` shards FSDP2 units of its own (``contributes_under_fsdp2``),
+    known from the configuration alone (installed packages are not checked: this only reads the config)."""
+    from fms_acceleration_accelerate import AccelerationFramework
+
+    framework = AccelerationFramework({"plugins": dict(body)}, check_packages=False)
+    return any(plugin.contributes_under_fsdp2() for plugin in framework.active_plugins)
+
+
 def fsdp_config_for(version: int) -> dict[str, Any]:
     """The ``fsdp_config`` every row of one FSDP version gets (baseline and plugin stacks alike).
 
@@ -235,9 +244,10 @@ def write_accelerate_config(
                 cfg["fsdp_config"] = {**cfg["fsdp_config"], **value}
             else:
                 cfg[key] = value
-    if version == 2 and stack.body is not None and "fsdp_config" in cfg:
-        # plugin stacks shard their own FSDP2 units, which Accelerate's meta-device reload cannot follow (the
-        # framework refuses the combination; the shipped FSDP2 configs turn it off). Loading is not timed.
+    if version == 2 and stack.body is not None and "fsdp_config" in cfg and shards_own_fsdp2_units(stack.body):
+        # a plugin of the stack shards its own FSDP2 units, which Accelerate's meta-device reload cannot follow
+        # (the framework refuses the combination; the shipped FSDP2 configs of such stacks turn it off). Other
+        # stacks (full FT with kernels) keep the setting of the HF rows. Loading is not timed.
         cfg["fsdp_config"] = {**cfg["fsdp_config"], "fsdp_cpu_ram_efficient_loading": False}
     cfg["num_processes"] = s.num_gpus
     cfg["main_process_port"] = free_port()

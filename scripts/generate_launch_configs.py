@@ -141,7 +141,7 @@ OUTPUTS: tuple[Output, ...] = (
         "accelerate-fsdp2-fast-kernels",
         ("foak-kernels",),
         "Accelerate config, FSDP2 on 8 GPUs of one machine: full fine-tuning with fused kernels",
-        accelerate_base="fsdp2",
+        accelerate_base="fsdp2-rank0-load",
     ),
     Output(
         "accelerate-multinode-fsdp2-qlora-foak",
@@ -312,6 +312,24 @@ use_cpu: false
 """
     + _ACCELERATE_COMMON_TAIL,
 }
+
+# Full fine-tuning with the kernels plugin: no plugin shards units of its own (that needs fused_lora /
+# fused_dequant), so Accelerate's rank-0 load + meta-device reload applies, and nothing but the shards stays on
+# the GPUs (tests/framework/test_launch_configs.py checks each FSDP2 file against its plugins).
+_PLUGIN_SHARDING_LOADING = """\
+  # false: the acceleration plugins shard their own units before Accelerate's prepare, which Accelerate's
+  # meta-device reload cannot follow (refused when on); the bitsandbytes plugin loads on rank 0 and
+  # broadcasts by itself (low_cpu_mem_usage=True).
+  fsdp_cpu_ram_efficient_loading: false
+"""
+_RANK0_LOADING = """\
+  # true: rank 0 reads the checkpoint, the other ranks build the model on the meta device, and Accelerate
+  # sends every rank its shards after sharding (the plugins below shard no units of their own).
+  fsdp_cpu_ram_efficient_loading: true
+"""
+if _PLUGIN_SHARDING_LOADING not in ACCELERATE_BASES["fsdp2"]:  # pragma: no cover - edited template
+    raise RuntimeError("the fsdp2 Accelerate base no longer has the plugin-sharding loading lines")
+ACCELERATE_BASES["fsdp2-rank0-load"] = ACCELERATE_BASES["fsdp2"].replace(_PLUGIN_SHARDING_LOADING, _RANK0_LOADING)
 
 # ------------------------------------------------------------------------------------------------------
 # A comment-preserving line merger for block-style YAML mappings

@@ -346,6 +346,19 @@ def test_fsdp_rows_get_the_shared_fsdp_config_and_conflicts_are_refused(tmp_path
         s, fsdp2_stack, tmp_path / "e.yaml", on_cpu=False, entry=run_benchmarks.ENTRY_SECTION, extra_base=None
     )
     assert merged["num_processes"] == 2 and merged["fsdp_config"]["fsdp_version"] == 2 and merged["acceleration"]
+    # Accelerate's rank-0 load stays on (as for the HF rows) unless a plugin shards its own FSDP2 units
+    assert cfg["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is True
+    assert merged["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is False
+    for name, self_sharding in (
+        ("foak-fast-kernels", False),
+        ("foak-fast-lora", True),
+        ("accelerated-peft-bnb-nf4", True),
+    ):
+        acc = run_benchmarks.write_accelerate_config(
+            s, run_benchmarks.resolve_stack(name, name), tmp_path / f"{name}.yaml", on_cpu=False,
+            entry=run_benchmarks.ENTRY_SECTION, extra_base=None,
+        )  # fmt: skip
+        assert acc["fsdp_config"]["fsdp_cpu_ram_efficient_loading"] is not self_sharding, name
 
 
 def test_scaling_reference_prefers_same_distribution_and_loss_checks() -> None:
