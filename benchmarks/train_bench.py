@@ -56,6 +56,62 @@ MEMORY_TRACE_ENV = "FMS_BENCH_MEMORY_TRACE"
 """Set to 1 (CUDA only): record every allocation's Python stack and print, on rank 0, the live CUDA bytes grouped
 by allocation site after the first timed forward and after its backward (``[memtrace]`` lines). Slower; for
 finding what a stack keeps alive, not for timing."""
+KERNEL_PROFILE_ENV = "FMS_BENCH_KERNEL_PROFILE"
+"""Set to a folder (CUDA only): profile the timed steps' GPU kernels with ``torch.profiler`` on every rank and
+write ``<folder>/<scenario>.rank<R>.json``: kernel time per category per step (GEMM, attention, NCCL, FSDP
+copy/cast, Triton, other), the time the GPU ran at least one non-NCCL kernel, and the step wall time. Compares
+where an N-GPU row's extra time goes against its 1-GPU row (slower compute under communication, or exposed
+waits). Profiling slows the steps: use a separate call, not the timed rows."""
+_KERNEL_CATEGORIES = (
+    ("nccl", ("nccl",)),
+    ("gemm", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "sm90_", "sm80_")),
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("copy_cast", ("chunk_cat", "split_with_sizes_copy", "foreach_copy", "copy_kernel", "direct_copy")),
+)
+
+
+def kernel_category(name: str) -> str:
+    """The category of a CUDA kernel name in :data:`KERNEL_PROFILE_ENV` summaries (first match wins; a plain
+    identifier that matched nothing is a Triton kernel: ATen and library kernels carry C++ signatures)."""
+    low = name.lower()
+    for category, needles in _KERNEL_CATEGORIES:
+        if any(n in low for n in needles):
+            return category
+    return "triton" if name.isidentifier() else "other"
+
+
+def summarize_kernels(events: list[tuple[str, float, float]], steps: int, wall_s: float) -> dict[str, Any]:
+    """Per-step kernel time by category and the non-NCCL busy time (union of intervals), in ms.
+
+    Args:
+        events: ``(kernel name, start us, duration us)`` of every CUDA kernel in the profiled window.
+        steps: timed steps in the window.
+        wall_s: wall seconds of the window.
+    """
+    by_category: dict[str, float] = {}
+    top: dict[str, float] = {}
+    busy = 0.0
+    end = float("-inf")
+    for name, start, duration in sorted(events, key=lambda e: e[1]):
+        category = kernel_category(name)
+        by_category[category] = by_category.get(category, 0.0) + duration
+        top[name[:90]] = top.get(name[:90], 0.0) + duration
+        if category == "nccl":
+            continue
+        stop = start + duration
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    per_step = 1e-3 / steps
+    return {
+        "steps": steps,
+        "step_wall_ms": wall_s * 1e3 / steps,
+        "compute_busy_ms": busy * per_step,
+        "kernel_ms": {k: v * per_step for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        "top_kernels_ms": {k: v * per_step for k, v in sorted(top.items(), key=lambda kv: -kv[1])[:25]},
+    }
+
+
 _TRACE_SITES = (
     "fms_acceleration", "train_bench", "transformers/", "peft/", "bitsandbytes/", "torch/distributed/",
     "torch/utils/checkpoint", "torch/optim/",
@@ -489,6 +545,8 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
     armed = [False]  # the backward trace of the first timed step only
     if trace_memory:
         trace_backward_memory(torch, model, armed)
+    profile_dir = os.environ.get(KERNEL_PROFILE_ENV) if on_cuda else None
+    profiler = None
     with contextlib.ExitStack() as timed:
         for step in range(s.steps):
             batch = batches[step]
@@ -497,6 +555,10 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
                     torch.cuda.synchronize()
                 if accelerator.num_processes > 1:
                     timed.enter_context(counter.counting())  # reverted when the loop ends
+                if profile_dir:
+                    from torch.profiler import ProfilerActivity, profile
+
+                    profiler = timed.enter_context(profile(activities=[ProfilerActivity.CUDA]))
                 t_start = time.perf_counter()
             t0 = time.perf_counter()
             armed[0] = step == s.warmup_steps
@@ -526,6 +588,16 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t_start
     clock.done("train")
+    if profiler is not None:  # the kernels of the Chrome trace (its documented export: name, ts / dur in us)
+        Path(profile_dir).mkdir(parents=True, exist_ok=True)
+        stem = f"{s.name}.rank{accelerator.process_index}"
+        trace = Path(profile_dir) / f"{stem}.trace.json"
+        profiler.export_chrome_trace(str(trace))
+        events = json.loads(trace.read_text(encoding="utf-8")).get("traceEvents", [])
+        trace.unlink()
+        kernels = [(e["name"], float(e["ts"]), float(e["dur"])) for e in events if e.get("cat") == "kernel"]
+        summary = summarize_kernels(kernels, s.steps - s.warmup_steps, elapsed)
+        (Path(profile_dir) / f"{stem}.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
 
     timed_steps = len(step_times)
     counts = torch.tensor(

@@ -520,3 +520,26 @@ def test_memory_trace_groups_live_blocks_by_their_innermost_traced_frames() -> N
     assert sites[0] == ("lora.py:5 _base <- modeling_llama.py:9 forward <- train_bench.py:3 run", 400)
     assert sites[1][1] == 7 and sites[1][0].startswith("no traced frame")
     assert len(sites) == 2
+
+
+def test_kernel_profile_summary_categories_and_busy_time() -> None:
+    import train_bench
+
+    assert train_bench.kernel_category("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)") == "nccl"
+    assert train_bench.kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "gemm"
+    assert train_bench.kernel_category("flash_fwd_kernel<Flash_fwd_kernel_traits<128, 128>>") == "attention"
+    assert train_bench.kernel_category("void at::native::elementwise_kernel<128, 4>(int, Func)") == "other"
+    assert train_bench.kernel_category("void at::native::(anonymous namespace)::chunk_cat_cuda_kernel<>") == "copy_cast"
+    assert train_bench.kernel_category("_rms_norm_fwd") == "triton"
+    events = [  # (name, start us, duration us): NCCL overlapping compute, two overlapping compute kernels
+        ("ncclDevKernel_AllGather", 0.0, 100.0),
+        ("sm90_xmma_gemm", 10.0, 50.0),
+        ("_rms_norm_fwd", 40.0, 40.0),
+        ("flash_fwd_kernel<x>", 200.0, 10.0),
+    ]
+    summary = train_bench.summarize_kernels(events, steps=2, wall_s=0.5)
+    assert summary["step_wall_ms"] == 250.0
+    # busy = union of the non-NCCL intervals [10, 80] and [200, 210] = 80 us over 2 steps
+    assert summary["compute_busy_ms"] == pytest.approx(0.04)
+    assert summary["kernel_ms"] == pytest.approx({"nccl": 0.05, "gemm": 0.025, "triton": 0.02, "attention": 0.005})
+    assert list(summary["kernel_ms"]) == ["nccl", "gemm", "triton", "attention"]
