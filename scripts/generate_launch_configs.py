@@ -327,9 +327,24 @@ _RANK0_LOADING = """\
   # sends every rank its shards after sharding (the plugins below shard no units of their own).
   fsdp_cpu_ram_efficient_loading: true
 """
-if _PLUGIN_SHARDING_LOADING not in ACCELERATE_BASES["fsdp2"]:  # pragma: no cover - edited template
-    raise RuntimeError("the fsdp2 Accelerate base no longer has the plugin-sharding loading lines")
-ACCELERATE_BASES["fsdp2-rank0-load"] = ACCELERATE_BASES["fsdp2"].replace(_PLUGIN_SHARDING_LOADING, _RANK0_LOADING)
+_PLUGIN_UNITS_WRAP = """\
+  # Shard each decoder layer (the model's _no_split_modules); the acceleration plugins shard their own
+  # units (e.g. LoRA adapters with their base layer) before Accelerate's prepare.
+"""
+_DECODER_LAYER_WRAP = """\
+  # Shard each decoder layer (the model's _no_split_modules).
+"""
+
+
+def _rank0_load_variant(base: str) -> str:
+    """The FSDP2 base for stacks whose plugins shard no units of their own."""
+    for old in (_PLUGIN_SHARDING_LOADING, _PLUGIN_UNITS_WRAP):
+        if old not in base:  # pragma: no cover - edited template
+            raise RuntimeError(f"the fsdp2 Accelerate base no longer has the lines {old!r}")
+    return base.replace(_PLUGIN_SHARDING_LOADING, _RANK0_LOADING).replace(_PLUGIN_UNITS_WRAP, _DECODER_LAYER_WRAP)
+
+
+ACCELERATE_BASES = {**ACCELERATE_BASES, "fsdp2-rank0-load": _rank0_load_variant(ACCELERATE_BASES["fsdp2"])}
 
 # ------------------------------------------------------------------------------------------------------
 # A comment-preserving line merger for block-style YAML mappings
