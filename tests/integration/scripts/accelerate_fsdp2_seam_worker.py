@@ -100,7 +100,6 @@ report = {
     "losses": losses,
     "ref_losses": ref_losses,
     "units": sorted(n for n, m in model.named_modules() if isinstance(m, FSDPModule)),
-    "events": framework.plugin("toy_lora").events if mode == "lora" else [],
 }
 if mode == "lora":
     no_backward_unshard = sorted(
@@ -113,6 +112,7 @@ if mode == "lora":
     embed.set_unshard_in_backward(True)  # FSDP2's default, for comparison
     default_bytes = gathered_bytes_per_step(model, optimizer, batch, accelerator.backward)
     report.update(
+        events=framework.plugin("toy_lora").events,
         no_backward_unshard=no_backward_unshard,
         saved_gather_bytes=default_bytes - skipped_bytes,
         embed_bytes=embed.weight.numel() * embed.weight.element_size(),
