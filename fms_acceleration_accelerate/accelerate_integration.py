@@ -176,6 +176,28 @@ def section_from_environment() -> dict[str, Any] | None:
     return {SECTION_KEY: body}
 
 
+def expected_fsdp_version() -> int | None:
+    """The FSDP version the coming ``Accelerator.prepare`` will use, as far as is known before it runs.
+
+    Read from an initialised ``AcceleratorState`` (an ``Accelerator`` created before the model is loaded),
+    else from the variables ``accelerate launch`` exports to every worker (``ACCELERATE_USE_FSDP``,
+    ``FSDP_VERSION``). ``None`` when the run will not use FSDP or nothing tells yet (e.g. a Python script that
+    creates its ``Accelerator`` after loading, without ``accelerate launch``).
+    """
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state  # read, not AcceleratorState(): that re-syncs it from PartialState
+    if state:  # an Accelerator exists in this process
+        plugin = state.get("fsdp_plugin")
+        if state.get("distributed_type") != DistributedType.FSDP or plugin is None:
+            return None
+        return int(getattr(plugin, "fsdp_version", 1) or 1)
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() not in ("1", "true", "yes"):
+        return None
+    version = os.environ.get("FSDP_VERSION", "1").strip()
+    return int(version) if version.isdigit() else 1
+
+
 # ------------------------------------------------------------------------------------------------ install
 
 
@@ -649,6 +671,7 @@ __all__ = [
     "AccelerationKwargs",
     "attach_framework",
     "build_context",
+    "expected_fsdp_version",
     "export_section",
     "get_callbacks_and_ready_for_train",
     "get_framework",

@@ -49,6 +49,12 @@ class BnbQuantizationConfig:
         fsdp2_packed_all_gather: under FSDP2, shard the 4-bit weights as packed bytes + scales (a tensor
             subclass), so each rank keeps only its 4-bit shard and all-gathers move packed bytes. When false,
             4-bit layers are left to FSDP2's default handling of bitsandbytes parameters.
+        load_staging: where the 4-bit model waits between loading and FSDP2 sharding. ``device``: on the local
+            GPU, as bitsandbytes loads it (the whole 4-bit model is on every GPU before sharding). ``cpu``: in
+            host memory; each weight is quantized on the GPU and moved to the host at once, and FSDP2 moves one
+            unit at a time to the GPU while sharding, so loading needs about one layer of GPU memory instead of
+            the whole 4-bit model (host memory: the whole 4-bit model per process). FSDP2 only. ``auto``:
+            ``cpu`` under FSDP2 with more than one process, else ``device``.
     """
 
     quant_type: Literal["nf4", "fp4"] = option("nf4", help="4-bit data type: nf4 (normal float) or fp4")
@@ -70,6 +76,11 @@ class BnbQuantizationConfig:
     )
     fsdp2_packed_all_gather: bool = option(
         True, help="FSDP2: shard 4-bit weights as packed bytes (all-gather moves 4-bit data, not bf16)"
+    )
+    load_staging: Literal["auto", "device", "cpu"] = option(
+        "auto",
+        help="where the 4-bit model waits until FSDP2 shards it: device (GPU), cpu (host memory, FSDP2 moves one "
+        "unit at a time to the GPU), auto = cpu under FSDP2 with several processes, else device",
     )
 
     def __post_init__(self) -> None:

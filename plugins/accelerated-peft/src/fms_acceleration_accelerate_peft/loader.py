@@ -10,15 +10,26 @@ only global rank 0 reads and quantizes the checkpoint; every other rank builds t
 ``meta`` device and receives the quantized tensors (packed 4-bit bytes, scales, and the non-quantized
 parameters and buffers) by broadcast, so the checkpoint is read and quantized once per job instead of once
 per rank. Tied weights are re-tied afterwards on every rank.
+
+Staging on the host (``load_staging``, FSDP2): bitsandbytes quantizes a weight when it moves to the GPU, so its
+own loader leaves the whole 4-bit model on the GPU until FSDP2 shards it; at the 70B shape that is 35 GiB per
+GPU before a single unit is sharded. With ``cpu`` staging the plugin reads a local safetensors checkpoint itself,
+one tensor at a time: each weight goes to the GPU, is quantized there, and its packed bytes and scales go back
+to host memory at once. Ranks that receive the broadcast keep what they receive on the host too. FSDP2's
+``fully_shard`` then moves one unit at a time to the GPU and shards it, so the GPU never holds more than one
+unsharded unit. Checkpoints the plugin cannot read that way (no local safetensors files, or tensor names that
+differ from the model's) are loaded by transformers onto the GPU as before, with a warning that says why.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -111,11 +122,18 @@ def _linear_types() -> tuple[type, ...]:
     return tuple(types)
 
 
-def build_meta_model(model_config: Any, training_dtype: torch.dtype, **kwargs: Any) -> nn.Module:
-    """Build the causal-LM module tree for ``model_config`` on the meta device (no memory, no weights)."""
+def build_meta_model(
+    model_config: Any, training_dtype: torch.dtype, *, host_buffers: bool = False, **kwargs: Any
+) -> nn.Module:
+    """Build the causal-LM module tree for ``model_config`` on the meta device (no memory, no weights).
+
+    With ``host_buffers`` only the parameters are on ``meta``; buffers are built for real on the host, so the
+    ones no checkpoint holds (non-persistent, e.g. rotary ``inv_freq``) get their computed values.
+    """
+    from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with init_empty_weights(include_buffers=False) if host_buffers else torch.device("meta"):
         try:
             return AutoModelForCausalLM.from_config(model_config, dtype=training_dtype, **kwargs)
         except ValueError as exc:
@@ -245,14 +263,58 @@ def load_quantized_causal_lm(model_name_or_path: str, config: BnbQuantizationCon
     rank, world = _dist_world()
     rank0_only = bool(low_cpu_mem_usage) and world > 1
     device = _default_device()
-    kwargs.setdefault("device_map", {"": device})
-    if rank0_only:
-        if rank == 0:
-            model = _from_pretrained(model_name_or_path, bnb_config, training_dtype, kwargs)
-            broadcast_quantized_model(model)
-            return model
+    staging = resolve_load_staging(config, world_size=world, device=device, fsdp_version=_expected_fsdp_version())
+    if rank0_only and rank > 0:
         return receive_quantized_model(model_config, bnb_config, plan, device, build_kwargs)
-    return _from_pretrained(model_name_or_path, bnb_config, training_dtype, kwargs)
+    model = None
+    if staging != device and "device_map" not in kwargs:
+        model = stream_quantized_causal_lm(
+            model_name_or_path, model_config, bnb_config, plan, device, staging, build_kwargs
+        )
+    elif staging != device:
+        logger.warning("bitsandbytes: a device_map was passed, so the model is loaded onto it (load_staging ignored)")
+    if model is None:
+        kwargs.setdefault("device_map", {"": device})
+        model = _from_pretrained(model_name_or_path, bnb_config, training_dtype, kwargs)
+    if rank0_only:
+        broadcast_quantized_model(model)
+    return model
+
+
+def _expected_fsdp_version() -> int | None:
+    from fms_acceleration_accelerate.accelerate_integration import expected_fsdp_version
+
+    return expected_fsdp_version()
+
+
+def resolve_load_staging(
+    config: BnbQuantizationConfig, *, world_size: int, device: torch.device, fsdp_version: int | None
+) -> torch.device:
+    """Where the loaded 4-bit model waits for sharding (option ``load_staging``, see the module docstring).
+
+    Args:
+        config: the plugin configuration.
+        world_size: number of processes.
+        device: the local training device.
+        fsdp_version: the FSDP version the coming prepare will use, ``None`` when not FSDP or not known yet.
+
+    Raises:
+        AccelerationConfigError: ``cpu`` staging under FSDP1, which cannot move 4-bit layers unit by unit.
+    """
+    choice = config.load_staging
+    if choice == "cpu" and fsdp_version == 1:
+        raise AccelerationConfigError(
+            "load_staging: cpu needs FSDP2, but this run uses FSDP1 (FSDP1 flattens bitsandbytes layers on the "
+            "device they were loaded on)",
+            path=f"plugins.{CONFIG_PATH}.load_staging",
+            fix="set load_staging: auto (or device), or use fsdp_version: 2",
+        )
+    host = torch.device("cpu")
+    if device.type == "cpu" or choice == "device":
+        return device
+    if choice == "cpu":
+        return host
+    return host if world_size > 1 and fsdp_version == 2 else device
 
 
 def _from_pretrained(name: str, bnb_config: Any, dtype: torch.dtype, kwargs: dict[str, Any]) -> nn.Module:
@@ -270,6 +332,144 @@ def _retie(model: nn.Module) -> None:
         out, inp = model.get_output_embeddings(), model.get_input_embeddings()
         if out is not None and inp is not None and out.weight is not inp.weight:
             raise RuntimeError("tie_word_embeddings is set but the output and input embeddings could not be tied")
+
+
+# --------------------------------------------------------------------------------------------- streamed load
+def safetensors_files(model_name_or_path: str) -> list[Path] | str:
+    """The safetensors files of a local checkpoint directory, or why there are none (a reason string)."""
+    root = Path(model_name_or_path)
+    if not root.is_dir():
+        return f"{model_name_or_path!r} is not a local directory"
+    index = root / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        return sorted({root / name for name in weight_map.values()})
+    single = root / "model.safetensors"
+    if single.is_file():
+        return [single]
+    return f"no model.safetensors or model.safetensors.index.json in {model_name_or_path}"
+
+
+def _skeleton(model_config: Any, bnb_config: Any, plan: QuantizationPlan, build_kwargs: dict[str, Any]) -> nn.Module:
+    """The module tree with parameters on ``meta`` (buffers real, on the host) and ``Linear4bit`` layers in place
+    of the planned linears."""
+    model_config.quantization_config = bnb_config
+    model = build_meta_model(model_config, plan.training_dtype, host_buffers=True, **build_kwargs)
+    specs = []
+    for name in plan.quantized_modules:
+        linear = model.get_submodule(name)
+        specs.append((name, linear.in_features, linear.out_features, linear.bias is not None))
+    _install_linear4bit(model, specs, bnb_config, plan)
+    return model
+
+
+def stream_quantized_causal_lm(
+    model_name_or_path: str,
+    model_config: Any,
+    bnb_config: Any,
+    plan: QuantizationPlan,
+    quant_device: torch.device,
+    staging: torch.device,
+    build_kwargs: dict[str, Any],
+) -> nn.Module | None:
+    """Load a local safetensors checkpoint tensor by tensor: quantize each planned weight on ``quant_device`` and
+    keep everything on ``staging`` (see the module docstring).
+
+    Returns:
+        The model, or ``None`` (with a warning naming the reason) when the checkpoint cannot be read this way:
+        no local safetensors files, or tensor names that do not match the model's parameters and buffers.
+    """
+    from safetensors import safe_open
+
+    files = safetensors_files(model_name_or_path)
+    if isinstance(files, str):
+        logger.warning("bitsandbytes: load_staging %s not possible (%s); loading onto %s", staging, files, quant_device)
+        return None
+    model = _skeleton(model_config, bnb_config, plan, build_kwargs)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    keys: dict[str, Path] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            keys.update(dict.fromkeys(handle.keys(), file))
+    tied = _tied_names(model)
+    missing = sorted(set(params) - set(keys) - tied)
+    unexpected = sorted(set(keys) - set(params) - set(buffers))
+    if missing or unexpected:
+        logger.warning(
+            "bitsandbytes: load_staging %s not possible (checkpoint names differ from the model's: missing %s, "
+            "unexpected %s); loading onto %s",
+            staging,
+            missing[:3],
+            unexpected[:3],
+            quant_device,
+        )
+        return None
+    quantized = {f"{name}.weight" for name in plan.quantized_modules}
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for key in handle.keys():
+                owner_name, _, leaf = key.rpartition(".")
+                owner = model.get_submodule(owner_name) if owner_name else model
+                tensor = handle.get_tensor(key)
+                if key in quantized:
+                    owner._parameters[leaf] = _quantize_to(owner, tensor, plan.training_dtype, quant_device, staging)
+                elif key in params:
+                    target = params[key]
+                    owner._parameters[leaf] = nn.Parameter(
+                        tensor.to(staging, dtype=target.dtype), requires_grad=target.requires_grad
+                    )
+                else:
+                    owner._buffers[leaf] = tensor.to(staging, dtype=buffers[key].dtype)
+    for name, buf in model.named_buffers():  # non-persistent buffers (rotary inv_freq), built on the host
+        if buf.device != staging:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            owner._buffers[leaf] = buf.to(staging)
+    _finish_quantized_model(model, bnb_config)
+    _load_generation_config(model, model_name_or_path)
+    logger.info("bitsandbytes: %d weights quantized on %s and staged on %s", len(quantized), quant_device, staging)
+    return model
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Parameter names a checkpoint may omit because they are tied to another (the output embedding)."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False) or not hasattr(model, "get_output_embeddings"):
+        return set()
+    output = model.get_output_embeddings()
+    return {f"{name}.weight" for name, module in model.named_modules() if module is output and output is not None}
+
+
+def _quantize_to(
+    module: nn.Module, tensor: torch.Tensor, dtype: torch.dtype, quant_device: torch.device, staging: torch.device
+) -> nn.Parameter:
+    """``tensor`` as the 4-bit weight of ``module`` (a meta ``Linear4bit``): quantized on ``quant_device``, kept
+    on ``staging`` (the quantization state moves with it; ``module.quant_state`` is the same object)."""
+    import bitsandbytes as bnb
+
+    template = module.weight
+    weight = bnb.nn.Params4bit(
+        tensor.to(quant_device, dtype=dtype),
+        requires_grad=False,
+        blocksize=template.blocksize,
+        compress_statistics=template.compress_statistics,
+        quant_type=template.quant_type,
+        quant_storage=template.quant_storage,
+        module=module,
+    ).to(quant_device)
+    if staging != quant_device:
+        weight = weight.to(staging)
+        weight.module = module
+    return weight
+
+
+def _load_generation_config(model: nn.Module, model_name_or_path: str) -> None:
+    if not (Path(model_name_or_path) / "generation_config.json").is_file() or not hasattr(model, "generation_config"):
+        return
+    from transformers import GenerationConfig
+
+    model.generation_config = GenerationConfig.from_pretrained(model_name_or_path)
 
 
 # ------------------------------------------------------------------------------------------------- broadcast
@@ -324,8 +524,6 @@ def receive_quantized_model(
 ) -> nn.Module:
     """On ranks > 0: build the module tree on meta and fill it with the tensors rank 0 broadcasts."""
     import bitsandbytes as bnb
-    from transformers.quantizers import AutoHfQuantizer
-    from transformers.utils.quantization_config import QuantizationMethod
 
     holder: list[Any] = [None]
     torch.distributed.broadcast_object_list(holder, src=0)
@@ -334,20 +532,7 @@ def receive_quantized_model(
     comm = _comm_device(target)
     model_config.quantization_config = bnb_config
     model = build_meta_model(model_config, plan.training_dtype, **build_kwargs)
-    for name, in_features, out_features, has_bias in manifest["quantized"]:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        new = bnb.nn.Linear4bit(
-            in_features,
-            out_features,
-            bias=has_bias,
-            compute_dtype=plan.compute_dtype,
-            compress_statistics=bnb_config.bnb_4bit_use_double_quant,
-            quant_type=bnb_config.bnb_4bit_quant_type,
-            quant_storage=plan.training_dtype,
-            device="meta",
-        )
-        setattr(parent, leaf, new)
+    _install_linear4bit(model, manifest["quantized"], bnb_config, plan)
     received: dict[str, tuple[torch.Tensor, bool]] = {}
     quant_stats: dict[str, dict[str, torch.Tensor]] = {}
     for kind, name, shape, dtype, requires_grad in manifest["entries"]:
@@ -371,15 +556,45 @@ def receive_quantized_model(
             )
         else:
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=requires_grad)
+    _finish_quantized_model(model, bnb_config)
+    return model
+
+
+def _install_linear4bit(
+    model: nn.Module, specs: Iterable[tuple[str, int, int, bool]], bnb_config: Any, plan: QuantizationPlan
+) -> None:
+    """Replace each ``(name, in_features, out_features, has_bias)`` linear by an empty (meta) ``Linear4bit``."""
+    import bitsandbytes as bnb
+
+    for name, in_features, out_features, has_bias in specs:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = bnb.nn.Linear4bit(
+            in_features,
+            out_features,
+            bias=has_bias,
+            compute_dtype=plan.compute_dtype,
+            compress_statistics=bnb_config.bnb_4bit_use_double_quant,
+            quant_type=bnb_config.bnb_4bit_quant_type,
+            quant_storage=plan.training_dtype,
+            device="meta",
+        )
+        setattr(parent, leaf, new)
+
+
+def _finish_quantized_model(model: nn.Module, bnb_config: Any) -> None:
+    """Re-tie, check that nothing is left on ``meta``, and mark the model as transformers marks a 4-bit model."""
+    from transformers.quantizers import AutoHfQuantizer
+    from transformers.utils.quantization_config import QuantizationMethod
+
     _retie(model)
     leftover = [n for n, p in model.named_parameters() if p.is_meta] + [
         n for n, b in model.named_buffers() if b.is_meta
     ]
     if leftover:
-        raise RuntimeError(f"rank-0 broadcast left tensors on the meta device: {leftover[:5]}")
+        raise RuntimeError(f"the 4-bit load left tensors on the meta device: {leftover[:5]}")
     model.is_quantized = True
     model.is_loaded_in_4bit = True
     model.quantization_method = QuantizationMethod.BITS_AND_BYTES
     model.hf_quantizer = AutoHfQuantizer.from_config(bnb_config, pre_quantized=False)
     model.eval()
-    return model

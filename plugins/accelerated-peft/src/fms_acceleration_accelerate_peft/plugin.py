@@ -133,6 +133,7 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
         lora_dtype = torch.float32 if self.config.fp32_lora_params else training_dtype
         reduce_dtype = torch.float32 if self.config.fp32_lora_params else None
         if context.fsdp_version == 1:
+            _move_host_staged_model(model, context.device)
             return PrepareContribution(
                 keep_dtype_params=(is_params4bit,),
                 trainable_dtype=lora_dtype,
@@ -219,7 +220,23 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
         lines.append(
             "FSDP2: " + ("4-bit weights sharded/gathered as packed bytes" if c.fsdp2_packed_all_gather else "default")
         )
+        staging = {"auto": "host memory under FSDP2 with several processes, else the GPU", "cpu": "host memory"}
+        lines.append(f"load staging until sharded: {staging.get(c.load_staging, 'the GPU')}")
         return lines
+
+
+def _move_host_staged_model(model: nn.Module, device: torch.device) -> bool:
+    """FSDP1 flattens 4-bit layers where they are: a model staged on the host (``load_staging: cpu`` when FSDP1
+    could not be foreseen at load time) goes to the device whole, as ``load_staging: device`` would have put it."""
+    if device.type == "cpu" or not any(p.device.type == "cpu" for p in model.parameters()):
+        return False
+    logger.warning(
+        "bitsandbytes: the 4-bit model was staged in host memory for FSDP2, but this run uses FSDP1; moving it to "
+        "%s whole (set load_staging: auto or device for FSDP1 runs)",
+        device,
+    )
+    model.to(device)
+    return True
 
 
 def _training_dtype(model: nn.Module) -> torch.dtype:
