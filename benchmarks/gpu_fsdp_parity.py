@@ -141,8 +141,9 @@ class Case:
         return Case(STACKS[self.stack].reference_stack, "none", 1).name
 
 
-def build_matrix(stacks: list[str], fsdp: list[str], nproc: int, cpu: bool) -> list[Case]:
-    """The cases to run: each stack's no-FSDP reference, then its FSDP versions at world sizes 1..nproc."""
+def build_matrix(stacks: list[str], fsdp: list[str], nproc: int, cpu: bool, batch: int = 0) -> list[Case]:
+    """The cases to run: each stack's no-FSDP reference, then its FSDP versions at world sizes 1..nproc (those
+    that divide ``batch``, the global batch rows every rank takes an equal slice of; 0: all)."""
     cases: list[Case] = []
     for name in stacks:
         stack = STACKS[name]
@@ -155,6 +156,8 @@ def build_matrix(stacks: list[str], fsdp: list[str], nproc: int, cpu: bool) -> l
             for world in range(1, nproc + 1):
                 if cpu and world == 1:
                     continue  # the CPU seam needs a process group of more than one rank
+                if batch and batch % world:
+                    continue  # the ranks' slices of the global batch would differ in size
                 cases.append(Case(name, version, world))
     return cases
 
@@ -644,7 +647,7 @@ def markdown_table(summary: dict) -> str:
 def drive(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    cases = build_matrix(args.stacks, args.fsdp, args.nproc, args.cpu)
+    cases = build_matrix(args.stacks, args.fsdp, args.nproc, args.cpu, args.batch)
     print(f"[parity] {len(cases)} cases: {', '.join(c.name for c in cases)}", flush=True)
     start = time.monotonic()
     jobs = run_matrix(cases, args, out)

@@ -702,12 +702,56 @@ def apply_fsdp2_plan(
                     fix="deactivate one of the two plugins",
                 )
             chosen_by, kwargs = plugin, dict(custom)
+        move_unit_states(module, _fully_shard_device(kwargs))
         fully_shard(module, **kwargs)
         for _plugin, callback in merged.unit_sharded_callbacks:
             callback(unit.name, module)
     after = dict(model.named_parameters())
     old = {n: ref() for n, ref in before.items()}
     return {p: after[n] for n, p in old.items() if p is not None and n in after and after[n] is not p}
+
+
+def _fully_shard_device(kwargs: Mapping[str, Any]) -> torch.device:
+    """The device ``fully_shard`` puts a unit on: its mesh's device type, the current device of that type."""
+    mesh = kwargs.get("mesh")
+    device_type = mesh.device_type if mesh is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cpu":
+        return torch.device("cpu")
+    return torch.device(device_type, getattr(torch, device_type).current_device())
+
+
+def move_unit_states(module: nn.Module, device: torch.device) -> int:
+    """Move the parameters and buffers of one FSDP2 unit that are not on ``device`` yet (a model staged in host
+    memory) there, one unit at a time; sub-units already sharded are left alone. Returns how many parameters moved.
+
+    ``fully_shard`` would move them too, but it swaps tensor-subclass parameters in place
+    (``torch.utils.swap_tensors``), which refuses any parameter that a weak reference points to (as
+    :func:`apply_fsdp2_plan` keeps to map optimizer parameters). This puts new parameter objects in place instead;
+    the optimizer mapping goes by name. A parameter shared by two modules stays shared.
+    """
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    moved: dict[int, nn.Parameter] = {}
+    stack = [module]
+    while stack:
+        sub = stack.pop()
+        for name, param in list(sub._parameters.items()):
+            if param is None or isinstance(param, DTensor) or param.is_meta or param.device == device:
+                continue
+            if id(param) not in moved:
+                with torch.no_grad():
+                    data = param.to(device)
+                new = data if isinstance(data, nn.Parameter) else nn.Parameter(data, requires_grad=param.requires_grad)
+                if getattr(param, "module", None) is not None and getattr(new, "module", None) is None:
+                    new.module = param.module  # bitsandbytes' Params4bit keeps its owner to restore quant_state
+                moved[id(param)] = new
+            sub._parameters[name] = moved[id(param)]
+        for name, buf in list(sub._buffers.items()):
+            if buf is not None and not buf.is_meta and buf.device != device:
+                sub._buffers[name] = buf.to(device)
+        stack.extend(child for child in sub.children() if not isinstance(child, FSDPModule))
+    return len(moved)
 
 
 def switch_optimizer_params(optimizer: torch.optim.Optimizer, mapping: Mapping[nn.Parameter, nn.Parameter]) -> int:
@@ -864,6 +908,7 @@ __all__ = [
     "fsdp1_auto_wrap_policy",
     "fully_shard_kwargs_from_policy",
     "merge_contributions",
+    "move_unit_states",
     "plan_fsdp_units",
     "release_replaced_parameters",
     "run_after_prepare",

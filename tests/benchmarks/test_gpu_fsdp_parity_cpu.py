@@ -54,6 +54,9 @@ def test_gpu_matrix_covers_every_stack_fsdp_version_and_world_size(parity):
     # CPU: no FSDP1 (torch's FSDP1 needs an accelerator) and FSDP2 only with a 2-rank gloo group
     cpu = parity.build_matrix(["lora-foak", "qlora-foak-fsdp1"], ["fsdp1", "fsdp2"], nproc=2, cpu=True)
     assert [c.name for c in cpu] == ["lora-foak--none--w1", "lora-foak--fsdp2--w2", "qlora-foak-fsdp1--none--w1"]
+    # world sizes that do not divide the global batch are left out (every rank takes an equal slice)
+    four = parity.build_matrix(["qlora-foak"], ["fsdp2"], nproc=4, cpu=False, batch=4)
+    assert [c.world for c in four if c.fsdp == "fsdp2"] == [1, 2, 4]
 
 
 def test_stack_sections_load_and_apply_overrides(parity):

@@ -247,7 +247,7 @@ def test_fsdp2_packed_qlora_with_fused_lora_two_processes_match_one(tmp_path, mo
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     fw, model = _build(str(path))
     counters = _install_counters()
-    prepare_fsdp2(fw, model, 1, shard=False)
+    prepare_fsdp2(fw, model, WORLD, shard=False)  # the 2-rank conversion, unsharded
     try:
         losses, grads = train_sharded(model, batches(STEPS), 0, 1, grads_at_step=-1)
     finally:
@@ -314,7 +314,7 @@ def test_layers_swapped_after_patching_are_read_by_name_and_reported(tmp_path, m
     old += [layer.self_attn.k_proj for layer in layers]
     assert any("lora_mlp_swiglu" in r.replacement for r in fw.patches.records)  # patched before the swap
     with pytest.warns(UserWarning, match="replaced after patching and run unfused"):
-        prepare_fsdp2(fw, model, 1, shard=False)  # converts every Linear4bit (world 1: no sharding, no release)
+        prepare_fsdp2(fw, model, WORLD, shard=False)  # converts every Linear4bit (not sharded: no release)
     assert isinstance(mlp.gate_proj, Packed4bitLinear)
     for m in old:  # as after a release under sharding: a kernel still reading a replaced layer would fail
         m.weight.data = torch.empty(0, dtype=m.weight.dtype)

@@ -198,7 +198,7 @@ def test_fsdp2_two_processes_match_one(tmp_path):
     with torch.no_grad():
         ref_logits = model(input_ids=ids).logits
     torch.testing.assert_close(got["received_logits"], ref_logits, rtol=0, atol=0)  # rank-0 load is exact
-    prepare_fsdp2(fw, model, 1, shard=False)
+    prepare_fsdp2(fw, model, WORLD, shard=False)  # the 2-rank conversion, unsharded
     losses, grads = train_sharded(model, batches(STEPS), 0, 1)
     full = gather_full_state_dict(model)
 

@@ -103,7 +103,25 @@ def test_streamed_load_declines_checkpoints_it_cannot_read(tmp_path, caplog):
         assert _stream(renamed) is None
     text = caplog.text
     assert "no model.safetensors" in text
-    assert "missing ['model.norm.weight']" in text and "unexpected ['model.norm.gamma']" in text
+    assert "lacks 1 of the model's parameters, e.g. ['model.norm.weight']" in text
+
+
+def test_streamed_load_skips_checkpoint_tensors_the_model_has_no_place_for(tmp_path, caplog):
+    """A model with fewer layers than its checkpoint (the benchmarks' layer slices) loads like transformers does."""
+    from fms_acceleration_accelerate_peft.config import BnbQuantizationConfig
+    from fms_acceleration_accelerate_peft.loader import load_quantized_causal_lm
+    from transformers import AutoConfig
+
+    path = tiny_llama(tmp_path / "m", dtype=torch.bfloat16)
+    config = AutoConfig.from_pretrained(path)
+    config.num_hidden_layers = 1
+    config.save_pretrained(path)
+    ref = load_quantized_causal_lm(str(path), BnbQuantizationConfig(), dtype=torch.bfloat16)
+    with caplog.at_level(logging.WARNING, logger="fms_acceleration_accelerate_peft"):
+        ours = _stream(path)
+    assert ours is not None and len(ours.model.layers) == 1
+    assert "9 checkpoint tensors not used by the model, e.g. ['model.layers.1.input_layernorm.weight'" in caplog.text
+    _assert_same_model(ours, ref)
 
 
 def test_loader_routes_host_staging_through_the_streamed_load(tmp_path, monkeypatch, caplog):

@@ -377,7 +377,8 @@ def stream_quantized_causal_lm(
 
     Returns:
         The model, or ``None`` (with a warning naming the reason) when the checkpoint cannot be read this way:
-        no local safetensors files, or tensor names that do not match the model's parameters and buffers.
+        no local safetensors files, or parameters of the model that the checkpoint lacks under their own names.
+        Checkpoint tensors the model has no place for are skipped with a warning, as transformers does.
     """
     from safetensors import safe_open
 
@@ -392,23 +393,30 @@ def stream_quantized_causal_lm(
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             keys.update(dict.fromkeys(handle.keys(), file))
-    tied = _tied_names(model)
-    missing = sorted(set(params) - set(keys) - tied)
-    unexpected = sorted(set(keys) - set(params) - set(buffers))
-    if missing or unexpected:
+    missing = sorted(set(params) - set(keys) - _tied_names(model))
+    if missing:
         logger.warning(
-            "bitsandbytes: load_staging %s not possible (checkpoint names differ from the model's: missing %s, "
-            "unexpected %s); loading onto %s",
+            "bitsandbytes: load_staging %s not possible (the checkpoint lacks %d of the model's parameters, e.g. %s; "
+            "transformers may rename them); loading onto %s",
             staging,
+            len(missing),
             missing[:3],
-            unexpected[:3],
             quant_device,
         )
         return None
+    unexpected = set(keys) - set(params) - set(buffers)
+    if unexpected:  # as transformers does: tensors the model has no place for are not read
+        logger.warning(
+            "bitsandbytes: %d checkpoint tensors not used by the model, e.g. %s",
+            len(unexpected),
+            sorted(unexpected)[:3],
+        )
     quantized = {f"{name}.weight" for name in plan.quantized_modules}
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
             for key in handle.keys():
+                if key in unexpected:
+                    continue
                 owner_name, _, leaf = key.rpartition(".")
                 owner = model.get_submodule(owner_name) if owner_name else model
                 tensor = handle.get_tensor(key)

@@ -142,7 +142,12 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
             )
         notes = []
         release = None
-        if self.config.fsdp2_packed_all_gather:
+        world = max(int(context.world_size), 1)
+        if self.config.fsdp2_packed_all_gather and world == 1:
+            # FSDP2 on one rank skips the all-gather and reads one input per parameter (torch 2.11), which a
+            # packed weight (codes + scales) is not; with nothing to shard, bitsandbytes' layers stay as they are
+            notes.append("FSDP2 on one rank: 4-bit layers left as bitsandbytes layers (nothing to shard)")
+        elif self.config.fsdp2_packed_all_gather:
             names = {id(m): n for n, m in model.named_modules()}
 
             def record_replacement(parent: torch.nn.Module, child: str, new: torch.nn.Module) -> None:
@@ -157,9 +162,7 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
                     restore=swap.restore,
                 )
 
-            report = convert_linear4bit_for_fsdp2(
-                model, training_dtype, max(int(context.world_size), 1), replace=record_replacement
-            )
+            report = convert_linear4bit_for_fsdp2(model, training_dtype, world, replace=record_replacement)
             release = self._release_sharded_swaps if report.converted else None
             notes.append(
                 f"FSDP2: {len(report.converted)} 4-bit layers sharded as packed bytes (Packed4bitLinear)"
