@@ -106,6 +106,16 @@ def test_streamed_load_declines_checkpoints_it_cannot_read(tmp_path, caplog):
     assert "lacks 1 of the model's parameters, e.g. ['model.norm.weight']" in text
 
 
+def test_streamed_load_declines_models_that_keep_modules_in_float32(tmp_path, monkeypatch, caplog):
+    from transformers import LlamaForCausalLM
+
+    path = tiny_llama(tmp_path / "m", dtype=torch.bfloat16)
+    monkeypatch.setattr(LlamaForCausalLM, "_keep_in_fp32_modules_strict", ["norm"])
+    with caplog.at_level(logging.WARNING, logger="fms_acceleration_accelerate_peft"):
+        assert _stream(path) is None
+    assert "keeps ['norm'] in float32" in caplog.text
+
+
 def test_streamed_load_skips_checkpoint_tensors_the_model_has_no_place_for(tmp_path, caplog):
     """A model with fewer layers than its checkpoint (the benchmarks' layer slices) loads like transformers does."""
     from fms_acceleration_accelerate_peft.config import BnbQuantizationConfig

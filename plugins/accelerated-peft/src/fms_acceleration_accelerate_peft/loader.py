@@ -377,7 +377,8 @@ def stream_quantized_causal_lm(
 
     Returns:
         The model, or ``None`` (with a warning naming the reason) when the checkpoint cannot be read this way:
-        no local safetensors files, or parameters of the model that the checkpoint lacks under their own names.
+        no local safetensors files, parameters of the model that the checkpoint lacks under their own names, or
+        modules the model keeps in float32 (``_keep_in_fp32_modules``).
         Checkpoint tensors the model has no place for are skipped with a warning, as transformers does.
     """
     from safetensors import safe_open
@@ -387,6 +388,18 @@ def stream_quantized_causal_lm(
         logger.warning("bitsandbytes: load_staging %s not possible (%s); loading onto %s", staging, files, quant_device)
         return None
     model = _skeleton(model_config, bnb_config, plan, build_kwargs)
+    keep_fp32 = set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
+    if plan.training_dtype == torch.float16:  # transformers keeps these in float32 only for float16 training
+        keep_fp32 |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    if keep_fp32:
+        logger.warning(
+            "bitsandbytes: load_staging %s not possible (the model keeps %s in float32, which only transformers' "
+            "loader reproduces); loading onto %s",
+            staging,
+            sorted(keep_fp32),
+            quant_device,
+        )
+        return None
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     keys: dict[str, Path] = {}
