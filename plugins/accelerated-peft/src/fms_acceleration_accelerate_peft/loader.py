@@ -17,8 +17,9 @@ GPU before a single unit is sharded. With ``cpu`` staging the plugin reads a loc
 one tensor at a time: each weight goes to the GPU, is quantized there, and its packed bytes and scales go back
 to host memory at once. Ranks that receive the broadcast keep what they receive on the host too. FSDP2's
 ``fully_shard`` then moves one unit at a time to the GPU and shards it, so the GPU never holds more than one
-unsharded unit. Checkpoints the plugin cannot read that way (no local safetensors files, or tensor names that
-differ from the model's) are loaded by transformers onto the GPU as before, with a warning that says why.
+unsharded unit. Checkpoints the plugin cannot read that way (no local safetensors files, parameters missing under
+the model's own names, modules kept in float32) are loaded by transformers onto the GPU as before, with a warning
+that says why.
 """
 
 from __future__ import annotations
@@ -402,11 +403,11 @@ def stream_quantized_causal_lm(
         return None
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    keys: dict[str, Path] = {}
+    keys: set[str] = set()
     for file in files:
         with safe_open(str(file), framework="pt", device="cpu") as handle:
-            keys.update(dict.fromkeys(handle.keys(), file))
-    missing = sorted(set(params) - set(keys) - _tied_names(model))
+            keys.update(handle.keys())
+    missing = sorted(set(params) - keys - _tied_names(model))
     if missing:
         logger.warning(
             "bitsandbytes: load_staging %s not possible (the checkpoint lacks %d of the model's parameters, e.g. %s; "
@@ -417,7 +418,7 @@ def stream_quantized_causal_lm(
             quant_device,
         )
         return None
-    unexpected = set(keys) - set(params) - set(buffers)
+    unexpected = keys - set(params) - set(buffers)
     if unexpected:  # as transformers does: tensors the model has no place for are not read
         logger.warning(
             "bitsandbytes: %d checkpoint tensors not used by the model, e.g. %s",
