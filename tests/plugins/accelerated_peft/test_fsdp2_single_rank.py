@@ -12,30 +12,17 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
-from .helpers import batches, framework, free_port, init_gloo, lora_config, prepare_fsdp2, spawn_workers, tiny_llama
+from . import helpers as h
 
 STEPS = 3
 
 
 def _build(path: str):
-    fw = framework()
+    fw = h.framework()
     model = fw.model_loader(path, dtype=torch.float32)
     torch.manual_seed(5)
-    model, _ = fw.augmentation(model, None, (lora_config(),))
+    model, _ = fw.augmentation(model, None, (h.lora_config(),))
     return fw, model
-
-
-def _losses(model, data) -> list[float]:
-    model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
 
 
 def _worker(rank: int, path: str, port: int, out: str) -> None:
@@ -43,13 +30,13 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
     from torch.distributed.fsdp import FSDPModule
 
     try:
-        init_gloo(rank, 1, port)
+        h.init_gloo(rank, 1, port)
         fw, model = _build(path)
-        merged = prepare_fsdp2(fw, model, 1, shard=True)
+        merged = h.prepare_fsdp2(fw, model, 1, shard=True)
         assert isinstance(model, FSDPModule)
         torch.save(
             {
-                "losses": _losses(model, batches(STEPS, seed=4)),
+                "losses": h.train(model, h.batches(STEPS, seed=4)),
                 "packed": sum(isinstance(m, Packed4bitLinear) for m in model.modules()),
                 "notes": list(merged.notes),
             },
@@ -63,14 +50,14 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
 
 
 def test_fsdp2_on_one_rank_trains_like_no_fsdp(tmp_path):
-    path = str(tiny_llama(tmp_path / "m"))
+    path = str(h.tiny_llama(tmp_path / "m"))
     out = str(tmp_path / "rank0.pt")
-    spawn_workers(_worker, (path, free_port(), out), 1, timeout=180.0)
+    h.spawn_workers(_worker, (path, h.free_port(), out), 1, timeout=180.0)
     err = Path(out + ".err")
     assert not err.exists(), err.read_text()
     got = torch.load(out, weights_only=False)
     _, reference = _build(path)
-    expected = _losses(reference, batches(STEPS, seed=4))
+    expected = h.train(reference, h.batches(STEPS, seed=4))
     assert got["packed"] == 0
     assert any("FSDP2 on one rank" in note for note in got["notes"]), got["notes"]
     assert got["losses"] == pytest.approx(expected, rel=1e-4), (got["losses"], expected)
