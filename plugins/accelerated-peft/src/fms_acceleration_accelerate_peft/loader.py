@@ -431,8 +431,7 @@ def stream_quantized_causal_lm(
             for key in handle.keys():
                 if key in unexpected:
                     continue
-                owner_name, _, leaf = key.rpartition(".")
-                owner = model.get_submodule(owner_name) if owner_name else model
+                owner, leaf = _owner(model, key)
                 tensor = handle.get_tensor(key)
                 if key in quantized:
                     owner._parameters[leaf] = _quantize_to(owner, tensor, plan.training_dtype, quant_device, staging)
@@ -445,13 +444,18 @@ def stream_quantized_causal_lm(
                     owner._buffers[leaf] = tensor.to(staging, dtype=buffers[key].dtype)
     for name, buf in model.named_buffers():  # non-persistent buffers (rotary inv_freq), built on the host
         if buf.device != staging:
-            owner_name, _, leaf = name.rpartition(".")
-            owner = model.get_submodule(owner_name) if owner_name else model
+            owner, leaf = _owner(model, name)
             owner._buffers[leaf] = buf.to(staging)
     _finish_quantized_model(model, bnb_config)
     _load_generation_config(model, model_name_or_path)
     logger.info("bitsandbytes: %d weights quantized on %s and staged on %s", len(quantized), quant_device, staging)
     return model
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """``(module, attribute)`` of the parameter, buffer or sub-module called ``name`` in ``model``."""
+    owner_name, _, leaf = name.rpartition(".")
+    return (model.get_submodule(owner_name) if owner_name else model), leaf
 
 
 def _tied_names(model: nn.Module) -> set[str]:
@@ -568,8 +572,7 @@ def receive_quantized_model(
             received[f"{kind}\x00{name}"] = (tensor, requires_grad)
     for key, (tensor, requires_grad) in received.items():
         kind, name = key.split("\x00")
-        owner_name, _, leaf = name.rpartition(".")
-        owner = model.get_submodule(owner_name) if owner_name else model
+        owner, leaf = _owner(model, name)
         if kind == "buffer":
             owner._buffers[leaf] = tensor
         elif name in quant_stats:
@@ -589,8 +592,7 @@ def _install_linear4bit(
     import bitsandbytes as bnb
 
     for name, in_features, out_features, has_bias in specs:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
+        parent, leaf = _owner(model, name)
         new = bnb.nn.Linear4bit(
             in_features,
             out_features,
