@@ -202,22 +202,21 @@ def test_startup_mode_detection():
 
 
 def test_pth_line_is_inactive_and_cheap(tmp_path):
-    """The installed .pth line imports nothing for an ordinary process."""
+    """The installed .pth line imports nothing for an ordinary process: every interpreter start runs it, so an
+    ordinary process must pay no more than a few environment and argv lookups (checked structurally, not by
+    timing it: a wall-clock bound flakes on a loaded CI machine)."""
     pth = Path(startup.__file__).with_name("fms_acceleration_accelerate.pth")
     line = pth.read_text(encoding="utf-8").strip()
     assert line.startswith("import ")
     code = (
-        "import sys, time\n"
+        "import sys\n"
         "sys.modules.pop('_fms_acceleration_startup', None)\n"
         f"line = {line!r}\n"
-        "t = time.perf_counter()\n"
-        "for _ in range(1000):\n"
-        "    exec(line, {})\n"
-        "per = (time.perf_counter() - t) / 1000\n"
-        "assert '_fms_acceleration_startup' not in sys.modules\n"
-        "print(per)\n"
+        "before = set(sys.modules)\n"
+        "exec(line, {})\n"
+        "print(sorted(set(sys.modules) - before))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith("FMS_ACCELERATION")}
     result = run([sys.executable, "-c", code], env, tmp_path, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert float(result.stdout.strip()) < 0.001  # well under the 5 ms budget (typically ~5 us)
+    assert result.stdout.strip() == "[]", f"the .pth line imported {result.stdout.strip()} in an ordinary process"
