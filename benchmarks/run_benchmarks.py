@@ -167,7 +167,7 @@ def shards_own_fsdp2_units(body: Mapping[str, Any]) -> bool:
     from fms_acceleration_accelerate import AccelerationFramework
 
     framework = AccelerationFramework({"plugins": dict(body)}, check_packages=False)
-    return any(plugin.contributes_under_fsdp2() for plugin in framework.active_plugins)
+    return any(plugin.contributes_under_fsdp2() for plugin in framework.plugins)
 
 
 def fsdp_config_for(version: int) -> dict[str, Any]:

@@ -284,13 +284,13 @@ def check_accelerate_settings(accelerator: Any, framework: AccelerationFramework
             ``fsdp_cpu_ram_efficient_loading`` while a plugin shards its own units (``contributes_under_fsdp2``).
     """
     context = build_context(accelerator, framework)
-    for plugin in framework.active_plugins:
+    for plugin in framework.plugins:
         plugin.check_run_settings(context)
     if accelerator.distributed_type != DistributedType.FSDP or not accelerator.is_fsdp2:
         return
     if not getattr(accelerator.state.fsdp_plugin, "cpu_ram_efficient_loading", False):
         return
-    sharding = [p.plugin_name() for p in framework.active_plugins if p.contributes_under_fsdp2()]
+    sharding = [p.plugin_name() for p in framework.plugins if p.contributes_under_fsdp2()]
     if sharding:
         raise AccelerationConfigError(
             f"fsdp_cpu_ram_efficient_loading is on, but plugins {', '.join(sharding)} shard their own FSDP2 units, "
@@ -348,7 +348,7 @@ def _prepare_with_framework(
     before = {id(m): [weakref.ref(p) for p in m.parameters()] for m in models} if context.fsdp_version == 2 else {}
     with scoped.reverting():
         for model in models:
-            merged = collect_contributions(framework.active_plugins, model, context)
+            merged = collect_contributions(framework.plugins, model, context)
             for note in merged.notes:
                 logger.info("fms-acceleration: %s", note)
             if context.is_deepspeed:
@@ -365,7 +365,7 @@ def _prepare_with_framework(
     prepared = result if isinstance(result, (tuple, list)) else (result,)
     for obj in prepared:
         if isinstance(obj, torch.nn.Module):
-            run_after_prepare(framework.active_plugins, obj, context)
+            run_after_prepare(framework.plugins, obj, context)
     # every FSDP2 model, also those Accelerate sharded on its own: without fsdp_cpu_ram_efficient_loading its
     # fully_shard leaves the unsharded (fp32-upcast) parameters to whatever the script still holds
     for model in models:

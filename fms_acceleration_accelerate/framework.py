@@ -88,7 +88,8 @@ class AccelerationFramework:
         self.patches = PatchRecorder()
         self._summary_logged = False
         claimed = self._walk_sections()
-        self.active_plugins, self.passthrough = self._activate(claimed, check_packages)
+        self.plugins: tuple[AccelerationPlugin, ...]
+        self.plugins, self.passthrough = self._activate(claimed, check_packages)
         self._check_combination()
         for section in self.passthrough:
             if is_main_process():
@@ -201,15 +202,15 @@ class AccelerationFramework:
         return matched or None
 
     def _check_combination(self) -> None:
-        loaders = [p for p in self.active_plugins if p.requires_custom_loading]
+        loaders = [p for p in self.plugins if p.requires_custom_loading]
         if len(loaders) > 1:
             raise AccelerationConfigError(
                 "more than one active plugin loads the model: "
                 + ", ".join(f"{p.plugin_name()} ({self.config.path(p.matched_paths[0])})" for p in loaders),
                 fix="keep only one of these sections",
             )
-        active_paths = {path: p for p in self.active_plugins for path in p.matched_paths}
-        for plugin in self.active_plugins:
+        active_paths = {path: p for p in self.plugins for path in p.matched_paths}
+        for plugin in self.plugins:
             for path in plugin.incompatible_paths:
                 other = active_paths.get(path)
                 if other is not None and other is not plugin:
@@ -218,9 +219,9 @@ class AccelerationFramework:
                         path=self.config.path(path),
                         fix=f"remove either {self.config.path(plugin.matched_paths[0])} or {self.config.path(path)}",
                     )
-        for plugin in self.active_plugins:
+        for plugin in self.plugins:
             with self._full_paths(plugin):
-                plugin.check_compatibility(self.active_plugins)
+                plugin.check_compatibility(self.plugins)
 
     @contextmanager
     def _full_paths(self, plugin: AccelerationPlugin) -> Iterator[None]:
@@ -236,36 +237,42 @@ class AccelerationFramework:
 
     # ------------------------------------------------------------------------------------ public API
     @property
+    def active_plugins(self) -> list[tuple[str, AccelerationPlugin]]:
+        """``(name, plugin)`` pairs of the active plugins, in run order (the original framework's attribute;
+        :attr:`plugins` holds the plugin objects alone)."""
+        return [(p.plugin_name(), p) for p in self.plugins]
+
+    @property
     def active_plugin_names(self) -> tuple[str, ...]:
-        return tuple(p.plugin_name() for p in self.active_plugins)
+        return tuple(p.plugin_name() for p in self.plugins)
 
     def plugin(self, name: str) -> AccelerationPlugin:
         """The active plugin called ``name``."""
-        for p in self.active_plugins:
+        for p in self.plugins:
             if p.plugin_name() == name:
                 return p
         raise KeyError(f"no active plugin named {name!r}; active: {', '.join(self.active_plugin_names) or 'none'}")
 
     @property
     def requires_custom_loading(self) -> bool:
-        return any(p.requires_custom_loading for p in self.active_plugins)
+        return any(p.requires_custom_loading for p in self.plugins)
 
     @property
     def requires_augmentation(self) -> bool:
-        return any(p.requires_augmentation for p in self.active_plugins)
+        return any(p.requires_augmentation for p in self.plugins)
 
     # upstream spelled it this way; kept so existing integrations keep working
     requires_agumentation = requires_augmentation
 
     def check_model_type(self, model_type: str | None) -> None:
         """Raise :class:`AccelerationConfigError` if an active plugin does not support ``model_type``."""
-        for plugin in self.active_plugins:
+        for plugin in self.plugins:
             with self._full_paths(plugin):
                 plugin.check_model_type(model_type)
 
     def model_loader(self, model_name_or_path: str, **kwargs: Any) -> Any:
         """Load the model with the one plugin that owns loading (the model type is checked first)."""
-        loaders = [p for p in self.active_plugins if p.requires_custom_loading]
+        loaders = [p for p in self.plugins if p.requires_custom_loading]
         if not loaders:
             raise AccelerationConfigError(
                 "no active plugin loads models",
@@ -287,7 +294,7 @@ class AccelerationFramework:
         model_config = getattr(model, "config", None)
         self.check_model_type(getattr(model_config, "model_type", None))
         modifiable_args = tuple(modifiable_args)
-        for plugin in self.active_plugins:
+        for plugin in self.plugins:
             if plugin.requires_augmentation:
                 with self._full_paths(plugin):
                     result = plugin.augmentation(model, train_args, modifiable_args)
@@ -307,7 +314,7 @@ class AccelerationFramework:
     def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:
         """Collect HF Trainer / TRL callbacks from every active plugin; logs the patch summary once."""
         callbacks: list[Any] = []
-        for plugin in self.active_plugins:
+        for plugin in self.plugins:
             callbacks.extend(plugin.get_callbacks_and_ready_for_train(model, accelerator))
         self.log_patch_summary()
         return callbacks
@@ -341,9 +348,9 @@ class AccelerationFramework:
     def describe(self) -> list[str]:
         """Lines describing what will happen (used by ``fms-accelerate check``); loads no model."""
         lines = [f"config: {self.config.origin}"]
-        if not self.active_plugins:
+        if not self.plugins:
             lines.append("active plugins: none")
-        for plugin in self.active_plugins:
+        for plugin in self.plugins:
             entry = _entry_for(self.registry, plugin.plugin_name())
             version = f" {entry.distribution} {entry.version}" if entry and entry.distribution else ""
             paths = ", ".join(self.config.path(p) for p in plugin.matched_paths)

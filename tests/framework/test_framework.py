@@ -54,7 +54,7 @@ def test_and_path_needs_all_sections():
     assert (plugin.config.quant_type, plugin.config.group_size) == ("fp4", 32)
 
     only_one = make({"training": {"alpha": {}}})
-    assert only_one.active_plugins == ()
+    assert only_one.plugins == ()
     assert [s.path for s in only_one.passthrough] == ["training.alpha"]
     assert "missing: training.beta" in only_one.passthrough[0].reason
 
@@ -68,7 +68,7 @@ def test_and_sections_may_not_set_an_option_twice():
 def test_empty_config_activates_nothing():
     for cfg in ({}, {"plugins": None}, {"plugins": {}}):
         fw = make(cfg)
-        assert fw.active_plugins == () and fw.passthrough == ()
+        assert fw.plugins == () and fw.passthrough == ()
         assert not fw.requires_custom_loading and not fw.requires_augmentation
 
 
@@ -137,7 +137,7 @@ def test_known_section_without_plugin_is_passed_through_with_one_log_line(caplog
     cfg = {"plugins": {"peft": {"quantization": {"bitsandbytes": {"quant_type": "nf4"}}}}}
     with caplog.at_level(logging.WARNING, logger="fms_acceleration_accelerate"):
         fw = AccelerationFramework(cfg, registry=PluginRegistry([]))
-    assert fw.active_plugins == ()
+    assert fw.plugins == ()
     assert [s.path for s in fw.passthrough] == ["plugins.peft.quantization.bitsandbytes"]
     lines = [r.getMessage() for r in caplog.records if r.name == "fms_acceleration_accelerate"]
     assert len(lines) == 1
@@ -201,7 +201,7 @@ def test_same_section_passes_through_when_distribution_not_installed(caplog):
     assert "training.fake" not in reg.paths
     with caplog.at_level(logging.WARNING, logger="fms_acceleration_accelerate"):
         fw = AccelerationFramework({"plugins": {"training": {"fake": {"speed": 3}}}}, registry=reg)
-    assert fw.active_plugins == ()
+    assert fw.plugins == ()
     assert [s.path for s in fw.passthrough] == ["plugins.training.fake"]
     assert sum("plugins.training.fake" in r.getMessage() for r in caplog.records) == 1
 

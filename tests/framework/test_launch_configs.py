@@ -120,7 +120,7 @@ def test_accelerate_configs_are_valid_for_accelerate(path, tmp_path, monkeypatch
     document = yaml.safe_load(path.read_text(encoding="utf-8"))
     body = document.pop("acceleration")
     assert isinstance(body, dict) and body
-    assert AccelerationFramework({"acceleration": body}).active_plugins is not None
+    assert AccelerationFramework({"acceleration": body}).plugins
     stripped = tmp_path / "accelerate.yaml"
     stripped.write_text(yaml.safe_dump(document), encoding="utf-8")
     ClusterConfig.from_yaml_file(str(stripped))  # raises on unknown keys
@@ -252,8 +252,8 @@ def test_shipped_fsdp_configs_avoid_combinations_the_prepare_hooks_refuse():
             # off exactly where a plugin shards its own units (refused otherwise); on elsewhere: rank 0 alone reads
             # the checkpoint, and no GPU ever holds the whole (fp32-upcast) model during prepare
             framework = AccelerationFramework({"plugins": config["acceleration"]})
-            self_sharding = any(p.contributes_under_fsdp2() for p in framework.active_plugins)
-            assert framework.active_plugins, path.name
+            self_sharding = any(p.contributes_under_fsdp2() for p in framework.plugins)
+            assert framework.plugins, path.name
             assert fsdp["fsdp_cpu_ram_efficient_loading"] is not self_sharding, path.name
         bnb = config["acceleration"].get("peft", {}).get("quantization", {}).get("bitsandbytes")
         if fsdp.get("fsdp_version") == 1 and bnb is not None:

@@ -230,7 +230,7 @@ def test_fused_scope_keeps_adapters_in_the_layer_unit():
         {"testing": {"toy_lora": {"fused_attention": True, "target_modules": ["q_proj", "down_proj"]}}}
     )
     model, _ = framework.augmentation(tiny_llama(), None, ())
-    merged = collect_contributions(framework.active_plugins, model, PrepareContext(fsdp_version=1))
+    merged = collect_contributions(framework.plugins, model, PrepareContext(fsdp_version=1))
     plan = plan_fsdp_units(model, merged, 1)
     layers = [f"base_model.model.model.layers.{i}" for i in (0, 1)]
     assert all(plan.unit(n).kind == "mixed" for n in layers)

@@ -94,7 +94,7 @@ def main():
 
     model = build(framework)
     context = PrepareContext(distributed_type="FSDP", fsdp_version=2, world_size=world, framework=framework)
-    merged = collect_contributions(framework.active_plugins, model, context)
+    merged = collect_contributions(framework.plugins, model, context)
     plan = plan_fsdp_units(model, merged, 2)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     mesh = init_device_mesh("cpu", (world,))

@@ -89,11 +89,11 @@ def prepare_fsdp2(fw, model: torch.nn.Module, world: int, *, shard: bool):
     )
 
     context = PrepareContext(distributed_type="FSDP", fsdp_version=2, world_size=world)
-    merged = collect_contributions(fw.active_plugins, model, context)
+    merged = collect_contributions(fw.plugins, model, context)
     if shard:
         plan = plan_fsdp_units(model, merged, 2)
         apply_fsdp2_plan(model, plan, merged, fully_shard_kwargs_from_policy(), shard_root=True)
-    for plugin in fw.active_plugins:
+    for plugin in fw.plugins:
         plugin.after_prepare(model, context)
     return merged
 

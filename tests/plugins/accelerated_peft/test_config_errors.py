@@ -38,7 +38,7 @@ def test_template_is_valid_and_activates_the_plugin():
     fw = AccelerationFramework(str(TEMPLATE))
     assert fw.active_plugin_names == ("bitsandbytes",)
     assert fw.requires_custom_loading and fw.requires_augmentation
-    cfg = fw.active_plugins[0].config
+    cfg = fw.plugins[0].config
     assert (cfg.quant_type, cfg.bnb_4bit_use_double_quant, cfg.no_peft_model) == ("nf4", True, False)
 
 

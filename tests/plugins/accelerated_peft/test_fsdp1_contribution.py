@@ -20,7 +20,7 @@ from .helpers import plugin_model, tiny_llama
 
 def test_fsdp1_plan_keeps_packed_dtype_and_splits_lora(tmp_path):
     fw, model = plugin_model(tiny_llama(tmp_path / "llama"))
-    merged = collect_contributions(fw.active_plugins, model, PrepareContext(distributed_type="FSDP", fsdp_version=1))
+    merged = collect_contributions(fw.plugins, model, PrepareContext(distributed_type="FSDP", fsdp_version=1))
     assert merged.trainable_dtype == torch.float32 and merged.reduce_dtype == torch.float32
     check_keep_dtype_fsdp1(model, merged, torch.float32)  # storage == param_dtype: fine
     with pytest.raises(AccelerationConfigError, match="corrupting"):
@@ -38,8 +38,8 @@ def test_fsdp1_dtype_checks_refuse_unflattenable_or_upcast_units(tmp_path):
 
     fw, model = plugin_model(tiny_llama(tmp_path / "llama"))
     context = PrepareContext(distributed_type="FSDP", fsdp_version=1)
-    bnb = fw.active_plugins[0]
-    split = collect_contributions(fw.active_plugins, model, context)
+    bnb = fw.plugins[0]
+    split = collect_contributions(fw.plugins, model, context)
     check_fsdp1_dtypes(model, plan_fsdp_units(model, split, 1), split, mixed_precision=True)  # LoRA units apart
 
     # fused-kernel scopes keep the adapters inside the decoder-layer unit, next to the packed storage

@@ -74,7 +74,7 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
         # weak references to the storages themselves: an address key would count a new allocation that reuses a
         # freed block of the same size (seen once in CI) as the old weight still alive
         full_storages = [weakref.ref(m.weight.untyped_storage()) for _, m in layers4bit]
-        bnb_plugin = fw.active_plugins[0]
+        bnb_plugin = fw.plugins[0]
         released_before_after_prepare = []
         after_prepare = bnb_plugin.after_prepare
 
@@ -110,7 +110,7 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
         assert sum(isinstance(m, Packed4bitLinear) for m in model.modules()) == 14
         # the replaced layers' full packed bytes are gone once their replacements are sharded (held, they cost a
         # whole unsharded 4-bit layer per decoder layer on every rank)
-        swaps = fw.active_plugins[0]._packed_swaps
+        swaps = fw.plugins[0]._packed_swaps
         assert len(swaps) == 14 and all(sw.released and sw.original.weight.numel() == 0 for sw in swaps)
         assert alive_full_storages() == 0, "a full (unsharded) 4-bit weight of a replaced layer is still alive"
         swaps = [r for r in fw.patches.records if r.replacement.startswith("Packed4bitLinear")]
