@@ -164,8 +164,7 @@ class AccelerationFramework:
                 )
                 continue
             primary = matched[0]
-            sections = [(self.config.path(p), get_section(self.config.body, p)[1]) for p in matched]
-            config = parse_dataclass_sections(cls.config_class, sections)
+            config = parse_dataclass_sections(cls.config_class, self._section_options(cls, matched))
             if check_packages:
                 check_requirements(
                     cls.required_packages, who=entry.name, path=self.config.path(primary), install_hint=cls.install_hint
@@ -188,18 +187,58 @@ class AccelerationFramework:
         return tuple(active), tuple(passthrough)
 
     def _matched_paths(self, cls: type[AccelerationPlugin], claimed: set[str]) -> tuple[str, ...] | None:
-        if cls.configuration_and_paths:
-            matched = tuple(p for p in cls.configuration_and_paths if p in claimed)
-            return matched or None
-        matched = tuple(p for p in cls.configuration_or_paths if p in claimed)
-        if len(matched) > 1:
-            raise AccelerationConfigError(
-                f"plugin {cls.plugin_name()!r} is configured twice: "
-                + " and ".join(self.config.path(p) for p in matched),
-                path=self.config.path(matched[1]),
-                fix="keep exactly one of these sections",
-            )
+        """The plugin's registered paths present in the config, in the plugin's declaration order.
+
+        AND plugins: the present ones (the caller passes the plugin through unless all are there). OR plugins:
+        every present one; several are merged by :meth:`_section_options` (the original framework, too, hands
+        a plugin every OR section that is configured)."""
+        declared = cls.configuration_and_paths or cls.configuration_or_paths
+        matched = tuple(p for p in declared if p in claimed)
         return matched or None
+
+    def _section_options(self, cls: type[AccelerationPlugin], matched: tuple[str, ...]) -> list[tuple[str, Any]]:
+        """``(full key path, options)`` of each matched section, ready for ``parse_dataclass_sections``.
+
+        Each section first goes through the config class's ``normalize_section(data, path)`` when it has one
+        (a plugin's way to accept other spellings of its options, e.g. upstream fms-acceleration's).
+
+        AND paths: the sections as they are (together they may set each option once). OR paths configured more
+        than once (fms-hf-tuning writes ``--fast_kernels`` to ``training.fused_ops_and_kernels`` and
+        ``--fused_lora`` to ``peft.quantization.fused_ops_and_kernels``) are merged key by key: an option set in
+        one section is kept; one set to the same value in several is kept once; one set to different values
+        takes the value from the path the plugin declares first, with a warning naming both. That is the
+        section the original framework's fused-ops plugin reads: it takes ``training.fused_ops_and_kernels``
+        when present and ignores the other section, even the options only the other section sets (kept here).
+        """
+        normalize = getattr(cls.config_class, "normalize_section", None)
+        sections: list[tuple[str, Any]] = []
+        for dotted in matched:
+            full = self.config.path(dotted)
+            data = get_section(self.config.body, dotted)[1]
+            sections.append((full, normalize(data, full) if callable(normalize) else data))
+        if cls.configuration_and_paths or len(sections) < 2:
+            return sections
+        first_set: dict[str, tuple[str, Any]] = {}  # option -> (path of the section that set it first, value)
+        merged: list[tuple[str, Any]] = []
+        for full, data in sections:
+            if not isinstance(data, Mapping):
+                merged.append((full, data))  # None / true mean "defaults"; anything else is refused when parsed
+                continue
+            own: dict[str, Any] = {}
+            for key, value in data.items():
+                if key not in first_set:
+                    first_set[key] = (full, value)
+                    own[key] = value
+                    continue
+                kept_path, kept = first_set[key]
+                if kept != value and is_main_process():
+                    logger.warning(
+                        f"acceleration option {key!r} of plugin {cls.plugin_name()!r} is set in two sections: "
+                        f"{kept_path}.{key} = {kept!r} and {full}.{key} = {value!r}; using {kept!r} (the plugin's "
+                        "first section wins, as in fms-acceleration)"
+                    )
+            merged.append((full, own))
+        return merged
 
     def _check_combination(self) -> None:
         loaders = [p for p in self.plugins if p.requires_custom_loading]
@@ -252,6 +291,11 @@ class AccelerationFramework:
             if p.plugin_name() == name:
                 return p
         raise KeyError(f"no active plugin named {name!r}; active: {', '.join(self.active_plugin_names) or 'none'}")
+
+    @property
+    def plugins_require_custom_loading(self) -> list[str]:
+        """Names of the active plugins that load the model (at most one; the original framework's attribute)."""
+        return [p.plugin_name() for p in self.plugins if p.requires_custom_loading]
 
     @property
     def requires_custom_loading(self) -> bool:

@@ -181,12 +181,6 @@ CASES = [
     ),
     pytest.param(42, None, ["must be a YAML path, a dict or None, got int"], id="wrong-source-type"),
     pytest.param(
-        {"plugins": {"training": {"test_kernels": {}}, "peft": {"quantization": {"test_kernels": {}}}}},
-        "plugins.training.test_kernels",
-        ["plugin 'kernels' is configured twice", "plugins.peft.quantization.test_kernels", "keep exactly one"],
-        id="or-path-twice",
-    ),
-    pytest.param(
         {"plugins": {"training": {"needs_missing": {}}}},
         "plugins.training.needs_missing",
         ["needs fms-nonexistent-package-xyz>=1.0", "is not installed", "pip install fms-nonexistent-package-xyz"],

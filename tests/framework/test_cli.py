@@ -75,12 +75,12 @@ def test_check_by_shortname_in_process(capsys):
 def test_check_typo_exits_nonzero_with_path_and_suggestion_and_no_traceback(tmp_path):
     config = tmp_path / "typo.yaml"
     config.write_text(
-        "plugins:\n  training:\n    fused_ops_and_kernels:\n      fast_rsm_layernorm: true\n", encoding="utf-8"
+        "plugins:\n  training:\n    fused_ops_and_kernels:\n      fast_rms_layernom: true\n", encoding="utf-8"
     )
     result = run_cli("check", str(config))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr + result.stdout and "ok:" not in result.stdout
-    assert "[plugins.training.fused_ops_and_kernels.fast_rsm_layernorm]" in result.stderr
+    assert "[plugins.training.fused_ops_and_kernels.fast_rms_layernom]" in result.stderr
     assert "Did you mean 'fast_rms_layernorm'?" in result.stderr
     assert "valid keys here:" in result.stderr
 

@@ -49,13 +49,21 @@ def test_upstream_options_and_paths():
     )
 
 
-def test_both_paths_at_once_is_an_error():
+def test_both_paths_at_once_are_merged_and_the_training_section_wins_a_conflict(caplog):
+    # fms-hf-tuning writes --fast_kernels to training.* and --fused_lora to peft.quantization.*
     body = {
-        "training": {"fused_ops_and_kernels": {"fast_loss": True}},
-        "peft": {"quantization": {"fused_ops_and_kernels": {"fast_loss": True}}},
+        "training": {"fused_ops_and_kernels": {"fast_loss": True, "fast_rms_layernorm": True}},
+        "peft": {"quantization": {"fused_ops_and_kernels": {"fast_loss": False, "fast_rope_embeddings": True}}},
     }
-    with pytest.raises(AccelerationConfigError, match="configured twice"):
-        AccelerationFramework(body)
+    with caplog.at_level("WARNING", logger="fms_acceleration_accelerate"):
+        plugin = AccelerationFramework(body).plugin("fused_ops_and_kernels")
+    assert plugin.matched_paths == ("training.fused_ops_and_kernels", "peft.quantization.fused_ops_and_kernels")
+    assert (plugin.config.fast_loss, plugin.config.fast_rms_layernorm, plugin.config.fast_rope_embeddings) == (
+        True,
+        True,
+        True,
+    )
+    assert "'fast_loss'" in caplog.text and "using True" in caplog.text
 
 
 @pytest.mark.parametrize(

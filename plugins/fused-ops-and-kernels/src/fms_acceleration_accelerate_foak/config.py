@@ -1,13 +1,27 @@
-"""Options of the fused-ops-and-kernels plugin (sections ``training.fused_ops_and_kernels`` or
-``peft.quantization.fused_ops_and_kernels``; the option names of upstream fms-acceleration are kept)."""
+"""Options of the fused-ops-and-kernels plugin (sections ``training.fused_ops_and_kernels`` and/or
+``peft.quantization.fused_ops_and_kernels``; the option names of upstream fms-acceleration are kept).
+
+Spellings found in upstream fms-acceleration's sample configurations and in configs written by older
+fms-hf-tuning releases are accepted, each with a one-line note in the log (see
+:meth:`FusedOpsAndKernelsConfig.normalize_section`):
+
+* ``fast_loss: fused_ce_liger`` (upstream's Liger fused linear cross-entropy) is ``fast_loss: fused_linear``;
+* ``fast_rsm_layernorm`` (upstream's misspelling) is ``fast_rms_layernorm``;
+* ``fused_linear_loss: true`` (earlier upstream Liger configs) is ``fast_loss: fused_linear``.
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from fms_acceleration_accelerate.config import option
 from fms_acceleration_accelerate.errors import AccelerationConfigError
+from fms_acceleration_accelerate.framework import is_main_process
+
+logger = logging.getLogger("fms_acceleration_accelerate_foak")
 
 LossMode = Literal["none", "cross_entropy", "fused_linear"]
 
@@ -37,7 +51,8 @@ class FusedOpsAndKernelsConfig:
         False,
         help="true or 'cross_entropy': Triton cross-entropy as the model's loss_function (num_items_in_batch "
         "aware); 'fused_linear': lm_head + cross-entropy fused and chunked in training, so the full logits are "
-        "never materialised (outputs.logits is None in training steps); false: HF's loss",
+        "never materialised (outputs.logits is None in training steps); false: HF's loss. Upstream's "
+        "'fused_ce_liger' is accepted as 'fused_linear'",
     )
     fast_rms_layernorm: bool = option(False, help="Triton RMSNorm for every RMSNorm module (incl. Gemma's 1+w)")
     fast_rope_embeddings: bool = option(False, help="Triton rotary embedding of q and k (incl. partial rotary)")
@@ -97,6 +112,69 @@ class FusedOpsAndKernelsConfig:
                 "fused_dequant: true needs a quantized base layer",
                 fix="set base_layer: bitsandbytes (QLoRA), or remove fused_dequant for bf16 models",
             )
+
+    @classmethod
+    def normalize_section(cls, data: Any, path: str) -> Any:
+        """Rewrite upstream fms-acceleration spellings in one section's options to this plugin's (called by the
+        framework before the section is parsed; see the module docstring for the spellings).
+
+        Args:
+            data: the section as written (a mapping; anything else is returned unchanged and refused by the
+                parser with a clear message).
+            path: its full dotted key path, for notes and errors.
+
+        Returns:
+            A new mapping (``data`` is not changed) with the upstream spellings replaced.
+
+        Raises:
+            AccelerationConfigError: an upstream spelling and this plugin's spelling of one option disagree in
+                the same section.
+        """
+        if not isinstance(data, Mapping):
+            return data
+        options = dict(data)
+        notes: list[str] = []
+        if "fast_rsm_layernorm" in options:
+            value = options.pop("fast_rsm_layernorm")
+            if "fast_rms_layernorm" in options and options["fast_rms_layernorm"] != value:
+                raise AccelerationConfigError(
+                    f"fast_rsm_layernorm: {value!r} (upstream's spelling of fast_rms_layernorm) contradicts "
+                    f"fast_rms_layernorm: {options['fast_rms_layernorm']!r}",
+                    path=f"{path}.fast_rsm_layernorm",
+                    fix="keep only fast_rms_layernorm",
+                )
+            options.setdefault("fast_rms_layernorm", value)
+            notes.append("fast_rsm_layernorm (upstream's spelling) is read as fast_rms_layernorm")
+        if "fused_linear_loss" in options:
+            value = options.pop("fused_linear_loss")
+            if value is True:
+                if options.get("fast_loss", False) not in (False, "fused_linear", "fused_ce_liger"):
+                    raise AccelerationConfigError(
+                        f"fused_linear_loss: true (earlier upstream spelling of fast_loss: fused_linear) contradicts "
+                        f"fast_loss: {options['fast_loss']!r}",
+                        path=f"{path}.fused_linear_loss",
+                        fix="write only fast_loss: fused_linear (fused lm_head + cross-entropy) or fast_loss: true",
+                    )
+                options["fast_loss"] = "fused_linear"
+                notes.append("fused_linear_loss: true (earlier upstream spelling) is read as fast_loss: fused_linear")
+            elif value is False:
+                notes.append("fused_linear_loss: false (earlier upstream spelling) changes nothing and is ignored")
+            else:
+                raise AccelerationConfigError(
+                    f"expected true or false, got {value!r}",
+                    path=f"{path}.fused_linear_loss",
+                    fix="write true or false",
+                )
+        if options.get("fast_loss") == "fused_ce_liger":
+            options["fast_loss"] = "fused_linear"
+            notes.append(
+                "fast_loss: fused_ce_liger (upstream's Liger fused linear cross-entropy) runs this plugin's fused "
+                "linear cross-entropy (fast_loss: fused_linear)"
+            )
+        if notes and is_main_process():
+            for note in notes:
+                logger.info("%s: %s", path, note)
+        return options
 
     @property
     def loss_mode(self) -> LossMode:
