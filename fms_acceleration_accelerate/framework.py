@@ -12,8 +12,22 @@ from typing import Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 
-from .config import AccelerationConfig, get_section, load_acceleration_config, parse_dataclass_sections
-from .errors import AccelerationConfigError, did_you_mean
+from .config import (
+    BODY_KEYS,
+    AccelerationConfig,
+    get_section,
+    load_acceleration_config,
+    parse_dataclass_sections,
+)
+from .errors import (
+    AccelerationConfigError,
+    NoPluginsConfiguredError,
+    Problem,
+    did_you_mean,
+    key_name,
+    quote,
+    truncate,
+)
 from .patching import PatchRecorder, PluginPatcher
 from .plugin import AccelerationPlugin
 from .registry import KNOWN_SECTIONS, PluginEntry, PluginRegistry
@@ -86,21 +100,48 @@ class AccelerationFramework:
         self.config: AccelerationConfig = load_acceleration_config(configuration_file_or_dict)
         self.registry = registry if registry is not None else PluginRegistry.discover()
         self.patches = PatchRecorder()
-        self._summary_logged = False
-        claimed = self._walk_sections()
+        self._summary_logged: tuple[int, ...] | None = None  # the records last printed by log_patch_summary
+        self._claimed: weakref.WeakSet[Any] = weakref.WeakSet()  # models marked by claim_model
+        # every problem of the configuration is collected and reported at once: the Accelerate settings (when
+        # the body came from an Accelerate config), the section tree, each plugin's options and packages
+        errors: list[AccelerationConfigError] = []
+        if self.config.accelerate_settings:
+            from .accelerate_config import accelerate_settings_problems
+
+            errors.extend(accelerate_settings_problems(self.config.accelerate_settings, origin=self.config.origin))
+        claimed = self._walk_sections(errors)
         self.plugins: tuple[AccelerationPlugin, ...]
-        self.plugins, self.passthrough = self._activate(claimed, check_packages)
+        self.plugins, self.passthrough = self._activate(claimed, check_packages, errors)
+        if errors:
+            raise AccelerationConfigError.combine(errors)
+        if not self.plugins:
+            raise self._nothing_activated()
         self._check_combination()
         for section in self.passthrough:
             if is_main_process():
                 logger.warning("acceleration section %s passed through: %s", section.path, section.reason)
 
+    def _nothing_activated(self) -> NoPluginsConfiguredError:
+        """The original framework's error for a configuration that activates no plugin, saying which sections
+        were passed through and why."""
+        installed = sorted(self.registry.paths)
+        found = "every section was passed through: " + "; ".join(
+            f"{s.path} ({s.reason})" for s in self.passthrough
+        )
+        fix = (
+            "install the plugin named above, or correct the section path"
+            + (f" (installed plugins register: {', '.join(self.config.path(p) for p in installed)})" if installed else
+               " (no plugin is installed: 'fms-accelerate plugins' lists them)")
+        )
+        return NoPluginsConfiguredError(truncate(found, 1200), fix=truncate(fix, 800), root=self.config.root or None)
+
     # ------------------------------------------------------------------------------------ resolution
     def _known_paths(self) -> set[str]:
         return set(self.registry.paths) | set(KNOWN_SECTIONS)
 
-    def _walk_sections(self) -> set[str]:
-        """Check the shape of the config tree; return the known section paths present in it."""
+    def _walk_sections(self, errors: list[AccelerationConfigError]) -> set[str]:
+        """Check the shape of the config tree; return the known section paths present in it. Problems are
+        appended to ``errors`` (every misspelt or misshapen section, not only the first)."""
         known = self._known_paths()
         prefixes = {".".join(p.split(".")[:i]) for p in known for i in range(1, p.count(".") + 1)}
         claimed: set[str] = set()
@@ -116,31 +157,41 @@ class AccelerationFramework:
                     for p in known | prefixes
                     if p.count(".") >= len(parts) - 1 and p.split(".")[: len(parts) - 1] == list(parts[:-1])
                 }
-                hint = did_you_mean(parts[-1], siblings)
+                candidates = siblings | (set(BODY_KEYS) if len(parts) == 1 and not self.config.root else set())
+                hint = did_you_mean(parts[-1], candidates)
                 if hint:
-                    raise AccelerationConfigError(
-                        f"unknown section {parts[-1]!r}.{hint}",
-                        path=self.config.path(here),
-                        fix=f"valid sections here: {', '.join(sorted(siblings))}",
+                    errors.append(
+                        AccelerationConfigError(
+                            f"unknown section {quote(parts[-1], 80)}.{hint}",
+                            path=self.config.path(here),
+                            fix=f"valid sections here: {', '.join(sorted(siblings))}",
+                        )
                     )
+                    return
                 claimed.add(here)  # an unknown (third-party, not installed) plugin section: passed through
                 return
-            if not isinstance(node, Mapping):
+            if not isinstance(node, Mapping) or not node:
                 children = sorted({p.split(".")[len(parts)] for p in known | prefixes if p.startswith(here + ".")})
-                raise AccelerationConfigError(
-                    f"must be a mapping of plugin sections, got {node!r}",
-                    path=self.config.path(here),
-                    fix=f"nest one of these sections under it: {', '.join(children)}",
+                empty = node is None or (isinstance(node, Mapping) and not node)
+                errors.append(
+                    AccelerationConfigError(
+                        "is empty" if empty else f"must be a mapping of plugin sections, got {quote(node)}",
+                        path=self.config.path(here),
+                        fix=f"nest one of these sections under it: {', '.join(children)}"
+                        + (", or remove it" if empty else ""),
+                    )
                 )
+                return
             for key, child in node.items():
-                walk(child, (*parts, str(key)))
+                walk(child, (*parts, key_name(key)))
 
         walk(self.config.body, ())
         return claimed
 
     def _activate(
-        self, claimed: set[str], check_packages: bool
+        self, claimed: set[str], check_packages: bool, errors: list[AccelerationConfigError]
     ) -> tuple[tuple[AccelerationPlugin, ...], tuple[PassthroughSection, ...]]:
+        """Parse the options of every plugin whose sections are present; problems go to ``errors``."""
         active: list[AccelerationPlugin] = []
         handled: set[str] = set()
         passthrough: list[PassthroughSection] = []
@@ -148,7 +199,11 @@ class AccelerationFramework:
             cls = entry.plugin_class
             if cls is None:
                 continue
-            matched = self._matched_paths(cls, claimed)
+            try:
+                matched = self._matched_paths(cls, claimed)
+            except AccelerationConfigError as exc:
+                errors.append(exc)
+                continue
             if matched is None:
                 continue
             handled.update(matched)
@@ -164,11 +219,24 @@ class AccelerationFramework:
                 )
                 continue
             primary = matched[0]
-            config = parse_dataclass_sections(cls.config_class, self._section_options(cls, matched))
+            try:
+                config = parse_dataclass_sections(cls.config_class, self._section_options(cls, matched))
+            except AccelerationConfigError as exc:
+                errors.append(exc)
+                config = None
             if check_packages:
-                check_requirements(
-                    cls.required_packages, who=entry.name, path=self.config.path(primary), install_hint=cls.install_hint
-                )
+                try:
+                    check_requirements(
+                        cls.required_packages,
+                        who=entry.name,
+                        path=self.config.path(primary),
+                        install_hint=cls.install_hint,
+                    )
+                except AccelerationConfigError as exc:
+                    errors.append(exc)
+                    continue
+            if config is None:
+                continue
             plugin = cls(config, matched_paths=matched, patches=PluginPatcher(self.patches, entry.name))
             plugin.config_root = self.config.root
             active.append(plugin)
@@ -241,26 +309,37 @@ class AccelerationFramework:
         return merged
 
     def _check_combination(self) -> None:
+        """Refuse plugin combinations that cannot work (every such problem at once)."""
+        errors: list[AccelerationConfigError] = []
         loaders = [p for p in self.plugins if p.requires_custom_loading]
         if len(loaders) > 1:
-            raise AccelerationConfigError(
-                "more than one active plugin loads the model: "
-                + ", ".join(f"{p.plugin_name()} ({self.config.path(p.matched_paths[0])})" for p in loaders),
-                fix="keep only one of these sections",
+            errors.append(
+                AccelerationConfigError(
+                    "more than one active plugin loads the model: "
+                    + ", ".join(f"{p.plugin_name()} ({self.config.path(p.matched_paths[0])})" for p in loaders),
+                    fix="keep only one of these sections",
+                )
             )
         active_paths = {path: p for p in self.plugins for path in p.matched_paths}
         for plugin in self.plugins:
             for path in plugin.incompatible_paths:
                 other = active_paths.get(path)
                 if other is not None and other is not plugin:
-                    raise AccelerationConfigError(
-                        f"plugin {plugin.plugin_name()!r} cannot be combined with {other.plugin_name()!r}",
-                        path=self.config.path(path),
-                        fix=f"remove either {self.config.path(plugin.matched_paths[0])} or {self.config.path(path)}",
+                    errors.append(
+                        AccelerationConfigError(
+                            f"plugin {plugin.plugin_name()!r} cannot be combined with {other.plugin_name()!r}",
+                            path=self.config.path(path),
+                            fix=f"remove either {self.config.path(plugin.matched_paths[0])} or {self.config.path(path)}",
+                        )
                     )
         for plugin in self.plugins:
-            with self._full_paths(plugin):
-                plugin.check_compatibility(self.plugins)
+            try:
+                with self._full_paths(plugin):
+                    plugin.check_compatibility(self.plugins)
+            except AccelerationConfigError as exc:
+                errors.append(exc)
+        if errors:
+            raise AccelerationConfigError.combine(errors)
 
     @contextmanager
     def _full_paths(self, plugin: AccelerationPlugin) -> Iterator[None]:
@@ -268,11 +347,18 @@ class AccelerationFramework:
         try:
             yield
         except AccelerationConfigError as exc:
-            if exc.path is not None and any(
-                exc.path == p or exc.path.startswith(p + ".") for p in plugin.matched_paths
-            ):
-                raise AccelerationConfigError(exc.problem, path=self.config.path(exc.path), fix=exc.fix) from None
-            raise
+            if not any(self._in_sections(p.path, plugin) for p in exc.problems):
+                raise
+            first, *rest = (
+                Problem(self.config.path(p.path), p.problem, p.fix) if self._in_sections(p.path, plugin) else p
+                for p in exc.problems
+            )
+            raise AccelerationConfigError(first.problem, path=first.path, fix=first.fix, more=rest) from None
+
+    @staticmethod
+    def _in_sections(path: str | None, plugin: AccelerationPlugin) -> bool:
+        """Whether ``path`` is a key path relative to the body inside one of ``plugin``'s sections."""
+        return path is not None and any(path == p or path.startswith(p + ".") for p in plugin.matched_paths)
 
     # ------------------------------------------------------------------------------------ public API
     @property
@@ -315,28 +401,96 @@ class AccelerationFramework:
                 plugin.check_model_type(model_type)
 
     def model_loader(self, model_name_or_path: str, **kwargs: Any) -> Any:
-        """Load the model with the one plugin that owns loading (the model type is checked first)."""
+        """Load the model with the one plugin that owns loading (the path and the model type are checked first).
+
+        The model is marked as accelerated by this framework (see :meth:`claim_model`). ``from_pretrained`` calls
+        inside the plugin's loader are never routed (see :mod:`~fms_acceleration_accelerate.routing`).
+
+        Raises:
+            AccelerationConfigError: no active plugin loads models; ``model_name_or_path`` does not exist and is not
+                a hub id; the model type is not supported; any problem the plugin finds before loading.
+        """
         loaders = [p for p in self.plugins if p.requires_custom_loading]
         if not loaders:
             raise AccelerationConfigError(
                 "no active plugin loads models",
                 fix="check framework.requires_custom_loading first and load the model yourself when it is False",
             )
-        from transformers import AutoConfig
+        from transformers import AutoConfig, PretrainedConfig
 
-        model_config = AutoConfig.from_pretrained(
-            model_name_or_path, trust_remote_code=kwargs.get("trust_remote_code", False)
-        )
+        from .routing import check_model_path, plugin_loading
+
+        check_model_path(model_name_or_path, subfolder=kwargs.get("subfolder"))
+        given = kwargs.get("config")
+        if isinstance(given, PretrainedConfig):
+            model_config = given
+        else:
+            model_config = AutoConfig.from_pretrained(
+                given if isinstance(given, (str, os.PathLike)) else model_name_or_path,
+                trust_remote_code=kwargs.get("trust_remote_code", False),
+            )
         self.check_model_type(getattr(model_config, "model_type", None))
-        with self._full_paths(loaders[0]):
-            return loaders[0].model_loader(model_name_or_path, **kwargs)
+        with self._full_paths(loaders[0]), plugin_loading():
+            model = loaders[0].model_loader(model_name_or_path, **kwargs)
+        self.claim_model(model, "model_loader")
+        return model
+
+    # ------------------------------------------------------------------------------------ one model, one framework
+    def claim_model(self, model: Any, hook: str = "augmentation") -> None:
+        """Mark ``model`` as accelerated by this framework.
+
+        One model is accelerated by one framework: a model that another live framework has loaded, augmented or
+        prepared is refused, since both would patch it. (``Accelerator.prepare`` recognises the case of a
+        script's own framework whose configuration equals the launched one; see the integration module.)
+
+        Raises:
+            AccelerationConfigError: ``model`` belongs to another framework; the message names both configs.
+        """
+        owner = framework_of(model)
+        if owner is None:
+            if isinstance(model, _MODULE_TYPES()):
+                object.__setattr__(model, _OWNER_ATTR, weakref.ref(self))
+                self._claimed.add(model)
+            return
+        if owner is not self:
+            raise AccelerationConfigError(
+                f"{hook} got a model that another AccelerationFramework already accelerated "
+                f"({owner.describe_configuration()}); this one is {self.describe_configuration()}. Both would "
+                "patch the same modules",
+                fix="accelerate each model with one framework: keep using the framework that loaded or augmented "
+                "it, or load a fresh model for this one",
+            )
+
+    def same_configuration(self, other: AccelerationFramework) -> bool:
+        """Whether ``other`` activates the same plugins with the same options."""
+        return [(p.plugin_name(), p.config) for p in self.plugins] == [
+            (p.plugin_name(), p.config) for p in other.plugins
+        ]
+
+    def describe_configuration(self) -> str:
+        """One line: where the configuration came from and the active plugins with their non-default options."""
+        parts = []
+        for plugin in self.plugins:
+            changed = [
+                f"{f.name}={getattr(plugin.config, f.name)!r}"
+                for f in dataclasses.fields(plugin.config)
+                if f.default is dataclasses.MISSING or getattr(plugin.config, f.name) != f.default
+            ]
+            parts.append(f"{plugin.plugin_name()}({', '.join(changed)})")
+        return f"config {self.config.origin}: {', '.join(parts) or 'no plugins'}"
 
     def augmentation(
         self, model: Any, train_args: Any = None, modifiable_args: tuple[Any, ...] = ()
     ) -> tuple[Any, tuple[Any, ...]]:
-        """Run every active plugin's augmentation in order; returns ``(model, modifiable_args)``."""
+        """Run every active plugin's augmentation in order; returns ``(model, modifiable_args)``.
+
+        Raises:
+            AccelerationConfigError: the model type is not supported, or another framework already accelerated
+                ``model`` (see :meth:`claim_model`).
+        """
         model_config = getattr(model, "config", None)
         self.check_model_type(getattr(model_config, "model_type", None))
+        self.claim_model(model, "augmentation")
         modifiable_args = tuple(modifiable_args)
         for plugin in self.plugins:
             if plugin.requires_augmentation:
@@ -353,22 +507,36 @@ class AccelerationFramework:
                         f"for {len(modifiable_args)} given; return one value per argument (None to consume one)"
                     )
                 model, modifiable_args = result
+        self.claim_model(model, "augmentation")  # the returned object (e.g. a PEFT model wrapping the given one)
         return model, modifiable_args
 
     def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:
-        """Collect HF Trainer / TRL callbacks from every active plugin; logs the patch summary once."""
+        """Collect HF Trainer / TRL callbacks from every active plugin; prints the patch table (see
+        :meth:`log_patch_summary`)."""
         callbacks: list[Any] = []
         for plugin in self.plugins:
             callbacks.extend(plugin.get_callbacks_and_ready_for_train(model, accelerator))
-        self.log_patch_summary()
+        self.log_patch_summary(model)
         return callbacks
 
-    def log_patch_summary(self, force: bool = False) -> None:
-        """Print the patch table once, on the main process."""
-        if (self._summary_logged and not force) or not is_main_process():
+    def log_patch_summary(self, model: Any = None, force: bool = False) -> None:
+        """Print the patch table on the main process: once, unless patches were added or undone since it was
+        printed (then the current table is printed again).
+
+        With ``model``, patches of module instances that are no longer part of it (a layer another plugin
+        replaced after it was patched) are left out: the table lists what runs.
+        """
+        if not is_main_process():
             return
-        self._summary_logged = True
-        print(self.patches.summary_table(), flush=True)
+        if isinstance(model, bool):  # the former signature was log_patch_summary(force)
+            model, force = None, model
+        modules = _attached_modules(model)
+        records = [r for r in self.patches.records if modules is None or _runs_in(r, modules)]
+        state = tuple(id(r) for r in records)
+        if self._summary_logged == state and not force:
+            return
+        self._summary_logged = state
+        print(self.patches.summary_table(records), flush=True)
 
     def revert(self) -> int:
         """Undo every patch made through this framework; returns how many were undone.
