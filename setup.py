@@ -9,6 +9,13 @@ setuptools does not do for data files. Two small command subclasses put it there
   importable when our ``.pth`` runs).
 
 See ``_fms_acceleration_startup.py`` for what the hook does (nothing unless an acceleration section is in play).
+
+A second start-up file, ``fms_acceleration_accelerate_upstream_names.pth``, holds only directory lines: the
+folders with the stand-ins for the original fms-acceleration's import names (``fms_acceleration``,
+``fms_acceleration_peft``, ``fms_acceleration_foak``). Python appends such folders to ``sys.path`` after
+site-packages and only when they exist, so an installed original is always found first, and a plugin's name
+exists only while that plugin is installed. Wheels get lines relative to site-packages; editable installs get the
+checkout's folders (plus the relative lines, for plugins installed from wheels next to an editable core).
 """
 
 from pathlib import Path
@@ -20,6 +27,30 @@ from setuptools.command.editable_wheel import editable_wheel
 PTH_NAME = "fms_acceleration_accelerate.pth"
 PTH_SOURCE = Path(__file__).resolve().parent / PTH_NAME
 
+UPSTREAM_PTH_NAME = "fms_acceleration_accelerate_upstream_names.pth"
+UPSTREAM_NAME_DIRS = (
+    # (folder in this checkout, the same folder relative to site-packages once its package is installed)
+    ("fms_acceleration_accelerate/upstream_names", "fms_acceleration_accelerate/upstream_names"),
+    (
+        "plugins/accelerated-peft/src/fms_acceleration_accelerate_peft/upstream_names",
+        "fms_acceleration_accelerate_peft/upstream_names",
+    ),
+    (
+        "plugins/fused-ops-and-kernels/src/fms_acceleration_accelerate_foak/upstream_names",
+        "fms_acceleration_accelerate_foak/upstream_names",
+    ),
+)
+
+
+def upstream_names_pth(editable: bool) -> str:
+    """Text of ``fms_acceleration_accelerate_upstream_names.pth`` (directory lines only: nothing is imported)."""
+    lines = ["# fms-acceleration-accelerate: stand-ins for the original fms-acceleration's import names"]
+    for in_checkout, in_site_packages in UPSTREAM_NAME_DIRS:
+        if editable:
+            lines.append(str(PTH_SOURCE.parent / in_checkout))
+        lines.append(in_site_packages)
+    return "\n".join(lines) + "\n"
+
 
 class BuildPyWithPth(build_py):
     """``build_py`` that also places the start-up ``.pth`` at the root of ``build_lib``."""
@@ -28,11 +59,13 @@ class BuildPyWithPth(build_py):
         super().run()
         if not self.editable_mode:
             self.copy_file(str(PTH_SOURCE), str(Path(self.build_lib) / PTH_NAME), preserve_mode=False)
+            Path(self.build_lib, UPSTREAM_PTH_NAME).write_text(upstream_names_pth(editable=False), encoding="utf-8")
 
     def get_outputs(self, include_bytecode=True):
         outputs = list(super().get_outputs(include_bytecode))
         if not self.editable_mode:
             outputs.append(str(Path(self.build_lib) / PTH_NAME))
+            outputs.append(str(Path(self.build_lib) / UPSTREAM_PTH_NAME))
         return outputs
 
 
@@ -52,6 +85,7 @@ class EditableWheelWithPth(editable_wheel):
         # packed into the wheel and installed into site-packages
         super()._install_namespaces(installation_dir, pth_prefix)
         Path(installation_dir, PTH_NAME).write_text(PTH_SOURCE.read_text(encoding="utf-8"), encoding="utf-8")
+        Path(installation_dir, UPSTREAM_PTH_NAME).write_text(upstream_names_pth(editable=True), encoding="utf-8")
 
 
 setup(cmdclass={"build_py": BuildPyWithPth, "editable_wheel": EditableWheelWithPth})

@@ -1,0 +1,14 @@
+"""``fms_acceleration_foak``: the original fms-acceleration's import name for its fused-ops-and-kernels plugin,
+provided by fms-acceleration-accelerate-foak (config sections ``training.fused_ops_and_kernels`` and
+``peft.quantization.fused_ops_and_kernels``; upstream's option spellings are accepted, see
+:mod:`fms_acceleration_accelerate_foak.config`).
+
+Clients of the original (fms-hf-tuning) only check that this name can be found before they write those
+sections; the framework then activates the plugin through its entry point. The name exists only while this
+plugin package is installed, and an installed original ``fms_acceleration_foak`` is found first (see the
+``fms_acceleration`` stand-in).
+"""
+
+from fms_acceleration_accelerate_foak import FusedOpsAndKernelsConfig, FusedOpsAndKernelsPlugin
+
+__all__ = ["FusedOpsAndKernelsConfig", "FusedOpsAndKernelsPlugin"]
