@@ -63,7 +63,7 @@ def _enum_problem(value: Any, enum_cls: type[enum.Enum], path: str, what: str) -
         hint = f" Did you mean {upper[0]!r}?" if upper else ""
     extra = " (YAML reads an unquoted NO as false: write 'NO')" if value is False else ""
     return AccelerationConfigError(
-        f"invalid {what} {quote(value)}.{hint}{extra}",
+        f"invalid {what} {quote(value)}{extra}.{hint}",
         path=path,
         fix=f"valid values: {', '.join(valid)}",
     )
@@ -85,12 +85,14 @@ def _type_problem(value: Any, annotation: Any, path: str) -> AccelerationConfigE
         return AccelerationConfigError(
             f"expected true or false, got {quote(value)}",
             path=path,
-            fix="write true or false without quotes (a quoted \"false\" counts as true)",
+            fix='write true or false without quotes (a quoted "false" counts as true)',
         )
     if annotation is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return None
-        return AccelerationConfigError(f"expected an integer, got {quote(value)}", path=path, fix="write a whole number")
+        return AccelerationConfigError(
+            f"expected an integer, got {quote(value)}", path=path, fix="write a whole number"
+        )
     if annotation is str:
         if isinstance(value, str):
             return None
@@ -177,7 +179,7 @@ def accelerate_settings_problems(
     fields = {f.name for f in dataclasses.fields(config_cls)}
     known = fields | _LEGACY_KEYS
 
-    for key, value in settings.items():
+    for key in settings:
         if key in known:
             continue
         hint = did_you_mean(key, sorted(known | {SECTION_KEY}))
@@ -213,7 +215,7 @@ def accelerate_settings_problems(
         note = " (YAML reads an unquoted no as false: write 'no')" if mixed is False else ""
         problems.append(
             AccelerationConfigError(
-                f"invalid mixed_precision {quote(mixed)}.{hint}{note}",
+                f"invalid mixed_precision {quote(mixed)}{note}.{hint}",
                 path="mixed_precision",
                 fix=f"valid values: {', '.join(repr(v) for v in valid_precisions)}",
             )
@@ -224,6 +226,8 @@ def accelerate_settings_problems(
             continue
         if not strict and not _crashing_types(key):
             continue
+        if key == "downcast_bf16" and value in ("yes", "no"):
+            continue  # what 'accelerate config' writes for it
         problem = _type_problem(value, hints[key], key)
         if problem is not None:
             problems.append(problem)
@@ -254,7 +258,9 @@ def _strict_problems(settings: Mapping[str, Any]) -> list[AccelerationConfigErro
             )
         )
     if machines is not None and machines < 1:
-        problems.append(AccelerationConfigError(f"must be at least 1, got {machines}", path="num_machines", fix="set 1 or more"))
+        problems.append(
+            AccelerationConfigError(f"must be at least 1, got {machines}", path="num_machines", fix="set 1 or more")
+        )
     if rank is not None and (rank < 0 or (machines is not None and machines >= 1 and rank >= machines)):
         problems.append(
             AccelerationConfigError(
@@ -265,7 +271,9 @@ def _strict_problems(settings: Mapping[str, Any]) -> list[AccelerationConfigErro
         )
     if port is not None and not 1 <= port <= 65535:
         problems.append(
-            AccelerationConfigError(f"is not a TCP port: {port}", path="main_process_port", fix="use a port in 1..65535")
+            AccelerationConfigError(
+                f"is not a TCP port: {port}", path="main_process_port", fix="use a port in 1..65535"
+            )
         )
     if any(isinstance(settings.get(name), Mapping) for name in _NESTED_PREFIX):
         options = _launch_options()
@@ -278,7 +286,9 @@ def _strict_problems(settings: Mapping[str, Any]) -> list[AccelerationConfigErro
             for key in nested:
                 if not isinstance(key, str):
                     problems.append(
-                        AccelerationConfigError(f"keys must be strings, got {quote(key, 80)}", path=name, fix="quote the key")
+                        AccelerationConfigError(
+                            f"keys must be strings, got {quote(key, 80)}", path=name, fix="quote the key"
+                        )
                     )
                     continue
                 full = key if key.startswith(prefix) else prefix + key

@@ -28,15 +28,19 @@ What it does
 
 * The launcher side of ``accelerate launch --config_file cfg.yaml`` with an ``acceleration:`` section:
   :func:`install_launcher_support` wraps ``BaseConfig.from_yaml_file`` (which rejects unknown keys) so that
-  the section is validated *in the launcher* (an error exits with status 2 and the key path, before any
-  worker starts), removed from what Accelerate parses, and exported as JSON in
-  ``$FMS_ACCELERATION_SECTION`` to every process the launcher starts.
+  the config file is validated *in the launcher* (its Accelerate settings with Accelerate's own config classes,
+  and the section; an error exits with status 2, every problem and its key path, before any worker starts), the
+  section is removed from what Accelerate parses and written as JSON to a private temporary file whose path
+  every process the launcher starts receives in ``$FMS_ACCELERATION_SECTION`` (removed when the launcher
+  exits).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import logging
@@ -53,6 +57,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, KwargsHandler
 
+from .accelerate_config import check_accelerate_document
 from .config import read_yaml
 from .distributed import (
     MergedContribution,
@@ -71,15 +76,16 @@ from .distributed import (
     switch_optimizer_params,
     upcast_trainable,
 )
-from .errors import AccelerationConfigError
-from .framework import AccelerationFramework, is_main_process
+from .errors import AccelerationConfigError, quote, truncate
+from .framework import AccelerationFramework, framework_of, is_main_process
 from .patching import PatchRecorder
 from .registry import PluginRegistry
 
 logger = logging.getLogger("fms_acceleration_accelerate")
 
 ENV_SECTION = "FMS_ACCELERATION_SECTION"
-"""JSON of the ``acceleration:`` section, set by the launcher for every worker process."""
+"""Path of the JSON file holding the ``acceleration:`` section, set by the launcher for every worker process (a
+value starting with ``{`` is read as the JSON itself). The start-up hook keys on this variable being set."""
 ENV_SECTION_ORIGIN = "FMS_ACCELERATION_SECTION_ORIGIN"
 """The config file the section came from (for messages only)."""
 ENV_DISABLE_HOOK = "FMS_ACCELERATION_DISABLE_HOOK"
@@ -88,6 +94,7 @@ ENV_DISABLE_HOOK = "FMS_ACCELERATION_DISABLE_HOOK"
 SECTION_KEY = "acceleration"
 _RECORDER_ATTR = "_fms_acceleration_patches"
 _FRAMEWORK_ATTR = "_fms_acceleration_framework"
+_STATE_ATTR = "_fms_acceleration_state"
 _WRAPPED_MARK = "__fms_acceleration_wrapped__"
 _PATCHER = "accelerate-integration"
 
@@ -103,6 +110,10 @@ class AccelerationKwargs(KwargsHandler):
 
         accelerator = Accelerator(kwargs_handlers=[AccelerationKwargs(config="accel.yaml")])
 
+    A model loaded with ``from_pretrained`` after the handler is created (before or after the ``Accelerator``)
+    goes through the plugin that loads models, when the config has one (see :func:`install_model_loading`); the
+    ``Accelerator`` given the handler then runs the prepare hooks of that same framework.
+
     Args:
         config: acceleration YAML path, an Accelerate YAML with an ``acceleration:`` section, or a dict.
         registry: plugins to choose from (default: installed entry points).
@@ -114,13 +125,24 @@ class AccelerationKwargs(KwargsHandler):
     config: str | os.PathLike | Mapping[str, Any] | None = None
     registry: PluginRegistry | None = None
     check_packages: bool = True
+    _slot: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if self.config is not None and not isinstance(self.config, (str, os.PathLike, Mapping)):
             raise TypeError(
                 f"AccelerationKwargs(config=...) takes a YAML path or a dict, got {type(self.config).__name__}"
             )
+        origin = "a dict" if isinstance(self.config, Mapping) else repr(os.fspath(self.config)) if self.config else "None"
+        self._slot = _FrameworkSlot(
+            functools.partial(
+                AccelerationFramework, self.config, registry=self.registry, check_packages=self.check_packages
+            ),
+            source=f"AccelerationKwargs(config={origin})",
+        )
         install()
+        state = _process_state()
+        state.note_source(self)  # a model loaded from now on goes through this handler's framework
+        install_model_loading()
 
     def to_kwargs(self) -> dict[str, Any]:  # Accelerate never calls this for our handler; kept meaningful
         return {"config": self.config, "check_packages": self.check_packages}
@@ -162,15 +184,32 @@ def get_callbacks_and_ready_for_train(model: Any, accelerator: Any) -> list[Any]
 
 
 def section_from_environment() -> dict[str, Any] | None:
-    """The ``acceleration:`` section the launcher exported, as ``{"acceleration": body}`` (or ``None``)."""
+    """The ``acceleration:`` section the launcher exported, as ``{"acceleration": body}`` (or ``None``).
+
+    ``$FMS_ACCELERATION_SECTION`` holds the path of the JSON file the launcher wrote (see
+    :func:`export_section`); a value starting with ``{`` is read as the JSON itself (a section set by hand, or
+    by an older launcher).
+    """
     raw = os.environ.get(ENV_SECTION)
     if not raw:
         return None
+    source = f"${ENV_SECTION}"
+    if not raw.lstrip().startswith("{"):
+        source = f"the section file {quote(raw)} named by ${ENV_SECTION}"
+        try:
+            raw = Path(raw).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise AccelerationConfigError(
+                f"cannot read {source}: {getattr(exc, 'strerror', None) or exc}",
+                fix=f"{ENV_SECTION} is set by 'accelerate launch' for the processes it starts and the file is "
+                "removed when the launcher exits; start the script through 'accelerate launch' again, or unset "
+                f"{ENV_SECTION}",
+            ) from None
     try:
         body = json.loads(raw)
     except json.JSONDecodeError as exc:
         raise AccelerationConfigError(
-            f"${ENV_SECTION} is not valid JSON ({exc})",
+            f"{source} is not valid JSON ({exc})",
             fix=f"unset {ENV_SECTION}; it is set by 'accelerate launch' from the config file's acceleration section",
         ) from None
     return {SECTION_KEY: body}
@@ -209,18 +248,24 @@ def is_installed(accelerator_cls: type = Accelerator) -> bool:
 def install(accelerator_cls: type = Accelerator) -> bool:
     """Wrap ``accelerator_cls.__init__`` and ``.prepare`` (see the module docstring). Idempotent.
 
+    In a launched worker (``$FMS_ACCELERATION_SECTION`` set) it also routes the script's model loads to the
+    section's loading plugin (:func:`install_model_loading`).
+
     Returns:
         True if the wrapper was installed now, False if it already was.
     """
     if is_installed(accelerator_cls):
+        if os.environ.get(ENV_SECTION):
+            install_model_loading(accelerator_cls)
         return False
     recorder = PatchRecorder()
+    state = _ProcessState(recorder)
     original_init = accelerator_cls.__init__
     original_prepare = accelerator_cls.prepare
     recorder.patch(
         accelerator_cls,
         "__init__",
-        _make_init(original_init),
+        _make_init(original_init, state),
         plugin=_PATCHER,
         target=f"{accelerator_cls.__name__}.__init__",
         description="accept AccelerationKwargs; attach AccelerationFramework",
@@ -234,19 +279,167 @@ def install(accelerator_cls: type = Accelerator) -> bool:
         description="plugin wrap contributions -> prepare -> after_prepare",
     )
     setattr(accelerator_cls, _RECORDER_ATTR, recorder)
+    setattr(accelerator_cls, _STATE_ATTR, state)
+    if os.environ.get(ENV_SECTION):
+        install_model_loading(accelerator_cls)
     return True
 
 
 def uninstall(accelerator_cls: type = Accelerator) -> int:
-    """Undo :func:`install`; returns the number of reverted patches (0 if not installed)."""
+    """Undo :func:`install` (and :func:`install_model_loading`); returns the number of reverted patches (0 if
+    not installed)."""
     recorder: PatchRecorder | None = vars(accelerator_cls).get(_RECORDER_ATTR)
     if recorder is None:
         return 0
     delattr(accelerator_cls, _RECORDER_ATTR)
+    if _STATE_ATTR in vars(accelerator_cls):
+        delattr(accelerator_cls, _STATE_ATTR)
     return recorder.revert()
 
 
-def _make_init(original_init: Callable[..., None]) -> Callable[..., None]:
+def install_model_loading(accelerator_cls: type = Accelerator) -> bool:
+    """Route the script's causal-LM ``from_pretrained`` calls to the loading plugin of this process's config.
+
+    Replaces ``transformers.PreTrainedModel.from_pretrained`` by a
+    :class:`~fms_acceleration_accelerate.routing.FromPretrainedRouter` (see that module), recorded in the same
+    recorder as the ``Accelerator`` wrapper (:func:`uninstall` reverts it). Runs when a launched worker installs
+    the wrapper and when an :class:`AccelerationKwargs` is created. When transformers' modeling module is not
+    imported yet, it happens right after that import. Idempotent.
+
+    Returns:
+        True if installed now; False if it already was, :func:`install` has not run, or it is deferred.
+    """
+    state: _ProcessState | None = vars(accelerator_cls).get(_STATE_ATTR)
+    if state is None or state.router is not None:
+        return False
+    module = sys.modules.get("transformers.modeling_utils")
+    if module is None:
+        _after_import("transformers.modeling_utils", functools.partial(install_model_loading, accelerator_cls))
+        return False
+    if getattr(getattr(module, "__spec__", None), "_initializing", False) or not hasattr(module, "PreTrainedModel"):
+        # transformers is importing it right now (it imports accelerate, whose import installed us); the start-up
+        # hook calls install() again as soon as that import is complete
+        return False
+    from .routing import FromPretrainedRouter
+
+    owner = module.PreTrainedModel
+    router = FromPretrainedRouter(vars(owner)["from_pretrained"], state.framework_for_loading)
+    state.recorder.patch(
+        owner,
+        "from_pretrained",
+        router.as_classmethod(),
+        plugin=_PATCHER,
+        target="transformers PreTrainedModel.from_pretrained",
+        description="causal-LM loads -> the acceleration plugin that loads models",
+    )
+    state.router = router
+    return True
+
+
+def _after_import(name: str, callback: Callable[[], Any]) -> None:
+    """Run ``callback`` once, right after module ``name`` is imported (unless the start-up hook already waits
+    for that import, which ends in the same call)."""
+    import _fms_acceleration_startup as startup
+
+    if any(isinstance(f, startup.AfterImport) and f.name == name for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, startup.AfterImport(name, callback))
+
+
+class _FrameworkSlot:
+    """One acceleration source (the launched section, or one :class:`AccelerationKwargs`) and the framework it
+    built most recently.
+
+    One framework serves the model loads that come before its ``Accelerator`` and that ``Accelerator``'s
+    prepare, so the plugin instance that loaded the model is the one whose prepare hooks run. A second
+    ``Accelerator``, or a load after the first ``Accelerator`` prepared its model, gets a new framework.
+    """
+
+    def __init__(self, build: Callable[[], AccelerationFramework], source: str) -> None:
+        self._build = build
+        self.source = source
+        self._framework: AccelerationFramework | None = None
+        self._accelerator: weakref.ref[Any] | None = None
+
+    def _new(self) -> AccelerationFramework:
+        self._framework = self._build()
+        self._accelerator = None
+        return self._framework
+
+    def for_loading(self) -> AccelerationFramework:
+        if self._framework is None:
+            return self._new()
+        if self._accelerator is not None:
+            accelerator = self._accelerator()
+            if accelerator is None or getattr(accelerator, "_models", None):
+                return self._new()
+        return self._framework
+
+    def for_accelerator(self, accelerator: Any) -> AccelerationFramework:
+        free = self._framework is not None and self._accelerator is None
+        framework = self._framework if free else self._new()
+        self._accelerator = weakref.ref(accelerator)
+        return framework
+
+
+class _ProcessState:
+    """The acceleration sources of this process, kept on the ``Accelerator`` class by :func:`install` (no module
+    state): the launched section's framework slot, the most recent :class:`AccelerationKwargs` or configured
+    ``Accelerator``, and the installed ``from_pretrained`` router."""
+
+    def __init__(self, recorder: PatchRecorder) -> None:
+        self.recorder = recorder
+        self.router: Any = None
+        self._section: tuple[str, _FrameworkSlot] | None = None
+        self._latest: weakref.ref[Any] | None = None
+
+    def section_slot(self) -> _FrameworkSlot | None:
+        """The slot of the section in ``$FMS_ACCELERATION_SECTION`` (a new one when the variable changed)."""
+        raw = os.environ.get(ENV_SECTION)
+        if not raw:
+            return None
+        if self._section is None or self._section[0] != raw:
+            origin = os.environ.get(ENV_SECTION_ORIGIN)
+            source = f"the acceleration section of {origin}" if origin else f"${ENV_SECTION}"
+            self._section = (raw, _FrameworkSlot(_section_framework, source))
+        return self._section[1]
+
+    def note_source(self, source: Any) -> None:
+        """``source`` (an :class:`AccelerationKwargs` or an ``Accelerator`` with a framework) is the most recent."""
+        self._latest = weakref.ref(source)
+
+    def framework_for_loading(self) -> tuple[AccelerationFramework | None, str]:
+        """The framework a model load goes through now, and where its config came from."""
+        latest = self._latest() if self._latest is not None else None
+        if isinstance(latest, AccelerationKwargs) and latest._slot is not None:
+            return latest._slot.for_loading(), latest._slot.source
+        if latest is not None:
+            framework = get_framework(latest)
+            if framework is not None and not getattr(latest, "_models", None):
+                return framework, "the Accelerator's acceleration config"
+        slot = self.section_slot()
+        if slot is None:
+            return None, ""
+        return slot.for_loading(), slot.source
+
+
+def _section_framework() -> AccelerationFramework:
+    section = section_from_environment()
+    if section is None:
+        raise AccelerationConfigError(
+            f"${ENV_SECTION} was unset while this process used it", fix=f"leave {ENV_SECTION} as the launcher set it"
+        )
+    return AccelerationFramework(section)
+
+
+def _process_state(accelerator_cls: type = Accelerator) -> _ProcessState:
+    state = vars(accelerator_cls).get(_STATE_ATTR)
+    if state is None:
+        raise RuntimeError("install() has not run for this Accelerator class")
+    return state
+
+
+def _make_init(original_init: Callable[..., None], state: _ProcessState) -> Callable[..., None]:
     signature = inspect.signature(original_init)
 
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
@@ -259,14 +452,16 @@ def _make_init(original_init: Callable[..., None]) -> Callable[..., None]:
             bound.arguments["kwargs_handlers"] = [h for h in handlers if not isinstance(h, AccelerationKwargs)]
         original_init(*bound.args, **bound.kwargs)
         if ours:
-            framework = ours[0].build_framework()
+            slot = getattr(ours[0], "_slot", None)
+            framework = slot.for_accelerator(self) if slot is not None else ours[0].build_framework()
         else:
-            section = section_from_environment()
-            if section is None:
+            slot = state.section_slot()
+            if slot is None:
                 return
-            framework = AccelerationFramework(section)
+            framework = slot.for_accelerator(self)  # the framework that loaded the model, if one did
         check_accelerate_settings(self, framework)
         setattr(self, _FRAMEWORK_ATTR, framework)
+        state.note_source(self)
         if is_main_process():
             logger.info("fms-acceleration active plugins: %s", ", ".join(framework.active_plugin_names) or "none")
 
@@ -339,8 +534,12 @@ def _prepare_with_framework(
     args: tuple[Any, ...],
     device_placement: Any,
 ) -> Any:
-    context = build_context(accelerator, framework)
     models = [a for a in args if isinstance(a, torch.nn.Module)]
+    if models:
+        framework = _framework_for_models(accelerator, framework, models)
+    context = build_context(accelerator, framework)
+    for model in models:  # never silent: each active plugin refuses a model it cannot have accelerated
+        framework.check_prepared_model(model, context)
     optimizers = [a for a in args if isinstance(a, torch.optim.Optimizer)]
     scoped = PatchRecorder()  # changes to Accelerate's FSDP plugin, only for the duration of this call
     ours_fsdp2: list[torch.nn.Module] = []
@@ -377,8 +576,50 @@ def _prepare_with_framework(
                 released,
                 nbytes / 2**20,
             )
-    framework.log_patch_summary()
+    prepared_models = [obj for obj in prepared if isinstance(obj, torch.nn.Module)]
+    if prepared_models:  # not at a DataLoader-only prepare (a trainer's first call): nothing is patched yet
+        framework.log_patch_summary(prepared_models)
     return result
+
+
+def _framework_for_models(
+    accelerator: Any, framework: AccelerationFramework, models: list[torch.nn.Module]
+) -> AccelerationFramework:
+    """The framework whose hooks prepare ``models``: one model is accelerated by one framework.
+
+    A model that a script's own :class:`AccelerationFramework` loaded or augmented (the framework API) meets the
+    framework this ``Accelerator`` built from the launched section or an :class:`AccelerationKwargs`: with an
+    equal configuration, the script's framework is adopted for the prepare hooks (and attached to the
+    ``Accelerator``); with a different one, both would patch the model, which is refused.
+    """
+    owners = [o for o in dict.fromkeys(framework_of(m) for m in models) if o is not None and o is not framework]
+    if not owners:
+        for model in models:
+            framework.claim_model(model, "Accelerator.prepare")
+        return framework
+    theirs = "; ".join(o.describe_configuration() for o in owners)
+    if len(owners) > 1 or not owners[0].same_configuration(framework):
+        raise AccelerationConfigError(
+            f"Accelerator.prepare got a model that the script's own AccelerationFramework already accelerated "
+            f"({theirs}), while this Accelerator has a different acceleration configuration "
+            f"({framework.describe_configuration()}); both would patch the same model",
+            fix="keep one of them: remove the acceleration section from the accelerate config (or the "
+            "AccelerationKwargs) to let the script's framework do the work, or drop the script's "
+            "AccelerationFramework and load the model with from_pretrained (or get_framework(accelerator)"
+            ".model_loader)",
+        )
+    adopted = owners[0]
+    setattr(accelerator, _FRAMEWORK_ATTR, adopted)
+    for model in models:
+        adopted.claim_model(model, "Accelerator.prepare")
+    if is_main_process():
+        print(
+            "fms-acceleration: the model was accelerated by the script's own AccelerationFramework, whose "
+            "configuration equals this Accelerator's; its plugins run the prepare hooks (the Accelerator's own "
+            "framework is not used, so nothing is patched twice)",
+            flush=True,
+        )
+    return adopted
 
 
 def _before_fsdp1(accelerator: Any, model: torch.nn.Module, merged: MergedContribution, scoped: PatchRecorder) -> None:
@@ -538,7 +779,14 @@ def validate_section(section: Any, origin: str) -> AccelerationFramework:
 
 
 def export_section(section: Any, origin: str) -> str:
-    """Resolve ``section`` (a mapping, or a path to an acceleration file) to JSON and put it in the environment."""
+    """Hand the section to the processes this launcher starts; returns the path of the file holding it.
+
+    ``section`` (a mapping, or the path of an acceleration-only file, resolved against ``origin``) is written
+    as JSON to a private temporary file (mode 0600), whose path goes in ``$FMS_ACCELERATION_SECTION``: a
+    section of any size travels this way (Linux limits one environment variable to 128 KiB). The file is
+    removed when this process exits; workers read it when they create their ``Accelerator``. On several
+    machines, each machine's launcher reads the config and writes its own file.
+    """
     if isinstance(section, str):
         framework = validate_section(section, origin)
         body: Any = dict(framework.config.body)
@@ -546,34 +794,52 @@ def export_section(section: Any, origin: str) -> str:
         body = section
     try:
         encoded = json.dumps(body)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise AccelerationConfigError(
-            f"the acceleration section of {origin} cannot be passed to workers ({exc})",
+            f"the acceleration section of {quote(str(origin))} cannot be passed to workers ({truncate(str(exc), 200)})",
             path=SECTION_KEY,
             fix="use only plain YAML values (strings, numbers, booleans, lists, mappings)",
         ) from None
-    os.environ[ENV_SECTION] = encoded
+    handle, path = tempfile.mkstemp(prefix="fms_acceleration_section_", suffix=".json")
+    atexit.register(_remove_file, path)
+    with os.fdopen(handle, "w", encoding="utf-8") as out:
+        out.write(encoded)
+    os.environ[ENV_SECTION] = path
     os.environ[ENV_SECTION_ORIGIN] = str(origin)
-    return encoded
+    return path
+
+
+def _remove_file(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
 
 
 def install_launcher_support() -> bool:
     """Let ``accelerate launch`` read configs with an ``acceleration:`` section. Idempotent.
 
-    Wraps ``accelerate.commands.config.config_args.BaseConfig.from_yaml_file``: when the file has the
-    section, it is validated (on error: message on stderr, exit status 2, no traceback, before any worker
-    starts), exported to ``$FMS_ACCELERATION_SECTION`` and stripped from what Accelerate parses (through a
-    temporary copy of the file, so Accelerate's own parsing is unchanged).
+    Wraps ``accelerate.commands.config.config_args.BaseConfig.from_yaml_file`` and ``load_config_from_file``
+    (in ``config_args`` and where Accelerate's commands imported it by name). The config file is checked in
+    the launcher, before any worker starts; on error the message goes to stderr and the launcher exits with
+    status 2, without a traceback:
+
+    * the file itself (missing, a directory, not UTF-8, invalid YAML, not a mapping, keys given twice);
+    * its Accelerate settings, with Accelerate's own config classes (all problems at once; a config without
+      the section gets only the checks of what Accelerate would refuse anyway, see
+      :mod:`~fms_acceleration_accelerate.accelerate_config`);
+    * its ``acceleration:`` section, which is then exported (:func:`export_section`) and stripped from what
+      Accelerate parses (through a temporary copy of the file, so Accelerate's own parsing is unchanged).
 
     Returns:
         True if installed now, False if it already was.
     """
+    from accelerate.commands import config as config_package
     from accelerate.commands.config import config_args
 
     owner = config_args.BaseConfig
     if _RECORDER_ATTR in vars(owner):
         return False
     original = vars(owner)["from_yaml_file"].__func__
+    original_load = config_args.load_config_from_file
     recorder = PatchRecorder()
 
     def from_yaml_file(cls: type, yaml_file: str | None = None) -> Any:
@@ -581,15 +847,33 @@ def install_launcher_support() -> bool:
         with _section_stripped(path) as stripped:
             return original(cls, yaml_file=stripped)
 
+    def load_config_from_file(config_file: str | None) -> Any:
+        path = config_args.default_config_file if config_file is None else config_file
+        if not str(path).endswith(".json"):  # Accelerate reads the YAML itself before from_yaml_file
+            _refuse_unusable(path)
+        return original_load(config_file)
+
     setattr(from_yaml_file, _WRAPPED_MARK, original)
+    setattr(load_config_from_file, _WRAPPED_MARK, original_load)
     recorder.patch(
         owner,
         "from_yaml_file",
         classmethod(from_yaml_file),
         plugin=_PATCHER,
         target="accelerate BaseConfig.from_yaml_file",
-        description="accept and export the acceleration: section",
+        description="check the config, export and strip the acceleration: section",
     )
+    holders = [config_args, config_package, sys.modules.get("accelerate.commands.launch")]
+    for module in holders:
+        if module is not None and getattr(module, "load_config_from_file", None) is original_load:
+            recorder.patch(
+                module,
+                "load_config_from_file",
+                load_config_from_file,
+                plugin=_PATCHER,
+                target=f"{module.__name__}.load_config_from_file",
+                description="refuse a config file that is missing or not a mapping, without a traceback",
+            )
     setattr(owner, _RECORDER_ATTR, recorder)
     return True
 
@@ -605,26 +889,42 @@ def uninstall_launcher_support() -> int:
     return recorder.revert()
 
 
-@contextlib.contextmanager
-def _section_stripped(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a path Accelerate can parse: ``path`` itself, or a temporary copy without the section."""
+def _launcher_error(path: str | os.PathLike, exc: AccelerationConfigError) -> SystemExit:
+    """Print a config error the way the launcher reports it; the caller raises the returned ``SystemExit(2)``."""
+    rank = os.environ.get("MACHINE_RANK") or "0"
+    print(f"fms-acceleration: error in {path} (machine {rank}): {exc}", file=sys.stderr, flush=True)
+    return SystemExit(2)
+
+
+def _refuse_unusable(path: str | os.PathLike) -> Any:
+    """The YAML document of the Accelerate config at ``path``; exits (status 2) when it cannot be one."""
     try:
         document = read_yaml(path)
-    except AccelerationConfigError:
-        yield str(path)  # missing / unreadable file: let Accelerate report it its own way
-        return
-    if not isinstance(document, dict) or SECTION_KEY not in document:
+        if not isinstance(document, Mapping):
+            check_accelerate_document(document, origin=str(path), strict=False)
+    except AccelerationConfigError as exc:
+        raise _launcher_error(path, exc) from None
+    return document
+
+
+@contextlib.contextmanager
+def _section_stripped(path: str | os.PathLike) -> Iterator[str]:
+    """Yield a path Accelerate can parse: ``path`` itself, or a temporary copy without the section; exits with
+    status 2 (message on stderr) when the config has a problem."""
+    document = _refuse_unusable(path)
+    if SECTION_KEY not in document:
+        try:
+            check_accelerate_document(document, origin=str(path), strict=False)
+        except AccelerationConfigError as exc:
+            raise _launcher_error(path, exc) from None
         yield str(path)
         return
     rest = {k: v for k, v in document.items() if k != SECTION_KEY}
-    section = document[SECTION_KEY]
     try:
-        validate_section(section, str(path))
-        export_section(section, str(path))
+        framework = AccelerationFramework(str(path))  # the section and the Accelerate settings, every problem
+        export_section(dict(framework.config.body), str(path))
     except AccelerationConfigError as exc:
-        rank = os.environ.get("MACHINE_RANK") or "0"
-        print(f"fms-acceleration: error in {path} (machine {rank}): {exc}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
+        raise _launcher_error(path, exc) from None
     handle, tmp = tempfile.mkstemp(prefix="accelerate_config_", suffix=".yaml")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import BODY_KEYS, accelerate_setting_names, read_yaml
 from .errors import AccelerationConfigError
 from .framework import AccelerationFramework
 from .registry import PluginRegistry
@@ -86,11 +87,29 @@ def _cmd_check(args: argparse.Namespace) -> int:
     try:
         framework = AccelerationFramework(target)
     except AccelerationConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        error = AccelerationConfigError.combine([*_accelerate_only_problems(target), exc])
+        assert error is not None
+        print(f"error: {error}", file=sys.stderr)
         return 2
     print("\n".join(framework.describe()))
     print("ok: configuration is valid")
     return 0
+
+
+def _accelerate_only_problems(target: str) -> list[AccelerationConfigError]:
+    """Problems of the Accelerate settings of an Accelerate config that has no ``acceleration:`` section (with
+    a section, the framework reports them itself)."""
+    try:
+        document = read_yaml(target)
+    except AccelerationConfigError:
+        return []  # the framework's error says it already
+    if not isinstance(document, dict) or any(k in document for k in BODY_KEYS):
+        return []
+    if not any(k in accelerate_setting_names() for k in document):
+        return []
+    from .accelerate_config import accelerate_settings_problems
+
+    return accelerate_settings_problems(document, origin=target, strict=True)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -119,11 +119,11 @@ def read_yaml(path: str | os.PathLike) -> Any:
     shown = quote(str(p))
     if p.is_dir():
         raise AccelerationConfigError(
-            f"acceleration config {shown} is a directory", fix="pass the path of a YAML file, not of a folder"
+            f"config path {shown} is a directory", fix="pass the path of a YAML file, not of a folder"
         )
     if not p.is_file():
         raise AccelerationConfigError(
-            f"acceleration config file {shown} does not exist",
+            f"config file {shown} does not exist",
             fix="pass the path of an existing YAML file (acceleration config or Accelerate config)",
         )
     try:
@@ -291,8 +291,7 @@ def _from_document(
         )
     if not isinstance(document, Mapping):
         raise AccelerationConfigError(
-            f"{quote(origin)} must hold a mapping at the top level, got {type(document).__name__} "
-            f"({quote(document)})",
+            f"{quote(origin)} must hold a mapping at the top level, got {type(document).__name__} ({quote(document)})",
             fix="start the file with 'plugins:' (acceleration-only file) or 'acceleration:' (Accelerate config)",
         )
     for key in document:

@@ -89,9 +89,7 @@ class AccelerationConfigError(ValueError):
         problems: every problem, the first one being ``(path, problem, fix)``.
     """
 
-    def __init__(
-        self, problem: str, *, path: str | None = None, fix: str = "", more: Sequence[Problem] = ()
-    ) -> None:
+    def __init__(self, problem: str, *, path: str | None = None, fix: str = "", more: Sequence[Problem] = ()) -> None:
         self.path = truncate(path, _MAX_PATH) if path else path
         self.problem = truncate(str(problem), _MAX_PROBLEM)
         self.fix = truncate(str(fix), _MAX_FIX) if fix else ""

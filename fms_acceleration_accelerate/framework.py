@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -125,13 +127,11 @@ class AccelerationFramework:
         """The original framework's error for a configuration that activates no plugin, saying which sections
         were passed through and why."""
         installed = sorted(self.registry.paths)
-        found = "every section was passed through: " + "; ".join(
-            f"{s.path} ({s.reason})" for s in self.passthrough
-        )
-        fix = (
-            "install the plugin named above, or correct the section path"
-            + (f" (installed plugins register: {', '.join(self.config.path(p) for p in installed)})" if installed else
-               " (no plugin is installed: 'fms-accelerate plugins' lists them)")
+        found = "every section was passed through: " + "; ".join(f"{s.path} ({s.reason})" for s in self.passthrough)
+        fix = "add the missing sections or install the plugins named above, or correct the section paths" + (
+            f" (installed plugins register: {', '.join(self.config.path(p) for p in installed)})"
+            if installed
+            else " (no plugin is installed: 'fms-accelerate plugins' lists them)"
         )
         return NoPluginsConfiguredError(truncate(found, 1200), fix=truncate(fix, 800), root=self.config.root or None)
 
@@ -448,7 +448,7 @@ class AccelerationFramework:
         """
         owner = framework_of(model)
         if owner is None:
-            if isinstance(model, _MODULE_TYPES()):
+            if isinstance(model, _module_types()):
                 object.__setattr__(model, _OWNER_ATTR, weakref.ref(self))
                 self._claimed.add(model)
             return
@@ -510,6 +510,13 @@ class AccelerationFramework:
         self.claim_model(model, "augmentation")  # the returned object (e.g. a PEFT model wrapping the given one)
         return model, modifiable_args
 
+    def check_prepared_model(self, model: Any, context: Any) -> None:
+        """Run every active plugin's :meth:`~fms_acceleration_accelerate.plugin.AccelerationPlugin.check_prepared_model`
+        on ``model`` (called by ``Accelerator.prepare`` before any other prepare hook)."""
+        for plugin in self.plugins:
+            with self._full_paths(plugin):
+                plugin.check_prepared_model(model, context)
+
     def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:
         """Collect HF Trainer / TRL callbacks from every active plugin; prints the patch table (see
         :meth:`log_patch_summary`)."""
@@ -542,8 +549,15 @@ class AccelerationFramework:
         """Undo every patch made through this framework; returns how many were undone.
 
         After FSDP2 sharding this may be collective: a 4-bit layer the bitsandbytes plugin replaced is rebuilt
-        from the all-gathered shards of its replacement, so every rank must call it."""
-        return self.patches.revert()
+        from the all-gathered shards of its replacement, so every rank must call it. The models this framework
+        marked (:meth:`claim_model`) are released, so another framework may accelerate them afterwards."""
+        count = self.patches.revert()
+        for model in list(self._claimed):
+            if vars(model).get(_OWNER_ATTR) is not None and vars(model)[_OWNER_ATTR]() is self:
+                del vars(model)[_OWNER_ATTR]
+        self._claimed = weakref.WeakSet()
+        self._summary_logged = None
+        return count
 
     def __enter__(self) -> AccelerationFramework:
         return self
@@ -554,8 +568,10 @@ class AccelerationFramework:
     @contextmanager
     def applied(self) -> Iterator[AccelerationFramework]:
         """Context manager form: ``with framework.applied(): ...`` reverts all patches on exit."""
-        with self.patches.reverting():
+        try:
             yield self
+        finally:
+            self.revert()
 
     def describe(self) -> list[str]:
         """Lines describing what will happen (used by ``fms-accelerate check``); loads no model."""
@@ -573,6 +589,42 @@ class AccelerationFramework:
         return lines
 
 
+_OWNER_ATTR = "_fms_acceleration_framework"
+"""Attribute (a weak reference) by which a model names the framework that accelerated it."""
+
+
+def _module_types() -> tuple[type, ...]:
+    import torch
+
+    return (torch.nn.Module,)
+
+
+def framework_of(model: Any) -> AccelerationFramework | None:
+    """The live framework that loaded, augmented or prepared ``model`` (or a module inside it, e.g. the base
+    model of a PEFT model or of a DDP wrapper); ``None`` when none did."""
+    modules = model.modules() if isinstance(model, _module_types()) else ()
+    for module in modules:
+        ref = vars(module).get(_OWNER_ATTR)
+        framework = ref() if ref is not None else None
+        if framework is not None:
+            return framework
+    return None
+
+
+def _attached_modules(model: Any) -> set[int] | None:
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models or not all(isinstance(m, _module_types()) for m in models):
+        return None
+    return {id(module) for m in models for module in m.modules()}
+
+
+def _runs_in(record: Any, modules: set[int]) -> bool:
+    """Whether a patch record still acts on the model whose module ids are ``modules`` (patches of library
+    objects always do; a patch of a module instance only while that module is part of the model)."""
+    owner = record.owner
+    return not isinstance(owner, _module_types()) or id(owner) in modules
+
+
 def _entry_for(registry: PluginRegistry, name: str) -> PluginEntry | None:
     for entry in registry.entries:
         if entry.name == name:
@@ -580,4 +632,4 @@ def _entry_for(registry: PluginRegistry, name: str) -> PluginEntry | None:
     return None
 
 
-__all__ = ["AccelerationFramework", "PassthroughSection", "check_requirements", "is_main_process"]
+__all__ = ["AccelerationFramework", "PassthroughSection", "check_requirements", "framework_of", "is_main_process"]

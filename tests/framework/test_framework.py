@@ -12,6 +12,7 @@ from torch import nn
 
 from fms_acceleration_accelerate import AccelerationConfigError, AccelerationFramework, AccelerationPlugin
 from fms_acceleration_accelerate.config import ENV_CONFIG_FILE, option
+from fms_acceleration_accelerate.errors import NoPluginsConfiguredError
 from fms_acceleration_accelerate.framework import check_requirements
 from fms_acceleration_accelerate.registry import PluginRegistry
 
@@ -53,10 +54,17 @@ def test_and_path_needs_all_sections():
     # options of every AND section reach the config
     assert (plugin.config.quant_type, plugin.config.group_size) == ("fp4", 32)
 
-    only_one = make({"training": {"alpha": {}}})
-    assert only_one.plugins == ()
+    # one AND section alone activates nothing: passed through next to an active plugin, refused alone
+    only_one = make({"training": {"alpha": {}, "test_kernels": {}}})
+    assert only_one.active_plugin_names == ("kernels",)
     assert [s.path for s in only_one.passthrough] == ["training.alpha"]
     assert "missing: training.beta" in only_one.passthrough[0].reason
+    with pytest.raises(NoPluginsConfiguredError) as err:
+        make({"training": {"alpha": {}}})
+    assert (
+        "training.alpha (plugin 'and-plugin' activates only when all of its sections are present; missing: "
+        "training.beta)" in str(err.value)
+    )
 
 
 def test_and_sections_may_not_set_an_option_twice():
@@ -65,11 +73,35 @@ def test_and_sections_may_not_set_an_option_twice():
     assert err.value.path == "training.beta.group_size"
 
 
-def test_empty_config_activates_nothing():
-    for cfg in ({}, {"plugins": None}, {"plugins": {}}):
-        fw = make(cfg)
-        assert fw.plugins == () and fw.passthrough == ()
-        assert not fw.requires_custom_loading and not fw.requires_augmentation
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        {},
+        {"plugins": None},
+        {"plugins": {}},
+        {"acceleration": None},
+        {"acceleration": {}},
+        {"acceleration": {"plugins": {}}},
+    ],
+)
+def test_empty_config_raises_the_original_frameworks_error(cfg):
+    """The original framework's message, as its clients match it: one argument starting with the sentence."""
+    with pytest.raises(ValueError) as err:
+        make(cfg)
+    assert isinstance(err.value, NoPluginsConfiguredError)
+    (message,) = err.value.args
+    assert message.startswith("No plugins could be configured. Please check the acceleration framework configuration")
+    assert "fix: put at least one plugin section under" in message
+
+
+def test_empty_yaml_file_raises_the_original_frameworks_error(tmp_path):
+    for text in ("", "# nothing here\n", "plugins:\n", "plugins: {}\n", "distributed_type: 'NO'\nacceleration:\n"):
+        path = tmp_path / "empty.yaml"
+        path.write_text(text, encoding="utf-8")
+        with pytest.raises(NoPluginsConfiguredError) as err:
+            AccelerationFramework(path, registry=registry())
+        (message,) = err.value.args
+        assert message.startswith("No plugins could be configured") and str(path) in message, text
 
 
 def test_deterministic_order_independent_of_config_and_registry_order():
@@ -134,10 +166,10 @@ def test_check_requirements_versions_and_markers():
 
 # ------------------------------------------------------------------------------------------ passthrough
 def test_known_section_without_plugin_is_passed_through_with_one_log_line(caplog):
-    cfg = {"plugins": {"peft": {"quantization": {"bitsandbytes": {"quant_type": "nf4"}}}}}
+    cfg = {"plugins": {"peft": {"quantization": {"bitsandbytes": {"quant_type": "nf4"}}}, **KERNELS}}
     with caplog.at_level(logging.WARNING, logger="fms_acceleration_accelerate"):
-        fw = AccelerationFramework(cfg, registry=PluginRegistry([]))
-    assert fw.plugins == ()
+        fw = AccelerationFramework(cfg, registry=PluginRegistry([KernelPlugin]))
+    assert fw.active_plugin_names == ("kernels",)
     assert [s.path for s in fw.passthrough] == ["plugins.peft.quantization.bitsandbytes"]
     lines = [r.getMessage() for r in caplog.records if r.name == "fms_acceleration_accelerate"]
     assert len(lines) == 1
@@ -153,10 +185,26 @@ def test_unknown_third_party_section_is_passed_through():
     assert "no installed plugin registers this section" in fw.passthrough[0].reason
 
 
+def test_only_passthrough_sections_raise_the_original_frameworks_error(caplog):
+    cfg = {"plugins": {"peft": {"quantization": {"bitsandbytes": {"quant_type": "nf4"}}}, "vendor": {"turbo": {}}}}
+    with caplog.at_level(logging.WARNING, logger="fms_acceleration_accelerate"), pytest.raises(ValueError) as err:
+        AccelerationFramework(cfg, registry=PluginRegistry([KernelPlugin]))
+    (message,) = err.value.args
+    assert message.startswith("No plugins could be configured. Please check the acceleration framework configuration")
+    assert (
+        "plugins.peft.quantization.bitsandbytes (its plugin is not installed; enable it with: pip install " in message
+    )
+    assert "plugins.vendor (no installed plugin registers this section)" in message
+    assert (
+        "installed plugins register: plugins.peft.quantization.test_kernels, plugins.training.test_kernels" in message
+    )
+    assert not caplog.records  # refused, not logged as passed through
+
+
 def test_passthrough_logged_only_on_main_process(caplog, monkeypatch):
     monkeypatch.setenv("RANK", "3")
     with caplog.at_level(logging.WARNING, logger="fms_acceleration_accelerate"):
-        AccelerationFramework({"peft": {"quantization": {"bitsandbytes": {}}}}, registry=PluginRegistry([]))
+        AccelerationFramework({"peft": {"quantization": {"bitsandbytes": {}}}, **KERNELS}, registry=registry())
     assert not [r for r in caplog.records if r.name == "fms_acceleration_accelerate"]
 
 
@@ -199,9 +247,15 @@ def test_entry_point_discovery_of_installed_distribution(fake_site):
 def test_same_section_passes_through_when_distribution_not_installed(caplog):
     reg = PluginRegistry.discover()
     assert "training.fake" not in reg.paths
+    cfg = {"plugins": {"training": {"fake": {"speed": 3}}}}
+    with pytest.raises(NoPluginsConfiguredError, match=r"plugins\.training\.fake \(no installed plugin registers"):
+        AccelerationFramework(cfg, registry=reg)
+    extended = PluginRegistry([*(e.plugin_class for e in reg.entries if e.plugin_class), KernelPlugin])
     with caplog.at_level(logging.WARNING, logger="fms_acceleration_accelerate"):
-        fw = AccelerationFramework({"plugins": {"training": {"fake": {"speed": 3}}}}, registry=reg)
-    assert fw.plugins == ()
+        fw = AccelerationFramework(
+            {"plugins": {"training": {"fake": {"speed": 3}, "test_kernels": {"fast_loss": True}}}}, registry=extended
+        )
+    assert fw.active_plugin_names == ("kernels",)
     assert [s.path for s in fw.passthrough] == ["plugins.training.fake"]
     assert sum("plugins.training.fake" in r.getMessage() for r in caplog.records) == 1
 
