@@ -66,6 +66,15 @@ def is_bitsandbytes_backend(name: str) -> bool:
     return name == "bnb_4bit" or name.startswith("bnb_4bit_")
 
 
+def _loads_bitsandbytes_layers(plugin: AccelerationPlugin) -> bool:
+    """Whether ``plugin`` loads the model with bitsandbytes-format 4-bit layers (it loads models and provides a
+    bitsandbytes-format dequant backend, as the bitsandbytes plugin does)."""
+    if not plugin.requires_custom_loading:
+        return False
+    provider = getattr(plugin, "provided_dequant_backends", None)
+    return callable(provider) and any(is_bitsandbytes_backend(b.name) for b in provider())
+
+
 def _unwrap_data_parallel(model: Any) -> Any:
     """The module inside DDP / DataParallel wrappers (``Accelerator.prepare`` returns DDP on several processes;
     FSDP wrappers need no unwrapping: they expose the model's attributes)."""
@@ -102,6 +111,7 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
     def __init__(self, config: FusedOpsAndKernelsConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
         self._extra_backends: tuple[Any, ...] = ()
+        self._active: tuple[AccelerationPlugin, ...] = ()  # the other active plugins (check_compatibility)
         self._augmented = False
         self._fused_state = _NOT_STARTED if (config.fused_lora or config.fused_dequant) else _DONE
         self._fused_report: FusedLoraReport | None = None
@@ -122,7 +132,16 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         return f"{base}.{key}" if key else base
 
     def check_compatibility(self, active: Sequence[AccelerationPlugin]) -> None:
-        """Collect dequant backends other plugins provide; refuse ``base_layer: auto_gptq`` without one.
+        """Collect dequant backends other plugins provide; refuse combinations whose fused kernels would stop
+        the run after the model is loaded:
+
+        * ``base_layer: auto_gptq`` without a plugin providing a GPTQ dequant backend;
+        * fused kernels with ``base_layer: bitsandbytes`` while a plugin that loads no bitsandbytes 4-bit layers
+          loads the model;
+        * fused LoRA without ``base_layer`` while the bitsandbytes plugin loads a 4-bit model.
+
+        (``base_layer: bitsandbytes`` with no loading plugin is accepted: the script may load the model in 4 bit
+        itself, with transformers' ``BitsAndBytesConfig``; see :meth:`describe`.)
 
         A plugin provides backends through a method ``provided_dequant_backends() -> tuple[DequantBackend, ...]``
         (entries placed before the built-in bitsandbytes and dense backends).
@@ -135,13 +154,34 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             if callable(provider):
                 extra.extend(provider())
         self._extra_backends = tuple(extra)
-        if self.config.base_layer == "auto_gptq" and not any(b.name.startswith("gptq") for b in extra):
+        self._active = tuple(p for p in active if p is not self)
+        c = self.config
+        if c.base_layer == "auto_gptq" and not any(b.name.startswith("gptq") for b in extra):
             raise AccelerationConfigError(
                 "base_layer: auto_gptq needs a GPTQ dequant backend, which a GPTQ plugin provides; no active plugin "
                 "provides one (this release ships no GPTQ plugin)",
                 path=self._path("base_layer"),
                 fix="use a bitsandbytes QLoRA model with base_layer: bitsandbytes, or remove base_layer and "
                 "fused_lora for this model",
+            )
+        if not (c.fused_lora or c.fused_dequant):
+            return
+        loaders = [p for p in active if p is not self and p.requires_custom_loading]
+        bnb_loaders = [p for p in loaders if _loads_bitsandbytes_layers(p)]
+        if c.base_layer == "bitsandbytes" and loaders and not bnb_loaders:
+            raise AccelerationConfigError(
+                f"base_layer: bitsandbytes, but the model is loaded by plugin {loaders[0].plugin_name()!r}, which "
+                "loads no bitsandbytes 4-bit layers, so the fused kernels would find none after loading",
+                path=self._path("base_layer"),
+                fix="load the model with the bitsandbytes plugin (peft.quantization.bitsandbytes), or set the "
+                "base_layer of the loading plugin's format",
+            )
+        if c.base_layer is None and bnb_loaders:
+            raise AccelerationConfigError(
+                f"fused_lora over the 4-bit layers that plugin {bnb_loaders[0].plugin_name()!r} loads needs "
+                "base_layer: bitsandbytes (without it the run stops after the model is loaded)",
+                path=self._path("base_layer"),
+                fix="set base_layer: bitsandbytes",
             )
 
     def check_model_type(self, model_type: str | None) -> None:
@@ -454,4 +494,10 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
                 "kernels.lora_qkv, SwiGLU MLP -> kernels.lora_mlp_swiglu, other projections -> kernels.lora_linear / "
                 "quantized_linear; patched in augmentation, or after Accelerator.prepare under FSDP"
             )
+            if c.base_layer == "bitsandbytes" and not any(_loads_bitsandbytes_layers(p) for p in self._active):
+                lines.append(
+                    "note: no active plugin loads the model in 4 bit (no peft.quantization.bitsandbytes section): "
+                    "the script must load it with transformers' BitsAndBytesConfig(load_in_4bit=True), else the "
+                    "fused kernels find no 4-bit layer and the run stops after the model is loaded"
+                )
         return lines
