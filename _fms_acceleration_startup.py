@@ -8,9 +8,12 @@ package.
 What it does, at every interpreter start (it is deliberately tiny: only ``os``/``sys``, already loaded):
 
 1. ``$FMS_ACCELERATION_DISABLE_HOOK=1`` -> nothing.
-2. ``$FMS_ACCELERATION_SECTION`` set (a worker started by ``accelerate launch``) -> registers a one-shot
-   import hook: right after ``import accelerate`` completes, it calls
-   ``fms_acceleration_accelerate.accelerate_integration.install()``.
+2. ``$FMS_ACCELERATION_SECTION`` set (a worker started by ``accelerate launch``; the variable holds the path of
+   the section file its launcher wrote, and only its presence is checked here) -> registers one-shot
+   import hooks: right after ``import accelerate`` completes, and again right after
+   ``import transformers.modeling_utils`` completes, it calls
+   ``fms_acceleration_accelerate.accelerate_integration.install()`` (idempotent; the second call installs the
+   routing of ``from_pretrained`` to the section's loading plugin, which needs transformers' modeling module).
 3. The process is ``accelerate launch`` / ``accelerate-launch`` / ``python -m accelerate.commands.launch``
    -> the same one-shot hook calls ``install_launcher_support()`` instead (config validation and export).
 4. Anything else -> nothing; the cost is one environment lookup and a look at ``sys.argv``.
@@ -26,6 +29,7 @@ import sys
 DISABLE_ENV = "FMS_ACCELERATION_DISABLE_HOOK"
 SECTION_ENV = "FMS_ACCELERATION_SECTION"
 _TARGET = "accelerate"
+_MODELING = "transformers.modeling_utils"
 _LAUNCH_MODULES = ("accelerate.commands.launch", "accelerate.commands.accelerate_cli")
 
 
@@ -95,6 +99,9 @@ class _AfterImport:
         return spec
 
 
+AfterImport = _AfterImport  # used by accelerate_integration to wait for transformers' modeling module
+
+
 class _LoaderProxy:
     """Delegates to the real loader; only ``exec_module`` is replaced."""
 
@@ -134,6 +141,11 @@ def run():
     if any(isinstance(f, _AfterImport) for f in sys.meta_path):
         return
     callback = _activate_worker if which == "worker" else _activate_launcher
+    if which == "worker":
+        # a script that loads its model with from_pretrained imports accelerate from *inside* transformers'
+        # modeling module: routing from_pretrained to the loading plugin can only be installed once that import
+        # is complete, so the worker also waits for it (install() is idempotent)
+        sys.meta_path.insert(0, _AfterImport(_MODELING, callback))
     if _TARGET in sys.modules:
         callback()
         return

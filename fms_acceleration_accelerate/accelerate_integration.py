@@ -316,9 +316,9 @@ def install_model_loading(accelerator_cls: type = Accelerator) -> bool:
     if module is None:
         _after_import("transformers.modeling_utils", functools.partial(install_model_loading, accelerator_cls))
         return False
-    if getattr(getattr(module, "__spec__", None), "_initializing", False) or not hasattr(module, "PreTrainedModel"):
-        # transformers is importing it right now (it imports accelerate, whose import installed us); the start-up
-        # hook calls install() again as soon as that import is complete
+    if not hasattr(module, "PreTrainedModel"):
+        # transformers is importing it right now (it imports accelerate, whose import installed us, before it
+        # defines PreTrainedModel); the start-up hook calls install() again as soon as that import is complete
         return False
     from .routing import FromPretrainedRouter
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -138,17 +138,31 @@ class PatchRecorder:
         """Undo every recorded patch, newest first. Returns how many were reverted."""
         count = 0
         while self._records:
-            record = self._records.pop()
-            if record.restore is not None:
-                setattr(record.owner, record.attribute, record.restore())
-            elif record.had_own_attribute:
-                setattr(record.owner, record.attribute, record.original)
-            elif record.undo is not None:
-                record.undo()
-            else:
-                delattr(record.owner, record.attribute)
+            _undo(self._records.pop())
             count += 1
         return count
+
+    def revert_record(self, record: PatchRecord) -> None:
+        """Undo one recorded patch (and forget it), e.g. one that another patch made unreachable.
+
+        Raises:
+            ValueError: the record is not held here, or a later recorded patch changed the same attribute (revert
+                that one first; undoing this one would clobber it).
+        """
+        index = next((i for i, r in enumerate(self._records) if r is record), None)
+        if index is None:
+            raise ValueError(f"{record.plugin}: patch of {record.target} is not recorded here (already reverted?)")
+        later = [
+            r.target
+            for r in self._records[index + 1 :]
+            if r.owner is record.owner and r.attribute == record.attribute
+        ]
+        if later:
+            raise ValueError(
+                f"{record.plugin}: cannot revert the patch of {record.target} alone: {later[0]} was patched later"
+            )
+        del self._records[index]
+        _undo(record)
 
     @contextmanager
     def reverting(self) -> Iterator[PatchRecorder]:
@@ -158,17 +172,19 @@ class PatchRecorder:
         finally:
             self.revert()
 
-    def summary_rows(self) -> list[tuple[str, str, str, int]]:
-        """Rows ``(plugin, target, replacement, count)``; numeric indices in targets are folded to ``*``."""
+    def summary_rows(self, records: Iterable[PatchRecord] | None = None) -> list[tuple[str, str, str, int]]:
+        """Rows ``(plugin, target, replacement, count)`` of ``records`` (default: all); numeric indices in targets
+        are folded to ``*``."""
         counts: OrderedDict[tuple[str, str, str], int] = OrderedDict()
-        for r in self._records:
+        for r in self._records if records is None else records:
             key = (r.plugin, _INDEX.sub(".*", r.target), r.replacement)
             counts[key] = counts.get(key, 0) + 1
         return [(p, t, rep, n) for (p, t, rep), n in counts.items()]
 
-    def summary_table(self) -> str:
-        """A plain-text table of all patches, one row per (plugin, target pattern, replacement)."""
-        rows = self.summary_rows()
+    def summary_table(self, records: Iterable[PatchRecord] | None = None) -> str:
+        """A plain-text table of ``records`` (default: all patches), one row per (plugin, target pattern,
+        replacement)."""
+        rows = self.summary_rows(records)
         if not rows:
             return "fms-acceleration: no patches applied"
         header = ("plugin", "target", "replacement", "count")
@@ -180,6 +196,17 @@ class PatchRecorder:
 
         rule = "  ".join("-" * w for w in widths)
         return "\n".join(["fms-acceleration patches:", fmt(header), rule, *(fmt(r) for r in body)])
+
+
+def _undo(record: PatchRecord) -> None:
+    if record.restore is not None:
+        setattr(record.owner, record.attribute, record.restore())
+    elif record.had_own_attribute:
+        setattr(record.owner, record.attribute, record.original)
+    elif record.undo is not None:
+        record.undo()
+    else:
+        delattr(record.owner, record.attribute)
 
 
 class PluginPatcher:
@@ -234,6 +261,12 @@ class PluginPatcher:
         when the original owns memory that must go once the replacement is in use (see
         :meth:`PatchRecorder.patch`)."""
         return self.patch(parent, child_name, new_child, target=target, description=description, restore=restore)
+
+    def revert_record(self, record: PatchRecord) -> None:
+        """Undo one of this plugin's patches, see :meth:`PatchRecorder.revert_record`."""
+        if record.plugin != self.plugin:
+            raise ValueError(f"{self.plugin}: the patch of {record.target} belongs to {record.plugin}")
+        self._recorder.revert_record(record)
 
     def count(self) -> int:
         """How many patches this plugin has recorded so far."""

@@ -203,6 +203,17 @@ class AccelerationPlugin:
         ``prepare_contribution``."""
         return type(self).prepare_contribution is not AccelerationPlugin.prepare_contribution
 
+    def check_prepared_model(self, model: Any, context: Any) -> None:
+        """At ``Accelerator.prepare``, before any other prepare hook: refuse a model this plugin cannot have
+        accelerated, so an active plugin is never silently without effect.
+
+        ``model`` is the object handed to ``prepare`` (possibly a PEFT model, whose LoRA was added by a trainer
+        rather than by this framework's ``augmentation``); ``context`` is a ``distributed.PrepareContext``.
+        Raise :class:`~fms_acceleration_accelerate.errors.AccelerationConfigError` that says what the model lacks,
+        why (e.g. it was loaded outside the plugin) and the fix. Examples: a loading plugin checks that the layers
+        it loads are there; a kernel plugin checks that the modules its options need exist. Default: accept."""
+        return None
+
     def after_prepare(self, model: Any, context: Any) -> None:
         """After wrapping: patch what needs the wrapped/sharded model (through ``self.patches``)."""
         return None

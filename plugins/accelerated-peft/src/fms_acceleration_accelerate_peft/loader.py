@@ -24,6 +24,7 @@ that says why.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -227,8 +228,9 @@ def load_quantized_causal_lm(model_name_or_path: str, config: BnbQuantizationCon
         **kwargs: ``from_pretrained`` arguments. ``torch_dtype``/``dtype`` is the training dtype
             (default: the checkpoint's). ``low_cpu_mem_usage=True`` under an initialised process group of
             more than one rank makes rank 0 load and broadcast (see the module docstring). ``device_map``
-            defaults to the local CUDA device when there is one, else CPU. A ``quantization_config`` argument
-            is refused (the plugin builds it).
+            defaults to the local CUDA device when there is one, else CPU. ``config`` (a ``PretrainedConfig``,
+            e.g. the one ``AutoModelForCausalLM`` passes with the caller's overrides) is used instead of the
+            checkpoint's. A ``quantization_config`` argument is refused (the plugin builds it).
 
     Returns:
         The model, with ``nn.Linear`` layers (except the output embedding) replaced by
@@ -238,7 +240,7 @@ def load_quantized_causal_lm(model_name_or_path: str, config: BnbQuantizationCon
         AccelerationConfigError: any problem found before loading (see :func:`plan_quantization`).
     """
     require_bitsandbytes()
-    from transformers import AutoConfig
+    from transformers import AutoConfig, PretrainedConfig
 
     kwargs = dict(kwargs)
     if "quantization_config" in kwargs:
@@ -252,7 +254,15 @@ def load_quantized_causal_lm(model_name_or_path: str, config: BnbQuantizationCon
     low_cpu_mem_usage = kwargs.pop("low_cpu_mem_usage", None)
     trust_remote_code = kwargs.get("trust_remote_code", False)
     config_kwargs = {k: kwargs[k] for k in ("revision", "token", "cache_dir") if k in kwargs}
-    model_config = AutoConfig.from_pretrained(model_name_or_path, trust_remote_code=trust_remote_code, **config_kwargs)
+    given_config = kwargs.pop("config", None)  # e.g. from AutoModelForCausalLM, with the caller's overrides
+    if isinstance(given_config, PretrainedConfig):
+        model_config = copy.deepcopy(given_config)  # the plan and the skeleton mark it quantized
+    else:
+        model_config = AutoConfig.from_pretrained(
+            given_config or model_name_or_path, trust_remote_code=trust_remote_code, **config_kwargs
+        )
+    if isinstance(given_config, PretrainedConfig):
+        kwargs["config"] = copy.deepcopy(given_config)  # transformers' own load gets the caller's config unchanged
     checkpoint_dtype = model_config.__dict__.get("dtype", model_config.__dict__.get("torch_dtype"))
     training_dtype = resolve_training_dtype(dtype_arg, checkpoint_dtype)
     build_kwargs = {"trust_remote_code": trust_remote_code}

@@ -39,8 +39,19 @@ from .sharding import PackedSwap, convert_linear4bit_for_fsdp2, is_params4bit, p
 logger = logging.getLogger("fms_acceleration_accelerate_peft")
 
 
+def is_4bit_layer(module: nn.Module) -> bool:
+    """A bitsandbytes ``Linear4bit`` or its FSDP2 packed form ``Packed4bitLinear`` (not PEFT's LoRA wrapper of one,
+    which has the same class name)."""
+    cls = type(module)
+    if cls.__name__ == "Packed4bitLinear":
+        return True
+    return cls.__name__ == "Linear4bit" and any(
+        c.__module__.startswith("bitsandbytes") for c in cls.__mro__ if c.__name__ == "Linear4bit"
+    )
+
+
 def _count_4bit(model: nn.Module) -> int:
-    return sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Packed4bitLinear"))
+    return sum(1 for m in model.modules() if is_4bit_layer(m))
 
 
 class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
@@ -95,9 +106,12 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
         """
         if _count_4bit(model) == 0:
             raise AccelerationConfigError(
-                "augmentation got a model without 4-bit layers",
-                path=f"plugins.{CONFIG_PATH}",
-                fix="load the model with framework.model_loader(...) when framework.requires_custom_loading is True",
+                f"augmentation got a model without 4-bit layers although {CONFIG_PATH} is active: it was loaded "
+                "outside the plugin",
+                path=CONFIG_PATH,
+                fix="load the model with framework.model_loader(...) when framework.requires_custom_loading is "
+                "True (or with from_pretrained after creating AccelerationKwargs / under 'accelerate launch' with "
+                "the section, which goes through the plugin)",
             )
         if self.config.fp32_norm_compute:
             for name, module in model.named_modules():
@@ -123,6 +137,46 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
         return model, (None, *args[1:])
 
     # ---------------------------------------------------------------------------------------------- prepare
+    def check_prepared_model(self, model: nn.Module, context: Any) -> None:
+        """The model must have 4-bit layers of this plugin's kind (bitsandbytes ``Linear4bit`` with the configured
+        quant type, or its FSDP2 ``Packed4bitLinear``). LoRA may come from anywhere (this plugin's augmentation,
+        a trainer's ``peft_config``, ``get_peft_model``).
+
+        Raises:
+            AccelerationConfigError: no 4-bit layer (the model was loaded outside this plugin), or 4-bit layers of
+                another quant type (quantized by a ``BitsAndBytesConfig`` of the script's own).
+        """
+        layers = [m for m in model.modules() if is_4bit_layer(m)]
+        if not layers:
+            name = type(_inner_model(model)).__name__
+            raise AccelerationConfigError(
+                f"the model has no 4-bit layers although {CONFIG_PATH} is active: it was loaded outside the plugin "
+                f"({name} built by transformers' own from_pretrained / from_config, e.g. in a process without the "
+                "acceleration config when it loaded, or with a class the plugin does not route), so it would train "
+                "unquantized",
+                path=CONFIG_PATH,
+                fix="load the model through the plugin: framework.model_loader(path) (framework API), or "
+                "from_pretrained(path) / a trainer given the model path in a script run by 'accelerate launch' with "
+                "this section or after creating AccelerationKwargs; or remove the bitsandbytes section to train "
+                "in 16/32 bit",
+            )
+        kinds = sorted(
+            {
+                str(getattr(getattr(m, "weight", None), "quant_type", self.config.quant_type))
+                for m in layers
+                if type(m).__name__ != "Packed4bitLinear"
+            }
+        )
+        if kinds and kinds != [self.config.quant_type]:
+            raise AccelerationConfigError(
+                f"the model's 4-bit layers are {'/'.join(kinds)}, but {CONFIG_PATH}.quant_type is "
+                f"{self.config.quant_type!r}: it was quantized outside the plugin (a BitsAndBytesConfig of the "
+                "script's own)",
+                path=f"{CONFIG_PATH}.quant_type",
+                fix="let the plugin load the model (no quantization_config in the script), or set quant_type to "
+                "the model's",
+            )
+
     def prepare_contribution(self, model: nn.Module, context: Any) -> Any:
         """FSDP handling of the packed weights (see :mod:`.sharding`); ``None`` when not under FSDP."""
         from fms_acceleration_accelerate.distributed import PrepareContribution
@@ -240,6 +294,15 @@ def _move_host_staged_model(model: nn.Module, device: torch.device) -> bool:
     )
     model.to(device)
     return True
+
+
+def _inner_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside PEFT / DDP wrappers (for messages)."""
+    for module in model.modules():
+        name = type(module).__name__
+        if name.endswith(("ForCausalLM", "LMHeadModel")) and not name.startswith("Peft"):
+            return module
+    return model
 
 
 def _training_dtype(model: nn.Module) -> torch.dtype:
