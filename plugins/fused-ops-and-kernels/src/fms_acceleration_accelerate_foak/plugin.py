@@ -25,6 +25,7 @@ cannot use (RoPE on GPTBigCode, ...) are refused in ``check_model_type``, before
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -54,6 +55,43 @@ from .patches import (
 from .recompute import RecomputeState, install_attention_scopes, install_recompute_context
 
 _NOT_STARTED, _PENDING, _DONE = "not started", "pending", "done"
+
+logger = logging.getLogger("fms_acceleration_accelerate_foak")
+
+_NO_LORA_FIX = (
+    "add LoRA before the kernels are patched: a peft LoraConfig as the trainer's peft_config or in "
+    "framework.augmentation(model, args, modifiable_args=(lora_config,)), or get_peft_model(model, lora_config) "
+    "before Accelerator.prepare; for full fine-tuning set fused_lora: false"
+)
+_NO_4BIT_FIX = (
+    "load the model in 4 bit through the bitsandbytes plugin (peft.quantization.bitsandbytes with "
+    "framework.model_loader, or from_pretrained / a trainer given the model path under 'accelerate launch' with "
+    "the section); for a 16/32-bit model set fused_dequant: false and remove base_layer"
+)
+
+
+def _is_4bit(module: Any) -> bool:
+    """A bitsandbytes 4-bit linear layer (or the bitsandbytes plugin's FSDP2 packed form of one); PEFT's LoRA
+    wrapper of one has the same class name but lives in peft."""
+    cls = type(module)
+    return cls.__name__ == "Packed4bitLinear" or (
+        cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes")
+    )
+
+
+def _no_lora_problem(model: Any, when: str) -> str:
+    return (
+        f"fused_lora needs PEFT LoRA layers to fuse, but the model has none {when} "
+        f"({type(model).__name__} without adapters: LoRA was not added, or is added only later)"
+    )
+
+
+def _no_4bit_problem(option: str) -> str:
+    what = "adapter-less 4-bit projections" if option == "fused_dequant" else "4-bit bitsandbytes base layers"
+    return (
+        f"{option} needs {what}, but the model has no 4-bit layer: it was loaded unquantized (a 4-bit model comes "
+        "from the bitsandbytes plugin's loader, or from_pretrained with a BitsAndBytesConfig)"
+    )
 
 
 def is_bitsandbytes_backend(name: str) -> bool:
@@ -291,6 +329,32 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         ``nn.Linear`` down projection saves its inputs before its GEMM and early stop already skips it)."""
         return self._fused_report is not None and bool(self._fused_report.whole_mlps)
 
+    def check_prepared_model(self, model: Any, context: Any) -> None:
+        """Refuse, at ``Accelerator.prepare``, a model on which the fused LoRA / dequant kernels still to be patched
+        would have nothing to do: ``fused_lora`` needs PEFT LoRA layers on the model (added by a plugin's
+        augmentation, a trainer's ``peft_config`` or ``get_peft_model`` before prepare), ``fused_dequant`` and
+        ``base_layer: bitsandbytes`` need 4-bit layers. Kernels already patched in ``augmentation`` were checked
+        there."""
+        if self._fused_state == _DONE:
+            return
+        model = _unwrap_data_parallel(model)
+        modules = list(model.modules())
+        c = self.config
+        if c.fused_lora and not any(is_peft_lora_layer(m) for m in modules):
+            raise AccelerationConfigError(
+                _no_lora_problem(model, "at Accelerator.prepare"),
+                path=self._path("fused_lora"),
+                fix=_NO_LORA_FIX,
+            )
+        quantized = c.fused_dequant or (c.base_layer == "bitsandbytes" and c.fused_lora)
+        if quantized and not any(_is_4bit(m) for m in modules):
+            option = "fused_dequant" if c.fused_dequant else "base_layer"
+            raise AccelerationConfigError(
+                _no_4bit_problem(option),
+                path=self._path(option),
+                fix=_NO_4BIT_FIX,
+            )
+
     def prepare_contribution(self, model: Any, context: Any) -> Any:
         """Patch now if ``augmentation`` never ran (an Accelerate-only script: the section came with the
         Accelerate config), then, for fused LoRA, declare attention and MLP modules fused scopes (no FSDP
@@ -411,15 +475,40 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         checked = ", ".join(f"{a.path}.{n}" for a in match.attentions[:1] for n in spec.attention.projections) + (
             ", ..." if match.attentions else ""
         )
+        if c.fused_lora and not report.lora:
+            self.patch_counts["fused_lora"] = self.patch_counts.get("fused_lora", 0)
+            lora = [n for n, m in model.named_modules() if is_peft_lora_layer(m)]
+            if not lora:
+                problem = _no_lora_problem(model, "when the kernels were patched")
+            else:
+                problem = (
+                    f"fused_lora found no LoRA layer on the projections the {spec.model_type} spec names ({checked}); "
+                    f"the model's LoRA layers are elsewhere, e.g. {', '.join(lora[:3])}"
+                )
+            raise ModelStructureError(problem, path=self._path("fused_lora"), fix=_NO_LORA_FIX)
         if c.fused_lora:
-            self._count(
-                "fused_lora",
-                len(report.lora),
-                spec,
-                f" (no fusable PEFT LoRA layer among {checked}; apply LoRA before the kernels are patched)",
+            self._count("fused_lora", len(report.lora), spec)
+        if c.fused_dequant and not report.quantized:
+            self.patch_counts["fused_dequant"] = self.patch_counts.get("fused_dequant", 0)
+            if not any(_is_4bit(m) for m in model.modules()):
+                raise ModelStructureError(
+                    _no_4bit_problem("fused_dequant"), path=self._path("fused_dequant"), fix=_NO_4BIT_FIX
+                )
+            if not (c.fused_lora and any(n != "dense" for n in report.backends)):
+                raise ModelStructureError(
+                    "fused_dequant found no adapter-less 4-bit projection among the attention / MLP projections of "
+                    f"this {spec.model_type} model (its 4-bit layers are elsewhere)",
+                    path=self._path("fused_dequant"),
+                    fix="set fused_dequant: false",
+                )
+            # every 4-bit projection has a LoRA adapter, and fused_lora computes those over their 4-bit bases
+            logger.info(
+                "%s: fused_dequant has nothing left to do: every 4-bit projection carries a LoRA adapter, which "
+                "fused_lora computes over its 4-bit base",
+                self.plugin_name(),
             )
-        if c.fused_dequant:
-            self._count("fused_dequant", len(report.quantized), spec, " (no adapter-less quantized projection)")
+        elif c.fused_dequant:
+            self._count("fused_dequant", len(report.quantized), spec)
         quantized = sorted(report.backends - {"dense"})
         if c.base_layer == "bitsandbytes" and not any(is_bitsandbytes_backend(n) for n in report.backends):
             raise ModelStructureError(
