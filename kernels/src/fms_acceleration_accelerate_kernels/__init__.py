@@ -7,9 +7,19 @@ Every op ``<op>`` comes as ``<op>_ref`` (pure torch), ``<op>_triton`` (Triton fo
 Importing the package imports Triton (about 0.2 s after torch); kernels compile on first call.
 """
 
-from .cross_entropy import cross_entropy, cross_entropy_ref, cross_entropy_triton
+from .cross_entropy import (
+    cross_entropy,
+    cross_entropy_per_token,
+    cross_entropy_per_token_ref,
+    cross_entropy_per_token_triton,
+    cross_entropy_ref,
+    cross_entropy_triton,
+)
 from .fused_linear_cross_entropy import (
     fused_linear_cross_entropy,
+    fused_linear_cross_entropy_per_token,
+    fused_linear_cross_entropy_per_token_ref,
+    fused_linear_cross_entropy_per_token_triton,
     fused_linear_cross_entropy_ref,
     fused_linear_cross_entropy_triton,
 )
@@ -22,9 +32,15 @@ __version__ = "0.1.0"
 __all__ = [
     "apply_rotary_pos_emb",
     "cross_entropy",
+    "cross_entropy_per_token",
+    "cross_entropy_per_token_ref",
+    "cross_entropy_per_token_triton",
     "cross_entropy_ref",
     "cross_entropy_triton",
     "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_per_token",
+    "fused_linear_cross_entropy_per_token_ref",
+    "fused_linear_cross_entropy_per_token_triton",
     "fused_linear_cross_entropy_ref",
     "fused_linear_cross_entropy_triton",
     "geglu",

@@ -18,6 +18,10 @@ per-row log-sum-exp; the backward recomputes ``softmax(z) - target`` from it (on
 
 The same row kernel serves the fused linear cross-entropy, which writes the gradient over its private logits
 chunks.
+
+Per-token outputs (``cross_entropy_per_token``, for trainers that build their own loss from token
+log-probabilities, e.g. TRL's fused LM head): a variant of the row kernel also writes each row's entropy and
+whether the target is the first maximum (``argmax``), in the same pass; the loss kernel's code is unchanged.
 """
 
 from __future__ import annotations
@@ -31,7 +35,14 @@ import triton.language as tl
 
 from ._utils import check_float_dtype, multiprocessor_count, next_power_of_2, use_triton
 
-__all__ = ["cross_entropy", "cross_entropy_ref", "cross_entropy_triton"]
+__all__ = [
+    "cross_entropy",
+    "cross_entropy_per_token",
+    "cross_entropy_per_token_ref",
+    "cross_entropy_per_token_triton",
+    "cross_entropy_ref",
+    "cross_entropy_triton",
+]
 
 _REDUCTIONS = ("mean", "sum", "none")
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): e**x = 2**(x * _LOG2E)
@@ -91,6 +102,8 @@ def _ce_one_row(
     LSE,
     GRAD,
     GRAD_SCALE,
+    ENTROPY,
+    TOP1,
     stride_logits,
     stride_grad,
     n_cols,
@@ -106,8 +119,11 @@ def _ce_one_row(
     REVERSE: tl.constexpr,
     FIXUP: tl.constexpr,
     BLOCK: tl.constexpr,
+    STATS: tl.constexpr = False,
 ):
-    """Loss and log-sum-exp of row ``row64`` (int64); with WRITE_GRAD also its gradient. See ``_ce_row_kernel``."""
+    """Loss and log-sum-exp of row ``row64`` (int64); with WRITE_GRAD also its gradient; with STATS also the
+    entropy of softmax(z) (``ENTROPY``) and whether the target is the first maximum of z (``TOP1``, int8), both 0
+    on ignored rows. See ``_ce_row_kernel``."""
     n_blocks = tl.cdiv(n_cols, BLOCK)
     offs = tl.arange(0, BLOCK)
     row_ptr = LOGITS + row64 * stride_logits
@@ -125,6 +141,14 @@ def _ce_one_row(
         mx = float("-inf")  # the running max of x (plain path, no softcap)
         s = 0.0
     z_vec = tl.zeros([BLOCK], tl.float32)
+    if STATS:
+        # sum of exp(z - m) * z (entropy = lse - that / s), kept like s; the max of z left of the target (top-1:
+        # argmax picks the first maximum, so an equal logit before the target means the target is not top-1)
+        if LANE_STATS:
+            sz_vec = tl.zeros([BLOCK], tl.float32)
+        else:
+            sz = 0.0
+        before = float("-inf")
     for b in range(0, n_blocks):
         cols = b * BLOCK + offs
         mask = cols < n_cols
@@ -142,26 +166,41 @@ def _ce_one_row(
             z = x * inv_scale
         if HAS_SMOOTHING:
             z_vec += tl.where(mask, z, 0.0)
+        if STATS:
+            before = tl.maximum(before, tl.max(tl.where(mask & (cols < safe_target), z, float("-inf")), axis=0))
         if not (LANE_STATS or HAS_SOFTCAP):
             # z = x * inv_scale, inv_scale > 0: track the max in x units; exp(z - m) = exp2(x * a - max_x * a)
             # with a = inv_scale * log2 e: one FMA and one ex2 per element (z itself only feeds smoothing)
             a = inv_scale * _LOG2E
             mx_new = tl.maximum(mx, tl.max(x, axis=0))
-            s = s * tl.exp2((mx - mx_new) * a) + tl.sum(tl.exp2(x * a - mx_new * a), axis=0)
+            rescale = tl.exp2((mx - mx_new) * a)
+            e = tl.exp2(x * a - mx_new * a)
+            s = s * rescale + tl.sum(e, axis=0)
+            if STATS:
+                sz = sz * rescale + tl.sum(e * tl.where(mask, z, 0.0), axis=0)  # e = 0 where masked
             mx = mx_new
         elif LANE_STATS:
             # one exp per element: exp(-|z - m|) rescales either the old sum or the new element
             bigger = z > m_vec
             t = _exp(tl.where(bigger, m_vec - z, z - m_vec))
             s_vec = tl.where(bigger, s_vec * t + 1.0, s_vec + t)
+            if STATS:
+                sz_vec = tl.where(bigger, sz_vec * t + z, sz_vec + t * tl.where(mask, z, 0.0))
             m_vec = tl.where(bigger, z, m_vec)
         else:
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * _exp(m - m_new) + tl.sum(_exp(z - m_new), axis=0)
+            rescale = _exp(m - m_new)
+            e = _exp(z - m_new)
+            s = s * rescale + tl.sum(e, axis=0)
+            if STATS:
+                sz = sz * rescale + tl.sum(e * tl.where(mask, z, 0.0), axis=0)  # e = 0 where masked
             m = m_new
     if LANE_STATS:
         m = tl.max(m_vec, axis=0)
-        s = tl.sum(s_vec * _exp(m_vec - m), axis=0)
+        lane_scale = _exp(m_vec - m)
+        s = tl.sum(s_vec * lane_scale, axis=0)
+        if STATS:
+            sz = tl.sum(sz_vec * lane_scale, axis=0)
     elif not HAS_SOFTCAP:
         m = mx * inv_scale
     lse = m + tl.log(s)
@@ -171,6 +210,9 @@ def _ce_one_row(
         loss -= smoothing * tl.sum(z_vec, axis=0) / n_cols
     tl.store(LOSS + row64, tl.where(valid, loss, 0.0))
     tl.store(LSE + row64, lse)
+    if STATS:
+        tl.store(ENTROPY + row64, tl.where(valid, lse - sz / s, 0.0))
+        tl.store(TOP1 + row64, (valid & (z_t >= m) & (z_t > before)).to(tl.int8))
     # ---- pass 2 (WRITE_GRAD): grad = scale * (softmax(z) - (1 - eps) onehot - eps / V) * dz/dx, last block
     # first so that the blocks pass 1 read last are re-read while still in L2
     if WRITE_GRAD:
@@ -242,13 +284,54 @@ def _ce_row_kernel(
     if PERSISTENT:
         # an int64 loop counter, so row offsets never overflow (a plain int in interpreter mode)
         for row64 in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
-            _ce_one_row(row64, LOGITS, TARGET, LOSS, LSE, GRAD, GRAD_SCALE, stride_logits, stride_grad, n_cols,
-                        ignore_index, inv_scale, softcap, smoothing, HAS_SOFTCAP, HAS_SMOOTHING, WRITE_GRAD,
+            _ce_one_row(row64, LOGITS, TARGET, LOSS, LSE, GRAD, GRAD_SCALE, LOSS, LOSS, stride_logits, stride_grad,
+                        n_cols, ignore_index, inv_scale, softcap, smoothing, HAS_SOFTCAP, HAS_SMOOTHING, WRITE_GRAD,
                         LANE_STATS, L2_HINTS, REVERSE, FIXUP, BLOCK)  # fmt: skip
     else:
-        _ce_one_row(tl.program_id(0).to(tl.int64), LOGITS, TARGET, LOSS, LSE, GRAD, GRAD_SCALE, stride_logits,
-                    stride_grad, n_cols, ignore_index, inv_scale, softcap, smoothing, HAS_SOFTCAP, HAS_SMOOTHING,
-                    WRITE_GRAD, LANE_STATS, L2_HINTS, REVERSE, FIXUP, BLOCK)  # fmt: skip
+        _ce_one_row(tl.program_id(0).to(tl.int64), LOGITS, TARGET, LOSS, LSE, GRAD, GRAD_SCALE, LOSS, LOSS,
+                    stride_logits, stride_grad, n_cols, ignore_index, inv_scale, softcap, smoothing, HAS_SOFTCAP,
+                    HAS_SMOOTHING, WRITE_GRAD, LANE_STATS, L2_HINTS, REVERSE, FIXUP, BLOCK)  # fmt: skip
+
+
+@triton.jit
+def _ce_row_stats_kernel(
+    LOGITS,
+    TARGET,
+    LOSS,
+    LSE,
+    GRAD,
+    GRAD_SCALE,
+    ENTROPY,
+    TOP1,
+    stride_logits,
+    stride_grad,
+    n_rows,
+    n_cols,
+    ignore_index,
+    inv_scale,
+    softcap,
+    smoothing,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    LANE_STATS: tl.constexpr,
+    L2_HINTS: tl.constexpr,
+    REVERSE: tl.constexpr,
+    FIXUP: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """``_ce_row_kernel`` that also writes each row's entropy and top-1 flag (per-token outputs; a kernel of its
+    own, so the loss kernel's code and signature stay as they are)."""
+    if PERSISTENT:
+        for row64 in range(tl.program_id(0).to(tl.int64), n_rows, tl.num_programs(0)):
+            _ce_one_row(row64, LOGITS, TARGET, LOSS, LSE, GRAD, GRAD_SCALE, ENTROPY, TOP1, stride_logits,
+                        stride_grad, n_cols, ignore_index, inv_scale, softcap, smoothing, HAS_SOFTCAP, HAS_SMOOTHING,
+                        WRITE_GRAD, LANE_STATS, L2_HINTS, REVERSE, FIXUP, BLOCK, True)  # fmt: skip
+    else:
+        _ce_one_row(tl.program_id(0).to(tl.int64), LOGITS, TARGET, LOSS, LSE, GRAD, GRAD_SCALE, ENTROPY, TOP1,
+                    stride_logits, stride_grad, n_cols, ignore_index, inv_scale, softcap, smoothing, HAS_SOFTCAP,
+                    HAS_SMOOTHING, WRITE_GRAD, LANE_STATS, L2_HINTS, REVERSE, FIXUP, BLOCK, True)  # fmt: skip
 
 
 @triton.jit
@@ -376,6 +459,7 @@ def ce_forward_rows(
     grad_out: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
     launch: tuple | None = None,
+    stats_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row loss and log-sum-exp of (N, V) logits; optionally writes the gradient in the same kernel.
 
@@ -386,6 +470,9 @@ def ce_forward_rows(
             ``grad_scale * dloss_row/dlogits``.
         grad_scale: 1-element fp32 tensor (device) multiplying the written gradient; required with ``grad_out``.
         launch: launch-setting override (benchmark sweep), see :func:`_launch_settings`.
+        stats_out: optional ``(entropy, top1)`` buffers, (N,) fp32 and (N,) int8 (or bool), receiving each row's
+            entropy of ``softmax(z)`` and whether its target is the first maximum of ``z`` (``argmax``), 0 on
+            ignored rows; computed in the same pass (a kernel variant with the extra statistics).
 
     Returns:
         ``(loss_rows, lse)``: two (N,) fp32 tensors.
@@ -402,13 +489,22 @@ def ce_forward_rows(
     softcap_value, has_softcap = _softcap_args(softcap)
     if write_grad:
         assert grad_scale is not None and grad_out.stride(-1) == 1
-    _ce_row_kernel[(_grid(n_rows, per_sm, logits.device),)](
-        logits, target, loss, lse, grad_out if write_grad else logits, grad_scale if write_grad else lse,
-        logits.stride(0), grad_out.stride(0) if write_grad else 0, n_rows, n_cols, ignore_index,
-        1.0 / logits_scaling, softcap_value, label_smoothing,
+    grid = (_grid(n_rows, per_sm, logits.device),)
+    common = (logits.stride(0), grad_out.stride(0) if write_grad else 0, n_rows, n_cols, ignore_index,
+              1.0 / logits_scaling, softcap_value, label_smoothing)  # fmt: skip
+    options = dict(
         HAS_SOFTCAP=has_softcap, HAS_SMOOTHING=label_smoothing > 0, WRITE_GRAD=write_grad, LANE_STATS=lane,
         L2_HINTS=hints, REVERSE=reverse, FIXUP=fixup, PERSISTENT=per_sm > 0, BLOCK=block, num_warps=warps,
     )  # fmt: skip
+    grad_args = (grad_out if write_grad else logits, grad_scale if write_grad else lse)
+    if stats_out is None:
+        _ce_row_kernel[grid](logits, target, loss, lse, *grad_args, *common, **options)
+    else:
+        entropy, top1 = stats_out
+        assert entropy.dtype == torch.float32 and top1.dtype in (torch.int8, torch.bool)
+        assert entropy.shape == (n_rows,) and top1.shape == (n_rows,)
+        top1_bytes = top1.view(torch.int8) if top1.dtype == torch.bool else top1
+        _ce_row_stats_kernel[grid](logits, target, loss, lse, *grad_args, entropy, top1_bytes, *common, **options)
     return loss, lse
 
 
@@ -756,3 +852,128 @@ def cross_entropy(
     if use_triton(logits, target):
         return cross_entropy_triton(logits, target, **kwargs, inplace_backward=inplace_backward)
     return cross_entropy_ref(logits, target, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------ per-token outputs
+
+ENTROPY_GRAD_MESSAGE = (
+    "the per-token loss kernels return the entropy for metrics only and compute no gradient for it; a loss that "
+    "depends on the entropy (an entropy bonus) needs the full-logits path"
+)
+
+
+class _EntropyHasNoGrad(torch.autograd.Function):
+    """Identity on an entropy tensor whose backward refuses a gradient (instead of silently dropping it)."""
+
+    @staticmethod
+    def forward(ctx, entropy):
+        ctx.set_materialize_grads(False)
+        return entropy.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if grad is not None:
+            raise RuntimeError(ENTROPY_GRAD_MESSAGE)
+        return None
+
+
+def check_per_token_options(softcap: float | None, logits_scaling: float) -> None:
+    """Raise ``ValueError`` for options the per-token entry points do not define."""
+    validate_loss_options("none", None, softcap, logits_scaling, 0.0)
+
+
+def cross_entropy_per_token_ref(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    logits_scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pure-torch per-token negative log-likelihood, entropy and top-1 flag of (N, V) logits (fp32 math).
+
+    Args:
+        logits: (N, V) unnormalised scores; the softmax sees ``z = softcap * tanh((logits / logits_scaling) /
+            softcap)`` (no tanh without ``softcap``).
+        target: (N,) class ids; ``ignore_index`` rows give 0 in every output.
+        ignore_index: target value to skip.
+        softcap: Gemma2's final logit softcapping, or None.
+        logits_scaling: Granite's divisor of the logits.
+
+    Returns:
+        ``(loss, entropy, is_top1)``: (N,) fp32 ``-log softmax(z)[target]`` with gradient; (N,) fp32 entropy of
+        ``softmax(z)``, whose backward raises (metrics only); (N,) bool ``argmax(z) == target``.
+    """
+    _check_inputs(logits, target)
+    check_per_token_options(softcap, logits_scaling)
+    z = logits.float() / logits_scaling
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    valid = target != ignore_index
+    log_p = torch.log_softmax(z, dim=-1)
+    loss = F.nll_loss(log_p, target.long(), ignore_index=ignore_index, reduction="none")
+    entropy = -(log_p.exp() * log_p).sum(-1).masked_fill(~valid, 0.0)
+    is_top1 = (z.detach().argmax(-1) == target) & valid
+    return loss, _EntropyHasNoGrad.apply(entropy), is_top1
+
+
+class _CrossEntropyPerTokenFunction(torch.autograd.Function):
+    """Per-row losses (with autograd), entropy and top-1 flags from one pass over the logits (eager path)."""
+
+    @staticmethod
+    def forward(ctx, logits, target, ignore_index, softcap, logits_scaling):
+        n_rows = logits.shape[0]
+        entropy = torch.empty(n_rows, dtype=torch.float32, device=logits.device)
+        is_top1 = torch.empty(n_rows, dtype=torch.bool, device=logits.device)
+        loss, lse = ce_forward_rows(
+            logits, target, ignore_index, softcap, logits_scaling, 0.0, stats_out=(entropy, is_top1)
+        )
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(logits, target, lse)
+        ctx.options = (ignore_index, softcap, logits_scaling, 0.0)
+        ctx.mark_non_differentiable(is_top1)
+        return loss, entropy, is_top1
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_entropy, _grad_top1):
+        if grad_entropy is not None:
+            raise RuntimeError(ENTROPY_GRAD_MESSAGE)
+        if grad_loss is None:
+            return None, None, None, None, None
+        logits, target, lse = ctx.saved_tensors
+        grad = ce_backward_rows(grad_loss, logits, target, lse, *ctx.options)
+        return grad, None, None, None, None
+
+
+def cross_entropy_per_token_triton(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    logits_scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Triton per-token outputs; contract of :func:`cross_entropy_per_token_ref`.
+
+    One kernel pass reads the logits once for the loss, log-sum-exp, entropy and top-1 flag; the backward
+    recomputes ``softmax(z) - onehot`` from the stored log-sum-exp, scaled per row by the incoming gradient
+    (one read and one write of the logits).
+    """
+    _check_inputs(logits, target)
+    check_per_token_options(softcap, logits_scaling)
+    if logits.stride(-1) != 1:
+        logits = logits.contiguous()
+    softcap = float(softcap) if softcap is not None else None
+    return _CrossEntropyPerTokenFunction.apply(logits, target, int(ignore_index), softcap, float(logits_scaling))
+
+
+def cross_entropy_per_token(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    logits_scaling: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token negative log-likelihood (with gradient), entropy (metrics only) and top-1 flag of (N, V) logits:
+    Triton on CUDA (or ``TRITON_INTERPRET=1``), else the reference. See :func:`cross_entropy_per_token_ref`."""
+    if use_triton(logits, target):
+        return cross_entropy_per_token_triton(logits, target, ignore_index, softcap, logits_scaling)
+    return cross_entropy_per_token_ref(logits, target, ignore_index, softcap, logits_scaling)
