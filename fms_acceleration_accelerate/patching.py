@@ -152,14 +152,10 @@ class PatchRecorder:
         index = next((i for i, r in enumerate(self._records) if r is record), None)
         if index is None:
             raise ValueError(f"{record.plugin}: patch of {record.target} is not recorded here (already reverted?)")
-        later = [
-            r.target
-            for r in self._records[index + 1 :]
-            if r.owner is record.owner and r.attribute == record.attribute
-        ]
-        if later:
+        clash = [r for r in self._records[index + 1 :] if r.owner is record.owner and r.attribute == record.attribute]
+        if clash:
             raise ValueError(
-                f"{record.plugin}: cannot revert the patch of {record.target} alone: {later[0]} was patched later"
+                f"{record.plugin}: cannot revert the patch of {record.target} alone: {clash[0].target} was patched later"
             )
         del self._records[index]
         _undo(record)

@@ -20,9 +20,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from fms_acceleration_accelerate.model_specs import ArchitectureSpec, ModelMatch, ModelStructureError, activation_of
-from fms_acceleration_accelerate.patching import PluginPatcher
+from fms_acceleration_accelerate.patching import PatchRecord, PluginPatcher
 
 IGNORE_INDEX = -100
+
+
+class CallCounter:
+    """How many times a patched loss callable ran its kernel (not its fall-back to the original).
+
+    One per patch (no shared state); the patched callable also carries it as ``kernel_calls``.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def hit(self) -> None:
+        self.count += 1
+
+    def __repr__(self) -> str:
+        return f"CallCounter({self.count})"
 
 
 # ------------------------------------------------------------------------------------------------- RMSNorm
@@ -203,11 +221,14 @@ def causal_lm_cross_entropy(
     return cross_entropy(flat_logits, target, ignore_index=ignore_index, num_items_in_batch=num_items_in_batch)
 
 
-def patch_loss_function(match: ModelMatch, patches: PluginPatcher) -> int:
+def patch_loss_function(match: ModelMatch, patches: PluginPatcher, counter: CallCounter | None = None) -> PatchRecord:
     """Set the causal LM's ``loss_function`` (a transformers property) to :func:`causal_lm_cross_entropy`.
 
+    Args:
+        counter: counts the calls (default: a new one); also the replacement's ``kernel_calls``.
+
     Returns:
-        1.
+        The patch record.
     """
     lm = match.causal_lm.module
     if not isinstance(type(lm).__dict__.get("loss_function") or getattr(type(lm), "loss_function", None), property):
@@ -225,15 +246,22 @@ def patch_loss_function(match: ModelMatch, patches: PluginPatcher) -> int:
         else:
             del lm._loss_function
 
-    patches.patch(
+    counter = counter if counter is not None else CallCounter()
+
+    @functools.wraps(causal_lm_cross_entropy)
+    def loss_function(*args: Any, **kwargs: Any) -> torch.Tensor:
+        counter.hit()
+        return causal_lm_cross_entropy(*args, **kwargs)
+
+    loss_function.kernel_calls = counter  # type: ignore[attr-defined]
+    return patches.patch(
         lm,
         "loss_function",
-        causal_lm_cross_entropy,
+        loss_function,
         target=f"{match.causal_lm.path or type(lm).__name__}.loss_function",
         description="kernels.cross_entropy",
         undo=undo,
     )
-    return 1
 
 
 # -------------------------------------------------------------------------------------- fused linear CE
@@ -260,7 +288,33 @@ def check_lm_head_for_fused_loss(match: ModelMatch) -> nn.Linear:
     return head
 
 
-def _fused_linear_forward(match: ModelMatch, original: Callable[..., Any]) -> Callable[..., Any]:
+def logits_transform(match: ModelMatch) -> tuple[float | None, float]:
+    """``(softcap, logits_scaling)`` of the model's logits as its config sets them (Gemma2's final soft-capping,
+    Granite's divisor), read from the spec's config names."""
+    spec = match.spec
+    config = match.causal_lm.module.config
+    softcap = getattr(config, spec.logits.softcap_config) if spec.logits.softcap_config else None
+    scaling = getattr(config, spec.logits.scaling_config) if spec.logits.scaling_config else None
+    return (float(softcap) if softcap is not None else None), (float(scaling) if scaling is not None else 1.0)
+
+
+def router_aux_loss_function(match: ModelMatch) -> Callable[..., torch.Tensor] | None:
+    """The architecture's MoE load-balancing loss function, or None for a dense model."""
+    spec = match.spec
+    if not spec.logits.router_aux_loss:
+        return None
+    aux_loss_fn = getattr(importlib.import_module(spec.modeling_module), "load_balancing_loss_func", None)
+    if aux_loss_fn is None:
+        raise ModelStructureError(
+            f"{spec.modeling_module} has no load_balancing_loss_func",
+            fix="set fast_loss: true instead of 'fused_linear'",
+        )
+    return aux_loss_fn
+
+
+def _fused_linear_forward(
+    match: ModelMatch, original: Callable[..., Any], counter: CallCounter | None = None
+) -> Callable[..., Any]:
     """Causal-LM forward computing the training loss with the fused linear cross-entropy kernel."""
     from transformers.modeling_outputs import CausalLMOutputWithPast, MoeCausalLMOutputWithPast
 
@@ -274,14 +328,8 @@ def _fused_linear_forward(match: ModelMatch, original: Callable[..., Any]) -> Ca
             "does not match the spec",
             fix="set fast_loss: true instead of 'fused_linear'",
         )
-    aux_loss_fn = None
-    if spec.logits.router_aux_loss:
-        aux_loss_fn = getattr(importlib.import_module(spec.modeling_module), "load_balancing_loss_func", None)
-        if aux_loss_fn is None:
-            raise ModelStructureError(
-                f"{spec.modeling_module} has no load_balancing_loss_func",
-                fix="set fast_loss: true instead of 'fused_linear'",
-            )
+    aux_loss_fn = router_aux_loss_function(match)
+    counter = counter if counter is not None else CallCounter()
     output_class = MoeCausalLMOutputWithPast if spec.logits.router_aux_loss else CausalLMOutputWithPast
     output_fields = set(output_class.__dataclass_fields__)
 
@@ -292,6 +340,7 @@ def _fused_linear_forward(match: ModelMatch, original: Callable[..., Any]) -> Ca
         labels = arguments.get("labels")
         if labels is None or not lm.training or not torch.is_grad_enabled():
             return original(*args, **kwargs)
+        counter.hit()
         extra = dict(arguments.pop(var_keyword, {}))
         arguments.pop("labels")
         logits_to_keep = arguments.pop("logits_to_keep", 0)
@@ -312,8 +361,7 @@ def _fused_linear_forward(match: ModelMatch, original: Callable[..., Any]) -> Ca
         shift_labels = extra.get("shift_labels")
         if shift_labels is None:
             shift_labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-        softcap = getattr(config, spec.logits.softcap_config) if spec.logits.softcap_config else None
-        scaling = getattr(config, spec.logits.scaling_config) if spec.logits.scaling_config else None
+        softcap, scaling = logits_transform(match)
         # through lm_head's own call, so FSDP (lm_head in a unit of its own or grouped with the final norm)
         # gathers its weight and reduces its gradient as for any module forward
         loss = getattr(lm, spec.lm_head_attribute)(
@@ -323,7 +371,7 @@ def _fused_linear_forward(match: ModelMatch, original: Callable[..., Any]) -> Ca
                 "ignore_index": extra.get("ignore_index", IGNORE_INDEX),
                 "num_items_in_batch": extra.get("num_items_in_batch"),
                 "softcap": softcap,
-                "logits_scaling": float(scaling) if scaling is not None else 1.0,
+                "logits_scaling": scaling,
             },
         )
         result: dict[str, Any] = {"loss": loss, "logits": None}
@@ -339,17 +387,28 @@ def _fused_linear_forward(match: ModelMatch, original: Callable[..., Any]) -> Ca
         output = output_class(**result)
         return output if return_dict else output.to_tuple()
 
+    forward.kernel_calls = counter  # type: ignore[attr-defined]
     return forward
 
 
-def _fused_loss_head_forward(head: nn.Linear, original: Callable[..., Any], where: str) -> Callable[..., Any]:
+def _fused_loss_head_forward(
+    head: nn.Linear, original: Callable[..., Any], where: str, counter: CallCounter | None = None
+) -> Callable[..., Any]:
     """lm_head forward: ``head(hidden)`` as before; ``head(hidden2d, fused_loss={...})`` returns the fused linear
-    cross-entropy of ``hidden2d @ weight.T + bias`` (the weight read here, inside lm_head's own call)."""
-    from fms_acceleration_accelerate_kernels.fused_linear_cross_entropy import fused_linear_cross_entropy
+    cross-entropy of ``hidden2d @ weight.T + bias`` (the weight read here, inside lm_head's own call); with
+    ``fused_loss["per_token"]`` true, the per-token ``(loss, entropy, is_top1)`` of
+    ``fused_linear_cross_entropy_per_token`` instead."""
+    from fms_acceleration_accelerate_kernels.fused_linear_cross_entropy import (
+        fused_linear_cross_entropy,
+        fused_linear_cross_entropy_per_token,
+    )
 
-    def forward(hidden: torch.Tensor, fused_loss: dict[str, Any] | None = None) -> torch.Tensor:
+    counter = counter if counter is not None else CallCounter()
+
+    def forward(hidden: torch.Tensor, fused_loss: dict[str, Any] | None = None) -> Any:
         if fused_loss is None:
             return original(hidden)
+        counter.hit()
         weight = head.weight
         if type(weight).__name__ == "DTensor" or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
             raise RuntimeError(
@@ -368,17 +427,20 @@ def _fused_loss_head_forward(head: nn.Linear, original: Callable[..., Any], wher
             bias = bias.to(hidden.dtype)
         options = dict(fused_loss)
         target = options.pop("target")
+        if options.pop("per_token", False):
+            return fused_linear_cross_entropy_per_token(hidden, weight, target, bias, **options)
         return fused_linear_cross_entropy(hidden, weight, target, bias, **options)
 
+    forward.kernel_calls = counter  # type: ignore[attr-defined]
     return forward
 
 
-def patch_fused_linear_loss(match: ModelMatch, patches: PluginPatcher) -> int:
-    """Replace the causal LM's forward: in training with labels, lm_head + loss run as the fused linear
-    cross-entropy (logits never materialised; ``outputs.logits`` is ``None``); otherwise the original forward.
+def patch_fused_loss_head(match: ModelMatch, patches: PluginPatcher, counter: CallCounter | None = None) -> PatchRecord:
+    """Let ``lm_head`` compute the fused linear cross-entropy when called with ``fused_loss=`` (see
+    :func:`_fused_loss_head_forward`); plain calls run its original forward.
 
     Returns:
-        1.
+        The patch record.
     """
     check_lm_head_for_fused_loss(match)
     lm = match.causal_lm.module
@@ -390,16 +452,39 @@ def patch_fused_linear_loss(match: ModelMatch, patches: PluginPatcher) -> int:
         )
     head = getattr(lm, spec.lm_head_attribute)
     head_path = f"{match.causal_lm.path + '.' if match.causal_lm.path else ''}{spec.lm_head_attribute}"
-    patches.patch_forward(
+    return patches.patch_forward(
         head,
-        _fused_loss_head_forward(head, head.forward, head_path),
+        _fused_loss_head_forward(head, head.forward, head_path, counter),
         target=head_path,
         description="kernels.fused_linear_cross_entropy when called with fused_loss=",
     )
-    patches.patch_forward(
+
+
+def patch_fused_linear_forward(
+    match: ModelMatch, patches: PluginPatcher, counter: CallCounter | None = None
+) -> PatchRecord:
+    """Replace the causal LM's forward: in training with labels, lm_head + loss run as the fused linear
+    cross-entropy (logits never materialised; ``outputs.logits`` is ``None``); otherwise the original forward.
+    Needs :func:`patch_fused_loss_head` first.
+
+    Returns:
+        The patch record.
+    """
+    lm = match.causal_lm.module
+    return patches.patch_forward(
         lm,
-        _fused_linear_forward(match, lm.forward),
+        _fused_linear_forward(match, lm.forward, counter),
         target=match.causal_lm.path or type(lm).__name__,
         description="kernels.fused_linear_cross_entropy (training with labels)",
     )
+
+
+def patch_fused_linear_loss(match: ModelMatch, patches: PluginPatcher) -> int:
+    """:func:`patch_fused_loss_head` then :func:`patch_fused_linear_forward`.
+
+    Returns:
+        1.
+    """
+    patch_fused_loss_head(match, patches)
+    patch_fused_linear_forward(match, patches)
     return 1

@@ -44,11 +44,10 @@ from fms_acceleration_accelerate.model_specs import (
 from fms_acceleration_accelerate.plugin import AccelerationPlugin
 
 from .config import FusedOpsAndKernelsConfig
+from .fast_loss import FastLoss
 from .fused_lora import FusedLoraReport, fsdp_units_inside, is_peft_lora_layer, patch_fused_lora
 from .patches import (
-    patch_fused_linear_loss,
     patch_glu_mlps,
-    patch_loss_function,
     patch_rms_norms,
     patch_rotary,
 )
@@ -156,6 +155,8 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         self._fsdp_expected = False
         self.patch_counts: dict[str, int] = {}
         """Option name -> how many patches it made (filled as the hooks run)."""
+        self.fast_loss = FastLoss(config.loss_mode) if config.loss_mode != "none" else None
+        """The loss patches (HF Trainer or TRL fused-head contract) and their kernel call counts."""
         self.recompute = RecomputeState(keep_attention=config.checkpoint_keep_attention)
         """Set during checkpoint recomputations (``lean_recompute``, ``checkpoint_keep_attention``);
         ``recompute.skipped`` / ``.kept`` count what they did."""
@@ -284,10 +285,8 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             if self._fused_report is not None and self._fused_report.whole_mlps:
                 count += len(self._fused_report.whole_mlps)  # the fused MLP kernel includes the activation
             self._count("fast_swiglu", count, spec)
-        if c.loss_mode == "cross_entropy":
-            self._count("fast_loss", patch_loss_function(match, self.patches), spec)
-        elif c.loss_mode == "fused_linear":
-            self._count("fast_loss", patch_fused_linear_loss(match, self.patches), spec)
+        if self.fast_loss is not None:
+            self._count("fast_loss", self.fast_loss.patch(match, self.patches), spec)
         self._install_recompute(model)
 
     def _recompute_for(self, spec: ArchitectureSpec) -> RecomputeState | None:
@@ -403,6 +402,7 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             self._check_fsdp(model)
         self._warn_detached_patches(model)
         self._install_recompute(model)
+        self._adopt_trl_head(model)
 
     def _warn_detached_patches(self, model: Any) -> None:
         """Warn when a projection whose forward this plugin patched is no longer part of the model (another
@@ -433,7 +433,18 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             self._apply_fused(model)
         if model is not None:
             self._install_recompute(model)
+            self._adopt_trl_head(model)
         return []
+
+    def _adopt_trl_head(self, model: Any) -> None:
+        """Serve TRL's fused LM head with the loss kernels when a TRL trainer put one on the model after the loss
+        was patched (see ``fast_loss.py``)."""
+        if self.fast_loss is not None and self._augmented:
+            self.fast_loss.adopt_trl_head(self._match(model)[1], self.patches)
+
+    def loss_kernel_calls(self) -> dict[str, int]:
+        """``{patched target: calls that ran a loss kernel}`` for the loss patches in the patch table."""
+        return self.fast_loss.kernel_calls(self.patches) if self.fast_loss is not None else {}
 
     # ------------------------------------------------------------------------------------------- helpers
     def _match(self, model: Any) -> tuple[ArchitectureSpec, ModelMatch]:
@@ -561,6 +572,13 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             lines.append(
                 "fast_loss: causal LM forward in training with labels -> kernels.fused_linear_cross_entropy "
                 "(logits not materialised, outputs.logits is None); otherwise the original forward"
+            )
+        if c.loss_mode != "none":
+            per_token = {"fused_linear": "fused_linear_cross_entropy_per_token"}
+            kernel = per_token.get(c.loss_mode, "cross_entropy_per_token on lm_head's logits")
+            lines.append(
+                "fast_loss under a TRL trainer (its fused LM head on the model): the forward's fused_lm_head=True "
+                f"path -> kernels.{kernel} (log_probs, entropy, is_top1), replacing the loss patch above"
             )
         if c.lean_recompute and (c.fused_lora or c.fused_dequant):
             lines.append(
