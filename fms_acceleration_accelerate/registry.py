@@ -29,7 +29,7 @@ KNOWN_SECTIONS: Mapping[str, str] = MappingProxyType(
         # upstream fms-acceleration sections for which this project has no plugin yet
         "peft.quantization.auto_gptq": "",
         "training.attention.padding_free": "",
-        "training.attention.multipack": "",
+        "training.dataloader.multipack": "",
         "training.moe.scattermoe": "",
         "training.odm": "",
     }

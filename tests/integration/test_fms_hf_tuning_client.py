@@ -321,3 +321,22 @@ def test_installed_wheels_stand_in_only_until_the_original_is_installed(tmp_path
 
     _run([*pip, "--python", python, "uninstall", "-y", "-q", "fms-acceleration"], tmp_path)
     assert "upstream_names" in origins()["fms_acceleration"]
+
+
+def test_sections_without_a_plugin_here_pass_through_next_to_active_ones():
+    """Upstream's padding-free / multipack sections (paths as in its aadp plugin) next to QLoRA sections."""
+    pytest.importorskip("bitsandbytes")
+    from fms_acceleration import AccelerationFramework
+
+    body = {
+        "training": {
+            "attention": {"padding_free": {"method": "huggingface"}},
+            "dataloader": {"multipack": {"num_workers": 16}},
+        },
+        "peft": {"quantization": {"bitsandbytes": {"quant_type": "nf4"}}},
+    }
+    framework = AccelerationFramework({"plugins": body})
+    assert framework.active_plugin_names == ("bitsandbytes",)
+    passed = {section.path: section.reason for section in framework.passthrough}
+    assert set(passed) == {"plugins.training.attention.padding_free", "plugins.training.dataloader.multipack"}
+    assert all("no plugin in this release" in reason for reason in passed.values()), passed
