@@ -192,3 +192,17 @@ def test_cli_maps_plugin_names_to_this_projects_packages(capsys):
     listing = capsys.readouterr().out
     assert "fms_acceleration_peft: installed" in listing and "fms_acceleration_foak: installed" in listing
     assert "fms_acceleration_moe: not available" in listing
+
+
+def test_the_start_up_file_only_names_folders():
+    """Every interpreter start reads it: directory lines cost an existence check each and import nothing."""
+    import site
+
+    files = [Path(d) / "fms_acceleration_accelerate_upstream_names.pth" for d in site.getsitepackages()]
+    (pth,) = [f for f in files if f.is_file()]
+    lines = [line.strip() for line in pth.read_text(encoding="utf-8").splitlines() if line.strip()]
+    assert lines and all(line.startswith("#") or not line.startswith(("import ", "import\t")) for line in lines)
+    folders = [line for line in lines if not line.startswith("#")]
+    assert {"fms_acceleration_accelerate/upstream_names", "fms_acceleration_accelerate_foak/upstream_names"} <= set(
+        folders
+    )
