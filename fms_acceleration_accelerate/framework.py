@@ -102,7 +102,7 @@ class AccelerationFramework:
         self.config: AccelerationConfig = load_acceleration_config(configuration_file_or_dict)
         self.registry = registry if registry is not None else PluginRegistry.discover()
         self.patches = PatchRecorder()
-        self._summary_logged: tuple[int, ...] | None = None  # the records last printed by log_patch_summary
+        self._summary_logged: set[int] | None = None  # ids of the records log_patch_summary printed
         self._claimed: weakref.WeakSet[Any] = weakref.WeakSet()  # models marked by claim_model
         # every problem of the configuration is collected and reported at once: the Accelerate settings (when
         # the body came from an Accelerate config), the section tree, each plugin's options and packages
@@ -111,13 +111,14 @@ class AccelerationFramework:
             from .accelerate_config import accelerate_settings_problems
 
             errors.extend(accelerate_settings_problems(self.config.accelerate_settings, origin=self.config.origin))
+        settings_errors = len(errors)
         claimed = self._walk_sections(errors)
         self.plugins: tuple[AccelerationPlugin, ...]
         self.plugins, self.passthrough = self._activate(claimed, check_packages, errors)
+        if not self.plugins and len(errors) == settings_errors:  # a body that is valid but activates nothing
+            errors.append(self._nothing_activated())
         if errors:
             raise AccelerationConfigError.combine(errors)
-        if not self.plugins:
-            raise self._nothing_activated()
         self._check_combination()
         for section in self.passthrough:
             if is_main_process():
@@ -477,7 +478,8 @@ class AccelerationFramework:
                 if f.default is dataclasses.MISSING or getattr(plugin.config, f.name) != f.default
             ]
             parts.append(f"{plugin.plugin_name()}({', '.join(changed)})")
-        return f"config {self.config.origin}: {', '.join(parts) or 'no plugins'}"
+        origin = self.config.origin
+        return f"{origin if origin.startswith('the ') else 'config ' + origin}: {', '.join(parts) or 'no plugins'}"
 
     def augmentation(
         self, model: Any, train_args: Any = None, modifiable_args: tuple[Any, ...] = ()
@@ -527,11 +529,12 @@ class AccelerationFramework:
         return callbacks
 
     def log_patch_summary(self, model: Any = None, force: bool = False) -> None:
-        """Print the patch table on the main process: once, unless patches were added or undone since it was
-        printed (then the current table is printed again).
+        """Print the patch table on the main process, once. Patches added after it was printed (e.g. kernels
+        patched in ``Accelerator.prepare`` after ``get_callbacks_and_ready_for_train``) are printed later as a
+        table of the added rows only; ``force`` prints the whole table again.
 
-        With ``model``, patches of module instances that are no longer part of it (a layer another plugin
-        replaced after it was patched) are left out: the table lists what runs.
+        With ``model`` (a module or a list of them), patches of module instances that are no longer part of it
+        (a layer another plugin replaced after it was patched) are left out: the table lists what runs.
         """
         if not is_main_process():
             return
@@ -539,11 +542,18 @@ class AccelerationFramework:
             model, force = None, model
         modules = _attached_modules(model)
         records = [r for r in self.patches.records if modules is None or _runs_in(r, modules)]
-        state = tuple(id(r) for r in records)
-        if self._summary_logged == state and not force:
+        printed = self._summary_logged
+        if printed is None or force:
+            self._summary_logged = {id(r) for r in records}
+            print(self.patches.summary_table(records), flush=True)
             return
-        self._summary_logged = state
-        print(self.patches.summary_table(records), flush=True)
+        added = [r for r in records if id(r) not in printed]
+        if added:
+            printed.update(id(r) for r in added)
+            table = self.patches.summary_table(added).replace(
+                "fms-acceleration patches:", "fms-acceleration patches added since the table above:", 1
+            )
+            print(table, flush=True)
 
     def revert(self) -> int:
         """Undo every patch made through this framework; returns how many were undone.

@@ -798,3 +798,26 @@ def test_check_subprocess_reports_every_problem_without_traceback(tmp_path):
         "(3 problems)",
     ):
         assert text in result.stderr
+
+
+def test_fused_kernels_over_another_loaders_format_are_refused_at_config_time(no_model_loads):
+    """base_layer: bitsandbytes while a plugin that loads no bitsandbytes layers loads the model: refused before
+    anything is loaded (the kernels would find no 4-bit layer after loading)."""
+    from fms_acceleration_accelerate_foak import FusedOpsAndKernelsPlugin
+
+    from fms_acceleration_accelerate import PluginRegistry
+
+    from .helpers import QuantLoader
+
+    config = {
+        "peft": {
+            "quantization": {
+                "testquant": {},
+                "fused_ops_and_kernels": {"base_layer": "bitsandbytes", "fused_lora": True},
+            }
+        }
+    }
+    with pytest.raises(AccelerationConfigError) as err:
+        AccelerationFramework(config, registry=PluginRegistry([QuantLoader, FusedOpsAndKernelsPlugin]))
+    assert err.value.path == "peft.quantization.fused_ops_and_kernels.base_layer"
+    assert "the model is loaded by plugin 'quant-loader', which loads no bitsandbytes 4-bit layers" in str(err.value)

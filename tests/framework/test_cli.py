@@ -125,3 +125,34 @@ def test_check_bad_files_in_process(tmp_path, capsys, text, expected):
     assert err.startswith("error: ") and expected in err
     assert cli.main(["check", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_check_of_an_accelerate_config_without_section_reports_its_settings_too(tmp_path, capsys):
+    config = tmp_path / "accelerate.yaml"
+    config.write_text("distributed_type: FSPD\nnum_processes: 0\nfsdp_config: {fsdp_verison: 2}\n", encoding="utf-8")
+    assert cli.main(["check", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: [distributed_type] invalid distributed_type 'FSPD'. Did you mean 'FSDP'?")
+    assert "[num_processes] must be at least 1, got 0" in err
+    assert "[fsdp_config.fsdp_verison] unknown key 'fsdp_verison' (Accelerate would ignore it). Did you mean" in err
+    assert "has no 'plugins:' or 'acceleration:' section" in err and "(4 problems)" in err
+
+
+def test_check_notes_what_a_kernels_only_qlora_section_expects_from_the_script(tmp_path, capsys):
+    """base_layer: bitsandbytes without the bitsandbytes plugin is valid (the script may load the model in 4 bit
+    with transformers), and check says so; next to a loader of another format it is refused."""
+    config = tmp_path / "foak.yaml"
+    config.write_text(
+        "plugins:\n  peft:\n    quantization:\n      fused_ops_and_kernels: {base_layer: bitsandbytes, fused_lora: true}\n",
+        encoding="utf-8",
+    )
+    assert cli.main(["check", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "note: no active plugin loads the model in 4 bit" in out and "BitsAndBytesConfig(load_in_4bit=True)" in out
+    config.write_text(
+        "plugins:\n  peft:\n    quantization:\n      bitsandbytes: {quant_type: nf4}\n"
+        "      fused_ops_and_kernels: {base_layer: bitsandbytes, fused_lora: true}\n",
+        encoding="utf-8",
+    )
+    assert cli.main(["check", str(config)]) == 0
+    assert "note: no active plugin loads the model in 4 bit" not in capsys.readouterr().out

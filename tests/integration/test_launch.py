@@ -176,6 +176,161 @@ def test_bad_section_in_environment_fails_on_every_rank(launch_env, tmp_path):
     assert result.stderr.count("[acceleration.testing.toy_lora] r must be positive") == 2
 
 
+# the config file's problems, under stock `accelerate launch`: exit 2, the message, no traceback, no worker
+LAUNCH_BAD = [
+    pytest.param(
+        "distributed_type: FSPD\nnum_processes: 1\nacceleration:\n  testing:\n    toy_lora: {r: 2}\n",
+        ["[distributed_type] invalid distributed_type 'FSPD'. Did you mean 'FSDP'?", "valid values: NO, MULTI_CPU"],
+        id="fspd-with-section",
+    ),
+    pytest.param(
+        "distributed_type: FSPD\nnum_processes: 1\n",
+        ["[distributed_type] invalid distributed_type 'FSPD'. Did you mean 'FSDP'?"],
+        id="fspd-stock-config",
+    ),
+    pytest.param(
+        "- distributed_type\n- FSDP\n", ["must hold a mapping at the top level, got list"], id="not-a-mapping"
+    ),
+    pytest.param(
+        "distributed_type: 'NO'\nnum_processes: 1\nacceleration: {}\n",
+        ["No plugins could be configured. Please check the acceleration framework configuration file.", "is empty"],
+        id="empty-section",
+    ),
+    pytest.param(
+        "distributed_type: 'NO'\nnum_processes: 1\nacceleraton:\n  testing:\n    toy_lora: {r: 2}\n",
+        ["[acceleraton] unknown top-level key 'acceleraton'", "Did you mean 'acceleration'?"],
+        id="top-level-typo",
+    ),
+    pytest.param(
+        "distributed_type: 'NO'\nnum_processes: 1\nmixed_precision: no\nacceleration:\n  vendor: {turbo: {}}\n",
+        ["[mixed_precision] invalid mixed_precision False", "(2 problems)", "acceleration.vendor"],
+        id="several-problems",
+    ),
+]
+
+
+@needs_hook
+@pytest.mark.parametrize(("text", "expected"), LAUNCH_BAD)
+def test_bad_config_under_stock_accelerate_launch(launch_env, tmp_path, text, expected):
+    cfg = write_config(tmp_path / "bad.yaml", text)
+    result = run(
+        [ACCELERATE, "launch", "--config_file", str(cfg), "--main_process_port", str(free_port()), WORKER],
+        launch_env,
+        tmp_path,
+        timeout=90,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr + result.stdout
+    assert f"fms-acceleration: error in {cfg} (machine 0): " in result.stderr
+    for text_part in expected:
+        assert text_part in result.stderr, result.stderr[-3000:]
+    assert len(result.stderr) < 6000
+    assert not list(Path(launch_env["REPORT_DIR"]).glob("started_*")), "a worker started"
+
+
+@needs_hook
+def test_section_larger_than_an_environment_variable_reaches_every_worker(launch_env, tmp_path):
+    """Linux caps one environment variable at 128 KiB: a 300 KB section travels in a file named by the variable;
+    the launcher removes the file when it exits."""
+    blob = "x" * 300_000
+    cfg = write_config(
+        tmp_path / "cfg.yaml",
+        CONFIG.format(machines=1, report=launch_env["REPORT_DIR"]) + f"  vendor:\n    payload: {{blob: {blob}}}\n",
+    )
+    private_tmp = tmp_path / "tmpdir"
+    private_tmp.mkdir()
+    env = dict(launch_env, TMPDIR=str(private_tmp))
+    result = run(
+        [ACCELERATE, "launch", "--config_file", str(cfg), "--main_process_port", str(free_port()), WORKER],
+        env,
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    _check_two_ranks(launch_env)
+    assert "acceleration section acceleration.vendor passed through" in result.stderr + result.stdout
+    assert not list(private_tmp.glob("fms_acceleration_section_*")), "the section file outlived its launcher"
+
+
+# ----------------------------------------------------------------------------- the section hand-off
+
+
+def test_export_writes_a_private_file_that_workers_read(tmp_path, monkeypatch):
+    from fms_acceleration_accelerate import accelerate_integration as ai
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr("tempfile.tempdir", None)
+    monkeypatch.delenv(ai.ENV_SECTION, raising=False)
+    body = {"testing": {"toy_lora": {"r": 2}}, "vendor": {"blob": "y" * 200_000}}
+    path = ai.export_section(body, "cfg.yaml")
+    assert os.environ[ai.ENV_SECTION] == path and len(path) < 4096
+    assert Path(path).parent == tmp_path and (Path(path).stat().st_mode & 0o777) == 0o600
+    assert os.environ[ai.ENV_SECTION_ORIGIN] == "cfg.yaml"
+    assert ai.section_from_environment() == {"acceleration": body}
+    assert startup.mode(environ={"FMS_ACCELERATION_SECTION": path}, argv=["x.py"], orig_argv=[]) == "worker"
+    # an inline JSON value (set by hand, or by an older launcher) is still read
+    monkeypatch.setenv(ai.ENV_SECTION, json.dumps({"testing": {}}))
+    assert ai.section_from_environment() == {"acceleration": {"testing": {}}}
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param("/nonexistent/fms_acceleration_section_x.json", "cannot read the section file", id="missing"),
+        pytest.param("{not json", "is not valid JSON", id="bad-inline-json"),
+    ],
+)
+def test_worker_section_errors_are_clear(value, expected, monkeypatch):
+    from fms_acceleration_accelerate import AccelerationConfigError
+    from fms_acceleration_accelerate import accelerate_integration as ai
+
+    monkeypatch.setenv(ai.ENV_SECTION, value)
+    with pytest.raises(AccelerationConfigError, match=expected) as err:
+        ai.section_from_environment()
+    assert "FMS_ACCELERATION_SECTION" in str(err.value)
+
+
+def test_section_file_is_removed_when_the_exporting_process_exits(tmp_path):
+    code = (
+        "from fms_acceleration_accelerate.accelerate_integration import export_section\n"
+        "import os\n"
+        "path = export_section({'testing': {'toy_lora': {}}}, 'cfg.yaml')\n"
+        "assert os.path.exists(path)\n"
+        "print(path)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FMS_ACCELERATION")}
+    env["FMS_ACCELERATION_DISABLE_HOOK"] = "1"
+    env["TMPDIR"] = str(tmp_path)
+    result = run([sys.executable, "-c", code], env, tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    path = Path(result.stdout.strip().splitlines()[-1])
+    assert path.parent == tmp_path and path.name.startswith("fms_acceleration_section_")
+    assert not path.exists()
+
+
+def test_launcher_check_of_a_config_in_process(tmp_path, monkeypatch, capsys):
+    """What the launcher hook does with each config file (without starting processes)."""
+    from accelerate.commands.config import config_args
+
+    from fms_acceleration_accelerate import accelerate_integration as ai
+
+    monkeypatch.delenv(ai.ENV_SECTION, raising=False)
+    installed_here = ai.install_launcher_support()
+    try:
+        cfg = write_config(tmp_path / "list.yaml", "- a\n")
+        with pytest.raises(SystemExit) as exit_info:
+            config_args.load_config_from_file(str(cfg))
+        assert exit_info.value.code == 2
+        assert "must hold a mapping at the top level, got list" in capsys.readouterr().err
+        with pytest.raises(SystemExit):
+            config_args.load_config_from_file(str(tmp_path / "missing.yaml"))
+        assert "does not exist" in capsys.readouterr().err
+        good = write_config(tmp_path / "good.yaml", "distributed_type: 'NO'\nnum_processes: 1\nuse_cpu: true\n")
+        assert config_args.load_config_from_file(str(good)).distributed_type == "NO"  # stock config: unchanged
+    finally:
+        if installed_here:
+            ai.uninstall_launcher_support()
+
+
 def test_hook_can_be_switched_off(launch_env, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", CONFIG.format(machines=1, report=launch_env["REPORT_DIR"]))
     env = dict(launch_env, FMS_ACCELERATION_DISABLE_HOOK="1")
