@@ -401,7 +401,7 @@ class _ProcessState:
         if self._section is None or self._section[0] != raw:
             origin = os.environ.get(ENV_SECTION_ORIGIN)
             source = f"the acceleration section of {origin}" if origin else f"${ENV_SECTION}"
-            self._section = (raw, _FrameworkSlot(_section_framework, source))
+            self._section = (raw, _FrameworkSlot(functools.partial(_section_framework, source), source))
         return self._section[1]
 
     def note_source(self, source: Any) -> None:
@@ -416,20 +416,23 @@ class _ProcessState:
         if latest is not None:
             framework = get_framework(latest)
             if framework is not None and not getattr(latest, "_models", None):
-                return framework, "the Accelerator's acceleration config"
+                origin = framework.config.origin
+                return framework, origin if origin.startswith("the ") else f"the Accelerator's config ({origin})"
         slot = self.section_slot()
         if slot is None:
             return None, ""
         return slot.for_loading(), slot.source
 
 
-def _section_framework() -> AccelerationFramework:
+def _section_framework(source: str) -> AccelerationFramework:
     section = section_from_environment()
     if section is None:
         raise AccelerationConfigError(
             f"${ENV_SECTION} was unset while this process used it", fix=f"leave {ENV_SECTION} as the launcher set it"
         )
-    return AccelerationFramework(section)
+    framework = AccelerationFramework(section)
+    framework.config = dataclasses.replace(framework.config, origin=source)  # messages name the launch config
+    return framework
 
 
 def _process_state(accelerator_cls: type = Accelerator) -> _ProcessState:

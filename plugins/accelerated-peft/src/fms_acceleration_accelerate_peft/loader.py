@@ -219,7 +219,7 @@ def _default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def load_quantized_causal_lm(model_name_or_path: str, config: BnbQuantizationConfig, **kwargs: Any) -> nn.Module:
+def load_quantized_causal_lm(model_name_or_path: str, config: BnbQuantizationConfig, /, **kwargs: Any) -> nn.Module:
     """Load a causal LM with 4-bit bitsandbytes linear layers.
 
     Args:
