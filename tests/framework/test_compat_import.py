@@ -206,3 +206,22 @@ def test_the_start_up_file_only_names_folders():
     assert {"fms_acceleration_accelerate/upstream_names", "fms_acceleration_accelerate_foak/upstream_names"} <= set(
         folders
     )
+
+
+def test_plugin_names_warn_when_the_original_framework_would_import_them(tmp_path):
+    """The original framework imports every ``fms_acceleration_<plugin>`` it finds, so in a mixed installation
+    it imports these stand-ins; they say that the original does not use this project's plugins."""
+    site = tmp_path / "site"
+    info = site / "fms_acceleration-0.6.4.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fms-acceleration\nVersion: 0.6.4\n", encoding="utf-8")
+    result = _python("import fms_acceleration_foak, fms_acceleration_peft\n", tmp_path, PYTHONPATH=str(site))
+    assert result.returncode == 0, result.stderr
+    for name, dist in (
+        ("fms_acceleration_foak", "fms-acceleration-foak"),
+        ("fms_acceleration_peft", "fms-acceleration-peft"),
+    ):
+        assert f"{name} is fms-acceleration-accelerate's stand-in" in result.stderr
+        assert f"Install the original's {dist}" in result.stderr
+    plain = _python("import fms_acceleration_foak, fms_acceleration_peft\n", tmp_path)
+    assert plain.returncode == 0 and "stand-in" not in plain.stderr, plain.stderr
