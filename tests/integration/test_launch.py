@@ -334,7 +334,13 @@ def test_launcher_check_of_a_config_in_process(tmp_path, monkeypatch, capsys):
 def test_hook_can_be_switched_off(launch_env, tmp_path):
     cfg = write_config(tmp_path / "cfg.yaml", CONFIG.format(machines=1, report=launch_env["REPORT_DIR"]))
     env = dict(launch_env, FMS_ACCELERATION_DISABLE_HOOK="1")
-    result = run([ACCELERATE, "launch", "--config_file", str(cfg), WORKER], env, tmp_path, timeout=60)
+    port = str(free_port())
+    result = run(
+        [ACCELERATE, "launch", "--config_file", str(cfg), "--main_process_port", port, WORKER],
+        env,
+        tmp_path,
+        timeout=60,
+    )
     assert result.returncode != 0
     assert "unknown keys (['acceleration'])" in result.stderr  # stock Accelerate behaviour
 

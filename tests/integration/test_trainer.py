@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import ACCELERATE, SCRIPTS, run, write_config
+from .conftest import ACCELERATE, SCRIPTS, free_port, run, write_config
 from .test_launch import needs_hook
 
 pytestmark = pytest.mark.slow
@@ -30,8 +30,17 @@ def test_trainer_and_sft_trainer_pick_the_section_up(launch_env, tmp_path):
             toy_lora: {r: 2}
         """,
     )
+    port = str(free_port())
     result = run(
-        [ACCELERATE, "launch", "--config_file", str(cfg), str(SCRIPTS / "trainer_worker.py")],
+        [
+            ACCELERATE,
+            "launch",
+            "--config_file",
+            str(cfg),
+            "--main_process_port",
+            port,
+            str(SCRIPTS / "trainer_worker.py"),
+        ],
         launch_env,
         tmp_path,
         timeout=240,

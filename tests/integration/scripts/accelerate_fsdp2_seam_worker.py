@@ -12,9 +12,10 @@ Mode (second argument): ``lora`` (default) runs a plugin that contributes FSDP2 
 import json
 import os
 import sys
+from datetime import timedelta
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from torch.distributed.fsdp import FSDPModule
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -73,7 +74,9 @@ def train(model, optimizer, batch, backward, steps=3):
 out_dir = sys.argv[1]
 mode = sys.argv[2] if len(sys.argv) > 2 else "lora"
 handler = AccelerationKwargs(SECTIONS[mode], registry=PluginRegistry([ToyLoraPlugin, ToyMarkerPlugin]))
-accelerator = Accelerator(cpu=True, kwargs_handlers=[handler])
+# a bounded collective timeout: a rank whose peer died fails instead of outliving the test
+group_timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=120))
+accelerator = Accelerator(cpu=True, kwargs_handlers=[handler, group_timeout])
 accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
     fsdp_version=2, auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False
 )

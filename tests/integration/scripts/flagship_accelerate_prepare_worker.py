@@ -23,9 +23,10 @@ Writes ``OUT_DIR/rank<R>.json`` (``OUT_DIR/single.json`` in single mode).
 import json
 import os
 import sys
+from datetime import timedelta
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from peft import LoraConfig
 
@@ -61,7 +62,9 @@ model_dir = os.path.join(out_dir, "llama")
 single = "--single" in sys.argv[2:]
 
 handler = AccelerationKwargs(config=SECTION)
-accelerator = Accelerator(cpu=True, kwargs_handlers=[handler])
+# a bounded collective timeout: a rank whose peer died fails instead of outliving the test
+group_timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=120))
+accelerator = Accelerator(cpu=True, kwargs_handlers=[handler, group_timeout])
 if not single:
     assert accelerator.num_processes == 2 and accelerator.distributed_type == DistributedType.MULTI_CPU
     accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(

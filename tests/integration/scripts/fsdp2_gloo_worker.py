@@ -10,6 +10,7 @@ Usage: torchrun --nproc_per_node 2 fsdp2_gloo_worker.py OUT_DIR [fused_attention
 import json
 import os
 import sys
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -68,7 +69,7 @@ def lora_grads(model):
 def main():
     out_dir = sys.argv[1]
     fused = len(sys.argv) > 2 and sys.argv[2] == "fused_attention"
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=timedelta(seconds=120))  # bounded: a lost peer is an error
     rank, world = dist.get_rank(), dist.get_world_size()
     section = {
         "testing": {"toy_lora": {"r": 4, "fused_attention": fused, "target_modules": ["q_proj", "v_proj", "down_proj"]}}

@@ -7,14 +7,16 @@ all-reduces its rank, and writes ``$REPORT_DIR/rank<R>.json`` with the active pl
 import json
 import os
 import sys
+from datetime import timedelta
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
 
 report_dir = os.environ["REPORT_DIR"]
 with open(os.path.join(report_dir, f"started_{os.getpid()}"), "w", encoding="utf-8") as handle:
     handle.write("started")
-accelerator = Accelerator(cpu=True)
+# a bounded collective timeout: a rank whose peer died fails instead of outliving the test
+accelerator = Accelerator(cpu=True, kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=120))])
 framework = getattr(accelerator, "_fms_acceleration_framework", None)
 total = accelerator.reduce(torch.ones(1) * (accelerator.process_index + 1), "sum").item()
 report = {
