@@ -821,3 +821,16 @@ def test_fused_kernels_over_another_loaders_format_are_refused_at_config_time(no
         AccelerationFramework(config, registry=PluginRegistry([QuantLoader, FusedOpsAndKernelsPlugin]))
     assert err.value.path == "peft.quantization.fused_ops_and_kernels.base_layer"
     assert "the model is loaded by plugin 'quant-loader', which loads no bitsandbytes 4-bit layers" in str(err.value)
+
+
+def test_known_accelerate_keys_follow_accelerates_config_classes():
+    """The top-level keys used to tell an Accelerate config apart (without importing Accelerate) are exactly
+    the fields of Accelerate's config classes plus the legacy keys its process_config converts."""
+    import dataclasses
+
+    from accelerate.commands.config.config_args import ClusterConfig, SageMakerConfig
+
+    from fms_acceleration_accelerate.config import accelerate_setting_names
+
+    fields = {f.name for cls in (ClusterConfig, SageMakerConfig) for f in dataclasses.fields(cls)}
+    assert accelerate_setting_names() == fields | {"fp16", "dynamo_backend"}
