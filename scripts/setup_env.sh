@@ -1,17 +1,37 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv with everything the main job and the test suite need; print its python path.
 #
-# - No GPU: a plain venv with the CPU build of torch 2.13.0 (a bare `torch` requirement could pull a
-#   multi-GB CUDA build) and triton (Triton kernels then run in interpreter mode on CPU).
+# - No GPU: a plain venv with the CPU build of torch (torch==X+cpu: the plain `torch` wheel on PyPI is the
+#   multi-GB CUDA build) and triton (Triton kernels then run in interpreter mode on CPU). The CPU build comes
+#   from the package sources pip is configured with, else from PyTorch's CPU index.
 # - GPU with torch already installed: the venv sees the system site-packages, so the existing CUDA torch
 #   and triton are used as they are.
-# Re-running is cheap: installs are skipped while the pyproject files are unchanged.
+# - GPU without torch: torch from PyPI (the CUDA build), with the triton release that torch pins.
+# FMS_TORCH_BUILD=cpu|cuda overrides the GPU detection (nvidia-smi) for a fresh venv.
+#
+# Pins: scripts/constraints.txt applies to every install and must never contradict torch's own pins (it pins
+# no triton: CUDA torch pins its triton itself); scripts/constraints-cpu.txt adds the triton pin of the CPU
+# set-up. tests/test_setup_env.py resolves the CUDA line against these pins on PyPI.
+# Re-running is cheap: installs are skipped while the pyproject files, this script and the pins are unchanged.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PY=${PYTHON:-python3}
 VENV=${FMS_VENV:-$ROOT/.venv}
+TORCH_VERSION=2.13.0                 # the torch release the project is tested with
+ROOT_EXTRAS=test,bitsandbytes,trl    # extras of this repository's root package that the venv gets
+TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 log() { echo "[setup] $*" >&2; }
+
+has_nvidia_gpu() {
+  case "${FMS_TORCH_BUILD:-}" in
+    cuda) return 0 ;;
+    cpu) return 1 ;;
+    "") ;;
+    *) echo "error: FMS_TORCH_BUILD must be cpu or cuda, got '$FMS_TORCH_BUILD'" >&2; exit 2 ;;
+  esac
+  command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q '^GPU '
+}
 
 if [ ! -x "$VENV/bin/python" ]; then
   if "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
@@ -24,26 +44,47 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 stamp="$VENV/.fms-setup-stamp"
-want=$({ cat pyproject.toml kernels/pyproject.toml plugins/*/pyproject.toml scripts/setup_env.sh scripts/constraints.txt 2>/dev/null || true; } | sha256sum | cut -c1-16)
+want=$({ cat pyproject.toml kernels/pyproject.toml plugins/*/pyproject.toml scripts/setup_env.sh scripts/constraints*.txt 2>/dev/null || true; } | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "$VPY"
   exit 0
 fi
 
+CONSTRAINTS=scripts/constraints.txt
 pip_install() {
   # (this machine's pip config names extra local indexes that may be absent: drop those warnings)
-  "$VPY" -m pip install --disable-pip-version-check -q -c scripts/constraints.txt "$@" 2>&1 | { grep -v "is ignored: it is neither" >&2 || true; }
+  "$VPY" -m pip install --disable-pip-version-check -q -c "$CONSTRAINTS" "$@" 2>&1 | { grep -v "is ignored: it is neither" >&2 || true; }
   return "${PIPESTATUS[0]}"
 }
+install_cpu_torch() {
+  # First what pip already sees (its configured index and local wheels: fast, no other host), then PyTorch's
+  # CPU index next to the default one, with short network limits so an unreachable host fails in seconds.
+  log "installing torch==$TORCH_VERSION+cpu (CPU build)"
+  if pip_install --only-binary=:all: "torch==$TORCH_VERSION+cpu" 2>/dev/null; then
+    return 0
+  fi
+  log "torch==$TORCH_VERSION+cpu not found where pip looks by default: trying $TORCH_CPU_INDEX"
+  if ! pip_install --retries 1 --timeout 30 --only-binary=:all: --extra-index-url "$TORCH_CPU_INDEX" "torch==$TORCH_VERSION+cpu"; then
+    echo "error: could not install torch==$TORCH_VERSION+cpu: neither pip's configured sources nor $TORCH_CPU_INDEX" \
+      "have it; install it into $VENV yourself (or set FMS_TORCH_BUILD=cuda on a GPU machine)" >&2
+    return 1
+  fi
+}
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
-  log "installing torch==2.13.0 (CPU build)"
-  pip_install "torch==2.13.0"
+  if has_nvidia_gpu; then
+    log "installing torch==$TORCH_VERSION (CUDA build, with the triton it pins)"
+    pip_install "torch==$TORCH_VERSION"
+  else
+    install_cpu_torch
+  fi
 fi
-if ! "$VPY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" >/dev/null 2>&1; then
-  # CPU: Triton's interpreter needs triton >= 3.7 (3.6 fails on some reductions)
+if "$VPY" -c "import torch, sys; sys.exit(0 if torch.version.cuda is None and torch.version.hip is None else 1)"; then
+  # a CPU build of torch: it pins no triton, so the CPU pins choose the release; Triton's interpreter needs
+  # triton >= 3.7 (3.6 fails on some reductions). GPU builds bring the triton they pin.
+  CONSTRAINTS=scripts/constraints-cpu.txt
   pip_install "triton>=3.7"
 fi
-editables=(-e ".[test,bitsandbytes,trl]")
+editables=(-e ".[$ROOT_EXTRAS]")
 for plugin in kernels/ plugins/*/; do
   [ -f "$plugin/pyproject.toml" ] && editables+=(-e "$plugin")
 done
