@@ -439,7 +439,7 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
     def _adopt_trl_head(self, model: Any) -> None:
         """Serve TRL's fused LM head with the loss kernels when a TRL trainer put one on the model after the loss
         was patched (see ``fast_loss.py``)."""
-        if self.fast_loss is not None and self._augmented:
+        if self.fast_loss is not None and self._augmented and getattr(model, "config", None) is not None:
             self.fast_loss.adopt_trl_head(self._match(model)[1], self.patches)
 
     def loss_kernel_calls(self) -> dict[str, int]:
