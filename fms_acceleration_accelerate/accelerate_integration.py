@@ -9,11 +9,13 @@ What it does
 
   - ``__init__``: removes :class:`AccelerationKwargs` from ``kwargs_handlers`` before Accelerate sees it, runs
     the original ``__init__`` unchanged, then (only if an acceleration config is present: the handler, or the
-    section passed by the launcher in ``$FMS_ACCELERATION_SECTION``) creates an
-    :class:`~fms_acceleration_accelerate.framework.AccelerationFramework` and attaches it to the instance
-    (see :func:`get_framework`).
+    section passed by the launcher in ``$FMS_ACCELERATION_SECTION``) attaches an
+    :class:`~fms_acceleration_accelerate.framework.AccelerationFramework` to the instance (see
+    :func:`get_framework`): the one that already loaded the script's model, if one did, else a new one.
   - ``prepare``: for an Accelerator *without* a framework it calls the original directly (identical
-    behaviour). With one: ``prepare_contribution`` of each active plugin -> the wrap plan (FSDP1: a custom
+    behaviour). With one: one model, one framework (a model the script's own framework accelerated is adopted
+    when the configurations are equal, refused otherwise) -> ``check_prepared_model`` of each active plugin
+    (an active plugin is never silently without effect) -> ``prepare_contribution`` -> the wrap plan (FSDP1: a custom
     ``auto_wrap_policy``, ignored modules and mixed-precision settings on the FSDP plugin, restored after
     the call; FSDP2: our own ``fully_shard`` of the planned units and the optimizer re-pointed at the sharded
     parameters, after which Accelerate shards the rest) -> Accelerate's ``prepare`` -> ``after_prepare`` of
@@ -24,7 +26,16 @@ What it does
   :class:`~fms_acceleration_accelerate.patching.PatchRecorder` kept on the class itself
   (``Accelerator._fms_acceleration_patches``), and undone by :func:`uninstall`. :func:`install` runs when
   an :class:`AccelerationKwargs` is created, when the start-up hook sees ``$FMS_ACCELERATION_SECTION`` (set
-  by ``accelerate launch`` for every worker), or when called directly.
+  by ``accelerate launch`` for every worker), or when called directly. The patch table is printed after the
+  first ``prepare`` that gets a model (a trainer's DataLoader-only ``prepare`` prints nothing).
+
+* Scripts that load the model themselves (``from_pretrained`` in the script; TRL's ``SFTTrainer`` or the HF
+  ``Trainer`` given a model path, which load it before their ``Accelerator`` exists): where an acceleration
+  config is in play (a launched worker, an :class:`AccelerationKwargs`), :func:`install_model_loading` routes
+  causal-LM ``from_pretrained`` calls to the config's loading plugin (e.g. 4-bit bitsandbytes), through the
+  same recorder (see :mod:`~fms_acceleration_accelerate.routing`). One framework per config source serves those
+  loads and the ``Accelerator`` created next, so the plugin instance that loaded the model runs its prepare
+  hooks.
 
 * The launcher side of ``accelerate launch --config_file cfg.yaml`` with an ``acceleration:`` section:
   :func:`install_launcher_support` wraps ``BaseConfig.from_yaml_file`` (which rejects unknown keys) so that
@@ -332,6 +343,21 @@ def install_model_loading(accelerator_cls: type = Accelerator) -> bool:
         target="transformers PreTrainedModel.from_pretrained",
         description="causal-LM loads -> the acceleration plugin that loads models",
     )
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+    from transformers.models.auto.configuration_auto import AutoConfig
+    from transformers.models.auto.modeling_auto import AutoModelForCausalLM
+
+    for auto in (AutoConfig, AutoModelForCausalLM):
+        # transformers gives each auto class its own copy of the classmethod; fall back to the inherited one
+        original = vars(auto).get("from_pretrained") or vars(_BaseAutoModelClass)["from_pretrained"]
+        state.recorder.patch(
+            auto,
+            "from_pretrained",
+            router.path_checked_classmethod(original),
+            plugin=_PATCHER,
+            target=f"transformers {auto.__name__}.from_pretrained",
+            description="model path checked while a loading plugin is active",
+        )
     state.router = router
     return True
 
@@ -980,6 +1006,7 @@ __all__ = [
     "get_framework",
     "install",
     "install_launcher_support",
+    "install_model_loading",
     "is_installed",
     "run_accelerate_launch",
     "section_from_environment",

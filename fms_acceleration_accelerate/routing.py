@@ -14,6 +14,8 @@ reverted by ``uninstall()``) by :class:`FromPretrainedRouter`:
   ``framework.model_loader(path, **kwargs)`` of the process's framework, with one printed line saying so;
 * every other load, every load while a plugin's own loader runs (its internal ``from_pretrained(
   quantization_config=...)``), and every load when no active plugin loads models, runs transformers' original;
+* while a loading plugin is active, ``AutoConfig.from_pretrained`` and ``AutoModelForCausalLM.from_pretrained``
+  (which read the path before the concrete class does; TRL calls the first) check that a path exists, so a missing model path is reported as such (:func:`check_model_path`);
 * a load the plugin cannot honour (an explicit ``quantization_config``, positional model arguments, a PEFT adapter
   directory, a subclass of a causal LM that ``AutoModelForCausalLM`` would not build) raises
   :class:`~fms_acceleration_accelerate.errors.AccelerationConfigError` naming the reason and the fix, before
@@ -48,42 +50,45 @@ _PATH_LIKE = re.compile(r"^(/|\.{1,2}(/|$)|~)")
 
 
 # --------------------------------------------------------------------------------------------- model paths
-def check_model_path(model_name_or_path: Any, *, subfolder: str | None = None) -> None:
+class ModelPathError(AccelerationConfigError, OSError):
+    """A model path that cannot be loaded. Also an ``OSError``, as transformers raises for a path it cannot read,
+    so code that catches that keeps working."""
+
+
+def check_model_path(model_name_or_path: Any, *, subfolder: str | None = None, need_config: bool = True) -> None:
     """Refuse a model path that does not exist locally and is not a Hugging Face Hub model id.
 
     Nothing is downloaded here: a hub id (``org/name``) is left to transformers, which finds it in the local
     cache or reports it its own way; anything that reads as a filesystem path (absolute, ``./``, ``../``, ``~``,
-    more than one ``/``, an existing parent folder, an ``os.PathLike``) must exist and hold a ``config.json``.
+    more than one ``/``, an existing parent folder, an ``os.PathLike``) must exist and, with ``need_config``,
+    hold a ``config.json``.
 
     Raises:
-        AccelerationConfigError: the path names the missing folder (or file) and the fix.
+        ModelPathError: the message names the path and the fix.
     """
     if not isinstance(model_name_or_path, (str, os.PathLike)):
-        raise AccelerationConfigError(
+        raise ModelPathError(
             f"the model to load must be a path or a hub id, got {type(model_name_or_path).__name__}",
             fix="pass the folder that holds the model (saved with save_pretrained)",
         )
     text = os.fspath(model_name_or_path)
     folder = Path(text)
     if folder.exists():
-        if folder.is_dir() and not subfolder and not (folder / "config.json").is_file():
-            raise AccelerationConfigError(
+        if need_config and folder.is_dir() and not subfolder and not (folder / "config.json").is_file():
+            raise ModelPathError(
                 f"model folder {text!r} has no config.json",
                 fix="pass the folder written by save_pretrained (it holds config.json and the weights)",
             )
         return
     if not isinstance(model_name_or_path, str) or _reads_as_path(text):
-        raise AccelerationConfigError(
-            f"model path {text!r} does not exist",
-            fix=_missing_fix(folder),
-        )
+        raise ModelPathError(f"model path {text!r} does not exist", fix=_missing_fix(folder))
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
 
     try:
         validate_repo_id(text)
     except HFValidationError:
-        raise AccelerationConfigError(
+        raise ModelPathError(
             f"model path {text!r} does not exist, and it is not a Hugging Face Hub model id either",
             fix=_missing_fix(folder),
         ) from None
@@ -180,6 +185,30 @@ class FromPretrainedRouter:
         from_pretrained.__wrapped__ = original_function  # type: ignore[attr-defined]
         setattr(from_pretrained, ROUTER_ATTR, self)
         return classmethod(from_pretrained)
+
+    def path_checked_classmethod(self, original: Any) -> classmethod:
+        """The replacement of ``AutoConfig.from_pretrained`` / ``AutoModelForCausalLM.from_pretrained``:
+        transformers' own, after a check that the path exists while a loading plugin is active (both read the
+        path before the concrete class's ``from_pretrained`` runs, as does a trainer given a model path: a missing
+        path is then reported by :func:`check_model_path`, not as a malformed hub id)."""
+        router = self
+        original_function = original.__func__
+
+        def from_pretrained(cls: type, pretrained_model_name_or_path: Any, *args: Any, **kwargs: Any) -> Any:
+            if not router.passing_through and router.loading_active():
+                check_model_path(pretrained_model_name_or_path, subfolder=kwargs.get("subfolder"), need_config=False)
+            return original.__get__(None, cls)(pretrained_model_name_or_path, *args, **kwargs)
+
+        from_pretrained.__doc__ = original_function.__doc__
+        from_pretrained.__name__ = original_function.__name__
+        from_pretrained.__qualname__ = original_function.__qualname__
+        from_pretrained.__wrapped__ = original_function  # type: ignore[attr-defined]
+        return classmethod(from_pretrained)
+
+    def loading_active(self) -> bool:
+        """Whether a load now would go to a plugin (the process's framework has a loading plugin)."""
+        framework, _ = self.resolve()
+        return framework is not None and framework.requires_custom_loading
 
     def call_original(self, cls: type, path: Any, model_args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return self.original.__get__(None, cls)(path, *model_args, **kwargs)
@@ -290,6 +319,7 @@ def plugin_loading() -> contextlib.AbstractContextManager[None]:
 __all__ = [
     "ROUTER_ATTR",
     "FromPretrainedRouter",
+    "ModelPathError",
     "causal_lm_class_names",
     "check_model_path",
     "installed_router",
