@@ -18,14 +18,15 @@ import argparse
 import json
 import math
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, InitProcessGroupKwargs
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from fms_acceleration_accelerate import AccelerationFramework
+from fms_acceleration_accelerate import AccelerationFramework, end_training
 from fms_acceleration_accelerate.accelerate_integration import get_framework
 
 HERE = Path(__file__).resolve().parent
@@ -87,9 +88,14 @@ def main() -> None:
     parser.add_argument("--work-dir", default="runs/tiny-llama")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--metrics-out", default=None, help="write final metrics as JSON here")
+    parser.add_argument(
+        "--collective-timeout", type=float, default=300.0, help="seconds a collective may wait for the other processes"
+    )
     args = parser.parse_args()
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    # a bounded collective timeout: a process that lost its peer fails with an error instead of waiting forever
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=args.collective_timeout))
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), kwargs_handlers=[timeout])
     # the framework built from the acceleration section that `accelerate launch` handed to this process;
     # run without one (plain python), nothing is accelerated
     framework = get_framework(accelerator) or AccelerationFramework({})
@@ -148,7 +154,10 @@ def main() -> None:
             Path(args.metrics_out).write_text(
                 json.dumps({"losses": losses, "tokens_per_s": tok_s, "plugins": framework.active_plugin_names})
             )
-    accelerator.end_training()
+    # teardown in an order that lets every process exit: drop the prepared objects (DDP's reducer holds the
+    # process group), wait for all processes, then destroy the group (see fms_acceleration_accelerate.teardown)
+    del model, optimizer
+    end_training(accelerator)
 
 
 if __name__ == "__main__":

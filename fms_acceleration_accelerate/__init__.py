@@ -6,6 +6,7 @@ from .framework import AccelerationFramework, PassthroughSection
 from .patching import PatchRecord, PatchRecorder, PluginPatcher
 from .plugin import AccelerationPlugin, NoOptions
 from .registry import ENTRY_POINT_GROUP, PluginEntry, PluginRegistry
+from .teardown import end_training
 
 __version__ = "0.1.0"
 
@@ -36,6 +37,7 @@ __all__ = [
     "PluginEntry",
     "PluginPatcher",
     "PluginRegistry",
+    "end_training",
     "get_callbacks_and_ready_for_train",
     "get_framework",
     "load_acceleration_config",

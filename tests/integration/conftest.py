@@ -65,16 +65,49 @@ def write_config(path: Path, body: str) -> Path:
     return path
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Linux /proc; empty elsewhere)."""
+    children: dict[int, list[int]] = {}
+    if not os.path.isdir("/proc"):
+        return []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # ended meanwhile
+            children.setdefault(int(stat.rsplit(")", 1)[1].split()[1]), []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(proc: subprocess.Popen) -> tuple[str, str]:
+    """Kill a timed-out launch: its process group and every process below it (torchrun starts its workers in
+    sessions of their own, which the group kill misses and which would keep the output pipes open), then
+    collect what it printed."""
+    tree = _descendants(proc.pid)
+    os.killpg(proc.pid, 9)
+    for pid in tree:
+        try:
+            os.kill(pid, 9)
+        except ProcessLookupError:
+            pass
+    return proc.communicate()
+
+
 def run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: int = LAUNCH_TIMEOUT) -> subprocess.CompletedProcess:
-    """Run a command in its own process group; on timeout kill the whole group and fail."""
+    """Run a command in its own process group; on timeout kill it with every process it started, and fail."""
     proc = subprocess.Popen(
         cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, err = proc.communicate()
+        out, err = _kill_tree(proc)
         pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\nstdout:\n{out[-3000:]}\nstderr:\n{err[-3000:]}")
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
@@ -89,8 +122,7 @@ def finish(proc: subprocess.Popen, timeout: int = LAUNCH_TIMEOUT) -> subprocess.
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        out, err = proc.communicate()
+        out, err = _kill_tree(proc)
         pytest.fail(f"timed out after {timeout}s: {proc.args}\nstderr:\n{err[-3000:]}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
