@@ -21,7 +21,7 @@ from torch.distributed.fsdp import FSDPModule
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-from fms_acceleration_accelerate import PluginRegistry
+from fms_acceleration_accelerate import PluginRegistry, end_training
 from fms_acceleration_accelerate.accelerate_integration import AccelerationKwargs, get_framework
 from tests.integration.toy_plugins import ToyLoraPlugin, ToyMarkerPlugin
 
@@ -122,4 +122,4 @@ if mode == "lora":
     )
 with open(os.path.join(out_dir, f"rank{accelerator.process_index}.json"), "w", encoding="utf-8") as handle:
     json.dump(report, handle)
-accelerator.end_training()
+end_training(accelerator)  # barrier first: every rank exits (see fms_acceleration_accelerate.teardown)

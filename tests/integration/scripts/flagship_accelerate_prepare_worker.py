@@ -31,6 +31,7 @@ from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from peft import LoraConfig
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+from fms_acceleration_accelerate import end_training
 from fms_acceleration_accelerate.accelerate_integration import AccelerationKwargs, get_framework
 
 SECTION = {
@@ -172,4 +173,4 @@ report = {
 name = "single.json" if single else f"rank{rank}.json"
 with open(os.path.join(out_dir, name), "w", encoding="utf-8") as handle:
     json.dump(report, handle)
-accelerator.end_training()
+end_training(accelerator)  # barrier first: every rank exits (see fms_acceleration_accelerate.teardown)
