@@ -242,6 +242,10 @@ def test_missing_model_path_is_a_clear_error(fresh_install, tmp_path):
         AutoModelForCausalLM.from_pretrained(str(missing))
     assert "Repo id" not in str(info.value) and "save_pretrained" in str(info.value)
     assert isinstance(info.value, OSError)  # as transformers' own error for an unreadable path
+    from trl.trainer.utils import create_model_from_path  # what SFTTrainer does with a model path
+
+    with pytest.raises(AccelerationConfigError, match=re.escape(f"model path {str(missing)!r} does not exist")):
+        create_model_from_path(str(missing))
     del handler
     empty = tmp_path / "empty"
     empty.mkdir()
