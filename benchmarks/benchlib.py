@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import random
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -523,6 +524,21 @@ def device_slug(gpu_name: str) -> str:
     """Folder-friendly name of the device (``NVIDIA H100 80GB HBM3`` -> ``nvidia-h100-80gb-hbm3``)."""
     text = (gpu_name or "cpu").lower()
     return "".join(c if c.isalnum() else "-" for c in text).strip("-").replace("--", "-")
+
+
+def results_folder_name(gpu_name: str, num_gpus: int, stem: str, date: str) -> str:
+    """Name of a committed result folder: ``<date>-<gpu>-x<count>-<stem>``, ``<date>-cpu-<stem>`` on CPU.
+
+    ``gpu`` is the model number from the device name (``NVIDIA H100 80GB HBM3`` -> ``h100``, ``NVIDIA H200`` ->
+    ``h200``), or the whole name as a slug when it has none.
+    """
+    text = (gpu_name or "cpu").lower()
+    if text == "cpu":
+        return f"{date}-cpu-{stem}"
+    vendor = {"nvidia", "amd", "intel", "tesla", "geforce"}
+    tokens = [t for t in re.split(r"[^a-z0-9]+", text) if t and t not in vendor]
+    short = next((t for t in tokens if any(c.isdigit() for c in t)), device_slug(gpu_name))
+    return f"{date}-{short}-x{max(1, int(num_gpus))}-{stem}"
 
 
 # ----------------------------------------------------------------------------------------------- CSV

@@ -1,7 +1,7 @@
 """Compare a new benchmark CSV with committed reference results; non-zero exit on a regression.
 
     python benchmarks/compare.py NEW.csv                       # reference: newest committed run on that device
-    python benchmarks/compare.py NEW.csv --reference benchmarks/results/<device>/<run>/results.csv
+    python benchmarks/compare.py NEW.csv --reference benchmarks/results/<date>-<gpu>-x<count>-<topic>/results.csv
     python benchmarks/compare.py NEW.csv --threshold 0.05 --memory-threshold 0.05
 
 Rows are matched by scenario name. A row regresses when, beyond the thresholds:
@@ -65,7 +65,7 @@ def find_reference(new_csv: Path, rows: Sequence[Mapping[str, str]], results_dir
     device = next((r.get("gpu_name") or r.get("device") for r in rows if r.get("status") == "ok"), None)
     best: tuple[str, Path] | None = None
     for path in sorted(results_dir.rglob("results.csv")):
-        if path.resolve() == new_csv.resolve() or "kernels" in path.relative_to(results_dir).parts[:1]:
+        if path.resolve() == new_csv.resolve():
             continue
         try:
             candidates = read_rows(path)

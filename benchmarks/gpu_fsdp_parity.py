@@ -680,7 +680,7 @@ def _csv(choices: tuple[str, ...] | list[str]):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="benchmarks/results/fsdp_parity")
+    parser.add_argument("--out", required=True, help="output folder (per-case logs and JSON, summary.json, summary.md)")
     parser.add_argument(
         "--stacks",
         type=_csv(list(STACKS)),

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One GPU call that re-checks what only a GPU can check, for the device tool (carry: wheels):
+# One run on a GPU machine that re-checks what only a GPU can check (with the wheels/ folder of gpu_setup.sh):
 #   0. benchmarks/gpu_setup.sh (carried wheels: bitsandbytes, liger-kernel; this repo's packages, editable),
 #   1. the GPU test tier (`pytest -m gpu`: kernels at 8B shapes, fused LoRA / nf4 dequant on CUDA, the
 #      benchmark runner on CUDA), capped at $GPU_TESTS_TIMEOUT seconds (default 140),
@@ -29,8 +29,8 @@ fi
 grep -E "bitsandbytes|liger|cuda:" "$OUT/setup.log" | sed 's/^/  /'
 echo "[gpu_verify] setup: ${SECONDS}s"
 
-# The runner's own GPU test (8 benchmark rows, ~4 min) is left out here: it did not fit the cap in a GPU call of
-# 2026-11-25 (whole tier timed out at 150 s), and every benchmark call exercises the same path at full size.
+# The runner's own GPU test (8 benchmark rows, ~4 min) is left out here: it did not fit the cap in a 10-minute GPU run of
+# 2026-11-25 (whole tier timed out at 150 s), and every benchmark run exercises the same path at full size.
 start=$SECONDS
 timeout --signal=TERM --kill-after=10 "$GPU_TESTS_TIMEOUT" \
   "$PY" -m pytest -m gpu -q -p no:cacheprovider tests \

@@ -1,4 +1,4 @@
-"""Where one training step's GPU time goes, per plugin stack (torch.profiler), at the DESIGN §7 shape.
+"""Where one training step's GPU time goes, per plugin stack (torch.profiler), at the reference shape.
 
 Each stack runs in its own process (plugins patch classes; Accelerate keeps per-process state):
 

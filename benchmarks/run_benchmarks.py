@@ -1022,9 +1022,12 @@ class Runner:
         if args.out:
             self.out_dir = Path(args.out)
         else:
-            slug = benchlib.device_slug("cpu" if self.on_cpu else gpu_name_without_context())
-            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%d-%H%M")
-            self.out_dir = REPO_ROOT / "benchmarks" / "results" / slug / f"{stamp}-{Path(sfile.path).stem}"
+            date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+            gpus = max((s.num_gpus for s in scenarios), default=1)
+            name = benchlib.results_folder_name(
+                "cpu" if self.on_cpu else gpu_name_without_context(), gpus, Path(sfile.path).stem, date
+            )
+            self.out_dir = REPO_ROOT / "benchmarks" / "results" / name
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / "logs").mkdir(exist_ok=True)
         self.work_dir = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="fms_bench_"))
@@ -1308,7 +1311,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the scenarios of a file")
     r.add_argument("scenarios", help="scenarios YAML (e.g. benchmarks/scenarios.yaml)")
-    r.add_argument("--out", help="results folder (default benchmarks/results/<device>/<date>-<file>)")
+    r.add_argument("--out", help="results folder (default benchmarks/results/<date>-<gpu>-x<count>-<file>)")
     r.add_argument("--only", nargs="+", default=[], help="scenario names to run")
     r.add_argument("--group", nargs="+", default=[], help="scenario groups to run")
     r.add_argument(

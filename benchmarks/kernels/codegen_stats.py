@@ -1,7 +1,7 @@
 """Instruction counts of the cross-entropy row kernel compiled for a GPU architecture, on a machine without a GPU.
 
 Triton compiles for any NVIDIA target offline (it ships ``ptxas`` and ``cuobjdump``), so the generated PTX/SASS of a
-launch setting can be inspected where no GPU is lent. The row kernel is bounded by the instructions it issues
+launch setting can be inspected on a machine without a GPU. The row kernel is bounded by the instructions it issues
 between its block reductions (one program per row, 8 to 32 warps, one resident program per SM at 32 warps), so
 the per-element instruction mix explains differences the GPU sweep measures: e.g. ``tl.exp`` lowers to the
 non-flushing ``ex2.approx.f32`` plus subnormal handling, ``exp2`` of a pre-scaled argument to one
