@@ -16,6 +16,14 @@ folders with the stand-ins for the original fms-acceleration's import names (``f
 site-packages and only when they exist, so an installed original is always found first, and a plugin's name
 exists only while that plugin is installed. Wheels get lines relative to site-packages; editable installs get the
 checkout's folders (plus the relative lines, for plugins installed from wheels next to an editable core).
+
+Only our packages become importable, never the checkout's root: the root holds folders that are not packages
+(``kernels/``, ``plugins/``, ``tests/``, ``benchmarks/``...), and with the root on ``sys.path`` any of them would
+import as a namespace package, e.g. ``import kernels`` would find the ``kernels/`` folder instead of Hugging Face's
+``kernels`` package (which bitsandbytes and transformers import). setuptools' default (lenient) editable mode maps
+each of our top-level names to its folder through a finder (it puts a folder on ``sys.path`` only for a src layout,
+``package-dir = {"" = ...}``, which this project does not have); ``editable_mode=strict`` links the same files into
+``build/``. ``editable_mode=compat`` would put the root itself on ``sys.path``, so it is refused.
 """
 
 from pathlib import Path
@@ -23,6 +31,7 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 from setuptools.command.editable_wheel import editable_wheel
+from setuptools.errors import OptionError
 
 PTH_NAME = "fms_acceleration_accelerate.pth"
 PTH_SOURCE = Path(__file__).resolve().parent / PTH_NAME
@@ -79,6 +88,16 @@ class EditableWheelWithPth(editable_wheel):
                 "installed in editable mode; use 'pip install .' or setuptools<=84"
             )
         super().initialize_options()
+
+    def finalize_options(self):
+        super().finalize_options()
+        if str(self.mode or "").strip().lower() == "compat":
+            raise OptionError(
+                "editable_mode=compat is not supported for fms-acceleration-accelerate: it puts the checkout's root "
+                "folder on sys.path, where its folders that are not packages (kernels/, plugins/, tests/, ...) would "
+                "import as namespace packages and hide installed packages of the same name (e.g. 'kernels'); install "
+                "with 'pip install -e .' (default mode) or '--config-settings editable_mode=strict'"
+            )
 
     def _install_namespaces(self, installation_dir, pth_prefix):
         # setuptools calls this with the root of the unpacked editable wheel; everything written there is

@@ -44,7 +44,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VPY="$VENV/bin/python"
 stamp="$VENV/.fms-setup-stamp"
-want=$({ cat pyproject.toml kernels/pyproject.toml plugins/*/pyproject.toml scripts/setup_env.sh scripts/constraints*.txt 2>/dev/null || true; } | sha256sum | cut -c1-16)
+# (setup.py and the start-up file decide which .pth files the editable install writes)
+want=$({ cat pyproject.toml setup.py fms_acceleration_accelerate.pth kernels/pyproject.toml plugins/*/pyproject.toml scripts/setup_env.sh scripts/constraints*.txt 2>/dev/null || true; } | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   echo "$VPY"
   exit 0
@@ -90,5 +91,17 @@ for plugin in kernels/ plugins/*/; do
 done
 log "installing the framework, kernels and plugins (editable)"
 pip_install "${editables[@]}"
+# The editable installs must make only our packages importable, never a folder of the checkout that is not a
+# package (kernels/ would hide Hugging Face's `kernels` package). -I: site-packages only (no PYTHONPATH, no cwd).
+if ! shadow=$(cd / && "$VPY" -I -c "import importlib.util as u; s = u.find_spec('kernels'); print(*(s.submodule_search_locations or [s.origin]) if s else '')"); then
+  echo "error: the installed venv cannot look the name 'kernels' up" >&2
+  exit 1
+fi
+case "$shadow" in
+  "$ROOT"/*)
+    echo "error: after the editable installs 'import kernels' finds $shadow (a folder of this checkout, not a" \
+      "package): something put a checkout folder on sys.path; reinstall without editable_mode=compat" >&2
+    exit 1 ;;
+esac
 echo "$want" > "$stamp"
 echo "$VPY"
