@@ -389,22 +389,22 @@ def _scale_rows_kernel(GRAD, SCALE, stride_grad, n_rows, n_cols, BLOCK: tl.const
 # Launch settings per kernel kind: (BLOCK cap, num_warps, programs per SM (0: one program per row), LANE_STATS,
 # L2_HINTS, REVERSE, FIXUP); the last three only matter for the gradient-writing row kernel ("fwd_grad").
 # "fwd" (loss only, one read) and "bwd" (read + write) come from the H100 sweep at V=128256 recorded in
-# benchmarks/results/kernels/; "fwd_grad" (read, L2 re-read, write) is swept by benchmarks/kernels/bench_kernels.py.
+# benchmarks/results/2026-11-25-h100-x1-kernels-initial/; "fwd_grad" (read, L2 re-read, write) is swept by benchmarks/kernels/bench_kernels.py.
 _LAUNCH = MappingProxyType(
     {
         "fwd": (4096, 4, 0, False, False, False, False),
-        # H100 sweep at 8192 x 128256 bf16 (fifth session, exp2/FMA kernel body, two runs):
+        # H100 sweep at 8192 x 128256 bf16 (exp2/FMA kernel body, two runs):
         # (32768, 32, 0, False, True, False, True) 1.580 / 1.581 ms; the previous default (…, True, True, False)
-        # 1.606 / 1.604 ms; 4096 / 8 warps 2.05 ms (benchmarks/results/kernels/2026-11-26-h100-ce)
+        # 1.606 / 1.604 ms; 4096 / 8 warps 2.05 ms (benchmarks/results/2026-11-26-h100-x1-kernels-ce)
         "fwd_grad": (32768, 32, 0, False, True, False, True),
         "bwd": (32768, 32, 0, False, False, False, False),
     }
 )
 
 # Per-GPU overrides of _LAUNCH (a substring of the CUDA device name -> kind -> settings), each from a sweep on
-# that GPU. H200, 8192 x 128256 bf16, exp2/FMA kernel body (fifth session, benchmarks/results/kernels/
-# 2026-11-26-h200-ce): (16384, 16, 0, False, True, True, True) 1.319 ms; the H100 default 1.340 ms; the previous
-# H200 override (4096, 8, 0, False, True, True, False) 1.495 ms.
+# that GPU. H200, 8192 x 128256 bf16, exp2/FMA kernel body (benchmarks/results/2026-11-26-h200-x1-kernels-ce):
+# (16384, 16, 0, False, True, True, True) 1.319 ms; the H100 default 1.340 ms; the previous H200 override
+# (4096, 8, 0, False, True, True, False) 1.495 ms.
 _LAUNCH_BY_GPU = MappingProxyType(
     {
         "H200": MappingProxyType({"fwd_grad": (16384, 16, 0, False, True, True, True)}),

@@ -174,9 +174,9 @@ def _backward(
 
     ``programs_per_sm`` (programs accumulating weight-gradient partials), ``num_warps`` and ``prefetch`` (load
     the next row while processing the current one) are launch knobs for the benchmark's sweep. Defaults: the
-    fastest of the H100 sweep at the 8B shape (third session, with the tiled partial reduction: 2 programs
+    fastest of the H100 sweep at the 8B shape (with the tiled partial reduction: 2 programs
     per SM, default warps, prefetch: 0.077 ms
-    vs 0.104 ms for the earlier 2 per SM, default warps, no prefetch; ``benchmarks/results/kernels``).
+    vs 0.104 ms for the earlier 2 per SM, default warps, no prefetch; ``benchmarks/results/2026-11-25-h100-x1-kernels-sweep``).
     """
     x2 = flatten_rows(x)
     dy2 = flatten_rows(dy)

@@ -11,9 +11,8 @@ PyTorch's checkpoint "early stop" (on by default) ends a recomputation once the 
 again. A plain ``nn.Linear`` down projection saves its *inputs* before its GEMM runs, so early stop already skips
 that GEMM. The fused MLP kernels (``lora_mlp_swiglu`` / ``lora_mlp_geglu``: one autograd function for gate, up,
 activation and down) save their tensors only after their whole forward ran, so early stop cannot cut inside
-them; this module is for them. On an H100 at the DESIGN §7 shape the QLoRA step went from 0.1995 s to 0.181 s
-with it (together with the second session's kernel changes; the ablation row of ``benchmarks/scenarios.yaml``
-separates the two).
+them; this module is for them. Its effect on one H100 is measured by the ablation row
+``qlora-bnb-foak-flce-no-lean-recompute`` of ``benchmarks/scenarios.yaml`` (see ``benchmarks/README.md``).
 
 This module wires that skip without replacing the checkpoint machinery:
 
