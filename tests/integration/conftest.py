@@ -42,6 +42,10 @@ def toy_site(tmp_path: Path) -> Path:
         ),
         encoding="utf-8",
     )
+    # the toy plugins' module (tests.integration.toy_plugins) importable through this folder: the checkout's root
+    # stays off launched processes' sys.path (its folders that are not packages, kernels/ among them, would import
+    # there as namespace packages, e.g. a `kernels` hiding the absence of Hugging Face's kernels package)
+    (site / "tests").symlink_to(REPO / "tests", target_is_directory=True)
     return site
 
 
@@ -53,7 +57,7 @@ def launch_env(toy_site: Path, tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FMS_ACCELERATION")}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU"):
         env.pop(key, None)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(toy_site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env["PYTHONPATH"] = os.pathsep.join([str(toy_site), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env["REPORT_DIR"] = str(report)
     env["OMP_NUM_THREADS"] = "1"
     env["HF_HUB_OFFLINE"] = "1"

@@ -82,7 +82,7 @@ def client_env(tmp_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FMS_ACCELERATION")}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU", "TRITON_INTERPRET"):
         env.pop(key, None)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")  # and no checkout folder on PYTHONPATH: installed packages only
     return env
 
 

@@ -17,16 +17,18 @@ from datetime import timedelta
 import torch
 from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from checkout_tests import import_checkout_tests
 from torch.distributed.fsdp import FSDPModule
 from transformers import LlamaConfig, LlamaForCausalLM
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 from fms_acceleration_accelerate import PluginRegistry, end_training
 from fms_acceleration_accelerate.accelerate_integration import AccelerationKwargs, get_framework
-from tests.integration.toy_plugins import ToyLoraPlugin, ToyMarkerPlugin
+
+import_checkout_tests()  # the checkout's root stays off sys.path (checkout_tests.py says why)
+from tests.integration.toy_plugins import ToyLoraPlugin, ToyMarkerPlugin  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
-from train_bench import CollectiveCounter  # counts FSDP all-gather bytes, as the benchmarks do
+from train_bench import CollectiveCounter  # noqa: E402  (counts FSDP all-gather bytes, as the benchmarks do)
 
 SECTIONS = {"lora": {"testing": {"toy_lora": {"reduce_fp32": True}}}, "full": {"testing": {"marker": {}}}}
 

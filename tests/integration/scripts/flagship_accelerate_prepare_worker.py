@@ -30,7 +30,6 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from peft import LoraConfig
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 from fms_acceleration_accelerate import end_training
 from fms_acceleration_accelerate.accelerate_integration import AccelerationKwargs, get_framework
 

@@ -14,6 +14,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from checkout_tests import import_checkout_tests
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
@@ -29,8 +30,8 @@ from fms_acceleration_accelerate.distributed import (
     switch_optimizer_params,
 )
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", ".."))
-from tests.integration.toy_plugins import ToyLoraPlugin
+import_checkout_tests()  # the checkout's root stays off sys.path (checkout_tests.py says why)
+from tests.integration.toy_plugins import ToyLoraPlugin  # noqa: E402
 
 STEPS = 3
 
