@@ -13,17 +13,32 @@ The same count right after every ``fully_shard`` of the prepare gives the most a
 """
 
 import gc
+import importlib.util
 import json
 import os
 import shutil
 import sys
 import tempfile
 import traceback
+from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from tests.plugins.accelerated_peft.helpers import free_port, init_gloo, lora_config, prepare_fsdp2, spawn_workers
+
+def _import_checkout_tests() -> None:
+    """The checkout's ``tests`` package, imported by location: its root stays off ``sys.path`` (its folders that
+    are not packages, kernels/ among them, would import there as namespace packages)."""
+    folder = Path(__file__).resolve().parents[1] / "tests"
+    spec = importlib.util.spec_from_file_location(
+        "tests", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["tests"] = module
+    spec.loader.exec_module(module)
+
+
+_import_checkout_tests()
+from tests.plugins.accelerated_peft.helpers import free_port, init_gloo, lora_config, prepare_fsdp2, spawn_workers  # noqa: E402
 
 
 def build(path, layers):

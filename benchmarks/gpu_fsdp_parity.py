@@ -425,7 +425,6 @@ def child_env(devices: list[str] | None) -> dict[str, str]:
         env.setdefault(key, value)
     env.setdefault("OMP_NUM_THREADS", "2")
     env.setdefault("HF_HUB_OFFLINE", "1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(HERE.parent), env.get("PYTHONPATH", "")) if p)
     if devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
     return env

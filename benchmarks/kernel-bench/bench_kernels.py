@@ -18,7 +18,7 @@ produces them.
 
 Usage (repository root, CUDA machine; about 3 minutes on an H100)::
 
-    PYTHONPATH=kernels/src python benchmarks/kernels/bench_kernels.py --out OUT_DIR
+    PYTHONPATH=kernels/src python benchmarks/kernel-bench/bench_kernels.py --out OUT_DIR
 
 Writes ``OUT_DIR/kernels.json`` (environment, copy bandwidth, rows, sweep), ``OUT_DIR/kernels.csv`` and
 ``OUT_DIR/kernels.md`` (tables). Liger-Kernel columns read ``n/a`` when it is not importable.

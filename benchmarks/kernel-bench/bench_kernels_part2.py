@@ -13,7 +13,7 @@ Measures, on one CUDA GPU, in one process:
 Writes ``<out>/bench_kernels_part2.csv`` and ``<out>/bench_kernels_part2.json`` (environment: GPU, versions,
 date, command line). Usage::
 
-    python benchmarks/kernels/bench_kernels_part2.py --out benchmarks/results/<date>-<gpu>-x1-kernels-nf4-lora
+    python benchmarks/kernel-bench/bench_kernels_part2.py --out benchmarks/results/<date>-<gpu>-x1-kernels-nf4-lora
 """
 
 from __future__ import annotations

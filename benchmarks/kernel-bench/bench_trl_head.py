@@ -19,7 +19,7 @@ from a copy (its DeepSpeed ZeRO-3 gather helper, a no-op elsewhere, is replaced 
 
 Usage (repository root, CUDA machine)::
 
-    PYTHONPATH=kernels/src python benchmarks/kernels/bench_trl_head.py --out OUT_DIR [--tokens 8192]
+    PYTHONPATH=kernels/src python benchmarks/kernel-bench/bench_trl_head.py --out OUT_DIR [--tokens 8192]
 """
 
 from __future__ import annotations

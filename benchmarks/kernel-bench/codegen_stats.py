@@ -7,8 +7,8 @@ the per-element instruction mix explains differences the GPU sweep measures: e.g
 non-flushing ``ex2.approx.f32`` plus subnormal handling, ``exp2`` of a pre-scaled argument to one
 ``ex2.approx.ftz.f32``.
 
-    python benchmarks/kernels/codegen_stats.py                       # sm_90, every fwd_grad setting of the sweep
-    python benchmarks/kernels/codegen_stats.py --arch 90 --launch 4096 8 0 0 1 1 1
+    python benchmarks/kernel-bench/codegen_stats.py                       # sm_90, every fwd_grad setting of the sweep
+    python benchmarks/kernel-bench/codegen_stats.py --arch 90 --launch 4096 8 0 0 1 1 1
 
 Counts are static (instructions in the code, not executed); registers and spill stack come from cuobjdump.
 """

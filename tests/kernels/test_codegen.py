@@ -16,7 +16,7 @@ import pytest
 
 triton = pytest.importorskip("triton")
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernels" / "codegen_stats.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel-bench" / "codegen_stats.py"
 if not (BIN / "ptxas").exists() or not (BIN / "cuobjdump").exists():  # pragma: no cover - a wheel without them
     pytest.skip("this Triton wheel ships no ptxas/cuobjdump for offline sm_90 compilation", allow_module_level=True)
 

@@ -9,7 +9,7 @@ Training path (reduction ``"mean"``/``"sum"``, logits requiring grad): ONE kerne
 log-sum-exp (pass 1), then re-reads the row and writes ``dloss/dlogits`` for an incoming gradient of 1
 (pass 2), which the L2 cache serves in part. Block size, warps, grid, per-lane or per-block running statistics,
 L2 eviction hints and the direction of pass 2 (backwards re-reads first what pass 1 read last) are launch
-settings chosen by the GPU sweep of ``benchmarks/kernels/bench_kernels.py``. HBM traffic is about one read plus
+settings chosen by the GPU sweep of ``benchmarks/kernel-bench/bench_kernels.py``. HBM traffic is about one read plus
 one write of the logits. The backward is a scale by the incoming gradient done by a
 kernel that reads that gradient on the device and returns at once when it is 1 (no host sync, no traffic).
 
@@ -389,7 +389,7 @@ def _scale_rows_kernel(GRAD, SCALE, stride_grad, n_rows, n_cols, BLOCK: tl.const
 # Launch settings per kernel kind: (BLOCK cap, num_warps, programs per SM (0: one program per row), LANE_STATS,
 # L2_HINTS, REVERSE, FIXUP); the last three only matter for the gradient-writing row kernel ("fwd_grad").
 # "fwd" (loss only, one read) and "bwd" (read + write) come from the H100 sweep at V=128256 recorded in
-# benchmarks/results/2026-11-25-h100-x1-kernels-initial/; "fwd_grad" (read, L2 re-read, write) is swept by benchmarks/kernels/bench_kernels.py.
+# benchmarks/results/2026-11-25-h100-x1-kernels-initial/; "fwd_grad" (read, L2 re-read, write) is swept by benchmarks/kernel-bench/bench_kernels.py.
 _LAUNCH = MappingProxyType(
     {
         "fwd": (4096, 4, 0, False, False, False, False),
