@@ -99,3 +99,35 @@ def test_glu_launch_variants_agree(launch):
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dgate, g_ref.grad, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(dup, u_ref.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["triton", "torch"])
+@pytest.mark.parametrize("activation", [("silu", "tanh"), ("gelu", "tanh"), ("gelu", "none")], ids=str)
+def test_no_autograd_entry_points_match_autograd_and_write_dgate_in_place(activation, use_kernel, monkeypatch):
+    """glu_forward / glu_backward (used by the fused LoRA MLP): the same kernels without autograd, or fp32 torch
+    math where Triton does not run; dgate may be written over the incoming gradient's buffer."""
+    from fms_acceleration_accelerate_kernels import glu as glu_module
+    from fms_acceleration_accelerate_kernels.glu import activation_code, glu_backward, glu_forward
+
+    if not use_kernel:
+        monkeypatch.setattr(glu_module, "use_triton", lambda *tensors: False)
+    torch.manual_seed(0)
+    device = device_for_tests()
+    gate, up, dout = (torch.randn(5, 2100, device=device) * 2 for _ in range(3))
+    code = activation_code(*activation)
+    g_ref, u_ref = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    ref = swiglu_ref(g_ref, u_ref) if activation[0] == "silu" else geglu_ref(g_ref, u_ref, activation[1])
+    ref.backward(dout)
+    torch.testing.assert_close(glu_forward(gate, up, code), ref.detach(), atol=1e-5, rtol=1e-5)
+    buffer = dout.clone()
+    dgate, dup = glu_backward(buffer, gate, up, code, dgate_out=buffer)
+    assert dgate.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(dgate, g_ref.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dup, u_ref.grad, atol=1e-5, rtol=1e-5)
+    dgate_new, _ = glu_backward(dout, gate, up, code)
+    assert dgate_new.data_ptr() != dout.data_ptr()
+    torch.testing.assert_close(dgate_new, g_ref.grad, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="dgate_out must be"):
+        glu_backward(dout, gate, up, code, dgate_out=dout.t().contiguous().t())
+    with pytest.raises(ValueError, match="'silu' or 'gelu'"):
+        activation_code("relu")

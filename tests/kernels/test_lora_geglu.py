@@ -10,7 +10,8 @@ import fms_acceleration_accelerate_kernels as K
 import pytest
 import torch
 import torch.nn.functional as F
-from fms_acceleration_accelerate_kernels import lora as lora_module
+from fms_acceleration_accelerate_kernels import glu as glu_module
+from fms_acceleration_accelerate_kernels.glu import activation_code, glu_backward, glu_forward
 from fms_acceleration_accelerate_kernels.lora import LoraProjection, lora_mlp_geglu, lora_mlp_geglu_ref
 
 from tests.kernels.harness import check_against_reference
@@ -66,7 +67,7 @@ def test_lora_mlp_geglu_torch_fallback_matches_reference(monkeypatch, approximat
         calls.append(len(tensors))
         return False
 
-    monkeypatch.setattr(lora_module, "use_triton", no_triton)
+    monkeypatch.setattr(glu_module, "use_triton", no_triton)  # the fused MLP's activation runs in glu.py
     _check("dense_bf16", ("gate", "up", "down"), approximate, dtype=torch.float32)
     assert calls, "the patched dispatch rule was not consulted"
 
@@ -82,16 +83,18 @@ def test_geglu_is_not_swiglu_and_each_gelu_form_is_honoured():
     # CUDA, else torch) in fp32 against torch's gelu and its autograd, forward and backward
     gen = torch.Generator().manual_seed(152)
     g, u, dh = (torch.randn(4, 96, generator=gen).mul(3.0).to(DEVICE) for _ in range(3))
-    for tanh_flag, approximate in ((True, "tanh"), (False, "none")):
+    tanh_code, erf_code = activation_code("gelu", "tanh"), activation_code("gelu", "none")
+    for code, approximate in ((tanh_code, "tanh"), (erf_code, "none")):
         g_ref, u_ref = g.clone().requires_grad_(True), u.clone().requires_grad_(True)
         want = F.gelu(g_ref, approximate=approximate) * u_ref
         want.backward(dh)
-        torch.testing.assert_close(lora_module._geglu_forward(g, u, tanh_flag), want.detach(), atol=1e-5, rtol=1e-5)
-        dgate, dup = lora_module._geglu_backward(dh.clone(), g, u, tanh_flag)
+        torch.testing.assert_close(glu_forward(g, u, code), want.detach(), atol=1e-5, rtol=1e-5)
+        buffer = dh.clone()
+        dgate, dup = glu_backward(buffer, g, u, code, dgate_out=buffer)  # dgate written over the incoming grad
         torch.testing.assert_close(dgate, g_ref.grad, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(dup, u_ref.grad, atol=1e-5, rtol=1e-5)
-    tanh_act = lora_module._geglu_forward(g, u, True)
-    assert not torch.allclose(tanh_act, lora_module._geglu_forward(g, u, False), atol=1e-5, rtol=0)
+    tanh_act = glu_forward(g, u, tanh_code)
+    assert not torch.allclose(tanh_act, glu_forward(g, u, erf_code), atol=1e-5, rtol=0)
 
 
 def test_geglu_backward_saves_no_dense_weight_and_is_repeatable():

@@ -3,6 +3,11 @@
 Math runs in fp32 and rounds once. The backward saves only the two inputs and recomputes the activation (no
 activation tensor is kept between forward and backward). Inputs may be row-strided views, e.g. the two halves of
 a fused ``gate_up_proj`` output, without a copy.
+
+Besides the autograd ops, ``glu_forward`` / ``glu_backward`` run the same kernels without autograd for fused
+functions that save their own tensors (the fused LoRA MLP in ``lora.py``); ``glu_backward`` can write the gate
+gradient over the incoming gradient's buffer. Off CUDA (and without ``TRITON_INTERPRET=1``) they compute the
+same fp32 math in torch, rounding once.
 """
 
 from __future__ import annotations
@@ -16,7 +21,17 @@ import triton.language as tl
 
 from ._utils import check_float_dtype, flatten_rows, next_power_of_2, use_triton
 
-__all__ = ["geglu", "geglu_ref", "geglu_triton", "swiglu", "swiglu_ref", "swiglu_triton"]
+__all__ = [
+    "activation_code",
+    "geglu",
+    "geglu_ref",
+    "geglu_triton",
+    "glu_backward",
+    "glu_forward",
+    "swiglu",
+    "swiglu_ref",
+    "swiglu_triton",
+]
 
 _ACT_SILU = 0
 _ACT_GELU_TANH = 1
@@ -142,21 +157,142 @@ def _backward(
     need_dgate: bool,
     need_dup: bool,
     launch: tuple[int, int] | None = None,
+    dgate_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Triton backward. ``dgate_out`` (contiguous, gate's shape and dtype; may be ``dout`` itself: each program
+    reads its elements of ``dout`` before writing them) receives the gate gradient instead of a new tensor."""
     if not (need_dgate or need_dup):
         return None, None
     d2, g2, u2 = flatten_rows(dout), flatten_rows(gate), flatten_rows(up)
     n_rows, n_cols = g2.shape
-    dgate = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device) if need_dgate else None
+    if not need_dgate:
+        dgate = None
+    elif dgate_out is not None:
+        dgate = dgate_out.view(n_rows, n_cols)
+    else:
+        dgate = torch.empty((n_rows, n_cols), dtype=gate.dtype, device=gate.device)
     dup = torch.empty((n_rows, n_cols), dtype=up.dtype, device=up.device) if need_dup else None
     if g2.numel():
         block, warps = _launch_config(n_cols, launch)
         _glu_bwd_kernel[(n_rows * triton.cdiv(n_cols, block),)](
             d2, g2, u2, dgate if need_dgate else d2, dup if need_dup else d2,
-            d2.stride(0), g2.stride(0), u2.stride(0), n_cols if need_dgate else 0, n_cols if need_dup else 0,
+            d2.stride(0), g2.stride(0), u2.stride(0), dgate.stride(0) if need_dgate else 0, n_cols if need_dup else 0,
             n_cols, ACT=act, HAS_DGATE=need_dgate, HAS_DUP=need_dup, BLOCK=block, num_warps=warps,
         )  # fmt: skip
     return (dgate.view(gate.shape) if need_dgate else None), (dup.view(up.shape) if need_dup else None)
+
+
+# ------------------------------------------------------------------- no-autograd entry points (fused callers)
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+_GELU_TANH_COEF = 0.044715
+_INV_SQRT_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+
+
+def _gelu_torch(g: torch.Tensor, tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 gelu(g) and gelu'(g), the torch form of ``_activation_and_derivative``."""
+    if tanh:
+        t = torch.tanh(_SQRT_2_OVER_PI * (g + _GELU_TANH_COEF * g * g * g))
+        act = 0.5 * g * (1.0 + t)
+        deriv = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_COEF * g * g)
+    else:
+        cdf = 0.5 * (1.0 + torch.erf(g * _INV_SQRT_2))
+        act = g * cdf
+        deriv = cdf + g * torch.exp(-0.5 * g * g) * _INV_SQRT_2PI
+    return act, deriv
+
+
+def _forward_torch(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
+    """act(gate) * up in fp32 torch math, rounded once to gate's dtype."""
+    if act == _ACT_SILU:
+        return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+    approximate = "tanh" if act == _ACT_GELU_TANH else "none"
+    return (F.gelu(gate.float(), approximate=approximate) * up.float()).to(gate.dtype)
+
+
+def _backward_torch(
+    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: int, dgate_out: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dgate, dup) in fp32 torch math; dgate goes into ``dgate_out`` when given."""
+    g, u, d = gate.float(), up.float(), dout.float()
+    if act == _ACT_SILU:
+        sig = torch.sigmoid(g)
+        dup = (d * g * sig).to(up.dtype)
+        dgate = d * u * sig * (1.0 + g * (1.0 - sig))
+    else:
+        value, deriv = _gelu_torch(g, act == _ACT_GELU_TANH)
+        dup = (d * value).to(up.dtype)
+        dgate = d * u * deriv
+    if dgate_out is None:
+        return dgate.to(gate.dtype), dup
+    dgate_out.copy_(dgate)
+    return dgate_out, dup
+
+
+def activation_code(activation: str, approximate: str = "tanh") -> int:
+    """The kernels' activation code for ``glu_forward`` / ``glu_backward``.
+
+    Args:
+        activation: ``"silu"`` (SwiGLU) or ``"gelu"`` (GeGLU).
+        approximate: for ``"gelu"``: ``"tanh"`` or ``"none"``, as in ``torch.nn.functional.gelu``.
+
+    Raises:
+        ValueError: unknown activation or approximation.
+    """
+    if activation == "silu":
+        return _ACT_SILU
+    if activation == "gelu":
+        return _gelu_code(approximate)
+    raise ValueError(f"activation must be 'silu' or 'gelu', got {activation!r}")
+
+
+def glu_forward(gate: torch.Tensor, up: torch.Tensor, act: int) -> torch.Tensor:
+    """``act(gate) * up`` without autograd (fp32 math, one rounding): the Triton kernel where ``use_triton``
+    holds, else torch.
+
+    Args:
+        gate, up: (..., I) tensors of one shape and dtype.
+        act: an ``activation_code``.
+
+    Returns:
+        (..., I) tensor in gate's dtype.
+    """
+    if use_triton(gate, up):
+        return _forward(gate, up, act)
+    return _forward_torch(gate, up, act)
+
+
+def glu_backward(
+    dout: torch.Tensor,
+    gate: torch.Tensor,
+    up: torch.Tensor,
+    act: int,
+    dgate_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``(dgate, dup)`` of ``act(gate) * up`` without autograd (fp32 math, one rounding each).
+
+    Args:
+        dout: (..., I) gradient of the output.
+        gate, up: (..., I) forward inputs.
+        act: an ``activation_code``.
+        dgate_out: contiguous tensor of gate's shape and dtype that receives ``dgate`` (it may be ``dout``
+            itself, saving one buffer); a new tensor when None.
+
+    Returns:
+        ``(dgate, dup)``; ``dgate`` is ``dgate_out`` when given.
+    """
+    if dgate_out is not None and (
+        dgate_out.shape != gate.shape or dgate_out.dtype != gate.dtype or not dgate_out.is_contiguous()
+    ):
+        raise ValueError(
+            f"dgate_out must be a contiguous {gate.dtype} tensor of shape {tuple(gate.shape)}, got "
+            f"{dgate_out.dtype} {tuple(dgate_out.shape)} contiguous={dgate_out.is_contiguous()}"
+        )
+    if use_triton(dout, gate, up):
+        dgate, dup = _backward(dout, gate, up, act, True, True, dgate_out=dgate_out)
+        return dgate, dup
+    return _backward_torch(dout, gate, up, act, dgate_out)
 
 
 class _GLUFunction(torch.autograd.Function):

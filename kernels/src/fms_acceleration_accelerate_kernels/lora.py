@@ -47,14 +47,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from ._utils import use_triton
 from .dequant import (
     DEFAULT_DEQUANT_BACKENDS,
     Bnb4bitWeight,
@@ -64,14 +62,8 @@ from .dequant import (
     base_layer_of,
     quantized_weight,
 )
+from .glu import activation_code, glu_backward, glu_forward
 from .nf4 import FourBitState, NestedAbsmax, dequantize_4bit
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
 
 __all__ = [
     "LoraProjection",
@@ -323,7 +315,7 @@ class _Plan:
     weights: tuple[QuantizedWeight, ...]
     scalings: tuple[float, ...]
     out_features: tuple[int, ...]
-    activation: str = "silu"  # MLP only: "silu", "gelu_tanh" or "gelu_none"
+    act: int = 0  # MLP only: the glu.activation_code of the gate activation
     compute_output: bool = True  # MLP only: False skips the down projection (see lora_mlp_swiglu)
 
 
@@ -398,7 +390,7 @@ def _apply_fused(
     function: type[torch.autograd.Function],
     x: torch.Tensor,
     resolved: Sequence[_Resolved],
-    activation: str = "silu",
+    act: int = 0,
     compute_output: bool = True,
 ):
     """Run ``function`` (a fused LoRA autograd function) on ``x`` in the compute dtype, autocast off inside."""
@@ -407,7 +399,7 @@ def _apply_fused(
         weights=tuple(r.weight for r in resolved),
         scalings=tuple(r.scaling for r in resolved),
         out_features=tuple(r.weight.shape[0] for r in resolved),
-        activation=activation,
+        act=act,
         compute_output=compute_output,
     )
     flat: list[torch.Tensor | None] = []
@@ -494,186 +486,14 @@ def lora_qkv(
     return _run_grouped(x, [q, k, v], backends)
 
 
-# ------------------------------------------------------------------------------------------------ SwiGLU
-
-if triton is not None:
-
-    @triton.jit
-    def _swiglu_fwd_kernel(gate_ptr, up_ptr, out_ptr, n, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        offs = offs.to(tl.int64)
-        mask = offs < n
-        g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        h = g * tl.sigmoid(g) * u
-        tl.store(out_ptr + offs, h.to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _swiglu_bwd_kernel(dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, BLOCK: tl.constexpr):
-        # dgate_ptr may alias dh_ptr: every element is read before it is written by the same program.
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        offs = offs.to(tl.int64)
-        mask = offs < n
-        dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(g)
-        silu = g * sig
-        dup = dh * silu
-        dgate = dh * u * sig * (1.0 + g * (1.0 - sig))
-        tl.store(dgate_ptr + offs, dgate.to(dgate_ptr.dtype.element_ty), mask=mask)
-        tl.store(dup_ptr + offs, dup.to(dup_ptr.dtype.element_ty), mask=mask)
-
-
-_SWIGLU_BLOCK = 2048
-
-
-def _swiglu_forward(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up, fp32 math, one rounding. gate/up contiguous, same shape."""
-    if triton is not None and use_triton(gate, up):
-        out = torch.empty_like(gate)
-        n = gate.numel()
-        _swiglu_fwd_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](gate, up, out, n, BLOCK=_SWIGLU_BLOCK, num_warps=8)
-        return out
-    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
-
-
-def _swiglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
-    """(dgate, dup) of h = silu(gate) * up. dgate is written over ``dh`` (which the caller owns)."""
-    if triton is not None and use_triton(dh, gate, up):
-        dup = torch.empty_like(up)
-        n = dh.numel()
-        _swiglu_bwd_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](dh, gate, up, dh, dup, n, BLOCK=_SWIGLU_BLOCK, num_warps=8)
-        return dh, dup
-    g, u, d = gate.float(), up.float(), dh.float()
-    sig = torch.sigmoid(g)
-    dup = (d * g * sig).to(up.dtype)
-    dgate = d * u * sig * (1.0 + g * (1.0 - sig))
-    dh.copy_(dgate)
-    return dh, dup
-
-
-# ------------------------------------------------------------------------------------------------ GeGLU
-
-_SQRT_2_OVER_PI = 0.7978845608028654
-_GELU_TANH_COEF = 0.044715
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-
-if triton is not None:
-
-    @triton.jit
-    def _gelu_and_derivative(g, TANH: tl.constexpr):
-        """gelu(g) and gelu'(g) in fp32: tanh approximation when TANH, else the exact erf form.
-
-        Literal constants: a jitted function may only read globals that are ``tl.constexpr``.
-        """
-        if TANH:
-            inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
-            t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh(inner) without overflow
-            act = 0.5 * g * (1.0 + t)
-            deriv = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * g * g)
-        else:
-            cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
-            act = g * cdf
-            deriv = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327
-        return act, deriv
-
-    @triton.jit
-    def _geglu_fwd_kernel(gate_ptr, up_ptr, out_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr):
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        offs = offs.to(tl.int64)
-        mask = offs < n
-        g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        act, _deriv = _gelu_and_derivative(g, TANH)
-        tl.store(out_ptr + offs, (act * u).to(out_ptr.dtype.element_ty), mask=mask)
-
-    @triton.jit
-    def _geglu_bwd_kernel(dh_ptr, gate_ptr, up_ptr, dgate_ptr, dup_ptr, n, TANH: tl.constexpr, BLOCK: tl.constexpr):
-        # dgate_ptr may alias dh_ptr: every element is read before it is written by the same program.
-        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        offs = offs.to(tl.int64)
-        mask = offs < n
-        dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        act, deriv = _gelu_and_derivative(g, TANH)
-        tl.store(dgate_ptr + offs, (dh * u * deriv).to(dgate_ptr.dtype.element_ty), mask=mask)
-        tl.store(dup_ptr + offs, (dh * act).to(dup_ptr.dtype.element_ty), mask=mask)
-
-
-_GELU_ACTIVATIONS = MappingProxyType({"tanh": "gelu_tanh", "none": "gelu_none"})
-
-
-def _gelu_activation(approximate: str) -> str:
-    if approximate not in _GELU_ACTIVATIONS:
-        raise ValueError(f"approximate must be 'tanh' or 'none' (as in torch.nn.functional.gelu), got {approximate!r}")
-    return _GELU_ACTIVATIONS[approximate]
-
-
-def _gelu_torch(g: torch.Tensor, tanh: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 gelu(g) and gelu'(g) (the torch fallback of ``_gelu_and_derivative``)."""
-    if tanh:
-        t = torch.tanh(_SQRT_2_OVER_PI * (g + _GELU_TANH_COEF * g * g * g))
-        act = 0.5 * g * (1.0 + t)
-        deriv = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_COEF * g * g)
-    else:
-        cdf = 0.5 * (1.0 + torch.erf(g * _INV_SQRT_2))
-        act = g * cdf
-        deriv = cdf + g * torch.exp(-0.5 * g * g) * _INV_SQRT_2PI
-    return act, deriv
-
-
-def _geglu_forward(gate: torch.Tensor, up: torch.Tensor, tanh: bool) -> torch.Tensor:
-    """gelu(gate) * up, fp32 math, one rounding. gate/up contiguous, same shape."""
-    if triton is not None and use_triton(gate, up):
-        out = torch.empty_like(gate)
-        n = gate.numel()
-        _geglu_fwd_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](
-            gate, up, out, n, TANH=tanh, BLOCK=_SWIGLU_BLOCK, num_warps=8
-        )
-        return out
-    return (F.gelu(gate.float(), approximate="tanh" if tanh else "none") * up.float()).to(gate.dtype)
-
-
-def _geglu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, tanh: bool):
-    """(dgate, dup) of h = gelu(gate) * up. dgate is written over ``dh`` (which the caller owns)."""
-    if triton is not None and use_triton(dh, gate, up):
-        dup = torch.empty_like(up)
-        n = dh.numel()
-        _geglu_bwd_kernel[(triton.cdiv(n, _SWIGLU_BLOCK),)](
-            dh, gate, up, dh, dup, n, TANH=tanh, BLOCK=_SWIGLU_BLOCK, num_warps=8
-        )
-        return dh, dup
-    g, u, d = gate.float(), up.float(), dh.float()
-    act, deriv = _gelu_torch(g, tanh)
-    dup = (d * act).to(up.dtype)
-    dh.copy_(d * u * deriv)
-    return dh, dup
-
-
-def _glu_forward(gate: torch.Tensor, up: torch.Tensor, activation: str) -> torch.Tensor:
-    """act(gate) * up for the MLP plan's activation ("silu", "gelu_tanh", "gelu_none")."""
-    if activation == "silu":
-        return _swiglu_forward(gate, up)
-    return _geglu_forward(gate, up, activation == "gelu_tanh")
-
-
-def _glu_backward(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, activation: str):
-    """(dgate, dup) for the MLP plan's activation; dgate overwrites ``dh``."""
-    if activation == "silu":
-        return _swiglu_backward(dh, gate, up)
-    return _geglu_backward(dh, gate, up, activation == "gelu_tanh")
-
-
 # -------------------------------------------------------------------------------------------------- MLP
 
 
 class _FusedLoraMlpFunction(torch.autograd.Function):
     """y = down(act(gate(x)) * up(x)), each projection a frozen base plus optional LoRA.
 
-    ``act`` is ``plan.activation``: silu (SwiGLU) or gelu with the tanh / erf form (GeGLU).
+    ``act`` is ``plan.act``: silu (SwiGLU) or gelu with the tanh / erf form (GeGLU), computed by the GLU
+    kernels of ``glu.py``.
 
     ``flat`` holds (A_g, B_g, bias_g, A_u, B_u, bias_u, A_d, B_d, bias_d), None where absent.
     Saved: x, gate, up, the (T, r) LoRA down-projections; not saved: h = act(gate) * up, any dense weight.
@@ -692,7 +512,7 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
         for i, cols in slices:
             gate_up[i].addmm_(down_gu[:, cols], lora_Bs[i].to(dtype).t(), alpha=plan.scalings[i])
         gate, up = gate_up
-        h = _glu_forward(gate, up, plan.activation)
+        h = glu_forward(gate, up, plan.act)
         down_d, slices_d = _lora_down(h, lora_As[2:], dtype)
         if plan.compute_output:
             y = _base_linear(h, plan.weights[2], biases[2], dtype)
@@ -727,13 +547,13 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
             dh = _dequantize(plan.weights[2], dtype)
             dh = gy @ dh  # (T, I); the dense down weight is dropped right after
             if lora_As[2] is not None:
-                h = _glu_forward(gate, up, plan.activation)
+                h = glu_forward(gate, up, plan.act)
                 dh, d_as_d, d_bs_d = _lora_backward(
                     [gy], h, down_d, lora_As[2:], lora_Bs[2:], plan.scalings[2:], dh, True, dtype
                 )
                 del h
             bias_d = gy.sum(0) if need[10] else None
-            dgate, dup = _glu_backward(dh, gate, up, plan.activation)  # dgate overwrites dh
+            dgate, dup = glu_backward(dh, gate, up, plan.act, dgate_out=dh)  # dgate overwrites dh
             del dh
             need_x = need[0]
             dx = None
@@ -793,7 +613,7 @@ def lora_mlp_swiglu(
         (..., hidden) output in the compute dtype (a placeholder when ``compute_output`` is ``False``).
     """
     resolved = _resolve_mlp(x, gate, up, down, backends)
-    return _apply_fused(_FusedLoraMlpFunction, x, resolved, "silu", compute_output)
+    return _apply_fused(_FusedLoraMlpFunction, x, resolved, activation_code("silu"), compute_output)
 
 
 def _resolve_mlp(
@@ -842,9 +662,9 @@ def lora_mlp_geglu(
     Raises:
         ValueError: ``approximate`` is not ``"tanh"`` or ``"none"``, or the projection shapes do not fit.
     """
-    activation = _gelu_activation(approximate)
+    act = activation_code("gelu", approximate)
     resolved = _resolve_mlp(x, gate, up, down, backends)
-    return _apply_fused(_FusedLoraMlpFunction, x, resolved, activation, compute_output)
+    return _apply_fused(_FusedLoraMlpFunction, x, resolved, act, compute_output)
 
 
 # ------------------------------------------------------------------------------------------- references
@@ -917,7 +737,7 @@ def lora_mlp_geglu_ref(
     compute_output: bool = True,
 ) -> torch.Tensor:
     """Pure-torch (autograd) reference of ``lora_mlp_geglu``; same arguments and result."""
-    _gelu_activation(approximate)
+    activation_code("gelu", approximate)
     h = F.gelu(_ref_projection(x, gate, backends), approximate=approximate) * _ref_projection(x, up, backends)
     return _ref_projection(h, down, backends)
 

@@ -28,15 +28,10 @@ import math
 from dataclasses import dataclass
 
 import torch
+import triton
+import triton.language as tl
 
 from ._utils import use_triton
-
-try:  # Triton is optional for the reference path.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised only where triton is absent
-    triton = None
-    tl = None
 
 __all__ = [
     "FP4_TABLE",
@@ -243,82 +238,82 @@ def dequantize_4bit_ref(packed: torch.Tensor, state: FourBitState, dtype: torch.
     return out.to(dtype).view(state.shape)
 
 
-if triton is not None:
+@triton.jit
+def _fp32_to_bf16_bits_rne(x):
+    # fp32 -> bf16 bit pattern (in the low 16 bits of a uint32), rounding to nearest even; written out so
+    # that every backend rounds the same way (the Triton CPU interpreter truncates in ``.to(tl.bfloat16)``).
+    # Inputs are finite here (table entry * scale).
+    bits = x.to(tl.uint32, bitcast=True)
+    return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
 
-    @triton.jit
-    def _fp32_to_bf16_bits_rne(x):
-        # fp32 -> bf16 bit pattern (in the low 16 bits of a uint32), rounding to nearest even; written out so
-        # that every backend rounds the same way (the Triton CPU interpreter truncates in ``.to(tl.bfloat16)``).
-        # Inputs are finite here (table entry * scale).
-        bits = x.to(tl.uint32, bitcast=True)
-        return (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
 
-    @triton.jit
-    def _with_sign_of_nibble(magnitude, nibble):
-        # fp32 magnitude (>= 0) with its sign bit set from bit 3 of the 4-bit code
-        sign = (nibble & 8).to(tl.uint32) << 28
-        return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+@triton.jit
+def _with_sign_of_nibble(magnitude, nibble):
+    # fp32 magnitude (>= 0) with its sign bit set from bit 3 of the 4-bit code
+    sign = (nibble & 8).to(tl.uint32) << 28
+    return (magnitude.to(tl.uint32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
-    @triton.jit
-    def _dequant_4bit_kernel(
-        packed_ptr,  # uint8 (n_bytes,)
-        absmax_ptr,  # fp32/fp16/bf16 (n_blocks,), or uint8 (n_blocks,) when NESTED
-        code_ptr,  # fp32 (16,)
-        nested_code_ptr,  # fp32 (256,)  (unused unless NESTED)
-        nested_absmax_ptr,  # fp32 (n_blocks / NESTED_BLOCK,)  (unused unless NESTED)
-        nested_offset_ptr,  # fp32 (1,)  (unused unless NESTED)
-        out_words_ptr,  # output viewed as int32 (16-bit outputs) or int64 (fp32 outputs) words, (n_bytes,)
-        n_bytes,
-        n_blocks,
-        HALF_BLOCK: tl.constexpr,  # bytes per quantisation block (blocksize / 2)
-        BLOCKS_PER_PROGRAM: tl.constexpr,
-        NESTED: tl.constexpr,
-        NESTED_BLOCK: tl.constexpr,
-        OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32
-        SIGN_BIT: tl.constexpr,
-    ):
-        # One program dequantises BLOCKS_PER_PROGRAM whole quantisation blocks, laid out as a
-        # [BLOCKS_PER_PROGRAM, HALF_BLOCK] tile of bytes: contiguous rows, one scale per row.
-        pid = tl.program_id(0)
-        blocks = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
-        blocks = blocks.to(tl.int64)
-        block_mask = blocks < n_blocks
-        if NESTED:
-            q = tl.load(absmax_ptr + blocks, mask=block_mask, other=0).to(tl.int32)
-            outer = tl.load(nested_absmax_ptr + blocks // NESTED_BLOCK, mask=block_mask, other=0.0)
-            scale = tl.load(nested_code_ptr + q) * outer.to(tl.float32)
-            scale = scale + tl.load(nested_offset_ptr)
-        else:
-            scale = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0).to(tl.float32)
 
-        byte_offsets = blocks[:, None] * HALF_BLOCK + tl.arange(0, HALF_BLOCK)[None, :]
-        byte_mask = byte_offsets < n_bytes
-        packed = tl.load(packed_ptr + byte_offsets, mask=byte_mask, other=0)
-        high = (packed >> 4).to(tl.int32)
-        low = (packed & 0xF).to(tl.int32)
-        if SIGN_BIT:
-            # FP4: bit 3 is the sign of entry (code & 7) (entries 0..7 are >= 0), so code 8 gives -0.0. The sign
-            # bit is set with an integer OR: a float negation may compile to (0 - x), which gives +0.0 for +0.0.
-            value_high = _with_sign_of_nibble(tl.load(code_ptr + (high & 7)), high) * scale[:, None]
-            value_low = _with_sign_of_nibble(tl.load(code_ptr + (low & 7)), low) * scale[:, None]
-        else:
-            value_high = tl.load(code_ptr + high) * scale[:, None]
-            value_low = tl.load(code_ptr + low) * scale[:, None]
-        # Byte i holds values 2i (high nibble) and 2i+1 (low nibble). Instead of interleaving the two halves in
-        # registers, both are packed into one output word (little-endian: value 2i in the low half), so the
-        # output is written as words at the same offsets as the input bytes: one contiguous vectorised store.
-        if OUT_KIND == 0:  # bf16: 2 x 16 bits -> 32-bit word
-            word = _fp32_to_bf16_bits_rne(value_high) | (_fp32_to_bf16_bits_rne(value_low) << 16)
-            word = word.to(tl.int32, bitcast=True)
-        elif OUT_KIND == 1:  # fp16
-            bits_high = value_high.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-            bits_low = value_low.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
-            word = (bits_high | (bits_low << 16)).to(tl.int32, bitcast=True)
-        else:  # fp32: 2 x 32 bits -> 64-bit word
-            bits_high = value_high.to(tl.uint32, bitcast=True).to(tl.uint64)
-            bits_low = value_low.to(tl.uint32, bitcast=True).to(tl.uint64)
-            word = (bits_high | (bits_low << 32)).to(tl.int64, bitcast=True)
-        tl.store(out_words_ptr + byte_offsets, word, mask=byte_mask)
+@triton.jit
+def _dequant_4bit_kernel(
+    packed_ptr,  # uint8 (n_bytes,)
+    absmax_ptr,  # fp32/fp16/bf16 (n_blocks,), or uint8 (n_blocks,) when NESTED
+    code_ptr,  # fp32 (16,)
+    nested_code_ptr,  # fp32 (256,)  (unused unless NESTED)
+    nested_absmax_ptr,  # fp32 (n_blocks / NESTED_BLOCK,)  (unused unless NESTED)
+    nested_offset_ptr,  # fp32 (1,)  (unused unless NESTED)
+    out_words_ptr,  # output viewed as int32 (16-bit outputs) or int64 (fp32 outputs) words, (n_bytes,)
+    n_bytes,
+    n_blocks,
+    HALF_BLOCK: tl.constexpr,  # bytes per quantisation block (blocksize / 2)
+    BLOCKS_PER_PROGRAM: tl.constexpr,
+    NESTED: tl.constexpr,
+    NESTED_BLOCK: tl.constexpr,
+    OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32
+    SIGN_BIT: tl.constexpr,
+):
+    # One program dequantises BLOCKS_PER_PROGRAM whole quantisation blocks, laid out as a
+    # [BLOCKS_PER_PROGRAM, HALF_BLOCK] tile of bytes: contiguous rows, one scale per row.
+    pid = tl.program_id(0)
+    blocks = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    blocks = blocks.to(tl.int64)
+    block_mask = blocks < n_blocks
+    if NESTED:
+        q = tl.load(absmax_ptr + blocks, mask=block_mask, other=0).to(tl.int32)
+        outer = tl.load(nested_absmax_ptr + blocks // NESTED_BLOCK, mask=block_mask, other=0.0)
+        scale = tl.load(nested_code_ptr + q) * outer.to(tl.float32)
+        scale = scale + tl.load(nested_offset_ptr)
+    else:
+        scale = tl.load(absmax_ptr + blocks, mask=block_mask, other=0.0).to(tl.float32)
+
+    byte_offsets = blocks[:, None] * HALF_BLOCK + tl.arange(0, HALF_BLOCK)[None, :]
+    byte_mask = byte_offsets < n_bytes
+    packed = tl.load(packed_ptr + byte_offsets, mask=byte_mask, other=0)
+    high = (packed >> 4).to(tl.int32)
+    low = (packed & 0xF).to(tl.int32)
+    if SIGN_BIT:
+        # FP4: bit 3 is the sign of entry (code & 7) (entries 0..7 are >= 0), so code 8 gives -0.0. The sign
+        # bit is set with an integer OR: a float negation may compile to (0 - x), which gives +0.0 for +0.0.
+        value_high = _with_sign_of_nibble(tl.load(code_ptr + (high & 7)), high) * scale[:, None]
+        value_low = _with_sign_of_nibble(tl.load(code_ptr + (low & 7)), low) * scale[:, None]
+    else:
+        value_high = tl.load(code_ptr + high) * scale[:, None]
+        value_low = tl.load(code_ptr + low) * scale[:, None]
+    # Byte i holds values 2i (high nibble) and 2i+1 (low nibble). Instead of interleaving the two halves in
+    # registers, both are packed into one output word (little-endian: value 2i in the low half), so the
+    # output is written as words at the same offsets as the input bytes: one contiguous vectorised store.
+    if OUT_KIND == 0:  # bf16: 2 x 16 bits -> 32-bit word
+        word = _fp32_to_bf16_bits_rne(value_high) | (_fp32_to_bf16_bits_rne(value_low) << 16)
+        word = word.to(tl.int32, bitcast=True)
+    elif OUT_KIND == 1:  # fp16
+        bits_high = value_high.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        bits_low = value_low.to(tl.float16).to(tl.uint16, bitcast=True).to(tl.uint32)
+        word = (bits_high | (bits_low << 16)).to(tl.int32, bitcast=True)
+    else:  # fp32: 2 x 32 bits -> 64-bit word
+        bits_high = value_high.to(tl.uint32, bitcast=True).to(tl.uint64)
+        bits_low = value_low.to(tl.uint32, bitcast=True).to(tl.uint64)
+        word = (bits_high | (bits_low << 32)).to(tl.int64, bitcast=True)
+    tl.store(out_words_ptr + byte_offsets, word, mask=byte_mask)
 
 
 # Bytes one program handles: big enough to amortise scheduling, small enough for registers.
@@ -347,8 +342,6 @@ def dequantize_4bit_triton(
     Returns:
         Tensor of shape ``state.shape`` (``out`` when given).
     """
-    if triton is None:
-        raise RuntimeError("dequantize_4bit_triton needs triton; install it or use dequantize_4bit_ref")
     dtype = dtype or (out.dtype if out is not None else state.dtype)
     _check_out_dtype(dtype)
     data = packed_as_bytes(packed, state.n_bytes)
@@ -421,7 +414,7 @@ def dequantize_4bit(
 
     Args / Returns: as ``dequantize_4bit_triton``.
     """
-    if triton is not None and use_triton(packed):
+    if use_triton(packed):
         return dequantize_4bit_triton(packed, state, dtype=dtype, out=out)
     result = dequantize_4bit_ref(packed, state, dtype=dtype or (out.dtype if out is not None else None))
     if out is not None:
