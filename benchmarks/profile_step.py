@@ -7,7 +7,7 @@ Each stack runs in its own process (plugins patch classes; Accelerate keeps per-
 
 Per stack it writes ``OUT/<stack>.txt``: the mean step time over a few untimed-by-profiler steps, the CUDA
 time per kernel category (GEMM, attention, Triton kernels of this project, other) per step, and the top
-kernels by CUDA time. The model is the §7 Llama (8B layer shapes, 8 layers), random init, written once to
+kernels by CUDA time. The model is the reference Llama (8B layer shapes, 8 layers), random init, written once to
 ``--model-dir`` (created on the GPU, then ``save_pretrained``).
 """
 
@@ -174,7 +174,7 @@ def run_stack(name: str, model_dir: str, out: Path, steps: int, batch: int, seq:
 
 
 def gemm_experiment(out: Path) -> None:
-    """Separate vs merged projection GEMMs at the §7 shape (T=8192 tokens): is one wide GEMM faster?"""
+    """Separate vs merged projection GEMMs at the reference shape (T=8192 tokens): is one wide GEMM faster?"""
     import torch
     import triton.testing
 
