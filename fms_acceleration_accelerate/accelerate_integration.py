@@ -191,6 +191,8 @@ def get_callbacks_and_ready_for_train(model: Any, accelerator: Any) -> list[Any]
     framework = get_framework(accelerator)
     if framework is None:
         return []
+    if isinstance(model, torch.nn.Module):  # a model the script's own framework accelerated: the same rule as prepare
+        framework = _framework_for_models(accelerator, framework, [model])
     return framework.get_callbacks_and_ready_for_train(model, accelerator)
 
 

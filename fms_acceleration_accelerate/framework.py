@@ -531,7 +531,8 @@ class AccelerationFramework:
     def log_patch_summary(self, model: Any = None, force: bool = False) -> None:
         """Print the patch table on the main process, once. Patches added after it was printed (e.g. kernels
         patched in ``Accelerator.prepare`` after ``get_callbacks_and_ready_for_train``) are printed later as a
-        table of the added rows only; ``force`` prints the whole table again.
+        table of the added rows only; nothing is printed while nothing is patched; ``force`` prints the whole
+        table (even an empty one) again.
 
         With ``model`` (a module or a list of them), patches of module instances that are no longer part of it
         (a layer another plugin replaced after it was patched) are left out: the table lists what runs.
@@ -543,6 +544,8 @@ class AccelerationFramework:
         modules = _attached_modules(model)
         records = [r for r in self.patches.records if modules is None or _runs_in(r, modules)]
         printed = self._summary_logged
+        if not records and not force:
+            return  # nothing patched (yet): no table; e.g. kernels a trainer's prepare patches come later
         if printed is None or force:
             self._summary_logged = {id(r) for r in records}
             print(self.patches.summary_table(records), flush=True)

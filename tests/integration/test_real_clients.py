@@ -315,6 +315,8 @@ def test_one_model_one_framework(fresh_install, model_dir):
     # the Accelerator's framework (equal configuration) recognises the script's and adopts it: no second patching
     accelerator = Accelerator(cpu=True, kwargs_handlers=[ai.AccelerationKwargs(config=FUSED_LORA)])
     patched = len(script.patches)
+    ai.get_callbacks_and_ready_for_train(model, accelerator)  # the trainer one-liner, before prepare
+    assert ai.get_framework(accelerator) is script
     accelerator.prepare(model)
     assert ai.get_framework(accelerator) is script and len(script.patches) == patched
 
