@@ -41,6 +41,7 @@ from accelerate import Accelerator
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from fms_acceleration_accelerate import end_training
 from fms_acceleration_accelerate.accelerate_integration import AccelerationKwargs, get_framework
 
 VOCAB = 256
@@ -125,8 +126,9 @@ def main() -> None:
     if accelerator.is_main_process:
         plugins = ", ".join(get_framework(accelerator).active_plugin_names) if framework is not None else "none"
         print(f"plugins: {plugins}; first loss {losses[0]:.4f} -> last loss {losses[-1]:.4f}", flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # drop the prepared objects, then end: a multi-process gloo job otherwise can hang at exit (see end_training)
+    del model, optimizer
+    end_training(accelerator)
 
 
 if __name__ == "__main__":
