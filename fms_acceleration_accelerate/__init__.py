@@ -1,6 +1,7 @@
 """fms-acceleration-accelerate: acceleration plugins for Hugging Face fine-tuning, as an Accelerate plugin."""
 
 from .config import AccelerationConfig, load_acceleration_config, option, parse_dataclass
+from .dequant import DequantBackend, DequantBackendRegistry
 from .errors import AccelerationConfigError
 from .framework import AccelerationFramework, PassthroughSection
 from .patching import PatchRecord, PatchRecorder, PluginPatcher
@@ -30,6 +31,8 @@ __all__ = [
     "AccelerationFramework",
     "AccelerationKwargs",
     "AccelerationPlugin",
+    "DequantBackend",
+    "DequantBackendRegistry",
     "NoOptions",
     "PassthroughSection",
     "PatchRecord",

@@ -21,6 +21,7 @@ from .config import (
     load_acceleration_config,
     parse_dataclass_sections,
 )
+from .dequant import DequantBackendRegistry
 from .errors import (
     AccelerationConfigError,
     NoPluginsConfiguredError,
@@ -119,6 +120,10 @@ class AccelerationFramework:
             errors.append(self._nothing_activated())
         if errors:
             raise AccelerationConfigError.combine(errors)
+        self.dequant_registry = DequantBackendRegistry.from_plugins(self.plugins)
+        """Dequant backends every active plugin contributes (``dequant_backends()``), in run order."""
+        for plugin in self.plugins:
+            plugin.dequant_registry = self.dequant_registry
         self._check_combination()
         for section in self.passthrough:
             if is_main_process():

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .errors import AccelerationConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .dequant import DequantBackend, DequantBackendRegistry
     from .patching import PluginPatcher
 
 
@@ -64,6 +65,11 @@ class AccelerationPlugin:
     config_root: str = "plugins"
     """Key under which the framework found this plugin's sections (``plugins``, ``acceleration``,
     ``acceleration.plugins`` or ``""``); set by the framework, used by :meth:`key_path`."""
+
+    dequant_registry: DequantBackendRegistry | None = None
+    """The framework's :class:`~fms_acceleration_accelerate.dequant.DequantBackendRegistry`: every active plugin's
+    :meth:`dequant_backends`, in run order; set by the framework once all plugins are activated (before
+    :meth:`check_compatibility`). ``None`` for a plugin created outside a framework."""
 
     def __init__(self, config: Any, *, matched_paths: tuple[str, ...], patches: PluginPatcher) -> None:
         """Create an activated plugin.
@@ -221,6 +227,14 @@ class AccelerationPlugin:
     def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:
         """HF Trainer / TRL callbacks this plugin needs, after any last preparation of ``model``."""
         return []
+
+    # ------------------------------------------------------------------ contributions
+    def dequant_backends(self) -> tuple[DequantBackend, ...]:
+        """Dequant backends this plugin contributes: how fused kernels read the frozen weights of the linear layers
+        this plugin puts on models (see :mod:`fms_acceleration_accelerate.dequant`). The framework calls it once,
+        after activating every plugin, and orders the entries by plugin run order, then as returned; the first
+        backend that handles a layer wins. Must not import optional packages. Default: none."""
+        return ()
 
     # ------------------------------------------------------------------ checks and reporting
     def check_compatibility(self, active: Sequence[AccelerationPlugin]) -> None:

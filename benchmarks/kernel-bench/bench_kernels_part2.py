@@ -7,7 +7,8 @@ Measures, on one CUDA GPU, in one process:
   two outputs;
 * fused LoRA forward + backward time and peak extra memory for QKV, O and the SwiGLU MLP (LoRA on gate/up/down,
   and frozen without LoRA), over bitsandbytes nf4 ``Linear4bit`` and over bf16 ``nn.Linear`` bases, against PEFT
-  LoRA layers on the same bases (the adapters are PEFT's own, read through ``peft_lora_projection``); plus the
+  LoRA layers on the same bases (the adapters are PEFT's own, read through the fused-ops plugin's
+  ``peft_lora_projection`` with its dequant backends); plus the
   relative error of outputs and gradients against PEFT.
 
 Writes ``<out>/bench_kernels_part2.csv`` and ``<out>/bench_kernels_part2.json`` (environment: GPU, versions,
@@ -31,18 +32,25 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from fms_acceleration_accelerate_foak.dequant_backends import FOAK_DEQUANT_BACKENDS
+from fms_acceleration_accelerate_foak.fused_lora import base_projection
+from fms_acceleration_accelerate_foak.fused_lora import peft_lora_projection as _peft_lora_projection
 from fms_acceleration_accelerate_kernels.dequant import bnb_four_bit_state
-from fms_acceleration_accelerate_kernels.lora import (
-    LoraProjection,
-    lora_linear,
-    lora_mlp_swiglu,
-    lora_qkv,
-    peft_lora_projection,
-)
+from fms_acceleration_accelerate_kernels.lora import lora_linear, lora_mlp_swiglu, lora_qkv
 from fms_acceleration_accelerate_kernels.nf4 import dequantize_4bit_triton
 from torch import nn
 
+from fms_acceleration_accelerate.dequant import DequantBackendRegistry
+
 SHAPES_8B = dict(hidden=4096, q=4096, kv=1024, inter=14336)
+# the backends the fused-ops plugin contributes (bitsandbytes Linear4bit, float nn.Linear)
+REGISTRY = DequantBackendRegistry.of(*FOAK_DEQUANT_BACKENDS, contributor="fused_ops_and_kernels")
+
+
+def peft_lora_projection(module: nn.Module):
+    return _peft_lora_projection(module, REGISTRY)
+
+
 DEVICE = "cuda"
 
 
@@ -270,9 +278,9 @@ def _bench_lora_base(bnb, peft, base: str, rows: list[dict], tokens: int, r: int
         return (
             lora_mlp_swiglu(
                 x,
-                LoraProjection(b.gate_proj.base_layer),
-                LoraProjection(b.up_proj.base_layer),
-                LoraProjection(b.down_proj.base_layer),
+                base_projection(b.gate_proj.base_layer, REGISTRY),
+                base_projection(b.up_proj.base_layer, REGISTRY),
+                base_projection(b.down_proj.base_layer, REGISTRY),
             ),
         )
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from fms_acceleration_accelerate_kernels.dequant import quantized_weight
 from fms_acceleration_accelerate_kernels.lora import lora_linear
 
-from tests.kernels.test_lora_fused import DEVICE, _tokens, lora_weights, make_base
+from tests.kernels.test_lora_fused import DEVICE, _tokens, lora_weights, make_base, weight_of
 
 pytest.importorskip("bitsandbytes")
 
@@ -28,7 +27,8 @@ def _eager_and_compiled(base, dtype, fullgraph, backend="aot_eager"):
     leaves = _leaves(7, dtype)
 
     def step(x, a, b):
-        return lora_linear(x, base, a, b, 2.0)
+        # the weight format is read inside the compiled function, as a patched forward reads it
+        return lora_linear(x, weight_of(base), a, b, 2.0, base.bias)
 
     y = step(*leaves)
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(8)).to(DEVICE, y.dtype)
@@ -100,7 +100,7 @@ def test_compiled_backward_dequantises_again_and_saves_no_dense_weight():
 
 def test_dequantize_custom_op_passes_opcheck_and_matches_the_weight():
     base = make_base("nf4_double_quant", IN_F, OUT_F, seed=6)
-    weight = quantized_weight(base)
+    weight = weight_of(base)
     s, nested = weight.state, weight.state.nested
     args = (
         weight.packed, s.absmax, s.code, nested.absmax, nested.code, nested.offset, list(s.shape), s.blocksize,

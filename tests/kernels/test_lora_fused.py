@@ -1,31 +1,32 @@
-"""Fused LoRA functions (lora.py) against their pure-torch references, PEFT and bitsandbytes.
+"""Fused LoRA functions (lora.py) against their pure-torch references and bitsandbytes.
 
 Forward and the gradients of x, lora_A, lora_B (and a trainable bias) are compared through the shared harness,
-over a bf16 ``nn.Linear`` base and over real bitsandbytes ``Linear4bit`` layers (nf4 double-quant, fp4) that
-bitsandbytes 0.50 quantises on CPU. Odd token counts and mixed adapter / no-adapter projections are covered.
+over a bf16 weight and over the packed weights of real bitsandbytes ``Linear4bit`` layers (nf4 double-quant, fp4)
+that bitsandbytes 0.50 quantises on CPU, passed as the kernels' weight formats (``DenseWeight``,
+``Bnb4bitWeight``). Odd token counts and mixed adapter / no-adapter projections are covered. Reading PEFT layers
+is the fused-ops plugin's part (tests/plugins/fused_ops/test_peft_reading.py).
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+from fms_acceleration_accelerate_kernels.dequant import DenseWeight, QuantizedWeight
 from fms_acceleration_accelerate_kernels.lora import (
     LoraProjection,
-    fused_lora_unsupported_reason,
     lora_linear,
     lora_linear_ref,
     lora_mlp_swiglu,
     lora_mlp_swiglu_ref,
     lora_qkv,
     lora_qkv_ref,
-    peft_lora_projection,
     quantized_linear,
     quantized_linear_ref,
 )
 from torch import nn
 
 from tests.kernels.harness import DTYPE_TOLERANCES, Tolerance, check_against_reference, device_for_tests
-from tests.kernels.test_nf4_dequant import make_bnb_linear
+from tests.kernels.test_nf4_dequant import bnb_weight, make_bnb_linear
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -44,6 +45,13 @@ def make_base(kind: str, in_features: int, out_features: int, bias: bool = False
     quant_type, nested = {"nf4_double_quant": ("nf4", True), "fp4": ("fp4", False)}[kind]
     layer, _ = make_bnb_linear(in_features, out_features, quant_type=quant_type, nested=nested, bias=bias, seed=seed)
     return layer.requires_grad_(False)
+
+
+def weight_of(layer: nn.Module) -> QuantizedWeight:
+    """The weight format of a test base layer, as the kernels take it: packed 4-bit or dense."""
+    if getattr(layer.weight, "quant_state", None) is not None:
+        return bnb_weight(layer)
+    return DenseWeight(layer.weight)
 
 
 def lora_weights(in_features: int, out_features: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +78,7 @@ def test_lora_linear_matches_reference(base_kind, dtype):
         lora_linear_ref,
         lora_linear,
         inputs=dict(x=_tokens(3, 7, 128), lora_A=a, lora_B=b, bias=bias),  # 21 tokens
-        kwargs=dict(base=base, scaling=2.0),
+        kwargs=dict(base=weight_of(base), scaling=2.0),
         dtype=dtype,
         grad_inputs=("x", "lora_A", "lora_B", "bias"),
         # a 4-bit base dequantised in fp32 (reference) vs in the dtype under test differ by its rounding
@@ -85,7 +93,7 @@ def test_quantized_linear_matches_reference_and_bitsandbytes(base_kind):
         quantized_linear_ref,
         quantized_linear,
         inputs=dict(x=_tokens(5, 128)),
-        kwargs=dict(base=base),
+        kwargs=dict(base=weight_of(base), bias=base.bias),
         dtype=torch.bfloat16,
         grad_inputs=("x",),
     )
@@ -94,7 +102,7 @@ def test_quantized_linear_matches_reference_and_bitsandbytes(base_kind):
     # the layer's own forward/backward (bitsandbytes' matmul_4bit) gives the same output and input gradient
     x = _tokens(5, 128, seed=5).to(DEVICE, torch.bfloat16).requires_grad_(True)
     x_ref = x.detach().clone().requires_grad_(True)
-    y = quantized_linear(x, base)
+    y = quantized_linear(x, weight_of(base), base.bias)
     y_ref = base(x_ref)
     g = torch.randn_like(y)
     y.backward(g)
@@ -104,44 +112,14 @@ def test_quantized_linear_matches_reference_and_bitsandbytes(base_kind):
     torch.testing.assert_close(x.grad, x_ref.grad, atol=4 * tol.atol, rtol=4 * tol.rtol)
 
 
-def test_lora_linear_against_a_peft_qlora_layer():
-    peft = pytest.importorskip("peft")
-    model = nn.Sequential()
-    model.add_module("o_proj", make_base("nf4_double_quant", 128, 96, seed=6))
-    config = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["o_proj"], init_lora_weights=False)
-    model = peft.get_peft_model(model, config)
-    layer = model.base_model.model.o_proj
-    layer.to(torch.bfloat16)  # adapters in bf16 like the base compute dtype
-
-    x = _tokens(2, 9, 128, seed=7).to(DEVICE, torch.bfloat16)
-    x1 = x.clone().requires_grad_(True)
-    y_peft = layer(x1)
-    g = torch.randn_like(y_peft)
-    y_peft.backward(g)
-    peft_grads = [layer.lora_A["default"].weight.grad.clone(), layer.lora_B["default"].weight.grad.clone()]
-    layer.zero_grad(set_to_none=True)
-
-    x2 = x.clone().requires_grad_(True)
-    spec = peft_lora_projection(layer)
-    assert spec.scaling == 2.0
-    y = lora_linear(x2, spec.base, spec.lora_A, spec.lora_B, spec.scaling)
-    y.backward(g)
-    tol = DTYPE_TOLERANCES[torch.bfloat16]
-    torch.testing.assert_close(y, y_peft, atol=tol.atol, rtol=tol.rtol)
-    torch.testing.assert_close(x2.grad, x1.grad, atol=4 * tol.atol, rtol=4 * tol.rtol)
-    for got, want in zip([layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad], peft_grads):
-        assert got.dtype == want.dtype
-        torch.testing.assert_close(got, want, atol=4 * tol.atol, rtol=4 * tol.rtol)
-
-
 # ------------------------------------------------------------------------------------------------- QKV
 
 
 def _qkv_impl(fn):
     def run(x, qA, qB, vA, vB, q_base, k_base, v_base, scaling):
-        q = LoraProjection(q_base, qA, qB, scaling)
-        k = LoraProjection(k_base)  # no adapter on k: a frozen projection inside the same fused call
-        v = LoraProjection(v_base, vA, vB, scaling / 2)
+        q = LoraProjection(weight_of(q_base), qA, qB, scaling)
+        k = LoraProjection(weight_of(k_base))  # no adapter on k: a frozen projection inside the same fused call
+        v = LoraProjection(weight_of(v_base), vA, vB, scaling / 2)
         return torch.cat(fn(x, q, k, v), dim=-1)  # compare all three outputs (and their gradients)
 
     return run
@@ -175,9 +153,9 @@ def test_lora_qkv_with_unused_output_gives_correct_grads():
 
     def specs(ts):
         return (
-            LoraProjection(q_base, ts[0], ts[1], 1.5),
-            LoraProjection(k_base, ts[2], ts[3], 1.5),
-            LoraProjection(v_base, ts[4], ts[5], 1.5),
+            LoraProjection(weight_of(q_base), ts[0], ts[1], 1.5),
+            LoraProjection(weight_of(k_base), ts[2], ts[3], 1.5),
+            LoraProjection(weight_of(v_base), ts[4], ts[5], 1.5),
         )
 
     q, _, v = lora_qkv(x, *specs(leaves))  # k unused: its gradient arrives as None
@@ -199,9 +177,10 @@ def test_lora_qkv_with_unused_output_gives_correct_grads():
 
 def _mlp_impl(fn, lora_on=("gate", "up", "down")):
     def run(x, gA, gB, uA, uB, dA, dB, gate_base, up_base, down_base, scaling):
-        gate = LoraProjection(gate_base, gA, gB, scaling) if "gate" in lora_on else LoraProjection(gate_base)
-        up = LoraProjection(up_base, uA, uB, scaling) if "up" in lora_on else LoraProjection(up_base)
-        down = LoraProjection(down_base, dA, dB, scaling) if "down" in lora_on else LoraProjection(down_base)
+        gate_w, up_w, down_w = weight_of(gate_base), weight_of(up_base), weight_of(down_base)
+        gate = LoraProjection(gate_w, gA, gB, scaling) if "gate" in lora_on else LoraProjection(gate_w)
+        up = LoraProjection(up_w, uA, uB, scaling) if "up" in lora_on else LoraProjection(up_w)
+        down = LoraProjection(down_w, dA, dB, scaling) if "down" in lora_on else LoraProjection(down_w)
         return fn(x, gate, up, down)
 
     return run
@@ -231,7 +210,8 @@ def test_lora_mlp_swiglu_matches_reference(base_kind, lora_on):
 
 def test_lora_mlp_backward_twice_with_retain_graph_is_stable():
     bases = [
-        make_base("nf4_double_quant", i, o, seed=50 + k) for k, (i, o) in enumerate([(64, 96), (64, 96), (96, 64)])
+        weight_of(make_base("nf4_double_quant", i, o, seed=50 + k))
+        for k, (i, o) in enumerate([(64, 96), (64, 96), (96, 64)])
     ]
     tensors = [t.to(DEVICE, torch.bfloat16).requires_grad_(True) for t in lora_weights(64, 96, 4, 53)]
     x = _tokens(6, 64, seed=54).to(DEVICE, torch.bfloat16).requires_grad_(True)
@@ -260,8 +240,8 @@ def _saved_numels(fn) -> list[int]:
 
 def test_backward_saves_no_dense_weight():
     hidden, inter, tokens = 64, 128, 3
-    gate, up = (make_base("nf4_double_quant", hidden, inter, seed=60 + i) for i in range(2))
-    down = make_base("nf4_double_quant", inter, hidden, seed=62)
+    gate, up = (weight_of(make_base("nf4_double_quant", hidden, inter, seed=60 + i)) for i in range(2))
+    down = weight_of(make_base("nf4_double_quant", inter, hidden, seed=62))
     a, b = (t.to(DEVICE, torch.bfloat16).requires_grad_(True) for t in lora_weights(hidden, inter, 4, 63))
     x = _tokens(tokens, hidden, seed=64).to(DEVICE, torch.bfloat16).requires_grad_(True)
     dense_numel = hidden * inter
@@ -281,45 +261,23 @@ def test_backward_saves_no_dense_weight():
 # ---------------------------------------------------------------------------------- refusals and options
 
 
-def _peft_layer(**lora_kwargs):
-    peft = pytest.importorskip("peft")
-    model = nn.Sequential()
-    model.add_module("proj", make_base("nf4_double_quant", 64, 32, seed=70))
-    config = peft.LoraConfig(r=4, target_modules=["proj"], **lora_kwargs)
-    return peft.get_peft_model(model, config).base_model.model.proj
-
-
-def test_active_dropout_is_refused_with_the_fix_and_eval_mode_is_fused():
-    layer = _peft_layer(lora_dropout=0.1)
-    layer.train()
-    reason = fused_lora_unsupported_reason(layer)
-    assert reason is not None and "lora_dropout=0.1" in reason
-    with pytest.raises(ValueError, match="Set lora_dropout=0"):
-        peft_lora_projection(layer)
-    layer.eval()  # dropout is the identity in eval mode
-    assert fused_lora_unsupported_reason(layer) is None
-    assert peft_lora_projection(layer).lora_A is layer.lora_A["default"].weight
-
-
-def test_dora_and_non_lora_modules_are_refused():
-    layer = _peft_layer(use_dora=True)
-    assert "DoRA" in fused_lora_unsupported_reason(layer)
-    assert "not a PEFT LoRA layer" in fused_lora_unsupported_reason(nn.Linear(4, 4))
-
-
 def test_trainable_dense_base_and_bad_shapes_are_refused():
     layer = nn.Linear(16, 8, dtype=torch.bfloat16, device=DEVICE)  # requires grad: full fine-tuning
     x = torch.randn(2, 16, dtype=torch.bfloat16, device=DEVICE)
     a, b = lora_weights(16, 8, 2, 80)
     with pytest.raises(ValueError, match="frozen"):
-        lora_linear(x, layer, a.to(DEVICE), b.to(DEVICE), 1.0)
+        lora_linear(x, weight_of(layer), a.to(DEVICE), b.to(DEVICE), 1.0)
+    with pytest.raises(ValueError, match="frozen"):
+        lora_linear(x, layer.weight, a.to(DEVICE), b.to(DEVICE), 1.0)
     layer.requires_grad_(False)
     with pytest.raises(ValueError, match="do not fit"):
-        lora_linear(x, layer, b.t().contiguous().to(DEVICE), a.t().contiguous().to(DEVICE), 1.0)
+        lora_linear(x, weight_of(layer), b.t().contiguous().to(DEVICE), a.t().contiguous().to(DEVICE), 1.0)
     with pytest.raises(ValueError, match="input has 15 features"):
-        lora_linear(x[:, :15], layer, a.to(DEVICE), b.to(DEVICE), 1.0)
+        lora_linear(x[:, :15], weight_of(layer), a.to(DEVICE), b.to(DEVICE), 1.0)
     with pytest.raises(ValueError, match="both be given"):
-        LoraProjection(layer, a, None)
+        LoraProjection(weight_of(layer), a, None)
+    with pytest.raises(TypeError, match="weight tensor or a QuantizedWeight"):
+        lora_linear(x, layer, a.to(DEVICE), b.to(DEVICE), 1.0)  # modules are the plugins' to read
 
 
 def test_fsdp1_orig_param_views_of_a_mixed_flat_parameter_are_treated_as_frozen():
@@ -339,7 +297,7 @@ def test_fsdp1_orig_param_views_of_a_mixed_flat_parameter_are_treated_as_frozen(
     b_view = flat[n_w + n_a :].view(out_f, r)
     x = torch.randn(3, in_f, device=DEVICE)
 
-    lora_linear(x, layer, a_view, b_view, 0.5).square().sum().backward()
+    lora_linear(x, weight_of(layer), a_view, b_view, 0.5).square().sum().backward()
 
     a_ref, b_ref = a.clone().to(DEVICE).requires_grad_(), b.clone().to(DEVICE).requires_grad_()
     lora_linear_ref(x, weight.to(DEVICE), a_ref, b_ref, 0.5).square().sum().backward()
@@ -349,7 +307,7 @@ def test_fsdp1_orig_param_views_of_a_mixed_flat_parameter_are_treated_as_frozen(
 
 
 def test_autocast_runs_in_the_autocast_dtype():
-    base = make_base("nf4_double_quant", 64, 32, seed=90)
+    base = weight_of(make_base("nf4_double_quant", 64, 32, seed=90))
     a, b = (t.to(DEVICE).requires_grad_(True) for t in lora_weights(64, 32, 4, 91))
     x = _tokens(5, 64, seed=92).to(DEVICE).requires_grad_(True)  # fp32 activations, fp32 adapters
     with torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16):
@@ -414,7 +372,7 @@ def test_gpu_8b_shapes(base_kind):
         q_base=bases["q"], k_base=bases["k"], v_base=bases["v"], scaling=2.0,
     )  # fmt: skip
     assert max(errs.values()) < 2e-2, errs
-    o_base = bases["o"]
+    o_base = weight_of(bases["o"])
     errs = _gpu_case(
         lambda x, a, b: lora_linear(x, o_base, a, b, 2.0),
         lambda x, a, b: lora_linear_ref(x, o_base, a, b, 2.0),

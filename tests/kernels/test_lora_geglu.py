@@ -15,7 +15,7 @@ from fms_acceleration_accelerate_kernels.glu import activation_code, glu_backwar
 from fms_acceleration_accelerate_kernels.lora import LoraProjection, lora_mlp_geglu, lora_mlp_geglu_ref
 
 from tests.kernels.harness import check_against_reference
-from tests.kernels.test_lora_fused import DEVICE, _saved_numels, _tokens, lora_weights, make_base
+from tests.kernels.test_lora_fused import DEVICE, _saved_numels, _tokens, lora_weights, make_base, weight_of
 
 pytest.importorskip("bitsandbytes")
 
@@ -24,9 +24,10 @@ HIDDEN, INTER, R = 64, 96, 8
 
 def _mlp(fn, lora_on):
     def run(x, gA, gB, uA, uB, dA, dB, gate_base, up_base, down_base, scaling, approximate):
-        gate = LoraProjection(gate_base, gA, gB, scaling) if "gate" in lora_on else LoraProjection(gate_base)
-        up = LoraProjection(up_base, uA, uB, scaling) if "up" in lora_on else LoraProjection(up_base)
-        down = LoraProjection(down_base, dA, dB, scaling) if "down" in lora_on else LoraProjection(down_base)
+        gate_w, up_w, down_w = weight_of(gate_base), weight_of(up_base), weight_of(down_base)
+        gate = LoraProjection(gate_w, gA, gB, scaling) if "gate" in lora_on else LoraProjection(gate_w)
+        up = LoraProjection(up_w, uA, uB, scaling) if "up" in lora_on else LoraProjection(up_w)
+        down = LoraProjection(down_w, dA, dB, scaling) if "down" in lora_on else LoraProjection(down_w)
         return fn(x, gate, up, down, approximate=approximate)
 
     return run
@@ -75,7 +76,7 @@ def test_lora_mlp_geglu_torch_fallback_matches_reference(monkeypatch, approximat
 def test_geglu_is_not_swiglu_and_each_gelu_form_is_honoured():
     x = (_tokens(5, HIDDEN, seed=150) * 0.25).to(DEVICE, torch.bfloat16)
     bases = [make_base("dense_bf16", i, o, seed=151 + k) for k, (i, o) in enumerate([(64, 96), (64, 96), (96, 64)])]
-    specs = [LoraProjection(b) for b in bases]
+    specs = [LoraProjection(weight_of(b)) for b in bases]
     geglu = lora_mlp_geglu(x, *specs, approximate="none").float()
     swiglu = K.lora_mlp_swiglu(x, *specs).float()
     assert not torch.allclose(swiglu, geglu, atol=1e-2)
@@ -99,8 +100,8 @@ def test_geglu_is_not_swiglu_and_each_gelu_form_is_honoured():
 
 def test_geglu_backward_saves_no_dense_weight_and_is_repeatable():
     tokens = 3
-    gate, up = (make_base("nf4_double_quant", HIDDEN, INTER, seed=160 + i) for i in range(2))
-    down = make_base("nf4_double_quant", INTER, HIDDEN, seed=162)
+    gate, up = (weight_of(make_base("nf4_double_quant", HIDDEN, INTER, seed=160 + i)) for i in range(2))
+    down = weight_of(make_base("nf4_double_quant", INTER, HIDDEN, seed=162))
     a, b = (t.to(DEVICE, torch.bfloat16).requires_grad_(True) for t in lora_weights(HIDDEN, INTER, 4, 163))
     x = _tokens(tokens, HIDDEN, seed=164).to(DEVICE, torch.bfloat16).requires_grad_(True)
 
@@ -119,8 +120,8 @@ def test_geglu_backward_saves_no_dense_weight_and_is_repeatable():
 
 
 def test_bad_approximate_is_refused_and_exports_exist():
-    base = make_base("dense_bf16", HIDDEN, INTER, seed=170)
-    down = make_base("dense_bf16", INTER, HIDDEN, seed=171)
+    base = weight_of(make_base("dense_bf16", HIDDEN, INTER, seed=170))
+    down = weight_of(make_base("dense_bf16", INTER, HIDDEN, seed=171))
     x = torch.randn(2, HIDDEN, dtype=torch.bfloat16, device=DEVICE)
     specs = (LoraProjection(base), LoraProjection(base), LoraProjection(down))
     with pytest.raises(ValueError, match="'tanh' or 'none'"):

@@ -1,4 +1,6 @@
-"""4-bit dequantisation (nf4.py) and the dequant backends (dequant.py) against bitsandbytes and the reference.
+"""4-bit dequantisation (nf4.py) and the weight formats (dequant.py) against bitsandbytes and the reference.
+
+Reading those formats out of layers (the dequant backends) is tested in tests/plugins/fused_ops/test_dequant_backends.py.
 
 CPU tier: bitsandbytes 0.50 quantises and dequantises on CPU, Triton runs in interpreter mode (small shapes).
 GPU tier: 8B layer shapes against bitsandbytes' CUDA kernels.
@@ -11,17 +13,10 @@ import math
 import pytest
 import torch
 from fms_acceleration_accelerate_kernels.dequant import (
-    BNB_4BIT_BACKEND,
-    DEFAULT_DEQUANT_BACKENDS,
-    DENSE_BACKEND,
     Bnb4bitWeight,
     DenseWeight,
-    DequantBackend,
     QuantizedWeight,
     bnb_four_bit_state,
-    dequantize_weight,
-    get_dequant_backend,
-    quantized_weight,
 )
 from fms_acceleration_accelerate_kernels.nf4 import (
     FourBitState,
@@ -165,7 +160,7 @@ def test_bad_inputs_raise_clear_errors():
         dequantize_4bit_triton(packed, state, out=torch.empty(16, 63, dtype=torch.bfloat16, device=DEVICE))
 
 
-# ----------------------------------------------------------------------------------------------- backends
+# ------------------------------------------------------------------------------------------ weight formats
 
 
 def make_bnb_linear(
@@ -197,75 +192,35 @@ def make_bnb_linear(
     return layer, dense.to(DEVICE)
 
 
+def bnb_weight(layer: nn.Module) -> Bnb4bitWeight:
+    """The ``Bnb4bitWeight`` of a quantised ``Linear4bit`` (what the fused-ops plugin's ``bnb_4bit`` backend reads)."""
+    return Bnb4bitWeight(packed=layer.weight.detach(), state=bnb_four_bit_state(layer.weight.quant_state))
+
+
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True])
-def test_backend_dispatch_and_dequant_of_linear4bit(quant_type, nested):
+def test_bnb4bit_weight_dequantises_like_bitsandbytes(quant_type, nested):
     layer, dense = make_bnb_linear(128, 96, quant_type=quant_type, nested=nested)
-    assert get_dequant_backend(layer) is BNB_4BIT_BACKEND
-    weight = quantized_weight(layer)
+    weight = bnb_weight(layer)
     assert isinstance(weight, Bnb4bitWeight) and isinstance(weight, QuantizedWeight)
     assert weight.shape == (96, 128) and weight.dtype == torch.bfloat16
     expected = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
-    assert torch.equal(dequantize_weight(layer), expected)
+    assert torch.equal(weight.dequantize(), expected)
     assert torch.equal(weight.dequantize_ref(), expected)
     # a 4-bit weight is close to, but not equal to, the weight it came from
     err = (expected.float() - dense.weight.float()).abs().max().item()
     assert 0 < err < 0.25 * dense.weight.abs().max().item()
 
 
-def test_backend_reads_state_from_module_when_param_lost_it():
-    # FSDP can turn Params4bit into a plain parameter: the state then lives only on the module
-    layer, _ = make_bnb_linear(64, 32)
-    expected = dequantize_weight(layer)
-    plain = nn.Parameter(layer.weight.data.clone(), requires_grad=False)
-    layer.weight = plain
-    assert getattr(layer.weight, "quant_state", None) is None and layer.quant_state is not None
-    assert torch.equal(dequantize_weight(layer), expected)
-
-
-def test_unquantised_linear4bit_is_refused():
-    layer = bnb.nn.Linear4bit(64, 32, quant_type="nf4")  # still on the "meta-free" CPU, not quantised
-    with pytest.raises(ValueError, match="not quantised yet"):
-        quantized_weight(layer)
-
-
-def test_dense_backend_is_a_no_op_view():
+def test_dense_weight_is_a_no_op_view():
     layer = nn.Linear(64, 32, dtype=torch.bfloat16).to(DEVICE)
-    assert get_dequant_backend(layer) is DENSE_BACKEND
-    w = dequantize_weight(layer)
+    weight = DenseWeight(layer.weight)
+    assert isinstance(weight, QuantizedWeight)
+    w = weight.dequantize()
     assert w.data_ptr() == layer.weight.data_ptr()
-    assert torch.equal(dequantize_weight(layer, dtype=torch.float32), layer.weight.float())
+    assert torch.equal(weight.dequantize(torch.float32), layer.weight.float())
     with pytest.raises(TypeError, match="fp32/bf16/fp16"):
         DenseWeight(torch.zeros(4, 4, dtype=torch.int32))
-
-
-def test_peft_wrapper_is_unwrapped_to_its_base_layer():
-    peft = pytest.importorskip("peft")
-    model = nn.Sequential()
-    layer, _ = make_bnb_linear(64, 32)
-    model.add_module("proj", layer)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=["proj"]))
-    lora_layer = model.base_model.model.proj
-    assert get_dequant_backend(lora_layer) is BNB_4BIT_BACKEND
-    assert torch.equal(dequantize_weight(lora_layer), dequantize_weight(layer))
-
-
-def test_unknown_layer_type_lists_backends_and_extra_backend_wins_first():
-    class PackedLinear(nn.Module):  # stands in for a future format, e.g. GPTQ
-        def __init__(self):
-            super().__init__()
-            self.register_buffer("qweight", torch.zeros(4, 8, dtype=torch.int32))
-
-    layer = PackedLinear()
-    with pytest.raises(TypeError, match=r"tried: bnb_4bit, dense"):
-        get_dequant_backend(layer)
-    ones = DenseWeight(torch.ones(4, 8))
-    extra = DequantBackend(name="packed", matches=lambda m: isinstance(m, PackedLinear), extract=lambda m: ones)
-    backends = (extra, *DEFAULT_DEQUANT_BACKENDS)
-    assert get_dequant_backend(layer, backends) is extra
-    assert torch.equal(dequantize_weight(layer, backends=backends), torch.ones(4, 8))
-    # an nn.Linear still reaches the dense backend behind the new entry
-    assert get_dequant_backend(nn.Linear(8, 4), backends) is DENSE_BACKEND
 
 
 # ----------------------------------------------------------------------------------------------- GPU tier

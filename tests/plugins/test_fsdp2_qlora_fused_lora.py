@@ -67,27 +67,25 @@ def _bnb_linear(in_features: int, out_features: int, quant_type: str, nested: bo
 @pytest.mark.parametrize("nested", [False, True], ids=["plain", "double_quant"])
 def test_packed4bit_backend_equals_bitsandbytes_dequant(quant_type, nested):
     from bitsandbytes.functional import dequantize_4bit as bnb_dequantize_4bit
-    from fms_acceleration_accelerate_foak.plugin import is_bitsandbytes_backend
-    from fms_acceleration_accelerate_kernels.dequant import (
-        DEFAULT_DEQUANT_BACKENDS,
-        Bnb4bitWeight,
-        get_dequant_backend,
-        quantized_weight,
-    )
-    from fms_acceleration_accelerate_peft.dequant_backend import packed4bit_backend
+    from fms_acceleration_accelerate_foak.dequant_backends import DENSE_BACKEND, FOAK_DEQUANT_BACKENDS
+    from fms_acceleration_accelerate_kernels.dequant import Bnb4bitWeight
+    from fms_acceleration_accelerate_peft.dequant_backend import PACKED4BIT_BACKEND
     from fms_acceleration_accelerate_peft.packed4bit import Packed4bitLinear
+
+    from fms_acceleration_accelerate.dequant import DequantBackendRegistry
 
     layer = _bnb_linear(128, 96, quant_type, nested)
     expected = bnb_dequantize_4bit(layer.weight.data, layer.weight.quant_state)
     packed = Packed4bitLinear.from_bnb(layer, torch.float32)
 
-    backend = packed4bit_backend()
-    backends = (backend, *DEFAULT_DEQUANT_BACKENDS)
-    assert is_bitsandbytes_backend(backend.name) and not is_bitsandbytes_backend("dense")
-    assert get_dequant_backend(packed, backends).name == backend.name
+    backend = PACKED4BIT_BACKEND
+    registry = DequantBackendRegistry([("bitsandbytes", (backend,)), ("fused_ops_and_kernels", FOAK_DEQUANT_BACKENDS)])
+    assert backend.base_layer == "bitsandbytes" and DENSE_BACKEND.base_layer is None
+    assert registry.backend_for(packed).name == backend.name
     with pytest.raises(TypeError, match="no dequant backend handles"):
-        get_dequant_backend(packed)  # without the plugin's backend nothing reads it
-    weight = quantized_weight(packed, backends)
+        # without the plugin's backend nothing reads it
+        DequantBackendRegistry.of(*FOAK_DEQUANT_BACKENDS).backend_for(packed)
+    weight = registry.read(packed)
     assert isinstance(weight, Bnb4bitWeight) and weight.shape == (96, 128)
     # value equality (FP4 code 8: bitsandbytes' table gives +0.0, our kernels -0.0, which compare equal)
     assert torch.equal(weight.dequantize(), expected)

@@ -2,8 +2,9 @@
 
 For one projection ``y = x W^T + b + s * (x A^T) B^T`` with ``W`` (out, in) frozen, ``A`` (r, in), ``B`` (out, r):
 
-* forward dequantises ``W`` into a temporary (via the layer's dequant backend, see ``dequant.py``), runs one
-  GEMM, frees it, and adds the LoRA term in the GEMM epilogue (``addmm_``);
+* forward dequantises ``W`` into a temporary (``W`` is a weight format of ``dequant.py``: packed tensors plus
+  metadata, or a dense tensor), runs one GEMM, frees it, and adds the LoRA term in the GEMM epilogue
+  (``addmm_``);
 * backward saves only ``x``, the tiny ``x A^T`` (tokens, r) and references to ``A``, ``B`` and the quantised
   weight; it dequantises ``W`` again for ``dx = dy W`` instead of keeping a dense copy alive between forward and
   backward. Gradients: ``dx``, ``dA``, ``dB`` (and the bias when it requires grad); the base weight is frozen
@@ -12,29 +13,31 @@ For one projection ``y = x W^T + b + s * (x A^T) B^T`` with ``W`` (out, in) froz
 Grouped variants share one input: ``lora_qkv`` saves ``x`` once, computes all three LoRA down-projections with
 one GEMM (``A_q``, ``A_k``, ``A_v`` stacked) and accumulates ``dx`` of q, k and v into one buffer;
 ``lora_mlp_swiglu`` fuses gate/up/down with the SwiGLU activation, saving ``x``, ``gate`` and ``up`` and
-recomputing ``silu(gate) * up`` in backward; ``lora_mlp_geglu`` is the same with ``gelu(gate) * up`` (Gemma). ``quantized_linear`` is the same machinery without an adapter, for
-frozen quantised layers that LoRA does not target (their backward dequantises again instead of storing ``W``).
+recomputing ``silu(gate) * up`` in backward (with the GLU kernels of ``glu.py``); ``lora_mlp_geglu`` is the same
+with ``gelu(gate) * up`` (Gemma). ``quantized_linear`` is the same machinery without an adapter, for frozen
+quantised layers that LoRA does not target (their backward dequantises again instead of storing ``W``).
+
+Everything here takes tensors (and weight formats, which hold tensors): reading them from ``nn.Module``s or PEFT
+layers is the caller's job (the fused-ops plugin's ``fused_lora.py`` reads PEFT LoRA layers, and the frozen base
+weights through the framework's dequant backends).
 
 Dtypes: the matmuls run in ``x``'s dtype (or the autocast dtype when autocast is on); ``A``/``B`` (often fp32
 under PEFT) are cast to it for the matmuls and receive gradients in their own dtype.
 
 LoRA dropout: these kernels implement dropout = 0 only (the dominant QLoRA setting, and the one where saving
-only ``x`` is possible; with dropout the dropped input or its mask would have to be kept as well).
-``peft_lora_projection`` refuses a PEFT layer whose dropout is active (training mode and p > 0) with a
-``ValueError`` that says how to fix it, and ``fused_lora_unsupported_reason`` returns the same reason without
-raising, so a patcher can keep PEFT's own forward for such layers and report it.
+only ``x`` is possible; with dropout the dropped input or its mask would have to be kept as well); callers
+refuse layers whose dropout is active.
 
-FSDP: ``A``, ``B`` and the base module must be the ones seen *inside* the module's forward (after FSDP has
-gathered them); a patched forward should call these functions from within the LoRA module's forward, never hold
-parameters captured at patch time. The backward dequantises the base weight through the same tensor objects,
+FSDP: ``A``, ``B`` and the base weight's tensors must be the ones seen *inside* the module's forward (after FSDP
+has gathered them); a patched forward should read them and call these functions from within the LoRA module's
+forward, never hold tensors captured at patch time. The backward dequantises the base weight through the same tensor objects,
 which FSDP re-gathers before the module's backward.
 
 Double backward and ``retain_graph`` re-use of the MLP backward are supported (no saved tensor is modified in
 place); higher-order gradients are not (``once_differentiable``).
 
 torch.compile: the fused autograd functions are traced by Dynamo as they are (no custom op wraps the whole
-projection: the module-based API resolves the base layer, its ``QuantizedWeight`` and the adapter in plain Python
-that Dynamo follows). The one piece Dynamo cannot trace is the Triton 4-bit dequant kernel, so under
+projection: resolving the ``QuantizedWeight`` and the adapter is plain Python that Dynamo follows). The one piece Dynamo cannot trace is the Triton 4-bit dequant kernel, so under
 ``torch.compiler.is_compiling()`` a bitsandbytes 4-bit weight is dequantised by the custom op
 ``fms_accel_kernels::lora_dequantize_4bit`` (packed bytes, scales and tables as plain tensors), in forward and
 again in backward; the compiled backward therefore still saves no dense weight. ``lora_linear`` over a dense or
@@ -50,24 +53,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.autograd.function import once_differentiable
 
-from .dequant import (
-    DEFAULT_DEQUANT_BACKENDS,
-    Bnb4bitWeight,
-    DenseWeight,
-    DequantBackend,
-    QuantizedWeight,
-    base_layer_of,
-    quantized_weight,
-)
+from .dequant import Bnb4bitWeight, DenseWeight, QuantizedWeight
 from .glu import activation_code, glu_backward, glu_forward
 from .nf4 import FourBitState, NestedAbsmax, dequantize_4bit
 
 __all__ = [
     "LoraProjection",
-    "fused_lora_unsupported_reason",
     "lora_linear",
     "lora_linear_ref",
     "lora_mlp_geglu",
@@ -76,12 +69,12 @@ __all__ = [
     "lora_mlp_swiglu_ref",
     "lora_qkv",
     "lora_qkv_ref",
-    "peft_lora_projection",
     "quantized_linear",
     "quantized_linear_ref",
 ]
 
-Base = nn.Module | torch.Tensor | QuantizedWeight
+Base = torch.Tensor | QuantizedWeight
+_WEIGHT_FORMAT_MEMBERS = ("shape", "dtype", "device", "dequantize", "dequantize_ref")
 
 
 @dataclass(frozen=True)
@@ -89,13 +82,12 @@ class LoraProjection:
     """One projection for the fused functions: a frozen base and an optional LoRA adapter.
 
     Attributes:
-        base: the frozen base: a linear module (``nn.Linear``, ``bnb.nn.Linear4bit``, a PEFT LoRA layer whose
-            ``base_layer`` is used, or any layer a backend in ``backends`` handles), a dense (out, in) weight
-            tensor, or a ``QuantizedWeight``.
+        base: the frozen base weight: a dense (out, in) tensor that does not require grad, or a
+            ``QuantizedWeight`` (``DenseWeight``, ``Bnb4bitWeight``, ...).
         lora_A: (r, in) adapter down-projection, or None for a projection without adapter.
         lora_B: (out, r) adapter up-projection (None exactly when ``lora_A`` is None).
         scaling: LoRA scaling ``s`` (PEFT: ``lora_alpha / r``).
-        bias: (out,) bias; when None and ``base`` is a module, the module's bias (if any) is used.
+        bias: (out,) bias, or None.
     """
 
     base: Base
@@ -124,35 +116,37 @@ class _Resolved:
     bias: torch.Tensor | None
 
 
-def _resolve(spec: LoraProjection, in_features: int, backends: Sequence[DequantBackend]) -> _Resolved:
+def _resolve(spec: LoraProjection, in_features: int) -> _Resolved:
     base = spec.base
-    bias = spec.bias
-    if isinstance(base, nn.Module):
-        weight = quantized_weight(base, backends)
-        if bias is None:
-            bias = getattr(base_layer_of(base), "bias", None)
-        # Only a trainable *Parameter* is refused. Under FSDP1 with use_orig_params the forward sees plain tensor
-        # views of the flat parameter, which require grad when the flat parameter also holds LoRA weights; those
-        # views stand for frozen parameters, get no gradient here, and FSDP drops the (zero) gradient of frozen
-        # original parameters.
-        if isinstance(weight, DenseWeight) and isinstance(weight.weight, nn.Parameter) and weight.weight.requires_grad:
-            raise ValueError(
-                f"the base weight of {type(base).__name__} requires grad, but the fused LoRA kernels keep the base "
-                "frozen (no weight gradient); freeze it (weight.requires_grad_(False)) or do not fuse this layer"
-            )
-    elif isinstance(base, torch.Tensor):
+    if isinstance(base, torch.Tensor):
         if base.requires_grad:
             raise ValueError(
                 "the base weight requires grad, but the fused LoRA kernels keep the base frozen; pass "
                 "weight.detach() if it is meant to be frozen"
             )
         weight = DenseWeight(base)
-    elif isinstance(base, QuantizedWeight):
+    elif isinstance(base, (DenseWeight, Bnb4bitWeight)) or all(hasattr(base, m) for m in _WEIGHT_FORMAT_MEMBERS):
+        # members checked one by one: Dynamo does not trace isinstance against a runtime-checkable Protocol
         weight = base
+        # Only a trainable *Parameter* is refused. Under FSDP1 with use_orig_params the forward sees plain tensor
+        # views of the flat parameter, which require grad when the flat parameter also holds LoRA weights; those
+        # views stand for frozen parameters, get no gradient here, and FSDP drops the (zero) gradient of frozen
+        # original parameters.
+        if (
+            isinstance(weight, DenseWeight)
+            and isinstance(weight.weight, torch.nn.Parameter)
+            and weight.weight.requires_grad
+        ):
+            raise ValueError(
+                "the base weight is a parameter that requires grad, but the fused LoRA kernels keep the base frozen "
+                "(no weight gradient); freeze it (weight.requires_grad_(False)) or do not fuse this layer"
+            )
     else:
         raise TypeError(
-            f"base must be a linear module, a (out, in) weight tensor or a QuantizedWeight, got {type(base).__name__}"
+            f"base must be a (out, in) weight tensor or a QuantizedWeight, got {type(base).__name__}; read a "
+            "layer's weight with the dequant backends of fms_acceleration_accelerate.dequant first"
         )
+    bias = spec.bias
     out_features, base_in = weight.shape
     if base_in != in_features:
         raise ValueError(f"input has {in_features} features but the base weight is {weight.shape} (out, in)")
@@ -409,8 +403,8 @@ def _apply_fused(
         return function.apply(x.to(dtype), plan, *flat)
 
 
-def _run_grouped(x: torch.Tensor, specs: Sequence[LoraProjection], backends: Sequence[DequantBackend]):
-    resolved = [_resolve(s, x.shape[-1], backends) for s in specs]
+def _run_grouped(x: torch.Tensor, specs: Sequence[LoraProjection]):
+    resolved = [_resolve(s, x.shape[-1]) for s in specs]
     return _apply_fused(_FusedLoraLinearFunction, x, resolved)
 
 
@@ -421,46 +415,42 @@ def lora_linear(
     lora_B: torch.Tensor | None,
     scaling: float,
     bias: torch.Tensor | None = None,
-    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
 ) -> torch.Tensor:
     """Fused LoRA projection ``x W^T + bias + scaling * (x A^T) B^T`` (e.g. the attention O projection).
 
-    Callers must pass ``lora_A``/``lora_B`` (and ``base``) as obtained inside the module's forward, so that FSDP
-    has gathered them (see the module docstring).
+    Callers must pass ``lora_A``/``lora_B`` (and the tensors of ``base``) as obtained inside the module's forward,
+    so that FSDP has gathered them (see the module docstring).
 
     Args:
         x: (..., in) input.
-        base: frozen base: linear module, (out, in) weight tensor or ``QuantizedWeight``.
+        base: frozen base: (out, in) weight tensor or ``QuantizedWeight``.
         lora_A: (r, in) adapter weight (``lora_A.weight``), or None for no adapter.
         lora_B: (out, r) adapter weight (``lora_B.weight``), or None.
         scaling: LoRA scaling (PEFT: ``lora_alpha / r``).
-        bias: (out,) bias; defaults to the base module's bias.
-        backends: dequant dispatchers for a module base; the first match wins.
+        bias: (out,) bias, or None.
 
     Returns:
         (..., out) output in the compute dtype (``x``'s dtype, or the autocast dtype).
     """
-    return _run_grouped(x, [LoraProjection(base, lora_A, lora_B, scaling, bias)], backends)
+    return _run_grouped(x, [LoraProjection(base, lora_A, lora_B, scaling, bias)])
 
 
 def quantized_linear(
     x: torch.Tensor,
     base: Base,
     bias: torch.Tensor | None = None,
-    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
 ) -> torch.Tensor:
     """Frozen (quantised) linear ``x W^T + bias`` whose backward dequantises ``W`` again instead of storing it.
 
     Args:
         x: (..., in) input.
-        base: frozen base: linear module (e.g. ``bnb.nn.Linear4bit``), (out, in) weight or ``QuantizedWeight``.
-        bias: (out,) bias; defaults to the base module's bias.
-        backends: dequant dispatchers for a module base; the first match wins.
+        base: frozen base: (out, in) weight tensor or ``QuantizedWeight`` (e.g. a ``Bnb4bitWeight``).
+        bias: (out,) bias, or None.
 
     Returns:
         (..., out) output in the compute dtype.
     """
-    return _run_grouped(x, [LoraProjection(base, None, None, 1.0, bias)], backends)
+    return _run_grouped(x, [LoraProjection(base, None, None, 1.0, bias)])
 
 
 def lora_qkv(
@@ -468,7 +458,6 @@ def lora_qkv(
     q: LoraProjection,
     k: LoraProjection,
     v: LoraProjection,
-    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Fused q, k, v projections of one input, each a frozen base plus an optional LoRA adapter.
 
@@ -478,12 +467,11 @@ def lora_qkv(
     Args:
         x: (..., hidden) input.
         q, k, v: the three projections; tensors inside must be those seen inside the module forward (FSDP).
-        backends: dequant dispatchers for module bases; the first match wins.
 
     Returns:
         (q, k, v), each (..., out_i) in the compute dtype.
     """
-    return _run_grouped(x, [q, k, v], backends)
+    return _run_grouped(x, [q, k, v])
 
 
 # -------------------------------------------------------------------------------------------------- MLP
@@ -590,7 +578,6 @@ def lora_mlp_swiglu(
     gate: LoraProjection,
     up: LoraProjection,
     down: LoraProjection,
-    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
     compute_output: bool = True,
 ) -> torch.Tensor:
     """Fused SwiGLU MLP ``down(silu(gate(x)) * up(x))``, each projection a frozen base plus optional LoRA.
@@ -602,7 +589,6 @@ def lora_mlp_swiglu(
         x: (..., hidden) input.
         gate, up: (intermediate, hidden) projections; down: (hidden, intermediate). Tensors inside must be
             those seen inside the module forward (FSDP).
-        backends: dequant dispatchers for module bases; the first match wins.
         compute_output: ``False`` skips the down projection (its dequant and GEMM) and returns a placeholder
             of the output's shape whose values are meaningless (the input itself where shapes allow), while
             saving exactly what a full call saves, so backward is unchanged. Only for a forward whose output
@@ -612,7 +598,7 @@ def lora_mlp_swiglu(
     Returns:
         (..., hidden) output in the compute dtype (a placeholder when ``compute_output`` is ``False``).
     """
-    resolved = _resolve_mlp(x, gate, up, down, backends)
+    resolved = _resolve_mlp(x, gate, up, down)
     return _apply_fused(_FusedLoraMlpFunction, x, resolved, activation_code("silu"), compute_output)
 
 
@@ -621,14 +607,13 @@ def _resolve_mlp(
     gate: LoraProjection,
     up: LoraProjection,
     down: LoraProjection,
-    backends: Sequence[DequantBackend],
 ) -> list[_Resolved]:
     hidden = x.shape[-1]
-    g = _resolve(gate, hidden, backends)
-    u = _resolve(up, hidden, backends)
+    g = _resolve(gate, hidden)
+    u = _resolve(up, hidden)
     if g.weight.shape != u.weight.shape:
         raise ValueError(f"gate {g.weight.shape} and up {u.weight.shape} projections must have the same shape")
-    d = _resolve(down, g.weight.shape[0], backends)
+    d = _resolve(down, g.weight.shape[0])
     return [g, u, d]
 
 
@@ -638,7 +623,6 @@ def lora_mlp_geglu(
     up: LoraProjection,
     down: LoraProjection,
     approximate: str = "tanh",
-    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
     compute_output: bool = True,
 ) -> torch.Tensor:
     """Fused GeGLU MLP ``down(gelu(gate(x)) * up(x))`` (Gemma / Gemma 2), each projection a frozen base plus
@@ -653,7 +637,6 @@ def lora_mlp_geglu(
             those seen inside the module forward (FSDP).
         approximate: ``"tanh"`` (HF ``gelu_pytorch_tanh``, Gemma's default) or ``"none"`` (exact erf GELU), as
             in ``torch.nn.functional.gelu``.
-        backends: dequant dispatchers for module bases; the first match wins.
         compute_output: as in ``lora_mlp_swiglu``.
 
     Returns:
@@ -663,15 +646,15 @@ def lora_mlp_geglu(
         ValueError: ``approximate`` is not ``"tanh"`` or ``"none"``, or the projection shapes do not fit.
     """
     act = activation_code("gelu", approximate)
-    resolved = _resolve_mlp(x, gate, up, down, backends)
+    resolved = _resolve_mlp(x, gate, up, down)
     return _apply_fused(_FusedLoraMlpFunction, x, resolved, act, compute_output)
 
 
 # ------------------------------------------------------------------------------------------- references
 
 
-def _ref_projection(x: torch.Tensor, spec: LoraProjection, backends: Sequence[DequantBackend]) -> torch.Tensor:
-    r = _resolve(spec, x.shape[-1], backends)
+def _ref_projection(x: torch.Tensor, spec: LoraProjection) -> torch.Tensor:
+    r = _resolve(spec, x.shape[-1])
     w = r.weight.dequantize_ref(x.dtype)
     bias = r.bias.to(x.dtype) if r.bias is not None else None
     y = F.linear(x, w, bias)
@@ -688,20 +671,18 @@ def lora_linear_ref(
     lora_B: torch.Tensor | None,
     scaling: float,
     bias: torch.Tensor | None = None,
-    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
 ) -> torch.Tensor:
     """Pure-torch (autograd) reference of ``lora_linear``; same arguments and result."""
-    return _ref_projection(x, LoraProjection(base, lora_A, lora_B, scaling, bias), backends)
+    return _ref_projection(x, LoraProjection(base, lora_A, lora_B, scaling, bias))
 
 
 def quantized_linear_ref(
     x: torch.Tensor,
     base: Base,
     bias: torch.Tensor | None = None,
-    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
 ) -> torch.Tensor:
     """Pure-torch (autograd) reference of ``quantized_linear``; same arguments and result."""
-    return _ref_projection(x, LoraProjection(base, None, None, 1.0, bias), backends)
+    return _ref_projection(x, LoraProjection(base, None, None, 1.0, bias))
 
 
 def lora_qkv_ref(
@@ -709,10 +690,9 @@ def lora_qkv_ref(
     q: LoraProjection,
     k: LoraProjection,
     v: LoraProjection,
-    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pure-torch (autograd) reference of ``lora_qkv``; same arguments and result."""
-    return tuple(_ref_projection(x, spec, backends) for spec in (q, k, v))
+    return tuple(_ref_projection(x, spec) for spec in (q, k, v))
 
 
 def lora_mlp_swiglu_ref(
@@ -720,11 +700,10 @@ def lora_mlp_swiglu_ref(
     gate: LoraProjection,
     up: LoraProjection,
     down: LoraProjection,
-    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
 ) -> torch.Tensor:
     """Pure-torch (autograd) reference of ``lora_mlp_swiglu``; same arguments and result."""
-    h = F.silu(_ref_projection(x, gate, backends)) * _ref_projection(x, up, backends)
-    return _ref_projection(h, down, backends)
+    h = F.silu(_ref_projection(x, gate)) * _ref_projection(x, up)
+    return _ref_projection(h, down)
 
 
 def lora_mlp_geglu_ref(
@@ -733,76 +712,9 @@ def lora_mlp_geglu_ref(
     up: LoraProjection,
     down: LoraProjection,
     approximate: str = "tanh",
-    backends: Sequence[DequantBackend] = DEFAULT_DEQUANT_BACKENDS,
     compute_output: bool = True,
 ) -> torch.Tensor:
     """Pure-torch (autograd) reference of ``lora_mlp_geglu``; same arguments and result."""
     activation_code("gelu", approximate)
-    h = F.gelu(_ref_projection(x, gate, backends), approximate=approximate) * _ref_projection(x, up, backends)
-    return _ref_projection(h, down, backends)
-
-
-# ------------------------------------------------------------------------------------------------- PEFT
-
-
-def fused_lora_unsupported_reason(module: nn.Module, adapter_name: str | None = None) -> str | None:
-    """Why a PEFT LoRA layer cannot use the fused kernels right now, or None when it can.
-
-    Refused: several active adapters, DoRA or another LoRA variant, a bias on ``lora_B`` (``lora_bias``),
-    merged or disabled adapters, and active dropout (``lora_dropout`` > 0 while the module is training).
-
-    Args:
-        module: a PEFT LoRA layer (``peft.tuners.lora.LoraLayer``).
-        adapter_name: adapter to use; defaults to the single active adapter.
-    """
-    if not hasattr(module, "lora_A") or not hasattr(module, "base_layer"):
-        return f"{type(module).__name__} is not a PEFT LoRA layer (no lora_A / base_layer)"
-    if getattr(module, "disable_adapters", False):
-        return "adapters are disabled on this layer"
-    if getattr(module, "merged", False):
-        return "the adapter is merged into the base weight"
-    if adapter_name is None:
-        active = [a for a in module.active_adapters if a in module.lora_A]
-        if len(active) != 1:
-            return f"the fused kernels handle exactly one active LoRA adapter, this layer has {active}"
-        adapter_name = active[0]
-    if adapter_name not in module.lora_A:
-        return f"adapter {adapter_name!r} not found (have {list(module.lora_A.keys())})"
-    if adapter_name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter_name):
-        return "DoRA and other LoRA variants are not fused; use plain LoRA or leave fused_lora off"
-    if module.lora_B[adapter_name].bias is not None:
-        return "lora_bias=True is not supported by the fused kernels"
-    dropout = module.lora_dropout[adapter_name]
-    p = getattr(dropout, "p", 0.0)
-    if module.training and dropout.training and p > 0:
-        return (
-            f"lora_dropout={p} is active; the fused kernels implement dropout 0 only. Set lora_dropout=0 in the "
-            "LoraConfig (the usual QLoRA setting) or leave fused_lora off for this model"
-        )
-    return None
-
-
-def peft_lora_projection(module: nn.Module, adapter_name: str | None = None) -> LoraProjection:
-    """A ``LoraProjection`` read from a PEFT LoRA layer; call it inside that layer's forward (FSDP gathering).
-
-    Args:
-        module: a PEFT LoRA layer wrapping a linear (e.g. ``peft.tuners.lora.bnb.Linear4bit``).
-        adapter_name: adapter to use; defaults to the single active adapter.
-
-    Returns:
-        ``LoraProjection(base=module.base_layer, lora_A=A.weight, lora_B=B.weight, scaling=...)``.
-
-    Raises:
-        ValueError: the layer cannot be fused (see ``fused_lora_unsupported_reason``).
-    """
-    reason = fused_lora_unsupported_reason(module, adapter_name)
-    if reason is not None:
-        raise ValueError(f"cannot fuse LoRA layer {type(module).__name__}: {reason}")
-    if adapter_name is None:
-        adapter_name = next(a for a in module.active_adapters if a in module.lora_A)
-    return LoraProjection(
-        base=module.get_base_layer(),
-        lora_A=module.lora_A[adapter_name].weight,
-        lora_B=module.lora_B[adapter_name].weight,
-        scaling=float(module.scaling[adapter_name]),
-    )
+    h = F.gelu(_ref_projection(x, gate), approximate=approximate) * _ref_projection(x, up)
+    return _ref_projection(h, down)

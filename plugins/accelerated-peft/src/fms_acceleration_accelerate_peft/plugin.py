@@ -10,8 +10,9 @@ Hooks:
   ``modifiable_args`` with the LoRA config replaced by ``None`` so a trainer does not add adapters twice.
   With ``no_peft_model: true`` no adapters are added.
 * ``prepare_contribution`` / ``after_prepare``: FSDP1/FSDP2 handling of the packed weights (:mod:`.sharding`).
-* ``provided_dequant_backends``: the ``bnb_4bit_packed`` dequant backend, so the fused-ops plugin's fused LoRA
-  / fused dequant kernels read ``Packed4bitLinear`` bases (:mod:`.dequant_backend`).
+* ``dequant_backends``: contributes the ``bnb_4bit_packed`` dequant backend to the framework's registry, so
+  fused kernels (the fused-ops plugin's fused LoRA / fused dequant) read ``Packed4bitLinear`` bases
+  (:mod:`.dequant_backend`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from fms_acceleration_accelerate.dequant import DequantBackend
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 from fms_acceleration_accelerate.plugin import AccelerationPlugin
 
@@ -243,12 +245,12 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
         for swap in self._packed_swaps:
             swap.release()
 
-    def provided_dequant_backends(self) -> tuple[Any, ...]:
-        """Dequant backends for the fused-ops plugin: reads :class:`~.packed4bit.Packed4bitLinear` weights
-        (the FSDP2 packed layers) with our own 4-bit kernels; see :mod:`.dequant_backend`."""
-        from .dequant_backend import packed4bit_backend
+    def dequant_backends(self) -> tuple[DequantBackend, ...]:
+        """Contributes the backend that reads :class:`~.packed4bit.Packed4bitLinear` weights (the FSDP2 packed
+        layers) for fused kernels, dequantised by our own 4-bit kernels; see :mod:`.dequant_backend`."""
+        from .dequant_backend import PACKED4BIT_BACKEND
 
-        return (packed4bit_backend(),)
+        return (PACKED4BIT_BACKEND,)
 
     def after_prepare(self, model: nn.Module, context: Any) -> None:
         """Release the full packed bytes of the layers replaced for FSDP2 once their replacements are sharded

@@ -2,8 +2,9 @@
 
 Per attention / MLP module the projections are classified as
 
-* ``lora``: a PEFT LoRA layer (one active adapter, plain LoRA, ``lora_dropout=0``) over any base the dequant
-  backends handle (bf16/fp16/fp32 ``nn.Linear`` or bitsandbytes ``Linear4bit``);
+* ``lora``: a PEFT LoRA layer (one active adapter, plain LoRA, ``lora_dropout=0``) over any base a dequant
+  backend of the framework's registry handles (this plugin's: bf16/fp16/fp32 ``nn.Linear``, bitsandbytes
+  ``Linear4bit``; other plugins contribute theirs, e.g. the bitsandbytes plugin's FSDP2 packed layer);
 * ``quantized``: a frozen quantized layer without adapter (e.g. the MLP of a QLoRA model whose LoRA targets
   only q, k, v, o);
 * ``dense``: a plain floating-point linear layer without adapter (left alone unless it is part of a group).
@@ -20,9 +21,12 @@ and replaced as follows:
 * **every other projection** (o, Phi-3's fused qkv and gate_up, GPTBigCode's, GeGLU MLPs): its own forward
   becomes ``lora_linear`` (``lora``) or ``quantized_linear`` (``quantized``).
 
-Every replacement reads the LoRA A/B weights and the base layer inside a forward of a module that contains them
-(never at patch time), so under FSDP they are the gathered tensors as long as no FSDP unit lies strictly inside
-the attention / MLP module (the plugin declares those modules as fused scopes and checks it after wrapping).
+This module is where PEFT layers and base layers are read: ``peft_lora_projection`` turns a PEFT LoRA layer into
+the tensors the kernels take (``LoraProjection``: the base weight read by the first matching dequant backend,
+A, B, scaling, bias), ``fused_lora_unsupported_reason`` says why a layer cannot be fused. Every replacement reads
+them inside a forward of a module that contains them (never at patch time), so under FSDP they are the gathered
+tensors as long as no FSDP unit lies strictly inside the attention / MLP module (the plugin declares those
+modules as fused scopes and checks it after wrapping).
 When a layer cannot be fused at run time (adapters disabled or merged, several active adapters, extra forward
 arguments such as ``adapter_names``), the forward it replaced runs instead.
 """
@@ -36,6 +40,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from fms_acceleration_accelerate.dequant import DequantBackendRegistry, base_layer_of
 from fms_acceleration_accelerate.model_specs import (
     ArchitectureSpec,
     MatchedModule,
@@ -66,30 +71,112 @@ class Projection:
         module: the projection module (a PEFT LoRA layer, a quantized layer, or ``nn.Linear``).
         kind: ``"lora"``, ``"quantized"`` or ``"dense"``.
         backend: name of the dequant backend that reads its base weight (``"dense"``, ``"bnb_4bit"``, ...).
+        base_layer: that backend's storage format (``"bitsandbytes"``, ...), ``None`` for a float weight.
     """
 
     path: str
     module: nn.Module
     kind: ProjectionKind
     backend: str
+    base_layer: str | None = None
 
 
-def classify_projection(path: str, module: nn.Module, backends: Sequence[Any]) -> Projection:
+# --------------------------------------------------------------------------------------- reading PEFT layers
+
+
+def fused_lora_unsupported_reason(module: nn.Module, adapter_name: str | None = None) -> str | None:
+    """Why a PEFT LoRA layer cannot use the fused kernels right now, or None when it can.
+
+    Refused: several active adapters, DoRA or another LoRA variant, a bias on ``lora_B`` (``lora_bias``),
+    merged or disabled adapters, and active dropout (``lora_dropout`` > 0 while the module is training).
+
+    Args:
+        module: a PEFT LoRA layer (``peft.tuners.lora.LoraLayer``).
+        adapter_name: adapter to use; defaults to the single active adapter.
+    """
+    if not hasattr(module, "lora_A") or not hasattr(module, "base_layer"):
+        return f"{type(module).__name__} is not a PEFT LoRA layer (no lora_A / base_layer)"
+    if getattr(module, "disable_adapters", False):
+        return "adapters are disabled on this layer"
+    if getattr(module, "merged", False):
+        return "the adapter is merged into the base weight"
+    if adapter_name is None:
+        active = [a for a in module.active_adapters if a in module.lora_A]
+        if len(active) != 1:
+            return f"the fused kernels handle exactly one active LoRA adapter, this layer has {active}"
+        adapter_name = active[0]
+    if adapter_name not in module.lora_A:
+        return f"adapter {adapter_name!r} not found (have {list(module.lora_A.keys())})"
+    if adapter_name in getattr(module, "lora_variant", {}) or getattr(module, "use_dora", {}).get(adapter_name):
+        return "DoRA and other LoRA variants are not fused; use plain LoRA or leave fused_lora off"
+    if module.lora_B[adapter_name].bias is not None:
+        return "lora_bias=True is not supported by the fused kernels"
+    dropout = module.lora_dropout[adapter_name]
+    p = getattr(dropout, "p", 0.0)
+    if module.training and dropout.training and p > 0:
+        return (
+            f"lora_dropout={p} is active; the fused kernels implement dropout 0 only. Set lora_dropout=0 in the "
+            "LoraConfig (the usual QLoRA setting) or leave fused_lora off for this model"
+        )
+    return None
+
+
+def base_projection(module: nn.Module, registry: DequantBackendRegistry) -> Any:
+    """A ``LoraProjection`` without adapter of a frozen linear layer (or a PEFT layer's base layer): its weight
+    read by the first matching dequant backend, and its bias. Call it inside a forward (FSDP gathering)."""
+    from fms_acceleration_accelerate_kernels.lora import LoraProjection
+
+    base = base_layer_of(module)
+    return LoraProjection(base=registry.read(base), bias=getattr(base, "bias", None))
+
+
+def peft_lora_projection(module: nn.Module, registry: DequantBackendRegistry, adapter_name: str | None = None) -> Any:
+    """The ``LoraProjection`` (tensors only) of a PEFT LoRA layer; call it inside that layer's forward (FSDP).
+
+    Args:
+        module: a PEFT LoRA layer wrapping a linear (e.g. ``peft.tuners.lora.bnb.Linear4bit``).
+        registry: dequant backends that read the base layer's weight (first match wins).
+        adapter_name: adapter to use; defaults to the single active adapter.
+
+    Returns:
+        ``LoraProjection(base=<weight format of module.base_layer>, lora_A=A.weight, lora_B=B.weight,
+        scaling=..., bias=<base layer's bias>)``.
+
+    Raises:
+        ValueError: the layer cannot be fused (see ``fused_lora_unsupported_reason``).
+        TypeError: no dequant backend reads the base layer.
+    """
+    from fms_acceleration_accelerate_kernels.lora import LoraProjection
+
+    reason = fused_lora_unsupported_reason(module, adapter_name)
+    if reason is not None:
+        raise ValueError(f"cannot fuse LoRA layer {type(module).__name__}: {reason}")
+    if adapter_name is None:
+        adapter_name = next(a for a in module.active_adapters if a in module.lora_A)
+    base = base_projection(module.get_base_layer(), registry)
+    return LoraProjection(
+        base=base.base,
+        lora_A=module.lora_A[adapter_name].weight,
+        lora_B=module.lora_B[adapter_name].weight,
+        scaling=float(module.scaling[adapter_name]),
+        bias=base.bias,
+    )
+
+
+def classify_projection(path: str, module: nn.Module, registry: DequantBackendRegistry) -> Projection:
     """Classify one projection and check that the fused kernels can handle it.
 
     Raises:
         ModelStructureError: a LoRA layer the kernels cannot fuse (DoRA, dropout > 0, several adapters,
             ``lora_bias``), or a base layer type no dequant backend handles; the message names the module.
     """
-    from fms_acceleration_accelerate_kernels.dequant import base_layer_of, get_dequant_backend
-    from fms_acceleration_accelerate_kernels.lora import fused_lora_unsupported_reason
-
     try:
-        backend = get_dequant_backend(base_layer_of(module), backends).name
+        backend = registry.backend_for(module)
     except TypeError as exc:
         raise ModelStructureError(f"projection {path}: {exc}", fix="set fused_lora/fused_dequant: false") from None
     if not is_peft_lora_layer(module):
-        return Projection(path, module, "dense" if backend == "dense" else "quantized", backend)
+        kind = "dense" if backend.base_layer is None else "quantized"
+        return Projection(path, module, kind, backend.name, backend.base_layer)
     reason = fused_lora_unsupported_reason(module)
     if reason is None:
         active = [a for a in module.active_adapters if a in module.lora_A]
@@ -101,7 +188,7 @@ def classify_projection(path: str, module: nn.Module, backends: Sequence[Any]) -
             f"LoRA layer {path} cannot be fused: {reason}",
             fix="use a LoraConfig with lora_dropout=0, one adapter and no DoRA / lora_bias, or set fused_lora: false",
         )
-    return Projection(path, module, "lora", backend)
+    return Projection(path, module, "lora", backend.name, backend.base_layer)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -117,6 +204,8 @@ class FusedLoraReport:
         quantized: paths of adapter-less quantized projections now computed by fused dequant kernels.
         scopes: attention / MLP modules whose sub-module weights the patched forwards read (for FSDP checks).
         backends: dequant backend names seen on fused projections.
+        base_layers: storage formats (``DequantBackend.base_layer``) seen on fused projections; empty when every
+            fused base is a float weight.
         whole_mlps: ``id()`` of MLP modules whose whole forward (activation included) a fused kernel replaced.
     """
 
@@ -124,6 +213,7 @@ class FusedLoraReport:
     quantized: list[str] = field(default_factory=list)
     scopes: list[MatchedModule] = field(default_factory=list)
     backends: set[str] = field(default_factory=set)
+    base_layers: set[str] = field(default_factory=set)
     whole_mlps: set[int] = field(default_factory=set)
 
     def add(self, projection: Projection) -> None:
@@ -132,32 +222,32 @@ class FusedLoraReport:
         elif projection.kind == "quantized":
             self.quantized.append(projection.path)
         self.backends.add(projection.backend)
+        if projection.base_layer is not None:
+            self.base_layers.add(projection.base_layer)
 
 
-def _projection_args(module: nn.Module) -> Any:
+def _projection_args(module: nn.Module, registry: DequantBackendRegistry) -> Any:
     """The ``LoraProjection`` of a module, read now (inside a forward)."""
-    from fms_acceleration_accelerate_kernels.lora import LoraProjection, peft_lora_projection
-
     if is_peft_lora_layer(module):
-        return peft_lora_projection(module)
-    return LoraProjection(base=module)
+        return peft_lora_projection(module, registry)
+    return base_projection(module, registry)
 
 
 def _runtime_fusable(modules: Sequence[nn.Module]) -> bool:
     """False when a LoRA member cannot be fused in its current state (disabled / merged adapters, ...)."""
-    from fms_acceleration_accelerate_kernels.lora import fused_lora_unsupported_reason
-
     return all(not is_peft_lora_layer(m) or fused_lora_unsupported_reason(m) is None for m in modules)
 
 
-def _single_forward(module: nn.Module, previous: Callable[..., Any], backends: Sequence[Any]) -> Callable[..., Any]:
-    from fms_acceleration_accelerate_kernels.lora import lora_linear
-
+def _single_forward(
+    module: nn.Module, previous: Callable[..., Any], registry: DequantBackendRegistry
+) -> Callable[..., Any]:
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        from fms_acceleration_accelerate_kernels.lora import lora_linear
+
         if args or kwargs or not _runtime_fusable((module,)):
             return previous(x, *args, **kwargs)
-        p = _projection_args(module)
-        return lora_linear(x, p.base, p.lora_A, p.lora_B, p.scaling, p.bias, backends=backends)
+        p = _projection_args(module, registry)
+        return lora_linear(x, p.base, p.lora_A, p.lora_B, p.scaling, p.bias)
 
     return forward
 
@@ -173,12 +263,12 @@ class QKVGroup:
     ``_glu_mlp_forward``).
     """
 
-    def __init__(self, attention: nn.Module, names: Sequence[str], backends: Sequence[Any]) -> None:
+    def __init__(self, attention: nn.Module, names: Sequence[str], registry: DequantBackendRegistry) -> None:
         assert len(names) == 3
         self.attention = attention
         self.names = tuple(names)
         self.previous = tuple(getattr(attention, n).forward for n in names)
-        self.backends = tuple(backends)
+        self.registry = registry
         self._kept: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
 
     @property
@@ -192,7 +282,7 @@ class QKVGroup:
         modules = self.modules
         if args or kwargs or not _runtime_fusable(modules):
             return self.previous[0](x, *args, **kwargs)
-        q, k, v = lora_qkv(x, *(_projection_args(m) for m in modules), backends=self.backends)
+        q, k, v = lora_qkv(x, *(_projection_args(m, self.registry) for m in modules))
         self._kept = [(x, k), (x, v)]
         return q
 
@@ -214,7 +304,7 @@ def _glu_mlp_forward(
     mlp: nn.Module,
     names: Sequence[str],
     previous: Callable[..., Any],
-    backends: Sequence[Any],
+    registry: DequantBackendRegistry,
     activation: tuple[str, str | None],
     recompute: RecomputeState | None = None,
 ) -> Callable[..., Any]:
@@ -233,13 +323,11 @@ def _glu_mlp_forward(
         modules = [getattr(mlp, n) for n in names]
         if args or kwargs or not _runtime_fusable(modules):
             return previous(x, *args, **kwargs)
-        projections = [_projection_args(m) for m in modules]
+        projections = [_projection_args(m, registry) for m in modules]
         compute_output = recompute.compute_output() if recompute is not None else True
         if kind == "silu":
-            return lora_mlp_swiglu(x, *projections, backends=backends, compute_output=compute_output)
-        return lora_mlp_geglu(
-            x, *projections, approximate=approximate or "none", backends=backends, compute_output=compute_output
-        )
+            return lora_mlp_swiglu(x, *projections, compute_output=compute_output)
+        return lora_mlp_geglu(x, *projections, approximate=approximate or "none", compute_output=compute_output)
 
     return forward
 
@@ -254,7 +342,7 @@ def patch_fused_lora(
     *,
     fused_lora: bool,
     fused_dequant: bool,
-    backends: Sequence[Any],
+    registry: DequantBackendRegistry,
     recompute: RecomputeState | None = None,
 ) -> FusedLoraReport:
     """Patch the fused LoRA / fused dequant kernels into every attention and MLP of the model.
@@ -264,7 +352,7 @@ def patch_fused_lora(
         patches: the plugin's patcher.
         fused_lora: fuse PEFT LoRA projections.
         fused_dequant: fuse adapter-less quantized projections.
-        backends: ordered dequant backends (first match wins).
+        registry: the framework's dequant backends, which read every base layer (first match wins).
         recompute: when given, whole fused MLPs skip their down projection in checkpoint recomputations
             (only pass it for architectures whose spec has ``mlp_output_only_to_residual``).
 
@@ -275,12 +363,12 @@ def patch_fused_lora(
     report = FusedLoraReport()
 
     def projections(owner: MatchedModule, names: Sequence[str]) -> list[Projection]:
-        return [classify_projection(_join(owner.path, n), getattr(owner.module, n), backends) for n in names]
+        return [classify_projection(_join(owner.path, n), getattr(owner.module, n), registry) for n in names]
 
     def patch_single(p: Projection) -> None:
         patches.patch_forward(
             p.module,
-            _single_forward(p.module, p.module.forward, backends),
+            _single_forward(p.module, p.module.forward, registry),
             target=p.path,
             description=f"kernels.{'lora_linear' if p.kind == 'lora' else 'quantized_linear'} [{p.backend}]",
         )
@@ -290,7 +378,7 @@ def patch_fused_lora(
         before = len(report.lora) + len(report.quantized)
         inputs = projections(attention, spec.attention.input_projections)
         if len(inputs) == 3 and any(_wanted(p, fused_lora, fused_dequant) for p in inputs):
-            group = QKVGroup(attention.module, spec.attention.input_projections, backends)
+            group = QKVGroup(attention.module, spec.attention.input_projections, registry)
             for p, fn in zip(inputs, (group.q_forward, group.k_forward, group.v_forward)):
                 patches.patch_forward(
                     p.module, fn, target=p.path, description=f"kernels.lora_qkv [{p.backend}] ({p.kind})"
@@ -317,7 +405,7 @@ def patch_fused_lora(
             kernel = "lora_mlp_swiglu" if activation[0] == "silu" else "lora_mlp_geglu"
             patches.patch_forward(
                 mlp.module,
-                _glu_mlp_forward(mlp.module, mlp_spec.projections, mlp.module.forward, backends, activation, recompute),
+                _glu_mlp_forward(mlp.module, mlp_spec.projections, mlp.module.forward, registry, activation, recompute),
                 target=mlp.path,
                 description=f"kernels.{kernel} [" + ",".join(sorted({p.backend for p in members})) + "]",
             )

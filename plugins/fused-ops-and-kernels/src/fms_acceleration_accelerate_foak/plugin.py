@@ -31,6 +31,7 @@ import warnings
 from collections.abc import Sequence
 from typing import Any
 
+from fms_acceleration_accelerate.dequant import DequantBackend, DequantBackendRegistry
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 from fms_acceleration_accelerate.model_specs import (
     ARCHITECTURE_SPECS,
@@ -69,13 +70,10 @@ _NO_4BIT_FIX = (
 )
 
 
-def _is_4bit(module: Any) -> bool:
-    """A bitsandbytes 4-bit linear layer (or the bitsandbytes plugin's FSDP2 packed form of one); PEFT's LoRA
-    wrapper of one has the same class name but lives in peft."""
-    cls = type(module)
-    return cls.__name__ == "Packed4bitLinear" or (
-        cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes")
-    )
+def _is_4bit(module: Any, registry: DequantBackendRegistry) -> bool:
+    """A layer that a bitsandbytes-format dequant backend reads (bitsandbytes' ``Linear4bit``, the bitsandbytes
+    plugin's FSDP2 packed form of one, ...); PEFT's LoRA wrapper of one is not such a layer itself."""
+    return any(b.handles(module) for b in registry.for_base_layer("bitsandbytes"))
 
 
 def _no_lora_problem(model: Any, when: str) -> str:
@@ -93,23 +91,12 @@ def _no_4bit_problem(option: str) -> str:
     )
 
 
-def is_bitsandbytes_backend(name: str) -> bool:
-    """Whether a dequant backend name denotes a bitsandbytes-format 4-bit base (``base_layer: bitsandbytes``).
-
-    ``"bnb_4bit"`` is the kernels' backend for ``bitsandbytes.nn.Linear4bit``; other plugins name backends of
-    layers that hold the same packed format ``"bnb_4bit_<something>"`` (e.g. the bitsandbytes plugin's
-    ``"bnb_4bit_packed"`` for its FSDP2 ``Packed4bitLinear``).
-    """
-    return name == "bnb_4bit" or name.startswith("bnb_4bit_")
-
-
-def _loads_bitsandbytes_layers(plugin: AccelerationPlugin) -> bool:
-    """Whether ``plugin`` loads the model with bitsandbytes-format 4-bit layers (it loads models and provides a
-    bitsandbytes-format dequant backend, as the bitsandbytes plugin does)."""
+def _loads_bitsandbytes_layers(plugin: AccelerationPlugin, registry: DequantBackendRegistry) -> bool:
+    """Whether ``plugin`` loads the model with bitsandbytes-format 4-bit layers (it loads models and contributes a
+    dequant backend whose ``base_layer`` is ``"bitsandbytes"``, as the bitsandbytes plugin does)."""
     if not plugin.requires_custom_loading:
         return False
-    provider = getattr(plugin, "provided_dequant_backends", None)
-    return callable(provider) and any(is_bitsandbytes_backend(b.name) for b in provider())
+    return any(b.base_layer == "bitsandbytes" for b in registry.contributed_by(plugin.plugin_name()))
 
 
 def _unwrap_data_parallel(model: Any) -> Any:
@@ -147,7 +134,6 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
 
     def __init__(self, config: FusedOpsAndKernelsConfig, **kwargs: Any) -> None:
         super().__init__(config, **kwargs)
-        self._extra_backends: tuple[Any, ...] = ()
         self._active: tuple[AccelerationPlugin, ...] = ()  # the other active plugins (check_compatibility)
         self._augmented = False
         self._fused_state = _NOT_STARTED if (config.fused_lora or config.fused_dequant) else _DONE
@@ -171,10 +157,10 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         return f"{base}.{key}" if key else base
 
     def check_compatibility(self, active: Sequence[AccelerationPlugin]) -> None:
-        """Collect dequant backends other plugins provide; refuse combinations whose fused kernels would stop
-        the run after the model is loaded:
+        """Refuse combinations whose fused kernels would stop the run after the model is loaded:
 
-        * ``base_layer: auto_gptq`` without a plugin providing a GPTQ dequant backend;
+        * ``base_layer: auto_gptq`` without a plugin contributing a GPTQ dequant backend (``base_layer``
+          ``"auto_gptq"``) to the framework's registry;
         * fused kernels with ``base_layer: bitsandbytes`` while a plugin that loads no bitsandbytes 4-bit layers
           loads the model;
         * fused LoRA without ``base_layer`` while the bitsandbytes plugin loads a 4-bit model.
@@ -182,20 +168,13 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         (``base_layer: bitsandbytes`` with no loading plugin is accepted: the script may load the model in 4 bit
         itself, with transformers' ``BitsAndBytesConfig``; see :meth:`describe`.)
 
-        A plugin provides backends through a method ``provided_dequant_backends() -> tuple[DequantBackend, ...]``
-        (entries placed before the built-in bitsandbytes and dense backends).
+        Plugins contribute dequant backends through the ``dequant_backends()`` hook; the framework's registry
+        orders them by plugin run order (loaders before this plugin, whose own backends come last).
         """
-        extra: list[Any] = []
-        for plugin in active:
-            if plugin is self:
-                continue
-            provider = getattr(plugin, "provided_dequant_backends", None)
-            if callable(provider):
-                extra.extend(provider())
-        self._extra_backends = tuple(extra)
         self._active = tuple(p for p in active if p is not self)
+        registry = self._registry()
         c = self.config
-        if c.base_layer == "auto_gptq" and not any(b.name.startswith("gptq") for b in extra):
+        if c.base_layer == "auto_gptq" and not registry.for_base_layer("auto_gptq"):
             raise AccelerationConfigError(
                 "base_layer: auto_gptq needs a GPTQ dequant backend, which a GPTQ plugin provides; no active plugin "
                 "provides one (this release ships no GPTQ plugin)",
@@ -206,7 +185,7 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         if not (c.fused_lora or c.fused_dequant):
             return
         loaders = [p for p in active if p is not self and p.requires_custom_loading]
-        bnb_loaders = [p for p in loaders if _loads_bitsandbytes_layers(p)]
+        bnb_loaders = [p for p in loaders if _loads_bitsandbytes_layers(p, registry)]
         if c.base_layer == "bitsandbytes" and loaders and not bnb_loaders:
             raise AccelerationConfigError(
                 f"base_layer: bitsandbytes, but the model is loaded by plugin {loaders[0].plugin_name()!r}, which "
@@ -346,7 +325,7 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
                 fix=_NO_LORA_FIX,
             )
         quantized = c.fused_dequant or (c.base_layer == "bitsandbytes" and c.fused_lora)
-        if quantized and not any(_is_4bit(m) for m in modules):
+        if quantized and not any(_is_4bit(m, self._registry()) for m in modules):
             option = "fused_dequant" if c.fused_dequant else "base_layer"
             raise AccelerationConfigError(
                 _no_4bit_problem(option),
@@ -464,11 +443,19 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
                 "fms_acceleration_accelerate/model_specs.py",
             )
 
-    def dequant_backends(self) -> tuple[Any, ...]:
-        """The ordered dequant backends the fused kernels use (other plugins' first, then the built-in ones)."""
-        from fms_acceleration_accelerate_kernels.dequant import DEFAULT_DEQUANT_BACKENDS
+    def dequant_backends(self) -> tuple[DequantBackend, ...]:
+        """Contributes the backends of bitsandbytes' ``Linear4bit`` (``bnb_4bit``) and of float ``nn.Linear``
+        layers (``dense``); see :mod:`.dequant_backends`."""
+        from .dequant_backends import FOAK_DEQUANT_BACKENDS
 
-        return (*self._extra_backends, *DEFAULT_DEQUANT_BACKENDS)
+        return FOAK_DEQUANT_BACKENDS
+
+    def _registry(self) -> DequantBackendRegistry:
+        """The framework's dequant backends (every active plugin's, in run order); this plugin's own when it was
+        created outside a framework."""
+        if self.dequant_registry is None:
+            self.dequant_registry = DequantBackendRegistry.from_plugins((self,))
+        return self.dequant_registry
 
     def _apply_fused(self, model: Any) -> None:
         spec, match = self._match(model)
@@ -478,7 +465,7 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             self.patches,
             fused_lora=c.fused_lora,
             fused_dequant=c.fused_dequant,
-            backends=self.dequant_backends(),
+            registry=self._registry(),
             recompute=self._recompute_for(spec),
         )
         self._fused_report = report
@@ -501,11 +488,11 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             self._count("fused_lora", len(report.lora), spec)
         if c.fused_dequant and not report.quantized:
             self.patch_counts["fused_dequant"] = self.patch_counts.get("fused_dequant", 0)
-            if not any(_is_4bit(m) for m in model.modules()):
+            if not any(_is_4bit(m, self._registry()) for m in model.modules()):
                 raise ModelStructureError(
                     _no_4bit_problem("fused_dequant"), path=self._path("fused_dequant"), fix=_NO_4BIT_FIX
                 )
-            if not (c.fused_lora and any(n != "dense" for n in report.backends)):
+            if not (c.fused_lora and report.base_layers):
                 raise ModelStructureError(
                     "fused_dequant found no adapter-less 4-bit projection among the attention / MLP projections of "
                     f"this {spec.model_type} model (its 4-bit layers are elsewhere)",
@@ -520,8 +507,9 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             )
         elif c.fused_dequant:
             self._count("fused_dequant", len(report.quantized), spec)
-        quantized = sorted(report.backends - {"dense"})
-        if c.base_layer == "bitsandbytes" and not any(is_bitsandbytes_backend(n) for n in report.backends):
+        registry = self._registry()
+        quantized = sorted(n for n in report.backends if registry[n].base_layer is not None)
+        if c.base_layer == "bitsandbytes" and "bitsandbytes" not in report.base_layers:
             raise ModelStructureError(
                 "base_layer: bitsandbytes, but no fused projection has a bitsandbytes 4-bit base "
                 f"(found: {', '.join(sorted(report.backends)) or 'none'})",
@@ -601,7 +589,8 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
                 "kernels.lora_qkv, SwiGLU MLP -> kernels.lora_mlp_swiglu, other projections -> kernels.lora_linear / "
                 "quantized_linear; patched in augmentation, or after Accelerator.prepare under FSDP"
             )
-            if c.base_layer == "bitsandbytes" and not any(_loads_bitsandbytes_layers(p) for p in self._active):
+            loads_4bit = any(_loads_bitsandbytes_layers(p, self._registry()) for p in self._active)
+            if c.base_layer == "bitsandbytes" and not loads_4bit:
                 lines.append(
                     "note: no active plugin loads the model in 4 bit (no peft.quantization.bitsandbytes section): "
                     "the script must load it with transformers' BitsAndBytesConfig(load_in_4bit=True), else the "
