@@ -314,3 +314,23 @@ def test_backend_declarations_are_checked():
     wrong = DequantBackend(name="x", module_types=(nn.Linear,), read=read, weight_format=Bnb4bitWeight)
     with pytest.raises(TypeError, match="declares weight_format Bnb4bitWeight"):
         DequantBackendRegistry.of(wrong).read(nn.Linear(4, 4))
+
+
+def test_declaring_backends_imports_neither_the_kernels_nor_triton(tmp_path):
+    """Creating a framework collects every plugin's backends; their weight formats are imported at the first read,
+    so ``fms-accelerate check`` and framework creation do not pay for importing Triton."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from fms_acceleration_accelerate import AccelerationFramework, PluginRegistry\n"
+        "from fms_acceleration_accelerate_foak import FusedOpsAndKernelsPlugin\n"
+        "fw = AccelerationFramework({'peft': {'quantization': {'fused_ops_and_kernels': {'base_layer': 'bitsandbytes',"
+        " 'fused_lora': True}}}}, registry=PluginRegistry([FusedOpsAndKernelsPlugin]))\n"
+        "assert fw.dequant_registry.names == ('bnb_4bit', 'dense')\n"
+        "print('fms_acceleration_accelerate_kernels' in sys.modules, 'triton' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False"]

@@ -9,7 +9,9 @@ They read the two kinds of base layer a model has whether or not another plugin 
 
 ``Linear4bit`` subclasses ``nn.Linear``, so ``bnb_4bit`` comes first (and ``dense`` refuses layers that carry a
 ``quant_state``). Backends of other plugins' layers come before both (plugins that load models run earlier).
-Reading the tensors happens inside the patched forwards, where FSDP has gathered them.
+Reading the tensors happens inside the patched forwards, where FSDP has gathered them. Declaring the backends
+imports neither the kernels package nor Triton (the weight formats are named by path and imported at the first
+read), so creating a framework stays cheap.
 """
 
 from __future__ import annotations
@@ -17,16 +19,19 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from fms_acceleration_accelerate_kernels.dequant import Bnb4bitWeight, DenseWeight, bnb_four_bit_state
 from torch import nn
 
 from fms_acceleration_accelerate.dequant import DequantBackend
 
 _DENSE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FORMATS = "fms_acceleration_accelerate_kernels.dequant"  # the kernels' weight formats
 
 
-def read_bnb_4bit(layer: Any) -> Bnb4bitWeight:
-    """``DequantBackend.read`` of ``bnb_4bit``: the packed bytes and quantisation state of a ``Linear4bit``."""
+def read_bnb_4bit(layer: Any) -> Any:
+    """``DequantBackend.read`` of ``bnb_4bit``: the packed bytes and quantisation state of a ``Linear4bit`` as a
+    ``Bnb4bitWeight``."""
+    from fms_acceleration_accelerate_kernels.dequant import Bnb4bitWeight, bnb_four_bit_state
+
     weight = layer.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is None:
@@ -51,8 +56,10 @@ def is_dense_linear(layer: Any) -> bool:
     )
 
 
-def read_dense(layer: Any) -> DenseWeight:
-    """``DequantBackend.read`` of ``dense``: the layer's own weight tensor (no copy)."""
+def read_dense(layer: Any) -> Any:
+    """``DequantBackend.read`` of ``dense``: the layer's own weight tensor (no copy) as a ``DenseWeight``."""
+    from fms_acceleration_accelerate_kernels.dequant import DenseWeight
+
     return DenseWeight(layer.weight)
 
 
@@ -60,14 +67,14 @@ BNB_4BIT_BACKEND = DequantBackend(
     name="bnb_4bit",
     module_types=("bitsandbytes.nn:Linear4bit",),
     read=read_bnb_4bit,
-    weight_format=Bnb4bitWeight,
+    weight_format=f"{_FORMATS}:Bnb4bitWeight",
     base_layer="bitsandbytes",
 )
 DENSE_BACKEND = DequantBackend(
     name="dense",
     module_types=(nn.Linear,),
     read=read_dense,
-    weight_format=DenseWeight,
+    weight_format=f"{_FORMATS}:DenseWeight",
     accepts=is_dense_linear,
 )
 FOAK_DEQUANT_BACKENDS: tuple[DequantBackend, ...] = (BNB_4BIT_BACKEND, DENSE_BACKEND)
