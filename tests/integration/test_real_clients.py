@@ -1,11 +1,12 @@
 """Real clients get what the acceleration section asks for.
 
-Ordinary training scripts, written as a new user writes them (``tests/integration/scripts/real_client_worker.py``),
-run under stock ``accelerate launch --config_file launch_configs/accelerate-cpu-qlora-foak.yaml``: TRL's
-``SFTTrainer`` given the model as a path with a peft ``LoraConfig``, ``SFTTrainer`` given a model the script loaded
-with ``from_pretrained``, and the HF ``Trainer`` after the script's own ``from_pretrained`` + ``get_peft_model``.
-Each must train a 4-bit model (the section's bitsandbytes plugin loads it) with fused kernels, print the patch
-table once after the model's prepare, and match the loss trajectory of the framework-API path of the same config.
+TRL's ``SFTTrainer`` given the model as a path with a peft ``LoraConfig``
+(``tests/integration/scripts/real_client_worker.py``), under stock ``accelerate launch --config_file
+launch_configs/accelerate-cpu-qlora-foak.yaml``, must train a 4-bit model (the section's bitsandbytes plugin loads
+it) with fused kernels, print the patch table once after the model's prepare, and match the loss trajectory of the
+framework-API path of the same config. The user-facing examples (``examples/trl_sft.py`` with a path or a model it
+loaded, ``examples/hf_trainer.py``, ``examples/accelerate_loop.py``) run with every configuration they claim in
+``test_examples.py``.
 
 The in-process tests cover the pieces: the routing of ``from_pretrained`` (recorded, reverted), one model one
 framework, the checks at ``prepare``, the patch table, and missing model paths.
@@ -16,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -143,15 +143,6 @@ def test_sft_trainer_given_a_path_trains_the_4bit_model_and_matches_the_framewor
     # to float32 round-off (observed identical); only where LoRA is added (TRL's get_peft_model vs the plugin's
     # augmentation) and when the kernels are patched (prepare vs augmentation) differ.
     assert api["losses"] == pytest.approx(sft["losses"], rel=1e-5, abs=1e-5)
-
-
-@pytest.mark.slow
-@needs_hook
-@pytest.mark.parametrize("mode", ["sft-preloaded", "hf-trainer"])
-def test_scripts_that_call_from_pretrained_themselves_get_the_4bit_model(mode, model_dir, tmp_path, client_env):
-    done, report = launch_client(mode, model_dir, tmp_path, client_env)
-    check_qlora_run(done, report)
-    assert len(ROUTED.findall(done.stdout)) == 1
 
 
 @pytest.mark.slow
@@ -332,50 +323,3 @@ def test_one_model_one_framework(fresh_install, model_dir):
     other.augmentation(model, None, ())
     assert framework_of(model) is other
     other.revert()
-
-
-# --------------------------------------------------------------------------------------------- the example
-
-
-ACCELERATION_ONLY = [
-    "accelerated-peft-bnb-nf4-sample-configuration.yaml",
-    "accelerated-peft-bnb-nf4-foak-sample-configuration.yaml",
-    "foak-fast-kernels-sample-configuration.yaml",
-    "foak-fast-lora-sample-configuration.yaml",
-]
-
-
-def _loop_losses(out: str) -> tuple[str, float, float]:
-    match = re.search(r"plugins: (.*); first loss ([\d.]+) -> last loss ([\d.]+)", out)
-    assert match, out[-2000:]
-    return match.group(1), float(match.group(2)), float(match.group(3))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("name", ACCELERATION_ONLY)
-def test_accelerate_loop_with_each_acceleration_config(name, tmp_path, client_env):
-    done = run(
-        [sys.executable, str(REPO / "examples/accelerate_loop.py"), "--acceleration-config",
-         str(REPO / "launch_configs" / name), "--steps", "4"],
-        client_env, tmp_path, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    plugins, first, last = _loop_losses(done.stdout)
-    assert ("bitsandbytes" in plugins) == ("bnb" in name)
-    assert ("bnb" in name) == bool(ROUTED.search(done.stdout))
-    assert last < first
-
-
-@pytest.mark.slow
-@needs_hook
-@pytest.mark.parametrize("name", ["accelerate-cpu-qlora-foak.yaml", "accelerate-cpu-2proc-qlora-foak.yaml"])
-def test_accelerate_loop_under_accelerate_launch(name, tmp_path, client_env):
-    done = run(
-        [ACCELERATE, "launch", "--config_file", str(REPO / "launch_configs" / name), "--main_process_port",
-         str(free_port()), str(REPO / "examples/accelerate_loop.py"), "--steps", "4"],
-        client_env, tmp_path, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    plugins, first, last = _loop_losses(done.stdout)
-    assert plugins == "bitsandbytes, fused_ops_and_kernels" and last < first
-    assert len(ROUTED.findall(done.stdout)) == 1 and done.stdout.count(TABLE) == 1
