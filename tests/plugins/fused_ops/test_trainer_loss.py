@@ -229,6 +229,9 @@ def test_sft_trainer_runs_the_loss_kernels(mode, model_dir, tmp_path, triton_int
     _assert_loss_kernels_ran(accelerated, micro_batches=4 * 2)
     assert not any(target.endswith("loss_function") for _p, target, _r, _n in accelerated.table)
     assert accelerated.framework.plugins[0].fast_loss.trl_head is not None
+    # both modes run the chunked kernel under TRL's head, which never builds the full logits itself
+    assert any("fused_linear_cross_entropy_per_token" in r for _p, _t, r, _n in accelerated.table), accelerated.table
+    assert any(t.endswith("lm_head.forward") for _p, t, _r, _n in accelerated.table), accelerated.table
     accelerated.framework.revert()
     if mode == "fused_linear":
         # TRL's head had wrapped the forward patched at augmentation and went with it: reverting leaves the

@@ -15,8 +15,10 @@ would ever run (and a forward patched *over* TRL's returns no ``log_probs``).
 
 So when the causal LM carries TRL's fused head, this module serves TRL's contract itself: the forward is
 replaced (recorded, revertible) by one that, with ``fused_lm_head=True``, computes the same outputs with this
-package's kernels (``fused_linear``: the chunked per-token fused linear cross-entropy, no logits; ``true``: the
-lm_head module's logits and the per-token cross-entropy kernel) and otherwise behaves as TRL's forward. Loss
+package's kernels — the chunked per-token fused linear cross-entropy, no logits, for ``fused_linear`` and
+also for ``true`` (TRL's own head never builds the full logits, so reading them would cost memory; ``true``
+falls back to the lm_head module's logits and the per-token cross-entropy kernel only for a head the fused
+kernel cannot read) — and otherwise behaves as TRL's forward. Loss
 patches TRL's head made unreachable are reverted, so the patch table lists only what runs. TRL's head is
 recognised by what it is: a bound forward taking ``fused_lm_head`` whose defining module is in ``trl`` and
 whose settings (``outputs``, ``temperature``, ``cast_lm_head_to_fp32``, logit scale and soft-capping) can be
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
@@ -51,6 +54,8 @@ from .patches import (
     patch_loss_function,
     router_aux_loss_function,
 )
+
+logger = logging.getLogger("fms_acceleration_accelerate_foak")
 
 # per-token fields of TRL's FusedCausalLMOutput that the kernels compute
 SUPPORTED_OUTPUTS = frozenset({"log_probs", "entropy", "is_top1"})
@@ -154,17 +159,20 @@ def _trl_contract_forward(
     mode: str,
     previous: Any,
     counter: CallCounter,
+    chunked: bool,
 ) -> Any:
     """Forward serving TRL's ``fused_lm_head=True`` contract with the loss kernels.
 
     Args:
         match: the model's matched modules.
         trl: the TRL head it replaces (settings, output class).
-        mode: ``"fused_linear"`` (per-token fused linear cross-entropy through ``lm_head``'s patched forward) or
-            ``"cross_entropy"`` (``lm_head``'s logits, per-token cross-entropy kernel).
+        mode: the plugin's ``fast_loss`` mode, for calls without ``fused_lm_head`` (``"fused_linear"``: the fused
+            linear loss of the HF contract; ``"cross_entropy"``: ``previous`` as it is).
         previous: the forward to run without ``fused_lm_head`` (TRL's own, or the model's when TRL's head wrapped
             a forward of this plugin that was reverted).
         counter: counts the ``fused_lm_head=True`` calls.
+        chunked: ``fused_lm_head=True`` calls run the per-token fused linear cross-entropy through ``lm_head``'s
+            patched forward (no logits); otherwise ``lm_head``'s logits and the per-token cross-entropy kernel.
     """
     from fms_acceleration_accelerate_kernels.cross_entropy import cross_entropy_per_token
 
@@ -205,7 +213,7 @@ def _trl_contract_forward(
         mask = target != IGNORE_INDEX
         # only the scored positions go through the head (a device-to-host read for their count, as TRL's)
         rows, row_targets = hidden[mask], target[mask]
-        if mode == "fused_linear":
+        if chunked:
             options = {"target": row_targets, "softcap": softcap, "logits_scaling": scaling, "per_token": True}
             nll, entropy, is_top1 = head(rows, fused_loss=options)  # lm_head's own call: FSDP gathers its weight
         else:
@@ -247,6 +255,7 @@ class FastLoss:
         self.mode = mode
         self._counted: list[tuple[PatchRecord, CallCounter]] = []
         self._lm_records: list[PatchRecord] = []  # loss_function / forward patches of the causal LM
+        self._head_patched = False  # lm_head computes the fused linear loss when called with fused_loss=
         self.trl_head: TrlFusedHead | None = None
         """TRL's fused head this plugin's forward serves, once found."""
 
@@ -263,6 +272,7 @@ class FastLoss:
         if self.mode == "fused_linear":
             counter = CallCounter()
             self._record(patch_fused_loss_head(match, patches, counter), counter, on_lm=False)
+            self._head_patched = True
         if trl is not None:
             self._serve_trl(match, patches, trl)
         elif self.mode == "cross_entropy":
@@ -290,18 +300,34 @@ class FastLoss:
             patches.revert_record(record)
         self._counted = [(r, c) for r, c in self._counted if r not in self._lm_records]
         self._lm_records.clear()
+        chunked = self._head_patched or self._patch_head_for_trl(match, patches)
         counter = CallCounter()
         # TRL's head if it is still there; the model's own forward if it went with a reverted patch under it
         previous = lm.forward
-        kernel = "fused_linear_cross_entropy_per_token" if self.mode == "fused_linear" else "cross_entropy_per_token"
+        kernel = "fused_linear_cross_entropy_per_token" if chunked else "cross_entropy_per_token"
+        note = "; chunked, as TRL's own head: no full logits" if chunked and self.mode != "fused_linear" else ""
         record = patches.patch_forward(
             lm,
-            _trl_contract_forward(match, trl, self.mode, previous, counter),
+            _trl_contract_forward(match, trl, self.mode, previous, counter, chunked),
             target=match.causal_lm.path or type(lm).__name__,
-            description=f"kernels.{kernel} (TRL fused_lm_head=True: {', '.join(trl.outputs)})",
+            description=f"kernels.{kernel} (TRL fused_lm_head=True: {', '.join(trl.outputs)}{note})",
         )
         self._record(record, counter)
         self.trl_head = trl
+
+    def _patch_head_for_trl(self, match: ModelMatch, patches: PluginPatcher) -> bool:
+        """``fast_loss: true`` under TRL's head: TRL's own head never builds the full logits, so the per-token loss
+        runs chunked through ``lm_head`` too (measured on one H100 at the 8B shape, QLoRA: the logits path peaked
+        1.1 GiB above plain TRL). Falls back to the logits path, returning ``False``, for a head the fused linear
+        kernel cannot read (the reason is logged)."""
+        try:
+            counter = CallCounter()
+            self._record(patch_fused_loss_head(match, patches, counter), counter, on_lm=False)
+        except ModelStructureError as exc:
+            logger.info("fast_loss under TRL's fused head: lm_head's logits + per-token kernel (%s)", exc)
+            return False
+        self._head_patched = True
+        return True
 
     def kernel_calls(self, patches: PluginPatcher) -> dict[str, int]:
         """``{target: kernel calls}`` of the loss patches currently in the patch table."""
