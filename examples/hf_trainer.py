@@ -12,10 +12,11 @@ Nothing in the script asks for acceleration: the ``acceleration:`` section of th
   the load goes through the plugin (a printed line says so) and the model comes back with 4-bit layers.
 * LoRA with peft's ``get_peft_model`` (``--full``: no LoRA, every weight trains).
 * At ``Accelerator.prepare`` (inside ``trainer.train()``) every active plugin checks the model and the kernels
-  are patched; the patch table is printed once. A 4-bit model without LoRA (``--full`` with a bitsandbytes
-  section) and ``fused_lora`` without LoRA are refused there with an error that says why. ``fast_loss``
-  replaces the model's loss (``true``) or its lm_head + loss (``fused_linear``); both honour the Trainer's
-  ``num_items_in_batch``, so gradient accumulation gives the same loss.
+  are patched; the patch table is printed once. ``--full`` with ``fused_lora`` in the section is refused there
+  (no LoRA layers to fuse; the error says to set ``fused_lora: false`` for full fine-tuning); ``--full`` with a
+  4-bit model is refused by the Trainer itself. ``fast_loss`` replaces the model's loss (``true``) or its
+  lm_head + loss (``fused_linear``); both honour the Trainer's ``num_items_in_batch``, so gradient accumulation
+  gives the same loss.
 * ``end_training(accelerator)`` ends every process cleanly in multi-process runs; it is the one name the script
   takes from this package.
 

@@ -82,10 +82,13 @@ def shipped(name: str) -> Path:
 
 def naming_config(folder: Path, name: str) -> Path:
     """An Accelerate config for one CPU process whose ``acceleration:`` names the shipped acceleration-only file, as
-    a user writes it: the Accelerate settings of the shipped 1-process CPU config, and the file's path."""
+    the README shows: the Accelerate settings of the shipped 1-process CPU config, and the file's path relative to
+    the config's folder (which is not the folder the launch runs in)."""
     settings = yaml.safe_load(shipped(CPU_1PROC).read_text(encoding="utf-8"))
-    settings["acceleration"] = str(shipped(name))
-    path = folder / f"{name}-cpu.yaml"
+    configs = folder / "configs"
+    configs.mkdir(exist_ok=True)
+    settings["acceleration"] = os.path.relpath(shipped(name), configs)
+    path = configs / f"{name}-cpu.yaml"
     path.write_text(yaml.safe_dump(settings), encoding="utf-8")
     return path
 
@@ -253,6 +256,20 @@ def test_hf_trainer_with_an_acceleration_only_file(name, lora, tiny_model, tmp_p
     check_run(result, name, lora=lora)
 
 
+@pytest.mark.slow
+@needs_hook
+def test_hf_trainer_full_fine_tuning_with_fused_lora_is_refused_at_prepare(tiny_model, tmp_path, example_env):
+    """The prepare check in a real client: no LoRA layers to fuse, said with the key path and the fix."""
+    result = launch("hf_trainer.py", naming_config(tmp_path, "foak-fast-lora"), tiny_model, tmp_path, example_env,
+                    "--full")  # fmt: skip
+    assert result.returncode != 0 and result.reports == [], result.failure()
+    err = result.stderr
+    assert "AccelerationConfigError: [acceleration.training.fused_ops_and_kernels.fused_lora]" in err, err[-3000:]
+    assert "fused_lora needs PEFT LoRA layers to fuse, but the model has none at Accelerator.prepare" in err
+    assert "for full fine-tuning set fused_lora: false" in err
+    assert TABLE not in result.stdout  # nothing was patched
+
+
 # --------------------------------------------------------------------------------------------- plain Accelerate
 
 LOOP_ACCELERATION_ONLY = [
@@ -294,6 +311,33 @@ def test_the_cpu_launch_configs_carry_the_bnb_foak_sample_section():
     body = yaml.safe_load(shipped("accelerated-peft-bnb-nf4-foak").read_text(encoding="utf-8"))["plugins"]
     for name in (CPU_1PROC, CPU_2PROC):
         assert yaml.safe_load(shipped(name).read_text(encoding="utf-8"))["acceleration"] == body
+
+
+def _readme_excerpts() -> list[tuple[str, list[str]]]:
+    """(example file, code lines) of each Python block in the README's Clients section that starts with
+    ``# examples/<file> (abridged...``."""
+    text = (REPO / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("\n## Clients\n") :]
+    section = section[: section.index("\n## ", 1)]
+    excerpts = []
+    for block in re.findall(r"```python\n(.*?)```", section, flags=re.DOTALL):
+        lines = block.splitlines()
+        match = re.match(r"# examples/(\w+\.py) \(abridged", lines[0])
+        if match:
+            excerpts.append((match.group(1), lines[1:]))
+    return excerpts
+
+
+def test_readme_client_excerpts_are_the_examples_lines():
+    """Every line of the README's abridged client scripts is a line of the example it names (its code, up to
+    indentation and the trailing comment), so the README cannot drift from what the tests run."""
+    excerpts = _readme_excerpts()
+    assert sorted(name for name, _ in excerpts) == ["accelerate_loop.py", "hf_trainer.py", "trl_sft.py"]
+    for name, lines in excerpts:
+        source = {line.strip() for line in (EXAMPLES / name).read_text(encoding="utf-8").splitlines()}
+        source |= {line.split("  #")[0].strip() for line in source}
+        missing = [line for line in lines if line.strip() and line.split("  #")[0].strip() not in source]
+        assert not missing, (name, missing)
 
 
 def test_each_example_names_the_configs_it_is_tested_with():
