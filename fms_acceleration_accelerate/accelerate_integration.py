@@ -1,4 +1,5 @@
-"""The one module that touches Accelerate's internals.
+"""The one module that touches Accelerate's internals (with :mod:`~fms_acceleration_accelerate.launch_environment`,
+which reads the launcher's environment and Accelerate's process state before this framework's ``Accelerator`` exists).
 
 What it does
 ------------
@@ -21,6 +22,10 @@ What it does
     parameters, after which Accelerate shards the rest) -> Accelerate's ``prepare`` -> ``after_prepare`` of
     each plugin. DeepSpeed: contributions run before prepare (plugins that can run there do their work in
     ``prepare_contribution``); a plugin that cannot run there refuses with an error before DeepSpeed starts.
+
+  The run's shape those hooks are handed, a :class:`~fms_acceleration_accelerate.distributed.RunContext`, is built
+  once from the ``Accelerator`` when it is created (:func:`build_context`) and bound to the framework
+  (``framework.run_context``); a model loaded before that gets the one built from the launcher's environment.
 
   The wrapping is idempotent (a second :func:`install` does nothing), recorded in a
   :class:`~fms_acceleration_accelerate.patching.PatchRecorder` kept on the class itself
@@ -71,8 +76,9 @@ from accelerate.utils import DistributedType, KwargsHandler
 from .accelerate_config import check_accelerate_document
 from .config import read_yaml
 from .distributed import (
+    FsdpSettings,
     MergedContribution,
-    PrepareContext,
+    RunContext,
     apply_fsdp2_plan,
     check_deepspeed,
     check_fsdp1_dtypes,
@@ -89,6 +95,7 @@ from .distributed import (
 )
 from .errors import AccelerationConfigError, quote, truncate
 from .framework import AccelerationFramework, framework_of, is_main_process
+from .launch_environment import detect_client, fsdp_settings, run_context_from_environment
 from .patching import PatchRecorder
 from .registry import PluginRegistry
 
@@ -229,25 +236,12 @@ def section_from_environment() -> dict[str, Any] | None:
 
 
 def expected_fsdp_version() -> int | None:
-    """The FSDP version the coming ``Accelerator.prepare`` will use, as far as is known before it runs.
-
-    Read from an initialised ``AcceleratorState`` (an ``Accelerator`` created before the model is loaded),
-    else from the variables ``accelerate launch`` exports to every worker (``ACCELERATE_USE_FSDP``,
-    ``FSDP_VERSION``). ``None`` when the run will not use FSDP or nothing tells yet (e.g. a Python script that
-    creates its ``Accelerator`` after loading, without ``accelerate launch``).
+    """The FSDP version the coming ``Accelerator.prepare`` will use, as far as is known before it runs: that of
+    :func:`~fms_acceleration_accelerate.launch_environment.run_context_from_environment` (an ``Accelerator``
+    already created in this process, else the variables ``accelerate launch`` exports). ``None`` when the run
+    will not use FSDP or nothing tells yet. Plugins get it as ``run_context.fsdp_version`` instead.
     """
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state  # read, not AcceleratorState(): that re-syncs it from PartialState
-    if state:  # an Accelerator exists in this process
-        plugin = state.get("fsdp_plugin")
-        if state.get("distributed_type") != DistributedType.FSDP or plugin is None:
-            return None
-        return int(getattr(plugin, "fsdp_version", 1) or 1)
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() not in ("1", "true", "yes"):
-        return None
-    version = os.environ.get("FSDP_VERSION", "1").strip()
-    return int(version) if version.isdigit() else 1
+    return run_context_from_environment().fsdp_version
 
 
 # ------------------------------------------------------------------------------------------------ install
@@ -392,6 +386,8 @@ class _FrameworkSlot:
     def _new(self) -> AccelerationFramework:
         self._framework = self._build()
         self._accelerator = None
+        # a model may be loaded before the Accelerator exists: the launcher's environment tells the run's shape
+        self._framework.bind_run_context(run_context_from_environment(framework=self._framework))
         return self._framework
 
     def for_loading(self) -> AccelerationFramework:
@@ -494,7 +490,11 @@ def _make_init(original_init: Callable[..., None], state: _ProcessState) -> Call
         setattr(self, _FRAMEWORK_ATTR, framework)
         state.note_source(self)
         if is_main_process():
-            logger.info("fms-acceleration active plugins: %s", ", ".join(framework.active_plugin_names) or "none")
+            logger.info(
+                "fms-acceleration active plugins: %s; run: %s",
+                ", ".join(framework.active_plugin_names) or "none",
+                framework.run_context.describe(),
+            )
 
     setattr(__init__, _WRAPPED_MARK, original_init)
     __init__.__doc__ = original_init.__doc__
@@ -509,12 +509,10 @@ def check_accelerate_settings(accelerator: Any, framework: AccelerationFramework
         AccelerationConfigError: a plugin's ``check_run_settings`` refused the run's settings, or FSDP2 with
             ``fsdp_cpu_ram_efficient_loading`` while a plugin shards its own units (``contributes_under_fsdp2``).
     """
-    context = build_context(accelerator, framework)
+    context = framework.bind_run_context(build_context(accelerator, framework))  # built once per Accelerator
     for plugin in framework.plugins:
         plugin.check_run_settings(context)
-    if accelerator.distributed_type != DistributedType.FSDP or not accelerator.is_fsdp2:
-        return
-    if not getattr(accelerator.state.fsdp_plugin, "cpu_ram_efficient_loading", False):
+    if context.fsdp_version != 2 or not context.fsdp.cpu_ram_efficient_loading:
         return
     sharding = [p.plugin_name() for p in framework.plugins if p.contributes_under_fsdp2()]
     if sharding:
@@ -541,13 +539,21 @@ def _make_prepare(original_prepare: Callable[..., Any]) -> Callable[..., Any]:
 # ------------------------------------------------------------------------------------------------ prepare
 
 
-def build_context(accelerator: Any, framework: AccelerationFramework) -> PrepareContext:
-    """The :class:`PrepareContext` of ``accelerator``."""
+def build_context(accelerator: Any, framework: AccelerationFramework, *, client: str | None = None) -> RunContext:
+    """The :class:`~fms_acceleration_accelerate.distributed.RunContext` of ``accelerator``: its distributed type,
+    FSDP version and settings, DeepSpeed ZeRO stage, mixed precision, process count and device. ``client``: what
+    drives the run, when the caller knows; otherwise the trainer that is creating ``accelerator`` (found on the call
+    stack), else ``"accelerate"``."""
     distributed_type = accelerator.distributed_type
     fsdp_version = None
+    fsdp = FsdpSettings()
+    zero_stage = None
     if distributed_type == DistributedType.FSDP:
         fsdp_version = 2 if accelerator.is_fsdp2 else 1
-    return PrepareContext(
+        fsdp = fsdp_settings(getattr(accelerator.state, "fsdp_plugin", None))
+    elif distributed_type == DistributedType.DEEPSPEED:
+        zero_stage = getattr(getattr(accelerator.state, "deepspeed_plugin", None), "zero_stage", None)
+    return RunContext(
         distributed_type=str(getattr(distributed_type, "value", distributed_type)),
         fsdp_version=fsdp_version,
         device=accelerator.device,
@@ -555,7 +561,21 @@ def build_context(accelerator: Any, framework: AccelerationFramework) -> Prepare
         world_size=accelerator.num_processes,
         framework=framework,
         accelerator=accelerator,
+        fsdp=fsdp,
+        zero_stage=zero_stage,
+        client=client if client is not None else detect_client("accelerate"),
+        source="accelerator",
     )
+
+
+def context_for_accelerator(framework: AccelerationFramework, accelerator: Any) -> RunContext:
+    """The run context ``framework``'s hooks get under ``accelerator``: the one bound when ``accelerator`` was created
+    with this framework (built once), else one built from ``accelerator`` now and bound (a framework attached or
+    adopted later, the framework API given ``trainer.accelerator``)."""
+    current = framework.run_context
+    if current.accelerator is accelerator:
+        return current
+    return framework.bind_run_context(build_context(accelerator, framework, client=current.client))
 
 
 def _prepare_with_framework(
@@ -568,7 +588,7 @@ def _prepare_with_framework(
     models = [a for a in args if isinstance(a, torch.nn.Module)]
     if models:
         framework = _framework_for_models(accelerator, framework, models)
-    context = build_context(accelerator, framework)
+    context = context_for_accelerator(framework, accelerator)
     for model in models:  # never silent: each active plugin refuses a model it cannot have accelerated
         framework.check_prepared_model(model, context)
     optimizers = [a for a in args if isinstance(a, torch.optim.Optimizer)]
@@ -1002,6 +1022,7 @@ __all__ = [
     "AccelerationKwargs",
     "attach_framework",
     "build_context",
+    "context_for_accelerator",
     "expected_fsdp_version",
     "export_section",
     "get_callbacks_and_ready_for_train",

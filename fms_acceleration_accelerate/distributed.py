@@ -5,7 +5,7 @@ This module knows nothing about Accelerate's internals (that is ``accelerate_int
 
 Flow inside ``Accelerator.prepare`` (driven by ``accelerate_integration``)::
 
-    context = PrepareContext(...)                          # what the run looks like (FSDP1/2, dtype, world size)
+    context = framework.run_context                        # RunContext: FSDP1/2, dtype, world size (built once)
     parts = [plugin.prepare_contribution(model, context)]  # each active plugin, in run order; None = nothing
     merged = merge_contributions(parts)                    # conflicts -> AccelerationConfigError
     plan = plan_fsdp_units(model, merged, fsdp_version)    # which modules become FSDP units
@@ -54,7 +54,7 @@ import dataclasses
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -62,6 +62,8 @@ from torch import nn
 from .errors import AccelerationConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import Accelerator
+
     from .framework import AccelerationFramework
 
 ModuleSelector = type | str | Callable[[str, nn.Module], bool]
@@ -83,9 +85,43 @@ _CONTAINERS = (nn.ModuleDict, nn.ModuleList, nn.ParameterDict, nn.ParameterList)
 # Context and contribution
 
 
+RunSource = Literal["accelerator", "launcher", "training_arguments", "default"]
+"""Where a :class:`RunContext` was read from: the ``Accelerator`` (or, before this framework's exists, one already
+created in the process), the variables ``accelerate launch`` exports, a trainer's training arguments, or nothing
+(one process, no FSDP: the defaults)."""
+
+_MIXED_PRECISION = ("no", "fp16", "bf16", "fp8")
+
+
 @dataclass(frozen=True)
-class PrepareContext:
-    """What the run looks like, given to ``prepare_contribution`` and ``after_prepare``.
+class FsdpSettings:
+    """The FSDP settings of the run that plugins may need (``None``: not known where the context was built).
+
+    Attributes:
+        use_orig_params: FSDP1 ``use_orig_params`` (frozen and trainable parameters may share a flat parameter).
+        cpu_ram_efficient_loading: Accelerate's ``fsdp_cpu_ram_efficient_loading`` (rank 0 loads, meta elsewhere).
+        activation_checkpointing: Accelerate's ``fsdp_activation_checkpointing``.
+        offload_params: parameters offloaded to the CPU.
+    """
+
+    use_orig_params: bool | None = None
+    cpu_ram_efficient_loading: bool | None = None
+    activation_checkpointing: bool | None = None
+    offload_params: bool | None = None
+
+
+@dataclass(frozen=True)
+class RunContext:
+    """How the run is wrapped: the one description of the run's shape every hook that needs it is handed.
+
+    Built once per source by the framework's Accelerate side, never by a plugin: from the ``Accelerator``
+    (:func:`~fms_acceleration_accelerate.accelerate_integration.build_context`) or, before one exists (a model
+    loaded under ``accelerate launch``, the framework API), from the launcher's environment and the training
+    arguments (:mod:`~fms_acceleration_accelerate.launch_environment`). The prepare-time hooks
+    (``check_run_settings``, ``check_prepared_model``, ``prepare_contribution``, ``after_prepare``) get it as
+    their ``context`` argument; the hooks whose signature the original framework fixed (``model_loader``,
+    ``augmentation``, ``get_callbacks_and_ready_for_train``) read it from ``plugin.run_context``, which the
+    framework sets before they run. Plugins never read Accelerate's state or the environment themselves.
 
     Attributes:
         distributed_type: Accelerate's ``DistributedType`` value as a string (``"NO"``, ``"MULTI_GPU"``,
@@ -95,8 +131,15 @@ class PrepareContext:
         mixed_precision: ``"no"``, ``"fp16"``, ``"bf16"`` or ``"fp8"``.
         world_size: number of processes.
         framework: the :class:`~fms_acceleration_accelerate.framework.AccelerationFramework` running the hooks.
-        accelerator: the ``accelerate.Accelerator`` (``None`` when the hooks are driven without one, e.g. in
-            tests or a hand-written ``fully_shard`` loop).
+        accelerator: the ``accelerate.Accelerator`` (``None`` when none exists yet or the hooks are driven without
+            one, e.g. in tests or a hand-written ``fully_shard`` loop).
+        fsdp: the FSDP settings plugins may need (all ``None`` when not FSDP or not known).
+        ep_size: expert-parallel degree (processes that share one set of experts' shards); 1: none.
+        zero_stage: the DeepSpeed ZeRO stage under DeepSpeed when known, else ``None``.
+        client: what drives the run, when known: ``"trl.SFTTrainer"`` (any trainer class, as
+            ``<package>.<class>``), ``"transformers.Trainer"``, ``"accelerate"`` (a script's own ``Accelerator``),
+            ``"framework-api"`` (a script calling the framework's hooks itself); ``None``: not known.
+        source: where the context was read from (see :data:`RunSource`).
     """
 
     distributed_type: str = "NO"
@@ -104,8 +147,33 @@ class PrepareContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     mixed_precision: str = "no"
     world_size: int = 1
-    framework: AccelerationFramework | None = None
-    accelerator: Any = None
+    framework: AccelerationFramework | None = field(default=None, compare=False, repr=False)
+    accelerator: Accelerator | None = field(default=None, compare=False, repr=False)
+    fsdp: FsdpSettings = field(default_factory=FsdpSettings)
+    ep_size: int = 1
+    zero_stage: int | None = None
+    client: str | None = None
+    source: RunSource = "default"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.device, str):
+            object.__setattr__(self, "device", torch.device(self.device))
+        if not isinstance(self.device, torch.device):
+            raise TypeError(f"RunContext.device must be a torch.device, got {self.device!r}")
+        if self.fsdp_version not in (None, 1, 2):
+            raise ValueError(f"RunContext.fsdp_version must be 1, 2 or None, got {self.fsdp_version!r}")
+        if self.mixed_precision not in _MIXED_PRECISION:
+            raise ValueError(
+                f"RunContext.mixed_precision must be one of {', '.join(_MIXED_PRECISION)}, got {self.mixed_precision!r}"
+            )
+        for name in ("world_size", "ep_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"RunContext.{name} must be a positive int, got {value!r}")
+        if self.zero_stage not in (None, 0, 1, 2, 3):
+            raise ValueError(f"RunContext.zero_stage must be 0 to 3 or None, got {self.zero_stage!r}")
+        if not isinstance(self.fsdp, FsdpSettings):
+            raise TypeError(f"RunContext.fsdp must be an FsdpSettings, got {type(self.fsdp).__name__}")
 
     @property
     def is_fsdp(self) -> bool:
@@ -119,6 +187,24 @@ class PrepareContext:
     def compute_dtype(self) -> torch.dtype | None:
         """The autocast / FSDP compute dtype implied by ``mixed_precision`` (``None`` for ``"no"``)."""
         return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}.get(self.mixed_precision)
+
+    def describe(self) -> str:
+        """One line for logs: ``FSDP2, bf16, 4 processes on cuda:0 (from the launcher; client trl.SFTTrainer)``."""
+        if self.is_fsdp:
+            wrap = f"FSDP{self.fsdp_version}"
+        elif self.is_deepspeed:
+            wrap = "DeepSpeed" + (f" ZeRO-{self.zero_stage}" if self.zero_stage is not None else "")
+        else:
+            wrap = self.distributed_type
+        parts = [wrap, self.mixed_precision, f"{self.world_size} process{'es' if self.world_size != 1 else ''}"]
+        if self.ep_size > 1:
+            parts.append(f"EP {self.ep_size}")
+        client = f"; client {self.client}" if self.client else ""
+        return f"{', '.join(parts)} on {self.device} (from {self.source.replace('_', ' ')}{client})"
+
+
+PrepareContext = RunContext
+"""The former name of :class:`RunContext` (plugins and tests written against it keep working)."""
 
 
 @dataclass(frozen=True)
@@ -286,7 +372,7 @@ def merge_contributions(contributions: Sequence[tuple[str, PrepareContribution |
     )
 
 
-def collect_contributions(plugins: Iterable[Any], model: nn.Module, context: PrepareContext) -> MergedContribution:
+def collect_contributions(plugins: Iterable[Any], model: nn.Module, context: RunContext) -> MergedContribution:
     """Call ``prepare_contribution(model, context)`` on each plugin (in the given order) and merge."""
     return merge_contributions([(p.plugin_name(), p.prepare_contribution(model, context)) for p in plugins])
 
@@ -884,13 +970,14 @@ def skip_backward_unshard_of_frozen_embeddings(model: nn.Module) -> list[str]:
     return changed
 
 
-def run_after_prepare(plugins: Iterable[Any], model: nn.Module, context: PrepareContext) -> None:
+def run_after_prepare(plugins: Iterable[Any], model: nn.Module, context: RunContext) -> None:
     """Call ``after_prepare(model, context)`` on each plugin in order."""
     for plugin in plugins:
         plugin.after_prepare(model, context)
 
 
 __all__ = [
+    "FsdpSettings",
     "FsdpUnit",
     "FsdpUnitPlan",
     "FullyShardCustomizer",
@@ -899,6 +986,8 @@ __all__ = [
     "ParamSelector",
     "PrepareContext",
     "PrepareContribution",
+    "RunContext",
+    "RunSource",
     "apply_fsdp2_plan",
     "check_deepspeed",
     "check_fsdp1_plan",

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packaging.requirements import InvalidRequirement, Requirement
 
@@ -34,6 +34,11 @@ from .errors import (
 from .patching import PatchRecorder, PluginPatcher
 from .plugin import AccelerationPlugin
 from .registry import KNOWN_SECTIONS, PluginEntry, PluginRegistry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from .distributed import RunContext
 
 logger = logging.getLogger("fms_acceleration_accelerate")
 
@@ -105,6 +110,7 @@ class AccelerationFramework:
         self.patches = PatchRecorder()
         self._summary_logged: set[int] | None = None  # ids of the records log_patch_summary printed
         self._claimed: weakref.WeakSet[Any] = weakref.WeakSet()  # models marked by claim_model
+        self._run_context: RunContext | None = None  # see run_context
         # every problem of the configuration is collected and reported at once: the Accelerate settings (when
         # the body came from an Accelerate config), the section tree, each plugin's options and packages
         errors: list[AccelerationConfigError] = []
@@ -400,6 +406,38 @@ class AccelerationFramework:
     # upstream spelled it this way; kept so existing integrations keep working
     requires_agumentation = requires_augmentation
 
+    # ------------------------------------------------------------------------------------ the run's shape
+    @property
+    def run_context(self) -> RunContext:
+        """How the run is wrapped (a :class:`~fms_acceleration_accelerate.distributed.RunContext`): what every hook
+        that needs the run's shape is handed (the prepare-time hooks as ``context``, the others as
+        ``plugin.run_context``).
+
+        The Accelerate integration binds the ``Accelerator``'s when it is created with this framework, or given to
+        :meth:`get_callbacks_and_ready_for_train` / ``Accelerator.prepare``; until then it is built once, on first
+        use, from the launcher's environment (:mod:`~fms_acceleration_accelerate.launch_environment`) and refined
+        by the training arguments given to :meth:`augmentation`.
+        """
+        context = self._run_context
+        if context is None:
+            from .launch_environment import detect_client, run_context_from_environment
+
+            context = self.bind_run_context(
+                run_context_from_environment(framework=self, client=detect_client("framework-api"))
+            )
+        return context
+
+    def bind_run_context(self, context: RunContext) -> RunContext:
+        """Make ``context`` the run's shape of this framework's hooks (each active plugin's ``run_context``);
+        returns it, with ``framework`` set to this framework. Called by the Accelerate integration; a script
+        driving the hooks without an ``Accelerator`` may call it too."""
+        if context.framework is not self:
+            context = dataclasses.replace(context, framework=self)
+        self._run_context = context
+        for plugin in self.plugins:
+            plugin.run_context = context
+        return context
+
     def check_model_type(self, model_type: str | None) -> None:
         """Raise :class:`AccelerationConfigError` if an active plugin does not support ``model_type``."""
         for plugin in self.plugins:
@@ -436,6 +474,8 @@ class AccelerationFramework:
                 trust_remote_code=kwargs.get("trust_remote_code", False),
             )
         self.check_model_type(getattr(model_config, "model_type", None))
+        context = self.run_context  # the loader reads it as plugin.run_context
+        logger.debug("fms-acceleration: %s loads the model; run: %s", loaders[0].plugin_name(), context.describe())
         with self._full_paths(loaders[0]), plugin_loading():
             model = loaders[0].model_loader(model_name_or_path, **kwargs)
         self.claim_model(model, "model_loader")
@@ -498,6 +538,11 @@ class AccelerationFramework:
         model_config = getattr(model, "config", None)
         self.check_model_type(getattr(model_config, "model_type", None))
         self.claim_model(model, "augmentation")
+        from .launch_environment import refine_with_training_arguments
+
+        context = refine_with_training_arguments(self.run_context, train_args)  # e.g. train_args.fsdp
+        if context is not self.run_context:
+            self.bind_run_context(context)
         modifiable_args = tuple(modifiable_args)
         for plugin in self.plugins:
             if plugin.requires_augmentation:
@@ -517,7 +562,7 @@ class AccelerationFramework:
         self.claim_model(model, "augmentation")  # the returned object (e.g. a PEFT model wrapping the given one)
         return model, modifiable_args
 
-    def check_prepared_model(self, model: Any, context: Any) -> None:
+    def check_prepared_model(self, model: nn.Module, context: RunContext) -> None:
         """Run every active plugin's :meth:`~fms_acceleration_accelerate.plugin.AccelerationPlugin.check_prepared_model`
         on ``model`` (called by ``Accelerator.prepare`` before any other prepare hook)."""
         for plugin in self.plugins:
@@ -526,7 +571,16 @@ class AccelerationFramework:
 
     def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:
         """Collect HF Trainer / TRL callbacks from every active plugin; prints the patch table (see
-        :meth:`log_patch_summary`)."""
+        :meth:`log_patch_summary`). With an ``accelerator`` (e.g. ``trainer.accelerator``), the plugins' run
+        context is that Accelerator's from here on (see :attr:`run_context`)."""
+        from accelerate import Accelerator
+
+        if isinstance(accelerator, Accelerator):
+            from .accelerate_integration import context_for_accelerator
+
+            context_for_accelerator(self, accelerator)
+        else:
+            self.run_context  # noqa: B018 - built (and handed to the plugins) before their hook reads it
         callbacks: list[Any] = []
         for plugin in self.plugins:
             callbacks.extend(plugin.get_callbacks_and_ready_for_train(model, accelerator))

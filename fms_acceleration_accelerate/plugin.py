@@ -16,6 +16,37 @@ A plugin is a subclass of :class:`AccelerationPlugin` that declares, as class at
 and implements any of the hooks below. Hooks return what they change; patches go through ``self.patches``
 (a :class:`~fms_acceleration_accelerate.patching.PluginPatcher`) so the framework can report and revert them.
 
+Hooks, in the order a run calls them (phase: what it is for):
+
+* ``check_compatibility(active: Sequence[AccelerationPlugin]) -> None`` -- the framework is created: refuse
+  combinations with the other active plugins.
+* ``dequant_backends() -> tuple[DequantBackend, ...]`` -- the framework is created: how fused kernels read the
+  weights of the layers this plugin puts on models (a contribution, not a hook on the model).
+* ``check_model_type(model_type: str | None) -> None`` -- before loading / augmenting: refuse architectures.
+* ``check_run_settings(context: RunContext) -> None`` and ``contributes_under_fsdp2() -> bool`` -- the
+  ``Accelerator`` is created, no model yet: refuse distributed / precision settings the plugin cannot work with;
+  say whether the plugin shards its own FSDP2 units.
+* ``model_loader(model_name_or_path: str, **kwargs) -> nn.Module`` -- loading: the one plugin that owns loading
+  builds the model.
+* ``augmentation(model: nn.Module, train_args, modifiable_args: tuple) -> tuple[nn.Module, tuple]`` -- after
+  loading: change the model (adapters, kernels).
+* ``check_prepared_model(model: nn.Module, context: RunContext) -> None`` -- ``Accelerator.prepare``, first:
+  refuse a model the plugin cannot accelerate (an active plugin is never silently without effect).
+* ``prepare_contribution(model: nn.Module, context: RunContext) -> PrepareContribution | None`` --
+  ``Accelerator.prepare``, before wrapping: FSDP units, fused scopes, dtypes the plugin needs.
+* ``after_prepare(model: nn.Module, context: RunContext) -> None`` -- ``Accelerator.prepare``, after wrapping:
+  patch what needs the wrapped / sharded model.
+* ``get_callbacks_and_ready_for_train(model: nn.Module | None, accelerator: Accelerator | None)
+  -> list[TrainerCallback]`` -- the trainer is built: last changes to the trainer's model; callbacks to add.
+
+The run's shape (FSDP version and settings, mixed precision, world size, DeepSpeed, device, client) is a
+:class:`~fms_acceleration_accelerate.distributed.RunContext`, built once by the framework's Accelerate side. The
+prepare-time hooks get it as ``context``; ``model_loader``, ``augmentation`` and
+``get_callbacks_and_ready_for_train`` (signatures fixed by the original framework) read
+:attr:`AccelerationPlugin.run_context`, set by the framework before they run. A plugin never reads Accelerate's
+state or environment variables itself.
+A plugin that patches should do each kind of patch in one documented phase (its module docstring says which).
+
 Plugins are discovered through the entry-point group ``fms_acceleration_accelerate.plugins``; nothing is
 registered in a global table. The seed's ``AccelerationPlugin.register_plugin(cls, configuration_and_paths=[...])``
 still works: it sets the class attributes.
@@ -30,7 +61,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from .errors import AccelerationConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import Accelerator
+    from torch import nn
+    from transformers import TrainerCallback
+
     from .dequant import DequantBackend, DequantBackendRegistry
+    from .distributed import PrepareContribution, RunContext
     from .patching import PluginPatcher
 
 
@@ -70,6 +106,25 @@ class AccelerationPlugin:
     """The framework's :class:`~fms_acceleration_accelerate.dequant.DequantBackendRegistry`: every active plugin's
     :meth:`dequant_backends`, in run order; set by the framework once all plugins are activated (before
     :meth:`check_compatibility`). ``None`` for a plugin created outside a framework."""
+
+    _run_context: RunContext | None = None
+
+    @property
+    def run_context(self) -> RunContext:
+        """How the run is wrapped (:class:`~fms_acceleration_accelerate.distributed.RunContext`): set by the
+        framework before ``model_loader``, ``augmentation`` and ``get_callbacks_and_ready_for_train`` run (from the
+        ``Accelerator`` once one exists, else from the launcher's environment and the training arguments); the same
+        object the prepare-time hooks get as ``context``. A plugin created outside a framework sees the defaults
+        (one process, no FSDP)."""
+        if self._run_context is None:
+            from .distributed import RunContext
+
+            return RunContext()
+        return self._run_context
+
+    @run_context.setter
+    def run_context(self, context: RunContext) -> None:
+        self._run_context = context
 
     def __init__(self, config: Any, *, matched_paths: tuple[str, ...], patches: PluginPatcher) -> None:
         """Create an activated plugin.
@@ -178,27 +233,30 @@ class AccelerationPlugin:
         """True when this plugin changes the loaded model (overrides :meth:`augmentation`)."""
         return type(self).augmentation is not AccelerationPlugin.augmentation
 
-    def model_loader(self, model_name_or_path: str, **kwargs: Any) -> Any:
-        """Load and return the model (only for plugins that own loading)."""
+    def model_loader(self, model_name_or_path: str, **kwargs: Any) -> nn.Module:
+        """Load and return the model (only for plugins that own loading). The run's shape (where to put the
+        weights, whether FSDP will shard them) is :attr:`run_context`; ``kwargs`` are ``from_pretrained``'s."""
         raise NotImplementedError(f"plugin {self.plugin_name()} does not load models")
 
     def augmentation(
-        self, model: Any, train_args: Any, modifiable_args: tuple[Any, ...]
-    ) -> tuple[Any, tuple[Any, ...]]:
-        """Change the model (e.g. add LoRA adapters, patch kernels); return ``(model, modifiable_args)``."""
+        self, model: nn.Module, train_args: Any, modifiable_args: tuple[Any, ...]
+    ) -> tuple[nn.Module, tuple[Any, ...]]:
+        """Change the model (e.g. add LoRA adapters, patch kernels); return ``(model, modifiable_args)``.
+        ``train_args`` are the client's training arguments (e.g. ``transformers.TrainingArguments``) or ``None``;
+        the run's shape, refined by them, is :attr:`run_context`."""
         raise NotImplementedError(f"plugin {self.plugin_name()} does not augment models")
 
     # ------------------------------------------------------------------ hooks: Accelerator.prepare
-    def prepare_contribution(self, model: Any, context: Any) -> Any:
-        """Before FSDP wrapping: return a ``distributed.PrepareContribution`` (wrap policy units, ignored
-        modules, mixed-precision needs) for this plugin's layers, or ``None``."""
+    def prepare_contribution(self, model: nn.Module, context: RunContext) -> PrepareContribution | None:
+        """Before FSDP wrapping: return a :class:`~fms_acceleration_accelerate.distributed.PrepareContribution`
+        (wrap policy units, ignored modules, mixed-precision needs) for this plugin's layers, or ``None``."""
         return None
 
-    def check_run_settings(self, context: Any) -> None:
-        """Refuse distributed / precision settings this plugin cannot work with, from ``context`` (a
-        ``distributed.PrepareContext``) alone: called when the ``Accelerator`` is created, before the script
-        loads a model. Raise :class:`~fms_acceleration_accelerate.errors.AccelerationConfigError` naming the
-        setting and the fix. Default: accept everything."""
+    def check_run_settings(self, context: RunContext) -> None:
+        """Refuse distributed / precision settings this plugin cannot work with, from ``context`` alone: called
+        when the ``Accelerator`` is created, before the script loads a model. Raise
+        :class:`~fms_acceleration_accelerate.errors.AccelerationConfigError` naming the setting and the fix.
+        Default: accept everything."""
         return None
 
     def contributes_under_fsdp2(self) -> bool:
@@ -209,23 +267,27 @@ class AccelerationPlugin:
         ``prepare_contribution``."""
         return type(self).prepare_contribution is not AccelerationPlugin.prepare_contribution
 
-    def check_prepared_model(self, model: Any, context: Any) -> None:
+    def check_prepared_model(self, model: nn.Module, context: RunContext) -> None:
         """At ``Accelerator.prepare``, before any other prepare hook: refuse a model this plugin cannot have
         accelerated, so an active plugin is never silently without effect.
 
         ``model`` is the object handed to ``prepare`` (possibly a PEFT model, whose LoRA was added by a trainer
-        rather than by this framework's ``augmentation``); ``context`` is a ``distributed.PrepareContext``.
+        rather than by this framework's ``augmentation``); ``context`` is the run's shape.
         Raise :class:`~fms_acceleration_accelerate.errors.AccelerationConfigError` that says what the model lacks,
         why (e.g. it was loaded outside the plugin) and the fix. Examples: a loading plugin checks that the layers
         it loads are there; a kernel plugin checks that the modules its options need exist. Default: accept."""
         return None
 
-    def after_prepare(self, model: Any, context: Any) -> None:
-        """After wrapping: patch what needs the wrapped/sharded model (through ``self.patches``)."""
+    def after_prepare(self, model: nn.Module, context: RunContext) -> None:
+        """After wrapping: patch what needs the wrapped/sharded model (through ``self.patches``). ``model`` is what
+        ``Accelerator.prepare`` returned (possibly a DDP / FSDP wrapper)."""
         return None
 
-    def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:
-        """HF Trainer / TRL callbacks this plugin needs, after any last preparation of ``model``."""
+    def get_callbacks_and_ready_for_train(
+        self, model: nn.Module | None = None, accelerator: Accelerator | None = None
+    ) -> list[TrainerCallback]:
+        """HF Trainer / TRL callbacks this plugin needs, after any last preparation of ``model`` (the trainer's
+        model, once the trainer is built); :attr:`run_context` is then the ``accelerator``'s, when one is given."""
         return []
 
     # ------------------------------------------------------------------ contributions
