@@ -242,7 +242,10 @@ def test_fsdp2_packed_qlora_with_fused_lora_two_processes_match_one(tmp_path, mo
     got = torch.load(out, weights_only=False)
 
     # one process, the same two plugins, the same conversion and patches (FSDP2 context, nothing sharded)
+    from accelerate.state import AcceleratorState
+
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(AcceleratorState, "_shared_state", {})  # as a launched process before its Accelerator
     fw, model = _build(str(path))
     counters = _install_counters()
     prepare_fsdp2(fw, model, WORLD, shard=False)  # the 2-rank conversion, unsharded

@@ -10,6 +10,7 @@ import torch
 
 pytest.importorskip("bitsandbytes")
 
+from fms_acceleration_accelerate.distributed import RunContext
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 
 from .helpers import tiny_llama
@@ -143,13 +144,15 @@ def test_loader_routes_host_staging_through_the_streamed_load(tmp_path, monkeypa
     config = BnbQuantizationConfig(load_staging="cpu")
     ref = loader.load_quantized_causal_lm(str(path), config, dtype=torch.bfloat16)  # CPU run: no staging
     quant_device = torch.device("cpu", 0)  # compares unequal to the staging device "cpu"
-    monkeypatch.setattr(loader, "_default_device", lambda: quant_device)
+    context = RunContext(device=quant_device)  # the run's device, as the plugin hands it to the loader
     monkeypatch.setattr(loader, "resolve_load_staging", lambda config, **_: CPU)  # as on a GPU under FSDP2
     with caplog.at_level(logging.INFO, logger="fms_acceleration_accelerate_peft"):
-        ours = loader.load_quantized_causal_lm(str(path), config, dtype=torch.bfloat16)
+        ours = loader.load_quantized_causal_lm(str(path), config, dtype=torch.bfloat16, run_context=context)
         assert "quantized on cpu:0 and staged on cpu" in caplog.text
         _assert_same_model(ours, ref)
-        loader.load_quantized_causal_lm(str(path), config, dtype=torch.bfloat16, device_map={"": "cpu"})
+        loader.load_quantized_causal_lm(
+            str(path), config, dtype=torch.bfloat16, device_map={"": "cpu"}, run_context=context
+        )
         assert "load_staging ignored" in caplog.text
 
 
@@ -180,10 +183,12 @@ def test_host_staging_under_fsdp1_is_refused_before_loading(tmp_path, monkeypatc
     from transformers import AutoModelForCausalLM
 
     path = tiny_llama(tmp_path / "m", dtype=torch.bfloat16)
-    monkeypatch.setattr(loader, "_expected_fsdp_version", lambda: 1)
+    fsdp1 = RunContext(distributed_type="FSDP", fsdp_version=1)  # the run context the plugin hands the loader
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("loaded before the error"))
     with pytest.raises(AccelerationConfigError) as info:
-        loader.load_quantized_causal_lm(str(path), BnbQuantizationConfig(load_staging="cpu"), dtype=torch.bfloat16)
+        loader.load_quantized_causal_lm(
+            str(path), BnbQuantizationConfig(load_staging="cpu"), dtype=torch.bfloat16, run_context=fsdp1
+        )
     message = str(info.value)
     assert "plugins.peft.quantization.bitsandbytes.load_staging" in message and "fsdp_version: 2" in message
 

@@ -168,7 +168,10 @@ def test_lora_added_later_by_the_trainer_is_patched_when_ready():
 
 
 def test_under_fsdp_fused_lora_waits_for_after_prepare(monkeypatch):
+    from accelerate.state import AcceleratorState
+
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setattr(AcceleratorState, "_shared_state", {})  # a launched process: no Accelerator created yet
     model = _lora(tiny_model("llama"), _targets("llama"))
     framework = make_framework({"fused_lora": True, "fast_rms_layernorm": True})
     framework.augmentation(model, None, ())

@@ -28,7 +28,6 @@ import copy
 import importlib.util
 import json
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fms_acceleration_accelerate.distributed import RunContext
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 
 from .config import CONFIG_PATH, BnbQuantizationConfig
@@ -213,22 +213,28 @@ def _dist_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _default_device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
-    return torch.device("cpu")
+def _standalone_context() -> RunContext:
+    """The run's shape for a call without one (outside a framework): one process, no FSDP, the current CUDA
+    device or the CPU."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return RunContext(device=device)
 
 
-def load_quantized_causal_lm(model_name_or_path: str, config: BnbQuantizationConfig, /, **kwargs: Any) -> nn.Module:
+def load_quantized_causal_lm(
+    model_name_or_path: str, config: BnbQuantizationConfig, /, *, run_context: RunContext | None = None, **kwargs: Any
+) -> nn.Module:
     """Load a causal LM with 4-bit bitsandbytes linear layers.
 
     Args:
         model_name_or_path: local directory or hub name.
         config: the plugin configuration.
+        run_context: the run's shape (the plugin passes its ``run_context``): ``device`` is where the weights are
+            quantized, ``fsdp_version`` chooses the staging (see :func:`resolve_load_staging`). Without one: one
+            process, no FSDP, the current CUDA device or the CPU.
         **kwargs: ``from_pretrained`` arguments. ``torch_dtype``/``dtype`` is the training dtype
             (default: the checkpoint's). ``low_cpu_mem_usage=True`` under an initialised process group of
             more than one rank makes rank 0 load and broadcast (see the module docstring). ``device_map``
-            defaults to the local CUDA device when there is one, else CPU. ``config`` (a ``PretrainedConfig``,
+            defaults to ``run_context.device``. ``config`` (a ``PretrainedConfig``,
             e.g. the one ``AutoModelForCausalLM`` passes with the caller's overrides) is used instead of the
             checkpoint's. A ``quantization_config`` argument is refused (the plugin builds it).
 
@@ -273,8 +279,9 @@ def load_quantized_causal_lm(model_name_or_path: str, config: BnbQuantizationCon
 
     rank, world = _dist_world()
     rank0_only = bool(low_cpu_mem_usage) and world > 1
-    device = _default_device()
-    staging = resolve_load_staging(config, world_size=world, device=device, fsdp_version=_expected_fsdp_version())
+    context = run_context if run_context is not None else _standalone_context()
+    device = context.device
+    staging = resolve_load_staging(config, world_size=world, device=device, fsdp_version=context.fsdp_version)
     if rank0_only and rank > 0:
         return receive_quantized_model(model_config, bnb_config, plan, device, build_kwargs)
     model = None
@@ -288,14 +295,8 @@ def load_quantized_causal_lm(model_name_or_path: str, config: BnbQuantizationCon
         kwargs.setdefault("device_map", {"": device})
         model = _from_pretrained(model_name_or_path, bnb_config, training_dtype, kwargs)
     if rank0_only:
-        broadcast_quantized_model(model)
+        broadcast_quantized_model(model, device)
     return model
-
-
-def _expected_fsdp_version() -> int | None:
-    from fms_acceleration_accelerate.accelerate_integration import expected_fsdp_version
-
-    return expected_fsdp_version()
 
 
 def resolve_load_staging(
@@ -512,10 +513,11 @@ def _load_generation_config(model: nn.Module, model_name_or_path: str) -> None:
 _QS_KIND = "qs"
 
 
-def _comm_device(model_device: torch.device) -> torch.device:
+def _comm_device(device: torch.device) -> torch.device:
+    """Where broadcast tensors travel: the training ``device`` under NCCL, else the CPU."""
     backend = torch.distributed.get_backend()
     if backend == "nccl":
-        return _default_device()
+        return device
     return torch.device("cpu")
 
 
@@ -533,12 +535,13 @@ def _iter_payload(model: nn.Module) -> Iterable[tuple[str, str, torch.Tensor, bo
         yield "buffer", name, buf, False
 
 
-def broadcast_quantized_model(model: nn.Module) -> None:
-    """On rank 0: send the quantized model's tensors to every other rank (see :func:`receive_quantized_model`)."""
+def broadcast_quantized_model(model: nn.Module, training_device: torch.device) -> None:
+    """On rank 0: send the quantized model's tensors to every other rank (see :func:`receive_quantized_model`);
+    ``training_device`` is the process's device (the run context's)."""
     import bitsandbytes as bnb
 
     device = next(model.parameters()).device
-    comm = _comm_device(device)
+    comm = _comm_device(training_device)
     payload = list(_iter_payload(model))
     manifest = {
         "entries": [(kind, name, tuple(t.shape), t.dtype, rg) for kind, name, t, rg in payload],
@@ -565,7 +568,7 @@ def receive_quantized_model(
     torch.distributed.broadcast_object_list(holder, src=0)
     manifest = holder[0]
     target = device if manifest["device_type"] == device.type else torch.device(manifest["device_type"])
-    comm = _comm_device(target)
+    comm = _comm_device(device)
     model_config.quantization_config = bnb_config
     model = build_meta_model(model_config, plan.training_dtype, **build_kwargs)
     _install_linear4bit(model, manifest["quantized"], bnb_config, plan)

@@ -1,15 +1,21 @@
 """The ``peft.quantization.bitsandbytes`` plugin: 4-bit QLoRA that loads, augments and shards.
 
-Hooks:
+Which hook does what (each change is made in one phase):
 
-* ``model_loader``: the model with 4-bit bitsandbytes linear layers, storage in the training dtype
+* ``model_loader`` (loading): the model with 4-bit bitsandbytes linear layers, storage in the training dtype
   (:mod:`.loader`; rank 0 loads and broadcasts with ``low_cpu_mem_usage=True`` under a process group);
-  its 4-bit layers accept full checkpoints (``Accelerator.load_state``), see :mod:`.checkpoint`.
-* ``augmentation``: LoRA from the user's ``peft.LoraConfig`` (``modifiable_args[0]``, as upstream), frozen
-  base without the fp32 upcast of ``prepare_model_for_kbit_training`` (:mod:`.augmentation`). Returns
-  ``modifiable_args`` with the LoRA config replaced by ``None`` so a trainer does not add adapters twice.
-  With ``no_peft_model: true`` no adapters are added.
-* ``prepare_contribution`` / ``after_prepare``: FSDP1/FSDP2 handling of the packed weights (:mod:`.sharding`).
+  its 4-bit layers accept full checkpoints (``Accelerator.load_state``), see :mod:`.checkpoint`. Where the
+  weights are quantized and staged follows ``self.run_context`` (its device and FSDP version, see
+  ``load_staging``).
+* ``augmentation`` (after loading): LoRA from the user's ``peft.LoraConfig`` (``modifiable_args[0]``, as
+  upstream), frozen base without the fp32 upcast of ``prepare_model_for_kbit_training`` (:mod:`.augmentation`);
+  the ``fp32_norm_compute`` norm patches. Returns ``modifiable_args`` with the LoRA config replaced by ``None`` so
+  a trainer does not add adapters twice. With ``no_peft_model: true`` no adapters are added.
+* ``check_prepared_model`` (``Accelerator.prepare``, first): the model must have this plugin's 4-bit layers.
+* ``prepare_contribution`` (``Accelerator.prepare``, before wrapping): FSDP1/FSDP2 handling of the packed weights
+  (:mod:`.sharding`): under FSDP2 the 4-bit layers are replaced by ``Packed4bitLinear``; under FSDP1 a
+  host-staged model goes to ``context.device``.
+* ``after_prepare`` (after wrapping): release the replaced layers' full packed bytes.
 * ``dequant_backends``: contributes the ``bnb_4bit_packed`` dequant backend to the framework's registry, so
   fused kernels (the fused-ops plugin's fused LoRA / fused dequant) read ``Packed4bitLinear`` bases
   (:mod:`.dequant_backend`).
@@ -18,12 +24,13 @@ Hooks:
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
 
 from fms_acceleration_accelerate.dequant import DequantBackend
+from fms_acceleration_accelerate.distributed import PrepareContribution
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 from fms_acceleration_accelerate.plugin import AccelerationPlugin
 
@@ -37,6 +44,9 @@ from .checkpoint import checked_quant_stats_loader
 from .config import CONFIG_PATH, BnbQuantizationConfig
 from .loader import INSTALL_HINT, load_quantized_causal_lm
 from .sharding import PackedSwap, convert_linear4bit_for_fsdp2, is_params4bit, packed_bytes_per_rank
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fms_acceleration_accelerate.distributed import RunContext
 
 logger = logging.getLogger("fms_acceleration_accelerate_peft")
 
@@ -75,8 +85,9 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
 
     # ---------------------------------------------------------------------------------------------- loading
     def model_loader(self, model_name_or_path: str, **kwargs: Any) -> nn.Module:
-        """Load ``model_name_or_path`` with 4-bit weights; see :func:`.loader.load_quantized_causal_lm`."""
-        model = load_quantized_causal_lm(model_name_or_path, self.config, **kwargs)
+        """Load ``model_name_or_path`` with 4-bit weights on ``self.run_context``'s device, staged for its FSDP
+        version; see :func:`.loader.load_quantized_causal_lm`."""
+        model = load_quantized_causal_lm(model_name_or_path, self.config, run_context=self.run_context, **kwargs)
         for name, module in model.named_modules():
             if type(module).__name__ == "Linear4bit":
                 self.patches.patch(
@@ -139,7 +150,7 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
         return model, (None, *args[1:])
 
     # ---------------------------------------------------------------------------------------------- prepare
-    def check_prepared_model(self, model: nn.Module, context: Any) -> None:
+    def check_prepared_model(self, model: nn.Module, context: RunContext) -> None:
         """The model must have 4-bit layers of this plugin's kind (bitsandbytes ``Linear4bit`` with the configured
         quant type, or its FSDP2 ``Packed4bitLinear``). LoRA may come from anywhere (this plugin's augmentation,
         a trainer's ``peft_config``, ``get_peft_model``).
@@ -179,11 +190,9 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
                 "the model's",
             )
 
-    def prepare_contribution(self, model: nn.Module, context: Any) -> Any:
+    def prepare_contribution(self, model: nn.Module, context: RunContext) -> PrepareContribution | None:
         """FSDP handling of the packed weights (see :mod:`.sharding`); ``None`` when not under FSDP."""
-        from fms_acceleration_accelerate.distributed import PrepareContribution
-
-        if not getattr(context, "is_fsdp", False):
+        if not context.is_fsdp:
             return None
         training_dtype = _training_dtype(model)
         lora_dtype = torch.float32 if self.config.fp32_lora_params else training_dtype
@@ -198,7 +207,7 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
             )
         notes = []
         release = None
-        world = max(int(context.world_size), 1)
+        world = context.world_size
         if self.config.fsdp2_packed_all_gather and world == 1:
             # FSDP2 on one rank skips the all-gather and reads one input per parameter (torch 2.11), which a
             # packed weight (codes + scales) is not; with nothing to shard, bitsandbytes' layers stay as they are
@@ -252,13 +261,13 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
 
         return (PACKED4BIT_BACKEND,)
 
-    def after_prepare(self, model: nn.Module, context: Any) -> None:
+    def after_prepare(self, model: nn.Module, context: RunContext) -> None:
         """Release the full packed bytes of the layers replaced for FSDP2 once their replacements are sharded
         (see :class:`.sharding.PackedSwap`); log how many bytes of 4-bit weights this rank holds."""
         for swap in self._packed_swaps:  # those of units sharded by someone else (e.g. Accelerate's root)
             swap.release()
         released = sum(swap.released for swap in self._packed_swaps)
-        if getattr(context, "is_fsdp", False):
+        if context.is_fsdp:
             logger.info(
                 "bitsandbytes: this rank holds %d bytes of packed 4-bit weights (%d replaced layers released)",
                 packed_bytes_per_rank(model),

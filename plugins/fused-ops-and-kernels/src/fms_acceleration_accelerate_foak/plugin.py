@@ -1,22 +1,34 @@
 """The fused-ops-and-kernels plugin: patches Triton kernels into model instances, driven by the model specs.
 
-When each kernel is patched
----------------------------
+Which hook does what
+--------------------
+Each kind of patch is made in one phase; :mod:`.phases` decides (``PATCH_PHASES``, ``fused_phase``):
+
+* ``check_compatibility`` / ``check_model_type`` / ``check_run_settings`` (before any model): refuse option,
+  architecture and run combinations the kernels cannot serve.
 * ``augmentation`` (after any LoRA-adding plugin, which runs earlier in the order), or, when a script never
   calls it (the section came with the Accelerate config and the script only calls ``Accelerator.prepare``),
-  ``prepare_contribution`` just before wrapping: RMSNorm, RoPE, the gated-MLP activation and the loss. Their replacement forwards read only the weights of the module they replace (or
-  none), so FSDP wrapping before or after makes no difference.
+  ``prepare_contribution`` just before wrapping -- phase ``MODEL``: RMSNorm, RoPE, the gated-MLP activation and
+  the loss. Their replacement forwards read only the weights of the module they replace (or none), so FSDP
+  wrapping before or after makes no difference.
 * Fused LoRA / fused dequant read the weights of *sub-modules* (``q_proj.lora_A.default.weight`` inside the
-  patched ``q_proj``, the three MLP projections inside the patched MLP). They are patched
+  patched ``q_proj``, the three MLP projections inside the patched MLP). ``fused_phase`` puts them
 
-  - in ``after_prepare`` when the run uses FSDP (known at augmentation from ``ACCELERATE_USE_FSDP`` or
-    ``train_args.fsdp``; always in ``after_prepare`` when the integration reports FSDP and they are still
-    pending). ``prepare_contribution`` declares every attention and MLP module a *fused scope*, so no FSDP unit
-    is created inside them and the decoder-layer unit's all-gather covers every weight the kernels read;
-    ``after_prepare`` checks that no unit ended up inside a patched module.
-  - otherwise in ``augmentation``, or, when LoRA is not on the model yet but a ``LoraConfig`` is among the
-    modifiable arguments (the trainer adds it later), in ``get_callbacks_and_ready_for_train`` (given the
-    PEFT model) or ``after_prepare``, whichever comes first.
+  - in ``after_prepare`` when the run context says FSDP (phase ``AFTER_WRAP``; the context comes from the
+    launcher's environment, the training arguments' ``fsdp`` or the ``Accelerator``).
+    ``prepare_contribution`` declares every attention and MLP module a *fused scope*, so no FSDP unit is created
+    inside them and the decoder-layer unit's all-gather covers every weight the kernels read; ``after_prepare``
+    checks that no unit ended up inside a patched module.
+  - when LoRA is not on the model yet but a ``LoraConfig`` is among the modifiable arguments (the trainer adds it
+    later), in ``get_callbacks_and_ready_for_train`` (given the PEFT model) or ``after_prepare``, whichever comes
+    first (phase ``LORA_ADDED``);
+  - otherwise with the other kernels (phase ``MODEL``).
+* ``check_prepared_model``: at ``Accelerator.prepare``, refuse a model on which fused kernels still to be patched
+  would find nothing (no LoRA layers, no 4-bit layers).
+* ``after_prepare`` and ``get_callbacks_and_ready_for_train`` (phase ``TRAINER_READY``, idempotent): the second
+  phase of ``fast_loss`` -- a TRL trainer puts its fused LM head on the model while it is built, after the loss
+  was patched, and the loss kernels then serve that head too -- and the recompute context of ``lean_recompute``
+  / ``checkpoint_keep_attention`` (checkpointing is usually enabled after patching).
 
 No silent no-ops: every requested kernel must patch at least one module, or the hook raises an error naming the
 architecture, the option and the modules it checked. Unsupported architectures and options an architecture
@@ -26,12 +38,12 @@ cannot use (RoPE on GPTBigCode, ...) are refused in ``check_model_type``, before
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fms_acceleration_accelerate.dequant import DequantBackend, DequantBackendRegistry
+from fms_acceleration_accelerate.distributed import PrepareContribution, RunContext
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 from fms_acceleration_accelerate.model_specs import (
     ARCHITECTURE_SPECS,
@@ -52,7 +64,13 @@ from .patches import (
     patch_rms_norms,
     patch_rotary,
 )
+from .phases import Phase, fused_phase
 from .recompute import RecomputeState, install_attention_scopes, install_recompute_context
+
+if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import Accelerator
+    from torch import nn
+    from transformers import TrainerCallback
 
 _NOT_STARTED, _PENDING, _DONE = "not started", "pending", "done"
 
@@ -109,13 +127,6 @@ def _unwrap_data_parallel(model: Any) -> Any:
     return model
 
 
-def _fsdp_expected(train_args: Any) -> bool:
-    """Whether the coming ``Accelerator.prepare`` will wrap the model with FSDP, as far as is known now."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").strip().lower() in ("1", "true", "yes"):
-        return True
-    return bool(getattr(train_args, "fsdp", None))
-
-
 def _has_unapplied_lora_config(modifiable_args: Sequence[Any]) -> bool:
     return any(type(a).__name__ == "LoraConfig" for a in modifiable_args)
 
@@ -138,7 +149,8 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         self._augmented = False
         self._fused_state = _NOT_STARTED if (config.fused_lora or config.fused_dequant) else _DONE
         self._fused_report: FusedLoraReport | None = None
-        self._fsdp_expected = False
+        self._fused_phase: Phase | None = None
+        """When the fused LoRA / dequant kernels are patched (:func:`.phases.fused_phase`; ``None``: not chosen)."""
         self.patch_counts: dict[str, int] = {}
         """Option name -> how many patches it made (filled as the hooks run)."""
         self.fast_loss = FastLoss(config.loss_mode) if config.loss_mode != "none" else None
@@ -230,20 +242,21 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
 
     # ------------------------------------------------------------------------------------------- hooks
     def augmentation(
-        self, model: Any, train_args: Any, modifiable_args: tuple[Any, ...]
-    ) -> tuple[Any, tuple[Any, ...]]:
-        """Patch the kernels (fused LoRA possibly later, see the module docstring); returns the same model."""
+        self, model: nn.Module, train_args: Any, modifiable_args: tuple[Any, ...]
+    ) -> tuple[nn.Module, tuple[Any, ...]]:
+        """Phase ``MODEL``: patch the kernels (fused LoRA possibly later, as :func:`.phases.fused_phase` decides from
+        ``self.run_context``, which the framework refined with ``train_args``); returns the same model."""
         if self._augmented:
             raise RuntimeError(
                 f"{self.plugin_name()}: augmentation already ran on this framework; revert it first "
                 "(framework.revert()) before patching another model"
             )
-        self._patch_model(model, modifiable_args, fsdp=_fsdp_expected(train_args))
+        self._patch_model(model, modifiable_args, self.run_context)
         return model, modifiable_args
 
-    def _patch_model(self, model: Any, modifiable_args: Sequence[Any], *, fsdp: bool) -> None:
+    def _patch_model(self, model: nn.Module, modifiable_args: Sequence[Any], context: RunContext) -> None:
+        """The ``MODEL`` phase (see :mod:`.phases`), from ``augmentation`` or ``prepare_contribution``."""
         self._augmented = True
-        self._fsdp_expected = fsdp
         spec, match = self._match(model)
         c = self.config
         if c.fast_rms_layernorm:
@@ -252,11 +265,16 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             self._count("fast_rope_embeddings", patch_rotary(spec, self.patches), spec)
 
         if self._fused_state == _NOT_STARTED:
-            has_lora = any(is_peft_lora_layer(m) for _, m in model.named_modules())
-            if fsdp or (c.fused_lora and not has_lora and _has_unapplied_lora_config(modifiable_args)):
-                self._fused_state = _PENDING
-            else:
+            self._fused_phase = fused_phase(
+                context,
+                has_lora=any(is_peft_lora_layer(m) for _, m in model.named_modules()),
+                lora_config_pending=_has_unapplied_lora_config(modifiable_args),
+                fused_lora=c.fused_lora,
+            )
+            if self._fused_phase is Phase.MODEL:
                 self._apply_fused(model)
+            else:
+                self._fused_state = _PENDING
 
         if c.fast_swiglu:
             skip = self._fused_report.whole_mlps if self._fused_report is not None else set()
@@ -307,7 +325,7 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         ``nn.Linear`` down projection saves its inputs before its GEMM and early stop already skips it)."""
         return self._fused_report is not None and bool(self._fused_report.whole_mlps)
 
-    def check_prepared_model(self, model: Any, context: Any) -> None:
+    def check_prepared_model(self, model: nn.Module, context: RunContext) -> None:
         """Refuse, at ``Accelerator.prepare``, a model on which the fused LoRA / dequant kernels still to be patched
         would have nothing to do: ``fused_lora`` needs PEFT LoRA layers on the model (added by a plugin's
         augmentation, a trainer's ``peft_config`` or ``get_peft_model`` before prepare), ``fused_dequant`` and
@@ -333,15 +351,14 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
                 fix=_NO_4BIT_FIX,
             )
 
-    def prepare_contribution(self, model: Any, context: Any) -> Any:
-        """Patch now if ``augmentation`` never ran (an Accelerate-only script: the section came with the
+    def prepare_contribution(self, model: nn.Module, context: RunContext) -> PrepareContribution | None:
+        """Phase ``MODEL`` if ``augmentation`` never ran (an Accelerate-only script: the section came with the
         Accelerate config), then, for fused LoRA, declare attention and MLP modules fused scopes (no FSDP
         unit inside them)."""
         if not self._augmented:
-            self._patch_model(model, (), fsdp=bool(getattr(context, "is_fsdp", False)))
+            self._patch_model(model, (), context)
         if not (self.config.fused_lora or self.config.fused_dequant):
             return None
-        from fms_acceleration_accelerate.distributed import PrepareContribution
 
         spec = architecture_spec(model.config.model_type, path=self._path())
         scopes = [*spec.attention.class_names, *(spec.mlp.class_names if spec.mlp is not None else ())]
@@ -353,7 +370,7 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             ),
         )
 
-    def check_run_settings(self, context: Any) -> None:
+    def check_run_settings(self, context: RunContext) -> None:
         """FSDP1 + mixed precision + fused LoRA over 4-bit bases: the fused scopes keep adapters and packed storage
         in one FSDP1 unit, whose flat parameter Accelerate upcasts to fp32 under mixed precision (casting the
         packed bytes). Refused here, before loading; ``Accelerator.prepare`` checks the unit plan itself too."""
@@ -372,12 +389,14 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         """Fused scopes (no FSDP unit inside attention / MLP modules) only with fused LoRA / dequant."""
         return self.config.fused_lora or self.config.fused_dequant
 
-    def after_prepare(self, model: Any, context: Any) -> None:
-        """Apply pending fused LoRA kernels on the wrapped model; check FSDP units against patched modules."""
+    def after_prepare(self, model: nn.Module, context: RunContext) -> None:
+        """Phase ``AFTER_WRAP`` (and ``LORA_ADDED`` when ``get_callbacks_and_ready_for_train`` did not come first):
+        apply pending fused LoRA kernels on the wrapped model; check FSDP units against patched modules. Then
+        phase ``TRAINER_READY``."""
         model = _unwrap_data_parallel(model)
         if self._fused_state == _PENDING:
             self._apply_fused(model)
-        if getattr(context, "is_fsdp", False):
+        if context.is_fsdp:
             self._check_fsdp(model)
         self._warn_detached_patches(model)
         self._install_recompute(model)
@@ -404,11 +423,14 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
                 stacklevel=2,
             )
 
-    def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:
-        """Apply fused LoRA kernels left pending because the trainer added LoRA after augmentation."""
+    def get_callbacks_and_ready_for_train(
+        self, model: nn.Module | None = None, accelerator: Accelerator | None = None
+    ) -> list[TrainerCallback]:
+        """Phase ``LORA_ADDED``: apply fused LoRA kernels left pending because the trainer added LoRA after
+        augmentation (under FSDP they wait for ``after_prepare``). Then phase ``TRAINER_READY``."""
         if model is not None:
             model = _unwrap_data_parallel(model)
-        if self._fused_state == _PENDING and model is not None and not self._fsdp_expected:
+        if self._fused_state == _PENDING and model is not None and self._fused_phase is Phase.LORA_ADDED:
             self._apply_fused(model)
         if model is not None:
             self._install_recompute(model)
@@ -416,8 +438,8 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         return []
 
     def _adopt_trl_head(self, model: Any) -> None:
-        """Serve TRL's fused LM head with the loss kernels when a TRL trainer put one on the model after the loss
-        was patched (see ``fast_loss.py``)."""
+        """Phase ``TRAINER_READY``, the second phase of ``fast_loss``: serve TRL's fused LM head with the loss kernels
+        when a TRL trainer put one on the model after the loss was patched (see ``fast_loss.py``)."""
         if self.fast_loss is not None and self._augmented and getattr(model, "config", None) is not None:
             self.fast_loss.adopt_trl_head(self._match(model)[1], self.patches)
 
