@@ -126,20 +126,21 @@ def _glu_forward(mlp: nn.Module, spec: ArchitectureSpec) -> Callable[[torch.Tens
     mlp_spec = spec.mlp
     assert mlp_spec is not None and mlp_spec.kind == "glu"
     act = glu_activation(mlp, spec)
-    down = getattr(mlp, mlp_spec.down_proj)
+    # the projections are looked up at every call, not when patching: LoRA added after the patch (get_peft_model,
+    # a trainer's peft_config) replaces them with its wrappers, which must be the ones called
+    down = mlp_spec.down_proj
     if mlp_spec.gate_up_proj is not None:
-        gate_up = getattr(mlp, mlp_spec.gate_up_proj)
+        gate_up = mlp_spec.gate_up_proj
 
         def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-            gate, up = gate_up(hidden_states).chunk(2, dim=-1)
-            return down(act(gate, up))
+            gate, up = getattr(mlp, gate_up)(hidden_states).chunk(2, dim=-1)
+            return getattr(mlp, down)(act(gate, up))
 
         return forward
-    gate_proj = getattr(mlp, mlp_spec.gate_proj)
-    up_proj = getattr(mlp, mlp_spec.up_proj)
+    gate_proj, up_proj = mlp_spec.gate_proj, mlp_spec.up_proj
 
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
-        return down(act(gate_proj(hidden_states), up_proj(hidden_states)))
+        return getattr(mlp, down)(act(getattr(mlp, gate_proj)(hidden_states), getattr(mlp, up_proj)(hidden_states)))
 
     return forward
 
