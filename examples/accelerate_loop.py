@@ -82,7 +82,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA), help="JSON lines with 'instruction' and 'response'")
     parser.add_argument("--acceleration-config", help="acceleration YAML (else: the launch config's section)")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="default: 1e-2 with LoRA, 1e-3 with --full")
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")

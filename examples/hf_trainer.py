@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA), help="JSON lines with 'instruction' and 'response'")
     parser.add_argument("--output-dir", default="runs/hf-trainer")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=None, help="default: 1e-2 with LoRA, 1e-3 with --full")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--full", action="store_true", help="full fine-tuning instead of LoRA")

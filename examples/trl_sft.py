@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--data", default=str(DATA), help="JSON lines with 'instruction' and 'response'")
     parser.add_argument("--output-dir", default="runs/trl-sft")
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPUs)")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -192,18 +193,20 @@ def check_run(result: Run, name: str, *, trl: bool = False, lora: bool = True) -
             assert kernels == [] and loss_calls == {}
         else:
             assert loss_calls and all(n > 0 for n in loss_calls.values()), loss_calls
-            kernel = f"kernels.{'fused_linear_cross_entropy' if expected['loss'] == 'fused_linear' else 'cross_entropy'}"
             loss_rows = [r for r in kernels if r["target"] in loss_calls]
-            assert loss_rows and all(r["replacement"].startswith(kernel) for r in loss_rows), (kernel, rows)
-            # under TRL the loss kernels serve its fused LM head (per-token log-probs) on the causal LM's forward
             served = [r for r in loss_rows if "TRL fused_lm_head=True" in r["replacement"]]
-            assert len(served) == (1 if trl else 0), loss_rows
+            if trl:  # the loss kernels serve TRL's fused LM head (per-token log-probs): the model's loss never runs
+                assert served and all(r["replacement"].startswith("kernels.") for r in loss_rows), loss_rows
+            else:
+                kernel = "fused_linear_cross_entropy" if expected["loss"] == "fused_linear" else "cross_entropy"
+                assert loss_rows and all(r["replacement"].startswith(f"kernels.{kernel}") for r in loss_rows), rows
+                assert served == []
         assert len(report["losses"]) == STEPS, report["losses"]
 
-    # the loss falls (averaged over the processes, which see different batches)
+    # the loss falls (averaged over the processes, which see different batches; the median of the last steps, as
+    # one batch of harder examples can score above the start)
     per_step = [sum(r["losses"][i] for r in result.reports) / processes for i in range(STEPS)]
-    first, last = sum(per_step[:3]) / 3, sum(per_step[-3:]) / 3
-    assert last < first - 0.2, per_step
+    assert statistics.median(per_step[-5:]) < per_step[0] - 0.25, per_step
 
 
 # --------------------------------------------------------------------------------------------- TRL SFTTrainer
