@@ -4,16 +4,13 @@ Modes (``--mode``):
 
 * ``sft-path``: TRL ``SFTTrainer`` given the model as a *path* and a peft ``LoraConfig`` (TRL loads the model with
   ``from_pretrained`` before its Accelerator exists, then adds LoRA itself).
-* ``sft-preloaded``: the script loads the model with ``AutoModelForCausalLM.from_pretrained`` and passes the
-  model object (and the ``LoraConfig``) to ``SFTTrainer``.
-* ``hf-trainer``: the script loads with ``from_pretrained``, adds LoRA with ``get_peft_model`` and trains with the
-  HF ``Trainer``.
 * ``framework-api``: the original framework API: ``AccelerationFramework(--framework-config)``,
   ``model_loader`` + ``augmentation``, then ``SFTTrainer`` with the accelerated model and
   ``get_callbacks_and_ready_for_train``.
 
-The first four never import fms_acceleration_accelerate before training: everything comes from the section that
-``accelerate launch`` hands to the process. The report (``--out``, JSON) is written after training; the reading of
+``sft-path`` never imports fms_acceleration_accelerate before training: everything comes from the section that
+``accelerate launch`` hands to the process (scripts that load the model themselves are the examples
+``trl_sft.py --preloaded`` and ``hf_trainer.py``, run by ``test_examples.py``). The report (``--out``, JSON) is written after training; the reading of
 the framework attached to the trainer's Accelerator happens only then.
 """
 
@@ -24,9 +21,9 @@ import json
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 WORDS = "the a lora shard kernel token layer norm fast slow big small fused packed quant block".split()
 
@@ -103,7 +100,7 @@ def losses_of(trainer) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", required=True, choices=["sft-path", "sft-preloaded", "hf-trainer", "framework-api"])
+    parser.add_argument("--mode", required=True, choices=["sft-path", "framework-api"])
     parser.add_argument("--model", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--steps", type=int, default=6)
@@ -113,40 +110,15 @@ def main() -> None:
     data = Dataset.from_dict({"text": texts()})
     report: dict = {"mode": args.mode}
 
-    if args.mode in ("sft-path", "sft-preloaded"):
+    if args.mode == "sft-path":
         from trl import SFTTrainer
 
-        model = args.model
-        if args.mode == "sft-preloaded":
-            model = AutoModelForCausalLM.from_pretrained(args.model)
         trainer = SFTTrainer(
-            model=model,
+            model=args.model,
             args=sft_config(args.out + ".run", args.steps),
             train_dataset=data,
             processing_class=tok,
             peft_config=lora_config(),
-        )
-    elif args.mode == "hf-trainer":
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_pretrained(args.model)
-        model = get_peft_model(model, lora_config())
-        ids = [tok(t)["input_ids"][:16] for t in texts()]
-        trainer = Trainer(
-            model=model,
-            args=TrainingArguments(
-                output_dir=args.out + ".run",
-                max_steps=args.steps,
-                per_device_train_batch_size=4,
-                learning_rate=5e-3,
-                lr_scheduler_type="constant",
-                seed=0,
-                use_cpu=True,
-                report_to=[],
-                save_strategy="no",
-                logging_steps=1,
-                disable_tqdm=True,
-            ),
-            train_dataset=Dataset.from_dict({"input_ids": ids, "labels": ids}),
         )
     else:  # framework-api
         from transformers import set_seed
