@@ -60,7 +60,9 @@ def save_tiny_model(folder: str | Path, seed: int = 0) -> Path:
     tokenizer = byte_tokenizer()
     for token_id, token in SPECIALS.items():
         if tokenizer.convert_tokens_to_ids(token) != token_id:
-            raise RuntimeError(f"tokenizer gave {token} the id {tokenizer.convert_tokens_to_ids(token)}, not {token_id}")
+            raise RuntimeError(
+                f"tokenizer gave {token} the id {tokenizer.convert_tokens_to_ids(token)}, not {token_id}"
+            )
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -39,7 +39,9 @@ CPU_1PROC = "accelerate-cpu-qlora-foak"
 CPU_2PROC = "accelerate-cpu-2proc-qlora-foak"
 STEPS = 10
 LAYERS = 2  # of the tiny model
-PROJECTIONS = 7 * LAYERS  # q, k, v, o, gate, up, down: what the examples' LoRA targets, and what 4-bit loading quantizes
+PROJECTIONS = (
+    7 * LAYERS
+)  # q, k, v, o, gate, up, down: what the examples' LoRA targets, and what 4-bit loading quantizes
 ROUTED = re.compile(r"fms-acceleration: \w+\.from_pretrained\(.*\) loads through plugin 'bitsandbytes'")
 TABLE = "fms-acceleration patches:"
 # patch-table rows that are not calls: loading hooks, a recomputation setting, the loss property (counted by the
@@ -295,7 +297,9 @@ def test_accelerate_loop_with_the_shipped_cpu_launch_configs(name, tiny_model, t
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("name", "lora"), LOOP_ACCELERATION_ONLY, ids=[f"{n}-{'lora' if lora else 'full'}" for n, lora in LOOP_ACCELERATION_ONLY]
+    ("name", "lora"),
+    LOOP_ACCELERATION_ONLY,
+    ids=[f"{n}-{'lora' if lora else 'full'}" for n, lora in LOOP_ACCELERATION_ONLY],
 )
 def test_accelerate_loop_with_acceleration_kwargs(name, lora, tiny_model, tmp_path, example_env):
     """``python examples/accelerate_loop.py --acceleration-config FILE``: no launcher, ``AccelerationKwargs``."""

@@ -24,7 +24,8 @@ def add_lora(model, targets: tuple[str, ...]):
 
 # separate gate and up projections (llama), and a fused gate_up projection (phi3)
 @pytest.mark.parametrize(
-    ("model_type", "targets"), [("llama", ("gate_proj", "up_proj", "down_proj")), ("phi3", ("gate_up_proj", "down_proj"))]
+    ("model_type", "targets"),
+    [("llama", ("gate_proj", "up_proj", "down_proj")), ("phi3", ("gate_up_proj", "down_proj"))],
 )
 def test_lora_added_after_fast_swiglu_is_called_and_trains(model_type, targets):
     batch = tiny_batch()
