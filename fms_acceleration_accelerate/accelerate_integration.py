@@ -570,12 +570,14 @@ def build_context(accelerator: Any, framework: AccelerationFramework, *, client:
 
 def context_for_accelerator(framework: AccelerationFramework, accelerator: Any) -> RunContext:
     """The run context ``framework``'s hooks get under ``accelerator``: the one bound when ``accelerator`` was created
-    with this framework (built once), else one built from ``accelerator`` now and bound (a framework attached or
-    adopted later, the framework API given ``trainer.accelerator``)."""
+    with this framework, as long as ``accelerator``'s settings still read the same (a trainer may adjust its FSDP
+    plugin after creating the Accelerator); else one built from ``accelerator`` now and bound (a framework attached
+    or adopted later, the framework API given ``trainer.accelerator``, settings changed since)."""
     current = framework.run_context
-    if current.accelerator is accelerator:
+    fresh = build_context(accelerator, framework, client=current.client)
+    if current.accelerator is accelerator and fresh == current:
         return current
-    return framework.bind_run_context(build_context(accelerator, framework, client=current.client))
+    return framework.bind_run_context(fresh)
 
 
 def _prepare_with_framework(

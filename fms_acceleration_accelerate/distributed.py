@@ -114,10 +114,11 @@ class FsdpSettings:
 class RunContext:
     """How the run is wrapped: the one description of the run's shape every hook that needs it is handed.
 
-    Built once per source by the framework's Accelerate side, never by a plugin: from the ``Accelerator``
-    (:func:`~fms_acceleration_accelerate.accelerate_integration.build_context`) or, before one exists (a model
-    loaded under ``accelerate launch``, the framework API), from the launcher's environment and the training
-    arguments (:mod:`~fms_acceleration_accelerate.launch_environment`). The prepare-time hooks
+    Built by the framework's Accelerate side, never by a plugin: from the ``Accelerator``
+    (:func:`~fms_acceleration_accelerate.accelerate_integration.build_context`; once, when it is created, and
+    again only if its settings change before ``prepare``, as when a trainer adjusts its FSDP plugin) or, before one
+    exists (a model loaded under ``accelerate launch``, the framework API), from the launcher's environment and the
+    training arguments (:mod:`~fms_acceleration_accelerate.launch_environment`). The prepare-time hooks
     (``check_run_settings``, ``check_prepared_model``, ``prepare_contribution``, ``after_prepare``) get it as
     their ``context`` argument; the hooks whose signature the original framework fixed (``model_loader``,
     ``augmentation``, ``get_callbacks_and_ready_for_train``) read it from ``plugin.run_context``, which the

@@ -414,9 +414,10 @@ class AccelerationFramework:
         ``plugin.run_context``).
 
         The Accelerate integration binds the ``Accelerator``'s when it is created with this framework, or given to
-        :meth:`get_callbacks_and_ready_for_train` / ``Accelerator.prepare``; until then it is built once, on first
-        use, from the launcher's environment (:mod:`~fms_acceleration_accelerate.launch_environment`) and refined
-        by the training arguments given to :meth:`augmentation`.
+        :meth:`get_callbacks_and_ready_for_train` / ``Accelerator.prepare`` (rebuilt only when that Accelerator's
+        settings changed since); until then it is built once, on first use, from the launcher's environment
+        (:mod:`~fms_acceleration_accelerate.launch_environment`) and refined by the training arguments given to
+        :meth:`augmentation`.
         """
         context = self._run_context
         if context is None:
@@ -437,6 +438,23 @@ class AccelerationFramework:
         for plugin in self.plugins:
             plugin.run_context = context
         return context
+
+    def _context_for_hook(self, *, accelerator: Any = None, train_args: Any = None) -> RunContext:
+        """The run context a hook about to run is handed: the ``Accelerator``'s (``accelerator``, else the one the
+        current context came from) when there is one, else the environment's refined by ``train_args``."""
+        from accelerate import Accelerator
+
+        context = self.run_context
+        if not isinstance(accelerator, Accelerator):
+            accelerator = context.accelerator
+        if accelerator is not None:
+            from .accelerate_integration import context_for_accelerator
+
+            return context_for_accelerator(self, accelerator)
+        from .launch_environment import refine_with_training_arguments
+
+        refined = refine_with_training_arguments(context, train_args)  # e.g. train_args.fsdp
+        return context if refined is context else self.bind_run_context(refined)
 
     def check_model_type(self, model_type: str | None) -> None:
         """Raise :class:`AccelerationConfigError` if an active plugin does not support ``model_type``."""
@@ -474,7 +492,7 @@ class AccelerationFramework:
                 trust_remote_code=kwargs.get("trust_remote_code", False),
             )
         self.check_model_type(getattr(model_config, "model_type", None))
-        context = self.run_context  # the loader reads it as plugin.run_context
+        context = self._context_for_hook()  # the loader reads it as plugin.run_context
         logger.debug("fms-acceleration: %s loads the model; run: %s", loaders[0].plugin_name(), context.describe())
         with self._full_paths(loaders[0]), plugin_loading():
             model = loaders[0].model_loader(model_name_or_path, **kwargs)
@@ -538,11 +556,7 @@ class AccelerationFramework:
         model_config = getattr(model, "config", None)
         self.check_model_type(getattr(model_config, "model_type", None))
         self.claim_model(model, "augmentation")
-        from .launch_environment import refine_with_training_arguments
-
-        context = refine_with_training_arguments(self.run_context, train_args)  # e.g. train_args.fsdp
-        if context is not self.run_context:
-            self.bind_run_context(context)
+        self._context_for_hook(train_args=train_args)  # the plugins read it as plugin.run_context
         modifiable_args = tuple(modifiable_args)
         for plugin in self.plugins:
             if plugin.requires_augmentation:
@@ -573,14 +587,7 @@ class AccelerationFramework:
         """Collect HF Trainer / TRL callbacks from every active plugin; prints the patch table (see
         :meth:`log_patch_summary`). With an ``accelerator`` (e.g. ``trainer.accelerator``), the plugins' run
         context is that Accelerator's from here on (see :attr:`run_context`)."""
-        from accelerate import Accelerator
-
-        if isinstance(accelerator, Accelerator):
-            from .accelerate_integration import context_for_accelerator
-
-            context_for_accelerator(self, accelerator)
-        else:
-            self.run_context  # noqa: B018 - built (and handed to the plugins) before their hook reads it
+        self._context_for_hook(accelerator=accelerator)  # the plugins read it as plugin.run_context
         callbacks: list[Any] = []
         for plugin in self.plugins:
             callbacks.extend(plugin.get_callbacks_and_ready_for_train(model, accelerator))

@@ -151,3 +151,28 @@ def test_framework_api_context_follows_the_training_arguments_then_the_trainers_
     assert ready.accelerator is accelerator and ready.source == "accelerator" and ready.client == "framework-api"
     framework.get_callbacks_and_ready_for_train(model, accelerator)
     assert plugin.seen[-1][1] is ready  # built once per Accelerator
+
+
+def test_the_accelerators_context_is_rebuilt_only_when_its_settings_change(fresh_install):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    fsdp_plugin = SimpleNamespace(use_orig_params=False, cpu_ram_efficient_loading=False)
+    accelerator = SimpleNamespace(
+        distributed_type=DistributedType.FSDP,
+        is_fsdp2=True,
+        state=SimpleNamespace(fsdp_plugin=fsdp_plugin),
+        mixed_precision="bf16",
+        device=torch.device("cpu"),
+        num_processes=2,
+    )
+    framework = AccelerationFramework(SECTION, registry=REGISTRY)
+    ai.check_accelerate_settings(accelerator, framework)  # what creating the Accelerator does
+    created = framework.run_context
+    assert created.fsdp_version == 2 and created.fsdp.use_orig_params is False
+    assert ai.context_for_accelerator(framework, accelerator) is created  # nothing changed: the same object
+    fsdp_plugin.use_orig_params = True  # e.g. a trainer adjusting the FSDP plugin after creating the Accelerator
+    changed = ai.context_for_accelerator(framework, accelerator)
+    assert changed is not created and changed.fsdp.use_orig_params is True
+    assert framework.plugin("run_context_recorder").run_context is changed
