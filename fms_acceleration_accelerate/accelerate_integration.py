@@ -150,7 +150,9 @@ class AccelerationKwargs(KwargsHandler):
             raise TypeError(
                 f"AccelerationKwargs(config=...) takes a YAML path or a dict, got {type(self.config).__name__}"
             )
-        origin = "a dict" if isinstance(self.config, Mapping) else repr(os.fspath(self.config)) if self.config else "None"
+        origin = (
+            "a dict" if isinstance(self.config, Mapping) else repr(os.fspath(self.config)) if self.config else "None"
+        )
         self._slot = _FrameworkSlot(
             functools.partial(
                 AccelerationFramework, self.config, registry=self.registry, check_packages=self.check_packages

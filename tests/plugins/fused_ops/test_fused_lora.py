@@ -146,7 +146,9 @@ def test_dora_is_refused():
 
 def test_no_lora_layers_is_an_error_not_a_no_op():
     framework = make_framework({"fused_lora": True})
-    with pytest.raises(AccelerationConfigError, match="fused_lora needs PEFT LoRA layers to fuse, but the model has none"):
+    with pytest.raises(
+        AccelerationConfigError, match="fused_lora needs PEFT LoRA layers to fuse, but the model has none"
+    ):
         framework.augmentation(tiny_model("llama"), None, ())
 
 
