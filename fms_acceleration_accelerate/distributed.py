@@ -190,7 +190,7 @@ class RunContext:
         return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp8": torch.bfloat16}.get(self.mixed_precision)
 
     def describe(self) -> str:
-        """One line for logs: ``FSDP2, bf16, 4 processes on cuda:0 (from the launcher; client trl.SFTTrainer)``."""
+        """One line for logs, e.g. ``FSDP2, bf16, 4 processes on cuda:0 (from the Accelerator; client accelerate)``."""
         if self.is_fsdp:
             wrap = f"FSDP{self.fsdp_version}"
         elif self.is_deepspeed:
@@ -200,8 +200,13 @@ class RunContext:
         parts = [wrap, self.mixed_precision, f"{self.world_size} process{'es' if self.world_size != 1 else ''}"]
         if self.ep_size > 1:
             parts.append(f"EP {self.ep_size}")
+        origin = {
+            "accelerator": "the Accelerator",
+            "launcher": "the launcher's environment",
+            "training_arguments": "the training arguments",
+        }.get(self.source, "defaults: nothing told")
         client = f"; client {self.client}" if self.client else ""
-        return f"{', '.join(parts)} on {self.device} (from {self.source.replace('_', ' ')}{client})"
+        return f"{', '.join(parts)} on {self.device} (from {origin}{client})"
 
 
 PrepareContext = RunContext

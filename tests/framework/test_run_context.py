@@ -35,7 +35,12 @@ def test_run_context_is_typed_and_immutable():
     assert context.source == "default" and context.client is None
     with pytest.raises(dataclasses.FrozenInstanceError):
         context.world_size = 2  # type: ignore[misc]
-    assert context.describe() == "FSDP2, bf16, 4 processes on cpu (from default)"
+    assert context.describe() == "FSDP2, bf16, 4 processes on cpu (from defaults: nothing told)"
+    told = dataclasses.replace(context, source="launcher", client="trl.SFTTrainer", ep_size=2)
+    assert (
+        told.describe()
+        == "FSDP2, bf16, 4 processes, EP 2 on cpu (from the launcher's environment; client trl.SFTTrainer)"
+    )
 
 
 @pytest.mark.parametrize(
