@@ -103,7 +103,9 @@ def _reads_as_path(text: str) -> bool:
 
 def _missing_fix(folder: Path) -> str:
     existing = next((p for p in folder.parents if p.exists()), None)
-    where = f" (the nearest existing folder is {str(existing)!r})" if existing is not None and str(existing) != "." else ""
+    where = (
+        f" (the nearest existing folder is {str(existing)!r})" if existing is not None and str(existing) != "." else ""
+    )
     return f"pass the folder that holds the model's config.json and weights (saved with save_pretrained){where}"
 
 

@@ -38,6 +38,7 @@ LAYERS = 2
 ROUTED = re.compile(r"fms-acceleration: \w+\.from_pretrained\(.*\) loads through plugin 'bitsandbytes'")
 TABLE = "fms-acceleration patches:"
 
+
 def _bitsandbytes_available() -> bool:
     try:
         import bitsandbytes  # noqa: F401
@@ -80,7 +81,15 @@ def client_env(tmp_path: Path) -> dict[str, str]:
     """A clean environment for launched scripts (no section of ours inherited, kernels' CPU references as the
     README runs them)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FMS_ACCELERATION")}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_CPU", "TRITON_INTERPRET"):
+    for key in (
+        "RANK",
+        "LOCAL_RANK",
+        "WORLD_SIZE",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "ACCELERATE_USE_CPU",
+        "TRITON_INTERPRET",
+    ):
         env.pop(key, None)
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")  # and no checkout folder on PYTHONPATH: installed packages only
     return env
@@ -215,7 +224,8 @@ def test_routed_load_is_recorded_reused_by_the_accelerator_and_reverted(fresh_in
         LlamaForCausalLM.from_pretrained(model_dir, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
     assert "drop quantization_config" in str(info.value)
 
-    assert ai.uninstall() == 5  # __init__, prepare, from_pretrained of PreTrainedModel, AutoConfig, AutoModelForCausalLM
+    # __init__, prepare, from_pretrained of PreTrainedModel, AutoConfig, AutoModelForCausalLM
+    assert ai.uninstall() == 5
     assert _original_from_pretrained() is original
     assert vars(AutoModelForCausalLM).get("from_pretrained") is auto_original
     assert _four_bit(LlamaForCausalLM.from_pretrained(model_dir)) == 0  # transformers' own loader again

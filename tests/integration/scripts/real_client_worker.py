@@ -134,9 +134,7 @@ def main() -> None:
         else:
             model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         model, (lora,) = framework.augmentation(model, train_args, modifiable_args=(lora_config(),))
-        trainer = SFTTrainer(
-            model=model, args=train_args, train_dataset=data, processing_class=tok, peft_config=lora
-        )
+        trainer = SFTTrainer(model=model, args=train_args, train_dataset=data, processing_class=tok, peft_config=lora)
         for callback in framework.get_callbacks_and_ready_for_train(trainer.model, trainer.accelerator):
             trainer.add_callback(callback)
         report["own_framework_plugins"] = list(framework.active_plugin_names)
