@@ -5,6 +5,9 @@ Triton is imported anywhere, hence here, at the top of the root conftest.
 """
 
 import os
+import sys
+
+import pytest
 
 if "TRITON_INTERPRET" not in os.environ:
     try:
@@ -19,3 +22,24 @@ if "TRITON_INTERPRET" not in os.environ:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_process_state():
+    """Leave no process-wide state from one test to the next.
+
+    - This package's environment variables: ``export_section`` (the launcher's hand-off) sets
+      ``FMS_ACCELERATION_SECTION`` in the process that calls it; a value left behind makes every later
+      ``Accelerator()`` and routed ``from_pretrained`` of the test process, and every process it spawns, read that
+      section.
+    - Accelerate's shared state: a trainer's ``Accelerator`` (e.g. TRL's, whose ``SFTConfig`` turns bf16 on by
+      default) would otherwise hand its mixed precision to every later ``Accelerator()`` of the process."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("FMS_ACCELERATION")}
+    yield
+    for key in [k for k in os.environ if k.startswith("FMS_ACCELERATION") and k not in before]:
+        del os.environ[key]
+    os.environ.update(before)
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+        state.GradientState._reset_state()

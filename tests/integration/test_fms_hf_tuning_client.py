@@ -72,7 +72,7 @@ def _tiny_llama(path: Path, vocab_size: int) -> Path:
 
 
 @pytest.mark.slow
-def test_qlora_flag_set_trains_through_fms_acceleration(tmp_path):
+def test_qlora_flag_set_trains_through_fms_acceleration(tmp_path, request):
     """``--bitsandbytes nf4 False --fused_lora bitsandbytes True --fast_kernels True True True`` (fms-hf-tuning's
     documented QLoRA flag set, which writes both fused-ops sections)."""
     pytest.importorskip("bitsandbytes")
@@ -99,6 +99,9 @@ def test_qlora_flag_set_trains_through_fms_acceleration(tmp_path):
 
     framework = acceleration.get_framework()
     assert isinstance(framework, AccelerationFramework)
+    # fms-hf-tuning never reverts (its process ends); here later tests share the process and its
+    # module-level patches (rotary embedding)
+    request.addfinalizer(framework.revert)
     names = [name for name, _plugin in framework.active_plugins]
     assert names == ["bitsandbytes", "fused_ops_and_kernels"]
     assert framework.requires_custom_loading and framework.plugins_require_custom_loading == ["bitsandbytes"]
