@@ -12,23 +12,12 @@ Where the original framework is installed without this plugin of its own, it imp
 every plugin name it finds); a warning then says that the original does not use this project's plugins.
 """
 
-import warnings
-from importlib import metadata
-
-try:
-    _original = metadata.distribution("fms-acceleration")
-except metadata.PackageNotFoundError:
-    _original = None
-if _original is not None:  # the original framework imports every plugin name it finds, this stand-in included
-    warnings.warn(
-        f"fms_acceleration_peft is fms-acceleration-accelerate's stand-in, but the original fms-acceleration "
-        f"{_original.version} is installed and does not use this project's plugins: its peft.quantization.bitsandbytes "
-        "sections activate nothing there. Install the original's fms-acceleration-peft as well, or uninstall "
-        "the original fms-acceleration to run this project's framework",
-        stacklevel=2,
-    )
-
 from fms_acceleration_accelerate_peft.config import BnbQuantizationConfig
 from fms_acceleration_accelerate_peft.plugin import BitsAndBytesAccelerationPlugin
+
+from fms_acceleration_accelerate.upstream_plugin_names import warn_if_original_framework_installed
+
+# the original framework imports every plugin name it finds, this stand-in included
+warn_if_original_framework_installed("fms_acceleration_peft", "peft.quantization.bitsandbytes", "fms-acceleration-peft")
 
 __all__ = ["BitsAndBytesAccelerationPlugin", "BnbQuantizationConfig"]

@@ -12,22 +12,11 @@ Where the original framework is installed without this plugin of its own, it imp
 every plugin name it finds); a warning then says that the original does not use this project's plugins.
 """
 
-import warnings
-from importlib import metadata
-
-try:
-    _original = metadata.distribution("fms-acceleration")
-except metadata.PackageNotFoundError:
-    _original = None
-if _original is not None:  # the original framework imports every plugin name it finds, this stand-in included
-    warnings.warn(
-        f"fms_acceleration_foak is fms-acceleration-accelerate's stand-in, but the original fms-acceleration "
-        f"{_original.version} is installed and does not use this project's plugins: its fused_ops_and_kernels "
-        "sections activate nothing there. Install the original's fms-acceleration-foak as well, or uninstall "
-        "the original fms-acceleration to run this project's framework",
-        stacklevel=2,
-    )
-
 from fms_acceleration_accelerate_foak import FusedOpsAndKernelsConfig, FusedOpsAndKernelsPlugin
+
+from fms_acceleration_accelerate.upstream_plugin_names import warn_if_original_framework_installed
+
+# the original framework imports every plugin name it finds, this stand-in included
+warn_if_original_framework_installed("fms_acceleration_foak", "fused_ops_and_kernels", "fms-acceleration-foak")
 
 __all__ = ["FusedOpsAndKernelsConfig", "FusedOpsAndKernelsPlugin"]
