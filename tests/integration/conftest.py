@@ -147,3 +147,17 @@ def run_torchrun_worker(
         *args,
     ]
     return run(cmd, env, out_dir, timeout=timeout)
+
+
+@pytest.fixture
+def fresh_install(monkeypatch):
+    """Each test starts from an un-wrapped Accelerator (and transformers' own from_pretrained) and leaves it so."""
+    from fms_acceleration_accelerate import accelerate_integration as ai
+
+    monkeypatch.delenv(ai.ENV_SECTION, raising=False)
+    was = ai.is_installed()
+    ai.uninstall()
+    yield
+    ai.uninstall()
+    if was:
+        ai.install()

@@ -32,18 +32,6 @@ def tiny_llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(config)
 
 
-@pytest.fixture
-def fresh_install(monkeypatch):
-    """Each test starts from an un-wrapped Accelerator and leaves it un-wrapped."""
-    monkeypatch.delenv(ai.ENV_SECTION, raising=False)
-    was = ai.is_installed()
-    ai.uninstall()
-    yield
-    ai.uninstall()
-    if was:
-        ai.install()
-
-
 def test_stock_accelerator_rejects_unknown_handler_without_install(fresh_install):
     handler = ai.AccelerationKwargs.__new__(ai.AccelerationKwargs)  # skip __post_init__ (which installs)
     handler.config, handler.registry, handler.check_packages = {}, None, True

@@ -171,18 +171,6 @@ def test_script_framework_with_another_config_is_refused_at_prepare(model_dir, t
 # --------------------------------------------------------------------------------------------- in process
 
 
-@pytest.fixture
-def fresh_install(monkeypatch):
-    """Each test starts from an un-wrapped Accelerator (and transformers' own from_pretrained) and leaves it so."""
-    monkeypatch.delenv(ai.ENV_SECTION, raising=False)
-    was = ai.is_installed()
-    ai.uninstall()
-    yield
-    ai.uninstall()
-    if was:
-        ai.install()
-
-
 def _original_from_pretrained():
     from transformers.modeling_utils import PreTrainedModel
 
