@@ -3,7 +3,7 @@
 Every op ``<op>`` comes as ``<op>_ref`` (pure torch), ``<op>_triton`` (Triton forward/backward with autograd, a
 ``torch.library`` custom op under ``torch.compile``) and the dispatching ``<op>`` (Triton on CUDA tensors or with
 ``TRITON_INTERPRET=1``, else the reference). The fused LoRA functions and the 4-bit dequantisation follow the same
-dispatch rule; they take the frozen base weight as a weight format (``DenseWeight``, ``Bnb4bitWeight``).
+dispatch rule; they take the frozen base weight as a weight format (``DenseWeight``, ``Bnb4bitWeight``, ``GPTQWeight``).
 
 Everything here takes and returns tensors: nothing reads ``nn.Module``s or PEFT layers (the plugins do).
 Triton is a hard requirement: importing the package imports it (about 0.2 s after torch); kernels compile on
@@ -28,6 +28,7 @@ from .fused_linear_cross_entropy import (
     fused_linear_cross_entropy_triton,
 )
 from .glu import geglu, geglu_ref, geglu_triton, swiglu, swiglu_ref, swiglu_triton
+from .gptq import GPTQWeight, gptq_dequantize, gptq_dequantize_ref, gptq_linear, pack_gptq, unpack_gptq
 from .lora import (
     LoraProjection,
     lora_linear,
@@ -51,6 +52,7 @@ __all__ = [
     "Bnb4bitWeight",
     "DenseWeight",
     "FourBitState",
+    "GPTQWeight",
     "LoraProjection",
     "QuantizedWeight",
     "apply_rotary_pos_emb",
@@ -73,6 +75,9 @@ __all__ = [
     "geglu",
     "geglu_ref",
     "geglu_triton",
+    "gptq_dequantize",
+    "gptq_dequantize_ref",
+    "gptq_linear",
     "lora_linear",
     "lora_linear_ref",
     "lora_mlp_geglu",
@@ -81,6 +86,7 @@ __all__ = [
     "lora_mlp_swiglu_ref",
     "lora_qkv",
     "lora_qkv_ref",
+    "pack_gptq",
     "quantized_linear",
     "quantized_linear_ref",
     "rms_norm",
@@ -92,4 +98,5 @@ __all__ = [
     "swiglu",
     "swiglu_ref",
     "swiglu_triton",
+    "unpack_gptq",
 ]

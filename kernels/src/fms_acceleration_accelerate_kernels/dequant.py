@@ -8,10 +8,11 @@ storage format themselves. Shipped formats:
 * ``Bnb4bitWeight``: bitsandbytes' packed 4-bit bytes (nf4 / fp4, with or without double quantisation, any
   storage dtype) plus their ``FourBitState``, dequantised by our own kernels in ``nf4.py`` (bitsandbytes'
   compiled functions are never called; their signatures change between releases). ``bnb_four_bit_state``
-  turns a bitsandbytes ``QuantState`` into a ``FourBitState``.
+  turns a bitsandbytes ``QuantState`` into a ``FourBitState``;
+* ``GPTQWeight`` (defined in ``gptq.py``): GPTQ's packed int32 ``qweight`` / ``qzeros``, fp16 ``scales`` and int32
+  ``g_idx`` (2, 4 or 8 bits, any group assignment, v1 or v2 zeros), dequantised by the Triton kernels there.
 
-Another format (e.g. GPTQ: packed int32 ``qweight`` / ``qzeros``, fp16 ``scales``, int32 ``g_idx``) is one more
-frozen class with the same members. Which layer holds which format, and how to read the tensors out of it, is
+Another format is one more frozen class with the same members. Which layer holds which format, and how to read the tensors out of it, is
 not kernel knowledge: the plugins declare it as dequant backends (``fms_acceleration_accelerate.dequant``).
 """
 
@@ -22,11 +23,13 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .gptq import GPTQWeight
 from .nf4 import FourBitState, NestedAbsmax, dequantize_4bit, dequantize_4bit_ref
 
 __all__ = [
     "Bnb4bitWeight",
     "DenseWeight",
+    "GPTQWeight",
     "QuantizedWeight",
     "bnb_four_bit_state",
 ]

@@ -1,0 +1,440 @@
+"""GPTQ weights: packing, pure-torch dequantisation, Triton kernels and a frozen GPTQ linear.
+
+The format is the one auto-gptq, gptqmodel and optimum write into Hugging Face checkpoints. A quantised linear of
+logical weight ``W`` (``N = out_features``, ``K = in_features``) with ``bits`` in {2, 4, 8} (pack factor
+``pf = 32 // bits``) and ``G`` groups (``ceil(K / group_size)``, 1 for ``group_size == -1``) is stored as:
+
+* ``qweight`` int32 (K / pf, N): the integer code ``q[k, n]`` is bits ``[(k % pf) * bits, + bits)`` of
+  ``qweight[k // pf, n]`` (``k % pf == 0`` in the lowest bits);
+* ``qzeros`` int32 (G, N / pf): the stored zero of ``(g, n)`` is bits ``[(n % pf) * bits, + bits)`` of
+  ``qzeros[g, n // pf]``;
+* ``scales`` (G, N), fp16 in checkpoints;
+* ``g_idx`` int32 (K,): the group of input channel ``k``; ``k // group_size`` without act-order (``desc_act``),
+  an arbitrary assignment with it (never assumed monotonic here).
+
+``W[n, k] = scales[g, n] * (q[k, n] - zero[g, n])`` with ``g = g_idx[k]``, computed in fp32 and rounded once to
+the output dtype. The true zero is ``stored + 1`` for ``checkpoint_format="gptq"`` (v1: auto-gptq's off-by-one,
+read without wrap-around, so a stored ``2**bits - 1`` means ``2**bits``) and ``stored`` for ``"gptq_v2"``.
+Symmetric quantisation has ``zero == 2**(bits - 1)`` everywhere (v1 words of 4-bit ``0x77777777``).
+
+Contents:
+
+* ``pack_gptq`` / ``unpack_gptq``: integer codes and true zeros to and from the packed tensors;
+* ``gptq_dequantize_ref`` (pure torch) and ``gptq_dequantize`` (Triton on CUDA tensors or with
+  ``TRITON_INTERPRET=1``, else the reference): the dense (N, K) weight;
+* ``GPTQWeight``: the packed tensors plus metadata as a weight format (the ``QuantizedWeight`` members of
+  ``dequant.py``), usable as the frozen base of the fused LoRA functions of ``lora.py``;
+* ``gptq_linear``: ``y = x W^T + b`` with ``W`` frozen; saves only the packed tensors and dequantises again in
+  backward for ``dx = dy W``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+__all__ = [
+    "GPTQWeight",
+    "gptq_dequantize",
+    "gptq_dequantize_ref",
+    "gptq_linear",
+    "pack_gptq",
+    "unpack_gptq",
+]
+
+SUPPORTED_BITS: tuple[int, ...] = (2, 4, 8)
+CHECKPOINT_FORMATS: tuple[str, ...] = ("gptq", "gptq_v2")
+_OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+
+def _check_bits(bits: int) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        hint = (
+            " 3-bit GPTQ packs codes across int32 words, which these kernels do not read; quantise with 2, 4 or 8 bits."
+            if bits == 3
+            else ""
+        )
+        raise ValueError(f"GPTQ bits must be one of {SUPPORTED_BITS}, got {bits!r}.{hint}")
+    return bits
+
+
+def _zero_offset(checkpoint_format: str) -> int:
+    """1 for v1 (``"gptq"``: stored zero = true zero - 1), 0 for ``"gptq_v2"``."""
+    if checkpoint_format == "gptq":
+        return 1
+    if checkpoint_format == "gptq_v2":
+        return 0
+    raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
+
+
+def _check_out_dtype(dtype: torch.dtype) -> None:
+    if dtype not in _OUT_DTYPES:
+        raise ValueError(f"GPTQ dequantisation writes fp32/bf16/fp16, got {dtype}")
+
+
+def _check_int32(name: str, tensor: torch.Tensor) -> None:
+    if tensor.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32 (as stored in GPTQ checkpoints), got {tensor.dtype}")
+
+
+def _check_packed(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor | None,
+    g_idx: torch.Tensor | None,
+    bits: int,
+    in_features: int,
+    out_features: int,
+) -> int:
+    """Validate the shapes and dtypes of the packed tensors; returns the number of groups G."""
+    pf = 32 // _check_bits(bits)
+    if in_features % pf or out_features % pf:
+        raise ValueError(
+            f"a {bits}-bit GPTQ weight needs in_features and out_features divisible by {pf} (32 // bits), got "
+            f"in_features={in_features}, out_features={out_features}"
+        )
+    _check_int32("qweight", qweight)
+    _check_int32("qzeros", qzeros)
+    if tuple(qweight.shape) != (in_features // pf, out_features):
+        raise ValueError(
+            f"qweight has shape {tuple(qweight.shape)}, expected (in_features / {pf}, out_features) = "
+            f"({in_features // pf}, {out_features})"
+        )
+    if qzeros.dim() != 2 or qzeros.shape[1] != out_features // pf or qzeros.shape[0] < 1:
+        raise ValueError(
+            f"qzeros has shape {tuple(qzeros.shape)}, expected (groups, out_features / {pf}) = "
+            f"(G, {out_features // pf})"
+        )
+    groups = int(qzeros.shape[0])
+    if scales is not None:
+        if not scales.is_floating_point():
+            raise TypeError(f"scales must be floating point (fp16 in GPTQ checkpoints), got {scales.dtype}")
+        if tuple(scales.shape) != (groups, out_features):
+            raise ValueError(
+                f"scales has shape {tuple(scales.shape)}, expected (groups, out_features) = ({groups}, {out_features})"
+            )
+    if g_idx is not None:
+        if g_idx.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"g_idx must be int32 (or int64), got {g_idx.dtype}")
+        if tuple(g_idx.shape) != (in_features,):
+            raise ValueError(f"g_idx has shape {tuple(g_idx.shape)}, expected (in_features,) = ({in_features},)")
+    return groups
+
+
+def _as_int32_words(words: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) to int32 with the same 32 bits (two's complement)."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+# ------------------------------------------------------------------------------------------ packing
+
+
+def pack_gptq(
+    intweight: torch.Tensor,
+    zeros: torch.Tensor,
+    bits: int,
+    checkpoint_format: str = "gptq",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack integer codes and true zeros into GPTQ ``qweight`` / ``qzeros``.
+
+    Args:
+        intweight: integer tensor (K, N) (in_features, out_features: the transpose of the weight) of codes in
+            ``[0, 2**bits)``.
+        zeros: integer tensor (G, N) of true zeros. Stored as ``zeros - 1`` for ``"gptq"`` (v1), so they must be
+            in ``[1, 2**bits]`` there (a quantiser writing v1 clamps zeros to >= 1), and in ``[0, 2**bits)`` for
+            ``"gptq_v2"``.
+        bits: 2, 4 or 8.
+        checkpoint_format: ``"gptq"`` (v1) or ``"gptq_v2"``.
+
+    Returns:
+        ``(qweight int32 (K / pf, N), qzeros int32 (G, N / pf))`` with ``pf = 32 // bits``.
+    """
+    pf = 32 // _check_bits(bits)
+    offset = _zero_offset(checkpoint_format)
+    if intweight.dim() != 2 or zeros.dim() != 2:
+        raise ValueError(
+            f"intweight (K, N) and zeros (G, N) must be 2-D, got {tuple(intweight.shape)}, {tuple(zeros.shape)}"
+        )
+    if intweight.is_floating_point() or zeros.is_floating_point() or intweight.dtype == torch.bool:
+        raise TypeError(f"intweight and zeros must be integer tensors, got {intweight.dtype} and {zeros.dtype}")
+    k, n = intweight.shape
+    if zeros.shape[1] != n:
+        raise ValueError(f"zeros has {zeros.shape[1]} columns, intweight has {n} (out_features)")
+    if k % pf or n % pf:
+        raise ValueError(f"{bits}-bit packing needs K and N divisible by {pf}, got intweight of shape ({k}, {n})")
+    limit = 1 << bits
+    codes = intweight.to(torch.int64)
+    if codes.numel() and (codes.min() < 0 or codes.max() >= limit):
+        raise ValueError(f"intweight codes must be in [0, {limit}) for {bits} bits")
+    stored = zeros.to(torch.int64) - offset
+    if stored.numel() and (stored.min() < 0 or stored.max() >= limit):
+        valid = f"[1, {limit}]" if offset else f"[0, {limit})"
+        fix = " (v1 cannot store a zero of 0: clamp zeros to >= 1, or write gptq_v2)" if offset else ""
+        raise ValueError(f"zeros must be in {valid} for {bits}-bit {checkpoint_format!r}{fix}")
+    shifts = torch.arange(pf, device=codes.device, dtype=torch.int64) * bits
+    qweight = (codes.view(k // pf, pf, n) << shifts.view(1, pf, 1)).sum(dim=1)
+    qzeros = (stored.view(-1, n // pf, pf) << shifts.view(1, 1, pf)).sum(dim=2)
+    return _as_int32_words(qweight), _as_int32_words(qzeros)
+
+
+def _unpack_rows(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """(R, C) int32 words -> (R * pf, C) int32 codes (codes of a word along the first dim)."""
+    pf = 32 // bits
+    shifts = torch.arange(pf, device=qweight.device, dtype=torch.int32) * bits
+    codes = (qweight.unsqueeze(1) >> shifts.view(1, pf, 1)) & ((1 << bits) - 1)
+    return codes.reshape(qweight.shape[0] * pf, qweight.shape[1])
+
+
+def _unpack_cols(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """(R, C) int32 words -> (R, C * pf) int32 codes (codes of a word along the last dim)."""
+    pf = 32 // bits
+    shifts = torch.arange(pf, device=qzeros.device, dtype=torch.int32) * bits
+    codes = (qzeros.unsqueeze(2) >> shifts.view(1, 1, pf)) & ((1 << bits) - 1)
+    return codes.reshape(qzeros.shape[0], qzeros.shape[1] * pf)
+
+
+def unpack_gptq(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    bits: int,
+    in_features: int,
+    out_features: int,
+    checkpoint_format: str = "gptq",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack GPTQ ``qweight`` / ``qzeros`` into integer codes and true zeros.
+
+    Args:
+        qweight: int32 (in_features / pf, out_features).
+        qzeros: int32 (G, out_features / pf).
+        bits: 2, 4 or 8.
+        in_features: K.
+        out_features: N.
+        checkpoint_format: ``"gptq"`` (v1: true zero = stored + 1, no wrap-around) or ``"gptq_v2"``.
+
+    Returns:
+        ``(intweight int32 (K, N), zeros int32 (G, N))``.
+    """
+    offset = _zero_offset(checkpoint_format)
+    _check_packed(qweight, qzeros, None, None, bits, in_features, out_features)
+    return _unpack_rows(qweight, bits), _unpack_cols(qzeros, bits) + offset
+
+
+# ------------------------------------------------------------------------------------------ dequantisation
+
+
+def gptq_dequantize_ref(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    checkpoint_format: str = "gptq",
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Pure-torch GPTQ dequantisation (the definition the Triton kernels are tested against).
+
+    Args:
+        qweight: int32 (K / pf, N) packed codes.
+        qzeros: int32 (G, N / pf) packed stored zeros.
+        scales: (G, N) scales (fp16 in checkpoints).
+        g_idx: int32 (K,) group of every input channel (any assignment, e.g. act-order).
+        bits: 2, 4 or 8.
+        checkpoint_format: ``"gptq"`` (v1) or ``"gptq_v2"``.
+        dtype: output dtype (fp32/bf16/fp16); defaults to ``scales.dtype``.
+
+    Returns:
+        Contiguous (N, K) weight in ``dtype``.
+    """
+    dtype = dtype or scales.dtype
+    _check_out_dtype(dtype)
+    in_features, out_features = int(g_idx.shape[0]), int(scales.shape[-1])
+    _check_packed(qweight, qzeros, scales, g_idx, bits, in_features, out_features)
+    codes, zeros = unpack_gptq(qweight, qzeros, bits, in_features, out_features, checkpoint_format)
+    groups = g_idx.long()
+    # (N, K): codes^T - zeros[g_idx]^T, times scales[g_idx]^T, in fp32 (exact for fp16 scales), rounded once
+    diff = (codes.t() - zeros.t()[:, groups]).to(torch.float32)
+    return (scales.t().to(torch.float32)[:, groups] * diff).to(dtype)
+
+
+def gptq_dequantize(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    checkpoint_format: str = "gptq",
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense (N, K) GPTQ weight: Triton on CUDA tensors or with ``TRITON_INTERPRET=1``, else the reference.
+
+    Args: as ``gptq_dequantize_ref``, plus
+        out: optional contiguous (N, K) output (e.g. a row slice of a larger buffer); its dtype is the output
+            dtype when ``dtype`` is None.
+
+    Returns:
+        (N, K) weight (``out`` when given), equal bit for bit to ``gptq_dequantize_ref``.
+    """
+    dtype = dtype or (out.dtype if out is not None else scales.dtype)
+    result = gptq_dequantize_ref(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)
+    if out is not None:
+        _check_out(out, (result.shape[0], result.shape[1]), dtype)
+        out.copy_(result)
+        return out
+    return result
+
+
+def _check_out(out: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> None:
+    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or not out.is_contiguous():
+        raise ValueError(
+            f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, got {out.dtype} {tuple(out.shape)} "
+            f"contiguous={out.is_contiguous()}"
+        )
+
+
+# ------------------------------------------------------------------------------------------ weight format
+
+
+@dataclass(frozen=True)
+class GPTQWeight:
+    """A GPTQ-quantised frozen linear weight (the ``QuantizedWeight`` members of ``dequant.py``).
+
+    Holds references to the layer's tensors (no copies). Only shapes and dtypes are validated here (no device
+    synchronisation), so building one per forward is cheap.
+
+    Attributes:
+        qweight: int32 (in_features / pf, out_features) packed codes, ``pf = 32 // bits``.
+        qzeros: int32 (G, out_features / pf) packed stored zeros.
+        scales: (G, out_features) scales (fp16 in checkpoints).
+        g_idx: int32 (in_features,) group of every input channel.
+        bits: 2, 4 or 8.
+        group_size: input channels per group, or -1 for one group over all of them.
+        checkpoint_format: ``"gptq"`` (v1 zeros, stored = zero - 1) or ``"gptq_v2"``.
+        out_features: N.
+        in_features: K.
+        dtype: compute dtype, the default dtype of ``dequantize`` (defaults to ``scales.dtype``).
+    """
+
+    qweight: torch.Tensor
+    qzeros: torch.Tensor
+    scales: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    group_size: int
+    checkpoint_format: str
+    out_features: int
+    in_features: int
+    dtype: torch.dtype | None = None
+
+    def __post_init__(self) -> None:
+        _zero_offset(self.checkpoint_format)
+        groups = _check_packed(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.in_features, self.out_features
+        )
+        gs = self.group_size
+        if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or gs > 0):
+            raise ValueError(f"group_size must be a positive number of input channels or -1, got {gs!r}")
+        expected = 1 if gs == -1 else -(-self.in_features // gs)
+        if groups != expected:
+            raise ValueError(
+                f"qzeros/scales have {groups} groups, but in_features={self.in_features} with group_size={gs} "
+                f"gives {expected}"
+            )
+        if self.dtype is None:
+            object.__setattr__(self, "dtype", self.scales.dtype)
+        _check_out_dtype(self.dtype)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Logical (out_features, in_features)."""
+        return (self.out_features, self.in_features)
+
+    @property
+    def device(self) -> torch.device:
+        return self.qweight.device
+
+    def dequantize(self, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense (out_features, in_features) weight (Triton where ``use_triton`` allows)."""
+        dtype = dtype or (out.dtype if out is not None else self.dtype)
+        return gptq_dequantize(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.checkpoint_format, dtype, out=out
+        )
+
+    def dequantize_ref(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Dense (out_features, in_features) weight from the pure-torch reference."""
+        return gptq_dequantize_ref(
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.checkpoint_format, dtype or self.dtype
+        )
+
+
+# ------------------------------------------------------------------------------------------ linear
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
+
+
+class _GPTQLinearFunction(torch.autograd.Function):
+    """y = x W^T + b with a frozen GPTQ ``W``; saves no dense weight (backward dequantises again)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: GPTQWeight, bias: torch.Tensor | None):
+        dtype = x.dtype
+        x2 = x.reshape(-1, x.shape[-1])
+        w = weight.dequantize(dtype)
+        y = F.linear(x2, w, bias.to(dtype) if bias is not None else None)
+        del w
+        ctx.weight = weight
+        ctx.x_shape = x.shape
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        return y.view(*x.shape[:-1], weight.out_features)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: torch.Tensor):
+        weight: GPTQWeight = ctx.weight
+        need_x, _, need_bias = ctx.needs_input_grad
+        dtype = grad_y.dtype
+        gy = grad_y.reshape(-1, weight.out_features)
+        dx = dbias = None
+        with torch.autocast(device_type=gy.device.type, enabled=False):
+            if need_x:
+                w = weight.dequantize(dtype)  # recomputed instead of saved
+                dx = (gy @ w).view(ctx.x_shape)
+                del w
+            if need_bias:
+                dbias = gy.sum(0).to(ctx.bias_dtype)
+        return dx, None, dbias
+
+
+def gptq_linear(x: torch.Tensor, weight: GPTQWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Frozen GPTQ linear ``x W^T + bias``; gradients for ``x`` and (when it requires grad) ``bias`` only.
+
+    Saves only references to the packed tensors: the backward dequantises ``W`` again for ``dx = dy W``.
+
+    Args:
+        x: (..., in_features) input.
+        weight: the GPTQ weight (tensors as seen inside the module's forward, e.g. after FSDP gathered them).
+        bias: (out_features,) bias, or None.
+
+    Returns:
+        (..., out_features) output in the compute dtype (``x``'s dtype, or the autocast dtype).
+    """
+    if not isinstance(weight, GPTQWeight):
+        raise TypeError(f"weight must be a GPTQWeight, got {type(weight).__name__}")
+    if x.shape[-1] != weight.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features but the GPTQ weight is {weight.shape} (out, in)")
+    if bias is not None and tuple(bias.shape) != (weight.out_features,):
+        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({weight.out_features},)")
+    dtype = _compute_dtype(x)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return _GPTQLinearFunction.apply(x.to(dtype), weight, bias)

@@ -1,0 +1,342 @@
+"""GPTQ format, dequantisation kernels and the frozen GPTQ linear (kernels/.../gptq.py).
+
+The format is checked against an independent reading written here (plain Python integer arithmetic on the
+int32 words, element by element), not against the module's own unpacking: bits 2/4/8, symmetric and asymmetric
+zeros, group sizes 32/128/-1, act-order (a permuted ``g_idx``) on and off, v1 and v2 zero conventions.
+
+CPU tier: Triton kernels in interpreter mode on small shapes. GPU tier: tests/kernels/test_gptq.py's ``gpu``
+tests and benchmarks/kernel-bench/gptq_bench.py at 8B layer shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from fms_acceleration_accelerate_kernels import dequant as dequant_module
+from fms_acceleration_accelerate_kernels.gptq import (
+    GPTQWeight,
+    gptq_dequantize,
+    gptq_dequantize_ref,
+    gptq_linear,
+    pack_gptq,
+    unpack_gptq,
+)
+
+from tests.kernels.harness import device_for_tests
+
+DEVICE = device_for_tests()
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ------------------------------------------------------------------------------ independent reading
+
+
+def _word_bits(word: int, slot: int, bits: int) -> int:
+    """Field ``slot`` (little end first) of a 32-bit word given as a Python int (int32 two's complement)."""
+    return ((word & 0xFFFFFFFF) >> (slot * bits)) & ((1 << bits) - 1)
+
+
+def _independent_unpack(qweight, qzeros, bits, k, n, checkpoint_format):
+    pf = 32 // bits
+    qw, qz = qweight.tolist(), qzeros.tolist()
+    codes = [[_word_bits(qw[i // pf][j], i % pf, bits) for j in range(n)] for i in range(k)]
+    offset = 1 if checkpoint_format == "gptq" else 0
+    zeros = [[_word_bits(qz[g][j // pf], j % pf, bits) + offset for j in range(n)] for g in range(len(qz))]
+    return codes, zeros
+
+
+def _independent_pack(intweight, zeros, bits, checkpoint_format):
+    pf = 32 // bits
+    offset = 1 if checkpoint_format == "gptq" else 0
+    iw, zs = intweight.tolist(), zeros.tolist()
+    k, n = len(iw), len(iw[0])
+
+    def signed(word: int) -> int:
+        return word - (1 << 32) if word >= 1 << 31 else word
+
+    qweight = [
+        [signed(sum(iw[r * pf + s][j] << (s * bits) for s in range(pf))) for j in range(n)] for r in range(k // pf)
+    ]
+    qzeros = [
+        [signed(sum((zs[g][c * pf + s] - offset) << (s * bits) for s in range(pf))) for c in range(n // pf)]
+        for g in range(len(zs))
+    ]
+    return torch.tensor(qweight, dtype=torch.int32), torch.tensor(qzeros, dtype=torch.int32)
+
+
+def _independent_dequant(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype):
+    k, n = g_idx.numel(), scales.shape[1]
+    codes, zeros = _independent_unpack(qweight, qzeros, bits, k, n, checkpoint_format)
+    sc, gi = scales.float().tolist(), g_idx.tolist()
+    # fp16 scale x (a 9-bit integer) is exact in fp64 and in fp32, so one rounding to ``dtype`` either way
+    w = [[sc[gi[i]][j] * (codes[i][j] - zeros[gi[i]][j]) for i in range(k)] for j in range(n)]
+    return torch.tensor(w, dtype=torch.float64).to(dtype)
+
+
+# ------------------------------------------------------------------------------ test data
+
+
+def make_gptq(
+    k: int,
+    n: int,
+    bits: int = 4,
+    group_size: int = 32,
+    desc_act: bool = False,
+    sym: bool = False,
+    checkpoint_format: str = "gptq",
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+) -> dict:
+    """Random codes / zeros / scales / g_idx of one quantised linear and their packed tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = 1 if group_size == -1 else -(-k // group_size)
+    per_group = k if group_size == -1 else group_size
+    if desc_act:
+        perm = torch.randperm(k, generator=gen)
+        g_idx = torch.empty(k, dtype=torch.int32)
+        g_idx[perm] = (torch.arange(k) // per_group).to(torch.int32)
+    else:
+        g_idx = (torch.arange(k) // per_group).to(torch.int32)
+    intweight = torch.randint(0, 2**bits, (k, n), generator=gen, dtype=torch.int32)
+    if sym:
+        zeros = torch.full((groups, n), 2 ** (bits - 1), dtype=torch.int32)
+    elif checkpoint_format == "gptq":
+        zeros = torch.randint(1, 2**bits + 1, (groups, n), generator=gen, dtype=torch.int32)  # 2**bits: no wrap
+    else:
+        zeros = torch.randint(0, 2**bits, (groups, n), generator=gen, dtype=torch.int32)
+    scales = (torch.rand(groups, n, generator=gen) * 0.02 + 1e-3).to(torch.float16)
+    qweight, qzeros = pack_gptq(intweight, zeros, bits, checkpoint_format=checkpoint_format)
+    out = dict(
+        intweight=intweight, zeros=zeros, scales=scales, g_idx=g_idx, qweight=qweight, qzeros=qzeros, bits=bits,
+        group_size=group_size, checkpoint_format=checkpoint_format, k=k, n=n,
+    )  # fmt: skip
+    return {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in out.items()}
+
+
+def weight_of(d: dict, dtype: torch.dtype | None = None) -> GPTQWeight:
+    return GPTQWeight(
+        d["qweight"], d["qzeros"], d["scales"], d["g_idx"], d["bits"], d["group_size"], d["checkpoint_format"],
+        d["n"], d["k"], dtype,
+    )  # fmt: skip
+
+
+def _packed_args(d: dict) -> tuple:
+    return d["qweight"], d["qzeros"], d["scales"], d["g_idx"], d["bits"], d["checkpoint_format"]
+
+
+# ------------------------------------------------------------------------------ format
+
+
+FORMAT_CASES = [
+    (bits, group_size, desc_act, sym, fmt)
+    for bits in (2, 4, 8)
+    for group_size in (32, 128, -1)
+    for desc_act in (False, True)
+    for sym in (False, True)
+    for fmt in ("gptq", "gptq_v2")
+]
+
+
+def _case_id(case) -> str:
+    bits, group_size, desc_act, sym, fmt = case
+    return f"b{bits}-g{group_size}-{'act' if desc_act else 'seq'}-{'sym' if sym else 'asym'}-{fmt}"
+
+
+@pytest.mark.parametrize("case", FORMAT_CASES, ids=_case_id)
+def test_format_against_independent_reading(case):
+    bits, group_size, desc_act, sym, fmt = case
+    pf = 32 // bits
+    k, n = 256, 3 * pf  # odd multiple of the pack factor
+    d = make_gptq(k, n, bits, group_size, desc_act, sym, fmt, seed=bits * 7 + group_size)
+
+    # packing: word by word as the spec says
+    exp_qweight, exp_qzeros = _independent_pack(d["intweight"], d["zeros"], bits, fmt)
+    assert d["qweight"].dtype == d["qzeros"].dtype == torch.int32
+    assert torch.equal(d["qweight"], exp_qweight)
+    assert torch.equal(d["qzeros"], exp_qzeros)
+    # unpacking: the round trip gives the codes and the true zeros back; so does the independent reading
+    codes, zeros = unpack_gptq(d["qweight"], d["qzeros"], bits, k, n, checkpoint_format=fmt)
+    assert codes.dtype == zeros.dtype == torch.int32
+    assert torch.equal(codes, d["intweight"]) and torch.equal(zeros, d["zeros"])
+    ind_codes, ind_zeros = _independent_unpack(d["qweight"], d["qzeros"], bits, k, n, fmt)
+    assert codes.tolist() == ind_codes and zeros.tolist() == ind_zeros
+    # dequantisation, each output dtype rounded once from the exact value
+    for dtype in DTYPES:
+        expected = _independent_dequant(*_packed_args(d), dtype)
+        got = gptq_dequantize_ref(*_packed_args(d), dtype=dtype)
+        assert got.shape == (n, k) and got.dtype == dtype and got.is_contiguous()
+        assert torch.equal(got, expected), dtype
+
+
+def test_symmetric_words_follow_the_v1_off_by_one():
+    for bits, v1_word, v2_word in (
+        (4, 0x77777777, 0x88888888),
+        (8, 0x7F7F7F7F, 0x80808080),
+        (2, 0x55555555, 0xAAAAAAAA),
+    ):
+        for fmt, word in (("gptq", v1_word), ("gptq_v2", v2_word)):
+            d = make_gptq(64, 32, bits, 32, sym=True, checkpoint_format=fmt)
+            signed = word - (1 << 32) if word >= 1 << 31 else word
+            assert (d["qzeros"] == signed).all(), (bits, fmt, hex(word))
+            _, zeros = unpack_gptq(d["qweight"], d["qzeros"], bits, 64, 32, checkpoint_format=fmt)
+            assert (zeros == 2 ** (bits - 1)).all()
+
+
+def test_v1_reads_stored_all_ones_as_two_to_the_bits_without_wrap():
+    qzeros = torch.full((1, 1), -1, dtype=torch.int32)  # every stored 4-bit zero is 15
+    qweight = torch.zeros(1, 8, dtype=torch.int32)
+    _, zeros = unpack_gptq(qweight, qzeros, 4, 8, 8, checkpoint_format="gptq")
+    assert (zeros == 16).all()
+    _, zeros = unpack_gptq(qweight, qzeros, 4, 8, 8, checkpoint_format="gptq_v2")
+    assert (zeros == 15).all()
+    w = gptq_dequantize_ref(
+        qweight, qzeros, torch.ones(1, 8, dtype=torch.float16), torch.zeros(8, dtype=torch.int32), 4
+    )
+    assert (w == -16).all()
+
+
+def test_group_size_that_does_not_divide_in_features():
+    # G = ceil(K / group_size): the last group is partial
+    d = make_gptq(96, 16, 4, 64, desc_act=True)
+    weight = weight_of(d)
+    expected = _independent_dequant(*_packed_args(d), torch.float32)
+    assert torch.equal(weight.dequantize_ref(torch.float32), expected)
+
+
+def test_bad_inputs_raise_clear_errors():
+    d = make_gptq(64, 16, 4, 32)
+    with pytest.raises(ValueError, match="3-bit"):
+        pack_gptq(d["intweight"], d["zeros"], 3)
+    with pytest.raises(ValueError, match="checkpoint_format"):
+        pack_gptq(d["intweight"], d["zeros"], 4, checkpoint_format="marlin")
+    with pytest.raises(ValueError, match="clamp zeros to >= 1"):
+        pack_gptq(d["intweight"], torch.zeros_like(d["zeros"]), 4, checkpoint_format="gptq")
+    pack_gptq(d["intweight"], torch.zeros_like(d["zeros"]), 4, checkpoint_format="gptq_v2")  # representable in v2
+    with pytest.raises(ValueError, match=r"codes must be in \[0, 16\)"):
+        pack_gptq(d["intweight"] + 16, d["zeros"], 4)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        pack_gptq(d["intweight"][:, :12], d["zeros"][:, :12], 4)
+    with pytest.raises(ValueError, match="qweight has shape"):
+        unpack_gptq(d["qweight"], d["qzeros"], 4, 128, 16)
+    with pytest.raises(TypeError, match="int32"):
+        unpack_gptq(d["qweight"].long(), d["qzeros"], 4, 64, 16)
+    with pytest.raises(ValueError, match="2 groups, but"):
+        GPTQWeight(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], 4, 64, "gptq", 16, 64)
+    with pytest.raises(ValueError, match="group_size"):
+        GPTQWeight(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], 4, 0, "gptq", 16, 64)
+    with pytest.raises(ValueError, match="scales has shape"):
+        GPTQWeight(d["qweight"], d["qzeros"], d["scales"][:, :8], d["g_idx"], 4, 32, "gptq", 16, 64)
+    with pytest.raises(ValueError, match="g_idx has shape"):
+        GPTQWeight(d["qweight"], d["qzeros"], d["scales"], d["g_idx"][:32], 4, 32, "gptq", 16, 64)
+    with pytest.raises(ValueError, match="fp32/bf16/fp16"):
+        gptq_dequantize_ref(*_packed_args(d), dtype=torch.int8)
+    with pytest.raises(ValueError, match="out must be"):
+        gptq_dequantize(*_packed_args(d), out=torch.empty(16, 63, dtype=torch.float16))
+
+
+# ------------------------------------------------------------------------------ weight format
+
+
+def test_gptq_weight_is_a_quantized_weight_format():
+    d = make_gptq(64, 24, 4, 32, desc_act=True, device=DEVICE)
+    weight = weight_of(d, torch.bfloat16)
+    assert dequant_module.GPTQWeight is GPTQWeight and "GPTQWeight" in dequant_module.__all__
+    assert isinstance(weight, dequant_module.QuantizedWeight)
+    assert weight.shape == (24, 64) and weight.dtype == torch.bfloat16 and weight.device == d["qweight"].device
+    assert weight_of(d).dtype == torch.float16  # default: the scales' dtype
+    expected = _independent_dequant(
+        *(t.cpu() if isinstance(t, torch.Tensor) else t for t in _packed_args(d)), torch.bfloat16
+    )
+    assert torch.equal(weight.dequantize().cpu(), expected)
+    assert torch.equal(weight.dequantize_ref().cpu(), expected)
+    expected32 = _independent_dequant(
+        *(t.cpu() if isinstance(t, torch.Tensor) else t for t in _packed_args(d)), torch.float32
+    )
+    assert torch.equal(weight.dequantize(torch.float32).cpu(), expected32)
+    buf = torch.full((48, 64), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+    weight.dequantize(out=buf[24:])
+    assert torch.equal(buf[24:].cpu(), expected) and buf[:24].isnan().all()
+
+
+# ------------------------------------------------------------------------------ linear
+
+
+def _dense_linear(x, d, bias, dtype):
+    w = gptq_dequantize_ref(*_packed_args(d), dtype=dtype)
+    return F.linear(x, w, bias.to(dtype) if bias is not None else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gptq_linear_forward_and_grads_match_dense(dtype, with_bias):
+    d = make_gptq(128, 40, 4, 32, desc_act=True, device=DEVICE, seed=3)
+    gen = torch.Generator().manual_seed(1)
+    x0 = torch.randn(3, 7, 128, generator=gen).to(DEVICE, dtype)
+    b0 = (torch.randn(40, generator=gen) * 0.1).to(DEVICE, torch.float16) if with_bias else None
+    gy = torch.randn(3, 7, 40, generator=gen).to(DEVICE, dtype)
+
+    x_ref = x0.clone().requires_grad_(True)
+    b_ref = b0.clone().requires_grad_(True) if with_bias else None
+    y_ref = _dense_linear(x_ref, d, b_ref, dtype)
+    y_ref.backward(gy)
+
+    x = x0.clone().requires_grad_(True)
+    b = b0.clone().requires_grad_(True) if with_bias else None
+    y = gptq_linear(x, weight_of(d), b)
+    assert y.shape == (3, 7, 40) and y.dtype == dtype
+    y.backward(gy)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)
+    torch.testing.assert_close(x.grad, x_ref.grad, atol=tol, rtol=tol)
+    if with_bias:
+        assert b.grad.dtype == torch.float16
+        torch.testing.assert_close(b.grad, b_ref.grad, atol=tol, rtol=tol)
+
+
+def test_gptq_linear_saves_no_dense_weight_and_skips_frozen_bias_grad():
+    d = make_gptq(128, 64, 4, 32, device=DEVICE)
+    x = torch.randn(5, 128, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
+    bias = torch.randn(64, device=DEVICE, dtype=torch.float16)  # frozen
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        y = gptq_linear(x, weight_of(d), bias)
+    assert all(numel < 64 * 128 for numel in saved), saved  # nothing the size of the dense weight
+    y.sum().backward()
+    assert x.grad is not None and bias.grad is None
+
+
+def test_gptq_linear_under_autocast_runs_in_the_autocast_dtype():
+    d = make_gptq(64, 32, 8, -1, device=DEVICE)
+    x = torch.randn(4, 64, device=DEVICE, requires_grad=True)
+    with torch.autocast(device_type=DEVICE.type, dtype=torch.bfloat16):
+        y = gptq_linear(x, weight_of(d))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32
+    torch.testing.assert_close(
+        y.float(), _dense_linear(x.detach().bfloat16(), d, None, torch.bfloat16).float(), atol=2e-2, rtol=2e-2
+    )
+
+
+def test_gptq_linear_rejects_mismatched_inputs():
+    d = make_gptq(64, 32, 4, 32)
+    with pytest.raises(ValueError, match="input has 32 features"):
+        gptq_linear(torch.randn(2, 32), weight_of(d))
+    with pytest.raises(ValueError, match="bias has shape"):
+        gptq_linear(torch.randn(2, 64), weight_of(d), torch.zeros(31))
+    with pytest.raises(TypeError, match="GPTQWeight"):
+        gptq_linear(torch.randn(2, 64), torch.randn(32, 64))
+
+
+def test_gptq_weight_as_base_of_the_fused_lora_linear():
+    from fms_acceleration_accelerate_kernels.lora import lora_linear, lora_linear_ref
+
+    d = make_gptq(64, 32, 4, 32, desc_act=True, device=DEVICE)
+    weight = weight_of(d)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 64, generator=gen).to(DEVICE, torch.float16)
+    a = (torch.randn(4, 64, generator=gen) * 0.1).to(DEVICE).requires_grad_(True)
+    b = (torch.randn(32, 4, generator=gen) * 0.1).to(DEVICE).requires_grad_(True)
+    y = lora_linear(x, weight, a, b, 2.0)
+    torch.testing.assert_close(y, lora_linear_ref(x, weight, a, b, 2.0), atol=2e-3, rtol=2e-3)
