@@ -14,8 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fms_acceleration_accelerate_kernels import dequant as dequant_module
+from fms_acceleration_accelerate_kernels._utils import use_triton
 from fms_acceleration_accelerate_kernels.gptq import (
+    _FUSED_MAX_ROWS,
     GPTQWeight,
+    _dequantize_triton,
+    _matmul_fused,
+    _use_fused,
     gptq_dequantize,
     gptq_dequantize_ref,
     gptq_linear,
@@ -235,6 +240,52 @@ def test_bad_inputs_raise_clear_errors():
         gptq_dequantize(*_packed_args(d), out=torch.empty(16, 63, dtype=torch.float16))
 
 
+# ------------------------------------------------------------------------------ Triton dequantisation
+
+
+@pytest.mark.parametrize("fmt", ["gptq", "gptq_v2"])
+@pytest.mark.parametrize("desc_act", [False, True], ids=["seq", "act"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_triton_dequant_is_bit_exact(bits, desc_act, fmt):
+    pf = 32 // bits
+    # K = 224 and N = 9 pf: neither a multiple of the kernel's blocks (partial tiles on both axes)
+    d = make_gptq(224, 9 * pf, bits, 32, desc_act=desc_act, checkpoint_format=fmt, seed=bits, device=DEVICE)
+    for dtype in DTYPES:
+        expected = gptq_dequantize_ref(*_packed_args(d), dtype=dtype)
+        got = _dequantize_triton(*_packed_args(d), dtype)
+        assert got.dtype == dtype and got.shape == (9 * pf, 224)
+        assert torch.equal(got, expected), (dtype, (got.float() - expected.float()).abs().max().item())
+    # the dispatching function takes the same path here (CUDA or TRITON_INTERPRET=1) and gives the same
+    assert use_triton(d["qweight"])
+    expected = gptq_dequantize_ref(*_packed_args(d), dtype=torch.bfloat16)
+    assert torch.equal(gptq_dequantize(*_packed_args(d), dtype=torch.bfloat16), expected)
+
+
+def test_triton_dequant_other_launches_int64_g_idx_and_group_minus_one():
+    d = make_gptq(256, 48, 4, -1, device=DEVICE, seed=5)
+    expected = gptq_dequantize_ref(*_packed_args(d), dtype=torch.bfloat16)
+    for launch in ((32, 64, 4), (128, 32, 2)):
+        got = _dequantize_triton(*_packed_args(d), torch.bfloat16, launch=launch)
+        assert torch.equal(got, expected), launch
+    d = make_gptq(128, 16, 8, 32, desc_act=True, device=DEVICE, seed=6)
+    args = list(_packed_args(d))
+    args[3] = args[3].long()
+    assert torch.equal(
+        _dequantize_triton(*args, torch.float16), gptq_dequantize_ref(*_packed_args(d), dtype=torch.float16)
+    )
+
+
+def test_triton_dequant_rounds_bf16_to_nearest_even():
+    # 4-bit codes 0..15 minus zero 8 times scales chosen so that most products fall between two bf16 values
+    d = make_gptq(128, 64, 4, 32, desc_act=True, device=DEVICE, seed=7)
+    scales = (torch.rand(d["scales"].shape, generator=torch.Generator().manual_seed(8)) * 3 + 1).to(torch.float16)
+    d["scales"] = scales.to(DEVICE)
+    full = gptq_dequantize_ref(*_packed_args(d), dtype=torch.float32)
+    expected = full.to(torch.bfloat16)  # torch rounds to nearest even
+    assert not torch.equal(expected.float(), full)  # the case is not trivial
+    assert torch.equal(_dequantize_triton(*_packed_args(d), torch.bfloat16), expected)
+
+
 # ------------------------------------------------------------------------------ weight format
 
 
@@ -259,6 +310,47 @@ def test_gptq_weight_is_a_quantized_weight_format():
     assert torch.equal(buf[24:].cpu(), expected) and buf[:24].isnan().all()
 
 
+# ------------------------------------------------------------------------------ fused dequant-matmul
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "bits,group_size,desc_act,fmt", [(4, 32, True, "gptq"), (2, 64, False, "gptq_v2"), (8, -1, True, "gptq")]
+)
+def test_fused_matmul_matches_dense_product(dtype, bits, group_size, desc_act, fmt):
+    pf = 32 // bits
+    k, n = 192, 5 * pf * 4  # K not a multiple of BLOCK_K * split, N not a multiple of BLOCK_N
+    d = make_gptq(k, n, bits, group_size, desc_act, checkpoint_format=fmt, seed=11, device=DEVICE)
+    weight = weight_of(d)
+    gen = torch.Generator().manual_seed(2)
+    w = gptq_dequantize_ref(*_packed_args(d), dtype=dtype).float()
+    bias = torch.randn(n, generator=gen).to(DEVICE, torch.float16)
+    tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
+    for m, split_k in ((1, 1), (5, 3), (17, None), (_FUSED_MAX_ROWS, 2)):
+        x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
+        expected = x.float() @ w.t() + bias.float()
+        got = _matmul_fused(x, weight, bias, split_k=split_k)
+        assert got.dtype == dtype and got.shape == (m, n)
+        atol = tol * expected.abs().max().item()  # sums of K products: absolute error scales with the outputs
+        torch.testing.assert_close(got.float(), expected, atol=atol, rtol=tol, msg=lambda e, m=m: f"M={m}: {e}")
+    # a strided input (a column slice) is read through its strides
+    wide = torch.randn(3, 2 * k, generator=gen).to(DEVICE, dtype)
+    x = wide[:, ::2]
+    expected = x.float() @ w.t()
+    atol = tol * expected.abs().max().item()
+    torch.testing.assert_close(_matmul_fused(x, weight, None).float(), expected, atol=atol, rtol=tol)
+
+
+def test_gptq_linear_dispatch_fused_for_few_rows_only():
+    d = make_gptq(64, 32, 4, 32, device=DEVICE)
+    weight = weight_of(d)
+    few = torch.randn(_FUSED_MAX_ROWS, 64, device=DEVICE, dtype=torch.bfloat16)
+    many = torch.randn(_FUSED_MAX_ROWS + 1, 64, device=DEVICE, dtype=torch.bfloat16)
+    assert _use_fused(few, weight) and not _use_fused(many, weight)
+    assert not _use_fused(few.float(), weight)  # fp32 runs dequant + matmul (no tf32 in the fused dot)
+    assert not _use_fused(few[:0], weight)
+
+
 # ------------------------------------------------------------------------------ linear
 
 
@@ -269,12 +361,13 @@ def _dense_linear(x, d, bias, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gptq_linear_forward_and_grads_match_dense(dtype, with_bias):
+@pytest.mark.parametrize("rows", [7, 2 * _FUSED_MAX_ROWS], ids=["few_rows", "many_rows"])
+def test_gptq_linear_forward_and_grads_match_dense(dtype, with_bias, rows):
     d = make_gptq(128, 40, 4, 32, desc_act=True, device=DEVICE, seed=3)
     gen = torch.Generator().manual_seed(1)
-    x0 = torch.randn(3, 7, 128, generator=gen).to(DEVICE, dtype)
+    x0 = torch.randn(3, rows, 128, generator=gen).to(DEVICE, dtype)
     b0 = (torch.randn(40, generator=gen) * 0.1).to(DEVICE, torch.float16) if with_bias else None
-    gy = torch.randn(3, 7, 40, generator=gen).to(DEVICE, dtype)
+    gy = torch.randn(3, rows, 40, generator=gen).to(DEVICE, dtype)
 
     x_ref = x0.clone().requires_grad_(True)
     b_ref = b0.clone().requires_grad_(True) if with_bias else None
@@ -284,7 +377,7 @@ def test_gptq_linear_forward_and_grads_match_dense(dtype, with_bias):
     x = x0.clone().requires_grad_(True)
     b = b0.clone().requires_grad_(True) if with_bias else None
     y = gptq_linear(x, weight_of(d), b)
-    assert y.shape == (3, 7, 40) and y.dtype == dtype
+    assert y.shape == (3, rows, 40) and y.dtype == dtype
     y.backward(gy)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
     torch.testing.assert_close(y, y_ref, atol=tol, rtol=tol)

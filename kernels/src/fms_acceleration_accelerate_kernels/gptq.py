@@ -26,6 +26,17 @@ Contents:
   ``dequant.py``), usable as the frozen base of the fused LoRA functions of ``lora.py``;
 * ``gptq_linear``: ``y = x W^T + b`` with ``W`` frozen; saves only the packed tensors and dequantises again in
   backward for ``dx = dy W``.
+
+Kernels (Triton; one shared tile routine dequantises a [BLOCK_K, BLOCK_N] tile of ``W^T`` from the packed words,
+gathering zeros and scales through ``g_idx``):
+
+* ``_gptq_dequant_kernel`` writes the dense (N, K) weight (bf16 rounded to nearest even by hand, so that the CPU
+  interpreter, which truncates, agrees with the GPU and with the reference bit for bit);
+* ``_gptq_matmul_kernel`` computes ``x W^T`` for few rows (``M <= 64`` tokens, e.g. generation or small
+  evaluation batches) without writing ``W``: it reads the packed weight (``bits / 16`` of a bf16 weight's bytes)
+  and dequantises in registers in front of ``tl.dot``, splitting K across programs when the output has few tiles.
+  With many rows (training) the GEMM is compute-bound and dequant + cuBLAS is faster, so ``gptq_linear`` uses
+  the fused kernel only for few rows; its backward always dequantises (Triton) and calls cuBLAS.
 """
 
 from __future__ import annotations
@@ -34,7 +45,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from torch.autograd.function import once_differentiable
+
+from ._utils import interpreter_enabled, multiprocessor_count, next_power_of_2, use_triton
+from .nf4 import _fp32_to_bf16_bits_rne
 
 __all__ = [
     "GPTQWeight",
@@ -282,6 +298,8 @@ def gptq_dequantize(
         (N, K) weight (``out`` when given), equal bit for bit to ``gptq_dequantize_ref``.
     """
     dtype = dtype or (out.dtype if out is not None else scales.dtype)
+    if use_triton(qweight, qzeros, scales, g_idx):
+        return _dequantize_triton(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype, out=out)
     result = gptq_dequantize_ref(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)
     if out is not None:
         _check_out(out, (result.shape[0], result.shape[1]), dtype)
@@ -296,6 +314,199 @@ def _check_out(out: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) ->
             f"out must be a contiguous {dtype} tensor of shape {tuple(shape)}, got {out.dtype} {tuple(out.shape)} "
             f"contiguous={out.is_contiguous()}"
         )
+
+
+# ------------------------------------------------------------------------------------------ Triton kernels
+
+
+@triton.jit
+def _dequant_tile(
+    qweight_ptr,
+    qzeros_ptr,
+    scales_ptr,
+    g_idx_ptr,
+    offs_k,
+    offs_n,
+    mask_k,
+    mask_n,
+    N,
+    BITS: tl.constexpr,
+    ZERO_OFFSET: tl.constexpr,
+):
+    # fp32 [BLOCK_K, BLOCK_N] tile of W^T (rows: input channels k, columns: output channels n), exact for fp16
+    # scales; 0 where masked. Rows follow qweight's layout, so the word and scale loads are contiguous along n.
+    PF: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    mask = mask_k[:, None] & mask_n[None, :]
+    words = tl.load(qweight_ptr + (offs_k // PF)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    q = (words >> ((offs_k % PF) * BITS)[:, None]) & MASK
+    # act-order: any group per input channel, so zeros and scales are gathered through g_idx
+    g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
+    zero_words = tl.load(qzeros_ptr + g[:, None] * (N // PF) + (offs_n // PF)[None, :], mask=mask, other=0)
+    z = ((zero_words >> ((offs_n % PF) * BITS)[None, :]) & MASK) + ZERO_OFFSET
+    s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+    return (q - z).to(tl.float32) * s.to(tl.float32)
+
+
+@triton.jit
+def _gptq_dequant_kernel(
+    qweight_ptr,  # int32 (K / PF, N)
+    qzeros_ptr,  # int32 (G, N / PF)
+    scales_ptr,  # (G, N)
+    g_idx_ptr,  # int32 / int64 (K,)
+    out_ptr,  # (N, K): fp16 / fp32, or the int16 bit patterns of bf16
+    N,
+    K,
+    BITS: tl.constexpr,
+    ZERO_OFFSET: tl.constexpr,
+    OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_k = offs_k < K
+    mask_n = offs_n < N
+    w = _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, mask_k, mask_n, N,
+                      BITS, ZERO_OFFSET)  # fmt: skip
+    dst = out_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
+    mask = mask_k[:, None] & mask_n[None, :]
+    if OUT_KIND == 0:
+        # round to nearest even by hand: the CPU interpreter truncates in ``.to(tl.bfloat16)``
+        bits16 = _fp32_to_bf16_bits_rne(w).to(tl.uint16).to(tl.int16, bitcast=True)
+        tl.store(dst, bits16, mask=mask)
+    elif OUT_KIND == 1:
+        tl.store(dst, w.to(tl.float16), mask=mask)
+    else:
+        tl.store(dst, w, mask=mask)
+
+
+@triton.jit
+def _gptq_matmul_kernel(
+    x_ptr,  # fp16 / bf16 (M, K), strided
+    qweight_ptr,
+    qzeros_ptr,
+    scales_ptr,
+    g_idx_ptr,
+    partial_ptr,  # fp32 (SPLIT_K, M, N): one partial product per K split
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_xk,
+    k_per_split,  # a multiple of BLOCK_K
+    BITS: tl.constexpr,
+    ZERO_OFFSET: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 operands as their integer bit patterns
+):
+    # y = x W^T for few rows: each program dequantises its [BLOCK_K, BLOCK_N] tiles of W^T in registers and
+    # feeds them to tl.dot, so W is read packed (bits / 16 of a bf16 weight's bytes) and never written dense.
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    split = tl.program_id(2)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_begin = split * k_per_split
+    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
+        w = _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, mask_k, mask_n, N,
+                          BITS, ZERO_OFFSET)  # fmt: skip
+        w = w.to(x.dtype)  # the operand precision of the tensor-core dot
+        if DOT_FP32:
+            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, w, acc)
+    dst = partial_ptr + (split * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
+    tl.store(dst, acc, mask=mask_m[:, None] & mask_n[None, :])
+
+
+# Launch settings (BLOCK_N, BLOCK_K, num_warps) of the dequant kernel and (BLOCK_N, BLOCK_K, num_warps) of the
+# fused matmul; benchmarks/kernel-bench/gptq_bench.py times alternatives.
+_DEQUANT_LAUNCH = (64, 128, 8)
+_MATMUL_LAUNCH = (64, 64, 4)
+# Rows (tokens) up to which gptq_linear runs the fused dequant-matmul kernel; above, dequant + cuBLAS matmul.
+_FUSED_MAX_ROWS = 64
+_OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+def _dequantize_triton(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    checkpoint_format: str,
+    dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+    launch: tuple[int, int, int] | None = None,
+) -> torch.Tensor:
+    """Triton GPTQ dequantisation into a contiguous (N, K) tensor; bit-exact with ``gptq_dequantize_ref``."""
+    _check_out_dtype(dtype)
+    offset = _zero_offset(checkpoint_format)
+    in_features, out_features = int(g_idx.shape[0]), int(scales.shape[-1])
+    _check_packed(qweight, qzeros, scales, g_idx, bits, in_features, out_features)
+    if out is None:
+        out = torch.empty((out_features, in_features), dtype=dtype, device=qweight.device)
+    else:
+        _check_out(out, (out_features, in_features), dtype)
+    if out.numel() == 0:
+        return out
+    block_n, block_k, num_warps = launch or _DEQUANT_LAUNCH
+    target = out.view(torch.int16) if dtype == torch.bfloat16 else out
+    grid = (triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n))
+    _gptq_dequant_kernel[grid](
+        qweight, qzeros, scales, g_idx, target, out_features, in_features,
+        BITS=bits, ZERO_OFFSET=offset, OUT_KIND=_OUT_KIND[dtype], BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def _matmul_fused(
+    x2: torch.Tensor,
+    weight: GPTQWeight,
+    bias: torch.Tensor | None,
+    launch: tuple[int, int, int] | None = None,
+    split_k: int | None = None,
+) -> torch.Tensor:
+    """(M, K) fp16/bf16 ``x2`` -> (M, N) ``x2 W^T + bias`` with the fused dequant-matmul kernel (few rows)."""
+    m, k = x2.shape
+    n = weight.out_features
+    block_n, block_k, num_warps = launch or _MATMUL_LAUNCH
+    block_m = min(max(16, next_power_of_2(m)), 64)
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    if split_k is None:
+        # few output tiles (small N, few rows): split K so that about two programs run per multiprocessor
+        split_k = max(1, min(2 * multiprocessor_count(x2.device) // tiles, triton.cdiv(k, 4 * block_k)))
+    k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
+    split_k = triton.cdiv(k, k_per_split)
+    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x2.device)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
+    _gptq_matmul_kernel[grid](
+        x2, weight.qweight, weight.qzeros, weight.scales, weight.g_idx, partial, m, n, k,
+        x2.stride(0), x2.stride(1), k_per_split,
+        BITS=weight.bits, ZERO_OFFSET=_zero_offset(weight.checkpoint_format), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, DOT_FP32=interpreter_enabled(), num_warps=num_warps,
+    )  # fmt: skip
+    y = partial.sum(0) if split_k > 1 else partial[0]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2.dtype)
+
+
+def _use_fused(x2: torch.Tensor, weight: GPTQWeight) -> bool:
+    return (
+        0 < x2.shape[0] <= _FUSED_MAX_ROWS
+        and x2.dtype in (torch.bfloat16, torch.float16)
+        and use_triton(x2, weight.qweight, weight.qzeros, weight.scales, weight.g_idx)
+    )
 
 
 # ------------------------------------------------------------------------------------------ weight format
@@ -390,9 +601,12 @@ class _GPTQLinearFunction(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: GPTQWeight, bias: torch.Tensor | None):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
-        w = weight.dequantize(dtype)
-        y = F.linear(x2, w, bias.to(dtype) if bias is not None else None)
-        del w
+        if _use_fused(x2, weight):
+            y = _matmul_fused(x2, weight, bias)
+        else:
+            w = weight.dequantize(dtype)
+            y = F.linear(x2, w, bias.to(dtype) if bias is not None else None)
+            del w
         ctx.weight = weight
         ctx.x_shape = x.shape
         ctx.bias_dtype = bias.dtype if bias is not None else None
@@ -419,7 +633,9 @@ class _GPTQLinearFunction(torch.autograd.Function):
 def gptq_linear(x: torch.Tensor, weight: GPTQWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Frozen GPTQ linear ``x W^T + bias``; gradients for ``x`` and (when it requires grad) ``bias`` only.
 
-    Saves only references to the packed tensors: the backward dequantises ``W`` again for ``dx = dy W``.
+    Saves only references to the packed tensors: the backward dequantises ``W`` again for ``dx = dy W``. With
+    Triton (CUDA tensors or ``TRITON_INTERPRET=1``), a bf16/fp16 input of at most 64 rows runs the fused
+    dequant-matmul kernel; otherwise ``W`` is dequantised (Triton) into a temporary for one cuBLAS GEMM.
 
     Args:
         x: (..., in_features) input.
