@@ -24,10 +24,10 @@ ENTRY_POINT_GROUP = "fms_acceleration_accelerate.plugins"
 KNOWN_SECTIONS: Mapping[str, str] = MappingProxyType(
     {
         "peft.quantization.bitsandbytes": "pip install fms-acceleration-accelerate-peft",
+        "peft.quantization.auto_gptq": "pip install fms-acceleration-accelerate-peft",
         "training.fused_ops_and_kernels": "pip install fms-acceleration-accelerate-foak",
         "peft.quantization.fused_ops_and_kernels": "pip install fms-acceleration-accelerate-foak",
         # upstream fms-acceleration sections for which this project has no plugin yet
-        "peft.quantization.auto_gptq": "",
         "training.attention.padding_free": "",
         "training.dataloader.multipack": "",
         "training.moe.scattermoe": "",

@@ -26,13 +26,22 @@ def _lora_config_type() -> type:
     return LoraConfig
 
 
-def add_lora_adapters(model: nn.Module, peft_config: Any, config: BnbQuantizationConfig) -> nn.Module:
+def add_lora_adapters(
+    model: nn.Module,
+    peft_config: Any,
+    config: BnbQuantizationConfig,
+    *,
+    config_path: str = CONFIG_PATH,
+    plugin_label: str = "the bitsandbytes plugin",
+) -> nn.Module:
     """Wrap ``model`` in a ``peft.PeftModel`` with the user's LoRA config; the base stays frozen, uncast.
 
     Args:
-        model: the 4-bit model from the loader.
+        model: the quantized model from the loader.
         peft_config: a ``peft.LoraConfig`` (``target_modules`` may be a list, a regex or ``"all-linear"``).
-        config: the plugin configuration.
+        config: the plugin configuration (any plugin config with ``fp32_lora_params``, e.g. the GPTQ plugin's).
+        config_path: the plugin's config path, for the error message.
+        plugin_label: the plugin's name in words, for the error message.
 
     Returns:
         The ``PeftModel``; LoRA parameters in float32 when ``config.fp32_lora_params``, else in the dtype
@@ -42,8 +51,8 @@ def add_lora_adapters(model: nn.Module, peft_config: Any, config: BnbQuantizatio
 
     if not isinstance(peft_config, _lora_config_type()):
         raise AccelerationConfigError(
-            f"the bitsandbytes plugin adds LoRA adapters and needs a peft.LoraConfig, got {type(peft_config).__name__}",
-            path=f"plugins.{CONFIG_PATH}.no_peft_model",
+            f"{plugin_label} adds LoRA adapters and needs a peft.LoraConfig, got {type(peft_config).__name__}",
+            path=f"plugins.{config_path}.no_peft_model",
             fix="pass modifiable_args=(LoraConfig(...),) to augmentation, or set no_peft_model: true and add the "
             "adapters yourself",
         )

@@ -1,0 +1,163 @@
+"""``GPTQLinear``: a frozen linear layer holding a GPTQ-packed weight.
+
+It subclasses ``torch.nn.Linear`` (so PEFT's default LoRA dispatcher wraps it in its ordinary ``lora.Linear``, and
+code that asks ``isinstance(m, nn.Linear)`` for ``in_features`` / ``out_features`` keeps working) but has no
+dense weight: ``weight`` is registered as ``None`` and ``nn.Linear.__init__`` is not called. PEFT then places the
+adapters on the device of ``qweight`` (its GPTQ convention) in ``compute_dtype`` (the convention of quantized bases
+with a compute dtype), and the plugin casts them to their configured dtype.
+
+Storage, chosen for the checkpoint format and for FSDP:
+
+* ``qweight`` / ``qzeros`` / ``g_idx`` (int32) and ``scales`` are **buffers**, as in gptqmodel: ``state_dict`` and
+  ``save_pretrained`` write them under the checkpoint's own names, ``model.parameters()`` (optimizers, parameter
+  counts, FSDP1's flattening of one dtype per unit, mixed-precision casts) never sees an integer tensor, and FSDP
+  replicates buffers as they are, so a GPTQ model runs under FSDP unchanged, each rank holding the whole packed
+  weights (a quarter of bf16 at 4 bits). Sharding them as packed bytes is a separate step (a layer whose packed
+  tensors are parameters of a tensor subclass, as the bitsandbytes plugin's ``Packed4bitLinear`` under FSDP2).
+* ``scales`` keep the checkpoint's dtype (float16 in standard checkpoints) instead of the compute dtype: the
+  dequantised weight is then ``round(fp32(scale) * (q - zero))``, rounded once to the compute dtype, exactly as
+  the checkpoint defines it (a bf16 copy of the scales would round twice), it costs the same two bytes, and
+  ``save_pretrained`` writes the checkpoint's scales back bit for bit.
+* ``bias`` (when the checkpoint has one) is an ordinary frozen ``nn.Parameter`` in the training dtype, like every
+  other non-quantized weight (PEFT's ``bias="all"`` can train it).
+
+The forward is ``gptq_linear(x, self.quantized_weight(), self.bias)`` of ``fms_acceleration_accelerate_kernels.gptq``
+in ``compute_dtype`` (or the autocast dtype): dequantise + matmul, whose backward dequantises again for the
+input gradient and keeps no dense weight.
+
+Merging LoRA into this layer is impossible (there is no dense weight to add to): the loader marks the model with
+``quantization_method = "gptq"``, so PEFT's ``merge_and_unload`` / ``merge_adapter`` refuse it up front; a direct
+``LoraLayer.merge()`` fails on the missing ``weight`` before anything is changed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import GPTQFormat
+
+
+class GPTQLinear(nn.Linear):
+    """Frozen GPTQ linear layer ``y = x W^T + b`` (see the module docstring).
+
+    Args:
+        in_features: K.
+        out_features: N.
+        bits: 2, 4 or 8.
+        group_size: input channels per group, or -1.
+        checkpoint_format: ``"gptq"`` (v1 zero points) or ``"gptq_v2"``.
+        bias: whether the layer has a bias.
+        compute_dtype: dtype of the matmul and of the bias (the training dtype).
+        scales_dtype: dtype of the stored scales (the checkpoint's; float16 in standard checkpoints).
+        device: where the (empty) tensors are created; ``meta`` for a skeleton filled by the loader.
+
+    Buffers: ``qweight`` int32 ``[K // pf, N]``, ``qzeros`` int32 ``[G, N // pf]``, ``scales`` ``[G, N]``,
+    ``g_idx`` int32 ``[K]`` (pf = 32 // bits, G = ceil(K / group_size) or 1).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bits: int,
+        group_size: int,
+        checkpoint_format: str,
+        bias: bool,
+        compute_dtype: torch.dtype,
+        scales_dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        nn.Module.__init__(self)  # nn.Linear.__init__ would allocate a dense weight
+        if bits not in (2, 4, 8):
+            raise ValueError(f"GPTQLinear supports 2, 4 or 8 bits, got {bits!r}")
+        pf = 32 // bits
+        if in_features % pf or out_features % pf:
+            raise ValueError(
+                f"a {bits}-bit GPTQ layer needs in_features and out_features divisible by {pf}, got "
+                f"{in_features} and {out_features}"
+            )
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.checkpoint_format = checkpoint_format
+        self.compute_dtype = compute_dtype
+        groups = 1 if group_size == -1 else -(-in_features // group_size)
+        self.register_parameter("weight", None)
+        self.register_buffer("qweight", torch.empty(in_features // pf, out_features, dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.empty(groups, out_features // pf, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.empty(groups, out_features, dtype=scales_dtype, device=device))
+        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=compute_dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_format(
+        cls,
+        fmt: GPTQFormat,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        compute_dtype: torch.dtype,
+        scales_dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> GPTQLinear:
+        """An empty layer for a checkpoint of format ``fmt``."""
+        return cls(
+            in_features,
+            out_features,
+            bits=fmt.bits,
+            group_size=fmt.group_size,
+            checkpoint_format=fmt.checkpoint_format,
+            bias=bias,
+            compute_dtype=compute_dtype,
+            scales_dtype=scales_dtype,
+            device=device,
+        )
+
+    def reset_parameters(self) -> None:
+        """Nothing to initialise: the packed weight comes from a checkpoint (``nn.Linear``'s re-initialisation,
+        e.g. from ``model.init_weights()``, must not touch it)."""
+
+    def quantized_weight(self) -> Any:
+        """The layer's tensors as a ``fms_acceleration_accelerate_kernels.gptq.GPTQWeight`` (no copies), in
+        ``compute_dtype``. Call it inside a forward under FSDP."""
+        from fms_acceleration_accelerate_kernels.gptq import GPTQWeight
+
+        return GPTQWeight(
+            qweight=self.qweight,
+            qzeros=self.qzeros,
+            scales=self.scales,
+            g_idx=self.g_idx,
+            bits=self.bits,
+            group_size=self.group_size,
+            checkpoint_format=self.checkpoint_format,
+            out_features=self.out_features,
+            in_features=self.in_features,
+            dtype=self.compute_dtype,
+        )
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight in ``dtype`` (default: ``compute_dtype``)."""
+        return self.quantized_weight().dequantize(dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from fms_acceleration_accelerate_kernels.gptq import gptq_linear
+
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.compute_dtype)
+        return gptq_linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={self.bits}, group_size={self.group_size}, checkpoint_format={self.checkpoint_format}, "
+            f"compute_dtype={str(self.compute_dtype).replace('torch.', '')}"
+        )
