@@ -5,6 +5,7 @@ Sub-commands:
     configs [show NAME]  list the shipped sample configurations / print one
     check CONFIG         validate a config and say what it will do, without loading any model
     launch ARGS...       ``accelerate launch ARGS...`` that accepts an ``acceleration:`` section in the config
+    quantize MODEL OUT   write a GPTQ checkpoint (GPTQ or round-to-nearest) from a local Hugging Face model
 """
 
 from __future__ import annotations
@@ -112,6 +113,86 @@ def _accelerate_only_problems(target: str) -> list[AccelerationConfigError]:
     return accelerate_settings_problems(document, origin=target, strict=True)
 
 
+QUANTIZE_INSTALL_HINT = (
+    "'fms-accelerate quantize' needs the accelerated-peft plugin: pip install fms-acceleration-accelerate-peft "
+    "(from a source checkout: pip install -e plugins/accelerated-peft)"
+)
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    try:
+        from fms_acceleration_accelerate_peft.gptq import quantize as gptq_quantize
+    except ModuleNotFoundError as exc:
+        if exc.name and exc.name.split(".")[0] == "fms_acceleration_accelerate_peft":
+            print(f"error: {QUANTIZE_INSTALL_HINT} ({exc})", file=sys.stderr)
+            return 2
+        raise
+    options = gptq_quantize.QuantizeOptions(
+        bits=args.bits,
+        group_size=args.group_size,
+        desc_act=args.desc_act,
+        sym=args.sym,
+        method=args.method,
+        checkpoint_format=args.checkpoint_format,
+        true_sequential=args.true_sequential,
+        damp_percent=args.damp,
+        calibration=args.calibration,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+        seed=args.seed,
+    )
+    gptq_quantize.quantize(args.model, args.out, options)
+    return 0
+
+
+def _add_quantize_parser(sub: argparse._SubParsersAction) -> None:
+    p_q = sub.add_parser(
+        "quantize",
+        help="write a GPTQ checkpoint from a local Hugging Face causal LM (GPTQ algorithm or round-to-nearest)",
+        description="Quantize the linear layers of a local Hugging Face causal LM's decoder layers and write a "
+        "standard GPTQ checkpoint (config.json quantization_config, packed int32 qweight/qzeros, fp16 scales, "
+        "g_idx), readable by the auto_gptq plugin and other GPTQ loaders.",
+    )
+    p_q.add_argument("model", help="local Hugging Face model directory (config.json + safetensors)")
+    p_q.add_argument("out", help="output directory (new or empty; see --overwrite)")
+    p_q.add_argument("--bits", type=int, default=4, help="2, 4 or 8 (default 4)")
+    p_q.add_argument(
+        "--group-size", type=int, default=128, help="input channels per scale/zero group, or -1 (default 128)"
+    )
+    p_q.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing activation")
+    p_q.add_argument(
+        "--sym", action=argparse.BooleanOptionalAction, default=True, help="symmetric grid (default) or --no-sym"
+    )
+    p_q.add_argument("--method", choices=["gptq", "rtn"], default="gptq", help="gptq (default) or round-to-nearest")
+    p_q.add_argument(
+        "--checkpoint-format", choices=["gptq", "gptq_v2"], default="gptq", help="zero-point convention (default gptq)"
+    )
+    p_q.add_argument(
+        "--true-sequential",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="quantize a layer's linears in execution order (default on)",
+    )
+    p_q.add_argument("--calibration", help=".txt or .jsonl ('text' or 'output' field); default: the shipped text")
+    p_q.add_argument("--num-samples", type=int, default=128, help="calibration windows (default 128)")
+    p_q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window (default 512)")
+    p_q.add_argument("--batch-size", type=int, default=4, help="calibration windows per forward pass (default 4)")
+    p_q.add_argument("--damp", type=float, default=0.01, help="Hessian dampening, fraction of its mean diagonal")
+    p_q.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
+    p_q.add_argument(
+        "--dtype", default="float16", help="dtype of the unquantized tensors: float16 (default), bfloat16, float32"
+    )
+    p_q.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    p_q.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT")
+    p_q.add_argument("--seed", type=int, default=0, help="seed of the calibration windows' offsets")
+    p_q.set_defaults(func=_cmd_quantize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fms-accelerate", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_check.add_argument("config", help="path of the YAML file, or the name of a shipped configuration")
     p_check.set_defaults(func=_cmd_check)
+    _add_quantize_parser(sub)
     # 'launch' is dispatched in main() before parsing (every argument belongs to accelerate launch); the
     # entry here only lists it in --help
     sub.add_parser(

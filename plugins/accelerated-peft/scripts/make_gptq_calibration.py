@@ -20,10 +20,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 SOURCE = ROOT / "benchmarks" / "data" / "instructions.jsonl"
-TARGET = (
-    ROOT / "plugins" / "accelerated-peft" / "src" / "fms_acceleration_accelerate_peft" / "gptq" / "calibration"
-    / "calibration.jsonl"
-)
+TARGET = ROOT / "plugins/accelerated-peft/src/fms_acceleration_accelerate_peft/gptq/calibration/calibration.jsonl"
 SEED = 20250101
 BUDGET_BYTES = 250_000
 

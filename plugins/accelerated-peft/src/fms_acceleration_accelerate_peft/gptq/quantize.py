@@ -551,12 +551,12 @@ def check_shapes(model: nn.Module, options: QuantizeOptions) -> tuple[str, dict[
             divisors = [str(d) for d in (256, 128, 64, 32, 16) if common % d == 0]
             first = next(name for name, (_, k) in shapes.items() if k == bad[0])
             others = f" (nor {', '.join(map(str, bad[1:]))})" if len(bad) > 1 else ""
-            choices = f"{' or '.join(divisors)}, or -1" if divisors else "-1"
+            choices = f"{', '.join(divisors)} or -1" if divisors else "-1"
             problems.append(
                 _error(
                     "--group-size",
                     f"{options.group_size} does not divide in_features {bad[0]} of {first}{others}",
-                    f"use --group-size {choices} (-1: one group per output channel)",
+                    f"use --group-size {choices} (one group per output channel)",
                 )
             )
     for name, (n, k) in shapes.items():
@@ -616,7 +616,9 @@ def _read_calibration(path: Path) -> list[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise _error("--calibration", f"{path}:{number} is not JSON ({exc.msg})", "one JSON object a line") from None
+            raise _error(
+                "--calibration", f"{path}:{number} is not JSON ({exc.msg})", "one JSON object a line"
+            ) from None
         if not isinstance(record, dict):
             raise _error("--calibration", f"{path}:{number} is not a JSON object", "one JSON object a line")
         if isinstance(record.get("text"), str):
@@ -1088,4 +1090,3 @@ def _write_checkpoint(
         if source.is_file():
             shutil.copyfile(source, out_path / filename)
     return files, total
-
