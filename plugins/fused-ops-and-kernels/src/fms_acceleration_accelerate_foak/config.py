@@ -39,8 +39,8 @@ class FusedOpsAndKernelsConfig:
     base_layer: Literal["bitsandbytes", "auto_gptq"] | None = option(
         None,
         help="quantized base layer format the fused LoRA / dequant kernels read: 'bitsandbytes' (nf4/fp4 "
-        "Linear4bit, dequantised by our own Triton kernels), 'auto_gptq' (needs a GPTQ plugin that provides "
-        "the dequant backend; none ships in this release), or null for bf16/fp16/fp32 bases",
+        "Linear4bit, dequantised by our own Triton kernels), 'auto_gptq' (GPTQ checkpoints loaded by the "
+        "peft.quantization.auto_gptq plugin, which provides the dequant backend), or null for bf16/fp16/fp32 bases",
     )
     fused_lora: bool = option(
         False,
@@ -110,7 +110,8 @@ class FusedOpsAndKernelsConfig:
         if self.fused_dequant and self.base_layer is None:
             raise AccelerationConfigError(
                 "fused_dequant: true needs a quantized base layer",
-                fix="set base_layer: bitsandbytes (QLoRA), or remove fused_dequant for bf16 models",
+                fix="set base_layer: bitsandbytes (QLoRA) or auto_gptq (GPTQ-LoRA), or remove fused_dequant for bf16 "
+                "models",
             )
 
     @classmethod

@@ -88,10 +88,20 @@ _NO_4BIT_FIX = (
 )
 
 
-def _is_4bit(module: Any, registry: DequantBackendRegistry) -> bool:
-    """A layer that a bitsandbytes-format dequant backend reads (bitsandbytes' ``Linear4bit``, the bitsandbytes
-    plugin's FSDP2 packed form of one, ...); PEFT's LoRA wrapper of one is not such a layer itself."""
-    return any(b.handles(module) for b in registry.for_base_layer("bitsandbytes"))
+_GPTQ_FIX = (
+    "load the GPTQ checkpoint through the GPTQ plugin (peft.quantization.auto_gptq with framework.model_loader, or "
+    "from_pretrained / a trainer given the checkpoint path under 'accelerate launch' with the section); for a "
+    "16/32-bit model set fused_dequant: false and remove base_layer"
+)
+_FORMAT_WORDS = {"bitsandbytes": "bitsandbytes 4-bit", "auto_gptq": "GPTQ"}
+"""``base_layer`` value -> the storage format in words, for messages."""
+
+
+def _is_4bit(module: Any, registry: DequantBackendRegistry, base_layer: str = "bitsandbytes") -> bool:
+    """A layer that a dequant backend of storage format ``base_layer`` reads (bitsandbytes' ``Linear4bit``, the
+    bitsandbytes plugin's FSDP2 packed form of one, the GPTQ plugin's ``GPTQLinear``, ...); PEFT's LoRA wrapper of
+    one is not such a layer itself."""
+    return any(b.handles(module) for b in registry.for_base_layer(base_layer))
 
 
 def _no_lora_problem(model: Any, when: str) -> str:
@@ -101,7 +111,13 @@ def _no_lora_problem(model: Any, when: str) -> str:
     )
 
 
-def _no_4bit_problem(option: str) -> str:
+def _no_4bit_problem(option: str, base_layer: str | None = "bitsandbytes") -> str:
+    if base_layer == "auto_gptq":
+        what = "adapter-less GPTQ projections" if option == "fused_dequant" else "GPTQ base layers"
+        return (
+            f"{option} needs {what}, but the model has no GPTQ layer: it was not loaded by the GPTQ plugin "
+            "(peft.quantization.auto_gptq)"
+        )
     what = "adapter-less 4-bit projections" if option == "fused_dequant" else "4-bit bitsandbytes base layers"
     return (
         f"{option} needs {what}, but the model has no 4-bit layer: it was loaded unquantized (a 4-bit model comes "
@@ -112,9 +128,17 @@ def _no_4bit_problem(option: str) -> str:
 def _loads_bitsandbytes_layers(plugin: AccelerationPlugin, registry: DequantBackendRegistry) -> bool:
     """Whether ``plugin`` loads the model with bitsandbytes-format 4-bit layers (it loads models and contributes a
     dequant backend whose ``base_layer`` is ``"bitsandbytes"``, as the bitsandbytes plugin does)."""
+    return "bitsandbytes" in _loaded_formats(plugin, registry)
+
+
+def _loaded_formats(plugin: AccelerationPlugin, registry: DequantBackendRegistry) -> list[str]:
+    """The quantized storage formats (``base_layer`` values) of the layers ``plugin`` loads: those of the dequant
+    backends it contributes, when it loads models (the bitsandbytes plugin: ``bitsandbytes``; the GPTQ plugin:
+    ``auto_gptq``)."""
     if not plugin.requires_custom_loading:
-        return False
-    return any(b.base_layer == "bitsandbytes" for b in registry.contributed_by(plugin.plugin_name()))
+        return []
+    found = (b.base_layer for b in registry.contributed_by(plugin.plugin_name()) if b.base_layer is not None)
+    return list(dict.fromkeys(found))
 
 
 def _unwrap_data_parallel(model: Any) -> Any:
@@ -188,30 +212,36 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         c = self.config
         if c.base_layer == "auto_gptq" and not registry.for_base_layer("auto_gptq"):
             raise AccelerationConfigError(
-                "base_layer: auto_gptq needs a GPTQ dequant backend, which a GPTQ plugin provides; no active plugin "
-                "provides one (this release ships no GPTQ plugin)",
+                "base_layer: auto_gptq needs a GPTQ dequant backend, which the GPTQ plugin provides; no active plugin "
+                "provides one (the peft.quantization.auto_gptq section is missing)",
                 path=self._path("base_layer"),
-                fix="use a bitsandbytes QLoRA model with base_layer: bitsandbytes, or remove base_layer and "
-                "fused_lora for this model",
+                fix="add the peft.quantization.auto_gptq section (the GPTQ plugin loads the GPTQ checkpoint), or use "
+                "a bitsandbytes QLoRA model with base_layer: bitsandbytes, or remove base_layer and fused_lora for "
+                "this model",
             )
         if not (c.fused_lora or c.fused_dequant):
             return
         loaders = [p for p in active if p is not self and p.requires_custom_loading]
-        bnb_loaders = [p for p in loaders if _loads_bitsandbytes_layers(p, registry)]
-        if c.base_layer == "bitsandbytes" and loaders and not bnb_loaders:
-            raise AccelerationConfigError(
-                f"base_layer: bitsandbytes, but the model is loaded by plugin {loaders[0].plugin_name()!r}, which "
-                "loads no bitsandbytes 4-bit layers, so the fused kernels would find none after loading",
-                path=self._path("base_layer"),
-                fix="load the model with the bitsandbytes plugin (peft.quantization.bitsandbytes), or set the "
-                "base_layer of the loading plugin's format",
+        formats = [f for p in loaders for f in _loaded_formats(p, registry)]
+        if c.base_layer is not None and loaders and c.base_layer not in formats:
+            plugin = {"bitsandbytes": "bitsandbytes plugin (peft.quantization.bitsandbytes)"}.get(
+                c.base_layer, "GPTQ plugin (peft.quantization.auto_gptq)"
             )
-        if c.base_layer is None and bnb_loaders:
             raise AccelerationConfigError(
-                f"fused_lora over the 4-bit layers that plugin {bnb_loaders[0].plugin_name()!r} loads needs "
-                "base_layer: bitsandbytes (without it the run stops after the model is loaded)",
+                f"base_layer: {c.base_layer}, but the model is loaded by plugin {loaders[0].plugin_name()!r}, which "
+                f"loads no {_FORMAT_WORDS[c.base_layer]} layers, so the fused kernels would find none after loading",
                 path=self._path("base_layer"),
-                fix="set base_layer: bitsandbytes",
+                fix=f"load the model with the {plugin}, or set the base_layer of the loading plugin's format"
+                + (f" (base_layer: {formats[0]})" if formats else ""),
+            )
+        if c.base_layer is None and formats:
+            quantized_loader = next(p for p in loaders if _loaded_formats(p, registry))
+            what = "4-bit" if formats[0] == "bitsandbytes" else _FORMAT_WORDS.get(formats[0], formats[0])
+            raise AccelerationConfigError(
+                f"fused_lora over the {what} layers that plugin {quantized_loader.plugin_name()!r} loads needs "
+                f"base_layer: {formats[0]} (without it the run stops after the model is loaded)",
+                path=self._path("base_layer"),
+                fix=f"set base_layer: {formats[0]}",
             )
 
     def check_model_type(self, model_type: str | None) -> None:
@@ -342,13 +372,14 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
                 path=self._path("fused_lora"),
                 fix=_NO_LORA_FIX,
             )
-        quantized = c.fused_dequant or (c.base_layer == "bitsandbytes" and c.fused_lora)
-        if quantized and not any(_is_4bit(m, self._registry()) for m in modules):
+        quantized = c.fused_dequant or (c.base_layer is not None and c.fused_lora)
+        base_layer = c.base_layer or "bitsandbytes"
+        if quantized and not any(_is_4bit(m, self._registry(), base_layer) for m in modules):
             option = "fused_dequant" if c.fused_dequant else "base_layer"
             raise AccelerationConfigError(
-                _no_4bit_problem(option),
+                _no_4bit_problem(option, base_layer),
                 path=self._path(option),
-                fix=_NO_4BIT_FIX,
+                fix=_GPTQ_FIX if base_layer == "auto_gptq" else _NO_4BIT_FIX,
             )
 
     def prepare_contribution(self, model: nn.Module, context: RunContext) -> PrepareContribution | None:
@@ -510,9 +541,12 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             self._count("fused_lora", len(report.lora), spec)
         if c.fused_dequant and not report.quantized:
             self.patch_counts["fused_dequant"] = self.patch_counts.get("fused_dequant", 0)
-            if not any(_is_4bit(m, self._registry()) for m in model.modules()):
+            base_layer = c.base_layer or "bitsandbytes"
+            if not any(_is_4bit(m, self._registry(), base_layer) for m in model.modules()):
                 raise ModelStructureError(
-                    _no_4bit_problem("fused_dequant"), path=self._path("fused_dequant"), fix=_NO_4BIT_FIX
+                    _no_4bit_problem("fused_dequant", base_layer),
+                    path=self._path("fused_dequant"),
+                    fix=_GPTQ_FIX if base_layer == "auto_gptq" else _NO_4BIT_FIX,
                 )
             if not (c.fused_lora and report.base_layers):
                 raise ModelStructureError(
@@ -531,19 +565,23 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             self._count("fused_dequant", len(report.quantized), spec)
         registry = self._registry()
         quantized = sorted(n for n in report.backends if registry[n].base_layer is not None)
-        if c.base_layer == "bitsandbytes" and "bitsandbytes" not in report.base_layers:
+        if c.base_layer is not None and c.base_layer not in report.base_layers:
             raise ModelStructureError(
-                "base_layer: bitsandbytes, but no fused projection has a bitsandbytes 4-bit base "
+                f"base_layer: {c.base_layer}, but no fused projection has a {_FORMAT_WORDS[c.base_layer]} base "
                 f"(found: {', '.join(sorted(report.backends)) or 'none'})",
                 path=self._path("base_layer"),
-                fix="load the model in 4 bit (BitsAndBytesConfig(load_in_4bit=True) or the bitsandbytes plugin), "
+                fix="load the GPTQ checkpoint through the GPTQ plugin (peft.quantization.auto_gptq), or remove "
+                "base_layer for a bf16 model"
+                if c.base_layer == "auto_gptq"
+                else "load the model in 4 bit (BitsAndBytesConfig(load_in_4bit=True) or the bitsandbytes plugin), "
                 "or remove base_layer for a bf16 model",
             )
         if c.base_layer is None and quantized:
+            formats = sorted({str(registry[n].base_layer) for n in quantized})
             raise ModelStructureError(
                 f"the fused projections have quantized bases ({', '.join(quantized)}) but base_layer is not set",
                 path=self._path("base_layer"),
-                fix="set base_layer: bitsandbytes",
+                fix=f"set base_layer: {formats[0]}",
             )
 
     def _check_fsdp(self, model: Any) -> None:
@@ -603,9 +641,10 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
             )
         if c.fused_lora or c.fused_dequant:
             what = [w for w, on in (("LoRA", c.fused_lora), ("adapter-less quantized", c.fused_dequant)) if on]
-            base = {"bitsandbytes": "bitsandbytes 4-bit (own Triton nf4/fp4 dequant)", "auto_gptq": "GPTQ"}.get(
-                c.base_layer or "", "bf16/fp16/fp32"
-            )
+            base = {
+                "bitsandbytes": "bitsandbytes 4-bit (own Triton nf4/fp4 dequant)",
+                "auto_gptq": "GPTQ (own GPTQ dequant, from the GPTQ plugin's gptq backend)",
+            }.get(c.base_layer or "", "bf16/fp16/fp32")
             lines.append(
                 f"fused_lora/fused_dequant: {' and '.join(what)} projections over {base} bases: q/k/v -> "
                 "kernels.lora_qkv, SwiGLU MLP -> kernels.lora_mlp_swiglu, other projections -> kernels.lora_linear / "
