@@ -399,6 +399,18 @@ def inspect_gptq_checkpoint(path: str | Path, fmt: GPTQFormat) -> GPTQCheckpoint
             "tensor (they hold unquantized weights)",
         )
     problems: list[AccelerationConfigError] = []
+    if fmt.desc_act:
+        lacking = [name for name in names if f"{name}.g_idx" not in tensors]
+        if lacking:
+            problems.append(
+                _error(
+                    f"{len(lacking)} of the {len(names)} quantized modules have no g_idx tensor (e.g. "
+                    f"{', '.join(f'{n}.g_idx' for n in lacking[:3])}), but desc_act: true ({fmt.source}) means the "
+                    "input channels are assigned to groups in activation order, which only g_idx records",
+                    "use the complete checkpoint (with every .g_idx tensor), or re-quantize the model with "
+                    f"`{QUANTIZE_COMMAND} --desc-act`",
+                )
+            )
     modules: dict[str, QuantizedModule] = {}
     for name in names:
         module = _check_module(name, tensors, fmt, problems)
@@ -426,13 +438,6 @@ def _check_module(
     for suffix in ("qzeros", "scales"):
         if info[suffix] is None:
             add(f"{name}.{suffix} is missing (a GPTQ module stores qweight, qzeros, scales and g_idx)")
-    if info["g_idx"] is None and fmt.desc_act:
-        add(
-            f"{name}.g_idx is missing, but desc_act: true ({fmt.source}) means the input channels are assigned to "
-            "groups in activation order, which only g_idx records",
-            "use the complete checkpoint (with every .g_idx tensor), or re-quantize it with "
-            f"`{QUANTIZE_COMMAND} --desc-act`",
-        )
     qweight = info["qweight"]
     assert qweight is not None
     if len(qweight.shape) != 2:
