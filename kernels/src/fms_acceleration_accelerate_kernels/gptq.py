@@ -299,7 +299,15 @@ def gptq_dequantize(
     """
     dtype = dtype or (out.dtype if out is not None else scales.dtype)
     if use_triton(qweight, qzeros, scales, g_idx):
-        return _dequantize_triton(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype, out=out)
+        if not torch.compiler.is_compiling():
+            return _dequantize_triton(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype, out=out)
+        # under torch.compile the kernel runs behind an opaque custom op (Dynamo does not trace the launcher)
+        result = _dequantize_op(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)
+        if out is not None:
+            _check_out(out, (result.shape[0], result.shape[1]), dtype)
+            out.copy_(result)
+            return out
+        return result
     result = gptq_dequantize_ref(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)
     if out is not None:
         _check_out(out, (result.shape[0], result.shape[1]), dtype)
@@ -501,6 +509,60 @@ def _matmul_fused(
     return y.to(x2.dtype)
 
 
+# torch.compile seam: the Triton launchers behind custom ops (plain tensors and scalars in), used only while
+# compiling; eager calls launch directly (a custom op's dispatch costs more than a small-M kernel runs).
+
+
+@torch.library.custom_op("fms_accel_kernels::gptq_dequantize", mutates_args=())
+def _dequantize_op(
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    checkpoint_format: str,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    return _dequantize_triton(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)
+
+
+@_dequantize_op.register_fake
+def _(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype):
+    return qweight.new_empty((scales.shape[-1], g_idx.shape[0]), dtype=dtype)
+
+
+@torch.library.custom_op("fms_accel_kernels::gptq_matmul_fused", mutates_args=())
+def _matmul_fused_op(
+    x2: torch.Tensor,
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+    group_size: int,
+    checkpoint_format: str,
+) -> torch.Tensor:
+    weight = GPTQWeight(
+        qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format, scales.shape[-1], g_idx.shape[0]
+    )
+    return _matmul_fused(x2, weight, bias)
+
+
+@_matmul_fused_op.register_fake
+def _(x2, qweight, qzeros, scales, g_idx, bias, bits, group_size, checkpoint_format):
+    return x2.new_empty((x2.shape[0], scales.shape[-1]))
+
+
+def _linear_fused(x2: torch.Tensor, weight: GPTQWeight, bias: torch.Tensor | None) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        w = weight
+        return _matmul_fused_op(
+            x2, w.qweight, w.qzeros, w.scales, w.g_idx, bias, w.bits, w.group_size, w.checkpoint_format
+        )
+    return _matmul_fused(x2, weight, bias)
+
+
 def _use_fused(x2: torch.Tensor, weight: GPTQWeight) -> bool:
     return (
         0 < x2.shape[0] <= _FUSED_MAX_ROWS
@@ -602,7 +664,7 @@ class _GPTQLinearFunction(torch.autograd.Function):
         dtype = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         if _use_fused(x2, weight):
-            y = _matmul_fused(x2, weight, bias)
+            y = _linear_fused(x2, weight, bias)
         else:
             w = weight.dequantize(dtype)
             y = F.linear(x2, w, bias.to(dtype) if bias is not None else None)
