@@ -275,6 +275,19 @@ def test_triton_dequant_other_launches_int64_g_idx_and_group_minus_one():
     )
 
 
+def test_triton_kernels_read_non_contiguous_packed_tensors():
+    d = make_gptq(128, 32, 4, 32, desc_act=True, device=DEVICE, seed=9)
+    strided = dict(d)
+    for name in ("qweight", "qzeros", "scales"):
+        strided[name] = d[name].t().contiguous().t()  # same values, column-major
+        assert not strided[name].is_contiguous()
+    strided["g_idx"] = torch.stack([d["g_idx"], d["g_idx"]], dim=1)[:, 0]
+    expected = gptq_dequantize_ref(*_packed_args(d), dtype=torch.float16)
+    assert torch.equal(_dequantize_triton(*_packed_args(strided), torch.float16), expected)
+    x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.float16)
+    assert torch.equal(_matmul_fused(x, weight_of(strided), None), _matmul_fused(x, weight_of(d), None))
+
+
 def test_triton_dequant_rounds_bf16_to_nearest_even():
     # 4-bit codes 0..15 minus zero 8 times scales chosen so that most products fall between two bf16 values
     d = make_gptq(128, 64, 4, 32, desc_act=True, device=DEVICE, seed=7)

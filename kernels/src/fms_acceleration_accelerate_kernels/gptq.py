@@ -469,8 +469,10 @@ def _dequantize_triton(
     block_n, block_k, num_warps = launch or _DEQUANT_LAUNCH
     target = out.view(torch.int16) if dtype == torch.bfloat16 else out
     grid = (triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n))
+    # the kernel indexes the packed tensors as row-major (no copy when they are, as loaded from a checkpoint)
     _gptq_dequant_kernel[grid](
-        qweight, qzeros, scales, g_idx, target, out_features, in_features,
+        qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.contiguous(), target, out_features,
+        in_features,
         BITS=bits, ZERO_OFFSET=offset, OUT_KIND=_OUT_KIND[dtype], BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps,
     )  # fmt: skip
@@ -497,8 +499,10 @@ def _matmul_fused(
     split_k = triton.cdiv(k, k_per_split)
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
+    w = weight
     _gptq_matmul_kernel[grid](
-        x2, weight.qweight, weight.qzeros, weight.scales, weight.g_idx, partial, m, n, k,
+        x2, w.qweight.contiguous(), w.qzeros.contiguous(), w.scales.contiguous(), w.g_idx.contiguous(), partial,
+        m, n, k,
         x2.stride(0), x2.stride(1), k_per_split,
         BITS=weight.bits, ZERO_OFFSET=_zero_offset(weight.checkpoint_format), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, DOT_FP32=interpreter_enabled(), num_warps=num_warps,
