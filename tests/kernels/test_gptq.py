@@ -275,6 +275,23 @@ def test_triton_dequant_other_launches_int64_g_idx_and_group_minus_one():
     )
 
 
+def test_cpu_without_interpreter_uses_the_reference(monkeypatch):
+    from fms_acceleration_accelerate_kernels import gptq as gptq_module
+
+    def boom(*args, **kwargs):
+        raise AssertionError("Triton path taken on CPU without TRITON_INTERPRET")
+
+    d = make_gptq(64, 16, 4, 32, desc_act=True)  # CPU tensors
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(gptq_module, "_dequantize_triton", boom)
+    monkeypatch.setattr(gptq_module, "_matmul_fused", boom)
+    expected = gptq_dequantize_ref(*_packed_args(d), dtype=torch.bfloat16)
+    assert torch.equal(gptq_dequantize(*_packed_args(d), dtype=torch.bfloat16), expected)
+    x = torch.randn(4, 64, dtype=torch.bfloat16, requires_grad=True)
+    gptq_linear(x, weight_of(d)).sum().backward()
+    assert x.grad is not None
+
+
 def test_triton_kernels_read_non_contiguous_packed_tensors():
     d = make_gptq(128, 32, 4, 32, desc_act=True, device=DEVICE, seed=9)
     strided = dict(d)
