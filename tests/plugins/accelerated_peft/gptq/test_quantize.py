@@ -34,7 +34,7 @@ VOCAB = 256
 FAST = {"num_samples": 24, "seq_len": 128, "batch_size": 8, "device": "cpu"}
 
 
-def _llama(path: Path, *, vocab: int = VOCAB, seed: int = 0) -> Path:
+def _llama(path: Path, *, vocab: int = VOCAB, seed: int = 0, tie: bool = False, bias: bool = False) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -45,6 +45,8 @@ def _llama(path: Path, *, vocab: int = VOCAB, seed: int = 0) -> Path:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
+        tie_word_embeddings=tie,
+        attention_bias=bias,
     )
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(path)
@@ -135,7 +137,10 @@ def _dense_twin(model_dir: Path, out: Path):
     state = {k: v.float() for k, v in _checkpoint_tensors(out).items() if k.rsplit(".", 1)[-1] not in _PACKED}
     state.update({f"{name}.weight": w for name, w in _dequantized_weights(out).items()})
     result = model.load_state_dict(state, strict=False)
-    assert not result.missing_keys and not result.unexpected_keys, result
+    tied = ["lm_head.weight"] if model.config.tie_word_embeddings else []
+    assert result.missing_keys == tied and not result.unexpected_keys, result
+    if tied:  # written once, tied again on load
+        assert model.lm_head.weight is model.model.embed_tokens.weight
     return model
 
 
@@ -408,9 +413,16 @@ def test_bad_input_raises_before_loading(model_dir, tmp_path):
         gq.quantize(model_dir, tmp_path / "out2", gq.QuantizeOptions(calibration=str(bad)), log=lambda _: None)
     short = tmp_path / "short.txt"
     short.write_text("too short")
-    with pytest.raises(AccelerationConfigError, match="fewer than --seq-len 512"):
+    with pytest.raises(
+        AccelerationConfigError, match=r"\[--seq-len\] 300 tokens exceed .* max_position_embeddings \(256\)"
+    ):
+        gq.quantize(model_dir, tmp_path / "out3", gq.QuantizeOptions(group_size=32, seq_len=300))
+    with pytest.raises(AccelerationConfigError, match="fewer than --seq-len 128"):
         gq.quantize(
-            model_dir, tmp_path / "out3", gq.QuantizeOptions(group_size=32, calibration=str(short)), log=lambda _: None
+            model_dir,
+            tmp_path / "out3",
+            gq.QuantizeOptions(group_size=32, seq_len=128, calibration=str(short)),
+            log=lambda _: None,
         )
     assert not (tmp_path / "out2").exists() and not (tmp_path / "out3").exists()
 
@@ -428,11 +440,16 @@ def test_cli_without_the_plugin_prints_the_install_hint(monkeypatch, capsys, mod
 # ------------------------------------------------------------------------------------------ through the loader
 
 
-def test_checkpoint_loads_through_the_plugin(model_dir, held_out_ids, tmp_path):
+def test_checkpoint_loads_through_the_plugin(held_out_ids, tmp_path):
+    """Tied embeddings and biased projections: the tie survives (one tensor written), biases are written in fp16."""
     from fms_acceleration_accelerate import AccelerationFramework
 
+    model_dir = _llama(tmp_path / "model", tie=True, bias=True, seed=1)
     out = tmp_path / "out"
     _quantize(model_dir, out, method="gptq", group_size=32, desc_act=True, sym=False)
+    tensors = _checkpoint_tensors(out)
+    assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors
+    assert tensors["model.layers.1.self_attn.q_proj.bias"].dtype == torch.float16
     framework = AccelerationFramework({"peft": {"quantization": {"auto_gptq": {"kernel": "triton_v2"}}}})
     model = framework.model_loader(str(out), torch_dtype=torch.float32)
     linears = [m for m in model.modules() if type(m).__name__ == "GPTQLinear"]

@@ -580,10 +580,18 @@ class _StopForward(Exception):
     """Raised by :class:`_InputCatcher` once the first decoder layer's inputs are recorded."""
 
 
+@dataclass(frozen=True)
+class _LayerArgs:
+    """The arguments a decoder layer got besides its hidden states (masks, positions, rotary embeddings...)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
 class _InputCatcher(nn.Module):
     """Stands in for the first decoder layer: records its inputs and stops the forward pass."""
 
-    def __init__(self, layer: nn.Module, store: list[tuple[torch.Tensor, dict[str, Any]]]) -> None:
+    def __init__(self, layer: nn.Module, store: list[tuple[torch.Tensor, _LayerArgs]]) -> None:
         super().__init__()
         self.__dict__["_layer"] = layer  # not a submodule: moving the model must not move it
         self.__dict__["_store"] = store
@@ -592,9 +600,7 @@ class _InputCatcher(nn.Module):
                 self.__dict__[attr] = getattr(layer, attr)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args:
-            raise RuntimeError("the decoder layer got positional arguments besides hidden_states; not supported")
-        self._store.append((hidden_states, kwargs))
+        self._store.append((hidden_states, _LayerArgs(args, kwargs)))
         raise _StopForward
 
 
@@ -710,7 +716,7 @@ class _Progress:
 
 
 def _execution_groups(
-    layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, kwargs: dict[str, Any]
+    layer: nn.Module, linears: dict[str, nn.Linear], hidden: torch.Tensor, extra: _LayerArgs
 ) -> list[list[str]]:
     """The layer's linears grouped by shared input, in the order they run (q/k/v, o, gate/up, down)."""
     calls: list[tuple[str, torch.Tensor]] = []
@@ -720,7 +726,7 @@ def _execution_groups(
     ]
     try:
         with torch.no_grad():
-            layer(hidden, **kwargs)
+            layer(hidden, *extra.args, **extra.kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -743,15 +749,15 @@ def _execution_groups(
 
 
 def _run_layer(
-    layer: nn.Module, inputs: Sequence[torch.Tensor], kwargs: Sequence[dict[str, Any]], keep: int | None = None
+    layer: nn.Module, inputs: Sequence[torch.Tensor], extras: Sequence[_LayerArgs], keep: int | None = None
 ) -> list[torch.Tensor]:
     """The layer's outputs on every batch (or the first ``keep`` batches)."""
     outputs = []
     with torch.no_grad():
-        for index, (hidden, kw) in enumerate(zip(inputs, kwargs)):
+        for index, (hidden, extra) in enumerate(zip(inputs, extras)):
             if keep is not None and index >= keep:
                 break
-            outputs.append(_layer_output(layer(hidden, **kw)))
+            outputs.append(_layer_output(layer(hidden, *extra.args, **extra.kwargs)))
     return outputs
 
 
@@ -807,7 +813,15 @@ def quantize(
         ) from None
     prefix, _ = check_shapes(skeleton, options)
     del skeleton
-    vocab_size = config.get_text_config().vocab_size
+    text_config = config.get_text_config()
+    vocab_size = text_config.vocab_size
+    max_positions = getattr(text_config, "max_position_embeddings", None)
+    if isinstance(max_positions, int) and options.seq_len > max_positions:
+        raise _error(
+            "--seq-len",
+            f"{options.seq_len} tokens exceed the model's max_position_embeddings ({max_positions})",
+            f"use --seq-len {max_positions} or less",
+        )
     stream, tokenizer_kind = calibration_tokens(model_path, texts, vocab_size)
     samples = calibration_windows(stream, options.num_samples, options.seq_len, options.seed)
 
@@ -835,7 +849,7 @@ def quantize(
     assert layers_prefix == prefix
 
     # inputs of the first decoder layer: run the embeddings (and whatever precedes the layers) on the device
-    store: list[tuple[torch.Tensor, dict[str, Any]]] = []
+    store: list[tuple[torch.Tensor, _LayerArgs]] = []
     originals = list(layers)
     layers[0] = _InputCatcher(originals[0], store)
     for index in range(1, len(layers)):
@@ -854,7 +868,7 @@ def quantize(
             layers[index] = layer
         base.to("cpu")
     inputs = [hidden.float() for hidden, _ in store]
-    layer_kwargs = [kw for _, kw in store]
+    layer_args = [extra for _, extra in store]
     del store
 
     progress = _Progress(len(layers), log)
@@ -866,10 +880,10 @@ def quantize(
         tick = time.perf_counter()
         layer.to(device=device, dtype=torch.float32)
         linears = _linears(layer)
-        groups = _execution_groups(layer, linears, inputs[0], layer_kwargs[0])
+        groups = _execution_groups(layer, linears, inputs[0], layer_args[0])
         if index == 0:
             block_groups = groups
-        reference = _run_layer(layer, inputs, layer_kwargs, keep=keep)
+        reference = _run_layer(layer, inputs, layer_args, keep=keep)
         if options.method == "rtn":
             quantized = {name: _quantize_rtn_module(linears[name], options) for name in linears}
             for name, result in quantized.items():
@@ -877,12 +891,12 @@ def quantize(
         else:
             quantized = {}
             for group in groups if options.true_sequential else [list(linears)]:
-                hessians = _collect_hessians(layer, {name: linears[name] for name in group}, inputs, layer_kwargs)
+                hessians = _collect_hessians(layer, {name: linears[name] for name in group}, inputs, layer_args)
                 for name in group:
                     result = _quantize_gptq_module(linears[name], hessians.pop(name), options)
                     linears[name].weight.data.copy_(result.dequantized)
                     quantized[name] = result
-        outputs = _run_layer(layer, inputs, layer_kwargs)
+        outputs = _run_layer(layer, inputs, layer_args)
         error = _relative_error(reference, outputs[: len(reference)])
         inputs = outputs
         for name, result in quantized.items():
@@ -945,7 +959,7 @@ def _collect_hessians(
     layer: nn.Module,
     linears: dict[str, nn.Linear],
     inputs: Sequence[torch.Tensor],
-    kwargs: Sequence[dict[str, Any]],
+    extras: Sequence[_LayerArgs],
 ) -> dict[str, torch.Tensor]:
     """Run the layer over every calibration batch and return the Hessian of each of ``linears``."""
     accumulators = {
@@ -957,8 +971,8 @@ def _collect_hessians(
     ]
     try:
         with torch.no_grad():
-            for hidden, kw in zip(inputs, kwargs):
-                layer(hidden, **kw)
+            for hidden, extra in zip(inputs, extras):
+                layer(hidden, *extra.args, **extra.kwargs)
     finally:
         for handle in handles:
             handle.remove()
