@@ -459,3 +459,20 @@ def test_checkpoint_loads_through_the_plugin(held_out_ids, tmp_path):
         logits = model(held_out_ids).logits
         expected = twin(held_out_ids).logits
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_user_calibration_files(model_dir, tmp_path):
+    """A .txt file is used whole; a .jsonl file's 'text' or 'output' fields (the byte-level windows come from it)."""
+    text = OTHER_TEXT.read_text()
+    txt = tmp_path / "cal.txt"
+    txt.write_text(text)
+    jsonl = tmp_path / "cal.jsonl"
+    jsonl.write_text("".join(json.dumps({"output": line}) + "\n" for line in text.splitlines()))
+    for path in (txt, jsonl):
+        report = _quantize(model_dir, tmp_path / path.suffix[1:], group_size=32, calibration=str(path))
+        assert report.quantization_config["meta"]["calibration"] == path.name
+        assert all(0 < layer.relative_error < 0.2 for layer in report.layers), report.layers
+    texts = gq._read_calibration(jsonl)
+    assert texts == text.splitlines()
+    windows = gq.calibration_windows(gq.calibration_tokens(model_dir, texts, VOCAB)[0], 5, 64, seed=3)
+    assert windows.shape == (5, 64) and bytes(windows[0].tolist()).decode() in "\n\n".join(texts)
