@@ -114,6 +114,7 @@ class GPTQCase:
     drop_g_idx: bool = False
     tie: bool = False
     bias: bool = False
+    lm_head: bool = False  # quantize the output embedding too
 
     @property
     def id(self) -> str:
@@ -127,6 +128,7 @@ class GPTQCase:
                 ("nogidx", self.drop_g_idx),
                 ("tied", self.tie),
                 ("bias", self.bias),
+                ("lmhead", self.lm_head),
             )
             if on
         ]
@@ -187,6 +189,12 @@ def make_gptq_checkpoint(path: Path, case: GPTQCase = GPTQCase(), *, seed: int =
             with torch.no_grad():
                 dense_owner = dense.model.layers[i].self_attn if owner is layer.self_attn else dense.model.layers[i].mlp
                 getattr(dense_owner, proj).weight.copy_(quant.dequantized())
+    if case.lm_head:
+        quant = rtn_quantize(model.lm_head.weight, case.bits, case.group_size, sym=case.sym, desc_act=False, v1=v1)
+        qweight, qzeros = pack_gptq(quant.intweight, quant.zeros, case.bits, checkpoint_format=case.checkpoint_format)
+        model.lm_head = _Packed({"qweight": qweight, "qzeros": qzeros, "scales": quant.scales, "g_idx": quant.g_idx})
+        with torch.no_grad():
+            dense.lm_head.weight.copy_(quant.dequantized())
     model.half()
     qc = quantization_config(case)
     if not case.legacy_config:

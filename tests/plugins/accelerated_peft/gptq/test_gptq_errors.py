@@ -210,6 +210,19 @@ def test_checkpoint_shapes_that_do_not_match_the_model(copy_of, nothing_read):
     assert "config.json saved with the quantized weights" in info.value.fix
 
 
+def test_quantized_output_embedding_cannot_be_tied(tmp_path, nothing_read):
+    path, _ = make_gptq_checkpoint(tmp_path / "ckpt", GPTQCase(lm_head=True))
+    config = json.loads((path / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(AccelerationConfigError) as info:
+        _load(path)
+    assert "quantizes the output embedding lm_head, but the model's config.json has tie_word_embeddings" in str(
+        info.value
+    )
+    assert "tie_word_embeddings: false" in info.value.fix
+
+
 def test_missing_non_quantized_weights(copy_of, nothing_read):
     path = copy_of()
     _rewrite(path, lambda tensors: tensors.pop("model.norm.weight"))

@@ -27,6 +27,7 @@ CASES = [
     GPTQCase(bits=4, group_size=32, legacy_config=True, checkpoint_format="gptq_v2"),
     GPTQCase(bits=4, group_size=32, drop_g_idx=True),
     GPTQCase(bits=4, group_size=32, tie=True, bias=True, sharded=True),
+    GPTQCase(bits=4, group_size=32, lm_head=True, checkpoint_format="gptq_v2"),
 ]
 
 
@@ -39,8 +40,8 @@ def test_logits_equal_the_dense_model_of_the_dequantized_weights(tmp_path, case)
     path, dense = make_gptq_checkpoint(tmp_path / "ckpt", case)
     model = _load(path)
     layers = [m for m in model.modules() if isinstance(m, GPTQLinear)]
-    assert len(layers) == LAYERS * len(PROJECTIONS)
-    assert not isinstance(model.lm_head, GPTQLinear)
+    assert len(layers) == LAYERS * len(PROJECTIONS) + case.lm_head
+    assert isinstance(model.lm_head, GPTQLinear) == case.lm_head
     layer = model.model.layers[0].mlp.up_proj
     assert layer.weight is None and (layer.bits, layer.group_size) == (case.bits, case.group_size)
     assert layer.checkpoint_format == case.checkpoint_format

@@ -539,6 +539,15 @@ def check_against_model(checkpoint: GPTQCheckpoint, model: nn.Module) -> None:
             )
     quantized_modules = set(checkpoint.modules)
     tied = _tied_parameter_names(model)
+    tied_quantized = sorted(quantized_modules & {name.rpartition(".")[0] for name in tied})
+    if tied_quantized:
+        problems.append(
+            _error(
+                f"the checkpoint quantizes the output embedding {tied_quantized[0]}, but the model's config.json has "
+                "tie_word_embeddings: true, which would replace it by the (unquantized) input embedding",
+                "set tie_word_embeddings: false in config.json (the quantized output embedding is its own weight)",
+            )
+        )
     missing = []
     for pname, _ in model.named_parameters():
         owner = pname.rpartition(".")[0]
