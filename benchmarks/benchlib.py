@@ -287,6 +287,12 @@ def load_scenarios(path: str | os.PathLike, overrides: Mapping[str, Any] | None 
         seen.add(s.name)
         if s.model not in models and not Path(s.model).exists():
             raise ScenarioError(f"{where}: model {s.model!r} is neither in 'models:' nor an existing folder")
+        if "gptq" in models.get(s.model, {}) and (s.peft != "qlora" or not s.uses_plugins or s.peer != "none"):
+            raise ScenarioError(
+                f"{where} ({s.name}): model {s.model!r} is a GPTQ checkpoint, which only a plugin stack loads: set "
+                "peft: qlora and a plugins stack with peft.quantization.auto_gptq (no peer); baselines use the "
+                "model it is quantized from"
+            )
         scenarios.append(s)
     baselines: dict[str, str] = {}
     for s in scenarios:
@@ -302,23 +308,27 @@ def load_scenarios(path: str | os.PathLike, overrides: Mapping[str, Any] | None 
 
 # ----------------------------------------------------------------------------------------------- models
 def resolve_model_specs(raw: Mapping[str, Any], where: str) -> dict[str, dict[str, Any]]:
-    """Validate the ``models:`` section; a ``layers_of`` entry becomes a ``config`` spec with ``derived_from``.
+    """Validate the ``models:`` section; a ``layers_of`` entry becomes a ``config`` spec with ``derived_from``, a
+    ``gptq_of`` entry one with ``quantized_from`` and ``gptq`` (:func:`resolve_gptq_spec`).
 
-    Each model needs exactly one of ``config`` (random init, built once per run), ``path`` (a local checkpoint)
-    or ``layers_of: {model: NAME, num_hidden_layers: N}``: the first ``N`` decoder layers of another random-init
+    Each model needs exactly one of ``config`` (random init, built once per run), ``path`` (a local checkpoint),
+    ``layers_of: {model: NAME, num_hidden_layers: N}``: the first ``N`` decoder layers of another random-init
     model of the file, served from *its* checkpoint (the runner links its weight files; the layers beyond ``N``
-    are not loaded), so a layer-count series costs one build.
+    are not loaded), so a layer-count series costs one build; or ``gptq_of: {model: NAME, bits: 4, ...}``: a
+    GPTQ checkpoint that the runner writes once per run from another random-init model of the file with this
+    project's quantizer (``fms-accelerate quantize``; settings in :data:`GPTQ_DEFAULTS`), for rows whose stack
+    loads GPTQ checkpoints (``peft.quantization.auto_gptq``).
 
     Raises:
         ScenarioError: a malformed entry (the message names it and the fix).
     """
     out: dict[str, dict[str, Any]] = {}
-    kinds = {"config", "path", "layers_of"}
+    kinds = {"config", "path", "layers_of", "gptq_of"}
     for name, spec in raw.items():
         if not isinstance(spec, Mapping) or len(set(spec) & kinds) != 1 or set(spec) - kinds:
             raise ScenarioError(
-                f"{where}: model {name!r} needs exactly one of 'config' (random init), 'path' or "
-                "'layers_of: {model: NAME, num_hidden_layers: N}'"
+                f"{where}: model {name!r} needs exactly one of 'config' (random init), 'path', "
+                "'layers_of: {model: NAME, num_hidden_layers: N}' or 'gptq_of: {model: NAME, bits: 4, ...}'"
             )
         out[name] = dict(spec)
     for name, spec in list(out.items()):
@@ -327,7 +337,7 @@ def resolve_model_specs(raw: Mapping[str, Any], where: str) -> dict[str, dict[st
         ref = spec["layers_of"]
         parent = out.get(ref.get("model")) if isinstance(ref, Mapping) else None
         layers = ref.get("num_hidden_layers") if isinstance(ref, Mapping) else None
-        if parent is None or "config" not in parent or "derived_from" in parent:
+        if parent is None or "config" not in parent or "derived_from" in parent or "gptq_of" in parent:
             raise ScenarioError(
                 f"{where}: model {name!r}: layers_of.model must name a random-init ('config') model of this file"
             )
@@ -337,7 +347,83 @@ def resolve_model_specs(raw: Mapping[str, Any], where: str) -> dict[str, dict[st
                 f"{ref['model']!r} ({parent['config'].get('num_hidden_layers')})"
             )
         out[name] = {"config": {**parent["config"], "num_hidden_layers": layers}, "derived_from": ref["model"]}
+    for name, spec in list(out.items()):
+        if "gptq_of" in spec:
+            out[name] = resolve_gptq_spec(name, spec["gptq_of"], out, where)
     return out
+
+
+GPTQ_DEFAULTS: Mapping[str, Any] = {
+    "bits": 4,
+    "group_size": 128,
+    "desc_act": False,
+    "sym": True,
+    "method": "rtn",
+    "checkpoint_format": "gptq",
+    "dtype": "float16",
+    "num_samples": 8,
+    "seq_len": 256,
+}
+"""Settings of a ``gptq_of`` model (``fms-accelerate quantize`` flags of the same names). ``method: rtn``
+(round-to-nearest) writes the same format as ``gptq`` and the kernels read it the same way, so it is enough
+for speed and memory; ``num_samples`` x ``seq_len`` calibration tokens then only measure each layer's output
+error. ``dtype``: the unquantized tensors (embeddings, norms, lm_head) as stored; the loader casts them to each
+row's training dtype."""
+GPTQ_CHOICES: Mapping[str, tuple[Any, ...]] = {
+    "bits": (2, 4, 8),
+    "method": ("rtn", "gptq"),
+    "checkpoint_format": ("gptq", "gptq_v2"),
+    "dtype": DTYPES,
+}
+
+
+def resolve_gptq_spec(name: str, raw: Any, models: Mapping[str, Mapping[str, Any]], where: str) -> dict[str, Any]:
+    """The resolved spec of a ``gptq_of`` model: its parent's ``config`` (so summaries and layer counts work),
+    ``quantized_from`` (the parent's name) and ``gptq`` (:data:`GPTQ_DEFAULTS` updated with the settings given).
+
+    Raises:
+        ScenarioError: no such random-init parent, an unknown setting, or a value of the wrong type or range.
+    """
+    at = f"{where}: model {name!r}: gptq_of"
+    ref = raw.get("model") if isinstance(raw, Mapping) else None
+    parent = models.get(ref) if isinstance(ref, str) else None
+    if parent is None or "config" not in parent or "gptq_of" in parent or "quantized_from" in parent:
+        raise ScenarioError(
+            f"{at}.model must name a random-init ('config' or 'layers_of') model of this file, got {ref!r}"
+        )
+    settings = {k: v for k, v in raw.items() if k != "model"}
+    unknown = sorted(set(settings) - set(GPTQ_DEFAULTS))
+    if unknown:
+        raise ScenarioError(f"{at}: unknown setting(s) {', '.join(unknown)}; valid: model, {', '.join(GPTQ_DEFAULTS)}")
+    gptq = {**GPTQ_DEFAULTS, **settings}
+    for key, value in gptq.items():
+        default = GPTQ_DEFAULTS[key]
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ScenarioError(f"{at}.{key} must be true or false, got {value!r}")
+        elif isinstance(default, int):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ScenarioError(f"{at}.{key} must be an integer, got {value!r}")
+        if key in GPTQ_CHOICES and value not in GPTQ_CHOICES[key]:
+            raise ScenarioError(f"{at}.{key}={value!r} is not one of {', '.join(map(str, GPTQ_CHOICES[key]))}")
+    if gptq["group_size"] != -1 and gptq["group_size"] < 1:
+        raise ScenarioError(f"{at}.group_size must be a positive divisor of the layers' input sizes, or -1")
+    if gptq["num_samples"] < 1 or gptq["seq_len"] < 2:
+        raise ScenarioError(f"{at}: num_samples must be >= 1 and seq_len >= 2")
+    if gptq["desc_act"] and gptq["method"] == "rtn":
+        raise ScenarioError(f"{at}: desc_act (act-order) needs method: gptq; round-to-nearest has no column order")
+    return {"config": dict(parent["config"]), "quantized_from": ref, "gptq": gptq}
+
+
+def gptq_label(gptq: Mapping[str, Any]) -> str:
+    """Short description of GPTQ settings: ``gptq 4b g128 sym rtn`` (+ ``act-order``, ``v2``)."""
+    group = "g-1" if gptq["group_size"] == -1 else f"g{gptq['group_size']}"
+    parts = ["gptq", f"{gptq['bits']}b", group, "sym" if gptq["sym"] else "asym", str(gptq["method"])]
+    if gptq["desc_act"]:
+        parts.append("act-order")
+    if gptq["checkpoint_format"] == "gptq_v2":
+        parts.append("v2")
+    return " ".join(parts)
 
 
 def model_layers(spec: Mapping[str, Any] | None) -> int | None:
@@ -357,6 +443,8 @@ def model_spec_summary(spec: Mapping[str, Any]) -> str:
     for key, tag in (("hidden_size", "h"), ("intermediate_size", "i"), ("num_hidden_layers", "L"), ("vocab_size", "v")):
         if key in c:
             parts.append(f"{tag}{c[key]}")
+    if "gptq" in spec:
+        parts.append(gptq_label(spec["gptq"]))
     return " ".join(parts)
 
 

@@ -51,6 +51,10 @@ ENTRY_SECTION = "section"
 ENTRY_ENV = "env"
 
 
+GPTQ_PLUGIN = "auto_gptq"
+"""Name of the plugin that loads GPTQ checkpoints (the rows of a ``gptq_of`` model need it in their stack)."""
+
+
 class SkipScenario(Exception):
     """The scenario cannot run here (missing plugin / peer / GPUs); recorded as ``skipped`` with the reason."""
 
@@ -395,7 +399,7 @@ def _fmt(value: Any, digits: int) -> str:
 def base_row(s: Scenario, models: ScenarioFile, model_overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     spec = models.models.get(s.model)
     if spec is not None and "config" in spec and model_overrides:
-        spec = {"config": {**spec["config"], **model_overrides}}
+        spec = {**spec, "config": {**spec["config"], **model_overrides}}
     return {
         "scenario": s.name,
         "group": s.group,
@@ -1044,11 +1048,15 @@ class Runner:
         return self.model_dir_for(s.model, s.dtype)
 
     def needs_build(self, name: str) -> bool:
-        """True when model ``name`` (or the model it takes its layers from) has not been built yet."""
+        """True when model ``name`` (or the model it takes its layers from) has not been built yet; a GPTQ
+        model not yet quantized counts as a build too."""
         spec = self.sfile.models.get(name)
         if spec is None or "path" in spec or name in self.model_dirs:
             return False
         return self.needs_build(spec["derived_from"]) if "derived_from" in spec else True
+
+    def is_gptq_model(self, name: str) -> bool:
+        return "gptq" in self.sfile.models.get(name, {})
 
     def model_dir_for(self, name: str, dtype: str) -> str:
         """The checkpoint folder of model ``name``: built once per run (random init, ``save_pretrained`` as
@@ -1062,7 +1070,9 @@ class Runner:
             return self.model_dirs[name]
         target = self.work_dir / "models" / name
         config = {**spec["config"], **_parse_overrides(self.args.model_set)}
-        if "derived_from" in spec:
+        if "gptq" in spec:
+            self.quantize_model(name, spec, Path(self.model_dir_for(spec["quantized_from"], dtype)), target)
+        elif "derived_from" in spec:
             parent = Path(self.model_dir_for(spec["derived_from"], dtype))
             link_truncated_checkpoint(parent, target, int(spec["config"]["num_hidden_layers"]))
             print(f"[bench] model {name}: first {spec['config']['num_hidden_layers']} layers of {parent}", flush=True)
@@ -1086,6 +1096,47 @@ class Runner:
         self.model_dirs[name] = str(target)
         return self.model_dirs[name]
 
+    def quantize_model(self, name: str, spec: Mapping[str, Any], parent: Path, target: Path) -> None:
+        """Write the GPTQ checkpoint of model ``name`` from ``parent`` with ``fms-accelerate quantize`` (on the
+        GPU when there is one), unless ``target`` already holds one (``--work-dir`` keeps it between runs). The
+        quantizer's output goes to ``logs/quantize-<name>.log``."""
+        gptq = spec["gptq"]
+        config_file = target / "config.json"
+        if config_file.is_file():
+            written = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config") or {}
+            same = all(
+                written.get(k) == gptq[k] for k in ("bits", "group_size", "desc_act", "sym", "checkpoint_format")
+            )
+            if same and (written.get("meta") or {}).get("method") == gptq["method"]:
+                print(f"[bench] model {name}: GPTQ checkpoint already in {target}", flush=True)
+                return
+            print(f"[bench] model {name}: {target} holds another or no GPTQ checkpoint; writing it again", flush=True)
+        device = "cpu" if self.on_cpu else "cuda"
+        cmd = [
+            sys.executable, "-m", "fms_acceleration_accelerate.cli", "quantize", str(parent), str(target),
+            "--bits", str(gptq["bits"]), "--group-size", str(gptq["group_size"]), "--method", gptq["method"],
+            "--sym" if gptq["sym"] else "--no-sym", "--checkpoint-format", gptq["checkpoint_format"],
+            "--dtype", gptq["dtype"], "--num-samples", str(gptq["num_samples"]), "--seq-len", str(gptq["seq_len"]),
+            "--device", device, "--overwrite",
+            *(["--desc-act"] if gptq["desc_act"] else []),
+        ]  # fmt: skip
+        log = self.out_dir / "logs" / f"quantize-{name}.log"
+        shown = "fms-accelerate " + display_command(cmd[3:])  # as a user types it (the same module runs)
+        print(f"[bench] quantizing model {name} ({benchlib.gptq_label(gptq)}) on {device}: {shown}", flush=True)
+        t0 = time.monotonic()
+        with log.open("w", encoding="utf-8") as handle:
+            handle.write(shown + "\n\n")
+            handle.flush()
+            try:
+                done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
+                                      env={**os.environ, "PYTHONSAFEPATH": "1"},  # not the repo's kernels/ folder
+                                      timeout=self.args.scenario_timeout)  # fmt: skip
+            except subprocess.TimeoutExpired:
+                raise RuntimeError(f"quantizing model {name!r} took over {self.args.scenario_timeout:.0f}s") from None
+        if done.returncode != 0:
+            raise RuntimeError(f"quantizing model {name!r} failed: {_tail(log, 30)}")
+        print(f"[bench] model {name} ready in {time.monotonic() - t0:.0f}s: {target}", flush=True)
+
     # -- one scenario
     def prepare(self, s: Scenario) -> tuple[list[str], dict[str, str], Stack, list[str]]:
         if s.peer == "liger":
@@ -1095,7 +1146,8 @@ class Runner:
                 raise SkipScenario(
                     "liger-kernel is not installed (carry its wheel in wheels/; see benchmarks/README.md)"
                 )
-        if s.peft == "qlora" and not benchlib.has_module("bitsandbytes"):
+        gptq_model = self.is_gptq_model(s.model)
+        if s.peft == "qlora" and not gptq_model and not benchlib.has_module("bitsandbytes"):
             raise SkipScenario("bitsandbytes is not installed (carry its wheel in wheels/)")
         if self.on_cpu and s.distributed == "fsdp1":
             raise SkipScenario(
@@ -1106,6 +1158,14 @@ class Runner:
             raise SkipScenario(f"needs {s.num_gpus} GPUs, {self.num_gpus} visible")
         stack = resolve_stack(s.plugins, s.plugins_label)
         active = check_stack_activates(stack)
+        if gptq_model != (GPTQ_PLUGIN in active):
+            raise ScenarioError(
+                f"{s.name}: model {s.model!r} is a GPTQ checkpoint but the stack has no peft.quantization.auto_gptq "
+                "section (nothing would load it); add the section"
+                if gptq_model
+                else f"{s.name}: the stack loads GPTQ checkpoints (peft.quantization.auto_gptq) but model {s.model!r} "
+                "is not one; use a model with gptq_of: {model: NAME, ...} in the scenarios file's models"
+            )
         extra_base = None
         if s.accelerate_config:
             extra_base = yaml.safe_load(Path(s.accelerate_config).read_text(encoding="utf-8")) or {}
