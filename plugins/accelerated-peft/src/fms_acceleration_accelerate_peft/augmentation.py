@@ -29,7 +29,7 @@ def _lora_config_type() -> type:
 def add_lora_adapters(
     model: nn.Module,
     peft_config: Any,
-    config: BnbQuantizationConfig,
+    config: BnbQuantizationConfig | Any,
     *,
     config_path: str = CONFIG_PATH,
     plugin_label: str = "the bitsandbytes plugin",

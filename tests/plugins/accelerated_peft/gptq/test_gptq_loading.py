@@ -77,6 +77,14 @@ def test_half_precision_logits_match_the_dense_model_in_that_dtype(tmp_path, dty
     assert (got - exact).abs().max() < 0.1
 
 
+@pytest.mark.parametrize("device_map", ["auto", {"": "cpu"}, "cpu"])
+def test_single_device_maps_load_on_the_process_device(tmp_path, device_map):
+    """TRL passes device_map="auto" when it loads a model on a GPU: the whole model goes to the process's device."""
+    path, _ = make_gptq_checkpoint(tmp_path / "ckpt", GPTQCase())
+    model = _load(path, device_map=device_map)
+    assert {b.device.type for b in model.buffers()} == {"cpu"}
+
+
 def test_default_training_dtype_is_the_checkpoints(tmp_path):
     path, _ = make_gptq_checkpoint(tmp_path / "ckpt", GPTQCase())
     model = load_gptq_causal_lm(str(path), GPTQLoraConfig())  # config.json says float16

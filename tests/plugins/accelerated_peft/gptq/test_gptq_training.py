@@ -180,6 +180,20 @@ def test_no_peft_model_loads_only_and_prepare_check(ckpt):
         framework().plugins[0].augmentation(tiny_llama(), None, (lora_config(),))
 
 
+def test_fp32_norm_compute_and_describe(ckpt):
+    fw = framework(fp32_norm_compute=True)
+    lines = "\n".join(fw.describe())
+    assert "read natively: no auto-gptq / gptqmodel" in lines and "norms computed in float32" in lines
+    assert "'gptq' dequant backend" in lines
+    model = fw.model_loader(str(ckpt), torch_dtype=torch.bfloat16)
+    model, _ = fw.augmentation(model, None, (lora_config(),))
+    norms = [r for r in fw.patches.records if r.replacement == "fp32 norm compute"]
+    assert len(norms) == 2 * 2 + 1  # two per decoder layer and the final norm
+    ids = token_batch()
+    assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
+    fw.revert()
+
+
 def test_upstream_sample_configuration_activates_the_plugin(tmp_path):
     """The shape of upstream's accelerated-peft-autogptq-foak sample: both sections activate, none is passed
     through, and the GPTQ backend feeds the fused kernels."""

@@ -80,17 +80,26 @@ def resolve_training_dtype(value: Any, checkpoint_dtype: Any) -> torch.dtype:
     return check_training_dtype(value)
 
 
+_WHOLE_MODEL_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
 def _load_device(kwargs: dict[str, Any], context: RunContext) -> torch.device:
-    """``run_context.device``, or the one device a ``device_map`` names (a mapping of ``""`` to a device, a device
-    or its name); other device maps (``"auto"``, per-module placement) are refused."""
+    """``run_context.device``, or the one device a ``device_map`` names (a mapping of ``""`` to a device, a device,
+    its name or index). ``"auto"`` (what TRL passes on a GPU) and the other placement strategies mean the process's
+    device: the plugin puts the whole model on one device. Per-module maps over several devices are refused."""
     device_map = kwargs.pop("device_map", None)
     if device_map is None:
         return context.device
-    if isinstance(device_map, dict) and set(device_map) == {""}:
-        device_map = device_map[""]
-    if isinstance(device_map, int):
+    if isinstance(device_map, str) and device_map in _WHOLE_MODEL_MAPS:
+        logger.info(
+            "GPTQ: device_map %r: the whole model goes to %s (the process's device)", device_map, context.device
+        )
+        return context.device
+    if isinstance(device_map, dict) and len(set(map(str, device_map.values()))) == 1 and device_map:
+        device_map = next(iter(device_map.values()))
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
         return torch.device("cuda", device_map)
-    if isinstance(device_map, (str, torch.device)) and str(device_map) not in ("auto", "balanced", "sequential"):
+    if isinstance(device_map, (str, torch.device)):
         try:
             return torch.device(device_map)
         except RuntimeError:
