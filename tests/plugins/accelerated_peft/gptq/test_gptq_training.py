@@ -276,3 +276,54 @@ def test_gptq_needs_no_bitsandbytes(ckpt, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "OK ['auto_gptq']" in result.stdout
+
+
+def test_trl_sft_trainer_given_the_checkpoint_path(ckpt, tmp_path):
+    """TRL's SFTTrainer given the GPTQ checkpoint as a path and a LoraConfig, with the section in an
+    AccelerationKwargs: the trainer's own from_pretrained loads through the plugin, TRL adds the adapters, and the
+    adapters train over the packed base."""
+    from datasets import Dataset
+    from peft import LoraConfig
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+    from trl import SFTConfig, SFTTrainer
+
+    from fms_acceleration_accelerate import accelerate_integration as ai
+
+    vocab = {f"t{i}": i for i in range(96)}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0")), pad_token="t0", eos_token="t1"
+    )
+    data = Dataset.from_dict({"input_ids": [ids[0].tolist() for ids in learnable_batches(12, batch=1)]})
+    args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=6,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        use_cpu=True,
+        bf16=False,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        model_init_kwargs={"dtype": "bfloat16"},
+    )
+    was = ai.is_installed()
+    ai.uninstall()
+    try:
+        handler = ai.AccelerationKwargs(config={"peft": {"quantization": {"auto_gptq": {"no_peft_model": True}}}})
+        lora = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+        trainer = SFTTrainer(
+            model=str(ckpt), args=args, train_dataset=data, processing_class=tokenizer, peft_config=lora
+        )
+        q = trainer.model.get_base_model().model.layers[0].self_attn.q_proj
+        assert isinstance(q.base_layer, GPTQLinear) and q.base_layer.compute_dtype == torch.bfloat16
+        trainer.train()
+        assert handler is not None
+    finally:
+        ai.uninstall()
+        if was:
+            ai.install()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert q.lora_B["default"].weight.abs().sum() > 0
