@@ -246,6 +246,11 @@ def load_quantized_causal_lm(
         AccelerationConfigError: any problem found before loading (see :func:`plan_quantization`).
     """
     require_bitsandbytes()
+    # imported here first when nothing imported it yet (transformers would, while loading), leaving out
+    # bitsandbytes' notice about its optional CPU kernel from the Hugging Face hub (see import_bitsandbytes)
+    from _fms_acceleration_startup import import_bitsandbytes
+
+    import_bitsandbytes()
     from transformers import AutoConfig, PretrainedConfig
 
     kwargs = dict(kwargs)
