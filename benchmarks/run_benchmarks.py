@@ -1121,6 +1121,10 @@ class Runner:
             *(["--desc-act"] if gptq["desc_act"] else []),
         ]  # fmt: skip
         log = self.out_dir / "logs" / f"quantize-{name}.log"
+        timeout = self.args.scenario_timeout
+        if self.args.time_budget:  # within what is left of --time-budget, as a row is
+            left = self.args.time_budget - (time.monotonic() - self.started)
+            timeout = min(timeout, max(left, self.args.min_scenario_time))
         shown = "fms-accelerate " + display_command(cmd[3:])  # as a user types it (the same module runs)
         print(f"[bench] quantizing model {name} ({benchlib.gptq_label(gptq)}) on {device}: {shown}", flush=True)
         t0 = time.monotonic()
@@ -1130,11 +1134,12 @@ class Runner:
             try:
                 done = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=str(REPO_ROOT),
                                       env={**os.environ, "PYTHONSAFEPATH": "1"},  # not the repo's kernels/ folder
-                                      timeout=self.args.scenario_timeout)  # fmt: skip
+                                      timeout=timeout)  # fmt: skip
             except subprocess.TimeoutExpired:
-                raise RuntimeError(f"quantizing model {name!r} took over {self.args.scenario_timeout:.0f}s") from None
+                raise RuntimeError(f"quantizing model {name!r} took over {timeout:.0f}s") from None
         if done.returncode != 0:
-            raise RuntimeError(f"quantizing model {name!r} failed: {_tail(log, 30)}")
+            why = _last_error_line(log) or _tail(log, 3)
+            raise RuntimeError(f"quantizing model {name!r} failed (exit {done.returncode}, logs/{log.name}): {why}")
         print(f"[bench] model {name} ready in {time.monotonic() - t0:.0f}s: {target}", flush=True)
 
     # -- one scenario

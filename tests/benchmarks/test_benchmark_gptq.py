@@ -129,6 +129,24 @@ def test_gptq_model_and_stack_must_go_together_before_any_build(tmp_path: Path) 
     assert not (tmp_path / "w" / "models").exists()  # nothing built
 
 
+def test_a_failing_quantizer_fails_the_row_with_its_message(tmp_path: Path) -> None:
+    runner = _runner(
+        tmp_path,
+        {
+            "models": _models(q={"gptq_of": {"model": "base"}}),
+            "scenarios": [{"name": "x", "group": "g", "model": "q", "peft": "qlora",
+                           "plugins": {"peft": {"quantization": {"auto_gptq": GPTQ_SECTION}}}}],
+        },
+    )  # fmt: skip
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    with pytest.raises(RuntimeError, match=r"quantizing model 'q' failed \(exit 2, logs/quantize-q\.log\): error: .*"
+                       "has no config.json"):  # fmt: skip
+        runner.quantize_model("q", runner.sfile.models["q"], not_a_model, tmp_path / "w" / "q")
+    log = (tmp_path / "out" / "logs" / "quantize-q.log").read_text(encoding="utf-8")
+    assert log.startswith("fms-accelerate quantize ") and "--method rtn --sym" in log and "--device cpu" in log
+
+
 # ------------------------------------------------------------------------------------------- scenario files
 def test_gptq_scenario_file_is_the_reference_shape_in_priority_order() -> None:
     sfile = benchlib.load_scenarios(BENCH / "scenarios-gptq.yaml")
