@@ -9,6 +9,11 @@ the framework's registry of dequant backends (``fms_acceleration_accelerate.dequ
 ``GPTQLinear`` subclasses ``nn.Linear`` (for PEFT), so this backend must be tried before the fused-ops plugin's
 ``dense`` backend for ``nn.Linear``; it is, because this plugin runs earlier (loaders before kernel plugins), and
 ``dense`` refuses a layer whose ``weight`` is ``None`` anyway.
+
+The backend also reads the layers the plugin puts in place under FSDP: :class:`~.packed.PackedGPTQLinear` (FSDP2;
+``read`` must then run inside the forward of a module containing the layer, where FSDP2 has all-gathered the
+shards, as the fused kernels do) and ``GPTQLinear`` in parameter storage (FSDP1). All three answer
+``quantized_weight()``.
 """
 
 from __future__ import annotations
@@ -18,18 +23,20 @@ from typing import Any
 from fms_acceleration_accelerate.dequant import DequantBackend
 
 from .layer import GPTQLinear
+from .packed import PackedGPTQLinear
 
 BACKEND_NAME = "gptq"
 
 
 def gptq_quantized_weight(module: Any) -> Any:
-    """``DequantBackend.read``: the layer's packed tensors as a ``GPTQWeight`` in its compute dtype (no copy)."""
+    """``DequantBackend.read``: the layer's packed tensors as a ``GPTQWeight`` in its compute dtype (no copy; a
+    :class:`~.packed.PackedGPTQLinear` read outside its FSDP unit's forward raises ``ValueError``)."""
     return module.quantized_weight()
 
 
 GPTQ_BACKEND = DequantBackend(
     name=BACKEND_NAME,
-    module_types=(GPTQLinear,),
+    module_types=(GPTQLinear, PackedGPTQLinear),
     read=gptq_quantized_weight,
     # imported at the first read: declaring the backend imports neither the kernels package nor Triton
     weight_format="fms_acceleration_accelerate_kernels.gptq:GPTQWeight",

@@ -21,6 +21,19 @@ Storage, chosen for the checkpoint format and for FSDP:
 * ``bias`` (when the checkpoint has one) is an ordinary frozen ``nn.Parameter`` in the training dtype, like every
   other non-quantized weight (PEFT's ``bias="all"`` can train it).
 
+Under FSDP the plugin changes where the packed tensors live (the layer computes the same thing either way):
+
+* FSDP1 flattens *parameters* of one dtype per unit and replicates buffers (and, under mixed precision, casts
+  floating-point buffers to its ``buffer_dtype``, which would round float16 ``scales`` to bfloat16). The plugin
+  therefore replaces each layer by one in **parameter storage** (:meth:`GPTQLinear.with_parameter_storage`): the
+  same four tensors as frozen parameters *viewed* as the training dtype (int32 words and float16 scales
+  reinterpreted, bit for bit, as e.g. bfloat16), which FSDP1 flattens, shards and all-gathers next to the unit's
+  other frozen weights without a cast (the framework checks that the mixed-precision ``param_dtype`` equals that
+  dtype). :meth:`GPTQLinear.packed_tensors` views them back as int32 / float16 for the kernels.
+* FSDP2 shards parameters one by one along their first dimension; the plugin replaces the layer by
+  :class:`~.packed.PackedGPTQLinear`, whose packed tensors form one tensor-subclass parameter sharded by output
+  channels (see :mod:`.packed`).
+
 The forward is ``gptq_linear(x, self.quantized_weight(), self.bias)`` of ``fms_acceleration_accelerate_kernels.gptq``
 in ``compute_dtype`` (or the autocast dtype): dequantise + matmul, whose backward dequantises again for the
 input gradient and keeps no dense weight.
@@ -86,6 +99,8 @@ class GPTQLinear(nn.Linear):
         self.group_size = group_size
         self.checkpoint_format = checkpoint_format
         self.compute_dtype = compute_dtype
+        self.scales_dtype = scales_dtype
+        self.storage_dtype: torch.dtype | None = None  # parameter storage (FSDP1): the dtype the tensors are viewed as
         groups = 1 if group_size == -1 else -(-in_features // group_size)
         self.register_parameter("weight", None)
         self.register_buffer("qweight", torch.empty(in_features // pf, out_features, dtype=torch.int32, device=device))
@@ -126,16 +141,77 @@ class GPTQLinear(nn.Linear):
         """Nothing to initialise: the packed weight comes from a checkpoint (``nn.Linear``'s re-initialisation,
         e.g. from ``model.init_weights()``, must not touch it)."""
 
+    def packed_tensors(self) -> dict[str, torch.Tensor]:
+        """``{"qweight", "qzeros", "g_idx"}`` as int32 and ``"scales"`` in ``scales_dtype``, in the checkpoint's
+        layout, whichever storage holds them (views, no copies; see the module docstring)."""
+        out = {}
+        for name in PACKED_NAMES:
+            tensor = getattr(self, name)
+            dtype = self.scales_dtype if name == "scales" else torch.int32
+            out[name] = tensor if tensor.dtype == dtype else _reinterpret(tensor, dtype)
+        return out
+
+    @classmethod
+    def with_parameter_storage(cls, layer: GPTQLinear, dtype: torch.dtype) -> GPTQLinear:
+        """A new layer sharing ``layer``'s tensors (no copy), held as frozen parameters viewed as ``dtype`` (for
+        FSDP1, which flattens parameters of one dtype per unit). ``bias`` is the same parameter object."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for key in ("in_features", "out_features", "bits", "group_size", "checkpoint_format", "compute_dtype"):
+            setattr(new, key, getattr(layer, key))
+        new.scales_dtype = layer.scales_dtype
+        new.storage_dtype = dtype
+        new.register_parameter("weight", None)
+        for name, tensor in layer.packed_tensors().items():
+            new.register_parameter(name, nn.Parameter(_reinterpret(tensor, dtype), requires_grad=False))
+        new.bias = layer.bias
+        return new
+
+    @classmethod
+    def with_buffer_storage(cls, layer: GPTQLinear) -> GPTQLinear:
+        """The inverse of :meth:`with_parameter_storage`: a new layer holding ``layer``'s tensors as buffers in
+        their own dtypes (views, no copy)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for key in ("in_features", "out_features", "bits", "group_size", "checkpoint_format", "compute_dtype"):
+            setattr(new, key, getattr(layer, key))
+        new.scales_dtype = layer.scales_dtype
+        new.storage_dtype = None
+        new.register_parameter("weight", None)
+        for name, tensor in layer.packed_tensors().items():
+            new.register_buffer(name, tensor)
+        new.bias = layer.bias
+        return new
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """The packed tensors are saved in their own dtypes (int32 / the scales' dtype) whatever storage holds
+        them, so a state dict (or ``save_pretrained``) stays a GPTQ checkpoint."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.storage_dtype is not None:
+            for name, tensor in self.packed_tensors().items():
+                if prefix + name in destination:
+                    destination[prefix + name] = tensor if keep_vars else tensor.detach()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Packed tensors given in their own dtypes load into parameter storage bit for bit (viewed, not cast)."""
+        if self.storage_dtype is not None:
+            for name in PACKED_NAMES:
+                key = prefix + name
+                if key in state_dict and state_dict[key].dtype != self.storage_dtype:
+                    state_dict[key] = _reinterpret(state_dict[key], self.storage_dtype)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def quantized_weight(self) -> Any:
         """The layer's tensors as a ``fms_acceleration_accelerate_kernels.gptq.GPTQWeight`` (no copies), in
         ``compute_dtype``. Call it inside a forward under FSDP."""
         from fms_acceleration_accelerate_kernels.gptq import GPTQWeight
 
+        tensors = self.packed_tensors()
         return GPTQWeight(
-            qweight=self.qweight,
-            qzeros=self.qzeros,
-            scales=self.scales,
-            g_idx=self.g_idx,
+            qweight=tensors["qweight"],
+            qzeros=tensors["qzeros"],
+            scales=tensors["scales"],
+            g_idx=tensors["g_idx"],
             bits=self.bits,
             group_size=self.group_size,
             checkpoint_format=self.checkpoint_format,
@@ -156,8 +232,28 @@ class GPTQLinear(nn.Linear):
         return gptq_linear(x, self.quantized_weight(), self.bias)
 
     def extra_repr(self) -> str:
+        storage = "" if self.storage_dtype is None else f", storage={str(self.storage_dtype).replace('torch.', '')}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"bits={self.bits}, group_size={self.group_size}, checkpoint_format={self.checkpoint_format}, "
-            f"compute_dtype={str(self.compute_dtype).replace('torch.', '')}"
+            f"compute_dtype={str(self.compute_dtype).replace('torch.', '')}{storage}"
         )
+
+
+PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")
+"""The checkpoint tensors of a GPTQ linear (besides ``bias``)."""
+
+
+def _reinterpret(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor``'s bytes viewed as ``dtype`` (bit for bit; the last dimension changes by the size ratio).
+
+    A view needs the storage offset aligned to the larger element size; FSDP1 (without ``use_orig_params``) lays
+    parameters end to end in its flat parameter, so a 2-byte view may start on an odd element. Such a tensor is
+    copied first (a fresh allocation is aligned); in practice every tensor of a decoder unit has an even number
+    of 2-byte elements, so this does not happen."""
+    if tensor.dtype == dtype:
+        return tensor
+    try:
+        return tensor.view(dtype)
+    except RuntimeError:
+        return tensor.contiguous().clone().view(dtype)

@@ -13,34 +13,50 @@ Which hook does what (each change is made in one phase):
   ``fp32_norm_compute`` norm patches. Returns ``modifiable_args`` with the LoRA config replaced by ``None`` so a
   trainer does not add adapters twice. With ``no_peft_model: true`` no adapters are added.
 * ``check_prepared_model`` (``Accelerator.prepare``, first): the model must have ``GPTQLinear`` layers.
+* ``prepare_contribution`` (``Accelerator.prepare``, before wrapping): FSDP handling of the packed tensors
+  (:mod:`.sharding`): under FSDP2 with several processes ``GPTQLinear`` layers are replaced by
+  :class:`~.packed.PackedGPTQLinear` (one packed parameter sharded by output channels, all-gathered as packed
+  bytes); under FSDP1 by the same layer holding its packed tensors as frozen parameters viewed as the training
+  dtype (flattened and sharded by FSDP1, never cast). Adapter dtype and fp32 gradient reduction as the
+  bitsandbytes plugin.
+* ``after_prepare`` (after wrapping): log the packed bytes this rank holds.
 * ``dequant_backends``: contributes the ``gptq`` dequant backend (storage format ``auto_gptq``), so the fused-ops
-  plugin's fused LoRA / fused dequant kernels (``base_layer: auto_gptq``) read ``GPTQLinear`` bases
-  (:mod:`.dequant_backend`).
+  plugin's fused LoRA / fused dequant kernels (``base_layer: auto_gptq``) read ``GPTQLinear`` bases and their
+  FSDP forms (:mod:`.dequant_backend`).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import torch
 from torch import nn
 
 from fms_acceleration_accelerate.dequant import DequantBackend
+from fms_acceleration_accelerate.distributed import PrepareContribution
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 from fms_acceleration_accelerate.plugin import AccelerationPlugin
 
 from ..augmentation import add_lora_adapters, enable_input_grads_for_checkpointing, fp32_norm_forward, is_norm_module
 from .config import CONFIG_PATH, QUANTIZE_COMMAND, GPTQLoraConfig
 from .layer import GPTQLinear
+from .packed import PackedGPTQLinear
 
 if TYPE_CHECKING:  # pragma: no cover
     from fms_acceleration_accelerate.distributed import RunContext
 
+    from .sharding import GPTQSwap
+
 INSTALL_HINT = "pip install fms-acceleration-accelerate-peft fms-acceleration-accelerate-kernels"
 
+logger = logging.getLogger("fms_acceleration_accelerate_peft")
 
-def gptq_layers(model: nn.Module) -> list[GPTQLinear]:
-    """The :class:`GPTQLinear` layers of ``model`` (PEFT / DDP wrappers included)."""
-    return [m for m in model.modules() if isinstance(m, GPTQLinear)]
+
+def gptq_layers(model: nn.Module) -> list[nn.Module]:
+    """The GPTQ layers of ``model`` (:class:`GPTQLinear` and its FSDP2 form :class:`PackedGPTQLinear`; PEFT / DDP
+    / FSDP wrappers included)."""
+    return [m for m in model.modules() if isinstance(m, (GPTQLinear, PackedGPTQLinear))]
 
 
 class AutoGPTQAccelerationPlugin(AccelerationPlugin):
@@ -58,6 +74,11 @@ class AutoGPTQAccelerationPlugin(AccelerationPlugin):
     order: ClassVar[int] = 100
 
     config: GPTQLoraConfig
+
+    def __init__(self, config: Any, *, matched_paths: tuple[str, ...], patches: Any) -> None:
+        super().__init__(config, matched_paths=matched_paths, patches=patches)
+        # the GPTQLinear replacements made for FSDP (undo information; the originals hold no packed bytes)
+        self._swaps: list[GPTQSwap] = []
 
     # ---------------------------------------------------------------------------------------------- loading
     def model_loader(self, model_name_or_path: str, **kwargs: Any) -> nn.Module:
@@ -138,6 +159,77 @@ class AutoGPTQAccelerationPlugin(AccelerationPlugin):
             "section or after creating AccelerationKwargs; or remove the auto_gptq section",
         )
 
+    def prepare_contribution(self, model: nn.Module, context: RunContext) -> PrepareContribution | None:
+        """FSDP handling of the packed tensors (see :mod:`.sharding`); ``None`` when not under FSDP.
+
+        FSDP1: every ``GPTQLinear`` holds its packed tensors as frozen parameters viewed as the training dtype
+        (keep-dtype: the framework refuses a mixed-precision ``param_dtype`` that differs). FSDP2 with several
+        processes: ``GPTQLinear`` layers whose output channels split evenly into whole zero-point words become
+        :class:`PackedGPTQLinear`; the others keep their (replicated) buffers. FSDP2 on one process: nothing to
+        shard, layers left as they are. LoRA weights in float32 with float32 gradient reduction when
+        ``fp32_lora_params`` (else the training dtype).
+        """
+        from .sharding import convert_gptq_for_fsdp1, convert_gptq_for_fsdp2, is_gptq_storage
+
+        if not context.is_fsdp:
+            return None
+        training_dtype = _training_dtype(model)
+        lora_dtype = torch.float32 if self.config.fp32_lora_params else training_dtype
+        reduce_dtype = torch.float32 if self.config.fp32_lora_params else None
+        names = {id(m): n for n, m in model.named_modules()}
+
+        def record(parent: nn.Module, child: str, new: nn.Module, swap: GPTQSwap) -> None:
+            self._swaps.append(swap)
+            self.patches.replace_child(
+                parent,
+                child,
+                new,
+                target=f"{names[id(parent)]}.{child}".lstrip("."),
+                description=description,
+                restore=swap.restore,
+            )
+
+        if context.fsdp_version == 1:
+            description = f"GPTQLinear, packed tensors as {_name(training_dtype)} parameters (FSDP1 flat sharding)"
+            report = convert_gptq_for_fsdp1(model, training_dtype, replace=record)
+            return PrepareContribution(
+                keep_dtype_params=(is_gptq_storage,),
+                trainable_dtype=lora_dtype,
+                reduce_dtype=reduce_dtype,
+                notes=(
+                    f"FSDP1: {len(report.converted)} GPTQ layers hold their packed tensors as frozen "
+                    f"{_name(training_dtype)} parameters (int32/float16 bytes viewed, never cast), flattened and "
+                    f"sharded with their unit; LoRA in {_name(lora_dtype)}",
+                ),
+            )
+        world = context.world_size
+        if world == 1:
+            # FSDP2 on one rank skips the all-gather and reads one input per parameter (torch 2.11), which a packed
+            # weight (codes, zeros and scales) is not; with nothing to shard, the layers stay as they are
+            notes = ("FSDP2 on one rank: GPTQ layers left as they are (nothing to shard)",)
+        else:
+            description = "PackedGPTQLinear (FSDP2 packed GPTQ all-gather)"
+            report = convert_gptq_for_fsdp2(model, world, replace=record)
+            kept = (
+                f"; {len(report.kept)} left replicated (output channels do not split into whole zero-point words "
+                f"over {world} ranks): {list(report.kept[:3])}"
+                if report.kept
+                else ""
+            )
+            notes = (f"FSDP2: {len(report.converted)} GPTQ layers sharded as packed bytes (PackedGPTQLinear){kept}",)
+        return PrepareContribution(trainable_dtype=lora_dtype, reduce_dtype=reduce_dtype, notes=notes)
+
+    def after_prepare(self, model: nn.Module, context: RunContext) -> None:
+        """Log how many bytes of packed GPTQ tensors this rank holds."""
+        if context.is_fsdp and context.fsdp_version == 2:
+            from .sharding import packed_bytes_per_rank
+
+            logger.info(
+                "GPTQ: this rank holds %d bytes of packed GPTQ tensors (%d layers replaced for FSDP)",
+                packed_bytes_per_rank(model),
+                len(self._swaps),
+            )
+
     def dequant_backends(self) -> tuple[DequantBackend, ...]:
         """Contributes the ``gptq`` backend (``GPTQLinear`` -> ``GPTQWeight``, storage format ``auto_gptq``) for
         fused kernels; see :mod:`.dequant_backend`."""
@@ -158,5 +250,19 @@ class AutoGPTQAccelerationPlugin(AccelerationPlugin):
             + f"; LoRA params {'float32' if c.fp32_lora_params else 'training dtype'}; frozen base not upcast",
             *(["patch: norms computed in float32"] if c.fp32_norm_compute else []),
             "fused kernels: contributes the 'gptq' dequant backend (fused_ops_and_kernels base_layer: auto_gptq)",
+            "FSDP2: packed tensors sharded by output channels and all-gathered as packed bytes; FSDP1: packed tensors "
+            "flattened and sharded as training-dtype views (never cast)",
             f"checkpoint: make one from a Hugging Face model with `{QUANTIZE_COMMAND}`",
         ]
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _training_dtype(model: nn.Module) -> torch.dtype:
+    """The compute dtype of the model's GPTQ layers (the training dtype)."""
+    for module in model.modules():
+        if isinstance(module, (GPTQLinear, PackedGPTQLinear)):
+            return module.compute_dtype
+    return torch.float32
