@@ -68,7 +68,12 @@ TEMPLATES: dict[str, Template] = {
             ("peft.quantization.bitsandbytes.fp32_lora_params", False),
         ),
     ),
+    "gptq": Template("plugins/accelerated-peft/configs/autogptq.yaml"),
     "foak-peft": Template("plugins/fused-ops-and-kernels/configs/fast_quantized_peft.yaml"),
+    "foak-peft-gptq": Template(
+        "plugins/fused-ops-and-kernels/configs/fast_quantized_peft.yaml",
+        overrides=(("peft.quantization.fused_ops_and_kernels.base_layer", "auto_gptq"),),
+    ),
     "foak-kernels": Template("plugins/fused-ops-and-kernels/configs/fast_kernels.yaml"),
     "foak-lora": Template("plugins/fused-ops-and-kernels/configs/fast_lora.yaml"),
 }
@@ -109,6 +114,17 @@ OUTPUTS: tuple[Output, ...] = (
         "QLoRA nf4 + fused LoRA/dequant, RMSNorm, RoPE and loss kernels (acceleration-only, upstream layout)",
     ),
     Output(
+        "accelerated-peft-autogptq",
+        ("gptq",),
+        "GPTQ-LoRA: LoRA on a Hugging Face GPTQ checkpoint, read natively (acceleration-only, upstream layout)",
+    ),
+    Output(
+        "accelerated-peft-autogptq-foak",
+        ("gptq", "foak-peft-gptq"),
+        "GPTQ-LoRA + fused LoRA/dequant over GPTQ bases, RMSNorm, RoPE and loss kernels (acceleration-only, "
+        "upstream layout)",
+    ),
+    Output(
         "foak-fast-kernels",
         ("foak-kernels",),
         "full fine-tuning / LoRA: fused RMSNorm, RoPE and loss kernels (acceleration-only, upstream layout)",
@@ -126,6 +142,18 @@ OUTPUTS: tuple[Output, ...] = (
         accelerate_base="single-gpu",
     ),
     Output(
+        "accelerate-single-gpu-gptq-lora",
+        ("gptq",),
+        "Accelerate config, 1 GPU, bf16: GPTQ-LoRA on a GPTQ checkpoint",
+        accelerate_base="single-gpu",
+    ),
+    Output(
+        "accelerate-single-gpu-gptq-lora-foak",
+        ("gptq", "foak-peft-gptq"),
+        "Accelerate config, 1 GPU, bf16: GPTQ-LoRA + fused kernels",
+        accelerate_base="single-gpu",
+    ),
+    Output(
         "accelerate-fsdp1-qlora-foak",
         ("bnb-nf4-fsdp1", "foak-peft"),
         "Accelerate config, FSDP1 on 8 GPUs of one machine: QLoRA nf4 + fused kernels",
@@ -136,6 +164,12 @@ OUTPUTS: tuple[Output, ...] = (
         ("bnb-nf4", "foak-peft"),
         "Accelerate config, FSDP2 on 8 GPUs of one machine: QLoRA nf4 + fused kernels",
         accelerate_base="fsdp2",
+    ),
+    Output(
+        "accelerate-fsdp2-gptq-lora-foak",
+        ("gptq", "foak-peft-gptq"),
+        "Accelerate config, FSDP2 on 8 GPUs of one machine: GPTQ-LoRA + fused kernels",
+        accelerate_base="fsdp2-gptq",
     ),
     Output(
         "accelerate-fsdp2-fast-kernels",
@@ -153,6 +187,12 @@ OUTPUTS: tuple[Output, ...] = (
         "accelerate-cpu-qlora-foak",
         ("bnb-nf4", "foak-peft"),
         "Accelerate config, CPU, 1 process: QLoRA nf4 + kernels' CPU paths (the README's main job)",
+        accelerate_base="cpu",
+    ),
+    Output(
+        "accelerate-cpu-gptq-lora-foak",
+        ("gptq", "foak-peft-gptq"),
+        "Accelerate config, CPU, 1 process: GPTQ-LoRA + kernels' CPU paths",
         accelerate_base="cpu",
     ),
     Output(
@@ -344,7 +384,28 @@ def _rank0_load_variant(base: str) -> str:
     return base.replace(_PLUGIN_SHARDING_LOADING, _RANK0_LOADING).replace(_PLUGIN_UNITS_WRAP, _DECODER_LAYER_WRAP)
 
 
-ACCELERATE_BASES = {**ACCELERATE_BASES, "fsdp2-rank0-load": _rank0_load_variant(ACCELERATE_BASES["fsdp2"])}
+_BNB_LOADING = """\
+  # meta-device reload cannot follow (refused when on); the bitsandbytes plugin loads on rank 0 and
+  # broadcasts by itself (low_cpu_mem_usage=True).
+"""
+_GPTQ_LOADING = """\
+  # meta-device reload cannot follow (refused when on); the GPTQ plugin reads the packed checkpoint
+  # itself.
+"""
+
+
+def _gptq_variant(base: str) -> str:
+    """The FSDP2 base for GPTQ-LoRA stacks: the loading note names the GPTQ plugin."""
+    if _BNB_LOADING not in base:  # pragma: no cover - edited template
+        raise RuntimeError(f"the fsdp2 Accelerate base no longer has the lines {_BNB_LOADING!r}")
+    return base.replace(_BNB_LOADING, _GPTQ_LOADING)
+
+
+ACCELERATE_BASES = {
+    **ACCELERATE_BASES,
+    "fsdp2-rank0-load": _rank0_load_variant(ACCELERATE_BASES["fsdp2"]),
+    "fsdp2-gptq": _gptq_variant(ACCELERATE_BASES["fsdp2"]),
+}
 
 # ------------------------------------------------------------------------------------------------------
 # A comment-preserving line merger for block-style YAML mappings
