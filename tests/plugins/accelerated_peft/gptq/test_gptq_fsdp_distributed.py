@@ -1,0 +1,360 @@
+"""GPTQ-LoRA over two gloo processes on CPU: FSDP2 with packed GPTQ shards and FSDP1 with flattened packed views,
+against one process.
+
+One spawn runs every distributed check (process start-up dominates the cost):
+
+* FSDP2: the plugin's ``prepare_contribution`` replaces the ``GPTQLinear`` layers by ``PackedGPTQLinear`` and the
+  framework's FSDP2 plan shards the model; the first forward on each rank's half batch equals the one-process
+  model's on the same rows bit for bit; 4 AdamW steps with the batch split over the ranks give the losses and
+  LoRA gradients of one process on the whole batch (bounds argued in ``test_gptq_fsdp2_two_processes_match_one``);
+  each rank keeps half of the packed bytes (``g_idx`` whole), the full copies made for the conversion die unit by
+  unit while sharding, and revert (collective) gives the original layers their exact packed tensors back;
+* the all-gather of GPTQ layers moves exactly their packed bytes (int32 ``qweight`` + ``qzeros`` + fp16
+  ``scales``; ``g_idx`` is not gathered), counted on the wire, 0.29x a bf16 all-gather of the same weights;
+* FSDP1 with bf16 weights, a bf16 mixed-precision ``param_dtype`` and bf16 autocast (Accelerate's FSDP1 mixed
+  precision): the packed tensors are flattened and sharded with their decoder unit as bf16 views; the first
+  forward equals one process's bit for bit, training runs, and the packed bytes gathered back after training are
+  the checkpoint's.
+"""
+
+from __future__ import annotations
+
+import gc
+import traceback
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from ..helpers import free_port, init_gloo, spawn_workers, trainable_grads
+from .gptq_helpers import GPTQCase, learnable_batches, make_gptq_checkpoint
+
+WORLD = 2
+STEPS = 4
+LR = 1e-2
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+PACKED = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _framework(**options):
+    from fms_acceleration_accelerate import AccelerationFramework
+
+    section = {"kernel": "triton_v2", "from_quantized": True, **options}
+    return AccelerationFramework({"plugins": {"peft": {"quantization": {"auto_gptq": section}}}})
+
+
+def _build(path: str, dtype: torch.dtype = torch.float32, **options):
+    from peft import LoraConfig
+
+    fw = _framework(**options)
+    model = fw.model_loader(path, torch_dtype=dtype)
+    if options.get("no_peft_model"):
+        return fw, model
+    torch.manual_seed(5)
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    model, _ = fw.augmentation(model, None, (lora,))
+    return fw, model
+
+
+def _packed_state(model) -> dict[str, torch.Tensor]:
+    from fms_acceleration_accelerate_peft.gptq.layer import GPTQLinear
+
+    return {
+        f"{name}.{key}".replace("_fsdp_wrapped_module.", ""): tensor.clone()
+        for name, m in model.named_modules()
+        if isinstance(m, GPTQLinear)
+        for key, tensor in m.packed_tensors().items()
+    }
+
+
+def _bf16_autocast(enabled: bool = True):
+    """What Accelerate wraps the forward in under bf16 mixed precision."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+def _train(
+    model, data, rank: int, world: int, *, autocast: bool = False
+) -> tuple[list[float], list[dict[str, torch.Tensor]]]:
+    """AdamW steps, each rank on its slice of every batch; the global (rank-mean) losses and the full LoRA gradients
+    of every step."""
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    losses, grads = [], []
+    for ids in data:
+        part = ids.chunk(world)[rank]
+        with _bf16_autocast(autocast):
+            loss = model(input_ids=part, labels=part).loss
+        loss.backward()
+        grads.append(trainable_grads(model))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        value = loss.detach().clone()
+        if world > 1:
+            torch.distributed.all_reduce(value)
+            value /= world
+        losses.append(value.item())
+    return losses, grads
+
+
+def _fsdp2(rank: int, path: str) -> dict:
+    from fms_acceleration_accelerate.distributed import (
+        RunContext,
+        apply_fsdp2_plan,
+        collect_contributions,
+        fully_shard_kwargs_from_policy,
+        plan_fsdp_units,
+    )
+    from fms_acceleration_accelerate_peft.gptq.layer import GPTQLinear
+    from fms_acceleration_accelerate_peft.gptq.packed import GPTQPackedWeight, PackedGPTQLinear
+    from fms_acceleration_accelerate_peft.gptq.sharding import packed_bytes_per_rank
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    fw, model = _build(path)
+    originals = [m for m in model.modules() if isinstance(m, GPTQLinear)]
+    context = RunContext(distributed_type="FSDP", fsdp_version=2, world_size=WORLD)
+    merged = collect_contributions(fw.plugins, model, context)
+    layers = [m for m in model.modules() if isinstance(m, PackedGPTQLinear)]
+    assert len(layers) == 14 and not any(isinstance(m, GPTQLinear) for m in model.modules())
+    # the conversion leaves no second copy: the replaced layers' buffers are emptied at once
+    assert all(m._buffers[k].numel() == 0 for m in originals for k in PACKED)
+    full_copies = [weakref.ref(m.weight.qweight_t.untyped_storage()) for m in layers]
+    alive_before_each_unit = []
+    import torch.distributed.fsdp as fsdp
+
+    fully_shard = fsdp.fully_shard
+
+    def counting_fully_shard(*args, **kwargs):
+        gc.collect()
+        alive_before_each_unit.append(sum(ref() is not None for ref in full_copies))
+        return fully_shard(*args, **kwargs)
+
+    fsdp.fully_shard = counting_fully_shard
+    try:
+        plan = plan_fsdp_units(model, merged, 2)
+        apply_fsdp2_plan(model, plan, merged, fully_shard_kwargs_from_policy(), shard_root=True)
+    finally:
+        fsdp.fully_shard = fully_shard
+    for plugin in fw.plugins:
+        plugin.after_prepare(model, context)
+    gc.collect()
+    assert isinstance(model.get_base_model().model.layers[0], FSDPModule)
+    # units layers.1, layers.0, root; each decoder layer with 7 GPTQ layers: each full copy dies with its unit
+    assert alive_before_each_unit == [14, 7, 0], alive_before_each_unit
+    assert sum(ref() is not None for ref in full_copies) == 0
+    for m in layers:
+        assert isinstance(m.weight, DTensor) and isinstance(m.weight._local_tensor, GPTQPackedWeight)
+        assert m.weight._local_tensor.rows == m.out_features // WORLD
+    held = packed_bytes_per_rank(model)
+
+    data = learnable_batches(STEPS)
+    with torch.no_grad():
+        first_logits = model(input_ids=data[0].chunk(WORLD)[rank]).logits
+    losses, grads = _train(model, data, rank, WORLD)
+    fw.revert()  # collective: each layer is rebuilt from the all-gathered shards
+    restored = _packed_state(model)
+    assert len(restored) == 14 * len(PACKED)
+    return {
+        "held": held,
+        "first_logits": first_logits,
+        "losses": losses,
+        "grads": grads,
+        "restored": restored,
+        "notes": list(merged.notes),
+    }
+
+
+def _all_gather_bytes(path: str) -> dict:
+    """Each GPTQ layer its own FSDP2 unit, one forward: the bytes its all-gathers write."""
+    from fms_acceleration_accelerate.distributed import RunContext
+    from fms_acceleration_accelerate_peft.gptq.packed import PackedGPTQLinear
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+
+    class Counting(DefaultAllGather):
+        bytes = 0
+        calls = 0
+
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            Counting.bytes += output_tensor.numel() * output_tensor.element_size()
+            Counting.calls += 1
+            return super().__call__(output_tensor, input_tensor, group, async_op)
+
+    fw, bare = _build(path, no_peft_model=True)
+    fw.plugins[0].prepare_contribution(bare, RunContext(distributed_type="FSDP", fsdp_version=2, world_size=WORLD))
+    linears = [m for m in bare.modules() if isinstance(m, PackedGPTQLinear)]
+    full = {id(m): m.weight.packed_nbytes(with_g_idx=False) for m in linears}
+    expected = sum(full.values())
+    dense_bf16 = sum(m.out_features * m.in_features * 2 for m in linears)
+    for m in linears:
+        fully_shard(m, reshard_after_forward=True)
+        m.set_custom_all_gather(Counting())
+    fully_shard(bare)
+    with torch.no_grad():
+        bare(input_ids=learnable_batches(1)[0].chunk(WORLD)[0])
+    return {"gathered": Counting.bytes, "calls": Counting.calls, "expected": expected, "bf16": dense_bf16}
+
+
+def _fsdp1(rank: int, path: str) -> dict:
+    from fms_acceleration_accelerate.distributed import (
+        RunContext,
+        check_fsdp1_dtypes,
+        check_keep_dtype_fsdp1,
+        collect_contributions,
+        fsdp1_auto_wrap_policy,
+        plan_fsdp_units,
+    )
+    from fms_acceleration_accelerate_peft.gptq.layer import GPTQLinear
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+
+    fw, model = _build(path, torch.bfloat16)
+    context = RunContext(distributed_type="FSDP", fsdp_version=1, world_size=WORLD, mixed_precision="bf16")
+    merged = collect_contributions(fw.plugins, model, context)
+    gptq = [m for m in model.modules() if isinstance(m, GPTQLinear)]
+    assert len(gptq) == 14 and all(m.storage_dtype == torch.bfloat16 for m in gptq)
+    assert not any(b.is_floating_point() for m in gptq for b in m.buffers())  # nothing for buffer_dtype to cast
+    check_keep_dtype_fsdp1(model, merged, torch.bfloat16)
+    plan = plan_fsdp_units(model, merged, 1)
+    check_fsdp1_dtypes(model, plan, merged, mixed_precision=True)
+    storage = sum(p.numel() for n, p in model.named_parameters() if merged.keeps_dtype(n, p))
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    units = sum(1 for u in plan.units if u.frozen)
+    wrapped = FullyShardedDataParallel(
+        model,
+        auto_wrap_policy=fsdp1_auto_wrap_policy(model, plan),
+        device_id=torch.device("cpu"),
+        mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+        use_orig_params=False,
+    )
+    local_flat = sum(p.numel() for p in wrapped.parameters() if not p.requires_grad)
+    data = learnable_batches(3)
+    with torch.no_grad(), _bf16_autocast():
+        first_logits = wrapped(input_ids=data[0].chunk(WORLD)[rank]).logits
+    losses, _ = _train(wrapped, data, rank, WORLD, autocast=True)
+    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
+        after = _packed_state(wrapped)
+    return {
+        "first_logits": first_logits,
+        "losses": losses,
+        "after": after,
+        "storage": storage,
+        "frozen": frozen,
+        "units": units,
+        "local_flat": local_flat,
+        "notes": list(merged.notes),
+    }
+
+
+def _worker(rank: int, path: str, port: int, out: str) -> None:
+    try:
+        init_gloo(rank, WORLD, port)
+        result = {"fsdp2": _fsdp2(rank, path), "bytes": _all_gather_bytes(path), "fsdp1": _fsdp1(rank, path)}
+        torch.save(result, f"{out}.{rank}")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    except Exception:
+        Path(f"{out}.{rank}.err").write_text(traceback.format_exc())
+        raise
+
+
+@pytest.fixture(scope="module")
+def distributed_run(tmp_path_factory):
+    """The GPTQ checkpoint and both ranks' results (one spawn for the tests below)."""
+    root = tmp_path_factory.mktemp("gptq_fsdp")
+    path, _ = make_gptq_checkpoint(root / "ckpt", GPTQCase(desc_act=True))
+    out = str(root / "rank")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TRITON_INTERPRET", "0")  # the kernels' torch references on CPU (the interpreter is tested elsewhere)
+    mp.setenv("OMP_NUM_THREADS", "1")
+    try:
+        spawn_workers(_worker, (str(path), free_port(), out), WORLD, timeout=300.0)
+    finally:
+        mp.undo()
+    errors = [Path(f"{out}.{r}.err") for r in range(WORLD) if Path(f"{out}.{r}.err").exists()]
+    assert not errors, errors[0].read_text()
+    return path, [torch.load(f"{out}.{r}", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.slow
+def test_gptq_fsdp2_two_processes_match_one(distributed_run, monkeypatch):
+    """Two ranks against one process on the whole batch, the same LoRA initialisation.
+
+    Bounds, from the arithmetic: the packed bytes each rank gathers are the checkpoint's (checked bit for bit after
+    revert), so every forward on the same rows computes the same operations on the same values: the first logits
+    are equal exactly. Training: FSDP2 reduce-scatters the mean of the two half-batch float32 gradients, one process
+    sums the whole batch at once; the two agree up to float32 re-association (~1e-7 relative, far inside rtol 1e-4)
+    at the first step, where the weights are identical. AdamW normalises each gradient by its own running size, so a
+    coordinate whose gradient is at the rounding level can move by up to ~lr either way: later steps start from
+    weights that differ by that much, so their gradients are compared at 10% of the tensor's largest gradient
+    (a rank missing from the reduction or counted twice changes a gradient by 50% to 100%), and the losses
+    (~4.6) within 1e-5 (the tiny adapters change them by ~1e-3 per step).
+    """
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    path, results = distributed_run
+    fw, model = _build(str(path))
+    original = _packed_state(model)
+    data = learnable_batches(STEPS)
+    with torch.no_grad():
+        halves = [model(input_ids=data[0].chunk(WORLD)[r]).logits for r in range(WORLD)]
+    losses, grads = _train(model, data, 0, 1)
+
+    for rank, got in enumerate(results):
+        fsdp2 = got["fsdp2"]
+        assert any("14 GPTQ layers sharded as packed bytes" in n for n in fsdp2["notes"]), fsdp2["notes"]
+        torch.testing.assert_close(fsdp2["first_logits"], halves[rank], rtol=0, atol=0)
+        # revert gives the original layers their packed tensors back, bit for bit
+        assert fsdp2["restored"].keys() == original.keys()
+        for key, tensor in original.items():
+            assert tensor.dtype == fsdp2["restored"][key].dtype and torch.equal(tensor, fsdp2["restored"][key]), key
+        assert fsdp2["losses"] == pytest.approx(losses, abs=1e-5), (fsdp2["losses"], losses)
+        assert fsdp2["grads"][0].keys() == grads[0].keys() and len(grads[0]) == 2 * 2 * len(TARGETS)
+        for name, g in grads[0].items():
+            torch.testing.assert_close(fsdp2["grads"][0][name], g, rtol=1e-4, atol=1e-7)
+        for step in range(1, STEPS):
+            for name, g in grads[step].items():
+                torch.testing.assert_close(fsdp2["grads"][step][name], g, rtol=0, atol=0.1 * float(g.abs().max()))
+
+    # each rank holds half of qweight/qzeros/scales and all of g_idx
+    gathered = sum(t.numel() * t.element_size() for k, t in original.items() if not k.endswith("g_idx"))
+    g_idx = sum(t.numel() * t.element_size() for k, t in original.items() if k.endswith("g_idx"))
+    assert [got["fsdp2"]["held"] for got in results] == [gathered // WORLD + g_idx] * WORLD
+
+
+@pytest.mark.slow
+def test_gptq_fsdp2_all_gather_moves_packed_bytes(distributed_run):
+    _, results = distributed_run
+    counted = results[0]["bytes"]
+    print(
+        f"GPTQ all-gather: {counted['gathered']} bytes in {counted['calls']} calls; packed bytes "
+        f"{counted['expected']}; bf16 {counted['bf16']} ({counted['gathered'] / counted['bf16']:.3f}x)"
+    )
+    assert counted["calls"] == 14  # one all-gather per GPTQ unit
+    assert counted["gathered"] == counted["expected"]  # int32 qweight + qzeros + fp16 scales, nothing else
+    # 4 bits, group size 32: 0.5 + 2.5 / 32 bytes per weight against 2
+    assert counted["gathered"] <= 0.3 * counted["bf16"]
+    assert results[1]["bytes"] == counted
+
+
+@pytest.mark.slow
+def test_gptq_fsdp1_flattens_packed_views_without_a_cast(distributed_run, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    path, results = distributed_run
+    _, model = _build(str(path), torch.bfloat16)
+    original = _packed_state(model)
+    data = learnable_batches(1)
+    with torch.no_grad(), _bf16_autocast():
+        halves = [model(input_ids=data[0].chunk(WORLD)[r]).logits for r in range(WORLD)]
+    for rank, got in enumerate(results):
+        fsdp1 = got["fsdp1"]
+        assert any("FSDP1: 14 GPTQ layers" in n for n in fsdp1["notes"]), fsdp1["notes"]
+        # bf16 param_dtype equals the storage dtype: the packed views are gathered as they are; LoRA B starts at 0
+        torch.testing.assert_close(fsdp1["first_logits"], halves[rank], rtol=0, atol=0)
+        assert all(torch.isfinite(torch.tensor(fsdp1["losses"])))
+        for key, tensor in original.items():
+            after = fsdp1["after"][key]
+            assert after.dtype == tensor.dtype and torch.equal(after, tensor), key
+        # the frozen flat parameters (packed views, norms, embeddings) are split over the ranks: each holds its
+        # 1/WORLD of them (FSDP1 pads each flat parameter by fewer than WORLD elements), the packed views included
+        assert fsdp1["storage"] > fsdp1["frozen"] // 2
+        assert 0 <= fsdp1["local_flat"] * WORLD - fsdp1["frozen"] < WORLD * fsdp1["units"]
