@@ -98,6 +98,12 @@ def _train(
 
 
 def _fsdp2(rank: int, path: str) -> dict:
+    from fms_acceleration_accelerate_peft.gptq.layer import GPTQLinear
+    from fms_acceleration_accelerate_peft.gptq.packed import GPTQPackedWeight, PackedGPTQLinear
+    from fms_acceleration_accelerate_peft.gptq.sharding import packed_bytes_per_rank
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
     from fms_acceleration_accelerate.distributed import (
         RunContext,
         apply_fsdp2_plan,
@@ -105,11 +111,6 @@ def _fsdp2(rank: int, path: str) -> dict:
         fully_shard_kwargs_from_policy,
         plan_fsdp_units,
     )
-    from fms_acceleration_accelerate_peft.gptq.layer import GPTQLinear
-    from fms_acceleration_accelerate_peft.gptq.packed import GPTQPackedWeight, PackedGPTQLinear
-    from fms_acceleration_accelerate_peft.gptq.sharding import packed_bytes_per_rank
-    from torch.distributed.fsdp import FSDPModule
-    from torch.distributed.tensor import DTensor
 
     fw, model = _build(path)
     originals = [m for m in model.modules() if isinstance(m, GPTQLinear)]
@@ -167,10 +168,11 @@ def _fsdp2(rank: int, path: str) -> dict:
 
 def _all_gather_bytes(path: str) -> dict:
     """Each GPTQ layer its own FSDP2 unit, one forward: the bytes its all-gathers write."""
-    from fms_acceleration_accelerate.distributed import RunContext
     from fms_acceleration_accelerate_peft.gptq.packed import PackedGPTQLinear
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
+
+    from fms_acceleration_accelerate.distributed import RunContext
 
     class Counting(DefaultAllGather):
         bytes = 0
@@ -197,6 +199,9 @@ def _all_gather_bytes(path: str) -> dict:
 
 
 def _fsdp1(rank: int, path: str) -> dict:
+    from fms_acceleration_accelerate_peft.gptq.layer import GPTQLinear
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+
     from fms_acceleration_accelerate.distributed import (
         RunContext,
         check_fsdp1_dtypes,
@@ -205,8 +210,6 @@ def _fsdp1(rank: int, path: str) -> dict:
         fsdp1_auto_wrap_policy,
         plan_fsdp_units,
     )
-    from fms_acceleration_accelerate_peft.gptq.layer import GPTQLinear
-    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 
     fw, model = _build(path, torch.bfloat16)
     context = RunContext(distributed_type="FSDP", fsdp_version=1, world_size=WORLD, mixed_precision="bf16")
@@ -292,7 +295,7 @@ def test_gptq_fsdp2_two_processes_match_one(distributed_run, monkeypatch):
     """
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     path, results = distributed_run
-    fw, model = _build(str(path))
+    _, model = _build(str(path))
     original = _packed_state(model)
     data = learnable_batches(STEPS)
     with torch.no_grad():
