@@ -231,3 +231,37 @@ def test_fused_dequant_backend_reads_the_fsdp_layers(ckpt, reference_kernels):
     for module in (PackedGPTQLinear.from_gptq_linear(layer), GPTQLinear.with_parameter_storage(layer, torch.float32)):
         assert isinstance(module, GPTQ_BACKEND.module_types)
         torch.testing.assert_close(GPTQ_BACKEND.read(module).dequantize(), expected, rtol=0, atol=0)
+
+
+def test_load_staging_keeps_the_model_in_host_memory_under_fsdp2(ckpt, monkeypatch):
+    """Under FSDP2 with several processes on GPUs the model waits in host memory (FSDP2 then moves one unit at a
+    time); the GPU named by the run context is never touched, so this runs on a machine without one."""
+    from fms_acceleration_accelerate_peft.gptq import loader
+    from fms_acceleration_accelerate_peft.gptq.config import GPTQLoraConfig
+
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    resolve = loader.resolve_load_staging
+    auto, device, host = GPTQLoraConfig(), GPTQLoraConfig(load_staging="device"), GPTQLoraConfig(load_staging="cpu")
+    assert resolve(auto, world_size=2, device=gpu, fsdp_version=2) == cpu
+    assert resolve(auto, world_size=1, device=gpu, fsdp_version=2) == gpu
+    assert resolve(auto, world_size=2, device=gpu, fsdp_version=1) == gpu
+    assert resolve(auto, world_size=2, device=gpu, fsdp_version=None) == gpu
+    assert resolve(device, world_size=2, device=gpu, fsdp_version=2) == gpu
+    assert resolve(host, world_size=1, device=gpu, fsdp_version=None) == cpu
+    assert resolve(host, world_size=2, device=cpu, fsdp_version=2) == cpu
+
+    context = RunContext(distributed_type="FSDP", fsdp_version=2, device=gpu, world_size=2)
+    model = loader.load_gptq_causal_lm(str(ckpt), auto, run_context=context, torch_dtype=torch.bfloat16)
+    tensors = [*model.parameters(), *model.buffers()]
+    assert tensors and all(t.device == cpu for t in tensors)
+
+    monkeypatch.setattr(loader, "load_tensors", lambda *a, **k: pytest.fail("read a tensor before refusing"))
+    with pytest.raises(AccelerationConfigError, match=r"load_staging: cpu needs FSDP2(?s:.*)load_staging: auto"):
+        loader.load_gptq_causal_lm(
+            str(ckpt), host, run_context=RunContext(distributed_type="FSDP", fsdp_version=1, device=gpu)
+        )
+
+
+def test_load_staging_value_is_checked():
+    with pytest.raises(AccelerationConfigError, match="load_staging"):
+        AccelerationFramework({"plugins": {"peft": {"quantization": {"auto_gptq": {"load_staging": "gpu"}}}}})

@@ -3,6 +3,8 @@ against one process.
 
 One spawn runs every distributed check (process start-up dominates the cost):
 
+* rank-0 loading (``low_cpu_mem_usage=True``): rank 0 reads the checkpoint, rank 1 receives every tensor by
+  broadcast (a plain and a tied, sharded checkpoint), both bit for bit;
 * FSDP2: the plugin's ``prepare_contribution`` replaces the ``GPTQLinear`` layers by ``PackedGPTQLinear`` and the
   framework's FSDP2 plan shards the model; the first forward on each rank's half batch equals the one-process
   model's on the same rows bit for bit; 4 AdamW steps with the batch split over the ranks give the losses and
@@ -249,10 +251,35 @@ def _fsdp1(rank: int, path: str) -> dict:
     }
 
 
-def _worker(rank: int, path: str, port: int, out: str) -> None:
+def _rank0_load(rank: int, paths: list[str]) -> list[dict]:
+    """``low_cpu_mem_usage=True`` under the process group: rank 0 reads, rank 1 receives (it may not read)."""
+    from fms_acceleration_accelerate_peft.gptq import loader
+
+    read = loader.load_tensors
+    if rank != 0:
+
+        def refuse(*args, **kwargs):
+            raise AssertionError("rank > 0 must receive the tensors, not read them")
+
+        loader.load_tensors = refuse
+    try:
+        out = []
+        for path in paths:
+            model = _framework(no_peft_model=True).model_loader(path, torch_dtype=torch.float32, low_cpu_mem_usage=True)
+            with torch.no_grad():
+                logits = model(input_ids=learnable_batches(1)[0]).logits
+            tied = model.lm_head.weight is model.model.embed_tokens.weight
+            out.append({"packed": _packed_state(model), "logits": logits, "tied": tied})
+        return out
+    finally:
+        loader.load_tensors = read
+
+
+def _worker(rank: int, path: str, tied_path: str, port: int, out: str) -> None:
     try:
         init_gloo(rank, WORLD, port)
-        result = {"fsdp2": _fsdp2(rank, path), "bytes": _all_gather_bytes(path), "fsdp1": _fsdp1(rank, path)}
+        result = {"rank0_load": _rank0_load(rank, [path, tied_path])}
+        result.update(fsdp2=_fsdp2(rank, path), bytes=_all_gather_bytes(path), fsdp1=_fsdp1(rank, path))
         torch.save(result, f"{out}.{rank}")
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -263,20 +290,41 @@ def _worker(rank: int, path: str, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def distributed_run(tmp_path_factory):
-    """The GPTQ checkpoint and both ranks' results (one spawn for the tests below)."""
+    """The GPTQ checkpoints and both ranks' results (one spawn for the tests below)."""
     root = tmp_path_factory.mktemp("gptq_fsdp")
     path, _ = make_gptq_checkpoint(root / "ckpt", GPTQCase(desc_act=True))
+    tied, _ = make_gptq_checkpoint(root / "tied", GPTQCase(tie=True, sharded=True, sym=True), seed=3)
     out = str(root / "rank")
     mp = pytest.MonkeyPatch()
     mp.setenv("TRITON_INTERPRET", "0")  # the kernels' torch references on CPU (the interpreter is tested elsewhere)
     mp.setenv("OMP_NUM_THREADS", "1")
     try:
-        spawn_workers(_worker, (str(path), free_port(), out), WORLD, timeout=300.0)
+        spawn_workers(_worker, (str(path), str(tied), free_port(), out), WORLD, timeout=300.0)
     finally:
         mp.undo()
     errors = [Path(f"{out}.{r}.err") for r in range(WORLD) if Path(f"{out}.{r}.err").exists()]
     assert not errors, errors[0].read_text()
-    return path, [torch.load(f"{out}.{r}", weights_only=False) for r in range(WORLD)]
+    return path, [torch.load(f"{out}.{r}", weights_only=False) for r in range(WORLD)], tied
+
+
+@pytest.mark.slow
+def test_rank0_reads_the_gptq_checkpoint_and_the_others_receive_it(distributed_run, monkeypatch):
+    """Rank 1 never reads a tensor from the files (its reader raises), yet both ranks hold the checkpoint's packed
+    tensors bit for bit and compute the logits of a one-process load exactly, tied embeddings re-tied."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    path, results, tied = distributed_run
+    for index, checkpoint in enumerate((path, tied)):
+        model = _framework(no_peft_model=True).model_loader(str(checkpoint), torch_dtype=torch.float32)
+        packed = _packed_state(model)
+        with torch.no_grad():
+            logits = model(input_ids=learnable_batches(1)[0]).logits
+        for got in results:
+            loaded = got["rank0_load"][index]
+            assert loaded["packed"].keys() == packed.keys()
+            for key, tensor in packed.items():
+                assert loaded["packed"][key].dtype == tensor.dtype and torch.equal(loaded["packed"][key], tensor), key
+            torch.testing.assert_close(loaded["logits"], logits, rtol=0, atol=0)
+            assert loaded["tied"] == (index == 1)
 
 
 @pytest.mark.slow
@@ -294,7 +342,7 @@ def test_gptq_fsdp2_two_processes_match_one(distributed_run, monkeypatch):
     (~4.6) within 1e-5 (the tiny adapters change them by ~1e-3 per step).
     """
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    path, results = distributed_run
+    path, results, _ = distributed_run
     _, model = _build(str(path))
     original = _packed_state(model)
     data = learnable_batches(STEPS)
@@ -326,7 +374,7 @@ def test_gptq_fsdp2_two_processes_match_one(distributed_run, monkeypatch):
 
 @pytest.mark.slow
 def test_gptq_fsdp2_all_gather_moves_packed_bytes(distributed_run):
-    _, results = distributed_run
+    _, results, _ = distributed_run
     counted = results[0]["bytes"]
     print(
         f"GPTQ all-gather: {counted['gathered']} bytes in {counted['calls']} calls; packed bytes "
@@ -342,7 +390,7 @@ def test_gptq_fsdp2_all_gather_moves_packed_bytes(distributed_run):
 @pytest.mark.slow
 def test_gptq_fsdp1_flattens_packed_views_without_a_cast(distributed_run, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    path, results = distributed_run
+    path, results, _ = distributed_run
     _, model = _build(str(path), torch.bfloat16)
     original = _packed_state(model)
     data = learnable_batches(1)

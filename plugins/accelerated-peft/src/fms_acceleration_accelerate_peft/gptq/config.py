@@ -2,13 +2,15 @@
 
 The first three option names and values are upstream fms-acceleration's (``kernel: triton_v2``,
 ``from_quantized: true``, ``use_external_lib: false``), so an upstream configuration works unchanged; the
-others match the bitsandbytes plugin's (``no_peft_model``, ``fp32_lora_params``, ``fp32_norm_compute``).
+others match the bitsandbytes plugin's (``no_peft_model``, ``fp32_lora_params``, ``fp32_norm_compute``,
+``load_staging``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Literal
 
 import torch
 
@@ -57,6 +59,11 @@ class GPTQLoraConfig:
         fp32_lora_params: keep LoRA A/B weights in float32 (peft's default) instead of the training dtype; with
             float16 training this is what keeps the adapter updates from underflowing without a grad scaler.
         fp32_norm_compute: compute RMSNorm/LayerNorm in float32 (weights stay in the training dtype).
+        load_staging: where the loaded GPTQ model waits until FSDP2 shards it. ``device``: on the process's GPU
+            (every GPU holds the whole packed model before sharding). ``cpu``: in host memory; FSDP2 moves one unit
+            at a time to the GPU while sharding, so loading needs about one decoder layer of GPU memory (host
+            memory: the whole packed model per process). FSDP2 only. ``auto``: ``cpu`` under FSDP2 with more than
+            one process, else ``device``.
     """
 
     kernel: str = option("triton_v2", help="quantized matmul kernel: triton_v2 (this project's own Triton kernels)")
@@ -68,6 +75,11 @@ class GPTQLoraConfig:
     fp32_lora_params: bool = option(True, help="keep LoRA adapter weights in float32 (peft's default)")
     fp32_norm_compute: bool = option(
         False, help="compute RMSNorm/LayerNorm in float32 (no fp32 copies of the weights are kept)"
+    )
+    load_staging: Literal["auto", "device", "cpu"] = option(
+        "auto",
+        help="where the GPTQ model waits until FSDP2 shards it: device (GPU), cpu (host memory, FSDP2 moves one "
+        "unit at a time to the GPU), auto = cpu under FSDP2 with several processes, else device",
     )
 
     def __post_init__(self) -> None:

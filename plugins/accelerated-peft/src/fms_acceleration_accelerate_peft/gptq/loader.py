@@ -15,13 +15,24 @@ Order of work, so that every problem is reported before memory is spent:
 
 The model keeps ``config.quantization_config`` (the validated keys) and ``quantization_method = "gptq"``, so
 ``save_pretrained`` writes a GPTQ checkpoint this loader (and any GPTQ loader) reads again, and PEFT refuses to
-merge adapters into the packed weights. Under several processes every rank reads the files itself.
+merge adapters into the packed weights.
+
+Several processes (an initialised process group of more than one rank): with ``low_cpu_mem_usage=True`` only
+global rank 0 reads the tensors (step 4); every other rank builds the same skeleton (steps 1 to 3 run on every rank,
+so a bad checkpoint fails everywhere before any collective) and receives the tensors by broadcast, as raw bytes
+(packed int32 words, scales, every other parameter and buffer), then re-ties. Without it every rank reads the
+files itself.
+
+Staging (``load_staging``): under FSDP2 with several processes on GPUs the model waits in host memory until FSDP2
+moves and shards it one unit at a time (``auto``/``cpu``), so no GPU ever holds the whole packed model; otherwise
+it is loaded onto the process's device.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import math
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -47,7 +58,7 @@ from .layer import GPTQLinear
 logger = logging.getLogger("fms_acceleration_accelerate_peft")
 
 _DTYPE_NAMES = MappingProxyType({name: dtype for dtype, name in TRAINING_DTYPES.items()})
-_PASSED_THROUGH = ("revision", "token", "cache_dir", "local_files_only", "low_cpu_mem_usage", "use_safetensors")
+_PASSED_THROUGH = ("revision", "token", "cache_dir", "local_files_only", "use_safetensors")
 """``from_pretrained`` arguments that change nothing for a local safetensors checkpoint read here."""
 
 
@@ -129,11 +140,14 @@ def load_gptq_causal_lm(
         **kwargs: ``from_pretrained`` arguments: ``torch_dtype`` / ``dtype`` (training dtype of the non-quantized
             weights and the matmul; default the checkpoint's), ``config`` (a ``PretrainedConfig`` with the
             caller's overrides), ``trust_remote_code``, ``attn_implementation``, ``device_map`` (one device);
-            ``revision`` / ``token`` / ``cache_dir`` / ``low_cpu_mem_usage`` are accepted and change nothing; any
-            other name that is an attribute of the model config overrides it (as ``from_pretrained`` does).
+            ``low_cpu_mem_usage=True`` under a process group of more than one rank: rank 0 reads, the others
+            receive (see the module docstring); ``revision`` / ``token`` / ``cache_dir`` are accepted and change
+            nothing; any other name that is an attribute of the model config overrides it (as ``from_pretrained``
+            does).
 
     Returns:
-        The model in eval mode (as ``from_pretrained`` returns it), on the run's device.
+        The model in eval mode (as ``from_pretrained`` returns it), on the run's device, or in host memory when
+        ``load_staging`` says so (see :func:`resolve_load_staging`).
 
     Raises:
         AccelerationConfigError: anything wrong with the arguments or the checkpoint, before the model is built.
@@ -161,10 +175,19 @@ def load_gptq_causal_lm(
     trust_remote_code = bool(kwargs.pop("trust_remote_code", False))
     attn_implementation = kwargs.pop("attn_implementation", None)
     given_config = kwargs.pop("config", None)
+    low_cpu_mem_usage = bool(kwargs.pop("low_cpu_mem_usage", False))
     context = run_context if run_context is not None else _standalone_context()
+    device_map_given = kwargs.get("device_map") is not None
     device = _load_device(kwargs, context)
     for key in _PASSED_THROUGH:
         kwargs.pop(key, None)
+    rank, world = _dist_world()
+    staging = resolve_load_staging(
+        config, world_size=max(world, context.world_size), device=device, fsdp_version=context.fsdp_version
+    )
+    if device_map_given and staging != device:
+        logger.warning("GPTQ: a device_map was passed, so the model is loaded onto it (load_staging ignored)")
+        staging = device
 
     # 1. configs: no tensor read yet
     if isinstance(given_config, PretrainedConfig):
@@ -197,20 +220,127 @@ def load_gptq_causal_lm(
     check_against_model(checkpoint, model)
     install_gptq_layers(model, checkpoint, training_dtype)
 
-    # 4. tensors
-    load_tensors(model, checkpoint, training_dtype, device)
-    _finish(model, root)
+    # 4. tensors: read here, or (ranks > 0 of a rank-0 load) received from rank 0
+    rank0_only = low_cpu_mem_usage and world > 1
+    if rank0_only and rank > 0:
+        receive_gptq_model(model, staging, context.device)
+        _finish(model, root)
+    else:
+        load_tensors(model, checkpoint, training_dtype, staging)
+        _finish(model, root)  # tied weights tied: sent once
+        if rank0_only:
+            broadcast_gptq_model(model, context.device)
     logger.info(
-        "GPTQ: %d quantized linears (%d-bit, group_size %d, desc_act %s, %s) loaded on %s, training dtype %s",
+        "GPTQ: %d quantized linears (%d-bit, group_size %d, desc_act %s, %s) %s %s, training dtype %s",
         len(checkpoint.modules),
         fmt.bits,
         fmt.group_size,
         fmt.desc_act,
         fmt.checkpoint_format,
-        device,
+        "received from rank 0 on" if rank0_only and rank > 0 else "loaded on",
+        staging,
         str(training_dtype).replace("torch.", ""),
     )
     return model
+
+
+def resolve_load_staging(
+    config: GPTQLoraConfig, *, world_size: int, device: torch.device, fsdp_version: int | None
+) -> torch.device:
+    """Where the loaded GPTQ model waits for sharding (option ``load_staging``).
+
+    Args:
+        config: the plugin configuration.
+        world_size: number of processes.
+        device: the process's training device.
+        fsdp_version: the FSDP version of the coming prepare, ``None`` when not FSDP or not known yet.
+
+    Raises:
+        AccelerationConfigError: ``cpu`` staging under FSDP1 (the framework moves units to the device only in its
+            FSDP2 path).
+    """
+    choice = config.load_staging
+    if choice == "cpu" and fsdp_version == 1:
+        raise AccelerationConfigError(
+            "load_staging: cpu needs FSDP2, but this run uses FSDP1",
+            path=f"plugins.{CONFIG_PATH}.load_staging",
+            fix="set load_staging: auto (or device), or use fsdp_version: 2",
+        )
+    if device.type == "cpu" or choice == "device":
+        return device
+    host = torch.device("cpu")
+    if choice == "cpu":
+        return host
+    return host if world_size > 1 and fsdp_version == 2 else device
+
+
+def _dist_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """Where broadcast tensors travel: the process's device under NCCL, else the host."""
+    return device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+
+
+def _payload(model: nn.Module) -> list[tuple[str, str, torch.Tensor, bool]]:
+    """``(kind, name, tensor, requires_grad)`` in a fixed order: parameters (tied ones once), then buffers."""
+    items = [("param", name, p.data, p.requires_grad) for name, p in model.named_parameters()]
+    return items + [("buffer", name, b, False) for name, b in model.named_buffers()]
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def broadcast_gptq_model(model: nn.Module, device: torch.device) -> None:
+    """On rank 0: send every parameter and buffer of the loaded model to the other ranks (raw bytes, one tensor
+    at a time); see :func:`receive_gptq_model`. ``device``: the process's device (NCCL sends from it)."""
+    comm = _comm_device(device)
+    payload = _payload(model)
+    manifest = [(kind, name, tuple(t.shape), t.dtype, grad) for kind, name, t, grad in payload]
+    torch.distributed.broadcast_object_list([manifest], src=0)
+    for _, _, tensor, _ in payload:
+        torch.distributed.broadcast(_as_bytes(tensor).to(comm), src=0)
+
+
+def receive_gptq_model(model: nn.Module, staging: torch.device, device: torch.device) -> None:
+    """On ranks > 0: fill ``model`` (the skeleton, tensors on ``meta``) with the tensors rank 0 broadcasts, onto
+    ``staging``. ``device``: the process's device (NCCL receives on it).
+
+    Raises:
+        RuntimeError: rank 0 sent tensors this rank's skeleton does not have (the ranks built different models);
+            a tensor it did not send is reported by the meta-device check after re-tying.
+    """
+    holder: list[Any] = [None]
+    torch.distributed.broadcast_object_list(holder, src=0)
+    manifest = holder[0]
+    own = {(kind, name) for kind, name, _, _ in _payload(model)}
+    sent = {(kind, name) for kind, name, _, _, _ in manifest}
+    comm = _comm_device(device)
+    received = []
+    for kind, name, shape, dtype, requires_grad in manifest:
+        nbytes = math.prod(shape) * torch.empty(0, dtype=dtype).element_size()
+        raw = torch.empty(nbytes, dtype=torch.uint8, device=comm)
+        torch.distributed.broadcast(raw, src=0)
+        received.append((kind, name, raw.to(staging).view(dtype).reshape(shape), requires_grad))
+    # names this skeleton has but rank 0 did not send are tied weights (re-tied next; anything else is left on
+    # meta and reported by _finish)
+    if not sent <= own:
+        extra = sorted(n for _, n in sent - own)[:3]
+        raise RuntimeError(
+            f"rank 0 loaded a different model than this rank built (tensors this rank lacks: {extra}); every rank "
+            "must load the same checkpoint with the same arguments"
+        )
+    for kind, name, tensor, requires_grad in received:
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name) if owner_name else model
+        if kind == "buffer":
+            owner._buffers[leaf] = tensor
+        else:
+            owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=requires_grad)
 
 
 def _standalone_context() -> RunContext:
