@@ -13,6 +13,8 @@ One spawn runs every distributed check (process start-up dominates the cost):
   unit while sharding, and revert (collective) gives the original layers their exact packed tensors back;
 * the all-gather of GPTQ layers moves exactly their packed bytes (int32 ``qweight`` + ``qzeros`` + fp16
   ``scales``; ``g_idx`` is not gathered), counted on the wire, 0.29x a bf16 all-gather of the same weights;
+* FSDP2 with the fused-ops plugin (fused LoRA over GPTQ bases, patched after wrapping on the replaced layers):
+  the same outputs as one process with the same kernels;
 * FSDP1 with bf16 weights, a bf16 mixed-precision ``param_dtype`` and bf16 autocast (Accelerate's FSDP1 mixed
   precision): the packed tensors are flattened and sharded with their decoder unit as bf16 views; the first
   forward equals one process's bit for bit, training runs, and the packed bytes gathered back after training are
@@ -39,22 +41,29 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def _framework(**options):
+FUSED = {"base_layer": "auto_gptq", "fused_lora": True}
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _framework(fused: dict | None = None, **options):
     from fms_acceleration_accelerate import AccelerationFramework
 
-    section = {"kernel": "triton_v2", "from_quantized": True, **options}
-    return AccelerationFramework({"plugins": {"peft": {"quantization": {"auto_gptq": section}}}})
+    sections = {"auto_gptq": {"kernel": "triton_v2", "from_quantized": True, **options}}
+    if fused is not None:
+        sections["fused_ops_and_kernels"] = fused
+    return AccelerationFramework({"plugins": {"peft": {"quantization": sections}}})
 
 
-def _build(path: str, dtype: torch.dtype = torch.float32, **options):
+def _build(path: str, dtype: torch.dtype = torch.float32, fused: dict | None = None, **options):
     from peft import LoraConfig
 
-    fw = _framework(**options)
+    fw = _framework(fused, **options)
     model = fw.model_loader(path, torch_dtype=dtype)
     if options.get("no_peft_model"):
         return fw, model
     torch.manual_seed(5)
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=TARGETS, task_type="CAUSAL_LM")
+    targets = ALL_LINEAR if fused else TARGETS
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
     model, _ = fw.augmentation(model, None, (lora,))
     return fw, model
 
@@ -168,10 +177,40 @@ def _fsdp2(rank: int, path: str) -> dict:
     }
 
 
+def _fsdp2_fused(rank: int, path: str) -> dict:
+    """With the fused-ops plugin (fused LoRA over GPTQ bases): the kernels are patched after wrapping, on the
+    replaced layers, and read their gathered packed weights through the gptq backend inside the fused scopes."""
+    from fms_acceleration_accelerate.distributed import (
+        RunContext,
+        apply_fsdp2_plan,
+        collect_contributions,
+        fully_shard_kwargs_from_policy,
+        plan_fsdp_units,
+    )
+
+    fw, model = _build(path, fused=FUSED)
+    context = RunContext(distributed_type="FSDP", fsdp_version=2, world_size=WORLD)
+    merged = collect_contributions(fw.plugins, model, context)
+    apply_fsdp2_plan(
+        model, plan_fsdp_units(model, merged, 2), merged, fully_shard_kwargs_from_policy(), shard_root=True
+    )
+    for plugin in fw.plugins:
+        plugin.after_prepare(model, context)
+    data = learnable_batches(2)
+    with torch.no_grad():
+        first_logits = model(input_ids=data[0].chunk(WORLD)[rank]).logits
+    losses, _ = _train(model, data, rank, WORLD)
+    return {
+        "first_logits": first_logits,
+        "losses": losses,
+        "patches": [r.replacement for r in fw.patches.records],
+    }
+
+
 def _all_gather_bytes(path: str) -> dict:
     """Each GPTQ layer its own FSDP2 unit, one forward: the bytes its all-gathers write."""
     from fms_acceleration_accelerate_peft.gptq.packed import PackedGPTQLinear
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
 
     from fms_acceleration_accelerate.distributed import RunContext
@@ -191,8 +230,10 @@ def _all_gather_bytes(path: str) -> dict:
     full = {id(m): m.weight.packed_nbytes(with_g_idx=False) for m in linears}
     expected = sum(full.values())
     dense_bf16 = sum(m.out_features * m.in_features * 2 for m in linears)
+    # a bf16 mixed-precision param_dtype, as Accelerate sets it: the packed bytes are gathered uncast all the same
+    bf16 = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
     for m in linears:
-        fully_shard(m, reshard_after_forward=True)
+        fully_shard(m, reshard_after_forward=True, mp_policy=bf16)
         m.set_custom_all_gather(Counting())
     fully_shard(bare)
     with torch.no_grad():
@@ -280,6 +321,7 @@ def _worker(rank: int, path: str, tied_path: str, port: int, out: str) -> None:
         init_gloo(rank, WORLD, port)
         result = {"rank0_load": _rank0_load(rank, [path, tied_path])}
         result.update(fsdp2=_fsdp2(rank, path), bytes=_all_gather_bytes(path), fsdp1=_fsdp1(rank, path))
+        result.update(fused=_fsdp2_fused(rank, path))
         torch.save(result, f"{out}.{rank}")
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -409,3 +451,24 @@ def test_gptq_fsdp1_flattens_packed_views_without_a_cast(distributed_run, monkey
         # 1/WORLD of them (FSDP1 pads each flat parameter by fewer than WORLD elements), the packed views included
         assert fsdp1["storage"] > fsdp1["frozen"] // 2
         assert 0 <= fsdp1["local_flat"] * WORLD - fsdp1["frozen"] < WORLD * fsdp1["units"]
+
+
+@pytest.mark.slow
+def test_gptq_fsdp2_with_fused_lora_kernels(distributed_run, monkeypatch):
+    """The fused LoRA kernels (q/k/v, o, whole gated MLP) over sharded GPTQ bases: patched after wrapping on the
+    replaced layers, they compute what the same kernels compute in one process (exactly on the first forward;
+    the training losses within the bound argued above)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    path, results, _ = distributed_run
+    _, model = _build(str(path), fused=FUSED)
+    data = learnable_batches(2)
+    with torch.no_grad():
+        halves = [model(input_ids=data[0].chunk(WORLD)[r]).logits for r in range(WORLD)]
+    losses, _ = _train(model, data, 0, 1)
+    for rank, got in enumerate(results):
+        fused = got["fused"]
+        assert fused["patches"].count("kernels.lora_qkv [gptq] (lora)") == 2 * 3, fused["patches"]
+        assert any(p.startswith("kernels.lora_mlp_swiglu [gptq]") for p in fused["patches"])
+        assert sum(p.startswith("PackedGPTQLinear") for p in fused["patches"]) == 14
+        torch.testing.assert_close(fused["first_logits"], halves[rank], rtol=0, atol=0)
+        assert fused["losses"] == pytest.approx(losses, abs=1e-5), (fused["losses"], losses)
