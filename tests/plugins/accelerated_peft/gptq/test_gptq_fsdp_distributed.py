@@ -10,7 +10,8 @@ One spawn runs every distributed check (process start-up dominates the cost):
   model's on the same rows bit for bit; 4 AdamW steps with the batch split over the ranks give the losses and
   LoRA gradients of one process on the whole batch (bounds argued in ``test_gptq_fsdp2_two_processes_match_one``);
   each rank keeps half of the packed bytes (``g_idx`` whole), the full copies made for the conversion die unit by
-  unit while sharding, and revert (collective) gives the original layers their exact packed tensors back;
+  unit while sharding, a full state dict gathers the exact packed tensors, and revert (collective) gives the
+  original layers their exact packed tensors back;
 * the all-gather of GPTQ layers moves exactly their packed bytes (int32 ``qweight`` + ``qzeros`` + fp16
   ``scales``; ``g_idx`` is not gathered), counted on the wire, 0.29x a bf16 all-gather of the same weights;
 * FSDP2 with the fused-ops plugin (fused LoRA over GPTQ bases, patched after wrapping on the replaced layers):
@@ -164,6 +165,18 @@ def _fsdp2(rank: int, path: str) -> dict:
     with torch.no_grad():
         first_logits = model(input_ids=data[0].chunk(WORLD)[rank]).logits
     losses, grads = _train(model, data, rank, WORLD)
+    # a full state dict (what Accelerate's get_state_dict / a trainer's save gathers): the packed weights come
+    # back whole (DTensor.full_tensor of the subclass gathers the packed tensors), on rank 0
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    full_state = {
+        f"{key.removesuffix('.weight')}.{name}": tensor
+        for key, value in state.items()
+        if isinstance(value, GPTQPackedWeight)
+        for name, tensor in value.checkpoint_layout().items()
+    }
+    lora_state = sorted(k for k in state if "lora_" in k)
     fw.revert()  # collective: each layer is rebuilt from the all-gathered shards
     restored = _packed_state(model)
     assert len(restored) == 14 * len(PACKED)
@@ -173,6 +186,8 @@ def _fsdp2(rank: int, path: str) -> dict:
         "losses": losses,
         "grads": grads,
         "restored": restored,
+        "full_state": full_state,
+        "lora_state": lora_state,
         "notes": list(merged.notes),
     }
 
@@ -400,6 +415,11 @@ def test_gptq_fsdp2_two_processes_match_one(distributed_run, monkeypatch):
         assert fsdp2["restored"].keys() == original.keys()
         for key, tensor in original.items():
             assert tensor.dtype == fsdp2["restored"][key].dtype and torch.equal(tensor, fsdp2["restored"][key]), key
+        if rank == 0:  # the full state dict is gathered onto rank 0 (cpu_offload)
+            assert fsdp2["full_state"].keys() == original.keys()
+            for key, tensor in original.items():
+                assert torch.equal(fsdp2["full_state"][key], tensor), key
+            assert len(fsdp2["lora_state"]) == 2 * 2 * len(TARGETS)
         assert fsdp2["losses"] == pytest.approx(losses, abs=1e-5), (fsdp2["losses"], losses)
         assert fsdp2["grads"][0].keys() == grads[0].keys() and len(grads[0]) == 2 * 2 * len(TARGETS)
         for name, g in grads[0].items():

@@ -261,7 +261,7 @@ class GPTQPackedWeight(torch.Tensor):
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        handler = _DISPATCH.get(func)
+        handler = _DISPATCH.get(func) or _BY_SCHEMA.get(func._schema.name)
         if handler is not None:
             return handler(func, *args, **kwargs)
         raise NotImplementedError(
@@ -409,6 +409,31 @@ def _equal(func: Any, a: Any, b: Any) -> bool:
     if isinstance(a, GPTQPackedWeight) and isinstance(b, GPTQPackedWeight):
         return all(torch.equal(getattr(a, n), getattr(b, n)) for n in _INNER)
     return False
+
+
+def _all_gather(func: Any, t: GPTQPackedWeight, group_size: int, group_name: str) -> GPTQPackedWeight:
+    """The functional all-gather (``DTensor.full_tensor()`` of a row-sharded weight, e.g. for a full state dict):
+    each gathered inner tensor separately, ``g_idx`` kept (every shard has all of it); collective."""
+    inner = {name: func(getattr(t, name).contiguous(), group_size, group_name) for name in _GATHERED}
+    inner["g_idx"] = t.g_idx
+    return t._rewrap(inner, (t.shape[0] * group_size, *t.shape[1:]))
+
+
+def _wait(func: Any, t: GPTQPackedWeight) -> GPTQPackedWeight:
+    wait = torch.ops._c10d_functional.wait_tensor.default
+    return t._rewrap({name: wait(getattr(t, name)) if name in _GATHERED else t.g_idx for name in _INNER}, t.shape)
+
+
+_BY_SCHEMA: Mapping[str, Any] = MappingProxyType(
+    {
+        "_c10d_functional::all_gather_into_tensor": _all_gather,
+        "_c10d_functional::wait_tensor": _wait,
+        # an asynchronous wrapper (registered when torch.distributed._functional_collectives is imported): wait now
+        "_c10d_functional::_wrap_tensor_autograd": _wait,
+    }
+)
+"""The functional collectives behind ``DTensor.full_tensor()``, by schema name (some exist only once their
+module is imported)."""
 
 
 _DISPATCH: Mapping[Any, Any] = MappingProxyType(
