@@ -18,7 +18,9 @@ the few ops FSDP2 applies while sharding (``split``, ``new_zeros``, ``slice``, `
 ``fsdp_post_all_gather`` all-gather ``qweight_t``, ``qzeros_t`` and ``scales_t`` as they are (int32 and float16
 bytes: at 4 bits about 0.26 of a bf16 all-gather with group size 128) and wrap the gathered tensors, without a
 copy, as the full weight; ``g_idx`` is not gathered (each shard holds it whole). The mixed-precision
-``param_dtype`` is ignored: packed integers and scales are never cast.
+``param_dtype`` is ignored: packed integers and scales are never cast. ``DTensor.full_tensor()`` of a sharded weight
+(a full state dict, e.g. Accelerate's ``get_state_dict`` when a trainer saves) gathers the packed tensors the same
+way.
 
 The gathered weight is read through :meth:`GPTQPackedWeight.gptq_weight`, a
 ``fms_acceleration_accelerate_kernels.gptq.GPTQWeight`` over transposed views of the inner tensors (``qweight``
