@@ -19,7 +19,7 @@ One spawn runs every distributed check (process start-up dominates the cost):
 * FSDP1 with bf16 weights, a bf16 mixed-precision ``param_dtype`` and bf16 autocast (Accelerate's FSDP1 mixed
   precision): the packed tensors are flattened and sharded with their decoder unit as bf16 views; the first
   forward equals one process's bit for bit, training runs, and the packed bytes gathered back after training are
-  the checkpoint's.
+  the checkpoint's; in float32 without mixed precision, 4 AdamW steps give one process's losses.
 """
 
 from __future__ import annotations
@@ -256,7 +256,9 @@ def _all_gather_bytes(path: str) -> dict:
     return {"gathered": Counting.bytes, "calls": Counting.calls, "expected": expected, "bf16": dense_bf16}
 
 
-def _fsdp1(rank: int, path: str) -> dict:
+def _fsdp1(rank: int, path: str, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """FSDP1 over the plan's units; bf16: weights, ``param_dtype`` and autocast in bf16 (Accelerate's mixed
+    precision); float32: no mixed precision (the arithmetic of one process, for the loss parity)."""
     from fms_acceleration_accelerate_peft.gptq.layer import GPTQLinear
     from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
 
@@ -269,15 +271,18 @@ def _fsdp1(rank: int, path: str) -> dict:
         plan_fsdp_units,
     )
 
-    fw, model = _build(path, torch.bfloat16)
-    context = RunContext(distributed_type="FSDP", fsdp_version=1, world_size=WORLD, mixed_precision="bf16")
+    mixed = dtype == torch.bfloat16
+    fw, model = _build(path, dtype)
+    context = RunContext(
+        distributed_type="FSDP", fsdp_version=1, world_size=WORLD, mixed_precision="bf16" if mixed else "no"
+    )
     merged = collect_contributions(fw.plugins, model, context)
     gptq = [m for m in model.modules() if isinstance(m, GPTQLinear)]
-    assert len(gptq) == 14 and all(m.storage_dtype == torch.bfloat16 for m in gptq)
+    assert len(gptq) == 14 and all(m.storage_dtype == dtype for m in gptq)
     assert not any(b.is_floating_point() for m in gptq for b in m.buffers())  # nothing for buffer_dtype to cast
-    check_keep_dtype_fsdp1(model, merged, torch.bfloat16)
+    check_keep_dtype_fsdp1(model, merged, dtype)
     plan = plan_fsdp_units(model, merged, 1)
-    check_fsdp1_dtypes(model, plan, merged, mixed_precision=True)
+    check_fsdp1_dtypes(model, plan, merged, mixed_precision=mixed)
     storage = sum(p.numel() for n, p in model.named_parameters() if merged.keeps_dtype(n, p))
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     units = sum(1 for u in plan.units if u.frozen)
@@ -285,14 +290,14 @@ def _fsdp1(rank: int, path: str) -> dict:
         model,
         auto_wrap_policy=fsdp1_auto_wrap_policy(model, plan),
         device_id=torch.device("cpu"),
-        mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+        mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed else None,
         use_orig_params=False,
     )
     local_flat = sum(p.numel() for p in wrapped.parameters() if not p.requires_grad)
-    data = learnable_batches(3)
-    with torch.no_grad(), _bf16_autocast():
+    data = learnable_batches(3 if mixed else STEPS)
+    with torch.no_grad(), _bf16_autocast(mixed):
         first_logits = wrapped(input_ids=data[0].chunk(WORLD)[rank]).logits
-    losses, _ = _train(wrapped, data, rank, WORLD, autocast=True)
+    losses, _ = _train(wrapped, data, rank, WORLD, autocast=mixed)
     with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False):
         after = _packed_state(wrapped)
     return {
@@ -336,6 +341,7 @@ def _worker(rank: int, path: str, tied_path: str, port: int, out: str) -> None:
         init_gloo(rank, WORLD, port)
         result = {"rank0_load": _rank0_load(rank, [path, tied_path])}
         result.update(fsdp2=_fsdp2(rank, path), bytes=_all_gather_bytes(path), fsdp1=_fsdp1(rank, path))
+        result.update(fsdp1_fp32=_fsdp1(rank, path, torch.float32))
         result.update(fused=_fsdp2_fused(rank, path))
         torch.save(result, f"{out}.{rank}")
         torch.distributed.barrier()
@@ -427,6 +433,13 @@ def test_gptq_fsdp2_two_processes_match_one(distributed_run, monkeypatch):
         for step in range(1, STEPS):
             for name, g in grads[step].items():
                 torch.testing.assert_close(fsdp2["grads"][step][name], g, rtol=0, atol=0.1 * float(g.abs().max()))
+
+        # FSDP1 in float32 (packed tensors as float32 views in the flat parameters): the same arithmetic as one
+        # process, through the backward of the GPTQ layers too (the adapters of layer 0 learn from the input
+        # gradients of layer 1's GPTQ projections, computed from the saved views of the unsharded flat parameter)
+        fsdp1 = got["fsdp1_fp32"]
+        torch.testing.assert_close(fsdp1["first_logits"], halves[rank], rtol=0, atol=0)
+        assert fsdp1["losses"] == pytest.approx(losses, abs=1e-5), (fsdp1["losses"], losses)
 
     # each rank holds half of qweight/qzeros/scales and all of g_idx
     gathered = sum(t.numel() * t.element_size() for k, t in original.items() if not k.endswith("g_idx"))
