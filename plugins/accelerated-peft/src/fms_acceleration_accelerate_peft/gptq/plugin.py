@@ -252,6 +252,10 @@ class AutoGPTQAccelerationPlugin(AccelerationPlugin):
             "fused kernels: contributes the 'gptq' dequant backend (fused_ops_and_kernels base_layer: auto_gptq)",
             "FSDP2: packed tensors sharded by output channels and all-gathered as packed bytes; FSDP1: packed tensors "
             "flattened and sharded as training-dtype views (never cast)",
+            "load staging until sharded: "
+            + {"auto": "host memory under FSDP2 with several processes, else the GPU", "cpu": "host memory"}.get(
+                c.load_staging, "the GPU"
+            ),
             f"checkpoint: make one from a Hugging Face model with `{QUANTIZE_COMMAND}`",
         ]
 
