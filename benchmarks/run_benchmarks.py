@@ -1328,35 +1328,59 @@ def render_readme_block(csv_path: str, repo_root: Path = REPO_ROOT) -> str:
     return f"{README_BEGIN} source={shown} -->\n{readme_table(rows, shown)}\n{README_END}"
 
 
-def update_readme(readme: Path, csv_path: str | None, check: bool) -> int:
-    """Regenerate the table between the markers of ``readme`` (``--check``: only verify it is current)."""
-    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+def _marked_blocks(text: str) -> list[tuple[int, int, str | None]]:
+    """``(start, end, source CSV or None)`` of every benchmark-table block of ``text``, in order."""
+    blocks: list[tuple[int, int, str | None]] = []
     start = text.find(README_BEGIN)
-    end = text.find(README_END, start + 1) if start >= 0 else -1
+    while start >= 0:
+        end = text.find(README_END, start + 1)
+        if end < 0:
+            break
+        header = text[start : text.find("-->", start)]
+        source = header.split("source=", 1)[1].strip() if "source=" in header else None
+        blocks.append((start, end + len(README_END), source))
+        start = text.find(README_BEGIN, end)
+    return blocks
+
+
+def update_readme(readme: Path, csv_path: str | None, check: bool) -> int:
+    """Regenerate the tables between the markers of ``readme`` (``--check``: only verify they are current).
+
+    Without ``csv_path`` every marked block is regenerated from the CSV its marker names (a README may carry
+    several, e.g. the core matrix and the GPTQ-LoRA rows); with ``csv_path`` the first block (or a new one at the
+    end) is generated from that CSV.
+    """
+    text = readme.read_text(encoding="utf-8") if readme.is_file() else ""
+    blocks = _marked_blocks(text)
     if csv_path is None:
-        if start < 0:
+        if not blocks:
             print(f"error: {readme} has no '{README_BEGIN} source=... -->' marker; pass --csv", file=sys.stderr)
             return 2
-        header = text[start : text.find("-->", start)]
-        if "source=" not in header:
-            print(f"error: the marker in {readme} names no source=CSV; pass --csv", file=sys.stderr)
+        if any(source is None for _, _, source in blocks):
+            print(f"error: a marker in {readme} names no source=CSV; pass --csv", file=sys.stderr)
             return 2
-        csv_path = header.split("source=", 1)[1].strip()
-    block = render_readme_block(csv_path)
-    if start >= 0 and end >= 0:
-        new = text[:start] + block + text[end + len(README_END) :]
+        new = text
+        for start, end, source in reversed(blocks):  # from the end, so earlier offsets stay valid
+            new = new[:start] + render_readme_block(str(source)) + new[end:]
+        sources = ", ".join(str(source) for _, _, source in blocks)
     else:
-        new = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
+        block = render_readme_block(csv_path)
+        if blocks:
+            start, end, _ = blocks[0]
+            new = text[:start] + block + text[end:]
+        else:
+            new = text + ("\n" if text and not text.endswith("\n") else "") + block + "\n"
+        sources = csv_path
     if check:
         if new != text:
             print(
                 f"{readme}: the benchmark table is out of date; run: python benchmarks/run_benchmarks.py readme {readme}"
             )
             return 1
-        print(f"{readme}: the benchmark table matches {csv_path}")
+        print(f"{readme}: the benchmark tables match {sources}")
         return 0
     readme.write_text(new, encoding="utf-8")
-    print(f"{readme}: table regenerated from {csv_path}")
+    print(f"{readme}: tables regenerated from {sources}")
     return 0
 
 

@@ -227,6 +227,26 @@ def test_readme_table_is_generated_and_checked(tmp_path: Path) -> None:
     assert readme.read_text(encoding="utf-8") == text
 
 
+def test_readme_with_several_tables_regenerates_each_from_its_own_csv(tmp_path: Path) -> None:
+    sources = []
+    for name, tok in (("core", 1500), ("gptq", 2100)):
+        rows = _rows(tok, 8, 1.5)
+        for r in rows:
+            r.update(group="qlora", plugins="none", peer="none", prep="hf", peft="qlora", date="2026-01-01T00:00:00Z")
+        run_benchmarks.write_csv(rows, tmp_path / f"{name}.csv")
+        sources.append(run_benchmarks.render_readme_block(str(tmp_path / f"{name}.csv")))
+    readme = tmp_path / "README.md"
+    current = f"# Title\n\n{sources[0]}\n\n## More\n\n{sources[1]}\n\ntail\n"
+    readme.write_text(current, encoding="utf-8")
+    assert run_benchmarks.update_readme(readme, None, check=True) == 0
+    assert "| qlora | cand | HF | 2100 |" in current.split("## More")[1]
+    stale = current.replace("| qlora | cand | HF | 2100 |", "| qlora | cand | HF | 2200 |")  # the second block only
+    readme.write_text(stale, encoding="utf-8")
+    assert run_benchmarks.update_readme(readme, None, check=True) == 1
+    assert run_benchmarks.update_readme(readme, None, check=False) == 0
+    assert readme.read_text(encoding="utf-8") == current
+
+
 # ------------------------------------------------------------------------------------------- end to end
 def _run(args: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
