@@ -8,14 +8,13 @@ import random
 
 import pytest
 import torch
-from torch.utils.data import DataLoader
-
 from fms_acceleration_accelerate_aadp.multipack import (
     MultipackBatchSampler,
     budget_for_batch_size,
     example_lengths,
     plan_stats,
 )
+from torch.utils.data import DataLoader
 
 from .multipack_helpers import shipped_lengths
 
