@@ -226,7 +226,9 @@ def test_accelerate_one_process_prepare_reaches_set_epoch():
 
 # ------------------------------------------------------------------------------------------------ bad input
 def test_bad_arguments_are_refused():
-    with pytest.raises(ValueError, match=r"2 example\(s\) are longer than the token budget max_tokens=10 .*at least 12"):
+    with pytest.raises(
+        ValueError, match=r"2 example\(s\) are longer than the token budget max_tokens=10 .*at least 12"
+    ):
         MultipackBatchSampler([3, 11, 12], 10)
     with pytest.raises(ValueError, match="the dataset is empty"):
         MultipackBatchSampler([], 10)
