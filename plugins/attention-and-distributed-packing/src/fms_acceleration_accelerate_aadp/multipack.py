@@ -56,6 +56,8 @@ from torch.utils.data import Sampler
 REFILL_BELOW = 0.9
 """Bins of a window filled less than this fraction of the budget are packed again with the next window."""
 
+_LENGTHS_FIX = "tokenize the dataset first, or give the lengths (lengths=[...] or a lengths column)"
+
 _EXAMPLES_PER_PROCESS = 20_000
 """``datasets.Dataset.map`` starts at most one process per this many examples (starting one costs more than
 measuring a few thousand lengths)."""
@@ -65,6 +67,20 @@ Plan = tuple[tuple[tuple[int, ...], ...], ...]
 
 
 # ---------------------------------------------------------------------------------------------------- lengths
+class LengthsUnavailableError(ValueError):
+    """The examples' token lengths cannot be measured (no ``input_ids``, not a map-style dataset, ...).
+
+    Attributes:
+        problem: what is missing.
+        fix: how to give the lengths.
+    """
+
+    def __init__(self, problem: str, fix: str = _LENGTHS_FIX) -> None:
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"multipack: {problem}; {fix}")
+
+
 def example_lengths(
     source: Any,
     *,
@@ -89,7 +105,9 @@ def example_lengths(
         One positive int per example, in dataset order.
 
     Raises:
-        ValueError: an example has no ``column`` (and no ``lengths_column``), or a length is not a positive int.
+        LengthsUnavailableError: an example has no ``column`` (and no ``lengths_column``), or ``source`` is not
+            indexable.
+        ValueError: a length is not a positive int.
     """
     lengths = _given_lengths(source)
     if lengths is None:
@@ -146,9 +164,8 @@ def _hf_dataset_lengths(
     if lengths_column is not None and lengths_column in names:
         return [int(v) for v in dataset[lengths_column]]
     if column not in names:
-        raise ValueError(
-            f"multipack: the dataset has no {column!r} column to measure example lengths (columns: "
-            f"{', '.join(names)}); tokenize it first, or give the lengths (lengths=[...] or a lengths column)"
+        raise LengthsUnavailableError(
+            f"the dataset has no {column!r} column to measure example lengths (columns: {', '.join(names)})"
         )
     from datasets.utils import logging as datasets_logging
 
@@ -181,8 +198,9 @@ def _map_style_lengths(
     try:
         size = len(dataset)
     except TypeError as exc:
-        raise ValueError(
-            f"multipack needs a map-style dataset (len and indexing) or a list of lengths, got {type(dataset).__name__}"
+        raise LengthsUnavailableError(
+            f"a map-style dataset (len and indexing) or a list of lengths is needed, got {type(dataset).__name__}",
+            fix="give a map-style dataset, or the lengths (lengths=[...])",
         ) from exc
 
     def measure(index: int) -> int:
@@ -199,16 +217,15 @@ def _map_style_lengths(
 
 def _length_of(example: Any, index: int, column: str, lengths_column: str | None) -> int:
     if not isinstance(example, Mapping):
-        raise ValueError(
-            f"multipack: example {index} is a {type(example).__name__}, not a mapping with {column!r}; give the "
-            "lengths (lengths=[...])"
+        raise LengthsUnavailableError(
+            f"example {index} is a {type(example).__name__}, not a mapping with {column!r}",
+            fix="give the lengths (lengths=[...])",
         )
     if lengths_column is not None and lengths_column in example:
         return int(example[lengths_column])
     if column not in example:
-        raise ValueError(
-            f"multipack: example {index} has no {column!r} field (fields: {', '.join(map(str, example))}); "
-            "tokenize the dataset first, or give the lengths (lengths=[...] or a lengths column)"
+        raise LengthsUnavailableError(
+            f"example {index} has no {column!r} field (fields: {', '.join(map(str, example))})"
         )
     value = example[column]
     if isinstance(value, torch.Tensor):
@@ -589,6 +606,7 @@ def budget_for_batch_size(lengths: Sequence[int], examples_per_batch: float) -> 
 
 __all__ = [
     "REFILL_BELOW",
+    "LengthsUnavailableError",
     "MultipackBatchSampler",
     "PackingStats",
     "Plan",
