@@ -1,37 +1,47 @@
 """GPU check and timing of the GPTQ kernels (kernels/.../gptq.py) at Llama-8B layer shapes.
 
 For each weight shape (out, in) = q/o (4096, 4096), k/v (1024, 4096), gate/up (14336, 4096), down (4096, 14336),
-4-bit, group size 128, v1 zeros, act-order (``desc_act``, a permuted ``g_idx``) off and on, bf16 and fp16:
+4-bit, group size 128, v1 zeros, act-order (``desc_act``, a permuted ``g_idx``) off and on, bf16 and fp16.
+Sections (``--sections``, default ``checks crossover``):
 
-* checks: the Triton dequant equals ``gptq_dequantize_ref`` bit for bit; ``gptq_linear`` forward and the
+* ``checks``: the Triton dequant equals ``gptq_dequantize_ref`` bit for bit; ``gptq_linear`` forward and the
   gradient of ``x`` against an fp32 product with the reference weight, for every row count measured, next to the
-  error of a dense GEMM in the same dtype (a path is ok when its error is at most twice the dense GEMM's);
-* timings (CUDA events, median): dequant (ms, GB/s of packed reads + dense writes, % of the measured device
-  copy bandwidth) and the pure-torch reference dequant; ``gptq_linear`` forward and forward+backward at each row
-  count (default 8192 = 4 x 2048 training tokens, and 16) against a dense ``F.linear`` in the same dtype; at row
-  counts where ``gptq_linear`` runs the fused dequant-matmul kernel, also the unfused dequant + cuBLAS forward.
+  error of a dense GEMM in the same dtype (a path is ok when its error is at most twice the dense GEMM's); dequant
+  time (eager calls, launch overhead included, and kernel time from CUDA-graph replays; GB/s of packed reads +
+  dense writes, % of the measured device copy bandwidth), the pure-torch reference dequant, and ``gptq_linear``
+  forward and forward+backward at each row count (default 8192 = 4 x 2048 training tokens, and 16) against a
+  dense ``F.linear`` in the same dtype;
+* ``crossover``: the fused dequant-matmul kernel against dequant + cuBLAS over row counts 1 ... 256 (kernel and
+  eager times), which sets ``_FUSED_MAX_ROWS``;
+* ``sweep``: kernel variants and launch settings of both kernels (``_DEQUANT_LAUNCH`` / ``_DEQUANT_FLAGS``,
+  ``_MATMUL_LAUNCH`` / ``_MATMUL_FLAGS``, K splits, tensor-core vs multiply-sum products for few rows), each
+  checked (dequant bit-exact, matmul error) and timed from CUDA-graph replays, with the best per shape.
 
-Then (unless ``--no-sweep``): the fused-vs-unfused forward over row counts 1 ... 512 (where the fused kernel
-stops winning, to set ``_FUSED_MAX_ROWS``), and alternative launch settings of both kernels (``_DEQUANT_LAUNCH``,
-``_MATMUL_LAUNCH``, split-K), each named with its time, so the defaults can be updated from one run.
+Timed data rotates over copies of the weights (and outputs) so that small shapes are not timed from L2.
+``--baseline FILE`` also times another version of gptq.py (e.g. the previous commit's, with the custom-op
+namespace renamed) in the same run. ``--precompile N`` first runs the sweep's configurations once in N processes
+so that Triton's disk cache holds every kernel before timing.
 
 Usage (repository root, one CUDA GPU; a few minutes)::
 
     PYTHONPATH=kernels/src python benchmarks/kernel-bench/gptq_bench.py --out benchmarks/results/<date>-<gpu>-x1-kernels-gptq
 
-``--out`` defaults to ``$OUT``. Writes ``gptq_bench.json`` (environment, rows, sweeps, ``all_checks_ok``) and
-prints one line per measurement. ``--smoke`` runs the whole script on tiny shapes on CPU in Triton's interpreter
-(timings meaningless), to check the script itself without a GPU.
+``--out`` defaults to ``$OUT``. Writes ``gptq_bench.json`` (environment, rows, crossover, sweeps,
+``all_checks_ok``) and prints one line per measurement. ``--smoke`` runs the whole script on tiny shapes on CPU in
+Triton's interpreter (timings meaningless), to check the script itself without a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib.util
+import itertools
 import json
 import os
 import platform
 import shlex
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,9 +50,18 @@ from pathlib import Path
 
 SHAPES_8B = {"q_o": (4096, 4096), "k_v": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336)}
 SHAPES_SMOKE = {"q_o": (64, 128), "k_v": (32, 128), "gate_up": (96, 128), "down": (64, 256)}
-DEQUANT_LAUNCHES = [(64, 128, 8), (64, 64, 4), (128, 64, 4), (32, 128, 4), (128, 128, 8), (64, 256, 8), (32, 64, 2)]
-MATMUL_LAUNCHES = [(64, 64, 4), (32, 64, 4), (128, 64, 4), (64, 128, 4), (32, 128, 4), (64, 32, 2), (128, 128, 8)]
-CROSSOVER_ROWS = [1, 16, 32, 64, 128, 256, 512]
+# (BLOCK_N, BLOCK_K, num_warps) of the dequant kernel; (BLOCK_N, BLOCK_K, num_warps) of the fused kernel with
+# tensor cores and with the multiply-sum for few rows; target programs per multiprocessor of its K split
+DEQUANT_LAUNCHES = [(64, 128, 8), (64, 64, 4), (128, 64, 4), (32, 128, 4), (128, 128, 8), (64, 256, 8), (32, 64, 2),
+                    (128, 32, 4), (256, 64, 8), (32, 256, 4)]  # fmt: skip
+MATMUL_LAUNCHES = [(64, 128, 4), (32, 128, 4), (128, 128, 8), (64, 64, 4), (128, 64, 4), (32, 256, 4), (64, 256, 8),
+                   (16, 256, 4)]  # fmt: skip
+FMA_LAUNCHES = [(64, 64, 4), (32, 64, 4), (32, 128, 4), (64, 32, 4), (128, 32, 8), (16, 128, 4)]
+PROGRAMS_PER_SM = [2, 4, 8, 16]
+MATMUL_MODES = [{"UNPACK": 1, "GROUP_MODE": 0}, {"UNPACK": 1, "GROUP_MODE": 1}, {"UNPACK": 0, "GROUP_MODE": 2},
+                {"UNPACK": 1, "GROUP_MODE": 2}]  # fmt: skip
+SWEEP_ROWS = [1, 4, 16, 64]
+CROSSOVER_ROWS = [1, 4, 16, 32, 64, 128, 256]
 # relative error below which a GEMM result is rounding noise of its output dtype (a few ulps of the largest output)
 ERROR_FLOOR = {"bfloat16": 1e-2, "float16": 2e-3}
 
@@ -57,7 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=20)
-    parser.add_argument("--no-sweep", action="store_true", help="skip the crossover and launch-setting sweeps")
+    parser.add_argument(
+        "--sections", nargs="+", default=["checks", "crossover"], choices=["checks", "crossover", "sweep"]
+    )
+    parser.add_argument("--baseline", help="another version of gptq.py to time in the same run (custom ops renamed)")
+    parser.add_argument("--precompile", type=int, default=0, help="processes that build the sweep's kernels first")
+    parser.add_argument("--deadline", type=float, default=1e9, help="seconds after which sweep jobs are skipped")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in Triton's interpreter")
     args = parser.parse_args(argv)
     if not args.out:
@@ -160,26 +185,34 @@ def packed_bytes(weight) -> int:
     return sum(t.numel() * t.element_size() for t in (weight.qweight, weight.qzeros, weight.scales, weight.g_idx))
 
 
-def run_case(gptq, name, n, k, desc_act, dtype, args, timer, copy_gbs, device) -> dict:
+def run_case(gptq, base, name, n, k, desc_act, dtype, args, timer, gtimer, copy_gbs, device) -> dict:
     import torch
     import torch.nn.functional as F
 
     weight = make_weight(gptq, n, k, args.bits, args.group_size, desc_act, dtype, device)
     row = {"shape": name, "out_features": n, "in_features": k, "desc_act": desc_act, "dtype": str(dtype)[6:]}
 
-    # dequant: exactness and bandwidth
+    # dequant: exactness and bandwidth (eager calls and CUDA-graph kernel time, rotating over weight copies)
     ref = weight.dequantize_ref(dtype)
     tri = weight.dequantize(dtype)
     row["dequant_mismatches"] = int((tri.view(torch.int16) != ref.view(torch.int16)).sum().item())
     row["dequant_exact"] = row["dequant_mismatches"] == 0
-    buf = torch.empty_like(ref)
-    ms = timer(lambda b=buf: weight.dequantize(dtype, out=b), 20)
+    del tri
     moved = packed_bytes(weight) + ref.numel() * ref.element_size()
-    row["dequant_ms"] = ms
-    row["dequant_gbs"] = moved / (ms * 1e-3) / 1e9
-    row["dequant_pct_copy_bw"] = 100 * row["dequant_gbs"] / copy_gbs
+    cases = Cases(gptq, base, args, device, dtype)
+    for prefix, kind in [("", "dequant"), ("before_", "dequant_before")][: 2 if base else 1]:
+        job = {"kind": kind, "shape": name, "desc_act": desc_act, "launch": gptq._DEQUANT_LAUNCH}
+        if kind == "dequant_before":
+            row["before_dequant_exact"] = job_check(job, cases, {name: (n, k)})["exact"]
+        fns = job_fns({**job, "launch": None} if kind == "dequant" else job, cases, {name: (n, k)})
+        row[f"{prefix}dequant_ms"] = ms = timer(rotating(fns), max(20, len(fns)))
+        row[f"{prefix}dequant_gbs"] = moved / (ms * 1e-3) / 1e9
+        row[f"{prefix}dequant_pct_copy_bw"] = 100 * row[f"{prefix}dequant_gbs"] / copy_gbs
+        row[f"{prefix}dequant_kernel_ms"] = ms = gtimer(fns)
+        row[f"{prefix}dequant_kernel_gbs"] = moved / (ms * 1e-3) / 1e9
+        row[f"{prefix}dequant_kernel_pct_copy_bw"] = 100 * row[f"{prefix}dequant_kernel_gbs"] / copy_gbs
+    del cases
     row["dequant_ref_ms"] = timer(lambda: weight.dequantize_ref(dtype), 2)
-    del buf, tri
 
     truth_w = ref.float()
     dense_w = ref.clone()  # a dense weight of the same shape and dtype for the baseline GEMM
@@ -228,61 +261,331 @@ def run_case(gptq, name, n, k, desc_act, dtype, args, timer, copy_gbs, device) -
     return row
 
 
-def crossover(gptq, shapes, dtype, args, timer, device, row_counts) -> list[dict]:
-    """Fused kernel vs dequant + cuBLAS forward over row counts (sets where the fused kernel should stop)."""
+def graph_timer(smoke: bool, reps: int):
+    """``gtimer(fns)``: median ms of one call, from CUDA-graph replays of one call of each of ``fns``.
+
+    Launch overhead is left out (the kernel time a busy training step sees); ``fns`` rotate over copies of
+    the data so that small shapes are not timed from L2. On CPU (``--smoke``): host time of one pass.
+    """
     import torch
+
+    def gpu_ms(fns: list[Callable[[], object]]) -> float:
+        fns = list(fns)
+        while len(fns) < 8:
+            fns = fns * 2
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for fn in fns:
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for fn in fns:
+                fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / len(fns))
+        del graph
+        return sorted(times)[len(times) // 2]
+
+    def cpu_ms(fns: list[Callable[[], object]]) -> float:
+        start = time.perf_counter()
+        for fn in fns:
+            fn()
+        return (time.perf_counter() - start) * 1e3 / len(fns)
+
+    return cpu_ms if smoke else gpu_ms
+
+
+def rotating(fns: list[Callable[[], object]]) -> Callable[[], object]:
+    """One callable that calls ``fns`` in turn (eager timing over rotating data)."""
+    turn = itertools.cycle(fns)
+    return lambda: next(turn)()
+
+
+def copies_for(bytes_per_call: int, smoke: bool, cap: int = 48) -> int:
+    """Copies of the data to rotate over so that one pass moves well over the 50 MB L2 of an H100."""
+    return 1 if smoke else max(1, min(cap, -(-(160 << 20) // max(bytes_per_call, 1))))
+
+
+def load_baseline(path: str | None):
+    """The module at ``path`` (another version of gptq.py, custom-op names changed) or None."""
+    if not path:
+        return None
+    spec = importlib.util.spec_from_file_location("gptq_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+class Cases:
+    """Weights (with rotation copies), dequant buffers and inputs per (shape, act-order), built once."""
+
+    def __init__(self, gptq, base, args, device, dtype):
+        self.gptq, self.base, self.args, self.device, self.dtype = gptq, base, args, device, dtype
+        self._weights: dict = {}
+        self._inputs: dict = {}
+
+    def weights(self, shape: str, n: int, k: int, desc_act: bool, purpose: str):
+        """(new-module weights, baseline weights or None, dequant buffers) with rotation copies for ``purpose``
+        ("dequant": packed + dense bytes per call; "matmul": packed bytes)."""
+        key = (shape, desc_act, purpose)
+        if key not in self._weights:
+            w0 = make_weight(self.gptq, n, k, self.args.bits, self.args.group_size, desc_act, self.dtype, self.device)
+            per_call = packed_bytes(w0) + (n * k * 2 if purpose == "dequant" else 0)
+            count = copies_for(per_call, self.args.smoke)
+            ws = [w0] + [clone_weight(self.gptq, w0) for _ in range(count - 1)]
+            bases = [clone_weight(self.base, w) for w in ws] if self.base else None
+            bufs = [torch_empty(n, k, self.dtype, self.device) for _ in ws] if purpose == "dequant" else None
+            self._weights[key] = (ws, bases, bufs)
+        return self._weights[key]
+
+    def truth(self, shape: str, n: int, k: int, desc_act: bool, rows: int):
+        """fp32 product of the first input and the first weight (reference dequant in fp32)."""
+        key = ("truth", shape, desc_act, rows)
+        if key not in self._inputs:
+            ws, _, _ = self.weights(shape, n, k, desc_act, "matmul")
+            x = self.inputs(rows, k, 1)[0]
+            import torch
+
+            self._inputs[key] = x.float() @ ws[0].dequantize_ref(torch.float32).t()
+        return self._inputs[key]
+
+    def inputs(self, rows: int, k: int, count: int):
+        key = (rows, k)
+        if key not in self._inputs or len(self._inputs[key]) < count:
+            import torch
+
+            gen = torch.Generator(device=self.device).manual_seed(rows)
+            self._inputs[key] = [torch.randn(rows, k, generator=gen, device=self.device).to(self.dtype)
+                                 for _ in range(count)]  # fmt: skip
+        return self._inputs[key][:count]
+
+
+def torch_empty(n, k, dtype, device):
+    import torch
+
+    return torch.empty((n, k), dtype=dtype, device=device)
+
+
+def clone_weight(module, weight):
+    """The same GPTQ weight in fresh memory, as ``module``'s GPTQWeight (the new or the baseline class)."""
+    w = weight
+    return module.GPTQWeight(w.qweight.clone(), w.qzeros.clone(), w.scales.clone(), w.g_idx.clone(), w.bits,
+                             w.group_size, w.checkpoint_format, w.out_features, w.in_features, w.dtype)  # fmt: skip
+
+
+def job_fns(job: dict, cases: Cases, shapes: dict) -> list[Callable[[], object]]:
+    """Callables (one per rotation copy) for one measured configuration."""
     import torch.nn.functional as F
 
-    out = []
-    for name, (n, k) in shapes.items():
-        weight = make_weight(gptq, n, k, args.bits, args.group_size, False, dtype, device)
-        for m in row_counts:
-            x = torch.randn(m, k, device=device).to(dtype)
-            with torch.no_grad():
-                fused_ms = timer(lambda x=x, w=weight: gptq._matmul_fused(x, w, None), 10)
-                unfused_ms = timer(lambda x=x, w=weight: F.linear(x, w.dequantize(dtype)), 10)
-            out.append({"shape": name, "rows": m, "fused_ms": fused_ms, "unfused_ms": unfused_ms,
-                        "fused_speedup": unfused_ms / fused_ms})  # fmt: skip
-    return out
+    gptq, base, dtype = cases.gptq, cases.base, cases.dtype
+    n, k = shapes[job["shape"]]
+    kind = job["kind"]
+    if kind.startswith("dequant"):
+        ws, bases, bufs = cases.weights(job["shape"], n, k, job["desc_act"], "dequant")
+        if kind == "dequant_before":
+            return [lambda w=w, b=b: base._dequantize_triton(w.qweight, w.qzeros, w.scales, w.g_idx, w.bits, "gptq",
+                                                             dtype, out=b) for w, b in zip(ws, bufs)]  # fmt: skip
+        launch, flags = (tuple(job["launch"]) if job.get("launch") else None), job.get("flags")
+        return [lambda w=w, b=b: gptq._dequantize_triton(w.qweight, w.qzeros, w.scales, w.g_idx, w.bits, "gptq",
+                                                         dtype, out=b, launch=launch, flags=flags)
+                for w, b in zip(ws, bufs)]  # fmt: skip
+    ws, bases, _ = cases.weights(job["shape"], n, k, job["desc_act"], "matmul")
+    xs = cases.inputs(job["rows"], k, len(ws))
+    if kind == "fused":
+        launch = tuple(job["launch"]) if job.get("launch") else None
+        a = (launch, job.get("split_k"), job.get("flags"), job.get("use_dot"))
+        return [lambda x=x, w=w: gptq._matmul_fused(x, w, None, *a) for x, w in zip(xs, ws)]
+    if kind == "fused_before":
+        return [lambda x=x, w=w: base._matmul_fused(x, w, None) for x, w in zip(xs, bases)]
+    if kind == "unfused":
+        return [lambda x=x, w=w: F.linear(x, w.dequantize(dtype)) for x, w in zip(xs, ws)]
+    if kind == "unfused_before":
+        return [lambda x=x, w=w: F.linear(x, w.dequantize(dtype)) for x, w in zip(xs, bases)]
+    raise ValueError(kind)
 
 
-def launch_sweep(gptq, shapes, dtype, args, timer, copy_gbs, device, dequant_launches, matmul_launches) -> dict:
-    """Times alternative launch settings of the dequant kernel and of the fused kernel (M = 16)."""
+def job_check(job: dict, cases: Cases, shapes: dict) -> dict:
+    """Exactness (dequant) or error against an fp32 product with the reference weight (matmul) of one job."""
     import torch
 
-    result = {"dequant": [], "matmul": []}
-    for name, (n, k) in shapes.items():
-        weight = make_weight(gptq, n, k, args.bits, args.group_size, True, dtype, device)
-        ref = weight.dequantize_ref(dtype)
-        buf = torch.empty_like(ref)
-        moved = packed_bytes(weight) + ref.numel() * ref.element_size()
-        packed = (weight.qweight, weight.qzeros, weight.scales, weight.g_idx, weight.bits, "gptq", dtype)
-        for launch in dequant_launches:
-            buf.fill_(float("nan"))
-            gptq._dequantize_triton(*packed, out=buf, launch=launch)
-            exact = torch.equal(buf, ref)
-            ms = timer(lambda launch=launch, p=packed, b=buf: gptq._dequantize_triton(*p, out=b, launch=launch), 20)
-            gbs = moved / (ms * 1e-3) / 1e9
-            result["dequant"].append({"shape": name, "launch": launch, "ms": ms, "gbs": gbs,
-                                      "pct_copy_bw": 100 * gbs / copy_gbs, "exact": exact,
-                                      "default": launch == gptq._DEQUANT_LAUNCH})  # fmt: skip
-        x = torch.randn(16, k, device=device).to(dtype)
-        truth = x.float() @ ref.float().t()
-        for launch in matmul_launches:
-            for split_k in (None, 1, 2, 4, 8):
-                y = gptq._matmul_fused(x, weight, None, launch=launch, split_k=split_k)
-                ms = timer(lambda a=(x, weight, None, launch, split_k): gptq._matmul_fused(*a), 10)
-                result["matmul"].append({"shape": name, "rows": 16, "launch": launch, "split_k": split_k, "ms": ms,
-                                         "err": max_err(y, truth),
-                                         "default": launch == gptq._MATMUL_LAUNCH and split_k is None})  # fmt: skip
-        del ref, buf
-    for kind in ("dequant", "matmul"):
-        best = {}
-        for entry in result[kind]:
-            if entry["shape"] not in best or entry["ms"] < best[entry["shape"]]["ms"]:
-                best[entry["shape"]] = entry
-        result[f"{kind}_best"] = best
-    return result
+    n, k = shapes[job["shape"]]
+    fns = job_fns(job, cases, shapes)
+    if job["kind"].startswith("dequant"):
+        ws, _, bufs = cases.weights(job["shape"], n, k, job["desc_act"], "dequant")
+        bufs[0].fill_(float("nan"))
+        fns[0]()
+        ref = ws[0].dequantize_ref(cases.dtype)
+        return {"exact": bool(torch.equal(bufs[0].view(torch.int16), ref.view(torch.int16)))}
+    y = fns[0]()
+    err = max_err(y, cases.truth(job["shape"], n, k, job["desc_act"], job["rows"]))
+    return {"err": err, "ok": err <= ERROR_FLOOR[str(cases.dtype)[6:]]}
+
+
+def sweep_jobs(args, shapes: dict, smoke: bool, has_base: bool) -> list[dict]:
+    """Every configuration the sweep measures (dequant variants and launch settings; fused matmul variants,
+    launch settings and K splits; the unfused path and the baseline module)."""
+    jobs = []
+    dq_structs = [{"TILE_NK": t, "UNPACK": u, "GROUP_CHECK": 1} for t in (0, 1) for u in (0, 1)]
+    dq_extra = [{"TILE_NK": 1, "UNPACK": 1, "GROUP_CHECK": 0}, {"TILE_NK": 0, "UNPACK": 0, "GROUP_CHECK": 0},
+                {"TILE_NK": 1, "UNPACK": 1, "GROUP_CHECK": 1, "HW_ROUND": 0}]  # fmt: skip
+    dq_launches = DEQUANT_LAUNCHES[:2] if smoke else DEQUANT_LAUNCHES
+    mm_launches = MATMUL_LAUNCHES[:2] if smoke else MATMUL_LAUNCHES
+    fma_launches = FMA_LAUNCHES[:1] if smoke else FMA_LAUNCHES
+    per_sm = [None] if smoke else PROGRAMS_PER_SM
+    for shape in shapes:
+        for desc_act in (False, True):
+            if has_base:
+                jobs.append({"kind": "dequant_before", "shape": shape, "desc_act": desc_act})
+            for flags in dq_structs:
+                for launch in dq_launches:
+                    jobs.append({"kind": "dequant", "shape": shape, "desc_act": desc_act, "launch": launch,
+                                 "flags": flags})  # fmt: skip
+            # GROUP_CHECK 2 takes g_idx == k // group_size as given (not act-order)
+            for flags in dq_extra + ([] if desc_act else [{"TILE_NK": 1, "UNPACK": 1, "GROUP_CHECK": 2}]):
+                jobs.append({"kind": "dequant", "shape": shape, "desc_act": desc_act, "launch": dq_launches[0],
+                             "flags": flags})  # fmt: skip
+        for rows in SWEEP_ROWS:
+            for desc_act in (False, True):
+                jobs.append({"kind": "unfused", "shape": shape, "desc_act": desc_act, "rows": rows})
+                if has_base:
+                    jobs.append({"kind": "fused_before", "shape": shape, "desc_act": desc_act, "rows": rows})
+                    jobs.append({"kind": "unfused_before", "shape": shape, "desc_act": desc_act, "rows": rows})
+                # structure at the first launch setting; GROUP_MODE 3 takes g_idx == k // group_size as given
+                for mode in MATMUL_MODES + ([] if desc_act else [{"UNPACK": 1, "GROUP_MODE": 3}]):
+                    jobs.append({"kind": "fused", "shape": shape, "desc_act": desc_act, "rows": rows,
+                                 "launch": (*mm_launches[0][:3], 4), "flags": mode, "use_dot": True})  # fmt: skip
+            for launch in mm_launches:
+                for pps in per_sm:
+                    jobs.append({"kind": "fused", "shape": shape, "desc_act": False, "rows": rows,
+                                 "launch": (*launch, pps or 4), "flags": MATMUL_MODES[-1], "use_dot": True})  # fmt: skip
+            if rows < 16:
+                for launch in fma_launches:
+                    for pps in per_sm:
+                        jobs.append({"kind": "fused", "shape": shape, "desc_act": False, "rows": rows,
+                                     "launch": (*launch, pps or 4), "flags": MATMUL_MODES[-1], "use_dot": False})  # fmt: skip
+    for i, job in enumerate(jobs):
+        job["id"] = i
+    return jobs
+
+
+def compile_key(job: dict) -> str:
+    """Jobs that compile the same kernels share a key (so one precompile worker builds them)."""
+    job = {**job, "launch": job["launch"][:3] if job.get("launch") else None}  # K-split targets share kernels
+    keep = ("kind", "launch", "flags", "use_dot", "rows")
+    return json.dumps({name: job.get(name) for name in keep if not (job["kind"].startswith("dequant") and name == "rows")},
+                      sort_keys=True, default=str)  # fmt: skip
+
+
+def precompile(args, workers: int) -> float:
+    """Runs the sweep's jobs once in ``workers`` processes (Triton's disk cache then holds every kernel)."""
+    started = time.perf_counter()
+    argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
+    procs = [subprocess.Popen([*argv, "--worker", f"{i}/{workers}"]) for i in range(workers)]
+    for proc in procs:
+        proc.wait()
+    return time.perf_counter() - started
+
+
+def run_worker(gptq, base, args, shapes, device, dtype, spec: str) -> int:
+    import torch
+
+    index, count = (int(v) for v in spec.split("/"))
+    cases = Cases(gptq, base, args, device, dtype)
+    args.smoke = True  # one copy of each weight is enough to compile
+    jobs = sweep_jobs(args, shapes, False, base is not None)
+    keys = sorted({compile_key(job) for job in jobs})
+    mine = set(keys[index::count])
+    for job in jobs:
+        if compile_key(job) not in mine:
+            continue
+        try:
+            job_fns(job, cases, shapes)[0]()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        except Exception as exc:  # recorded by the main process, which runs the job again
+            print(f"worker {index}: job {job['id']} failed: {type(exc).__name__}: {exc}"[:300], flush=True)
+    return 0
+
+
+def sweep(gptq, base, args, shapes, device, dtype, gtimer, copy_gbs, deadline: float) -> dict:
+    """Times (CUDA graphs) and checks every sweep job; then the best settings per shape and row count."""
+    cases = Cases(gptq, base, args, device, dtype)
+    results = []
+    skipped = 0
+    for job in sweep_jobs(args, shapes, args.smoke, base is not None):
+        if time.perf_counter() > deadline:
+            skipped += 1
+            continue
+        entry = dict(job)
+        try:
+            entry.update(job_check(job, cases, shapes))
+            entry["ms"] = gtimer(job_fns(job, cases, shapes))
+        except Exception as exc:  # a variant that fails to compile or run is recorded, not fatal
+            entry["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            results.append(entry)
+            print(f"sweep job {job['id']} {job['kind']} failed: {entry['error'][:200]}", flush=True)
+            continue
+        n, k = shapes[job["shape"]]
+        if job["kind"].startswith("dequant"):
+            ws, _, _ = cases.weights(job["shape"], n, k, job["desc_act"], "dequant")
+            moved = packed_bytes(ws[0]) + n * k * 2
+            entry["gbs"] = moved / (entry["ms"] * 1e-3) / 1e9
+            entry["pct_copy_bw"] = 100 * entry["gbs"] / copy_gbs
+        results.append(entry)
+    best = {}
+    for e in results:
+        if "ms" not in e or not e.get("exact", e.get("ok", False)):
+            continue
+        group = "dequant" if e["kind"] == "dequant" else e["kind"]
+        key = f"{group}|{e['shape']}|act={int(e['desc_act'])}" + (f"|rows={e['rows']}" if "rows" in e else "")
+        if key not in best or e["ms"] < best[key]["ms"]:
+            best[key] = e
+    return {"jobs": results, "skipped_for_time": skipped, "best": best}
+
+
+def crossover(gptq, base, args, shapes, device, dtype, gtimer, etimer, row_counts) -> list[dict]:
+    """gptq_linear's small-row forward (fused kernel where it is used) vs dequant + cuBLAS, and the baseline
+    module's fused kernel: kernel time (CUDA graphs) and eager time per call (launch overhead included)."""
+    cases = Cases(gptq, base, args, device, dtype)
+    out = []
+    for shape in shapes:
+        n, k = shapes[shape]
+        for desc_act in (False, True):
+            for rows in row_counts:
+                entry = {"shape": shape, "desc_act": desc_act, "rows": rows}
+                ws, _, _ = cases.weights(shape, n, k, desc_act, "matmul")
+                xs = cases.inputs(rows, k, len(ws))
+                fused = gptq._use_fused(xs[0], ws[0])
+                entry["path"] = "fused dequant-matmul" if fused else "dequant + cuBLAS"
+                kinds = ["fused", "unfused"] + (["fused_before"] if base else [])
+                for kind in kinds:
+                    job = {"kind": kind, "shape": shape, "desc_act": desc_act, "rows": rows}
+                    check = job_check(job, cases, shapes)
+                    fns = job_fns(job, cases, shapes)
+                    entry[f"{kind}_err"] = check["err"]
+                    entry[f"{kind}_ms"] = gtimer(fns)
+                    entry[f"{kind}_eager_ms"] = etimer(rotating(fns), len(fns))
+                entry["fused_speedup"] = entry["unfused_ms"] / entry["fused_ms"]
+                entry["fused_speedup_eager"] = entry["unfused_eager_ms"] / entry["fused_eager_ms"]
+                out.append(entry)
+                print(f"crossover {shape:8s} act={int(desc_act)} M={rows:<4d} fused {entry['fused_ms']:.4f} ms "
+                      f"(eager {entry['fused_eager_ms']:.4f}) unfused {entry['unfused_ms']:.4f} ms (eager "
+                      f"{entry['unfused_eager_ms']:.4f})  x{entry['fused_speedup']:.2f} (eager "
+                      f"x{entry['fused_speedup_eager']:.2f})"
+                      + (f"  before fused {entry['fused_before_ms']:.4f} ms" if base else ""), flush=True)  # fmt: skip
+    return out
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -295,69 +598,98 @@ def main(argv: list[str] | None = None) -> int:
     import fms_acceleration_accelerate_kernels.gptq as gptq
     import torch
 
+    base = load_baseline(args.baseline)
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
     if args.smoke:
         device = torch.device("cpu")
         shapes = {name: SHAPES_SMOKE[name] for name in args.shapes}
         args.group_size = min(args.group_size, 32)
         args.rows = [r if r <= gptq._FUSED_MAX_ROWS else gptq._FUSED_MAX_ROWS + 16 for r in args.rows]
-        row_counts, dequant_launches, matmul_launches = [1, 16], DEQUANT_LAUNCHES[:2], MATMUL_LAUNCHES[:2]
+        row_counts = [1, 16]
     else:
         if not torch.cuda.is_available():
             raise SystemExit("this benchmark needs a CUDA GPU (or --smoke for a CPU check of the script)")
         device = torch.device("cuda")
         shapes = {name: SHAPES_8B[name] for name in args.shapes}
-        row_counts, dequant_launches, matmul_launches = CROSSOVER_ROWS, DEQUANT_LAUNCHES, MATMUL_LAUNCHES
+        row_counts = CROSSOVER_ROWS
+    if args.worker:
+        return run_worker(gptq, base, args, shapes, device, dtypes[args.dtypes[0]], args.worker)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = make_timer(args.smoke, args.warmup, args.reps)
+    gtimer = graph_timer(args.smoke, args.reps)
     started = time.perf_counter()
     env = environment(args, device)
     env["copy_bandwidth_gbs"] = copy_gbs = copy_bandwidth_gbs(timer, device)
     env["fused_max_rows"] = gptq._FUSED_MAX_ROWS
     env["dequant_launch"] = gptq._DEQUANT_LAUNCH
+    env["dequant_flags"] = gptq._DEQUANT_FLAGS
     env["matmul_launch"] = gptq._MATMUL_LAUNCH
+    env["matmul_flags"] = gptq._MATMUL_FLAGS
+    env["baseline"] = args.baseline
     print(f"{env['device']}: copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
+    result = {"environment": env, "all_checks_ok": None, "rows": [], "crossover": [], "sweeps": {}}
 
-    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16}
-    rows = []
-    for name, (n, k) in shapes.items():
-        for desc_act in (False, True):
-            for dtype_name in args.dtypes:
-                row = run_case(gptq, name, n, k, desc_act, dtypes[dtype_name], args, timer, copy_gbs, device)
-                rows.append(row)
-                print(f"{name:8s} {n:5d}x{k:<5d} act={int(desc_act)} {dtype_name}  dequant exact={row['dequant_exact']}"
-                      f" {row['dequant_ms']:.4f} ms {row['dequant_gbs']:.0f} GB/s ({row['dequant_pct_copy_bw']:.0f}%"
-                      f" of copy)  torch ref {row['dequant_ref_ms']:.3f} ms", flush=True)  # fmt: skip
-                for e in row["linear"]:
-                    unfused = f" unfused fwd {e['unfused_fwd_ms']:.4f}" if "unfused_fwd_ms" in e else ""
-                    print(f"    M={e['rows']:<5d} {e['path']:21s} fwd {e['gptq_fwd_ms']:.4f} ms (dense "
-                          f"{e['dense_fwd_ms']:.4f}, x{e['fwd_vs_dense']:.2f}){unfused}  fwd+bwd "
-                          f"{e['gptq_fwd_bwd_ms']:.4f} ms (dense {e['dense_fwd_bwd_ms']:.4f}, "
-                          f"x{e['fwd_bwd_vs_dense']:.2f})  err fwd {e['fwd_err']:.1e} (dense {e['dense_fwd_err']:.1e})"
-                          f" dx {e['dx_err']:.1e} (dense {e['dense_dx_err']:.1e}) ok={e['ok']}", flush=True)  # fmt: skip
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+    def write() -> None:
+        env["script_seconds"] = time.perf_counter() - started
+        (out_dir / "gptq_bench.json").write_text(json.dumps(result, indent=2, default=str))
 
-    sweeps = {}
-    if not args.no_sweep:
-        dtype = dtypes[args.dtypes[0]]
-        sweeps["crossover"] = crossover(gptq, shapes, dtype, args, timer, device, row_counts)
-        for e in sweeps["crossover"]:
-            print(f"crossover {e['shape']:8s} M={e['rows']:<4d} fused {e['fused_ms']:.4f} ms unfused "
-                  f"{e['unfused_ms']:.4f} ms  x{e['fused_speedup']:.2f}", flush=True)  # fmt: skip
-        sweeps["launch"] = launch_sweep(
-            gptq, shapes, dtype, args, timer, copy_gbs, device, dequant_launches, matmul_launches
-        )
-        for kind in ("dequant", "matmul"):
-            for shape, best in sweeps["launch"][f"{kind}_best"].items():
-                print(f"best {kind} launch {shape:8s}: {json.dumps(best)}", flush=True)
+    rows = result["rows"]
+    if "checks" in args.sections:
+        for name, (n, k) in shapes.items():
+            for desc_act in (False, True):
+                for dtype_name in args.dtypes:
+                    row = run_case(gptq, base, name, n, k, desc_act, dtypes[dtype_name], args, timer, gtimer,
+                                   copy_gbs, device)  # fmt: skip
+                    rows.append(row)
+                    before = (f"  before {row['before_dequant_kernel_gbs']:.0f} GB/s kernel, "
+                              f"{row['before_dequant_gbs']:.0f} eager" if base else "")  # fmt: skip
+                    print(f"{name:8s} {n:5d}x{k:<5d} act={int(desc_act)} {dtype_name}  dequant exact="
+                          f"{row['dequant_exact']} kernel {row['dequant_kernel_ms']:.4f} ms "
+                          f"{row['dequant_kernel_gbs']:.0f} GB/s ({row['dequant_kernel_pct_copy_bw']:.0f}% of copy), "
+                          f"eager {row['dequant_ms']:.4f} ms {row['dequant_gbs']:.0f} GB/s{before}", flush=True)  # fmt: skip
+                    for e in row["linear"]:
+                        unfused = f" unfused fwd {e['unfused_fwd_ms']:.4f}" if "unfused_fwd_ms" in e else ""
+                        print(f"    M={e['rows']:<5d} {e['path']:21s} fwd {e['gptq_fwd_ms']:.4f} ms (dense "
+                              f"{e['dense_fwd_ms']:.4f}, x{e['fwd_vs_dense']:.2f}){unfused}  fwd+bwd "
+                              f"{e['gptq_fwd_bwd_ms']:.4f} ms (dense {e['dense_fwd_bwd_ms']:.4f}, "
+                              f"x{e['fwd_bwd_vs_dense']:.2f})  err fwd {e['fwd_err']:.1e} (dense "
+                              f"{e['dense_fwd_err']:.1e}) dx {e['dx_err']:.1e} (dense {e['dense_dx_err']:.1e}) "
+                              f"ok={e['ok']}", flush=True)  # fmt: skip
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+            write()
 
-    all_ok = all(r["checks_ok"] for r in rows) and all(e["exact"] for e in sweeps.get("launch", {}).get("dequant", []))
-    env["script_seconds"] = time.perf_counter() - started
-    result = {"environment": env, "all_checks_ok": all_ok, "rows": rows, "sweeps": sweeps}
-    (out_dir / "gptq_bench.json").write_text(json.dumps(result, indent=2, default=str))
-    print(f"all checks ok: {all_ok}; wrote {out_dir / 'gptq_bench.json'} in {env['script_seconds']:.0f} s", flush=True)
-    return 0 if all_ok else 1
+    dtype = dtypes[args.dtypes[0]]
+    if "crossover" in args.sections:
+        result["crossover"] = crossover(gptq, base, args, shapes, device, dtype, gtimer, timer, row_counts)
+        write()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if "sweep" in args.sections:
+        if args.precompile and not args.smoke:
+            env["precompile_seconds"] = precompile(args, args.precompile)
+            print(f"precompiled in {env['precompile_seconds']:.0f} s", flush=True)
+        deadline = started + args.deadline
+        result["sweeps"] = sweeps = sweep(gptq, base, args, shapes, device, dtype, gtimer, copy_gbs, deadline)
+        for key, e in sorted(sweeps["best"].items()):
+            what = {name: e.get(name) for name in ("launch", "flags", "use_dot", "split_k") if e.get(name) is not None}
+            speed = f" {e['gbs']:.0f} GB/s" if "gbs" in e else ""
+            print(f"best {key:38s} {e['ms']:.4f} ms{speed} {json.dumps(what)}", flush=True)
+        print(f"sweep: {len(sweeps['jobs'])} jobs, {sweeps['skipped_for_time']} skipped for time", flush=True)
+
+    sweep_ok = all(e.get("exact", e.get("ok", False)) for e in result["sweeps"].get("jobs", []) if "error" not in e)
+    cross_ok = all(e[f"{kind}_err"] <= ERROR_FLOOR[str(dtype)[6:]] for e in result["crossover"]
+                   for kind in ("fused", "unfused"))  # fmt: skip
+    result["all_checks_ok"] = all(r["checks_ok"] for r in rows) and sweep_ok and cross_ok
+    write()
+    print(
+        f"all checks ok: {result['all_checks_ok']}; wrote {out_dir / 'gptq_bench.json'} in "
+        f"{env['script_seconds']:.0f} s",
+        flush=True,
+    )
+    return 0 if result["all_checks_ok"] else 1
 
 
 if __name__ == "__main__":

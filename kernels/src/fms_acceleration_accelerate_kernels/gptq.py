@@ -328,32 +328,102 @@ def _check_out(out: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) ->
 
 
 @triton.jit
-def _dequant_tile(
-    qweight_ptr,
-    qzeros_ptr,
-    scales_ptr,
-    g_idx_ptr,
-    offs_k,
-    offs_n,
-    mask_k,
-    mask_n,
-    N,
-    BITS: tl.constexpr,
-    ZERO_OFFSET: tl.constexpr,
-):
-    # fp32 [BLOCK_K, BLOCK_N] tile of W^T (rows: input channels k, columns: output channels n), exact for fp16
-    # scales; 0 where masked. Rows follow qweight's layout, so the word and scale loads are contiguous along n.
+def _codes_kn(qweight_ptr, k0, offs_n, mask_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+              BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):  # fmt: skip
+    # int32 codes [BLOCK_K, BLOCK_N] of input channels k0 ... k0 + BLOCK_K (k0 a multiple of BLOCK_K), 0 where
+    # masked. UNPACK 1: each packed word is loaded once ([BLOCK_K / PF, BLOCK_N]) and its PF codes are spread
+    # along k by a reshape; 0: one (repeated) word load per code.
     PF: tl.constexpr = 32 // BITS
     MASK: tl.constexpr = (1 << BITS) - 1
+    if UNPACK:
+        offs_kw = k0 // PF + tl.arange(0, BLOCK_K // PF)
+        mask = (offs_kw < K // PF)[:, None] & mask_n[None, :]
+        words = tl.load(qweight_ptr + offs_kw[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        shifts = tl.arange(0, PF) * BITS
+        codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = (offs_k < K)[:, None] & mask_n[None, :]
+        words = tl.load(qweight_ptr + (offs_k // PF)[:, None] * N + offs_n[None, :], mask=mask, other=0)
+        codes = (words >> ((offs_k % PF) * BITS)[:, None]) & MASK
+    return codes
+
+
+@triton.jit
+def _codes_nk(qweight_ptr, k0, offs_n, mask_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+              BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):  # fmt: skip
+    # the transpose of ``_codes_kn``: [BLOCK_N, BLOCK_K], k along the last dim as in the dense (N, K) weight
+    PF: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    if UNPACK:
+        offs_kw = k0 // PF + tl.arange(0, BLOCK_K // PF)
+        mask = mask_n[:, None] & (offs_kw < K // PF)[None, :]
+        words = tl.load(qweight_ptr + offs_kw[None, :] * N + offs_n[:, None], mask=mask, other=0)
+        shifts = tl.arange(0, PF) * BITS
+        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = mask_n[:, None] & (offs_k < K)[None, :]
+        words = tl.load(qweight_ptr + (offs_k // PF)[None, :] * N + offs_n[:, None], mask=mask, other=0)
+        codes = (words >> ((offs_k % PF) * BITS)[None, :]) & MASK
+    return codes
+
+
+@triton.jit
+def _one_group(g_idx_ptr, k0, K, BLOCK_K: tl.constexpr):
+    # (group of input channel k0, whether every unmasked channel of the tile k0 ... k0 + BLOCK_K has that group).
+    # Checked per tile on the data, so any g_idx works; without act-order and with BLOCK_K dividing the group
+    # size every tile has one group, and zeros and scales are then one vector per tile instead of a gather.
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
+    first = tl.load(g_idx_ptr + k0)
+    others = tl.max(tl.where(mask_k & (g != first), 1, 0), axis=0)
+    return first, others == 0
+
+
+@triton.jit
+def _group_vectors(qzeros_ptr, scales_ptr, group, offs_n, mask_n, N, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
+    # true zeros (int32) and fp32 scales [BLOCK_N] of one group
+    PF: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    zero_words = tl.load(qzeros_ptr + group * (N // PF) + offs_n // PF, mask=mask_n, other=0)
+    zeros = ((zero_words >> ((offs_n % PF) * BITS)) & MASK) + ZERO_OFFSET
+    scales = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return zeros, scales
+
+
+@triton.jit
+def _gathered_kn(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS: tl.constexpr,
+                 ZERO_OFFSET: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    # fp32 [BLOCK_K, BLOCK_N] tile of W^T with zeros and scales gathered per input channel through g_idx (any
+    # group assignment, e.g. act-order); exact for fp16 scales
+    PF: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
     mask = mask_k[:, None] & mask_n[None, :]
-    words = tl.load(qweight_ptr + (offs_k // PF)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-    q = (words >> ((offs_k % PF) * BITS)[:, None]) & MASK
-    # act-order: any group per input channel, so zeros and scales are gathered through g_idx
     g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
     zero_words = tl.load(qzeros_ptr + g[:, None] * (N // PF) + (offs_n // PF)[None, :], mask=mask, other=0)
-    z = ((zero_words >> ((offs_n % PF) * BITS)[None, :]) & MASK) + ZERO_OFFSET
-    s = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
-    return (q - z).to(tl.float32) * s.to(tl.float32)
+    zeros = ((zero_words >> ((offs_n % PF) * BITS)[None, :]) & MASK) + ZERO_OFFSET
+    scales = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+    return (codes - zeros).to(tl.float32) * scales.to(tl.float32)
+
+
+@triton.jit
+def _gathered_nk(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS: tl.constexpr,
+                 ZERO_OFFSET: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    # the transpose of ``_gathered_kn``: [BLOCK_N, BLOCK_K]
+    PF: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    mask = mask_n[:, None] & mask_k[None, :]
+    g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
+    zero_words = tl.load(qzeros_ptr + g[None, :] * (N // PF) + (offs_n // PF)[:, None], mask=mask, other=0)
+    zeros = ((zero_words >> ((offs_n % PF) * BITS)[:, None]) & MASK) + ZERO_OFFSET
+    scales = tl.load(scales_ptr + g[None, :] * N + offs_n[:, None], mask=mask, other=0.0)
+    return (codes - zeros).to(tl.float32) * scales.to(tl.float32)
 
 
 @triton.jit
@@ -365,28 +435,84 @@ def _gptq_dequant_kernel(
     out_ptr,  # (N, K): fp16 / fp32, or the int16 bit patterns of bf16
     N,
     K,
+    group_size,  # GROUP_CHECK 2 only: g_idx[k] == k // group_size is taken as given
     BITS: tl.constexpr,
     ZERO_OFFSET: tl.constexpr,
     OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    TILE_NK: tl.constexpr,  # 1: compute the tile as [BLOCK_N, BLOCK_K] (k contiguous, as stored); 0: [BLOCK_K, BLOCK_N]
+    UNPACK: tl.constexpr,
+    GROUP_CHECK: tl.constexpr,  # 1: one zero/scale vector for tiles of one group (checked), else gathered per k
+    HW_ROUND: tl.constexpr,  # 1: bf16 by the hardware conversion (GPU); 0: by hand (the interpreter truncates)
 ):
-    offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k0 = tl.program_id(0) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < K
     mask_n = offs_n < N
-    w = _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, mask_k, mask_n, N,
-                      BITS, ZERO_OFFSET)  # fmt: skip
-    dst = out_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
-    mask = mask_k[:, None] & mask_n[None, :]
+    if TILE_NK:
+        codes = _codes_nk(qweight_ptr, k0, offs_n, mask_n, N, K, BITS, BLOCK_K, BLOCK_N, UNPACK)
+        if GROUP_CHECK == 2:
+            zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, k0 // group_size, offs_n, mask_n, N, BITS,
+                                           ZERO_OFFSET)  # fmt: skip
+            w = (codes - zeros[:, None]).to(tl.float32) * scales[:, None]
+        elif GROUP_CHECK:
+            group, one_group = _one_group(g_idx_ptr, k0, K, BLOCK_K)
+            if one_group:
+                zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, group, offs_n, mask_n, N, BITS, ZERO_OFFSET)
+                w = (codes - zeros[:, None]).to(tl.float32) * scales[:, None]
+            else:
+                w = _gathered_nk(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS,
+                                 ZERO_OFFSET, BLOCK_K)  # fmt: skip
+        else:
+            w = _gathered_nk(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS,
+                             ZERO_OFFSET, BLOCK_K)  # fmt: skip
+        dst = out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
+        mask = mask_n[:, None] & mask_k[None, :]
+    else:
+        codes = _codes_kn(qweight_ptr, k0, offs_n, mask_n, N, K, BITS, BLOCK_K, BLOCK_N, UNPACK)
+        if GROUP_CHECK == 2:
+            zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, k0 // group_size, offs_n, mask_n, N, BITS,
+                                           ZERO_OFFSET)  # fmt: skip
+            w = (codes - zeros[None, :]).to(tl.float32) * scales[None, :]
+        elif GROUP_CHECK:
+            group, one_group = _one_group(g_idx_ptr, k0, K, BLOCK_K)
+            if one_group:
+                zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, group, offs_n, mask_n, N, BITS, ZERO_OFFSET)
+                w = (codes - zeros[None, :]).to(tl.float32) * scales[None, :]
+            else:
+                w = _gathered_kn(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS,
+                                 ZERO_OFFSET, BLOCK_K)  # fmt: skip
+        else:
+            w = _gathered_kn(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS,
+                             ZERO_OFFSET, BLOCK_K)  # fmt: skip
+        dst = out_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
+        mask = mask_k[:, None] & mask_n[None, :]
     if OUT_KIND == 0:
-        # round to nearest even by hand: the CPU interpreter truncates in ``.to(tl.bfloat16)``
-        bits16 = _fp32_to_bf16_bits_rne(w).to(tl.uint16).to(tl.int16, bitcast=True)
+        if HW_ROUND:
+            bits16 = w.to(tl.bfloat16).to(tl.int16, bitcast=True)
+        else:
+            bits16 = _fp32_to_bf16_bits_rne(w).to(tl.uint16).to(tl.int16, bitcast=True)
         tl.store(dst, bits16, mask=mask)
     elif OUT_KIND == 1:
         tl.store(dst, w.to(tl.float16), mask=mask)
     else:
         tl.store(dst, w, mask=mask)
+
+
+@triton.jit
+def _small_product(x, w, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
+    # fp32 [BLOCK_M, BLOCK_N] = x [BLOCK_M, BLOCK_K] @ w [BLOCK_K, BLOCK_N] (w fp32 holding values exact in
+    # x's dtype): tensor cores (BLOCK_M >= 16), or a broadcast multiply and sum for a few rows
+    if USE_DOT:
+        if DOT_FP32:  # interpreter only: its tl.dot multiplies bf16 operands as their integer bit patterns
+            prod = tl.dot(x.to(tl.float32), w, input_precision="ieee")
+        else:
+            prod = tl.dot(x, w.to(x.dtype))
+    else:
+        prod = tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
+    return prod
 
 
 @triton.jit
@@ -396,22 +522,31 @@ def _gptq_matmul_kernel(
     qzeros_ptr,
     scales_ptr,
     g_idx_ptr,
-    partial_ptr,  # fp32 (SPLIT_K, M, N): one partial product per K split
+    bias_ptr,  # (N,) or a dummy (HAS_BIAS 0)
+    out_ptr,  # SPLIT_OUT 1: fp32 (splits, M, N) partial products; 0: (M, N) in x's dtype, bias added
     M,
     N,
     K,
     stride_xm,
     stride_xk,
     k_per_split,  # a multiple of BLOCK_K
+    group_size,  # GROUP_MODE 3 only: g_idx[k] == k // group_size is taken as given
     BITS: tl.constexpr,
     ZERO_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    DOT_FP32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 operands as their integer bit patterns
+    UNPACK: tl.constexpr,
+    GROUP_MODE: tl.constexpr,  # 0: gather per k; 1: one-group tiles dequantised with vectors; 2: ... and scaled after the product
+    USE_DOT: tl.constexpr,
+    SPLIT_OUT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_FP32: tl.constexpr,
 ):
-    # y = x W^T for few rows: each program dequantises its [BLOCK_K, BLOCK_N] tiles of W^T in registers and
-    # feeds them to tl.dot, so W is read packed (bits / 16 of a bf16 weight's bytes) and never written dense.
+    # y = x W^T for few rows: each program reads a K slice of the packed words of BLOCK_N output columns once,
+    # dequantises in registers and accumulates in fp32, so W is read packed (bits / 16 of a bf16 weight's bytes)
+    # and never written dense. Tiles of one group (no act-order) use one zero/scale vector, and with GROUP_MODE 2
+    # multiply the integer codes directly: sum_k x s (q - z) = s (sum_k x q - z sum_k x).
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(2)
@@ -419,29 +554,81 @@ def _gptq_matmul_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = split * k_per_split
-    for k0 in range(k_begin, k_begin + k_per_split, BLOCK_K):
+    k_end = tl.minimum(k_begin + k_per_split, K)
+    for k0 in range(k_begin, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # fmt: skip
-        w = _dequant_tile(qweight_ptr, qzeros_ptr, scales_ptr, g_idx_ptr, offs_k, offs_n, mask_k, mask_n, N,
-                          BITS, ZERO_OFFSET)  # fmt: skip
-        w = w.to(x.dtype)  # the operand precision of the tensor-core dot
-        if DOT_FP32:
-            acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+                    mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)  # fmt: skip
+        codes = _codes_kn(qweight_ptr, k0, offs_n, mask_n, N, K, BITS, BLOCK_K, BLOCK_N, UNPACK)
+        if GROUP_MODE == 0:
+            w = _gathered_kn(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS, ZERO_OFFSET,
+                             BLOCK_K)  # fmt: skip
+            acc += _small_product(x, w, USE_DOT, DOT_FP32)
+        elif GROUP_MODE == 3:
+            zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, k0 // group_size, offs_n, mask_n, N, BITS,
+                                           ZERO_OFFSET)  # fmt: skip
+            prod = _small_product(x, codes.to(tl.float32), USE_DOT, DOT_FP32)
+            row_sums = tl.sum(x.to(tl.float32), axis=1)
+            acc += (prod - row_sums[:, None] * zeros.to(tl.float32)[None, :]) * scales[None, :]
         else:
-            acc = tl.dot(x, w, acc)
-    dst = partial_ptr + (split * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :]
-    tl.store(dst, acc, mask=mask_m[:, None] & mask_n[None, :])
+            group, one_group = _one_group(g_idx_ptr, k0, K, BLOCK_K)
+            if one_group:
+                zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, group, offs_n, mask_n, N, BITS, ZERO_OFFSET)
+                if GROUP_MODE == 2:
+                    # codes are exact in fp16/bf16 (< 256); the zero times the row sums of x is subtracted in fp32
+                    prod = _small_product(x, codes.to(tl.float32), USE_DOT, DOT_FP32)
+                    row_sums = tl.sum(x.to(tl.float32), axis=1)
+                    acc += (prod - row_sums[:, None] * zeros.to(tl.float32)[None, :]) * scales[None, :]
+                else:
+                    w = (codes - zeros[None, :]).to(tl.float32) * scales[None, :]
+                    acc += _small_product(x, w, USE_DOT, DOT_FP32)
+            else:
+                w = _gathered_kn(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS,
+                                 ZERO_OFFSET, BLOCK_K)  # fmt: skip
+                acc += _small_product(x, w, USE_DOT, DOT_FP32)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_OUT:
+        tl.store(out_ptr + (split * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        dst = out_ptr + offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(dst, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Launch settings (BLOCK_N, BLOCK_K, num_warps) of the dequant kernel and (BLOCK_N, BLOCK_K, num_warps) of the
-# fused matmul; benchmarks/kernel-bench/gptq_bench.py times alternatives.
+@triton.jit
+def _split_sum_kernel(partial_ptr, bias_ptr, out_ptr, MN, N, splits, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    # out (M, N) = sum over splits of the fp32 partial products (+ bias), rounded once to out's dtype
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, splits):
+        acc += tl.load(partial_ptr + s * MN + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Launch settings, from benchmarks/kernel-bench/gptq_bench.py on one H100 (see its launch sweeps):
+# dequant (BLOCK_N, BLOCK_K, num_warps); fused matmul (BLOCK_N, BLOCK_K, num_warps, programs per multiprocessor
+# that the K split aims for).
 _DEQUANT_LAUNCH = (64, 128, 8)
-_MATMUL_LAUNCH = (64, 64, 4)
+_DEQUANT_FLAGS = {"TILE_NK": 1, "UNPACK": 1, "GROUP_CHECK": 1}
+_MATMUL_LAUNCH = (64, 128, 4, 4)
+_MATMUL_FLAGS = {"UNPACK": 1, "GROUP_MODE": 2}
 # Rows (tokens) up to which gptq_linear runs the fused dequant-matmul kernel; above, dequant + cuBLAS matmul.
 _FUSED_MAX_ROWS = 64
+# Rows below which the fused kernel multiplies with a broadcast multiply-sum instead of tensor cores.
+_DOT_MIN_ROWS = 16
 _OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+def _group_aligned_block(block_k: int, group_size: int, smallest: int) -> int:
+    """BLOCK_K shrunk to the largest power of two dividing ``group_size`` (when smaller), so that tiles of a
+    sorted ``g_idx`` hold one group each; at least ``smallest`` (whole packed words; 16 for tensor cores)."""
+    if group_size > 0:
+        block_k = min(block_k, group_size & -group_size)
+    return max(block_k, smallest)
 
 
 def _dequantize_triton(
@@ -454,6 +641,7 @@ def _dequantize_triton(
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
     launch: tuple[int, int, int] | None = None,
+    flags: dict | None = None,
 ) -> torch.Tensor:
     """Triton GPTQ dequantisation into a contiguous (N, K) tensor; bit-exact with ``gptq_dequantize_ref``."""
     _check_out_dtype(dtype)
@@ -467,14 +655,17 @@ def _dequantize_triton(
     if out.numel() == 0:
         return out
     block_n, block_k, num_warps = launch or _DEQUANT_LAUNCH
+    groups = int(qzeros.shape[0])
+    group_size = in_features // groups if groups > 1 and in_features % groups == 0 else -1  # a guess suffices
+    block_k = _group_aligned_block(block_k, group_size, 32 // bits)
     target = out.view(torch.int16) if dtype == torch.bfloat16 else out
     grid = (triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n))
     # the kernel indexes the packed tensors as row-major (no copy when they are, as loaded from a checkpoint)
     _gptq_dequant_kernel[grid](
         qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.contiguous(), target, out_features,
-        in_features,
+        in_features, group_size if group_size > 0 else in_features,
         BITS=bits, ZERO_OFFSET=offset, OUT_KIND=_OUT_KIND[dtype], BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps,
+        num_warps=num_warps, **{"HW_ROUND": not interpreter_enabled(), **(flags or _DEQUANT_FLAGS)},
     )  # fmt: skip
     return out
 
@@ -483,34 +674,44 @@ def _matmul_fused(
     x2: torch.Tensor,
     weight: GPTQWeight,
     bias: torch.Tensor | None,
-    launch: tuple[int, int, int] | None = None,
+    launch: tuple[int, int, int, int] | None = None,
     split_k: int | None = None,
+    flags: dict | None = None,
+    use_dot: bool | None = None,
 ) -> torch.Tensor:
     """(M, K) fp16/bf16 ``x2`` -> (M, N) ``x2 W^T + bias`` with the fused dequant-matmul kernel (few rows)."""
     m, k = x2.shape
     n = weight.out_features
-    block_n, block_k, num_warps = launch or _MATMUL_LAUNCH
-    block_m = min(max(16, next_power_of_2(m)), 64)
+    block_n, block_k, num_warps, per_sm = launch or _MATMUL_LAUNCH
+    block_k = _group_aligned_block(block_k, weight.group_size, 16)
+    if use_dot is None:
+        use_dot = m >= _DOT_MIN_ROWS
+    block_m = min(max(16, next_power_of_2(m)), 64) if use_dot else min(next_power_of_2(m), 8)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     if split_k is None:
-        # few output tiles (small N, few rows): split K so that about two programs run per multiprocessor
-        split_k = max(1, min(2 * multiprocessor_count(x2.device) // tiles, triton.cdiv(k, 4 * block_k)))
+        # few output tiles: split K so that about ``per_sm`` programs run per multiprocessor
+        split_k = max(1, min(per_sm * multiprocessor_count(x2.device) // tiles, triton.cdiv(k, block_k)))
     k_per_split = triton.cdiv(triton.cdiv(k, split_k), block_k) * block_k
     split_k = triton.cdiv(k, k_per_split)
-    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x2.device)
+    y = torch.empty((m, n), dtype=x2.dtype, device=x2.device)
+    partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x2.device) if split_k > 1 else y
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
     w = weight
     _gptq_matmul_kernel[grid](
-        x2, w.qweight.contiguous(), w.qzeros.contiguous(), w.scales.contiguous(), w.g_idx.contiguous(), partial,
-        m, n, k,
-        x2.stride(0), x2.stride(1), k_per_split,
+        x2, w.qweight.contiguous(), w.qzeros.contiguous(), w.scales.contiguous(), w.g_idx.contiguous(),
+        bias if bias is not None else partial, partial, m, n, k, x2.stride(0), x2.stride(1), k_per_split,
+        weight.group_size if weight.group_size > 0 else k,
         BITS=weight.bits, ZERO_OFFSET=_zero_offset(weight.checkpoint_format), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, DOT_FP32=interpreter_enabled(), num_warps=num_warps,
+        BLOCK_K=block_k, USE_DOT=use_dot, SPLIT_OUT=split_k > 1, HAS_BIAS=bias is not None,
+        DOT_FP32=interpreter_enabled(), num_warps=num_warps, **(flags or _MATMUL_FLAGS),
     )  # fmt: skip
-    y = partial.sum(0) if split_k > 1 else partial[0]
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x2.dtype)
+    if split_k > 1:
+        block = 1024
+        _split_sum_kernel[(triton.cdiv(m * n, block),)](
+            partial, bias if bias is not None else partial, y, m * n, n, split_k, HAS_BIAS=bias is not None,
+            BLOCK=block,
+        )  # fmt: skip
+    return y
 
 
 # torch.compile seam: the Triton launchers behind custom ops (plain tensors and scalars in), used only while
