@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import datasets
 import torch
 from accelerate import Accelerator
 from fms_acceleration_accelerate_aadp.multipack_callback import MultipackEpochCallback
@@ -45,7 +46,8 @@ def main() -> None:
         }
     }
     accelerator = Accelerator(cpu=True, kwargs_handlers=[ai.AccelerationKwargs(config=body)])
-    data = [{"idx": i, "input_ids": [7] * n} for i, n in enumerate(lengths)]
+    # a Hugging Face dataset: its lengths are measured by the main process first (Accelerate's main_process_first)
+    data = datasets.Dataset.from_list([{"idx": i, "input_ids": [7] * n} for i, n in enumerate(lengths)])
     loader = accelerator.prepare(DataLoader(data, batch_size=8, shuffle=True, collate_fn=collate))
     sampler = find_multipack_sampler(loader)
     report = {

@@ -235,8 +235,9 @@ def _trainer(tmp_path, data, collator, **overrides):
 
 
 def test_hf_trainer_trains_on_multipack_batches_and_resumes_with_the_remaining_ones(tmp_path):
-    data = _examples()
-    lengths = [len(e["input_ids"]) for e in data]
+    datasets = pytest.importorskip("datasets")
+    data = datasets.Dataset.from_list(_examples())
+    lengths = [len(ids) for ids in data["input_ids"]]
     collator = RecordingCollator()
     framework, trainer = _trainer(tmp_path, data, collator, save_strategy="steps", save_steps=4)
     result = trainer.train()

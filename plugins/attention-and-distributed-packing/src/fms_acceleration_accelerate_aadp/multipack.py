@@ -112,7 +112,7 @@ def example_lengths(
     lengths = _given_lengths(source)
     if lengths is None:
         workers = max(1, min(num_proc or os.cpu_count() or 1, os.cpu_count() or 1))
-        if _is_hf_dataset(source):
+        if is_hugging_face_dataset(source):
             lengths = _hf_dataset_lengths(source, column, lengths_column, workers, progress)
         else:
             lengths = _map_style_lengths(source, column, lengths_column, workers, progress)
@@ -149,7 +149,8 @@ def _as_int(value: Any, index: int) -> int:
     raise ValueError(f"multipack: length {index} is {value!r}, not an int")
 
 
-def _is_hf_dataset(source: Any) -> bool:
+def is_hugging_face_dataset(source: Any) -> bool:
+    """Whether ``source`` is a ``datasets.Dataset`` (without importing datasets when it is not installed)."""
     try:
         import datasets
     except ImportError:  # datasets is optional: plain map-style datasets need no package
@@ -612,5 +613,6 @@ __all__ = [
     "Plan",
     "budget_for_batch_size",
     "example_lengths",
+    "is_hugging_face_dataset",
     "plan_stats",
 ]

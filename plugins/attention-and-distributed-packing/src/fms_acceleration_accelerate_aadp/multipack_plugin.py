@@ -37,6 +37,7 @@ than the longest example. With both ``max_number_tokens`` and ``effective_batch_
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import weakref
@@ -49,7 +50,7 @@ from fms_acceleration_accelerate.errors import AccelerationConfigError
 from fms_acceleration_accelerate.framework import is_main_process
 from fms_acceleration_accelerate.plugin import AccelerationPlugin
 
-from .multipack import LengthsUnavailableError, MultipackBatchSampler, example_lengths
+from .multipack import LengthsUnavailableError, MultipackBatchSampler, example_lengths, is_hugging_face_dataset
 
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
@@ -253,10 +254,13 @@ class MultipackAccelerationPlugin(AccelerationPlugin):
             dataloader,
             world_size=context.world_size,
             accumulation=getattr(accelerator, "gradient_accumulation_steps", 1) or 1,
+            accelerator=accelerator,
         )
         return dataloader if replaced is None else replaced
 
-    def _multipack_loader(self, loader: Any, *, world_size: int, accumulation: int) -> DataLoader | None:
+    def _multipack_loader(
+        self, loader: Any, *, world_size: int, accumulation: int, accelerator: Any = None
+    ) -> DataLoader | None:
         from torch.utils.data import IterableDataset, RandomSampler
 
         if not isinstance(loader, _dataloader_types()) or _is_accelerate_loader(loader):
@@ -290,13 +294,21 @@ class MultipackAccelerationPlugin(AccelerationPlugin):
                     type(loader.dataset).__name__,
                 )
             return None
+        # a Hugging Face dataset is measured by the main process first (datasets caches the result on disk when the
+        # dataset has cache files); the other processes then read it
+        first = (
+            accelerator.main_process_first()
+            if accelerator is not None and world_size > 1 and is_hugging_face_dataset(loader.dataset)
+            else contextlib.nullcontext()
+        )
         try:
-            lengths = example_lengths(
-                loader.dataset,
-                lengths_column=self.config.lengths_column,
-                num_proc=self.config.length_processes,
-                progress=is_main_process(),
-            )
+            with first:
+                lengths = example_lengths(
+                    loader.dataset,
+                    lengths_column=self.config.lengths_column,
+                    num_proc=self.config.length_processes,
+                    progress=is_main_process(),
+                )
         except LengthsUnavailableError as exc:
             raise AccelerationConfigError(
                 f"cannot measure the training examples' token counts: {exc.problem}",
@@ -371,6 +383,7 @@ class MultipackAccelerationPlugin(AccelerationPlugin):
                 data_loader,
                 world_size=accelerator.num_processes,
                 accumulation=getattr(accelerator, "gradient_accumulation_steps", 1) or 1,
+                accelerator=accelerator,
             )
             return original(replaced if replaced is not None else data_loader, *args, **kwargs)
 
