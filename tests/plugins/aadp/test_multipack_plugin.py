@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from fms_acceleration_accelerate_aadp.multipack import MultipackBatchSampler
 from fms_acceleration_accelerate_aadp.multipack_plugin import (
     MultipackAccelerationPlugin,
+    MultipackConfig,
     find_multipack_sampler,
 )
 from torch.utils.data import DataLoader
@@ -85,6 +89,17 @@ def test_multipack_without_padding_free_is_refused_naming_the_fix():
 def test_bad_options_are_refused(options, expected):
     with pytest.raises(AccelerationConfigError, match=expected):
         AccelerationFramework(_body(**options))
+
+
+def test_the_shipped_template_activates_with_padding_free():
+    template = Path(__file__).resolve().parents[3] / "plugins/attention-and-distributed-packing/configs/multipack.yaml"
+    body = yaml.safe_load(template.read_text(encoding="utf-8"))
+    assert list(body) == ["plugins"] and list(body["plugins"]["training"]) == ["dataloader"]
+    with pytest.raises(AccelerationConfigError, match="needs the padding-free plugin"):
+        AccelerationFramework(body)
+    body["plugins"]["training"]["attention"] = PADDING_FREE
+    config = AccelerationFramework(body).plugin("multipack").config
+    assert config == MultipackConfig(num_processes=16, max_number_tokens=None)
 
 
 def test_describe_names_the_budget_rule():

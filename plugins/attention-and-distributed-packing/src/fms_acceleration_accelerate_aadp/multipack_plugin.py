@@ -284,9 +284,15 @@ class MultipackAccelerationPlugin(AccelerationPlugin):
                 "fms-acceleration multipack: the DataLoader's rank-%d sampler now plans all ranks", current.rank
             )
             return _rebuild(loader, sampler)
-        if isinstance(loader.dataset, IterableDataset) or not isinstance(
-            getattr(loader, "sampler", None), RandomSampler
-        ):
+        if isinstance(loader.dataset, IterableDataset):
+            if is_main_process():
+                logger.warning(
+                    "fms-acceleration multipack: DataLoader over the iterable dataset %s left unchanged (packing needs "
+                    "every example's length before the epoch: give a map-style dataset, e.g. datasets.Dataset)",
+                    type(loader.dataset).__name__,
+                )
+            return None
+        if not isinstance(getattr(loader, "sampler", None), RandomSampler):
             if is_main_process():
                 logger.info(
                     "fms-acceleration multipack: DataLoader over %s left unchanged (it does not shuffle: evaluation "
