@@ -16,7 +16,8 @@ What it does
   - ``prepare``: for an Accelerator *without* a framework it calls the original directly (identical
     behaviour). With one: one model, one framework (a model the script's own framework accelerated is adopted
     when the configurations are equal, refused otherwise) -> ``check_prepared_model`` of each active plugin
-    (an active plugin is never silently without effect) -> ``prepare_contribution`` -> the wrap plan (FSDP1: a custom
+    (an active plugin is never silently without effect) -> ``prepare_dataloader`` of each plugin for each DataLoader
+    argument -> ``prepare_contribution`` -> the wrap plan (FSDP1: a custom
     ``auto_wrap_policy``, ignored modules and mixed-precision settings on the FSDP plugin, restored after
     the call; FSDP2: our own ``fully_shard`` of the planned units and the optimizer re-pointed at the sharded
     parameters, after which Accelerate shards the rest) -> Accelerate's ``prepare`` -> ``after_prepare`` of
@@ -595,6 +596,10 @@ def _prepare_with_framework(
     context = context_for_accelerator(framework, accelerator)
     for model in models:  # never silent: each active plugin refuses a model it cannot have accelerated
         framework.check_prepared_model(model, context)
+    if any(isinstance(a, torch.utils.data.DataLoader) for a in args):  # how batches are built (e.g. padding-free)
+        args = tuple(
+            framework.prepare_dataloader(a, context) if isinstance(a, torch.utils.data.DataLoader) else a for a in args
+        )
     optimizers = [a for a in args if isinstance(a, torch.optim.Optimizer)]
     scoped = PatchRecorder()  # changes to Accelerate's FSDP plugin, only for the duration of this call
     ours_fsdp2: list[torch.nn.Module] = []

@@ -583,6 +583,23 @@ class AccelerationFramework:
             with self._full_paths(plugin):
                 plugin.check_prepared_model(model, context)
 
+    def prepare_dataloader(self, dataloader: Any, context: RunContext) -> Any:
+        """Run every active plugin's
+        :meth:`~fms_acceleration_accelerate.plugin.AccelerationPlugin.prepare_dataloader` on ``dataloader``, in
+        order, each given the previous one's result (called by ``Accelerator.prepare`` for each DataLoader)."""
+        from torch.utils.data import DataLoader
+
+        for plugin in self.plugins:
+            with self._full_paths(plugin):
+                result = plugin.prepare_dataloader(dataloader, context)
+            if not isinstance(result, DataLoader):
+                raise TypeError(
+                    f"plugin {plugin.plugin_name()!r}: prepare_dataloader must return a torch DataLoader, got "
+                    f"{type(result).__name__}"
+                )
+            dataloader = result
+        return dataloader
+
     def get_callbacks_and_ready_for_train(self, model: Any = None, accelerator: Any = None) -> list[Any]:
         """Collect HF Trainer / TRL callbacks from every active plugin; prints the patch table (see
         :meth:`log_patch_summary`). With an ``accelerator`` (e.g. ``trainer.accelerator``), the plugins' run

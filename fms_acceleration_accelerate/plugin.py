@@ -36,6 +36,9 @@ Hooks, in the order a run calls them (phase: what it is for):
   ``Accelerator.prepare``, before wrapping: FSDP units, fused scopes, dtypes the plugin needs.
 * ``after_prepare(model: nn.Module, context: RunContext) -> None`` -- ``Accelerator.prepare``, after wrapping:
   patch what needs the wrapped / sharded model.
+* ``prepare_dataloader(dataloader: DataLoader, context: RunContext) -> DataLoader`` -- ``Accelerator.prepare``
+  given a ``torch.utils.data.DataLoader`` (a trainer's DataLoader-only call too), before Accelerate wraps it:
+  change how batches are built (e.g. the ``collate_fn``, through ``self.patches``); returns the DataLoader to prepare.
 * ``get_callbacks_and_ready_for_train(model: nn.Module | None, accelerator: Accelerator | None)
   -> list[TrainerCallback]`` -- the trainer is built: last changes to the trainer's model; callbacks to add.
 
@@ -63,6 +66,7 @@ from .errors import AccelerationConfigError
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
     from torch import nn
+    from torch.utils.data import DataLoader
     from transformers import TrainerCallback
 
     from .dequant import DequantBackend, DequantBackendRegistry
@@ -282,6 +286,11 @@ class AccelerationPlugin:
         """After wrapping: patch what needs the wrapped/sharded model (through ``self.patches``). ``model`` is what
         ``Accelerator.prepare`` returned (possibly a DDP / FSDP wrapper)."""
         return None
+
+    def prepare_dataloader(self, dataloader: DataLoader, context: RunContext) -> DataLoader:
+        """``Accelerator.prepare`` got ``dataloader``: return the DataLoader Accelerate should prepare (the same
+        object, changed through ``self.patches``, or another one). Default: ``dataloader`` unchanged."""
+        return dataloader
 
     def get_callbacks_and_ready_for_train(
         self, model: nn.Module | None = None, accelerator: Accelerator | None = None

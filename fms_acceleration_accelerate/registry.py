@@ -27,9 +27,9 @@ KNOWN_SECTIONS: Mapping[str, str] = MappingProxyType(
         "peft.quantization.auto_gptq": "pip install fms-acceleration-accelerate-peft",
         "training.fused_ops_and_kernels": "pip install fms-acceleration-accelerate-foak",
         "peft.quantization.fused_ops_and_kernels": "pip install fms-acceleration-accelerate-foak",
+        "training.attention.padding_free": "pip install fms-acceleration-accelerate-aadp",
+        "training.dataloader.multipack": "pip install fms-acceleration-accelerate-aadp",
         # upstream fms-acceleration sections for which this project has no plugin yet
-        "training.attention.padding_free": "",
-        "training.dataloader.multipack": "",
         "training.moe.scattermoe": "",
         "training.odm": "",
     }

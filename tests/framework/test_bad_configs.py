@@ -460,10 +460,10 @@ HOSTILE = [
     pytest.param("", ["No plugins could be configured", "is empty"], id="empty-file"),
     pytest.param("# only a comment\n", ["No plugins could be configured"], id="comment-only"),
     pytest.param(
-        "plugins:\n  training:\n    attention:\n      padding_free: {method: huggingface}\n",
+        "plugins:\n  training:\n    odm: {update_interval: 1}\n",
         [
             "No plugins could be configured",
-            "plugins.training.attention.padding_free (upstream fms-acceleration section",
+            "plugins.training.odm (upstream fms-acceleration section",
         ],
         id="passthrough-only-upstream",
     ),

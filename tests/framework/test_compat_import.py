@@ -24,6 +24,7 @@ STAND_IN_DIRS = (
     REPO / "fms_acceleration_accelerate" / "upstream_names",
     REPO / "plugins" / "accelerated-peft" / "src" / "fms_acceleration_accelerate_peft" / "upstream_names",
     REPO / "plugins" / "fused-ops-and-kernels" / "src" / "fms_acceleration_accelerate_foak" / "upstream_names",
+    REPO / "plugins" / "attention-and-distributed-packing" / "src" / "fms_acceleration_accelerate_aadp" / "upstream_names",
 )
 
 
@@ -71,7 +72,7 @@ def test_the_names_fms_hf_tuning_imports():
         "ACCELERATION_FRAMEWORK_CONFIG_FILE",
         "fms_acceleration_",
     )
-    assert PLUGINS == ("peft", "foak")
+    assert PLUGINS == ("peft", "foak", "aadp")
     assert fms_acceleration_peft.BitsAndBytesAccelerationPlugin is BitsAndBytesAccelerationPlugin
     assert fms_acceleration_foak.FusedOpsAndKernelsPlugin is FusedOpsAndKernelsPlugin
 
@@ -80,9 +81,9 @@ def test_availability_checked_the_way_fms_hf_tuning_checks_it():
     from tests.integration.fms_hf_tuning_replay import is_fms_accelerate_available
 
     assert is_fms_accelerate_available()
-    assert is_fms_accelerate_available("peft") and is_fms_accelerate_available(["peft", "foak"])
+    assert is_fms_accelerate_available("peft") and is_fms_accelerate_available(["peft", "foak", "aadp"])
     # the original's plugins without a counterpart here must read "not available", not pretend
-    for missing in ("aadp", "moe", "odm"):
+    for missing in ("moe", "odm"):
         assert not is_fms_accelerate_available(missing), missing
 
 

@@ -183,9 +183,10 @@ def test_gptq_flag_activates_the_gptq_plugin():
     assert framework.requires_custom_loading
 
 
-def test_padding_free_flag_is_reported_unavailable():
-    with pytest.raises(ValueError, match="requires acceleration packages to be installed: aadp"):
-        AccelerationFrameworkConfig(padding_free=PaddingFree()).get_framework()
+def test_padding_free_flag_activates_the_padding_free_plugin():
+    framework = AccelerationFrameworkConfig(padding_free=PaddingFree()).get_framework()
+    assert [name for name, _ in framework.active_plugins] == ["padding_free"]
+    assert framework.plugin("padding_free").config.method == "huggingface"
 
 
 def test_upstream_liger_sample_configuration_is_accepted(tmp_path, caplog):
@@ -325,19 +326,20 @@ def test_installed_wheels_stand_in_only_until_the_original_is_installed(tmp_path
 
 
 def test_sections_without_a_plugin_here_pass_through_next_to_active_ones():
-    """Upstream's padding-free / multipack sections (paths as in its aadp plugin) next to QLoRA sections."""
+    """Upstream's ScatterMoE / ODM sections (no plugin here yet) next to QLoRA and padding-free sections."""
     pytest.importorskip("bitsandbytes")
     from fms_acceleration import AccelerationFramework
 
     body = {
         "training": {
             "attention": {"padding_free": {"method": "huggingface"}},
-            "dataloader": {"multipack": {"num_workers": 16}},
+            "moe": {"scattermoe": {"ep_degree": 1}},
+            "odm": {"update_interval": 1},
         },
         "peft": {"quantization": {"bitsandbytes": {"quant_type": "nf4"}}},
     }
     framework = AccelerationFramework({"plugins": body})
-    assert framework.active_plugin_names == ("bitsandbytes",)
+    assert framework.active_plugin_names == ("bitsandbytes", "padding_free")
     passed = {section.path: section.reason for section in framework.passthrough}
-    assert set(passed) == {"plugins.training.attention.padding_free", "plugins.training.dataloader.multipack"}
+    assert set(passed) == {"plugins.training.moe.scattermoe", "plugins.training.odm"}
     assert all("no plugin in this release" in reason for reason in passed.values()), passed

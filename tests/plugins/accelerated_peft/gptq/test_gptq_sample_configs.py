@@ -3,7 +3,7 @@
 Each upstream sample's plugin body (the keys and values of its ``accelerated-peft-autogptq-*-sample-configuration``
 file, comments left out) goes through ``AccelerationFramework`` and ``fms-accelerate check``: the ``auto_gptq``
 plugin is active, the fused-ops plugin too where the sample has its section (reading upstream's spellings), and
-the padding-free section (``training.attention.padding_free``, no plugin here yet) is passed through with a note.
+the padding-free plugin where the sample has its section (``training.attention.padding_free``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ UPSTREAM_SAMPLES = {
     "accelerated-peft-autogptq-padding-free": _PADDING_FREE + _GPTQ_EXTERNAL_FALSE,
     "accelerated-peft-autogptq-foak-padding-free": _PADDING_FREE + _GPTQ_EXTERNAL_FALSE + _FOAK,
 }
-PASSED_THROUGH = "plugins.training.attention.padding_free"
 
 
 def _write_sample(folder: Path, name: str) -> Path:
@@ -78,7 +77,8 @@ def test_the_five_samples_are_distinct_and_parse():
 def test_upstream_sample_activates_the_gptq_plugin(name, tmp_path):
     fw = AccelerationFramework(str(_write_sample(tmp_path, name)))
     with_foak = "foak" in name
-    assert fw.active_plugin_names == (("auto_gptq", "fused_ops_and_kernels") if with_foak else ("auto_gptq",))
+    expected = ("auto_gptq", "padding_free") if "padding-free" in name else ("auto_gptq",)
+    assert fw.active_plugin_names == expected + (("fused_ops_and_kernels",) if with_foak else ())
     gptq = fw.plugin("auto_gptq").config
     assert (gptq.kernel, gptq.from_quantized, gptq.use_external_lib) == ("triton_v2", True, False)
     assert fw.requires_custom_loading
@@ -88,12 +88,9 @@ def test_upstream_sample_activates_the_gptq_plugin(name, tmp_path):
         assert foak.base_layer == "auto_gptq" and foak.fused_lora
         assert foak.fast_rms_layernorm and foak.fast_rope_embeddings  # fast_rsm_layernorm: upstream's spelling
         assert foak.loss_mode == ("fused_linear" if "liger" in name else "cross_entropy")
-    # today's behaviour: padding-free has no plugin in this release; its section is passed through with a note
-    passed = {section.path: section.reason for section in fw.passthrough}
+    assert fw.passthrough == ()
     if "padding-free" in name:
-        assert passed == {PASSED_THROUGH: "upstream fms-acceleration section with no plugin in this release"}
-    else:
-        assert passed == {}
+        assert fw.plugin("padding_free").config.method == "huggingface"
 
 
 @pytest.mark.parametrize("name", sorted(UPSTREAM_SAMPLES))
@@ -103,7 +100,7 @@ def test_upstream_sample_passes_check(name, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "activate auto_gptq " in out and out.rstrip().endswith("ok: configuration is valid")
     assert ("activate fused_ops_and_kernels " in out) == ("foak" in name)
-    assert (f"pass through {PASSED_THROUGH}: upstream fms-acceleration section" in out) == ("padding-free" in name)
+    assert ("activate padding_free " in out) == ("padding-free" in name) and "pass through" not in out
 
 
 @pytest.mark.parametrize(
