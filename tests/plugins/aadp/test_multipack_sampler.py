@@ -187,6 +187,25 @@ def test_lengths_from_a_hugging_face_dataset_and_a_column():
         example_lengths(datasets.Dataset.from_dict({"text": ["a"]}))
 
 
+def test_lengths_of_a_hugging_face_dataset_in_several_processes(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    import fms_acceleration_accelerate_aadp.multipack as multipack
+
+    monkeypatch.setattr(multipack, "_EXAMPLES_PER_PROCESS", 10)  # 2 processes for 40 examples
+    monkeypatch.setattr(multipack.os, "cpu_count", lambda: 2)
+    ds = datasets.Dataset.from_dict({"input_ids": [[1] * (n % 13 + 1) for n in range(40)]})
+    processes = []
+    original_map = datasets.Dataset.map
+
+    def counting_map(self, *args, **kwargs):
+        processes.append(kwargs.get("num_proc"))
+        return original_map(self, *args, **kwargs)
+
+    monkeypatch.setattr(datasets.Dataset, "map", counting_map)
+    assert example_lengths(ds, num_proc=8, progress=False) == [n % 13 + 1 for n in range(40)]
+    assert processes[0] == 2  # capped by the CPU count
+
+
 def test_lengths_of_a_map_style_dataset_in_threads():
     data = [{"input_ids": torch.arange(n)} for n in range(1, 50)]
     assert example_lengths(data, num_proc=2, progress=False) == list(range(1, 50))
