@@ -149,6 +149,23 @@ def test_accelerator_prepare_packs_shuffled_loaders_and_leaves_evaluation_alone(
     accelerate_integration.get_framework(accelerator).revert()
 
 
+def test_length_grouped_loaders_are_packed_and_custom_samplers_left_with_a_warning(accelerate_integration, caplog):
+    from accelerate import Accelerator
+    from torch.utils.data import WeightedRandomSampler
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    data = _examples()
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[accelerate_integration.AccelerationKwargs(config=_body())])
+    grouped = LengthGroupedSampler(4, lengths=[len(e["input_ids"]) for e in data])
+    loader = accelerator.prepare(DataLoader(data, batch_size=4, sampler=grouped, collate_fn=RecordingCollator()))
+    assert find_multipack_sampler(loader) is not None
+    weighted = WeightedRandomSampler([1.0] * len(data), len(data))
+    with caplog.at_level("WARNING", logger="fms_acceleration_accelerate_aadp"):
+        loader = accelerator.prepare(DataLoader(data, batch_size=4, sampler=weighted, collate_fn=RecordingCollator()))
+    assert find_multipack_sampler(loader) is None and len(loader) == len(data) // 4
+    assert "sampler WeightedRandomSampler left unchanged" in caplog.text
+
+
 def test_max_number_tokens_and_effective_batch_size_set_the_budget(accelerate_integration):
     from accelerate import Accelerator
 

@@ -16,12 +16,13 @@ Which hook does what
   which cut or concatenate the packed batches.
 * :meth:`MultipackAccelerationPlugin.prepare_dataloader` (``Accelerator.prepare`` of a DataLoader, through the
   framework, before Accelerate wraps it): a DataLoader that shuffles (a ``RandomSampler``: the HF Trainer's
-  training loader, a script's ``shuffle=True`` loader) is rebuilt around a ``rank=None`` multipack sampler, every
-  other setting (``collate_fn``, workers, pinning...) kept. ``rank=None`` yields each step's batches rank after
+  training loader, a script's ``shuffle=True`` loader; or the Trainer's ``LengthGroupedSampler``) is rebuilt around
+  a ``rank=None`` multipack sampler, every other setting (``collate_fn``, workers, pinning...) kept. ``rank=None`` yields each step's batches rank after
   rank, the order in which Accelerate's ``BatchSamplerShard`` deals batches out: each process gets its own batches,
   sharded once. A DataLoader already built on a ``rank=None`` multipack sampler is left as it is; one built on a
   single rank's sampler is rebuilt on the same plan for all ranks (else each process would keep 1/N of its own
-  batches). Loaders that do not shuffle (evaluation, prediction: their order matters) are left unchanged.
+  batches). Loaders that do not shuffle (evaluation, prediction: their order matters) are left unchanged; so are
+  loaders with a sampler or batch sampler of their own (weighted sampling, ...), with a warning.
 * ``get_callbacks_and_ready_for_train`` (HF Trainer / TRL): when the framework is not attached to the trainer's
   ``Accelerator`` (the framework API, as fms-hf-tuning drives it), the same rebuilding is installed on that
   ``Accelerator``'s ``prepare_data_loader`` (an instance patch, recorded and revertible); returns the
@@ -166,6 +167,22 @@ def _is_accelerate_loader(loader: Any) -> bool:
     return isinstance(loader, (DataLoaderShard, DataLoaderDispatcher))
 
 
+def _sampler_kind(loader: Any) -> str:
+    """How ``loader`` picks its examples: ``"shuffled"`` (a ``RandomSampler`` or the HF Trainer's
+    ``LengthGroupedSampler``, batched by torch's ``BatchSampler``: what multipack replaces), ``"sequential"``
+    (evaluation / prediction order), ``"batch sampler"`` (a custom batch sampler) or ``"other"`` (a custom sampler)."""
+    from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
+
+    if type(loader.batch_sampler) is not BatchSampler:
+        return "batch sampler"
+    sampler = loader.sampler
+    if isinstance(sampler, SequentialSampler):
+        return "sequential"
+    if isinstance(sampler, RandomSampler) or type(sampler).__name__ == "LengthGroupedSampler":
+        return "shuffled"
+    return "other"
+
+
 def find_multipack_sampler(loader: Any) -> MultipackBatchSampler | None:
     """The :class:`MultipackBatchSampler` inside ``loader`` (a DataLoader, possibly wrapped by Accelerate's
     sharding and skipping batch samplers), or ``None``."""
@@ -261,7 +278,7 @@ class MultipackAccelerationPlugin(AccelerationPlugin):
     def _multipack_loader(
         self, loader: Any, *, world_size: int, accumulation: int, accelerator: Any = None
     ) -> DataLoader | None:
-        from torch.utils.data import IterableDataset, RandomSampler
+        from torch.utils.data import IterableDataset
 
         if not isinstance(loader, _dataloader_types()) or _is_accelerate_loader(loader):
             return None
@@ -292,12 +309,20 @@ class MultipackAccelerationPlugin(AccelerationPlugin):
                     type(loader.dataset).__name__,
                 )
             return None
-        if not isinstance(getattr(loader, "sampler", None), RandomSampler):
-            if is_main_process():
+        sampler_kind = _sampler_kind(loader)
+        if sampler_kind != "shuffled":
+            if is_main_process() and sampler_kind == "sequential":
                 logger.info(
                     "fms-acceleration multipack: DataLoader over %s left unchanged (it does not shuffle: evaluation "
                     "and prediction keep their order)",
                     type(loader.dataset).__name__,
+                )
+            elif is_main_process():
+                logger.warning(
+                    "fms-acceleration multipack: DataLoader with the %s %s left unchanged (it chooses its examples "
+                    "its own way); for packed batches give a DataLoader with shuffle=True",
+                    "batch sampler" if sampler_kind == "batch sampler" else "sampler",
+                    type(loader.batch_sampler if sampler_kind == "batch sampler" else loader.sampler).__name__,
                 )
             return None
         # a Hugging Face dataset is measured by the main process first (datasets caches the result on disk when the
