@@ -23,9 +23,10 @@ Which hook does what
   single rank's sampler is rebuilt on the same plan for all ranks (else each process would keep 1/N of its own
   batches). Loaders that do not shuffle (evaluation, prediction: their order matters) are left unchanged; so are
   loaders with a sampler or batch sampler of their own (weighted sampling, ...), with a warning.
-* ``get_callbacks_and_ready_for_train`` (HF Trainer / TRL): when the framework is not attached to the trainer's
-  ``Accelerator`` (the framework API, as fms-hf-tuning drives it), the same rebuilding is installed on that
-  ``Accelerator``'s ``prepare_data_loader`` (an instance patch, recorded and revertible); returns the
+* ``get_callbacks_and_ready_for_train`` (HF Trainer / TRL): the same rebuilding is installed on the trainer's
+  ``Accelerator``'s ``prepare_data_loader`` (an instance patch, recorded and revertible), for the framework API as
+  fms-hf-tuning drives it, whose trainer ``Accelerator`` runs no framework hook (where it does, the DataLoader the
+  hook rebuilt passes through unchanged); returns the
   :class:`~fms_acceleration_accelerate_aadp.multipack_callback.MultipackEpochCallback`, which hands the trainer's epoch to the sampler when a resumed run skips the
   first batches of an epoch (the trainer's own ``set_epoch`` does not reach a sampler under Accelerate's
   skipping and sharding wrappers).
@@ -395,7 +396,7 @@ class MultipackAccelerationPlugin(AccelerationPlugin):
     def get_callbacks_and_ready_for_train(
         self, model: nn.Module | None = None, accelerator: Accelerator | None = None
     ) -> list[TrainerCallback]:
-        if accelerator is not None and not _framework_attached(accelerator):
+        if accelerator is not None:  # a DataLoader the framework's hook already rebuilt passes through unchanged
             self._patch_prepare_data_loader(accelerator)
         from .multipack_callback import MultipackEpochCallback
 
@@ -478,12 +479,6 @@ def _rebuild(loader: DataLoader, batch_sampler: MultipackBatchSampler) -> DataLo
         kept.pop("prefetch_factor", None)
         kept.pop("persistent_workers", None)
     return DataLoader(loader.dataset, batch_sampler=batch_sampler, **kept)
-
-
-def _framework_attached(accelerator: Any) -> bool:
-    from fms_acceleration_accelerate.accelerate_integration import get_framework
-
-    return get_framework(accelerator) is not None
 
 
 __all__ = [
