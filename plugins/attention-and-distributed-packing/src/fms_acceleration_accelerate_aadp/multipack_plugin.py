@@ -174,6 +174,8 @@ def _sampler_kind(loader: Any) -> str:
     (evaluation / prediction order), ``"batch sampler"`` (a custom batch sampler) or ``"other"`` (a custom sampler)."""
     from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler
 
+    if loader.batch_sampler is None:  # batch_size=None: the DataLoader yields single examples
+        return "other"
     if type(loader.batch_sampler) is not BatchSampler:
         return "batch sampler"
     sampler = loader.sampler
