@@ -79,8 +79,8 @@ def test_multipack_without_padding_free_is_refused_naming_the_fix():
 @pytest.mark.parametrize(
     ("options", "expected"),
     [
-        ({"pad_token_id": 0}, r"multipack\.pad_token_id|pad_token_id is 0.*padding-free"),
-        ({"max_number_tokens": 0}, "max_number_tokens must be a positive int"),
+        ({"pad_token_id": 0}, r"\[training\.dataloader\.multipack\] pad_token_id is 0.*padding-free"),
+        ({"max_number_tokens": 0}, r"multipack\] max_number_tokens must be a positive int"),
         ({"num_workers": 4, "num_processes": 8}, "two names of one setting"),
         ({"max_tokens": 4096}, r"(?s)unknown key 'max_tokens'. Did you mean 'max_number_tokens'.*valid keys here"),
         ({"num_processes": "many"}, r"multipack\.num_processes"),

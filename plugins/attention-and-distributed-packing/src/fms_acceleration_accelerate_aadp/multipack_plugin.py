@@ -134,7 +134,8 @@ class MultipackConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise AccelerationConfigError(
-                    f"{name} must be a positive int, got {value!r}", fix=f"set {name} to 1 or more (or remove it)"
+                    f"{name} must be a positive int, got {value!r}",
+                    fix=f"set {name} to 1 or more (or remove it)",
                 )
         if self.pad_token_id is not None:
             raise AccelerationConfigError(
