@@ -90,3 +90,26 @@ def loss_and_grads(model: Any, batch: dict[str, Any]) -> tuple[Any, dict[str, to
     grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return out, grads
+
+
+def tiny_tokenizer() -> Any:
+    """A real fast tokenizer over the tiny models' vocabulary: words ``w3`` ... ``w63`` (pad 0, eos 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<bos>": 1, "<eos>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def instruction_examples(count: int = 9, seed: int = 5) -> list[dict[str, list[int]]]:
+    """Pre-tokenized examples of uneven lengths (3 to 12 tokens), the first tokens of each a prompt (label -100)."""
+    g = torch.Generator().manual_seed(seed)
+    examples = []
+    for _ in range(count):
+        n = int(torch.randint(3, 13, (1,), generator=g))
+        ids = torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        prompt = int(torch.randint(1, n - 1, (1,), generator=g))
+        examples.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return examples

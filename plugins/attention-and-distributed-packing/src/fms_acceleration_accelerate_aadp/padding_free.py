@@ -222,15 +222,19 @@ class PaddingFreePlugin(AccelerationPlugin):
         return dataloader
 
     def wrap_dataloader(self, dataloader: Any) -> bool:
-        """Wrap ``dataloader.collate_fn`` in a :class:`~.collate.FlatteningCollator` (recorded); ``False`` when it
-        already flattens."""
-        wrapped, changed = wrap_collate_fn(dataloader.collate_fn)
+        """Wrap the ``collate_fn`` of ``dataloader`` in a :class:`~.collate.FlatteningCollator` (recorded); ``False``
+        when it already flattens. A DataLoader that Accelerate prepared holds the DataLoader it iterates in
+        ``base_dataloader`` (the one whose ``collate_fn`` builds the batches): that one is wrapped."""
+        holder = dataloader
+        while isinstance(vars(holder).get("base_dataloader"), torch.utils.data.DataLoader):
+            holder = vars(holder)["base_dataloader"]
+        wrapped, changed = wrap_collate_fn(holder.collate_fn)
         if changed:
             self.patches.patch(
-                dataloader,
+                holder,
                 "collate_fn",
                 wrapped,
-                target=f"{type(dataloader).__name__}.collate_fn",
+                target=f"{type(holder).__name__}.collate_fn",
                 description=f"flatten batches ({wrapped!r})",
             )
         return changed
