@@ -52,14 +52,12 @@ SHAPES_8B = {"q_o": (4096, 4096), "k_v": (1024, 4096), "gate_up": (14336, 4096),
 SHAPES_SMOKE = {"q_o": (64, 128), "k_v": (32, 128), "gate_up": (96, 128), "down": (64, 256)}
 # (BLOCK_N, BLOCK_K, num_warps) of the dequant kernel; (BLOCK_N, BLOCK_K, num_warps) of the fused kernel with
 # tensor cores and with the multiply-sum for few rows; target programs per multiprocessor of its K split
-DEQUANT_LAUNCHES = [(64, 128, 8), (64, 64, 4), (128, 64, 4), (32, 128, 4), (128, 128, 8), (64, 256, 8), (32, 64, 2),
-                    (128, 32, 4), (256, 64, 8), (32, 256, 4)]  # fmt: skip
-MATMUL_LAUNCHES = [(64, 128, 4), (32, 128, 4), (128, 128, 8), (64, 64, 4), (128, 64, 4), (32, 256, 4), (64, 256, 8),
-                   (16, 256, 4)]  # fmt: skip
-FMA_LAUNCHES = [(64, 64, 4), (32, 64, 4), (32, 128, 4), (64, 32, 4), (128, 32, 8), (16, 128, 4)]
+DEQUANT_LAUNCHES = [(64, 128, 8), (64, 64, 4), (128, 64, 4), (32, 128, 4), (128, 128, 8), (128, 32, 4), (32, 64, 2),
+                    (256, 64, 8), (64, 32, 2), (256, 32, 4)]  # fmt: skip
+MATMUL_LAUNCHES = [(64, 128, 4), (32, 128, 4), (128, 128, 8), (64, 64, 4), (128, 64, 4), (32, 64, 4), (64, 128, 8),
+                   (16, 128, 4)]  # fmt: skip
+FMA_LAUNCHES = [(32, 128, 4), (64, 64, 4), (32, 64, 4), (16, 128, 4), (64, 128, 8), (32, 128, 2)]
 PROGRAMS_PER_SM = [2, 4, 8, 16]
-MATMUL_MODES = [{"UNPACK": 1, "GROUP_MODE": 0}, {"UNPACK": 1, "GROUP_MODE": 1}, {"UNPACK": 0, "GROUP_MODE": 2},
-                {"UNPACK": 1, "GROUP_MODE": 2}]  # fmt: skip
 SWEEP_ROWS = [1, 4, 16, 64]
 CROSSOVER_ROWS = [1, 4, 16, 32, 64, 128, 256]
 # relative error below which a GEMM result is rounding noise of its output dtype (a few ulps of the largest output)
@@ -82,6 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline", help="another version of gptq.py to time in the same run (custom ops renamed)")
     parser.add_argument("--precompile", type=int, default=0, help="processes that build the sweep's kernels first")
     parser.add_argument("--deadline", type=float, default=1e9, help="seconds after which sweep jobs are skipped")
+    parser.add_argument("--apply-sweep", action="store_true",
+                        help="set the kernels' launch settings from the sweep before the crossover and checks, and "
+                        "_FUSED_MAX_ROWS from the crossover before the checks")  # fmt: skip
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in Triton's interpreter")
     args = parser.parse_args(argv)
@@ -163,7 +164,8 @@ def copy_bandwidth_gbs(timer, device) -> float:
 
 
 def make_weight(gptq, n: int, k: int, bits: int, group_size: int, desc_act: bool, dtype, device, seed: int = 0):
-    """A random GPTQ weight (asymmetric v1 zeros, fp16 scales) of logical shape (n, k), packed on ``device``."""
+    """A random GPTQ weight (asymmetric v1 zeros, fp16 scales) of logical shape (n, k), packed on ``device``;
+    without act-order flagged ``sequential_g_idx`` as a loader does after ``gptq_sequential_g_idx``."""
     import torch
 
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -178,7 +180,8 @@ def make_weight(gptq, n: int, k: int, bits: int, group_size: int, desc_act: bool
     else:
         g_idx = channel_group
     qweight, qzeros = gptq.pack_gptq(codes, zeros, bits, checkpoint_format="gptq")
-    return gptq.GPTQWeight(qweight, qzeros, scales, g_idx, bits, group_size, "gptq", n, k, dtype)
+    sequential = gptq.gptq_sequential_g_idx(g_idx, group_size)
+    return gptq.GPTQWeight(qweight, qzeros, scales, g_idx, bits, group_size, "gptq", n, k, dtype, sequential)
 
 
 def packed_bytes(weight) -> int:
@@ -200,11 +203,16 @@ def run_case(gptq, base, name, n, k, desc_act, dtype, args, timer, gtimer, copy_
     del tri
     moved = packed_bytes(weight) + ref.numel() * ref.element_size()
     cases = Cases(gptq, base, args, device, dtype)
-    for prefix, kind in [("", "dequant"), ("before_", "dequant_before")][: 2 if base else 1]:
-        job = {"kind": kind, "shape": name, "desc_act": desc_act, "launch": gptq._DEQUANT_LAUNCH}
-        if kind == "dequant_before":
-            row["before_dequant_exact"] = job_check(job, cases, {name: (n, k)})["exact"]
-        fns = job_fns({**job, "launch": None} if kind == "dequant" else job, cases, {name: (n, k)})
+    # the weight's own path (groups computed for the flagged sequential layout), the per-tile checked path on the
+    # same sorted g_idx (an unflagged weight), and the baseline module
+    variants = [("", {"kind": "dequant"})]
+    variants += [] if desc_act else [("checked_", {"kind": "dequant", "sequential": False})]
+    variants += [("before_", {"kind": "dequant_before"})] if base else []
+    for prefix, job in variants:
+        job = {**job, "shape": name, "desc_act": desc_act}
+        row[f"{prefix}dequant_exact"] = exact = job_check(job, cases, {name: (n, k)})["exact"]
+        row["dequant_exact"] = row["dequant_exact"] and exact
+        fns = job_fns(job, cases, {name: (n, k)})
         row[f"{prefix}dequant_ms"] = ms = timer(rotating(fns), max(20, len(fns)))
         row[f"{prefix}dequant_gbs"] = moved / (ms * 1e-3) / 1e9
         row[f"{prefix}dequant_pct_copy_bw"] = 100 * row[f"{prefix}dequant_gbs"] / copy_gbs
@@ -381,8 +389,12 @@ def torch_empty(n, k, dtype, device):
 def clone_weight(module, weight):
     """The same GPTQ weight in fresh memory, as ``module``'s GPTQWeight (the new or the baseline class)."""
     w = weight
+    extra = (
+        {"sequential_g_idx": w.sequential_g_idx} if "sequential_g_idx" in module.GPTQWeight.__dataclass_fields__ else {}
+    )
     return module.GPTQWeight(w.qweight.clone(), w.qzeros.clone(), w.scales.clone(), w.g_idx.clone(), w.bits,
-                             w.group_size, w.checkpoint_format, w.out_features, w.in_features, w.dtype)  # fmt: skip
+                             w.group_size, w.checkpoint_format, w.out_features, w.in_features, w.dtype,
+                             **extra)  # fmt: skip
 
 
 def job_fns(job: dict, cases: Cases, shapes: dict) -> list[Callable[[], object]]:
@@ -397,16 +409,17 @@ def job_fns(job: dict, cases: Cases, shapes: dict) -> list[Callable[[], object]]
         if kind == "dequant_before":
             return [lambda w=w, b=b: base._dequantize_triton(w.qweight, w.qzeros, w.scales, w.g_idx, w.bits, "gptq",
                                                              dtype, out=b) for w, b in zip(ws, bufs)]  # fmt: skip
-        launch, flags = (tuple(job["launch"]) if job.get("launch") else None), job.get("flags")
+        launch = tuple(job["launch"]) if job.get("launch") else None
+        # "sequential": groups computed from k (a flagged weight); else g_idx read and checked per tile
+        seq = ws[0].group_size if job.get("sequential", ws[0].sequential_g_idx) else 0
         return [lambda w=w, b=b: gptq._dequantize_triton(w.qweight, w.qzeros, w.scales, w.g_idx, w.bits, "gptq",
-                                                         dtype, out=b, launch=launch, flags=flags)
+                                                         dtype, out=b, sequential_group_size=seq, launch=launch)
                 for w, b in zip(ws, bufs)]  # fmt: skip
     ws, bases, _ = cases.weights(job["shape"], n, k, job["desc_act"], "matmul")
     xs = cases.inputs(job["rows"], k, len(ws))
     if kind == "fused":
         launch = tuple(job["launch"]) if job.get("launch") else None
-        a = (launch, job.get("split_k"), job.get("flags"), job.get("use_dot"))
-        return [lambda x=x, w=w: gptq._matmul_fused(x, w, None, *a) for x, w in zip(xs, ws)]
+        return [lambda x=x, w=w: gptq._matmul_fused(x, w, None, launch, job.get("split_k")) for x, w in zip(xs, ws)]
     if kind == "fused_before":
         return [lambda x=x, w=w: base._matmul_fused(x, w, None) for x, w in zip(xs, bases)]
     if kind == "unfused":
@@ -434,47 +447,37 @@ def job_check(job: dict, cases: Cases, shapes: dict) -> dict:
 
 
 def sweep_jobs(args, shapes: dict, smoke: bool, has_base: bool) -> list[dict]:
-    """Every configuration the sweep measures (dequant variants and launch settings; fused matmul variants,
-    launch settings and K splits; the unfused path and the baseline module)."""
+    """Every configuration the sweep measures: dequant launch settings for the sequential layout (groups computed)
+    and for g_idx read and checked per tile (sorted and act-order); fused-kernel launch settings (tensor cores or
+    multiply-sum; target programs per multiprocessor of the K split) per row count; dequant + cuBLAS; and the
+    baseline module's dequant, fused kernel and dequant + cuBLAS."""
     jobs = []
-    dq_structs = [{"TILE_NK": t, "UNPACK": u, "GROUP_CHECK": 1} for t in (0, 1) for u in (0, 1)]
-    dq_extra = [{"TILE_NK": 1, "UNPACK": 1, "GROUP_CHECK": 0}, {"TILE_NK": 0, "UNPACK": 0, "GROUP_CHECK": 0},
-                {"TILE_NK": 1, "UNPACK": 1, "GROUP_CHECK": 1, "HW_ROUND": 0}]  # fmt: skip
     dq_launches = DEQUANT_LAUNCHES[:2] if smoke else DEQUANT_LAUNCHES
     mm_launches = MATMUL_LAUNCHES[:2] if smoke else MATMUL_LAUNCHES
     fma_launches = FMA_LAUNCHES[:1] if smoke else FMA_LAUNCHES
-    per_sm = [None] if smoke else PROGRAMS_PER_SM
+    per_sm = PROGRAMS_PER_SM[:1] if smoke else PROGRAMS_PER_SM
     for shape in shapes:
-        for desc_act in (False, True):
-            if has_base:
-                jobs.append({"kind": "dequant_before", "shape": shape, "desc_act": desc_act})
-            for flags in dq_structs:
-                for launch in dq_launches:
-                    jobs.append({"kind": "dequant", "shape": shape, "desc_act": desc_act, "launch": launch,
-                                 "flags": flags})  # fmt: skip
-            # GROUP_CHECK 2 takes g_idx == k // group_size as given (not act-order)
-            for flags in dq_extra + ([] if desc_act else [{"TILE_NK": 1, "UNPACK": 1, "GROUP_CHECK": 2}]):
-                jobs.append({"kind": "dequant", "shape": shape, "desc_act": desc_act, "launch": dq_launches[0],
-                             "flags": flags})  # fmt: skip
+        for desc_act, sequential in ((False, True), (False, False), (True, False)):
+            if has_base and sequential:
+                jobs.append({"kind": "dequant_before", "shape": shape, "desc_act": False})
+            if has_base and desc_act:
+                jobs.append({"kind": "dequant_before", "shape": shape, "desc_act": True})
+            for launch in dq_launches:
+                jobs.append({"kind": "dequant", "shape": shape, "desc_act": desc_act, "sequential": sequential,
+                             "launch": launch})  # fmt: skip
         for rows in SWEEP_ROWS:
             for desc_act in (False, True):
                 jobs.append({"kind": "unfused", "shape": shape, "desc_act": desc_act, "rows": rows})
                 if has_base:
                     jobs.append({"kind": "fused_before", "shape": shape, "desc_act": desc_act, "rows": rows})
                     jobs.append({"kind": "unfused_before", "shape": shape, "desc_act": desc_act, "rows": rows})
-                # structure at the first launch setting; GROUP_MODE 3 takes g_idx == k // group_size as given
-                for mode in MATMUL_MODES + ([] if desc_act else [{"UNPACK": 1, "GROUP_MODE": 3}]):
-                    jobs.append({"kind": "fused", "shape": shape, "desc_act": desc_act, "rows": rows,
-                                 "launch": (*mm_launches[0][:3], 4), "flags": mode, "use_dot": True})  # fmt: skip
-            for launch in mm_launches:
+            candidates = [(True, *launch) for launch in mm_launches]
+            if rows <= 4:
+                candidates += [(False, *launch) for launch in fma_launches]
+            for candidate in candidates:
                 for pps in per_sm:
                     jobs.append({"kind": "fused", "shape": shape, "desc_act": False, "rows": rows,
-                                 "launch": (*launch, pps or 4), "flags": MATMUL_MODES[-1], "use_dot": True})  # fmt: skip
-            if rows < 16:
-                for launch in fma_launches:
-                    for pps in per_sm:
-                        jobs.append({"kind": "fused", "shape": shape, "desc_act": False, "rows": rows,
-                                     "launch": (*launch, pps or 4), "flags": MATMUL_MODES[-1], "use_dot": False})  # fmt: skip
+                                 "launch": (*candidate, pps)})  # fmt: skip
     for i, job in enumerate(jobs):
         job["id"] = i
     return jobs
@@ -482,8 +485,9 @@ def sweep_jobs(args, shapes: dict, smoke: bool, has_base: bool) -> list[dict]:
 
 def compile_key(job: dict) -> str:
     """Jobs that compile the same kernels share a key (so one precompile worker builds them)."""
-    job = {**job, "launch": job["launch"][:3] if job.get("launch") else None}  # K-split targets share kernels
-    keep = ("kind", "launch", "flags", "use_dot", "rows")
+    launch = job.get("launch")
+    job = {**job, "launch": launch[:-1] if launch and job["kind"] == "fused" else launch}  # K splits share kernels
+    keep = ("kind", "launch", "sequential", "rows")
     return json.dumps({name: job.get(name) for name in keep if not (job["kind"].startswith("dequant") and name == "rows")},
                       sort_keys=True, default=str)  # fmt: skip
 
@@ -548,11 +552,61 @@ def sweep(gptq, base, args, shapes, device, dtype, gtimer, copy_gbs, deadline: f
     for e in results:
         if "ms" not in e or not e.get("exact", e.get("ok", False)):
             continue
-        group = "dequant" if e["kind"] == "dequant" else e["kind"]
+        group = e["kind"] + ("|sequential" if e.get("sequential") else "")
         key = f"{group}|{e['shape']}|act={int(e['desc_act'])}" + (f"|rows={e['rows']}" if "rows" in e else "")
         if key not in best or e["ms"] < best[key]["ms"]:
             best[key] = e
     return {"jobs": results, "skipped_for_time": skipped, "best": best}
+
+
+def _pick(entries: list[dict], config) -> tuple:
+    """The configuration (``config(entry)``) with the least mean of time / best time per case over the cases
+    every configuration covers; cases are (shape, act-order, rows)."""
+    case = lambda e: (e["shape"], e["desc_act"], e.get("rows"))  # noqa: E731
+    best = {}
+    for e in entries:
+        best[case(e)] = min(best.get(case(e), float("inf")), e["ms"])
+    scores: dict = {}
+    for e in entries:
+        scores.setdefault(config(e), {})[case(e)] = e["ms"] / best[case(e)]
+    full = {c: v for c, v in scores.items() if len(v) == len(best)}
+    chosen = min(full, key=lambda c: sum(full[c].values()))
+    return chosen, sum(full[chosen].values()) / len(best)
+
+
+def apply_sweep(gptq, sweeps: dict) -> dict:
+    """Sets the kernels' launch settings from the sweep (one rule per layout / row count, as gptq.py has them)."""
+    ok = [e for e in sweeps["jobs"] if "ms" in e and e.get("exact", e.get("ok", False))]
+    dq = [e for e in ok if e["kind"] == "dequant"]
+    seq, seq_score = _pick([e for e in dq if e["sequential"]], lambda e: tuple(e["launch"]))
+    checked, checked_score = _pick([e for e in dq if not e["sequential"]], lambda e: tuple(e["launch"]))
+    gptq._DEQUANT_LAUNCH_SEQUENTIAL, gptq._DEQUANT_LAUNCH = seq, checked
+    table = []
+    for rows in SWEEP_ROWS:
+        fused = [e for e in ok if e["kind"] == "fused" and e["rows"] == rows]
+        launch, _ = _pick(fused, lambda e: tuple(e["launch"]))
+        entry = (launch[0], tuple(launch[1:]))
+        if table and table[-1][1:] == entry:
+            table[-1] = (rows, *entry)
+        else:
+            table.append((rows, *entry))
+    gptq._MATMUL_LAUNCHES = tuple(table)
+    applied = {"dequant_launch_sequential": seq, "dequant_launch_sequential_mean_of_time_over_best": seq_score,
+               "dequant_launch": checked, "dequant_launch_mean_of_time_over_best": checked_score,
+               "matmul_launches": gptq._MATMUL_LAUNCHES}  # fmt: skip
+    print(f"applied: {json.dumps(applied, default=str)}", flush=True)
+    return applied
+
+
+def fused_max_rows(entries: list[dict]) -> int:
+    """Largest row count up to which the fused kernel beats dequant + cuBLAS (kernel time) at every shape."""
+    best = 0
+    for rows in sorted({e["rows"] for e in entries}):
+        cases = [e for e in entries if e["rows"] == rows and "fused_ms" in e]
+        if not cases or any(e["fused_ms"] >= e["unfused_ms"] for e in cases):
+            break
+        best = rows
+    return best
 
 
 def crossover(gptq, base, args, shapes, device, dtype, gtimer, etimer, row_counts) -> list[dict]:
@@ -569,7 +623,10 @@ def crossover(gptq, base, args, shapes, device, dtype, gtimer, etimer, row_count
                 xs = cases.inputs(rows, k, len(ws))
                 fused = gptq._use_fused(xs[0], ws[0])
                 entry["path"] = "fused dequant-matmul" if fused else "dequant + cuBLAS"
-                kinds = ["fused", "unfused"] + (["fused_before"] if base else [])
+                # the fused kernel runs the sequential layout (no act-order); the baseline's for both
+                kinds = (
+                    ([] if desc_act else ["fused"]) + ["unfused"] + (["fused_before", "unfused_before"] if base else [])
+                )
                 for kind in kinds:
                     job = {"kind": kind, "shape": shape, "desc_act": desc_act, "rows": rows}
                     check = job_check(job, cases, shapes)
@@ -577,14 +634,20 @@ def crossover(gptq, base, args, shapes, device, dtype, gtimer, etimer, row_count
                     entry[f"{kind}_err"] = check["err"]
                     entry[f"{kind}_ms"] = gtimer(fns)
                     entry[f"{kind}_eager_ms"] = etimer(rotating(fns), len(fns))
-                entry["fused_speedup"] = entry["unfused_ms"] / entry["fused_ms"]
-                entry["fused_speedup_eager"] = entry["unfused_eager_ms"] / entry["fused_eager_ms"]
+                kernel = "fused" if not desc_act else "unfused"
+                if not desc_act:
+                    entry["fused_speedup"] = entry["unfused_ms"] / entry["fused_ms"]
+                    entry["fused_speedup_eager"] = entry["unfused_eager_ms"] / entry["fused_eager_ms"]
                 out.append(entry)
-                print(f"crossover {shape:8s} act={int(desc_act)} M={rows:<4d} fused {entry['fused_ms']:.4f} ms "
-                      f"(eager {entry['fused_eager_ms']:.4f}) unfused {entry['unfused_ms']:.4f} ms (eager "
-                      f"{entry['unfused_eager_ms']:.4f})  x{entry['fused_speedup']:.2f} (eager "
-                      f"x{entry['fused_speedup_eager']:.2f})"
-                      + (f"  before fused {entry['fused_before_ms']:.4f} ms" if base else ""), flush=True)  # fmt: skip
+                line = (f"crossover {shape:8s} act={int(desc_act)} M={rows:<4d} unfused {entry['unfused_ms']:.4f} ms "
+                        f"(eager {entry['unfused_eager_ms']:.4f})")  # fmt: skip
+                if not desc_act:
+                    line += (f"  fused {entry['fused_ms']:.4f} ms (eager {entry['fused_eager_ms']:.4f}) "
+                             f"x{entry['fused_speedup']:.2f} (eager x{entry['fused_speedup_eager']:.2f})")  # fmt: skip
+                if base:
+                    line += (f"  before: fused {entry['fused_before_ms']:.4f} ms, unfused "
+                             f"{entry['unfused_before_ms']:.4f} ms; best new {entry[f'{kernel}_ms']:.4f}")  # fmt: skip
+                print(line, flush=True)
     return out
 
 
@@ -621,18 +684,46 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     env = environment(args, device)
     env["copy_bandwidth_gbs"] = copy_gbs = copy_bandwidth_gbs(timer, device)
-    env["fused_max_rows"] = gptq._FUSED_MAX_ROWS
-    env["dequant_launch"] = gptq._DEQUANT_LAUNCH
-    env["dequant_flags"] = gptq._DEQUANT_FLAGS
-    env["matmul_launch"] = gptq._MATMUL_LAUNCH
-    env["matmul_flags"] = gptq._MATMUL_FLAGS
     env["baseline"] = args.baseline
     print(f"{env['device']}: copy bandwidth {copy_gbs:.0f} GB/s", flush=True)
-    result = {"environment": env, "all_checks_ok": None, "rows": [], "crossover": [], "sweeps": {}}
+    result = {"environment": env, "all_checks_ok": None, "settings": {}, "sweeps": {}, "crossover": [], "rows": []}
+
+    def settings() -> dict:
+        return {"dequant_launch_sequential": gptq._DEQUANT_LAUNCH_SEQUENTIAL, "dequant_launch": gptq._DEQUANT_LAUNCH,
+                "matmul_launches": gptq._MATMUL_LAUNCHES, "fused_max_rows": gptq._FUSED_MAX_ROWS}  # fmt: skip
 
     def write() -> None:
         env["script_seconds"] = time.perf_counter() - started
         (out_dir / "gptq_bench.json").write_text(json.dumps(result, indent=2, default=str))
+
+    result["settings"]["defaults"] = settings()
+    dtype = dtypes[args.dtypes[0]]
+    if "sweep" in args.sections:
+        if args.precompile and not args.smoke:
+            env["precompile_seconds"] = precompile(args, args.precompile)
+            print(f"precompiled in {env['precompile_seconds']:.0f} s", flush=True)
+        deadline = started + args.deadline
+        result["sweeps"] = sweeps = sweep(gptq, base, args, shapes, device, dtype, gtimer, copy_gbs, deadline)
+        for key, e in sorted(sweeps["best"].items()):
+            what = {name: e[name] for name in ("launch", "split_k") if e.get(name) is not None}
+            speed = f" {e['gbs']:.0f} GB/s" if "gbs" in e else ""
+            print(f"best {key:48s} {e['ms']:.4f} ms{speed} {json.dumps(what)}", flush=True)
+        print(f"sweep: {len(sweeps['jobs'])} jobs, {sweeps['skipped_for_time']} skipped for time", flush=True)
+        if args.apply_sweep:
+            result["settings"]["applied_from_sweep"] = apply_sweep(gptq, sweeps)
+        write()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    if "crossover" in args.sections:
+        result["crossover"] = crossover(gptq, base, args, shapes, device, dtype, gtimer, timer, row_counts)
+        if args.apply_sweep:
+            gptq._FUSED_MAX_ROWS = fused_max_rows([e for e in result["crossover"] if not e["desc_act"]])
+            print(f"applied: fused_max_rows {gptq._FUSED_MAX_ROWS}", flush=True)
+        write()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    result["settings"]["used_by_checks"] = settings()
 
     rows = result["rows"]
     if "checks" in args.sections:
@@ -642,12 +733,15 @@ def main(argv: list[str] | None = None) -> int:
                     row = run_case(gptq, base, name, n, k, desc_act, dtypes[dtype_name], args, timer, gtimer,
                                    copy_gbs, device)  # fmt: skip
                     rows.append(row)
-                    before = (f"  before {row['before_dequant_kernel_gbs']:.0f} GB/s kernel, "
-                              f"{row['before_dequant_gbs']:.0f} eager" if base else "")  # fmt: skip
+                    extra = ""
+                    for prefix in ("checked_", "before_"):
+                        if f"{prefix}dequant_kernel_gbs" in row:
+                            extra += (f"  {prefix[:-1]} {row[f'{prefix}dequant_kernel_gbs']:.0f} GB/s kernel, "
+                                      f"{row[f'{prefix}dequant_gbs']:.0f} eager")  # fmt: skip
                     print(f"{name:8s} {n:5d}x{k:<5d} act={int(desc_act)} {dtype_name}  dequant exact="
                           f"{row['dequant_exact']} kernel {row['dequant_kernel_ms']:.4f} ms "
                           f"{row['dequant_kernel_gbs']:.0f} GB/s ({row['dequant_kernel_pct_copy_bw']:.0f}% of copy), "
-                          f"eager {row['dequant_ms']:.4f} ms {row['dequant_gbs']:.0f} GB/s{before}", flush=True)  # fmt: skip
+                          f"eager {row['dequant_ms']:.4f} ms {row['dequant_gbs']:.0f} GB/s{extra}", flush=True)  # fmt: skip
                     for e in row["linear"]:
                         unfused = f" unfused fwd {e['unfused_fwd_ms']:.4f}" if "unfused_fwd_ms" in e else ""
                         print(f"    M={e['rows']:<5d} {e['path']:21s} fwd {e['gptq_fwd_ms']:.4f} ms (dense "
@@ -660,35 +754,14 @@ def main(argv: list[str] | None = None) -> int:
                         torch.cuda.empty_cache()
             write()
 
-    dtype = dtypes[args.dtypes[0]]
-    if "crossover" in args.sections:
-        result["crossover"] = crossover(gptq, base, args, shapes, device, dtype, gtimer, timer, row_counts)
-        write()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-
-    if "sweep" in args.sections:
-        if args.precompile and not args.smoke:
-            env["precompile_seconds"] = precompile(args, args.precompile)
-            print(f"precompiled in {env['precompile_seconds']:.0f} s", flush=True)
-        deadline = started + args.deadline
-        result["sweeps"] = sweeps = sweep(gptq, base, args, shapes, device, dtype, gtimer, copy_gbs, deadline)
-        for key, e in sorted(sweeps["best"].items()):
-            what = {name: e.get(name) for name in ("launch", "flags", "use_dot", "split_k") if e.get(name) is not None}
-            speed = f" {e['gbs']:.0f} GB/s" if "gbs" in e else ""
-            print(f"best {key:38s} {e['ms']:.4f} ms{speed} {json.dumps(what)}", flush=True)
-        print(f"sweep: {len(sweeps['jobs'])} jobs, {sweeps['skipped_for_time']} skipped for time", flush=True)
-
     sweep_ok = all(e.get("exact", e.get("ok", False)) for e in result["sweeps"].get("jobs", []) if "error" not in e)
-    cross_ok = all(e[f"{kind}_err"] <= ERROR_FLOOR[str(dtype)[6:]] for e in result["crossover"]
-                   for kind in ("fused", "unfused"))  # fmt: skip
+    floor = ERROR_FLOOR[str(dtype)[6:]]
+    cross_ok = all(e[key] <= floor for e in result["crossover"] for key in e if key.endswith("_err"))
     result["all_checks_ok"] = all(r["checks_ok"] for r in rows) and sweep_ok and cross_ok
     write()
-    print(
-        f"all checks ok: {result['all_checks_ok']}; wrote {out_dir / 'gptq_bench.json'} in "
-        f"{env['script_seconds']:.0f} s",
-        flush=True,
-    )
+    print(f"settings: {json.dumps(result['settings'], default=str)}", flush=True)
+    print(f"all checks ok: {result['all_checks_ok']}; wrote {out_dir / 'gptq_bench.json'} in "
+          f"{env['script_seconds']:.0f} s", flush=True)  # fmt: skip
     return 0 if result["all_checks_ok"] else 1
 
 

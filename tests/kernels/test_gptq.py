@@ -24,6 +24,7 @@ from fms_acceleration_accelerate_kernels.gptq import (
     gptq_dequantize,
     gptq_dequantize_ref,
     gptq_linear,
+    gptq_sequential_g_idx,
     pack_gptq,
     unpack_gptq,
 )
@@ -119,10 +120,11 @@ def make_gptq(
     return {key: v.to(device) if isinstance(v, torch.Tensor) else v for key, v in out.items()}
 
 
-def weight_of(d: dict, dtype: torch.dtype | None = None) -> GPTQWeight:
+def weight_of(d: dict, dtype: torch.dtype | None = None, sequential: bool = False) -> GPTQWeight:
+    """The GPTQWeight of ``d``; ``sequential`` flags g_idx as k // group_size (as a loader does after checking)."""
     return GPTQWeight(
         d["qweight"], d["qzeros"], d["scales"], d["g_idx"], d["bits"], d["group_size"], d["checkpoint_format"],
-        d["n"], d["k"], dtype,
+        d["n"], d["k"], dtype, sequential_g_idx=sequential,
     )  # fmt: skip
 
 
@@ -259,6 +261,36 @@ def test_triton_dequant_is_bit_exact(bits, desc_act, fmt):
     assert use_triton(d["qweight"])
     expected = gptq_dequantize_ref(*_packed_args(d), dtype=torch.bfloat16)
     assert torch.equal(gptq_dequantize(*_packed_args(d), dtype=torch.bfloat16), expected)
+    # a checked sequential layout: groups computed from k instead of read
+    assert gptq_sequential_g_idx(d["g_idx"], 32) is (not desc_act)
+    if not desc_act:
+        for dtype in DTYPES:
+            got = _dequantize_triton(*_packed_args(d), dtype, sequential_group_size=32)
+            assert torch.equal(got, gptq_dequantize_ref(*_packed_args(d), dtype=dtype)), dtype
+        assert torch.equal(weight_of(d, torch.bfloat16, sequential=True).dequantize(), expected)
+
+
+@pytest.mark.parametrize("group_size", [24, 8, 96, -1])
+def test_triton_dequant_sequential_layout_any_group_size(group_size):
+    # group sizes that are no power of two (tiles shrink to a divisor) or below a tile; one group
+    d = make_gptq(192, 40, 4, group_size, device=DEVICE, seed=group_size + 50)
+    assert gptq_sequential_g_idx(d["g_idx"], group_size)
+    for dtype in (torch.bfloat16, torch.float16):
+        expected = gptq_dequantize_ref(*_packed_args(d), dtype=dtype)
+        assert torch.equal(weight_of(d, dtype, sequential=True).dequantize(), expected), dtype
+        for launch in ((64, 128, 8), (32, 64, 4)):
+            got = _dequantize_triton(*_packed_args(d), dtype, sequential_group_size=max(group_size, 0), launch=launch)
+            assert torch.equal(got, expected), (dtype, launch)
+
+
+def test_sequential_g_idx_detection():
+    d = make_gptq(96, 16, 4, 32)
+    assert gptq_sequential_g_idx(d["g_idx"], 32) and not gptq_sequential_g_idx(d["g_idx"], 64)
+    assert gptq_sequential_g_idx(d["g_idx"].long(), 32)
+    assert not gptq_sequential_g_idx(make_gptq(96, 16, 4, 32, desc_act=True)["g_idx"], 32)
+    assert gptq_sequential_g_idx(torch.zeros(96, dtype=torch.int32), -1)
+    with pytest.raises(TypeError, match="sequential_g_idx must be a bool"):
+        GPTQWeight(d["qweight"], d["qzeros"], d["scales"], d["g_idx"], 4, 32, "gptq", 16, 96, sequential_g_idx=1)
 
 
 def test_triton_dequant_other_launches_int64_g_idx_and_group_minus_one():
@@ -301,8 +333,13 @@ def test_triton_kernels_read_non_contiguous_packed_tensors():
     strided["g_idx"] = torch.stack([d["g_idx"], d["g_idx"]], dim=1)[:, 0]
     expected = gptq_dequantize_ref(*_packed_args(d), dtype=torch.float16)
     assert torch.equal(_dequantize_triton(*_packed_args(strided), torch.float16), expected)
+    d = make_gptq(128, 32, 4, 32, device=DEVICE, seed=9)  # the fused kernel runs the sequential layout
+    strided = dict(d)
+    for name in ("qweight", "qzeros", "scales"):
+        strided[name] = d[name].t().contiguous().t()
     x = torch.randn(3, 128, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.float16)
-    assert torch.equal(_matmul_fused(x, weight_of(strided), None), _matmul_fused(x, weight_of(d), None))
+    fused = _matmul_fused(x, weight_of(strided, sequential=True), None)
+    assert torch.equal(fused, _matmul_fused(x, weight_of(d, sequential=True), None))
 
 
 def test_triton_dequant_rounds_bf16_to_nearest_even():
@@ -345,21 +382,24 @@ def test_gptq_weight_is_a_quantized_weight_format():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
-    "bits,group_size,desc_act,fmt", [(4, 32, True, "gptq"), (2, 64, False, "gptq_v2"), (8, -1, True, "gptq")]
+    "bits,group_size,desc_act,fmt", [(4, 32, False, "gptq"), (2, 64, False, "gptq_v2"), (8, -1, True, "gptq")]
 )
 def test_fused_matmul_matches_dense_product(dtype, bits, group_size, desc_act, fmt):
+    # sequential layouts (flagged) and one group (any g_idx is all zeros: no flag needed)
     pf = 32 // bits
     k, n = 192, 5 * pf * 4  # K not a multiple of BLOCK_K * split, N not a multiple of BLOCK_N
     d = make_gptq(k, n, bits, group_size, desc_act, checkpoint_format=fmt, seed=11, device=DEVICE)
-    weight = weight_of(d)
+    weight = weight_of(d, sequential=not desc_act)
     gen = torch.Generator().manual_seed(2)
     w = gptq_dequantize_ref(*_packed_args(d), dtype=dtype).float()
     bias = torch.randn(n, generator=gen).to(DEVICE, torch.float16)
     tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
-    for m, split_k in ((1, 1), (5, 3), (17, None), (_FUSED_MAX_ROWS, 2)):
+    cases = [(1, 1, None), (1, None, None), (5, 3, None), (17, None, None), (_FUSED_MAX_ROWS, 2, None)]
+    cases += [(3, None, (False, 32, 64, 4, 4)), (2, 2, (True, 16, 32, 4, 4)), (_FUSED_MAX_ROWS + 9, None, None)]
+    for m, split_k, launch in cases:  # multiply-sum and tensor cores, with and without K splits
         x = torch.randn(m, k, generator=gen).to(DEVICE, dtype)
         expected = x.float() @ w.t() + bias.float()
-        got = _matmul_fused(x, weight, bias, split_k=split_k)
+        got = _matmul_fused(x, weight, bias, launch=launch, split_k=split_k)
         assert got.dtype == dtype and got.shape == (m, n)
         atol = tol * expected.abs().max().item()  # sums of K products: absolute error scales with the outputs
         torch.testing.assert_close(got.float(), expected, atol=atol, rtol=tol, msg=lambda e, m=m: f"M={m}: {e}")
@@ -371,14 +411,22 @@ def test_fused_matmul_matches_dense_product(dtype, bits, group_size, desc_act, f
     torch.testing.assert_close(_matmul_fused(x, weight, None).float(), expected, atol=atol, rtol=tol)
 
 
-def test_gptq_linear_dispatch_fused_for_few_rows_only():
+def test_gptq_linear_dispatch_fused_for_few_rows_of_a_sequential_layout_only():
     d = make_gptq(64, 32, 4, 32, device=DEVICE)
-    weight = weight_of(d)
+    weight = weight_of(d, sequential=True)
     few = torch.randn(_FUSED_MAX_ROWS, 64, device=DEVICE, dtype=torch.bfloat16)
     many = torch.randn(_FUSED_MAX_ROWS + 1, 64, device=DEVICE, dtype=torch.bfloat16)
-    assert _use_fused(few, weight) and not _use_fused(many, weight)
+    assert _use_fused(few, weight) and _use_fused(few[:1], weight) and not _use_fused(many, weight)
     assert not _use_fused(few.float(), weight)  # fp32 runs dequant + matmul (no tf32 in the fused dot)
     assert not _use_fused(few[:0], weight)
+    # g_idx not flagged (act-order or unchecked), or groups too small for a tile: dequant + cuBLAS
+    assert not _use_fused(few, weight_of(d))
+    assert not _use_fused(few, weight_of(make_gptq(64, 32, 4, 8, device=DEVICE), sequential=True))
+    act = make_gptq(64, 32, 4, 32, desc_act=True, device=DEVICE)
+    assert not _use_fused(few, weight_of(act))
+    with pytest.raises(ValueError, match="sequential_g_idx=True"):
+        _matmul_fused(few, weight_of(act), None)
+    assert _use_fused(few, weight_of(make_gptq(64, 32, 4, -1, desc_act=True, device=DEVICE)))  # one group
 
 
 # ------------------------------------------------------------------------------ linear
@@ -392,8 +440,9 @@ def _dense_linear(x, d, bias, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("rows", [7, 2 * _FUSED_MAX_ROWS], ids=["few_rows", "many_rows"])
-def test_gptq_linear_forward_and_grads_match_dense(dtype, with_bias, rows):
-    d = make_gptq(128, 40, 4, 32, desc_act=True, device=DEVICE, seed=3)
+@pytest.mark.parametrize("desc_act", [False, True], ids=["seq", "act"])
+def test_gptq_linear_forward_and_grads_match_dense(dtype, with_bias, rows, desc_act):
+    d = make_gptq(128, 40, 4, 32, desc_act=desc_act, device=DEVICE, seed=3)
     gen = torch.Generator().manual_seed(1)
     x0 = torch.randn(3, rows, 128, generator=gen).to(DEVICE, dtype)
     b0 = (torch.randn(40, generator=gen) * 0.1).to(DEVICE, torch.float16) if with_bias else None
@@ -406,7 +455,7 @@ def test_gptq_linear_forward_and_grads_match_dense(dtype, with_bias, rows):
 
     x = x0.clone().requires_grad_(True)
     b = b0.clone().requires_grad_(True) if with_bias else None
-    y = gptq_linear(x, weight_of(d), b)
+    y = gptq_linear(x, weight_of(d, sequential=not desc_act), b)
     assert y.shape == (3, rows, 40) and y.dtype == dtype
     y.backward(gy)
     tol = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}[dtype]
@@ -472,10 +521,10 @@ def test_gptq_weight_as_base_of_the_fused_lora_linear():
 @pytest.mark.parametrize("rows", [8, 2 * _FUSED_MAX_ROWS], ids=["fused", "dequant_matmul"])
 def test_gptq_linear_compiles_fullgraph_and_matches_eager(rows):
     """The Triton launchers sit behind custom ops while compiling; a GPTQWeight built inside the graph is fine."""
-    d = make_gptq(64, 32, 4, 32, desc_act=True, device=DEVICE)
+    d = make_gptq(64, 32, 4, 32, device=DEVICE)
 
     def step(x, qweight, qzeros, scales, g_idx):
-        weight = GPTQWeight(qweight, qzeros, scales, g_idx, 4, 32, "gptq", 32, 64)
+        weight = GPTQWeight(qweight, qzeros, scales, g_idx, 4, 32, "gptq", 32, 64, sequential_g_idx=True)
         return gptq_linear(x, weight)
 
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(0)).to(DEVICE, torch.bfloat16)
@@ -492,17 +541,18 @@ def test_gptq_linear_compiles_fullgraph_and_matches_eager(rows):
 
 
 def test_custom_ops_pass_opcheck():
-    d = make_gptq(64, 32, 4, 32, desc_act=True, device=DEVICE)
+    d = make_gptq(64, 32, 4, 32, device=DEVICE)
     tensors = (d["qweight"], d["qzeros"], d["scales"], d["g_idx"])
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
-    torch.library.opcheck(
-        torch.ops.fms_accel_kernels.gptq_dequantize.default, (*tensors, 4, "gptq", torch.bfloat16), test_utils=checks
-    )
+    dequant = torch.ops.fms_accel_kernels.gptq_dequantize.default
+    for sequential_group_size in (0, 32):
+        torch.library.opcheck(dequant, (*tensors, 4, "gptq", torch.bfloat16, sequential_group_size), test_utils=checks)
     x = torch.randn(5, 64, device=DEVICE, dtype=torch.bfloat16)
     bias = torch.randn(32, device=DEVICE, dtype=torch.float16)
     torch.library.opcheck(
-        torch.ops.fms_accel_kernels.gptq_matmul_fused.default, (x, *tensors, bias, 4, 32, "gptq"), test_utils=checks
-    )
+        torch.ops.fms_accel_kernels.gptq_matmul_fused.default, (x, *tensors, bias, 4, 32, "gptq", True),
+        test_utils=checks,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ GPU tier
@@ -516,7 +566,7 @@ def test_gpu_8b_shapes(shape, desc_act):
         pytest.skip("needs CUDA")
     n, k = shape
     d = make_gptq(k, n, 4, 128, desc_act=desc_act, device="cuda")
-    weight = weight_of(d)
+    weight = weight_of(d, sequential=gptq_sequential_g_idx(d["g_idx"], 128))
     for dtype in (torch.bfloat16, torch.float16):
         ref = weight.dequantize_ref(dtype)
         assert torch.equal(weight.dequantize(dtype), ref), dtype

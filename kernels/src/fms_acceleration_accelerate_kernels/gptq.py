@@ -27,16 +27,22 @@ Contents:
 * ``gptq_linear``: ``y = x W^T + b`` with ``W`` frozen; saves only the packed tensors and dequantises again in
   backward for ``dx = dy W``.
 
-Kernels (Triton; one shared tile routine dequantises a [BLOCK_K, BLOCK_N] tile of ``W^T`` from the packed words,
-gathering zeros and scales through ``g_idx``):
+Kernels (Triton). Both read every packed word once and spread its codes along k in registers. The layout is
+"sequential" when ``g_idx[k] == k // group_size`` (no act-order; checked once by the loader with
+``gptq_sequential_g_idx`` and passed as ``GPTQWeight(sequential_g_idx=True)``) or when there is one group: the
+kernels then compute each tile's group instead of reading g_idx.
 
-* ``_gptq_dequant_kernel`` writes the dense (N, K) weight (bf16 rounded to nearest even by hand, so that the CPU
-  interpreter, which truncates, agrees with the GPU and with the reference bit for bit);
-* ``_gptq_matmul_kernel`` computes ``x W^T`` for few rows (``M <= 64`` tokens, e.g. generation or small
-  evaluation batches) without writing ``W``: it reads the packed weight (``bits / 16`` of a bf16 weight's bytes)
-  and dequantises in registers in front of ``tl.dot``, splitting K across programs when the output has few tiles.
-  With many rows (training) the GEMM is compute-bound and dequant + cuBLAS is faster, so ``gptq_linear`` uses
-  the fused kernel only for few rows; its backward always dequantises (Triton) and calls cuBLAS.
+* ``_gptq_dequant_kernel`` writes the dense (N, K) weight tile by tile in its stored layout. With any other g_idx
+  it reads the tile's groups: a tile of one group (checked on the data) takes one zero and scale vector, others
+  gather zeros and scales per input channel. bf16 is rounded by the hardware conversion on GPU and by hand in the
+  CPU interpreter (which truncates), so both agree with the reference bit for bit.
+* ``_gptq_matmul_kernel`` computes ``x W^T`` for few rows (``M <= _FUSED_MAX_ROWS`` tokens, e.g. generation or
+  small evaluation batches) of a sequential-layout weight without writing ``W``: programs split K, read their
+  slice of packed words (``bits / 16`` of a bf16 weight's bytes) and multiply the integer codes directly (tensor
+  cores, or a multiply-sum for a single row), applying zero and scale per group; a small kernel sums the splits.
+  With many rows (training) the GEMM is compute-bound and dequant + cuBLAS is faster; with act-order the fused
+  kernel would gather per channel and loses too, so ``gptq_linear`` runs dequant + cuBLAS there. Its backward
+  always dequantises (Triton) and calls cuBLAS.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ __all__ = [
     "gptq_dequantize",
     "gptq_dequantize_ref",
     "gptq_linear",
+    "gptq_sequential_g_idx",
     "pack_gptq",
     "unpack_gptq",
 ]
@@ -287,12 +294,17 @@ def gptq_dequantize(
     checkpoint_format: str = "gptq",
     dtype: torch.dtype | None = None,
     out: torch.Tensor | None = None,
+    *,
+    sequential_group_size: int = 0,
 ) -> torch.Tensor:
     """Dense (N, K) GPTQ weight: Triton on CUDA tensors or with ``TRITON_INTERPRET=1``, else the reference.
 
     Args: as ``gptq_dequantize_ref``, plus
         out: optional contiguous (N, K) output (e.g. a row slice of a larger buffer); its dtype is the output
             dtype when ``dtype`` is None.
+        sequential_group_size: the group size when the caller knows that ``g_idx[k] == k // group_size`` for
+            every k (``gptq_sequential_g_idx``); the kernel then computes groups instead of reading g_idx. 0 (the
+            default): any g_idx.
 
     Returns:
         (N, K) weight (``out`` when given), equal bit for bit to ``gptq_dequantize_ref``.
@@ -300,9 +312,12 @@ def gptq_dequantize(
     dtype = dtype or (out.dtype if out is not None else scales.dtype)
     if use_triton(qweight, qzeros, scales, g_idx):
         if not torch.compiler.is_compiling():
-            return _dequantize_triton(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype, out=out)
+            return _dequantize_triton(
+                qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype, out=out,
+                sequential_group_size=sequential_group_size,
+            )  # fmt: skip
         # under torch.compile the kernel runs behind an opaque custom op (Dynamo does not trace the launcher)
-        result = _dequantize_op(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)
+        result = _dequantize_op(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype, sequential_group_size)
         if out is not None:
             _check_out(out, (result.shape[0], result.shape[1]), dtype)
             out.copy_(result)
@@ -314,6 +329,22 @@ def gptq_dequantize(
         out.copy_(result)
         return out
     return result
+
+
+def gptq_sequential_g_idx(g_idx: torch.Tensor, group_size: int) -> bool:
+    """Whether ``g_idx[k] == k // group_size`` for every input channel k (no act-order permutation).
+
+    Reads ``g_idx`` (a device synchronisation): call it once, e.g. when loading a checkpoint, and pass the result
+    as ``GPTQWeight(..., sequential_g_idx=...)``.
+
+    Args:
+        g_idx: (K,) group of every input channel.
+        group_size: input channels per group, or -1 for one group.
+    """
+    k = int(g_idx.numel())
+    per_group = group_size if group_size > 0 else max(k, 1)
+    expected = torch.arange(k, device=g_idx.device, dtype=torch.int64) // per_group
+    return bool(torch.equal(g_idx.to(torch.int64), expected))
 
 
 def _check_out(out: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) -> None:
@@ -329,101 +360,37 @@ def _check_out(out: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) ->
 
 @triton.jit
 def _codes_kn(qweight_ptr, k0, offs_n, mask_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-              BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):  # fmt: skip
+              BLOCK_N: tl.constexpr):  # fmt: skip
     # int32 codes [BLOCK_K, BLOCK_N] of input channels k0 ... k0 + BLOCK_K (k0 a multiple of BLOCK_K), 0 where
-    # masked. UNPACK 1: each packed word is loaded once ([BLOCK_K / PF, BLOCK_N]) and its PF codes are spread
-    # along k by a reshape; 0: one (repeated) word load per code.
+    # masked: each packed word is loaded once ([BLOCK_K / PF, BLOCK_N]) and its PF codes are spread along k
     PF: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    if UNPACK:
-        offs_kw = k0 // PF + tl.arange(0, BLOCK_K // PF)
-        mask = (offs_kw < K // PF)[:, None] & mask_n[None, :]
-        words = tl.load(qweight_ptr + offs_kw[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        shifts = tl.arange(0, PF) * BITS
-        codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & MASK, (BLOCK_K, BLOCK_N))
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = (offs_k < K)[:, None] & mask_n[None, :]
-        words = tl.load(qweight_ptr + (offs_k // PF)[:, None] * N + offs_n[None, :], mask=mask, other=0)
-        codes = (words >> ((offs_k % PF) * BITS)[:, None]) & MASK
-    return codes
+    offs_kw = k0 // PF + tl.arange(0, BLOCK_K // PF)
+    mask = (offs_kw < K // PF)[:, None] & mask_n[None, :]
+    words = tl.load(qweight_ptr + offs_kw[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    shifts = tl.arange(0, PF) * BITS
+    return tl.reshape((words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1), (BLOCK_K, BLOCK_N))
 
 
 @triton.jit
 def _codes_nk(qweight_ptr, k0, offs_n, mask_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-              BLOCK_N: tl.constexpr, UNPACK: tl.constexpr):  # fmt: skip
+              BLOCK_N: tl.constexpr):  # fmt: skip
     # the transpose of ``_codes_kn``: [BLOCK_N, BLOCK_K], k along the last dim as in the dense (N, K) weight
     PF: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    if UNPACK:
-        offs_kw = k0 // PF + tl.arange(0, BLOCK_K // PF)
-        mask = mask_n[:, None] & (offs_kw < K // PF)[None, :]
-        words = tl.load(qweight_ptr + offs_kw[None, :] * N + offs_n[:, None], mask=mask, other=0)
-        shifts = tl.arange(0, PF) * BITS
-        codes = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & MASK, (BLOCK_N, BLOCK_K))
-    else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask = mask_n[:, None] & (offs_k < K)[None, :]
-        words = tl.load(qweight_ptr + (offs_k // PF)[None, :] * N + offs_n[:, None], mask=mask, other=0)
-        codes = (words >> ((offs_k % PF) * BITS)[None, :]) & MASK
-    return codes
-
-
-@triton.jit
-def _one_group(g_idx_ptr, k0, K, BLOCK_K: tl.constexpr):
-    # (group of input channel k0, whether every unmasked channel of the tile k0 ... k0 + BLOCK_K has that group).
-    # Checked per tile on the data, so any g_idx works; without act-order and with BLOCK_K dividing the group
-    # size every tile has one group, and zeros and scales are then one vector per tile instead of a gather.
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
-    first = tl.load(g_idx_ptr + k0)
-    others = tl.max(tl.where(mask_k & (g != first), 1, 0), axis=0)
-    return first, others == 0
+    offs_kw = k0 // PF + tl.arange(0, BLOCK_K // PF)
+    mask = mask_n[:, None] & (offs_kw < K // PF)[None, :]
+    words = tl.load(qweight_ptr + offs_kw[None, :] * N + offs_n[:, None], mask=mask, other=0)
+    shifts = tl.arange(0, PF) * BITS
+    return tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
 def _group_vectors(qzeros_ptr, scales_ptr, group, offs_n, mask_n, N, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
     # true zeros (int32) and fp32 scales [BLOCK_N] of one group
     PF: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
     zero_words = tl.load(qzeros_ptr + group * (N // PF) + offs_n // PF, mask=mask_n, other=0)
-    zeros = ((zero_words >> ((offs_n % PF) * BITS)) & MASK) + ZERO_OFFSET
+    zeros = ((zero_words >> ((offs_n % PF) * BITS)) & ((1 << BITS) - 1)) + ZERO_OFFSET
     scales = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     return zeros, scales
-
-
-@triton.jit
-def _gathered_kn(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS: tl.constexpr,
-                 ZERO_OFFSET: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    # fp32 [BLOCK_K, BLOCK_N] tile of W^T with zeros and scales gathered per input channel through g_idx (any
-    # group assignment, e.g. act-order); exact for fp16 scales
-    PF: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    mask = mask_k[:, None] & mask_n[None, :]
-    g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
-    zero_words = tl.load(qzeros_ptr + g[:, None] * (N // PF) + (offs_n // PF)[None, :], mask=mask, other=0)
-    zeros = ((zero_words >> ((offs_n % PF) * BITS)[None, :]) & MASK) + ZERO_OFFSET
-    scales = tl.load(scales_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
-    return (codes - zeros).to(tl.float32) * scales.to(tl.float32)
-
-
-@triton.jit
-def _gathered_nk(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS: tl.constexpr,
-                 ZERO_OFFSET: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
-    # the transpose of ``_gathered_kn``: [BLOCK_N, BLOCK_K]
-    PF: tl.constexpr = 32 // BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    mask_k = offs_k < K
-    mask = mask_n[:, None] & mask_k[None, :]
-    g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
-    zero_words = tl.load(qzeros_ptr + g[None, :] * (N // PF) + (offs_n // PF)[:, None], mask=mask, other=0)
-    zeros = ((zero_words >> ((offs_n % PF) * BITS)[:, None]) & MASK) + ZERO_OFFSET
-    scales = tl.load(scales_ptr + g[None, :] * N + offs_n[:, None], mask=mask, other=0.0)
-    return (codes - zeros).to(tl.float32) * scales.to(tl.float32)
 
 
 @triton.jit
@@ -435,60 +402,43 @@ def _gptq_dequant_kernel(
     out_ptr,  # (N, K): fp16 / fp32, or the int16 bit patterns of bf16
     N,
     K,
-    group_size,  # GROUP_CHECK 2 only: g_idx[k] == k // group_size is taken as given
+    group_size,  # SEQUENTIAL: g_idx[k] == k // group_size, taken as given
     BITS: tl.constexpr,
     ZERO_OFFSET: tl.constexpr,
     OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    TILE_NK: tl.constexpr,  # 1: compute the tile as [BLOCK_N, BLOCK_K] (k contiguous, as stored); 0: [BLOCK_K, BLOCK_N]
-    UNPACK: tl.constexpr,
-    GROUP_CHECK: tl.constexpr,  # 1: one zero/scale vector for tiles of one group (checked), else gathered per k
+    SEQUENTIAL: tl.constexpr,
     HW_ROUND: tl.constexpr,  # 1: bf16 by the hardware conversion (GPU); 0: by hand (the interpreter truncates)
 ):
+    # one [BLOCK_N, BLOCK_K] tile of the dense weight, computed in the layout it is stored in (k contiguous)
+    PF: tl.constexpr = 32 // BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
     k0 = tl.program_id(0) * BLOCK_K
     offs_k = k0 + tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_k = offs_k < K
     mask_n = offs_n < N
-    if TILE_NK:
-        codes = _codes_nk(qweight_ptr, k0, offs_n, mask_n, N, K, BITS, BLOCK_K, BLOCK_N, UNPACK)
-        if GROUP_CHECK == 2:
-            zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, k0 // group_size, offs_n, mask_n, N, BITS,
-                                           ZERO_OFFSET)  # fmt: skip
-            w = (codes - zeros[:, None]).to(tl.float32) * scales[:, None]
-        elif GROUP_CHECK:
-            group, one_group = _one_group(g_idx_ptr, k0, K, BLOCK_K)
-            if one_group:
-                zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, group, offs_n, mask_n, N, BITS, ZERO_OFFSET)
-                w = (codes - zeros[:, None]).to(tl.float32) * scales[:, None]
-            else:
-                w = _gathered_nk(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS,
-                                 ZERO_OFFSET, BLOCK_K)  # fmt: skip
-        else:
-            w = _gathered_nk(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS,
-                             ZERO_OFFSET, BLOCK_K)  # fmt: skip
-        dst = out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
-        mask = mask_n[:, None] & mask_k[None, :]
+    mask = mask_n[:, None] & mask_k[None, :]
+    codes = _codes_nk(qweight_ptr, k0, offs_n, mask_n, N, K, BITS, BLOCK_K, BLOCK_N)
+    if SEQUENTIAL:  # tiles lie in one group (BLOCK_K divides the group size)
+        zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, k0 // group_size, offs_n, mask_n, N, BITS, ZERO_OFFSET)
+        w = (codes - zeros[:, None]).to(tl.float32) * scales[:, None]
     else:
-        codes = _codes_kn(qweight_ptr, k0, offs_n, mask_n, N, K, BITS, BLOCK_K, BLOCK_N, UNPACK)
-        if GROUP_CHECK == 2:
-            zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, k0 // group_size, offs_n, mask_n, N, BITS,
-                                           ZERO_OFFSET)  # fmt: skip
-            w = (codes - zeros[None, :]).to(tl.float32) * scales[None, :]
-        elif GROUP_CHECK:
-            group, one_group = _one_group(g_idx_ptr, k0, K, BLOCK_K)
-            if one_group:
-                zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, group, offs_n, mask_n, N, BITS, ZERO_OFFSET)
-                w = (codes - zeros[None, :]).to(tl.float32) * scales[None, :]
-            else:
-                w = _gathered_kn(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS,
-                                 ZERO_OFFSET, BLOCK_K)  # fmt: skip
+        # any g_idx (e.g. act-order): a tile whose channels share one group (checked on the data) takes one zero
+        # and scale vector; others gather them per channel
+        g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
+        first = tl.load(g_idx_ptr + k0)
+        if tl.max(tl.where(mask_k & (g != first), 1, 0), axis=0) == 0:
+            zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, first, offs_n, mask_n, N, BITS, ZERO_OFFSET)
+            w = (codes - zeros[:, None]).to(tl.float32) * scales[:, None]
         else:
-            w = _gathered_kn(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS,
-                             ZERO_OFFSET, BLOCK_K)  # fmt: skip
-        dst = out_ptr + offs_n[None, :].to(tl.int64) * K + offs_k[:, None]
-        mask = mask_k[:, None] & mask_n[None, :]
+            zero_words = tl.load(qzeros_ptr + g[None, :] * (N // PF) + (offs_n // PF)[:, None], mask=mask, other=0)
+            tile_zeros = ((zero_words >> ((offs_n % PF) * BITS)[:, None]) & MASK) + ZERO_OFFSET
+            tile_scales = tl.load(scales_ptr + g[None, :] * N + offs_n[:, None], mask=mask, other=0.0)
+            w = (codes - tile_zeros).to(tl.float32) * tile_scales.to(tl.float32)
+    # fp32 products are exact (a 9-bit integer times an fp16 scale): one rounding to the output dtype
+    dst = out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
     if OUT_KIND == 0:
         if HW_ROUND:
             bits16 = w.to(tl.bfloat16).to(tl.int16, bitcast=True)
@@ -502,51 +452,34 @@ def _gptq_dequant_kernel(
 
 
 @triton.jit
-def _small_product(x, w, USE_DOT: tl.constexpr, DOT_FP32: tl.constexpr):
-    # fp32 [BLOCK_M, BLOCK_N] = x [BLOCK_M, BLOCK_K] @ w [BLOCK_K, BLOCK_N] (w fp32 holding values exact in
-    # x's dtype): tensor cores (BLOCK_M >= 16), or a broadcast multiply and sum for a few rows
-    if USE_DOT:
-        if DOT_FP32:  # interpreter only: its tl.dot multiplies bf16 operands as their integer bit patterns
-            prod = tl.dot(x.to(tl.float32), w, input_precision="ieee")
-        else:
-            prod = tl.dot(x, w.to(x.dtype))
-    else:
-        prod = tl.sum(x.to(tl.float32)[:, :, None] * w[None, :, :], axis=1)
-    return prod
-
-
-@triton.jit
 def _gptq_matmul_kernel(
     x_ptr,  # fp16 / bf16 (M, K), strided
     qweight_ptr,
     qzeros_ptr,
     scales_ptr,
-    g_idx_ptr,
     bias_ptr,  # (N,) or a dummy (HAS_BIAS 0)
-    out_ptr,  # SPLIT_OUT 1: fp32 (splits, M, N) partial products; 0: (M, N) in x's dtype, bias added
+    out_ptr,  # SPLIT_OUT: fp32 (splits, M, N) partial products; else (M, N) in x's dtype, bias added
     M,
     N,
     K,
     stride_xm,
     stride_xk,
     k_per_split,  # a multiple of BLOCK_K
-    group_size,  # GROUP_MODE 3 only: g_idx[k] == k // group_size is taken as given
+    group_size,  # g_idx[k] == k // group_size (the sequential layout), with BLOCK_K dividing it
     BITS: tl.constexpr,
     ZERO_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    UNPACK: tl.constexpr,
-    GROUP_MODE: tl.constexpr,  # 0: gather per k; 1: one-group tiles dequantised with vectors; 2: ... and scaled after the product
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr,  # tensor cores (BLOCK_M >= 16), else a broadcast multiply and sum
     SPLIT_OUT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    DOT_FP32: tl.constexpr,
+    DOT_FP32: tl.constexpr,  # interpreter only: its tl.dot multiplies bf16 operands as their integer bit patterns
 ):
-    # y = x W^T for few rows: each program reads a K slice of the packed words of BLOCK_N output columns once,
-    # dequantises in registers and accumulates in fp32, so W is read packed (bits / 16 of a bf16 weight's bytes)
-    # and never written dense. Tiles of one group (no act-order) use one zero/scale vector, and with GROUP_MODE 2
-    # multiply the integer codes directly: sum_k x s (q - z) = s (sum_k x q - z sum_k x).
+    # y = x W^T for few rows: each program reads the packed words of BLOCK_N output columns over a K slice once
+    # and accumulates in fp32, so W is read packed (bits / 16 of a bf16 weight's bytes) and never written dense.
+    # A tile lies in one group g, so the codes are multiplied directly: sum_k x s (q - z) = s (sum_k x q - z sum_k x)
+    # (codes are exact in fp16/bf16).
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     split = tl.program_id(2)
@@ -554,38 +487,21 @@ def _gptq_matmul_kernel(
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     k_begin = split * k_per_split
-    k_end = tl.minimum(k_begin + k_per_split, K)
-    for k0 in range(k_begin, k_end, BLOCK_K):
+    for k0 in range(k_begin, tl.minimum(k_begin + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)  # fmt: skip
-        codes = _codes_kn(qweight_ptr, k0, offs_n, mask_n, N, K, BITS, BLOCK_K, BLOCK_N, UNPACK)
-        if GROUP_MODE == 0:
-            w = _gathered_kn(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS, ZERO_OFFSET,
-                             BLOCK_K)  # fmt: skip
-            acc += _small_product(x, w, USE_DOT, DOT_FP32)
-        elif GROUP_MODE == 3:
-            zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, k0 // group_size, offs_n, mask_n, N, BITS,
-                                           ZERO_OFFSET)  # fmt: skip
-            prod = _small_product(x, codes.to(tl.float32), USE_DOT, DOT_FP32)
-            row_sums = tl.sum(x.to(tl.float32), axis=1)
-            acc += (prod - row_sums[:, None] * zeros.to(tl.float32)[None, :]) * scales[None, :]
-        else:
-            group, one_group = _one_group(g_idx_ptr, k0, K, BLOCK_K)
-            if one_group:
-                zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, group, offs_n, mask_n, N, BITS, ZERO_OFFSET)
-                if GROUP_MODE == 2:
-                    # codes are exact in fp16/bf16 (< 256); the zero times the row sums of x is subtracted in fp32
-                    prod = _small_product(x, codes.to(tl.float32), USE_DOT, DOT_FP32)
-                    row_sums = tl.sum(x.to(tl.float32), axis=1)
-                    acc += (prod - row_sums[:, None] * zeros.to(tl.float32)[None, :]) * scales[None, :]
-                else:
-                    w = (codes - zeros[None, :]).to(tl.float32) * scales[None, :]
-                    acc += _small_product(x, w, USE_DOT, DOT_FP32)
+        codes = _codes_kn(qweight_ptr, k0, offs_n, mask_n, N, K, BITS, BLOCK_K, BLOCK_N)
+        if USE_DOT:
+            if DOT_FP32:
+                prod = tl.dot(x.to(tl.float32), codes.to(tl.float32), input_precision="ieee")
             else:
-                w = _gathered_kn(codes, g_idx_ptr, qzeros_ptr, scales_ptr, k0, offs_n, mask_n, N, K, BITS,
-                                 ZERO_OFFSET, BLOCK_K)  # fmt: skip
-                acc += _small_product(x, w, USE_DOT, DOT_FP32)
+                prod = tl.dot(x, codes.to(x.dtype))
+        else:
+            prod = tl.sum(x.to(tl.float32)[:, :, None] * codes.to(tl.float32)[None, :, :], axis=1)
+        zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, k0 // group_size, offs_n, mask_n, N, BITS, ZERO_OFFSET)
+        row_sums = tl.sum(x.to(tl.float32), axis=1)
+        acc += (prod - row_sums[:, None] * zeros.to(tl.float32)[None, :]) * scales[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_OUT:
         tl.store(out_ptr + (split * M + offs_m[:, None]).to(tl.int64) * N + offs_n[None, :], acc, mask=mask)
@@ -609,26 +525,34 @@ def _split_sum_kernel(partial_ptr, bias_ptr, out_ptr, MN, N, splits, HAS_BIAS: t
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-# Launch settings, from benchmarks/kernel-bench/gptq_bench.py on one H100 (see its launch sweeps):
-# dequant (BLOCK_N, BLOCK_K, num_warps); fused matmul (BLOCK_N, BLOCK_K, num_warps, programs per multiprocessor
-# that the K split aims for).
-_DEQUANT_LAUNCH = (64, 128, 8)
-_DEQUANT_FLAGS = {"TILE_NK": 1, "UNPACK": 1, "GROUP_CHECK": 1}
-_MATMUL_LAUNCH = (64, 128, 4, 4)
-_MATMUL_FLAGS = {"UNPACK": 1, "GROUP_MODE": 2}
-# Rows (tokens) up to which gptq_linear runs the fused dequant-matmul kernel; above, dequant + cuBLAS matmul.
+# Launch settings from benchmarks/kernel-bench/gptq_bench.py's sweep on one H100
+# (benchmarks/results/2026-12-06-h100-x1-kernels-gptq-tuning). Dequant: (BLOCK_N, BLOCK_K, num_warps) for the
+# sequential layout (groups computed from k) and for any g_idx (read and checked per tile).
+_DEQUANT_LAUNCH_SEQUENTIAL = (64, 128, 8)
+_DEQUANT_LAUNCH = (128, 32, 4)
+# Fused dequant-matmul by row count M: (largest M, tensor cores, (BLOCK_N, BLOCK_K, num_warps, programs per
+# multiprocessor that the K split aims for)); the last entry also serves larger M.
+_MATMUL_LAUNCHES = ((1, False, (32, 128, 4, 4)), (64, True, (64, 128, 4, 2)))
+# Rows (tokens) up to which gptq_linear runs the fused kernel (sequential layout only); above, dequant + cuBLAS.
 _FUSED_MAX_ROWS = 64
-# Rows below which the fused kernel multiplies with a broadcast multiply-sum instead of tensor cores.
-_DOT_MIN_ROWS = 16
 _OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
-def _group_aligned_block(block_k: int, group_size: int, smallest: int) -> int:
-    """BLOCK_K shrunk to the largest power of two dividing ``group_size`` (when smaller), so that tiles of a
-    sorted ``g_idx`` hold one group each; at least ``smallest`` (whole packed words; 16 for tensor cores)."""
-    if group_size > 0:
-        block_k = min(block_k, group_size & -group_size)
-    return max(block_k, smallest)
+def _sequential_block_k(block_k: int, sequential_group_size: int, in_features: int, groups: int, smallest: int) -> int:
+    """BLOCK_K with which the kernels compute each tile's group as ``k0 // group_size`` instead of reading g_idx,
+    or 0 when they must read it.
+
+    Possible for one group (every channel is in group 0) and for a weight whose ``g_idx[k] == k //
+    sequential_group_size`` (the caller's word; 0 when unknown), with BLOCK_K (a power of two, at least
+    ``smallest``) dividing the group size so that no tile spans two groups.
+    """
+    if groups == 1:
+        return block_k
+    if sequential_group_size > 0:
+        block_k = min(block_k, sequential_group_size & -sequential_group_size)
+        if block_k >= smallest:
+            return block_k
+    return 0
 
 
 def _dequantize_triton(
@@ -640,52 +564,74 @@ def _dequantize_triton(
     checkpoint_format: str,
     dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    sequential_group_size: int = 0,
     launch: tuple[int, int, int] | None = None,
-    flags: dict | None = None,
 ) -> torch.Tensor:
     """Triton GPTQ dequantisation into a contiguous (N, K) tensor; bit-exact with ``gptq_dequantize_ref``."""
     _check_out_dtype(dtype)
     offset = _zero_offset(checkpoint_format)
     in_features, out_features = int(g_idx.shape[0]), int(scales.shape[-1])
-    _check_packed(qweight, qzeros, scales, g_idx, bits, in_features, out_features)
+    groups = _check_packed(qweight, qzeros, scales, g_idx, bits, in_features, out_features)
     if out is None:
         out = torch.empty((out_features, in_features), dtype=dtype, device=qweight.device)
     else:
         _check_out(out, (out_features, in_features), dtype)
     if out.numel() == 0:
         return out
-    block_n, block_k, num_warps = launch or _DEQUANT_LAUNCH
-    groups = int(qzeros.shape[0])
-    group_size = in_features // groups if groups > 1 and in_features % groups == 0 else -1  # a guess suffices
-    block_k = _group_aligned_block(block_k, group_size, 32 // bits)
+    pf = 32 // bits
+    seq_launch = launch or _DEQUANT_LAUNCH_SEQUENTIAL
+    block_k = _sequential_block_k(max(seq_launch[1], pf), sequential_group_size, in_features, groups, pf)
+    if block_k:
+        block_n, num_warps = seq_launch[0], seq_launch[2]
+        group_size = in_features if groups == 1 else sequential_group_size
+    else:
+        block_n, block_k, num_warps = launch or _DEQUANT_LAUNCH
+        block_k = max(block_k, pf)  # whole packed words per tile
+        group_size = 0
     target = out.view(torch.int16) if dtype == torch.bfloat16 else out
     grid = (triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n))
     # the kernel indexes the packed tensors as row-major (no copy when they are, as loaded from a checkpoint)
     _gptq_dequant_kernel[grid](
         qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.contiguous(), target, out_features,
-        in_features, group_size if group_size > 0 else in_features,
+        in_features, max(group_size, 1),
         BITS=bits, ZERO_OFFSET=offset, OUT_KIND=_OUT_KIND[dtype], BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, **{"HW_ROUND": not interpreter_enabled(), **(flags or _DEQUANT_FLAGS)},
+        SEQUENTIAL=group_size > 0, HW_ROUND=not interpreter_enabled(), num_warps=num_warps,
     )  # fmt: skip
     return out
+
+
+def _fused_launch(m: int, weight: GPTQWeight, launch: tuple | None = None) -> tuple | None:
+    """(tensor cores, BLOCK_N, BLOCK_K, num_warps, programs per multiprocessor) of the fused kernel for ``m``
+    rows (``launch`` overrides ``_MATMUL_LAUNCHES``), or None when the weight's layout needs g_idx read (act-order,
+    or not flagged sequential)."""
+    if launch is None:
+        launch = next(((d, *entry) for rows, d, entry in _MATMUL_LAUNCHES if m <= rows), None)
+        if launch is None:
+            launch = (_MATMUL_LAUNCHES[-1][1], *_MATMUL_LAUNCHES[-1][2])
+    use_dot, block_n, block_k, num_warps, per_sm = launch
+    w = weight
+    sequential_group_size = w.group_size if w.sequential_g_idx else 0
+    block_k = _sequential_block_k(block_k, sequential_group_size, w.in_features, int(w.qzeros.shape[0]), 16)
+    return (use_dot, block_n, block_k, num_warps, per_sm) if block_k else None
 
 
 def _matmul_fused(
     x2: torch.Tensor,
     weight: GPTQWeight,
     bias: torch.Tensor | None,
-    launch: tuple[int, int, int, int] | None = None,
+    launch: tuple[bool, int, int, int, int] | None = None,
     split_k: int | None = None,
-    flags: dict | None = None,
-    use_dot: bool | None = None,
 ) -> torch.Tensor:
     """(M, K) fp16/bf16 ``x2`` -> (M, N) ``x2 W^T + bias`` with the fused dequant-matmul kernel (few rows)."""
     m, k = x2.shape
     n = weight.out_features
-    block_n, block_k, num_warps, per_sm = launch or _MATMUL_LAUNCH
-    block_k = _group_aligned_block(block_k, weight.group_size, 16)
-    if use_dot is None:
-        use_dot = m >= _DOT_MIN_ROWS
+    plan = _fused_launch(m, weight, launch)
+    if plan is None:
+        raise ValueError(
+            "the fused GPTQ dequant-matmul reads groups as k // group_size: it needs one group or a weight built "
+            "with GPTQWeight(sequential_g_idx=True) and a group size divisible by 16"
+        )
+    use_dot, block_n, block_k, num_warps, per_sm = plan
     block_m = min(max(16, next_power_of_2(m)), 64) if use_dot else min(next_power_of_2(m), 8)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     if split_k is None:
@@ -697,13 +643,13 @@ def _matmul_fused(
     partial = torch.empty((split_k, m, n), dtype=torch.float32, device=x2.device) if split_k > 1 else y
     grid = (triton.cdiv(n, block_n), triton.cdiv(m, block_m), split_k)
     w = weight
+    group_size = k if int(w.qzeros.shape[0]) == 1 else w.group_size
     _gptq_matmul_kernel[grid](
-        x2, w.qweight.contiguous(), w.qzeros.contiguous(), w.scales.contiguous(), w.g_idx.contiguous(),
-        bias if bias is not None else partial, partial, m, n, k, x2.stride(0), x2.stride(1), k_per_split,
-        weight.group_size if weight.group_size > 0 else k,
-        BITS=weight.bits, ZERO_OFFSET=_zero_offset(weight.checkpoint_format), BLOCK_M=block_m, BLOCK_N=block_n,
+        x2, w.qweight.contiguous(), w.qzeros.contiguous(), w.scales.contiguous(),
+        bias if bias is not None else partial, partial, m, n, k, x2.stride(0), x2.stride(1), k_per_split, group_size,
+        BITS=w.bits, ZERO_OFFSET=_zero_offset(w.checkpoint_format), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, USE_DOT=use_dot, SPLIT_OUT=split_k > 1, HAS_BIAS=bias is not None,
-        DOT_FP32=interpreter_enabled(), num_warps=num_warps, **(flags or _MATMUL_FLAGS),
+        DOT_FP32=interpreter_enabled(), num_warps=num_warps,
     )  # fmt: skip
     if split_k > 1:
         block = 1024
@@ -727,12 +673,15 @@ def _dequantize_op(
     bits: int,
     checkpoint_format: str,
     dtype: torch.dtype,
+    sequential_group_size: int,
 ) -> torch.Tensor:
-    return _dequantize_triton(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype)
+    return _dequantize_triton(
+        qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype, sequential_group_size=sequential_group_size
+    )
 
 
 @_dequantize_op.register_fake
-def _(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype):
+def _(qweight, qzeros, scales, g_idx, bits, checkpoint_format, dtype, sequential_group_size):
     return qweight.new_empty((scales.shape[-1], g_idx.shape[0]), dtype=dtype)
 
 
@@ -747,15 +696,17 @@ def _matmul_fused_op(
     bits: int,
     group_size: int,
     checkpoint_format: str,
+    sequential_g_idx: bool,
 ) -> torch.Tensor:
     weight = GPTQWeight(
-        qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format, scales.shape[-1], g_idx.shape[0]
-    )
+        qweight, qzeros, scales, g_idx, bits, group_size, checkpoint_format, scales.shape[-1], g_idx.shape[0],
+        sequential_g_idx=sequential_g_idx,
+    )  # fmt: skip
     return _matmul_fused(x2, weight, bias)
 
 
 @_matmul_fused_op.register_fake
-def _(x2, qweight, qzeros, scales, g_idx, bias, bits, group_size, checkpoint_format):
+def _(x2, qweight, qzeros, scales, g_idx, bias, bits, group_size, checkpoint_format, sequential_g_idx):
     return x2.new_empty((x2.shape[0], scales.shape[-1]))
 
 
@@ -763,15 +714,19 @@ def _linear_fused(x2: torch.Tensor, weight: GPTQWeight, bias: torch.Tensor | Non
     if torch.compiler.is_compiling():
         w = weight
         return _matmul_fused_op(
-            x2, w.qweight, w.qzeros, w.scales, w.g_idx, bias, w.bits, w.group_size, w.checkpoint_format
-        )
+            x2, w.qweight, w.qzeros, w.scales, w.g_idx, bias, w.bits, w.group_size, w.checkpoint_format,
+            w.sequential_g_idx,
+        )  # fmt: skip
     return _matmul_fused(x2, weight, bias)
 
 
 def _use_fused(x2: torch.Tensor, weight: GPTQWeight) -> bool:
+    # act-order (or an unflagged g_idx) runs dequant + cuBLAS: gathering zeros and scales per input channel inside
+    # the fused kernel made it slower than the two steps at every row count measured
     return (
         0 < x2.shape[0] <= _FUSED_MAX_ROWS
         and x2.dtype in (torch.bfloat16, torch.float16)
+        and _fused_launch(x2.shape[0], weight) is not None
         and use_triton(x2, weight.qweight, weight.qzeros, weight.scales, weight.g_idx)
     )
 
@@ -797,6 +752,10 @@ class GPTQWeight:
         out_features: N.
         in_features: K.
         dtype: compute dtype, the default dtype of ``dequantize`` (defaults to ``scales.dtype``).
+        sequential_g_idx: True when ``g_idx[k] == k // group_size`` for every k (no act-order), as checked once
+            by whoever builds the weight (``gptq_sequential_g_idx``, e.g. at load). The kernels then compute
+            groups instead of reading g_idx, and ``gptq_linear`` may use the fused kernel for few rows. Not
+            checked here (no device synchronisation): a wrong True gives wrong results.
     """
 
     qweight: torch.Tensor
@@ -809,6 +768,7 @@ class GPTQWeight:
     out_features: int
     in_features: int
     dtype: torch.dtype | None = None
+    sequential_g_idx: bool = False
 
     def __post_init__(self) -> None:
         _zero_offset(self.checkpoint_format)
@@ -824,6 +784,8 @@ class GPTQWeight:
                 f"qzeros/scales have {groups} groups, but in_features={self.in_features} with group_size={gs} "
                 f"gives {expected}"
             )
+        if not isinstance(self.sequential_g_idx, bool):
+            raise TypeError(f"sequential_g_idx must be a bool, got {self.sequential_g_idx!r}")
         if self.dtype is None:
             object.__setattr__(self, "dtype", self.scales.dtype)
         _check_out_dtype(self.dtype)
@@ -841,8 +803,9 @@ class GPTQWeight:
         """Dense (out_features, in_features) weight (Triton where ``use_triton`` allows)."""
         dtype = dtype or (out.dtype if out is not None else self.dtype)
         return gptq_dequantize(
-            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.checkpoint_format, dtype, out=out
-        )
+            self.qweight, self.qzeros, self.scales, self.g_idx, self.bits, self.checkpoint_format, dtype, out=out,
+            sequential_group_size=self.group_size if self.sequential_g_idx and self.group_size > 0 else 0,
+        )  # fmt: skip
 
     def dequantize_ref(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Dense (out_features, in_features) weight from the pure-torch reference."""
