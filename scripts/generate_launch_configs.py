@@ -76,6 +76,7 @@ TEMPLATES: dict[str, Template] = {
     ),
     "foak-kernels": Template("plugins/fused-ops-and-kernels/configs/fast_kernels.yaml"),
     "foak-lora": Template("plugins/fused-ops-and-kernels/configs/fast_lora.yaml"),
+    "padding-free": Template("plugins/attention-and-distributed-packing/configs/padding_free.yaml"),
 }
 
 
@@ -136,6 +137,36 @@ OUTPUTS: tuple[Output, ...] = (
         "(acceleration-only, upstream layout)",
     ),
     Output(
+        "aadp-padding-free",
+        ("padding-free",),
+        "padding-free: flattened batches, attention within each example (acceleration-only, upstream layout)",
+    ),
+    Output(
+        "accelerated-peft-bnb-nf4-padding-free",
+        ("bnb-nf4", "padding-free"),
+        "QLoRA nf4 + padding-free (acceleration-only, upstream layout)",
+    ),
+    Output(
+        "accelerated-peft-bnb-nf4-foak-padding-free",
+        ("bnb-nf4", "foak-peft", "padding-free"),
+        "QLoRA nf4 + fused kernels + padding-free (acceleration-only, upstream layout)",
+    ),
+    Output(
+        "accelerated-peft-autogptq-padding-free",
+        ("gptq", "padding-free"),
+        "GPTQ-LoRA + padding-free (acceleration-only, upstream layout)",
+    ),
+    Output(
+        "accelerated-peft-autogptq-foak-padding-free",
+        ("gptq", "foak-peft-gptq", "padding-free"),
+        "GPTQ-LoRA + fused kernels + padding-free (acceleration-only, upstream layout)",
+    ),
+    Output(
+        "foak-fast-lora-padding-free",
+        ("foak-lora", "padding-free"),
+        "LoRA on 16-bit weights: fused kernels + padding-free (acceleration-only)",
+    ),
+    Output(
         "accelerate-single-gpu-qlora-foak",
         ("bnb-nf4", "foak-peft"),
         "Accelerate config, 1 GPU, bf16: QLoRA nf4 + fused kernels",
@@ -182,6 +213,24 @@ OUTPUTS: tuple[Output, ...] = (
         ("bnb-nf4", "foak-peft"),
         "Accelerate config, FSDP2 on 2 machines x 8 GPUs: QLoRA nf4 + fused kernels",
         accelerate_base="multinode-fsdp2",
+    ),
+    Output(
+        "accelerate-single-gpu-padding-free",
+        ("padding-free",),
+        "Accelerate config, 1 GPU, bf16: padding-free (full fine-tuning or LoRA on 16-bit weights)",
+        accelerate_base="single-gpu",
+    ),
+    Output(
+        "accelerate-single-gpu-qlora-foak-padding-free",
+        ("bnb-nf4", "foak-peft", "padding-free"),
+        "Accelerate config, 1 GPU, bf16: QLoRA nf4 + fused kernels + padding-free",
+        accelerate_base="single-gpu",
+    ),
+    Output(
+        "accelerate-cpu-padding-free",
+        ("padding-free",),
+        "Accelerate config, CPU, 1 process: padding-free (SDPA / eager attention with a block-diagonal mask)",
+        accelerate_base="cpu",
     ),
     Output(
         "accelerate-cpu-qlora-foak",

@@ -3,13 +3,15 @@ its back, the model's key/value-cache default, and a model that reaches it only 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from accelerate import Accelerator
 from fms_acceleration_accelerate_aadp import PaddingFreePlugin
 from fms_acceleration_accelerate_aadp.collate import flatten_batch
 
-from fms_acceleration_accelerate import AccelerationConfigError
+from fms_acceleration_accelerate import AccelerationConfigError, AccelerationFramework
 from fms_acceleration_accelerate.accelerate_integration import AccelerationKwargs
 from fms_acceleration_accelerate.distributed import RunContext
 from fms_acceleration_accelerate.registry import PluginRegistry
@@ -17,6 +19,40 @@ from fms_acceleration_accelerate.registry import PluginRegistry
 from .padding_free_helpers import load_tiny, padded_batch, padding_free_framework, save_tiny
 
 SECTION = {"plugins": {"training": {"attention": {"padding_free": {"method": "huggingface"}}}}}
+
+
+SHIPPED = sorted((Path(__file__).resolve().parents[3] / "launch_configs").glob("*padding-free*.yaml"))
+_QLORA_FOAK = ("bitsandbytes", "padding_free", "fused_ops_and_kernels")
+ACTIVE = {
+    "aadp-padding-free-sample-configuration.yaml": ("padding_free",),
+    "accelerate-cpu-padding-free.yaml": ("padding_free",),
+    "accelerate-single-gpu-padding-free.yaml": ("padding_free",),
+    "accelerate-single-gpu-qlora-foak-padding-free.yaml": _QLORA_FOAK,
+    "accelerated-peft-autogptq-foak-padding-free-sample-configuration.yaml": (
+        "auto_gptq",
+        "padding_free",
+        "fused_ops_and_kernels",
+    ),
+    "accelerated-peft-autogptq-padding-free-sample-configuration.yaml": ("auto_gptq", "padding_free"),
+    "accelerated-peft-bnb-nf4-foak-padding-free-sample-configuration.yaml": _QLORA_FOAK,
+    "accelerated-peft-bnb-nf4-padding-free-sample-configuration.yaml": ("bitsandbytes", "padding_free"),
+    "foak-fast-lora-padding-free-sample-configuration.yaml": ("padding_free", "fused_ops_and_kernels"),
+}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_padding_free_configurations_activate_the_plugin(path):
+    framework = AccelerationFramework(str(path))
+    assert framework.passthrough == () and framework.active_plugin_names == ACTIVE.get(path.name, "?")
+    config = framework.plugin("padding_free").config
+    assert (config.method, config.attention_backend, config.flatten_batches) == ("huggingface", "auto", True)
+
+
+def test_every_upstream_padding_free_sample_is_shipped():
+    names = {p.name for p in SHIPPED}
+    for upstream in ("aadp-padding-free", "accelerated-peft-bnb-nf4-padding-free", "accelerated-peft-autogptq-padding-free",
+                     "accelerated-peft-bnb-nf4-foak-padding-free", "accelerated-peft-autogptq-foak-padding-free"):  # fmt: skip
+        assert f"{upstream}-sample-configuration.yaml" in names, upstream
 
 
 @pytest.fixture(scope="module")

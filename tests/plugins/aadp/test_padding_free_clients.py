@@ -4,8 +4,8 @@
   ``get_callbacks_and_ready_for_train``): the model sees one flattened row per step, and the per-step losses equal
   those of the same Trainer run padded without the plugin.
 * TRL ``SFTTrainer`` with ``padding_free=True`` against TRL's padded run.
-* A plain Accelerate loop under stock ``accelerate launch --config_file`` with the section (nothing in the script
-  mentions it) against the same loop run padded in this process.
+* A plain Accelerate loop under stock ``accelerate launch --config_file launch_configs/accelerate-cpu-padding-free.yaml``
+  (nothing in the script mentions the plugin) against the same loop run padded in this process.
 
 Tiny Llama saved to a temporary folder, fp32, CPU, SGD, no dropout: the runs compute the same sums in a different
 layout, so the losses agree to float rounding.
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.integration.conftest import ACCELERATE, free_port, run
+from tests.integration.conftest import ACCELERATE, REPO, free_port, run
 
 from .padding_free_helpers import instruction_examples, load_tiny, padding_free_framework, save_tiny, tiny_tokenizer
 
@@ -134,13 +134,7 @@ def test_trl_sft_trainer_padding_free(model_dir, tmp_path):
 def test_accelerate_loop_under_accelerate_launch(model_dir, tmp_path):
     examples = instruction_examples()
     (tmp_path / "examples.json").write_text(json.dumps(examples), encoding="utf-8")
-    config = tmp_path / "accelerate.yaml"
-    config.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: 'no'\nnum_machines: 1\n"
-        "num_processes: 1\nuse_cpu: true\n"
-        "acceleration:\n  training:\n    attention:\n      padding_free:\n        method: huggingface\n",
-        encoding="utf-8",
-    )
+    config = REPO / "launch_configs" / "accelerate-cpu-padding-free.yaml"  # the shipped CPU configuration
     env = {k: v for k, v in os.environ.items() if not k.startswith("FMS_ACCELERATION")}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     report = tmp_path / "report.json"
