@@ -411,7 +411,25 @@ def test_fused_matmul_matches_dense_product(dtype, bits, group_size, desc_act, f
     torch.testing.assert_close(_matmul_fused(x, weight, None).float(), expected, atol=atol, rtol=tol)
 
 
-def test_gptq_linear_dispatch_fused_for_few_rows_of_a_sequential_layout_only():
+@pytest.fixture
+def fused_for_small_weights(monkeypatch):
+    """gptq_linear takes the fused kernel for the tiny test weights too (its size threshold set to 0)."""
+    from fms_acceleration_accelerate_kernels import gptq as gptq_module
+
+    monkeypatch.setattr(gptq_module, "_FUSED_MIN_NUMEL", 0)
+
+
+def test_gptq_linear_dispatch_fused_for_large_weights_only(monkeypatch):
+    from fms_acceleration_accelerate_kernels import gptq as gptq_module
+
+    d = make_gptq(64, 32, 4, 32, device=DEVICE)
+    few = torch.randn(_FUSED_MAX_ROWS, 64, device=DEVICE, dtype=torch.bfloat16)
+    assert not _use_fused(few, weight_of(d, sequential=True))  # 64 x 32 elements
+    monkeypatch.setattr(gptq_module, "_FUSED_MIN_NUMEL", 64 * 32)
+    assert _use_fused(few, weight_of(d, sequential=True))
+
+
+def test_gptq_linear_dispatch_fused_for_few_rows_of_a_sequential_layout_only(fused_for_small_weights):
     d = make_gptq(64, 32, 4, 32, device=DEVICE)
     weight = weight_of(d, sequential=True)
     few = torch.randn(_FUSED_MAX_ROWS, 64, device=DEVICE, dtype=torch.bfloat16)
@@ -441,7 +459,7 @@ def _dense_linear(x, d, bias, dtype):
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("rows", [7, 2 * _FUSED_MAX_ROWS], ids=["few_rows", "many_rows"])
 @pytest.mark.parametrize("desc_act", [False, True], ids=["seq", "act"])
-def test_gptq_linear_forward_and_grads_match_dense(dtype, with_bias, rows, desc_act):
+def test_gptq_linear_forward_and_grads_match_dense(dtype, with_bias, rows, desc_act, fused_for_small_weights):
     d = make_gptq(128, 40, 4, 32, desc_act=desc_act, device=DEVICE, seed=3)
     gen = torch.Generator().manual_seed(1)
     x0 = torch.randn(3, rows, 128, generator=gen).to(DEVICE, dtype)
@@ -519,7 +537,7 @@ def test_gptq_weight_as_base_of_the_fused_lora_linear():
 
 
 @pytest.mark.parametrize("rows", [8, 2 * _FUSED_MAX_ROWS], ids=["fused", "dequant_matmul"])
-def test_gptq_linear_compiles_fullgraph_and_matches_eager(rows):
+def test_gptq_linear_compiles_fullgraph_and_matches_eager(rows, fused_for_small_weights):
     """The Triton launchers sit behind custom ops while compiling; a GPTQWeight built inside the graph is fine."""
     d = make_gptq(64, 32, 4, 32, device=DEVICE)
 

@@ -37,7 +37,7 @@ kernels then compute each tile's group instead of reading g_idx.
   gather zeros and scales per input channel. bf16 is rounded by the hardware conversion on GPU and by hand in the
   CPU interpreter (which truncates), so both agree with the reference bit for bit.
 * ``_gptq_matmul_kernel`` computes ``x W^T`` for few rows (``M <= _FUSED_MAX_ROWS`` tokens, e.g. generation or
-  small evaluation batches) of a sequential-layout weight without writing ``W``: programs split K, read their
+  small evaluation batches) of a large sequential-layout weight without writing ``W``: programs split K, read their
   slice of packed words (``bits / 16`` of a bf16 weight's bytes) and multiply the integer codes directly (tensor
   cores, or a multiply-sum for a single row), applying zero and scale per group; a small kernel sums the splits.
   With many rows (training) the GEMM is compute-bound and dequant + cuBLAS is faster; with act-order the fused
@@ -528,13 +528,18 @@ def _split_sum_kernel(partial_ptr, bias_ptr, out_ptr, MN, N, splits, HAS_BIAS: t
 # Launch settings from benchmarks/kernel-bench/gptq_bench.py's sweep on one H100
 # (benchmarks/results/2026-12-06-h100-x1-kernels-gptq-tuning). Dequant: (BLOCK_N, BLOCK_K, num_warps) for the
 # sequential layout (groups computed from k) and for any g_idx (read and checked per tile).
-_DEQUANT_LAUNCH_SEQUENTIAL = (64, 128, 8)
-_DEQUANT_LAUNCH = (128, 32, 4)
+_DEQUANT_LAUNCH_SEQUENTIAL = (64, 32, 2)
+_DEQUANT_LAUNCH = (64, 32, 2)
 # Fused dequant-matmul by row count M: (largest M, tensor cores, (BLOCK_N, BLOCK_K, num_warps, programs per
 # multiprocessor that the K split aims for)); the last entry also serves larger M.
-_MATMUL_LAUNCHES = ((1, False, (32, 128, 4, 4)), (64, True, (64, 128, 4, 2)))
-# Rows (tokens) up to which gptq_linear runs the fused kernel (sequential layout only); above, dequant + cuBLAS.
-_FUSED_MAX_ROWS = 64
+_MATMUL_LAUNCHES = ((1, False, (32, 128, 2, 16)), (16, True, (128, 64, 4, 2)), (64, True, (64, 128, 4, 2)))
+# gptq_linear runs the fused kernel (sequential layout only) for at most _FUSED_MAX_ROWS rows (tokens) of a weight
+# of at least _FUSED_MIN_NUMEL elements; otherwise dequant + cuBLAS. On the H100 the fused kernel took 0.27-0.63x
+# the kernel time of dequant + cuBLAS at 1-16 rows of the 8B MLP weights (0.68-0.78x launch overhead
+# included); on the 4096x4096 and 1024x4096 weights the two launches of each path cost more than either kernel,
+# and the fused path's were the slower ones.
+_FUSED_MAX_ROWS = 16
+_FUSED_MIN_NUMEL = 1 << 25
 _OUT_KIND = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 
@@ -725,6 +730,7 @@ def _use_fused(x2: torch.Tensor, weight: GPTQWeight) -> bool:
     # the fused kernel made it slower than the two steps at every row count measured
     return (
         0 < x2.shape[0] <= _FUSED_MAX_ROWS
+        and weight.out_features * weight.in_features >= _FUSED_MIN_NUMEL
         and x2.dtype in (torch.bfloat16, torch.float16)
         and _fused_launch(x2.shape[0], weight) is not None
         and use_triton(x2, weight.qweight, weight.qzeros, weight.scales, weight.g_idx)
@@ -864,8 +870,10 @@ def gptq_linear(x: torch.Tensor, weight: GPTQWeight, bias: torch.Tensor | None =
     """Frozen GPTQ linear ``x W^T + bias``; gradients for ``x`` and (when it requires grad) ``bias`` only.
 
     Saves only references to the packed tensors: the backward dequantises ``W`` again for ``dx = dy W``. With
-    Triton (CUDA tensors or ``TRITON_INTERPRET=1``), a bf16/fp16 input of at most 64 rows runs the fused
-    dequant-matmul kernel; otherwise ``W`` is dequantised (Triton) into a temporary for one cuBLAS GEMM.
+    Triton (CUDA tensors or ``TRITON_INTERPRET=1``), a bf16/fp16 input of at most ``_FUSED_MAX_ROWS`` (16) rows
+    times a weight of at least ``_FUSED_MIN_NUMEL`` (2**25) elements flagged ``sequential_g_idx`` (or of one
+    group) runs the fused dequant-matmul kernel; otherwise ``W`` is dequantised (Triton) into a temporary for one
+    cuBLAS GEMM.
 
     Args:
         x: (..., in_features) input.
