@@ -326,7 +326,13 @@ class FlexBackend(AttentionBackend):
             return keep
 
         mask = create_block_mask(
-            document_causal, segments.batch, None, segments.length, segments.length, device=doc.device
+            document_causal,
+            segments.batch,
+            None,
+            segments.length,
+            segments.length,
+            device=doc.device,
+            _compile=self._compile and doc.device.type == "cuda",  # compiled: no length x length mask in memory
         )
         masks[sliding_window] = mask
         return mask

@@ -188,7 +188,7 @@ class PaddingFreePlugin(AccelerationPlugin):
             "_attn_implementation_internal",
             key,
             target=f"{where}.config._attn_implementation",
-            description=f"padding-free attention [{choice.describe()}]",
+            description=f"padding-free attention [{choice.name}{' (auto)' if self.config.attention_backend == 'auto' else ''}]",
         )
         if getattr(causal.config, "use_cache", False):
             self.patches.patch(
