@@ -3,6 +3,8 @@
 * HF ``Trainer`` with ``DataCollatorForSeq2Seq`` (framework API: ``augmentation`` + the callbacks of
   ``get_callbacks_and_ready_for_train``): the model sees one flattened row per step, and the per-step losses equal
   those of the same Trainer run padded without the plugin.
+* The HF ``Trainer`` whose own Accelerator reads the section (as in a launched worker): flattened by the
+  DataLoader ``prepare`` hook.
 * TRL ``SFTTrainer`` with ``padding_free=True`` against TRL's padded run.
 * A plain Accelerate loop under stock ``accelerate launch --config_file launch_configs/accelerate-cpu-padding-free.yaml``
   (nothing in the script mentions the plugin) against the same loop run padded in this process.
@@ -100,6 +102,38 @@ def test_hf_trainer_with_seq2seq_collator(model_dir, tmp_path):
     assert all(rows > 1 and has_mask for (rows, _), has_mask in seen_padded.shapes) and len(seen_padded.shapes) == STEPS
     assert all(shape[0] == 1 and not has_mask for shape, has_mask in seen.shapes) and len(seen.shapes) == STEPS
     assert sum(shape[1] for shape, _ in seen.shapes) < sum(r * n for (r, n), _ in seen_padded.shapes)  # no pads
+    torch.testing.assert_close(torch.tensor(_losses(trainer)), torch.tensor(_losses(padded)), rtol=1e-4, atol=1e-5)
+
+
+def test_hf_trainer_under_the_launched_section(model_dir, tmp_path, monkeypatch):
+    """The HF Trainer's own Accelerator picks the section up (as in a worker of ``accelerate launch``): its
+    DataLoader-only ``prepare`` flattens the training batches, its model ``prepare`` patches the attention."""
+    from datasets import Dataset
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from fms_acceleration_accelerate import accelerate_integration
+
+    data = Dataset.from_list(instruction_examples())
+    collator = DataCollatorForSeq2Seq(tiny_tokenizer(), padding=True)
+    padded = Trainer(model=load_tiny(model_dir), args=TrainingArguments(**_common_args(tmp_path)),
+                     train_dataset=data, data_collator=collator)  # fmt: skip
+    padded.train()
+
+    accelerate_integration.install()
+    section = {"training": {"attention": {"padding_free": {"method": "huggingface"}}}}
+    monkeypatch.setenv(accelerate_integration.ENV_SECTION, json.dumps(section))
+    model = load_tiny(model_dir)
+    seen = _SeenBatches(model)
+    trainer = Trainer(model=model, args=TrainingArguments(**_common_args(tmp_path)), train_dataset=data,
+                      data_collator=collator)  # fmt: skip
+    framework = accelerate_integration.get_framework(trainer.accelerator)
+    assert framework is not None and framework.active_plugin_names[0] == "padding_free"
+    try:
+        trainer.train()
+        assert str(model.config._attn_implementation).startswith("fms_padding_free_sdpa")
+    finally:
+        framework.revert()
+    assert all(shape[0] == 1 and not has_mask for shape, has_mask in seen.shapes) and len(seen.shapes) == STEPS
     torch.testing.assert_close(torch.tensor(_losses(trainer)), torch.tensor(_losses(padded)), rtol=1e-4, atol=1e-5)
 
 
