@@ -24,7 +24,12 @@ STAND_IN_DIRS = (
     REPO / "fms_acceleration_accelerate" / "upstream_names",
     REPO / "plugins" / "accelerated-peft" / "src" / "fms_acceleration_accelerate_peft" / "upstream_names",
     REPO / "plugins" / "fused-ops-and-kernels" / "src" / "fms_acceleration_accelerate_foak" / "upstream_names",
-    REPO / "plugins" / "attention-and-distributed-packing" / "src" / "fms_acceleration_accelerate_aadp" / "upstream_names",
+    REPO
+    / "plugins"
+    / "attention-and-distributed-packing"
+    / "src"
+    / "fms_acceleration_accelerate_aadp"
+    / "upstream_names",
 )
 
 
