@@ -304,7 +304,9 @@ class FlexBackend(AttentionBackend):
         if self._compiled is None:
             from torch.nn.attention.flex_attention import flex_attention
 
-            self._compiled = torch.compile(flex_attention, dynamic=False) if self._compile else flex_attention
+            # default dynamism: after the first change of the flattened length the kernel is compiled for dynamic
+            # lengths, so batches of every length reuse it
+            self._compiled = torch.compile(flex_attention) if self._compile else flex_attention
         return self._compiled
 
     def block_mask(self, segments: Segments, sliding_window: int | None) -> Any:
