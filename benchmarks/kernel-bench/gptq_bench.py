@@ -13,9 +13,13 @@ Sections (``--sections``, default ``checks crossover``):
   dense ``F.linear`` in the same dtype;
 * ``crossover``: the fused dequant-matmul kernel against dequant + cuBLAS over row counts 1 ... 256 (kernel and
   eager times), which sets ``_FUSED_MAX_ROWS``;
-* ``sweep``: kernel variants and launch settings of both kernels (``_DEQUANT_LAUNCH`` / ``_DEQUANT_FLAGS``,
-  ``_MATMUL_LAUNCH`` / ``_MATMUL_FLAGS``, K splits, tensor-core vs multiply-sum products for few rows), each
-  checked (dequant bit-exact, matmul error) and timed from CUDA-graph replays, with the best per shape.
+* ``sweep``: launch settings of both kernels, each checked (dequant bit-exact, matmul error) and timed from
+  CUDA-graph replays, with the best per shape: dequant (``_DEQUANT_LAUNCH_SEQUENTIAL`` for groups computed from k,
+  ``_DEQUANT_LAUNCH`` for g_idx read; sorted and act-order g_idx) and the fused kernel per row count
+  (``_MATMUL_LAUNCHES``: tensor cores or a multiply-sum, block sizes, warps, programs per multiprocessor of the K
+  split). ``--apply-sweep`` sets those from the sweep (best mean of time over best time per case) before the
+  crossover, and ``_FUSED_MAX_ROWS`` from the crossover (the largest row count up to which the fused kernel wins
+  at every shape) before the checks; ``settings`` in the JSON records what each section ran with.
 
 Timed data rotates over copies of the weights (and outputs) so that small shapes are not timed from L2.
 ``--baseline FILE`` also times another version of gptq.py (e.g. the previous commit's, with the custom-op
