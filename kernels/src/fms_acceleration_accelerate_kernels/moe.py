@@ -180,7 +180,8 @@ def _check_index(top_k_index: torch.Tensor) -> None:
         raise ValueError(f"top_k_index must be 2-D (tokens, top_k), got shape {tuple(top_k_index.shape)}")
     if top_k_index.is_floating_point() or top_k_index.is_complex() or top_k_index.dtype == torch.bool:
         raise TypeError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
-    if top_k_index.device.type == "cpu" and top_k_index.numel() and int(top_k_index.min()) < 0:
+    on_cpu = top_k_index.device.type == "cpu" and not torch.compiler.is_compiling()
+    if on_cpu and top_k_index.numel() and int(top_k_index.min()) < 0:
         raise ValueError("top_k_index has negative expert ids; ids must be in [0, num_experts) (or >= num_experts "
                          "for slots dropped by expert parallelism)")  # fmt: skip
 
