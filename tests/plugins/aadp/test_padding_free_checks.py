@@ -120,3 +120,14 @@ def test_a_model_seen_only_by_accelerator_prepare_is_patched_there(llama_dir, ca
     finally:
         framework.revert()
     assert model.config._attn_implementation == "eager"
+
+
+def test_an_older_transformers_is_refused_with_the_fix(llama_dir, monkeypatch):
+    import transformers
+
+    model = load_tiny(llama_dir)
+    monkeypatch.setattr(transformers, "__version__", "4.50.0")
+    framework = padding_free_framework()
+    with pytest.raises(AccelerationConfigError, match=r"needs transformers >= 4\.56.*4\.50\.0") as err:
+        framework.augmentation(model)
+    assert "pip install -U 'transformers>=4.56'" in str(err.value) and framework.patches.records == ()

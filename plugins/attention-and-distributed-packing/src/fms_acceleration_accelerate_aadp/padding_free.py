@@ -88,6 +88,23 @@ def _register(patches: Any, interface: type, key: str, function: Any, what: str)
     )
 
 
+MIN_TRANSFORMERS = "4.56"
+"""The first transformers release with both the attention and the attention-mask registries this plugin uses."""
+
+
+def _check_transformers(path: str) -> None:
+    import transformers
+    from packaging.version import Version
+
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise AccelerationConfigError(
+            f"padding-free attention needs transformers >= {MIN_TRANSFORMERS} (its AttentionInterface and "
+            f"AttentionMaskInterface registries), but {transformers.__version__} is installed",
+            path=path,
+            fix=f"pip install -U 'transformers>={MIN_TRANSFORMERS}'",
+        )
+
+
 def _compute_dtype(model: Any, context: RunContext, train_args: Any) -> torch.dtype:
     if context.compute_dtype is not None:
         return context.compute_dtype
@@ -164,6 +181,7 @@ class PaddingFreePlugin(AccelerationPlugin):
         run = RunNeeds(device_type=context.device.type, dtype=_compute_dtype(causal, context, train_args))
         choice = self._choose(needs, run)
         key = f"{ATTENTION_PREFIX}_{choice.name}_{id(self):x}"
+        _check_transformers(self.key_path())
         from transformers.masking_utils import AttentionMaskInterface
         from transformers.modeling_utils import AttentionInterface
 
