@@ -131,3 +131,22 @@ def test_an_older_transformers_is_refused_with_the_fix(llama_dir, monkeypatch):
     with pytest.raises(AccelerationConfigError, match=r"needs transformers >= 4\.56.*4\.50\.0") as err:
         framework.augmentation(model)
     assert "pip install -U 'transformers>=4.56'" in str(err.value) and framework.patches.records == ()
+
+
+def test_two_frameworks_revert_in_any_order(llama_dir):
+    """Each framework registers its own attention entry; reverting one leaves the other's model working."""
+    from transformers.modeling_utils import AttentionInterface
+
+    before = vars(AttentionInterface)["_global_mapping"]
+    first, second = load_tiny(llama_dir), load_tiny(llama_dir)
+    a, b = padding_free_framework(), padding_free_framework()
+    a.augmentation(first)
+    b.augmentation(second)
+    flat, _ = flatten_batch(padded_batch())
+    a.revert()  # out of order: b's entry must survive
+    assert str(second.config._attn_implementation) in vars(AttentionInterface)["_global_mapping"]
+    assert torch.isfinite(second(**flat).loss)
+    b.revert()
+    mapping = vars(AttentionInterface)["_global_mapping"]
+    assert not any(name.startswith("fms_padding_free") for name in mapping)
+    assert mapping.keys() == before.keys()
