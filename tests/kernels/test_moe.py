@@ -282,8 +282,9 @@ def test_pieces_match_references():
 # ------------------------------------------------------------------------------------------ vs transformers
 
 
-def _hf_experts(arch, n_experts, top_k, dtype):
-    from transformers import GraniteMoeConfig, MixtralConfig, Qwen3MoeConfig
+def _hf_experts(arch, n_experts, top_k, dtype, limit):
+    from transformers import GptOssConfig, GraniteMoeConfig, MixtralConfig, Qwen3MoeConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
     from transformers.models.granitemoe.modeling_granitemoe import GraniteMoeExperts
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
@@ -293,51 +294,74 @@ def _hf_experts(arch, n_experts, top_k, dtype):
         module = MixtralExperts(MixtralConfig(intermediate_size=I, num_local_experts=n_experts, **common))
     elif arch == "qwen3_moe":
         module = Qwen3MoeExperts(Qwen3MoeConfig(moe_intermediate_size=I, num_experts=n_experts, **common))
-    else:
+    elif arch == "granitemoe":
         module = GraniteMoeExperts(GraniteMoeConfig(intermediate_size=I, num_local_experts=n_experts, **common))
+    else:
+        config = GptOssConfig(intermediate_size=I, num_local_experts=n_experts, swiglu_limit=limit, **common)
+        module = GptOssExperts(config)
     module.config._experts_implementation = "eager"
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        module.gate_up_proj.copy_(torch.randn(module.gate_up_proj.shape, generator=g) * H**-0.5)
-        module.down_proj.copy_(torch.randn(module.down_proj.shape, generator=g) * I**-0.5)
+        for name, param in module.named_parameters():
+            fan_in = H if name == "gate_up_proj" else I
+            param.copy_(torch.randn(param.shape, generator=g) * (0.3 if "bias" in name else fan_in**-0.5))
     return module.to(device_for_tests(), dtype)
 
 
+# GPT-OSS: in fp32 a small clamp limit, so that both clamps cut some values; in bf16 its default (a value within
+# one bf16 rounding of the limit may be clamped on one side and not on the other: the gradient jumps there)
+GPT_OSS_LIMIT = {torch.float32: 0.8, torch.bfloat16: 7.0}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("arch,top_k,n_experts", [("mixtral", 2, 5), ("qwen3_moe", 8, 10), ("granitemoe", 4, 5)])
+@pytest.mark.parametrize(
+    "arch,top_k,n_experts", [("mixtral", 2, 5), ("qwen3_moe", 8, 10), ("granitemoe", 4, 5), ("gpt_oss", 4, 5)]
+)
 def test_matches_transformers_eager_experts(arch, top_k, n_experts, dtype):
-    """Same output and gradients (hidden, gate_up_proj, down_proj, routing weights) as the model's own eager
-    experts forward, on the module's own parameters."""
+    """Same output and gradients (hidden, gate_up_proj, down_proj, their biases, routing weights) as the model's
+    own eager experts forward, on the module's own parameters."""
     device = device_for_tests()
-    module = _hf_experts(arch, n_experts, top_k, dtype)
-    assert module.has_gate and not module.is_transposed and module.is_concatenated and not module.has_bias
+    module = _hf_experts(arch, n_experts, top_k, dtype, GPT_OSS_LIMIT[dtype])
+    if arch == "gpt_oss":
+        assert module.is_transposed and not module.is_concatenated and module.has_bias
+    else:
+        assert module.has_gate and not module.is_transposed and module.is_concatenated and not module.has_bias
+    kwargs = dict(act="silu")
+    if arch == "gpt_oss":
+        kwargs = dict(act="gpt_oss", transposed=True, interleaved=True, alpha=1.702, limit=GPT_OSS_LIMIT[dtype])
     index, weights = _routing(T, n_experts, top_k, empty=(1,))
     index = index.to(device)
     hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(5)).to(device, dtype)
     upstream = torch.randn(T, H, generator=torch.Generator().manual_seed(6)).to(device, dtype)
+    params = [n for n, _ in module.named_parameters()]
 
     def run(use_kernel):
         module.zero_grad(set_to_none=True)
         x = hidden.clone().requires_grad_(True)
         w = weights.to(device, dtype).requires_grad_(True)
         if use_kernel:
-            out = moe_experts_triton(x, index, w, module.gate_up_proj, module.down_proj, act="silu")
+            biases = dict(
+                gate_up_bias=getattr(module, "gate_up_proj_bias", None),
+                down_bias=getattr(module, "down_proj_bias", None),
+            )
+            out = moe_experts_triton(x, index, w, module.gate_up_proj, module.down_proj, **biases, **kwargs)
         else:
             out = module(x, index, w)
         out.backward(upstream)
-        return (
-            out.detach().float(),
-            x.grad.float(),
-            w.grad.float(),
-            module.gate_up_proj.grad.float(),
-            module.down_proj.grad.float(),
-        )
+        grads = [getattr(module, n).grad.float() for n in params]
+        return [out.detach().float(), x.grad.float(), w.grad.float(), *grads]
 
-    names = ("forward", "d hidden", "d top_k_weights", "d gate_up_proj", "d down_proj")
+    names = ["forward", "d hidden", "d top_k_weights"] + [f"d {n}" for n in params]
     tol = TOL[dtype] if dtype == torch.float32 else dict(atol=4e-2, rtol=4e-2)
     grad_tol = GRAD_TOL[dtype] if dtype == torch.float32 else dict(atol=2e-1, rtol=6e-2)
-    for i, (mine, theirs) in enumerate(zip(run(True), run(False))):
+    for i, (mine, theirs) in enumerate(zip(run(True), run(False), strict=True)):
         torch.testing.assert_close(mine, theirs, **(tol if i == 0 else grad_tol), msg=lambda m, n=names[i]: f"{n}: {m}")
+
+
+def test_gpt_oss_activation_matches_reference_with_clamping():
+    """The clamped SwiGLU's gradient is zero where a clamp cuts (gate above the limit, up outside it)."""
+    index, tensors = _inputs(5, 2, transposed=True, bias=True, empty=(0,))
+    _compare(index, tensors, torch.float32, dict(act="gpt_oss", transposed=True, interleaved=True, limit=0.5))
 
 
 # ------------------------------------------------------------------------------------------ torch.compile
@@ -369,7 +393,7 @@ def test_custom_op_registration_passes_opcheck():
         for n, v in t.items()
     }
     args = (t["hidden"], index[:9].to(device) % 3, t["top_k_weights"], t["gate_up"], t["down"], t["gate_up_bias"],
-            t["down_bias"], 0, True, False, False, True)  # fmt: skip
+            t["down_bias"], 0, True, False, False, 1.702, 7.0, True)  # fmt: skip
     torch.library.opcheck(
         torch.ops.fms_accel_kernels.moe_experts_fwd.default,
         args,

@@ -90,10 +90,13 @@ __all__ = [
     "moe_weight_grad_triton",
 ]
 
-# activation name -> kernel code (the codes of glu.py's ``_activation_and_derivative``); HF ``hidden_act`` aliases
+# gated activation name -> kernel code. 0-2: ``act(gate) * up`` with the activations of glu.py (HF ``hidden_act``
+# aliases accepted); 3: GPT-OSS's clamped SwiGLU ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with
+# ``g = min(gate, limit)``.
 ACTIVATIONS: Mapping[str, int] = MappingProxyType(
-    {"silu": 0, "swish": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2}
+    {"silu": 0, "swish": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "gelu_new": 1, "gelu": 2, "gpt_oss": 3}
 )
+_ACT_GPT_OSS = 3
 
 
 class GemmLaunch(NamedTuple):
@@ -121,6 +124,7 @@ _LAUNCH: Mapping[str, GemmLaunch] = MappingProxyType(
 # Interpreter: small tiles so that the odd test shapes exercise several row, column and K tiles and their tails.
 _LAUNCH_INTERPRETER = GemmLaunch(16, 32, 32, 4, 1)
 _COMBINE_BLOCK = 1024
+_GROUP_M = 8  # row tiles per swizzle group (see _swizzle)
 
 # dot precision codes (constexpr PRECISION of the kernels)
 _PREC_NATIVE, _PREC_TF32, _PREC_IEEE = 0, 1, 2
@@ -156,6 +160,8 @@ class _Layout:
     gate_first: bool
     interleaved: bool
     transposed: bool
+    alpha: float = 1.702
+    limit: float = 7.0
 
     def gate_up_rows(self, intermediate: int) -> tuple[int, int, int]:
         """(gate_offset, up_offset, step): gate row of column c is ``gate_offset + c * step`` (likewise up)."""
@@ -272,6 +278,42 @@ def _expert_tile(pid_m, OFFSETS, n_experts, BLOCK_M: tl.constexpr, BLOCK_E: tl.c
 
 
 @triton.jit
+def _gated(gate, up, ACT: tl.constexpr, alpha, limit, NEED_GRAD: tl.constexpr):
+    """(a, da/dgate, da/dup) of the gated activation, fp32 in and out (gradients are placeholders unless
+    NEED_GRAD)."""
+    if ACT == 3:
+        g = tl.minimum(gate, limit)
+        u = tl.minimum(tl.maximum(up, -limit), limit)
+        sig = tl.sigmoid(alpha * g)
+        glu = g * sig
+        a = (u + 1.0) * glu
+        if NEED_GRAD:
+            d_gate = tl.where(gate <= limit, (u + 1.0) * sig * (1.0 + alpha * g * (1.0 - sig)), 0.0)
+            d_up = tl.where((up >= -limit) & (up <= limit), glu, 0.0)
+        else:
+            d_gate = a
+            d_up = a
+    else:
+        act, deriv = _activation_and_derivative(gate, ACT, NEED_GRAD)
+        a = act * up
+        d_gate = deriv * up
+        d_up = act
+    return a, d_gate, d_up
+
+
+@triton.jit
+def _swizzle(pid, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program ``pid``, in groups of GROUP_M row tiles walked column by column, so
+    that programs running together share weight tiles (same expert, same columns) and token rows in L2."""
+    per_group = GROUP_M * n_tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(n_tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def _moe_up_kernel(
     X,  # (T, K) hidden states, unit stride along K
     W,  # gate_up weights; element (e, r, k) at e * stride_we + r * stride_wr + k * stride_wk
@@ -281,6 +323,7 @@ def _moe_up_kernel(
     HOUT,  # (S, 2I): h in W's row order (STORE_H)
     AOUT,  # (S, I): act(gate) * up
     n_experts,
+    n_tiles_m,  # row tiles in the grid (an upper bound: tiles past the last expert exit)
     K,
     n_inter,
     stride_xt,
@@ -291,6 +334,8 @@ def _moe_up_kernel(
     stride_br,
     gate_off,
     up_off,
+    alpha,
+    limit,
     STEP: tl.constexpr,
     TOPK: tl.constexpr,
     ACT: tl.constexpr,
@@ -298,15 +343,14 @@ def _moe_up_kernel(
     STORE_H: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(n_inter, BLOCK_N)
-    pid_m = pid // n_tiles_n
-    pid_n = pid % n_tiles_n
+    pid_m, pid_n = _swizzle(tl.program_id(0), n_tiles_m, n_tiles_n, GROUP_M)
     expert, row_start, row_end = _expert_tile(pid_m, OFFSETS, n_experts, BLOCK_M, BLOCK_E)
     if expert >= n_experts:
         return
@@ -353,8 +397,7 @@ def _moe_up_kernel(
         h_row = HOUT + rows64[:, None] * (2 * n_inter)
         tl.store(h_row + gate_rows[None, :], g_lp, mask=mask)
         tl.store(h_row + up_rows[None, :], u_lp, mask=mask)
-    act, _unused = _activation_and_derivative(g_lp.to(tl.float32), ACT, False)
-    a = act * u_lp.to(tl.float32)
+    a, _unused_g, _unused_u = _gated(g_lp.to(tl.float32), u_lp.to(tl.float32), ACT, alpha, limit, False)
     tl.store(AOUT + rows64[:, None] * n_inter + cols[None, :], a.to(AOUT.dtype.element_ty), mask=mask)
 
 
@@ -366,6 +409,7 @@ def _moe_grouped_mm_kernel(
     OFFSETS,
     Y,  # (S, N) rows in expert order
     n_experts,
+    n_tiles_m,  # row tiles in the grid (an upper bound: tiles past the last expert exit)
     K,
     N,
     stride_x,
@@ -378,15 +422,14 @@ def _moe_grouped_mm_kernel(
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // n_tiles_n
-    pid_n = pid % n_tiles_n
+    pid_m, pid_n = _swizzle(tl.program_id(0), n_tiles_m, n_tiles_n, GROUP_M)
     expert, row_start, row_end = _expert_tile(pid_m, OFFSETS, n_experts, BLOCK_M, BLOCK_E)
     if expert >= n_experts:
         return
@@ -429,6 +472,7 @@ def _moe_down_bwd_kernel(
     AW,  # (S, I) out: w * a (STORE_AW)
     DWP,  # fp32 (n_tiles_n, S) out: per column tile <da, a> (STORE_DWP)
     n_experts,
+    n_tiles_m,  # row tiles in the grid (an upper bound: tiles past the last expert exit)
     K,
     n_inter,
     n_slots,
@@ -438,6 +482,8 @@ def _moe_down_bwd_kernel(
     stride_wk,
     gate_off,
     up_off,
+    alpha,
+    limit,
     STEP: tl.constexpr,
     TOPK: tl.constexpr,
     ACT: tl.constexpr,
@@ -446,15 +492,14 @@ def _moe_down_bwd_kernel(
     STORE_DWP: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(n_inter, BLOCK_N)
-    pid_m = pid // n_tiles_n
-    pid_n = pid % n_tiles_n
+    pid_m, pid_n = _swizzle(tl.program_id(0), n_tiles_m, n_tiles_n, GROUP_M)
     expert, row_start, row_end = _expert_tile(pid_m, OFFSETS, n_experts, BLOCK_M, BLOCK_E)
     if expert >= n_experts:
         return
@@ -487,8 +532,7 @@ def _moe_down_bwd_kernel(
     h_row = HBUF + rows64[:, None] * (2 * n_inter)
     gate = tl.load(h_row + gate_rows[None, :], mask=mask, other=0.0).to(tl.float32)
     up = tl.load(h_row + up_rows[None, :], mask=mask, other=0.0).to(tl.float32)
-    act, deriv = _activation_and_derivative(gate, ACT, STORE_DH)
-    a = act * up
+    a, d_gate, d_up = _gated(gate, up, ACT, alpha, limit, STORE_DH)
     weight = tl.load(TKW + slots, mask=row_mask, other=0.0).to(tl.float32)
     if STORE_DWP:
         tl.store(DWP + pid_n.to(tl.int64) * n_slots + rows64, tl.sum(acc * a, axis=1), mask=row_mask)
@@ -499,8 +543,8 @@ def _moe_down_bwd_kernel(
     if STORE_DH:
         da = acc * weight[:, None]
         dh_row = DH + rows64[:, None] * (2 * n_inter)
-        tl.store(dh_row + gate_rows[None, :], (da * up * deriv).to(DH.dtype.element_ty), mask=mask)
-        tl.store(dh_row + up_rows[None, :], (da * act).to(DH.dtype.element_ty), mask=mask)
+        tl.store(dh_row + gate_rows[None, :], (da * d_gate).to(DH.dtype.element_ty), mask=mask)
+        tl.store(dh_row + up_rows[None, :], (da * d_up).to(DH.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -672,14 +716,16 @@ def moe_up_triton(
     stride_wr, stride_wk = layout.gate_up_strides(gate_up)
     gate_off, up_off, step = layout.gate_up_rows(inter)
     bias = gate_up_bias if gate_up_bias is not None else a
-    grid = (_row_tiles_bound(routing, cfg.block_m) * triton.cdiv(inter, block_n),)
+    n_tiles_m = _row_tiles_bound(routing, cfg.block_m)
+    grid = (n_tiles_m * triton.cdiv(inter, block_n),)
     _moe_up_kernel[grid](
         hidden, gate_up, bias, routing.perm, routing.offsets, h if store_h else a, a,
-        routing.num_experts, hidden_dim, inter, hidden.stride(0), gate_up.stride(0), stride_wr, stride_wk,
+        routing.num_experts, n_tiles_m, hidden_dim, inter, hidden.stride(0), gate_up.stride(0), stride_wr, stride_wk,
         bias.stride(0) if gate_up_bias is not None else 0, bias.stride(1) if gate_up_bias is not None else 0,
-        gate_off, up_off, STEP=step, TOPK=routing.top_k, ACT=layout.act, HAS_BIAS=gate_up_bias is not None,
+        gate_off, up_off, layout.alpha, layout.limit, STEP=step, TOPK=routing.top_k, ACT=layout.act, HAS_BIAS=gate_up_bias is not None,
         STORE_H=store_h, EVEN_K=hidden_dim % block_k == 0, PRECISION=_precision(hidden.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=next_power_of_2(routing.num_experts),
+        GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_E=next_power_of_2(routing.num_experts),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return h, a
@@ -704,12 +750,14 @@ def moe_grouped_mm_triton(
     cfg = _launch_for(launch_name, launch)
     block_n, block_k = _fit(cfg.block_n, out_features), _fit(cfg.block_k, k_dim)
     b = bias if bias is not None else y
-    grid = (_row_tiles_bound(routing, cfg.block_m) * triton.cdiv(out_features, block_n),)
+    n_tiles_m = _row_tiles_bound(routing, cfg.block_m)
+    grid = (n_tiles_m * triton.cdiv(out_features, block_n),)
     _moe_grouped_mm_kernel[grid](
-        x, weight, b, routing.offsets, y, routing.num_experts, k_dim, out_features, x.stride(0), weight.stride(0),
+        x, weight, b, routing.offsets, y, routing.num_experts, n_tiles_m, k_dim, out_features, x.stride(0), weight.stride(0),
         stride_n, stride_k, b.stride(0) if bias is not None else 0, b.stride(1) if bias is not None else 0,
         y.stride(0), HAS_BIAS=bias is not None, EVEN_K=k_dim % block_k == 0, PRECISION=_precision(x.dtype),
-        BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=next_power_of_2(routing.num_experts),
+        GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_E=next_power_of_2(routing.num_experts),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y
@@ -742,14 +790,16 @@ def moe_down_backward_triton(
         stride_h, stride_i = layout.down_strides(down)
         gate_off, up_off, step = layout.gate_up_rows(inter)
         dummy = h
-        grid = (_row_tiles_bound(routing, cfg.block_m) * n_tiles_n,)
+        n_tiles_m = _row_tiles_bound(routing, cfg.block_m)
+        grid = (n_tiles_m * n_tiles_n,)
         _moe_down_bwd_kernel[grid](
             dout, down, routing.perm, routing.offsets, top_k_weights, h,
             dh if need_dh else dummy, aw if need_aw else dummy, dwp if need_dw else dummy,
-            routing.num_experts, hidden_dim, inter, n_slots, dout.stride(0), down.stride(0), stride_i, stride_h,
-            gate_off, up_off, STEP=step, TOPK=routing.top_k, ACT=layout.act, STORE_DH=need_dh, STORE_AW=need_aw,
+            routing.num_experts, n_tiles_m, hidden_dim, inter, n_slots, dout.stride(0), down.stride(0), stride_i, stride_h,
+            gate_off, up_off, layout.alpha, layout.limit, STEP=step, TOPK=routing.top_k, ACT=layout.act, STORE_DH=need_dh, STORE_AW=need_aw,
             STORE_DWP=need_dw, EVEN_K=hidden_dim % block_k == 0, PRECISION=_precision(h.dtype),
-            BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=next_power_of_2(routing.num_experts),
+            GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_E=next_power_of_2(routing.num_experts),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return dh, aw, (dwp.sum(0) if need_dw else None)
@@ -806,10 +856,15 @@ def moe_combine_triton(
 # ============================================================================================ piece references
 
 
-def _act_torch(gate: torch.Tensor, act: int) -> torch.Tensor:
-    if act == 0:
-        return F.silu(gate)
-    return F.gelu(gate, approximate="tanh" if act == 1 else "none")
+def _gated_torch(gate: torch.Tensor, up: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """The gated activation in torch (GPT-OSS's as its experts module computes it)."""
+    if layout.act == _ACT_GPT_OSS:
+        gate = gate.clamp(max=layout.limit)
+        up = up.clamp(min=-layout.limit, max=layout.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * layout.alpha))
+    if layout.act == 0:
+        return F.silu(gate) * up
+    return F.gelu(gate, approximate="tanh" if layout.act == 1 else "none") * up
 
 
 def _expert_rows(routing: MoERouting, e: int) -> tuple[int, int]:
@@ -853,7 +908,7 @@ def moe_up_ref(
             rows = rows + gate_up_bias[e].float()
         h[lo:hi] = rows.to(h.dtype)
     gate, up = _split_gate_up(h.float(), layout, two_i // 2)
-    return h, (_act_torch(gate, layout.act) * up).to(hidden.dtype)
+    return h, _gated_torch(gate, up, layout).to(hidden.dtype)
 
 
 def moe_grouped_mm_ref(
@@ -891,15 +946,14 @@ def moe_down_backward_ref(
         lo, hi = _expert_rows(routing, e)
         if lo < hi:
             da[lo:hi] = dout[tokens[lo:hi]].float() @ _down_matrix(down, e, layout).float()
-    gate, up = _split_gate_up(h.float(), layout, inter)
-    gate = gate.detach().requires_grad_(True)
-    act = _act_torch(gate, layout.act)
-    (dact,) = torch.autograd.grad(act, gate, da * weights[:, None] * up)
-    a = act.detach() * up
+    gate, up = (t.detach().requires_grad_(True) for t in _split_gate_up(h.float(), layout, inter))
+    a = _gated_torch(gate, up, layout)
+    d_gate, d_up = torch.autograd.grad(a, (gate, up), da * weights[:, None])
+    a = a.detach()
     dh = torch.zeros_like(h, dtype=torch.float32)
     gate_off, up_off, step = layout.gate_up_rows(inter)
-    dh[:, gate_off : gate_off + step * inter : step] = dact
-    dh[:, up_off : up_off + step * inter : step] = da * weights[:, None] * act.detach()
+    dh[:, gate_off : gate_off + step * inter : step] = d_gate
+    dh[:, up_off : up_off + step * inter : step] = d_up
     valid = (torch.arange(n_slots, device=h.device) < routing.offsets[-1]).float()[:, None]
     return (dh * valid).to(h.dtype), (a * weights[:, None] * valid).to(h.dtype), (da * a).sum(1) * valid[:, 0]
 
@@ -1054,8 +1108,8 @@ def _routing_from(perm, inv_perm, offsets, num_experts, top_k) -> MoERouting:
     return MoERouting(perm, inv_perm, offsets.diff(), offsets, num_experts, top_k)
 
 
-def _layout_args(layout: _Layout) -> tuple[int, bool, bool, bool]:
-    return layout.act, layout.gate_first, layout.interleaved, layout.transposed
+def _layout_args(layout: _Layout) -> tuple[int, bool, bool, bool, float, float]:
+    return layout.act, layout.gate_first, layout.interleaved, layout.transposed, layout.alpha, layout.limit
 
 
 @torch.library.custom_op("fms_accel_kernels::moe_experts_fwd", mutates_args=())
@@ -1071,9 +1125,11 @@ def _moe_fwd_op(
     gate_first: bool,
     interleaved: bool,
     transposed: bool,
+    alpha: float,
+    limit: float,
     store_h: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    layout = _Layout(act, gate_first, interleaved, transposed)
+    layout = _Layout(act, gate_first, interleaved, transposed, alpha, limit)
     routing = moe_route(top_k_index, gate_up.shape[0])
     out, h = _forward_impl(
         hidden, top_k_weights, gate_up, down, gate_up_bias, down_bias, routing, layout, store_h, None
@@ -1083,7 +1139,7 @@ def _moe_fwd_op(
 
 @_moe_fwd_op.register_fake
 def _(hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, act, gate_first, interleaved,
-      transposed, store_h):  # fmt: skip
+      transposed, alpha, limit, store_h):  # fmt: skip
     n_slots = top_k_index.numel()
     two_i = gate_up.shape[2] if transposed else gate_up.shape[1]
     out = hidden.new_empty(hidden.shape)
@@ -1110,9 +1166,11 @@ def _moe_bwd_op(
     gate_first: bool,
     interleaved: bool,
     transposed: bool,
+    alpha: float,
+    limit: float,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    layout = _Layout(act, gate_first, interleaved, transposed)
+    layout = _Layout(act, gate_first, interleaved, transposed, alpha, limit)
     routing = _routing_from(perm, inv_perm, offsets, gate_up.shape[0], top_k_index.shape[1])
     grads = _backward_impl(
         dout, hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, h, routing, layout,
@@ -1123,19 +1181,19 @@ def _moe_bwd_op(
 
 @_moe_bwd_op.register_fake
 def _(dout, hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, h, perm, inv_perm, offsets,
-      act, gate_first, interleaved, transposed, needs):  # fmt: skip
+      act, gate_first, interleaved, transposed, alpha, limit, needs):  # fmt: skip
     like = (hidden, top_k_weights, gate_up, down, gate_up_bias, down_bias)
     return tuple(torch.empty_like(t) if need and t is not None else dout.new_empty(0) for t, need in zip(like, needs))
 
 
 def _moe_setup_context(ctx, inputs, output):
     (hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, act, gate_first, interleaved,
-     transposed, _store_h) = inputs  # fmt: skip
+     transposed, alpha, limit, _store_h) = inputs  # fmt: skip
     _out, h, perm, inv_perm, offsets = output
     ctx.save_for_backward(
         hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, h, perm, inv_perm, offsets
     )
-    ctx.layout_args = (act, gate_first, interleaved, transposed)
+    ctx.layout_args = (act, gate_first, interleaved, transposed, alpha, limit)
 
 
 def _moe_autograd_backward(ctx, dout, _dh, _dperm, _dinv, _doffsets):
@@ -1145,7 +1203,7 @@ def _moe_autograd_backward(ctx, dout, _dh, _dperm, _dinv, _doffsets):
     grads = _moe_bwd_op(dout, *saved, *ctx.layout_args, needs)
     grads = [g if need else None for g, need in zip(grads, needs)]
     d_hidden, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias = grads
-    return d_hidden, None, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias, None, None, None, None, None
+    return (d_hidden, None, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias) + (None,) * 7
 
 
 _moe_fwd_op.register_autograd(_moe_autograd_backward, setup_context=_moe_setup_context)
@@ -1155,7 +1213,7 @@ _moe_fwd_op.register_autograd(_moe_autograd_backward, setup_context=_moe_setup_c
 
 
 def _layout_and_shapes(hidden, top_k_index, top_k_weights, gate_up, down, act, gate_first, gate_up_bias, down_bias,
-                       transposed, interleaved) -> _Layout:  # fmt: skip
+                       transposed, interleaved, alpha=1.702, limit=7.0) -> _Layout:  # fmt: skip
     """Validate the arguments of ``moe_experts*``; returns the layout."""
     if act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
@@ -1189,7 +1247,7 @@ def _layout_and_shapes(hidden, top_k_index, top_k_weights, gate_up, down, act, g
         )
     if down_bias is not None and tuple(down_bias.shape) != (n_experts, hidden_dim):
         raise ValueError(f"down_bias has shape {tuple(down_bias.shape)}, expected (E, H) = ({n_experts}, {hidden_dim})")
-    return _Layout(ACTIVATIONS[act], bool(gate_first), bool(interleaved), bool(transposed))
+    return _Layout(ACTIVATIONS[act], bool(gate_first), bool(interleaved), bool(transposed), float(alpha), float(limit))
 
 
 def moe_experts_ref(
@@ -1204,6 +1262,9 @@ def moe_experts_ref(
     down_bias: torch.Tensor | None = None,
     transposed: bool = False,
     interleaved: bool = False,
+    *,
+    alpha: float = 1.702,
+    limit: float = 7.0,
 ) -> torch.Tensor:
     """Pure-torch expert MLPs, one expert at a time (the semantics of transformers' eager experts forward).
 
@@ -1213,18 +1274,21 @@ def moe_experts_ref(
         top_k_weights: (T, k) routing weight of each slot.
         gate_up: (E, 2I, H) gate and up projections (``transposed``: (E, H, 2I)).
         down: (E, H, I) down projections (``transposed``: (E, I, H)).
-        act: gate activation: ``"silu"``, ``"gelu"`` (erf) or ``"gelu_tanh"`` (HF aliases in ``ACTIVATIONS``).
+        act: gated activation: ``"silu"``, ``"gelu"`` (erf) or ``"gelu_tanh"`` applied as ``act(gate) * up`` (HF
+            ``hidden_act`` aliases in ``ACTIVATIONS``), or ``"gpt_oss"``: GPT-OSS's
+            ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``.
         gate_first: the gate rows come first in ``gate_up`` (``[gate; up]``); False for ``[up; gate]``.
         gate_up_bias: (E, 2I) bias of the gate/up projection, or None.
         down_bias: (E, H) bias of the down projection, or None.
         transposed: weights stored as (E, in, out) instead of (E, out, in).
         interleaved: gate and up rows alternate (gate, up, gate, up, ...; ``gate_first=False``: up first).
+        alpha, limit: the ``"gpt_oss"`` activation's constants (its config's ``swiglu_alpha``, ``swiglu_limit``).
 
     Returns:
         (T, H) tensor in hidden's dtype: ``sum_s w[t, s] * down_e(act(gate_e(x_t)) * up_e(x_t))``.
     """
     layout = _layout_and_shapes(hidden, top_k_index, top_k_weights, gate_up, down, act, gate_first, gate_up_bias,
-                                down_bias, transposed, interleaved)  # fmt: skip
+                                down_bias, transposed, interleaved, alpha, limit)  # fmt: skip
     inter = (gate_up.shape[2] if transposed else gate_up.shape[1]) // 2
     out = torch.zeros_like(hidden)
     for e in range(gate_up.shape[0]):
@@ -1234,7 +1298,7 @@ def moe_experts_ref(
         proj = F.linear(hidden[token_idx], _gate_up_matrix(gate_up, e, layout),
                         gate_up_bias[e] if gate_up_bias is not None else None)  # fmt: skip
         gate, up = _split_gate_up(proj, layout, inter)
-        rows = F.linear(_act_torch(gate, layout.act) * up, _down_matrix(down, e, layout),
+        rows = F.linear(_gated_torch(gate, up, layout), _down_matrix(down, e, layout),
                         down_bias[e] if down_bias is not None else None)  # fmt: skip
         rows = rows * top_k_weights[token_idx, slot, None]
         out = out.index_add(0, token_idx, rows.to(out.dtype))
@@ -1261,6 +1325,8 @@ def moe_experts_triton(
     transposed: bool = False,
     interleaved: bool = False,
     *,
+    alpha: float = 1.702,
+    limit: float = 7.0,
     routing: MoERouting | None = None,
     launch: Mapping[str, GemmLaunch] | None = None,
 ) -> torch.Tensor:
@@ -1276,7 +1342,7 @@ def moe_experts_triton(
         Other arguments: as in :func:`moe_experts_ref`.
     """
     layout = _layout_and_shapes(hidden, top_k_index, top_k_weights, gate_up, down, act, gate_first, gate_up_bias,
-                                down_bias, transposed, interleaved)  # fmt: skip
+                                down_bias, transposed, interleaved, alpha, limit)  # fmt: skip
     dtype = _compute_dtype(hidden, gate_up)
     x = hidden.to(dtype)
     if x.stride(-1) != 1:
@@ -1312,6 +1378,8 @@ def moe_experts(
     transposed: bool = False,
     interleaved: bool = False,
     *,
+    alpha: float = 1.702,
+    limit: float = 7.0,
     routing: MoERouting | None = None,
 ) -> torch.Tensor:
     """Grouped expert MLPs of a sparse MoE block: Triton on CUDA (or ``TRITON_INTERPRET=1``), else the reference.
@@ -1322,12 +1390,14 @@ def moe_experts(
         top_k_weights: (T, k) routing weights.
         gate_up: (E, 2I, H) stacked gate and up projections (``transposed``: (E, H, 2I)).
         down: (E, H, I) stacked down projections (``transposed``: (E, I, H)).
-        act: ``"silu"``, ``"gelu"`` or ``"gelu_tanh"`` (HF ``hidden_act`` aliases accepted, see ``ACTIVATIONS``).
+        act: ``"silu"``, ``"gelu"``, ``"gelu_tanh"`` (HF ``hidden_act`` aliases accepted, see ``ACTIVATIONS``) or
+            ``"gpt_oss"`` (GPT-OSS's clamped SwiGLU with ``alpha`` and ``limit``).
         gate_first: ``[gate; up]`` row order (False: ``[up; gate]``).
         gate_up_bias: (E, 2I) or None.
         down_bias: (E, H) or None.
         transposed: weights stored (E, in, out).
         interleaved: gate and up rows alternate.
+        alpha, limit: constants of the ``"gpt_oss"`` activation.
         routing: a precomputed ``moe_route(top_k_index, E)`` (Triton path only).
 
     Returns:
@@ -1335,6 +1405,7 @@ def moe_experts(
     """
     if use_triton(hidden, gate_up, down):
         return moe_experts_triton(hidden, top_k_index, top_k_weights, gate_up, down, act, gate_first, gate_up_bias,
-                                  down_bias, transposed, interleaved, routing=routing)  # fmt: skip
+                                  down_bias, transposed, interleaved, alpha=alpha, limit=limit,
+                                  routing=routing)  # fmt: skip
     return moe_experts_ref(hidden, top_k_index, top_k_weights, gate_up, down, act, gate_first, gate_up_bias,
-                           down_bias, transposed, interleaved)  # fmt: skip
+                           down_bias, transposed, interleaved, alpha=alpha, limit=limit)  # fmt: skip
