@@ -1,5 +1,5 @@
 """The original fms-acceleration's import names (``fms_acceleration``, ``fms_acceleration_peft``,
-``fms_acceleration_foak``) as this project provides them, and the original winning wherever it is installed."""
+``fms_acceleration_foak``, ``fms_acceleration_aadp``) as this project provides them, and the original winning wherever it is installed."""
 
 from __future__ import annotations
 
@@ -80,6 +80,34 @@ def test_the_names_fms_hf_tuning_imports():
     assert PLUGINS == ("peft", "foak", "aadp")
     assert fms_acceleration_peft.BitsAndBytesAccelerationPlugin is BitsAndBytesAccelerationPlugin
     assert fms_acceleration_foak.FusedOpsAndKernelsPlugin is FusedOpsAndKernelsPlugin
+
+
+def test_aadp_name_exports_the_originals_plugin_classes():
+    """The original's ``fms_acceleration_aadp`` exported ``PaddingFreeAccelerationPlugin`` and
+    ``MultipackDataloaderAccelerationPlugin``; both names are this project's plugin classes, which the framework
+    activates for the original's sections."""
+    import fms_acceleration_aadp
+    from fms_acceleration import AccelerationFramework
+    from fms_acceleration_aadp import MultipackDataloaderAccelerationPlugin, PaddingFreeAccelerationPlugin
+    from fms_acceleration_accelerate_aadp import MultipackAccelerationPlugin, PaddingFreePlugin
+
+    assert Path(fms_acceleration_aadp.__file__).parent.parent == STAND_IN_DIRS[3]
+    assert PaddingFreeAccelerationPlugin is PaddingFreePlugin
+    assert MultipackDataloaderAccelerationPlugin is MultipackAccelerationPlugin
+    assert {"PaddingFreeAccelerationPlugin", "MultipackDataloaderAccelerationPlugin"} <= set(
+        fms_acceleration_aadp.__all__
+    )
+    body = {
+        "training": {
+            "attention": {"padding_free": {"method": "huggingface"}},
+            "dataloader": {"multipack": {"num_processes": 16}},
+        }
+    }
+    framework = AccelerationFramework({"plugins": body})
+    assert [type(plugin) for _name, plugin in framework.active_plugins] == [
+        PaddingFreeAccelerationPlugin,
+        MultipackDataloaderAccelerationPlugin,
+    ]
 
 
 def test_availability_checked_the_way_fms_hf_tuning_checks_it():
@@ -190,13 +218,15 @@ def test_cli_maps_plugin_names_to_this_projects_packages(capsys):
 
     assert cli.install_command("fms_acceleration_foak")[-1] == "fms-acceleration-accelerate-foak"
     assert cli.install_command("peft")[-1] == "fms-acceleration-accelerate-peft"
-    assert cli.main(["install", "fms_acceleration_aadp"]) == 2
+    assert cli.install_command("fms_acceleration_aadp")[-1] == "fms-acceleration-accelerate-aadp"
+    assert cli.main(["install", "fms_acceleration_moe"]) == 2
     assert "no counterpart" in capsys.readouterr().err
     assert cli.main(["install", "fms_acceleration_nope"]) == 2
     assert "unknown plugin" in capsys.readouterr().err
     assert cli.main(["plugins"]) == 0
     listing = capsys.readouterr().out
     assert "fms_acceleration_peft: installed" in listing and "fms_acceleration_foak: installed" in listing
+    assert "fms_acceleration_aadp: installed" in listing
     assert "fms_acceleration_moe: not available" in listing
 
 
@@ -221,13 +251,15 @@ def test_plugin_names_warn_when_the_original_framework_would_import_them(tmp_pat
     info = site / "fms_acceleration-0.6.4.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fms-acceleration\nVersion: 0.6.4\n", encoding="utf-8")
-    result = _python("import fms_acceleration_foak, fms_acceleration_peft\n", tmp_path, PYTHONPATH=str(site))
+    imports = "import fms_acceleration_foak, fms_acceleration_peft, fms_acceleration_aadp\n"
+    result = _python(imports, tmp_path, PYTHONPATH=str(site))
     assert result.returncode == 0, result.stderr
     for name, dist in (
         ("fms_acceleration_foak", "fms-acceleration-foak"),
         ("fms_acceleration_peft", "fms-acceleration-peft"),
+        ("fms_acceleration_aadp", "fms-acceleration-aadp"),
     ):
         assert f"{name} is fms-acceleration-accelerate's stand-in" in result.stderr
         assert f"Install the original's {dist}" in result.stderr
-    plain = _python("import fms_acceleration_foak, fms_acceleration_peft\n", tmp_path)
+    plain = _python(imports, tmp_path)
     assert plain.returncode == 0 and "stand-in" not in plain.stderr, plain.stderr

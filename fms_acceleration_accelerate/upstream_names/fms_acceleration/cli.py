@@ -4,8 +4,9 @@ fms-hf-tuning tells users to run ``python -m fms_acceleration.cli install fms_ac
 import name is missing. Here:
 
 * ``install NAME``: ``pip install`` of the fms-acceleration-accelerate package behind ``NAME``
-  (``fms_acceleration_peft`` / ``peft``, ``fms_acceleration_foak`` / ``foak``). The original's other plugins
-  (``aadp``, ``moe``, ``odm``) have no counterpart in this project; for those the command says so and exits 2.
+  (``fms_acceleration_peft`` / ``peft``, ``fms_acceleration_foak`` / ``foak``, ``fms_acceleration_aadp`` /
+  ``aadp``). The original's other plugins (``moe``, ``odm``) have no counterpart in this project; for those the
+  command says so and exits 2.
 * ``plugins``: each plugin import name, the package behind it and whether it is installed.
 """
 
@@ -30,10 +31,15 @@ DISTRIBUTIONS = {
         "fms_acceleration_accelerate_foak",
         "fused ops and kernels (training.fused_ops_and_kernels, peft.quantization.fused_ops_and_kernels)",
     ),
+    "aadp": (
+        "fms-acceleration-accelerate-aadp",
+        "fms_acceleration_accelerate_aadp",
+        "padding-free and multipack (training.attention.padding_free, training.dataloader.multipack)",
+    ),
 }
 """Plugin short name -> (package to pip install, its import name, what it provides)."""
 
-NOT_PROVIDED = ("aadp", "moe", "odm")
+NOT_PROVIDED = ("moe", "odm")
 """The original's plugins that have no counterpart in this project."""
 
 
