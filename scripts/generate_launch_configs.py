@@ -77,6 +77,7 @@ TEMPLATES: dict[str, Template] = {
     "foak-kernels": Template("plugins/fused-ops-and-kernels/configs/fast_kernels.yaml"),
     "foak-lora": Template("plugins/fused-ops-and-kernels/configs/fast_lora.yaml"),
     "padding-free": Template("plugins/attention-and-distributed-packing/configs/padding_free.yaml"),
+    "multipack": Template("plugins/attention-and-distributed-packing/configs/multipack.yaml"),
 }
 
 
@@ -165,6 +166,17 @@ OUTPUTS: tuple[Output, ...] = (
         "foak-fast-lora-padding-free",
         ("foak-lora", "padding-free"),
         "LoRA on 16-bit weights: fused kernels + padding-free (acceleration-only)",
+    ),
+    Output(
+        "aadp-padding-free-multipack",
+        ("padding-free", "multipack"),
+        "padding-free + multipack: per-process token-budget batches balanced across processes (acceleration-only, "
+        "upstream layout)",
+    ),
+    Output(
+        "aadp-padding-free-multipack-foak",
+        ("padding-free", "multipack", "foak-kernels"),
+        "padding-free + multipack + fused RMSNorm, RoPE, SwiGLU and loss kernels (acceleration-only, upstream layout)",
     ),
     Output(
         "accelerate-single-gpu-qlora-foak",

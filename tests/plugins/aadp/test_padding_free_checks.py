@@ -25,6 +25,12 @@ SHIPPED = sorted((Path(__file__).resolve().parents[3] / "launch_configs").glob("
 _QLORA_FOAK = ("bitsandbytes", "padding_free", "fused_ops_and_kernels")
 ACTIVE = {
     "aadp-padding-free-sample-configuration.yaml": ("padding_free",),
+    "aadp-padding-free-multipack-sample-configuration.yaml": ("padding_free", "multipack"),
+    "aadp-padding-free-multipack-foak-sample-configuration.yaml": (
+        "padding_free",
+        "fused_ops_and_kernels",
+        "multipack",
+    ),
     "accelerate-cpu-padding-free.yaml": ("padding_free",),
     "accelerate-single-gpu-padding-free.yaml": ("padding_free",),
     "accelerate-single-gpu-qlora-foak-padding-free.yaml": _QLORA_FOAK,
