@@ -342,6 +342,56 @@ def test_triton_kernels_read_non_contiguous_packed_tensors():
     assert torch.equal(fused, _matmul_fused(x, weight_of(d, sequential=True), None))
 
 
+class _LaunchSpy:
+    """Wraps a Triton kernel: records the data pointers of the first tensor arguments of each launch."""
+
+    def __init__(self, kernel, first: int, count: int = 3) -> None:
+        self.kernel, self.first, self.count, self.pointers = kernel, first, count, []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.pointers.append(tuple(a.data_ptr() for a in args[self.first : self.first + self.count]))
+            return launch(*args, **kwargs)
+
+        return run
+
+
+@pytest.mark.parametrize("desc_act", [False, True], ids=["seq", "act"])
+def test_transposed_packed_views_are_read_in_place_bit_exact(desc_act, monkeypatch):
+    """FSDP2's packed layout stores qweight / qzeros / scales transposed and hands the kernels ``.t()`` views: the
+    launchers pass their strides (no row-major copy of the packed codes; act-order copies only the small zeros and
+    scales, which it gathers per channel) and the results equal the row-major ones bit for bit."""
+    from fms_acceleration_accelerate_kernels import gptq as gptq_module
+
+    d = make_gptq(256, 48, 4, 32, desc_act=desc_act, device=DEVICE, seed=21)
+    views = dict(d)
+    for name in ("qweight", "qzeros", "scales"):
+        views[name] = d[name].t().contiguous().t()  # as PackedGPTQLinear's gptq_weight() hands them over
+        assert not views[name].is_contiguous()
+    dequant = _LaunchSpy(gptq_module._gptq_dequant_kernel, 0)
+    monkeypatch.setattr(gptq_module, "_gptq_dequant_kernel", dequant)
+    for dtype in DTYPES:
+        expected = gptq_dequantize_ref(*_packed_args(d), dtype=dtype)
+        row_major = weight_of(d, dtype, sequential=not desc_act).dequantize()
+        got = weight_of(views, dtype, sequential=not desc_act).dequantize()
+        assert torch.equal(got, expected) and torch.equal(got, row_major), dtype
+    in_place = {(views["qweight"].data_ptr(), views["qzeros"].data_ptr(), views["scales"].data_ptr())}
+    launched = set(dequant.pointers[1::2])  # every second launch read the views
+    if desc_act:
+        assert {p[0] for p in launched} == {views["qweight"].data_ptr()}
+    else:
+        assert launched == in_place
+    if not desc_act:
+        fused = _LaunchSpy(gptq_module._gptq_matmul_kernel, 1)
+        monkeypatch.setattr(gptq_module, "_gptq_matmul_kernel", fused)
+        x = torch.randn(5, 256, generator=torch.Generator().manual_seed(3)).to(DEVICE, torch.bfloat16)
+        y = _matmul_fused(x, weight_of(views, sequential=True), None)
+        assert torch.equal(y, _matmul_fused(x, weight_of(d, sequential=True), None))
+        assert set(fused.pointers[:1]) == in_place
+
+
 def test_triton_dequant_rounds_bf16_to_nearest_even():
     # 4-bit codes 0..15 minus zero 8 times scales chosen so that most products fall between two bf16 values
     d = make_gptq(128, 64, 4, 32, desc_act=True, device=DEVICE, seed=7)

@@ -27,7 +27,8 @@ Contents:
 * ``gptq_linear``: ``y = x W^T + b`` with ``W`` frozen; saves only the packed tensors and dequantises again in
   backward for ``dx = dy W``.
 
-Kernels (Triton). Both read every packed word once and spread its codes along k in registers. The layout is
+Kernels (Triton). Both read every packed word once and spread its codes along k in registers, through the packed
+tensors' strides (row-major as loaded, or e.g. transposed views, read in place without a copy). The layout is
 "sequential" when ``g_idx[k] == k // group_size`` (no act-order; checked once by the loader with
 ``gptq_sequential_g_idx`` and passed as ``GPTQWeight(sequential_g_idx=True)``) or when there is one group: the
 kernels then compute each tile's group instead of reading g_idx.
@@ -359,37 +360,38 @@ def _check_out(out: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype) ->
 
 
 @triton.jit
-def _codes_kn(qweight_ptr, k0, offs_n, mask_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+def _codes_kn(qweight_ptr, k0, offs_n, mask_n, stride_qk, stride_qn, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
               BLOCK_N: tl.constexpr):  # fmt: skip
     # int32 codes [BLOCK_K, BLOCK_N] of input channels k0 ... k0 + BLOCK_K (k0 a multiple of BLOCK_K), 0 where
     # masked: each packed word is loaded once ([BLOCK_K / PF, BLOCK_N]) and its PF codes are spread along k
     PF: tl.constexpr = 32 // BITS
     offs_kw = k0 // PF + tl.arange(0, BLOCK_K // PF)
     mask = (offs_kw < K // PF)[:, None] & mask_n[None, :]
-    words = tl.load(qweight_ptr + offs_kw[:, None] * N + offs_n[None, :], mask=mask, other=0)
+    words = tl.load(qweight_ptr + offs_kw[:, None] * stride_qk + offs_n[None, :] * stride_qn, mask=mask, other=0)
     shifts = tl.arange(0, PF) * BITS
     return tl.reshape((words[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1), (BLOCK_K, BLOCK_N))
 
 
 @triton.jit
-def _codes_nk(qweight_ptr, k0, offs_n, mask_n, N, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+def _codes_nk(qweight_ptr, k0, offs_n, mask_n, stride_qk, stride_qn, K, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
               BLOCK_N: tl.constexpr):  # fmt: skip
     # the transpose of ``_codes_kn``: [BLOCK_N, BLOCK_K], k along the last dim as in the dense (N, K) weight
     PF: tl.constexpr = 32 // BITS
     offs_kw = k0 // PF + tl.arange(0, BLOCK_K // PF)
     mask = mask_n[:, None] & (offs_kw < K // PF)[None, :]
-    words = tl.load(qweight_ptr + offs_kw[None, :] * N + offs_n[:, None], mask=mask, other=0)
+    words = tl.load(qweight_ptr + offs_kw[None, :] * stride_qk + offs_n[:, None] * stride_qn, mask=mask, other=0)
     shifts = tl.arange(0, PF) * BITS
     return tl.reshape((words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
-def _group_vectors(qzeros_ptr, scales_ptr, group, offs_n, mask_n, N, BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):
+def _group_vectors(qzeros_ptr, scales_ptr, group, offs_n, mask_n, stride_zg, stride_zn, stride_sg, stride_sn,
+                   BITS: tl.constexpr, ZERO_OFFSET: tl.constexpr):  # fmt: skip
     # true zeros (int32) and fp32 scales [BLOCK_N] of one group
     PF: tl.constexpr = 32 // BITS
-    zero_words = tl.load(qzeros_ptr + group * (N // PF) + offs_n // PF, mask=mask_n, other=0)
+    zero_words = tl.load(qzeros_ptr + group * stride_zg + (offs_n // PF) * stride_zn, mask=mask_n, other=0)
     zeros = ((zero_words >> ((offs_n % PF) * BITS)) & ((1 << BITS) - 1)) + ZERO_OFFSET
-    scales = tl.load(scales_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    scales = tl.load(scales_ptr + group * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
     return zeros, scales
 
 
@@ -403,6 +405,12 @@ def _gptq_dequant_kernel(
     N,
     K,
     group_size,  # SEQUENTIAL: g_idx[k] == k // group_size, taken as given
+    stride_qk,  # the packed tensors' strides (row-major as loaded; transposed views under FSDP2, read in place)
+    stride_qn,
+    stride_zg,
+    stride_zn,
+    stride_sg,
+    stride_sn,
     BITS: tl.constexpr,
     ZERO_OFFSET: tl.constexpr,
     OUT_KIND: tl.constexpr,  # 0 bf16, 1 fp16, 2 fp32
@@ -420,9 +428,10 @@ def _gptq_dequant_kernel(
     mask_k = offs_k < K
     mask_n = offs_n < N
     mask = mask_n[:, None] & mask_k[None, :]
-    codes = _codes_nk(qweight_ptr, k0, offs_n, mask_n, N, K, BITS, BLOCK_K, BLOCK_N)
+    codes = _codes_nk(qweight_ptr, k0, offs_n, mask_n, stride_qk, stride_qn, K, BITS, BLOCK_K, BLOCK_N)
     if SEQUENTIAL:  # tiles lie in one group (BLOCK_K divides the group size)
-        zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, k0 // group_size, offs_n, mask_n, N, BITS, ZERO_OFFSET)
+        zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, k0 // group_size, offs_n, mask_n, stride_zg, stride_zn,
+                                       stride_sg, stride_sn, BITS, ZERO_OFFSET)  # fmt: skip
         w = (codes - zeros[:, None]).to(tl.float32) * scales[:, None]
     else:
         # any g_idx (e.g. act-order): a tile whose channels share one group (checked on the data) takes one zero
@@ -430,12 +439,15 @@ def _gptq_dequant_kernel(
         g = tl.load(g_idx_ptr + offs_k, mask=mask_k, other=0)
         first = tl.load(g_idx_ptr + k0)
         if tl.max(tl.where(mask_k & (g != first), 1, 0), axis=0) == 0:
-            zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, first, offs_n, mask_n, N, BITS, ZERO_OFFSET)
+            zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, first, offs_n, mask_n, stride_zg, stride_zn,
+                                           stride_sg, stride_sn, BITS, ZERO_OFFSET)  # fmt: skip
             w = (codes - zeros[:, None]).to(tl.float32) * scales[:, None]
         else:
-            zero_words = tl.load(qzeros_ptr + g[None, :] * (N // PF) + (offs_n // PF)[:, None], mask=mask, other=0)
+            zero_words = tl.load(qzeros_ptr + g[None, :] * stride_zg + (offs_n // PF)[:, None] * stride_zn, mask=mask,
+                                 other=0)  # fmt: skip
             tile_zeros = ((zero_words >> ((offs_n % PF) * BITS)[:, None]) & MASK) + ZERO_OFFSET
-            tile_scales = tl.load(scales_ptr + g[None, :] * N + offs_n[:, None], mask=mask, other=0.0)
+            tile_scales = tl.load(scales_ptr + g[None, :] * stride_sg + offs_n[:, None] * stride_sn, mask=mask,
+                                  other=0.0)  # fmt: skip
             w = (codes - tile_zeros).to(tl.float32) * tile_scales.to(tl.float32)
     # fp32 products are exact (a 9-bit integer times an fp16 scale): one rounding to the output dtype
     dst = out_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :]
@@ -466,6 +478,12 @@ def _gptq_matmul_kernel(
     stride_xk,
     k_per_split,  # a multiple of BLOCK_K
     group_size,  # g_idx[k] == k // group_size (the sequential layout), with BLOCK_K dividing it
+    stride_qk,  # the packed tensors' strides, as in _gptq_dequant_kernel
+    stride_qn,
+    stride_zg,
+    stride_zn,
+    stride_sg,
+    stride_sn,
     BITS: tl.constexpr,
     ZERO_OFFSET: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -491,7 +509,7 @@ def _gptq_matmul_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k < K)[None, :], other=0.0)  # fmt: skip
-        codes = _codes_kn(qweight_ptr, k0, offs_n, mask_n, N, K, BITS, BLOCK_K, BLOCK_N)
+        codes = _codes_kn(qweight_ptr, k0, offs_n, mask_n, stride_qk, stride_qn, K, BITS, BLOCK_K, BLOCK_N)
         if USE_DOT:
             if DOT_FP32:
                 prod = tl.dot(x.to(tl.float32), codes.to(tl.float32), input_precision="ieee")
@@ -499,7 +517,8 @@ def _gptq_matmul_kernel(
                 prod = tl.dot(x, codes.to(x.dtype))
         else:
             prod = tl.sum(x.to(tl.float32)[:, :, None] * codes.to(tl.float32)[None, :, :], axis=1)
-        zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, k0 // group_size, offs_n, mask_n, N, BITS, ZERO_OFFSET)
+        zeros, scales = _group_vectors(qzeros_ptr, scales_ptr, k0 // group_size, offs_n, mask_n, stride_zg, stride_zn,
+                                       stride_sg, stride_sn, BITS, ZERO_OFFSET)  # fmt: skip
         row_sums = tl.sum(x.to(tl.float32), axis=1)
         acc += (prod - row_sums[:, None] * zeros.to(tl.float32)[None, :]) * scales[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
@@ -593,12 +612,15 @@ def _dequantize_triton(
         block_n, block_k, num_warps = launch or _DEQUANT_LAUNCH
         block_k = max(block_k, pf)  # whole packed words per tile
         group_size = 0
+        # zeros and scales gathered per channel load coalesced only in their stored row-major layout: these small
+        # tensors are copied when they are not (e.g. FSDP2's transposed views); the packed codes are read in place
+        qzeros, scales = qzeros.contiguous(), scales.contiguous()
     target = out.view(torch.int16) if dtype == torch.bfloat16 else out
     grid = (triton.cdiv(in_features, block_k), triton.cdiv(out_features, block_n))
-    # the kernel indexes the packed tensors as row-major (no copy when they are, as loaded from a checkpoint)
+    # the packed tensors are read through their strides, in place (e.g. the transposed views of FSDP2's layout)
     _gptq_dequant_kernel[grid](
-        qweight.contiguous(), qzeros.contiguous(), scales.contiguous(), g_idx.contiguous(), target, out_features,
-        in_features, max(group_size, 1),
+        qweight, qzeros, scales, g_idx.contiguous(), target, out_features, in_features, max(group_size, 1),
+        *qweight.stride(), *qzeros.stride(), *scales.stride(),
         BITS=bits, ZERO_OFFSET=offset, OUT_KIND=_OUT_KIND[dtype], BLOCK_N=block_n, BLOCK_K=block_k,
         SEQUENTIAL=group_size > 0, HW_ROUND=not interpreter_enabled(), num_warps=num_warps,
     )  # fmt: skip
@@ -650,8 +672,8 @@ def _matmul_fused(
     w = weight
     group_size = k if int(w.qzeros.shape[0]) == 1 else w.group_size
     _gptq_matmul_kernel[grid](
-        x2, w.qweight.contiguous(), w.qzeros.contiguous(), w.scales.contiguous(),
-        bias if bias is not None else partial, partial, m, n, k, x2.stride(0), x2.stride(1), k_per_split, group_size,
+        x2, w.qweight, w.qzeros, w.scales, bias if bias is not None else partial, partial, m, n, k, x2.stride(0),
+        x2.stride(1), k_per_split, group_size, *w.qweight.stride(), *w.qzeros.stride(), *w.scales.stride(),
         BITS=w.bits, ZERO_OFFSET=_zero_offset(w.checkpoint_format), BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, USE_DOT=use_dot, SPLIT_OUT=split_k > 1, HAS_BIAS=bias is not None,
         DOT_FP32=interpreter_enabled(), num_warps=num_warps,
