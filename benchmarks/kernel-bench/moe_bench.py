@@ -1,0 +1,391 @@
+"""GPU check and timing of the MoE expert kernels (kernels/.../moe.py) against transformers' experts backends.
+
+One MoE layer's experts at two shapes, bf16, the same weights for every implementation:
+
+* ``granitemoe_3b``: H=1536, I=512, E=40, top-8, T=8192 tokens (many small experts: routing and scatter weigh);
+* ``mixtral``: H=4096, I=14336, E=8, top-2, T=4096 tokens (few large experts: GEMM-bound).
+
+Implementations: ``triton`` (``moe_experts_triton``), ``grouped_mm`` (transformers'
+``grouped_mm_experts_forward``, imported from ``transformers.integrations.moe`` and called on a small stand-in
+module that carries the attributes it reads; the model's own experts module dispatching to "grouped_mm" when the
+stand-in does not fit the installed transformers) and ``eager`` (a ``MixtralExperts`` module of the installed
+transformers on the same parameters; its forward is the eager per-expert loop every listed architecture shares).
+
+Routing comes from a random router (softmax over experts, top-k, renormalised), so experts are about evenly loaded.
+Per shape and implementation: forward time (grad mode on, what a training step runs) and forward + backward time
+(gradients of the hidden states, both weight stacks and the routing weights, via ``torch.autograd.grad``), from
+``triton.testing.do_bench`` (median, L2 flushed); tokens/s and TFLOP/s (``6 S H I`` forward flops with ``S = T k``,
+3x that forward + backward); memory held between forward and backward (what a training step keeps per layer) and
+peak extra memory of forward + backward; errors of the output and every gradient against an fp32 reference
+(``moe_experts_ref`` on fp32 copies), relative to the largest reference value. ``ok`` per row: the error is at most
+twice grouped_mm's (or a 2e-2 floor).
+
+``--sweep`` also times forward + backward of the Triton path with alternative tile settings of each kernel (one
+kernel varied at a time, others at their defaults), each checked against the reference, and prints the best.
+
+Usage (repository root, one CUDA GPU; about a minute without ``--sweep``)::
+
+    PYTHONPATH=kernels/src python benchmarks/kernel-bench/moe_bench.py --out benchmarks/results/<date>-<gpu>-x1-kernels-moe
+
+``--out`` defaults to ``$OUT``. Writes ``moe_bench.json`` (environment, rows, sweep, ``all_checks_ok``) and prints
+one line per measurement. ``--smoke`` runs the script on tiny shapes on CPU in Triton's interpreter (timings
+meaningless), to check the script itself without a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+# name: (hidden H, intermediate I, experts E, top-k, tokens T)
+SHAPES = {"granitemoe_3b": (1536, 512, 40, 8, 8192), "mixtral": (4096, 14336, 8, 2, 4096)}
+SMOKE_SHAPES = {"granitemoe_3b": (48, 40, 10, 8, 37), "mixtral": (64, 48, 5, 2, 33)}
+IMPLS = ("triton", "grouped_mm", "eager")
+# --sweep candidates per kernel: (block_m, block_n, block_k, num_warps, num_stages)
+SWEEP = {
+    "up": [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 4, 4), (128, 32, 64, 4, 4),
+           (64, 128, 64, 4, 3)],
+    "down": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+    "down_bwd": [(128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
+                 (64, 128, 64, 4, 3)],
+    "dx": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 4)],
+    "wgrad": [(64, 128, 128, 8, 3), (32, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4),
+              (128, 128, 128, 8, 3), (64, 256, 128, 8, 3)],
+}  # fmt: skip
+ERROR_FLOOR = 2e-2
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=os.environ.get("OUT"), help="output folder (default: $OUT)")
+    parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
+    parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement (ms)")
+    parser.add_argument("--sweep", action="store_true", help="also sweep the Triton kernels' tile settings")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in Triton's interpreter")
+    args = parser.parse_args(argv)
+    if not args.out:
+        parser.error("--out (or $OUT) is required")
+    return args
+
+
+# ------------------------------------------------------------------------------------------ measurement
+
+
+def make_timer(smoke: bool, rep_ms: int) -> Callable[[Callable[[], object]], float]:
+    """``timer(fn)``: median ms of one call (``triton.testing.do_bench``; one wall-clock call with --smoke)."""
+
+    def gpu_ms(fn: Callable[[], object]) -> float:
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+    def cpu_ms(fn: Callable[[], object]) -> float:
+        fn()
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+
+    return cpu_ms if smoke else gpu_ms
+
+
+def environment(device) -> dict:
+    import torch
+
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "triton", "transformers", "fms-acceleration-accelerate-kernels"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    env = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
+        "cuda": torch.version.cuda,
+        "versions": versions,
+        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+    }
+    if device.type == "cuda":
+        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    return env
+
+
+def rel_err(got, truth) -> float:
+    """max |got - truth| / max |truth| in fp32."""
+    return ((got.float() - truth.float()).abs().max() / truth.float().abs().max().clamp_min(1e-30)).item()
+
+
+# ------------------------------------------------------------------------------------------ problem
+
+
+def make_problem(shape, dtype, device, seed: int = 0) -> dict:
+    """Hidden states, router-produced routing (softmax, top-k, renormalised), weights and an upstream gradient."""
+    import torch
+
+    hidden, inter, n_experts, top_k, n_tokens = shape
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(*size, scale=1.0):
+        return torch.randn(*size, generator=g, device=device, dtype=torch.float32) * scale
+
+    x = randn(n_tokens, hidden)
+    router = randn(n_experts, hidden, scale=hidden**-0.5)
+    probs = (x @ router.t()).softmax(-1)
+    weights, index = torch.topk(probs, top_k, dim=-1)
+    weights = weights / weights.sum(-1, keepdim=True)
+    return {
+        "hidden": x.to(dtype),
+        "top_k_index": index,
+        "top_k_weights": weights.to(dtype),
+        "gate_up": randn(n_experts, 2 * inter, hidden, scale=hidden**-0.5).to(dtype),
+        "down": randn(n_experts, hidden, inter, scale=inter**-0.5).to(dtype),
+        "upstream": randn(n_tokens, hidden).to(dtype),
+    }
+
+
+class _StandIn:
+    """What ``grouped_mm_experts_forward`` reads from an experts module (a Mixtral-style layout)."""
+
+    def __init__(self, gate_up, down, act_fn):
+        self.gate_up_proj, self.down_proj, self.act_fn = gate_up, down, act_fn
+        self.num_experts = gate_up.shape[0]
+        self.hidden_dim = gate_up.shape[2]
+        self.intermediate_dim = down.shape[2]
+        self.has_gate, self.has_bias, self.is_transposed, self.is_concatenated = True, False, False, True
+        self.has_post_expert_norm = False
+        self._is_expert_parallel = False
+
+    def _apply_gate(self, gate_up_out):
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return self.act_fn(gate) * up
+
+
+def make_impls(names, params: dict, shape, device) -> tuple[dict, dict]:
+    """name -> fn(hidden, top_k_index, top_k_weights) on the shared parameters; plus notes per name."""
+    import torch
+    from fms_acceleration_accelerate_kernels.moe import moe_experts_triton
+    from transformers import MixtralConfig
+    from transformers.activations import ACT2FN
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    hidden, inter, n_experts, top_k, _ = shape
+    gate_up, down = params["gate_up"], params["down"]
+    impls, notes = {}, {}
+
+    def hf_module(implementation):
+        config = MixtralConfig(
+            hidden_size=hidden, intermediate_size=inter, num_local_experts=n_experts, num_experts_per_tok=top_k
+        )
+        with torch.device("meta"):
+            module = MixtralExperts(config)
+        module.gate_up_proj, module.down_proj = gate_up, down  # the shared Parameters
+        module.config._experts_implementation = implementation
+        return module
+
+    if "triton" in names:
+        impls["triton"] = lambda x, i, w: moe_experts_triton(x, i, w, gate_up, down, act="silu")
+        notes["triton"] = "moe_experts_triton"
+    if "grouped_mm" in names:
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        stand_in = _StandIn(gate_up, down, ACT2FN["silu"])
+        try:
+            with torch.no_grad():
+                probe = params["hidden"][:4]
+                grouped_mm_experts_forward(stand_in, probe, params["top_k_index"][:4], params["top_k_weights"][:4])
+            impls["grouped_mm"] = lambda x, i, w: grouped_mm_experts_forward(stand_in, x, i, w)
+            notes["grouped_mm"] = "transformers.integrations.moe.grouped_mm_experts_forward on a stand-in module"
+        except AttributeError as exc:  # a transformers version reading other attributes: its own module dispatches
+            module = hf_module("grouped_mm")
+            impls["grouped_mm"] = lambda x, i, w: module(x, i, w)
+            notes["grouped_mm"] = f"MixtralExperts dispatching to grouped_mm (stand-in unusable: {exc})"
+    if "eager" in names:
+        module_eager = hf_module("eager")
+        impls["eager"] = lambda x, i, w: module_eager(x, i, w)
+        notes["eager"] = "MixtralExperts eager forward"
+    return impls, notes
+
+
+def reference(problem: dict) -> dict:
+    """fp32 output and gradients from ``moe_experts_ref``."""
+    import torch
+    from fms_acceleration_accelerate_kernels.moe import moe_experts_ref
+
+    leaves = {n: problem[n].float().requires_grad_(True) for n in ("hidden", "top_k_weights", "gate_up", "down")}
+    out = moe_experts_ref(leaves["hidden"], problem["top_k_index"], leaves["top_k_weights"], leaves["gate_up"],
+                          leaves["down"])  # fmt: skip
+    grads = torch.autograd.grad(out, list(leaves.values()), problem["upstream"].float())
+    result = {"out": out.detach()} | {n: g for n, g in zip(leaves, grads)}
+    del leaves, out, grads
+    return result
+
+
+def measure(name, fn, problem, params, truth, timer, device) -> dict:
+    import torch
+
+    x = problem["hidden"].clone().requires_grad_(True)
+    w = problem["top_k_weights"].clone().requires_grad_(True)
+    index, upstream = problem["top_k_index"], problem["upstream"]
+    inputs = [x, w, params["gate_up"], params["down"]]
+    row = {"impl": name}
+
+    def forward():
+        return fn(x, index, w)
+
+    def forward_backward():
+        out = fn(x, index, w)
+        return torch.autograd.grad(out, inputs, upstream)
+
+    # correctness
+    out = forward()
+    grads = torch.autograd.grad(out, inputs, upstream)
+    row["errors"] = {"out": rel_err(out, truth["out"])}
+    for key, grad in zip(("hidden", "top_k_weights", "gate_up", "down"), grads):
+        row["errors"][key] = rel_err(grad, truth[key])
+    del out, grads
+    # memory: held between forward and backward, and the peak of forward + backward
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = forward()
+        torch.cuda.synchronize()
+        row["held_mib"] = (torch.cuda.memory_allocated() - base - out.numel() * out.element_size()) / 2**20
+        grads = torch.autograd.grad(out, inputs, upstream)
+        torch.cuda.synchronize()
+        row["peak_extra_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        del out, grads
+    row["fwd_ms"] = timer(forward)
+    row["fwd_bwd_ms"] = timer(forward_backward)
+    return row
+
+
+def summarise(rows: list[dict], shape) -> None:
+    hidden, inter, _, top_k, n_tokens = shape
+    flops_fwd = 6 * n_tokens * top_k * hidden * inter
+    by_impl = {r["impl"]: r for r in rows if "fwd_ms" in r}
+    for r in by_impl.values():
+        r["fwd_bwd_tokens_per_s"] = n_tokens / (r["fwd_bwd_ms"] * 1e-3)
+        r["fwd_tflops"] = flops_fwd / (r["fwd_ms"] * 1e-3) / 1e12
+        r["fwd_bwd_tflops"] = 3 * flops_fwd / (r["fwd_bwd_ms"] * 1e-3) / 1e12
+        for base in ("grouped_mm", "eager"):
+            if base in by_impl and base != r["impl"]:
+                r[f"fwd_speedup_vs_{base}"] = by_impl[base]["fwd_ms"] / r["fwd_ms"]
+                r[f"fwd_bwd_speedup_vs_{base}"] = by_impl[base]["fwd_bwd_ms"] / r["fwd_bwd_ms"]
+    limit = by_impl.get("grouped_mm", {}).get("errors")
+    for r in rows:
+        if "errors" in r:
+            r["ok"] = all(e <= max(2 * (limit[k] if limit else 0.0), ERROR_FLOOR) for k, e in r["errors"].items())
+
+
+def sweep(problem, params, truth, shape, timer, device) -> list[dict]:
+    """Forward + backward of the Triton path with one kernel's tile setting changed at a time."""
+    import torch
+    from fms_acceleration_accelerate_kernels.moe import GemmLaunch, moe_experts_triton
+
+    jobs = []
+    for kernel, candidates in SWEEP.items():
+        for cand in candidates:
+            launch = {kernel: GemmLaunch(*cand)}
+            fn = lambda x, i, w, launch=launch: moe_experts_triton(  # noqa: E731
+                x, i, w, params["gate_up"], params["down"], launch=launch
+            )
+            job = {"kernel": kernel, "launch": list(cand)}
+            try:
+                row = measure("triton", fn, problem, params, truth, timer, device)
+                job.update(fwd_bwd_ms=row["fwd_bwd_ms"], fwd_ms=row["fwd_ms"], errors=row["errors"])
+                job["ok"] = all(e <= ERROR_FLOOR for e in row["errors"].values())
+            except Exception as exc:  # a setting that does not compile or fit (shared memory) is reported, not fatal
+                job["error"] = f"{type(exc).__name__}: {exc}"[:300]
+            jobs.append(job)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            timing = f"{job['fwd_bwd_ms']:.3f} ms fwd+bwd ok={job['ok']}" if "fwd_bwd_ms" in job else job["error"]
+            print(f"  sweep {kernel:8s} {cand}: {timing}", flush=True)
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
+    import torch
+
+    if args.smoke:
+        device, dtype, shapes = torch.device("cpu"), torch.float32, SMOKE_SHAPES
+    else:
+        if not torch.cuda.is_available():
+            raise SystemExit("this benchmark needs a CUDA GPU (or --smoke for a CPU check of the script)")
+        device, dtype, shapes = torch.device("cuda"), torch.bfloat16, SHAPES
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    timer = make_timer(args.smoke, args.rep_ms)
+    started = time.perf_counter()
+    result = {"environment": environment(device), "dtype": str(dtype), "rows": [], "sweeps": {}, "all_checks_ok": None}
+
+    def write() -> None:
+        result["environment"]["script_seconds"] = time.perf_counter() - started
+        (out_dir / "moe_bench.json").write_text(json.dumps(result, indent=2, default=str))
+
+    for shape_name in args.shapes:
+        shape = shapes[shape_name]
+        hidden, inter, n_experts, top_k, n_tokens = shape
+        problem = make_problem(shape, dtype, device)
+        truth = reference(problem)
+        params = {n: torch.nn.Parameter(problem[n]) for n in ("gate_up", "down")}
+        impls, notes = make_impls(args.impls, {**problem, **params}, shape, device)
+        rows = []
+        for name, fn in impls.items():
+            try:
+                row = measure(name, fn, problem, params, truth, timer, device)
+            except torch.OutOfMemoryError as exc:
+                row = {"impl": name, "error": f"out of memory: {str(exc)[:200]}"}
+            row.update(shape=shape_name, H=hidden, I=inter, E=n_experts, top_k=top_k, T=n_tokens, notes=notes[name])
+            rows.append(row)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        summarise(rows, shape)
+        for r in rows:
+            if "error" in r:
+                print(f"{shape_name:14s} {r['impl']:10s} {r['error']}", flush=True)
+                continue
+            speed = "".join(f" x{r[k]:.2f} vs {k.split('_vs_')[1]}" for k in r if k.startswith("fwd_bwd_speedup_vs"))
+            print(f"{shape_name:14s} {r['impl']:10s} fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwd_bwd_ms']:.3f} ms "
+                  f"({r['fwd_bwd_tokens_per_s'] / 1e3:.1f}k tok/s, {r['fwd_bwd_tflops']:.0f} TFLOP/s){speed}  "
+                  f"held {r.get('held_mib', float('nan')):.0f} MiB peak+ {r.get('peak_extra_mib', float('nan')):.0f} MiB  "
+                  f"max err {max(r['errors'].values()):.1e} ok={r['ok']}", flush=True)  # fmt: skip
+        result["rows"].extend(rows)
+        write()
+        if args.sweep and "triton" in impls:
+            jobs = sweep(problem, params, truth, shape, timer, device)
+            best = {}
+            for job in jobs:
+                if job.get("ok") and job["fwd_bwd_ms"] < best.get(job["kernel"], {}).get("fwd_bwd_ms", float("inf")):
+                    best[job["kernel"]] = job
+            result["sweeps"][shape_name] = {"jobs": jobs, "best": best}
+            for kernel, job in best.items():
+                print(f"best {shape_name} {kernel}: {job['launch']} {job['fwd_bwd_ms']:.3f} ms", flush=True)
+            write()
+        del problem, truth, params, impls
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    result["all_checks_ok"] = all(r.get("ok", False) for r in result["rows"] if r["impl"] == "triton")
+    write()
+    print(f"all checks ok: {result['all_checks_ok']}; wrote {out_dir / 'moe_bench.json'} in "
+          f"{result['environment']['script_seconds']:.0f} s", flush=True)  # fmt: skip
+    return 0 if result["all_checks_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
