@@ -4,7 +4,8 @@ Every kernel plugin reads these specs instead of hard-coding architecture detail
 class name, as transformers 5.x names them) are the decoder layer, the attention (and its projection attribute
 names), the MLP (gate/up/down names and activation kind), the norms, which module-level function applies the
 rotary embedding, what the causal-LM head does to its logits (Gemma2's final soft-capping, Granite's
-``logits_scaling``), and the causal-LM class itself.
+``logits_scaling``), the sparse mixture-of-experts block of MoE architectures (:class:`MoESpec`: router, routing
+rule, expert weight layout, activation, shared expert), and the causal-LM class itself.
 
 Adding an architecture is adding one :class:`ArchitectureSpec` to ``_SPECS`` below (and one tiny config to the
 spec tests). Nothing here imports transformers at import time; :func:`check_spec_classes` imports the
@@ -35,6 +36,7 @@ __all__ = [
     "LogitsSpec",
     "MLPSpec",
     "MatchedModule",
+    "MoESpec",
     "ModelMatch",
     "ModelStructureError",
     "NormSpec",
@@ -43,6 +45,7 @@ __all__ = [
     "architecture_spec",
     "check_spec_classes",
     "class_names_of",
+    "experts_activation",
     "has_class",
     "match_model",
     "supported_model_types",
@@ -192,6 +195,116 @@ class LogitsSpec:
     router_aux_loss: bool = False
 
 
+RoutingKind = Literal["softmax_topk", "topk_softmax", "sigmoid_topk"]
+"""How a router turns its logits (T, E) into the top-k weights: ``softmax_topk`` (softmax over all experts, then
+the k largest probabilities), ``topk_softmax`` (the k largest logits, then a softmax over those k), ``sigmoid_topk``
+(sigmoid scores, then the k largest)."""
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """The sparse mixture-of-experts block of a decoder layer, as transformers 5 keeps it: a router module that
+    returns ``(router_logits, top_k_weights, top_k_index)`` and an experts module holding every expert's weights as
+    3-D parameters, whose forward ``(hidden (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)``
+    transformers dispatches through its ``ExpertsInterface`` (``config._experts_implementation``).
+
+    Routing (what the router computes, in :attr:`routing` order): ``logits = x W_r^T (+ b_r)``; the ``k`` experts
+    and their weights by :attr:`routing`; with :attr:`normalize_top_k` the k weights are divided by their sum.
+
+    Experts (``E`` experts, hidden size ``H``, expert intermediate size ``I``)::
+
+        h = x W_gu[e]^T (+ b_gu[e])        # W_gu: gate_up_proj (E, 2I, H), or (E, H, 2I) when ``transposed``
+        a = act(gate(h)) * up(h)           # gate/up halves of h: see gate_up_layout and gate_first
+        y = a W_d[e]^T (+ b_d[e])          # W_d: down_proj (E, H, I), or (E, I, H) when ``transposed``
+        out_t = sum_s top_k_weights[t, s] * y_{e = top_k_index[t, s]}
+
+    Attributes:
+        block_class_names: the sparse MoE block (``MixtralSparseMoeBlock``, ``GraniteMoeMoE``, ...).
+        experts_class_names: the experts module (``MixtralExperts``, ...), decorated by transformers'
+            ``use_experts_implementation``.
+        router_class_names: the router module (``MixtralTopKRouter``, ...).
+        router_attribute: attribute of the block holding the router (``gate`` / ``router``).
+        experts_attribute: attribute of the block holding the experts.
+        num_experts_config: config attribute with the number of routed experts E.
+        top_k_config: config attribute with k, the experts per token.
+        gate_up_proj / down_proj: attribute names of the experts' 3-D weights.
+        gate_up_bias / down_bias: attribute names of their (E, 2I) / (E, H) biases, ``None`` without.
+        gate_up_layout: ``"concatenated"`` (``[gate; up]`` halves along the 2I dimension) or ``"interleaved"``
+            (gate and up rows alternate: ``gate = h[..., 0::2]``, ``up = h[..., 1::2]`` with ``gate_first``).
+        gate_first: the gate half (or row) comes before the up half.
+        transposed: the weights are stored (E, in, out) instead of (E, out, in).
+        activation: the gated activation's kernel name when it is fixed by the architecture (``"gpt_oss"``);
+            ``None``: the experts' activation module (:attr:`activation_attribute`), one of
+            :data:`ACTIVATION_CLASSES`.
+        activation_attribute: attribute of the experts module holding the activation module.
+        routing: how the router picks and weights the k experts (:data:`RoutingKind`).
+        router_bias: the router's linear has a bias (``router.bias``).
+        normalize_top_k: the k weights are renormalised to sum to 1: ``True``/``False`` for every model of the
+            architecture, or the name of the config attribute that decides (``norm_topk_prob``).
+        router_jitter_config: config attribute of a multiplicative input jitter applied in training before the
+            router (Mixtral's ``router_jitter_noise``), if any.
+        shared_expert: attribute of the block holding a dense MLP every token also goes through, if any.
+        shared_expert_gate: attribute of the block holding the linear whose sigmoid scales the shared expert's
+            output per token, if any.
+        every_layer: every decoder layer has a MoE block; ``False`` when config options make some layers dense
+            (Qwen2-MoE / Qwen3-MoE ``mlp_only_layers`` and ``decoder_sparse_step``).
+    """
+
+    block_class_names: tuple[str, ...]
+    experts_class_names: tuple[str, ...]
+    router_class_names: tuple[str, ...]
+    router_attribute: str
+    routing: RoutingKind
+    normalize_top_k: bool | str
+    experts_attribute: str = "experts"
+    num_experts_config: str = "num_local_experts"
+    top_k_config: str = "num_experts_per_tok"
+    gate_up_proj: str = "gate_up_proj"
+    down_proj: str = "down_proj"
+    gate_up_bias: str | None = None
+    down_bias: str | None = None
+    gate_up_layout: Literal["concatenated", "interleaved"] = "concatenated"
+    gate_first: bool = True
+    transposed: bool = False
+    activation: str | None = None
+    activation_attribute: str = "act_fn"
+    router_bias: bool = False
+    router_jitter_config: str | None = None
+    shared_expert: str | None = None
+    shared_expert_gate: str | None = None
+    every_layer: bool = True
+
+    def __post_init__(self) -> None:
+        if self.routing not in ("softmax_topk", "topk_softmax", "sigmoid_topk"):
+            raise TypeError(f"MoESpec.routing must be softmax_topk, topk_softmax or sigmoid_topk, got {self.routing!r}")
+        if self.gate_up_layout not in ("concatenated", "interleaved"):
+            raise TypeError(f"MoESpec.gate_up_layout must be concatenated or interleaved, got {self.gate_up_layout!r}")
+        if self.shared_expert_gate is not None and self.shared_expert is None:
+            raise TypeError("MoESpec.shared_expert_gate needs shared_expert")
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return (*self.block_class_names, *self.experts_class_names, *self.router_class_names)
+
+    @property
+    def interleaved(self) -> bool:
+        return self.gate_up_layout == "interleaved"
+
+    def normalizes_top_k(self, config: Any) -> bool:
+        """Whether the router of a model with ``config`` renormalises its k weights."""
+        if isinstance(self.normalize_top_k, bool):
+            return self.normalize_top_k
+        return bool(getattr(config, self.normalize_top_k))
+
+    def num_experts(self, config: Any) -> int:
+        """E, the number of routed experts, from a model config."""
+        return int(getattr(config, self.num_experts_config))
+
+    def top_k(self, config: Any) -> int:
+        """k, the experts per token, from a model config."""
+        return int(getattr(config, self.top_k_config))
+
+
 @dataclass(frozen=True)
 class ArchitectureSpec:
     """Everything the kernel plugins need to know about one decoder-only architecture.
@@ -205,6 +318,7 @@ class ArchitectureSpec:
         decoder_layer_classes: decoder layer class names.
         attention: the attention spec.
         mlp: the dense MLP spec (``None`` for MoE layers, whose experts are 3-D parameter tensors).
+        moe: the sparse mixture-of-experts block of MoE architectures (``None`` for dense ones).
         norm: the norm spec.
         rotary: the rotary function (``None``: learned absolute positions, GPTBigCode).
         logits: the head's logit transforms.
@@ -221,6 +335,7 @@ class ArchitectureSpec:
     attention: AttentionSpec
     norm: NormSpec
     mlp: MLPSpec | None = None
+    moe: MoESpec | None = None
     rotary: RotarySpec | None = None
     logits: LogitsSpec = LogitsSpec()
     base_model_attribute: str = "model"
@@ -232,6 +347,8 @@ class ArchitectureSpec:
         names = [self.causal_lm_class, *self.decoder_layer_classes, *self.attention.class_names, *self.norm.class_names]
         if self.mlp is not None:
             names.extend(self.mlp.class_names)
+        if self.moe is not None:
+            names.extend(self.moe.class_names)
         return tuple(dict.fromkeys(names))
 
     @property
@@ -241,6 +358,10 @@ class ArchitectureSpec:
     @property
     def has_glu_mlp(self) -> bool:
         return self.mlp is not None and self.mlp.kind == "glu"
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
 
 
 def _llama_like(prefix: str, model_type: str, module: str, **overrides: Any) -> ArchitectureSpec:
@@ -279,6 +400,15 @@ _SPECS: tuple[ArchitectureSpec, ...] = (
         "mixtral",
         _m("mixtral"),
         mlp=None,
+        moe=MoESpec(
+            block_class_names=("MixtralSparseMoeBlock",),
+            experts_class_names=("MixtralExperts",),
+            router_class_names=("MixtralTopKRouter",),
+            router_attribute="gate",
+            routing="softmax_topk",  # softmax in fp32 over all experts, then top-k
+            normalize_top_k=True,  # always renormalised
+            router_jitter_config="router_jitter_noise",
+        ),
         logits=LogitsSpec(router_aux_loss=True),
     ),
     _llama_like("Granite", "granite", _m("granite"), logits=LogitsSpec(scaling_config="logits_scaling")),
@@ -287,6 +417,14 @@ _SPECS: tuple[ArchitectureSpec, ...] = (
         "granitemoe",
         _m("granitemoe"),
         mlp=None,
+        moe=MoESpec(
+            block_class_names=("GraniteMoeMoE",),
+            experts_class_names=("GraniteMoeExperts",),
+            router_class_names=("GraniteMoeTopKRouter",),
+            router_attribute="router",
+            routing="topk_softmax",  # top-k of the fp32 logits, softmax over those k
+            normalize_top_k=False,  # the softmax over k already sums to 1
+        ),
         logits=LogitsSpec(scaling_config="logits_scaling", router_aux_loss=True),
     ),
     ArchitectureSpec(
@@ -316,6 +454,61 @@ _SPECS: tuple[ArchitectureSpec, ...] = (
     ),
     _llama_like("Qwen2", "qwen2", _m("qwen2")),
     _llama_like("Qwen3", "qwen3", _m("qwen3")),
+    _llama_like(
+        "Qwen2Moe",
+        "qwen2_moe",
+        _m("qwen2_moe"),
+        mlp=None,  # dense Qwen2MoeMLP only as the shared expert and in mlp_only_layers
+        moe=MoESpec(
+            block_class_names=("Qwen2MoeSparseMoeBlock",),
+            experts_class_names=("Qwen2MoeExperts",),
+            router_class_names=("Qwen2MoeTopKRouter",),
+            router_attribute="gate",
+            num_experts_config="num_experts",
+            routing="softmax_topk",
+            normalize_top_k="norm_topk_prob",
+            shared_expert="shared_expert",
+            shared_expert_gate="shared_expert_gate",
+            every_layer=False,
+        ),
+        logits=LogitsSpec(router_aux_loss=True),
+        mlp_output_only_to_residual=False,
+    ),
+    _llama_like(
+        "Qwen3Moe",
+        "qwen3_moe",
+        _m("qwen3_moe"),
+        mlp=None,  # dense Qwen3MoeMLP only in mlp_only_layers
+        moe=MoESpec(
+            block_class_names=("Qwen3MoeSparseMoeBlock",),
+            experts_class_names=("Qwen3MoeExperts",),
+            router_class_names=("Qwen3MoeTopKRouter",),
+            router_attribute="gate",
+            num_experts_config="num_experts",
+            routing="softmax_topk",
+            normalize_top_k="norm_topk_prob",
+            every_layer=False,
+        ),
+        logits=LogitsSpec(router_aux_loss=True),
+        mlp_output_only_to_residual=False,
+    ),
+    _llama_like(
+        "Olmoe",
+        "olmoe",
+        _m("olmoe"),
+        mlp=None,  # OlmoeMLP is defined but not used by the decoder layers
+        moe=MoESpec(
+            block_class_names=("OlmoeSparseMoeBlock",),
+            experts_class_names=("OlmoeExperts",),
+            router_class_names=("OlmoeTopKRouter",),
+            router_attribute="gate",
+            num_experts_config="num_experts",
+            routing="softmax_topk",
+            normalize_top_k="norm_topk_prob",
+        ),
+        logits=LogitsSpec(router_aux_loss=True),
+        mlp_output_only_to_residual=False,
+    ),
     _llama_like(
         "Gemma",
         "gemma",
@@ -456,7 +649,11 @@ class MatchedModule:
 
 @dataclass(frozen=True)
 class ModelMatch:
-    """The modules of a model instance, as its spec describes them (all checked)."""
+    """The modules of a model instance, as its spec describes them (all checked).
+
+    ``moe_blocks``, ``experts`` and ``routers`` are empty for dense architectures; for MoE ones they are in
+    layer order, ``experts[i]`` and ``routers[i]`` belonging to ``moe_blocks[i]``.
+    """
 
     spec: ArchitectureSpec
     causal_lm: MatchedModule
@@ -464,6 +661,9 @@ class ModelMatch:
     attentions: tuple[MatchedModule, ...]
     mlps: tuple[MatchedModule, ...]
     norms: tuple[MatchedModule, ...]
+    moe_blocks: tuple[MatchedModule, ...] = ()
+    experts: tuple[MatchedModule, ...] = ()
+    routers: tuple[MatchedModule, ...] = ()
 
 
 def _modules(root: Any) -> Iterator[tuple[str, Any]]:
@@ -521,10 +721,18 @@ def match_model(model: Any, spec: ArchitectureSpec) -> ModelMatch:
         )
 
     layers, attentions, mlps, norms = [], [], [], []
+    blocks, experts, routers = [], [], []
     for path, module in _modules(lm.module):
         matched = MatchedModule(_join(lm.path, path), module)
         if has_class(module, spec.decoder_layer_classes):
             layers.append(matched)
+        if spec.moe is not None:
+            if has_class(module, spec.moe.block_class_names):
+                blocks.append(matched)
+            if has_class(module, spec.moe.experts_class_names):
+                experts.append(matched)
+            if has_class(module, spec.moe.router_class_names):
+                routers.append(matched)
         if has_class(module, spec.attention.class_names):
             attentions.append(matched)
         if spec.mlp is not None and has_class(module, spec.mlp.class_names):
@@ -575,6 +783,8 @@ def match_model(model: Any, spec: ArchitectureSpec) -> ModelMatch:
                 f"{spec.norm.eps_attribute!r} (epsilon)",
                 fix="update the NormSpec in fms_acceleration_accelerate/model_specs.py",
             )
+    if spec.moe is not None:
+        _check_moe(spec, lm, len(layers), blocks, experts, routers)
     return ModelMatch(
         spec=spec,
         causal_lm=lm,
@@ -582,6 +792,119 @@ def match_model(model: Any, spec: ArchitectureSpec) -> ModelMatch:
         attentions=tuple(attentions),
         mlps=tuple(mlps),
         norms=tuple(norms),
+        moe_blocks=tuple(blocks),
+        experts=tuple(experts),
+        routers=tuple(routers),
+    )
+
+
+def _inside(parent: MatchedModule, found: list[MatchedModule]) -> list[MatchedModule]:
+    return [m for m in found if m.path.startswith(parent.path + ".")]
+
+
+def _check_moe(
+    spec: ArchitectureSpec,
+    lm: MatchedModule,
+    n_layers: int,
+    blocks: list[MatchedModule],
+    experts: list[MatchedModule],
+    routers: list[MatchedModule],
+) -> None:
+    """Check the MoE blocks of a model against ``spec.moe``; reorders nothing (``named_modules`` is layer order)."""
+    import torch
+
+    moe = spec.moe
+    assert moe is not None
+    fix = "the model does not match the transformers class its spec was written for; check the transformers version"
+    fix += ", or update the MoESpec in fms_acceleration_accelerate/model_specs.py"
+    names = " / ".join(moe.block_class_names)
+    if not blocks or (moe.every_layer and len(blocks) != n_layers) or len(blocks) > n_layers:
+        raise ModelStructureError(
+            f"{spec.model_type}: found {n_layers} decoder layers but {len(blocks)} MoE blocks of class {names}"
+            + (" (every layer has one in this architecture)" if moe.every_layer else ""),
+            fix=fix,
+        )
+    config = getattr(lm.module, "config", None)
+    for block in blocks:
+        for what, found, attribute, classes in (
+            ("experts", experts, moe.experts_attribute, moe.experts_class_names),
+            ("router", routers, moe.router_attribute, moe.router_class_names),
+        ):
+            mine = _inside(block, found)
+            if len(mine) != 1:
+                raise ModelStructureError(
+                    f"{spec.model_type}: MoE block {block.path} ({type(block.module).__name__}) holds {len(mine)} "
+                    f"{what} modules of class {' / '.join(classes)}, expected one (attribute {attribute!r})",
+                    fix=fix,
+                )
+            _child(block, attribute, what, spec)
+        for attribute in (moe.shared_expert, moe.shared_expert_gate):
+            if attribute is not None:
+                _child(block, attribute, "shared expert", spec)
+    for matched in experts:
+        module = matched.module
+        for attribute, dims in (
+            (moe.gate_up_proj, 3),
+            (moe.down_proj, 3),
+            (moe.gate_up_bias, 2),
+            (moe.down_bias, 2),
+        ):
+            if attribute is None:
+                continue
+            value = getattr(module, attribute, None)
+            if not isinstance(value, torch.Tensor) or value.dim() != dims:
+                raise ModelStructureError(
+                    f"{spec.model_type}: experts {matched.path} ({type(module).__name__}) has no {dims}-D tensor "
+                    f"{attribute!r} (found {type(value).__name__}"
+                    + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else "")
+                    + ")",
+                    fix=fix,
+                )
+        gate_up, down = getattr(module, moe.gate_up_proj), getattr(module, moe.down_proj)
+        two_i, hidden = (gate_up.shape[2], gate_up.shape[1]) if moe.transposed else gate_up.shape[1:]
+        d_hidden, inter = (down.shape[2], down.shape[1]) if moe.transposed else down.shape[1:]
+        n_experts = gate_up.shape[0]
+        expected_experts = moe.num_experts(config) if config is not None else n_experts
+        if getattr(module, "_is_expert_parallel", False):  # transformers' own EP keeps only the local experts
+            expected_experts = n_experts
+        if two_i != 2 * inter or hidden != d_hidden or down.shape[0] != n_experts or n_experts != expected_experts:
+            layout = "(E, H, 2I) and (E, I, H)" if moe.transposed else "(E, 2I, H) and (E, H, I)"
+            raise ModelStructureError(
+                f"{spec.model_type}: experts {matched.path} hold {moe.gate_up_proj} {tuple(gate_up.shape)} and "
+                f"{moe.down_proj} {tuple(down.shape)}, expected {layout} with E = {expected_experts} "
+                f"({moe.num_experts_config})",
+                fix=fix,
+            )
+        for flag in ("has_gate", "has_post_expert_norm"):
+            if flag in vars(module) and bool(getattr(module, flag)) != (flag == "has_gate"):
+                raise ModelStructureError(
+                    f"{spec.model_type}: experts {matched.path} have {flag}={getattr(module, flag)!r}; the spec "
+                    "describes gated experts without a post-expert norm",
+                    fix=fix,
+                )
+        experts_activation(module, moe, path=matched.path)
+
+
+_KERNEL_ACTIVATIONS = {("silu", None): "silu", ("gelu", "tanh"): "gelu_tanh", ("gelu", "none"): "gelu"}
+
+
+def experts_activation(experts: Any, spec: MoESpec, *, path: str = "") -> str:
+    """The gated activation of an experts module as a kernel name: ``"silu"``, ``"gelu_tanh"``, ``"gelu"`` (erf),
+    or the fixed :attr:`MoESpec.activation` (``"gpt_oss"``).
+
+    Raises:
+        ModelStructureError: the experts' activation module is not one of :data:`ACTIVATION_CLASSES`.
+    """
+    if spec.activation is not None:
+        return spec.activation
+    act = getattr(experts, spec.activation_attribute, None)
+    for name in class_names_of(act):
+        if name in ACTIVATION_CLASSES:
+            return _KERNEL_ACTIVATIONS[ACTIVATION_CLASSES[name]]
+    where = _join(path, spec.activation_attribute) if path else spec.activation_attribute
+    raise ModelStructureError(
+        f"experts activation {where} is {type(act).__name__}, which no expert kernel implements",
+        fix=f"supported activations: {', '.join(ACTIVATION_CLASSES)}",
     )
 
 

@@ -15,6 +15,7 @@ from fms_acceleration_accelerate.model_specs import (
     activation_of,
     architecture_spec,
     check_spec_classes,
+    experts_activation,
     match_model,
 )
 
@@ -61,6 +62,10 @@ def test_spec_matches_installed_transformers_and_tiny_model(model_type):
     expected_activation = {"gemma": "gelu", "gemma2": "gelu", "gpt_bigcode": "gelu"}.get(model_type, "silu")
     for mlp in match.mlps:
         assert activation_of(mlp.module, spec.mlp)[0] == expected_activation
+    # MoE architectures: one block, experts and router per layer (the tiny configs make every layer sparse)
+    assert len(match.moe_blocks) == len(match.experts) == len(match.routers) == (n_layers if spec.moe else 0)
+    for experts in match.experts:
+        assert experts_activation(experts.module, spec.moe) == "silu"
 
 
 def test_spec_kinds():
@@ -72,6 +77,9 @@ def test_spec_kinds():
     assert architecture_spec("gemma2").logits.softcap_config == "final_logit_softcapping"
     assert architecture_spec("granite").logits.scaling_config == "logits_scaling"
     assert architecture_spec("mixtral").mlp is None and architecture_spec("mixtral").logits.router_aux_loss
+    moe_types = {t for t, s in ARCHITECTURE_SPECS.items() if s.moe is not None}
+    assert moe_types >= {"mixtral", "granitemoe", "qwen2_moe", "qwen3_moe", "olmoe"}
+    assert all(ARCHITECTURE_SPECS[t].mlp is None for t in moe_types)
 
 
 def test_match_through_peft_wrapper():

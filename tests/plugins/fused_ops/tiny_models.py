@@ -46,6 +46,11 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     "gemma": dict(head_dim=8),
     "gemma2": dict(head_dim=8, final_logit_softcapping=5.0, attn_logit_softcapping=None),
     "phi3": dict(partial_rotary_factor=0.5),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, shared_expert_intermediate_size=40
+    ),
+    "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=8, norm_topk_prob=True),
+    "olmoe": dict(num_experts=4, num_experts_per_tok=2),
 }
 
 
