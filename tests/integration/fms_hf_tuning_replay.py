@@ -61,8 +61,13 @@ class FastKernelsConfig:
 
 
 @dataclass
-class PaddingFree:
+class PaddingFree:  # --padding_free huggingface
     method: str = "huggingface"
+
+
+@dataclass
+class MultiPack:  # --multipack 16
+    num_processes: int = 16
 
 
 # field name -> (config path prefix, key under it, plugin import names it needs), as fms-hf-tuning annotates them
@@ -72,6 +77,7 @@ ANNOTATIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "fused_lora": ("peft.quantization", "fused_ops_and_kernels", ("foak",)),
     "fast_kernels": ("training", "fused_ops_and_kernels", ("foak",)),
     "padding_free": ("training.attention", "padding_free", ("aadp",)),
+    "multipack": ("training.dataloader", "multipack", ("aadp",)),
 }
 
 
@@ -82,6 +88,7 @@ class AccelerationFrameworkConfig:
     fused_lora: FusedLoraConfig | None = None
     fast_kernels: FastKernelsConfig | None = None
     padding_free: PaddingFree | None = None
+    multipack: MultiPack | None = None
 
     def is_empty(self) -> bool:
         return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
@@ -118,6 +125,15 @@ class AccelerationFrameworkConfig:
             if self.is_empty() and msg.startswith("No plugins could be configured"):
                 return None
             raise
+
+
+def get_data_collator(tokenizer: Any, max_seq_length: int, is_padding_free: bool) -> Any:
+    """fms-hf-tuning's collator for a pretokenized dataset without response template: with ``--padding_free``
+    a ``DataCollatorForSeq2Seq`` that does not pad (the original padding-free plugin replaced it with a flattening
+    collator); otherwise one that pads (labels with -100)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    return DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=not is_padding_free, max_length=max_seq_length)
 
 
 def additional_accel_framework_callbacks(active_plugins, **kwargs) -> list:

@@ -26,8 +26,10 @@ from .fms_hf_tuning_replay import (
     BNBQLoraConfig,
     FastKernelsConfig,
     FusedLoraConfig,
+    MultiPack,
     PaddingFree,
     additional_accel_framework_callbacks,
+    get_data_collator,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -187,6 +189,116 @@ def test_padding_free_flag_activates_the_padding_free_plugin():
     framework = AccelerationFrameworkConfig(padding_free=PaddingFree()).get_framework()
     assert [name for name, _ in framework.active_plugins] == ["padding_free"]
     assert framework.plugin("padding_free").config.method == "huggingface"
+
+
+def _padding_free_multipack_run(tmp_path: Path, request, collator_of) -> tuple[object, object, list]:
+    """fms-hf-tuning's flow for ``--padding_free huggingface --multipack 16`` (full fine-tuning of a tiny Llama on a
+    pretokenized dataset with TRL's SFTTrainer, as its sft_trainer.py drives it): the framework from the flags, the
+    model from ``from_pretrained`` (no plugin loads it), ``augmentation``, the trainer, the callbacks of
+    ``get_callbacks_and_ready_for_train`` with the trainer's Accelerator, 4 steps. Returns the framework, the trainer
+    and the ``(input_ids shape, attention_mask given)`` of every batch the model saw."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    acceleration = AccelerationFrameworkConfig(padding_free=PaddingFree(method="huggingface"), multipack=MultiPack(16))
+    assert acceleration.to_dict() == {
+        "training": {
+            "attention": {"padding_free": {"method": "huggingface"}},
+            "dataloader": {"multipack": {"num_processes": 16}},
+        }
+    }
+    framework = acceleration.get_framework()
+    request.addfinalizer(framework.revert)  # fms-hf-tuning's process ends instead; here later tests share it
+    assert [name for name, _plugin in framework.active_plugins] == ["padding_free", "multipack"]
+    assert not framework.requires_custom_loading and framework.requires_augmentation
+
+    tokenizer = _tokenizer()
+    path = _tiny_llama(tmp_path / "model", len(tokenizer))
+    model = AutoModelForCausalLM.from_pretrained(  # the keyword arguments fms-hf-tuning passes
+        str(path), use_cache=False, cache_dir=None, torch_dtype=torch.float32, attn_implementation=None
+    )
+    lengths = [4 + (7 * i) % 11 for i in range(32)]  # 4 .. 14 tokens
+    ids = [[3 + (i + j) % len(WORDS) for j in range(n)] + [2] for i, n in enumerate(lengths)]
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})  # a pretokenized dataset
+    train_args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        max_length=32,
+        packing=False,
+        seed=5,
+    )
+    model, (peft_config,) = framework.augmentation(model, train_args, modifiable_args=(None,))
+    assert peft_config is None
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=data,
+        args=train_args,
+        data_collator=collator_of(tokenizer, 32),
+        peft_config=peft_config,
+    )
+    for callback in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+        trainer.add_callback(callback)
+    assert additional_accel_framework_callbacks(active_plugins=framework.active_plugins, trainer=trainer) == []
+    seen: list[tuple[tuple[int, ...], bool]] = []
+    model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append((tuple(kwargs["input_ids"].shape), "attention_mask" in kwargs)),
+        with_kwargs=True,
+    )
+    trainer.train()
+    return framework, trainer, seen
+
+
+@pytest.mark.slow
+def test_padding_free_and_multipack_flags_train_through_fms_acceleration(tmp_path, request):
+    """``--padding_free huggingface --multipack 16`` activate both plugins; the trainer's training batches are
+    multipack's token-budget batches, flattened into one row of real tokens, and training runs. The batches come
+    from the padding ``DataCollatorForSeq2Seq`` (fms-hf-tuning's for pretokenized data without ``--padding_free``)."""
+    pytest.importorskip("trl")
+    import torch
+    from fms_acceleration_accelerate_aadp.multipack_plugin import find_multipack_sampler
+
+    def padding_collator(tokenizer, max_seq_length):
+        return get_data_collator(tokenizer, max_seq_length, is_padding_free=False)
+
+    framework, trainer, seen = _padding_free_multipack_run(tmp_path, request, padding_collator)
+    sampler = find_multipack_sampler(trainer.get_train_dataloader())
+    assert sampler is not None and framework.plugin("multipack").seed == 5  # the training arguments' seed
+    assert len(seen) == 4 and all(rows == 1 and not has_mask for (rows, _), has_mask in seen), seen
+    assert all(tokens <= sampler.max_tokens for (_, tokens), _ in seen), (seen, sampler.max_tokens)
+    assert len({tokens for (_, tokens), _ in seen}) > 1  # token-budget batches, not a fixed shape
+    model = trainer.model
+    assert str(model.config._attn_implementation).startswith("fms_padding_free")
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and all(map(torch.isfinite, torch.tensor(losses))), losses
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    raises=ValueError,
+    reason="with --padding_free, fms-hf-tuning hands the trainer a DataCollatorForSeq2Seq with padding=False, which "
+    "cannot build tensors from examples of different lengths; the padding-free plugin wraps that collator (the "
+    "original replaced it with a flattening collator)",
+)
+def test_padding_free_flags_with_fms_hf_tunings_non_padding_collator(tmp_path, request):
+    pytest.importorskip("trl")
+
+    def fms_hf_tuning_collator(tokenizer, max_seq_length):
+        return get_data_collator(tokenizer, max_seq_length, is_padding_free=True)
+
+    _framework, _trainer, seen = _padding_free_multipack_run(tmp_path, request, fms_hf_tuning_collator)
+    assert len(seen) == 4 and all(rows == 1 and not has_mask for (rows, _), has_mask in seen), seen
 
 
 def test_upstream_liger_sample_configuration_is_accepted(tmp_path, caplog):
