@@ -30,6 +30,10 @@ Usage (repository root, one CUDA GPU; about a minute without ``--sweep``)::
 ``--out`` defaults to ``$OUT``. Writes ``moe_bench.json`` (environment, rows, sweep, ``all_checks_ok``) and prints
 one line per measurement. ``--smoke`` runs the script on tiny shapes on CPU in Triton's interpreter (timings
 meaningless), to check the script itself without a GPU.
+
+``--codegen`` needs no GPU: it compiles each kernel with its default tile setting (``--sweep`` too: every setting of
+the sweep) for sm_90 (Triton ships ``ptxas`` and ``cuobjdump``) and prints registers per thread, spill stack bytes,
+shared memory and whether the dots lower to Hopper's ``wgmma`` (one JSON object per line with ``--json``).
 """
 
 from __future__ import annotations
@@ -39,8 +43,11 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shlex
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -72,8 +79,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement (ms)")
     parser.add_argument("--sweep", action="store_true", help="also sweep the Triton kernels' tile settings")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in Triton's interpreter")
+    parser.add_argument("--codegen", action="store_true", help="compile the kernels for sm_90 offline (no GPU)")
+    parser.add_argument("--json", action="store_true", help="--codegen: one JSON object per line")
     args = parser.parse_args(argv)
-    if not args.out:
+    if not args.out and not args.codegen:
         parser.error("--out (or $OUT) is required")
     return args
 
@@ -315,8 +324,103 @@ def sweep(problem, params, truth, shape, timer, device) -> list[dict]:
     return jobs
 
 
+# ------------------------------------------------------------------------------------------ offline codegen
+
+# pointer/int arguments Triton specialises as divisible by 16 at these shapes (pointers, feature sizes, row strides)
+_DIVISIBLE = ("X", "W", "Y", "HOUT", "AOUT", "DOUT", "HBUF", "DH", "AW", "G", "DW", "PERM", "OFFSETS", "K", "N",
+              "n_inter", "stride_xt", "stride_x", "stride_y", "stride_dt", "stride_g", "stride_we", "stride_wr",
+              "stride_wn", "stride_wk", "stride_dwe", "stride_dwn")  # fmt: skip
+
+
+def _kernel_variants(moe) -> dict:
+    """kernel name -> (jit function, pointer dtypes, constexprs without the tile settings) as the forward and
+    backward of a bf16 top-8 layer launch them."""
+    bf16 = "*bf16"
+    tiles = dict(PRECISION=0, BLOCK_E=64)
+    glu = dict(STEP=1, TOPK=8, ACT=0, EVEN_K=True, GROUP_M=8, **tiles)
+    return {
+        "up": (moe._moe_up_kernel, {n: bf16 for n in ("X", "W", "BIAS", "HOUT", "AOUT")} | {"alpha": "fp32", "limit": "fp32"},
+               dict(HAS_BIAS=False, STORE_H=True, **glu)),
+        "down": (moe._moe_grouped_mm_kernel, {n: bf16 for n in ("X", "W", "BIAS", "Y")},
+                 dict(HAS_BIAS=False, EVEN_K=True, GROUP_M=8, **tiles)),
+        "down_bwd": (moe._moe_down_bwd_kernel, {n: bf16 for n in ("DOUT", "W", "HBUF", "DH", "AW", "TKW")}
+                     | {"DWP": "*fp32", "alpha": "fp32", "limit": "fp32"},
+                     dict(STORE_DH=True, STORE_AW=True, STORE_DWP=True, **glu)),
+        "dx": (moe._moe_grouped_mm_kernel, {n: bf16 for n in ("X", "W", "BIAS", "Y")},
+               dict(HAS_BIAS=False, EVEN_K=True, GROUP_M=8, **tiles)),
+        "wgrad": (moe._moe_weight_grad_kernel, {n: bf16 for n in ("G", "X", "DW", "DB", "SCALE")},
+                  dict(TOPK=8, G_GATHER=False, X_GATHER=True, HAS_DB=False, HAS_SCALE=False, PRECISION=0)),
+    }  # fmt: skip
+
+
+def compile_stats(kernel: str, launch, arch: int = 90) -> dict:
+    """Compile one kernel with one tile setting for ``sm_<arch>``: registers, spill stack, shared memory, wgmma."""
+    import triton
+    from fms_acceleration_accelerate_kernels import moe
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, pointers, constexprs = _kernel_variants(moe)[kernel]
+    block_m, block_n, block_k, warps, stages = launch
+    constexprs = constexprs | dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    names = fn.arg_names
+    signature = {}
+    for name in names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = pointers[name]
+        else:
+            signature[name] = "*i32" if name in ("PERM", "OFFSETS", "INV") else "i32"
+    source = ASTSource(
+        fn=fn,
+        signature=signature,
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+        attrs={(names.index(k),): [["tt.divisibility", 16]] for k in _DIVISIBLE if k in names},
+    )
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+    )
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as fh:
+            fh.write(compiled.asm["cubin"])
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin],
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+    return {
+        "kernel": kernel,
+        "launch": list(launch),
+        "registers": int(found.group(1)) if found else -1,
+        "stack_bytes": int(found.group(2)) if found else -1,
+        "shared_bytes": compiled.metadata.shared,
+        "wgmma": "wgmma" in compiled.asm["ptx"],
+    }
+
+
+def codegen(args: argparse.Namespace) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU target")
+    from fms_acceleration_accelerate_kernels.moe import _LAUNCH
+
+    jobs = [(kernel, tuple(launch)) for kernel, launch in _LAUNCH.items()]
+    if args.sweep:
+        jobs += [(kernel, cand) for kernel, cands in SWEEP.items() for cand in cands if cand != tuple(_LAUNCH[kernel])]
+    for kernel, launch in jobs:
+        stats = compile_stats(kernel, launch)
+        if args.json:
+            print(json.dumps(stats), flush=True)
+        else:
+            print(f"{kernel:9s} {launch!s:24s} regs {stats['registers']:3d} stack {stats['stack_bytes']:5d} "
+                  f"smem {stats['shared_bytes']:6d} wgmma {stats['wgmma']}", flush=True)  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.codegen:
+        return codegen(args)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported
     import torch
