@@ -42,6 +42,7 @@ from .lora import (
     quantized_linear,
     quantized_linear_ref,
 )
+from .moe import MoERouting, moe_experts, moe_experts_ref, moe_experts_triton, moe_route, moe_route_ref
 from .nf4 import FourBitState, dequantize_4bit, dequantize_4bit_ref, dequantize_4bit_triton
 from .rms_norm import rms_norm, rms_norm_ref, rms_norm_triton
 from .rope import apply_rotary_pos_emb, rope, rope_ref, rope_triton
@@ -54,6 +55,7 @@ __all__ = [
     "FourBitState",
     "GPTQWeight",
     "LoraProjection",
+    "MoERouting",
     "QuantizedWeight",
     "apply_rotary_pos_emb",
     "bnb_four_bit_state",
@@ -86,6 +88,11 @@ __all__ = [
     "lora_mlp_swiglu_ref",
     "lora_qkv",
     "lora_qkv_ref",
+    "moe_experts",
+    "moe_experts_ref",
+    "moe_experts_triton",
+    "moe_route",
+    "moe_route_ref",
     "pack_gptq",
     "quantized_linear",
     "quantized_linear_ref",
