@@ -130,6 +130,29 @@ def test_experts_layouts_activations_and_biases(kwargs, transposed, bias):
     _compare(index, tensors, torch.float32, kwargs)
 
 
+def test_mixed_dtypes_and_strided_weights():
+    """bf16 experts with fp32 routing weights (a router that keeps its softmax in fp32), and weight stacks that are
+    strided views (a transposed copy seen through ``transpose``): gradients come back in each input's dtype and
+    layout."""
+    device = device_for_tests()
+    index, t = _inputs(5, 2, empty=(4,))
+    upstream = torch.randn(T, H, generator=torch.Generator().manual_seed(7)).to(device)
+    ref_out, ref_grads = _run(moe_experts_ref, index, t, torch.float32, upstream)
+    leaves = {n: v.detach().to(device, torch.bfloat16).clone().requires_grad_(True) for n, v in t.items()}
+    leaves["top_k_weights"] = t["top_k_weights"].to(device).clone().requires_grad_(True)
+    gate_up_t = t["gate_up"].transpose(1, 2).contiguous().to(device, torch.bfloat16).requires_grad_(True)
+    leaves["gate_up"] = gate_up_t.transpose(1, 2)  # (E, 2I, H) with unit stride along 2I
+    out = moe_experts_triton(top_k_index=index.to(device), **leaves)
+    out.backward(upstream.to(out.dtype))
+    assert leaves["top_k_weights"].grad.dtype == torch.float32 and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float().cpu(), ref_out, **TOL[torch.bfloat16])
+    torch.testing.assert_close(
+        gate_up_t.grad.transpose(1, 2).float().cpu(), ref_grads["gate_up"], **GRAD_TOL[torch.bfloat16]
+    )
+    for name in ("hidden", "top_k_weights", "down"):
+        torch.testing.assert_close(leaves[name].grad.float().cpu(), ref_grads[name], **GRAD_TOL[torch.bfloat16])
+
+
 def test_expert_parallel_sentinels_are_dropped():
     """Slots routed to ids >= E (experts owned by other ranks) contribute nothing and get zero routing grads."""
     index, tensors = _inputs(5, 4, sentinels=20, bias=True)
