@@ -5,7 +5,7 @@ parameters): for every token ``t`` and each of its ``k`` routing slots ``s`` (ex
 weight ``w = top_k_weights[t, s]``)::
 
     h = x_t W_gu[e]^T (+ b_gu[e])               # (2I,) gate and up pre-activations, in W_gu's row order
-    a = act(gate(h)) * up(h)                    # (I,)
+    a = act(gate(h)) * up(h)                    # (I,) (or GPT-OSS's clamped SwiGLU, act="gpt_oss")
     out_t += w * (a W_d[e]^T (+ b_d[e]))        # (H,)
 
 with ``W_gu`` (E, 2I, H) and ``W_d`` (E, H, I) (``transposed=True``: (E, H, 2I) and (E, I, H)). The gate/up rows
@@ -21,7 +21,8 @@ the GEMMs read scattered token rows through the sort index instead of copying th
   S <= ~1M of training batches); a Triton sort would save launches, not time, against the GEMMs below.
 * Forward, two grouped GEMM kernels. Each program takes one (expert row tile, column tile): the tile's expert is
   found in-kernel from ``offsets`` (a prefix sum over the per-expert tile counts), so the grid is a static upper
-  bound, no per-expert launches or host syncs, and empty experts cost nothing.
+  bound, no per-expert launches or host syncs, and empty experts cost nothing. Row tiles are walked in groups
+  of ``_GROUP_M`` column by column, so programs running together share weight tiles in L2.
 
   1. ``_moe_up_kernel``: rows ``x[perm // k]`` gathered on load (no gathered copy of the tokens) times the gate
      and the up weight tiles (two accumulators sharing the x tile); the epilogue adds the bias, rounds ``h`` to
@@ -39,8 +40,8 @@ the GEMMs read scattered token rows through the sort index instead of copying th
 
   1. ``_moe_down_bwd_kernel``: ``da = g[perm // k] W_d[e]`` (gathered rows); the epilogue recomputes
      ``a`` from ``h``, writes ``dw_partial = <da, a>`` per column tile (the routing-weight gradient
-     ``<g_t, y>``, without ever forming ``y``), ``dh = (w da) * act'(gate) * up | (w da) * act(gate)`` (S, 2I)
-     and ``w a`` (S, I) for the down weight gradient.
+     ``<g_t, y>``, without ever forming ``y``), ``dh = (w da) * da/dgate | (w da) * da/dup`` (S, 2I) in W_gu's
+     row order, and ``w a`` (S, I) for the down weight gradient.
   2. ``_moe_weight_grad_kernel`` (per expert, over its row slice ``offsets[e]:offsets[e+1]``):
      ``dW_d[e] = g[perm // k]^T (w a)`` and ``dW_gu[e] = dh^T x[perm // k]`` (gathered rows again), bias
      gradients as row sums in the same pass; written in the parameters' own layout.
@@ -51,7 +52,8 @@ the GEMMs read scattered token rows through the sort index instead of copying th
 
 Math in fp32 accumulators, one rounding per stored tensor; bf16/fp16 operands use tensor cores, fp32 operands
 TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is on and IEEE fp32 otherwise. In interpreter mode the dots
-run in fp32 (the interpreter's ``tl.dot`` mishandles bf16 operands).
+run in fp32 (the interpreter's ``tl.dot`` mishandles bf16 operands). Under ``torch.compile`` the op is the custom
+ops ``fms_accel_kernels::moe_experts_fwd`` / ``moe_experts_bwd`` (same kernels).
 """
 
 from __future__ import annotations
