@@ -13,12 +13,18 @@ plugin whose layer class subclasses another's (e.g. of ``torch.nn.Linear``) must
 
 A format that packs integers, e.g. GPTQ (int32 ``qweight`` / ``qzeros`` / ``g_idx``, fp16 ``scales``), fits the
 same shape: a frozen weight format holding those four tensors plus ``bits`` / ``group_size`` and the logical
-(out, in) shape, whose ``dequantize`` runs the unpacking kernel, and a backend that reads the layer's buffers::
+(out, in) shape, whose ``dequantize`` runs the unpacking kernel, and a backend that reads the layer's buffers. ``read``
+runs at every forward, so anything that needs a device read (e.g. whether ``g_idx`` is free of act-order, which
+lets the kernels compute groups instead of reading them) is computed once, when the layer is loaded, and kept on
+the layer as a plain value::
 
     DequantBackend(
         name="gptq",
         module_types=("gptqmodel.nn_modules.qlinear:BaseQuantLinear",),
-        read=lambda layer: GPTQWeight(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits=layer.bits, ...),
+        read=lambda layer: GPTQWeight(
+            layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits=layer.bits, ...,
+            sequential_g_idx=layer.sequential_g_idx,  # a bool the loader set with gptq_sequential_g_idx
+        ),
         weight_format=GPTQWeight,
         base_layer="auto_gptq",
     )

@@ -13,7 +13,8 @@ the framework's registry of dequant backends (``fms_acceleration_accelerate.dequ
 The backend also reads the layers the plugin puts in place under FSDP: :class:`~.packed.PackedGPTQLinear` (FSDP2;
 ``read`` must then run inside the forward of a module containing the layer, where FSDP2 has all-gathered the
 shards, as the fused kernels do) and ``GPTQLinear`` in parameter storage (FSDP1). All three answer
-``quantized_weight()``.
+``quantized_weight()``, which flags the ``GPTQWeight`` with the layer's ``sequential_g_idx`` (set at load, or
+computed once at the first read and kept on the layer; never a device read per forward).
 """
 
 from __future__ import annotations

@@ -38,6 +38,14 @@ The forward is ``gptq_linear(x, self.quantized_weight(), self.bias)`` of ``fms_a
 in ``compute_dtype`` (or the autocast dtype): dequantise + matmul, whose backward dequantises again for the
 input gradient and keeps no dense weight.
 
+``sequential_g_idx`` (a plain Python bool on the layer, not a tensor) says whether ``g_idx[k] == k // group_size``
+for every input channel (no act-order). The kernels then compute each tile's group from ``k`` instead of reading
+``g_idx`` (faster dequantisation) and may run the fused dequant-matmul for few rows. The loader sets it once per
+layer from the checkpoint's ``g_idx`` as it reads it (host memory, no device read); a layer built otherwise
+computes it at its first use (one read of ``g_idx``) and keeps it. It is derived from ``g_idx``, so nothing of it
+is saved: ``state_dict`` / ``save_pretrained`` write the checkpoint's tensors only, and loading a state dict with a
+``g_idx`` forgets the flag until the next use.
+
 Merging LoRA into this layer is impossible (there is no dense weight to add to): the loader marks the model with
 ``quantization_method = "gptq"``, so PEFT's ``merge_and_unload`` / ``merge_adapter`` refuse it up front; a direct
 ``LoraLayer.merge()`` fails on the missing ``weight`` before anything is changed.
@@ -101,6 +109,8 @@ class GPTQLinear(nn.Linear):
         self.compute_dtype = compute_dtype
         self.scales_dtype = scales_dtype
         self.storage_dtype: torch.dtype | None = None  # parameter storage (FSDP1): the dtype the tensors are viewed as
+        # g_idx[k] == k // group_size for every k (no act-order); None: not known yet (see resolve_sequential_g_idx)
+        self.sequential_g_idx: bool | None = None
         groups = 1 if group_size == -1 else -(-in_features // group_size)
         self.register_parameter("weight", None)
         self.register_buffer("qweight", torch.empty(in_features // pf, out_features, dtype=torch.int32, device=device))
@@ -161,6 +171,7 @@ class GPTQLinear(nn.Linear):
             setattr(new, key, getattr(layer, key))
         new.scales_dtype = layer.scales_dtype
         new.storage_dtype = dtype
+        new.sequential_g_idx = layer.sequential_g_idx
         new.register_parameter("weight", None)
         for name, tensor in layer.packed_tensors().items():
             new.register_parameter(name, nn.Parameter(_reinterpret(tensor, dtype), requires_grad=False))
@@ -177,6 +188,7 @@ class GPTQLinear(nn.Linear):
             setattr(new, key, getattr(layer, key))
         new.scales_dtype = layer.scales_dtype
         new.storage_dtype = None
+        new.sequential_g_idx = layer.sequential_g_idx
         new.register_parameter("weight", None)
         for name, tensor in layer.packed_tensors().items():
             new.register_buffer(name, tensor)
@@ -193,7 +205,10 @@ class GPTQLinear(nn.Linear):
                     destination[prefix + name] = tensor if keep_vars else tensor.detach()
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
-        """Packed tensors given in their own dtypes load into parameter storage bit for bit (viewed, not cast)."""
+        """Packed tensors given in their own dtypes load into parameter storage bit for bit (viewed, not cast). A
+        new ``g_idx`` makes ``sequential_g_idx`` unknown again (computed at the next use)."""
+        if prefix + "g_idx" in state_dict:
+            self.sequential_g_idx = None
         if self.storage_dtype is not None:
             for name in PACKED_NAMES:
                 key = prefix + name
@@ -201,9 +216,24 @@ class GPTQLinear(nn.Linear):
                     state_dict[key] = _reinterpret(state_dict[key], self.storage_dtype)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
+    def resolve_sequential_g_idx(self) -> bool:
+        """``sequential_g_idx``, computed from ``g_idx`` and kept on the layer when not known yet (one read of
+        ``g_idx``, a device synchronisation; the loader sets it without one). While ``torch.compile`` traces, an
+        unknown flag counts as False (any ``g_idx`` is read correctly) and is not stored; so does one of a layer on
+        ``meta``."""
+        if self.sequential_g_idx is None:
+            g_idx = self.packed_tensors()["g_idx"]
+            if torch.compiler.is_compiling() or g_idx.is_meta:
+                return False
+            from fms_acceleration_accelerate_kernels.gptq import gptq_sequential_g_idx
+
+            self.sequential_g_idx = gptq_sequential_g_idx(g_idx, self.group_size)
+        return self.sequential_g_idx
+
     def quantized_weight(self) -> Any:
         """The layer's tensors as a ``fms_acceleration_accelerate_kernels.gptq.GPTQWeight`` (no copies), in
-        ``compute_dtype``. Call it inside a forward under FSDP."""
+        ``compute_dtype``, flagged ``sequential_g_idx`` (:meth:`resolve_sequential_g_idx`). Call it inside a forward
+        under FSDP."""
         from fms_acceleration_accelerate_kernels.gptq import GPTQWeight
 
         tensors = self.packed_tensors()
@@ -218,6 +248,7 @@ class GPTQLinear(nn.Linear):
             out_features=self.out_features,
             in_features=self.in_features,
             dtype=self.compute_dtype,
+            sequential_g_idx=self.resolve_sequential_g_idx(),
         )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

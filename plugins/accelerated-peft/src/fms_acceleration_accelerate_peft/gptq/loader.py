@@ -11,7 +11,9 @@ Order of work, so that every problem is reported before memory is spent:
    :class:`~.layer.GPTQLinear` layers;
 4. the tensors are read one at a time onto ``run_context.device``: packed integers as they are, ``scales`` in the
    checkpoint's dtype, every other floating-point tensor in the training dtype; tied weights are re-tied and the
-   generation config is read.
+   generation config is read. Each layer's ``sequential_g_idx`` (``g_idx[k] == k // group_size``: no act-order, so
+   the kernels compute groups from ``k``) is checked on its ``g_idx`` as read, in host memory (True for a
+   checkpoint without ``g_idx``).
 
 The model keeps ``config.quantization_config`` (the validated keys) and ``quantization_method = "gptq"``, so
 ``save_pretrained`` writes a GPTQ checkpoint this loader (and any GPTQ loader) reads again, and PEFT refuses to
@@ -20,8 +22,8 @@ merge adapters into the packed weights.
 Several processes (an initialised process group of more than one rank): with ``low_cpu_mem_usage=True`` only
 global rank 0 reads the tensors (step 4); every other rank builds the same skeleton (steps 1 to 3 run on every rank,
 so a bad checkpoint fails everywhere before any collective) and receives the tensors by broadcast, as raw bytes
-(packed int32 words, scales, every other parameter and buffer), then re-ties. Without it every rank reads the
-files itself.
+(packed int32 words, scales, every other parameter and buffer), with each layer's ``sequential_g_idx``, then
+re-ties. Without it every rank reads the files itself.
 
 Staging (``load_staging``): under FSDP2 with several processes on GPUs the model waits in host memory until FSDP2
 moves and shards it one unit at a time (``auto``/``cpu``), so no GPU ever holds the whole packed model; otherwise
@@ -301,7 +303,8 @@ def broadcast_gptq_model(model: nn.Module, device: torch.device) -> None:
     comm = _comm_device(device)
     payload = _payload(model)
     manifest = [(kind, name, tuple(t.shape), t.dtype, grad) for kind, name, t, grad in payload]
-    torch.distributed.broadcast_object_list([manifest], src=0)
+    flags = {name: m.sequential_g_idx for name, m in model.named_modules() if isinstance(m, GPTQLinear)}
+    torch.distributed.broadcast_object_list([(manifest, flags)], src=0)
     for _, _, tensor, _ in payload:
         torch.distributed.broadcast(_as_bytes(tensor).to(comm), src=0)
 
@@ -316,7 +319,7 @@ def receive_gptq_model(model: nn.Module, staging: torch.device, device: torch.de
     """
     holder: list[Any] = [None]
     torch.distributed.broadcast_object_list(holder, src=0)
-    manifest = holder[0]
+    manifest, flags = holder[0]
     own = {(kind, name) for kind, name, _, _ in _payload(model)}
     sent = {(kind, name) for kind, name, _, _, _ in manifest}
     comm = _comm_device(device)
@@ -341,6 +344,8 @@ def receive_gptq_model(model: nn.Module, staging: torch.device, device: torch.de
             owner._buffers[leaf] = tensor
         else:
             owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=requires_grad)
+    for name, flag in flags.items():  # rank 0 checked each g_idx as it read it: no device read here
+        model.get_submodule(name).sequential_g_idx = flag
 
 
 def _standalone_context() -> RunContext:
@@ -396,8 +401,10 @@ def load_tensors(
 
     Packed integers keep their int32 words, ``scales`` the checkpoint's dtype, ``bias`` and every other
     floating-point tensor go to ``training_dtype`` (integer buffers keep theirs); a missing ``g_idx`` (no
-    act-order) is ``k // group_size``. Tensors the model has no place for are skipped with a warning.
+    act-order) is ``k // group_size``. Each layer's ``sequential_g_idx`` is set from its ``g_idx`` as read (in
+    host memory, before it moves to ``device``). Tensors the model has no place for are skipped with a warning.
     """
+    from fms_acceleration_accelerate_kernels.gptq import gptq_sequential_g_idx
     from safetensors import safe_open
 
     params = dict(model.named_parameters())
@@ -419,6 +426,8 @@ def load_tensors(
                 tensor = handle.get_tensor(key)
                 if isinstance(owner, GPTQLinear) and leaf != "bias":
                     dtype = tensor.dtype if leaf == "scales" else torch.int32
+                    if leaf == "g_idx":
+                        owner.sequential_g_idx = gptq_sequential_g_idx(tensor, owner.group_size)
                     owner._buffers[leaf] = tensor.to(device=device, dtype=dtype)
                 elif key in params:
                     target = params[key]
@@ -437,6 +446,7 @@ def load_tensors(
                 if checkpoint.format.group_size != -1
                 else torch.zeros_like(groups)
             )
+            layer.sequential_g_idx = True
     for name, buf in list(model.named_buffers()):  # non-persistent buffers built on the host (rotary inv_freq)
         if buf.device != device and not buf.is_meta:
             owner_name, _, leaf = name.rpartition(".")

@@ -24,8 +24,13 @@ way.
 
 The gathered weight is read through :meth:`GPTQPackedWeight.gptq_weight`, a
 ``fms_acceleration_accelerate_kernels.gptq.GPTQWeight`` over transposed views of the inner tensors (``qweight``
-``[K / pf, N]`` with strides ``(1, K / pf)``), which the kernels' dequantisation reads (the Triton launchers make a
-row-major copy of the packed tensors when they are not row-major; the dense weight is never kept).
+``[K / pf, N]`` with strides ``(1, K / pf)``), which the kernels read in place through their strides (no copy of
+the packed codes; the dense weight is never kept).
+
+``sequential_g_idx`` (``g_idx[k] == k // group_size``, no act-order; see :mod:`.layer`) travels as metadata of the
+weight (``None`` when not known): the conversion takes it from the ``GPTQLinear``, every shard, all-gathered weight
+and copy keeps it, and :class:`PackedGPTQLinear` keeps it as a plain bool (computed at its first forward from the
+whole ``g_idx`` every rank holds when the weight came without it).
 
 :class:`PackedGPTQLinear` is the frozen linear layer that computes with it, with the same forward as
 :class:`~.layer.GPTQLinear` (``gptq_linear``: dequantise + matmul, backward dequantises again), and the same
@@ -61,6 +66,8 @@ class GPTQPackedWeight(torch.Tensor):
         bits: 2, 4 or 8.
         group_size: input channels per group, or -1.
         checkpoint_format: ``"gptq"`` (v1 zero points) or ``"gptq_v2"``.
+        requires_grad: always False in practice (the weight is frozen).
+        sequential_g_idx: whether ``g_idx[k] == k // group_size`` for every k (no act-order); None: not known.
     """
 
     qweight_t: torch.Tensor
@@ -81,6 +88,7 @@ class GPTQPackedWeight(torch.Tensor):
         group_size: int,
         checkpoint_format: str,
         requires_grad: bool = False,
+        sequential_g_idx: bool | None = None,
     ) -> GPTQPackedWeight:
         return torch.Tensor._make_wrapper_subclass(
             cls, torch.Size(shape), dtype=dtype, device=qweight_t.device, requires_grad=requires_grad
@@ -98,6 +106,7 @@ class GPTQPackedWeight(torch.Tensor):
         group_size: int,
         checkpoint_format: str,
         requires_grad: bool = False,
+        sequential_g_idx: bool | None = None,
     ) -> None:
         pf = 32 // bits
         rows, in_features = qweight_t.shape[0], g_idx.shape[0]
@@ -114,6 +123,7 @@ class GPTQPackedWeight(torch.Tensor):
         self.bits = bits
         self.group_size = group_size
         self.checkpoint_format = checkpoint_format
+        self.sequential_g_idx = sequential_g_idx
 
     # ------------------------------------------------------------------------------------- construction
     @classmethod
@@ -128,6 +138,7 @@ class GPTQPackedWeight(torch.Tensor):
         bits: int,
         group_size: int,
         checkpoint_format: str,
+        sequential_g_idx: bool | None = None,
     ) -> GPTQPackedWeight:
         """Build from tensors in the checkpoint's layout (``qweight [K / pf, N]`` ...); transposed copies."""
         return cls(
@@ -140,6 +151,7 @@ class GPTQPackedWeight(torch.Tensor):
             bits,
             group_size,
             checkpoint_format,
+            sequential_g_idx=sequential_g_idx,
         )
 
     def checkpoint_layout(self) -> dict[str, torch.Tensor]:
@@ -162,6 +174,7 @@ class GPTQPackedWeight(torch.Tensor):
             self.bits,
             self.group_size,
             self.checkpoint_format,
+            sequential_g_idx=self.sequential_g_idx,
         )
 
     def _inner(self) -> dict[str, torch.Tensor]:
@@ -182,11 +195,13 @@ class GPTQPackedWeight(torch.Tensor):
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     # ------------------------------------------------------------------------------------- reading
-    def gptq_weight(self, dtype: torch.dtype | None = None) -> Any:
+    def gptq_weight(self, dtype: torch.dtype | None = None, sequential_g_idx: bool | None = None) -> Any:
         """The weight as a ``fms_acceleration_accelerate_kernels.gptq.GPTQWeight`` (transposed views, no copy).
 
         Args:
             dtype: compute dtype of the ``GPTQWeight`` (default: the logical dtype).
+            sequential_g_idx: the layout flag to pass (default: this weight's; not known counts as False, which
+                reads any ``g_idx`` correctly).
         """
         from fms_acceleration_accelerate_kernels.gptq import GPTQWeight
 
@@ -201,6 +216,7 @@ class GPTQPackedWeight(torch.Tensor):
             out_features=self.rows,
             in_features=self.in_features,
             dtype=dtype or self.dtype,
+            sequential_g_idx=bool(self.sequential_g_idx if sequential_g_idx is None else sequential_g_idx),
         )
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -209,11 +225,12 @@ class GPTQPackedWeight(torch.Tensor):
 
     # ------------------------------------------------------------------------------------- subclass protocol
     def __tensor_flatten__(self) -> tuple[list[str], tuple[Any, ...]]:
-        return list(_INNER), (self.shape, self.dtype, self.bits, self.group_size, self.checkpoint_format)
+        meta = (self.shape, self.dtype, self.bits, self.group_size, self.checkpoint_format, self.sequential_g_idx)
+        return list(_INNER), meta
 
     @staticmethod
     def __tensor_unflatten__(inner: dict[str, torch.Tensor], meta: tuple[Any, ...], outer_size: Any, outer_stride: Any):
-        shape, dtype, bits, group_size, checkpoint_format = meta
+        shape, dtype, bits, group_size, checkpoint_format, sequential_g_idx = meta
         return GPTQPackedWeight(
             inner["qweight_t"],
             inner["qzeros_t"],
@@ -224,12 +241,14 @@ class GPTQPackedWeight(torch.Tensor):
             bits,
             group_size,
             checkpoint_format,
+            sequential_g_idx=sequential_g_idx,
         )
 
     def __repr__(self) -> str:  # type: ignore[override]
         return (
             f"GPTQPackedWeight(shape={tuple(self.shape)}, dtype={self.dtype}, bits={self.bits}, "
-            f"group_size={self.group_size}, checkpoint_format={self.checkpoint_format}, device={self.qweight_t.device})"
+            f"group_size={self.group_size}, checkpoint_format={self.checkpoint_format}, "
+            f"sequential_g_idx={self.sequential_g_idx}, device={self.qweight_t.device})"
         )
 
     def _row_range(self, dim: int, start: int, end: int) -> tuple[int, int]:
@@ -356,6 +375,7 @@ def _copy_(func: Any, dst: GPTQPackedWeight, src: Any, non_blocking: bool = Fals
         raise ValueError("copy_ between incompatible GPTQPackedWeight tensors")
     for name in _INNER:
         getattr(dst, name).copy_(getattr(src, name), non_blocking)
+    dst.sequential_g_idx = src.sequential_g_idx  # it describes the g_idx just copied
     return dst
 
 
@@ -478,12 +498,15 @@ class PackedGPTQLinear(nn.Module):
         self.group_size = weight.group_size
         self.checkpoint_format = weight.checkpoint_format
         self.compute_dtype = compute_dtype
+        # a plain bool once known (the weight's, or computed at the first forward): see quantized_weight
+        self.sequential_g_idx: bool | None = weight.sequential_g_idx
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = bias
 
     @classmethod
     def from_gptq_linear(cls, layer: nn.Module) -> PackedGPTQLinear:
-        """Convert a :class:`~.layer.GPTQLinear` (its packed tensors are copied transposed; its bias is shared)."""
+        """Convert a :class:`~.layer.GPTQLinear` (its packed tensors are copied transposed; its bias is shared;
+        its ``sequential_g_idx`` is taken along, computed first when not known)."""
         tensors = layer.packed_tensors()
         weight = GPTQPackedWeight.from_checkpoint_layout(
             tensors["qweight"],
@@ -494,12 +517,15 @@ class PackedGPTQLinear(nn.Module):
             bits=layer.bits,
             group_size=layer.group_size,
             checkpoint_format=layer.checkpoint_format,
+            sequential_g_idx=layer.resolve_sequential_g_idx(),
         )
         return cls(weight, layer.bias, layer.compute_dtype)
 
     def quantized_weight(self) -> Any:
-        """The gathered weight as a ``GPTQWeight`` in ``compute_dtype`` (no copies). Call it inside a forward of a
-        module containing the layer under FSDP2 (where the shards are all-gathered).
+        """The gathered weight as a ``GPTQWeight`` in ``compute_dtype`` (no copies), flagged ``sequential_g_idx``.
+        Call it inside a forward of a module containing the layer under FSDP2 (where the shards are all-gathered).
+        A flag not known yet is computed here once from ``g_idx`` (whole on every rank) and kept on the layer (not
+        while ``torch.compile`` traces: it then counts as False).
 
         Raises:
             ValueError: the weight is still a shard (read outside the forward of its FSDP unit).
@@ -511,7 +537,20 @@ class PackedGPTQLinear(nn.Module):
                 "it was read outside the forward of its FSDP unit; read it inside the forward of a module that "
                 "contains the layer (the fused kernels do), where FSDP2 has all-gathered it"
             )
-        return weight.gptq_weight(self.compute_dtype)
+        flag = self.sequential_g_idx
+        if flag is None and not torch.compiler.is_compiling():
+            from fms_acceleration_accelerate_kernels.gptq import gptq_sequential_g_idx
+
+            flag = self.sequential_g_idx = gptq_sequential_g_idx(weight.g_idx, self.group_size)
+        return weight.gptq_weight(self.compute_dtype, sequential_g_idx=bool(flag))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """A loaded weight brings its own ``sequential_g_idx`` (not known: computed at the next forward)."""
+        if prefix + "weight" in state_dict:
+            value = state_dict[prefix + "weight"]
+            local = getattr(value, "_local_tensor", value)
+            self.sequential_g_idx = local.sequential_g_idx if isinstance(local, GPTQPackedWeight) else None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense ``(out_features, in_features)`` weight in ``dtype`` (default: ``compute_dtype``)."""

@@ -20,7 +20,9 @@ FSDP2 (per-parameter sharding along dim 0; buffers are left alone):
     packed weights twice; on revert the original layer is refilled from its replacement (an all-gather of the
     shards once sharded: collective, every rank must revert).
 
-Both replacements go through the patch recorder (summary table, revert) as :class:`GPTQSwap` records.
+Both replacements carry each layer's ``sequential_g_idx`` (no act-order: the kernels compute groups from ``k``),
+computed first where the loader did not set it, and go through the patch recorder (summary table, revert) as
+:class:`GPTQSwap` records.
 """
 
 from __future__ import annotations
@@ -160,6 +162,7 @@ def gather_gptq_packed(dtensor: torch.Tensor) -> GPTQPackedWeight:
         local.bits,
         local.group_size,
         local.checkpoint_format,
+        sequential_g_idx=local.sequential_g_idx,
     )
 
 
@@ -216,6 +219,7 @@ def convert_gptq_for_fsdp1(
         if module.storage_dtype is not None:
             continue
         swap = GPTQSwap(parent, child, module)
+        module.resolve_sequential_g_idx()  # known before FSDP1 turns g_idx into a view of a sharded flat parameter
         new = GPTQLinear.with_parameter_storage(module, storage_dtype)
         for pname in PACKED_NAMES:
             setattr(new._parameters[pname], STORAGE_MARK, True)
