@@ -3,9 +3,9 @@
 Each upstream sample's plugin body (the keys and values of its ``*-sample-configuration.yaml`` file, comments left
 out) goes through ``AccelerationFramework`` and ``fms-accelerate check``: the padding-free plugin is active in every
 one, the multipack plugin where the sample has ``training.dataloader.multipack``, and the loading / kernel plugins
-where the sample has their sections (reading upstream's spellings). The ScatterMoE samples' section has no plugin
-here: it is passed through with its message, next to the active padding-free plugin. The shipped files of
-upstream's multipack names activate the same plugins.
+where the sample has their sections (reading upstream's spellings). The ScatterMoE samples' MoE section activates
+the plugin installed for it, or, where none is, is passed through with its message next to the active padding-free
+plugin. The shipped files of upstream's multipack names activate the same plugins.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from fms_acceleration_accelerate import AccelerationFramework, cli
+from fms_acceleration_accelerate.registry import PluginRegistry
 
 ROOT = Path(__file__).resolve().parents[3]
 LAUNCH_CONFIGS = ROOT / "launch_configs"
@@ -95,8 +96,16 @@ UPSTREAM_SAMPLES = {
 }
 
 
+SCATTERMOE = "training.moe.scattermoe"
+_MOE_ENTRY = PluginRegistry.discover().paths.get(SCATTERMOE)
+MOE_PLUGIN = _MOE_ENTRY.name if _MOE_ENTRY is not None else None
+"""The installed plugin of upstream's ScatterMoE section, if any."""
+
+
 def _expected_plugins(name: str) -> set[str]:
     expected = {"padding_free"}
+    if "scattermoe" in name and MOE_PLUGIN is not None:
+        expected.add(MOE_PLUGIN)
     if "multipack" in name:
         expected.add("multipack")
     if "bnb" in name:
@@ -139,9 +148,9 @@ def test_upstream_sample_activates_the_plugins(name, tmp_path):
         assert foak.loss_mode == "cross_entropy"
         assert foak.fused_lora == ("peft" in name)
     passed = {section.path: section.reason for section in framework.passthrough}
-    if "scattermoe" in name:
-        assert set(passed) == {"plugins.training.moe.scattermoe"}, passed
-        assert "no plugin in this release" in passed["plugins.training.moe.scattermoe"]
+    if "scattermoe" in name and MOE_PLUGIN is None:
+        assert set(passed) == {f"plugins.{SCATTERMOE}"}, passed
+        assert "no plugin in this release" in passed[f"plugins.{SCATTERMOE}"]
     else:
         assert passed == {}
     framework.revert()
@@ -155,9 +164,10 @@ def test_upstream_sample_passes_check(name, tmp_path, capsys):
     assert cli.main(["check", str(path)]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
     assert out.rstrip().endswith("ok: configuration is valid")
-    for plugin in ("padding_free", "multipack", "bitsandbytes", "auto_gptq", "fused_ops_and_kernels"):
+    plugins = ("padding_free", "multipack", "bitsandbytes", "auto_gptq", "fused_ops_and_kernels", MOE_PLUGIN)
+    for plugin in filter(None, plugins):
         assert (f"activate {plugin} " in out) == (plugin in _expected_plugins(name)), plugin
-    assert ("pass through plugins.training.moe.scattermoe" in out) == ("scattermoe" in name)
+    assert (f"pass through plugins.{SCATTERMOE}" in out) == ("scattermoe" in name and MOE_PLUGIN is None)
 
 
 @pytest.mark.parametrize("name", ["aadp-padding-free-multipack", "aadp-padding-free-multipack-foak"])
