@@ -1,0 +1,334 @@
+"""The mixture-of-experts plugin (section ``training.moe.scattermoe``).
+
+What it changes
+---------------
+Every MoE layer's experts compute with the grouped expert kernels
+(:func:`fms_acceleration_accelerate_kernels.moe.moe_experts`: Triton on CUDA or with ``TRITON_INTERPRET=1``, its
+torch reference otherwise) on the model's own 3-D expert parameters. Two recorded, revertible patches do it (see
+:mod:`.experts`): an entry ``fms_scattermoe_<id>`` in transformers' ``ExpertsInterface`` registry, and the model
+config's ``_experts_implementation`` pointing at it. Module classes, parameter names and the checkpoint format are
+untouched: ``save_pretrained`` writes the model's own safetensors (the config's experts implementation is not
+serialised), LoRA through PEFT's ``target_parameters`` on the expert weights keeps working (PEFT adds the adapter's
+delta to the weights the experts forward reads), and the router, the shared experts and the load-balancing loss stay
+the model's.
+
+Where the experts are and how their weights are laid out comes from the architecture's
+:class:`~fms_acceleration_accelerate.model_specs.MoESpec`; architectures without one are refused before loading.
+
+Which hook does what
+--------------------
+* ``check_model_type`` (before loading): refuse architectures without a MoE spec and specs the installed
+  transformers does not match.
+* ``check_run_settings`` (the ``Accelerator`` is created): refuse ``ep_degree`` values the run cannot honour.
+* ``augmentation``, or ``prepare_contribution`` when a script never calls it (the section came with the Accelerate
+  config), or ``get_callbacks_and_ready_for_train`` given a trainer's model: patch the model, once per causal LM.
+  The experts forward reads the module's parameters inside the module's own call, so FSDP wrapping before or after
+  makes no difference.
+* ``check_prepared_model``: refuse a model without MoE experts at ``Accelerator.prepare``.
+* ``after_prepare``: refuse a model whose experts implementation was switched away after patching.
+* ``get_callbacks_and_ready_for_train``: the routing statistics callback (``routing_stats: true``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+from weakref import WeakKeyDictionary
+
+from fms_acceleration_accelerate.errors import AccelerationConfigError
+from fms_acceleration_accelerate.framework import is_main_process
+from fms_acceleration_accelerate.model_specs import (
+    ARCHITECTURE_SPECS,
+    ArchitectureSpec,
+    ModelMatch,
+    MoESpec,
+    check_spec_classes,
+    has_class,
+    match_model,
+)
+from fms_acceleration_accelerate.plugin import AccelerationPlugin
+
+from .config import ScatterMoEConfig
+from .experts import EXPERTS_PREFIX, ExpertsPlans, make_experts_forward, register_experts_function
+from .routing import RoutingStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import Accelerator
+    from torch import nn
+    from transformers import TrainerCallback
+
+    from fms_acceleration_accelerate.distributed import PrepareContribution, RunContext
+
+logger = logging.getLogger("fms_acceleration_accelerate_moe")
+
+
+def moe_model_types() -> tuple[str, ...]:
+    """The ``model_type`` values whose spec describes a MoE block, in table order."""
+    return tuple(t for t, s in ARCHITECTURE_SPECS.items() if s.moe is not None)
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _unwrap_data_parallel(model: Any) -> Any:
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while isinstance(model, (DataParallel, DistributedDataParallel)):
+        model = model.module
+    return model
+
+
+class ScatterMoEPlugin(AccelerationPlugin):
+    """Grouped Triton expert kernels for the MoE layers of a causal LM (see the module docstring)."""
+
+    name = "scattermoe"
+    configuration_and_paths = ("training.moe.scattermoe",)
+    config_class = ScatterMoEConfig
+    required_packages = ("fms-acceleration-accelerate-kernels", "triton>=3.6", "transformers>=5.0")
+    install_hint = "pip install fms-acceleration-accelerate-moe fms-acceleration-accelerate-kernels 'triton>=3.6'"
+    supported_model_types = moe_model_types()
+    order = 300  # after plugins that load the model or add adapters
+    config: ScatterMoEConfig
+
+    def __init__(self, config: ScatterMoEConfig, **kwargs: Any) -> None:
+        super().__init__(config, **kwargs)
+        self.routing_stats = RoutingStats()
+        """Tokens per expert per MoE layer, counted on the device in training forwards (``routing_stats: true``);
+        see :class:`~.routing.RoutingStats`."""
+        self._plans = ExpertsPlans(self._spec_of_experts)
+        self._patched: WeakKeyDictionary[Any, str] = WeakKeyDictionary()
+        """Each causal LM this plugin patched -> the experts implementation key its config names."""
+        self._configs: list[Any] = []
+        """The config objects whose experts implementation this plugin set."""
+        self._specs: dict[str, MoESpec] = {}
+        """Experts class name -> MoE spec, of the architectures patched so far."""
+
+    @property
+    def experts_key(self) -> str:
+        """This plugin's key in transformers' ``ExpertsInterface``."""
+        return f"{EXPERTS_PREFIX}_{id(self):x}"
+
+    # ------------------------------------------------------------------------------------------- checks
+    def check_model_type(self, model_type: str | None) -> None:
+        """Refuse architectures without a MoE spec (dense ones included) and specs the installed transformers does
+        not match (before the model is loaded)."""
+        self._spec(model_type)
+
+    def _spec(self, model_type: str | None) -> ArchitectureSpec:
+        spec = ARCHITECTURE_SPECS.get(model_type or "")
+        if spec is None or spec.moe is None:
+            what = (
+                "a dense architecture (no mixture-of-experts layers)" if spec is not None else "not in the spec table"
+            )
+            raise AccelerationConfigError(
+                f"model type {model_type!r} is {what}, so the scattermoe plugin has no experts to accelerate",
+                path=self.key_path(),
+                fix=f"MoE architectures with a spec: {', '.join(moe_model_types())}; remove this section for other "
+                "models, or add a MoESpec for the architecture to fms_acceleration_accelerate/model_specs.py",
+            )
+        check_spec_classes(spec)
+        return spec
+
+    def check_run_settings(self, context: RunContext) -> None:
+        """``ep_degree`` against the run (before any model is loaded): it must divide the world size, FSDP1 cannot
+        leave the expert shards to expert parallelism, and expert parallelism is not available in this release."""
+        self._check_expert_parallel(context)
+
+    def _check_expert_parallel(self, context: RunContext) -> None:
+        ep = self.config.ep_degree
+        if ep == 1:
+            return
+        path = self.key_path("ep_degree")
+        if context.world_size % ep:
+            raise AccelerationConfigError(
+                f"ep_degree {ep} does not divide the world size {context.world_size}: experts are sharded over groups "
+                f"of ep_degree processes",
+                path=path,
+                fix=f"set ep_degree to a divisor of {context.world_size} ({', '.join(map(str, _divisors(context.world_size)))})"
+                " that also divides the number of experts, or launch a multiple of ep_degree processes",
+            )
+        if context.fsdp_version == 1:
+            raise AccelerationConfigError(
+                "expert parallelism (ep_degree > 1) is not supported with FSDP1: FSDP1's flat parameters would shard "
+                "and all-gather the experts that expert parallelism owns",
+                path=path,
+                fix="use fsdp_version: 2, or ep_degree: 1",
+            )
+        raise AccelerationConfigError(
+            f"expert parallelism (ep_degree: {ep}) is not available in this release of the scattermoe plugin",
+            path=path,
+            fix="set ep_degree: 1 (every process computes all experts with the grouped kernels; FSDP shards them "
+            "with the rest of the model)",
+        )
+
+    def _check_expert_count(self, spec: ArchitectureSpec, config: Any) -> None:
+        ep = self.config.ep_degree
+        assert spec.moe is not None
+        n_experts = spec.moe.num_experts(config)
+        if ep > 1 and n_experts % ep:
+            raise AccelerationConfigError(
+                f"ep_degree {ep} does not divide the {n_experts} experts of this {spec.model_type} model "
+                f"({spec.moe.num_experts_config}): each process of an expert-parallel group holds E / ep_degree experts",
+                path=self.key_path("ep_degree"),
+                fix=f"set ep_degree to a divisor of {n_experts} that also divides the world size",
+            )
+
+    def check_prepared_model(self, model: nn.Module, context: RunContext) -> None:
+        """Refuse, at ``Accelerator.prepare``, a model without the MoE experts its spec names."""
+        self._match(_unwrap_data_parallel(model))
+
+    # ------------------------------------------------------------------------------------------- patching
+    def augmentation(
+        self, model: nn.Module, train_args: Any, modifiable_args: tuple[Any, ...]
+    ) -> tuple[nn.Module, tuple[Any, ...]]:
+        """Switch the model's experts to the grouped kernels; returns the same model."""
+        self.patch_model(model, self.run_context)
+        return model, modifiable_args
+
+    def prepare_contribution(self, model: nn.Module, context: RunContext) -> PrepareContribution | None:
+        """Patch the model if no earlier hook did (a script that only calls ``Accelerator.prepare``)."""
+        self.patch_model(model, context)
+        return None
+
+    def contributes_under_fsdp2(self) -> bool:
+        return False  # switches the experts implementation only; shards nothing itself
+
+    def after_prepare(self, model: nn.Module, context: RunContext) -> None:
+        """Refuse a model whose experts implementation was changed after this plugin set it."""
+        for config in self._configs:
+            current = getattr(config, "_experts_implementation", None)
+            if current != self.experts_key:
+                raise AccelerationConfigError(
+                    f"the model's experts implementation was changed to {current!r} after the scattermoe plugin set "
+                    "it, so its experts would not run the grouped kernels",
+                    path=self.key_path(),
+                    fix="do not call set_experts_implementation / change config._experts_implementation on the model "
+                    "after the acceleration plugins ran",
+                )
+
+    def get_callbacks_and_ready_for_train(
+        self, model: nn.Module | None = None, accelerator: Accelerator | None = None
+    ) -> list[TrainerCallback]:
+        """Patch a trainer's model if no earlier hook did; the routing statistics callback."""
+        if model is not None:
+            self.patch_model(_unwrap_data_parallel(model), self.run_context)
+        if not self.config.routing_stats:
+            return []
+        from .callbacks import RoutingStatsCallback
+
+        return [RoutingStatsCallback(self.routing_stats)]
+
+    def patch_model(self, model: nn.Module, context: RunContext) -> ModelMatch:
+        """Point the causal LM's experts at this plugin's forward (once per causal LM); returns the match.
+
+        Raises:
+            AccelerationConfigError: the model is not a supported MoE model, ``ep_degree`` does not fit it or the
+                run, or the installed transformers has no experts interface.
+        """
+        match = self._match(model)
+        causal = match.causal_lm.module
+        if causal in self._patched:
+            return match
+        spec = match.spec
+        assert spec.moe is not None
+        self._check_expert_count(spec, causal.config)
+        self._check_expert_parallel(context)
+        self._check_dispatch(match)
+        for class_name in spec.moe.experts_class_names:
+            self._specs[class_name] = spec.moe
+        for experts in match.experts:
+            self._plans.add(experts.module, spec.moe, experts.path)
+        key = self.experts_key
+        from transformers.integrations.moe import ExpertsInterface
+
+        if key not in vars(ExpertsInterface)["_global_mapping"]:
+            forward = make_experts_forward(self._plans, self.routing_stats if self.config.routing_stats else None)
+            register_experts_function(
+                self.patches, key, forward, "grouped expert kernels (moe_experts: Triton on CUDA, else torch)"
+            )
+        where = match.causal_lm.path or type(causal).__name__
+        configs = {id(e.module.config): e.module.config for e in match.experts}
+        for config in configs.values():
+            if config.__dict__.get("_experts_implementation_internal") == key:
+                continue
+            self.patches.patch(
+                config,
+                "_experts_implementation_internal",
+                key,
+                target=f"{where}.config._experts_implementation",
+                description=f"scattermoe experts ({len(match.experts)} MoE layers, {spec.model_type})",
+            )
+            self._configs.append(config)
+        self._patched[causal] = key
+        if is_main_process():
+            activations = sorted({self._plans.get(e.module).act for e in match.experts})
+            logger.info(
+                "scattermoe: %d MoE layers of %s compute their experts with the grouped kernels (activation %s)",
+                len(match.experts),
+                type(causal).__name__,
+                ", ".join(activations),
+            )
+        return match
+
+    # ------------------------------------------------------------------------------------------- helpers
+    def _match(self, model: Any) -> ModelMatch:
+        config = getattr(model, "config", None)
+        spec = self._spec(getattr(config, "model_type", None))
+        return match_model(model, spec)
+
+    def _check_dispatch(self, match: ModelMatch) -> None:
+        """Every experts module must dispatch its forward through transformers' ``ExpertsInterface`` (classes
+        decorated with ``use_experts_implementation``, which keep the model config as ``self.config``)."""
+        try:
+            from transformers.integrations.moe import ExpertsInterface  # noqa: F401
+        except ImportError:
+            import transformers
+
+            raise AccelerationConfigError(
+                f"transformers {transformers.__version__} has no experts interface (transformers.integrations.moe."
+                "ExpertsInterface), through which the scattermoe plugin runs the experts",
+                path=self.key_path(),
+                fix="pip install -U 'transformers>=5'",
+            ) from None
+        for experts in match.experts:
+            module = experts.module
+            if not hasattr(module, "has_gate") or getattr(module, "config", None) is None:
+                raise AccelerationConfigError(
+                    f"experts {experts.path} ({type(module).__name__}) do not dispatch their forward through "
+                    "transformers' ExpertsInterface (the class is not decorated with use_experts_implementation)",
+                    path=self.key_path(),
+                    fix="use a transformers release whose modeling code decorates the experts class "
+                    "(pip install -U 'transformers>=5'), or remove this section",
+                )
+
+    def _spec_of_experts(self, module: Any) -> MoESpec:
+        for class_name, spec in self._specs.items():
+            if has_class(module, (class_name,)):
+                return spec
+        raise AccelerationConfigError(
+            f"the scattermoe experts forward was called by {type(module).__name__}, an experts class of no model "
+            "this plugin patched",
+            path=self.key_path(),
+            fix="accelerate each model with its own framework (augmentation / Accelerator.prepare)",
+        )
+
+    def describe(self) -> list[str]:
+        """What will be patched (no model needed)."""
+        c = self.config
+        lines = [
+            "experts of every MoE layer -> kernels.moe.moe_experts (grouped expert GEMMs reading scattered token "
+            "rows; Triton on CUDA / TRITON_INTERPRET=1, else the torch reference) through transformers' "
+            "ExpertsInterface, on the model's own expert parameters (checkpoint format unchanged)",
+            f"architectures: {', '.join(moe_model_types())}",
+            f"expert parallelism: {'ep_degree ' + str(c.ep_degree) if c.expert_parallel else 'none (ep_degree 1)'}",
+        ]
+        if c.routing_stats:
+            lines.append(
+                "routing_stats: tokens per expert per layer counted on the device; load balance in the trainer log "
+                "at logging steps"
+            )
+        return lines
+
+
+__all__ = ["ScatterMoEPlugin", "moe_model_types"]
