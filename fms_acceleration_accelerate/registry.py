@@ -29,8 +29,8 @@ KNOWN_SECTIONS: Mapping[str, str] = MappingProxyType(
         "peft.quantization.fused_ops_and_kernels": "pip install fms-acceleration-accelerate-foak",
         "training.attention.padding_free": "pip install fms-acceleration-accelerate-aadp",
         "training.dataloader.multipack": "pip install fms-acceleration-accelerate-aadp",
+        "training.moe.scattermoe": "pip install fms-acceleration-accelerate-moe",
         # upstream fms-acceleration sections for which this project has no plugin yet
-        "training.moe.scattermoe": "",
         "training.odm": "",
     }
 )

@@ -438,7 +438,7 @@ def test_installed_wheels_stand_in_only_until_the_original_is_installed(tmp_path
 
 
 def test_sections_without_a_plugin_here_pass_through_next_to_active_ones():
-    """Upstream's ScatterMoE / ODM sections (no plugin here yet) next to QLoRA and padding-free sections."""
+    """Upstream's ODM section (no plugin here yet) next to QLoRA, padding-free and ScatterMoE sections."""
     pytest.importorskip("bitsandbytes")
     from fms_acceleration import AccelerationFramework
 
@@ -451,7 +451,7 @@ def test_sections_without_a_plugin_here_pass_through_next_to_active_ones():
         "peft": {"quantization": {"bitsandbytes": {"quant_type": "nf4"}}},
     }
     framework = AccelerationFramework({"plugins": body})
-    assert framework.active_plugin_names == ("bitsandbytes", "padding_free")
+    assert framework.active_plugin_names == ("bitsandbytes", "padding_free", "scattermoe")
     passed = {section.path: section.reason for section in framework.passthrough}
-    assert set(passed) == {"plugins.training.moe.scattermoe", "plugins.training.odm"}
+    assert set(passed) == {"plugins.training.odm"}
     assert all("no plugin in this release" in reason for reason in passed.values()), passed
