@@ -4,7 +4,8 @@ against one process.
 One spawn runs every distributed check (process start-up dominates the cost):
 
 * rank-0 loading (``low_cpu_mem_usage=True``): rank 0 reads the checkpoint, rank 1 receives every tensor by
-  broadcast (a plain and a tied, sharded checkpoint), both bit for bit;
+  broadcast (a plain and a tied, sharded checkpoint), both bit for bit, and each layer's ``sequential_g_idx``
+  with them (rank 1 reads no ``g_idx`` to decide it);
 * FSDP2: the plugin's ``prepare_contribution`` replaces the ``GPTQLinear`` layers by ``PackedGPTQLinear`` and the
   framework's FSDP2 plan shards the model; the first forward on each rank's half batch equals the one-process
   model's on the same rows bit for bit; 4 AdamW steps with the batch split over the ranks give the losses and
@@ -16,6 +17,8 @@ One spawn runs every distributed check (process start-up dominates the cost):
   ``scales``; ``g_idx`` is not gathered), counted on the wire, 0.29x a bf16 all-gather of the same weights;
 * FSDP2 with the fused-ops plugin (fused LoRA over GPTQ bases, patched after wrapping on the replaced layers):
   the same outputs as one process with the same kernels;
+* FSDP2 over a checkpoint without act-order: every shard and every gathered weight keeps ``sequential_g_idx``
+  (no ``g_idx`` read after loading), and the first forward equals one process's;
 * FSDP1 with bf16 weights, a bf16 mixed-precision ``param_dtype`` and bf16 autocast (Accelerate's FSDP1 mixed
   precision): the packed tensors are flattened and sharded with their decoder unit as bf16 views; the first
   forward equals one process's bit for bit, training runs, and the packed bytes gathered back after training are
@@ -313,16 +316,20 @@ def _fsdp1(rank: int, path: str, dtype: torch.dtype = torch.bfloat16) -> dict:
 
 
 def _rank0_load(rank: int, paths: list[str]) -> list[dict]:
-    """``low_cpu_mem_usage=True`` under the process group: rank 0 reads, rank 1 receives (it may not read)."""
+    """``low_cpu_mem_usage=True`` under the process group: rank 0 reads, rank 1 receives (it may not read, nor
+    check a ``g_idx``: the layout flags come with the tensors)."""
+    from fms_acceleration_accelerate_kernels import gptq as gptq_kernels
     from fms_acceleration_accelerate_peft.gptq import loader
+    from fms_acceleration_accelerate_peft.gptq.layer import GPTQLinear
 
-    read = loader.load_tensors
+    read, check = loader.load_tensors, gptq_kernels.gptq_sequential_g_idx
     if rank != 0:
 
         def refuse(*args, **kwargs):
             raise AssertionError("rank > 0 must receive the tensors, not read them")
 
         loader.load_tensors = refuse
+        gptq_kernels.gptq_sequential_g_idx = refuse
     try:
         out = []
         for path in paths:
@@ -330,10 +337,50 @@ def _rank0_load(rank: int, paths: list[str]) -> list[dict]:
             with torch.no_grad():
                 logits = model(input_ids=learnable_batches(1)[0]).logits
             tied = model.lm_head.weight is model.model.embed_tokens.weight
-            out.append({"packed": _packed_state(model), "logits": logits, "tied": tied})
+            flags = [m.sequential_g_idx for m in model.modules() if isinstance(m, GPTQLinear)]
+            out.append({"packed": _packed_state(model), "logits": logits, "tied": tied, "flags": flags})
         return out
     finally:
-        loader.load_tensors = read
+        loader.load_tensors, gptq_kernels.gptq_sequential_g_idx = read, check
+
+
+def _fsdp2_sequential(rank: int, path: str) -> dict:
+    """FSDP2 over a checkpoint without act-order: ``sequential_g_idx`` of every local shard and of every weight
+    gathered inside the forward; no ``g_idx`` may be checked after loading."""
+    from fms_acceleration_accelerate_kernels import gptq as gptq_kernels
+    from fms_acceleration_accelerate_peft.gptq.packed import PackedGPTQLinear
+
+    from fms_acceleration_accelerate.distributed import (
+        RunContext,
+        apply_fsdp2_plan,
+        collect_contributions,
+        fully_shard_kwargs_from_policy,
+        plan_fsdp_units,
+    )
+
+    fw, model = _build(path)
+    check = gptq_kernels.gptq_sequential_g_idx
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a g_idx was checked after loading")
+
+    gptq_kernels.gptq_sequential_g_idx = refuse
+    try:
+        context = RunContext(distributed_type="FSDP", fsdp_version=2, world_size=WORLD)
+        merged = collect_contributions(fw.plugins, model, context)
+        apply_fsdp2_plan(
+            model, plan_fsdp_units(model, merged, 2), merged, fully_shard_kwargs_from_policy(), shard_root=True
+        )
+        layers = [m for m in model.modules() if isinstance(m, PackedGPTQLinear)]
+        shards = [m.weight._local_tensor.sequential_g_idx for m in layers]
+        gathered: list[bool] = []
+        for m in layers:
+            m.register_forward_hook(lambda mod, args, out: gathered.append(mod.quantized_weight().sequential_g_idx))
+        with torch.no_grad():
+            logits = model(input_ids=learnable_batches(1)[0].chunk(WORLD)[rank]).logits
+    finally:
+        gptq_kernels.gptq_sequential_g_idx = check
+    return {"layers": len(layers), "shards": shards, "gathered": gathered, "logits": logits}
 
 
 def _worker(rank: int, path: str, tied_path: str, port: int, out: str) -> None:
@@ -343,6 +390,7 @@ def _worker(rank: int, path: str, tied_path: str, port: int, out: str) -> None:
         result.update(fsdp2=_fsdp2(rank, path), bytes=_all_gather_bytes(path), fsdp1=_fsdp1(rank, path))
         result.update(fsdp1_fp32=_fsdp1(rank, path, torch.float32))
         result.update(fused=_fsdp2_fused(rank, path))
+        result.update(sequential=_fsdp2_sequential(rank, tied_path))
         torch.save(result, f"{out}.{rank}")
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -388,6 +436,8 @@ def test_rank0_reads_the_gptq_checkpoint_and_the_others_receive_it(distributed_r
                 assert loaded["packed"][key].dtype == tensor.dtype and torch.equal(loaded["packed"][key], tensor), key
             torch.testing.assert_close(loaded["logits"], logits, rtol=0, atol=0)
             assert loaded["tied"] == (index == 1)
+            # act-order checkpoint: no layer sequential; the other: every layer (rank 1 got them from rank 0)
+            assert loaded["flags"] == [index == 1] * 14
 
 
 @pytest.mark.slow
@@ -505,3 +555,21 @@ def test_gptq_fsdp2_with_fused_lora_kernels(distributed_run, monkeypatch):
         assert sum(p.startswith("PackedGPTQLinear") for p in fused["patches"]) == 14
         torch.testing.assert_close(fused["first_logits"], halves[rank], rtol=0, atol=0)
         assert fused["losses"] == pytest.approx(losses, abs=1e-5), (fused["losses"], losses)
+
+
+@pytest.mark.slow
+def test_gptq_fsdp2_keeps_the_sequential_layout_flag(distributed_run, monkeypatch):
+    """A checkpoint without act-order under FSDP2: every rank's shards and every weight gathered in the forward
+    are flagged ``sequential_g_idx`` (decided at load, carried through the conversion and FSDP2's sharding and
+    all-gather), and the first forward equals one process's on the same rows."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    _, results, tied = distributed_run
+    _, model = _build(str(tied))
+    data = learnable_batches(1)
+    with torch.no_grad():
+        halves = [model(input_ids=data[0].chunk(WORLD)[r]).logits for r in range(WORLD)]
+    for rank, got in enumerate(results):
+        sequential = got["sequential"]
+        assert sequential["layers"] == 14
+        assert sequential["shards"] == [True] * 14 and sequential["gathered"] == [True] * 14
+        torch.testing.assert_close(sequential["logits"], halves[rank], rtol=0, atol=0)
