@@ -284,14 +284,9 @@ def test_padding_free_and_multipack_flags_train_through_fms_acceleration(tmp_pat
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    raises=ValueError,
-    reason="with --padding_free, fms-hf-tuning hands the trainer a DataCollatorForSeq2Seq with padding=False, which "
-    "cannot build tensors from examples of different lengths; the padding-free plugin wraps that collator (the "
-    "original replaced it with a flattening collator)",
-)
 def test_padding_free_flags_with_fms_hf_tunings_non_padding_collator(tmp_path, request):
+    """With --padding_free, fms-hf-tuning hands the trainer a DataCollatorForSeq2Seq with padding=False, which cannot
+    stack examples of different lengths; the plugin calls it padding to the longest example and flattens that."""
     pytest.importorskip("trl")
 
     def fms_hf_tuning_collator(tokenizer, max_seq_length):

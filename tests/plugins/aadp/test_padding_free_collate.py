@@ -72,6 +72,21 @@ def test_seq2seq_batch_flattens_to_what_hf_flattening_gives():
     assert flat["cu_seq_lens_q"].dtype == torch.int32 and flat["max_length_q"] == int(hf["max_length_q"]) == 4
 
 
+def test_a_seq2seq_collator_told_not_to_pad_is_flattened_like_hf_flattening():
+    """fms-hf-tuning's padding-free runs hand the trainer DataCollatorForSeq2Seq(padding=False), which cannot stack
+    examples of different lengths by itself; wrapped, it gives what HF's flattening collator gives."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithFlattening
+
+    plain = DataCollatorForSeq2Seq(_Tokenizer(), padding=False)
+    with pytest.raises(ValueError):  # what the trainer would hit without the plugin's wrapper
+        plain([dict(f) for f in FEATURES])
+    flat = FlatteningCollator(plain)([dict(f) for f in FEATURES])
+    hf = DataCollatorWithFlattening(return_flash_attn_kwargs=True)([dict(f) for f in FEATURES])
+    for key in ("input_ids", "labels", "position_ids"):
+        assert torch.equal(flat[key], hf[key]), key
+    assert plain.padding is False  # the user's collator object is left as it was
+
+
 def test_left_and_right_padding_flatten_alike_and_extra_columns_follow():
     right, left = padded_batch(), padded_batch(left=True)
     for batch in (right, left):

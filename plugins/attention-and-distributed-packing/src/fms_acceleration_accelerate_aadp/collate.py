@@ -25,6 +25,7 @@ given to ``Accelerator.prepare`` and on the HF Trainer's training DataLoader (se
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -147,10 +148,11 @@ class FlatteningCollator:
 
     def __init__(self, collate_fn: Callable[[Any], Any]) -> None:
         self.collate_fn = collate_fn
+        self._collate = padding_for_flattening(collate_fn)
         self._warned = False
 
     def __call__(self, features: Any) -> Any:
-        batch, status = flatten_batch(self.collate_fn(features))
+        batch, status = flatten_batch(self._collate(features))
         if status.startswith("unchanged") and not self._warned:
             self._warned = True
             logger.warning(
@@ -165,6 +167,27 @@ class FlatteningCollator:
         return f"FlatteningCollator({_describe(self.collate_fn)})"
 
 
+def _is_non_padding_seq2seq_collator(collate_fn: Any) -> bool:
+    if not any(
+        c.__name__ == "DataCollatorForSeq2Seq" and c.__module__.startswith("transformers")
+        for c in type(collate_fn).__mro__
+    ):
+        return False
+    padding = getattr(collate_fn, "padding", True)
+    return padding is False or str(getattr(padding, "value", padding)) == "do_not_pad"
+
+
+def padding_for_flattening(collate_fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """The collator to call before flattening: ``collate_fn`` itself, except for a Hugging Face
+    ``DataCollatorForSeq2Seq`` told not to pad (what fms-hf-tuning hands its trainer for padding-free runs). That
+    one cannot stack examples of different lengths into tensors, so the same collator padding to the longest
+    example is called instead (its label padding, ``max_length`` and tokenizer kept); flattening then removes the
+    padding again, which gives the same tokens, positions and labels as flattening the examples directly."""
+    if _is_non_padding_seq2seq_collator(collate_fn) and dataclasses.is_dataclass(collate_fn):
+        return dataclasses.replace(collate_fn, padding="longest")
+    return collate_fn
+
+
 def _describe(collate_fn: Any) -> str:
     return str(getattr(collate_fn, "__qualname__", None) or type(collate_fn).__name__)
 
@@ -176,4 +199,4 @@ def wrap_collate_fn(collate_fn: Callable[[Any], Any]) -> tuple[Callable[[Any], A
     return FlatteningCollator(collate_fn), True
 
 
-__all__ = ["IGNORE_INDEX", "FlatteningCollator", "flatten_batch", "wrap_collate_fn"]
+__all__ = ["IGNORE_INDEX", "FlatteningCollator", "flatten_batch", "padding_for_flattening", "wrap_collate_fn"]
