@@ -5,7 +5,9 @@ One MoE layer's experts at two shapes, bf16, the same weights for every implemen
 * ``granitemoe_3b``: H=1536, I=512, E=40, top-8, T=8192 tokens (many small experts: routing and scatter weigh);
 * ``mixtral``: H=4096, I=14336, E=8, top-2, T=4096 tokens (few large experts: GEMM-bound).
 
-Implementations: ``triton`` (``moe_experts_triton``), ``grouped_mm`` (transformers'
+Implementations: ``triton`` (``moe_experts_triton``, default tiles), ``triton_tma`` (the same with the dense
+operands read through TMA descriptors and wider tiles, ``TMA_LAUNCH``; an error there is reported, not fatal),
+``grouped_mm`` (transformers'
 ``grouped_mm_experts_forward``, imported from ``transformers.integrations.moe`` and called on a small stand-in
 module that carries the attributes it reads; the model's own experts module dispatching to "grouped_mm" when the
 stand-in does not fit the installed transformers) and ``eager`` (a ``MixtralExperts`` module of the installed
@@ -56,15 +58,24 @@ from pathlib import Path
 # name: (hidden H, intermediate I, experts E, top-k, tokens T)
 SHAPES = {"granitemoe_3b": (1536, 512, 40, 8, 8192), "mixtral": (4096, 14336, 8, 2, 4096)}
 SMOKE_SHAPES = {"granitemoe_3b": (48, 40, 10, 8, 37), "mixtral": (64, 48, 5, 2, 33)}
-IMPLS = ("triton", "grouped_mm", "eager")
+IMPLS = ("triton", "grouped_mm", "eager", "triton_tma")
+# the "triton_tma" row: the dense operands through TMA descriptors (Hopper), with wider tiles where registers allow
+TMA_LAUNCH = {
+    "up": (128, 64, 64, 8, 3, True),
+    "down": (128, 256, 64, 8, 3, True),
+    "down_bwd": (128, 64, 64, 8, 3, True),
+    "dx": (128, 256, 64, 8, 3, True),
+}
 # --sweep candidates per kernel: (block_m, block_n, block_k, num_warps, num_stages)
 SWEEP = {
     "up": [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 4, 4), (128, 32, 64, 4, 4),
-           (64, 128, 64, 4, 3)],
-    "down": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4)],
+           (64, 128, 64, 4, 3), (128, 64, 64, 8, 3, True), (128, 64, 64, 8, 4, True), (64, 64, 64, 4, 4, True)],
+    "down": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+             (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, True), (128, 128, 64, 4, 4, True)],
     "down_bwd": [(128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
-                 (64, 128, 64, 4, 3)],
-    "dx": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 4)],
+                 (64, 128, 64, 4, 3), (128, 64, 64, 8, 3, True), (128, 64, 64, 8, 4, True)],
+    "dx": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 4),
+           (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, True), (128, 128, 64, 4, 4, True)],
     "wgrad": [(64, 128, 128, 8, 3), (32, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4),
               (128, 128, 128, 8, 3), (64, 256, 128, 8, 3)],
 }  # fmt: skip
@@ -181,7 +192,7 @@ class _StandIn:
 def make_impls(names, params: dict, shape, device) -> tuple[dict, dict]:
     """name -> fn(hidden, top_k_index, top_k_weights) on the shared parameters; plus notes per name."""
     import torch
-    from fms_acceleration_accelerate_kernels.moe import moe_experts_triton
+    from fms_acceleration_accelerate_kernels.moe import GemmLaunch, moe_experts_triton
     from transformers import MixtralConfig
     from transformers.activations import ACT2FN
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
@@ -202,7 +213,7 @@ def make_impls(names, params: dict, shape, device) -> tuple[dict, dict]:
 
     if "triton" in names:
         impls["triton"] = lambda x, i, w: moe_experts_triton(x, i, w, gate_up, down, act="silu")
-        notes["triton"] = "moe_experts_triton"
+        notes["triton"] = "moe_experts_triton (default tiles)"
     if "grouped_mm" in names:
         from transformers.integrations.moe import grouped_mm_experts_forward
 
@@ -221,6 +232,10 @@ def make_impls(names, params: dict, shape, device) -> tuple[dict, dict]:
         module_eager = hf_module("eager")
         impls["eager"] = lambda x, i, w: module_eager(x, i, w)
         notes["eager"] = "MixtralExperts eager forward"
+    if "triton_tma" in names:  # last: a failure there cannot spoil the other rows
+        tma = {name: GemmLaunch(*launch) for name, launch in TMA_LAUNCH.items()}
+        impls["triton_tma"] = lambda x, i, w: moe_experts_triton(x, i, w, gate_up, down, act="silu", launch=tma)
+        notes["triton_tma"] = f"moe_experts_triton with TMA descriptors: {json.dumps(TMA_LAUNCH)}"
     return impls, notes
 
 
@@ -361,8 +376,20 @@ def compile_stats(kernel: str, launch, arch: int = 90) -> dict:
     from triton.compiler import ASTSource
 
     fn, pointers, constexprs = _kernel_variants(moe)[kernel]
-    block_m, block_n, block_k, warps, stages = launch
+    block_m, block_n, block_k, warps, stages, tma = moe.GemmLaunch(*launch)
     constexprs = constexprs | dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+    if kernel != "wgrad":
+        # the default layouts: W_gu (E, 2I, H) and W_d (E, H, I); K is W's unit-stride dim in up and down
+        k_inner = kernel in ("up", "down")
+        constexprs |= dict(USE_TMA=tma, W_K_INNER=k_inner)
+        w_block = [1, block_n, block_k] if k_inner else [1, block_k, block_n]
+        descriptors = {"W_DESC": f"tensordesc<bf16{w_block}>", "X_DESC": f"tensordesc<bf16{[block_m, block_k]}>"}
+        for name in ("W_DESC", "X_DESC"):
+            if name in fn.arg_names:
+                if tma:
+                    pointers = pointers | {name: descriptors[name]}
+                else:
+                    constexprs[name] = None
     names = fn.arg_names
     signature = {}
     for name in names:
@@ -391,7 +418,7 @@ def compile_stats(kernel: str, launch, arch: int = 90) -> dict:
     found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
     return {
         "kernel": kernel,
-        "launch": list(launch),
+        "launch": list(moe.GemmLaunch(*launch)),
         "registers": int(found.group(1)) if found else -1,
         "stack_bytes": int(found.group(2)) if found else -1,
         "shared_bytes": compiled.metadata.shared,
@@ -405,6 +432,7 @@ def codegen(args: argparse.Namespace) -> int:
     from fms_acceleration_accelerate_kernels.moe import _LAUNCH
 
     jobs = [(kernel, tuple(launch)) for kernel, launch in _LAUNCH.items()]
+    jobs += [(kernel, tuple(launch)) for kernel, launch in TMA_LAUNCH.items()]
     if args.sweep:
         jobs += [(kernel, cand) for kernel, cands in SWEEP.items() for cand in cands if cand != tuple(_LAUNCH[kernel])]
     for kernel, launch in jobs:
@@ -454,6 +482,10 @@ def main(argv: list[str] | None = None) -> int:
                 row = measure(name, fn, problem, params, truth, timer, device)
             except torch.OutOfMemoryError as exc:
                 row = {"impl": name, "error": f"out of memory: {str(exc)[:200]}"}
+            except Exception as exc:  # e.g. a Triton without TMA support for the "triton_tma" row: reported
+                if name != "triton_tma":
+                    raise
+                row = {"impl": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             row.update(shape=shape_name, H=hidden, I=inter, E=n_experts, top_k=top_k, T=n_tokens, notes=notes[name])
             rows.append(row)
             if device.type == "cuda":
@@ -484,7 +516,9 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    result["all_checks_ok"] = all(r.get("ok", False) for r in result["rows"] if r["impl"] == "triton")
+    result["all_checks_ok"] = all(r.get("ok", False) for r in result["rows"] if r["impl"] == "triton") and all(
+        r.get("ok", False) for r in result["rows"] if r["impl"] == "triton_tma" and "error" not in r
+    )
     write()
     print(f"all checks ok: {result['all_checks_ok']}; wrote {out_dir / 'moe_bench.json'} in "
           f"{result['environment']['script_seconds']:.0f} s", flush=True)  # fmt: skip

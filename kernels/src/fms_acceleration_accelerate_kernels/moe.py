@@ -71,6 +71,11 @@ import triton.language as tl
 from ._utils import check_float_dtype, interpreter_enabled, next_power_of_2, use_triton
 from .glu import _activation_and_derivative
 
+try:  # host-side TMA descriptors (Triton >= 3.3); without them the kernels read every operand through pointers
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
+
 __all__ = [
     "ACTIVATIONS",
     "GemmLaunch",
@@ -103,13 +108,17 @@ _ACT_GPT_OSS = 3
 
 class GemmLaunch(NamedTuple):
     """Tile sizes and launch settings of one grouped GEMM kernel (``block_m``: rows of the expert-sorted
-    order; for the weight-gradient kernel the rows reduced per step)."""
+    order; for the weight-gradient kernel the rows reduced per step). ``tma``: read the dense operands (the weight
+    tiles; the rows of the down / dx kernels' expert-ordered input) through TMA tensor descriptors (Hopper and
+    newer; ignored by the weight-gradient kernel, where the pointer path is used too when the layout does not
+    allow a descriptor: interleaved gate/up, strides not 16-byte multiples)."""
 
     block_m: int
     block_n: int
     block_k: int
     num_warps: int
     num_stages: int
+    tma: bool = False
 
 
 # Per kernel: "up" (block_n per half: gate and up each), "down", "down_bwd", "dx", "wgrad" (block_n x block_k
@@ -304,6 +313,17 @@ def _gated(gate, up, ACT: tl.constexpr, alpha, limit, NEED_GRAD: tl.constexpr):
 
 
 @triton.jit
+def _tma_weight_tile(desc, expert, n0, k0, K_INNER: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BLOCK_K, BLOCK_N) tile (rows k0.., columns n0..) of one expert's weight through a TMA descriptor over the
+    stack in memory order: (E, N, K) when K is the unit-stride dim (K_INNER), else (E, K, N); zero past the edges."""
+    if K_INNER:
+        w = tl.trans(desc.load([expert, n0, k0]).reshape(BLOCK_N, BLOCK_K))
+    else:
+        w = desc.load([expert, k0, n0]).reshape(BLOCK_K, BLOCK_N)
+    return w
+
+
+@triton.jit
 def _swizzle(pid, n_tiles_m, n_tiles_n, GROUP_M: tl.constexpr):
     """(row tile, column tile) of program ``pid``, in groups of GROUP_M row tiles walked column by column, so
     that programs running together share weight tiles (same expert, same columns) and token rows in L2."""
@@ -324,6 +344,7 @@ def _moe_up_kernel(
     OFFSETS,  # int32 (E + 1,)
     HOUT,  # (S, 2I): h in W's row order (STORE_H)
     AOUT,  # (S, I): act(gate) * up
+    W_DESC,  # TMA descriptor over W (USE_TMA; concatenated gate/up rows only) or None
     n_experts,
     n_tiles_m,  # row tiles in the grid (an upper bound: tiles past the last expert exit)
     K,
@@ -344,6 +365,8 @@ def _moe_up_kernel(
     HAS_BIAS: tl.constexpr,
     STORE_H: tl.constexpr,
     EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    W_K_INNER: tl.constexpr,
     PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -374,11 +397,16 @@ def _moe_up_kernel(
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+        if USE_TMA:  # gate/up tiles are row blocks of W (columns past I read rows nobody stores)
+            wg = _tma_weight_tile(W_DESC, expert, gate_off + pid_n * BLOCK_N, k0, W_K_INNER, BLOCK_N, BLOCK_K)
+            wu = _tma_weight_tile(W_DESC, expert, up_off + pid_n * BLOCK_N, k0, W_K_INNER, BLOCK_N, BLOCK_K)
+        elif EVEN_K:
             wg = tl.load(wg_ptrs, mask=col_mask[None, :], other=0.0)
             wu = tl.load(wu_ptrs, mask=col_mask[None, :], other=0.0)
         else:
             k_mask = (k0 + offs_k) < K
-            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             wg = tl.load(wg_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
             wu = tl.load(wu_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
         acc_g = _mma(x, wg, acc_g, PRECISION)
@@ -410,6 +438,8 @@ def _moe_grouped_mm_kernel(
     BIAS,  # (E, N) or a dummy
     OFFSETS,
     Y,  # (S, N) rows in expert order
+    X_DESC,  # TMA descriptors (USE_TMA) over X (S, K) and W, or None
+    W_DESC,
     n_experts,
     n_tiles_m,  # row tiles in the grid (an upper bound: tiles past the last expert exit)
     K,
@@ -423,6 +453,8 @@ def _moe_grouped_mm_kernel(
     stride_y,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    W_K_INNER: tl.constexpr,
     PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -440,21 +472,30 @@ def _moe_grouped_mm_kernel(
     rows64 = rows.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    offs_k = tl.arange(0, BLOCK_K)
-    x_ptrs = X + rows64[:, None] * stride_x + offs_k[None, :]
-    w_ptrs = W + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
-            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
-        else:
-            k_mask = (k0 + offs_k) < K
-            x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-        acc = _mma(x, w, acc, PRECISION)
-        x_ptrs += BLOCK_K
-        w_ptrs += BLOCK_K * stride_wk
+    if USE_TMA:
+        # rows past the expert's last are the next expert's: their outputs are computed and never stored
+        for k0 in range(0, K, BLOCK_K):
+            x = X_DESC.load([row_start, k0])
+            w = _tma_weight_tile(W_DESC, expert, pid_n * BLOCK_N, k0, W_K_INNER, BLOCK_N, BLOCK_K)
+            acc = _mma(x, w, acc, PRECISION)
+    else:
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = X + rows64[:, None] * stride_x + offs_k[None, :]
+        w_ptrs = (
+            W + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+        )
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+                w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+            else:
+                k_mask = (k0 + offs_k) < K
+                x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+            acc = _mma(x, w, acc, PRECISION)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         b = tl.load(BIAS + expert.to(tl.int64) * stride_be + cols * stride_bn, mask=col_mask, other=0.0)
         acc += b.to(tl.float32)[None, :]
@@ -473,6 +514,7 @@ def _moe_down_bwd_kernel(
     DH,  # (S, 2I) out: gradient of h (STORE_DH)
     AW,  # (S, I) out: w * a (STORE_AW)
     DWP,  # fp32 (n_tiles_n, S) out: per column tile <da, a> (STORE_DWP)
+    W_DESC,  # TMA descriptor over W (USE_TMA) or None
     n_experts,
     n_tiles_m,  # row tiles in the grid (an upper bound: tiles past the last expert exit)
     K,
@@ -493,6 +535,8 @@ def _moe_down_bwd_kernel(
     STORE_AW: tl.constexpr,
     STORE_DWP: tl.constexpr,
     EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
+    W_K_INNER: tl.constexpr,
     PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -518,11 +562,14 @@ def _moe_down_bwd_kernel(
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             g = tl.load(g_ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            g = tl.load(g_ptrs, mask=row_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+        if USE_TMA:
+            w = _tma_weight_tile(W_DESC, expert, pid_n * BLOCK_N, k0, W_K_INNER, BLOCK_N, BLOCK_K)
+        elif EVEN_K:
             w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
         else:
-            k_mask = (k0 + offs_k) < K
-            g = tl.load(g_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
+            w = tl.load(w_ptrs, mask=col_mask[None, :] & ((k0 + offs_k) < K)[:, None], other=0.0)
         acc = _mma(g, w, acc, PRECISION)
         g_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
@@ -689,6 +736,40 @@ def _fit(block: int, extent: int) -> int:
     return max(16, min(block, next_power_of_2(extent)))
 
 
+def _tma_available(device: torch.device) -> bool:
+    """TMA descriptors work here: Hopper or newer (or the interpreter, which emulates them)."""
+    if TensorDescriptor is None:
+        return False
+    if interpreter_enabled():
+        return True
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+def _weight_descriptor(weight, stride_n, stride_k, n_extent, k_extent, block_n, block_k):
+    """(descriptor, k_inner) over an expert stack seen as (e, n, k) with the given strides, in memory order; None
+    when TMA cannot address it (no unit-stride dim among n and k, or strides / base not 16-byte aligned)."""
+    if stride_k == 1:
+        shape, strides, block, k_inner = (
+            [weight.shape[0], n_extent, k_extent],
+            [weight.stride(0), stride_n, 1],
+            [1, block_n, block_k],
+            True,
+        )
+    elif stride_n == 1:
+        shape, strides, block, k_inner = (
+            [weight.shape[0], k_extent, n_extent],
+            [weight.stride(0), stride_k, 1],
+            [1, block_k, block_n],
+            False,
+        )
+    else:
+        return None
+    size = weight.element_size()
+    if weight.data_ptr() % 16 or any((st * size) % 16 for st in strides[:-1]):
+        return None
+    return TensorDescriptor(weight, shape, strides, block), k_inner
+
+
 def _row_tiles_bound(routing: MoERouting, block_m: int) -> int:
     """Upper bound on the number of row tiles (sum over experts of ceil(count / block_m)) without reading counts."""
     n_slots = routing.perm.numel()
@@ -718,14 +799,19 @@ def moe_up_triton(
     stride_wr, stride_wk = layout.gate_up_strides(gate_up)
     gate_off, up_off, step = layout.gate_up_rows(inter)
     bias = gate_up_bias if gate_up_bias is not None else a
+    desc = None
+    if cfg.tma and step == 1 and _tma_available(hidden.device):
+        desc = _weight_descriptor(gate_up, stride_wr, stride_wk, two_i, hidden_dim, block_n, block_k)
+    w_desc, k_inner = desc if desc is not None else (None, True)
     n_tiles_m = _row_tiles_bound(routing, cfg.block_m)
     grid = (n_tiles_m * triton.cdiv(inter, block_n),)
     _moe_up_kernel[grid](
-        hidden, gate_up, bias, routing.perm, routing.offsets, h if store_h else a, a,
+        hidden, gate_up, bias, routing.perm, routing.offsets, h if store_h else a, a, w_desc,
         routing.num_experts, n_tiles_m, hidden_dim, inter, hidden.stride(0), gate_up.stride(0), stride_wr, stride_wk,
         bias.stride(0) if gate_up_bias is not None else 0, bias.stride(1) if gate_up_bias is not None else 0,
         gate_off, up_off, layout.alpha, layout.limit, STEP=step, TOPK=routing.top_k, ACT=layout.act, HAS_BIAS=gate_up_bias is not None,
-        STORE_H=store_h, EVEN_K=hidden_dim % block_k == 0, PRECISION=_precision(hidden.dtype),
+        STORE_H=store_h, EVEN_K=hidden_dim % block_k == 0, USE_TMA=w_desc is not None, W_K_INNER=k_inner,
+        PRECISION=_precision(hidden.dtype),
         GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_E=next_power_of_2(routing.num_experts),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -752,12 +838,19 @@ def moe_grouped_mm_triton(
     cfg = _launch_for(launch_name, launch)
     block_n, block_k = _fit(cfg.block_n, out_features), _fit(cfg.block_k, k_dim)
     b = bias if bias is not None else y
+    x_desc, w_desc, k_inner = None, None, True
+    if cfg.tma and _tma_available(x.device) and x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0:
+        desc = _weight_descriptor(weight, stride_n, stride_k, out_features, k_dim, block_n, block_k)
+        if desc is not None and x.data_ptr() % 16 == 0:
+            w_desc, k_inner = desc
+            x_desc = TensorDescriptor(x, [n_slots, k_dim], [x.stride(0), 1], [cfg.block_m, block_k])
     n_tiles_m = _row_tiles_bound(routing, cfg.block_m)
     grid = (n_tiles_m * triton.cdiv(out_features, block_n),)
     _moe_grouped_mm_kernel[grid](
-        x, weight, b, routing.offsets, y, routing.num_experts, n_tiles_m, k_dim, out_features, x.stride(0), weight.stride(0),
+        x, weight, b, routing.offsets, y, x_desc, w_desc, routing.num_experts, n_tiles_m, k_dim, out_features, x.stride(0), weight.stride(0),
         stride_n, stride_k, b.stride(0) if bias is not None else 0, b.stride(1) if bias is not None else 0,
-        y.stride(0), HAS_BIAS=bias is not None, EVEN_K=k_dim % block_k == 0, PRECISION=_precision(x.dtype),
+        y.stride(0), HAS_BIAS=bias is not None, EVEN_K=k_dim % block_k == 0, USE_TMA=x_desc is not None,
+        W_K_INNER=k_inner, PRECISION=_precision(x.dtype),
         GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_E=next_power_of_2(routing.num_experts),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -792,14 +885,19 @@ def moe_down_backward_triton(
         stride_h, stride_i = layout.down_strides(down)
         gate_off, up_off, step = layout.gate_up_rows(inter)
         dummy = h
+        desc = None
+        if cfg.tma and _tma_available(h.device):
+            desc = _weight_descriptor(down, stride_i, stride_h, inter, hidden_dim, block_n, block_k)
+        w_desc, k_inner = desc if desc is not None else (None, True)
         n_tiles_m = _row_tiles_bound(routing, cfg.block_m)
         grid = (n_tiles_m * n_tiles_n,)
         _moe_down_bwd_kernel[grid](
             dout, down, routing.perm, routing.offsets, top_k_weights, h,
-            dh if need_dh else dummy, aw if need_aw else dummy, dwp if need_dw else dummy,
+            dh if need_dh else dummy, aw if need_aw else dummy, dwp if need_dw else dummy, w_desc,
             routing.num_experts, n_tiles_m, hidden_dim, inter, n_slots, dout.stride(0), down.stride(0), stride_i, stride_h,
             gate_off, up_off, layout.alpha, layout.limit, STEP=step, TOPK=routing.top_k, ACT=layout.act, STORE_DH=need_dh, STORE_AW=need_aw,
-            STORE_DWP=need_dw, EVEN_K=hidden_dim % block_k == 0, PRECISION=_precision(h.dtype),
+            STORE_DWP=need_dw, EVEN_K=hidden_dim % block_k == 0, USE_TMA=w_desc is not None, W_K_INNER=k_inner,
+            PRECISION=_precision(h.dtype),
             GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_E=next_power_of_2(routing.num_experts),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
