@@ -214,6 +214,22 @@ def test_frozen_weights_and_precomputed_routing():
         moe_experts_triton(hidden, index.to(device), weights, gate_up, down, routing=moe_route(index.to(device) % 4, 4))
 
 
+def test_trainable_biases_on_frozen_weights():
+    """Bias gradients when the weight stacks need none (summed in torch instead of the weight-gradient kernel)."""
+    device = device_for_tests()
+    index, t = _inputs(5, 2, bias=True, empty=(3,), sentinels=4)
+    t = {n: v.to(device) for n, v in t.items()}
+    grads = []
+    for fn in (moe_experts_triton, moe_experts_ref):
+        biases = {n: t[n].clone().requires_grad_(True) for n in ("gate_up_bias", "down_bias")}
+        fn(
+            t["hidden"], index.to(device), t["top_k_weights"], t["gate_up"], t["down"], **biases
+        ).square().sum().backward()
+        grads.append({n: b.grad for n, b in biases.items()})
+    for name in ("gate_up_bias", "down_bias"):
+        torch.testing.assert_close(grads[0][name], grads[1][name], **GRAD_TOL[torch.float32])
+
+
 def test_no_grad_forward_and_empty_batch():
     device = device_for_tests()
     index, tensors = _inputs(5, 2)
