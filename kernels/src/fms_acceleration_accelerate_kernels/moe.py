@@ -805,16 +805,15 @@ def moe_up_triton(
     w_desc, k_inner = desc if desc is not None else (None, True)
     n_tiles_m = _row_tiles_bound(routing, cfg.block_m)
     grid = (n_tiles_m * triton.cdiv(inter, block_n),)
+    has_bias = gate_up_bias is not None
     _moe_up_kernel[grid](
         hidden, gate_up, bias, routing.perm, routing.offsets, h if store_h else a, a, w_desc,
         routing.num_experts, n_tiles_m, hidden_dim, inter, hidden.stride(0), gate_up.stride(0), stride_wr, stride_wk,
-        bias.stride(0) if gate_up_bias is not None else 0, bias.stride(1) if gate_up_bias is not None else 0,
-        gate_off, up_off, layout.alpha, layout.limit, STEP=step, TOPK=routing.top_k, ACT=layout.act, HAS_BIAS=gate_up_bias is not None,
-        STORE_H=store_h, EVEN_K=hidden_dim % block_k == 0, USE_TMA=w_desc is not None, W_K_INNER=k_inner,
-        PRECISION=_precision(hidden.dtype),
-        GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_E=next_power_of_2(routing.num_experts),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        bias.stride(0) if has_bias else 0, bias.stride(1) if has_bias else 0, gate_off, up_off, layout.alpha,
+        layout.limit, STEP=step, TOPK=routing.top_k, ACT=layout.act, HAS_BIAS=has_bias, STORE_H=store_h,
+        EVEN_K=hidden_dim % block_k == 0, USE_TMA=w_desc is not None, W_K_INNER=k_inner,
+        PRECISION=_precision(hidden.dtype), GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_E=next_power_of_2(routing.num_experts), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return h, a
 
@@ -847,12 +846,11 @@ def moe_grouped_mm_triton(
     n_tiles_m = _row_tiles_bound(routing, cfg.block_m)
     grid = (n_tiles_m * triton.cdiv(out_features, block_n),)
     _moe_grouped_mm_kernel[grid](
-        x, weight, b, routing.offsets, y, x_desc, w_desc, routing.num_experts, n_tiles_m, k_dim, out_features, x.stride(0), weight.stride(0),
-        stride_n, stride_k, b.stride(0) if bias is not None else 0, b.stride(1) if bias is not None else 0,
-        y.stride(0), HAS_BIAS=bias is not None, EVEN_K=k_dim % block_k == 0, USE_TMA=x_desc is not None,
-        W_K_INNER=k_inner, PRECISION=_precision(x.dtype),
-        GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_E=next_power_of_2(routing.num_experts),
+        x, weight, b, routing.offsets, y, x_desc, w_desc, routing.num_experts, n_tiles_m, k_dim, out_features,
+        x.stride(0), weight.stride(0), stride_n, stride_k, b.stride(0) if bias is not None else 0,
+        b.stride(1) if bias is not None else 0, y.stride(0), HAS_BIAS=bias is not None, EVEN_K=k_dim % block_k == 0,
+        USE_TMA=x_desc is not None, W_K_INNER=k_inner, PRECISION=_precision(x.dtype), GROUP_M=_GROUP_M,
+        BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=next_power_of_2(routing.num_experts),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return y
@@ -894,12 +892,11 @@ def moe_down_backward_triton(
         _moe_down_bwd_kernel[grid](
             dout, down, routing.perm, routing.offsets, top_k_weights, h,
             dh if need_dh else dummy, aw if need_aw else dummy, dwp if need_dw else dummy, w_desc,
-            routing.num_experts, n_tiles_m, hidden_dim, inter, n_slots, dout.stride(0), down.stride(0), stride_i, stride_h,
-            gate_off, up_off, layout.alpha, layout.limit, STEP=step, TOPK=routing.top_k, ACT=layout.act, STORE_DH=need_dh, STORE_AW=need_aw,
-            STORE_DWP=need_dw, EVEN_K=hidden_dim % block_k == 0, USE_TMA=w_desc is not None, W_K_INNER=k_inner,
-            PRECISION=_precision(h.dtype),
-            GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_E=next_power_of_2(routing.num_experts),
+            routing.num_experts, n_tiles_m, hidden_dim, inter, n_slots, dout.stride(0), down.stride(0), stride_i,
+            stride_h, gate_off, up_off, layout.alpha, layout.limit, STEP=step, TOPK=routing.top_k, ACT=layout.act,
+            STORE_DH=need_dh, STORE_AW=need_aw, STORE_DWP=need_dw, EVEN_K=hidden_dim % block_k == 0,
+            USE_TMA=w_desc is not None, W_K_INNER=k_inner, PRECISION=_precision(h.dtype), GROUP_M=_GROUP_M,
+            BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=next_power_of_2(routing.num_experts),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return dh, aw, (dwp.sum(0) if need_dw else None)
