@@ -237,6 +237,8 @@ class MoESpec:
             ``None``: the experts' activation module (:attr:`activation_attribute`), one of
             :data:`ACTIVATION_CLASSES`.
         activation_attribute: attribute of the experts module holding the activation module.
+        activation_parameters: ``(kernel argument, experts attribute)`` pairs of activation constants the experts
+            module holds (GPT-OSS's clamped SwiGLU: ``(("alpha", "alpha"), ("limit", "limit"))``).
         routing: how the router picks and weights the k experts (:data:`RoutingKind`).
         router_bias: the router's linear has a bias (``router.bias``).
         normalize_top_k: the k weights are renormalised to sum to 1: ``True``/``False`` for every model of the
@@ -268,6 +270,7 @@ class MoESpec:
     transposed: bool = False
     activation: str | None = None
     activation_attribute: str = "act_fn"
+    activation_parameters: tuple[tuple[str, str], ...] = ()
     router_bias: bool = False
     router_jitter_config: str | None = None
     shared_expert: str | None = None
@@ -883,6 +886,13 @@ def _check_moe(
                     fix=fix,
                 )
         experts_activation(module, moe, path=matched.path)
+        for _, attribute in moe.activation_parameters:
+            if not isinstance(getattr(module, attribute, None), (int, float)):
+                raise ModelStructureError(
+                    f"{spec.model_type}: experts {matched.path} ({type(module).__name__}) hold no number "
+                    f"{attribute!r} (an activation constant of the spec)",
+                    fix=fix,
+                )
 
 
 _KERNEL_ACTIVATIONS = {("silu", None): "silu", ("gelu", "tanh"): "gelu_tanh", ("gelu", "none"): "gelu"}

@@ -38,6 +38,7 @@ class ExpertsPlan:
         layer: name of the module for the routing statistics (its path in the model).
         gate_up_proj / down_proj / gate_up_bias / down_bias: attribute names on the module (biases may be None).
         act: the kernel's activation name.
+        act_parameters: keyword arguments of the activation's constants (``alpha``, ``limit`` for GPT-OSS).
         gate_first / interleaved / transposed: the weight layout (see ``moe_experts``).
     """
 
@@ -47,6 +48,7 @@ class ExpertsPlan:
     gate_up_bias: str | None
     down_bias: str | None
     act: str
+    act_parameters: tuple[tuple[str, float], ...]
     gate_first: bool
     interleaved: bool
     transposed: bool
@@ -60,6 +62,7 @@ class ExpertsPlan:
             gate_up_bias=spec.gate_up_bias,
             down_bias=spec.down_bias,
             act=experts_activation(module, spec, path=layer),
+            act_parameters=tuple((arg, float(getattr(module, attr))) for arg, attr in spec.activation_parameters),
             gate_first=spec.gate_first,
             interleaved=spec.interleaved,
             transposed=spec.transposed,
@@ -144,6 +147,7 @@ def make_experts_forward(plans: ExpertsPlans, stats: RoutingStats | None) -> Cal
             transposed=plan.transposed,
             interleaved=plan.interleaved,
             routing=routing,
+            **dict(plan.act_parameters),
         )
 
     return scattermoe_experts_forward

@@ -1,0 +1,91 @@
+"""The MoE spec's layout fields carry other expert layouts too: GPT-OSS's experts (gate/up interleaved, transposed
+weights, biases, clamped SwiGLU with the module's alpha and limit) and its router (bias, top-k then softmax), with a
+spec written here (GPT-OSS is not in the table: its attention sinks and half-width rotary need more than a MoE spec),
+against transformers' own GPT-OSS modules. Also: MoESpec refuses inconsistent declarations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fms_acceleration_accelerate_moe import route
+from fms_acceleration_accelerate_moe.experts import ExpertsPlans, make_experts_forward
+from fms_acceleration_accelerate_moe.routing import RoutingStats
+
+from fms_acceleration_accelerate.model_specs import MoESpec
+
+GPT_OSS = MoESpec(
+    block_class_names=("GptOssMLP",),
+    experts_class_names=("GptOssExperts",),
+    router_class_names=("GptOssTopKRouter",),
+    router_attribute="router",
+    routing="topk_softmax",
+    normalize_top_k=False,
+    router_bias=True,
+    gate_up_bias="gate_up_proj_bias",
+    down_bias="down_proj_bias",
+    gate_up_layout="interleaved",
+    transposed=True,
+    activation="gpt_oss",
+    activation_parameters=(("alpha", "alpha"), ("limit", "limit")),
+)
+
+
+def _gpt_oss(limit: float = 7.0):
+    from transformers import GptOssConfig
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts, GptOssTopKRouter
+
+    config = GptOssConfig(
+        hidden_size=24, intermediate_size=20, num_local_experts=5, num_experts_per_tok=2, swiglu_limit=limit
+    )
+    torch.manual_seed(0)
+    experts, router = GptOssExperts(config), GptOssTopKRouter(config)
+    with torch.no_grad():
+        for p in (*experts.parameters(), *router.parameters()):
+            p.normal_(0.0, 0.3)
+    return config, experts, router
+
+
+@pytest.mark.parametrize("limit", [7.0, 0.5])  # 0.5: the clamps bind on many elements
+def test_gpt_oss_experts_through_the_spec(limit, kernel_path):
+    config, experts, router = _gpt_oss(limit)
+    hidden = torch.randn(29, config.hidden_size, requires_grad=True)
+    with torch.no_grad():
+        _, weights, index = router(hidden)
+        _, my_weights, my_index = route(hidden, router, GPT_OSS, config)
+    assert torch.equal(my_index, index)
+    torch.testing.assert_close(my_weights, weights)
+    weights.requires_grad_(True)
+    leaves = (hidden, weights, *experts.parameters())
+
+    want = experts(hidden, index, weights)  # transformers' eager loop
+    want.square().sum().backward()
+    want_grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+
+    plans = ExpertsPlans(lambda module: GPT_OSS)
+    plans.add(experts, GPT_OSS, "layers.0.mlp.experts")
+    stats = RoutingStats()
+    forward = make_experts_forward(plans, stats)
+    got = forward(experts, hidden, router_indices=index, routing_weights=weights)  # GPT-OSS's argument names
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    got.square().sum().backward()
+    for g, w in zip([t.grad for t in leaves], want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    assert int(stats.totals()["layers.0.mlp.experts"].sum()) == index.numel()
+    assert dict(plans.get(experts).act_parameters) == {"alpha": config.swiglu_alpha, "limit": limit}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(routing="softmax"), "routing must be"),
+        (dict(gate_up_layout="blocked"), "gate_up_layout must be"),
+        (dict(shared_expert_gate="gate"), "shared_expert_gate needs shared_expert"),
+    ],
+)
+def test_inconsistent_specs_are_refused(changes, message):
+    import dataclasses
+
+    with pytest.raises(TypeError, match=message):
+        dataclasses.replace(GPT_OSS, **changes)
