@@ -179,6 +179,9 @@ def test_even_k_tiles_and_larger_blocks():
 TMA_LAUNCH = {name: GemmLaunch(16, 32, 32, 4, 1, True) for name in ("up", "down", "down_bwd", "dx")}
 
 
+# the down / dx tiles read whole row blocks, including never-written rows past the last expert's (sentinel slots):
+# their products may be NaN in rows that are never stored
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("transposed", [False, True], ids=["stored_out_in", "transposed"])
 def test_tma_descriptor_path(transposed, dtype):
