@@ -129,3 +129,30 @@ def test_lora_on_attention_and_experts(model_type, kernel_path, saved_models, tm
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch(seed=4)).logits, trained, rtol=1e-4, atol=1e-5)
+
+
+def test_accelerate_only_script_prepare_patches_the_model(reference_kernels, saved_models):
+    """The section given to a stock Accelerator (AccelerationKwargs): a script that only calls prepare gets its model
+    patched there (check_prepared_model, prepare_contribution, after_prepare), and trains as with eager experts."""
+    from accelerate import Accelerator
+
+    from fms_acceleration_accelerate import AccelerationKwargs
+    from fms_acceleration_accelerate.accelerate_integration import get_framework
+
+    directory = saved_models("qwen3_moe")
+    reference = load(directory, experts_implementation="eager")
+    want_loss, want_grads = loss_and_grads(reference, batch())
+
+    handler = AccelerationKwargs({"training": {"moe": {"scattermoe": {"ep_degree": 1}}}})
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[handler])
+    framework = get_framework(accelerator)
+    model = load(directory)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    plugin = framework.plugin("scattermoe")
+    assert model.config._experts_implementation == plugin.experts_key
+    loss, grads = loss_and_grads(model, batch())
+    torch.testing.assert_close(loss, want_loss)
+    assert_grads_close(want_grads, grads)
+    assert len(plugin.routing_stats) == model.config.num_hidden_layers
+    framework.revert()
