@@ -248,6 +248,12 @@ def test_patching_twice_is_a_no_op_and_trainer_models_are_patched(reference_kern
     assert [type(c).__name__ for c in callbacks] == ["RoutingStatsCallback"]
     fresh.revert()
     framework.revert()
+    assert model.config._experts_implementation == "grouped_mm"
+    framework.augmentation(model)  # after a revert the same framework patches the model again
+    assert model.config._experts_implementation == framework.plugins[0].experts_key
+    assert len(framework.patches) == count
+    model(**batch())
+    framework.revert()
 
 
 def test_bf16_model(kernel_path, saved_models):

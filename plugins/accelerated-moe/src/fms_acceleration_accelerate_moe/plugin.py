@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
-from weakref import WeakKeyDictionary
 
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 from fms_acceleration_accelerate.framework import is_main_process
@@ -97,10 +96,8 @@ class ScatterMoEPlugin(AccelerationPlugin):
         """Tokens per expert per MoE layer, counted on the device in training forwards (``routing_stats: true``);
         see :class:`~.routing.RoutingStats`."""
         self._plans = ExpertsPlans(self._spec_of_experts)
-        self._patched: WeakKeyDictionary[Any, str] = WeakKeyDictionary()
-        """Each causal LM this plugin patched -> the experts implementation key its config names."""
-        self._configs: list[Any] = []
-        """The config objects whose experts implementation this plugin set."""
+        self._config_patches: list[Any] = []
+        """The patch records of the config objects whose experts implementation this plugin set."""
         self._specs: dict[str, MoESpec] = {}
         """Experts class name -> MoE spec, of the architectures patched so far."""
 
@@ -196,7 +193,7 @@ class ScatterMoEPlugin(AccelerationPlugin):
 
     def after_prepare(self, model: nn.Module, context: RunContext) -> None:
         """Refuse a model whose experts implementation was changed after this plugin set it."""
-        for config in self._configs:
+        for config in self._patched_configs():
             current = getattr(config, "_experts_implementation", None)
             if current != self.experts_key:
                 raise AccelerationConfigError(
@@ -228,8 +225,9 @@ class ScatterMoEPlugin(AccelerationPlugin):
         """
         match = self._match(model)
         causal = match.causal_lm.module
-        if causal in self._patched:
-            return match
+        patched = self._patched_configs()
+        if all(any(e.module.config is c for c in patched) for e in match.experts):
+            return match  # patched already (and not reverted since)
         spec = match.spec
         assert spec.moe is not None
         self._check_expert_count(spec, causal.config)
@@ -250,17 +248,16 @@ class ScatterMoEPlugin(AccelerationPlugin):
         where = match.causal_lm.path or type(causal).__name__
         configs = {id(e.module.config): e.module.config for e in match.experts}
         for config in configs.values():
-            if config.__dict__.get("_experts_implementation_internal") == key:
+            if any(config is c for c in patched):
                 continue
-            self.patches.patch(
+            record = self.patches.patch(
                 config,
                 "_experts_implementation_internal",
                 key,
                 target=f"{where}.config._experts_implementation",
                 description=f"scattermoe experts ({len(match.experts)} MoE layers, {spec.model_type})",
             )
-            self._configs.append(config)
-        self._patched[causal] = key
+            self._config_patches.append(record)
         if is_main_process():
             activations = sorted({self._plans.get(e.module).act for e in match.experts})
             logger.info(
@@ -272,6 +269,12 @@ class ScatterMoEPlugin(AccelerationPlugin):
         return match
 
     # ------------------------------------------------------------------------------------------- helpers
+    def _patched_configs(self) -> list[Any]:
+        """The config objects this plugin pointed at its experts forward, whose patch is not reverted."""
+        live = {id(r) for r in self.patches.records}
+        self._config_patches = [r for r in self._config_patches if id(r) in live]
+        return [r.owner for r in self._config_patches]
+
     def _match(self, model: Any) -> ModelMatch:
         config = getattr(model, "config", None)
         spec = self._spec(getattr(config, "model_type", None))
