@@ -1,5 +1,6 @@
 """The original fms-acceleration's import names (``fms_acceleration``, ``fms_acceleration_peft``,
-``fms_acceleration_foak``, ``fms_acceleration_aadp``) as this project provides them, and the original winning wherever it is installed."""
+``fms_acceleration_foak``, ``fms_acceleration_aadp``, ``fms_acceleration_moe``) as this project provides them, and
+the original winning wherever it is installed."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ STAND_IN_DIRS = (
     / "src"
     / "fms_acceleration_accelerate_aadp"
     / "upstream_names",
+    REPO / "plugins" / "accelerated-moe" / "src" / "fms_acceleration_accelerate_moe" / "upstream_names",
 )
 
 
@@ -77,7 +79,7 @@ def test_the_names_fms_hf_tuning_imports():
         "ACCELERATION_FRAMEWORK_CONFIG_FILE",
         "fms_acceleration_",
     )
-    assert PLUGINS == ("peft", "foak", "aadp")
+    assert PLUGINS == ("peft", "foak", "aadp", "moe")
     assert fms_acceleration_peft.BitsAndBytesAccelerationPlugin is BitsAndBytesAccelerationPlugin
     assert fms_acceleration_foak.FusedOpsAndKernelsPlugin is FusedOpsAndKernelsPlugin
 
@@ -110,14 +112,33 @@ def test_aadp_name_exports_the_originals_plugin_classes():
     ]
 
 
+def test_moe_name_exports_the_originals_plugin_class():
+    """The original's ``fms_acceleration_moe`` exported ``ScatterMoEAccelerationPlugin``; the name is this
+    project's plugin class, which the framework activates for fms-hf-tuning's ``--fast_moe`` section. There is no
+    ``fms_acceleration_moe.utils`` (checkpoints are the model's own safetensors), so fms-hf-tuning's import of its
+    DCP-conversion function fails with ``ImportError`` and it adds no conversion callback."""
+    import fms_acceleration_moe
+    from fms_acceleration import AccelerationFramework
+    from fms_acceleration_accelerate_moe import ScatterMoEPlugin
+    from fms_acceleration_moe import ScatterMoEAccelerationPlugin
+
+    assert Path(fms_acceleration_moe.__file__).parent.parent == STAND_IN_DIRS[4]
+    assert ScatterMoEAccelerationPlugin is ScatterMoEPlugin
+    assert "ScatterMoEAccelerationPlugin" in fms_acceleration_moe.__all__
+    with pytest.raises(ImportError):
+        from fms_acceleration_moe.utils import recover_safetensors_from_dcp  # noqa: F401
+    body = {"training": {"moe": {"scattermoe": {"ep_degree": 1, "disable_distributed": False}}}}
+    framework = AccelerationFramework({"plugins": body})
+    assert [type(plugin) for _name, plugin in framework.active_plugins] == [ScatterMoEAccelerationPlugin]
+
+
 def test_availability_checked_the_way_fms_hf_tuning_checks_it():
     from tests.integration.fms_hf_tuning_replay import is_fms_accelerate_available
 
     assert is_fms_accelerate_available()
-    assert is_fms_accelerate_available("peft") and is_fms_accelerate_available(["peft", "foak", "aadp"])
-    # the original's plugins without a counterpart here must read "not available", not pretend
-    for missing in ("moe", "odm"):
-        assert not is_fms_accelerate_available(missing), missing
+    assert is_fms_accelerate_available("peft") and is_fms_accelerate_available(["peft", "foak", "aadp", "moe"])
+    # the original's plugin without a counterpart here must read "not available", not pretend
+    assert not is_fms_accelerate_available("odm")
 
 
 def test_stand_in_directories_are_appended_after_site_packages(tmp_path):
@@ -219,15 +240,16 @@ def test_cli_maps_plugin_names_to_this_projects_packages(capsys):
     assert cli.install_command("fms_acceleration_foak")[-1] == "fms-acceleration-accelerate-foak"
     assert cli.install_command("peft")[-1] == "fms-acceleration-accelerate-peft"
     assert cli.install_command("fms_acceleration_aadp")[-1] == "fms-acceleration-accelerate-aadp"
-    assert cli.main(["install", "fms_acceleration_moe"]) == 2
+    assert cli.install_command("moe")[-1] == "fms-acceleration-accelerate-moe"
+    assert cli.main(["install", "fms_acceleration_odm"]) == 2
     assert "no counterpart" in capsys.readouterr().err
     assert cli.main(["install", "fms_acceleration_nope"]) == 2
     assert "unknown plugin" in capsys.readouterr().err
     assert cli.main(["plugins"]) == 0
     listing = capsys.readouterr().out
     assert "fms_acceleration_peft: installed" in listing and "fms_acceleration_foak: installed" in listing
-    assert "fms_acceleration_aadp: installed" in listing
-    assert "fms_acceleration_moe: not available" in listing
+    assert "fms_acceleration_aadp: installed" in listing and "fms_acceleration_moe: installed" in listing
+    assert "fms_acceleration_odm: not available" in listing
 
 
 def test_the_start_up_file_only_names_folders():
@@ -239,9 +261,11 @@ def test_the_start_up_file_only_names_folders():
     lines = [line.strip() for line in pth.read_text(encoding="utf-8").splitlines() if line.strip()]
     assert lines and all(line.startswith("#") or not line.startswith(("import ", "import\t")) for line in lines)
     folders = [line for line in lines if not line.startswith("#")]
-    assert {"fms_acceleration_accelerate/upstream_names", "fms_acceleration_accelerate_foak/upstream_names"} <= set(
-        folders
-    )
+    assert {
+        "fms_acceleration_accelerate/upstream_names",
+        "fms_acceleration_accelerate_foak/upstream_names",
+        "fms_acceleration_accelerate_moe/upstream_names",
+    } <= set(folders)
 
 
 def test_plugin_names_warn_when_the_original_framework_would_import_them(tmp_path):
@@ -251,13 +275,14 @@ def test_plugin_names_warn_when_the_original_framework_would_import_them(tmp_pat
     info = site / "fms_acceleration-0.6.4.dist-info"
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fms-acceleration\nVersion: 0.6.4\n", encoding="utf-8")
-    imports = "import fms_acceleration_foak, fms_acceleration_peft, fms_acceleration_aadp\n"
+    imports = "import fms_acceleration_foak, fms_acceleration_peft, fms_acceleration_aadp, fms_acceleration_moe\n"
     result = _python(imports, tmp_path, PYTHONPATH=str(site))
     assert result.returncode == 0, result.stderr
     for name, dist in (
         ("fms_acceleration_foak", "fms-acceleration-foak"),
         ("fms_acceleration_peft", "fms-acceleration-peft"),
         ("fms_acceleration_aadp", "fms-acceleration-aadp"),
+        ("fms_acceleration_moe", "fms-acceleration-moe"),
     ):
         assert f"{name} is fms-acceleration-accelerate's stand-in" in result.stderr
         assert f"Install the original's {dist}" in result.stderr

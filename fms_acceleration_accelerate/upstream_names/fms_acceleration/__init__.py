@@ -11,8 +11,9 @@ first), importing it fails with an error saying so, rather than running a differ
 Provided: :class:`AccelerationFramework` (:mod:`.framework`, the original's constructor over this project's
 framework), :class:`AccelerationPlugin` (this project's plugin base), ``AccelerationPluginConfigError`` (this
 project's :class:`~fms_acceleration_accelerate.errors.AccelerationConfigError`), :mod:`.constants` and a small
-:mod:`.cli` (``install`` / ``plugins``). The plugin import names ``fms_acceleration_peft`` and
-``fms_acceleration_foak`` come with this project's plugin packages; see :data:`.constants.PLUGINS`.
+:mod:`.cli` (``install`` / ``plugins``). The plugin import names ``fms_acceleration_peft``,
+``fms_acceleration_foak``, ``fms_acceleration_aadp`` and ``fms_acceleration_moe`` come with this project's plugin
+packages; see :data:`.constants.PLUGINS`.
 """
 
 from importlib import metadata as _metadata

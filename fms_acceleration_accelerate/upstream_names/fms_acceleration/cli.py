@@ -5,8 +5,8 @@ import name is missing. Here:
 
 * ``install NAME``: ``pip install`` of the fms-acceleration-accelerate package behind ``NAME``
   (``fms_acceleration_peft`` / ``peft``, ``fms_acceleration_foak`` / ``foak``, ``fms_acceleration_aadp`` /
-  ``aadp``). The original's other plugins (``moe``, ``odm``) have no counterpart in this project; for those the
-  command says so and exits 2.
+  ``aadp``, ``fms_acceleration_moe`` / ``moe``). The original's ``odm`` plugin has no counterpart in this
+  project; for it the command says so and exits 2.
 * ``plugins``: each plugin import name, the package behind it and whether it is installed.
 """
 
@@ -36,10 +36,15 @@ DISTRIBUTIONS = {
         "fms_acceleration_accelerate_aadp",
         "padding-free and multipack (training.attention.padding_free, training.dataloader.multipack)",
     ),
+    "moe": (
+        "fms-acceleration-accelerate-moe",
+        "fms_acceleration_accelerate_moe",
+        "mixture-of-experts kernels (training.moe.scattermoe)",
+    ),
 }
 """Plugin short name -> (package to pip install, its import name, what it provides)."""
 
-NOT_PROVIDED = ("moe", "odm")
+NOT_PROVIDED = ("odm",)
 """The original's plugins that have no counterpart in this project."""
 
 
