@@ -69,6 +69,60 @@ def add_lora_adapters(
     return peft_model
 
 
+def augment_quantized_model(
+    model: nn.Module,
+    train_args: Any,
+    modifiable_args: tuple[Any, ...],
+    config: Any,
+    patches: Any,
+    *,
+    config_path: str,
+    plugin_label: str,
+    missing_lora_path: str,
+) -> tuple[nn.Module, tuple[Any, ...]]:
+    """The ``augmentation`` of a quantized-LoRA plugin: the ``fp32_norm_compute`` norm patches, then LoRA adapters
+    from ``modifiable_args[0]`` unless ``config.no_peft_model``.
+
+    Args:
+        model: the quantized model from the plugin's loader.
+        train_args: training arguments (``gradient_checkpointing`` is read), or ``None``.
+        modifiable_args: ``(peft_config, ...)`` as upstream.
+        config: the plugin configuration (``no_peft_model``, ``fp32_lora_params``, ``fp32_norm_compute``).
+        patches: the plugin's ``PatchRecorder`` (the norm patches are recorded there).
+        config_path: the plugin's config path, for messages.
+        plugin_label: the plugin's name in words, for messages.
+        missing_lora_path: the key path named when no LoRA config was passed.
+
+    Returns:
+        ``(model, modifiable_args)`` with the LoRA config replaced by ``None`` once applied.
+
+    Raises:
+        AccelerationConfigError: no LoRA config passed (and ``no_peft_model`` is false), or not a ``LoraConfig``.
+    """
+    if config.fp32_norm_compute:
+        for name, module in model.named_modules():
+            if is_norm_module(module):
+                patches.patch_forward(
+                    module,
+                    fp32_norm_forward(module, module.forward),
+                    target=name or type(module).__name__,
+                    description="fp32 norm compute",
+                )
+    args = tuple(modifiable_args)
+    if config.no_peft_model:
+        return model, args
+    peft_config = args[0] if args else None
+    if peft_config is None:
+        raise AccelerationConfigError(
+            "augmentation needs the LoRA config: pass modifiable_args=(peft.LoraConfig(...),)",
+            path=missing_lora_path,
+            fix="pass your LoraConfig as the first modifiable argument, or set no_peft_model: true",
+        )
+    model = add_lora_adapters(model, peft_config, config, config_path=config_path, plugin_label=plugin_label)
+    enable_input_grads_for_checkpointing(model, train_args)
+    return model, (None, *args[1:])
+
+
 def _base_dtype(model: nn.Module) -> torch.dtype:
     """The dtype of the model's non-quantized floating parameters (the training dtype)."""
     for module in model.modules():

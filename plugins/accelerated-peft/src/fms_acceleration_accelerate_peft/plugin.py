@@ -34,12 +34,7 @@ from fms_acceleration_accelerate.distributed import PrepareContribution
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 from fms_acceleration_accelerate.plugin import AccelerationPlugin
 
-from .augmentation import (
-    add_lora_adapters,
-    enable_input_grads_for_checkpointing,
-    fp32_norm_forward,
-    is_norm_module,
-)
+from .augmentation import augment_quantized_model
 from .checkpoint import checked_quant_stats_loader
 from .config import CONFIG_PATH, BnbQuantizationConfig
 from .loader import INSTALL_HINT, load_quantized_causal_lm
@@ -126,28 +121,16 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
                 "True (or with from_pretrained after creating AccelerationKwargs / under 'accelerate launch' with "
                 "the section, which goes through the plugin)",
             )
-        if self.config.fp32_norm_compute:
-            for name, module in model.named_modules():
-                if is_norm_module(module):
-                    self.patches.patch_forward(
-                        module,
-                        fp32_norm_forward(module, module.forward),
-                        target=name or type(module).__name__,
-                        description="fp32 norm compute",
-                    )
-        if self.config.no_peft_model:
-            return model, tuple(modifiable_args)
-        args = tuple(modifiable_args)
-        peft_config = args[0] if args else None
-        if peft_config is None:
-            raise AccelerationConfigError(
-                "augmentation needs the LoRA config: pass modifiable_args=(peft.LoraConfig(...),)",
-                path=f"plugins.{CONFIG_PATH}",
-                fix="pass your LoraConfig as the first modifiable argument, or set no_peft_model: true",
-            )
-        model = add_lora_adapters(model, peft_config, self.config)
-        enable_input_grads_for_checkpointing(model, train_args)
-        return model, (None, *args[1:])
+        return augment_quantized_model(
+            model,
+            train_args,
+            modifiable_args,
+            self.config,
+            self.patches,
+            config_path=CONFIG_PATH,
+            plugin_label="the bitsandbytes plugin",
+            missing_lora_path=f"plugins.{CONFIG_PATH}",
+        )
 
     # ---------------------------------------------------------------------------------------------- prepare
     def check_prepared_model(self, model: nn.Module, context: RunContext) -> None:
