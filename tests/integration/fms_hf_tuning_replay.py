@@ -70,6 +70,18 @@ class MultiPack:  # --multipack 16
     num_processes: int = 16
 
 
+@dataclass
+class FastMoe:  # --fast_moe 1 (a degree) or --fast_moe True/False (the flag form)
+    ep_degree: int | bool = 1
+    disable_distributed: bool = False
+
+    def __post_init__(self):
+        # fms-hf-tuning: a boolean degree is the flag form, meaning "no expert parallelism" / its opposite
+        if isinstance(self.ep_degree, bool):
+            self.disable_distributed = self.ep_degree
+            self.ep_degree = 1
+
+
 # field name -> (config path prefix, key under it, plugin import names it needs), as fms-hf-tuning annotates them
 ANNOTATIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "auto_gptq": ("peft.quantization", "auto_gptq", ("peft",)),
@@ -78,6 +90,7 @@ ANNOTATIONS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "fast_kernels": ("training", "fused_ops_and_kernels", ("foak",)),
     "padding_free": ("training.attention", "padding_free", ("aadp",)),
     "multipack": ("training.dataloader", "multipack", ("aadp",)),
+    "fast_moe": ("training.moe", "scattermoe", ("moe",)),
 }
 
 
@@ -89,6 +102,7 @@ class AccelerationFrameworkConfig:
     fast_kernels: FastKernelsConfig | None = None
     padding_free: PaddingFree | None = None
     multipack: MultiPack | None = None
+    fast_moe: FastMoe | None = None
 
     def is_empty(self) -> bool:
         return all(getattr(self, f.name) is None for f in dataclasses.fields(self))
@@ -136,11 +150,23 @@ def get_data_collator(tokenizer: Any, max_seq_length: int, is_padding_free: bool
     return DataCollatorForSeq2Seq(tokenizer=tokenizer, padding=not is_padding_free, max_length=max_seq_length)
 
 
+def moe_checkpoint_conversion_available() -> bool:
+    """fms-hf-tuning's ``fast_moe`` module decides at import whether it can convert the original MoE plugin's
+    distributed checkpoints: it imports ``recover_safetensors_from_dcp`` from ``fms_acceleration_moe.utils`` and
+    treats an ``ImportError`` as "not available" (then its checkpoint-conversion callback is never made)."""
+    try:
+        from fms_acceleration_moe.utils import recover_safetensors_from_dcp  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def additional_accel_framework_callbacks(active_plugins, **kwargs) -> list:
-    """fms-hf-tuning's ``get_additional_accel_framework_callbacks``: extra callbacks for the MoE plugin only,
-    found by the first element of each ``(name, plugin)`` pair."""
+    """fms-hf-tuning's ``get_additional_accel_framework_callbacks``: the checkpoint-conversion callback for the MoE
+    plugin only, found by the first element of each ``(name, plugin)`` pair, and only made when the conversion
+    function could be imported."""
     callbacks: list = []
     for name, _plugin in active_plugins:
-        if name == "ScatterMoEAccelerationPlugin":
+        if name == "ScatterMoEAccelerationPlugin" and moe_checkpoint_conversion_available():
             callbacks.append(("moe checkpoint conversion", kwargs))
     return callbacks

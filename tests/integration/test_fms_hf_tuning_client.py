@@ -25,11 +25,13 @@ from .fms_hf_tuning_replay import (
     AutoGPTQLoraConfig,
     BNBQLoraConfig,
     FastKernelsConfig,
+    FastMoe,
     FusedLoraConfig,
     MultiPack,
     PaddingFree,
     additional_accel_framework_callbacks,
     get_data_collator,
+    moe_checkpoint_conversion_available,
 )
 
 REPO = Path(__file__).resolve().parents[2]
@@ -294,6 +296,122 @@ def test_padding_free_flags_with_fms_hf_tunings_non_padding_collator(tmp_path, r
 
     _framework, _trainer, seen = _padding_free_multipack_run(tmp_path, request, fms_hf_tuning_collator)
     assert len(seen) == 4 and all(rows == 1 and not has_mask for (rows, _), has_mask in seen), seen
+
+
+def test_fast_moe_flag_activates_the_scattermoe_plugin():
+    """``--fast_moe 1`` and the flag form ``--fast_moe True`` write ``training.moe.scattermoe``; the plugin behind
+    it is the class fms-hf-tuning imports as ``fms_acceleration_moe.ScatterMoEAccelerationPlugin``."""
+    from fms_acceleration_moe import ScatterMoEAccelerationPlugin
+
+    for flag, section, disabled in (
+        (FastMoe(ep_degree=1), {"ep_degree": 1, "disable_distributed": False}, False),
+        (FastMoe(ep_degree=True), {"ep_degree": 1, "disable_distributed": True}, True),
+    ):
+        acceleration = AccelerationFrameworkConfig(fast_moe=flag)
+        assert acceleration.to_dict() == {"training": {"moe": {"scattermoe": section}}}
+        framework = acceleration.get_framework()
+        assert [name for name, _ in framework.active_plugins] == ["scattermoe"]
+        plugin = framework.plugin("scattermoe")
+        assert isinstance(plugin, ScatterMoEAccelerationPlugin)
+        assert (plugin.config.ep_degree, plugin.config.disable_distributed) == (1, disabled)
+        assert not framework.requires_custom_loading and framework.requires_augmentation
+        # fms-hf-tuning's checkpoint-conversion callback is not made: its conversion function is not provided
+        assert not moe_checkpoint_conversion_available()
+        assert additional_accel_framework_callbacks(active_plugins=framework.active_plugins) == []
+
+
+def _tiny_mixtral(path: Path, vocab_size: int) -> Path:
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=2,
+    )
+    torch.manual_seed(0)
+    MixtralForCausalLM(config).save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+def test_fast_moe_flag_trains_a_tiny_mixtral_through_fms_acceleration(tmp_path, request):
+    """fms-hf-tuning's flow for ``--fast_moe 1`` (full fine-tuning of a tiny Mixtral on a pretokenized dataset with
+    TRL's SFTTrainer): the framework from the flag, the model from ``from_pretrained``, ``augmentation`` switches
+    the experts to the plugin's forward, the callbacks of ``get_callbacks_and_ready_for_train``, 4 steps that lower
+    the loss with the routing load balance in the log; ``trainer.save_model`` (fms-hf-tuning's save) writes the
+    model's own safetensors, which plain transformers loads."""
+    pytest.importorskip("trl")
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    framework = AccelerationFrameworkConfig(fast_moe=FastMoe(ep_degree=1)).get_framework()
+    request.addfinalizer(framework.revert)  # fms-hf-tuning's process ends instead; here later tests share it
+    assert [name for name, _plugin in framework.active_plugins] == ["scattermoe"]
+
+    tokenizer = _tokenizer()
+    path = _tiny_mixtral(tmp_path / "model", len(tokenizer))
+    model = AutoModelForCausalLM.from_pretrained(  # the keyword arguments fms-hf-tuning passes
+        str(path), use_cache=False, cache_dir=None, torch_dtype=torch.float32, attn_implementation=None
+    )
+    ids = [[3 + (i + j) % len(WORDS) for j in range(10)] + [2] for i in range(32)]
+    data = Dataset.from_dict({"input_ids": ids, "labels": ids})  # a pretokenized dataset
+    train_args = SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        max_length=32,
+        packing=False,
+        seed=5,
+    )
+    model, (peft_config,) = framework.augmentation(model, train_args, modifiable_args=(None,))
+    assert peft_config is None
+    plugin = framework.plugin("scattermoe")
+    assert model.config._experts_implementation == plugin.experts_key
+    trainer = SFTTrainer(
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=data,
+        args=train_args,
+        data_collator=get_data_collator(tokenizer, 32, is_padding_free=False),
+        peft_config=peft_config,
+    )
+    for callback in framework.get_callbacks_and_ready_for_train(model, trainer.accelerator):
+        trainer.add_callback(callback)
+    assert additional_accel_framework_callbacks(active_plugins=framework.active_plugins, trainer=trainer) == []
+    trainer.train()
+
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    losses = [entry["loss"] for entry in logs]
+    assert len(losses) == 4 and all(map(torch.isfinite, torch.tensor(losses))), losses
+    assert losses[-1] < losses[0], losses
+    assert all(entry["moe/load_max_over_mean"] >= 1.0 for entry in logs), logs  # the plugin's forward counted
+    assert len(plugin.routing_stats) == model.config.num_hidden_layers
+
+    saved = tmp_path / "saved"
+    trainer.save_model(str(saved))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(saved), dtype=torch.float32)
+    assert reloaded.config._experts_implementation != plugin.experts_key  # not serialised
+    trained = {name: p.detach() for name, p in model.named_parameters()}
+    for name, p in reloaded.named_parameters():
+        torch.testing.assert_close(p, trained[name], rtol=0, atol=0, msg=name)
 
 
 def test_upstream_liger_sample_configuration_is_accepted(tmp_path, caplog):
