@@ -24,6 +24,7 @@ import torch
 
 from fms_acceleration_accelerate.model_specs import MoESpec, experts_activation
 
+from .expert_parallel import ExpertParallel
 from .routing import RoutingStats
 
 EXPERTS_PREFIX = "fms_scattermoe"
@@ -100,12 +101,16 @@ def _in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-def make_experts_forward(plans: ExpertsPlans, stats: RoutingStats | None) -> Callable[..., torch.Tensor]:
+def make_experts_forward(
+    plans: ExpertsPlans, stats: RoutingStats | None, ep: ExpertParallel | None = None
+) -> Callable[..., torch.Tensor]:
     """The experts forward to register in ``ExpertsInterface``.
 
     Args:
         plans: where each experts module keeps its weights and how they are laid out.
         stats: where to count the tokens per expert (training forwards only), or ``None``.
+        ep: the expert parallelism whose sharded modules dispatch their tokens over the EP group
+            (:meth:`~.expert_parallel.ExpertParallel.experts_forward`), or ``None``.
 
     Returns:
         ``forward(experts_module, hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)`` in
@@ -130,25 +135,45 @@ def make_experts_forward(plans: ExpertsPlans, stats: RoutingStats | None) -> Cal
         plan = plans.get(self)
         gate_up = getattr(self, plan.gate_up_proj)
         down = getattr(self, plan.down_proj)
+        gate_up_bias = getattr(self, plan.gate_up_bias) if plan.gate_up_bias else None
+        down_bias = getattr(self, plan.down_bias) if plan.down_bias else None
+        shard = ep.shard_of(self) if ep is not None else None
+        counting = stats is not None and self.training and not torch.compiler.is_compiling() and not _in_backward()
+
+        def local_experts(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, routing: Any = None):
+            return moe_experts(
+                rows,
+                index,
+                weights,
+                gate_up,
+                down,
+                act=plan.act,
+                gate_first=plan.gate_first,
+                gate_up_bias=gate_up_bias,
+                down_bias=down_bias,
+                transposed=plan.transposed,
+                interleaved=plan.interleaved,
+                routing=routing,
+                **dict(plan.act_parameters),
+            )
+
+        if shard is not None:
+            assert ep is not None
+            if counting:
+                assert stats is not None
+                stats.add(plan.layer, moe_route(top_k_index, shard.total).tokens_per_expert)
+
+            def zero_terms() -> torch.Tensor:
+                weights = [w for w in (gate_up, down, gate_up_bias, down_bias) if w is not None]
+                return sum(w.sum() * 0 for w in weights)  # type: ignore[return-value]
+
+            return ep.experts_forward(shard, hidden_states, top_k_index, top_k_weights, local_experts, zero_terms)
         routing = None
-        if stats is not None and self.training and not torch.compiler.is_compiling() and not _in_backward():
+        if counting:
+            assert stats is not None
             routing = moe_route(top_k_index, gate_up.shape[0])
             stats.add(plan.layer, routing.tokens_per_expert)
-        return moe_experts(
-            hidden_states,
-            top_k_index,
-            top_k_weights,
-            gate_up,
-            down,
-            act=plan.act,
-            gate_first=plan.gate_first,
-            gate_up_bias=getattr(self, plan.gate_up_bias) if plan.gate_up_bias else None,
-            down_bias=getattr(self, plan.down_bias) if plan.down_bias else None,
-            transposed=plan.transposed,
-            interleaved=plan.interleaved,
-            routing=routing,
-            **dict(plan.act_parameters),
-        )
+        return local_experts(hidden_states, top_k_index, top_k_weights, routing)
 
     return scattermoe_experts_forward
 

@@ -48,6 +48,7 @@ from fms_acceleration_accelerate.model_specs import (
 from fms_acceleration_accelerate.plugin import AccelerationPlugin
 
 from .config import ScatterMoEConfig
+from .expert_parallel import ExpertParallel
 from .experts import EXPERTS_PREFIX, ExpertsPlans, make_experts_forward, register_experts_function
 from .routing import RoutingStats
 
@@ -100,6 +101,11 @@ class ScatterMoEPlugin(AccelerationPlugin):
         """The patch records of the config objects whose experts implementation this plugin set."""
         self._specs: dict[str, MoESpec] = {}
         """Experts class name -> MoE spec, of the architectures patched so far."""
+        self.expert_parallel: ExpertParallel | None = (
+            ExpertParallel(config.ep_degree, self.key_path("ep_degree")) if config.expert_parallel else None
+        )
+        """The expert parallelism (``ep_degree > 1``: process groups, the sharded experts modules), else ``None``;
+        see :mod:`.expert_parallel`."""
 
     @property
     def experts_key(self) -> str:
@@ -128,8 +134,8 @@ class ScatterMoEPlugin(AccelerationPlugin):
         return spec
 
     def check_run_settings(self, context: RunContext) -> None:
-        """``ep_degree`` against the run (before any model is loaded): it must divide the world size, FSDP1 cannot
-        leave the expert shards to expert parallelism, and expert parallelism is not available in this release."""
+        """``ep_degree`` against the run (before any model is loaded): it must divide the world size, and FSDP1
+        and DeepSpeed cannot leave the expert shards to expert parallelism."""
         self._check_expert_parallel(context)
 
     def _check_expert_parallel(self, context: RunContext) -> None:
@@ -152,12 +158,13 @@ class ScatterMoEPlugin(AccelerationPlugin):
                 path=path,
                 fix="use fsdp_version: 2, or ep_degree: 1",
             )
-        raise AccelerationConfigError(
-            f"expert parallelism (ep_degree: {ep}) is not available in this release of the scattermoe plugin",
-            path=path,
-            fix="set ep_degree: 1 (every process computes all experts with the grouped kernels; FSDP shards them "
-            "with the rest of the model)",
-        )
+        if context.is_deepspeed:
+            raise AccelerationConfigError(
+                "expert parallelism (ep_degree > 1) is not supported with DeepSpeed: ZeRO would partition and "
+                "gather the experts that expert parallelism owns",
+                path=path,
+                fix="use FSDP (fsdp_version: 2) or plain data parallelism, or ep_degree: 1",
+            )
 
     def _check_expert_count(self, spec: ArchitectureSpec, config: Any) -> None:
         ep = self.config.ep_degree
@@ -184,12 +191,28 @@ class ScatterMoEPlugin(AccelerationPlugin):
         return model, modifiable_args
 
     def prepare_contribution(self, model: nn.Module, context: RunContext) -> PrepareContribution | None:
-        """Patch the model if no earlier hook did (a script that only calls ``Accelerator.prepare``)."""
+        """Patch the model if no earlier hook did (a script that only calls ``Accelerator.prepare``); with
+        ``ep_degree > 1``, shard the experts (:meth:`shard_experts`) and ask FSDP to ignore them."""
         self.patch_model(model, context)
-        return None
+        if self.expert_parallel is None:
+            return None
+        from fms_acceleration_accelerate.distributed import PrepareContribution
+
+        sharded = self.shard_experts(model, context)
+        groups = self.expert_parallel.groups
+        assert groups is not None
+        return PrepareContribution(
+            ignored_modules=(self.expert_parallel.is_sharded,),
+            refuse_deepspeed_reason="expert parallelism owns the experts, which ZeRO would partition",
+            notes=(
+                f"expert parallelism: {groups.ep_size} processes per group, {groups.replicas} replica(s); "
+                f"{len(sharded)} expert parameters hold this process's experts and are left out of FSDP / DDP",
+            ),
+        )
 
     def contributes_under_fsdp2(self) -> bool:
-        return False  # switches the experts implementation only; shards nothing itself
+        # ep_degree > 1: the experts modules are FSDP2-ignored (the framework shards the rest itself)
+        return self.config.expert_parallel
 
     def after_prepare(self, model: nn.Module, context: RunContext) -> None:
         """Refuse a model whose experts implementation was changed after this plugin set it."""
@@ -241,7 +264,9 @@ class ScatterMoEPlugin(AccelerationPlugin):
         from transformers.integrations.moe import ExpertsInterface
 
         if key not in vars(ExpertsInterface)["_global_mapping"]:
-            forward = make_experts_forward(self._plans, self.routing_stats if self.config.routing_stats else None)
+            forward = make_experts_forward(
+                self._plans, self.routing_stats if self.config.routing_stats else None, self.expert_parallel
+            )
             register_experts_function(
                 self.patches, key, forward, "grouped expert kernels (moe_experts: Triton on CUDA, else torch)"
             )
@@ -267,6 +292,68 @@ class ScatterMoEPlugin(AccelerationPlugin):
                 ", ".join(activations),
             )
         return match
+
+    # ------------------------------------------------------------------------------------------- expert parallelism
+    def shard_experts(self, model: nn.Module, context: RunContext | None = None) -> list[str]:
+        """Keep this process's experts of every MoE layer (``ep_degree > 1``; a collective the first time: every
+        process calls it). ``Accelerator.prepare`` calls it through :meth:`prepare_contribution`; a hand-written
+        loop calls it before wrapping the model in DDP / ``fully_shard`` and before creating the optimizer.
+
+        Returns:
+            The qualified names of the expert parameters sharded now.
+
+        Raises:
+            AccelerationConfigError: ``ep_degree`` is 1, or does not fit the model or the process group, or the
+                experts carry LoRA adapters (not supported with expert parallelism).
+        """
+        if self.expert_parallel is None:
+            raise AccelerationConfigError(
+                "shard_experts needs expert parallelism, but ep_degree is 1",
+                path=self.key_path("ep_degree"),
+                fix="set ep_degree to the number of processes that share one set of experts",
+            )
+        model = _unwrap_data_parallel(model)
+        match = self.patch_model(model, context if context is not None else self.run_context)
+        wrapped = [n for n, m in model.named_modules() if type(m).__name__ == "ParamWrapper"]
+        if wrapped:
+            raise AccelerationConfigError(
+                f"the experts carry LoRA adapters ({wrapped[0]}, PEFT target_parameters), which expert parallelism "
+                "does not shard yet",
+                path=self.key_path("ep_degree"),
+                fix="set ep_degree: 1 for LoRA on the experts, or target only attention / dense layers with LoRA",
+            )
+        entries = []
+        for experts in match.experts:
+            plan = self._plans.get(experts.module)
+            names = tuple(
+                n for n in (plan.gate_up_proj, plan.down_proj, plan.gate_up_bias, plan.down_bias) if n is not None
+            )
+            entries.append((experts.path, experts.module, names))
+        return self.expert_parallel.shard(model, entries)
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, Any]:
+        """The model's state dict with every expert of every layer, under the model's own names (a collective
+        under expert parallelism: every process calls it; FSDP2-sharded tensors are gathered too).
+
+        ``model.save_pretrained(directory, state_dict=plugin.full_state_dict(model))`` on the main process then
+        writes an ordinary Hugging Face checkpoint; :meth:`save_pretrained` does both.
+        """
+        model = _unwrap_data_parallel(model)
+        if self.expert_parallel is None:
+            return model.state_dict()
+        return self.expert_parallel.full_state_dict(model)
+
+    def save_pretrained(self, model: nn.Module, directory: Any, **kwargs: Any) -> None:
+        """Save ``model`` with all its experts as an ordinary Hugging Face checkpoint (every process calls it; the
+        main process writes, the others wait for it). ``kwargs`` go to ``save_pretrained``."""
+        import torch.distributed as dist
+
+        state = self.full_state_dict(model)
+        distributed = dist.is_available() and dist.is_initialized()
+        if not distributed or dist.get_rank() == 0:
+            _unwrap_data_parallel(model).save_pretrained(directory, state_dict=state, **kwargs)
+        if distributed:
+            dist.barrier()
 
     # ------------------------------------------------------------------------------------------- helpers
     def _patched_configs(self) -> list[Any]:

@@ -1,0 +1,150 @@
+"""Worker of the expert-parallel tests, started by ``torchrun`` (one process per rank; gloo on CPU).
+
+``python ep_worker.py <model_dir> <out_dir> <ep_degree>``: a stock ``Accelerator(cpu=True)`` with the section
+``training.moe.scattermoe.ep_degree`` trains a tiny MoE model for a few AdamW steps, every rank on its share of each
+batch (Accelerate wraps it in DDP). Each rank also trains, alone and without any distribution, the same model with
+transformers' eager experts on the whole batches (the one-process reference). The checkpoint saved through
+``plugin.save_pretrained`` is reloaded by rank 0 with plain ``from_pretrained``. Each rank writes what it measured to
+``<out_dir>/rank<r>.json``; the test asserts on it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import torch
+
+STEPS = 3
+ROWS, SEQ = 8, 12
+LR, BETAS, EPS = 1e-3, (0.9, 0.999), 1e-8
+
+
+def load(directory: str, experts_implementation: str | None = None):
+    from transformers import AutoModelForCausalLM
+
+    kwargs = dict(dtype=torch.float32, attn_implementation="eager")
+    if experts_implementation is not None:
+        kwargs["experts_implementation"] = experts_implementation
+    return AutoModelForCausalLM.from_pretrained(directory, **kwargs).train()
+
+
+def batches(vocab: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(7)
+    return [torch.randint(3, vocab, (ROWS, SEQ), generator=g) for _ in range(STEPS + 1)]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+
+def main(model_dir: str, out_dir: str, ep_degree: int) -> dict:
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    from fms_acceleration_accelerate import AccelerationKwargs
+    from fms_acceleration_accelerate.accelerate_integration import get_framework
+
+    handler = AccelerationKwargs({"training": {"moe": {"scattermoe": {"ep_degree": ep_degree}}}})
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[handler])
+    rank, world = accelerator.process_index, accelerator.num_processes
+    plugin = get_framework(accelerator).plugin("scattermoe")
+
+    model = load(model_dir)
+    data = batches(model.config.vocab_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    inner = accelerator.unwrap_model(model)
+    result: dict = {"rank": rank, "world": world, "wrapper": type(model).__name__}
+    result["local_experts"] = [
+        int(m.gate_up_proj.shape[0]) for n, m in inner.named_modules() if n.endswith("mlp.experts")
+    ]
+    result["ddp_ignored"] = sorted(getattr(inner, "_ddp_params_and_buffers_to_ignore", []))
+
+    reference = load(model_dir, experts_implementation="eager")
+    ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=LR, betas=BETAS, eps=EPS)
+
+    losses, ref_losses = [], []
+    for step, ids in enumerate(data[:STEPS]):
+        part = ids.chunk(world)[rank]
+        loss = model(input_ids=part, labels=part).loss
+        accelerator.backward(loss)
+        ref_loss = reference(input_ids=ids, labels=ids).loss
+        ref_loss.backward()
+        if step == 0:
+            ref_grads = dict(reference.named_parameters())
+            dense, expert = [], []
+            shards = {n: plugin.expert_parallel.shard_of(m) for n, m in inner.named_modules()}
+            for name, param in inner.named_parameters():
+                want = ref_grads[name].grad
+                owner, _, attr = name.rpartition(".")
+                shard = shards.get(owner)
+                if shard is not None:
+                    want = want[shard.first : shard.first + shard.count]
+                    expert.append((name, rel_diff(param.grad, want), max_diff(param.grad, want)))
+                else:
+                    dense.append((name, rel_diff(param.grad, want), max_diff(param.grad, want)))
+            result["grads_dense"] = dense
+            result["grads_expert"] = expert
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ref_optimizer.step()
+        ref_optimizer.zero_grad(set_to_none=True)
+        value = loss.detach().clone()
+        dist.all_reduce(value)
+        losses.append(value.item() / world)
+        ref_losses.append(ref_loss.item())
+    result["losses"], result["ref_losses"] = losses, ref_losses
+
+    evaluation = data[STEPS]
+    model.eval()
+    reference.eval()
+    with torch.no_grad():
+        ep_logits = model(input_ids=evaluation).logits  # every rank runs the whole batch (a collective forward)
+        ref_logits = reference(input_ids=evaluation).logits
+    result["ep_vs_ref_logits"] = max_diff(ep_logits, ref_logits)
+    result["ref_logits_scale"] = ref_logits.abs().max().item()
+
+    checkpoint = Path(out_dir) / "checkpoint"
+    plugin.save_pretrained(model, checkpoint)  # every rank calls it; rank 0 writes, the others wait
+    reloaded = load(str(checkpoint)).eval()  # plain transformers, its default experts implementation
+    with torch.no_grad():
+        logits = reloaded(input_ids=evaluation).logits
+    result["reload_vs_ep_logits"] = max_diff(logits, ep_logits)
+    result["reload_vs_ref_logits"] = max_diff(logits, ref_logits)
+    result["reload_experts"] = [
+        int(m.gate_up_proj.shape[0]) for n, m in reloaded.named_modules() if n.endswith("mlp.experts")
+    ]
+    full = dict(reloaded.named_parameters())
+    exact = True  # this rank's slices are the checkpoint's rows of its experts, bit for bit
+    for name, module in inner.named_modules():
+        shard = plugin.expert_parallel.shard_of(module)
+        if shard is not None:
+            for attr in shard.names:
+                rows = full[f"{name}.{attr}"][shard.first : shard.first + shard.count]
+                exact &= torch.equal(getattr(module, attr).detach(), rows)
+    result["slices_exact"] = exact
+    result["first_experts"] = sorted({s.first for s in shards.values() if s is not None})
+    return result
+
+
+if __name__ == "__main__":
+    model_dir, out_dir, ep = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    rank = int(os.environ.get("RANK", "0"))
+    path = Path(out_dir) / f"rank{rank}.json"
+    try:
+        outcome = main(model_dir, out_dir, ep)
+    except BaseException:  # the test reads the traceback from the file
+        outcome = {"error": traceback.format_exc()}
+    path.write_text(json.dumps(outcome), encoding="utf-8")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # gloo + DDP can deadlock in the process group's destructor at interpreter exit: leave at once
+    os._exit(0 if "error" not in outcome else 1)
