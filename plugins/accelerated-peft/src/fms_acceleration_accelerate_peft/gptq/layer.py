@@ -61,7 +61,42 @@ from torch import nn
 from .checkpoint import GPTQFormat
 
 
-class GPTQLinear(nn.Linear):
+class GPTQComputeMixin:
+    """``dequantize``, ``forward`` and ``extra_repr`` of the GPTQ layers (:class:`GPTQLinear` and
+    :class:`~.packed.PackedGPTQLinear`): both compute through their own ``quantized_weight()`` in
+    ``compute_dtype``."""
+
+    in_features: int
+    out_features: int
+    bits: int
+    group_size: int
+    checkpoint_format: str
+    compute_dtype: torch.dtype
+    bias: Any
+
+    def quantized_weight(self) -> Any:  # pragma: no cover - every GPTQ layer defines it
+        raise NotImplementedError
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense ``(out_features, in_features)`` weight in ``dtype`` (default: ``compute_dtype``)."""
+        return self.quantized_weight().dequantize(dtype or self.compute_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from fms_acceleration_accelerate_kernels.gptq import gptq_linear
+
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.compute_dtype)
+        return gptq_linear(x, self.quantized_weight(), self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"bits={self.bits}, group_size={self.group_size}, checkpoint_format={self.checkpoint_format}, "
+            f"compute_dtype={str(self.compute_dtype).replace('torch.', '')}"
+        )
+
+
+class GPTQLinear(GPTQComputeMixin, nn.Linear):
     """Frozen GPTQ linear layer ``y = x W^T + b`` (see the module docstring).
 
     Args:
@@ -251,24 +286,9 @@ class GPTQLinear(nn.Linear):
             sequential_g_idx=self.resolve_sequential_g_idx(),
         )
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` weight in ``dtype`` (default: ``compute_dtype``)."""
-        return self.quantized_weight().dequantize(dtype or self.compute_dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from fms_acceleration_accelerate_kernels.gptq import gptq_linear
-
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.compute_dtype)
-        return gptq_linear(x, self.quantized_weight(), self.bias)
-
     def extra_repr(self) -> str:
         storage = "" if self.storage_dtype is None else f", storage={str(self.storage_dtype).replace('torch.', '')}"
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"bits={self.bits}, group_size={self.group_size}, checkpoint_format={self.checkpoint_format}, "
-            f"compute_dtype={str(self.compute_dtype).replace('torch.', '')}{storage}"
-        )
+        return super().extra_repr() + storage
 
 
 PACKED_NAMES = ("qweight", "qzeros", "scales", "g_idx")

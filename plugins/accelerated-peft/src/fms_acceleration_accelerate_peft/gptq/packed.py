@@ -47,6 +47,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .layer import GPTQComputeMixin
+
 aten = torch.ops.aten
 
 _INNER = ("qweight_t", "qzeros_t", "scales_t", "g_idx")
@@ -481,7 +483,7 @@ _DISPATCH: Mapping[Any, Any] = MappingProxyType(
 
 
 # ----------------------------------------------------------------------------------------- the layer
-class PackedGPTQLinear(nn.Module):
+class PackedGPTQLinear(GPTQComputeMixin, nn.Module):
     """A frozen GPTQ linear layer whose packed tensors are one :class:`GPTQPackedWeight` parameter (FSDP2 shards
     it by output rows and all-gathers it as packed bytes).
 
@@ -551,24 +553,6 @@ class PackedGPTQLinear(nn.Module):
             local = getattr(value, "_local_tensor", value)
             self.sequential_g_idx = local.sequential_g_idx if isinstance(local, GPTQPackedWeight) else None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The dense ``(out_features, in_features)`` weight in ``dtype`` (default: ``compute_dtype``)."""
-        return self.quantized_weight().dequantize(dtype or self.compute_dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from fms_acceleration_accelerate_kernels.gptq import gptq_linear
-
-        if not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.compute_dtype)
-        return gptq_linear(x, self.quantized_weight(), self.bias)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"bits={self.bits}, group_size={self.group_size}, checkpoint_format={self.checkpoint_format}, "
-            f"compute_dtype={str(self.compute_dtype).replace('torch.', '')}"
-        )
 
 
 def shardable_rows(out_features: int, bits: int, world_size: int) -> bool:
