@@ -41,6 +41,7 @@ from fms_acceleration_accelerate.distributed import RunContext
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 
 from .config import CONFIG_PATH, BnbQuantizationConfig
+from .staging import staging_device
 
 logger = logging.getLogger("fms_acceleration_accelerate_peft")
 
@@ -318,20 +319,15 @@ def resolve_load_staging(
     Raises:
         AccelerationConfigError: ``cpu`` staging under FSDP1, which cannot move 4-bit layers unit by unit.
     """
-    choice = config.load_staging
-    if choice == "cpu" and fsdp_version == 1:
-        raise AccelerationConfigError(
-            "load_staging: cpu needs FSDP2, but this run uses FSDP1 (FSDP1 flattens bitsandbytes layers on the "
-            "device they were loaded on)",
-            path=f"plugins.{CONFIG_PATH}.load_staging",
-            fix="set load_staging: auto (or device), or use fsdp_version: 2",
-        )
-    host = torch.device("cpu")
-    if device.type == "cpu" or choice == "device":
-        return device
-    if choice == "cpu":
-        return host
-    return host if world_size > 1 and fsdp_version == 2 else device
+    return staging_device(
+        config.load_staging,
+        world_size=world_size,
+        device=device,
+        fsdp_version=fsdp_version,
+        config_path=CONFIG_PATH,
+        fsdp1_problem="load_staging: cpu needs FSDP2, but this run uses FSDP1 (FSDP1 flattens bitsandbytes layers "
+        "on the device they were loaded on)",
+    )
 
 
 def _from_pretrained(name: str, bnb_config: Any, dtype: torch.dtype, kwargs: dict[str, Any]) -> nn.Module:

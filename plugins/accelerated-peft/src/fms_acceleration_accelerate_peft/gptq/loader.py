@@ -45,6 +45,7 @@ from torch import nn
 from fms_acceleration_accelerate.distributed import RunContext
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 
+from ..staging import staging_device
 from .checkpoint import (
     GPTQCheckpoint,
     GPTQFormat,
@@ -261,19 +262,14 @@ def resolve_load_staging(
         AccelerationConfigError: ``cpu`` staging under FSDP1 (the framework moves units to the device only in its
             FSDP2 path).
     """
-    choice = config.load_staging
-    if choice == "cpu" and fsdp_version == 1:
-        raise AccelerationConfigError(
-            "load_staging: cpu needs FSDP2, but this run uses FSDP1",
-            path=f"plugins.{CONFIG_PATH}.load_staging",
-            fix="set load_staging: auto (or device), or use fsdp_version: 2",
-        )
-    if device.type == "cpu" or choice == "device":
-        return device
-    host = torch.device("cpu")
-    if choice == "cpu":
-        return host
-    return host if world_size > 1 and fsdp_version == 2 else device
+    return staging_device(
+        config.load_staging,
+        world_size=world_size,
+        device=device,
+        fsdp_version=fsdp_version,
+        config_path=CONFIG_PATH,
+        fsdp1_problem="load_staging: cpu needs FSDP2, but this run uses FSDP1",
+    )
 
 
 def _dist_world() -> tuple[int, int]:
