@@ -78,6 +78,7 @@ TEMPLATES: dict[str, Template] = {
     "foak-lora": Template("plugins/fused-ops-and-kernels/configs/fast_lora.yaml"),
     "padding-free": Template("plugins/attention-and-distributed-packing/configs/padding_free.yaml"),
     "multipack": Template("plugins/attention-and-distributed-packing/configs/multipack.yaml"),
+    "scattermoe": Template("plugins/accelerated-moe/configs/scattermoe.yaml"),
 }
 
 
@@ -177,6 +178,12 @@ OUTPUTS: tuple[Output, ...] = (
         "aadp-padding-free-multipack-foak",
         ("padding-free", "multipack", "foak-kernels"),
         "padding-free + multipack + fused RMSNorm, RoPE, SwiGLU and loss kernels (acceleration-only, upstream layout)",
+    ),
+    Output(
+        "moe-scattermoe-granite-ep1",
+        ("scattermoe",),
+        "mixture-of-experts: grouped Triton expert kernels on the model's own expert weights, ep_degree 1 "
+        "(acceleration-only, upstream layout)",
     ),
     Output(
         "accelerate-single-gpu-qlora-foak",
