@@ -23,9 +23,10 @@ over. Batches whose queries and keys differ in length (decoding with a key/value
 path of ``eager`` / ``sdpa`` whatever the backend: padding-free is a training layout.
 
 :func:`make_attention_function` returns the function registered in transformers' ``AttentionInterface``; it reads
-the batch's :class:`~.segments.Segments` from the keyword argument :data:`SEGMENTS_KWARG`, which the causal LM's
+the batch's :class:`~.segments.Segments` from the keyword argument :data:`SEGMENTS_KWARG`, which the decoder stack's
 wrapped forward (:func:`make_segments_forward`) computes once per forward, or computes them itself from the
-forward's ``position_ids`` / ``cu_seq_lens_q`` / padding mask when called without the wrapper.
+forward's ``position_ids`` / ``cu_seq_lens_q`` / padding mask when called without the wrapper (once per layer then,
+each time reading the examples' count and longest length back to the host).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from fms_acceleration_accelerate.errors import AccelerationConfigError
 from .segments import Segments, segments_of_batch
 
 SEGMENTS_KWARG = "fms_padding_free_segments"
-"""Keyword argument through which the wrapped causal-LM forward hands every attention layer the batch's segments."""
+"""Keyword argument through which the wrapped decoder-stack forward hands every attention layer the batch's segments."""
 
 _FIX_BACKEND = "set training.attention.padding_free.attention_backend to one that can (or 'auto')"
 
@@ -550,7 +551,7 @@ def padding_mask_for(*args: Any, attention_mask: torch.Tensor | None = None, kv_
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the causal LM's forward: segments once per forward
+# the decoder stack's forward: segments once per forward
 
 
 def _cache_is_empty(kwargs: dict[str, Any]) -> bool:
@@ -563,17 +564,21 @@ def _cache_is_empty(kwargs: dict[str, Any]) -> bool:
 
 
 def make_segments_forward(original: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap a causal LM's bound ``forward``: compute the batch's :class:`~.segments.Segments` once (from
-    ``position_ids``, ``cu_seq_lens_q`` or the padding mask) and pass them to every attention layer as
-    :data:`SEGMENTS_KWARG`. Forwards that continue a key/value cache are passed through unchanged."""
+    """Wrap the bound ``forward`` of a decoder stack (or of a model that passes its keyword arguments on to one):
+    compute the batch's :class:`~.segments.Segments` once (from ``position_ids``, ``cu_seq_lens_q`` or the padding
+    mask) and pass them to every attention layer as :data:`SEGMENTS_KWARG`. Forwards that continue a key/value cache,
+    and calls that already carry segments, are passed through unchanged."""
     signature = inspect.signature(original)
+    var_keyword = next(
+        (p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
+    )
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
         if args:  # positional arguments (input_ids, attention_mask, position_ids, ...) by name
             bound = signature.bind_partial(*args, **kwargs)
             kwargs = dict(bound.arguments)
-            extra = kwargs.pop("kwargs", None)
+            extra = kwargs.pop(var_keyword, None) if var_keyword is not None else None
             if isinstance(extra, dict):
                 kwargs.update(extra)
         tokens = kwargs.get("input_ids")

@@ -5,9 +5,12 @@ Two halves, both recorded in the framework's patch recorder and reverted with it
 * **The model.** The causal LM's attention is switched to this plugin's attention function, registered in
   transformers' ``AttentionInterface`` (and a padding-mask function in ``AttentionMaskInterface``) under a name of
   its own, ``fms_padding_free_<backend>_<id>``: the model's ``config._attn_implementation`` names it, so every
-  attention layer calls it. The causal LM's ``forward`` is wrapped to read the batch's example boundaries once
-  (``cu_seq_lens_q``, else ``position_ids`` restarting at 0, else the padding mask; :mod:`.segments`) and hand them
-  to every layer; the backend (:mod:`.attention`) computes causal attention inside each example only. The model's
+  attention layer calls it. The decoder stack's ``forward`` (the causal LM's ``model`` / ``transformer``) is
+  wrapped to read the batch's example boundaries once (``cu_seq_lens_q``, else ``position_ids`` restarting at 0,
+  else the padding mask; :mod:`.segments`) and hand them to every layer; the backend (:mod:`.attention`) computes
+  causal attention inside each example only. Every way into the layers goes through the decoder stack: the causal
+  LM's own forward, and the forwards that replace it to run the decoder stack and a fused loss head themselves
+  (the fused-ops plugin's ``fast_loss``, TRL's fused LM head), patched before or after this one. The model's
   ``use_cache`` default is switched off (a training forward needs no key/value cache). Patched in
   ``augmentation``, or in ``prepare_contribution`` when the script never calls it, or in
   ``get_callbacks_and_ready_for_train`` (a trainer's model): whichever comes first, once per model.
@@ -220,10 +223,15 @@ class PaddingFreePlugin(AccelerationPlugin):
                 target=f"{where}.config.use_cache",
                 description="False (training needs no key/value cache)",
             )
+        # the decoder stack's forward, not the causal LM's: a forward that replaces the causal LM's to run the
+        # decoder stack and the loss head itself (fast_loss: fused_linear, TRL's fused LM head, the loss kernels
+        # serving it) calls the decoder stack directly, and a wrapper of the causal LM's forward would be skipped
+        backbone_attribute = match.spec.base_model_attribute
+        backbone = getattr(causal, backbone_attribute)
         self.patches.patch_forward(
-            causal,
-            make_segments_forward(causal.forward),
-            target=where,
+            backbone,
+            make_segments_forward(backbone.forward),
+            target=f"{where}.{backbone_attribute}",
             description="example boundaries read once per forward",
         )
         self._choices[causal] = (key, choice)
