@@ -5,7 +5,7 @@ by ``position_ids`` that restart at 0 for each example, and optionally by cumula
 (``cu_seq_lens_q`` / ``cu_seq_lens_k``, ``max_length_q`` / ``max_length_k``, as ``DataCollatorWithFlattening``
 and TRL's ``padding_free=True`` give them). A padded batch marks its pad tokens with ``attention_mask == 0``.
 :func:`segments_of_batch` reads any of these into one :class:`Segments`, the one description every attention
-backend works from. It is computed once per model forward (the causal LM's forward is wrapped, see
+backend works from. It is computed once per model forward (the decoder stack's forward is wrapped, see
 :mod:`.attention`) and handed to every attention layer.
 
 Rules, per row of the batch (rows never share an example):
