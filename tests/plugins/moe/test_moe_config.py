@@ -110,8 +110,7 @@ def test_architectures_without_a_moe_spec_are_refused_before_loading(model_type,
     [
         (3, RunContext(world_size=4), ["ep_degree 3 does not divide the world size 4", "1, 2, 4"]),
         (2, RunContext(world_size=4, fsdp_version=1, distributed_type="FSDP"), ["not supported with FSDP1"]),
-        (2, RunContext(world_size=4), ["not available in this release", "set ep_degree: 1"]),
-        (2, RunContext(world_size=4, fsdp_version=2, distributed_type="FSDP"), ["not available in this release"]),
+        (2, RunContext(world_size=4, distributed_type="DEEPSPEED"), ["not supported with DeepSpeed"]),
     ],
 )
 def test_expert_parallel_run_settings(ep_degree, context, words):

@@ -1,0 +1,165 @@
+"""Expert parallelism (``ep_degree`` > 1).
+
+Multi-process (``torchrun``, gloo on CPU, stock ``Accelerator(cpu=True)`` which wraps the model in DDP; see
+``ep_worker.py``): a tiny Mixtral (4 experts, top-2) trained with expert parallelism for 3 AdamW steps, each rank on
+its share of every batch, against the same model trained in one process on the whole batches with transformers'
+eager experts. Checked: each rank holds E / ep_degree experts (the right ones), DDP ignores them, the losses and the
+first step's gradients are the one-process run's, and the checkpoint ``plugin.save_pretrained`` writes loads in plain
+transformers with all experts and the logits of both runs.
+
+Why the tolerances: both runs compute the same float32 sums in a different order (the batch is split over ranks, DDP
+averages per-rank means, the all-to-all regroups the rows of each expert), so they differ by rounding only: a few
+ulps of the sums, ~2e-7 relative in the measured gradients and ~1e-7 absolute on logits of size ~0.5. AdamW
+normalises each coordinate by its own gradient history, so the rare coordinate whose gradient is itself at the
+rounding level could move differently, but after 3 steps at lr 1e-3 the losses agree to ~1e-7. The bounds below
+(1e-5 relative on gradients and losses, 1e-5 absolute on logits) leave ~50x margin over rounding and are far below
+what any real mistake gives: a wrong expert-gradient scale is off by 2x (relative error 0.5 or 1), experts reduced
+across the EP group mix other experts' gradients (relative error ~1), a token sent to the wrong expert changes the
+loss in the third digit.
+
+Single process: the run settings and the process-group checks, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fms_acceleration_accelerate.distributed import RunContext
+from fms_acceleration_accelerate.errors import AccelerationConfigError
+
+from .moe_helpers import load, make_framework
+
+WORKER = Path(__file__).with_name("ep_worker.py")
+GRAD_RTOL = LOSS_RTOL = 1e-5
+LOGITS_ATOL = 1e-5
+
+
+def _free_port() -> int:
+    from tests.integration.conftest import free_port
+
+    return free_port()
+
+
+def _run_workers(model_dir: Path, out_dir: Path, nproc: int, ep_degree: int, timeout: int = 240) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FMS_ACCELERATION", "ACCELERATE_"))}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="0", PYTHONSAFEPATH="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_port",
+        str(_free_port()),
+        str(WORKER),
+        str(model_dir),
+        str(out_dir),
+        str(ep_degree),
+    ]
+    result = subprocess.run(cmd, env=env, cwd=out_dir, capture_output=True, text=True, timeout=timeout)
+    reports = []
+    for rank in range(nproc):
+        path = out_dir / f"rank{rank}.json"
+        assert path.exists(), f"rank {rank} wrote no report:\n{result.stderr[-4000:]}"
+        report = json.loads(path.read_text())
+        assert "error" not in report, report["error"]
+        reports.append(report)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return reports
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("nproc", "ep_degree"), [(2, 2), (4, 2)], ids=["world2-ep2", "world4-ep2-replicated"])
+def test_expert_parallel_training_matches_one_process(nproc, ep_degree, saved_models, tmp_path):
+    model_dir = saved_models("mixtral")  # 4 experts, top-2, 2 MoE layers
+    reports = _run_workers(model_dir, tmp_path, nproc, ep_degree)
+    experts, local = 4, 4 // ep_degree
+    expert_names = [f"model.layers.{i}.mlp.experts.{n}" for i in range(2) for n in ("down_proj", "gate_up_proj")]
+    for rank, report in enumerate(reports):
+        assert report["world"] == nproc and report["wrapper"] == "DistributedDataParallel"
+        # each rank holds its EP-group rank's experts, every layer; DDP leaves them alone
+        assert report["local_experts"] == [local, local]
+        assert report["first_experts"] == [(rank % ep_degree) * local]
+        assert report["ddp_ignored"] == sorted(expert_names)
+        # the first step's gradients: the dense ones after DDP's average, the expert ones after the all-to-all
+        # backward and the hook (1 / world, summed over the replicas), against the one-process gradients
+        assert len(report["grads_dense"]) == 17 and len(report["grads_expert"]) == 4
+        for name, rel, _abs in report["grads_dense"] + report["grads_expert"]:
+            assert rel < GRAD_RTOL, f"rank {rank} {name}: gradient off by {rel:.2e} (relative)"
+        assert report["losses"] == pytest.approx(report["ref_losses"], rel=LOSS_RTOL)
+        assert report["losses"][-1] != report["losses"][0]  # it trained
+        assert report["ep_vs_ref_logits"] < LOGITS_ATOL
+        # the saved checkpoint: all experts, loaded by plain from_pretrained, the logits of both runs
+        assert report["reload_experts"] == [experts, experts]
+        assert report["reload_vs_ep_logits"] < 1e-6
+        assert report["reload_vs_ref_logits"] < LOGITS_ATOL
+        assert report["slices_exact"]
+
+
+# ------------------------------------------------------------------------------------------ single process
+PATH = "training.moe.scattermoe"
+
+
+def _plugin(ep_degree: int):
+    return make_framework({"ep_degree": ep_degree}).plugins[0]
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        RunContext(world_size=4, distributed_type="MULTI_GPU"),
+        RunContext(world_size=2, distributed_type="MULTI_CPU"),
+        RunContext(world_size=4, fsdp_version=2, distributed_type="FSDP"),
+    ],
+)
+def test_expert_parallel_is_accepted_where_it_works(context):
+    _plugin(2).check_run_settings(context)
+
+
+@pytest.mark.parametrize(
+    ("context", "words"),
+    [
+        (RunContext(world_size=3), ["ep_degree 2 does not divide the world size 3", "1, 3"]),
+        (RunContext(world_size=1), ["ep_degree 2 does not divide the world size 1"]),
+        (RunContext(world_size=4, fsdp_version=1, distributed_type="FSDP"), ["not supported with FSDP1"]),
+        (RunContext(world_size=4, distributed_type="DEEPSPEED", zero_stage=3), ["not supported with DeepSpeed"]),
+    ],
+)
+def test_expert_parallel_refuses_runs_it_cannot_serve(context, words):
+    with pytest.raises(AccelerationConfigError) as excinfo:
+        _plugin(2).check_run_settings(context)
+    assert excinfo.value.path == f"{PATH}.ep_degree"
+    for word in words:
+        assert word in str(excinfo.value)
+
+
+def test_expert_count_is_checked_when_patching(saved_models, reference_kernels):
+    model = load(saved_models("mixtral", num_local_experts=6))  # 6 experts, ep_degree 4 fits a world of 4 only
+    with pytest.raises(AccelerationConfigError, match=r"ep_degree 4 does not divide the 6 experts"):
+        _plugin(4).patch_model(model, RunContext(world_size=4))
+    assert len(_plugin(4).patches.records) == 0
+
+
+def test_sharding_needs_a_process_group(saved_models, reference_kernels):
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    model = load(saved_models("mixtral"))
+    framework = make_framework({"ep_degree": 2})
+    with pytest.raises(AccelerationConfigError, match="needs an initialised torch.distributed process group"):
+        framework.plugins[0].shard_experts(model, RunContext(world_size=2, distributed_type="MULTI_CPU"))
+    assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4  # nothing sliced
+    framework.revert()
+
+
+def test_shard_experts_without_expert_parallelism_is_refused(saved_models):
+    with pytest.raises(AccelerationConfigError, match="shard_experts needs expert parallelism"):
+        _plugin(1).shard_experts(load(saved_models("mixtral")))
