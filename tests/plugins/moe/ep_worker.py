@@ -1,8 +1,10 @@
 """Worker of the expert-parallel tests, started by ``torchrun`` (one process per rank; gloo on CPU).
 
-``python ep_worker.py <model_dir> <out_dir> <ep_degree>``: a stock ``Accelerator(cpu=True)`` with the section
-``training.moe.scattermoe.ep_degree`` trains a tiny MoE model for a few AdamW steps, every rank on its share of each
-batch (Accelerate wraps it in DDP). Each rank also trains, alone and without any distribution, the same model with
+``python ep_worker.py <model_dir> <out_dir> <ep_degree> [ddp|fsdp2]``: a stock ``Accelerator(cpu=True)`` with the
+section ``training.moe.scattermoe.ep_degree`` trains a tiny MoE model for a few AdamW steps, every rank on its share of
+each batch (``ddp``: Accelerate wraps it in DDP; ``fsdp2``: the Accelerator's state is switched to FSDP2 after it is
+created, as Accelerate refuses FSDP without a GPU, and the real ``Accelerator.prepare`` FSDP2 path shards the model,
+the framework's units and Accelerate's root, with the experts ignored). Each rank also trains, alone and without any distribution, the same model with
 transformers' eager experts on the whole batches (the one-process reference). The checkpoint saved through
 ``plugin.save_pretrained`` is reloaded by rank 0 with plain ``from_pretrained``. Each rank writes what it measured to
 ``<out_dir>/rank<r>.json``; the test asserts on it.
@@ -45,7 +47,13 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
 
 
-def main(model_dir: str, out_dir: str, ep_degree: int) -> dict:
+def gathered(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def main(model_dir: str, out_dir: str, ep_degree: int, wrap: str) -> dict:
     import torch.distributed as dist
     from accelerate import Accelerator
 
@@ -54,6 +62,13 @@ def main(model_dir: str, out_dir: str, ep_degree: int) -> dict:
 
     handler = AccelerationKwargs({"training": {"moe": {"scattermoe": {"ep_degree": ep_degree}}}})
     accelerator = Accelerator(cpu=True, kwargs_handlers=[handler])
+    if wrap == "fsdp2":
+        from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+        accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", cpu_ram_efficient_loading=False
+        )
+        accelerator.state.distributed_type = DistributedType.FSDP
     rank, world = accelerator.process_index, accelerator.num_processes
     plugin = get_framework(accelerator).plugin("scattermoe")
 
@@ -67,6 +82,10 @@ def main(model_dir: str, out_dir: str, ep_degree: int) -> dict:
         int(m.gate_up_proj.shape[0]) for n, m in inner.named_modules() if n.endswith("mlp.experts")
     ]
     result["ddp_ignored"] = sorted(getattr(inner, "_ddp_params_and_buffers_to_ignore", []))
+    result["experts_are_dtensors"] = any(
+        type(p).__name__ == "DTensor" for n, p in inner.named_parameters() if ".experts." in n
+    )
+    result["dense_dtensors"] = sum(type(p).__name__ == "DTensor" for n, p in inner.named_parameters())
 
     reference = load(model_dir, experts_implementation="eager")
     ref_optimizer = torch.optim.AdamW(reference.parameters(), lr=LR, betas=BETAS, eps=EPS)
@@ -83,14 +102,14 @@ def main(model_dir: str, out_dir: str, ep_degree: int) -> dict:
             dense, expert = [], []
             shards = {n: plugin.expert_parallel.shard_of(m) for n, m in inner.named_modules()}
             for name, param in inner.named_parameters():
-                want = ref_grads[name].grad
+                want, got = ref_grads[name].grad, gathered(param.grad)  # (FSDP2: gathered, every rank in turn)
                 owner, _, attr = name.rpartition(".")
                 shard = shards.get(owner)
                 if shard is not None:
                     want = want[shard.first : shard.first + shard.count]
-                    expert.append((name, rel_diff(param.grad, want), max_diff(param.grad, want)))
+                    expert.append((name, rel_diff(got, want), max_diff(got, want)))
                 else:
-                    dense.append((name, rel_diff(param.grad, want), max_diff(param.grad, want)))
+                    dense.append((name, rel_diff(got, want), max_diff(got, want)))
             result["grads_dense"] = dense
             result["grads_expert"] = expert
         optimizer.step()
@@ -137,10 +156,11 @@ def main(model_dir: str, out_dir: str, ep_degree: int) -> dict:
 
 if __name__ == "__main__":
     model_dir, out_dir, ep = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    wrap = sys.argv[4] if len(sys.argv) > 4 else "ddp"
     rank = int(os.environ.get("RANK", "0"))
     path = Path(out_dir) / f"rank{rank}.json"
     try:
-        outcome = main(model_dir, out_dir, ep)
+        outcome = main(model_dir, out_dir, ep, wrap)
     except BaseException:  # the test reads the traceback from the file
         outcome = {"error": traceback.format_exc()}
     path.write_text(json.dumps(outcome), encoding="utf-8")

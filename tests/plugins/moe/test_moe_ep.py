@@ -1,7 +1,7 @@
 """Expert parallelism (``ep_degree`` > 1).
 
-Multi-process (``torchrun``, gloo on CPU, stock ``Accelerator(cpu=True)`` which wraps the model in DDP; see
-``ep_worker.py``): a tiny Mixtral (4 experts, top-2) trained with expert parallelism for 3 AdamW steps, each rank on
+Multi-process (``torchrun``, gloo on CPU, stock ``Accelerator(cpu=True)`` which wraps the model in DDP, or the
+real ``Accelerator.prepare`` FSDP2 path through a seam; see ``ep_worker.py``): a tiny Mixtral (4 experts, top-2) trained with expert parallelism for 3 AdamW steps, each rank on
 its share of every batch, against the same model trained in one process on the whole batches with transformers'
 eager experts. Checked: each rank holds E / ep_degree experts (the right ones), DDP ignores them, the losses and the
 first step's gradients are the one-process run's, and the checkpoint ``plugin.save_pretrained`` writes loads in plain
@@ -46,7 +46,9 @@ def _free_port() -> int:
     return free_port()
 
 
-def _run_workers(model_dir: Path, out_dir: Path, nproc: int, ep_degree: int, timeout: int = 240) -> list[dict]:
+def _run_workers(
+    model_dir: Path, out_dir: Path, nproc: int, ep_degree: int, wrap: str, timeout: int = 240
+) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FMS_ACCELERATION", "ACCELERATE_"))}
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -63,6 +65,7 @@ def _run_workers(model_dir: Path, out_dir: Path, nproc: int, ep_degree: int, tim
         str(model_dir),
         str(out_dir),
         str(ep_degree),
+        wrap,
     ]
     result = subprocess.run(cmd, env=env, cwd=out_dir, capture_output=True, text=True, timeout=timeout)
     reports = []
@@ -77,14 +80,22 @@ def _run_workers(model_dir: Path, out_dir: Path, nproc: int, ep_degree: int, tim
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("nproc", "ep_degree"), [(2, 2), (4, 2)], ids=["world2-ep2", "world4-ep2-replicated"])
-def test_expert_parallel_training_matches_one_process(nproc, ep_degree, saved_models, tmp_path):
+@pytest.mark.parametrize(
+    ("nproc", "ep_degree", "wrap"),
+    [(2, 2, "ddp"), (4, 2, "ddp"), (2, 2, "fsdp2")],
+    ids=["world2-ep2-ddp", "world4-ep2-ddp-replicated", "world2-ep2-fsdp2"],
+)
+def test_expert_parallel_training_matches_one_process(nproc, ep_degree, wrap, saved_models, tmp_path):
     model_dir = saved_models("mixtral")  # 4 experts, top-2, 2 MoE layers
-    reports = _run_workers(model_dir, tmp_path, nproc, ep_degree)
+    reports = _run_workers(model_dir, tmp_path, nproc, ep_degree, wrap)
     experts, local = 4, 4 // ep_degree
     expert_names = [f"model.layers.{i}.mlp.experts.{n}" for i in range(2) for n in ("down_proj", "gate_up_proj")]
     for rank, report in enumerate(reports):
-        assert report["world"] == nproc and report["wrapper"] == "DistributedDataParallel"
+        assert report["world"] == nproc
+        # DDP, or FSDP2 sharding the 17 dense parameters and leaving the experts plain tensors
+        assert report["wrapper"] == ("DistributedDataParallel" if wrap == "ddp" else "FSDPMixtralForCausalLM")
+        assert report["dense_dtensors"] == (0 if wrap == "ddp" else 17)
+        assert not report["experts_are_dtensors"]
         # each rank holds its EP-group rank's experts, every layer; DDP leaves them alone
         assert report["local_experts"] == [local, local]
         assert report["first_experts"] == [(rank % ep_degree) * local]
@@ -154,7 +165,7 @@ def test_sharding_needs_a_process_group(saved_models, reference_kernels):
     assert not dist.is_initialized()
     model = load(saved_models("mixtral"))
     framework = make_framework({"ep_degree": 2})
-    with pytest.raises(AccelerationConfigError, match="needs an initialised torch.distributed process group"):
+    with pytest.raises(AccelerationConfigError, match=r"needs an initialised torch\.distributed process group"):
         framework.plugins[0].shard_experts(model, RunContext(world_size=2, distributed_type="MULTI_CPU"))
     assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4  # nothing sliced
     framework.revert()

@@ -19,12 +19,18 @@ Which hook does what
 --------------------
 * ``check_model_type`` (before loading): refuse architectures without a MoE spec and specs the installed
   transformers does not match.
-* ``check_run_settings`` (the ``Accelerator`` is created): refuse ``ep_degree`` values the run cannot honour.
+* ``check_run_settings`` (the ``Accelerator`` is created): refuse ``ep_degree`` values the run cannot honour (not
+  dividing the world size; FSDP1 and DeepSpeed, which would shard the experts themselves).
 * ``augmentation``, or ``prepare_contribution`` when a script never calls it (the section came with the Accelerate
   config), or ``get_callbacks_and_ready_for_train`` given a trainer's model: patch the model, once per causal LM.
   The experts forward reads the module's parameters inside the module's own call, so FSDP wrapping before or after
   makes no difference.
 * ``check_prepared_model``: refuse a model without MoE experts at ``Accelerator.prepare``.
+* ``prepare_contribution`` with ``ep_degree > 1``: shard the experts over the expert-parallel groups
+  (:meth:`ScatterMoEPlugin.shard_experts`, see :mod:`.expert_parallel`): each process keeps its slice of every
+  layer's 3-D expert parameters, DDP ignores them and FSDP2 gets them as ignored parameters; tokens reach their
+  experts by all-to-all. :meth:`ScatterMoEPlugin.full_state_dict` / :meth:`ScatterMoEPlugin.save_pretrained` (every
+  process calls them) gather the experts back into an ordinary Hugging Face checkpoint.
 * ``after_prepare``: refuse a model whose experts implementation was switched away after patching.
 * ``get_callbacks_and_ready_for_train``: the routing statistics callback (``routing_stats: true``).
 """
@@ -215,7 +221,20 @@ class ScatterMoEPlugin(AccelerationPlugin):
         return self.config.expert_parallel
 
     def after_prepare(self, model: nn.Module, context: RunContext) -> None:
-        """Refuse a model whose experts implementation was changed after this plugin set it."""
+        """Refuse a model whose experts implementation was changed after this plugin set it, and (expert
+        parallelism) experts that FSDP sharded after all."""
+        if self.expert_parallel is not None:
+            from torch.distributed.tensor import DTensor
+
+            for name, param in _unwrap_data_parallel(model).named_parameters():
+                owner = name.rpartition(".")[0]
+                if isinstance(param, DTensor) and ".experts" in f".{owner}" and self._owned_by_ep(model, owner):
+                    raise AccelerationConfigError(
+                        f"expert parameter {name} was sharded by FSDP, although expert parallelism owns it",
+                        path=self.key_path("ep_degree"),
+                        fix="let Accelerator.prepare (with this acceleration section) shard the model, which leaves "
+                        "the experts out of FSDP; do not call fully_shard on the layers yourself",
+                    )
         for config in self._patched_configs():
             current = getattr(config, "_experts_implementation", None)
             if current != self.experts_key:
@@ -356,6 +375,11 @@ class ScatterMoEPlugin(AccelerationPlugin):
             dist.barrier()
 
     # ------------------------------------------------------------------------------------------- helpers
+    def _owned_by_ep(self, model: nn.Module, owner: str) -> bool:
+        assert self.expert_parallel is not None
+        module = _unwrap_data_parallel(model).get_submodule(owner)
+        return self.expert_parallel.shard_of(module) is not None
+
     def _patched_configs(self) -> list[Any]:
         """The config objects this plugin pointed at its experts forward, whose patch is not reverted."""
         live = {id(r) for r in self.patches.records}
