@@ -9,9 +9,10 @@ plugin package is installed, and an installed original ``fms_acceleration_moe`` 
 
 The original's plugin class name ``ScatterMoEAccelerationPlugin`` is kept as an alias of
 :class:`~fms_acceleration_accelerate_moe.ScatterMoEPlugin`. There is deliberately no ``fms_acceleration_moe.utils``:
-the original needed its ``recover_safetensors_from_dcp`` to turn its sharded expert checkpoints back into the
-model's format, whereas this plugin keeps the model's own expert parameters, so checkpoints are already the
-model's safetensors. Clients that look for that function (fms-hf-tuning) then add no conversion step.
+the original needed its ``recover_safetensors_from_dcp`` to turn its distributed checkpoints back into the model's
+format, whereas this plugin keeps the model's own expert parameters, so ``save_pretrained`` writes the model's
+safetensors (under expert parallelism :meth:`~fms_acceleration_accelerate_moe.ScatterMoEPlugin.save_pretrained`
+gathers the experts first). Clients that look for that function (fms-hf-tuning) then add no conversion step.
 """
 
 from fms_acceleration_accelerate_moe import ScatterMoEConfig, ScatterMoEPlugin
