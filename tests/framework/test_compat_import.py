@@ -82,6 +82,14 @@ def test_the_names_fms_hf_tuning_imports():
     assert PLUGINS == ("peft", "foak", "aadp", "moe")
     assert fms_acceleration_peft.BitsAndBytesAccelerationPlugin is BitsAndBytesAccelerationPlugin
     assert fms_acceleration_foak.FusedOpsAndKernelsPlugin is FusedOpsAndKernelsPlugin
+    # the original's class names, which fms-hf-tuning's tests import
+    from fms_acceleration_accelerate_peft.gptq.plugin import AutoGPTQAccelerationPlugin
+    from fms_acceleration_foak import FastKernelsAccelerationPlugin, FastQuantizedPeftAccelerationPlugin
+    from fms_acceleration_peft import BNBAccelerationPlugin
+
+    assert fms_acceleration_peft.AutoGPTQAccelerationPlugin is AutoGPTQAccelerationPlugin
+    assert BNBAccelerationPlugin is BitsAndBytesAccelerationPlugin
+    assert FastKernelsAccelerationPlugin is FastQuantizedPeftAccelerationPlugin is FusedOpsAndKernelsPlugin
 
 
 def test_aadp_name_exports_the_originals_plugin_classes():

@@ -24,4 +24,12 @@ warn_if_original_framework_installed(
     "fms_acceleration_peft", "peft.quantization.bitsandbytes / auto_gptq", "fms-acceleration-peft"
 )
 
-__all__ = ["AutoGPTQAccelerationPlugin", "BitsAndBytesAccelerationPlugin", "BnbQuantizationConfig"]
+# the original's class name for its bitsandbytes plugin (clients import it by that name)
+BNBAccelerationPlugin = BitsAndBytesAccelerationPlugin
+
+__all__ = [
+    "AutoGPTQAccelerationPlugin",
+    "BNBAccelerationPlugin",
+    "BitsAndBytesAccelerationPlugin",
+    "BnbQuantizationConfig",
+]

@@ -19,4 +19,13 @@ from fms_acceleration_accelerate.upstream_plugin_names import warn_if_original_f
 # the original framework imports every plugin name it finds, this stand-in included
 warn_if_original_framework_installed("fms_acceleration_foak", "fused_ops_and_kernels", "fms-acceleration-foak")
 
-__all__ = ["FusedOpsAndKernelsConfig", "FusedOpsAndKernelsPlugin"]
+# the original's class names: one plugin there per config path, one plugin here serving both paths
+FastKernelsAccelerationPlugin = FusedOpsAndKernelsPlugin
+FastQuantizedPeftAccelerationPlugin = FusedOpsAndKernelsPlugin
+
+__all__ = [
+    "FastKernelsAccelerationPlugin",
+    "FastQuantizedPeftAccelerationPlugin",
+    "FusedOpsAndKernelsConfig",
+    "FusedOpsAndKernelsPlugin",
+]
