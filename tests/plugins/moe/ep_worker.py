@@ -8,6 +8,10 @@ the framework's units and Accelerate's root, with the experts ignored). Each ran
 transformers' eager experts on the whole batches (the one-process reference). The checkpoint saved through
 ``plugin.save_pretrained`` is reloaded by rank 0 with plain ``from_pretrained``. Each rank writes what it measured to
 ``<out_dir>/rank<r>.json``; the test asserts on it.
+
+``trainer`` instead of ``ddp``: the HF ``Trainer`` trains under expert parallelism (the section reaches its own
+Accelerator from ``$FMS_ACCELERATION_SECTION``), saves a ``save_steps`` checkpoint and a final ``save_model``, and
+every rank reloads both with plain ``from_pretrained`` (see :func:`trainer_main`).
 """
 
 from __future__ import annotations
@@ -154,13 +158,85 @@ def main(model_dir: str, out_dir: str, ep_degree: int, wrap: str) -> dict:
     return result
 
 
+def trainer_main(model_dir: str, out_dir: str) -> dict:
+    """The HF ``Trainer`` under expert parallelism: the section comes from ``$FMS_ACCELERATION_SECTION`` (as under
+    ``accelerate launch``) to the trainer's own Accelerator; it trains ``STEPS - 1`` steps, saves a checkpoint at the
+    last step (``save_steps``) and once more with ``trainer.save_model``; rank 0 reloads both with plain
+    ``from_pretrained``."""
+    from safetensors import safe_open
+    from transformers import Trainer, TrainingArguments
+
+    from fms_acceleration_accelerate.accelerate_integration import get_framework
+
+    model = load(model_dir)
+    data = batches(model.config.vocab_size)
+    rows = [{"input_ids": r, "labels": r} for ids in data[: STEPS - 1] for r in ids]
+    steps = STEPS - 1
+    args = TrainingArguments(
+        output_dir=str(Path(out_dir) / "run"),
+        max_steps=steps,
+        per_device_train_batch_size=ROWS // 2,
+        learning_rate=LR,
+        lr_scheduler_type="constant",
+        optim="adamw_torch",
+        use_cpu=True,
+        ddp_backend="gloo",
+        report_to=[],
+        save_strategy="steps",
+        save_steps=steps,
+        logging_steps=1,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    final = Path(out_dir) / "final"
+    trainer.save_model(str(final))  # every rank calls it, as the trainer's docs ask
+
+    plugin = get_framework(trainer.accelerator).plugin("scattermoe")
+    inner = trainer.model
+    result: dict = {"rank": trainer.args.process_index, "world": trainer.args.world_size}
+    result["local_experts"] = [
+        int(m.gate_up_proj.shape[0]) for n, m in inner.named_modules() if n.endswith("mlp.experts")
+    ]
+    result["trainer_patched"] = sorted(r.attribute for r in plugin.patches.records if r.owner is trainer)
+    result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    inner.eval()
+    with torch.no_grad():
+        ep_logits = inner(input_ids=data[STEPS]).logits  # a collective forward: every rank, the same batch
+    checkpoint = Path(args.output_dir) / f"checkpoint-{steps}"
+    for label, directory in (("checkpoint", checkpoint), ("final", final)):
+        files = sorted(p.name for p in directory.glob("*.safetensors"))
+        result[f"{label}_files"] = files
+        with safe_open(str(directory / files[0]), "pt") as f:  # Mixtral's format: one key per expert and matrix
+            experts = set()
+            for key in f.keys():
+                layer, found, rest = key.partition(".experts.")
+                if found:
+                    experts.add((layer, rest.split(".")[0]))
+            result[f"{label}_file_experts"] = len(experts)
+        try:
+            reloaded = load(str(directory)).eval()  # plain transformers, its default experts implementation
+        except (RuntimeError, ValueError, OSError) as exc:  # a wrong checkpoint: the test reports why it did not load
+            result[f"{label}_reload_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            continue
+        with torch.no_grad():
+            logits = reloaded(input_ids=data[STEPS]).logits
+        result[f"{label}_vs_ep_logits"] = max_diff(logits, ep_logits)
+        result[f"{label}_experts"] = [
+            int(m.gate_up_proj.shape[0]) for n, m in reloaded.named_modules() if n.endswith("mlp.experts")
+        ]
+    return result
+
+
 if __name__ == "__main__":
     model_dir, out_dir, ep = sys.argv[1], sys.argv[2], int(sys.argv[3])
     wrap = sys.argv[4] if len(sys.argv) > 4 else "ddp"
     rank = int(os.environ.get("RANK", "0"))
     path = Path(out_dir) / f"rank{rank}.json"
     try:
-        outcome = main(model_dir, out_dir, ep, wrap)
+        outcome = trainer_main(model_dir, out_dir) if wrap == "trainer" else main(model_dir, out_dir, ep, wrap)
     except BaseException:  # the test reads the traceback from the file
         outcome = {"error": traceback.format_exc()}
     path.write_text(json.dumps(outcome), encoding="utf-8")

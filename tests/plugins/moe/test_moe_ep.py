@@ -50,6 +50,8 @@ def _run_workers(
     model_dir: Path, out_dir: Path, nproc: int, ep_degree: int, wrap: str, timeout: int = 240
 ) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FMS_ACCELERATION", "ACCELERATE_"))}
+    if wrap == "trainer":  # the section reaches the trainer's own Accelerator as under accelerate launch
+        env["FMS_ACCELERATION_SECTION"] = json.dumps({"training": {"moe": {"scattermoe": {"ep_degree": ep_degree}}}})
     for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     env.update(OMP_NUM_THREADS="1", TRITON_INTERPRET="0", PYTHONSAFEPATH="1", TOKENIZERS_PARALLELISM="false")
@@ -113,6 +115,26 @@ def test_expert_parallel_training_matches_one_process(nproc, ep_degree, wrap, sa
         assert report["reload_vs_ep_logits"] < 1e-6
         assert report["reload_vs_ref_logits"] < LOGITS_ATOL
         assert report["slices_exact"]
+
+
+@pytest.mark.slow
+def test_hf_trainer_saves_every_expert_under_expert_parallelism(saved_models, tmp_path):
+    """The HF Trainer writes its weights on the main process from its state dict, which under expert parallelism
+    holds that process's experts only; the plugin patches the trainer at prepare so its checkpoints (save_steps)
+    and save_model gather every expert first. Both load in plain transformers with the trained model's logits."""
+    reports = _run_workers(saved_models("mixtral"), tmp_path, 2, 2, "trainer")
+    for rank, report in enumerate(reports):
+        assert report["world"] == 2
+        assert report["local_experts"] == [2, 2]  # the trainer's model is expert-parallel
+        assert len(report["losses"]) == 2
+        for label in ("checkpoint", "final"):
+            assert report[f"{label}_files"] == ["model.safetensors"]
+            # saved in the model's own format (Mixtral: a key per expert): 2 layers x 4 experts, not one rank's 2
+            assert report[f"{label}_file_experts"] == 8, f"{label}: the file holds one rank's experts"
+            assert f"{label}_reload_error" not in report, report[f"{label}_reload_error"]
+            assert report[f"{label}_experts"] == [4, 4]
+            assert report[f"{label}_vs_ep_logits"] < 1e-6, f"rank {rank} {label}"
+        assert report["trainer_patched"] == ["_load_optimizer_and_scheduler", "_save", "save_model"]
 
 
 # ------------------------------------------------------------------------------------------ single process

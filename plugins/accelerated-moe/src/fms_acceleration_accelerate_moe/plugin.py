@@ -85,6 +85,25 @@ def _unwrap_data_parallel(model: Any) -> Any:
     return model
 
 
+def _trainer_on_stack(depth: int = 64) -> Any | None:
+    """The HF ``Trainer`` (or subclass) instance whose method is on the call stack, else ``None`` (looks only when
+    transformers' trainer module is imported)."""
+    import sys
+
+    base = getattr(sys.modules.get("transformers.trainer"), "Trainer", None)
+    if base is None:
+        return None
+    frame = sys._getframe(1)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, base):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
 class ScatterMoEPlugin(AccelerationPlugin):
     """Grouped Triton expert kernels for the MoE layers of a causal LM (see the module docstring)."""
 
@@ -205,6 +224,9 @@ class ScatterMoEPlugin(AccelerationPlugin):
         from fms_acceleration_accelerate.distributed import PrepareContribution
 
         sharded = self.shard_experts(model, context)
+        trainer = _trainer_on_stack()
+        if trainer is not None:  # the HF Trainer (or a subclass, TRL's) preparing its model: make its saves whole
+            self.attach_trainer(trainer)
         groups = self.expert_parallel.groups
         assert groups is not None
         return PrepareContribution(
@@ -373,6 +395,86 @@ class ScatterMoEPlugin(AccelerationPlugin):
             _unwrap_data_parallel(model).save_pretrained(directory, state_dict=state, **kwargs)
         if distributed:
             dist.barrier()
+
+    def attach_trainer(self, trainer: Any) -> bool:
+        """Make an HF ``Trainer``'s own saves write every expert (expert parallelism; recorded, revertible patches of
+        the trainer instance). ``Accelerator.prepare`` calls it when a trainer prepares its model, so a script
+        never needs to.
+
+        The trainer writes its weights on the main process only, from that process's ``state_dict()``, which under
+        expert parallelism holds only its own experts. The patched ``save_model`` (called on every process by
+        ``save_steps`` checkpoints, the final save and a script's ``trainer.save_model()``) first gathers
+        :meth:`full_state_dict` on every process, and the trainer's ``_save`` then writes that state dict, in the
+        format it writes anyway (``model.safetensors``, or shards and their index). Resuming such a run from a
+        checkpoint (``resume_from_checkpoint``) is refused: the optimizer file holds the main process's expert
+        states only.
+
+        Returns:
+            ``True`` when the trainer was patched now (``False``: no expert parallelism, or patched already).
+
+        Raises:
+            AccelerationConfigError: FSDP with a sharded state dict type, whose distributed checkpoint would keep
+                one process's experts.
+        """
+        if self.expert_parallel is None or any(r.owner is trainer for r in self.patches.records):
+            return False
+        path = self.key_path("ep_degree")
+        fsdp_plugin = getattr(getattr(trainer, "accelerator", None), "state", None)
+        fsdp_plugin = getattr(fsdp_plugin, "fsdp_plugin", None) if getattr(trainer, "is_fsdp_enabled", False) else None
+        if fsdp_plugin is not None and "FULL_STATE_DICT" not in str(fsdp_plugin.state_dict_type):
+            raise AccelerationConfigError(
+                f"the trainer saves FSDP checkpoints as {fsdp_plugin.state_dict_type}, whose distributed checkpoint "
+                "would hold one process's experts under expert parallelism (ep_degree > 1)",
+                path=path,
+                fix="set fsdp_state_dict_type: FULL_STATE_DICT (the trainer then writes an ordinary checkpoint with "
+                "every expert), or save with plugin.save_pretrained(model, directory) from every process",
+            )
+        plugin = self
+        pending: list[dict[str, Any]] = []
+        original_save_model = trainer.save_model
+        original_save = trainer._save
+        original_load = trainer._load_optimizer_and_scheduler
+
+        def save_model(output_dir: str | None = None, _internal_call: bool = False) -> None:
+            pending.append(plugin.full_state_dict(trainer.model))  # a collective: every process is here
+            try:
+                original_save_model(output_dir, _internal_call=_internal_call)
+            finally:
+                pending.clear()
+
+        def _save(output_dir: str | None = None, state_dict: dict | None = None) -> None:
+            original_save(output_dir, state_dict=pending[-1] if pending else state_dict)
+
+        def _load_optimizer_and_scheduler(checkpoint: str | None) -> None:
+            if checkpoint is not None:
+                raise AccelerationConfigError(
+                    f"resuming from {checkpoint} with expert parallelism (ep_degree > 1) is not supported: the "
+                    "trainer's optimizer file holds the main process's expert states only",
+                    path=path,
+                    fix="start a new run from the checkpoint's weights (model_name_or_path: the checkpoint folder, "
+                    "which holds every expert) without resume_from_checkpoint, or train with ep_degree: 1",
+                )
+            original_load(checkpoint)
+
+        where = type(trainer).__name__
+        self.patches.patch(
+            trainer,
+            "save_model",
+            save_model,
+            target=f"{where}.save_model",
+            description="gather every expert (full_state_dict) on every process, then the trainer's save",
+        )
+        self.patches.patch(
+            trainer, "_save", _save, target=f"{where}._save", description="writes the gathered state dict"
+        )
+        self.patches.patch(
+            trainer,
+            "_load_optimizer_and_scheduler",
+            _load_optimizer_and_scheduler,
+            target=f"{where}._load_optimizer_and_scheduler",
+            description="refuses resuming under expert parallelism",
+        )
+        return True
 
     # ------------------------------------------------------------------------------------------- helpers
     def _owned_by_ep(self, model: nn.Module, owner: str) -> bool:
