@@ -30,7 +30,9 @@ Which hook does what
   (:meth:`ScatterMoEPlugin.shard_experts`, see :mod:`.expert_parallel`): each process keeps its slice of every
   layer's 3-D expert parameters, DDP ignores them and FSDP2 gets them as ignored parameters; tokens reach their
   experts by all-to-all. :meth:`ScatterMoEPlugin.full_state_dict` / :meth:`ScatterMoEPlugin.save_pretrained` (every
-  process calls them) gather the experts back into an ordinary Hugging Face checkpoint.
+  process calls them) gather the experts back into an ordinary Hugging Face checkpoint. When an HF ``Trainer``
+  prepares the model, :meth:`ScatterMoEPlugin.attach_trainer` makes its own saves (``save_steps`` checkpoints,
+  ``save_model``) gather every expert first.
 * ``after_prepare``: refuse a model whose experts implementation was switched away after patching.
 * ``get_callbacks_and_ready_for_train``: the routing statistics callback (``routing_stats: true``).
 """
