@@ -30,8 +30,7 @@ KNOWN_SECTIONS: Mapping[str, str] = MappingProxyType(
         "training.attention.padding_free": "pip install fms-acceleration-accelerate-aadp",
         "training.dataloader.multipack": "pip install fms-acceleration-accelerate-aadp",
         "training.moe.scattermoe": "pip install fms-acceleration-accelerate-moe",
-        # upstream fms-acceleration sections for which this project has no plugin yet
-        "training.odm": "",
+        "training.odm.odm": "pip install fms-acceleration-accelerate-odm",
     }
 )
 """Config sections this project knows about, with the install command of the package that handles them

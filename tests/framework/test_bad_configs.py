@@ -463,9 +463,9 @@ HOSTILE = [
         "plugins:\n  training:\n    odm: {update_interval: 1}\n",
         [
             "No plugins could be configured",
-            "plugins.training.odm (upstream fms-acceleration section",
+            "plugins.training.odm.update_interval (no installed plugin registers this section)",
         ],
-        id="passthrough-only-upstream",
+        id="passthrough-only-misplaced-odm-key",
     ),
     pytest.param(
         "plugins:\n  vendor:\n    turbo: {speed: 11}\n",

@@ -550,21 +550,23 @@ def test_installed_wheels_stand_in_only_until_the_original_is_installed(tmp_path
     assert "upstream_names" in origins()["fms_acceleration"]
 
 
-def test_sections_without_a_plugin_here_pass_through_next_to_active_ones():
-    """Upstream's ODM section (no plugin here yet) next to QLoRA, padding-free and ScatterMoE sections."""
+def test_upstream_odm_section_activates_next_to_other_sections():
+    """Upstream's ODM section (training.odm.odm) next to QLoRA, padding-free and ScatterMoE sections; an unknown
+    section still passes through."""
     pytest.importorskip("bitsandbytes")
+    pytest.importorskip("fms_acceleration_accelerate_odm")
     from fms_acceleration import AccelerationFramework
 
     body = {
         "training": {
             "attention": {"padding_free": {"method": "huggingface"}},
             "moe": {"scattermoe": {"ep_degree": 1}},
-            "odm": {"update_interval": 1},
+            "odm": {"odm": {"update_interval": 1, "sampling_interval": 1, "reward_type": "train_loss"}},
         },
         "peft": {"quantization": {"bitsandbytes": {"quant_type": "nf4"}}},
+        "vendor": {"turbo": {"speed": 11}},
     }
     framework = AccelerationFramework({"plugins": body})
-    assert framework.active_plugin_names == ("bitsandbytes", "padding_free", "scattermoe")
+    assert set(framework.active_plugin_names) == {"bitsandbytes", "padding_free", "scattermoe", "odm"}
     passed = {section.path: section.reason for section in framework.passthrough}
-    assert set(passed) == {"plugins.training.odm"}
-    assert all("no plugin in this release" in reason for reason in passed.values()), passed
+    assert set(passed) == {"plugins.vendor"}, passed

@@ -1,0 +1,381 @@
+"""``OnlineMixingDataset``: an endless stream of examples whose category mixture an EXP3 bandit learns.
+
+The stream is *global*: example ``n`` of the stream is the same on every process. Its category is drawn every
+``sampling_interval`` examples from the bandit's distribution with a seeded generator, and each category's examples
+are read in order (wrapping around at the end). Nothing is exchanged between processes to agree on the sequence:
+they share the seed, and the bandit is updated on every process with the same reduced reward, so every process
+draws the same categories.
+
+How each process gets its own examples:
+
+* Under Accelerate (``Accelerator.prepare``, the HF Trainer, TRL), give the DataLoader the global stream
+  (the default): Accelerate either reads it on the main process and sends each process its slice
+  (``dispatch_batches``, Accelerate's default for iterable datasets), or wraps it in ``IterableDatasetShard``,
+  where every process reads the stream and keeps its own slice of each global batch. Either way every example
+  goes to exactly one process.
+* In a loop without Accelerate (plain ``torch.distributed``), pass ``rank`` and ``world_size``: the dataset then
+  yields only every ``world_size``-th example of the stream, starting at ``rank``.
+
+The dataset must be read in the process that trains (``num_workers=0``): the bandit changes during training, and a
+DataLoader worker would read a copy that never sees the updates.
+
+Rewards come from :class:`~fms_acceleration_accelerate_odm.rewards.OnlineMixingCallback` (HF Trainer, TRL) or
+from :meth:`OnlineMixingDataset.reward` in a custom loop: the reward of the examples trained since the previous
+update is given to the categories drawn for them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import IterableDataset
+
+from .exp3 import Exp3
+from .rewards import REWARD_TYPES, check_reward_type
+
+logger = logging.getLogger("fms_acceleration_accelerate_odm")
+
+METRICS_FILE = "odm.jsonl"
+
+
+def _process_rank() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get("RANK", "0"))
+
+
+class OnlineMixingDataset(IterableDataset):
+    """Mixes the datasets of ``dataset_dict`` with proportions learnt online by EXP3.
+
+    Args:
+        dataset_dict: ``{category: dataset}``, at least two non-empty map-style datasets (anything with ``len`` and
+            integer indexing: ``datasets.Dataset``, a list of dicts...). Categories are ordered by name; arm ``i``
+            is the ``i``-th name.
+        collators_dict: a collator for all categories, ``{category: collator}``, or ``None``. A collator is applied
+            to each example alone (``collator([example])``) and the batch dimension removed, so categories with
+            different formats reach the DataLoader's own ``collate_fn`` in one format.
+        eval_dataset_dict: ``{category: dataset}`` of evaluation data (for the ``validation_loss`` reward: give it
+            to the trainer as ``eval_dataset``, which then reports one loss per category).
+        eval_collators_dict: kept for the HF Trainer client that builds evaluation loaders from it.
+        sampling_weights: starting weight per category (``{category: weight}`` or a list in category order);
+            default: equal.
+        gamma: EXP3 exploration share.
+        eta: EXP3 learning rate.
+        sampling_interval: a category is drawn every this many examples of the global stream.
+        output_dir: where the metrics file ``odm.jsonl`` is written (by process 0); ``None``: no file.
+        reward_type: the reward the bandit learns from (one of
+            :data:`~fms_acceleration_accelerate_odm.rewards.REWARD_TYPES`).
+        seed: seed of the category draws (must be the same on every process).
+        rank: with ``world_size``, this process's share of the stream for loops without Accelerate.
+        world_size: number of processes sharing the stream without Accelerate (default 1: the global stream).
+    """
+
+    def __init__(
+        self,
+        dataset_dict: Mapping[str, Any],
+        collators_dict: Mapping[str, Callable | None] | Callable | None = None,
+        eval_dataset_dict: Mapping[str, Any] | None = None,
+        eval_collators_dict: Mapping[str, Callable | None] | Callable | None = None,
+        sampling_weights: Mapping[str, float] | Sequence[float] | None = None,
+        gamma: float = 0.1,
+        eta: float = 0.1,
+        sampling_interval: int = 1,
+        output_dir: str | os.PathLike | None = None,
+        reward_type: str = "train_loss",
+        seed: int = 42,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        super().__init__()
+        if not isinstance(dataset_dict, Mapping):
+            raise TypeError(
+                f"OnlineMixingDataset needs a dict of categories {{name: dataset}}, got one "
+                f"{type(dataset_dict).__name__}; splitting one unlabelled dataset into categories automatically is not "
+                "available here: split it yourself (e.g. by source or task column) and give a dict with at least "
+                "two categories"
+            )
+        if len(dataset_dict) < 2:
+            raise ValueError(
+                f"OnlineMixingDataset needs at least two categories to mix, got {list(dataset_dict)}; splitting one "
+                "dataset into categories automatically is not available here: give a dict {name: dataset} with at "
+                "least two categories"
+            )
+        self.categories: list[str] = sorted(str(name) for name in dataset_dict)
+        if len(set(self.categories)) != len(dataset_dict):
+            raise ValueError(f"category names must be distinct as strings, got {list(dataset_dict)}")
+        by_name = {str(k): v for k, v in dataset_dict.items()}
+        self.datasets = [by_name[name] for name in self.categories]
+        for name, data in zip(self.categories, self.datasets):
+            try:
+                size = len(data)
+            except TypeError:
+                raise TypeError(
+                    f"category {name!r}: {type(data).__name__} has no length; give a map-style dataset "
+                    "(datasets.Dataset, a list of examples...)"
+                ) from None
+            if size == 0:
+                raise ValueError(f"category {name!r} is empty: remove it or give it examples")
+        self.collators = self._per_category(collators_dict, "collators_dict")
+        self.eval_dataset_dict = dict(eval_dataset_dict or {})
+        self.eval_collators = eval_collators_dict
+        unknown_eval = sorted(set(map(str, self.eval_dataset_dict)) - set(self.categories))
+        if unknown_eval:
+            raise ValueError(
+                f"eval_dataset_dict has categories that are not training categories: {unknown_eval}; "
+                f"training categories: {self.categories}"
+            )
+        if not isinstance(sampling_interval, int) or sampling_interval < 1:
+            raise ValueError(f"sampling_interval must be a positive int, got {sampling_interval!r}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
+        self.reward_type = check_reward_type(reward_type)
+        self.sampling_interval = sampling_interval
+        self.seed = int(seed)
+        self.rank = rank
+        self.world_size = world_size
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.bandit = Exp3(
+            len(self.categories), gamma=gamma, eta=eta, initial_weights=self._initial_weights(sampling_weights)
+        )
+        self._rng = random.Random(self.seed)
+        self._produced = 0  # next example index of the global stream
+        self._positions = [0] * len(self.categories)  # next example of each category
+        self._counts = [0] * len(self.categories)  # examples drawn per category so far
+        self._draws: list[int] = []  # arms drawn, from draw number _first_draw on
+        self._first_draw = 0
+        self._rewarded_until = 0  # examples of the stream already rewarded
+        self.history: list[dict[str, Any]] = []  # one record per bandit update (also written to odm.jsonl)
+
+    # ---------------------------------------------------------------------------------------------- set-up
+    def _per_category(self, value: Any, name: str) -> list[Callable | None]:
+        if value is None or callable(value):
+            return [value] * len(self.categories)
+        if not isinstance(value, Mapping):
+            raise TypeError(f"{name} must be a collator, a dict {{category: collator}} or None, got {value!r}")
+        mapping = {str(k): v for k, v in value.items()}
+        if len(mapping) == 1 and set(mapping) - set(self.categories):
+            return [next(iter(mapping.values()))] * len(self.categories)  # one collator under any name
+        unknown = sorted(set(mapping) - set(self.categories))
+        if unknown:
+            raise ValueError(f"{name} has categories that are not in dataset_dict: {unknown}")
+        return [mapping.get(c) for c in self.categories]
+
+    def _initial_weights(self, weights: Mapping[str, float] | Sequence[float] | None) -> list[float] | None:
+        if weights is None:
+            return None
+        if isinstance(weights, Mapping):
+            missing = sorted(set(self.categories) - set(map(str, weights)))
+            if missing:
+                raise ValueError(f"sampling_weights lacks categories {missing}")
+            by_name = {str(k): float(v) for k, v in weights.items()}
+            return [by_name[c] for c in self.categories]
+        return [float(w) for w in weights]
+
+    def configure(
+        self, *, sampling_interval: int | None = None, gamma: float | None = None, eta: float | None = None
+    ) -> None:
+        """Change the sampling interval and the bandit's ``gamma`` / ``eta`` before the first example is read."""
+        changes = {
+            name: value
+            for name, value in (("sampling_interval", sampling_interval), ("gamma", gamma), ("eta", eta))
+            if value is not None
+        }
+        current = {"sampling_interval": self.sampling_interval, "gamma": self.bandit.gamma, "eta": self.bandit.eta}
+        if all(current[name] == value for name, value in changes.items()):
+            return
+        if self._produced or self.bandit.updates:
+            raise RuntimeError(
+                f"cannot change {sorted(changes)} of an OnlineMixingDataset that is already being read; set them "
+                "when building it"
+            )
+        if changes.get("sampling_interval") is not None:
+            if changes["sampling_interval"] < 1:
+                raise ValueError(f"sampling_interval must be a positive int, got {changes['sampling_interval']!r}")
+            self.sampling_interval = int(changes["sampling_interval"])
+        self.bandit = Exp3(
+            self.bandit.num_arms,
+            gamma=changes.get("gamma", self.bandit.gamma),
+            eta=changes.get("eta", self.bandit.eta),
+            initial_weights=self.bandit.weights,
+        )
+
+    # ---------------------------------------------------------------------------------------------- stream
+    def _arm_of(self, index: int) -> int:
+        """The category of example ``index`` of the global stream, drawing new categories as needed."""
+        draw = index // self.sampling_interval
+        while self._first_draw + len(self._draws) <= draw:
+            self._draws.append(self.bandit.draw(self._rng.random()))
+        return self._draws[draw - self._first_draw]
+
+    def _example(self, arm: int, position: int) -> Any:
+        data = self.datasets[arm]
+        example = data[position % len(data)]
+        collator = self.collators[arm]
+        if collator is None:
+            return example
+        batch = collator([example])
+        return {key: value[0] if hasattr(value, "shape") and len(value.shape) > 0 else value for key, value in batch.items()}
+
+    def __iter__(self) -> Iterator[Any]:
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is not None:
+            raise RuntimeError(
+                "OnlineMixingDataset is read in a DataLoader worker process, which would never see the mixture's "
+                "updates: build the DataLoader with num_workers=0 (HF Trainer: dataloader_num_workers=0)"
+            )
+        while True:
+            index = self._produced
+            arm = self._arm_of(index)
+            position = self._positions[arm]
+            self._positions[arm] += 1
+            self._counts[arm] += 1
+            self._produced += 1
+            if index % self.world_size == self.rank:
+                yield self._example(arm, position)
+
+    # ---------------------------------------------------------------------------------------------- rewards
+    @property
+    def produced(self) -> int:
+        """Examples of the global stream read so far (all processes' shares, prefetched ones included)."""
+        return self._produced
+
+    @property
+    def rewarded_until(self) -> int:
+        """Examples of the global stream covered by rewards so far."""
+        return self._rewarded_until
+
+    def probabilities(self) -> dict[str, float]:
+        """The current mixture ``{category: probability}``."""
+        return dict(zip(self.categories, self.bandit.probabilities()))
+
+    def arms_between(self, start: int, stop: int) -> dict[int, int]:
+        """``{arm: examples}`` for examples ``start`` to ``stop - 1`` of the global stream."""
+        counts: dict[int, int] = {}
+        for index in range(start, stop):
+            arm = self._arm_of(index)
+            counts[arm] = counts.get(arm, 0) + 1
+        return counts
+
+    def reward(self, value: float, *, examples: int, step: int | None = None) -> dict[str, float]:
+        """Give the reward ``value`` of the next ``examples`` examples of the global stream (those trained since the
+        previous reward, over all processes) to the categories they were drawn from; update the mixture.
+
+        ``value`` must already be reduced across processes (every process passes the same number). Returns the new
+        mixture.
+        """
+        if examples < 1:
+            raise ValueError(f"examples must be positive, got {examples}")
+        start, stop = self._rewarded_until, self._rewarded_until + examples
+        window = self.arms_between(start, stop)
+        self.bandit.update(dict.fromkeys(window, float(value)))
+        self._rewarded_until = stop
+        self._forget_draws_before(stop)
+        self._record(step, {self.categories[a]: float(value) for a in sorted(window)}, window)
+        return self.probabilities()
+
+    def reward_categories(self, rewards: Mapping[str, float], *, step: int | None = None) -> dict[str, float]:
+        """Full-information update: a reward per category observed for all of them (e.g. validation losses)."""
+        unknown = sorted(set(rewards) - set(self.categories))
+        if unknown:
+            raise ValueError(f"rewards for unknown categories {unknown}; categories: {self.categories}")
+        self.bandit.update(
+            {self.categories.index(c): float(r) for c, r in rewards.items()}, full_information=True
+        )
+        self._record(step, {c: float(rewards[c]) for c in sorted(rewards)}, {})
+        return self.probabilities()
+
+    def _forget_draws_before(self, index: int) -> None:
+        keep_from = index // self.sampling_interval
+        drop = min(keep_from - self._first_draw, len(self._draws))
+        if drop > 0:
+            del self._draws[:drop]
+            self._first_draw += drop
+
+    def _record(self, step: int | None, rewards: dict[str, float], window: Mapping[int, int]) -> None:
+        record = {
+            "update": self.bandit.updates,
+            "step": step,
+            "examples": self._rewarded_until,
+            "reward_type": self.reward_type,
+            "rewards": rewards,
+            "chosen": {self.categories[a]: n for a, n in sorted(window.items())},
+            "sampling_weights": dict(zip(self.categories, self.bandit.weights)),
+            "sampling_ratio": self.probabilities(),
+            "category_counts": dict(zip(self.categories, self._counts)),
+        }
+        self.history.append(record)
+        if self.output_dir is not None and _process_rank() == 0:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    # ---------------------------------------------------------------------------------------------- checkpoint
+    def state_dict(self, *, consumed: int | None = None) -> dict[str, Any]:
+        """Everything that decides the rest of the stream: bandit, generator, positions, pending draws.
+
+        Args:
+            consumed: examples of the global stream actually trained (a DataLoader reads ahead of training). The
+                examples read after them are given back, so a run resumed from this state trains them. Default:
+                everything read so far.
+        """
+        positions, counts, produced = list(self._positions), list(self._counts), self._produced
+        if consumed is not None:
+            if not self._rewarded_until <= consumed <= self._produced:
+                raise ValueError(
+                    f"consumed={consumed} must lie between the rewarded examples ({self._rewarded_until}) and the "
+                    f"examples read ({self._produced})"
+                )
+            for arm, n in self.arms_between(consumed, self._produced).items():
+                positions[arm] -= n
+                counts[arm] -= n
+            produced = consumed
+        return {
+            "categories": list(self.categories),
+            "sampling_interval": self.sampling_interval,
+            "seed": self.seed,
+            "reward_type": self.reward_type,
+            "bandit": self.bandit.state_dict(),
+            "rng": self._rng.getstate(),
+            "produced": produced,
+            "positions": positions,
+            "counts": counts,
+            "draws": list(self._draws),
+            "first_draw": self._first_draw,
+            "rewarded_until": self._rewarded_until,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue exactly where the run that saved ``state`` was."""
+        if list(state["categories"]) != self.categories:
+            raise ValueError(
+                f"the checkpoint mixes categories {list(state['categories'])}, this dataset {self.categories}: "
+                "resume with the same categories"
+            )
+        if state["sampling_interval"] != self.sampling_interval:
+            raise ValueError(
+                f"the checkpoint draws every {state['sampling_interval']} examples, this dataset every "
+                f"{self.sampling_interval}: resume with the same sampling_interval"
+            )
+        self.seed = int(state["seed"])
+        self.bandit.load_state_dict(state["bandit"])
+        rng_state = state["rng"]
+        self._rng.setstate((rng_state[0], tuple(rng_state[1]), rng_state[2]))
+        self._produced = int(state["produced"])
+        self._positions = [int(v) for v in state["positions"]]
+        self._counts = [int(v) for v in state["counts"]]
+        self._draws = [int(v) for v in state["draws"]]
+        self._first_draw = int(state["first_draw"])
+        self._rewarded_until = int(state["rewarded_until"])
+
+
+__all__ = ["METRICS_FILE", "REWARD_TYPES", "OnlineMixingDataset"]

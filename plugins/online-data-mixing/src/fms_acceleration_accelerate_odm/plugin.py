@@ -1,0 +1,105 @@
+"""The online data mixing plugin (section ``training.odm.odm``): the mixture of the training categories is learnt
+during training by an EXP3 bandit.
+
+Upstream fms-acceleration / fms-hf-tuning keys are accepted: ``update_interval``, ``sampling_interval``,
+``reward_type``, ``gamma``, ``eta``, ``resume_from_checkpoint``.
+
+The training data must be an :class:`~fms_acceleration_accelerate_odm.OnlineMixingDataset` (a dict of category
+datasets). ``get_callbacks_and_ready_for_train`` returns the
+:class:`~fms_acceleration_accelerate_odm.callback.OnlineMixingCallback`, which finds that dataset in the trainer's
+training DataLoader, applies this section's ``sampling_interval``, ``gamma`` and ``eta`` to it before the first
+example is drawn, and feeds it the rewards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from fms_acceleration_accelerate.config import option
+from fms_acceleration_accelerate.errors import AccelerationConfigError
+from fms_acceleration_accelerate.plugin import AccelerationPlugin
+
+from .rewards import REWARD_TYPES, check_reward_type
+
+if TYPE_CHECKING:  # pragma: no cover
+    from accelerate import Accelerator
+    from torch import nn
+    from transformers import TrainerCallback
+
+SECTION = "training.odm.odm"
+
+
+@dataclass(frozen=True)
+class ODMConfig:
+    """Options of ``training.odm.odm`` (upstream's keys)."""
+
+    update_interval: int = option(1, help="optimizer steps between two updates of the mixture")
+    sampling_interval: int = option(1, help="examples of the global stream between two category draws")
+    reward_type: str = option(
+        "train_loss", help=f"what the mixture learns from: {', '.join(REWARD_TYPES)} (higher reward: drawn more)"
+    )
+    gamma: float = option(0.1, help="EXP3 exploration share in [0, 1] (each category keeps at least gamma/K)")
+    eta: float = option(0.1, help="EXP3 learning rate (> 0)")
+    resume_from_checkpoint: bool | str = option(
+        False, help="fms-hf-tuning's key: resume the mixture with the training run (true or a checkpoint folder)"
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("update_interval", "sampling_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise AccelerationConfigError(
+                    f"{name} must be a positive int, got {value!r}", fix=f"set {name} to 1 or more"
+                )
+        try:
+            object.__setattr__(self, "reward_type", check_reward_type(self.reward_type))
+        except ValueError as exc:
+            raise AccelerationConfigError(
+                str(exc), fix=f"set reward_type to one of: {', '.join(REWARD_TYPES)}"
+            ) from None
+        if not 0.0 <= self.gamma <= 1.0:
+            raise AccelerationConfigError(
+                f"gamma must be in [0, 1], got {self.gamma!r}", fix="set gamma between 0 and 1 (0.1)"
+            )
+        if not self.eta > 0.0:
+            raise AccelerationConfigError(f"eta must be positive, got {self.eta!r}", fix="set eta > 0 (0.1)")
+
+
+class OnlineDataMixingPlugin(AccelerationPlugin):
+    """Learns the training mixture of an :class:`OnlineMixingDataset` (see the module docstring)."""
+
+    name = "odm"
+    configuration_or_paths = (SECTION,)
+    config_class = ODMConfig
+    order = 420
+
+    def get_callbacks_and_ready_for_train(
+        self, model: nn.Module | None = None, accelerator: Accelerator | None = None
+    ) -> list[TrainerCallback]:
+        from .callback import OnlineMixingCallback
+
+        config = self.config
+        return [
+            OnlineMixingCallback(
+                reward_type=config.reward_type,
+                update_interval=config.update_interval,
+                dataset_settings={
+                    "sampling_interval": config.sampling_interval,
+                    "gamma": config.gamma,
+                    "eta": config.eta,
+                },
+            )
+        ]
+
+    def describe(self) -> list[str]:
+        config = self.config
+        return [
+            *super().describe(),
+            f"the OnlineMixingDataset's mixture is updated every {config.update_interval} steps from the "
+            f"{config.reward_type} reward (EXP3, gamma={config.gamma}, eta={config.eta}); a category is drawn every "
+            f"{config.sampling_interval} examples",
+        ]
+
+
+__all__ = ["SECTION", "ODMConfig", "OnlineDataMixingPlugin"]
