@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("fms_acceleration_accelerate_odm")
 
-from fms_acceleration_accelerate_odm import Exp3, OnlineMixingDataset, read_metrics  # noqa: E402
+from fms_acceleration_accelerate_odm import Exp3, OnlineMixingDataset, read_metrics
 
 
 # ------------------------------------------------------------------------------------------------ EXP3
@@ -73,8 +73,7 @@ def _run(dataset: OnlineMixingDataset, steps: int, per_step: int, rewards: dict[
 def test_stream_is_deterministic_by_seed_and_follows_rewards():
     rewards = {"code": 1.0, "math": 0.1, "prose": 0.1}
     runs = [
-        _run(OnlineMixingDataset(_categories(), sampling_interval=4, seed=7, eta=0.5), 40, 4, rewards)
-        for _ in range(2)
+        _run(OnlineMixingDataset(_categories(), sampling_interval=4, seed=7, eta=0.5), 40, 4, rewards) for _ in range(2)
     ]
     assert runs[0] == runs[1]
     other_seed = _run(OnlineMixingDataset(_categories(), sampling_interval=4, seed=8, eta=0.5), 40, 4, rewards)
@@ -89,7 +88,9 @@ def test_stream_is_deterministic_by_seed_and_follows_rewards():
 def test_ranks_share_the_category_sequence_and_split_the_examples():
     whole = iter(OnlineMixingDataset(_categories(), sampling_interval=3, seed=3))
     expected = _take(whole, 30)
-    shards = [iter(OnlineMixingDataset(_categories(), sampling_interval=3, seed=3, rank=r, world_size=2)) for r in (0, 1)]
+    shards = [
+        iter(OnlineMixingDataset(_categories(), sampling_interval=3, seed=3, rank=r, world_size=2)) for r in (0, 1)
+    ]
     got = [_take(shards[0], 15), _take(shards[1], 15)]
     assert got[0] == expected[0::2] and got[1] == expected[1::2]
 
@@ -153,10 +154,10 @@ def test_bad_reward_type_names_the_valid_ones():
 
 # ------------------------------------------------------------------------------------------------ config
 def test_upstream_section_activates_the_plugin_and_bad_keys_are_refused():
-    from fms_acceleration_accelerate.errors import AccelerationConfigError
+    from fms_acceleration import AccelerationFramework
     from fms_acceleration_accelerate_odm import OnlineDataMixingPlugin, OnlineMixingCallback
 
-    from fms_acceleration import AccelerationFramework
+    from fms_acceleration_accelerate.errors import AccelerationConfigError
 
     section = {"update_interval": 2, "sampling_interval": 4, "reward_type": "ENTROPY", "gamma": 0.2, "eta": 0.3}
     framework = AccelerationFramework({"plugins": {"training": {"odm": {"odm": section}}}})

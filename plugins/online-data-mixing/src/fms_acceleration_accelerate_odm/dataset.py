@@ -223,7 +223,9 @@ class OnlineMixingDataset(IterableDataset):
         if collator is None:
             return example
         batch = collator([example])
-        return {key: value[0] if hasattr(value, "shape") and len(value.shape) > 0 else value for key, value in batch.items()}
+        return {
+            key: value[0] if hasattr(value, "shape") and len(value.shape) > 0 else value for key, value in batch.items()
+        }
 
     def __iter__(self) -> Iterator[Any]:
         from torch.utils.data import get_worker_info
@@ -288,9 +290,7 @@ class OnlineMixingDataset(IterableDataset):
         unknown = sorted(set(rewards) - set(self.categories))
         if unknown:
             raise ValueError(f"rewards for unknown categories {unknown}; categories: {self.categories}")
-        self.bandit.update(
-            {self.categories.index(c): float(r) for c, r in rewards.items()}, full_information=True
-        )
+        self.bandit.update({self.categories.index(c): float(r) for c, r in rewards.items()}, full_information=True)
         self._record(step, {c: float(rewards[c]) for c in sorted(rewards)}, {})
         return self.probabilities()
 

@@ -14,7 +14,7 @@ example is drawn, and feeds it the rewards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fms_acceleration_accelerate.config import option
 from fms_acceleration_accelerate.errors import AccelerationConfigError

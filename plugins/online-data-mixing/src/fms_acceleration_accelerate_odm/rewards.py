@@ -192,7 +192,7 @@ class RewardTracker:
             return None
         if count < 1:
             raise RuntimeError(_no_reward_message(self.reward_type))
-        return self.dataset.reward(total / count, examples=int(round(examples)), step=step)
+        return self.dataset.reward(total / count, examples=round(examples), step=step)
 
     def evaluated(self, metrics: dict[str, float], step: int | None) -> dict[str, float] | None:
         """The ``validation_loss`` reward from an evaluation's metrics (``eval_<category>_loss``)."""
