@@ -11,7 +11,9 @@ transformers' eager experts on the whole batches (the one-process reference). Th
 
 ``trainer`` instead of ``ddp``: the HF ``Trainer`` trains under expert parallelism (the section reaches its own
 Accelerator from ``$FMS_ACCELERATION_SECTION``), saves a ``save_steps`` checkpoint and a final ``save_model``, and
-every rank reloads both with plain ``from_pretrained`` (see :func:`trainer_main`).
+every rank reloads both with plain ``from_pretrained`` (see :func:`trainer_main`). ``framework-api``: the same
+with the section given to the script's own ``AccelerationFramework`` and a stock Trainer (no section reaches the
+trainer's Accelerator).
 """
 
 from __future__ import annotations
@@ -158,17 +160,27 @@ def main(model_dir: str, out_dir: str, ep_degree: int, wrap: str) -> dict:
     return result
 
 
-def trainer_main(model_dir: str, out_dir: str) -> dict:
+def trainer_main(model_dir: str, out_dir: str, ep_degree: int = 2, framework_api: bool = False) -> dict:
     """The HF ``Trainer`` under expert parallelism: the section comes from ``$FMS_ACCELERATION_SECTION`` (as under
     ``accelerate launch``) to the trainer's own Accelerator; it trains ``STEPS - 1`` steps, saves a checkpoint at the
     last step (``save_steps``) and once more with ``trainer.save_model``; rank 0 reloads both with plain
-    ``from_pretrained``."""
+    ``from_pretrained``.
+
+    ``framework_api``: no section reaches the trainer's Accelerator; the script's own ``AccelerationFramework``
+    augments the model and the trainer gets ``framework.get_callbacks_and_ready_for_train(trainer.model,
+    trainer.accelerator)`` (the framework API as fms-hf-tuning drives it)."""
     from safetensors import safe_open
     from transformers import Trainer, TrainingArguments
 
     from fms_acceleration_accelerate.accelerate_integration import get_framework
 
+    framework = None
     model = load(model_dir)
+    if framework_api:
+        from fms_acceleration_accelerate import AccelerationFramework
+
+        framework = AccelerationFramework({"training": {"moe": {"scattermoe": {"ep_degree": ep_degree}}}})
+        model, _ = framework.augmentation(model)
     data = batches(model.config.vocab_size)
     rows = [{"input_ids": r, "labels": r} for ids in data[: STEPS - 1] for r in ids]
     steps = STEPS - 1
@@ -190,13 +202,17 @@ def trainer_main(model_dir: str, out_dir: str) -> dict:
         seed=0,
     )
     trainer = Trainer(model=model, args=args, train_dataset=rows)
+    result: dict = {"rank": trainer.args.process_index, "world": trainer.args.world_size}
+    result["accelerator_has_framework"] = get_framework(trainer.accelerator) is not None
+    if framework is not None:
+        for callback in framework.get_callbacks_and_ready_for_train(trainer.model, trainer.accelerator):
+            trainer.add_callback(callback)
     trainer.train()
     final = Path(out_dir) / "final"
     trainer.save_model(str(final))  # every rank calls it, as the trainer's docs ask
 
-    plugin = get_framework(trainer.accelerator).plugin("scattermoe")
+    plugin = (framework or get_framework(trainer.accelerator)).plugin("scattermoe")
     inner = trainer.model
-    result: dict = {"rank": trainer.args.process_index, "world": trainer.args.world_size}
     result["local_experts"] = [
         int(m.gate_up_proj.shape[0]) for n, m in inner.named_modules() if n.endswith("mlp.experts")
     ]
@@ -236,7 +252,10 @@ if __name__ == "__main__":
     rank = int(os.environ.get("RANK", "0"))
     path = Path(out_dir) / f"rank{rank}.json"
     try:
-        outcome = trainer_main(model_dir, out_dir) if wrap == "trainer" else main(model_dir, out_dir, ep, wrap)
+        if wrap in ("trainer", "framework-api"):
+            outcome = trainer_main(model_dir, out_dir, ep, framework_api=wrap == "framework-api")
+        else:
+            outcome = main(model_dir, out_dir, ep, wrap)
     except BaseException:  # the test reads the traceback from the file
         outcome = {"error": traceback.format_exc()}
     path.write_text(json.dumps(outcome), encoding="utf-8")

@@ -137,6 +137,33 @@ def test_hf_trainer_saves_every_expert_under_expert_parallelism(saved_models, tm
         assert report["trainer_patched"] == ["_load_optimizer_and_scheduler", "_save", "save_model"]
 
 
+@pytest.mark.slow
+def test_framework_api_with_a_stock_trainer_shards_the_experts(saved_models, tmp_path):
+    """The framework API with a stock HF Trainer (fms-hf-tuning's way): the script's AccelerationFramework augments
+    the model and hands the trainer its callbacks with ``get_callbacks_and_ready_for_train(trainer.model,
+    trainer.accelerator)``; no section reaches the trainer's Accelerator, whose prepare runs no framework hook. The
+    experts are sharded all the same (ep_degree is not silently ignored), the run trains as the one whose section
+    reaches the trainer's Accelerator (same losses), and the trainer's saves hold every expert."""
+    (api_dir := tmp_path / "api").mkdir()
+    (section_dir := tmp_path / "section").mkdir()
+    reports = _run_workers(saved_models("mixtral"), api_dir, 2, 2, "framework-api")
+    attached = _run_workers(saved_models("mixtral"), section_dir, 2, 2, "trainer")
+    for rank, report in enumerate(reports):
+        assert report["world"] == 2
+        assert not report["accelerator_has_framework"]  # the path under test: prepare runs no framework hook
+        assert attached[rank]["accelerator_has_framework"]
+        assert report["local_experts"] == [2, 2], f"rank {rank}: ep_degree 2 was ignored"
+        assert len(report["losses"]) == 2 and report["losses"][0] != report["losses"][1]
+        assert report["losses"] == pytest.approx(attached[rank]["losses"], rel=LOSS_RTOL)
+        for label in ("checkpoint", "final"):
+            assert report[f"{label}_files"] == ["model.safetensors"]
+            assert report[f"{label}_file_experts"] == 8, f"{label}: the file holds one rank's experts"
+            assert f"{label}_reload_error" not in report, report[f"{label}_reload_error"]
+            assert report[f"{label}_experts"] == [4, 4]
+            assert report[f"{label}_vs_ep_logits"] < 1e-6, f"rank {rank} {label}"
+        assert report["trainer_patched"] == ["_load_optimizer_and_scheduler", "_save", "save_model"]
+
+
 # ------------------------------------------------------------------------------------------ single process
 PATH = "training.moe.scattermoe"
 
@@ -191,6 +218,43 @@ def test_sharding_needs_a_process_group(saved_models, reference_kernels):
         framework.plugins[0].shard_experts(model, RunContext(world_size=2, distributed_type="MULTI_CPU"))
     assert model.model.layers[0].mlp.experts.gate_up_proj.shape[0] == 4  # nothing sliced
     framework.revert()
+
+
+def test_shard_at_prepare_patches_only_an_accelerator_without_a_framework():
+    """The framework API given a trainer's Accelerator (no framework attached): its prepare is patched, recorded and
+    reverted with the framework; an Accelerator that runs a framework is left to prepare_contribution."""
+    from accelerate import Accelerator
+
+    from fms_acceleration_accelerate.accelerate_integration import attach_framework
+
+    framework = make_framework({"ep_degree": 2})
+    plugin = framework.plugins[0]
+    framework.bind_run_context(RunContext(world_size=2, distributed_type="MULTI_CPU"))
+    accelerator = Accelerator(cpu=True)
+    assert plugin.shard_at_prepare(accelerator)
+    assert "prepare" in vars(accelerator)
+    assert not plugin.shard_at_prepare(accelerator)  # once per Accelerator
+    framework.revert()
+    assert "prepare" not in vars(accelerator)
+
+    attach_framework(accelerator, make_framework({"ep_degree": 2}))
+    assert not plugin.shard_at_prepare(accelerator)
+    assert "prepare" not in vars(accelerator)
+
+
+def test_shard_at_prepare_refuses_fsdp_without_the_framework_in_prepare():
+    """Under FSDP, Accelerate's own fully_shard would shard the experts: refused, naming the ways that work."""
+    from accelerate import Accelerator
+
+    framework = make_framework({"ep_degree": 2})
+    framework.bind_run_context(RunContext(world_size=2, fsdp_version=2, distributed_type="FSDP"))
+    accelerator = Accelerator(cpu=True)
+    with pytest.raises(AccelerationConfigError, match="runs no acceleration framework") as excinfo:
+        framework.plugins[0].shard_at_prepare(accelerator)
+    assert excinfo.value.path == f"{PATH}.ep_degree"
+    for word in ("accelerate launch", "AccelerationKwargs", "ep_degree: 1"):
+        assert word in str(excinfo.value)
+    assert "prepare" not in vars(accelerator)
 
 
 def test_shard_experts_without_expert_parallelism_is_refused(saved_models):

@@ -34,7 +34,11 @@ Which hook does what
   prepares the model, :meth:`ScatterMoEPlugin.attach_trainer` makes its own saves (``save_steps`` checkpoints,
   ``save_model``) gather every expert first.
 * ``after_prepare``: refuse a model whose experts implementation was switched away after patching.
-* ``get_callbacks_and_ready_for_train``: the routing statistics callback (``routing_stats: true``).
+* ``get_callbacks_and_ready_for_train``: the routing statistics callback (``routing_stats: true``); with
+  ``ep_degree > 1`` and an ``Accelerator`` whose ``prepare`` runs no acceleration framework (the HF Trainer's own
+  under the framework API), a patch of that instance's ``prepare`` that shards the experts and attaches the trainer
+  (:meth:`ScatterMoEPlugin.shard_at_prepare`); FSDP there is refused, as Accelerate's ``fully_shard`` would shard the
+  experts.
 """
 
 from __future__ import annotations
@@ -273,9 +277,13 @@ class ScatterMoEPlugin(AccelerationPlugin):
     def get_callbacks_and_ready_for_train(
         self, model: nn.Module | None = None, accelerator: Accelerator | None = None
     ) -> list[TrainerCallback]:
-        """Patch a trainer's model if no earlier hook did; the routing statistics callback."""
+        """Patch a trainer's model if no earlier hook did; with ``ep_degree > 1`` and an ``accelerator`` that runs
+        no acceleration framework in its ``prepare`` (a trainer's own, under the framework API), make that
+        ``prepare`` shard the experts (:meth:`shard_at_prepare`); the routing statistics callback."""
         if model is not None:
             self.patch_model(_unwrap_data_parallel(model), self.run_context)
+        if self.expert_parallel is not None and accelerator is not None:
+            self.shard_at_prepare(accelerator, model)
         if not self.config.routing_stats:
             return []
         from .callbacks import RoutingStatsCallback
@@ -373,6 +381,79 @@ class ScatterMoEPlugin(AccelerationPlugin):
             )
             entries.append((experts.path, experts.module, names))
         return self.expert_parallel.shard(model, entries)
+
+    def shard_at_prepare(self, accelerator: Any, model: nn.Module | None = None) -> bool:
+        """Make ``accelerator.prepare`` shard the experts of the MoE models it prepares (expert parallelism), for an
+        ``Accelerator`` with no acceleration framework attached, whose ``prepare`` would run no plugin hook: the HF
+        Trainer's own under the framework API (``get_callbacks_and_ready_for_train(trainer.model,
+        trainer.accelerator)`` calls it). A recorded, revertible patch of that instance's ``prepare``: before
+        Accelerate wraps the model in DDP it runs :meth:`shard_experts` (DDP then leaves the experts alone) and, when
+        a trainer is preparing its model, :meth:`attach_trainer`, as ``prepare_contribution`` does for an
+        ``Accelerator`` that runs the framework.
+
+        Returns:
+            ``True`` when ``accelerator.prepare`` was patched now; ``False``: no expert parallelism, not an
+            ``Accelerator``, one whose ``prepare`` runs an acceleration framework (this plugin's
+            ``prepare_contribution`` shards there), or patched already.
+
+        Raises:
+            AccelerationConfigError: ``model`` was prepared already (its experts can no longer be sharded before
+                DDP / FSDP wraps it), or the run uses FSDP2 (Accelerate's own ``fully_shard`` would shard the
+                experts) or a setting :meth:`check_run_settings` refuses.
+        """
+        from accelerate import Accelerator
+
+        from fms_acceleration_accelerate.accelerate_integration import get_framework
+
+        if self.expert_parallel is None or not isinstance(accelerator, Accelerator):
+            return False
+        if get_framework(accelerator) is not None:
+            return False  # its prepare runs the framework's hooks: prepare_contribution shards the experts
+        if any(r.owner is accelerator and r.attribute == "prepare" for r in self.patches.records):
+            return False
+        path = self.key_path("ep_degree")
+        context = self.run_context
+        self._check_expert_parallel(context)
+        if model is not None and self._prepared_unsharded(model):
+            raise AccelerationConfigError(
+                "get_callbacks_and_ready_for_train got a model that Accelerator.prepare already wrapped (DDP / FSDP) "
+                "without sharding its experts, so expert parallelism (ep_degree > 1) can no longer take effect",
+                path=path,
+                fix="call get_callbacks_and_ready_for_train(model, accelerator) before accelerator.prepare / "
+                "trainer.train(), or call plugin.shard_experts(model) before wrapping the model, or set ep_degree: 1",
+            )
+        if context.fsdp_version is not None:
+            raise AccelerationConfigError(
+                "expert parallelism (ep_degree > 1) under FSDP needs the acceleration framework inside "
+                "Accelerator.prepare, to leave the experts out of fully_shard; this Accelerator (e.g. the trainer's "
+                "own, with the framework API) runs no acceleration framework, so FSDP would shard the experts",
+                path=path,
+                fix="run with the acceleration section in the Accelerate config under accelerate launch, or create "
+                "the Accelerator with kwargs_handlers=[AccelerationKwargs(config=...)], or use plain data "
+                "parallelism (no FSDP), or set ep_degree: 1",
+            )
+        original = accelerator.prepare
+        plugin = self
+
+        def prepare(*args: Any, **kwargs: Any) -> Any:
+            import torch
+
+            for arg in args:
+                if isinstance(arg, torch.nn.Module) and plugin._is_moe_model(arg):
+                    plugin.shard_experts(arg, plugin.run_context)
+                    trainer = _trainer_on_stack()
+                    if trainer is not None:  # the HF Trainer (or a subclass) preparing its model: whole saves
+                        plugin.attach_trainer(trainer)
+            return original(*args, **kwargs)
+
+        self.patches.patch(
+            accelerator,
+            "prepare",
+            prepare,
+            target="Accelerator.prepare (the trainer's)",
+            description="scattermoe expert parallelism: shard the experts before DDP wraps the model",
+        )
+        return True
 
     def full_state_dict(self, model: nn.Module) -> dict[str, Any]:
         """The model's state dict with every expert of every layer, under the model's own names (a collective
@@ -479,6 +560,26 @@ class ScatterMoEPlugin(AccelerationPlugin):
         return True
 
     # ------------------------------------------------------------------------------------------- helpers
+    def _is_moe_model(self, model: Any) -> bool:
+        """Whether ``model`` (DDP-unwrapped) is a model this plugin's spec table matches (a MoE causal LM)."""
+        try:
+            self._match(_unwrap_data_parallel(model))
+        except AccelerationConfigError:
+            return False
+        return True
+
+    def _prepared_unsharded(self, model: Any) -> bool:
+        """Whether ``model`` is already wrapped for data parallelism (DDP, or FSDP-sharded parameters) while none of
+        its experts modules is sharded by this plugin."""
+        from torch.distributed.tensor import DTensor
+        from torch.nn.parallel import DistributedDataParallel
+
+        assert self.expert_parallel is not None
+        wrapped = isinstance(model, DistributedDataParallel) or any(isinstance(p, DTensor) for p in model.parameters())
+        if not wrapped:
+            return False
+        return not any(self.expert_parallel.shard_of(m) is not None for m in model.modules())
+
     def _owned_by_ep(self, model: nn.Module, owner: str) -> bool:
         assert self.expert_parallel is not None
         module = _unwrap_data_parallel(model).get_submodule(owner)
