@@ -176,3 +176,15 @@ def test_upstream_section_activates_the_plugin_and_bad_keys_are_refused():
     assert "update_interval" in str(unknown.value)
     with pytest.raises(AccelerationConfigError, match="sampling_interval must be a positive int"):
         AccelerationFramework({"plugins": {"training": {"odm": {"odm": {"sampling_interval": 0}}}}})
+
+
+def test_resume_from_checkpoint_is_refused_until_supported():
+    """Accepting fms-hf-tuning's resume key and doing nothing would silently restart the mixture."""
+    from fms_acceleration import AccelerationFramework
+
+    from fms_acceleration_accelerate.errors import AccelerationConfigError
+
+    AccelerationFramework({"plugins": {"training": {"odm": {"odm": {"resume_from_checkpoint": False}}}}})
+    with pytest.raises(AccelerationConfigError) as refused:
+        AccelerationFramework({"plugins": {"training": {"odm": {"odm": {"resume_from_checkpoint": True}}}}})
+    assert "not supported yet" in str(refused.value) and "resume_from_checkpoint: false" in str(refused.value)

@@ -284,6 +284,14 @@ class ScatterMoEPlugin(AccelerationPlugin):
             self.patch_model(_unwrap_data_parallel(model), self.run_context)
         if self.expert_parallel is not None and accelerator is not None:
             self.shard_at_prepare(accelerator, model)
+        elif self.expert_parallel is not None:
+            logger.warning(
+                "scattermoe: ep_degree %d, but get_callbacks_and_ready_for_train got no accelerator: unless the "
+                "framework is attached to the Accelerator that prepares the model (the acceleration: section under "
+                "accelerate launch, or AccelerationKwargs), the experts are not sharded; pass trainer.accelerator, "
+                "or call plugin.shard_experts(model, context) in your own loop",
+                self.config.ep_degree,
+            )
         if not self.config.routing_stats:
             return []
         from .callbacks import RoutingStatsCallback

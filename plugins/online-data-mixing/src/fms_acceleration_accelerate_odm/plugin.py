@@ -2,7 +2,8 @@
 during training by an EXP3 bandit.
 
 Upstream fms-acceleration / fms-hf-tuning keys are accepted: ``update_interval``, ``sampling_interval``,
-``reward_type``, ``gamma``, ``eta``, ``resume_from_checkpoint``.
+``reward_type``, ``gamma``, ``eta``, ``resume_from_checkpoint`` (only false for now: resuming the mixture is
+refused with a clear error until it is supported).
 
 The training data must be an :class:`~fms_acceleration_accelerate_odm.OnlineMixingDataset` (a dict of category
 datasets). ``get_callbacks_and_ready_for_train`` returns the
@@ -64,6 +65,13 @@ class ODMConfig:
             )
         if not self.eta > 0.0:
             raise AccelerationConfigError(f"eta must be positive, got {self.eta!r}", fix="set eta > 0 (0.1)")
+        if self.resume_from_checkpoint not in (False, None, ""):
+            raise AccelerationConfigError(
+                f"resume_from_checkpoint {self.resume_from_checkpoint!r}: resuming the data mixture (bandit, sampling "
+                "RNG and each category's position) from a checkpoint is not supported yet; the run would restart the "
+                "mixture from its seed",
+                fix="set resume_from_checkpoint: false (start the mixture anew), or train without resuming",
+            )
 
 
 class OnlineDataMixingPlugin(AccelerationPlugin):
