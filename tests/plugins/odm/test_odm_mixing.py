@@ -178,13 +178,20 @@ def test_upstream_section_activates_the_plugin_and_bad_keys_are_refused():
         AccelerationFramework({"plugins": {"training": {"odm": {"odm": {"sampling_interval": 0}}}}})
 
 
-def test_resume_from_checkpoint_is_refused_until_supported():
-    """Accepting fms-hf-tuning's resume key and doing nothing would silently restart the mixture."""
+def test_resume_from_checkpoint_key_reaches_the_callback():
+    """true (default) / a folder / false reach the callback that restores the mixture; other values are refused."""
     from fms_acceleration import AccelerationFramework
 
     from fms_acceleration_accelerate.errors import AccelerationConfigError
 
-    AccelerationFramework({"plugins": {"training": {"odm": {"odm": {"resume_from_checkpoint": False}}}}})
-    with pytest.raises(AccelerationConfigError) as refused:
-        AccelerationFramework({"plugins": {"training": {"odm": {"odm": {"resume_from_checkpoint": True}}}}})
-    assert "not supported yet" in str(refused.value) and "resume_from_checkpoint: false" in str(refused.value)
+    def callback_for(section):
+        framework = AccelerationFramework({"plugins": {"training": {"odm": {"odm": section}}}})
+        (callback,) = framework.get_callbacks_and_ready_for_train()
+        return callback
+
+    assert callback_for({}).resume_from_checkpoint is True
+    assert callback_for({"resume_from_checkpoint": False}).resume_from_checkpoint is False
+    assert callback_for({"resume_from_checkpoint": "out/checkpoint-5"}).resume_from_checkpoint == "out/checkpoint-5"
+    with pytest.raises(AccelerationConfigError) as bad:
+        AccelerationFramework({"plugins": {"training": {"odm": {"odm": {"resume_from_checkpoint": 5}}}}})
+    assert "resume_from_checkpoint" in str(bad.value) and "fix:" in str(bad.value)

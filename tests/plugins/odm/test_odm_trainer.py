@@ -3,6 +3,7 @@ category, whose loss stays at log(vocab) while the learnable one's falls)."""
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -70,3 +71,89 @@ def test_trainer_mixture_moves_toward_the_rewarded_category(tmp_path):
     learnable_losses = [r["rewards"]["learnable"] for r in records if "learnable" in r["rewards"]]
     assert min(learnable_losses) < min(noise_losses)  # the learnable category was learnt
     assert (tmp_path / "out" / "odm_mixture.png").is_file()
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+def _resume_run(tmp_path, out, *, crash_at=None, resume=False, attach="constructor"):
+    """One Trainer run of 10 steps (checkpoint at 5); returns (dataset, callback, trainer, ids read by the
+    collator in stream order)."""
+    import torch
+    from fms_acceleration_accelerate_odm import OnlineMixingCallback, OnlineMixingDataset
+    from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    data = _data()
+    for name, examples in data.items():
+        for index, example in enumerate(examples):
+            example["id"] = f"{name}:{index}"
+    read: list[str] = []
+
+    def collate(examples):
+        read.extend(example["id"] for example in examples)
+        return {key: torch.tensor([e[key] for e in examples]) for key in ("input_ids", "labels")}
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == crash_at:
+                raise _Interrupted(state.global_step)
+
+    dataset = OnlineMixingDataset(data, sampling_interval=2, gamma=0.1, eta=0.5, reward_type="train_loss", seed=3)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=4,
+        max_steps=10,
+        learning_rate=2e-2,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        save_strategy="steps",
+        save_steps=5,
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    callback = OnlineMixingCallback(update_interval=2)  # the checkpoint at step 5 holds a pending reward
+    callbacks = [callback] if attach == "constructor" else []
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "model")
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collate, callbacks=callbacks)
+    if attach == "add_callback":  # as the plugin's callbacks are added: after the trainer is built
+        trainer.add_callback(callback)
+    if crash_at is not None:
+        trainer.add_callback(Crash())
+    trainer.train(resume_from_checkpoint=True if resume else None)
+    return dataset, callback, trainer, read
+
+
+@pytest.mark.parametrize("attach", ["constructor", "add_callback"])
+def test_trainer_resume_continues_the_mixture_exactly(tmp_path, attach):
+    """Run A: 10 steps. Run B: interrupted after step 6 (checkpoint at 5), then a new trainer resumes to 10. After
+    the checkpoint B trains the same examples (categories and ids), ends with the same bandit and the same losses,
+    and its odm.jsonl equals A's."""
+    from fms_acceleration_accelerate_odm import read_metrics
+
+    _tiny_model(tmp_path)
+    dataset_a, _, trainer_a, read_a = _resume_run(tmp_path, tmp_path / "a")
+
+    with pytest.raises(_Interrupted):
+        _resume_run(tmp_path, tmp_path / "b", crash_at=6)
+    saved = json.loads((tmp_path / "b" / "checkpoint-5" / "odm_state.json").read_text())
+    assert saved["global_step"] == 5 and saved["produced"] == 20  # read-ahead examples given back
+    assert saved["pending_reward"]["examples"] == 4 and saved["rewarded_until"] == 16
+    assert len(read_metrics(tmp_path / "b")) == 3  # updates at steps 2, 4 and 6 (after the checkpoint)
+
+    dataset_b, callback_b, trainer_b, read_b = _resume_run(tmp_path, tmp_path / "b", resume=True, attach=attach)
+
+    assert trainer_b.args.ignore_data_skip and callback_b.dataset is dataset_b
+    assert read_b[:20] == read_a[20:40]  # the examples (so the categories) trained after the checkpoint
+    assert {i.split(":")[0] for i in read_a[20:40]} == {"learnable", "noise"}
+    assert dataset_b.bandit.weights == dataset_a.bandit.weights
+    assert dataset_b.probabilities() == dataset_a.probabilities()
+    assert read_metrics(tmp_path / "b") == read_metrics(tmp_path / "a")
+    assert [r["step"] for r in read_metrics(tmp_path / "b")] == [2, 4, 6, 8, 10]
+    losses = {
+        run: [(h["step"], h["loss"]) for h in trainer.state.log_history if "loss" in h and h["step"] > 5]
+        for run, trainer in (("a", trainer_a), ("b", trainer_b))
+    }
+    assert losses["b"] == losses["a"] and len(losses["a"]) == 5

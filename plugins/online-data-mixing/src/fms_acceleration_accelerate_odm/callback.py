@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,15 @@ class OnlineMixingCallback(TrainerCallback):
             (the plugin passes its section's values).
         plot: write ``odm_mixture.png`` (the mixture over the steps) in the output directory at the end of
             training, when matplotlib is installed.
+        resume_from_checkpoint: what happens when the trainer resumes from a checkpoint. ``True`` (default): the
+            mixture (bandit, sampling generator, each category's position, the reward not yet given) continues
+            from the ``odm_state.json`` of ``<output_dir>/checkpoint-<step>``; a folder: from that folder's
+            ``odm_state.json`` (a checkpoint outside the output directory); ``False``: the mixture starts again from
+            its seed. In every case the trainer's own data skipping is turned off (``ignore_data_skip``): it would
+            re-read the stream from where the mixture already stands.
+
+    Every checkpoint gets an ``odm_state.json``: the mixture after exactly the examples trained so far (those the
+    DataLoader read ahead are given back to the stream, so the resumed run trains them).
     """
 
     def __init__(
@@ -55,8 +65,10 @@ class OnlineMixingCallback(TrainerCallback):
         update_interval: int = 1,
         plot: bool = True,
         dataset_settings: dict[str, Any] | None = None,
+        resume_from_checkpoint: bool | str | os.PathLike = True,
     ) -> None:
         self.dataset = dataset
+        self.resume_from_checkpoint = resume_from_checkpoint
         self.reward_type = reward_type
         self.update_interval = update_interval
         self.plot = plot
@@ -88,6 +100,72 @@ class OnlineMixingCallback(TrainerCallback):
             )
         tracker.attach(kwargs["model"])
         self.tracker = tracker
+        if state.global_step > 0:  # the trainer resumed from a checkpoint
+            self._resume(args, state, dataset, tracker)
+
+    def on_init_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Passed to the Trainer's constructor: turn the data skip off before train() computes it, so that the
+        # trainer still restores its own RNG state from the checkpoint.
+        _stop_trainer_data_skip(args)
+
+    def _resume(self, args: Any, state: Any, dataset: OnlineMixingDataset, tracker: RewardTracker) -> None:
+        trainer_skips = _stop_trainer_data_skip(args)
+        if self.resume_from_checkpoint is False or self.resume_from_checkpoint == "":
+            logger.info(
+                "fms-acceleration odm: resuming at step %d with resume_from_checkpoint=false: the data mixture starts "
+                "again from its seed",
+                state.global_step,
+            )
+            return
+        folder = self._checkpoint_folder(args, state)
+        with open(folder / STATE_FILE, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        if saved.get("global_step", state.global_step) != state.global_step:
+            raise ValueError(
+                f"{folder / STATE_FILE} was saved at step {saved['global_step']}, and the trainer resumes at step "
+                f"{state.global_step}: give the folder of the checkpoint the trainer resumes from"
+            )
+        dataset.load_state_dict(saved)
+        pending = saved.get("pending_reward", {})
+        if state.is_world_process_zero:  # the reduction at the next update sums the processes' shares
+            tracker.restore_pending(pending.get("sum", 0.0), pending.get("count", 0), pending.get("examples", 0))
+        dataset.history = self._kept_metrics(dataset, state)
+        if trainer_skips:
+            _restore_trainer_rng(folder, args)
+        logger.info(
+            "fms-acceleration odm: the data mixture resumes from %s at step %d (%d examples trained); the trainer "
+            "does not skip batches (ignore_data_skip=True): the mixture continues where it stood",
+            folder,
+            state.global_step,
+            dataset.produced,
+        )
+
+    def _checkpoint_folder(self, args: Any, state: Any) -> Path:
+        given = self.resume_from_checkpoint
+        if given is True or given is None:
+            given = getattr(args, "resume_from_checkpoint", None)
+            if not isinstance(given, (str, os.PathLike)) or not (Path(given) / STATE_FILE).is_file():
+                given = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        folder = Path(given)
+        if not (folder / STATE_FILE).is_file():
+            raise FileNotFoundError(
+                f"the trainer resumes at step {state.global_step}, and {folder} has no {STATE_FILE} (the data "
+                "mixture's state, written into every checkpoint while online data mixing is on): give the checkpoint "
+                "folder as training.odm.odm.resume_from_checkpoint (OnlineMixingCallback(resume_from_checkpoint=...)), "
+                "or set it to false to start the mixture again from its seed"
+            )
+        return folder
+
+    def _kept_metrics(self, dataset: OnlineMixingDataset, state: Any) -> list[dict[str, Any]]:
+        """The metrics of the updates before the checkpoint; ``odm.jsonl`` loses the lines written after it."""
+        if not state.is_world_process_zero or dataset.output_dir is None:
+            return []  # only process 0 writes the metrics
+        if not (dataset.output_dir / METRICS_FILE).is_file():
+            return []
+        kept = [r for r in read_metrics(dataset.output_dir) if r["update"] <= dataset.bandit.updates]
+        with open(dataset.output_dir / METRICS_FILE, "w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(record) + "\n" for record in kept)
+        return kept
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
         if self.tracker is not None and logs and "grad_norm" in logs:
@@ -102,18 +180,61 @@ class OnlineMixingCallback(TrainerCallback):
             self.tracker.evaluated(metrics, state.global_step)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        if self.dataset is None or not state.is_world_process_zero:
+        if self.dataset is None:
             return
+        pending = {"sum": 0.0, "count": 0, "examples": 0}
+        if self.tracker is not None:  # every process: the reward not yet given, summed over the processes
+            pending = dict(zip(pending, self.tracker.pending()))
+        if not state.is_world_process_zero:
+            return
+        saved = self.dataset.state_dict(consumed=self.dataset.rewarded_until + round(pending["examples"]))
+        saved["global_step"] = state.global_step
+        saved["pending_reward"] = pending
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         folder.mkdir(parents=True, exist_ok=True)
         with open(folder / STATE_FILE, "w", encoding="utf-8") as handle:
-            json.dump(self.dataset.state_dict(), handle)
+            json.dump(saved, handle)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.tracker is not None:
             self.tracker.detach()
         if self.plot and self.dataset is not None and state.is_world_process_zero and args.output_dir:
             plot_mixture(self.dataset.history, Path(args.output_dir) / PLOT_FILE)
+
+
+def _stop_trainer_data_skip(args: Any) -> bool:
+    """Set ``ignore_data_skip``; ``True`` when it was off (the trainer then skips neither data nor RNG restore)."""
+    if getattr(args, "ignore_data_skip", True):
+        return False
+    args.ignore_data_skip = True
+    logger.info(
+        "fms-acceleration odm: ignore_data_skip=True: on resume the OnlineMixingDataset continues from the "
+        "checkpoint's %s instead of the trainer re-reading the stream to skip the trained batches",
+        STATE_FILE,
+    )
+    return True
+
+
+def _restore_trainer_rng(folder: Path, args: Any) -> None:
+    """The trainer's RNG states from ``folder`` (it restores them itself only when ``ignore_data_skip`` was set
+    before ``train()``)."""
+    import random
+
+    import numpy as np
+    import torch
+    from transformers.trainer_pt_utils import safe_globals, set_rng_state_for_device
+
+    name = f"rng_state_{args.process_index}.pth" if args.world_size > 1 else "rng_state.pth"
+    if not (folder / name).is_file():
+        logger.info("fms-acceleration odm: %s has no %s; the random state is not restored", folder, name)
+        return
+    with safe_globals():
+        saved = torch.load(folder / name, weights_only=True)
+    random.setstate(saved["python"])
+    np.random.set_state(saved["numpy"])
+    torch.random.set_rng_state(saved["cpu"])
+    if torch.cuda.is_available() and "cuda" in saved:
+        set_rng_state_for_device("CUDA", torch.cuda, saved, args.world_size > 1)
 
 
 def plot_mixture(history: list[dict[str, Any]], path: Path) -> Path | None:

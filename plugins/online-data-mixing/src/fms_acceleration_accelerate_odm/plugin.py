@@ -2,8 +2,9 @@
 during training by an EXP3 bandit.
 
 Upstream fms-acceleration / fms-hf-tuning keys are accepted: ``update_interval``, ``sampling_interval``,
-``reward_type``, ``gamma``, ``eta``, ``resume_from_checkpoint`` (only false for now: resuming the mixture is
-refused with a clear error until it is supported).
+``reward_type``, ``gamma``, ``eta``, ``resume_from_checkpoint`` (when the trainer resumes from a checkpoint, the
+mixture continues from that checkpoint's ``odm_state.json``: true (default) looks in
+``<output_dir>/checkpoint-<step>``, a folder names the checkpoint, false starts the mixture again from its seed).
 
 The training data must be an :class:`~fms_acceleration_accelerate_odm.OnlineMixingDataset` (a dict of category
 datasets). ``get_callbacks_and_ready_for_train`` returns the
@@ -42,8 +43,10 @@ class ODMConfig:
     )
     gamma: float = option(0.1, help="EXP3 exploration share in [0, 1] (each category keeps at least gamma/K)")
     eta: float = option(0.1, help="EXP3 learning rate (> 0)")
-    resume_from_checkpoint: bool | str = option(
-        False, help="fms-hf-tuning's key: resume the mixture with the training run (true or a checkpoint folder)"
+    resume_from_checkpoint: bool | str | None = option(
+        True,
+        help="when the trainer resumes: true continues the mixture from <output_dir>/checkpoint-<step>/odm_state.json, "
+        "a folder from that checkpoint's odm_state.json, false restarts the mixture from its seed",
     )
 
     def __post_init__(self) -> None:
@@ -65,12 +68,16 @@ class ODMConfig:
             )
         if not self.eta > 0.0:
             raise AccelerationConfigError(f"eta must be positive, got {self.eta!r}", fix="set eta > 0 (0.1)")
-        if self.resume_from_checkpoint not in (False, None, ""):
+        resume = self.resume_from_checkpoint
+        if resume is None:
+            object.__setattr__(self, "resume_from_checkpoint", True)
+        elif resume == "":
+            object.__setattr__(self, "resume_from_checkpoint", False)
+        elif not isinstance(resume, (bool, str)):
             raise AccelerationConfigError(
-                f"resume_from_checkpoint {self.resume_from_checkpoint!r}: resuming the data mixture (bandit, sampling "
-                "RNG and each category's position) from a checkpoint is not supported yet; the run would restart the "
-                "mixture from its seed",
-                fix="set resume_from_checkpoint: false (start the mixture anew), or train without resuming",
+                f"resume_from_checkpoint must be true, false or a checkpoint folder, got {resume!r}",
+                fix="set resume_from_checkpoint: true (continue the mixture with the trainer), a checkpoint folder, "
+                "or false",
             )
 
 
@@ -92,6 +99,7 @@ class OnlineDataMixingPlugin(AccelerationPlugin):
             OnlineMixingCallback(
                 reward_type=config.reward_type,
                 update_interval=config.update_interval,
+                resume_from_checkpoint=config.resume_from_checkpoint,
                 dataset_settings={
                     "sampling_interval": config.sampling_interval,
                     "gamma": config.gamma,

@@ -194,6 +194,16 @@ class RewardTracker:
             raise RuntimeError(_no_reward_message(self.reward_type))
         return self.dataset.reward(total / count, examples=round(examples), step=step)
 
+    def pending(self) -> tuple[float, int, int]:
+        """The reward sum, its count and the examples trained since the last update, summed across processes
+        (every process must call it at the same point)."""
+        total, count, examples = _all_reduce_sum([self._sum, float(self._count), float(self._examples)])
+        return total, round(count), round(examples)
+
+    def restore_pending(self, total: float, count: int, examples: int) -> None:
+        """Continue with the reward not yet given at a checkpoint (on one process: the next update sums them)."""
+        self._sum, self._count, self._examples = float(total), int(count), int(examples)
+
     def evaluated(self, metrics: dict[str, float], step: int | None) -> dict[str, float] | None:
         """The ``validation_loss`` reward from an evaluation's metrics (``eval_<category>_loss``)."""
         if self.reward_type != "validation_loss":
