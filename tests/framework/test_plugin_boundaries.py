@@ -145,3 +145,30 @@ def test_prose_is_not_a_read():
         "    return accelerator.state, run_context.world_size\n"
     )
     assert environment_reads(source) == []
+
+
+def test_loading_a_plugin_imports_no_training_library() -> None:
+    """The framework loads every installed plugin's entry point wherever it reads a configuration, the `accelerate
+    launch` launcher included: a plugin module that imported peft / bitsandbytes / transformers' trainer there would
+    slow every launch and print their import-time messages (bitsandbytes' hub-kernel notice) from the launcher,
+    where nothing of ours can scope them."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from importlib.metadata import entry_points\n"
+        "eps = list(entry_points(group='fms_acceleration_accelerate.plugins'))\n"
+        "assert eps, 'no plugin installed'\n"
+        "for ep in eps: ep.load()\n"
+        "heavy = sorted(m for m in ('peft', 'bitsandbytes', 'trl', 'transformers.trainer') if m in sys.modules)\n"
+        "print(len(eps), ','.join(heavy))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=ROOT.parent, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    count, heavy = (
+        done.stdout.strip().splitlines()[-1].split(" ", 1) if " " in done.stdout.strip() else (done.stdout.strip(), "")
+    )
+    assert int(count) >= 2 and heavy == "", f"loading the plugins imported: {heavy}"

@@ -411,7 +411,7 @@ class ScatterMoEPlugin(AccelerationPlugin):
         """
         from accelerate import Accelerator
 
-        from fms_acceleration_accelerate.accelerate_integration import get_framework
+        from fms_acceleration_accelerate import get_framework
 
         if self.expert_parallel is None or not isinstance(accelerator, Accelerator):
             return False

@@ -7,11 +7,29 @@
 * :class:`OnlineDataMixingPlugin`: the framework plugin that returns the callback.
 """
 
-from .callback import OnlineMixingCallback, plot_mixture, read_metrics
-from .dataset import OnlineMixingDataset
+from importlib import import_module
+from typing import Any
+
 from .exp3 import Exp3
 from .plugin import ODMConfig, OnlineDataMixingPlugin
 from .rewards import REWARD_TYPES, RewardTracker
+
+# imported on first use: the framework loads this package's plugin (its entry point) in every process that reads a
+# configuration, the `accelerate launch` launcher included, where importing transformers' trainer modules (which
+# pull in peft and bitsandbytes) would only cost time and print their import-time messages
+_LAZY = {
+    "OnlineMixingCallback": ".callback",
+    "plot_mixture": ".callback",
+    "read_metrics": ".callback",
+    "OnlineMixingDataset": ".dataset",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "REWARD_TYPES",

@@ -49,7 +49,7 @@ def _process_rank() -> int:
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("RANK", "0"))
+    return 0  # no process group: one process (the metrics file is written by rank 0)
 
 
 class OnlineMixingDataset(IterableDataset):
