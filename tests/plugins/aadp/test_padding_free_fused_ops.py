@@ -74,7 +74,9 @@ class _BoundaryReads:
     def __init__(self, model: torch.nn.Module) -> None:
         self.computed = 0
         self.handed: list[Any] = []
-        self._attentions = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "q_proj")]
+        self._attentions = [
+            m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "q_proj")
+        ]
         assert self._attentions, "no attention module found"
         self._patch = pytest.MonkeyPatch()
         self._hooks: list[Any] = []

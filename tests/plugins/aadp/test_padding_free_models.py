@@ -13,6 +13,8 @@ import pytest
 import torch
 from fms_acceleration_accelerate_aadp.collate import flatten_batch
 
+from fms_acceleration_accelerate.model_specs import ARCHITECTURE_SPECS
+
 from .padding_free_helpers import (
     ARCHITECTURES,
     LENGTHS,
@@ -97,7 +99,11 @@ def test_no_example_sees_another(model_type, saved):
         first, middle, last = _contamination(model, flat)
         _, _, last_with_cache = _contamination(model, flat, use_cache=True)  # asked for explicitly: still kept apart
     assert middle > 1e-3  # the change is visible where it should be
-    assert first == 0.0 and last == 0.0 and last_with_cache == 0.0
+    # Dense models: bit-identical. MoE models: the changed tokens change which rows each expert's GEMM gets, and a
+    # GEMM over other rows may round the same row's products in another order (float32: ~1e-8 on these logits);
+    # a leak across examples moves logits by the order of `middle`, five orders of magnitude above the bound.
+    bound = 0.0 if ARCHITECTURE_SPECS[model_type].moe is None else 1e-6
+    assert first <= bound and last <= bound and last_with_cache <= bound, (first, last, last_with_cache, middle)
 
 
 def test_the_check_fails_without_boundaries(saved):

@@ -569,9 +569,7 @@ def make_segments_forward(original: Callable[..., Any]) -> Callable[..., Any]:
     mask) and pass them to every attention layer as :data:`SEGMENTS_KWARG`. Forwards that continue a key/value cache,
     and calls that already carry segments, are passed through unchanged."""
     signature = inspect.signature(original)
-    var_keyword = next(
-        (p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None
-    )
+    var_keyword = next((p.name for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD), None)
 
     @functools.wraps(original)
     def forward(*args: Any, **kwargs: Any) -> Any:
