@@ -76,6 +76,33 @@ def _tiny_llama(path: Path, vocab_size: int) -> Path:
 
 
 @pytest.mark.slow
+def _load_as_fms_hf_tuning(loader, path: Path):
+    """``loader(path)`` with the keyword arguments fms-hf-tuning passes when it loads the model."""
+    import torch
+
+    return loader(str(path), use_cache=False, cache_dir=None, torch_dtype=torch.float32, attn_implementation=None)
+
+
+def _pretokenized_sft_config(tmp_path: Path):
+    """The SFTConfig of the short runs over a pretokenized dataset (4 steps of 4 examples, CPU)."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        max_length=32,
+        packing=False,
+        seed=5,
+    )
+
+
 def test_qlora_flag_set_trains_through_fms_acceleration(tmp_path, request):
     """``--bitsandbytes nf4 False --fused_lora bitsandbytes True --fast_kernels True True True`` (fms-hf-tuning's
     documented QLoRA flag set, which writes both fused-ops sections)."""
@@ -118,9 +145,7 @@ def test_qlora_flag_set_trains_through_fms_acceleration(tmp_path, request):
     tokenizer = _tokenizer()
     path = _tiny_llama(tmp_path / "model", len(tokenizer))
     model_loader = framework.model_loader if framework.requires_custom_loading else AutoModelForCausalLM.from_pretrained
-    model = model_loader(  # the keyword arguments fms-hf-tuning passes
-        str(path), use_cache=False, cache_dir=None, torch_dtype=torch.float32, attn_implementation=None
-    )
+    model = _load_as_fms_hf_tuning(model_loader, path)
     assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == 2 * 7
 
     texts = [" ".join(WORDS[(i + j) % len(WORDS)] for j in range(12)) for i in range(32)]
@@ -199,10 +224,9 @@ def _padding_free_multipack_run(tmp_path: Path, request, collator_of) -> tuple[o
     model from ``from_pretrained`` (no plugin loads it), ``augmentation``, the trainer, the callbacks of
     ``get_callbacks_and_ready_for_train`` with the trainer's Accelerator, 4 steps. Returns the framework, the trainer
     and the ``(input_ids shape, attention_mask given)`` of every batch the model saw."""
-    import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     acceleration = AccelerationFrameworkConfig(padding_free=PaddingFree(method="huggingface"), multipack=MultiPack(16))
     assert acceleration.to_dict() == {
@@ -218,26 +242,11 @@ def _padding_free_multipack_run(tmp_path: Path, request, collator_of) -> tuple[o
 
     tokenizer = _tokenizer()
     path = _tiny_llama(tmp_path / "model", len(tokenizer))
-    model = AutoModelForCausalLM.from_pretrained(  # the keyword arguments fms-hf-tuning passes
-        str(path), use_cache=False, cache_dir=None, torch_dtype=torch.float32, attn_implementation=None
-    )
+    model = _load_as_fms_hf_tuning(AutoModelForCausalLM.from_pretrained, path)
     lengths = [4 + (7 * i) % 11 for i in range(32)]  # 4 .. 14 tokens
     ids = [[3 + (i + j) % len(WORDS) for j in range(n)] + [2] for i, n in enumerate(lengths)]
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})  # a pretokenized dataset
-    train_args = SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        max_length=32,
-        packing=False,
-        seed=5,
-    )
+    train_args = _pretokenized_sft_config(tmp_path)
     model, (peft_config,) = framework.augmentation(model, train_args, modifiable_args=(None,))
     assert peft_config is None
     trainer = SFTTrainer(
@@ -354,7 +363,7 @@ def test_fast_moe_flag_trains_a_tiny_mixtral_through_fms_acceleration(tmp_path, 
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     framework = AccelerationFrameworkConfig(fast_moe=FastMoe(ep_degree=1)).get_framework()
     request.addfinalizer(framework.revert)  # fms-hf-tuning's process ends instead; here later tests share it
@@ -362,25 +371,10 @@ def test_fast_moe_flag_trains_a_tiny_mixtral_through_fms_acceleration(tmp_path, 
 
     tokenizer = _tokenizer()
     path = _tiny_mixtral(tmp_path / "model", len(tokenizer))
-    model = AutoModelForCausalLM.from_pretrained(  # the keyword arguments fms-hf-tuning passes
-        str(path), use_cache=False, cache_dir=None, torch_dtype=torch.float32, attn_implementation=None
-    )
+    model = _load_as_fms_hf_tuning(AutoModelForCausalLM.from_pretrained, path)
     ids = [[3 + (i + j) % len(WORDS) for j in range(10)] + [2] for i in range(32)]
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})  # a pretokenized dataset
-    train_args = SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        use_cpu=True,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        max_length=32,
-        packing=False,
-        seed=5,
-    )
+    train_args = _pretokenized_sft_config(tmp_path)
     model, (peft_config,) = framework.augmentation(model, train_args, modifiable_args=(None,))
     assert peft_config is None
     plugin = framework.plugin("scattermoe")
