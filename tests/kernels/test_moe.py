@@ -482,7 +482,8 @@ def test_experts_real_shapes_gpu(hidden, inter, n_experts, top_k):
     upstream = torch.randn(n_tokens, hidden, device=device)
 
     def run(fn, dtype):
-        leaves = {n: v.to(dtype).requires_grad_(True) for n, v in tensors.items()}
+        # copy=True: a same-dtype .to() returns the shared tensor itself, whose grad flag would leak into later runs
+        leaves = {n: v.to(dtype, copy=True).requires_grad_(True) for n, v in tensors.items()}
         out = fn(top_k_index=index, **leaves)
         out.backward(upstream.to(dtype))
         return [out.float()] + [leaves[n].grad.float() for n in tensors]
