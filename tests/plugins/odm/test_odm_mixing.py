@@ -137,9 +137,9 @@ def test_metrics_are_json_lines(tmp_path):
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ([{"id": 1}], "split it yourself"),
-        ({"only": [{"id": 1}]}, "at least two categories"),
+        ({}, "at least two categories"),
         ({"a": [{"id": 1}], "b": []}, "category 'b' is empty"),
+        ({"a": [{"id": 1}], "b": iter([{"id": 2}])}, "has no length"),
     ],
 )
 def test_bad_datasets_are_refused(data, message):

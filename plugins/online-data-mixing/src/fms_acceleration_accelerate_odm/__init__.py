@@ -1,7 +1,9 @@
 """Online data mixing for fms-acceleration-accelerate (section ``training.odm.odm``).
 
 * :class:`OnlineMixingDataset`: an endless stream over ``{category: dataset}`` whose mixture an EXP3 bandit
-  (:class:`Exp3`) learns during training; every process draws the same categories from a shared seed.
+  (:class:`Exp3`) learns during training; every process draws the same categories from a shared seed. One
+  unlabelled dataset is split into categories first (:class:`DatasetAutoCategorizer`: sentence embeddings of a
+  packaged all-MiniLM-L6-v2 + k-means).
 * :class:`OnlineMixingCallback` (HF Trainer, TRL) and :class:`RewardTracker` (any loop): rewards from what each
   training step already computes (loss, LM-head logits, gradient norm, evaluation losses).
 * :class:`OnlineDataMixingPlugin`: the framework plugin that returns the callback.
@@ -10,6 +12,7 @@
 from importlib import import_module
 from typing import Any
 
+from .autocategorize import AutoCategorizeConfig, DatasetAutoCategorizer, default_num_categories, kmeans
 from .exp3 import Exp3
 from .plugin import ODMConfig, OnlineDataMixingPlugin
 from .rewards import REWARD_TYPES, RewardTracker
@@ -33,12 +36,16 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "REWARD_TYPES",
+    "AutoCategorizeConfig",
+    "DatasetAutoCategorizer",
     "Exp3",
     "ODMConfig",
     "OnlineDataMixingPlugin",
     "OnlineMixingCallback",
     "OnlineMixingDataset",
     "RewardTracker",
+    "default_num_categories",
+    "kmeans",
     "plot_mixture",
     "read_metrics",
 ]

@@ -36,6 +36,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset
 
+from .autocategorize import AutoCategorizeConfig, DatasetAutoCategorizer
 from .exp3 import Exp3
 from .rewards import REWARD_TYPES, check_reward_type
 
@@ -58,7 +59,9 @@ class OnlineMixingDataset(IterableDataset):
     Args:
         dataset_dict: ``{category: dataset}``, at least two non-empty map-style datasets (anything with ``len`` and
             integer indexing: ``datasets.Dataset``, a list of dicts...). Categories are ordered by name; arm ``i``
-            is the ``i``-th name.
+            is the ``i``-th name. One dataset (alone, or the only entry of the dict) is split into categories
+            automatically (sentence embeddings + k-means, see
+            :mod:`~fms_acceleration_accelerate_odm.autocategorize` and ``auto_categorize_config``).
         collators_dict: a collator for all categories, ``{category: collator}``, or ``None``. A collator is applied
             to each example alone (``collator([example])``) and the batch dimension removed, so categories with
             different formats reach the DataLoader's own ``collate_fn`` in one format.
@@ -70,10 +73,18 @@ class OnlineMixingDataset(IterableDataset):
         gamma: EXP3 exploration share.
         eta: EXP3 learning rate.
         sampling_interval: a category is drawn every this many examples of the global stream.
+        eval_batch_size: batch size of :meth:`evaluate` (per-category evaluation losses in loops without the HF
+            Trainer).
         output_dir: where the metrics file ``odm.jsonl`` is written (by process 0); ``None``: no file.
         reward_type: the reward the bandit learns from (one of
             :data:`~fms_acceleration_accelerate_odm.rewards.REWARD_TYPES`).
-        seed: seed of the category draws (must be the same on every process).
+        auto_categorize_config: how one unlabelled dataset is split into categories: an
+            :class:`~fms_acceleration_accelerate_odm.autocategorize.AutoCategorizeConfig` or a dict of its fields
+            (``input_column``, ``num_categories``, ``model_name``, ``batch_size``, ``category_prefix``...); used only
+            when ``dataset_dict`` holds one dataset. Evaluation data given as one dataset is split by the same
+            clusters.
+        seed: seed of the category draws and of the auto-categorisation's k-means (must be the same on every
+            process).
         rank: with ``world_size``, this process's share of the stream for loops without Accelerate.
         world_size: number of processes sharing the stream without Accelerate (default 1: the global stream).
     """
@@ -88,26 +99,26 @@ class OnlineMixingDataset(IterableDataset):
         gamma: float = 0.1,
         eta: float = 0.1,
         sampling_interval: int = 1,
+        eval_batch_size: int = 5,
         output_dir: str | os.PathLike | None = None,
         reward_type: str = "train_loss",
+        auto_categorize_config: AutoCategorizeConfig | Mapping[str, Any] | None = None,
         seed: int = 42,
         *,
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
         super().__init__()
-        if not isinstance(dataset_dict, Mapping):
-            raise TypeError(
-                f"OnlineMixingDataset needs a dict of categories {{name: dataset}}, got one "
-                f"{type(dataset_dict).__name__}; splitting one unlabelled dataset into categories automatically is not "
-                "available here: split it yourself (e.g. by source or task column) and give a dict with at least "
-                "two categories"
+        self.seed = int(seed)
+        self.categorizer: DatasetAutoCategorizer | None = None
+        if not isinstance(dataset_dict, Mapping) or len(dataset_dict) == 1:
+            dataset_dict, eval_dataset_dict = self._auto_categorize(
+                dataset_dict, eval_dataset_dict, auto_categorize_config
             )
         if len(dataset_dict) < 2:
             raise ValueError(
-                f"OnlineMixingDataset needs at least two categories to mix, got {list(dataset_dict)}; splitting one "
-                "dataset into categories automatically is not available here: give a dict {name: dataset} with at "
-                "least two categories"
+                f"OnlineMixingDataset needs at least two categories to mix, got {list(dataset_dict)}: give a dict "
+                "{name: dataset} with at least two categories, or one dataset to split into categories automatically"
             )
         self.categories: list[str] = sorted(str(name) for name in dataset_dict)
         if len(set(self.categories)) != len(dataset_dict):
@@ -135,11 +146,13 @@ class OnlineMixingDataset(IterableDataset):
             )
         if not isinstance(sampling_interval, int) or sampling_interval < 1:
             raise ValueError(f"sampling_interval must be a positive int, got {sampling_interval!r}")
+        if isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int) or eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be a positive int, got {eval_batch_size!r}")
+        self.eval_batch_size = eval_batch_size
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         self.reward_type = check_reward_type(reward_type)
         self.sampling_interval = sampling_interval
-        self.seed = int(seed)
         self.rank = rank
         self.world_size = world_size
         self.output_dir = Path(output_dir) if output_dir is not None else None
@@ -156,6 +169,21 @@ class OnlineMixingDataset(IterableDataset):
         self.history: list[dict[str, Any]] = []  # one record per bandit update (also written to odm.jsonl)
 
     # ---------------------------------------------------------------------------------------------- set-up
+    def _auto_categorize(
+        self, dataset: Any, eval_dataset: Any, config: AutoCategorizeConfig | Mapping[str, Any] | None
+    ) -> tuple[dict[str, Any], Mapping[str, Any] | None]:
+        """One unlabelled dataset (alone or as the only entry of a dict) split into categories; evaluation data
+        given as one dataset is split by the same clusters."""
+        if isinstance(dataset, Mapping):
+            (dataset,) = dataset.values()
+        self.categorizer = DatasetAutoCategorizer(AutoCategorizeConfig.build(config, seed=self.seed))
+        categories = self.categorizer.fit(dataset)
+        if eval_dataset is not None and (not isinstance(eval_dataset, Mapping) or len(eval_dataset) == 1):
+            if isinstance(eval_dataset, Mapping):
+                (eval_dataset,) = eval_dataset.values()
+            eval_dataset = self.categorizer.assign(eval_dataset)
+        return categories, eval_dataset
+
     def _per_category(self, value: Any, name: str) -> list[Callable | None]:
         if value is None or callable(value):
             return [value] * len(self.categories)
@@ -293,6 +321,68 @@ class OnlineMixingDataset(IterableDataset):
         self.bandit.update({self.categories.index(c): float(r) for c, r in rewards.items()}, full_information=True)
         self._record(step, {c: float(rewards[c]) for c in sorted(rewards)}, {})
         return self.probabilities()
+
+    def evaluate(self, model: Any, *, step: int | None = None, apply: bool = True) -> dict[str, float]:
+        """The mean loss of ``model`` on each category's evaluation data; with ``apply``, the mixture is rewarded
+        with them (the ``validation_loss`` reward, every category observed).
+
+        For loops without the HF Trainer (whose own evaluation feeds the callback). Reads ``eval_dataset_dict`` in
+        batches of ``eval_batch_size`` through the category's evaluation collator (``eval_collators_dict``, default:
+        ``torch``'s ``default_collate``); the model must return a ``loss`` (batches with ``labels``). Under a started
+        process group each process evaluates every ``world_size``-th example and the sums are reduced, so every
+        process gets the same losses (call it on every process).
+        """
+        import torch
+        from torch.utils.data import default_collate
+
+        from .rewards import _all_reduce_sum
+
+        if not self.eval_dataset_dict:
+            raise ValueError(
+                "evaluate() needs evaluation data per category: give OnlineMixingDataset(eval_dataset_dict={category: "
+                f"dataset}}) with categories from {self.categories}"
+            )
+        rank, world = 0, 1
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        collators = self._per_category(self.eval_collators, "eval_collators_dict")
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        names = sorted(str(c) for c in self.eval_dataset_dict)
+        sums: list[float] = []
+        try:
+            with torch.no_grad():
+                for name in names:
+                    data = self.eval_dataset_dict[name]
+                    collate = collators[self.categories.index(name)] or default_collate
+                    mine = [data[i] for i in range(rank, len(data), world)]
+                    total, count = 0.0, 0
+                    for start in range(0, len(mine), self.eval_batch_size):
+                        examples = mine[start : start + self.eval_batch_size]
+                        batch = collate(examples)
+                        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in batch.items()}
+                        loss = getattr(model(**batch), "loss", None)
+                        if loss is None:
+                            raise ValueError(
+                                f"evaluate(): the model returned no loss for category {name!r}: the evaluation "
+                                "batches need labels (give an evaluation collator that adds them)"
+                            )
+                        total += float(loss.float()) * len(examples)
+                        count += len(examples)
+                    sums += [total, float(count)]
+        finally:
+            model.train(was_training)
+        reduced = _all_reduce_sum(sums)
+        losses = {}
+        for index, name in enumerate(names):
+            total, count = reduced[2 * index], reduced[2 * index + 1]
+            if count < 1:
+                raise ValueError(f"evaluate(): the evaluation data of category {name!r} is empty")
+            losses[name] = total / count
+        if apply:
+            self.reward_categories(losses, step=step)
+        return losses
 
     def _forget_draws_before(self, index: int) -> None:
         keep_from = index // self.sampling_interval

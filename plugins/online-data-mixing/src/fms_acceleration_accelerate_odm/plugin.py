@@ -4,7 +4,11 @@ during training by an EXP3 bandit.
 Upstream fms-acceleration / fms-hf-tuning keys are accepted: ``update_interval``, ``sampling_interval``,
 ``reward_type``, ``gamma``, ``eta``, ``resume_from_checkpoint`` (when the trainer resumes from a checkpoint, the
 mixture continues from that checkpoint's ``odm_state.json``: true (default) looks in
-``<output_dir>/checkpoint-<step>``, a folder names the checkpoint, false starts the mixture again from its seed).
+``<output_dir>/checkpoint-<step>``, a folder names the checkpoint, false starts the mixture again from its seed),
+and fms-hf-tuning's ``auto_categorize_input_column``, ``auto_categorize_num_categories``,
+``auto_categorize_model_name``, ``auto_categorize_batch_size`` (how one unlabelled dataset is split into
+categories; :attr:`OnlineDataMixingPlugin.auto_categorize_config` hands them to the script that builds the
+dataset).
 
 The training data must be an :class:`~fms_acceleration_accelerate_odm.OnlineMixingDataset` (a dict of category
 datasets). ``get_callbacks_and_ready_for_train`` returns the
@@ -16,12 +20,13 @@ example is drawn, and feeds it the rewards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fms_acceleration_accelerate.config import option
 from fms_acceleration_accelerate.errors import AccelerationConfigError
 from fms_acceleration_accelerate.plugin import AccelerationPlugin
 
+from .autocategorize import PACKAGED_MODEL, AutoCategorizeConfig
 from .rewards import REWARD_TYPES, check_reward_type
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,6 +48,19 @@ class ODMConfig:
     )
     gamma: float = option(0.1, help="EXP3 exploration share in [0, 1] (each category keeps at least gamma/K)")
     eta: float = option(0.1, help="EXP3 learning rate (> 0)")
+    auto_categorize_input_column: str | None = option(
+        None,
+        help="auto-categorisation of one unlabelled dataset: the column with the text to embed (default 'text')",
+    )
+    auto_categorize_num_categories: int | None = option(
+        None, help="auto-categorisation: number of categories (default: floor(sqrt(examples)) between 2 and 15)"
+    )
+    auto_categorize_model_name: str = option(
+        PACKAGED_MODEL,
+        help="auto-categorisation: the sentence-embedding model, read from local files only (the packaged "
+        "all-MiniLM-L6-v2, a local folder, or a model in the Hugging Face cache)",
+    )
+    auto_categorize_batch_size: int = option(64, help="auto-categorisation: examples per embedding forward")
     resume_from_checkpoint: bool | str | None = option(
         True,
         help="when the trainer resumes: true continues the mixture from <output_dir>/checkpoint-<step>/odm_state.json, "
@@ -68,6 +86,14 @@ class ODMConfig:
             )
         if not self.eta > 0.0:
             raise AccelerationConfigError(f"eta must be positive, got {self.eta!r}", fix="set eta > 0 (0.1)")
+        try:
+            AutoCategorizeConfig.build(self.auto_categorize_config())
+        except ValueError as exc:
+            raise AccelerationConfigError(
+                str(exc).replace("auto_categorize_config: ", ""),
+                fix="set auto_categorize_num_categories to 2 or more (or leave it out), auto_categorize_batch_size "
+                "to 1 or more",
+            ) from None
         resume = self.resume_from_checkpoint
         if resume is None:
             object.__setattr__(self, "resume_from_checkpoint", True)
@@ -79,6 +105,18 @@ class ODMConfig:
                 fix="set resume_from_checkpoint: true (continue the mixture with the trainer), a checkpoint folder, "
                 "or false",
             )
+
+    def auto_categorize_config(self) -> dict[str, Any]:
+        """The section's ``auto_categorize_*`` keys as ``OnlineMixingDataset(auto_categorize_config=...)``."""
+        config: dict[str, Any] = {
+            "model_name": self.auto_categorize_model_name,
+            "batch_size": self.auto_categorize_batch_size,
+        }
+        if self.auto_categorize_input_column is not None:
+            config["input_column"] = self.auto_categorize_input_column
+        if self.auto_categorize_num_categories is not None:
+            config["num_categories"] = self.auto_categorize_num_categories
+        return config
 
 
 class OnlineDataMixingPlugin(AccelerationPlugin):
@@ -107,6 +145,12 @@ class OnlineDataMixingPlugin(AccelerationPlugin):
                 },
             )
         ]
+
+    @property
+    def auto_categorize_config(self) -> dict[str, Any]:
+        """The section's ``auto_categorize_*`` keys, for the script that builds the dataset from one unlabelled
+        dataset: ``OnlineMixingDataset({"train": data}, auto_categorize_config=plugin.auto_categorize_config)``."""
+        return self.config.auto_categorize_config()
 
     def describe(self) -> list[str]:
         config = self.config
