@@ -43,6 +43,8 @@ COLLATE_MODES = ("pad", "pack", "flatten")
 DTYPES = ("bfloat16", "float16", "float32")
 DISTRIBUTED = ("ddp", "fsdp1", "fsdp2")
 RANK_DATA = ("split", "replicate")
+EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
+"""transformers' own experts backends of MoE models (``from_pretrained(..., experts_implementation=...)``)."""
 
 PAD_ID = 0
 EOS_ID = 1
@@ -87,6 +89,12 @@ class Scenario:
             this many layers (reported as an extrapolation, next to the measured points).
         extended: not part of the file's default selection (the core matrix): run only when named with
             ``--only`` / ``--group`` or when the runner is given ``--extended``.
+        experts_implementation: MoE models only: transformers' experts backend (``eager``, ``grouped_mm``,
+            ``batched_mm``) passed to ``from_pretrained``; unset: transformers' default (``grouped_mm`` where it
+            can dispatch). A plugin that replaces the experts forward (``training.moe.scattermoe``) overrides it.
+        lora_target_parameters: PEFT ``target_parameters`` (LoRA on parameters rather than modules, e.g. the
+            3-D expert weights ``experts.gate_up_proj``, ``experts.down_proj`` of MoE models), next to
+            ``lora_target_modules``.
     """
 
     name: str
@@ -122,6 +130,8 @@ class Scenario:
     rank_data: str = "split"
     extrapolate_layers: int = 0
     extended: bool = False
+    experts_implementation: str | None = None
+    lora_target_parameters: tuple[str, ...] = ()
 
     @property
     def uses_plugins(self) -> bool:
@@ -149,11 +159,11 @@ def _check_choice(where: str, key: str, value: Any, choices: Sequence[str]) -> N
 def _coerce(where: str, key: str, value: Any) -> Any:
     f = SCENARIO_FIELDS[key]
     default = f.default
-    if key == "lora_target_modules":
+    if key in ("lora_target_modules", "lora_target_parameters"):
         if isinstance(value, str):
             return (value,)
         if not isinstance(value, Sequence):
-            raise ScenarioError(f"{where}: {key} must be a list of module names, got {value!r}")
+            raise ScenarioError(f"{where}: {key} must be a list of names, got {value!r}")
         return tuple(str(v) for v in value)
     if key == "plugins":
         if value is None:
@@ -202,6 +212,10 @@ def make_scenario(raw: Mapping[str, Any], defaults: Mapping[str, Any], where: st
     _check_choice(where, "dtype", s.dtype, DTYPES)
     _check_choice(where, "distributed", s.distributed, DISTRIBUTED)
     _check_choice(where, "rank_data", s.rank_data, RANK_DATA)
+    if s.experts_implementation is not None:
+        _check_choice(where, "experts_implementation", s.experts_implementation, EXPERTS_IMPLEMENTATIONS)
+    if s.lora_target_parameters and s.peft == "full":
+        raise ScenarioError(f"{where}: lora_target_parameters needs peft: lora or qlora (peft is full)")
     if s.extrapolate_layers < 0:
         raise ScenarioError(f"{where}: extrapolate_layers must be >= 0 (0: no extrapolation)")
     if s.steps <= s.warmup_steps:
@@ -440,7 +454,11 @@ def model_spec_summary(spec: Mapping[str, Any]) -> str:
         return str(spec["path"])
     c = spec["config"]
     parts = [str(c.get("model_type", "?"))]
-    for key, tag in (("hidden_size", "h"), ("intermediate_size", "i"), ("num_hidden_layers", "L"), ("vocab_size", "v")):
+    tags = (
+        ("hidden_size", "h"), ("intermediate_size", "i"), ("num_hidden_layers", "L"), ("vocab_size", "v"),
+        ("num_local_experts", "E"), ("num_experts", "E"), ("num_experts_per_tok", "top"),  # MoE: experts, top-k
+    )  # fmt: skip
+    for key, tag in tags:
         if key in c:
             parts.append(f"{tag}{c[key]}")
     if "gptq" in spec:
@@ -632,7 +650,7 @@ def results_folder_name(gpu_name: str, num_gpus: int, stem: str, date: str) -> s
 # ----------------------------------------------------------------------------------------------- CSV
 CSV_COLUMNS = (
     "scenario", "group", "is_baseline", "status", "note",
-    "peft", "plugins", "active_plugins", "patches", "prep", "peer", "model", "entry",
+    "peft", "plugins", "active_plugins", "patches", "prep", "peer", "model", "entry", "experts_implementation",
     "batch_size", "seq_len", "steps", "warmup_steps", "gradient_checkpointing", "num_gpus",
     "distributed", "rank_data", "num_layers", "dataset", "collate", "dtype",
     "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s", "padding_fraction",
@@ -650,7 +668,8 @@ CSV_COLUMNS = (
 """One row per scenario. Units: tokens/s, seconds, GiB, bytes. Memory is per GPU (max over ranks):
 ``state_alloc_gib`` = allocated after ``prepare``, ``forward_alloc_gib`` = after the first timed forward;
 ``peak_alloc_gib`` is the larger of ``prepare_peak_alloc_gib`` (loading + prepare) and ``train_peak_alloc_gib``
-(the training steps). Ratios are
+(the training steps). ``experts_implementation``: the experts backend an MoE model trained with
+(transformers' ``eager`` / ``grouped_mm`` / ``batched_mm``, or the plugin's ``fms_scattermoe``). Ratios are
 against the group's baseline; ``scaling_efficiency`` = tokens/s per GPU / tokens/s of the matching 1-GPU row
 (``scaling_reference``); ``fit_*`` are linear extrapolations of measured peak memory in the layer count."""
 

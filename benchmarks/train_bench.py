@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(flag, default="none", help="label of the plugin stack (for the result only)")
         elif f.name == "baseline":
             continue
-        elif f.name == "lora_target_modules":
+        elif f.name in ("lora_target_modules", "lora_target_parameters"):
             parser.add_argument(flag, nargs="+", default=list(f.default))
         elif isinstance(f.default, bool):
             parser.add_argument(flag, type=lambda v: v.lower() in ("1", "true", "yes"), default=f.default)
@@ -202,7 +202,7 @@ def scenario_from_args(args: argparse.Namespace) -> Scenario:
         if f.name == "baseline":
             continue
         value = getattr(args, f.name)
-        values[f.name] = tuple(value) if f.name == "lora_target_modules" else value
+        values[f.name] = tuple(value) if f.name in ("lora_target_modules", "lora_target_parameters") else value
     return Scenario(**values)
 
 
@@ -233,6 +233,23 @@ def enable_checkpointing(model: Any) -> None:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def experts_implementation_of(model: Any) -> str:
+    """The experts backend an MoE model dispatches to (transformers' ``eager`` / ``grouped_mm`` / ``batched_mm``, or
+    ``fms_scattermoe`` for the MoE plugin's per-model key ``fms_scattermoe_<id>``); ``""`` for a model whose class
+    cannot switch experts backends (dense models)."""
+    base = model
+    for _ in range(4):  # DDP / PEFT wrappers
+        inner = base.get_base_model() if hasattr(base, "get_base_model") else getattr(base, "module", base)
+        if inner is base:
+            break
+        base = inner
+    can_set = getattr(type(base), "_can_set_experts_implementation", None)
+    if can_set is not None and not can_set():
+        return ""
+    value = str(getattr(base.config, "_experts_implementation", "") or "")
+    return "fms_scattermoe" if value.startswith("fms_scattermoe_") else value
 
 
 def make_train_args(s: Scenario, out_dir: str) -> Any:
@@ -284,10 +301,14 @@ def load_and_prepare(
         info["peer_patch"] = apply_liger(model_dir)
 
     if framework is not None and framework.requires_custom_loading:
+        if s.experts_implementation is not None:
+            raise ValueError(f"experts_implementation ({s.experts_implementation}) with a plugin that loads the model")
         model = framework.model_loader(model_dir, torch_dtype=dtype, attn_implementation=s.attn_implementation)
         info["loader"] = "plugin"
     else:
         kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": s.attn_implementation}
+        if s.experts_implementation is not None:  # transformers' experts backend of an MoE model
+            kwargs["experts_implementation"] = s.experts_implementation
         if not is_fsdp:  # each process loads onto its own GPU (an index: what bitsandbytes expects)
             kwargs["device_map"] = {"": accelerator.local_process_index if device.type == "cuda" else "cpu"}
         if s.peft == "qlora":
@@ -303,6 +324,11 @@ def load_and_prepare(
                 **quant,
             )
         model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+        if s.experts_implementation is not None and experts_implementation_of(model) != s.experts_implementation:
+            raise ValueError(
+                f"experts_implementation {s.experts_implementation!r} was asked for but the model runs "
+                f"{experts_implementation_of(model) or 'no experts backend (not an MoE model of transformers 5)'}"
+            )
     model.config.use_cache = False
 
     peft_config = None
@@ -313,6 +339,7 @@ def load_and_prepare(
             lora_dropout=s.lora_dropout,
             target_modules=list(s.lora_target_modules),
             bias="none",
+            **({"target_parameters": list(s.lora_target_parameters)} if s.lora_target_parameters else {}),
             task_type="CAUSAL_LM",
         )
     if framework is not None and framework.requires_augmentation:
@@ -644,6 +671,7 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
         "active_plugins": list(framework.active_plugin_names) if framework is not None else [],
         "patches": len(framework.patches) if framework is not None else None,
         "entry": entry,
+        "experts_implementation": experts_implementation_of(model),  # after prepare: a plugin may have switched it
         **info,
         **benchlib.environment_info(),
     }
