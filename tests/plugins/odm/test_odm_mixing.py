@@ -150,6 +150,57 @@ def test_bad_datasets_are_refused(data, message):
 def test_bad_reward_type_names_the_valid_ones():
     with pytest.raises(ValueError, match="Did you mean 'train_loss'"):
         OnlineMixingDataset(_categories(), reward_type="train_los")
+    with pytest.raises(ValueError, match="Did you mean 'velocity'"):
+        OnlineMixingDataset(_categories(), reward_type="velocty")
+    # upstream's rewards that need extra evaluation forwards on few-shot data: a clear "not available"
+    with pytest.raises(ValueError, match=r"'LEARNABILITY' is not available.*Use 'velocity'"):
+        OnlineMixingDataset(_categories(), reward_type="LEARNABILITY")
+
+
+def test_velocity_reward_is_bounded_and_resumes():
+    """velocity = (previous - loss) / max(previous, loss): upstream's 1 - loss/previous for a fall, its mirror for a
+    rise, so a spike near 0 loss costs at most 1 (upstream's ratio: 1 - 1.0/0.05 = -19) and its recovery gives it
+    back."""
+    from fms_acceleration_accelerate_odm.dataset import loss_velocity
+
+    assert loss_velocity(None, 3.0) == 0.0
+    assert loss_velocity(4.0, 3.0) == pytest.approx(0.25) == 1 - 3.0 / 4.0
+    assert loss_velocity(3.0, 4.0) == pytest.approx(-0.25)
+    assert loss_velocity(0.05, 1.0) == pytest.approx(-0.95) and loss_velocity(1.0, 0.05) == pytest.approx(0.95)
+    assert loss_velocity(0.0, 0.0) == 0.0
+
+    def build():
+        data = {name: [{"id": f"{name}{i}"} for i in range(10)] for name in ("a", "b")}
+        return OnlineMixingDataset(data, sampling_interval=2, reward_type="velocity", eta=0.5, seed=5)
+
+    losses = [3.0, 2.5, 2.0, 2.2, 1.0, 0.5, 0.6, 0.4]
+    whole = build()
+    stream = iter(whole)
+    for step, loss in enumerate(losses):
+        _take(stream, 2)
+        whole.reward_velocity(loss, examples=2, step=step)
+    # each update covers one category (sampling_interval 2 = examples per update): its reward is its own velocity
+    previous: dict[str, float] = {}
+    for record, loss in zip(whole.history, losses):
+        ((category, reward),) = record["rewards"].items()
+        assert reward == pytest.approx(loss_velocity(previous.get(category), loss))
+        previous[category] = loss
+
+    import json
+
+    first = build()
+    stream = iter(first)
+    for step, loss in enumerate(losses[:4]):
+        _take(stream, 2)
+        first.reward_velocity(loss, examples=2, step=step)
+    second = build()
+    second.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    stream = iter(second)
+    for step, loss in enumerate(losses[4:], start=4):
+        _take(stream, 2)
+        second.reward_velocity(loss, examples=2, step=step)
+    assert [r["rewards"] for r in second.history] == [r["rewards"] for r in whole.history[4:]]
+    assert second.probabilities() == whole.probabilities()
 
 
 # ------------------------------------------------------------------------------------------------ config

@@ -1,5 +1,6 @@
-"""A short HF Trainer run: the mixture moves toward the category with the larger reward (train_loss: the noise
-category, whose loss stays at log(vocab) while the learnable one's falls)."""
+"""Short HF Trainer runs: the mixture moves toward the category with the larger reward (train_loss: the noise
+category, whose loss stays at log(vocab) while the learnable one's falls; velocity: the learnable category, whose
+loss falls), and an interrupted run resumes with the same mixture."""
 
 from __future__ import annotations
 
@@ -157,3 +158,44 @@ def test_trainer_resume_continues_the_mixture_exactly(tmp_path, attach):
         for run, trainer in (("a", trainer_a), ("b", trainer_b))
     }
     assert losses["b"] == losses["a"] and len(losses["a"]) == 5
+
+
+def test_trainer_velocity_reward_moves_the_mixture_toward_the_learnable_category(tmp_path):
+    """reward_type 'velocity' (how fast each category's training loss falls): within 150 steps the mixture moves
+    to the learnable category, whose loss the model brings down, away from noise, whose loss cannot fall below
+    log(vocab) (and rises as the model learns the pattern). With the rewards ignored the mixture would stay at its
+    start (1/2 each); train_loss (the test above) goes the other way."""
+    import math
+
+    import torch
+    from fms_acceleration_accelerate_odm import OnlineMixingCallback, OnlineMixingDataset, read_metrics
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    dataset = OnlineMixingDataset(_data(), sampling_interval=4, gamma=0.1, eta=1.0, reward_type="velocity", seed=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=150,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        logging_steps=50,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=_tiny_model(tmp_path), args=args, train_dataset=dataset, callbacks=[OnlineMixingCallback(plot=False)]
+    )
+    trainer.train()
+
+    records = read_metrics(tmp_path / "out")
+    assert len(records) == 150 and records[0]["sampling_ratio"]["learnable"] == pytest.approx(0.5)
+    ratio = [r["sampling_ratio"]["learnable"] for r in records]
+    assert ratio[-1] > 0.85, ratio[::10]
+    learnable = sum(r["rewards"]["learnable"] for r in records if "learnable" in r["rewards"])
+    noise = sum(r["rewards"]["noise"] for r in records if "noise" in r["rewards"])
+    assert learnable > 2.0 and noise < 0.5, (learnable, noise)
+    last_loss = dict(zip(dataset.categories, dataset.state_dict()["last_loss"]))
+    assert last_loss["learnable"] < 0.5 < math.log(VOCAB) < last_loss["noise"], last_loss

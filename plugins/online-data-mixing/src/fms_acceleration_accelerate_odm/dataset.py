@@ -45,6 +45,15 @@ logger = logging.getLogger("fms_acceleration_accelerate_odm")
 METRICS_FILE = "odm.jsonl"
 
 
+def loss_velocity(previous: float | None, loss: float) -> float:
+    """The ``velocity`` reward of a loss going from ``previous`` to ``loss``: ``(previous - loss) / max(previous,
+    loss)`` (0 without a previous loss)."""
+    if previous is None:
+        return 0.0
+    larger = max(previous, loss)
+    return (previous - loss) / larger if larger > 0 else 0.0
+
+
 def _process_rank() -> int:
     import torch.distributed as dist
 
@@ -166,6 +175,7 @@ class OnlineMixingDataset(IterableDataset):
         self._draws: list[int] = []  # arms drawn, from draw number _first_draw on
         self._first_draw = 0
         self._rewarded_until = 0  # examples of the stream already rewarded
+        self._last_loss: list[float | None] = [None] * len(self.categories)  # velocity reward: previous loss per arm
         self.history: list[dict[str, Any]] = []  # one record per bandit update (also written to odm.jsonl)
 
     # ---------------------------------------------------------------------------------------------- set-up
@@ -303,14 +313,42 @@ class OnlineMixingDataset(IterableDataset):
         ``value`` must already be reduced across processes (every process passes the same number). Returns the new
         mixture.
         """
+        return self._reward_window(lambda window: dict.fromkeys(window, float(value)), examples, step)
+
+    def reward_velocity(self, loss: float, *, examples: int, step: int | None = None) -> dict[str, float]:
+        """The ``velocity`` reward: how fast the training loss of a category falls.
+
+        ``loss`` is the mean training loss of the next ``examples`` examples of the global stream (reduced across
+        processes). Each category drawn for them compares it with ``previous``, the loss of the last update that
+        covered that category, and remembers it: a fall is rewarded ``1 - loss / previous`` (upstream's velocity),
+        a rise ``previous / loss - 1`` (its mirror image), the first update 0. So the reward lies in (-1, 1), and a
+        spike followed by its recovery cancels out, even near a loss of 0 where upstream's ratio would punish a
+        learnt category without bound. A category the model is learning gains; one whose loss stays put (noise,
+        or learnt already) gains nothing, and one whose loss rises loses. Returns the new mixture.
+        """
+        loss = float(loss)
+
+        def rewards(window: Mapping[int, int]) -> dict[int, float]:
+            given = {}
+            for arm in window:
+                given[arm] = loss_velocity(self._last_loss[arm], loss)
+                self._last_loss[arm] = loss
+            return given
+
+        return self._reward_window(rewards, examples, step)
+
+    def _reward_window(
+        self, rewards_of: Callable[[Mapping[int, int]], dict[int, float]], examples: int, step: int | None
+    ) -> dict[str, float]:
         if examples < 1:
             raise ValueError(f"examples must be positive, got {examples}")
         start, stop = self._rewarded_until, self._rewarded_until + examples
         window = self.arms_between(start, stop)
-        self.bandit.update(dict.fromkeys(window, float(value)))
+        rewards = rewards_of(window)
+        self.bandit.update(rewards)
         self._rewarded_until = stop
         self._forget_draws_before(stop)
-        self._record(step, {self.categories[a]: float(value) for a in sorted(window)}, window)
+        self._record(step, {self.categories[a]: float(rewards[a]) for a in sorted(window)}, window)
         return self.probabilities()
 
     def reward_categories(self, rewards: Mapping[str, float], *, step: int | None = None) -> dict[str, float]:
@@ -442,6 +480,7 @@ class OnlineMixingDataset(IterableDataset):
             "draws": list(self._draws),
             "first_draw": self._first_draw,
             "rewarded_until": self._rewarded_until,
+            "last_loss": list(self._last_loss),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -466,6 +505,8 @@ class OnlineMixingDataset(IterableDataset):
         self._draws = [int(v) for v in state["draws"]]
         self._first_draw = int(state["first_draw"])
         self._rewarded_until = int(state["rewarded_until"])
+        last_loss = state.get("last_loss") or [None] * len(self.categories)
+        self._last_loss = [None if v is None else float(v) for v in last_loss]
 
 
 __all__ = ["METRICS_FILE", "REWARD_TYPES", "OnlineMixingDataset"]

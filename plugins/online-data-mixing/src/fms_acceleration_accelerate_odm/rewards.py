@@ -11,10 +11,18 @@
 ``validation_loss``      each category's evaluation loss (``eval_<category>_loss``: give the trainer
                          ``eval_dataset={category: dataset}``); every category is rewarded at each evaluation
 ``gradnorm``             ``1 / (grad_norm + 1e-4)``, from the trainer's logged ``grad_norm``
+``velocity``             how fast the training loss (as ``train_loss``) of each category drawn is falling:
+                         ``(previous - loss) / max(previous, loss)``, ``previous`` being that category's loss
+                         at the last update that covered it (0 the first time): ``1 - loss / previous`` when
+                         the loss falls, its mirror image ``previous / loss - 1`` when it rises (in (-1, 1))
 =======================  =====================================================================================
 
 Higher reward means the category is drawn more: a high loss or entropy asks for more examples of a category the
-model has not learnt yet; a high gradient norm asks for fewer.
+model has not learnt yet; a high gradient norm asks for fewer; ``velocity`` asks for more of what the model is
+learning now (a falling loss) and less of what it cannot learn (noise: its loss stays high, so ``train_loss`` and the
+entropy rewards would draw it more and more). ``velocity`` is upstream's name; it compares training losses here
+(upstream compares losses of extra evaluation forwards). Its attribution is cleanest when each update covers one
+category: ``sampling_interval`` a multiple of the examples per update (global batch size x ``update_interval``).
 
 :class:`RewardTracker` keeps, on each process, a running sum and count of the reward (forward hooks that keep a
 scalar each), and :meth:`RewardTracker.step` reduces them across processes with one ``all_reduce`` before the
@@ -41,7 +49,10 @@ REWARD_TYPES = (
     "train_loss",
     "validation_loss",
     "gradnorm",
+    "velocity",
 )
+LOSS_REWARDS = ("train_loss", "velocity")
+UNAVAILABLE_REWARDS = ("learnability", "combined")
 ENTROPY_REWARDS = ("entropy", "entropy3_varent1", "entropy_last_token")
 GRADNORM_EPSILON = 1e-4
 
@@ -49,6 +60,12 @@ GRADNORM_EPSILON = 1e-4
 def check_reward_type(value: object) -> str:
     """``value`` as a reward type (case-insensitive, upstream's upper-case enum names accepted)."""
     name = str(value).lower().removeprefix("reward.")
+    if name in UNAVAILABLE_REWARDS:
+        raise ValueError(
+            f"reward_type {value!r} is not available: it compares losses of extra evaluation forwards on few-shot "
+            "templated evaluation data. Use 'velocity' (how fast each category's training loss falls, no extra "
+            f"forward) or one of: {', '.join(REWARD_TYPES)}"
+        )
     if name not in REWARD_TYPES:
         raise ValueError(
             f"unknown reward_type {value!r}.{did_you_mean(name, REWARD_TYPES)} Valid: {', '.join(REWARD_TYPES)}"
@@ -134,7 +151,7 @@ class RewardTracker:
         """Register the hooks on ``model`` (a transformers model, possibly wrapped by PEFT / DDP / FSDP)."""
         self.detach()
         self._handles.append(model.register_forward_pre_hook(self._before_forward, with_kwargs=True))
-        if self.reward_type == "train_loss":
+        if self.reward_type in LOSS_REWARDS:
             self._handles.append(model.register_forward_hook(self._after_forward))
         elif self.reward_type in ENTROPY_REWARDS:
             head = _output_embeddings(model)
@@ -192,6 +209,8 @@ class RewardTracker:
             return None
         if count < 1:
             raise RuntimeError(_no_reward_message(self.reward_type))
+        if self.reward_type == "velocity":
+            return self.dataset.reward_velocity(total / count, examples=round(examples), step=step)
         return self.dataset.reward(total / count, examples=round(examples), step=step)
 
     def pending(self) -> tuple[float, int, int]:
@@ -224,9 +243,9 @@ class RewardTracker:
 
 
 def _no_reward_message(reward_type: str) -> str:
-    if reward_type == "train_loss":
+    if reward_type in LOSS_REWARDS:
         return (
-            "reward_type 'train_loss': the training forwards returned no loss (outputs.loss is None); pass labels to "
+            f"reward_type {reward_type!r}: the training forwards returned no loss (outputs.loss is None); pass labels to "
             "the model, or use an entropy reward"
         )
     if reward_type == "gradnorm":
@@ -264,4 +283,4 @@ def _all_reduce_sum(values: list[float]) -> list[float]:
     return tensor.tolist()
 
 
-__all__ = ["ENTROPY_REWARDS", "REWARD_TYPES", "RewardTracker", "check_reward_type", "entropy_reward"]
+__all__ = ["ENTROPY_REWARDS", "LOSS_REWARDS", "REWARD_TYPES", "RewardTracker", "check_reward_type", "entropy_reward"]
