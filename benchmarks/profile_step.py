@@ -49,7 +49,24 @@ STACKS: dict[str, tuple[str, dict | None]] = {
         {"training": {"fused_ops_and_kernels": {k: v for k, v in _KERNELS.items() if k != "fused_lora"}}},
     ),
     "lora-hf": ("lora", None),
+    # flattened rows (--layout flatten): HF's own padding-free path, the padding_free plugin alone, with fused ops
+    "lora-hf-flex": ("lora", None),
+    "lora-pf": ("lora", {"training": {"attention": {"padding_free": {"method": "huggingface"}}}}),
+    "lora-pf-foak": (
+        "lora",
+        {"training": {"attention": {"padding_free": {"method": "huggingface"}}, "fused_ops_and_kernels": _KERNELS}},
+    ),
+    "lora-pf-foak-hfloss": (
+        "lora",
+        {
+            "training": {
+                "attention": {"padding_free": {"method": "huggingface"}},
+                "fused_ops_and_kernels": {**_KERNELS, "fast_loss": False},
+            }
+        },
+    ),
 }
+ATTENTION = {"lora-hf-flex": "flex_attention"}  # attn_implementation of the stacks without plugins (default sdpa)
 
 
 def category(name: str) -> str:
@@ -79,7 +96,19 @@ def build_model(model_dir: Path) -> None:
     torch.cuda.empty_cache()
 
 
-def run_stack(name: str, model_dir: str, out: Path, steps: int, batch: int, seq: int) -> None:
+def flattened_batch(batch: int, seq: int) -> dict:
+    """The first batch of the padding-free benchmark (benchmarks/scenarios-padding-free.yaml): ``batch`` examples of
+    the shipped instruction data in one row, ``position_ids`` restarting per example, each first label ignored."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchlib import Scenario, make_batches
+
+    scenario = Scenario(name="profile", group="profile", model="reference", dataset="instructions", collate="flatten",
+                        batch_size=batch, seq_len=seq)
+    first = make_batches(scenario, SHAPE["vocab_size"], 1, 0, 1)[0]
+    return {k: v for k, v in first.items() if k in ("input_ids", "labels", "position_ids")}
+
+
+def run_stack(name: str, model_dir: str, out: Path, steps: int, batch: int, seq: int, layout: str = "pad") -> None:
     import torch
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
@@ -99,7 +128,7 @@ def run_stack(name: str, model_dir: str, out: Path, steps: int, batch: int, seq:
     if framework is not None and framework.requires_custom_loading:
         model = framework.model_loader(model_dir, torch_dtype=dtype)
     else:
-        kw: dict = {"dtype": dtype, "device_map": {"": 0}}
+        kw: dict = {"dtype": dtype, "device_map": {"": 0}, "attn_implementation": ATTENTION.get(name, "sdpa")}
         if peft_kind == "qlora":
             kw["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True,
@@ -123,11 +152,16 @@ def run_stack(name: str, model_dir: str, out: Path, steps: int, batch: int, seq:
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, SHAPE["vocab_size"], (batch, seq), generator=g).cuda()
+    if layout == "flatten":
+        inputs = {k: v.cuda() for k, v in flattened_batch(batch, seq).items()}
+    else:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, SHAPE["vocab_size"], (batch, seq), generator=g).cuda()
+        inputs = {"input_ids": ids, "labels": ids}
+    tokens = int((inputs["labels"] != -100).sum()) if layout == "flatten" else batch * seq
 
     def step() -> float:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = model(**inputs).loss
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -157,7 +191,7 @@ def run_stack(name: str, model_dir: str, out: Path, steps: int, batch: int, seq:
     rows.sort(reverse=True)
     total = sum(per_cat.values())
     lines = [
-        f"stack {name}: step {step_s * 1000:.1f} ms (mean of {steps}), {batch * seq / step_s:.0f} tok/s, "
+        f"stack {name} ({layout}): step {step_s * 1000:.1f} ms (mean of {steps}), {tokens / step_s:.0f} tok/s, "
         f"GPU busy {total:.1f} ms/step, peak alloc {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
         "per category (ms/step): "
         + ", ".join(f"{k} {v:.1f}" for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])),
@@ -225,19 +259,24 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--layout", choices=["pad", "flatten"], default="pad",
+                        help="flatten: one row of --batch instruction examples (the padding-free layout)")
+    parser.add_argument("--no-gemm-experiment", action="store_true")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run this stack in-process
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.one:
-        run_stack(args.one, args.model_dir, out, args.steps, args.batch, args.seq)
+        run_stack(args.one, args.model_dir, out, args.steps, args.batch, args.seq, args.layout)
         return 0
-    gemm_experiment(out)
+    if not args.no_gemm_experiment:
+        gemm_experiment(out)
     build_model(Path(args.model_dir))
     status = 0
     for name in args.stacks:
         cmd = [sys.executable, __file__, "--out", str(out), "--model-dir", args.model_dir, "--one", name,
-               "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq)]  # fmt: skip
+               "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
+               "--layout", args.layout]  # fmt: skip
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, env=dict(os.environ), timeout=300).returncode
         print(f"[profile_step] {name}: exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)

@@ -228,6 +228,9 @@ class TorchVarlenBackend(AttentionBackend):
             self._function = varlen_attn
         return self._function
 
+    def _is_torch_kernel(self) -> bool:
+        return self.function() is not None and self.function().__module__ == "torch.nn.attention.varlen"
+
     def _parameters(self) -> set[str]:
         function = self.function()
         return set(inspect.signature(function).parameters) if function is not None else set()
@@ -238,7 +241,7 @@ class TorchVarlenBackend(AttentionBackend):
         return None
 
     def cannot_run(self, model: ModelNeeds, run: RunNeeds) -> str | None:
-        if self._function is None or self._function.__module__ == "torch.nn.attention.varlen":
+        if self._function is None or self._is_torch_kernel():
             if run.device_type != "cuda":
                 return f"needs a CUDA device (the run is on {run.device_type})"
             if not _half_precision(run.dtype):
@@ -263,9 +266,11 @@ class TorchVarlenBackend(AttentionBackend):
         if k.shape[1] != q.shape[1]:
             if "enable_gqa" in parameters:
                 kwargs["enable_gqa"] = True
-            else:
+            elif not self._is_torch_kernel():
                 groups = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            # else: torch's flash kernel reads grouped key/value heads as they are (no copies of k and v per query
+            # head, forward or backward)
         if "window_size" in parameters:
             kwargs["window_size"] = (-1 if sliding_window is None else sliding_window - 1, 0)
         elif sliding_window is not None:
