@@ -344,104 +344,133 @@ def sweep(problem, params, truth, shape, timer, device) -> list[dict]:
 # pointer/int arguments Triton specialises as divisible by 16 at these shapes (pointers, feature sizes, row strides)
 _DIVISIBLE = ("X", "W", "Y", "HOUT", "AOUT", "DOUT", "HBUF", "DH", "AW", "G", "DW", "PERM", "OFFSETS", "K", "N",
               "n_inter", "stride_xt", "stride_x", "stride_y", "stride_dt", "stride_g", "stride_we", "stride_wr",
-              "stride_wn", "stride_wk", "stride_dwe", "stride_dwn")  # fmt: skip
+              "stride_wn", "stride_wk", "stride_dwe", "stride_dwn", "gate_off", "up_off", "n_slots")  # fmt: skip
 
 
-def _kernel_variants(moe) -> dict:
-    """kernel name -> (jit function, pointer dtypes, constexprs without the tile settings) as the forward and
-    backward of a bf16 top-8 layer launch them."""
+def _kernel_variants(moe, n_split: int = 1) -> dict:
+    """kernel name -> [(variant, jit function, pointer dtypes, constexprs without the tile settings, TMA
+    descriptors: argument -> (block dims from the launch, W_K_INNER or None, the constexpr that enables it))] as
+    the forward and backward of a bf16 top-8 layer with the default layouts (W_gu (E, 2I, H), W_d (E, H, I))
+    launch them (``n_split``: the down-projection backward's setting)."""
     bf16 = "*bf16"
     tiles = dict(PRECISION=0, BLOCK_E=64)
     glu = dict(STEP=1, TOPK=8, ACT=0, EVEN_K=True, GROUP_M=8, **tiles)
+    wgrad = dict(TOPK=8, HAS_DB=False, HAS_SCALE=False, EVEN_N=True, EVEN_K=True, PRECISION=0, GROUP_M=8,
+                 stride_dwk=1)
+    # strides equal to 1 at run time are specialised to the constant 1 by Triton: K is W's unit-stride dim in up and
+    # down, N in down_bwd and dx
+    wgrad_ptrs = {n: bf16 for n in ("G", "X", "DW", "DB", "SCALE")}
+    mm = dict(TOPK=8, HAS_BIAS=False, EVEN_K=True, GROUP_M=8, **tiles)
+    mm_ptrs = {n: bf16 for n in ("X", "W", "BIAS", "Y")}
+    w_nk, w_kn = {"W_DESC": ("1nk", True, "USE_TMA")}, {"W_DESC": ("1kn", False, "USE_TMA")}
+    rows_x = {"X_DESC": ("mk", None, "X_TMA")}
+    if n_split:
+        down_bwd = ("", moe._moe_down_bwd_kernel, {n: bf16 for n in ("DOUT", "W", "HBUF", "DH", "AW", "TKW")}
+                    | {"DWP": "*fp32", "alpha": "fp32", "limit": "fp32"},
+                    dict(STORE_DH=True, STORE_AW=True, STORE_DWP=True, stride_wn=1, HALVES=n_split, **glu),
+                    w_kn)
+    else:  # two passes: the GEMM on gathered rows (the activation backward is an untiled elementwise kernel)
+        down_bwd = ("two_pass", moe._moe_grouped_mm_kernel, mm_ptrs, dict(X_GATHER=True, X_TMA=False, stride_wn=1, **mm),
+                    w_kn)
     return {
-        "up": (moe._moe_up_kernel, {n: bf16 for n in ("X", "W", "BIAS", "HOUT", "AOUT")} | {"alpha": "fp32", "limit": "fp32"},
-               dict(HAS_BIAS=False, STORE_H=True, **glu)),
-        "down": (moe._moe_grouped_mm_kernel, {n: bf16 for n in ("X", "W", "BIAS", "Y")},
-                 dict(HAS_BIAS=False, EVEN_K=True, GROUP_M=8, **tiles)),
-        "down_bwd": (moe._moe_down_bwd_kernel, {n: bf16 for n in ("DOUT", "W", "HBUF", "DH", "AW", "TKW")}
-                     | {"DWP": "*fp32", "alpha": "fp32", "limit": "fp32"},
-                     dict(STORE_DH=True, STORE_AW=True, STORE_DWP=True, **glu)),
-        "dx": (moe._moe_grouped_mm_kernel, {n: bf16 for n in ("X", "W", "BIAS", "Y")},
-               dict(HAS_BIAS=False, EVEN_K=True, GROUP_M=8, **tiles)),
-        "wgrad": (moe._moe_weight_grad_kernel, {n: bf16 for n in ("G", "X", "DW", "DB", "SCALE")},
-                  dict(TOPK=8, G_GATHER=False, X_GATHER=True, HAS_DB=False, HAS_SCALE=False, PRECISION=0)),
+        "up": [("", moe._moe_up_kernel, {n: bf16 for n in ("X", "W", "BIAS", "HOUT", "AOUT")}
+                | {"alpha": "fp32", "limit": "fp32"}, dict(HAS_BIAS=False, STORE_H=True, stride_wk=1, **glu), w_nk)],
+        "down": [("", moe._moe_grouped_mm_kernel, mm_ptrs, dict(X_GATHER=False, stride_wk=1, **mm), w_nk | rows_x)],
+        "down_bwd": [down_bwd],
+        "dx": [("", moe._moe_grouped_mm_kernel, mm_ptrs, dict(X_GATHER=False, stride_wn=1, **mm), w_kn | rows_x)],
+        "wgrad": [("gate_up", moe._moe_weight_grad_kernel, wgrad_ptrs, dict(G_GATHER=False, X_GATHER=True, **wgrad), {"G_DESC": ("mn", None, "USE_TMA")}),
+                  ("down", moe._moe_weight_grad_kernel, wgrad_ptrs, dict(G_GATHER=True, X_GATHER=False, **wgrad),
+                   {"X_DESC": ("mk", None, "USE_TMA")})],
     }  # fmt: skip
 
 
-def compile_stats(kernel: str, launch, arch: int = 90) -> dict:
-    """Compile one kernel with one tile setting for ``sm_<arch>``: registers, spill stack, shared memory, wgmma."""
+def compile_stats(kernel: str, launch, arch: int = 90) -> list[dict]:
+    """Compile one kernel (each of its variants) with one tile setting for ``sm_<arch>``: registers, spill stack,
+    shared memory, wgmma."""
     import triton
     from fms_acceleration_accelerate_kernels import moe
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn, pointers, constexprs = _kernel_variants(moe)[kernel]
-    block_m, block_n, block_k, warps, stages, tma = moe.GemmLaunch(*launch)
-    constexprs = constexprs | dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-    if kernel != "wgrad":
-        # the default layouts: W_gu (E, 2I, H) and W_d (E, H, I); K is W's unit-stride dim in up and down
-        k_inner = kernel in ("up", "down")
-        constexprs |= dict(USE_TMA=tma, W_K_INNER=k_inner)
-        w_block = [1, block_n, block_k] if k_inner else [1, block_k, block_n]
-        descriptors = {"W_DESC": f"tensordesc<bf16{w_block}>", "X_DESC": f"tensordesc<bf16{[block_m, block_k]}>"}
-        for name in ("W_DESC", "X_DESC"):
-            if name in fn.arg_names:
-                if tma:
-                    pointers = pointers | {name: descriptors[name]}
-                else:
-                    constexprs[name] = None
-    names = fn.arg_names
-    signature = {}
-    for name in names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointers:
-            signature[name] = pointers[name]
-        else:
-            signature[name] = "*i32" if name in ("PERM", "OFFSETS", "INV") else "i32"
-    source = ASTSource(
-        fn=fn,
-        signature=signature,
-        constexprs={(names.index(k),): v for k, v in constexprs.items()},
-        attrs={(names.index(k),): [["tt.divisibility", 16]] for k in _DIVISIBLE if k in names},
-    )
-    compiled = triton.compile(
-        source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
-    )
-    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernel.cubin")
-        with open(cubin, "wb") as fh:
-            fh.write(compiled.asm["cubin"])
-        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin],
-                               capture_output=True, text=True, check=True).stdout  # fmt: skip
-    found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
-    return {
-        "kernel": kernel,
-        "launch": list(moe.GemmLaunch(*launch)),
-        "registers": int(found.group(1)) if found else -1,
-        "stack_bytes": int(found.group(2)) if found else -1,
-        "shared_bytes": compiled.metadata.shared,
-        "wgmma": "wgmma" in compiled.asm["ptx"],
-    }
+    block_m, block_n, block_k, warps, stages, tma, n_split = moe.GemmLaunch(*launch)
+    if kernel == "down_bwd" and n_split:  # n_split accumulators of block_n / n_split columns
+        block_n //= n_split
+    dims = {"m": block_m, "n": block_n, "k": block_k, "1": 1}
+    results = []
+    for variant, fn, pointers, constexprs, descriptors in _kernel_variants(moe, n_split)[kernel]:
+        constexprs = constexprs | dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        for name, (block, k_inner, flag) in descriptors.items():
+            constexprs[flag] = tma
+            if tma:
+                pointers = pointers | {name: f"tensordesc<bf16{[dims[c] for c in block]}>"}
+            else:
+                constexprs[name] = None
+            if k_inner is not None:
+                constexprs["W_K_INNER"] = k_inner
+        for name, flag in (("W_DESC", "USE_TMA"), ("X_DESC", "X_TMA"), ("G_DESC", None)):
+            if name in fn.arg_names and name not in pointers:
+                constexprs[name] = None
+                if flag in fn.arg_names:
+                    constexprs.setdefault(flag, False)
+        names = fn.arg_names
+        signature = {}
+        for name in names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name in pointers:
+                signature[name] = pointers[name]
+            else:
+                signature[name] = "*i32" if name in ("PERM", "OFFSETS", "INV") else "i32"
+        source = ASTSource(
+            fn=fn,
+            signature=signature,
+            constexprs={(names.index(k),): v for k, v in constexprs.items()},
+            attrs={(names.index(k),): [["tt.divisibility", 16]] for k in _DIVISIBLE if k in names},
+        )
+        compiled = triton.compile(
+            source, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": stages}
+        )
+        tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+        with tempfile.TemporaryDirectory() as tmp:
+            cubin = os.path.join(tmp, "kernel.cubin")
+            with open(cubin, "wb") as fh:
+                fh.write(compiled.asm["cubin"])
+            usage = subprocess.run([os.path.join(tools, "cuobjdump"), "--dump-resource-usage", cubin],
+                                   capture_output=True, text=True, check=True).stdout  # fmt: skip
+        found = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+        results.append({
+            "kernel": kernel,
+            "variant": variant,
+            "launch": list(moe.GemmLaunch(*launch)),
+            "registers": int(found.group(1)) if found else -1,
+            "stack_bytes": int(found.group(2)) if found else -1,
+            "shared_bytes": compiled.metadata.shared,
+            "wgmma": "wgmma" in compiled.asm["ptx"],
+        })  # fmt: skip
+    return results
 
 
 def codegen(args: argparse.Namespace) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU target")
-    from fms_acceleration_accelerate_kernels.moe import _LAUNCH
+    from fms_acceleration_accelerate_kernels.moe import _LAUNCH, _LAUNCH_NO_TMA, GemmLaunch
 
     jobs = [(kernel, tuple(launch)) for kernel, launch in _LAUNCH.items()]
-    jobs += [(kernel, tuple(launch)) for kernel, launch in TMA_LAUNCH.items()]
+    jobs += [(kernel, tuple(launch)) for kernel, launch in _LAUNCH_NO_TMA.items()]
     if args.sweep:
-        jobs += [(kernel, cand) for kernel, cands in SWEEP.items() for cand in cands if cand != tuple(_LAUNCH[kernel])]
+        jobs += [(kernel, tuple(GemmLaunch(*cand))) for kernel, cands in SWEEP.items() for cand in cands]
+    seen = set()
     for kernel, launch in jobs:
-        stats = compile_stats(kernel, launch)
-        if args.json:
-            print(json.dumps(stats), flush=True)
-        else:
-            print(f"{kernel:9s} {launch!s:24s} regs {stats['registers']:3d} stack {stats['stack_bytes']:5d} "
-                  f"smem {stats['shared_bytes']:6d} wgmma {stats['wgmma']}", flush=True)  # fmt: skip
+        if (kernel, launch) in seen:
+            continue
+        seen.add((kernel, launch))
+        for stats in compile_stats(kernel, launch):
+            if args.json:
+                print(json.dumps(stats), flush=True)
+            else:
+                name = f"{kernel}:{stats['variant']}" if stats["variant"] else kernel
+                print(f"{name:14s} {launch!s:30s} regs {stats['registers']:3d} stack {stats['stack_bytes']:5d} "
+                      f"smem {stats['shared_bytes']:6d} wgmma {stats['wgmma']}", flush=True)  # fmt: skip
     return 0
 
 

@@ -176,7 +176,7 @@ def test_even_k_tiles_and_larger_blocks():
         torch.testing.assert_close(grads[name], ref, **GRAD_TOL[torch.float32])
 
 
-TMA_LAUNCH = {name: GemmLaunch(16, 32, 32, 4, 1, True) for name in ("up", "down", "down_bwd", "dx")}
+TMA_LAUNCH = {name: GemmLaunch(16, 32, 32, 4, 1, True) for name in ("up", "down", "down_bwd", "dx", "wgrad")}
 
 
 # the down / dx tiles read whole row blocks, including never-written rows past the last expert's (sentinel slots):
@@ -337,6 +337,35 @@ def test_pieces_match_references():
     torch.testing.assert_close(
         d_gu, M.moe_weight_grad_ref(dh, False, t["hidden"], True, routing)[0], **GRAD_TOL[torch.float32]
     )
+
+
+@pytest.mark.parametrize(
+    "n_split,tma,interleaved",
+    [(1, False, False), (2, False, True), (2, True, False), (0, False, True), (0, True, False)],
+    ids=["fused", "fused_split-interleaved", "fused_split-tma", "two_pass-interleaved", "two_pass-tma"],
+)
+def test_down_backward_variants(n_split, tma, interleaved):
+    """The down-projection backward with its activation backward fused into one accumulator's epilogue, into two
+    accumulators' (n_split=2: column blocks of 16, so I=40 ends in a partial and an empty block), or as a second
+    pass after the plain grouped GEMM (n_split=0); TMA weight tiles; concatenated and interleaved gate/up."""
+    device = device_for_tests()
+    index, t = _inputs(5, 4, empty=(2,), sentinels=9)
+    t = {n: v.to(device) for n, v in t.items()}
+    routing = moe_route(index.to(device), 5)
+    layout = M._Layout(M.ACTIVATIONS["gelu_tanh"], False, interleaved, False)
+    n_valid = int(routing.offsets[-1])
+    h, _ = M.moe_up_ref(t["hidden"], t["gate_up"], None, routing, layout)
+    dout = torch.randn(T, H, device=device)
+    weights = t["top_k_weights"].reshape(-1)
+    launch = {"down_bwd": GemmLaunch(16, 32, 16, 4, 1, tma, n_split)}
+    dh, aw, dw = M.moe_down_backward_triton(dout, t["down"], h, weights, routing, layout, launch=launch)
+    dh_ref, aw_ref, dw_ref = M.moe_down_backward_ref(dout, t["down"], h, weights, routing, layout)
+    torch.testing.assert_close(dh[:n_valid], dh_ref[:n_valid], **TOL[torch.float32])
+    torch.testing.assert_close(aw[:n_valid], aw_ref[:n_valid], **TOL[torch.float32])
+    torch.testing.assert_close(dw, dw_ref, **TOL[torch.float32])  # sentinel rows exactly zero in both
+    with pytest.raises(ValueError, match="n_split must be 0, 1 or 2"):
+        M.moe_down_backward_triton(dout, t["down"], h, weights, routing, layout,
+                                   launch={"down_bwd": GemmLaunch(16, 32, 16, 4, 1, tma, 3)})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ vs transformers

@@ -108,10 +108,14 @@ _ACT_GPT_OSS = 3
 
 class GemmLaunch(NamedTuple):
     """Tile sizes and launch settings of one grouped GEMM kernel (``block_m``: rows of the expert-sorted
-    order; for the weight-gradient kernel the rows reduced per step). ``tma``: read the dense operands (the weight
-    tiles; the rows of the down / dx kernels' expert-ordered input) through TMA tensor descriptors (Hopper and
-    newer; ignored by the weight-gradient kernel, where the pointer path is used too when the layout does not
-    allow a descriptor: interleaved gate/up, strides not 16-byte multiples)."""
+    order; for the weight-gradient kernel the rows reduced per step). ``tma``: read the dense operands through TMA
+    tensor descriptors (Hopper and newer): the weight tiles, the expert-ordered rows of the down / dx kernels'
+    input, the saved ``h`` in the down-projection backward, the expert-ordered operand of the weight gradient (full
+    row blocks); the pointer path is used where the layout allows no descriptor (interleaved gate/up rows, strides
+    not 16-byte multiples). ``n_split`` (down-projection backward only): 1 or 2, the program's ``block_n``
+    columns are computed as that many accumulators of ``block_n / n_split`` columns, whose epilogues (the
+    activation backward) run one after the other; 0, no fused epilogue: ``d(a)`` comes from the plain grouped GEMM
+    with these tiles, rounded to the compute dtype, and the activation backward runs as a second pass."""
 
     block_m: int
     block_n: int
@@ -119,11 +123,23 @@ class GemmLaunch(NamedTuple):
     num_warps: int
     num_stages: int
     tma: bool = False
+    n_split: int = 1
 
 
 # Per kernel: "up" (block_n per half: gate and up each), "down", "down_bwd", "dx", "wgrad" (block_n x block_k
-# output tile of dW, block_m rows per step). The benchmark's --sweep overrides them through ``launch``.
+# output tile of dW, block_m rows per step). ``_LAUNCH``: GPUs with TMA (Hopper and newer; every setting
+# compiles for sm_90 without spills); ``_LAUNCH_NO_TMA``: older GPUs. The benchmark's --sweep overrides them
+# through ``launch``.
 _LAUNCH: Mapping[str, GemmLaunch] = MappingProxyType(
+    {
+        "up": GemmLaunch(128, 64, 64, 8, 3, True),
+        "down": GemmLaunch(128, 256, 64, 8, 3, True),
+        "down_bwd": GemmLaunch(128, 64, 64, 8, 3, True),
+        "dx": GemmLaunch(128, 256, 64, 8, 3, True),
+        "wgrad": GemmLaunch(64, 128, 256, 8, 3, True),
+    }
+)
+_LAUNCH_NO_TMA: Mapping[str, GemmLaunch] = MappingProxyType(
     {
         "up": GemmLaunch(128, 64, 64, 8, 3),
         "down": GemmLaunch(128, 128, 64, 8, 3),
@@ -135,6 +151,7 @@ _LAUNCH: Mapping[str, GemmLaunch] = MappingProxyType(
 # Interpreter: small tiles so that the odd test shapes exercise several row, column and K tiles and their tails.
 _LAUNCH_INTERPRETER = GemmLaunch(16, 32, 32, 4, 1)
 _COMBINE_BLOCK = 1024
+_ACT_BWD_BLOCK_R, _ACT_BWD_BLOCK_C = 16, 256  # rows x columns per program of the two-pass activation backward
 _GROUP_M = 8  # row tiles per swizzle group (see _swizzle)
 
 # dot precision codes (constexpr PRECISION of the kernels)
@@ -433,13 +450,14 @@ def _moe_up_kernel(
 
 @triton.jit
 def _moe_grouped_mm_kernel(
-    X,  # (S, K) rows in expert order, unit stride along K
+    X,  # (S, K) rows in expert order (or token rows read through PERM: X_GATHER), unit stride along K
     W,  # element (e, n, k) at e * stride_we + n * stride_wn + k * stride_wk
     BIAS,  # (E, N) or a dummy
+    PERM,  # int32 (S,) (X_GATHER)
     OFFSETS,
     Y,  # (S, N) rows in expert order
-    X_DESC,  # TMA descriptors (USE_TMA) over X (S, K) and W, or None
-    W_DESC,
+    X_DESC,  # TMA descriptor over X (S, K) (X_TMA) or None
+    W_DESC,  # TMA descriptor over W (USE_TMA) or None
     n_experts,
     n_tiles_m,  # row tiles in the grid (an upper bound: tiles past the last expert exit)
     K,
@@ -451,9 +469,12 @@ def _moe_grouped_mm_kernel(
     stride_be,
     stride_bn,
     stride_y,
+    TOPK: tl.constexpr,
+    X_GATHER: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EVEN_K: tl.constexpr,
     USE_TMA: tl.constexpr,
+    X_TMA: tl.constexpr,
     W_K_INNER: tl.constexpr,
     PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -472,35 +493,125 @@ def _moe_grouped_mm_kernel(
     rows64 = rows.to(tl.int64)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if USE_TMA:
-        # rows past the expert's last are the next expert's: their outputs are computed and never stored
-        for k0 in range(0, K, BLOCK_K):
-            x = X_DESC.load([row_start, k0])
-            w = _tma_weight_tile(W_DESC, expert, pid_n * BLOCK_N, k0, W_K_INNER, BLOCK_N, BLOCK_K)
-            acc = _mma(x, w, acc, PRECISION)
+    if X_GATHER:
+        x_rows = (tl.load(PERM + rows, mask=row_mask, other=0) // TOPK).to(tl.int64)
     else:
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = X + rows64[:, None] * stride_x + offs_k[None, :]
-        w_ptrs = (
-            W + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-        )
-        for k0 in range(0, K, BLOCK_K):
-            if EVEN_K:
-                x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
-                w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
-            else:
-                k_mask = (k0 + offs_k) < K
-                x = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=col_mask[None, :] & k_mask[:, None], other=0.0)
-            acc = _mma(x, w, acc, PRECISION)
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K * stride_wk
+        x_rows = rows64
+    offs_k = tl.arange(0, BLOCK_K)
+    x_ptrs = X + x_rows[:, None] * stride_x + offs_k[None, :]
+    w_ptrs = W + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        # X_TMA: whole row blocks; rows past the expert's last are the next expert's, their outputs never stored
+        if X_TMA:
+            x = X_DESC.load([row_start, k0])
+        elif EVEN_K:
+            x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+        if USE_TMA:
+            w = _tma_weight_tile(W_DESC, expert, pid_n * BLOCK_N, k0, W_K_INNER, BLOCK_N, BLOCK_K)
+        elif EVEN_K:
+            w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
+        else:
+            w = tl.load(w_ptrs, mask=col_mask[None, :] & ((k0 + offs_k) < K)[:, None], other=0.0)
+        acc = _mma(x, w, acc, PRECISION)
+        x_ptrs += BLOCK_K
+        w_ptrs += BLOCK_K * stride_wk
     if HAS_BIAS:
         b = tl.load(BIAS + expert.to(tl.int64) * stride_be + cols * stride_bn, mask=col_mask, other=0.0)
         acc += b.to(tl.float32)[None, :]
     mask = row_mask[:, None] & col_mask[None, :]
     tl.store(Y + rows64[:, None] * stride_y + cols[None, :], acc.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _moe_act_bwd_kernel(
+    DA,  # (S, I) d(a) before the routing weight, expert order
+    HBUF,  # (S, 2I) saved h
+    PERM,
+    OFFSETS,
+    TKW,  # (S,) routing weights by slot
+    DH,  # (S, 2I) out (STORE_DH)
+    AW,  # (S, I) out: w * a (STORE_AW)
+    DWP,  # fp32 (column blocks, S) out: per column block <da, a> (STORE_DWP)
+    n_experts,
+    n_inter,
+    n_slots,
+    gate_off,
+    up_off,
+    alpha,
+    limit,
+    STEP: tl.constexpr,
+    ACT: tl.constexpr,
+    STORE_DH: tl.constexpr,
+    STORE_AW: tl.constexpr,
+    STORE_DWP: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # the down-projection backward's epilogue as its own pass (GemmLaunch.fused False), rows < offsets[E]
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < tl.load(OFFSETS + n_experts)
+    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = row_mask[:, None] & (cols < n_inter)[None, :]
+    rows64 = rows.to(tl.int64)
+    da = tl.load(DA + rows64[:, None] * n_inter + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    h_row = HBUF + rows64[:, None] * (2 * n_inter)
+    gate_rows = gate_off + cols * STEP
+    up_rows = up_off + cols * STEP
+    gate = tl.load(h_row + gate_rows[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h_row + up_rows[None, :], mask=mask, other=0.0).to(tl.float32)
+    a, d_gate, d_up = _gated(gate, up, ACT, alpha, limit, STORE_DH)
+    slots = tl.load(PERM + rows, mask=row_mask, other=0)
+    weight = tl.load(TKW + slots, mask=row_mask, other=0.0).to(tl.float32)
+    if STORE_DWP:
+        tl.store(DWP + pid_c.to(tl.int64) * n_slots + rows64, tl.sum(da * a, axis=1), mask=row_mask)
+    if STORE_AW:
+        tl.store(
+            AW + rows64[:, None] * n_inter + cols[None, :], (a * weight[:, None]).to(AW.dtype.element_ty), mask=mask
+        )
+    if STORE_DH:
+        dw = da * weight[:, None]
+        dh_row = DH + rows64[:, None] * (2 * n_inter)
+        tl.store(dh_row + gate_rows[None, :], (dw * d_gate).to(DH.dtype.element_ty), mask=mask)
+        tl.store(dh_row + up_rows[None, :], (dw * d_up).to(DH.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _down_bwd_epilogue(
+    acc, pid_n, half, rows, row_mask, slots, TKW, HBUF, DH, AW, DWP, n_inter, n_slots, gate_off, up_off, alpha,
+    limit, STEP: tl.constexpr, ACT: tl.constexpr, STORE_DH: tl.constexpr, STORE_AW: tl.constexpr,
+    STORE_DWP: tl.constexpr, HALVES: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """Stores of one (BLOCK_M, BLOCK_N) column block ``half`` of the program's tile; ``acc`` = d(a) before the
+    routing weight; a is recomputed from the saved h."""
+    n0 = (pid_n * HALVES + half) * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    col_mask = cols < n_inter
+    mask = row_mask[:, None] & col_mask[None, :]
+    rows64 = rows.to(tl.int64)
+    gate_rows = gate_off + cols * STEP
+    up_rows = up_off + cols * STEP
+    h_row = HBUF + rows64[:, None] * (2 * n_inter)
+    gate = tl.load(h_row + gate_rows[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(h_row + up_rows[None, :], mask=mask, other=0.0).to(tl.float32)
+    a, d_gate, d_up = _gated(gate, up, ACT, alpha, limit, STORE_DH)
+    weight = tl.load(TKW + slots, mask=row_mask, other=0.0).to(tl.float32)
+    if STORE_DWP:
+        dwp_row = (pid_n * HALVES + half).to(tl.int64) * n_slots
+        tl.store(DWP + dwp_row + rows64, tl.sum(acc * a, axis=1), mask=row_mask)
+    if STORE_AW:
+        tl.store(
+            AW + rows64[:, None] * n_inter + cols[None, :], (a * weight[:, None]).to(AW.dtype.element_ty), mask=mask
+        )
+    if STORE_DH:
+        da = acc * weight[:, None]
+        dh_row = DH + rows64[:, None] * (2 * n_inter)
+        tl.store(dh_row + gate_rows[None, :], (da * d_gate).to(DH.dtype.element_ty), mask=mask)
+        tl.store(dh_row + up_rows[None, :], (da * d_up).to(DH.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -513,7 +624,7 @@ def _moe_down_bwd_kernel(
     HBUF,  # (S, 2I) saved h
     DH,  # (S, 2I) out: gradient of h (STORE_DH)
     AW,  # (S, I) out: w * a (STORE_AW)
-    DWP,  # fp32 (n_tiles_n, S) out: per column tile <da, a> (STORE_DWP)
+    DWP,  # fp32 (column blocks, S) out: per column block <da, a> (STORE_DWP)
     W_DESC,  # TMA descriptor over W (USE_TMA) or None
     n_experts,
     n_tiles_m,  # row tiles in the grid (an upper bound: tiles past the last expert exit)
@@ -538,13 +649,14 @@ def _moe_down_bwd_kernel(
     USE_TMA: tl.constexpr,
     W_K_INNER: tl.constexpr,
     PRECISION: tl.constexpr,
+    HALVES: tl.constexpr,  # 1 or 2 column blocks of BLOCK_N per program, sharing the gathered DOUT tile
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_E: tl.constexpr,
 ):
-    n_tiles_n = tl.cdiv(n_inter, BLOCK_N)
+    n_tiles_n = tl.cdiv(n_inter, HALVES * BLOCK_N)
     pid_m, pid_n = _swizzle(tl.program_id(0), n_tiles_m, n_tiles_n, GROUP_M)
     expert, row_start, row_end = _expert_tile(pid_m, OFFSETS, n_experts, BLOCK_M, BLOCK_E)
     if expert >= n_experts:
@@ -553,47 +665,101 @@ def _moe_down_bwd_kernel(
     row_mask = rows < row_end
     slots = tl.load(PERM + rows, mask=row_mask, other=0)
     tokens = (slots // TOPK).to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_mask = cols < n_inter
+    n0 = pid_n * HALVES * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     g_ptrs = DOUT + tokens[:, None] * stride_dt + offs_k[None, :]
     w_ptrs = W + expert.to(tl.int64) * stride_we + cols[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
+    w_ptrs2 = w_ptrs + BLOCK_N * stride_wn
+    col_mask = cols < n_inter
+    col_mask2 = (cols + BLOCK_N) < n_inter
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             g = tl.load(g_ptrs, mask=row_mask[:, None], other=0.0)
         else:
             g = tl.load(g_ptrs, mask=row_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
         if USE_TMA:
-            w = _tma_weight_tile(W_DESC, expert, pid_n * BLOCK_N, k0, W_K_INNER, BLOCK_N, BLOCK_K)
+            w = _tma_weight_tile(W_DESC, expert, n0, k0, W_K_INNER, BLOCK_N, BLOCK_K)
         elif EVEN_K:
             w = tl.load(w_ptrs, mask=col_mask[None, :], other=0.0)
         else:
             w = tl.load(w_ptrs, mask=col_mask[None, :] & ((k0 + offs_k) < K)[:, None], other=0.0)
         acc = _mma(g, w, acc, PRECISION)
+        if HALVES == 2:
+            if USE_TMA:
+                w2 = _tma_weight_tile(W_DESC, expert, n0 + BLOCK_N, k0, W_K_INNER, BLOCK_N, BLOCK_K)
+            elif EVEN_K:
+                w2 = tl.load(w_ptrs2, mask=col_mask2[None, :], other=0.0)
+            else:
+                w2 = tl.load(w_ptrs2, mask=col_mask2[None, :] & ((k0 + offs_k) < K)[:, None], other=0.0)
+            acc2 = _mma(g, w2, acc2, PRECISION)
         g_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_wk
-    # epilogue: acc = d(a) before the routing weight; recompute a from the saved h
-    mask = row_mask[:, None] & col_mask[None, :]
-    rows64 = rows.to(tl.int64)
-    gate_rows = gate_off + cols * STEP
-    up_rows = up_off + cols * STEP
-    h_row = HBUF + rows64[:, None] * (2 * n_inter)
-    gate = tl.load(h_row + gate_rows[None, :], mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(h_row + up_rows[None, :], mask=mask, other=0.0).to(tl.float32)
-    a, d_gate, d_up = _gated(gate, up, ACT, alpha, limit, STORE_DH)
-    weight = tl.load(TKW + slots, mask=row_mask, other=0.0).to(tl.float32)
-    if STORE_DWP:
-        tl.store(DWP + pid_n.to(tl.int64) * n_slots + rows64, tl.sum(acc * a, axis=1), mask=row_mask)
-    if STORE_AW:
-        tl.store(
-            AW + rows64[:, None] * n_inter + cols[None, :], (a * weight[:, None]).to(AW.dtype.element_ty), mask=mask
-        )
-    if STORE_DH:
-        da = acc * weight[:, None]
-        dh_row = DH + rows64[:, None] * (2 * n_inter)
-        tl.store(dh_row + gate_rows[None, :], (da * d_gate).to(DH.dtype.element_ty), mask=mask)
-        tl.store(dh_row + up_rows[None, :], (da * d_up).to(DH.dtype.element_ty), mask=mask)
+        w_ptrs2 += BLOCK_K * stride_wk
+    _down_bwd_epilogue(
+        acc, pid_n, 0, rows, row_mask, slots, TKW, HBUF, DH, AW, DWP, n_inter, n_slots, gate_off, up_off, alpha,
+        limit, STEP, ACT, STORE_DH, STORE_AW, STORE_DWP, HALVES, BLOCK_N,
+    )  # fmt: skip
+    if HALVES == 2:
+        _down_bwd_epilogue(
+            acc2, pid_n, 1, rows, row_mask, slots, TKW, HBUF, DH, AW, DWP, n_inter, n_slots, gate_off, up_off, alpha,
+            limit, STEP, ACT, STORE_DH, STORE_AW, STORE_DWP, HALVES, BLOCK_N,
+        )  # fmt: skip
+
+
+@triton.jit
+def _wgrad_rows(
+    G, X, PERM, G_DESC, X_DESC, r0, row_end, offs_n, offs_k, n0, k0, N, K, stride_g, stride_x,
+    TOPK: tl.constexpr, G_GATHER: tl.constexpr, X_GATHER: tl.constexpr, NEED_SLOTS: tl.constexpr,
+    MASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """(g (BLOCK_M, BLOCK_N), x (BLOCK_M, BLOCK_K), slots) of rows r0.. of one expert: gathered operands through
+    PERM, expert-ordered ones through their TMA descriptor (USE_TMA, full row blocks only) or pointers; rows past
+    row_end are zero when MASK_ROWS (else every row is the expert's)."""
+    rows = r0 + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    slots = rows
+    if NEED_SLOTS:
+        if MASK_ROWS:
+            slots = tl.load(PERM + rows, mask=row_mask, other=0)
+        else:
+            slots = tl.load(PERM + rows)
+    if G_GATHER:
+        g_rows = (slots // TOPK).to(tl.int64)
+    else:
+        g_rows = rows.to(tl.int64)
+    if X_GATHER:
+        x_rows = (slots // TOPK).to(tl.int64)
+    else:
+        x_rows = rows.to(tl.int64)
+    g_ptrs = G + g_rows[:, None] * stride_g + offs_n[None, :]
+    x_ptrs = X + x_rows[:, None] * stride_x + offs_k[None, :]
+    if MASK_ROWS:
+        if EVEN_N:
+            g = tl.load(g_ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            g = tl.load(g_ptrs, mask=row_mask[:, None] & (offs_n < N)[None, :], other=0.0)
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=row_mask[:, None], other=0.0)
+        else:
+            x = tl.load(x_ptrs, mask=row_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+    else:
+        if USE_TMA and not G_GATHER:
+            g = G_DESC.load([r0, n0])
+        elif EVEN_N:
+            g = tl.load(g_ptrs)
+        else:
+            g = tl.load(g_ptrs, mask=(offs_n < N)[None, :], other=0.0)
+        if USE_TMA and not X_GATHER:
+            x = X_DESC.load([r0, k0])
+        elif EVEN_K:
+            x = tl.load(x_ptrs)
+        else:
+            x = tl.load(x_ptrs, mask=(offs_k < K)[None, :], other=0.0)
+    return g, x, slots
 
 
 @triton.jit
@@ -605,6 +771,8 @@ def _moe_weight_grad_kernel(
     SCALE,  # (S,) by slot: scales G's rows in the bias sum (HAS_SCALE)
     DW,  # element (e, n, k) at e * stride_dwe + n * stride_dwn + k * stride_dwk
     DB,  # element (e, n) at e * stride_dbe + n * stride_dbn (HAS_DB)
+    G_DESC,  # TMA descriptors (USE_TMA) over G (S, N) when not G_GATHER and X (S, K) when not X_GATHER, or None
+    X_DESC,
     N,
     K,
     stride_g,
@@ -619,62 +787,72 @@ def _moe_weight_grad_kernel(
     X_GATHER: tl.constexpr,
     HAS_DB: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    EVEN_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    USE_TMA: tl.constexpr,
     PRECISION: tl.constexpr,
+    GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # dW[e] = sum over the expert's rows j of G[j]^T X[j]: an (N, K) tile per program, rows reduced BLOCK_M at a time
+    # dW[e] = sum over the expert's rows j of G[j]^T X[j]: an (N, K) tile per program, rows reduced BLOCK_M at a
+    # time (full row blocks unmasked, then the expert's tail block masked); an expert's tiles are walked in groups
+    # of GROUP_M N-tiles, K-tile by K-tile, so programs running together share G and X columns in L2
     pid = tl.program_id(0)
     n_tiles_n = tl.cdiv(N, BLOCK_N)
     n_tiles_k = tl.cdiv(K, BLOCK_K)
     per_expert = n_tiles_n * n_tiles_k
     expert = pid // per_expert
-    rem = pid % per_expert
-    pid_n = rem // n_tiles_k
-    pid_k = rem % n_tiles_k
+    pid_n, pid_k = _swizzle(pid % per_expert, n_tiles_n, n_tiles_k, GROUP_M)
     row_start = tl.load(OFFSETS + expert)
     row_end = tl.load(OFFSETS + expert + 1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    n_mask = offs_n < N
-    k_mask = offs_k < K
+    n0 = pid_n * BLOCK_N
+    k0 = pid_k * BLOCK_K
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    need_slots: tl.constexpr = G_GATHER or X_GATHER or HAS_SCALE
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for r0 in range(row_start, row_end, BLOCK_M):
-        rows = r0 + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        if G_GATHER or X_GATHER or HAS_SCALE:
-            slots = tl.load(PERM + rows, mask=row_mask, other=0)
-        if G_GATHER:
-            g_rows = (slots // TOPK).to(tl.int64)
-        else:
-            g_rows = rows.to(tl.int64)
-        if X_GATHER:
-            x_rows = (slots // TOPK).to(tl.int64)
-        else:
-            x_rows = rows.to(tl.int64)
-        g = tl.load(
-            G + g_rows[:, None] * stride_g + offs_n[None, :], mask=row_mask[:, None] & n_mask[None, :], other=0.0
-        )
-        x = tl.load(
-            X + x_rows[:, None] * stride_x + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
-        )
+    n_full = (row_end - row_start) // BLOCK_M
+    for i in range(0, n_full):
+        r0 = row_start + i * BLOCK_M
+        g, x, slots = _wgrad_rows(
+            G, X, PERM, G_DESC, X_DESC, r0, row_end, offs_n, offs_k, n0, k0, N, K, stride_g, stride_x, TOPK,
+            G_GATHER, X_GATHER, need_slots, False, USE_TMA, EVEN_N, EVEN_K, BLOCK_M,
+        )  # fmt: skip
         acc = _mma(tl.trans(g), x, acc, PRECISION)
         if HAS_DB:
             if pid_k == 0:
                 gf = g.to(tl.float32)
                 if HAS_SCALE:
-                    gf = gf * tl.load(SCALE + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+                    gf = gf * tl.load(SCALE + slots).to(tl.float32)[:, None]
+                bias_acc += tl.sum(gf, axis=0)
+    r_tail = row_start + n_full * BLOCK_M
+    if r_tail < row_end:
+        g, x, slots = _wgrad_rows(
+            G, X, PERM, G_DESC, X_DESC, r_tail, row_end, offs_n, offs_k, n0, k0, N, K, stride_g, stride_x, TOPK,
+            G_GATHER, X_GATHER, need_slots, True, USE_TMA, EVEN_N, EVEN_K, BLOCK_M,
+        )  # fmt: skip
+        acc = _mma(tl.trans(g), x, acc, PRECISION)
+        if HAS_DB:
+            if pid_k == 0:
+                gf = g.to(tl.float32)
+                if HAS_SCALE:
+                    rows = r_tail + tl.arange(0, BLOCK_M)
+                    gf = gf * tl.load(SCALE + slots, mask=rows < row_end, other=0.0).to(tl.float32)[:, None]
                 bias_acc += tl.sum(gf, axis=0)
     dw = (
         DW + expert.to(tl.int64) * stride_dwe + offs_n[:, None].to(tl.int64) * stride_dwn + offs_k[None, :] * stride_dwk
     )
-    tl.store(dw, acc.to(DW.dtype.element_ty), mask=n_mask[:, None] & k_mask[None, :])
+    if EVEN_N and EVEN_K:
+        tl.store(dw, acc.to(DW.dtype.element_ty))
+    else:
+        tl.store(dw, acc.to(DW.dtype.element_ty), mask=(offs_n < N)[:, None] & (offs_k < K)[None, :])
     if HAS_DB:
         if pid_k == 0:
             db = DB + expert.to(tl.int64) * stride_dbe + offs_n * stride_dbn
-            tl.store(db, bias_acc.to(DB.dtype.element_ty), mask=n_mask)
+            tl.store(db, bias_acc.to(DB.dtype.element_ty), mask=offs_n < N)
 
 
 @triton.jit
@@ -723,12 +901,12 @@ def _precision(dtype: torch.dtype) -> int:
     return _PREC_NATIVE
 
 
-def _launch_for(name: str, launch: Mapping[str, GemmLaunch] | None) -> GemmLaunch:
+def _launch_for(name: str, launch: Mapping[str, GemmLaunch] | None, device: torch.device) -> GemmLaunch:
     if launch is not None and name in launch:
         return GemmLaunch(*launch[name])
     if interpreter_enabled():
         return _LAUNCH_INTERPRETER
-    return _LAUNCH[name]
+    return _LAUNCH[name] if _tma_available(device) else _LAUNCH_NO_TMA[name]
 
 
 def _fit(block: int, extent: int) -> int:
@@ -770,6 +948,14 @@ def _weight_descriptor(weight, stride_n, stride_k, n_extent, k_extent, block_n, 
     return TensorDescriptor(weight, shape, strides, block), k_inner
 
 
+def _rows_descriptor(rows: torch.Tensor, block_m: int, block_n: int):
+    """TMA descriptor over a 2-D row buffer (unit stride along its columns, 16-byte aligned), or None."""
+    size = rows.element_size()
+    if rows.stride(1) != 1 or rows.data_ptr() % 16 or (rows.stride(0) * size) % 16 or rows.shape[0] == 0:
+        return None
+    return TensorDescriptor(rows, list(rows.shape), [rows.stride(0), 1], [block_m, block_n])
+
+
 def _row_tiles_bound(routing: MoERouting, block_m: int) -> int:
     """Upper bound on the number of row tiles (sum over experts of ceil(count / block_m)) without reading counts."""
     n_slots = routing.perm.numel()
@@ -794,7 +980,7 @@ def moe_up_triton(
     h = torch.empty(n_slots, two_i, dtype=hidden.dtype, device=hidden.device) if store_h else None
     if n_slots == 0:
         return h, a
-    cfg = _launch_for("up", launch)
+    cfg = _launch_for("up", launch, hidden.device)
     block_n, block_k = _fit(cfg.block_n, inter), _fit(cfg.block_k, hidden_dim)
     stride_wr, stride_wk = layout.gate_up_strides(gate_up)
     gate_off, up_off, step = layout.gate_up_rows(inter)
@@ -828,13 +1014,37 @@ def moe_grouped_mm_triton(
     bias: torch.Tensor | None = None,
     launch_name: str = "down",
     launch: Mapping[str, GemmLaunch] | None = None,
+    x_gather: bool = False,
 ) -> torch.Tensor:
-    """Triton grouped GEMM on expert-ordered rows (contract of :func:`moe_grouped_mm_ref`)."""
-    n_slots, k_dim = x.shape
+    """Triton grouped GEMM on expert-ordered rows (contract of :func:`moe_grouped_mm_ref`); ``x_gather``: ``x``
+    holds token rows, row ``j`` of the expert order being ``x[perm[j] // top_k]`` (read in the kernel)."""
+    n_slots, k_dim = (routing.perm.numel() if x_gather else x.shape[0]), x.shape[1]
     y = torch.empty(n_slots, out_features, dtype=x.dtype, device=x.device)
     if n_slots == 0:
         return y
-    cfg = _launch_for(launch_name, launch)
+    cfg = _launch_for(launch_name, launch, x.device)
+    block_n, block_k = _fit(cfg.block_n, out_features), _fit(cfg.block_k, k_dim)
+    b = bias if bias is not None else y
+    x_desc, w_desc, k_inner = None, None, True
+    if cfg.tma and _tma_available(x.device):
+        desc = _weight_descriptor(weight, stride_n, stride_k, out_features, k_dim, block_n, block_k)
+        if desc is not None:
+            w_desc, k_inner = desc
+            if not x_gather:
+                x_desc = _rows_descriptor(x, cfg.block_m, block_k)
+    n_tiles_m = _row_tiles_bound(routing, cfg.block_m)
+    grid = (n_tiles_m * triton.cdiv(out_features, block_n),)
+    _moe_grouped_mm_kernel[grid](
+        x, weight, b, routing.perm, routing.offsets, y, x_desc, w_desc, routing.num_experts, n_tiles_m, k_dim,
+        out_features, x.stride(0), weight.stride(0), stride_n, stride_k, b.stride(0) if bias is not None else 0,
+        b.stride(1) if bias is not None else 0, y.stride(0), TOPK=routing.top_k, X_GATHER=x_gather,
+        HAS_BIAS=bias is not None, EVEN_K=k_dim % block_k == 0, USE_TMA=w_desc is not None, X_TMA=x_desc is not None,
+        W_K_INNER=k_inner, PRECISION=_precision(x.dtype), GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, BLOCK_E=next_power_of_2(routing.num_experts), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return y
+    cfg = _launch_for(launch_name, launch, x.device)
     block_n, block_k = _fit(cfg.block_n, out_features), _fit(cfg.block_k, k_dim)
     b = bias if bias is not None else y
     x_desc, w_desc, k_inner = None, None, True
@@ -856,6 +1066,31 @@ def moe_grouped_mm_triton(
     return y
 
 
+def _down_backward_two_pass(dout, down, h, top_k_weights, routing, layout, need_dh, need_aw, need_dw, launch):
+    """``moe_down_backward_triton`` with ``n_split=0``: ``d(a)`` (S, I) from the grouped GEMM on gathered rows
+    (wide tiles, no epilogue pressure; rounded to the compute dtype), then the activation backward in one
+    elementwise pass."""
+    n_slots, two_i = h.shape
+    inter = two_i // 2
+    block_c = min(_ACT_BWD_BLOCK_C, next_power_of_2(inter))
+    n_blocks_c = triton.cdiv(inter, block_c)
+    dh = torch.empty_like(h) if need_dh else None
+    aw = torch.empty(n_slots, inter, dtype=h.dtype, device=h.device) if need_aw else None
+    dwp = torch.zeros(n_blocks_c, n_slots, dtype=torch.float32, device=h.device) if need_dw else None
+    if n_slots and (need_dh or need_aw or need_dw):
+        stride_h, stride_i = layout.down_strides(down)
+        da = moe_grouped_mm_triton(dout, down, stride_i, stride_h, inter, routing, None, "down_bwd", launch, True)
+        gate_off, up_off, step = layout.gate_up_rows(inter)
+        grid = (triton.cdiv(n_slots, _ACT_BWD_BLOCK_R), n_blocks_c)
+        _moe_act_bwd_kernel[grid](
+            da, h, routing.perm, routing.offsets, top_k_weights, dh if need_dh else h, aw if need_aw else h,
+            dwp if need_dw else h, routing.num_experts, inter, n_slots, gate_off, up_off, layout.alpha, layout.limit,
+            STEP=step, ACT=layout.act, STORE_DH=need_dh, STORE_AW=need_aw, STORE_DWP=need_dw,
+            BLOCK_R=_ACT_BWD_BLOCK_R, BLOCK_C=block_c, num_warps=4,
+        )  # fmt: skip
+    return dh, aw, (dwp.sum(0) if need_dw else None)
+
+
 def moe_down_backward_triton(
     dout: torch.Tensor,
     down: torch.Tensor,
@@ -873,12 +1108,19 @@ def moe_down_backward_triton(
     n_slots, two_i = h.shape
     inter = two_i // 2
     hidden_dim = dout.shape[1]
-    cfg = _launch_for("down_bwd", launch)
-    block_n, block_k = _fit(cfg.block_n, inter), _fit(cfg.block_k, hidden_dim)
-    n_tiles_n = triton.cdiv(inter, block_n)
+    cfg = _launch_for("down_bwd", launch, h.device)
+    if cfg.n_split not in (0, 1, 2):
+        raise ValueError(f"GemmLaunch.n_split must be 0, 1 or 2, got {cfg.n_split}")
+    if cfg.n_split == 0:
+        return _down_backward_two_pass(dout, down, h, top_k_weights, routing, layout, need_dh, need_aw, need_dw, launch)
+    halves = cfg.n_split
+    block_n, block_k = _fit(cfg.block_n // halves, inter), _fit(cfg.block_k, hidden_dim)
+    if halves == 2 and block_n >= inter:
+        halves = 1
+    n_tiles_n = triton.cdiv(inter, halves * block_n)
     dh = torch.empty_like(h) if need_dh else None
     aw = torch.empty(n_slots, inter, dtype=h.dtype, device=h.device) if need_aw else None
-    dwp = torch.zeros(n_tiles_n, n_slots, dtype=torch.float32, device=h.device) if need_dw else None
+    dwp = torch.zeros(n_tiles_n * halves, n_slots, dtype=torch.float32, device=h.device) if need_dw else None
     if n_slots and (need_dh or need_aw or need_dw):
         stride_h, stride_i = layout.down_strides(down)
         gate_off, up_off, step = layout.gate_up_rows(inter)
@@ -895,8 +1137,8 @@ def moe_down_backward_triton(
             routing.num_experts, n_tiles_m, hidden_dim, inter, n_slots, dout.stride(0), down.stride(0), stride_i,
             stride_h, gate_off, up_off, layout.alpha, layout.limit, STEP=step, TOPK=routing.top_k, ACT=layout.act,
             STORE_DH=need_dh, STORE_AW=need_aw, STORE_DWP=need_dw, EVEN_K=hidden_dim % block_k == 0,
-            USE_TMA=w_desc is not None, W_K_INNER=k_inner, PRECISION=_precision(h.dtype), GROUP_M=_GROUP_M,
-            BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=next_power_of_2(routing.num_experts),
+            USE_TMA=w_desc is not None, W_K_INNER=k_inner, PRECISION=_precision(h.dtype), HALVES=halves,
+            GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=next_power_of_2(routing.num_experts),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
     return dh, aw, (dwp.sum(0) if need_dw else None)
@@ -918,16 +1160,24 @@ def moe_weight_grad_triton(
     n * dw_strides[0] + k * dw_strides[1]``) and, when given, ``db`` (E, N) (contract of
     :func:`moe_weight_grad_ref`)."""
     n_out, k_dim = g.shape[1], x.shape[1]
-    cfg = _launch_for("wgrad", launch)
+    cfg = _launch_for("wgrad", launch, g.device)
     block_n, block_k = _fit(cfg.block_n, n_out), _fit(cfg.block_k, k_dim)
+    g_desc = x_desc = None
+    if cfg.tma and _tma_available(g.device):  # the expert-ordered operand through TMA (full row blocks)
+        if not g_gather:
+            g_desc = _rows_descriptor(g, cfg.block_m, block_n)
+        if not x_gather:
+            x_desc = _rows_descriptor(x, cfg.block_m, block_k)
+    use_tma = (g_gather or g_desc is not None) and (x_gather or x_desc is not None) and not (g_gather and x_gather)
     grid = (routing.num_experts * triton.cdiv(n_out, block_n) * triton.cdiv(k_dim, block_k),)
     _moe_weight_grad_kernel[grid](
         g, x, routing.perm, routing.offsets, scale if scale is not None else g, dw, db if db is not None else dw,
-        n_out, k_dim, g.stride(0), x.stride(0), dw.stride(0), dw_strides[0], dw_strides[1],
-        db.stride(0) if db is not None else 0, db.stride(1) if db is not None else 0, TOPK=routing.top_k,
-        G_GATHER=g_gather, X_GATHER=x_gather, HAS_DB=db is not None, HAS_SCALE=scale is not None,
-        PRECISION=_precision(g.dtype), BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        g_desc if use_tma else None, x_desc if use_tma else None, n_out, k_dim, g.stride(0), x.stride(0),
+        dw.stride(0), dw_strides[0], dw_strides[1], db.stride(0) if db is not None else 0,
+        db.stride(1) if db is not None else 0, TOPK=routing.top_k, G_GATHER=g_gather, X_GATHER=x_gather,
+        HAS_DB=db is not None, HAS_SCALE=scale is not None, EVEN_N=n_out % block_n == 0, EVEN_K=k_dim % block_k == 0,
+        USE_TMA=use_tma, PRECISION=_precision(g.dtype), GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
 
