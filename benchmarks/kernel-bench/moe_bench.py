@@ -5,9 +5,9 @@ One MoE layer's experts at two shapes, bf16, the same weights for every implemen
 * ``granitemoe_3b``: H=1536, I=512, E=40, top-8, T=8192 tokens (many small experts: routing and scatter weigh);
 * ``mixtral``: H=4096, I=14336, E=8, top-2, T=4096 tokens (few large experts: GEMM-bound).
 
-Implementations: ``triton`` (``moe_experts_triton``, default tiles), ``triton_tma`` (the same with the dense
-operands read through TMA descriptors and wider tiles, ``TMA_LAUNCH``; an error there is reported, not fatal),
-``grouped_mm`` (transformers'
+Implementations: ``triton`` (``moe_experts_triton``, default tiles: on Hopper the TMA settings), ``triton_no_tma``
+(the same with the pointer-only defaults older GPUs get), ``triton_sweep_best`` (with ``--sweep``: each kernel's
+fastest setting of the sweep), ``grouped_mm`` (transformers'
 ``grouped_mm_experts_forward``, imported from ``transformers.integrations.moe`` and called on a small stand-in
 module that carries the attributes it reads; the model's own experts module dispatching to "grouped_mm" when the
 stand-in does not fit the installed transformers) and ``eager`` (a ``MixtralExperts`` module of the installed
@@ -22,8 +22,12 @@ peak extra memory of forward + backward; errors of the output and every gradient
 (``moe_experts_ref`` on fp32 copies), relative to the largest reference value. ``ok`` per row: the error is at most
 twice grouped_mm's (or a 2e-2 floor).
 
-``--sweep`` also times forward + backward of the Triton path with alternative tile settings of each kernel (one
-kernel varied at a time, others at their defaults), each checked against the reference, and prints the best.
+``--breakdown`` times each kernel (piece) of the forward and the backward on its own, with the default tiles and
+the pointer-only defaults (route, up, down, combine; down_bwd, wgrad_down, wgrad_gate_up, dx, dx_combine), in ms
+and TFLOP/s. ``--sweep`` times the pieces of each kernel with every candidate setting of ``SWEEP`` (one kernel varied
+at a time), checks each against the default setting's output, keeps the fastest per kernel and measures the full
+forward + backward with those (row ``triton_sweep_best``). ``--precompile-jobs N`` compiles the sweep's kernels in
+N worker processes first (Triton's on-disk cache), so the timing loop does not wait on the compiler.
 
 Usage (repository root, one CUDA GPU; about a minute without ``--sweep``)::
 
@@ -58,27 +62,24 @@ from pathlib import Path
 # name: (hidden H, intermediate I, experts E, top-k, tokens T)
 SHAPES = {"granitemoe_3b": (1536, 512, 40, 8, 8192), "mixtral": (4096, 14336, 8, 2, 4096)}
 SMOKE_SHAPES = {"granitemoe_3b": (48, 40, 10, 8, 37), "mixtral": (64, 48, 5, 2, 33)}
-IMPLS = ("triton", "grouped_mm", "eager", "triton_tma")
-# the "triton_tma" row: the dense operands through TMA descriptors (Hopper), with wider tiles where registers allow
-TMA_LAUNCH = {
-    "up": (128, 64, 64, 8, 3, True),
-    "down": (128, 256, 64, 8, 3, True),
-    "down_bwd": (128, 64, 64, 8, 3, True),
-    "dx": (128, 256, 64, 8, 3, True),
-}
-# --sweep candidates per kernel: (block_m, block_n, block_k, num_warps, num_stages)
+IMPLS = ("triton", "grouped_mm", "eager", "triton_no_tma")
+# --sweep candidates per kernel: (block_m, block_n, block_k, num_warps, num_stages[, tma[, n_split]])
 SWEEP = {
-    "up": [(128, 64, 64, 8, 3), (128, 128, 64, 8, 3), (64, 64, 64, 4, 4), (128, 64, 64, 4, 4), (128, 32, 64, 4, 4),
-           (64, 128, 64, 4, 3), (128, 64, 64, 8, 3, True), (128, 64, 64, 8, 4, True), (64, 64, 64, 4, 4, True)],
-    "down": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-             (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, True), (128, 128, 64, 4, 4, True)],
-    "down_bwd": [(128, 64, 64, 8, 3), (64, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 64, 64, 4, 4),
-                 (64, 128, 64, 4, 3), (128, 64, 64, 8, 3, True), (128, 64, 64, 8, 4, True)],
-    "dx": [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4), (128, 128, 64, 4, 4),
-           (128, 128, 64, 8, 3, True), (128, 256, 64, 8, 3, True), (128, 128, 64, 4, 4, True)],
-    "wgrad": [(64, 128, 128, 8, 3), (32, 128, 128, 4, 3), (64, 128, 64, 4, 4), (64, 64, 128, 4, 4),
-              (128, 128, 128, 8, 3), (64, 256, 128, 8, 3)],
+    "up": [(128, 64, 64, 8, 3, True), (128, 64, 64, 8, 4, True), (128, 128, 64, 8, 3, True), (128, 128, 64, 8, 4, True),
+           (128, 64, 64, 8, 3)],
+    "down": [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 4, True), (128, 128, 64, 8, 4, True), (128, 128, 64, 8, 3)],
+    "down_bwd": [(128, 64, 64, 8, 3, True), (128, 64, 64, 8, 4, True), (128, 64, 64, 8, 3),
+                 (128, 256, 64, 8, 3, True, 0), (128, 256, 64, 8, 4, True, 0), (128, 128, 64, 8, 4, True, 0)],
+    "dx": [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 4, True), (128, 128, 64, 8, 4, True), (128, 128, 64, 8, 3)],
+    # the weight gradient's gathered rows are read through a per-step index load: num_stages - 2 buffers
+    "wgrad": [(64, 128, 256, 8, 3, True), (64, 128, 256, 8, 5, True), (64, 256, 128, 8, 5, True),
+              (64, 128, 128, 8, 3, True), (64, 128, 128, 8, 5, True), (128, 128, 128, 8, 4, True), (64, 128, 128, 8, 3)],
 }  # fmt: skip
+# the pieces each kernel's setting changes
+SWEEP_PIECES = {"up": ("up",), "down": ("down",), "down_bwd": ("down_bwd",), "dx": ("dx",),
+                "wgrad": ("wgrad_down", "wgrad_gate_up")}  # fmt: skip
+# forward flops of each piece in units of S*H*I (S = T k): 2 per multiply-add
+PIECE_FLOPS = {"up": 4, "down": 2, "down_bwd": 2, "wgrad_down": 2, "wgrad_gate_up": 4, "dx": 4}
 ERROR_FLOOR = 2e-2
 
 
@@ -88,7 +89,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement (ms)")
+    parser.add_argument("--breakdown", action="store_true", help="time each kernel of the Triton path on its own")
     parser.add_argument("--sweep", action="store_true", help="also sweep the Triton kernels' tile settings")
+    parser.add_argument("--piece-rep-ms", type=int, default=100, help="do_bench time per kernel (--breakdown/--sweep)")
+    parser.add_argument("--precompile-jobs", type=int, default=0,
+                        help="--sweep: compile its settings first in this many processes")
+    parser.add_argument("--precompile-only", action="store_true",
+                        help="only compile the sweep's settings (--precompile-jobs processes) and exit")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in Triton's interpreter")
     parser.add_argument("--codegen", action="store_true", help="compile the kernels for sm_90 offline (no GPU)")
     parser.add_argument("--json", action="store_true", help="--codegen: one JSON object per line")
@@ -189,10 +196,10 @@ class _StandIn:
         return self.act_fn(gate) * up
 
 
-def make_impls(names, params: dict, shape, device) -> tuple[dict, dict]:
+def make_impls(names, params: dict, shape, device, best_launch=None) -> tuple[dict, dict]:
     """name -> fn(hidden, top_k_index, top_k_weights) on the shared parameters; plus notes per name."""
     import torch
-    from fms_acceleration_accelerate_kernels.moe import GemmLaunch, moe_experts_triton
+    from fms_acceleration_accelerate_kernels.moe import _LAUNCH_NO_TMA, moe_experts_triton
     from transformers import MixtralConfig
     from transformers.activations import ACT2FN
     from transformers.models.mixtral.modeling_mixtral import MixtralExperts
@@ -232,10 +239,17 @@ def make_impls(names, params: dict, shape, device) -> tuple[dict, dict]:
         module_eager = hf_module("eager")
         impls["eager"] = lambda x, i, w: module_eager(x, i, w)
         notes["eager"] = "MixtralExperts eager forward"
-    if "triton_tma" in names:  # last: a failure there cannot spoil the other rows
-        tma = {name: GemmLaunch(*launch) for name, launch in TMA_LAUNCH.items()}
-        impls["triton_tma"] = lambda x, i, w: moe_experts_triton(x, i, w, gate_up, down, act="silu", launch=tma)
-        notes["triton_tma"] = f"moe_experts_triton with TMA descriptors: {json.dumps(TMA_LAUNCH)}"
+    if "triton_no_tma" in names:
+        no_tma = dict(_LAUNCH_NO_TMA)
+        impls["triton_no_tma"] = lambda x, i, w: moe_experts_triton(x, i, w, gate_up, down, act="silu", launch=no_tma)
+        notes["triton_no_tma"] = "moe_experts_triton with the pointer-only defaults of GPUs without TMA"
+    if best_launch is not None:
+        impls["triton_sweep_best"] = lambda x, i, w: moe_experts_triton(
+            x, i, w, gate_up, down, act="silu", launch=best_launch
+        )
+        notes["triton_sweep_best"] = "moe_experts_triton with the sweep's fastest setting of each kernel: " + json.dumps(
+            {k: list(v) for k, v in best_launch.items()}
+        )
     return impls, notes
 
 
@@ -312,31 +326,161 @@ def summarise(rows: list[dict], shape) -> None:
             r["ok"] = all(e <= max(2 * (limit[k] if limit else 0.0), ERROR_FLOOR) for k, e in r["errors"].items())
 
 
-def sweep(problem, params, truth, shape, timer, device) -> list[dict]:
-    """Forward + backward of the Triton path with one kernel's tile setting changed at a time."""
+def make_pieces(problem: dict, params: dict, shape) -> tuple[dict, dict]:
+    """(name -> fn(launch) running one kernel of the Triton path on this problem and returning its output, outputs
+    of the default setting). Inputs of the backward pieces come from one default forward/backward run."""
     import torch
-    from fms_acceleration_accelerate_kernels.moe import GemmLaunch, moe_experts_triton
+    from fms_acceleration_accelerate_kernels import moe
 
-    jobs = []
+    hidden_dim = shape[0]
+    x, index, upstream = problem["hidden"], problem["top_k_index"], problem["upstream"]
+    gate_up, down = params["gate_up"].detach(), params["down"].detach()
+    weights = problem["top_k_weights"].reshape(-1)
+    layout = moe._Layout(moe.ACTIVATIONS["silu"], True, False, False)
+    routing = moe.moe_route(index, gate_up.shape[0])
+    stride_h, stride_i = layout.down_strides(down)
+    stride_r, stride_hk = layout.gate_up_strides(gate_up)
+    h, a = moe.moe_up_triton(x, gate_up, None, routing, layout, True)
+    y = moe.moe_grouped_mm_triton(a, down, stride_h, stride_i, hidden_dim, routing, None, "down")
+    dh, aw, _ = moe.moe_down_backward_triton(upstream, down, h, weights, routing, layout)
+    dx_rows = moe.moe_grouped_mm_triton(dh, gate_up, stride_hk, stride_r, hidden_dim, routing, None, "dx")
+    d_down, d_gate_up = torch.empty_like(down), torch.empty_like(gate_up)
+
+    def wgrad_down(launch):
+        moe.moe_weight_grad_triton(upstream, True, aw, False, routing, d_down, layout.down_strides(d_down),
+                                   launch=launch)  # fmt: skip
+        return d_down
+
+    def wgrad_gate_up(launch):
+        moe.moe_weight_grad_triton(dh, False, x, True, routing, d_gate_up, layout.gate_up_strides(d_gate_up),
+                                   launch=launch)  # fmt: skip
+        return d_gate_up
+
+    pieces = {
+        "route": lambda launch: moe.moe_route(index, gate_up.shape[0]).perm,
+        "up": lambda launch: moe.moe_up_triton(x, gate_up, None, routing, layout, True, launch)[1],
+        "down": lambda launch: moe.moe_grouped_mm_triton(a, down, stride_h, stride_i, hidden_dim, routing, None,
+                                                         "down", launch),
+        "combine": lambda launch: moe.moe_combine_triton(y, routing, weights, x.dtype),
+        "down_bwd": lambda launch: moe.moe_down_backward_triton(upstream, down, h, weights, routing, layout,
+                                                                launch=launch)[0],
+        "wgrad_down": wgrad_down,
+        "wgrad_gate_up": wgrad_gate_up,
+        "dx": lambda launch: moe.moe_grouped_mm_triton(dh, gate_up, stride_hk, stride_r, hidden_dim, routing, None,
+                                                       "dx", launch),
+        "dx_combine": lambda launch: moe.moe_combine_triton(dx_rows, routing, None, x.dtype),
+    }  # fmt: skip
+    n_valid = int(routing.offsets[-1])
+    baseline = {}
+    for name, fn in pieces.items():
+        out = fn(None)
+        baseline[name] = (out[:n_valid] if out.dim() == 2 and out.shape[0] == routing.perm.numel() else out).clone()
+    return pieces, {"baseline": baseline, "n_valid": n_valid, "n_slots": routing.perm.numel()}
+
+
+def _piece_row(name, fn, launch, info, shape, timer) -> dict:
+    """Time one piece with one launch setting, check its output against the default setting's."""
+    hidden, inter, _, top_k, n_tokens = shape
+    out = fn(launch)
+    base = info["baseline"][name]
+    if out.dim() == 2 and out.shape[0] == info["n_slots"] and base.shape[0] == info["n_valid"]:
+        out = out[: info["n_valid"]]
+    row = {"piece": name, "err_vs_default": rel_err(out, base) if out.is_floating_point() else float(not out.equal(base))}
+    row["ms"] = timer(lambda: fn(launch))
+    if name in PIECE_FLOPS:
+        row["tflops"] = PIECE_FLOPS[name] * n_tokens * top_k * hidden * inter / (row["ms"] * 1e-3) / 1e12
+    return row
+
+
+def breakdown(pieces, info, shape, timer) -> list[dict]:
+    """Each piece with the default tiles and with the pointer-only defaults (GPUs without TMA)."""
+    from fms_acceleration_accelerate_kernels.moe import _LAUNCH_NO_TMA
+
+    rows = []
+    for label, launch in (("default", None), ("no_tma", dict(_LAUNCH_NO_TMA))):
+        for name, fn in pieces.items():
+            if label == "no_tma" and name in ("route", "combine", "dx_combine"):
+                continue
+            row = _piece_row(name, fn, launch, info, shape, timer) | {"launch": label}
+            rows.append(row)
+            tflops = f"{row['tflops']:6.0f} TFLOP/s" if "tflops" in row else ""
+            print(f"  breakdown {label:8s} {name:14s} {row['ms']:8.3f} ms {tflops}", flush=True)
+    return rows
+
+
+def sweep(pieces, info, shape, timer, device) -> tuple[list[dict], dict]:
+    """Each kernel's pieces with every candidate setting of SWEEP (others at their defaults): (jobs, best per
+    kernel as GemmLaunch)."""
+    import torch
+    from fms_acceleration_accelerate_kernels.moe import GemmLaunch
+
+    jobs, best = [], {}
     for kernel, candidates in SWEEP.items():
         for cand in candidates:
             launch = {kernel: GemmLaunch(*cand)}
-            fn = lambda x, i, w, launch=launch: moe_experts_triton(  # noqa: E731
-                x, i, w, params["gate_up"], params["down"], launch=launch
-            )
-            job = {"kernel": kernel, "launch": list(cand)}
+            job = {"kernel": kernel, "launch": list(launch[kernel]), "pieces": {}}
             try:
-                row = measure("triton", fn, problem, params, truth, timer, device)
-                job.update(fwd_bwd_ms=row["fwd_bwd_ms"], fwd_ms=row["fwd_ms"], errors=row["errors"])
-                job["ok"] = all(e <= ERROR_FLOOR for e in row["errors"].values())
+                for name in SWEEP_PIECES[kernel]:
+                    job["pieces"][name] = _piece_row(name, pieces[name], launch, info, shape, timer)
+                job["ms"] = sum(r["ms"] for r in job["pieces"].values())
+                job["ok"] = all(r["err_vs_default"] <= ERROR_FLOOR for r in job["pieces"].values())
             except Exception as exc:  # a setting that does not compile or fit (shared memory) is reported, not fatal
                 job["error"] = f"{type(exc).__name__}: {exc}"[:300]
             jobs.append(job)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            timing = f"{job['fwd_bwd_ms']:.3f} ms fwd+bwd ok={job['ok']}" if "fwd_bwd_ms" in job else job["error"]
-            print(f"  sweep {kernel:8s} {cand}: {timing}", flush=True)
-    return jobs
+            if "ms" in job:
+                detail = " ".join(f"{n} {r['ms']:.3f}" for n, r in job["pieces"].items())
+                timing = f"{job['ms']:.3f} ms ({detail}) ok={job['ok']}"
+            else:
+                timing = job["error"]
+            print(f"  sweep {kernel:8s} {tuple(job['launch'])}: {timing}", flush=True)
+            if job.get("ok") and job["ms"] < best.get(kernel, (None, float("inf")))[1]:
+                best[kernel] = (launch[kernel], job["ms"])
+    return jobs, {k: v[0] for k, v in best.items()}
+
+
+def _precompile_worker(shape_name: str, cands: list) -> list[str]:
+    """Run each (kernel, setting) of the sweep once at one shape (fills Triton's on-disk cache); the failures."""
+    import torch
+    from fms_acceleration_accelerate_kernels.moe import GemmLaunch
+
+    device = torch.device("cuda")
+    shape = SHAPES[shape_name]
+    problem = make_problem(shape, torch.bfloat16, device)
+    torch.cuda.empty_cache()  # the fp32 draws: several processes share the GPU
+    params = {n: problem[n] for n in ("gate_up", "down")}
+    pieces, _ = make_pieces(problem, params, shape)
+    failed = []
+    for kernel, cand in cands:
+        try:
+            for name in SWEEP_PIECES[kernel]:
+                pieces[name]({kernel: GemmLaunch(*cand)})
+        except Exception as exc:  # the timing loop meets it again and records it with the setting
+            failed.append(f"{shape_name} {kernel} {cand}: {type(exc).__name__}")
+    torch.cuda.synchronize()
+    return failed
+
+
+def precompile(shape_names, jobs: int) -> float:
+    """Compile every sweep setting at the given shapes in ``jobs`` spawned processes; returns the seconds taken."""
+    import concurrent.futures
+    import multiprocessing
+
+    start = time.perf_counter()
+    work = [(shape, [(k, c)]) for shape in shape_names for k, cands in SWEEP.items() for c in cands]
+    # one task per worker and shape: cands dealt round-robin
+    tasks = {}
+    for i, (shape, cand) in enumerate(work):
+        tasks.setdefault((shape, i % jobs), []).extend(cand)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+        futures = [pool.submit(_precompile_worker, shape, cands) for (shape, _), cands in tasks.items()]
+        failed = [msg for f in futures for msg in f.result()]
+    elapsed = time.perf_counter() - start
+    print(f"precompiled {len(work) - len(failed)}/{len(work)} settings in {elapsed:.0f} s with {jobs} processes"
+          + (f"; failed: {failed}" if failed else ""), flush=True)  # fmt: skip
+    return elapsed
 
 
 # ------------------------------------------------------------------------------------------ offline codegen
@@ -355,7 +499,7 @@ def _kernel_variants(moe, n_split: int = 1) -> dict:
     bf16 = "*bf16"
     tiles = dict(PRECISION=0, BLOCK_E=64)
     glu = dict(STEP=1, TOPK=8, ACT=0, EVEN_K=True, GROUP_M=8, **tiles)
-    wgrad = dict(TOPK=8, HAS_DB=False, HAS_SCALE=False, EVEN_N=True, EVEN_K=True, PRECISION=0, GROUP_M=8,
+    wgrad = dict(TOPK=8, HAS_DB=False, HAS_SCALE=False, NEED_SLOTS=True, EVEN_N=True, EVEN_K=True, PRECISION=0, GROUP_M=8,
                  stride_dwk=1)
     # strides equal to 1 at run time are specialised to the constant 1 by Triton: K is W's unit-stride dim in up and
     # down, N in down_bwd and dx
@@ -378,9 +522,10 @@ def _kernel_variants(moe, n_split: int = 1) -> dict:
         "down": [("", moe._moe_grouped_mm_kernel, mm_ptrs, dict(X_GATHER=False, stride_wk=1, **mm), w_nk | rows_x)],
         "down_bwd": [down_bwd],
         "dx": [("", moe._moe_grouped_mm_kernel, mm_ptrs, dict(X_GATHER=False, stride_wn=1, **mm), w_kn | rows_x)],
-        "wgrad": [("gate_up", moe._moe_weight_grad_kernel, wgrad_ptrs, dict(G_GATHER=False, X_GATHER=True, **wgrad), {"G_DESC": ("mn", None, "USE_TMA")}),
-                  ("down", moe._moe_weight_grad_kernel, wgrad_ptrs, dict(G_GATHER=True, X_GATHER=False, **wgrad),
-                   {"X_DESC": ("mk", None, "USE_TMA")})],
+        "wgrad": [("gate_up", moe._moe_weight_grad_kernel, wgrad_ptrs,
+                   dict(G_GATHER=False, X_GATHER=True, X_TMA=False, **wgrad), {"G_DESC": ("mn", None, "G_TMA")}),
+                  ("down", moe._moe_weight_grad_kernel, wgrad_ptrs,
+                   dict(G_GATHER=True, X_GATHER=False, G_TMA=False, **wgrad), {"X_DESC": ("mk", None, "X_TMA")})],
     }  # fmt: skip
 
 
@@ -491,30 +636,50 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     timer = make_timer(args.smoke, args.rep_ms)
+    piece_timer = make_timer(args.smoke, args.piece_rep_ms)
     started = time.perf_counter()
-    result = {"environment": environment(device), "dtype": str(dtype), "rows": [], "sweeps": {}, "all_checks_ok": None}
+    result = {"environment": environment(device), "dtype": str(dtype), "rows": [], "breakdown": {}, "sweeps": {},
+              "all_checks_ok": None}  # fmt: skip
 
     def write() -> None:
         result["environment"]["script_seconds"] = time.perf_counter() - started
         (out_dir / "moe_bench.json").write_text(json.dumps(result, indent=2, default=str))
 
+    if args.precompile_only:
+        result["environment"]["precompile_seconds"] = precompile(args.shapes, max(1, args.precompile_jobs))
+        write()
+        return 0
+    if args.sweep and args.precompile_jobs > 0 and not args.smoke:
+        result["environment"]["precompile_seconds"] = precompile(args.shapes, args.precompile_jobs)
+
     for shape_name in args.shapes:
         shape = shapes[shape_name]
         hidden, inter, n_experts, top_k, n_tokens = shape
         problem = make_problem(shape, dtype, device)
+        best_launch = None
+        if args.breakdown or args.sweep:
+            pieces, info = make_pieces(problem, {n: problem[n] for n in ("gate_up", "down")}, shape)
+            if args.breakdown:
+                result["breakdown"][shape_name] = breakdown(pieces, info, shape, piece_timer)
+                write()
+            if args.sweep:
+                jobs, best_launch = sweep(pieces, info, shape, piece_timer, device)
+                result["sweeps"][shape_name] = {"jobs": jobs, "best": {k: list(v) for k, v in best_launch.items()}}
+                for kernel, launch in best_launch.items():
+                    print(f"best {shape_name} {kernel}: {tuple(launch)}", flush=True)
+                write()
+            del pieces, info
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
         truth = reference(problem)
         params = {n: torch.nn.Parameter(problem[n]) for n in ("gate_up", "down")}
-        impls, notes = make_impls(args.impls, {**problem, **params}, shape, device)
+        impls, notes = make_impls(args.impls, {**problem, **params}, shape, device, best_launch)
         rows = []
         for name, fn in impls.items():
             try:
                 row = measure(name, fn, problem, params, truth, timer, device)
             except torch.OutOfMemoryError as exc:
                 row = {"impl": name, "error": f"out of memory: {str(exc)[:200]}"}
-            except Exception as exc:  # e.g. a Triton without TMA support for the "triton_tma" row: reported
-                if name != "triton_tma":
-                    raise
-                row = {"impl": name, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
             row.update(shape=shape_name, H=hidden, I=inter, E=n_experts, top_k=top_k, T=n_tokens, notes=notes[name])
             rows.append(row)
             if device.type == "cuda":
@@ -522,32 +687,22 @@ def main(argv: list[str] | None = None) -> int:
         summarise(rows, shape)
         for r in rows:
             if "error" in r:
-                print(f"{shape_name:14s} {r['impl']:10s} {r['error']}", flush=True)
+                print(f"{shape_name:14s} {r['impl']:17s} {r['error']}", flush=True)
                 continue
             speed = "".join(f" x{r[k]:.2f} vs {k.split('_vs_')[1]}" for k in r if k.startswith("fwd_bwd_speedup_vs"))
-            print(f"{shape_name:14s} {r['impl']:10s} fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwd_bwd_ms']:.3f} ms "
+            print(f"{shape_name:14s} {r['impl']:17s} fwd {r['fwd_ms']:.3f} ms  fwd+bwd {r['fwd_bwd_ms']:.3f} ms "
                   f"({r['fwd_bwd_tokens_per_s'] / 1e3:.1f}k tok/s, {r['fwd_bwd_tflops']:.0f} TFLOP/s){speed}  "
                   f"held {r.get('held_mib', float('nan')):.0f} MiB peak+ {r.get('peak_extra_mib', float('nan')):.0f} MiB  "
                   f"max err {max(r['errors'].values()):.1e} ok={r['ok']}", flush=True)  # fmt: skip
         result["rows"].extend(rows)
         write()
-        if args.sweep and "triton" in impls:
-            jobs = sweep(problem, params, truth, shape, timer, device)
-            best = {}
-            for job in jobs:
-                if job.get("ok") and job["fwd_bwd_ms"] < best.get(job["kernel"], {}).get("fwd_bwd_ms", float("inf")):
-                    best[job["kernel"]] = job
-            result["sweeps"][shape_name] = {"jobs": jobs, "best": best}
-            for kernel, job in best.items():
-                print(f"best {shape_name} {kernel}: {job['launch']} {job['fwd_bwd_ms']:.3f} ms", flush=True)
-            write()
         del problem, truth, params, impls
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    result["all_checks_ok"] = all(r.get("ok", False) for r in result["rows"] if r["impl"] == "triton") and all(
-        r.get("ok", False) for r in result["rows"] if r["impl"] == "triton_tma" and "error" not in r
-    )
+    result["all_checks_ok"] = all(
+        r.get("ok", False) for r in result["rows"] if r["impl"].startswith("triton")
+    ) and all(job.get("ok", True) for sw in result["sweeps"].values() for job in sw["jobs"] if "error" not in job)
     write()
     print(f"all checks ok: {result['all_checks_ok']}; wrote {out_dir / 'moe_bench.json'} in "
           f"{result['environment']['script_seconds']:.0f} s", flush=True)  # fmt: skip

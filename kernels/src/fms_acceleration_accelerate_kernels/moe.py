@@ -713,12 +713,12 @@ def _moe_down_bwd_kernel(
 def _wgrad_rows(
     G, X, PERM, G_DESC, X_DESC, r0, row_end, offs_n, offs_k, n0, k0, N, K, stride_g, stride_x,
     TOPK: tl.constexpr, G_GATHER: tl.constexpr, X_GATHER: tl.constexpr, NEED_SLOTS: tl.constexpr,
-    MASK_ROWS: tl.constexpr, USE_TMA: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
+    MASK_ROWS: tl.constexpr, G_TMA: tl.constexpr, X_TMA: tl.constexpr, EVEN_N: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """(g (BLOCK_M, BLOCK_N), x (BLOCK_M, BLOCK_K), slots) of rows r0.. of one expert: gathered operands through
-    PERM, expert-ordered ones through their TMA descriptor (USE_TMA, full row blocks only) or pointers; rows past
-    row_end are zero when MASK_ROWS (else every row is the expert's)."""
+    PERM, expert-ordered ones through their TMA descriptor (G_TMA / X_TMA, full row blocks only) or pointers; rows
+    past row_end are zero when MASK_ROWS (else every row is the expert's)."""
     rows = r0 + tl.arange(0, BLOCK_M)
     row_mask = rows < row_end
     slots = rows
@@ -747,13 +747,13 @@ def _wgrad_rows(
         else:
             x = tl.load(x_ptrs, mask=row_mask[:, None] & (offs_k < K)[None, :], other=0.0)
     else:
-        if USE_TMA and not G_GATHER:
+        if G_TMA:
             g = G_DESC.load([r0, n0])
         elif EVEN_N:
             g = tl.load(g_ptrs)
         else:
             g = tl.load(g_ptrs, mask=(offs_n < N)[None, :], other=0.0)
-        if USE_TMA and not X_GATHER:
+        if X_TMA:
             x = X_DESC.load([r0, k0])
         elif EVEN_K:
             x = tl.load(x_ptrs)
@@ -771,7 +771,7 @@ def _moe_weight_grad_kernel(
     SCALE,  # (S,) by slot: scales G's rows in the bias sum (HAS_SCALE)
     DW,  # element (e, n, k) at e * stride_dwe + n * stride_dwn + k * stride_dwk
     DB,  # element (e, n) at e * stride_dbe + n * stride_dbn (HAS_DB)
-    G_DESC,  # TMA descriptors (USE_TMA) over G (S, N) when not G_GATHER and X (S, K) when not X_GATHER, or None
+    G_DESC,  # TMA descriptors over G (S, N) (G_TMA: G in expert order) and X (S, K) (X_TMA), or None
     X_DESC,
     N,
     K,
@@ -787,9 +787,11 @@ def _moe_weight_grad_kernel(
     X_GATHER: tl.constexpr,
     HAS_DB: tl.constexpr,
     HAS_SCALE: tl.constexpr,
+    NEED_SLOTS: tl.constexpr,  # G_GATHER or X_GATHER or HAS_SCALE
     EVEN_N: tl.constexpr,
     EVEN_K: tl.constexpr,
-    USE_TMA: tl.constexpr,
+    G_TMA: tl.constexpr,
+    X_TMA: tl.constexpr,
     PRECISION: tl.constexpr,
     GROUP_M: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -811,7 +813,6 @@ def _moe_weight_grad_kernel(
     k0 = pid_k * BLOCK_K
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_k = k0 + tl.arange(0, BLOCK_K)
-    need_slots: tl.constexpr = G_GATHER or X_GATHER or HAS_SCALE
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     n_full = (row_end - row_start) // BLOCK_M
@@ -819,7 +820,7 @@ def _moe_weight_grad_kernel(
         r0 = row_start + i * BLOCK_M
         g, x, slots = _wgrad_rows(
             G, X, PERM, G_DESC, X_DESC, r0, row_end, offs_n, offs_k, n0, k0, N, K, stride_g, stride_x, TOPK,
-            G_GATHER, X_GATHER, need_slots, False, USE_TMA, EVEN_N, EVEN_K, BLOCK_M,
+            G_GATHER, X_GATHER, NEED_SLOTS, False, G_TMA, X_TMA, EVEN_N, EVEN_K, BLOCK_M,
         )  # fmt: skip
         acc = _mma(tl.trans(g), x, acc, PRECISION)
         if HAS_DB:
@@ -832,7 +833,7 @@ def _moe_weight_grad_kernel(
     if r_tail < row_end:
         g, x, slots = _wgrad_rows(
             G, X, PERM, G_DESC, X_DESC, r_tail, row_end, offs_n, offs_k, n0, k0, N, K, stride_g, stride_x, TOPK,
-            G_GATHER, X_GATHER, need_slots, True, USE_TMA, EVEN_N, EVEN_K, BLOCK_M,
+            G_GATHER, X_GATHER, NEED_SLOTS, True, False, False, EVEN_N, EVEN_K, BLOCK_M,
         )  # fmt: skip
         acc = _mma(tl.trans(g), x, acc, PRECISION)
         if HAS_DB:
@@ -1175,8 +1176,9 @@ def moe_weight_grad_triton(
         g_desc if use_tma else None, x_desc if use_tma else None, n_out, k_dim, g.stride(0), x.stride(0),
         dw.stride(0), dw_strides[0], dw_strides[1], db.stride(0) if db is not None else 0,
         db.stride(1) if db is not None else 0, TOPK=routing.top_k, G_GATHER=g_gather, X_GATHER=x_gather,
-        HAS_DB=db is not None, HAS_SCALE=scale is not None, EVEN_N=n_out % block_n == 0, EVEN_K=k_dim % block_k == 0,
-        USE_TMA=use_tma, PRECISION=_precision(g.dtype), GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n,
+        HAS_DB=db is not None, HAS_SCALE=scale is not None, NEED_SLOTS=g_gather or x_gather or scale is not None,
+        EVEN_N=n_out % block_n == 0, EVEN_K=k_dim % block_k == 0, G_TMA=use_tma and not g_gather,
+        X_TMA=use_tma and not x_gather, PRECISION=_precision(g.dtype), GROUP_M=_GROUP_M, BLOCK_M=cfg.block_m, BLOCK_N=block_n,
         BLOCK_K=block_k, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
 
