@@ -19,18 +19,60 @@ STATE_FILE = "odm_state.json"
 PLOT_FILE = "odm_mixture.png"
 
 
-def find_mixing_dataset(obj: Any) -> OnlineMixingDataset | None:
-    """The :class:`OnlineMixingDataset` behind ``obj`` (a dataset, a DataLoader, Accelerate's wrappers)."""
-    for _ in range(6):
-        if isinstance(obj, OnlineMixingDataset):
-            return obj
-        inner = getattr(obj, "dataset", None)
-        if inner is None or inner is obj:
-            inner = getattr(obj, "base_dataloader", None)
-        if inner is None:
+_LEAVES = (str, bytes, int, float, complex, bool, type(None), type)
+
+
+def find_mixing_dataset(obj: Any, *, max_depth: int = 12, max_objects: int = 5000) -> OnlineMixingDataset | None:
+    """The :class:`OnlineMixingDataset` behind ``obj``: a dataset, a DataLoader, Accelerate's wrappers, or the
+    ``datasets.IterableDataset`` of :meth:`OnlineMixingDataset.to_iterable_dataset` (and the datasets that
+    ``map`` and the like make of it).
+
+    A breadth-first walk through the objects' attributes, container elements and bound methods' owners (nearest
+    first), bounded in depth and in objects looked at; the first mixing dataset found is returned.
+    """
+    import types
+
+    seen: set[int] = set()
+    level = [obj]
+    looked_at = 0
+    for _ in range(max_depth + 1):
+        following: list[Any] = []
+        for item in level:
+            if isinstance(item, OnlineMixingDataset):
+                return item
+            if isinstance(item, _LEAVES) or isinstance(item, types.ModuleType) or id(item) in seen:
+                continue
+            if type(item).__module__.split(".")[0] in ("torch", "numpy", "pyarrow") and not hasattr(item, "dataset"):
+                continue  # tensors, arrays, tables and the like hold no dataset
+            seen.add(id(item))
+            looked_at += 1
+            if looked_at > max_objects:
+                return None
+            following.extend(_references(item))
+        if not following:
             return None
-        obj = inner
+        level = following
     return None
+
+
+def _references(item: Any) -> list[Any]:
+    """What ``item`` refers to, the likeliest holders of a dataset first; at most 64 elements of a container."""
+    import functools
+    import types
+
+    if isinstance(item, dict):
+        return list(item.values())[:64]
+    if isinstance(item, (list, tuple, set, frozenset)):
+        return list(item)[:64]
+    if isinstance(item, types.MethodType):
+        return [item.__self__]
+    if isinstance(item, functools.partial):
+        return [item.func, *item.args, *item.keywords.values()]
+    found = [getattr(item, name, None) for name in ("dataset", "base_dataloader")]
+    attributes = getattr(item, "__dict__", None)
+    if isinstance(attributes, dict):
+        found += list(attributes.values())[:64]
+    return [value for value in found if value is not None]
 
 
 class OnlineMixingCallback(TrainerCallback):
@@ -84,6 +126,15 @@ class OnlineMixingCallback(TrainerCallback):
                 "remove the training.odm section"
             )
         self.dataset = dataset
+        if state.global_step == 0 and dataset.produced > dataset.rewarded_until:
+            # read before training (TRL looks at the first example of a datasets.IterableDataset): back to the stream,
+            # so training starts with the stream's first example
+            given_back = dataset.rewind(dataset.rewarded_until)
+            logger.info(
+                "fms-acceleration odm: %d example(s) read from the OnlineMixingDataset before training began were "
+                "given back to the stream",
+                given_back,
+            )
         if self.dataset_settings:
             dataset.configure(**self.dataset_settings)
         if dataset.output_dir is None and args.output_dir:

@@ -45,6 +45,38 @@ logger = logging.getLogger("fms_acceleration_accelerate_odm")
 METRICS_FILE = "odm.jsonl"
 
 
+def _python_values(example: Any) -> Any:
+    if isinstance(example, Mapping):
+        return {key: value.tolist() if hasattr(value, "tolist") else value for key, value in example.items()}
+    return example
+
+
+def _stack_examples(examples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The default evaluation collator: each field of numbers (or tensors) stacked into one tensor."""
+    import torch
+
+    batch = {}
+    for key in examples[0]:
+        values = [example[key] for example in examples]
+        if all(isinstance(v, torch.Tensor) for v in values):
+            batch[key] = torch.stack(values)
+        elif not any(isinstance(v, (str, bytes)) or v is None for v in values):
+            try:
+                batch[key] = torch.tensor(values)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(
+                    f"evaluate(): the field {key!r} cannot be stacked into a tensor ({exc}); give "
+                    "eval_collators_dict a collator (padding examples of different lengths)"
+                ) from None
+    return batch
+
+
+def _stream_examples(mixing_dataset: OnlineMixingDataset) -> Iterator[Any]:
+    """The generator behind :meth:`OnlineMixingDataset.to_iterable_dataset`."""
+    for example in mixing_dataset:
+        yield _python_values(example)
+
+
 def loss_velocity(previous: float | None, loss: float) -> float:
     """The ``velocity`` reward of a loss going from ``previous`` to ``loss``: ``(previous - loss) / max(previous,
     loss)`` (0 without a previous loss)."""
@@ -283,6 +315,39 @@ class OnlineMixingDataset(IterableDataset):
             if index % self.world_size == self.rank:
                 yield self._example(arm, position)
 
+    def to_iterable_dataset(self) -> Any:
+        """This stream as a ``datasets.IterableDataset``, for clients that accept only Hugging Face datasets (TRL's
+        ``SFTTrainer``). It reads this dataset, so the mixture, the callback and the checkpoints are this dataset's;
+        the callback finds it behind the wrapper. Examples are given as Python values (tensors become lists); the
+        features are those of the first example of the first category, read without drawing from the stream.
+
+        TRL reads one example ahead of training to look at the data; the callback gives examples read before
+        training begins back to the stream, so training still starts with the stream's first example. Give TRL
+        pre-tokenized examples (``input_ids``) and ``dataset_kwargs={"skip_prepare_dataset": True}`` (or
+        ``max_length=None``): a batched ``map`` in its preparation would read far ahead of training, and the
+        mixture would follow the rewards that much later.
+        """
+        import datasets
+
+        sample = _python_values(self._example(0, 0))
+        features = datasets.Dataset.from_list([sample]).features
+        return datasets.IterableDataset.from_generator(
+            _stream_examples, features=features, gen_kwargs={"mixing_dataset": self}
+        )
+
+    def rewind(self, to: int) -> int:
+        """Give the examples of the global stream read after example ``to`` back (they come again, with the same
+        categories); returns how many. ``to`` must not be before the examples already rewarded."""
+        given_back = self._produced - to
+        if given_back and to == 0 and self.bandit.updates == 0:  # nothing trained yet: as new, draws included
+            self._rng = random.Random(self.seed)
+            self._produced, self._first_draw, self._draws = 0, 0, []
+            self._positions = [0] * len(self.categories)
+            self._counts = [0] * len(self.categories)
+        elif given_back:
+            self.load_state_dict(self.state_dict(consumed=to))
+        return given_back
+
     # ---------------------------------------------------------------------------------------------- rewards
     @property
     def produced(self) -> int:
@@ -365,13 +430,13 @@ class OnlineMixingDataset(IterableDataset):
         with them (the ``validation_loss`` reward, every category observed).
 
         For loops without the HF Trainer (whose own evaluation feeds the callback). Reads ``eval_dataset_dict`` in
-        batches of ``eval_batch_size`` through the category's evaluation collator (``eval_collators_dict``, default:
-        ``torch``'s ``default_collate``); the model must return a ``loss`` (batches with ``labels``). Under a started
+        batches of ``eval_batch_size`` through the category's evaluation collator (``eval_collators_dict``; default:
+        each numeric field stacked into a tensor, other fields dropped: examples of equal length with ``labels``);
+        the model must return a ``loss``. Under a started
         process group each process evaluates every ``world_size``-th example and the sums are reduced, so every
         process gets the same losses (call it on every process).
         """
         import torch
-        from torch.utils.data import default_collate
 
         from .rewards import _all_reduce_sum
 
@@ -393,7 +458,7 @@ class OnlineMixingDataset(IterableDataset):
             with torch.no_grad():
                 for name in names:
                     data = self.eval_dataset_dict[name]
-                    collate = collators[self.categories.index(name)] or default_collate
+                    collate = collators[self.categories.index(name)] or _stack_examples
                     mine = [data[i] for i in range(rank, len(data), world)]
                     total, count = 0.0, 0
                     for start in range(0, len(mine), self.eval_batch_size):
