@@ -13,7 +13,7 @@ See ``_fms_acceleration_startup.py`` for what the hook does (nothing unless an a
 A second start-up file, ``fms_acceleration_accelerate_upstream_names.pth``, holds only directory lines: the
 folders with the stand-ins for the original fms-acceleration's import names (``fms_acceleration``,
 ``fms_acceleration_peft``, ``fms_acceleration_foak``, ``fms_acceleration_aadp``,
-``fms_acceleration_moe``). Python appends such folders to ``sys.path`` after
+``fms_acceleration_moe``, ``fms_acceleration_odm``). Python appends such folders to ``sys.path`` after
 site-packages and only when they exist, so an installed original is always found first, and a plugin's name
 exists only while that plugin is installed. Wheels get lines relative to site-packages; editable installs get the
 checkout's folders (plus the relative lines, for plugins installed from wheels next to an editable core).
@@ -56,6 +56,10 @@ UPSTREAM_NAME_DIRS = (
     (
         "plugins/accelerated-moe/src/fms_acceleration_accelerate_moe/upstream_names",
         "fms_acceleration_accelerate_moe/upstream_names",
+    ),
+    (
+        "plugins/online-data-mixing/src/fms_acceleration_accelerate_odm/upstream_names",
+        "fms_acceleration_accelerate_odm/upstream_names",
     ),
 )
 

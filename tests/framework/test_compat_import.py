@@ -32,6 +32,7 @@ STAND_IN_DIRS = (
     / "fms_acceleration_accelerate_aadp"
     / "upstream_names",
     REPO / "plugins" / "accelerated-moe" / "src" / "fms_acceleration_accelerate_moe" / "upstream_names",
+    REPO / "plugins" / "online-data-mixing" / "src" / "fms_acceleration_accelerate_odm" / "upstream_names",
 )
 
 
@@ -79,7 +80,7 @@ def test_the_names_fms_hf_tuning_imports():
         "ACCELERATION_FRAMEWORK_CONFIG_FILE",
         "fms_acceleration_",
     )
-    assert PLUGINS == ("peft", "foak", "aadp", "moe")
+    assert PLUGINS == ("peft", "foak", "aadp", "moe", "odm")
     assert fms_acceleration_peft.BitsAndBytesAccelerationPlugin is BitsAndBytesAccelerationPlugin
     assert fms_acceleration_foak.FusedOpsAndKernelsPlugin is FusedOpsAndKernelsPlugin
     # the original's class names, which fms-hf-tuning's tests import
@@ -144,9 +145,9 @@ def test_availability_checked_the_way_fms_hf_tuning_checks_it():
     from tests.integration.fms_hf_tuning_replay import is_fms_accelerate_available
 
     assert is_fms_accelerate_available()
-    assert is_fms_accelerate_available("peft") and is_fms_accelerate_available(["peft", "foak", "aadp", "moe"])
-    # the original's plugin without a counterpart here must read "not available", not pretend
-    assert not is_fms_accelerate_available("odm")
+    assert is_fms_accelerate_available("peft") and is_fms_accelerate_available(["peft", "foak", "aadp", "moe", "odm"])
+    # a plugin the original never had reads "not available"
+    assert not is_fms_accelerate_available("nope")
 
 
 def test_stand_in_directories_are_appended_after_site_packages(tmp_path):
@@ -249,15 +250,14 @@ def test_cli_maps_plugin_names_to_this_projects_packages(capsys):
     assert cli.install_command("peft")[-1] == "fms-acceleration-accelerate-peft"
     assert cli.install_command("fms_acceleration_aadp")[-1] == "fms-acceleration-accelerate-aadp"
     assert cli.install_command("moe")[-1] == "fms-acceleration-accelerate-moe"
-    assert cli.main(["install", "fms_acceleration_odm"]) == 2
-    assert "no counterpart" in capsys.readouterr().err
+    assert cli.install_command("fms_acceleration_odm")[-1] == "fms-acceleration-accelerate-odm"
     assert cli.main(["install", "fms_acceleration_nope"]) == 2
     assert "unknown plugin" in capsys.readouterr().err
     assert cli.main(["plugins"]) == 0
     listing = capsys.readouterr().out
     assert "fms_acceleration_peft: installed" in listing and "fms_acceleration_foak: installed" in listing
     assert "fms_acceleration_aadp: installed" in listing and "fms_acceleration_moe: installed" in listing
-    assert "fms_acceleration_odm: not available" in listing
+    assert "fms_acceleration_odm: installed" in listing
 
 
 def test_the_start_up_file_only_names_folders():

@@ -12,8 +12,8 @@ Provided: :class:`AccelerationFramework` (:mod:`.framework`, the original's cons
 framework), :class:`AccelerationPlugin` (this project's plugin base), ``AccelerationPluginConfigError`` (this
 project's :class:`~fms_acceleration_accelerate.errors.AccelerationConfigError`), :mod:`.constants` and a small
 :mod:`.cli` (``install`` / ``plugins``). The plugin import names ``fms_acceleration_peft``,
-``fms_acceleration_foak``, ``fms_acceleration_aadp`` and ``fms_acceleration_moe`` come with this project's plugin
-packages; see :data:`.constants.PLUGINS`.
+``fms_acceleration_foak``, ``fms_acceleration_aadp``, ``fms_acceleration_moe`` and ``fms_acceleration_odm`` come
+with this project's plugin packages; see :data:`.constants.PLUGINS`.
 """
 
 from importlib import metadata as _metadata

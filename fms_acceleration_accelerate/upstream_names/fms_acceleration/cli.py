@@ -5,8 +5,8 @@ import name is missing. Here:
 
 * ``install NAME``: ``pip install`` of the fms-acceleration-accelerate package behind ``NAME``
   (``fms_acceleration_peft`` / ``peft``, ``fms_acceleration_foak`` / ``foak``, ``fms_acceleration_aadp`` /
-  ``aadp``, ``fms_acceleration_moe`` / ``moe``). The original's ``odm`` plugin has no counterpart in this
-  project; for it the command says so and exits 2.
+  ``aadp``, ``fms_acceleration_moe`` / ``moe``, ``fms_acceleration_odm`` / ``odm``). A plugin of the original
+  without a counterpart in this project (none at present, see ``NOT_PROVIDED``) gets a message and exit code 2.
 * ``plugins``: each plugin import name, the package behind it and whether it is installed.
 """
 
@@ -41,10 +41,15 @@ DISTRIBUTIONS = {
         "fms_acceleration_accelerate_moe",
         "mixture-of-experts kernels (training.moe.scattermoe)",
     ),
+    "odm": (
+        "fms-acceleration-accelerate-odm",
+        "fms_acceleration_accelerate_odm",
+        "online data mixing (training.odm.odm)",
+    ),
 }
 """Plugin short name -> (package to pip install, its import name, what it provides)."""
 
-NOT_PROVIDED = ("odm",)
+NOT_PROVIDED: tuple[str, ...] = ()
 """The original's plugins that have no counterpart in this project."""
 
 

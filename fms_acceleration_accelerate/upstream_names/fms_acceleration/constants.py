@@ -11,11 +11,11 @@ ACCELERATION_FRAMEWORK_ENV_KEY = ENV_CONFIG_FILE
 PLUGIN_PREFIX = "fms_acceleration_"
 """Prefix of the plugin import names (``fms_acceleration_peft``, ``fms_acceleration_foak``)."""
 
-PLUGINS = ("peft", "foak", "aadp", "moe")
+PLUGINS = ("peft", "foak", "aadp", "moe", "odm")
 """Plugin import names this project provides (``PLUGIN_PREFIX + name``), each only while the plugin package
 behind it is installed: ``peft`` is the bitsandbytes QLoRA plugin (fms-acceleration-accelerate-peft), ``foak`` the
 fused-ops-and-kernels plugin (fms-acceleration-accelerate-foak), ``aadp`` the padding-free and multipack plugins
-(fms-acceleration-accelerate-aadp), ``moe`` the mixture-of-experts plugin (fms-acceleration-accelerate-moe). The
-original's ``odm`` has no plugin here, so that name does not exist and availability checks report it missing."""
+(fms-acceleration-accelerate-aadp), ``moe`` the mixture-of-experts plugin (fms-acceleration-accelerate-moe), ``odm``
+the online-data-mixing plugin (fms-acceleration-accelerate-odm)."""
 
 __all__ = ["ACCELERATION_FRAMEWORK_ENV_KEY", "KEY_PLUGINS", "PLUGINS", "PLUGIN_PREFIX"]
