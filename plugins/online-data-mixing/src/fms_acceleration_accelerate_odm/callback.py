@@ -146,8 +146,9 @@ class OnlineMixingCallback(TrainerCallback):
         ):
             raise ValueError(
                 "reward_type 'validation_loss' learns from evaluations, and the trainer never evaluates "
-                "(eval_strategy='no'): set eval_strategy='steps' with eval_steps and give eval_dataset={category: "
-                "dataset}, or choose another reward_type"
+                "(eval_strategy='no'): set eval_strategy='steps' with eval_steps and give the trainer "
+                "eval_dataset={category: dataset} (or the OnlineMixingDataset eval_dataset_dict={category: dataset}), "
+                "or choose another reward_type"
             )
         tracker.attach(kwargs["model"])
         self.tracker = tracker
@@ -227,8 +228,14 @@ class OnlineMixingCallback(TrainerCallback):
             self.tracker.step(state.global_step)
 
     def on_evaluate(self, args: Any, state: Any, control: Any, metrics: dict | None = None, **kwargs: Any) -> None:
-        if self.tracker is not None and metrics:
-            self.tracker.evaluated(metrics, state.global_step)
+        if self.tracker is None or not metrics or self.tracker.reward_type != "validation_loss":
+            return
+        dataset = self.tracker.dataset
+        if not self.tracker.category_losses(metrics) and dataset.eval_dataset_dict and kwargs.get("model") is not None:
+            # the trainer's evaluation has no loss per category: the dataset's own evaluation data gives them
+            dataset.evaluate(kwargs["model"], step=state.global_step)
+            return
+        self.tracker.evaluated(metrics, state.global_step)
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.dataset is None:

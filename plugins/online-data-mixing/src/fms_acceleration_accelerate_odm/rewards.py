@@ -223,21 +223,27 @@ class RewardTracker:
         """Continue with the reward not yet given at a checkpoint (on one process: the next update sums them)."""
         self._sum, self._count, self._examples = float(total), int(count), int(examples)
 
-    def evaluated(self, metrics: dict[str, float], step: int | None) -> dict[str, float] | None:
-        """The ``validation_loss`` reward from an evaluation's metrics (``eval_<category>_loss``)."""
-        if self.reward_type != "validation_loss":
-            return None
+    def category_losses(self, metrics: dict[str, float]) -> dict[str, float]:
+        """The per-category evaluation losses in ``metrics`` (``eval_<category>_loss``)."""
         found = {}
         for category in self.dataset.categories:
             for key in (f"eval_{category}_loss", f"{category}_loss"):
                 if key in metrics:
                     found[category] = float(metrics[key])
                     break
+        return found
+
+    def evaluated(self, metrics: dict[str, float], step: int | None) -> dict[str, float] | None:
+        """The ``validation_loss`` reward from an evaluation's metrics (``eval_<category>_loss``)."""
+        if self.reward_type != "validation_loss":
+            return None
+        found = self.category_losses(metrics)
         if not found:
             raise ValueError(
                 "reward_type 'validation_loss' needs one evaluation loss per category (eval_<category>_loss), and "
                 f"the evaluation reported {sorted(metrics)}: give the trainer eval_dataset={{category: dataset}} "
-                f"with the categories {self.dataset.categories}"
+                f"with the categories {self.dataset.categories}, or give the OnlineMixingDataset "
+                "eval_dataset_dict={category: dataset} (evaluated at each of the trainer's evaluations)"
             )
         return self.dataset.reward_categories(found, step=step)
 
