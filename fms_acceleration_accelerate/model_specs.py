@@ -79,6 +79,10 @@ class AttentionSpec:
         q_proj / k_proj / v_proj: attribute names of the separate projections (``None`` when fused).
         qkv_proj: attribute name of a fused q|k|v projection (Phi-3 ``qkv_proj``, GPTBigCode ``c_attn``).
         o_proj: attribute name of the output projection.
+        sinks: attribute of a learned attention sink per query head (GPT-OSS ``sinks``, shape (heads,)), which the
+            attention forward hands the attention function as ``s_aux``: one extra logit per head and query in
+            every softmax, whose probability is dropped (the weights of the real keys sum to less than 1).
+            An attention function that ignores it computes another model; ``None``: no sinks.
     """
 
     class_names: tuple[str, ...]
@@ -87,6 +91,7 @@ class AttentionSpec:
     v_proj: str | None = "v_proj"
     qkv_proj: str | None = None
     o_proj: str = "o_proj"
+    sinks: str | None = None
 
     def __post_init__(self) -> None:
         separate = (self.q_proj, self.k_proj, self.v_proj)
@@ -173,11 +178,19 @@ class RotarySpec:
         module: the modeling module, e.g. ``transformers.models.llama.modeling_llama``.
         function: the function's name in it (``apply_rotary_pos_emb``).
         partial: rotates only the first ``R < head_dim`` features (cos/sin narrower than the head).
+        half_width: cos/sin hold one value per rotated pair, ``head_dim / 2`` wide, applied to both halves of the
+            head (GPT-OSS: ``x1 * cos - x2 * sin`` and ``x2 * cos + x1 * sin`` with ``x1, x2`` the head's halves);
+            the usual tables repeat them (``cat(cos, cos)``) and are ``head_dim`` wide. Not with ``partial``.
     """
 
     module: str
     function: str = "apply_rotary_pos_emb"
     partial: bool = False
+    half_width: bool = False
+
+    def __post_init__(self) -> None:
+        if self.partial and self.half_width:
+            raise TypeError("RotarySpec: partial and half_width exclude each other")
 
 
 @dataclass(frozen=True)
@@ -513,6 +526,30 @@ _SPECS: tuple[ArchitectureSpec, ...] = (
         mlp_output_only_to_residual=False,
     ),
     _llama_like(
+        "GptOss",
+        "gpt_oss",
+        _m("gpt_oss"),
+        attention=AttentionSpec(class_names=("GptOssAttention",), sinks="sinks"),  # q/k/v/o with biases
+        mlp=None,
+        moe=MoESpec(
+            block_class_names=("GptOssMLP",),
+            experts_class_names=("GptOssExperts",),
+            router_class_names=("GptOssTopKRouter",),
+            router_attribute="router",
+            routing="topk_softmax",  # top-k of the logits (router bias included), softmax over those k
+            normalize_top_k=False,  # the softmax over k already sums to 1
+            router_bias=True,
+            gate_up_bias="gate_up_proj_bias",
+            down_bias="down_proj_bias",
+            gate_up_layout="interleaved",  # gate = h[..., 0::2], up = h[..., 1::2]
+            transposed=True,  # gate_up_proj (E, H, 2I) and down_proj (E, I, H), applied as x @ W
+            activation="gpt_oss",  # (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
+            activation_parameters=(("alpha", "alpha"), ("limit", "limit")),
+        ),
+        rotary=RotarySpec(module=_m("gpt_oss"), half_width=True),  # cos/sin head_dim / 2 wide
+        logits=LogitsSpec(router_aux_loss=True),
+    ),
+    _llama_like(
         "Gemma",
         "gemma",
         _m("gemma"),
@@ -610,6 +647,15 @@ def check_spec_classes(spec: ArchitectureSpec) -> None:
                 fix="update the ArchitectureSpec in fms_acceleration_accelerate/model_specs.py for this "
                 "transformers version",
             )
+    if spec.attention.sinks is not None:
+        for name in spec.attention.class_names:
+            forward = inspect.unwrap(getattr(module, name).forward)
+            if spec.attention.sinks not in forward.__code__.co_names:
+                raise ModelStructureError(
+                    f"{spec.model_type}: {name}.forward does not read the attention sinks {spec.attention.sinks!r} "
+                    "the spec names (the installed transformers changed how this attention applies them)",
+                    fix="update the AttentionSpec in fms_acceleration_accelerate/model_specs.py",
+                )
     if spec.rotary is not None:
         rotary_module = importlib.import_module(spec.rotary.module)
         if not callable(getattr(rotary_module, spec.rotary.function, None)):
@@ -761,6 +807,15 @@ def match_model(model: Any, spec: ArchitectureSpec) -> ModelMatch:
     for attention in attentions:
         for name in spec.attention.projections:
             _child(attention, name, "attention projection", spec)
+        if spec.attention.sinks is not None:
+            sinks = getattr(attention.module, spec.attention.sinks, None)
+            if not isinstance(sinks, torch.Tensor) or sinks.dim() != 1:
+                raise ModelStructureError(
+                    f"{spec.model_type}: attention {attention.path} ({type(attention.module).__name__}) has no 1-D "
+                    f"tensor {spec.attention.sinks!r} (its attention sinks, one per head)",
+                    fix="check the transformers version against the AttentionSpec in "
+                    "fms_acceleration_accelerate/model_specs.py",
+                )
     for mlp in mlps:
         assert spec.mlp is not None
         for name in spec.mlp.projections:
@@ -883,6 +938,21 @@ def _check_moe(
                 raise ModelStructureError(
                     f"{spec.model_type}: experts {matched.path} have {flag}={getattr(module, flag)!r}; the spec "
                     "describes gated experts without a post-expert norm",
+                    fix=fix,
+                )
+        # the layout transformers' use_experts_implementation declares for the class must be the spec's
+        declared = {
+            "is_transposed": moe.transposed,
+            "is_concatenated": not moe.interleaved,
+            "has_bias": moe.gate_up_bias is not None,
+        }
+        for flag, expected in declared.items():
+            if flag in vars(module) and bool(getattr(module, flag)) != expected:
+                raise ModelStructureError(
+                    f"{spec.model_type}: experts {matched.path} ({type(module).__name__}) declare {flag}="
+                    f"{getattr(module, flag)!r} (transformers' use_experts_implementation), but the spec says "
+                    f"{expected!r} (transposed={moe.transposed}, gate_up_layout={moe.gate_up_layout!r}, "
+                    f"gate_up_bias={moe.gate_up_bias!r})",
                     fix=fix,
                 )
         experts_activation(module, moe, path=matched.path)

@@ -22,6 +22,7 @@ FEATURES: dict[str, dict[str, Any]] = {
     "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=1),
     "gemma2": dict(attn_logit_softcapping=20.0, sliding_window=4),
     "phi3": dict(sliding_window=6),
+    "gpt_oss": dict(sliding_window=4),  # sliding layers alternate with full ones; attention sinks in every layer
 }
 
 LENGTHS = (9, 5, 7)

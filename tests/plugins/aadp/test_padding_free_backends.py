@@ -11,6 +11,7 @@ GQA, sliding windows and soft-capping.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 
 import pytest
@@ -237,3 +238,84 @@ def test_attention_function_refuses_what_it_cannot_follow(tmp_path):
         function(module, q[:1], k[:1], v[:1], None, cu_seq_lens_q=torch.tensor([0, 4, 9], dtype=torch.int32))
     out, weights = function(module, q, k, v, None, scaling=0.3)  # no boundaries given: one example per row
     assert out.shape == (2, 10, 4, 8) and weights is None
+
+
+# ------------------------------------------------------------------------------------------------- attention sinks
+def _gpt_oss_reference(q, k, v, segments, sinks, window, scaling=0.3):
+    """Each example alone through GPT-OSS's own eager attention (transformers' code: sink column, dropped after the
+    softmax), with its causal (and sliding-window) additive mask."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward
+
+    module = torch.nn.Module()
+    module.sinks, module.num_key_value_groups = sinks, q.shape[1] // k.shape[1]
+    module.eval()
+    out = torch.zeros(q.shape[0], q.shape[2], q.shape[1], q.shape[3])
+    for row, cu in enumerate(([0, 4, 10], [0, 7])):
+        for start, end in itertools.pairwise(cu):
+            n = end - start
+            i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+            allowed = (j <= i) & ((i - j) < window if window else True)
+            mask = torch.zeros(1, 1, n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)
+            piece = [t[row : row + 1, :, start:end] for t in (q, k, v)]
+            out[row, start:end] = eager_attention_forward(module, *piece, mask, scaling=scaling)[0][0]
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("backend", [EagerBackend(), SdpaBackend()], ids=["eager", "sdpa"])
+def test_backends_with_sinks_equal_the_models_own_attention(backend, window):
+    """Attention sinks through the eager and sdpa backends: GPT-OSS's own attention, forward and backward."""
+    segments = _segments_case(padded=True)
+    real = torch.ones(2, 10, dtype=torch.bool)
+    real[1, 7:] = False
+    q, k, v = (t.requires_grad_(True) for t in _qkv(seed=4))
+    sinks = torch.tensor([1.5, -0.5, 0.0, 2.5], requires_grad=True)
+    leaves = (q, k, v, sinks)
+    want = _gpt_oss_reference(q, k, v, segments, sinks, window)
+    want_grads = torch.autograd.grad(want[real].square().sum(), leaves)
+    got = backend.attend(q, k, v, segments, scaling=0.3, dropout=0.0, sliding_window=window, softcap=None, sinks=sinks)
+    torch.testing.assert_close(got[real], want[real], rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(got[real].square().sum(), leaves)
+    for name, g, w in zip(("q", "k", "v", "sinks"), grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"d{n}: {m}")
+    without = backend.attend(q, k, v, segments, scaling=0.3, dropout=0.0, sliding_window=window, softcap=None)
+    assert (without[real] - want[real]).abs().max() > 1e-2  # the sinks matter here
+
+
+def test_auto_passes_over_backends_without_sinks():
+    backends = {"flash_attn": FlashAttnBackend(flash_attn_varlen_func), "varlen": TorchVarlenBackend(varlen_attn_2_13)}
+    sinks = ModelNeeds(sinks=True, sliding_window=True)
+    choice = choose_backend(BACKEND_NAMES, sinks, GPU_BF16, backends=backends)
+    assert choice.name == "sdpa"
+    assert [n for n, _ in choice.passed_over] == ["flash_attn", "varlen", "flex"]
+    assert all("attention sinks" in why for _, why in choice.passed_over)
+    assert "attention sinks" in sinks.describe()
+    assert choose_backend(BACKEND_NAMES, sinks, CPU_TRAIN).name == "sdpa"
+    with pytest.raises(AccelerationConfigError, match="flex has no attention sinks"):
+        choose_backend(("flex",), sinks, GPU_BF16)
+
+
+@pytest.mark.parametrize("backend", ["flash_attn", "varlen", "flex"])
+def test_a_backend_without_sinks_is_refused_for_gpt_oss_before_loading(backend):
+    framework = padding_free_framework(attention_backend=backend)
+    with pytest.raises(AccelerationConfigError, match="gpt_oss attention has sinks") as err:
+        framework.check_model_type("gpt_oss")
+    assert "padding_free.attention_backend" in str(err.value) and "sdpa or eager" in str(err.value)
+    framework.check_model_type("llama")  # no sinks: the backend is judged on the run (check_run_settings)
+    for able in ("sdpa", "eager", "auto"):
+        padding_free_framework(attention_backend=able).check_model_type("gpt_oss")
+
+
+def test_attention_function_never_drops_sinks():
+    q, k, v = _qkv()
+    module = torch.nn.Module()
+    sinks = torch.tensor([1.0, 0.0, -1.0, 2.0])
+    with pytest.raises(AccelerationConfigError, match="flex padding-free attention backend got attention sinks"):
+        make_attention_function(FlexBackend(compile=False))(module, q, k, v, None, scaling=0.3, s_aux=sinks)
+    function = make_attention_function(EagerBackend())
+    with_sinks, _ = function(module, q, k, v, None, scaling=0.3, s_aux=sinks)
+    plain, _ = function(module, q, k, v, None, scaling=0.3)
+    assert (with_sinks - plain).abs().max() > 1e-2
+    # decoding with a cache (queries shorter than the keys) applies them too: the last query of the full call
+    last, _ = function(module, q[:, :, -1:], k, v, None, scaling=0.3, s_aux=sinks)
+    torch.testing.assert_close(last[:, 0], with_sinks[:, -1], rtol=1e-5, atol=1e-6)

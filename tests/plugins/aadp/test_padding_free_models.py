@@ -134,7 +134,7 @@ def test_left_padding_and_several_rows_without_flattening(saved):
     torch.testing.assert_close(got[real], ref[real], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+@pytest.mark.parametrize("model_type", ["llama", "gemma2", "gpt_oss"])
 def test_generation_with_a_cache_matches_the_model_s_own_attention(model_type, saved):
     """Greedy generation from left-padded prompts (prefill over a padding mask, then decoding with a key/value
     cache) gives the same tokens with the plugin as with the model's own attention."""

@@ -64,8 +64,8 @@ def test_spec_matches_installed_transformers_and_tiny_model(model_type):
         assert activation_of(mlp.module, spec.mlp)[0] == expected_activation
     # MoE architectures: one block, experts and router per layer (the tiny configs make every layer sparse)
     assert len(match.moe_blocks) == len(match.experts) == len(match.routers) == (n_layers if spec.moe else 0)
-    for experts in match.experts:
-        assert experts_activation(experts.module, spec.moe) == "silu"
+    for experts in match.experts:  # GPT-OSS: its clamped SwiGLU, fixed by the spec
+        assert experts_activation(experts.module, spec.moe) == ("gpt_oss" if model_type == "gpt_oss" else "silu")
 
 
 def test_spec_kinds():
@@ -74,11 +74,15 @@ def test_spec_kinds():
     assert architecture_spec("gpt_bigcode").rotary is None
     assert architecture_spec("gpt_bigcode").norm.kind == "layernorm"
     assert architecture_spec("phi3").rotary.partial
+    gpt_oss = architecture_spec("gpt_oss")
+    assert gpt_oss.rotary.half_width and not gpt_oss.rotary.partial and gpt_oss.attention.sinks == "sinks"
+    assert gpt_oss.moe.interleaved and gpt_oss.moe.transposed and gpt_oss.moe.router_bias
+    assert all(s.attention.sinks is None for t, s in ARCHITECTURE_SPECS.items() if t != "gpt_oss")
     assert architecture_spec("gemma2").logits.softcap_config == "final_logit_softcapping"
     assert architecture_spec("granite").logits.scaling_config == "logits_scaling"
     assert architecture_spec("mixtral").mlp is None and architecture_spec("mixtral").logits.router_aux_loss
     moe_types = {t for t, s in ARCHITECTURE_SPECS.items() if s.moe is not None}
-    assert moe_types >= {"mixtral", "granitemoe", "qwen2_moe", "qwen3_moe", "olmoe"}
+    assert moe_types >= {"mixtral", "granitemoe", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"}
     assert all(ARCHITECTURE_SPECS[t].mlp is None for t in moe_types)
 
 

@@ -150,8 +150,9 @@ def test_num_items_in_batch(loss_mode):
     framework.revert()
 
 
-def test_fused_linear_loss_with_moe_router_aux_loss():
-    model = tiny_model("mixtral", output_router_logits=True, router_aux_loss_coef=0.5)
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+def test_fused_linear_loss_with_moe_router_aux_loss(model_type):
+    model = tiny_model(model_type, output_router_logits=True, router_aux_loss_coef=0.5)
     batch = tiny_batch()
     expected, expected_grads = loss_and_grads(model, batch)
     assert expected.aux_loss is not None

@@ -51,6 +51,15 @@ TINY_CONFIGS: dict[str, dict[str, Any]] = {
     ),
     "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24, head_dim=8, norm_topk_prob=True),
     "olmoe": dict(num_experts=4, num_experts_per_tok=2),
+    # GPT-OSS: attention sinks, q/k/v/o biases, YaRN rotary with half-width cos/sin, layers alternating sliding and
+    # full attention (the window longer than the test rows here; the padding-free tests shorten it)
+    "gpt_oss": dict(
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        head_dim=8,
+        sliding_window=16,
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16),
+    ),
 }
 
 

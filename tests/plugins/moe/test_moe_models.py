@@ -14,7 +14,7 @@ from .moe_helpers import MOE_TYPES, assert_grads_close, batch, load, loss_and_gr
 
 
 def test_every_moe_architecture_of_the_table_is_covered():
-    assert set(MOE_TYPES) >= {"mixtral", "granitemoe", "qwen2_moe", "qwen3_moe", "olmoe"}
+    assert set(MOE_TYPES) >= {"mixtral", "granitemoe", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"}
 
 
 @pytest.mark.parametrize("model_type", MOE_TYPES)

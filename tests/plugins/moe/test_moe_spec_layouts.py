@@ -1,9 +1,12 @@
-"""The MoE spec's layout fields carry other expert layouts too: GPT-OSS's experts (gate/up interleaved, transposed
-weights, biases, clamped SwiGLU with the module's alpha and limit) and its router (bias, top-k then softmax), with a
-spec written here (GPT-OSS is not in the table: its attention sinks and half-width rotary need more than a MoE spec),
-against transformers' own GPT-OSS modules. Also: MoESpec refuses inconsistent declarations."""
+"""The MoE spec's layout fields carry GPT-OSS's experts (gate/up interleaved, transposed weights, biases, clamped
+SwiGLU with the module's alpha and limit) and its router (bias, top-k then softmax): the table's GPT-OSS spec against
+transformers' own GPT-OSS modules, and against the layout that transformers' ``use_experts_implementation`` declares
+for the class. Also: MoESpec refuses inconsistent declarations, and match_model a spec whose layout contradicts the
+declaration."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -11,23 +14,9 @@ from fms_acceleration_accelerate_moe import route
 from fms_acceleration_accelerate_moe.experts import ExpertsPlans, make_experts_forward
 from fms_acceleration_accelerate_moe.routing import RoutingStats
 
-from fms_acceleration_accelerate.model_specs import MoESpec
+from fms_acceleration_accelerate.model_specs import ModelStructureError, architecture_spec, match_model
 
-GPT_OSS = MoESpec(
-    block_class_names=("GptOssMLP",),
-    experts_class_names=("GptOssExperts",),
-    router_class_names=("GptOssTopKRouter",),
-    router_attribute="router",
-    routing="topk_softmax",
-    normalize_top_k=False,
-    router_bias=True,
-    gate_up_bias="gate_up_proj_bias",
-    down_bias="down_proj_bias",
-    gate_up_layout="interleaved",
-    transposed=True,
-    activation="gpt_oss",
-    activation_parameters=(("alpha", "alpha"), ("limit", "limit")),
-)
+GPT_OSS = architecture_spec("gpt_oss").moe
 
 
 def _gpt_oss(limit: float = 7.0):
@@ -85,7 +74,41 @@ def test_gpt_oss_experts_through_the_spec(limit, kernel_path):
     ],
 )
 def test_inconsistent_specs_are_refused(changes, message):
-    import dataclasses
-
     with pytest.raises(TypeError, match=message):
         dataclasses.replace(GPT_OSS, **changes)
+
+
+def test_the_spec_layout_is_the_one_transformers_declares_for_the_class():
+    """``use_experts_implementation(is_concatenated=False, is_transposed=True, has_bias=True)`` on GptOssExperts."""
+    _, experts, _ = _gpt_oss()
+    assert (experts.is_concatenated, experts.is_transposed, experts.has_bias) == (False, True, True)
+    assert (GPT_OSS.interleaved, GPT_OSS.transposed, GPT_OSS.gate_up_bias is not None) == (True, True, True)
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        (dict(gate_up_layout="concatenated"), r"\(GptOssExperts\) declare is_concatenated=False"),
+        (dict(gate_up_bias=None, down_bias=None), r"\(GptOssExperts\) declare has_bias=True"),
+        (dict(transposed=False), r"hold gate_up_proj \(4, 32, 96\) and down_proj \(4, 48, 32\), expected \(E, 2I, H\)"),
+    ],
+)
+def test_a_spec_contradicting_the_declared_layout_is_refused(changes, words, saved_models):
+    from .moe_helpers import load
+
+    model = load(saved_models("gpt_oss"))
+    spec = architecture_spec("gpt_oss")
+    match_model(model, spec)
+    wrong = dataclasses.replace(spec, moe=dataclasses.replace(spec.moe, **changes))
+    with pytest.raises(ModelStructureError, match=r"experts model\.layers\.0\.mlp\.experts .*" + words):
+        match_model(model, wrong)
+
+
+def test_attention_without_its_sinks_is_refused(saved_models):
+    from .moe_helpers import load
+
+    model = load(saved_models("gpt_oss"))
+    del model.model.layers[1].self_attn.sinks
+    words = r"model\.layers\.1\.self_attn \(GptOssAttention\) has no 1-D tensor 'sinks'"
+    with pytest.raises(ModelStructureError, match=words):
+        match_model(model, architecture_spec("gpt_oss"))

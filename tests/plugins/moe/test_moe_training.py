@@ -92,7 +92,7 @@ def _lora_model(directory, experts_implementation=None):
     return peft_model
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "olmoe"])
+@pytest.mark.parametrize("model_type", ["mixtral", "olmoe", "gpt_oss"])
 def test_lora_on_attention_and_experts(model_type, kernel_path, saved_models, tmp_path):
     from peft import PeftModel
 

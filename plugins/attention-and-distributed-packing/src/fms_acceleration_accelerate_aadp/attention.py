@@ -6,16 +6,27 @@ layer's sliding window, logit soft-capping and attention dropout where the model
 ==============  ============================================================  ============================================
 backend         kernel                                                        cannot honour
 ==============  ============================================================  ============================================
-``flash_attn``  flash-attn's ``flash_attn_varlen_func`` over the real tokens  CPU, float32; soft-capping before 2.6
+``flash_attn``  flash-attn's ``flash_attn_varlen_func`` over the real tokens  CPU, float32; soft-capping before 2.6;
+                                                                              attention sinks
 ``varlen``      ``torch.nn.attention.varlen.varlen_attn`` (PyTorch's own      CPU, float32, soft-capping, attention
-                flash kernel) over the real tokens                            dropout; sliding windows where the
-                                                                              installed torch has no ``window_size``
-``flex``        ``flex_attention`` (compiled) with a document ``BlockMask``   attention dropout; training on CPU
-                built once per forward; soft-capping as a score modifier      (PyTorch has no CPU backward for it)
+                flash kernel) over the real tokens                            dropout, attention sinks; sliding windows
+                                                                              where the installed torch has no
+                                                                              ``window_size``
+``flex``        ``flex_attention`` (compiled) with a document ``BlockMask``   attention dropout, attention sinks;
+                built once per forward; soft-capping as a score modifier      training on CPU (PyTorch has no CPU
+                                                                              backward for it)
 ``sdpa``        ``scaled_dot_product_attention`` with a block-diagonal        soft-capping
-                boolean mask per row (memory grows with the row length²)
-``eager``       explicit ``softmax(q kᵀ) v`` with the same mask               nothing (the slowest)
+                boolean mask per row (memory grows with the row length²);
+                attention sinks as an extra key column of a per-head float
+                mask
+``eager``       explicit ``softmax(q kᵀ) v`` with the same mask; attention    nothing (the slowest)
+                sinks as an extra softmax column
 ==============  ============================================================  ============================================
+
+Attention sinks (GPT-OSS: a learned logit per head, handed to the attention function as ``s_aux``) add one column
+per head to every softmax and drop its probability; a backend that cannot add it would compute another model, so
+those backends refuse such models (:attr:`ModelNeeds.sinks`), and the attention function refuses a call carrying
+sinks that its backend cannot apply.
 
 :func:`choose_backend` takes the configured backend, or for ``auto`` the first in that order that is installed and
 can honour the model (:class:`ModelNeeds`) and the run (:class:`RunNeeds`), and says why each earlier one was passed
@@ -51,6 +62,8 @@ SEGMENTS_KWARG = "fms_padding_free_segments"
 
 _FIX_BACKEND = "set training.attention.padding_free.attention_backend to one that can (or 'auto')"
 
+_NO_SINKS = "has no attention sinks (the model's learned per-head softmax column)"
+
 
 @dataclass(frozen=True)
 class ModelNeeds:
@@ -60,15 +73,17 @@ class ModelNeeds:
         sliding_window: some layer attends only to a window of recent tokens.
         softcap: attention logits are soft-capped (Gemma 2's ``attn_logit_softcapping``).
         dropout: attention dropout is on in training.
+        sinks: attention sinks (GPT-OSS): a learned logit per head joins every softmax (``s_aux``).
     """
 
     sliding_window: bool = False
     softcap: bool = False
     dropout: bool = False
+    sinks: bool = False
 
     def describe(self) -> str:
         needs = [n for n, on in (("sliding windows", self.sliding_window), ("soft-capping", self.softcap),
-                                 ("attention dropout", self.dropout)) if on]  # fmt: skip
+                                 ("attention dropout", self.dropout), ("attention sinks", self.sinks)) if on]  # fmt: skip
         return ", ".join(needs) or "plain causal attention"
 
 
@@ -90,8 +105,9 @@ class RunNeeds:
         return f"{self.device_type}, {str(self.dtype).removeprefix('torch.')}{', training' if self.training else ''}"
 
 
-def model_needs(model: Any, attention_modules: list[Any]) -> ModelNeeds:
-    """:class:`ModelNeeds` of ``model`` (a causal LM) from its config and its attention modules."""
+def model_needs(model: Any, attention_modules: list[Any], sinks_attribute: str | None = None) -> ModelNeeds:
+    """:class:`ModelNeeds` of ``model`` (a causal LM) from its config and its attention modules (``sinks_attribute``:
+    the attention modules' sinks, as the architecture spec names them)."""
     config = model.config
     window = any(getattr(m, "sliding_window", None) for m in attention_modules)
     if not window and not any(hasattr(m, "sliding_window") for m in attention_modules):
@@ -101,6 +117,8 @@ def model_needs(model: Any, attention_modules: list[Any]) -> ModelNeeds:
         sliding_window=bool(window),
         softcap=getattr(config, "attn_logit_softcapping", None) is not None,
         dropout=dropout,
+        sinks=sinks_attribute is not None
+        and any(isinstance(getattr(m, sinks_attribute, None), torch.Tensor) for m in attention_modules),
     )
 
 
@@ -112,10 +130,12 @@ class AttentionBackend:
     """One way to compute attention over :class:`~.segments.Segments`.
 
     Subclasses set ``name`` and implement :meth:`unavailable` (the package or function is missing),
-    :meth:`cannot_run` (the model or the run asks for something the kernel lacks) and :meth:`attend`.
+    :meth:`cannot_run` (the model or the run asks for something the kernel lacks) and :meth:`attend`. Those that set
+    ``supports_sinks`` take the attention sinks as ``attend(..., sinks=(H,) tensor)``.
     """
 
     name: str = ""
+    supports_sinks: bool = False
 
     def unavailable(self) -> str | None:
         """Why the backend cannot be used in this installation, or ``None``."""
@@ -188,6 +208,8 @@ class FlashAttnBackend(AttentionBackend):
             return f"needs a CUDA device (the run is on {run.device_type})"
         if self._function is None and not _half_precision(run.dtype):
             return f"needs fp16 or bf16 (the attention runs in {str(run.dtype).removeprefix('torch.')})"
+        if model.sinks:
+            return _NO_SINKS
         if model.softcap and "softcap" not in inspect.signature(self.function()).parameters:
             return "the installed flash-attn has no soft-capping (flash-attn >= 2.6 has)"
         return None
@@ -246,6 +268,8 @@ class TorchVarlenBackend(AttentionBackend):
                 return f"needs a CUDA device (the run is on {run.device_type})"
             if not _half_precision(run.dtype):
                 return f"needs fp16 or bf16 (the attention runs in {str(run.dtype).removeprefix('torch.')})"
+        if model.sinks:
+            return _NO_SINKS
         if model.softcap:
             return "has no soft-capping"
         if model.dropout:
@@ -300,6 +324,8 @@ class FlexBackend(AttentionBackend):
         return None
 
     def cannot_run(self, model: ModelNeeds, run: RunNeeds) -> str | None:
+        if model.sinks:
+            return _NO_SINKS
         if model.dropout:
             return "has no attention dropout"
         if run.training and run.device_type == "cpu":
@@ -367,39 +393,54 @@ class FlexBackend(AttentionBackend):
 
 
 class SdpaBackend(AttentionBackend):
-    """``scaled_dot_product_attention`` with a block-diagonal boolean mask per row."""
+    """``scaled_dot_product_attention`` with a block-diagonal boolean mask per row (with attention sinks: a float
+    mask per head, one column longer, see :func:`_sdpa`)."""
 
     name = "sdpa"
+    supports_sinks = True
 
     def cannot_run(self, model: ModelNeeds, run: RunNeeds) -> str | None:
         if model.softcap:
             return "has no soft-capping"
         return None
 
-    def attend(self, query, key, value, segments, *, scaling, dropout, sliding_window, softcap):
+    def attend(self, query, key, value, segments, *, scaling, dropout, sliding_window, softcap, sinks=None):
         if softcap is not None:
             raise AccelerationConfigError("the sdpa attention backend has no soft-capping", fix=_FIX_BACKEND)
-        return _sdpa(query, key, value, segments.allowed(sliding_window), scaling, dropout)
+        return _sdpa(query, key, value, segments.allowed(sliding_window), scaling, dropout, sinks)
 
 
 class EagerBackend(AttentionBackend):
-    """``softmax(q kᵀ · scale [soft-capped] + mask) v`` written out, with the block-diagonal mask."""
+    """``softmax(q kᵀ · scale [soft-capped] + mask [, sink]) v`` written out, with the block-diagonal mask."""
 
     name = "eager"
+    supports_sinks = True
 
-    def attend(self, query, key, value, segments, *, scaling, dropout, sliding_window, softcap):
-        return _eager(query, key, value, segments.allowed(sliding_window), scaling, dropout, softcap)
+    def attend(self, query, key, value, segments, *, scaling, dropout, sliding_window, softcap, sinks=None):
+        return _eager(query, key, value, segments.allowed(sliding_window), scaling, dropout, softcap, sinks)
 
 
-def _sdpa(query, key, value, allowed, scaling, dropout) -> torch.Tensor:
+def _sdpa(query, key, value, allowed, scaling, dropout, sinks=None) -> torch.Tensor:
+    """SDPA over the ``allowed`` mask. With ``sinks`` ((H,) logits): one more key per head whose key and value are
+    zero, so its logit is the mask's value there, the head's sink, and it adds nothing to the output; the mask is
+    then additive, per head, ``(B, H, Lq, Lk + 1)`` in the query's dtype (the sinks' gradient flows through it)."""
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, dropout_p=dropout, scale=scaling)
+    mask = allowed
+    if sinks is not None:
+        b, h, lq, _ = query.shape
+        blocked = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device).masked_fill(~allowed, -math.inf)
+        column = sinks.to(query.dtype).view(1, h, 1, 1).expand(b, h, lq, 1)
+        mask = torch.cat((blocked.expand(b, h, lq, -1), column), dim=-1)
+        key = torch.cat((key, key.new_zeros(b, h, 1, key.shape[-1])), dim=2)
+        value = torch.cat((value, value.new_zeros(b, h, 1, value.shape[-1])), dim=2)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling)
     return out.transpose(1, 2)
 
 
-def _eager(query, key, value, allowed, scaling, dropout, softcap) -> torch.Tensor:
+def _eager(query, key, value, allowed, scaling, dropout, softcap, sinks=None) -> torch.Tensor:
+    """Attention written out; ``sinks`` ((H,) logits): a column per head joins the softmax and is dropped after."""
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
         key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
@@ -407,7 +448,13 @@ def _eager(query, key, value, allowed, scaling, dropout, softcap) -> torch.Tenso
     if softcap is not None:
         scores = softcap * torch.tanh(scores / softcap)
     scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    if sinks is not None:
+        b, h, lq, _ = scores.shape
+        column = sinks.to(scores.dtype).view(1, h, 1, 1).expand(b, h, lq, 1)
+        weights = torch.softmax(torch.cat((scores, column), dim=-1), dim=-1, dtype=torch.float32)[..., :-1]
+        weights = weights.to(query.dtype)
+    else:
+        weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     if dropout:
         weights = F.dropout(weights, p=dropout, training=True)
     return torch.matmul(weights, value).transpose(1, 2)
@@ -475,7 +522,9 @@ def choose_backend(
 # the function registered in transformers' AttentionInterface
 
 
-def _dense_with_cache(query, key, value, attention_mask, scaling, dropout, sliding_window, softcap) -> torch.Tensor:
+def _dense_with_cache(
+    query, key, value, attention_mask, scaling, dropout, sliding_window, softcap, sinks=None
+) -> torch.Tensor:
     """Queries that are the last ``Lq`` of ``Lk`` keys (decoding with a key/value cache): causal, padding and sliding
     window masks on the explicit path."""
     b, _, lq, _ = query.shape
@@ -493,14 +542,15 @@ def _dense_with_cache(query, key, value, attention_mask, scaling, dropout, slidi
             fix="pass a 2-D padding mask (or none), or remove training.attention.padding_free",
         )
     allowed = allowed | (k_idx == q_idx)  # a fully padded query row attends to itself (its output is unused)
-    return _eager(query, key, value, allowed, scaling, dropout, softcap)
+    return _eager(query, key, value, allowed, scaling, dropout, softcap, sinks)
 
 
 def make_attention_function(backend: AttentionBackend) -> Callable[..., tuple[torch.Tensor, None]]:
     """The attention function registered in transformers' ``AttentionInterface`` for ``backend``.
 
     Signature as transformers calls it: ``(module, query (B, H, L, D), key, value (B, H_kv, L, D), attention_mask,
-    scaling=, dropout=, sliding_window=, softcap=, **kwargs) -> (output (B, L, H, D), None)``.
+    scaling=, dropout=, sliding_window=, softcap=, s_aux=, **kwargs) -> (output (B, L, H, D), None)``; ``s_aux``: the
+    attention sinks (H,) of models that have them (GPT-OSS), applied by the backends that can, refused by the others.
     """
 
     def padding_free_attention(
@@ -522,9 +572,19 @@ def make_attention_function(backend: AttentionBackend) -> Callable[..., tuple[to
                 "padding-free attention does not return attention weights (output_attentions=True)",
                 fix="call the model without output_attentions, or remove training.attention.padding_free",
             )
+        sinks = kwargs.pop("s_aux", None)
         if query.shape[2] != key.shape[2]:
-            out = _dense_with_cache(query, key, value, attention_mask, scale, dropout, sliding_window, softcap)
+            out = _dense_with_cache(query, key, value, attention_mask, scale, dropout, sliding_window, softcap, sinks)
             return out.contiguous(), None
+        extra: dict[str, Any] = {}
+        if sinks is not None:
+            if not backend.supports_sinks:
+                raise AccelerationConfigError(
+                    f"the {backend.name} padding-free attention backend got attention sinks (s_aux, from "
+                    f"{type(module).__name__}), which it cannot apply; without them it would compute another model",
+                    fix="set training.attention.padding_free.attention_backend to sdpa, eager or auto",
+                )
+            extra["sinks"] = sinks
         segments = kwargs.get(SEGMENTS_KWARG)
         if segments is None or segments.length != query.shape[2] or segments.batch != query.shape[0]:
             segments = segments_of_batch(
@@ -537,7 +597,15 @@ def make_attention_function(backend: AttentionBackend) -> Callable[..., tuple[to
                 max_length=kwargs.get("max_length_q"),
             )
         out = backend.attend(
-            query, key, value, segments, scaling=scale, dropout=dropout, sliding_window=sliding_window, softcap=softcap
+            query,
+            key,
+            value,
+            segments,
+            scaling=scale,
+            dropout=dropout,
+            sliding_window=sliding_window,
+            softcap=softcap,
+            **extra,
         )
         return out.contiguous(), None
 

@@ -139,6 +139,21 @@ class PaddingFreePlugin(AccelerationPlugin):
         """Each causal LM this plugin patched -> (its attention implementation key, the backend chosen for it)."""
 
     # ------------------------------------------------------------------------------------------- checks
+    def check_model_type(self, model_type: str | None) -> None:
+        """Before the model is loaded: an architecture with attention sinks (GPT-OSS) with an explicitly chosen
+        backend that cannot apply them is refused (``auto`` passes over those backends)."""
+        super().check_model_type(model_type)
+        spec = architecture_spec(model_type, path=self.key_path())
+        backend = self.config.attention_backend
+        if spec.attention.sinks is not None and backend != "auto" and not BACKEND_CLASSES[backend].supports_sinks:
+            able = [name for name, cls in BACKEND_CLASSES.items() if cls.supports_sinks]
+            raise AccelerationConfigError(
+                f"{model_type} attention has sinks (a learned per-head softmax column), which the {backend} backend "
+                "cannot apply; without them the attention would compute another model",
+                path=self.key_path("attention_backend"),
+                fix=f"set attention_backend to {' or '.join(able)}, or auto (it picks one that can)",
+            )
+
     def check_run_settings(self, context: RunContext) -> None:
         """An explicitly chosen backend that is not installed, or that cannot run on this device, is refused when
         the Accelerator is created (before any model is loaded)."""
@@ -184,7 +199,7 @@ class PaddingFreePlugin(AccelerationPlugin):
         done = self._choices.get(causal)
         if done is not None and causal.config._attn_implementation == done[0]:
             return done[1]
-        needs = model_needs(causal, [m.module for m in match.attentions])
+        needs = model_needs(causal, [m.module for m in match.attentions], match.spec.attention.sinks)
         run = RunNeeds(device_type=context.device.type, dtype=_compute_dtype(causal, context, train_args))
         choice = self._choose(needs, run)
         key = f"{ATTENTION_PREFIX}_{choice.name}_{id(self):x}"

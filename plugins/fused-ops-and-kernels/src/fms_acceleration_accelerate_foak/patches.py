@@ -98,14 +98,31 @@ def patch_rotary(spec: ArchitectureSpec, patches: PluginPatcher) -> int:
     from fms_acceleration_accelerate_kernels.rope import apply_rotary_pos_emb
 
     module = importlib.import_module(spec.rotary.module)
+    function: Callable[..., Any] = apply_rotary_pos_emb
+    note = " (partial rotary)" if spec.rotary.partial else ""
+    if spec.rotary.half_width:
+        function, note = _half_width_rotary(apply_rotary_pos_emb), " (half-width cos/sin, repeated to the head)"
     patches.patch(
         module,
         spec.rotary.function,
-        apply_rotary_pos_emb,
+        function,
         target=f"{spec.rotary.module}.{spec.rotary.function}",
-        description="kernels.apply_rotary_pos_emb" + (" (partial rotary)" if spec.rotary.partial else ""),
+        description="kernels.apply_rotary_pos_emb" + note,
     )
     return 1
+
+
+def _half_width_rotary(kernel: Callable[..., Any]) -> Callable[..., Any]:
+    """The RoPE kernel for rotary functions whose cos/sin are ``head_dim / 2`` wide, one value per rotated pair
+    (GPT-OSS): repeating them gives the usual ``head_dim``-wide tables, which rotate the two halves of the head the
+    same way (``x1 * cos - x2 * sin``, ``x2 * cos + x1 * sin``). The copy is (B, S, head_dim) per call, small next
+    to q and k."""
+
+    @functools.wraps(kernel)
+    def apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):  # type: ignore[no-untyped-def]
+        return kernel(q, k, torch.cat((cos, cos), dim=-1), torch.cat((sin, sin), dim=-1), position_ids, unsqueeze_dim)
+
+    return apply_rotary_pos_emb
 
 
 # ------------------------------------------------------------------------------------------------- GLU MLP
