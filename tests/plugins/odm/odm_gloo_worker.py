@@ -1,8 +1,8 @@
 """Worker of test_odm_distributed.py, run by ``torchrun --nproc_per_node 2`` (gloo on CPU): the HF Trainer with an
 OnlineMixingDataset and the plugin's callback, Accelerate reading the stream on every process
 (``dispatch_batches=False``: each process keeps its slice of every global batch, so each process draws the
-categories itself). Writes ``rank<r>.json``: the examples this process trained, its local training losses, and its
-dataset's mixture history and state.
+categories itself). Writes ``rank<r>.json``: the examples this process trained, its local training losses, its
+dataset's mixture history and state, and the categories auto-categorisation gave 60 shipped examples here.
 
     torchrun --nproc_per_node 2 odm_gloo_worker.py OUT_DIR
 """
@@ -94,6 +94,17 @@ def main(out: Path) -> None:
     )
     trainer.train()
     state = dataset.state_dict()
+
+    # auto-categorisation under the process group: process 0 embeds and clusters, the others get its labels
+    from fms_acceleration_accelerate_odm import DatasetAutoCategorizer
+
+    shipped = Path(__file__).resolve().parents[3] / "benchmarks" / "data" / "instructions.jsonl"
+    with open(shipped, encoding="utf-8") as handle:
+        rows = [json.loads(line) for _, line in zip(range(60), handle)]
+    categorizer = DatasetAutoCategorizer(
+        {"input_column": "instruction", "num_categories": 3, "show_progress_bar": False}
+    )
+    groups = categorizer.fit(rows)
     report = {
         "rank": rank,
         "world": world,
@@ -105,6 +116,8 @@ def main(out: Path) -> None:
         "positions": state["positions"],
         "produced": state["produced"],
         "rewarded_until": state["rewarded_until"],
+        "auto_categories": {name: [row["id"] for row in group] for name, group in groups.items()},
+        "embedded_here": categorizer._embedder is not None,
     }
     (out / f"rank{rank}.json").write_text(json.dumps(report))
     # every process exits: the prepared objects released, a barrier, then the process group destroyed

@@ -1,6 +1,7 @@
 """Online data mixing on 2 gloo processes (torchrun, the HF Trainer on CPU, each process reading the stream): both
 processes draw the same categories without exchanging them, every example of the stream is trained by exactly one
-process, and each update applies the reward reduced over both processes (so both bandits stay identical). See
+process, and each update applies the reward reduced over both processes (so both bandits stay identical); one
+unlabelled dataset is auto-categorised once (process 0) into the same categories on both. See
 ``odm_gloo_worker.py``."""
 
 from __future__ import annotations
@@ -74,3 +75,9 @@ def test_two_gloo_processes_draw_the_same_categories_and_reduce_the_rewards(tmp_
 
     # metrics are written once (process 0), one line per update
     assert len(read_metrics(tmp_path / "trainer")) == STEPS
+
+    # auto-categorisation: process 0 embedded and clustered, process 1 received the same categories
+    assert first["embedded_here"] and not second["embedded_here"]
+    assert first["auto_categories"] == second["auto_categories"]
+    assert len(first["auto_categories"]) == 3
+    assert sorted(i for ids in first["auto_categories"].values() for i in ids) == list(range(60))
