@@ -1,9 +1,10 @@
 """Model knowledge as data: one declarative spec per supported decoder architecture.
 
 Every kernel plugin reads these specs instead of hard-coding architecture details: which module classes (by
-class name, as transformers 5.x names them) are the decoder layer, the attention (and its projection attribute
-names), the MLP (gate/up/down names and activation kind), the norms, which module-level function applies the
-rotary embedding, what the causal-LM head does to its logits (Gemma2's final soft-capping, Granite's
+class name, as transformers 5.x names them) are the decoder layer, the attention (its projection attribute names,
+and its attention sinks where it has them), the MLP (gate/up/down names and activation kind), the norms, which
+module-level function applies the rotary embedding (and the width of its cos/sin tables), what the causal-LM head
+does to its logits (Gemma2's final soft-capping, Granite's
 ``logits_scaling``), the sparse mixture-of-experts block of MoE architectures (:class:`MoESpec`: router, routing
 rule, expert weight layout, activation, shared expert), and the causal-LM class itself.
 

@@ -21,7 +21,9 @@ Two halves, both recorded in the framework's patch recorder and reverted with it
 
 The backend is chosen when the model is patched (:func:`~.attention.choose_backend`: the configured one, or for
 ``auto`` the first of flash_attn, varlen, flex, sdpa, eager that is installed and can honour the model's sliding
-windows / soft-capping / attention dropout on the run's device and dtype) and named in the patch table.
+windows / soft-capping / attention dropout / attention sinks on the run's device and dtype) and named in the patch
+table. A model with attention sinks (GPT-OSS) with a configured backend that cannot apply them is refused before it
+is loaded (:meth:`PaddingFreePlugin.check_model_type`).
 """
 
 from __future__ import annotations
