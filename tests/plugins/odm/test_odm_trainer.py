@@ -199,3 +199,35 @@ def test_trainer_velocity_reward_moves_the_mixture_toward_the_learnable_category
     assert learnable > 2.0 and noise < 0.5, (learnable, noise)
     last_loss = dict(zip(dataset.categories, dataset.state_dict()["last_loss"]))
     assert last_loss["learnable"] < 0.5 < math.log(VOCAB) < last_loss["noise"], last_loss
+
+
+def test_trainer_counts_examples_flattened_into_one_row(tmp_path):
+    """With HF's padding-free collator each batch is one row holding 4 examples: the trained examples are still
+    counted one by one (position_ids restarting at 0), so the mixture's bookkeeping matches the padded layout."""
+    import torch
+    from fms_acceleration_accelerate_odm import OnlineMixingCallback, OnlineMixingDataset, read_metrics
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    dataset = OnlineMixingDataset(_data(), sampling_interval=4, reward_type="train_loss", seed=1)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        max_steps=6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+    )
+    seen_rows = []
+
+    def collate(examples):
+        batch = DataCollatorWithFlattening()(examples)
+        seen_rows.append(batch["input_ids"].shape[0])
+        return batch
+
+    trainer = Trainer(model=_tiny_model(tmp_path), args=args, train_dataset=dataset, data_collator=collate,
+                      callbacks=[OnlineMixingCallback(update_interval=1)])  # fmt: skip
+    trainer.train()
+    assert set(seen_rows) == {1}  # flattened: one row per batch
+    assert read_metrics(tmp_path / "out")[-1]["examples"] == 24

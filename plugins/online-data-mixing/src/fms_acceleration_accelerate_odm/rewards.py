@@ -114,13 +114,27 @@ def _loss_of(output: Any) -> Any:
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int:
+    """Examples in a training forward: the rows of ``input_ids``, or for one row the examples flattened into it
+    (padding-free layout: ``cu_seq_lens_q`` or ``position_ids`` restarting at 0 at each example)."""
     for name in ("input_ids", "inputs_embeds"):
         value = kwargs.get(name)
         if value is not None:
+            if value.shape[0] == 1:
+                return _examples_in_row(kwargs)
             return int(value.shape[0])
     if args and hasattr(args[0], "shape"):
         return int(args[0].shape[0])
     return 0
+
+
+def _examples_in_row(kwargs: dict) -> int:
+    cu_seq_lens = kwargs.get("cu_seq_lens_q")
+    if cu_seq_lens is not None and cu_seq_lens.numel() > 1:
+        return int(cu_seq_lens.numel() - 1)
+    position_ids = kwargs.get("position_ids")
+    if position_ids is not None and position_ids.numel() > 0:
+        return max(1, int((position_ids.reshape(-1) == 0).sum()))
+    return 1
 
 
 class RewardTracker:
