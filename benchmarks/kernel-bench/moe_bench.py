@@ -63,21 +63,24 @@ from pathlib import Path
 SHAPES = {"granitemoe_3b": (1536, 512, 40, 8, 8192), "mixtral": (4096, 14336, 8, 2, 4096)}
 SMOKE_SHAPES = {"granitemoe_3b": (48, 40, 10, 8, 37), "mixtral": (64, 48, 5, 2, 33)}
 IMPLS = ("triton", "grouped_mm", "eager", "triton_no_tma")
-# --sweep candidates per kernel: (block_m, block_n, block_k, num_warps, num_stages[, tma[, n_split]])
+# --sweep candidates per kernel: (block_m, block_n, block_k, num_warps, num_stages[, tma[, n_split]]), the default
+# first. The earlier sweep (benchmarks/results/2026-12-06-h100-x1-kernels-moe) also tried: up 128x64 tiles (3 and 4
+# stages, TMA and pointers); down/dx 128x128 tiles; down_bwd with its activation backward fused into the GEMM
+# epilogue (128x64 tiles, 3 and 4 stages, TMA and pointers: 1.6-2x slower than two passes), two passes with 128x128
+# tiles; weight gradients 64x128x128 (3 and 5 stages), 128x128x128, 64x128x256 and 64x256x128 with 3 stages.
 SWEEP = {
-    "up": [(128, 64, 64, 8, 3, True), (128, 64, 64, 8, 4, True), (128, 128, 64, 8, 3, True), (128, 128, 64, 8, 4, True),
-           (128, 64, 64, 8, 3)],
-    "down": [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 4, True), (128, 128, 64, 8, 4, True), (128, 128, 64, 8, 3)],
-    "down_bwd": [(128, 64, 64, 8, 3, True), (128, 64, 64, 8, 4, True), (128, 64, 64, 8, 3),
-                 (128, 256, 64, 8, 3, True, 0), (128, 256, 64, 8, 4, True, 0), (128, 128, 64, 8, 4, True, 0)],
-    "dx": [(128, 256, 64, 8, 3, True), (128, 256, 64, 8, 4, True), (128, 128, 64, 8, 4, True), (128, 128, 64, 8, 3)],
-    # the weight gradient's gathered rows are read through a per-step index load: num_stages - 2 buffers
-    "wgrad": [(64, 128, 256, 8, 3, True), (64, 128, 256, 8, 5, True), (64, 256, 128, 8, 5, True),
-              (64, 128, 128, 8, 3, True), (64, 128, 128, 8, 5, True), (128, 128, 128, 8, 4, True), (64, 128, 128, 8, 3)],
+    "up": [(128, 128, 64, 8, 3, True), (128, 128, 64, 8, 4, True)],
+    "down": [(128, 256, 64, 8, 4, True), (128, 256, 64, 8, 3, True)],
+    "down_bwd": [(128, 256, 64, 8, 4, True, 0), (128, 256, 64, 8, 3, True, 0)],
+    "dx": [(128, 256, 64, 8, 4, True), (128, 256, 64, 8, 3, True)],
+    "wgrad_down": [(64, 128, 256, 8, 5, True), (64, 128, 256, 8, 6, True), (128, 128, 256, 8, 4, True),
+                   (64, 256, 128, 8, 5, True)],
+    "wgrad_gate_up": [(64, 256, 128, 8, 5, True), (64, 256, 128, 8, 6, True), (128, 256, 128, 8, 4, True),
+                      (64, 128, 256, 8, 5, True)],
 }  # fmt: skip
 # the pieces each kernel's setting changes
 SWEEP_PIECES = {"up": ("up",), "down": ("down",), "down_bwd": ("down_bwd",), "dx": ("dx",),
-                "wgrad": ("wgrad_down", "wgrad_gate_up")}  # fmt: skip
+                "wgrad_down": ("wgrad_down",), "wgrad_gate_up": ("wgrad_gate_up",)}  # fmt: skip
 # forward flops of each piece in units of S*H*I (S = T k): 2 per multiply-add
 PIECE_FLOPS = {"up": 4, "down": 2, "down_bwd": 2, "wgrad_down": 2, "wgrad_gate_up": 4, "dx": 4}
 ERROR_FLOOR = 2e-2
@@ -348,12 +351,12 @@ def make_pieces(problem: dict, params: dict, shape) -> tuple[dict, dict]:
 
     def wgrad_down(launch):
         moe.moe_weight_grad_triton(upstream, True, aw, False, routing, d_down, layout.down_strides(d_down),
-                                   launch=launch)  # fmt: skip
+                                   launch=launch, launch_name="wgrad_down")  # fmt: skip
         return d_down
 
     def wgrad_gate_up(launch):
         moe.moe_weight_grad_triton(dh, False, x, True, routing, d_gate_up, layout.gate_up_strides(d_gate_up),
-                                   launch=launch)  # fmt: skip
+                                   launch=launch, launch_name="wgrad_gate_up")  # fmt: skip
         return d_gate_up
 
     pieces = {
@@ -463,12 +466,16 @@ def _precompile_worker(shape_name: str, cands: list) -> list[str]:
 
 
 def precompile(shape_names, jobs: int) -> float:
-    """Compile every sweep setting at the given shapes in ``jobs`` spawned processes; returns the seconds taken."""
+    """Compile every sweep setting (and the pointer-only defaults) at the given shapes in ``jobs`` spawned
+    processes; returns the seconds taken."""
     import concurrent.futures
     import multiprocessing
 
+    from fms_acceleration_accelerate_kernels.moe import _LAUNCH_NO_TMA
+
     start = time.perf_counter()
-    work = [(shape, [(k, c)]) for shape in shape_names for k, cands in SWEEP.items() for c in cands]
+    settings = {k: [*cands, tuple(_LAUNCH_NO_TMA[k])] for k, cands in SWEEP.items()}  # + --breakdown's
+    work = [(shape, [(k, c)]) for shape in shape_names for k, cands in settings.items() for c in cands]
     # one task per worker and shape: cands dealt round-robin
     tasks = {}
     for i, (shape, cand) in enumerate(work):
@@ -522,10 +529,10 @@ def _kernel_variants(moe, n_split: int = 1) -> dict:
         "down": [("", moe._moe_grouped_mm_kernel, mm_ptrs, dict(X_GATHER=False, stride_wk=1, **mm), w_nk | rows_x)],
         "down_bwd": [down_bwd],
         "dx": [("", moe._moe_grouped_mm_kernel, mm_ptrs, dict(X_GATHER=False, stride_wn=1, **mm), w_kn | rows_x)],
-        "wgrad": [("gate_up", moe._moe_weight_grad_kernel, wgrad_ptrs,
-                   dict(G_GATHER=False, X_GATHER=True, X_TMA=False, **wgrad), {"G_DESC": ("mn", None, "G_TMA")}),
-                  ("down", moe._moe_weight_grad_kernel, wgrad_ptrs,
-                   dict(G_GATHER=True, X_GATHER=False, G_TMA=False, **wgrad), {"X_DESC": ("mk", None, "X_TMA")})],
+        "wgrad_gate_up": [("", moe._moe_weight_grad_kernel, wgrad_ptrs,
+                           dict(G_GATHER=False, X_GATHER=True, X_TMA=False, **wgrad), {"G_DESC": ("mn", None, "G_TMA")})],
+        "wgrad_down": [("", moe._moe_weight_grad_kernel, wgrad_ptrs,
+                        dict(G_GATHER=True, X_GATHER=False, G_TMA=False, **wgrad), {"X_DESC": ("mk", None, "X_TMA")})],
     }  # fmt: skip
 
 

@@ -38,17 +38,21 @@ the GEMMs read scattered token rows through the sort index instead of copying th
   elements per layer against ``2 S I`` here).
 * Backward, with ``g = d out``:
 
-  1. ``_moe_down_bwd_kernel``: ``da = g[perm // k] W_d[e]`` (gathered rows); the epilogue recomputes
-     ``a`` from ``h``, writes ``dw_partial = <da, a>`` per column tile (the routing-weight gradient
-     ``<g_t, y>``, without ever forming ``y``), ``dh = (w da) * da/dgate | (w da) * da/dup`` (S, 2I) in W_gu's
-     row order, and ``w a`` (S, I) for the down weight gradient.
+  1. ``da = g[perm // k] W_d[e]`` (gathered rows), then the activation backward: recompute ``a`` from ``h``,
+     write ``dw_partial = <da, a>`` per column block (the routing-weight gradient ``<g_t, y>``, without ever
+     forming ``y``), ``dh = (w da) * da/dgate | (w da) * da/dup`` (S, 2I) in W_gu's row order, and ``w a``
+     (S, I) for the down weight gradient. Either fused into the GEMM's epilogue (``_moe_down_bwd_kernel``; its
+     register pressure limits it to narrow tiles) or, the default on Hopper, in two passes: ``da`` (S, I) from
+     ``_moe_grouped_mm_kernel`` on gathered rows with wide TMA tiles, then ``_moe_act_bwd_kernel`` (elementwise).
   2. ``_moe_weight_grad_kernel`` (per expert, over its row slice ``offsets[e]:offsets[e+1]``):
-     ``dW_d[e] = g[perm // k]^T (w a)`` and ``dW_gu[e] = dh^T x[perm // k]`` (gathered rows again), bias
-     gradients as row sums in the same pass; written in the parameters' own layout.
+     ``dW_d[e] = g[perm // k]^T (w a)`` and ``dW_gu[e] = dh^T x[perm // k]`` (gathered rows again, the
+     expert-ordered operand through TMA), bias gradients as row sums in the same pass; written in the parameters'
+     own layout.
   3. ``_moe_grouped_mm_kernel``: ``dx_rows = dh W_gu[e]`` (S, H), then ``_moe_combine_kernel`` sums each
      token's ``k`` rows.
 
-  Transient backward buffers: ``dh`` (S, 2I), ``w a`` (S, I) (freed after ``dW_d``), ``dx_rows`` (S, H).
+  Transient backward buffers: ``dh`` (S, 2I), ``w a`` (S, I) (freed after ``dW_d``), ``dx_rows`` (S, H), and
+  with two passes ``da`` (S, I) (freed after the second).
 
 Math in fp32 accumulators, one rounding per stored tensor; bf16/fp16 operands use tensor cores, fp32 operands
 TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is on and IEEE fp32 otherwise. In interpreter mode the dots
@@ -126,17 +130,22 @@ class GemmLaunch(NamedTuple):
     n_split: int = 1
 
 
-# Per kernel: "up" (block_n per half: gate and up each), "down", "down_bwd", "dx", "wgrad" (block_n x block_k
-# output tile of dW, block_m rows per step). ``_LAUNCH``: GPUs with TMA (Hopper and newer; every setting
-# compiles for sm_90 without spills); ``_LAUNCH_NO_TMA``: older GPUs. The benchmark's --sweep overrides them
-# through ``launch``.
+# Per kernel: "up" (block_n per half: gate and up each), "down", "down_bwd", "dx", and the weight gradients
+# "wgrad_down" (dW_d = g^T (w a): gathered rows of g, expert-ordered w a) and "wgrad_gate_up" (dW_gu = dh^T x:
+# expert-ordered dh, gathered rows of x), each a block_n x block_k output tile of dW with block_m rows per step (a
+# ``launch`` override may give "wgrad" for both). ``_LAUNCH``: GPUs with TMA (Hopper and newer; from a sweep on an
+# H100 at a GraniteMoe-3B-shaped and a Mixtral-shaped layer; every setting compiles for sm_90 without spills);
+# ``_LAUNCH_NO_TMA``: older GPUs. The weight gradient reads its gathered rows through a per-step index load, which
+# takes two of its pipeline stages: num_stages 5 keeps three row blocks in flight. Its tiles are widest along the
+# expert-ordered operand (read through TMA). The benchmark's --sweep overrides these through ``launch``.
 _LAUNCH: Mapping[str, GemmLaunch] = MappingProxyType(
     {
-        "up": GemmLaunch(128, 64, 64, 8, 3, True),
-        "down": GemmLaunch(128, 256, 64, 8, 3, True),
-        "down_bwd": GemmLaunch(128, 64, 64, 8, 3, True),
-        "dx": GemmLaunch(128, 256, 64, 8, 3, True),
-        "wgrad": GemmLaunch(64, 128, 256, 8, 3, True),
+        "up": GemmLaunch(128, 128, 64, 8, 3, True),
+        "down": GemmLaunch(128, 256, 64, 8, 4, True),
+        "down_bwd": GemmLaunch(128, 256, 64, 8, 4, True, 0),
+        "dx": GemmLaunch(128, 256, 64, 8, 4, True),
+        "wgrad_down": GemmLaunch(64, 128, 256, 8, 5, True),
+        "wgrad_gate_up": GemmLaunch(64, 256, 128, 8, 5, True),
     }
 )
 _LAUNCH_NO_TMA: Mapping[str, GemmLaunch] = MappingProxyType(
@@ -145,7 +154,8 @@ _LAUNCH_NO_TMA: Mapping[str, GemmLaunch] = MappingProxyType(
         "down": GemmLaunch(128, 128, 64, 8, 3),
         "down_bwd": GemmLaunch(128, 64, 64, 8, 3),
         "dx": GemmLaunch(128, 128, 64, 8, 3),
-        "wgrad": GemmLaunch(64, 128, 128, 8, 3),
+        "wgrad_down": GemmLaunch(64, 128, 128, 8, 3),
+        "wgrad_gate_up": GemmLaunch(64, 128, 128, 8, 3),
     }
 )
 # Interpreter: small tiles so that the odd test shapes exercise several row, column and K tiles and their tails.
@@ -903,8 +913,11 @@ def _precision(dtype: torch.dtype) -> int:
 
 
 def _launch_for(name: str, launch: Mapping[str, GemmLaunch] | None, device: torch.device) -> GemmLaunch:
-    if launch is not None and name in launch:
-        return GemmLaunch(*launch[name])
+    if launch is not None:
+        if name in launch:
+            return GemmLaunch(*launch[name])
+        if name.startswith("wgrad_") and "wgrad" in launch:
+            return GemmLaunch(*launch["wgrad"])
     if interpreter_enabled():
         return _LAUNCH_INTERPRETER
     return _LAUNCH[name] if _tma_available(device) else _LAUNCH_NO_TMA[name]
@@ -1156,12 +1169,13 @@ def moe_weight_grad_triton(
     db: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     launch: Mapping[str, GemmLaunch] | None = None,
+    launch_name: str = "wgrad_gate_up",
 ) -> None:
     """Triton per-expert weight gradient written into ``dw`` (element (e, n, k) at ``e * dw.stride(0) +
     n * dw_strides[0] + k * dw_strides[1]``) and, when given, ``db`` (E, N) (contract of
-    :func:`moe_weight_grad_ref`)."""
+    :func:`moe_weight_grad_ref`); ``launch_name``: the tile setting to use ("wgrad_down" or "wgrad_gate_up")."""
     n_out, k_dim = g.shape[1], x.shape[1]
-    cfg = _launch_for("wgrad", launch, g.device)
+    cfg = _launch_for(launch_name, launch, g.device)
     block_n, block_k = _fit(cfg.block_n, n_out), _fit(cfg.block_k, k_dim)
     g_desc = x_desc = None
     if cfg.tma and _tma_available(g.device):  # the expert-ordered operand through TMA (full row blocks)
@@ -1389,7 +1403,7 @@ def _backward_impl(dout, hidden, top_k_index, top_k_weights, gate_up, down, gate
         d_down = torch.empty_like(down)
         moe_weight_grad_triton(
             dout, True, aw, False, routing, d_down, layout.down_strides(d_down), db=d_down_bias, scale=weights,
-            launch=launch,
+            launch=launch, launch_name="wgrad_down",
         )  # fmt: skip
     elif need_db:
         d_down_bias = _bias_grad_torch(dout, True, routing, weights, down_bias.dtype)
@@ -1400,7 +1414,7 @@ def _backward_impl(dout, hidden, top_k_index, top_k_weights, gate_up, down, gate
         d_gate_up = torch.empty_like(gate_up)
         moe_weight_grad_triton(
             dh, False, hidden, True, routing, d_gate_up, layout.gate_up_strides(d_gate_up), db=d_gate_up_bias,
-            launch=launch,
+            launch=launch, launch_name="wgrad_gate_up",
         )  # fmt: skip
     elif need_gub:
         d_gate_up_bias = _bias_grad_torch(dh, False, routing, None, gate_up_bias.dtype)
