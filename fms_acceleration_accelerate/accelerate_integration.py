@@ -21,8 +21,12 @@ What it does
     ``auto_wrap_policy``, ignored modules and mixed-precision settings on the FSDP plugin, restored after
     the call; FSDP2: our own ``fully_shard`` of the planned units and the optimizer re-pointed at the sharded
     parameters, after which Accelerate shards the rest) -> Accelerate's ``prepare`` -> ``after_prepare`` of
-    each plugin. DeepSpeed: contributions run before prepare (plugins that can run there do their work in
-    ``prepare_contribution``); a plugin that cannot run there refuses with an error before DeepSpeed starts.
+    each plugin. DeepSpeed (whose path never calls Accelerate's ``prepare_model``): the contributions are
+    checked against DeepSpeed and turned into DeepSpeed's terms just before Accelerate builds the engine
+    (:func:`~fms_acceleration_accelerate.distributed.plan_deepspeed`: under ZeRO-3 the parameters inside the
+    plugins' fused scopes become the scopes' external parameters, gathered at the scopes' forward and backward,
+    recorded in the framework's patch table; a plugin that cannot run there refuses with an error before
+    DeepSpeed starts); ``after_prepare`` gets the ``DeepSpeedEngine``.
 
   The run's shape those hooks are handed, a :class:`~fms_acceleration_accelerate.distributed.RunContext`, is built
   once from the ``Accelerator`` when it is created (:func:`build_context`) and bound to the framework
@@ -77,17 +81,19 @@ from accelerate.utils import DistributedType, KwargsHandler
 from .accelerate_config import check_accelerate_document
 from .config import read_yaml
 from .distributed import (
+    DeepSpeedSettings,
     FsdpSettings,
     MergedContribution,
     RunContext,
     apply_fsdp2_plan,
-    check_deepspeed,
     check_fsdp1_dtypes,
     check_fsdp1_plan,
     check_keep_dtype_fsdp1,
     collect_contributions,
     fsdp1_auto_wrap_policy,
+    plan_deepspeed,
     plan_fsdp_units,
+    register_zero3_external_parameters,
     release_replaced_parameters,
     run_after_prepare,
     skip_backward_unshard_of_frozen_embeddings,
@@ -96,7 +102,7 @@ from .distributed import (
 )
 from .errors import AccelerationConfigError, quote, truncate
 from .framework import AccelerationFramework, framework_of, is_main_process
-from .launch_environment import detect_client, fsdp_settings, run_context_from_environment
+from .launch_environment import deepspeed_settings, detect_client, fsdp_settings, run_context_from_environment
 from .patching import PatchRecorder
 from .registry import PluginRegistry
 
@@ -513,6 +519,7 @@ def check_accelerate_settings(accelerator: Any, framework: AccelerationFramework
             ``fsdp_cpu_ram_efficient_loading`` while a plugin shards its own units (``contributes_under_fsdp2``).
     """
     context = framework.bind_run_context(build_context(accelerator, framework))  # built once per Accelerator
+    _check_deepspeed_process_group(context)
     for plugin in framework.plugins:
         plugin.check_run_settings(context)
     if context.fsdp_version != 2 or not context.fsdp.cpu_ram_efficient_loading:
@@ -524,6 +531,22 @@ def check_accelerate_settings(accelerator: Any, framework: AccelerationFramework
             "which Accelerate's meta-device reload does not support",
             fix="set 'fsdp_cpu_ram_efficient_loading: false' under fsdp_config (the bitsandbytes plugin loads on "
             "rank 0 and broadcasts by itself)",
+        )
+
+
+def _check_deepspeed_process_group(context: RunContext) -> None:
+    """DeepSpeed without a GPU, several processes: Accelerate chooses no process-group backend when it has no GPU
+    and ``cpu`` is off (which DeepSpeed needs), so each process counts itself alone while DeepSpeed sees them all
+    (its batch-size check then fails in ``prepare``, after the model was loaded). Refused here instead."""
+    if not context.is_deepspeed or context.device.type != "cpu" or context.world_size != 1:
+        return
+    launched = os.environ.get("WORLD_SIZE", "1").strip()
+    if launched.isdigit() and int(launched) > 1:
+        raise AccelerationConfigError(
+            f"DeepSpeed on CPU with {launched} processes, but this Accelerator counts 1: without a GPU, Accelerate "
+            "chooses no process-group backend, so every process would train alone",
+            fix="create the Accelerator with kwargs_handlers=[InitProcessGroupKwargs(backend='gloo')] (from "
+            "accelerate.utils), or pass ddp_backend='gloo' to the HF Trainer's TrainingArguments",
         )
 
 
@@ -551,11 +574,15 @@ def build_context(accelerator: Any, framework: AccelerationFramework, *, client:
     fsdp_version = None
     fsdp = FsdpSettings()
     zero_stage = None
+    deepspeed = DeepSpeedSettings()
     if distributed_type == DistributedType.FSDP:
         fsdp_version = 2 if accelerator.is_fsdp2 else 1
         fsdp = fsdp_settings(getattr(accelerator.state, "fsdp_plugin", None))
     elif distributed_type == DistributedType.DEEPSPEED:
-        zero_stage = getattr(getattr(accelerator.state, "deepspeed_plugin", None), "zero_stage", None)
+        deepspeed_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        zero_stage = getattr(deepspeed_plugin, "zero_stage", None)
+        if deepspeed_plugin is not None:
+            deepspeed, _ = deepspeed_settings(deepspeed_plugin)
     return RunContext(
         distributed_type=str(getattr(distributed_type, "value", distributed_type)),
         fsdp_version=fsdp_version,
@@ -566,6 +593,7 @@ def build_context(accelerator: Any, framework: AccelerationFramework, *, client:
         accelerator=accelerator,
         fsdp=fsdp,
         zero_stage=zero_stage,
+        deepspeed=deepspeed,
         client=client if client is not None else detect_client("accelerate"),
         source="accelerator",
     )
@@ -611,7 +639,7 @@ def _prepare_with_framework(
             for note in merged.notes:
                 logger.info("fms-acceleration: %s", note)
             if context.is_deepspeed:
-                check_deepspeed(merged)
+                _before_deepspeed(framework, model, merged, context)
             elif context.fsdp_version == 1:
                 _before_fsdp1(accelerator, model, merged, scoped)
             elif context.fsdp_version == 2 and _before_fsdp2(accelerator, model, merged, optimizers, scoped):
@@ -680,6 +708,18 @@ def _framework_for_models(
             flush=True,
         )
     return adopted
+
+
+def _before_deepspeed(
+    framework: AccelerationFramework, model: torch.nn.Module, merged: MergedContribution, context: RunContext
+) -> None:
+    """DeepSpeed's path (``Accelerator._prepare_deepspeed``, which builds the engine) never calls ``prepare_model``:
+    the contributions are checked against DeepSpeed here, and under ZeRO-3 the inner parameters of the fused scopes
+    become the scopes' external parameters (recorded in the framework's patch table, kept for the whole run)."""
+    plan = plan_deepspeed(model, merged, context)
+    register_zero3_external_parameters(plan, framework.patches)
+    if is_main_process():
+        logger.info("fms-acceleration DeepSpeed:\n  %s", "\n  ".join(plan.describe()))
 
 
 def _before_fsdp1(accelerator: Any, model: torch.nn.Module, merged: MergedContribution, scoped: PatchRecorder) -> None:

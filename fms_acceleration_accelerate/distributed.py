@@ -111,6 +111,32 @@ class FsdpSettings:
 
 
 @dataclass(frozen=True)
+class DeepSpeedSettings:
+    """The DeepSpeed settings of the run that plugins may need (``None``: not known where the context was built).
+
+    Attributes:
+        offload_param: ZeRO-3 parameter offload device: ``"none"``, ``"cpu"`` or ``"nvme"``.
+        offload_optimizer: optimizer-state offload device: ``"none"``, ``"cpu"`` or ``"nvme"``.
+        zero3_init: whether models are created under ``deepspeed.zero.Init`` (partitioned while loading).
+        config_file: the DeepSpeed JSON config file, when the settings came from one.
+    """
+
+    offload_param: str | None = None
+    offload_optimizer: str | None = None
+    zero3_init: bool | None = None
+    config_file: str | None = None
+
+    def describe(self) -> str:
+        """E.g. ``offload: params cpu, optimizer cpu`` (empty when nothing is offloaded or nothing is known)."""
+        parts = [
+            f"{what} {device}"
+            for what, device in (("params", self.offload_param), ("optimizer", self.offload_optimizer))
+            if device not in (None, "none")
+        ]
+        return f"offload: {', '.join(parts)}" if parts else ""
+
+
+@dataclass(frozen=True)
 class RunContext:
     """How the run is wrapped: the one description of the run's shape every hook that needs it is handed.
 
@@ -137,6 +163,8 @@ class RunContext:
         fsdp: the FSDP settings plugins may need (all ``None`` when not FSDP or not known).
         ep_size: expert-parallel degree (processes that share one set of experts' shards); 1: none.
         zero_stage: the DeepSpeed ZeRO stage under DeepSpeed when known, else ``None``.
+        deepspeed: the DeepSpeed settings plugins may need (all ``None`` when not DeepSpeed or not known). Under
+            DeepSpeed, ``mixed_precision`` is DeepSpeed's (``"bf16"`` when its ``bf16.enabled`` is on, ...).
         client: what drives the run, when known: ``"trl.SFTTrainer"`` (any trainer class, as
             ``<package>.<class>``), ``"transformers.Trainer"``, ``"accelerate"`` (a script's own ``Accelerator``),
             ``"framework-api"`` (a script calling the framework's hooks itself); ``None``: not known.
@@ -153,6 +181,7 @@ class RunContext:
     fsdp: FsdpSettings = field(default_factory=FsdpSettings)
     ep_size: int = 1
     zero_stage: int | None = None
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
     client: str | None = None
     source: RunSource = "default"
 
@@ -175,6 +204,8 @@ class RunContext:
             raise ValueError(f"RunContext.zero_stage must be 0 to 3 or None, got {self.zero_stage!r}")
         if not isinstance(self.fsdp, FsdpSettings):
             raise TypeError(f"RunContext.fsdp must be an FsdpSettings, got {type(self.fsdp).__name__}")
+        if not isinstance(self.deepspeed, DeepSpeedSettings):
+            raise TypeError(f"RunContext.deepspeed must be a DeepSpeedSettings, got {type(self.deepspeed).__name__}")
 
     @property
     def is_fsdp(self) -> bool:
@@ -195,6 +226,8 @@ class RunContext:
             wrap = f"FSDP{self.fsdp_version}"
         elif self.is_deepspeed:
             wrap = "DeepSpeed" + (f" ZeRO-{self.zero_stage}" if self.zero_stage is not None else "")
+            if self.deepspeed.describe():
+                wrap += f" ({self.deepspeed.describe()})"
         else:
             wrap = self.distributed_type
         parts = [wrap, self.mixed_precision, f"{self.world_size} process{'es' if self.world_size != 1 else ''}"]
@@ -241,6 +274,20 @@ class PrepareContribution:
         refuse_deepspeed_reason: why this plugin cannot run under DeepSpeed (``None``: it can; its
             ``prepare_contribution`` has done its work before DeepSpeed wraps the model).
         notes: human-readable lines for logs (what the plugin asked for and why).
+
+    Under DeepSpeed (which never calls Accelerate's ``prepare_model``: the framework acts just before Accelerate
+    builds the engine, see :func:`plan_deepspeed`) the fields mean:
+
+    * ``fused_scopes``: under ZeRO-3 every parameter inside a selected module becomes one of its DeepSpeed
+      *external parameters*: DeepSpeed gathers them when the module's forward starts and again for its backward,
+      so a fused forward that reads its sub-modules' weights directly sees whole tensors. ZeRO-0/1/2 keep
+      parameters whole on every rank: nothing to do.
+    * ``keep_dtype_params``: DeepSpeed casts every floating parameter to its compute dtype when its bf16 / fp16
+      mode is on; such parameters must already be in that dtype (checked before the engine exists).
+    * ``ignored_modules``: refused under ZeRO-3 (DeepSpeed partitions every parameter); nothing to do below.
+    * ``trainable_dtype``: float32 is what DeepSpeed's optimizer keeps anyway (fp32 master weights); other
+      requests, and ``param_dtype`` / ``reduce_dtype`` other than DeepSpeed's compute dtype, are refused.
+    * ``wrap_units``, ``customize_fully_shard``, ``after_unit_sharded``: FSDP only, not used.
     """
 
     wrap_units: tuple[ModuleSelector, ...] = ()
@@ -392,6 +439,176 @@ def check_deepspeed(merged: MergedContribution) -> None:
             path="acceleration",
             fix="use FSDP (distributed_type: FSDP) in the Accelerate config, or remove these plugins' sections",
         )
+
+
+# --------------------------------------------------------------------------------------------------------
+# DeepSpeed
+
+_EXTERNAL_MARK = "_fms_acceleration_zero3_external"
+"""Attribute of a fused scope listing the parameters registered as its ZeRO-3 external parameters."""
+
+
+@dataclass(frozen=True)
+class GatheredScope:
+    """A module whose forward reads parameters of its sub-modules directly (a fused scope), under ZeRO-3.
+
+    Attributes:
+        name: qualified name in the model.
+        module: the module.
+        plugin: the plugin that declared it.
+        parameters: the parameters inside it that are not its own (``module.parameters(recurse=False)``), which
+            become its ZeRO-3 external parameters.
+    """
+
+    name: str
+    module: nn.Module
+    plugin: str
+    parameters: tuple[nn.Parameter, ...]
+
+
+@dataclass(frozen=True)
+class DeepSpeedPlan:
+    """What the framework does to a model before DeepSpeed builds its engine (see :func:`plan_deepspeed`).
+
+    Attributes:
+        zero_stage: the ZeRO stage (``None`` when not known).
+        gathered_scopes: under ZeRO-3, the fused scopes (outermost only, in model order) whose inner parameters
+            DeepSpeed must gather at the scope's own forward and backward.
+        notes: lines for logs.
+    """
+
+    zero_stage: int | None
+    gathered_scopes: tuple[GatheredScope, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def describe(self) -> list[str]:
+        stage = f"ZeRO-{self.zero_stage}" if self.zero_stage is not None else "DeepSpeed"
+        if not self.gathered_scopes:
+            return [f"{stage}: nothing to gather for fused kernels", *self.notes]
+        classes = sorted({type(s.module).__name__ for s in self.gathered_scopes})
+        count = sum(len(s.parameters) for s in self.gathered_scopes)
+        return [
+            f"{stage}: {len(self.gathered_scopes)} fused scopes ({', '.join(classes)}) gather their {count} inner "
+            "parameters at their own forward and backward (ZeRO-3 external parameters)",
+            *self.notes,
+        ]
+
+
+def plan_deepspeed(model: nn.Module, merged: MergedContribution, context: RunContext) -> DeepSpeedPlan:
+    """Check the plugins' contributions against DeepSpeed and plan what ZeRO-3 must gather for fused kernels.
+
+    Refusals, in this order: a plugin that refuses DeepSpeed (:func:`check_deepspeed`); ``ignored_modules`` under
+    ZeRO-3; keep-dtype parameters DeepSpeed's bf16 / fp16 mode would cast; dtype requests DeepSpeed does not
+    follow. See :class:`PrepareContribution` for what each field means under DeepSpeed.
+
+    Why external parameters rather than DeepSpeed's leaf modules: a leaf module reduces its gradients in a full
+    backward hook, which PyTorch fires as soon as the gradient of the module's *output* is known when none of its
+    inputs requires grad (the first decoder layer's attention under LoRA, fed by frozen embeddings); the adapters'
+    gradients computed afterwards then meet partitioned parameters. External parameters keep DeepSpeed's
+    per-parameter gradient hooks.
+
+    Raises:
+        AccelerationConfigError: one of the refusals above (names the plugin, the parameter and the fix).
+    """
+    check_deepspeed(merged)
+    stage = context.zero_stage
+    cast = context.compute_dtype  # what DeepSpeed's bf16 / fp16 mode casts every floating parameter to
+    compute = cast or torch.float32
+    if stage == 3 and merged.ignored_modules:
+        who = sorted({name for name, _ in merged.ignored_modules})
+        raise AccelerationConfigError(
+            f"plugins {', '.join(who)} ask for modules to be left whole on every rank, which DeepSpeed ZeRO-3 "
+            "cannot do (it partitions every parameter)",
+            path="acceleration",
+            fix="use ZeRO-2 (zero_stage: 2) or FSDP, or remove these plugins' sections",
+        )
+    if cast is not None and merged.keep_dtype_params:
+        for name, param in model.named_parameters():
+            if param.is_floating_point() and param.dtype != cast and merged.keeps_dtype(name, param):
+                who = next(p for p, sel in merged.keep_dtype_params if sel(name, param))
+                raise AccelerationConfigError(
+                    f"DeepSpeed's {context.mixed_precision} mode casts every floating parameter to {_dtype_name(cast)} "
+                    f"when it builds its engine, but {name} holds packed data in {_dtype_name(param.dtype)} (plugin "
+                    f"{who}), which the cast would corrupt",
+                    path="acceleration",
+                    fix=f"load the model in {_dtype_name(cast)} (torch_dtype / dtype), so the packed storage is "
+                    f"{_dtype_name(cast)} too, or turn DeepSpeed's {context.mixed_precision} mode off",
+                )
+    requests = (
+        ("trainable_dtype", merged.trainable_dtype, {torch.float32, compute}),
+        ("param_dtype", merged.param_dtype, {compute}),
+        ("reduce_dtype", merged.reduce_dtype, {compute}),
+    )
+    for key, wanted, allowed in requests:
+        if wanted is not None and wanted not in allowed:
+            raise AccelerationConfigError(
+                f"plugins {', '.join(merged.contributors)} ask for {key} {_dtype_name(wanted)}, but under DeepSpeed "
+                f"the dtypes are DeepSpeed's: compute in {_dtype_name(compute)} (its bf16 / fp16 setting), fp32 "
+                "master weights in its optimizer",
+                path="acceleration",
+                fix="set DeepSpeed's mixed precision to match (mixed_precision, or bf16 / fp16 in the DeepSpeed "
+                "config), or use FSDP for this plugin configuration",
+            )
+    notes: list[str] = []
+    scopes: list[GatheredScope] = []
+    if merged.fused_scopes and stage == 3:
+        owners: dict[int, str] = {}
+        for plugin, selector in merged.fused_scopes:
+            for _, module in _select(model, [selector]):
+                owners.setdefault(id(module), plugin)
+        selected = [(n, m) for n, m in model.named_modules() if id(m) in owners]
+        for module in _outermost(selected, model):
+            name = next(n for n, m in selected if m is module)
+            own = {id(p) for p in module.parameters(recurse=False)}
+            inner = tuple(p for p in module.parameters() if id(p) not in own)
+            if inner:
+                scopes.append(GatheredScope(name, module, owners[id(module)], inner))
+    elif merged.fused_scopes:
+        notes.append(
+            f"ZeRO-{stage if stage is not None else '?'}: parameters stay whole on every rank, so the fused scopes "
+            "of plugins " + ", ".join(sorted({p for p, _ in merged.fused_scopes})) + " need nothing"
+        )
+    return DeepSpeedPlan(zero_stage=stage, gathered_scopes=tuple(scopes), notes=tuple(notes))
+
+
+def register_zero3_external_parameters(plan: DeepSpeedPlan, recorder: Any) -> int:
+    """Register the inner parameters of each of the plan's fused scopes as DeepSpeed ZeRO-3 *external parameters*
+    of the scope (``deepspeed.zero.register_external_parameter``): DeepSpeed then gathers them when the scope's
+    forward starts, keeps them for its backward and partitions them again afterwards, as it does for the scope's own
+    parameters. Recorded in ``recorder`` (a :class:`~fms_acceleration_accelerate.patching.PatchRecorder`; ``revert``
+    unregisters them). Must run before DeepSpeed builds its engine. Returns how many parameters were registered.
+    """
+    if not plan.gathered_scopes:
+        return 0
+    from deepspeed.runtime.zero.partition_parameters import register_external_parameter, unregister_external_parameter
+
+    count = 0
+    for scope in plan.gathered_scopes:
+        module, params = scope.module, scope.parameters
+
+        def undo(module: nn.Module = module, params: tuple[nn.Parameter, ...] = params) -> None:
+            for param in params:
+                unregister_external_parameter(module, param)
+            delattr(module, _EXTERNAL_MARK)
+
+        recorder.patch(
+            module,
+            _EXTERNAL_MARK,
+            params,
+            plugin=scope.plugin,
+            target=f"{scope.name or '<root>'} (ZeRO-3 external parameters)",
+            description="its inner parameters gathered at its forward/backward (DeepSpeed ZeRO-3)",
+            undo=undo,
+            create=True,
+        )
+        for param in params:
+            register_external_parameter(module, param)
+        count += len(params)
+    return count
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -983,10 +1200,13 @@ def run_after_prepare(plugins: Iterable[Any], model: nn.Module, context: RunCont
 
 
 __all__ = [
+    "DeepSpeedPlan",
+    "DeepSpeedSettings",
     "FsdpSettings",
     "FsdpUnit",
     "FsdpUnitPlan",
     "FullyShardCustomizer",
+    "GatheredScope",
     "MergedContribution",
     "ModuleSelector",
     "ParamSelector",
@@ -1004,7 +1224,9 @@ __all__ = [
     "fully_shard_kwargs_from_policy",
     "merge_contributions",
     "move_unit_states",
+    "plan_deepspeed",
     "plan_fsdp_units",
+    "register_zero3_external_parameters",
     "release_replaced_parameters",
     "run_after_prepare",
     "skip_backward_unshard_of_frozen_embeddings",

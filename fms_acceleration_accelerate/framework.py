@@ -350,8 +350,35 @@ class AccelerationFramework:
                     plugin.check_compatibility(self.plugins)
             except AccelerationConfigError as exc:
                 errors.append(exc)
+        errors.extend(self._check_configured_run())
         if errors:
             raise AccelerationConfigError.combine(errors)
+
+    def _check_configured_run(self) -> list[AccelerationConfigError]:
+        """The run the Accelerate settings of the config file describe (DeepSpeed only, see
+        :func:`~fms_acceleration_accelerate.launch_environment.run_context_from_accelerate_settings`), checked by
+        every plugin's ``check_run_settings`` now: in the launcher and in ``fms-accelerate check``, before any
+        process loads a model. Sets :attr:`configured_run`; returns the problems."""
+        self.configured_run = None
+        if not self.config.accelerate_settings:
+            return []
+        from .launch_environment import run_context_from_accelerate_settings
+
+        try:
+            context = run_context_from_accelerate_settings(self.config.accelerate_settings, origin=self.config.origin)
+        except AccelerationConfigError as exc:
+            return [exc]
+        if context is None:
+            return []
+        self.configured_run = dataclasses.replace(context, framework=self)
+        errors = []
+        for plugin in self.plugins:
+            try:
+                with self._full_paths(plugin):
+                    plugin.check_run_settings(self.configured_run)
+            except AccelerationConfigError as exc:
+                errors.append(exc)
+        return errors
 
     @contextmanager
     def _full_paths(self, plugin: AccelerationPlugin) -> Iterator[None]:
@@ -493,6 +520,10 @@ class AccelerationFramework:
             )
         self.check_model_type(getattr(model_config, "model_type", None))
         context = self._context_for_hook()  # the loader reads it as plugin.run_context
+        if context.is_deepspeed:  # no Accelerator may exist yet (a trainer given a model path): refuse before loading
+            for plugin in self.plugins:
+                with self._full_paths(plugin):
+                    plugin.check_run_settings(context)
         logger.debug("fms-acceleration: %s loads the model; run: %s", loaders[0].plugin_name(), context.describe())
         with self._full_paths(loaders[0]), plugin_loading():
             model = loaders[0].model_loader(model_name_or_path, **kwargs)
@@ -672,6 +703,9 @@ class AccelerationFramework:
     def describe(self) -> list[str]:
         """Lines describing what will happen (used by ``fms-accelerate check``); loads no model."""
         lines = [f"config: {self.config.origin}"]
+        run = getattr(self, "configured_run", None)
+        if run is not None:
+            lines.append(f"run (from the Accelerate settings): {_describe_configured_run(run)}")
         if not self.plugins:
             lines.append("active plugins: none")
         for plugin in self.plugins:
@@ -680,9 +714,19 @@ class AccelerationFramework:
             paths = ", ".join(self.config.path(p) for p in plugin.matched_paths)
             lines.append(f"activate {plugin.plugin_name()}{version} <- {paths}")
             lines.extend(f"    {line}" for line in plugin.describe())
+            if run is not None:
+                lines.extend(f"    {line}" for line in plugin.describe_run(run))
         for section in self.passthrough:
             lines.append(f"pass through {section.path}: {section.reason}")
         return lines
+
+
+def _describe_configured_run(run: RunContext) -> str:
+    """E.g. ``DeepSpeed ZeRO-3 (offload: params cpu), bf16, 8 processes``."""
+    parts = [run.describe().split(" on ", 1)[0]]
+    if run.deepspeed.config_file:
+        parts.append(f"DeepSpeed config {run.deepspeed.config_file}")
+    return "; ".join(parts)
 
 
 _OWNER_ATTR = "_fms_acceleration_framework"

@@ -99,6 +99,7 @@ class PatchRecorder:
         description: str | None = None,
         undo: Callable[[], None] | None = None,
         restore: Callable[[], Any] | None = None,
+        create: bool = False,
     ) -> PatchRecord:
         """Set ``owner.attribute = replacement`` and record it.
 
@@ -113,11 +114,14 @@ class PatchRecorder:
                 itself (see :attr:`PatchRecord.undo`); ignored when it did (the original value is restored).
             restore: returns the original value on revert, which then sets ``owner.attribute = restore()``; the
                 record keeps no reference to the original (see :attr:`PatchRecord.restore`).
+            create: the attribute may be new (e.g. a marker of what another library was told about ``owner``);
+                revert deletes it again (or calls ``undo``).
 
         Raises:
-            AttributeError: ``owner`` has no attribute ``attribute`` (patches never invent attributes).
+            AttributeError: ``owner`` has no attribute ``attribute`` and ``create`` is false (patches never invent
+                attributes by accident).
         """
-        if not hasattr(owner, attribute):
+        if not create and not hasattr(owner, attribute):
             raise AttributeError(f"{plugin}: cannot patch {_name_of(owner)}.{attribute}: no such attribute")
         original = _own_value(owner, attribute) if restore is None else _MISSING
         record = PatchRecord(

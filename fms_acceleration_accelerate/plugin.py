@@ -25,7 +25,9 @@ Hooks, in the order a run calls them (phase: what it is for):
 * ``check_model_type(model_type: str | None) -> None`` -- before loading / augmenting: refuse architectures.
 * ``check_run_settings(context: RunContext) -> None`` and ``contributes_under_fsdp2() -> bool`` -- the
   ``Accelerator`` is created, no model yet: refuse distributed / precision settings the plugin cannot work with;
-  say whether the plugin shards its own FSDP2 units.
+  say whether the plugin shards its own FSDP2 units. Under DeepSpeed ``check_run_settings`` also runs earlier:
+  in the launcher and ``fms-accelerate check`` (the run the Accelerate config file describes) and before
+  ``model_loader`` (the launcher's environment).
 * ``model_loader(model_name_or_path: str, **kwargs) -> nn.Module`` -- loading: the one plugin that owns loading
   builds the model.
 * ``augmentation(model: nn.Module, train_args, modifiable_args: tuple) -> tuple[nn.Module, tuple]`` -- after
@@ -327,3 +329,8 @@ class AccelerationPlugin:
         """One line per thing this plugin will do, for ``fms-accelerate check`` (no model needed)."""
         options = ", ".join(f"{f.name}={getattr(self.config, f.name)!r}" for f in dataclasses.fields(self.config))
         return [f"options: {options}" if options else "no options"]
+
+    def describe_run(self, context: RunContext) -> list[str]:
+        """What this plugin does differently in the run ``context`` describes (e.g. under DeepSpeed ZeRO-3), one line
+        per thing, for ``fms-accelerate check`` of an Accelerate config file (no model needed). Default: nothing."""
+        return []

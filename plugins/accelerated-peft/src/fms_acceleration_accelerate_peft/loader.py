@@ -24,6 +24,7 @@ that says why.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 import json
@@ -125,6 +126,27 @@ def _linear_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def _outside_zero3_init() -> Any:
+    """A context in which transformers builds a model without ``deepspeed.zero.Init``, as it does for a model it
+    quantizes: under DeepSpeed ZeRO-3 (a live ``HfDeepSpeedConfig``, as Accelerate and the HF Trainer create)
+    ``from_config`` would otherwise partition the skeleton and initialise it through gathers, which the meta device
+    cannot serve; DeepSpeed partitions the 4-bit model when it builds its engine."""
+    from transformers import modeling_utils
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():
+        return contextlib.nullcontext()
+    quantized_state = getattr(modeling_utils, "set_quantized_state", None)
+    if quantized_state is None:
+        raise AccelerationConfigError(
+            "under DeepSpeed ZeRO-3 the bitsandbytes plugin builds the model skeleton the way transformers builds a "
+            "model it quantizes (transformers.modeling_utils.set_quantized_state), which this transformers lacks",
+            path=f"plugins.{CONFIG_PATH}",
+            fix="install a transformers release with modeling_utils.set_quantized_state (5.x), or use ZeRO-2",
+        )
+    return quantized_state()
+
+
 def build_meta_model(
     model_config: Any, training_dtype: torch.dtype, *, host_buffers: bool = False, **kwargs: Any
 ) -> nn.Module:
@@ -136,7 +158,7 @@ def build_meta_model(
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False) if host_buffers else torch.device("meta"):
+    with _outside_zero3_init(), init_empty_weights(include_buffers=False) if host_buffers else torch.device("meta"):
         try:
             return AutoModelForCausalLM.from_config(model_config, dtype=training_dtype, **kwargs)
         except ValueError as exc:
@@ -205,6 +227,27 @@ def make_hf_bnb_config(config: BnbQuantizationConfig, plan: QuantizationPlan) ->
         bnb_4bit_compute_dtype=plan.compute_dtype,
         bnb_4bit_quant_storage=plan.training_dtype,
         llm_int8_skip_modules=list(plan.skipped_modules) or None,
+    )
+
+
+def check_deepspeed_dtype(context: RunContext, training_dtype: torch.dtype) -> None:
+    """Under DeepSpeed with bf16 / fp16 on, the engine casts every floating parameter to that dtype when it is built:
+    the packed storage (held in the training dtype) must already be it, or the cast scrambles the 4-bit codes.
+
+    Raises:
+        AccelerationConfigError: the training dtype differs from DeepSpeed's compute dtype (before loading).
+    """
+    compute = context.compute_dtype if context.is_deepspeed else None
+    if compute is None or training_dtype == compute:
+        return
+    name, want = str(training_dtype).replace("torch.", ""), str(compute).replace("torch.", "")
+    raise AccelerationConfigError(
+        f"the model would load in {name} (its 4-bit storage too), but DeepSpeed runs in {context.mixed_precision} "
+        f"and casts every floating parameter to {want} when it builds its engine, which would scramble the packed "
+        "4-bit weights",
+        path=f"plugins.{CONFIG_PATH}",
+        fix=f"load the model in {want} (from_pretrained / model_loader with dtype=torch.{want}), or turn DeepSpeed's "
+        f"{context.mixed_precision} mode off",
     )
 
 
@@ -277,6 +320,8 @@ def load_quantized_causal_lm(
         kwargs["config"] = copy.deepcopy(given_config)  # transformers' own load gets the caller's config unchanged
     checkpoint_dtype = model_config.__dict__.get("dtype", model_config.__dict__.get("torch_dtype"))
     training_dtype = resolve_training_dtype(dtype_arg, checkpoint_dtype)
+    context = run_context if run_context is not None else _standalone_context()
+    check_deepspeed_dtype(context, training_dtype)
     build_kwargs = {"trust_remote_code": trust_remote_code}
     if "attn_implementation" in kwargs:
         build_kwargs["attn_implementation"] = kwargs["attn_implementation"]
@@ -285,7 +330,6 @@ def load_quantized_causal_lm(
 
     rank, world = _dist_world()
     rank0_only = bool(low_cpu_mem_usage) and world > 1
-    context = run_context if run_context is not None else _standalone_context()
     device = context.device
     staging = resolve_load_staging(config, world_size=world, device=device, fsdp_version=context.fsdp_version)
     if rank0_only and rank > 0:
@@ -298,7 +342,10 @@ def load_quantized_causal_lm(
     elif staging != device:
         logger.warning("bitsandbytes: a device_map was passed, so the model is loaded onto it (load_staging ignored)")
     if model is None:
-        kwargs.setdefault("device_map", {"": device})
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if not is_deepspeed_zero3_enabled():  # transformers refuses a device_map under ZeRO-3; its quantizer places
+            kwargs.setdefault("device_map", {"": device})  # the model on the current device itself
         model = _from_pretrained(model_name_or_path, bnb_config, training_dtype, kwargs)
     if rank0_only:
         broadcast_quantized_model(model, device)

@@ -16,6 +16,11 @@ Which hook does what (each change is made in one phase):
   (:mod:`.sharding`): under FSDP2 the 4-bit layers are replaced by ``Packed4bitLinear``; under FSDP1 a
   host-staged model goes to ``context.device``.
 * ``after_prepare`` (after wrapping): release the replaced layers' full packed bytes.
+* DeepSpeed: ``check_run_settings`` refuses ``load_staging: cpu`` (FSDP2 only) and the loader refuses a training
+  dtype other than DeepSpeed's bf16 / fp16 compute dtype before loading (DeepSpeed casts every floating
+  parameter to it, the packed storage included); ``prepare_contribution`` declares the packed storage
+  keep-dtype, so the framework checks it again before the engine is built. The storage stays in the training
+  dtype (``bnb_4bit_quant_storage``), so ZeRO-3 partitions and gathers it like any other parameter, never cast.
 * ``dequant_backends``: contributes the ``bnb_4bit_packed`` dequant backend to the framework's registry, so
   fused kernels (the fused-ops plugin's fused LoRA / fused dequant) read ``Packed4bitLinear`` bases
   (:mod:`.dequant_backend`).
@@ -173,8 +178,54 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
                 "the model's",
             )
 
+    def check_run_settings(self, context: RunContext) -> None:
+        """Under DeepSpeed: ``load_staging: cpu`` is refused (it stages for FSDP2, which DeepSpeed does not use)."""
+        if context.is_deepspeed and self.config.load_staging == "cpu":
+            raise AccelerationConfigError(
+                "load_staging: cpu stages the 4-bit model in host memory for FSDP2 to shard unit by unit; under "
+                "DeepSpeed the whole model goes to the device when the engine is built",
+                path=f"{CONFIG_PATH}.load_staging",
+                fix="set load_staging: auto (or device) for DeepSpeed runs",
+            )
+
+    def describe_run(self, context: RunContext) -> list[str]:
+        """Under DeepSpeed: how the packed 4-bit storage and the adapters are handled."""
+        if not context.is_deepspeed:
+            return []
+        compute = {"bf16": "bfloat16", "fp16": "float16", "fp8": "bfloat16"}.get(context.mixed_precision)
+        stage = context.zero_stage
+        lines = [
+            (
+                f"DeepSpeed {context.mixed_precision}: load the model in {compute} (torch_dtype / dtype), checked "
+                f"before loading: DeepSpeed casts every floating parameter to {compute}, a no-op for the packed "
+                f"storage kept in {compute}"
+            )
+            if compute
+            else "DeepSpeed without bf16 / fp16: parameters keep the training dtype, the packed storage included",
+            (
+                "ZeRO-3: the packed 4-bit storage is partitioned and gathered like any other parameter (in the "
+                "training dtype, never cast); its quantization state stays whole on every rank"
+                if stage == 3
+                else f"ZeRO-{stage if stage is not None else '?'}: 4-bit weights stay whole on every rank (frozen)"
+            ),
+        ]
+        if compute and self.config.fp32_lora_params:
+            lines.append(
+                f"fp32_lora_params: DeepSpeed keeps fp32 master weights of the adapters in its optimizer and "
+                f"computes with {compute} copies"
+            )
+        if self.config.fsdp2_packed_all_gather:
+            lines.append("fsdp2_packed_all_gather: FSDP2 only, unused under DeepSpeed")
+        return lines
+
     def prepare_contribution(self, model: nn.Module, context: RunContext) -> PrepareContribution | None:
-        """FSDP handling of the packed weights (see :mod:`.sharding`); ``None`` when not under FSDP."""
+        """FSDP handling of the packed weights (see :mod:`.sharding`); under DeepSpeed the packed storage is declared
+        keep-dtype (the framework checks DeepSpeed would not cast it); ``None`` otherwise."""
+        if context.is_deepspeed:
+            return PrepareContribution(
+                keep_dtype_params=(is_params4bit,),
+                notes=(f"DeepSpeed: packed 4-bit storage kept in {_training_dtype(model)} (never cast)",),
+            )
         if not context.is_fsdp:
             return None
         training_dtype = _training_dtype(model)

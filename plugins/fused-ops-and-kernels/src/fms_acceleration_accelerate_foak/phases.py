@@ -12,7 +12,8 @@ phase                                  hook that runs it
                                        ``augmentation`` (the section came with the Accelerate config)
 ``AFTER_WRAP``                         ``after_prepare`` (the model FSDP wrapped)
 ``LORA_ADDED``                         ``get_callbacks_and_ready_for_train`` (given the trainer's PEFT model) or
-                                       ``after_prepare``, whichever comes first
+                                       ``after_prepare``, whichever comes first; under DeepSpeed
+                                       ``prepare_contribution`` at the latest (before the engine is built)
 ``TRAINER_READY``                      ``after_prepare`` and ``get_callbacks_and_ready_for_train`` (each time;
                                        idempotent): what a trainer puts on the model after it is patched
 =====================================  =========================================================================
@@ -34,7 +35,10 @@ class Phase(enum.Enum):
 
     MODEL = "augmentation, else prepare_contribution"
     AFTER_WRAP = "after_prepare"
-    LORA_ADDED = "get_callbacks_and_ready_for_train or after_prepare, whichever comes first"
+    LORA_ADDED = (
+        "get_callbacks_and_ready_for_train or after_prepare, whichever comes first (under DeepSpeed: "
+        "prepare_contribution at the latest)"
+    )
     TRAINER_READY = "after_prepare and get_callbacks_and_ready_for_train (idempotent)"
 
 
@@ -69,6 +73,8 @@ def fused_phase(context: RunContext, *, has_lora: bool, lora_config_pending: boo
     * ``AFTER_WRAP`` under FSDP: ``prepare_contribution`` makes every attention and MLP module a fused scope (no
       FSDP unit inside it), so the decoder-layer unit's all-gather covers every weight the kernels read, and the
       kernels are patched on the wrapped model (layers another plugin replaces in ``prepare`` included).
+    * Under DeepSpeed (never ``AFTER_WRAP``: the engine is built inside ``prepare``, and under ZeRO-3 its
+      parameters are partitioned from then on) as without it; DeepSpeed gathers what the fused scopes read.
     * ``LORA_ADDED`` when LoRA is not on the model yet but a ``LoraConfig`` is among the modifiable arguments (the
       trainer adds the adapters later).
     * ``MODEL`` otherwise.

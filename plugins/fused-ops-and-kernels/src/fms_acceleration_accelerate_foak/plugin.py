@@ -21,8 +21,16 @@ Each kind of patch is made in one phase; :mod:`.phases` decides (``PATCH_PHASES`
     checks that no unit ended up inside a patched module.
   - when LoRA is not on the model yet but a ``LoraConfig`` is among the modifiable arguments (the trainer adds it
     later), in ``get_callbacks_and_ready_for_train`` (given the PEFT model) or ``after_prepare``, whichever comes
-    first (phase ``LORA_ADDED``);
+    first (phase ``LORA_ADDED``; under DeepSpeed in ``prepare_contribution`` at the latest, before the engine
+    exists);
   - otherwise with the other kernels (phase ``MODEL``).
+
+  Under DeepSpeed ZeRO-3 the same fused scopes get their inner parameters gathered by DeepSpeed at their own
+  forward and backward (the framework registers them as the scopes' ZeRO-3 external parameters before Accelerate
+  builds the engine), so the fused kernels read whole weights. Under ZeRO-0/1/2 parameters are whole on every
+  rank and nothing is needed. The other kernels read only the weights of the module whose forward they replace
+  (RMSNorm), or call the modules (SwiGLU's projections, ``lm_head`` for the
+  fused linear cross-entropy), so DeepSpeed's own hooks gather what they read.
 * ``check_prepared_model``: at ``Accelerator.prepare``, refuse a model on which fused kernels still to be patched
   would find nothing (no LoRA layers, no 4-bit layers).
 * ``after_prepare`` and ``get_callbacks_and_ready_for_train`` (phase ``TRAINER_READY``, idempotent): the second
@@ -142,13 +150,21 @@ def _loaded_formats(plugin: AccelerationPlugin, registry: DequantBackendRegistry
 
 
 def _unwrap_data_parallel(model: Any) -> Any:
-    """The module inside DDP / DataParallel wrappers (``Accelerator.prepare`` returns DDP on several processes;
-    FSDP wrappers need no unwrapping: they expose the model's attributes)."""
+    """The module inside DDP / DataParallel wrappers and DeepSpeed's engine (``Accelerator.prepare`` returns DDP on
+    several processes, a ``DeepSpeedEngine`` under DeepSpeed; FSDP wrappers need no unwrapping: they expose the
+    model's attributes)."""
     from torch.nn.parallel import DataParallel, DistributedDataParallel
 
-    while isinstance(model, (DataParallel, DistributedDataParallel)):
+    while isinstance(model, (DataParallel, DistributedDataParallel)) or _is_deepspeed_engine(model):
         model = model.module
     return model
+
+
+def _is_deepspeed_engine(model: Any) -> bool:
+    """A ``deepspeed.DeepSpeedEngine`` (found by class, without importing deepspeed)."""
+    return any(
+        c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed") for c in type(model).__mro__
+    ) and hasattr(model, "module")
 
 
 def _has_unapplied_lora_config(modifiable_args: Sequence[Any]) -> bool:
@@ -388,18 +404,26 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         unit inside them)."""
         if not self._augmented:
             self._patch_model(model, (), context)
+        if context.is_deepspeed and self._fused_state == _PENDING:
+            # DeepSpeed never hands the model back before training: patch now, before the engine exists (its
+            # ZeRO-3 parameters are then still whole; the fused scopes below get what the kernels read gathered)
+            self._apply_fused(_unwrap_data_parallel(model))
         if not (self.config.fused_lora or self.config.fused_dequant):
             return None
 
         spec = architecture_spec(model.config.model_type, path=self._path())
         scopes = [*spec.attention.class_names, *(spec.mlp.class_names if spec.mlp is not None else ())]
-        return PrepareContribution(
-            fused_scopes=tuple(scopes),
-            notes=(
-                f"{self.plugin_name()}: fused LoRA kernels read q/k/v and MLP projection weights inside "
-                f"{', '.join(scopes)}; no FSDP unit may be created inside them",
-            ),
-        )
+        if context.is_deepspeed:
+            note = (
+                f"fused LoRA kernels read q/k/v and MLP projection weights inside {', '.join(scopes)}; under "
+                "ZeRO-3 DeepSpeed gathers them at these modules' forward and backward (external parameters)"
+            )
+        else:
+            note = (
+                f"fused LoRA kernels read q/k/v and MLP projection weights inside {', '.join(scopes)}; no FSDP unit "
+                "may be created inside them"
+            )
+        return PrepareContribution(fused_scopes=tuple(scopes), notes=(f"{self.plugin_name()}: {note}",))
 
     def check_run_settings(self, context: RunContext) -> None:
         """FSDP1 + mixed precision + fused LoRA over 4-bit bases: the fused scopes keep adapters and packed storage
@@ -415,6 +439,24 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
                 fix="use fsdp_version: 2 (recommended), or mixed_precision: 'no' with the adapters in the storage "
                 "dtype (bitsandbytes: fp32_lora_params: false), as launch_configs/accelerate-fsdp1-qlora-foak.yaml",
             )
+
+    def describe_run(self, context: RunContext) -> list[str]:
+        """Under DeepSpeed: what ZeRO does with the patched modules."""
+        if not context.is_deepspeed:
+            return []
+        stage = context.zero_stage
+        fused = self.config.fused_lora or self.config.fused_dequant
+        if stage == 3 and fused:
+            return [
+                "DeepSpeed ZeRO-3: kernels patched before the engine is built; the parameters inside every attention "
+                "and MLP module (LoRA and base weights) are registered as that module's external parameters, so "
+                "DeepSpeed gathers them at its forward and backward and the fused LoRA / dequant kernels read whole "
+                "weights; the other kernels read only weights that DeepSpeed's own hooks gather",
+            ]
+        where = "parameters stay whole on every rank" if stage in (0, 1, 2) else "DeepSpeed's hooks gather weights"
+        return [
+            f"DeepSpeed ZeRO-{stage if stage is not None else '?'}: {where}; kernels patched before the engine is built"
+        ]
 
     def contributes_under_fsdp2(self) -> bool:
         """Fused scopes (no FSDP unit inside attention / MLP modules) only with fused LoRA / dequant."""

@@ -20,6 +20,7 @@ Which hook does what (each change is made in one phase):
   dtype (flattened and sharded by FSDP1, never cast). Adapter dtype and fp32 gradient reduction as the
   bitsandbytes plugin.
 * ``after_prepare`` (after wrapping): log the packed bytes this rank holds.
+* ``check_run_settings``: DeepSpeed is refused (not verified; its bf16 / fp16 mode casts the GPTQ scales).
 * ``dequant_backends``: contributes the ``gptq`` dequant backend (storage format ``auto_gptq``), so the fused-ops
   plugin's fused LoRA / fused dequant kernels (``base_layer: auto_gptq``) read ``GPTQLinear`` bases and their
   FSDP forms (:mod:`.dequant_backend`).
@@ -127,6 +128,19 @@ class AutoGPTQAccelerationPlugin(AccelerationPlugin):
         )
 
     # ---------------------------------------------------------------------------------------------- prepare
+    def check_run_settings(self, context: RunContext) -> None:
+        """DeepSpeed is refused: its bf16 / fp16 mode casts every floating tensor of the model, the fp16 GPTQ scales
+        among them, and GPTQ-LoRA under DeepSpeed has not been verified."""
+        if context.is_deepspeed:
+            raise AccelerationConfigError(
+                "GPTQ-LoRA is not supported under DeepSpeed: DeepSpeed's bf16 / fp16 mode casts every floating tensor "
+                "of the model (the GPTQ scales included) and this combination is not verified",
+                path=CONFIG_PATH,
+                fix="use FSDP (distributed_type: FSDP, e.g. launch_configs/accelerate-fsdp2-gptq-lora-foak.yaml) or "
+                "plain data parallel for GPTQ-LoRA, or the bitsandbytes plugin (peft.quantization.bitsandbytes) "
+                "under DeepSpeed",
+            )
+
     def check_prepared_model(self, model: nn.Module, context: RunContext) -> None:
         """The model must have :class:`GPTQLinear` layers (LoRA may come from anywhere).
 
