@@ -39,7 +39,8 @@ meaningless), to check the script itself without a GPU.
 
 ``--codegen`` needs no GPU: it compiles each kernel with its default tile setting (``--sweep`` too: every setting of
 the sweep) for sm_90 (Triton ships ``ptxas`` and ``cuobjdump``) and prints registers per thread, spill stack bytes,
-shared memory and whether the dots lower to Hopper's ``wgmma`` (one JSON object per line with ``--json``).
+shared memory and whether the dots lower to Hopper's ``wgmma`` (one JSON object per line with ``--json``);
+``--dtype fp32 --precision tf32|ieee`` compiles the settings fp32 operands get.
 """
 
 from __future__ import annotations
@@ -102,6 +103,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in Triton's interpreter")
     parser.add_argument("--codegen", action="store_true", help="compile the kernels for sm_90 offline (no GPU)")
     parser.add_argument("--json", action="store_true", help="--codegen: one JSON object per line")
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                        help="--codegen: operand dtype (fp32: the defaults with their reduction step halved)")
+    parser.add_argument("--precision", choices=("native", "tf32", "ieee"), default="native",
+                        help="--codegen: the dots' precision (fp32 operands: tf32 or ieee)")  # fmt: skip
     args = parser.parse_args(argv)
     if not args.out and not args.codegen:
         parser.error("--out (or $OUT) is required")
@@ -498,16 +503,17 @@ _DIVISIBLE = ("X", "W", "Y", "HOUT", "AOUT", "DOUT", "HBUF", "DH", "AW", "G", "D
               "stride_wn", "stride_wk", "stride_dwe", "stride_dwn", "gate_off", "up_off", "n_slots")  # fmt: skip
 
 
-def _kernel_variants(moe, n_split: int = 1) -> dict:
+def _kernel_variants(moe, n_split: int = 1, dtype: str = "bf16", precision: int = 0) -> dict:
     """kernel name -> [(variant, jit function, pointer dtypes, constexprs without the tile settings, TMA
     descriptors: argument -> (block dims from the launch, W_K_INNER or None, the constexpr that enables it))] as
     the forward and backward of a bf16 top-8 layer with the default layouts (W_gu (E, 2I, H), W_d (E, H, I))
-    launch them (``n_split``: the down-projection backward's setting)."""
-    bf16 = "*bf16"
-    tiles = dict(PRECISION=0, BLOCK_E=64)
+    launch them (``n_split``: the down-projection backward's setting; ``dtype``: the operands', "bf16" or "fp32",
+    ``precision``: the dots', 0 native, 1 tf32, 2 IEEE fp32)."""
+    bf16 = f"*{dtype}"
+    tiles = dict(PRECISION=precision, BLOCK_E=64)
     glu = dict(STEP=1, TOPK=8, ACT=0, EVEN_K=True, GROUP_M=8, **tiles)
-    wgrad = dict(TOPK=8, HAS_DB=False, HAS_SCALE=False, NEED_SLOTS=True, EVEN_N=True, EVEN_K=True, PRECISION=0, GROUP_M=8,
-                 stride_dwk=1)
+    wgrad = dict(TOPK=8, HAS_DB=False, HAS_SCALE=False, NEED_SLOTS=True, EVEN_N=True, EVEN_K=True,
+                 PRECISION=precision, GROUP_M=8, stride_dwk=1)
     # strides equal to 1 at run time are specialised to the constant 1 by Triton: K is W's unit-stride dim in up and
     # down, N in down_bwd and dx
     wgrad_ptrs = {n: bf16 for n in ("G", "X", "DW", "DB", "SCALE")}
@@ -536,9 +542,9 @@ def _kernel_variants(moe, n_split: int = 1) -> dict:
     }  # fmt: skip
 
 
-def compile_stats(kernel: str, launch, arch: int = 90) -> list[dict]:
+def compile_stats(kernel: str, launch, arch: int = 90, dtype: str = "bf16", precision: int = 0) -> list[dict]:
     """Compile one kernel (each of its variants) with one tile setting for ``sm_<arch>``: registers, spill stack,
-    shared memory, wgmma."""
+    shared memory, wgmma (operands of ``dtype``, dots of ``precision``: see ``_kernel_variants``)."""
     import triton
     from fms_acceleration_accelerate_kernels import moe
     from triton.backends.compiler import GPUTarget
@@ -549,12 +555,12 @@ def compile_stats(kernel: str, launch, arch: int = 90) -> list[dict]:
         block_n //= n_split
     dims = {"m": block_m, "n": block_n, "k": block_k, "1": 1}
     results = []
-    for variant, fn, pointers, constexprs, descriptors in _kernel_variants(moe, n_split)[kernel]:
+    for variant, fn, pointers, constexprs, descriptors in _kernel_variants(moe, n_split, dtype, precision)[kernel]:
         constexprs = constexprs | dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
         for name, (block, k_inner, flag) in descriptors.items():
             constexprs[flag] = tma
             if tma:
-                pointers = pointers | {name: f"tensordesc<bf16{[dims[c] for c in block]}>"}
+                pointers = pointers | {name: f"tensordesc<{dtype}{[dims[c] for c in block]}>"}
             else:
                 constexprs[name] = None
             if k_inner is not None:
@@ -605,10 +611,13 @@ def compile_stats(kernel: str, launch, arch: int = 90) -> list[dict]:
 def codegen(args: argparse.Namespace) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU target")
-    from fms_acceleration_accelerate_kernels.moe import _LAUNCH, _LAUNCH_NO_TMA, GemmLaunch
+    from fms_acceleration_accelerate_kernels.moe import _LAUNCH, _LAUNCH_NO_TMA, GemmLaunch, _for_element_size
 
-    jobs = [(kernel, tuple(launch)) for kernel, launch in _LAUNCH.items()]
-    jobs += [(kernel, tuple(launch)) for kernel, launch in _LAUNCH_NO_TMA.items()]
+    size = 4 if args.dtype == "fp32" else 2
+    precision = {"native": 0, "tf32": 1, "ieee": 2}[args.precision]
+    # IEEE fp32 dots get the pointer-only defaults only
+    tables = (_LAUNCH_NO_TMA,) if args.precision == "ieee" else (_LAUNCH, _LAUNCH_NO_TMA)
+    jobs = [(kernel, tuple(_for_element_size(kernel, launch, size))) for table in tables for kernel, launch in table.items()]
     if args.sweep:
         jobs += [(kernel, tuple(GemmLaunch(*cand))) for kernel, cands in SWEEP.items() for cand in cands]
     seen = set()
@@ -616,7 +625,7 @@ def codegen(args: argparse.Namespace) -> int:
         if (kernel, launch) in seen:
             continue
         seen.add((kernel, launch))
-        for stats in compile_stats(kernel, launch):
+        for stats in compile_stats(kernel, launch, dtype=args.dtype, precision=precision):
             if args.json:
                 print(json.dumps(stats), flush=True)
             else:

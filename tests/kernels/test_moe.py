@@ -529,8 +529,10 @@ def test_routing_namedtuple_fields():
 
 
 def test_default_tiles_compile_for_sm90_without_spills():
-    """Every kernel's default tile setting compiles offline for H100/H200 (sm_90; no GPU needed): the dots lower to
-    wgmma and nothing spills to local memory. In a subprocess: here the kernels may be interpreter functions."""
+    """Every kernel's default tile setting compiles offline for H100/H200 (sm_90; no GPU needed): in bf16 the dots
+    lower to wgmma and nothing spills to local memory; the settings fp32 operands get (reduction step halved; the
+    pointer-only defaults for IEEE dots) fit the 227 KiB of shared memory, TF32 ones without spills too. In a
+    subprocess: here the kernels may be interpreter functions."""
     import json
     import os
     import subprocess
@@ -545,12 +547,16 @@ def test_default_tiles_compile_for_sm90_without_spills():
     script = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel-bench" / "moe_bench.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    out = subprocess.run(
-        [sys.executable, str(script), "--codegen", "--json"], capture_output=True, text=True, env=env, timeout=300
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    stats = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    assert {s["kernel"] for s in stats} == set(M._LAUNCH)
-    for s in stats:
-        assert s["wgmma"], s
-        assert s["stack_bytes"] == 0, s
+    for flags in ([], ["--dtype", "fp32", "--precision", "tf32"], ["--dtype", "fp32", "--precision", "ieee"]):
+        out = subprocess.run(
+            [sys.executable, str(script), "--codegen", "--json", *flags],
+            capture_output=True, text=True, env=env, timeout=300,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+        stats = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+        assert {s["kernel"] for s in stats} == set(M._LAUNCH), flags
+        for s in stats:
+            assert s["shared_bytes"] <= 232448, (flags, s)
+            if "ieee" not in flags:
+                assert s["wgmma"], (flags, s)
+                assert s["stack_bytes"] == 0, (flags, s)

@@ -42,7 +42,7 @@ the GEMMs read scattered token rows through the sort index instead of copying th
      write ``dw_partial = <da, a>`` per column block (the routing-weight gradient ``<g_t, y>``, without ever
      forming ``y``), ``dh = (w da) * da/dgate | (w da) * da/dup`` (S, 2I) in W_gu's row order, and ``w a``
      (S, I) for the down weight gradient. Either fused into the GEMM's epilogue (``_moe_down_bwd_kernel``; its
-     register pressure limits it to narrow tiles) or, the default on Hopper, in two passes: ``da`` (S, I) from
+     register pressure limits it to narrow tiles) or, the default on Hopper, in two passes: ``da`` (S, I) fp32 from
      ``_moe_grouped_mm_kernel`` on gathered rows with wide TMA tiles, then ``_moe_act_bwd_kernel`` (elementwise).
   2. ``_moe_weight_grad_kernel`` (per expert, over its row slice ``offsets[e]:offsets[e+1]``):
      ``dW_d[e] = g[perm // k]^T (w a)`` and ``dW_gu[e] = dh^T x[perm // k]`` (gathered rows again, the
@@ -119,7 +119,7 @@ class GemmLaunch(NamedTuple):
     not 16-byte multiples). ``n_split`` (down-projection backward only): 1 or 2, the program's ``block_n``
     columns are computed as that many accumulators of ``block_n / n_split`` columns, whose epilogues (the
     activation backward) run one after the other; 0, no fused epilogue: ``d(a)`` comes from the plain grouped GEMM
-    with these tiles, rounded to the compute dtype, and the activation backward runs as a second pass."""
+    with these tiles (in fp32), and the activation backward runs as a second pass."""
 
     block_m: int
     block_n: int
@@ -912,7 +912,11 @@ def _precision(dtype: torch.dtype) -> int:
     return _PREC_NATIVE
 
 
-def _launch_for(name: str, launch: Mapping[str, GemmLaunch] | None, device: torch.device) -> GemmLaunch:
+def _launch_for(name: str, launch: Mapping[str, GemmLaunch] | None, like: torch.Tensor) -> GemmLaunch:
+    """The tile setting of kernel ``name`` for operands like ``like`` (device, dtype): the override, else the
+    defaults (the pointer-only ones for IEEE fp32 dots, which run on CUDA cores and keep their operands in
+    registers), whose reduction step (block_k; block_m for the weight gradients) is halved for 4-byte operands so
+    that a pipeline stage takes the shared memory it takes in 16-bit."""
     if launch is not None:
         if name in launch:
             return GemmLaunch(*launch[name])
@@ -920,7 +924,18 @@ def _launch_for(name: str, launch: Mapping[str, GemmLaunch] | None, device: torc
             return GemmLaunch(*launch["wgrad"])
     if interpreter_enabled():
         return _LAUNCH_INTERPRETER
-    return _LAUNCH[name] if _tma_available(device) else _LAUNCH_NO_TMA[name]
+    wide = _tma_available(like.device) and _precision(like.dtype) != _PREC_IEEE
+    cfg = _LAUNCH[name] if wide else _LAUNCH_NO_TMA[name]
+    return _for_element_size(name, cfg, like.element_size())
+
+
+def _for_element_size(name: str, cfg: GemmLaunch, element_size: int) -> GemmLaunch:
+    """A default setting for operands of ``element_size`` bytes: the reduction step halved for 4-byte ones."""
+    if element_size <= 2:
+        return cfg
+    if name.startswith("wgrad_"):
+        return cfg._replace(block_m=cfg.block_m // 2)
+    return cfg._replace(block_k=cfg.block_k // 2)
 
 
 def _fit(block: int, extent: int) -> int:
@@ -994,7 +1009,7 @@ def moe_up_triton(
     h = torch.empty(n_slots, two_i, dtype=hidden.dtype, device=hidden.device) if store_h else None
     if n_slots == 0:
         return h, a
-    cfg = _launch_for("up", launch, hidden.device)
+    cfg = _launch_for("up", launch, hidden)
     block_n, block_k = _fit(cfg.block_n, inter), _fit(cfg.block_k, hidden_dim)
     stride_wr, stride_wk = layout.gate_up_strides(gate_up)
     gate_off, up_off, step = layout.gate_up_rows(inter)
@@ -1029,14 +1044,16 @@ def moe_grouped_mm_triton(
     launch_name: str = "down",
     launch: Mapping[str, GemmLaunch] | None = None,
     x_gather: bool = False,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Triton grouped GEMM on expert-ordered rows (contract of :func:`moe_grouped_mm_ref`); ``x_gather``: ``x``
-    holds token rows, row ``j`` of the expert order being ``x[perm[j] // top_k]`` (read in the kernel)."""
+    holds token rows, row ``j`` of the expert order being ``x[perm[j] // top_k]`` (read in the kernel);
+    ``out_dtype``: the result's dtype (default x's)."""
     n_slots, k_dim = (routing.perm.numel() if x_gather else x.shape[0]), x.shape[1]
-    y = torch.empty(n_slots, out_features, dtype=x.dtype, device=x.device)
+    y = torch.empty(n_slots, out_features, dtype=out_dtype or x.dtype, device=x.device)
     if n_slots == 0:
         return y
-    cfg = _launch_for(launch_name, launch, x.device)
+    cfg = _launch_for(launch_name, launch, x)
     block_n, block_k = _fit(cfg.block_n, out_features), _fit(cfg.block_k, k_dim)
     b = bias if bias is not None else y
     x_desc, w_desc, k_inner = None, None, True
@@ -1058,32 +1075,13 @@ def moe_grouped_mm_triton(
         num_stages=cfg.num_stages,
     )  # fmt: skip
     return y
-    cfg = _launch_for(launch_name, launch, x.device)
-    block_n, block_k = _fit(cfg.block_n, out_features), _fit(cfg.block_k, k_dim)
-    b = bias if bias is not None else y
-    x_desc, w_desc, k_inner = None, None, True
-    if cfg.tma and _tma_available(x.device) and x.stride(1) == 1 and (x.stride(0) * x.element_size()) % 16 == 0:
-        desc = _weight_descriptor(weight, stride_n, stride_k, out_features, k_dim, block_n, block_k)
-        if desc is not None and x.data_ptr() % 16 == 0:
-            w_desc, k_inner = desc
-            x_desc = TensorDescriptor(x, [n_slots, k_dim], [x.stride(0), 1], [cfg.block_m, block_k])
-    n_tiles_m = _row_tiles_bound(routing, cfg.block_m)
-    grid = (n_tiles_m * triton.cdiv(out_features, block_n),)
-    _moe_grouped_mm_kernel[grid](
-        x, weight, b, routing.offsets, y, x_desc, w_desc, routing.num_experts, n_tiles_m, k_dim, out_features,
-        x.stride(0), weight.stride(0), stride_n, stride_k, b.stride(0) if bias is not None else 0,
-        b.stride(1) if bias is not None else 0, y.stride(0), HAS_BIAS=bias is not None, EVEN_K=k_dim % block_k == 0,
-        USE_TMA=x_desc is not None, W_K_INNER=k_inner, PRECISION=_precision(x.dtype), GROUP_M=_GROUP_M,
-        BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_E=next_power_of_2(routing.num_experts),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
-    return y
 
 
 def _down_backward_two_pass(dout, down, h, top_k_weights, routing, layout, need_dh, need_aw, need_dw, launch):
     """``moe_down_backward_triton`` with ``n_split=0``: ``d(a)`` (S, I) from the grouped GEMM on gathered rows
-    (wide tiles, no epilogue pressure; rounded to the compute dtype), then the activation backward in one
-    elementwise pass."""
+    (wide tiles, no epilogue pressure), then the activation backward in one elementwise pass. ``d(a)`` is kept in
+    fp32, as the fused epilogue has it: the routing-weight gradient ``<d(a), a>`` sums it over I with
+    cancellation, where a bf16 ``d(a)`` loses digits (the other outputs are rounded once either way)."""
     n_slots, two_i = h.shape
     inter = two_i // 2
     block_c = min(_ACT_BWD_BLOCK_C, next_power_of_2(inter))
@@ -1093,7 +1091,9 @@ def _down_backward_two_pass(dout, down, h, top_k_weights, routing, layout, need_
     dwp = torch.zeros(n_blocks_c, n_slots, dtype=torch.float32, device=h.device) if need_dw else None
     if n_slots and (need_dh or need_aw or need_dw):
         stride_h, stride_i = layout.down_strides(down)
-        da = moe_grouped_mm_triton(dout, down, stride_i, stride_h, inter, routing, None, "down_bwd", launch, True)
+        da = moe_grouped_mm_triton(
+            dout, down, stride_i, stride_h, inter, routing, None, "down_bwd", launch, True, torch.float32
+        )
         gate_off, up_off, step = layout.gate_up_rows(inter)
         grid = (triton.cdiv(n_slots, _ACT_BWD_BLOCK_R), n_blocks_c)
         _moe_act_bwd_kernel[grid](
@@ -1122,7 +1122,7 @@ def moe_down_backward_triton(
     n_slots, two_i = h.shape
     inter = two_i // 2
     hidden_dim = dout.shape[1]
-    cfg = _launch_for("down_bwd", launch, h.device)
+    cfg = _launch_for("down_bwd", launch, h)
     if cfg.n_split not in (0, 1, 2):
         raise ValueError(f"GemmLaunch.n_split must be 0, 1 or 2, got {cfg.n_split}")
     if cfg.n_split == 0:
@@ -1175,7 +1175,7 @@ def moe_weight_grad_triton(
     n * dw_strides[0] + k * dw_strides[1]``) and, when given, ``db`` (E, N) (contract of
     :func:`moe_weight_grad_ref`); ``launch_name``: the tile setting to use ("wgrad_down" or "wgrad_gate_up")."""
     n_out, k_dim = g.shape[1], x.shape[1]
-    cfg = _launch_for(launch_name, launch, g.device)
+    cfg = _launch_for(launch_name, launch, g)
     block_n, block_k = _fit(cfg.block_n, n_out), _fit(cfg.block_k, k_dim)
     g_desc = x_desc = None
     if cfg.tma and _tma_available(g.device):  # the expert-ordered operand through TMA (full row blocks)
