@@ -50,27 +50,48 @@ def _batch(seed: int = 1, rows: int = 4, seq: int = 256) -> dict[str, torch.Tens
     return {"input_ids": ids, "labels": ids}
 
 
+def _loss_and_grads(model) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    out = model(**_batch())
+    out.loss.backward()
+    return out.loss.detach().float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _relative_errors(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> dict[str, float]:
+    return {n: float((got[n] - g).abs().max() / g.abs().max().clamp_min(1e-6)) for n, g in want.items()}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("model_type", MOE_TYPES)
 def test_cuda_kernels_match_eager_experts(model_type, dtype):
-    reference = _model(model_type, dtype, experts_implementation="eager")
-    out = reference(**_batch())
-    out.loss.backward()
-    want = {n: p.grad.float() for n, p in reference.named_parameters() if p.grad is not None}
+    """fp32: loss and every gradient as transformers' eager experts (relative 1e-3). bf16: both bf16 runs (HF eager
+    experts and ours, same weights) are compared with an fp32 eager run of those weights; each of our gradients may
+    be off by at most twice HF's own bf16 error (floor 2e-2), since routing near ties and bf16 rounding move both."""
+    reference = _model(model_type, torch.float32, experts_implementation="eager")
+    ref_loss, want = _loss_and_grads(reference)
+    weights = {n: p.detach().to(dtype) for n, p in reference.named_parameters()}
 
     model = _model(model_type, dtype)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(weights[n])
     framework = make_framework()
     framework.augmentation(model)
-    got_out = model(**_batch())
-    got_out.loss.backward()
-    got = {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+    loss, got = _loss_and_grads(model)
     assert got.keys() == want.keys()
-    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(got_out.loss.float(), out.loss.float(), **tol)
-    for name, g in want.items():
-        scale = g.abs().max().clamp_min(1e-6)
-        err = (got[name] - g).abs().max() / scale
-        assert err < (1e-3 if dtype == torch.float32 else 6e-2), f"{name}: relative max error {err:.3g}"
+    errors = _relative_errors(got, want)
+    if dtype == torch.float32:
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-5)
+        assert max(errors.values()) < 1e-3, errors
+    else:
+        hf = _model(model_type, dtype, experts_implementation="eager")
+        with torch.no_grad():
+            for n, p in hf.named_parameters():
+                p.copy_(weights[n])
+        hf_loss, hf_grads = _loss_and_grads(hf)
+        hf_errors = _relative_errors(hf_grads, want)
+        assert abs(float(loss - ref_loss)) <= max(2 * abs(float(hf_loss - ref_loss)), 2e-2 * float(ref_loss))
+        worse = {n: (e, hf_errors[n]) for n, e in errors.items() if e > max(2 * hf_errors[n], 2e-2)}
+        assert not worse, f"gradients further from fp32 than twice HF's bf16 error (ours, HF): {worse}"
     stats = framework.plugins[0].routing_stats.totals()
     assert len(stats) == model.config.num_hidden_layers
     assert all(int(c.sum()) == 2 * _batch()["input_ids"].numel() for c in stats.values())
