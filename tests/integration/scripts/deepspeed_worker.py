@@ -1,0 +1,208 @@
+"""A plugin stack trained a few steps, under DeepSpeed (stock ``accelerate launch``) or without it (the baseline).
+
+Usage::
+
+    accelerate launch --config_file ds.yaml deepspeed_worker.py OUT STACK CLIENT   # section from the config
+    FMS_ACCELERATION_SECTION='<json>' python deepspeed_worker.py OUT STACK CLIENT --baseline   # no DeepSpeed
+    python deepspeed_worker.py OUT STACK CLIENT --print-section                     # the section, as JSON
+
+``STACK``: ``full-foak`` (full fine-tuning + fused kernels), ``lora-foak`` (LoRA + fused LoRA and kernels),
+``qlora-foak`` (bitsandbytes nf4 + fused LoRA / dequant and kernels); its acceleration section is
+:data:`SECTIONS` (the launched run gets it from the Accelerate config, the baseline from the environment, as a
+launched worker would).
+``CLIENT``: ``accelerator`` (the script's own ``Accelerator`` and loop) or ``trainer`` (the HF Trainer).
+
+The model is the ``save_pretrained`` checkpoint in ``OUT/llama``, loaded with ``from_pretrained`` (routed to the
+bitsandbytes plugin for ``qlora-foak``); LoRA comes from ``get_peft_model``. Every rank trains on its share of the
+same global batches; the reported loss of a step is the mean over ranks.
+
+Writes ``OUT/<name>.json`` (``name`` from ``$FMS_TEST_REPORT_NAME``, default ``report``) on rank 0.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+out_dir, stack, client = sys.argv[1:4]
+baseline = "--baseline" in sys.argv[4:]
+STEPS = 5
+BATCH = 4
+VOCAB = 96
+LORA_TARGETS = {
+    "lora-foak": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qlora-foak": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+SECTIONS = {
+    "full-foak": {
+        "training": {
+            "fused_ops_and_kernels": {
+                "fast_loss": True,
+                "fast_rms_layernorm": True,
+                "fast_rope_embeddings": True,
+                "fast_swiglu": True,
+            }
+        }
+    },
+    "lora-foak": {
+        "training": {
+            "fused_ops_and_kernels": {
+                "fused_lora": True,
+                "fast_loss": "fused_linear",
+                "fast_rms_layernorm": True,
+                "fast_rope_embeddings": True,
+                "fast_swiglu": True,
+            }
+        }
+    },
+    "qlora-foak": {
+        "peft": {
+            "quantization": {
+                "bitsandbytes": {"quant_type": "nf4"},
+                "fused_ops_and_kernels": {
+                    "base_layer": "bitsandbytes",
+                    "fused_lora": True,
+                    "fused_dequant": True,
+                    "fast_loss": True,
+                    "fast_rms_layernorm": True,
+                    "fast_rope_embeddings": True,
+                },
+            }
+        }
+    },
+}
+
+if "--print-section" in sys.argv[4:]:
+    print(json.dumps(SECTIONS[stack]))
+    sys.exit(0)
+
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import InitProcessGroupKwargs  # noqa: E402
+from transformers import AutoModelForCausalLM  # noqa: E402
+
+from fms_acceleration_accelerate import end_training  # noqa: E402
+from fms_acceleration_accelerate.accelerate_integration import get_framework  # noqa: E402
+
+world = int(os.environ.get("WORLD_SIZE", "1"))
+handlers = []
+model_dir = os.path.join(out_dir, "llama")
+
+
+def batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(0, VOCAB, (8, 16), generator=g)
+    return [base[torch.randint(0, 8, (BATCH,), generator=g)] for _ in range(STEPS)]
+
+
+def load_model():
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if stack in LORA_TARGETS:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(5)
+        lora = LoraConfig(
+            r=8, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS[stack], task_type="CAUSAL_LM"
+        )
+        model = get_peft_model(model, lora)
+    model.train()  # bitsandbytes on CPU repacks 4-bit weights in eval mode (see the DeepSpeed notes)
+    return model
+
+
+def inner(model):
+    while hasattr(model, "module") and type(model).__name__ in ("DeepSpeedEngine", "DistributedDataParallel"):
+        model = model.module
+    return model
+
+
+def describe(model, accelerator) -> dict:
+    model = inner(model)
+    params = list(model.parameters())
+    framework = get_framework(accelerator)
+    gathered = [m for m in model.modules() if getattr(m, "_fms_acceleration_zero3_external", None)]
+    return {
+        "distributed_type": str(accelerator.distributed_type),
+        "world": accelerator.num_processes,
+        "mixed_precision": str(accelerator.mixed_precision),
+        "ds_params": sum(hasattr(p, "ds_id") for p in params),
+        # ZeRO-3 between steps: every parameter partitioned (its local data empty)
+        "partitioned": sum(hasattr(p, "ds_id") and p.data.numel() == 0 for p in params),
+        "params": len(params),
+        "gathered_scopes": sorted({type(m).__name__ for m in gathered}),
+        "gathered_count": len(gathered),
+        # external parameters of every module (DeepSpeed registers one by itself when a forward reads a weight that
+        # no module gathered) against those the framework registered for the fused scopes
+        "external_params": sum(len(getattr(m, "_external_params", {})) for m in model.modules()),
+        "registered_external": sum(len(m._fms_acceleration_zero3_external) for m in gathered),
+        "plugins": list(framework.active_plugin_names) if framework else None,
+        "patch_targets": sorted({r.replacement for r in framework.patches.records}) if framework else [],
+        "patch_counts": dict(framework.plugin("fused_ops_and_kernels").patch_counts) if framework else {},
+    }
+
+
+report: dict = {"stack": stack, "client": client, "baseline": baseline}
+if client == "accelerator":
+    if world > 1:  # DeepSpeed on CPU: Accelerate picks no backend by itself
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(cpu=baseline, kwargs_handlers=handlers)
+    model = load_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    data = torch.utils.data.DataLoader(torch.cat(batches()), batch_size=BATCH // accelerator.num_processes)
+    model, optimizer, data = accelerator.prepare(model, optimizer, data)
+    losses = []
+    for ids in data:
+        loss = model(input_ids=ids, labels=ids).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
+    report.update(describe(model, accelerator), losses=losses)
+    del model, optimizer
+    final = accelerator
+elif client == "trainer":
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    class Losses(TrainerCallback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                self.losses.append(float(logs["loss"]))
+
+    rows = torch.cat(batches())
+    dataset = Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
+    args = TrainingArguments(
+        output_dir=os.path.join(out_dir, f"trainer-{stack}"),
+        max_steps=STEPS,
+        per_device_train_batch_size=BATCH // world,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        weight_decay=0.0,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=baseline,
+        ddp_backend="gloo" if world > 1 else None,
+        dataloader_drop_last=True,
+        seed=0,
+    )
+    model = load_model()
+    recorder = Losses()
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, callbacks=[recorder])
+    trainer.train_dataset = dataset
+    trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(dataset)
+    trainer.train()
+    report.update(describe(trainer.model_wrapped, trainer.accelerator), losses=recorder.losses)
+    final = trainer.accelerator
+else:
+    raise SystemExit(f"unknown client {client!r}")
+
+if final.is_main_process:
+    name = os.environ.get("FMS_TEST_REPORT_NAME", "report")
+    with open(os.path.join(out_dir, f"{name}.json"), "w", encoding="utf-8") as handle:
+        json.dump(report, handle)
+end_training(final)

@@ -1,0 +1,188 @@
+"""DeepSpeed ZeRO-2 / ZeRO-3 with the plugin stacks, on CPU, under stock ``accelerate launch``.
+
+DeepSpeed runs on CPU here (its CPU accelerator, gloo): the Accelerate config is ``distributed_type: DEEPSPEED``
+with a DeepSpeed JSON file (``gradient_clipping: 0``, as the baseline does not clip; under ZeRO-3
+``stage3_param_persistence_threshold: 0``, so every parameter of the tiny model is partitioned) and the stack's
+``acceleration:`` section. Each stack (full fine-tuning, LoRA, bitsandbytes QLoRA, each with the fused kernels)
+trains 5 steps through the script's own ``Accelerator`` and through the HF Trainer, and must follow the same
+stack without DeepSpeed (one process, same section) step for step. See ``scripts/deepspeed_worker.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import ACCELERATE, SCRIPTS, free_port, run
+
+pytest.importorskip("deepspeed")
+
+WORKER = SCRIPTS / "deepspeed_worker.py"
+TIMEOUT = 420  # the first DeepSpeed start on a machine compiles its shared-memory communication op (~1 min)
+FUSED_STACKS = ("lora-foak", "qlora-foak")
+
+
+def _needs(stack: str) -> None:
+    if stack == "qlora-foak":
+        pytest.importorskip("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    from tests.plugins.accelerated_peft.helpers import tiny_llama
+
+    folder = tmp_path_factory.mktemp("deepspeed")
+    tiny_llama(folder / "llama")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def env() -> dict[str, str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("FMS_ACCELERATION", "ACCELERATE_"))}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        environ.pop(key, None)
+    environ.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", DS_ACCELERATOR="cpu")
+    return environ
+
+
+def _section(stack: str, env: dict[str, str], cwd: Path) -> dict:
+    done = run([sys.executable, str(WORKER), str(cwd), stack, "-", "--print-section"], env, cwd, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout)
+
+
+def _report(folder: Path, name: str, done) -> dict:
+    path = folder / f"{name}.json"
+    assert done.returncode == 0 and path.is_file(), done.stdout[-2000:] + done.stderr[-4000:]
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def baseline(work, env):
+    """The stack without DeepSpeed (one process; the section from the environment, as a launched worker gets it)."""
+    cache: dict[tuple[str, str], dict] = {}
+
+    def get(stack: str, client: str) -> dict:
+        if (stack, client) not in cache:
+            name = f"baseline-{stack}-{client}"
+            section = json.dumps(_section(stack, env, work))
+            run_env = dict(env, FMS_ACCELERATION_SECTION=section, FMS_TEST_REPORT_NAME=name)
+            done = run([sys.executable, str(WORKER), str(work), stack, client, "--baseline"], run_env, work, TIMEOUT)
+            cache[stack, client] = _report(work, name, done)
+        return cache[stack, client]
+
+    return get
+
+
+def deepspeed_run(work: Path, env: dict[str, str], stage: int, stack: str, client: str, processes: int = 1) -> dict:
+    """``accelerate launch`` of the worker with a DeepSpeed config of ``stage`` and the stack's section."""
+    name = f"zero{stage}-{stack}-{client}-{processes}"
+    ds_config = {
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "gradient_clipping": 0.0,
+        "train_micro_batch_size_per_gpu": "auto",
+        "train_batch_size": "auto",
+        "gradient_accumulation_steps": 1,
+        "bf16": {"enabled": False},
+    }
+    (work / f"{name}-ds.json").write_text(json.dumps(ds_config), encoding="utf-8")
+    config = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "DEEPSPEED",
+        "deepspeed_config": {"deepspeed_config_file": str(work / f"{name}-ds.json"), "zero3_init_flag": False},
+        "num_machines": 1,
+        "num_processes": processes,
+        "machine_rank": 0,
+        "acceleration": _section(stack, env, work),
+    }
+    (work / f"{name}.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    cmd = [
+        ACCELERATE, "launch", "--config_file", str(work / f"{name}.yaml"), "--main_process_port", str(free_port()),
+        str(WORKER), str(work), stack, client,
+    ]  # fmt: skip
+    done = run(cmd, dict(env, FMS_TEST_REPORT_NAME=name), work, TIMEOUT)
+    return _report(work, name, done)
+
+
+def check_run(report: dict, reference: dict, stage: int, processes: int) -> None:
+    assert report["distributed_type"] == "DistributedType.DEEPSPEED" and report["world"] == processes
+    assert reference["distributed_type"] == "DistributedType.NO" and reference["ds_params"] == 0
+    # the same stack, the same kernels, with and without DeepSpeed
+    assert report["plugins"] == reference["plugins"] and report["plugins"]
+    assert report["patch_counts"] == reference["patch_counts"]
+    assert len(report["losses"]) == 5 and len(set(report["losses"])) == 5  # it trained
+    assert report["losses"] == pytest.approx(reference["losses"], abs=2e-5 if processes == 1 else 1e-4)
+    if stage == 3:
+        # every parameter is partitioned between steps: the kernels only ever saw what DeepSpeed gathered
+        assert report["ds_params"] == report["params"] == report["partitioned"]
+    else:
+        assert report["ds_params"] == 0 and report["external_params"] == 0
+    if stage == 3 and report["stack"] in FUSED_STACKS:
+        # the fused kernels read the weights inside attention and MLP modules: registered before the engine was
+        # built, and nothing else had to be gathered on the fly (DeepSpeed would have registered it by itself)
+        assert report["gathered_scopes"] == ["LlamaAttention", "LlamaMLP"]
+        assert report["gathered_count"] == 4 and report["registered_external"] > 0
+        assert report["external_params"] == report["registered_external"]
+        assert "its inner parameters gathered at its forward/backward (DeepSpeed ZeRO-3)" in report["patch_targets"]
+    else:
+        assert report["gathered_scopes"] == []
+
+
+@pytest.mark.parametrize(
+    ("stage", "stack", "client"),
+    [
+        (3, "qlora-foak", "accelerator"),
+        (3, "lora-foak", "accelerator"),
+        (3, "full-foak", "trainer"),
+        (2, "qlora-foak", "trainer"),
+        (2, "lora-foak", "accelerator"),
+    ],
+    ids=lambda v: str(v),
+)
+def test_stack_under_deepspeed_matches_the_stack_without_it(work, env, baseline, stage, stack, client):
+    _needs(stack)
+    report = deepspeed_run(work, env, stage, stack, client)
+    check_run(report, baseline(stack, client), stage, 1)
+    if stack == "qlora-foak":
+        assert report["patch_counts"]["fused_lora"] == 8 and report["patch_counts"]["fused_dequant"] == 6
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "stack", "client"),
+    [(3, "qlora-foak", "accelerator"), (3, "lora-foak", "trainer"), (2, "full-foak", "accelerator")],
+    ids=lambda v: str(v),
+)
+def test_two_gloo_processes_match_one_process_without_deepspeed(work, env, baseline, stage, stack, client):
+    """Two CPU processes (gloo): each trains on half of every batch; DeepSpeed averages the gradients."""
+    _needs(stack)
+    report = deepspeed_run(work, env, stage, stack, client, processes=2)
+    check_run(report, baseline(stack, client), stage, 2)
+
+
+def test_launcher_refuses_a_plugin_deepspeed_cannot_serve_before_any_worker_starts(work, env):
+    """The launcher checks the section against the DeepSpeed settings of the same file (exit 2, no traceback)."""
+    config = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "DEEPSPEED",
+        "deepspeed_config": {"zero_stage": 3},
+        "num_machines": 1,
+        "num_processes": 1,
+        "machine_rank": 0,
+        "acceleration": {"peft": {"quantization": {"bitsandbytes": {"quant_type": "nf4", "load_staging": "cpu"}}}},
+    }
+    path = work / "refused.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    marker = work / "worker-started"
+    script = work / "mark.py"
+    script.write_text(f"open({str(marker)!r}, 'w').close()\n", encoding="utf-8")
+    done = run([ACCELERATE, "launch", "--config_file", str(path), str(script)], env, work, timeout=120)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "acceleration.peft.quantization.bitsandbytes.load_staging" in done.stderr
+    assert "load_staging: cpu stages the 4-bit model in host memory" in done.stderr
+    assert "Traceback" not in done.stderr and not marker.exists()
