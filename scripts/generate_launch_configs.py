@@ -5,7 +5,8 @@ Each plugin package keeps YAML templates of its config section under ``plugins/<
 included). This script combines them into
 
 * acceleration-only files in fms-acceleration's sample-configuration layout (a ``plugins:`` body), and
-* full Accelerate configs (single GPU, FSDP1, FSDP2, two machines, CPU) with an ``acceleration:`` section,
+* full Accelerate configs (single GPU, FSDP1, FSDP2, DeepSpeed ZeRO-2/3, two machines, CPU) with an
+  ``acceleration:`` section,
 
 keeping every comment of the templates, and writes ``launch_configs/CONTENTS.yaml`` (read by
 ``fms-accelerate configs``). The output is a pure function of the templates and the tables below.
@@ -234,6 +235,30 @@ OUTPUTS: tuple[Output, ...] = (
         accelerate_base="multinode-fsdp2",
     ),
     Output(
+        "accelerate-deepspeed-zero2-qlora-foak",
+        ("bnb-nf4", "foak-peft"),
+        "Accelerate config, DeepSpeed ZeRO-2 on 8 GPUs of one machine: QLoRA nf4 + fused kernels",
+        accelerate_base="deepspeed-zero2",
+    ),
+    Output(
+        "accelerate-deepspeed-zero3-qlora-foak",
+        ("bnb-nf4", "foak-peft"),
+        "Accelerate config, DeepSpeed ZeRO-3 on 8 GPUs of one machine: QLoRA nf4 + fused kernels",
+        accelerate_base="deepspeed-zero3",
+    ),
+    Output(
+        "accelerate-deepspeed-zero2-fast-kernels",
+        ("foak-kernels",),
+        "Accelerate config, DeepSpeed ZeRO-2 on 8 GPUs of one machine: full fine-tuning with fused kernels",
+        accelerate_base="deepspeed-zero2",
+    ),
+    Output(
+        "accelerate-deepspeed-zero3-fast-kernels",
+        ("foak-kernels",),
+        "Accelerate config, DeepSpeed ZeRO-3 on 8 GPUs of one machine: full fine-tuning with fused kernels",
+        accelerate_base="deepspeed-zero3",
+    ),
+    Output(
         "accelerate-single-gpu-padding-free",
         ("padding-free",),
         "Accelerate config, 1 GPU, bf16: padding-free (full fine-tuning or LoRA on 16-bit weights)",
@@ -386,6 +411,63 @@ mixed_precision: bf16
 num_machines: 2
 # Total number of processes over all machines (2 x 8 GPUs).
 num_processes: 16
+use_cpu: false
+"""
+    + _ACCELERATE_COMMON_TAIL,
+    "deepspeed-zero2": """\
+# DeepSpeed ZeRO-2 over every GPU of one machine: optimizer states and gradients partitioned, parameters
+# whole on every GPU. Accelerate builds the DeepSpeed engine in prepare; the acceleration plugins do their
+# part before that (see 'fms-accelerate check' on this file).
+compute_environment: LOCAL_MACHINE
+debug: false
+deepspeed_config:
+  zero_stage: 2
+  gradient_accumulation_steps: 1
+  gradient_clipping: 1.0
+  offload_optimizer_device: none
+  offload_param_device: none
+distributed_type: DEEPSPEED
+downcast_bf16: 'no'
+enable_cpu_affinity: false
+# DeepSpeed's bf16 mode: the engine casts every floating parameter to bf16 (load the model in bf16: the
+# bitsandbytes plugin keeps its packed 4-bit storage in the training dtype, so the cast leaves it alone) and
+# keeps fp32 master weights of the trainable parameters in its optimizer.
+mixed_precision: bf16
+num_machines: 1
+# Total number of processes (one per GPU).
+num_processes: 8
+use_cpu: false
+"""
+    + _ACCELERATE_COMMON_TAIL,
+    "deepspeed-zero3": """\
+# DeepSpeed ZeRO-3 over every GPU of one machine: parameters, gradients and optimizer states partitioned.
+# Accelerate builds the DeepSpeed engine in prepare; the acceleration plugins do their part before that: the
+# weights fused kernels read inside attention / MLP modules are gathered by DeepSpeed at those modules' forward
+# and backward (see 'fms-accelerate check' on this file).
+compute_environment: LOCAL_MACHINE
+debug: false
+deepspeed_config:
+  zero_stage: 3
+  gradient_accumulation_steps: 1
+  gradient_clipping: 1.0
+  offload_optimizer_device: none
+  offload_param_device: none
+  # 16/32-bit models are loaded partitioned (deepspeed.zero.Init); a 4-bit model is loaded whole on each GPU
+  # and partitioned when the engine is built.
+  zero3_init_flag: true
+  # Saving gathers a whole 16-bit model (save_model / save_pretrained write a loadable checkpoint).
+  zero3_save_16bit_model: true
+distributed_type: DEEPSPEED
+downcast_bf16: 'no'
+enable_cpu_affinity: false
+# DeepSpeed's bf16 mode: the engine casts every floating parameter to bf16 (load the model in bf16: the
+# bitsandbytes plugin keeps its packed 4-bit storage in the training dtype, so the cast leaves it alone and
+# ZeRO-3 partitions it like any other bf16 parameter) and keeps fp32 master weights of the trainable
+# parameters in its optimizer.
+mixed_precision: bf16
+num_machines: 1
+# Total number of processes (one per GPU).
+num_processes: 8
 use_cpu: false
 """
     + _ACCELERATE_COMMON_TAIL,

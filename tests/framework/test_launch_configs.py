@@ -81,6 +81,24 @@ def test_expected_configurations_are_shipped():
     assert ("FSDP", 2, 2, False) in shapes  # two machines
     assert ("NO", None, 1, True) in shapes  # CPU
     assert ("MULTI_GPU", None, 1, False) in shapes  # 2 CPU processes through torchrun
+    stages = {c["deepspeed_config"]["zero_stage"] for c in accelerate if c["distributed_type"] == "DEEPSPEED"}
+    assert stages == {2, 3}
+
+
+@pytest.mark.parametrize("path", sorted(LAUNCH_CONFIGS.glob("accelerate-deepspeed-*.yaml")), ids=lambda p: p.name)
+def test_shipped_deepspeed_configs_say_what_deepspeed_does_with_each_plugin(path, capsys):
+    """``fms-accelerate check`` on a DeepSpeed config names the run and, per plugin, what happens under DeepSpeed."""
+    config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    stage = config["deepspeed_config"]["zero_stage"]
+    assert cli.main(["check", str(path)]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert f"run (from the Accelerate settings): DeepSpeed ZeRO-{stage}, bf16, 8 processes" in out
+    framework = AccelerationFramework(str(path))
+    for plugin in framework.plugins:
+        lines = plugin.describe_run(framework.configured_run)
+        assert lines and all(f"    {line}" in out for line in lines), plugin.plugin_name()
+    if config["acceleration"].get("peft", {}).get("quantization", {}).get("fused_ops_and_kernels"):
+        assert ("external parameters" in out) is (stage == 3)
 
 
 @pytest.mark.parametrize("path", _shipped_files(), ids=lambda p: p.name)
