@@ -7,7 +7,16 @@ Each stack runs in its own process (plugins patch classes; Accelerate keeps per-
 
 Per stack it writes ``OUT/<stack>.txt``: the mean step time over a few untimed-by-profiler steps, the CUDA
 time per kernel category (GEMM, attention, Triton kernels of this project, other) per step, and the top
-kernels by CUDA time. The model is the reference Llama (8B layer shapes, 8 layers), random init, written once to
+kernels by CUDA time.
+
+``--host`` adds where the step's host (CPU) time goes, per stack (``OUT/<stack>.host.txt``): the host time of
+forward, backward and optimizer step and the wait for the GPU at the step's end; per step, from a CPU+CUDA
+torch.profiler run, the kernel launches (``cudaLaunchKernel`` for torch ops, ``cuLaunchKernel(Ex)`` for Triton
+kernels), the device-to-host syncs, the CPU time of this project's autograd functions and custom ops, and the top
+ops by self CPU time; and a cProfile of a few steps (``OUT/<stack>.pyprof.txt``: Python functions by own and
+cumulative time; cProfile slows Python down, so read it for shares, not absolute times).
+``--launch-bench`` times the host cost of one launch (``OUT/launch_bench.md``): a torch op, a bare Triton
+``kernel[grid](...)``, the same compiled kernel launched directly, and the RMSNorm kernel's Python entry points. The model is the reference Llama (8B layer shapes, 8 layers), random init, written once to
 ``--model-dir`` (created on the GPU, then ``save_pretrained``).
 """
 
@@ -108,7 +117,9 @@ def flattened_batch(batch: int, seq: int) -> dict:
     return {k: v for k, v in first.items() if k in ("input_ids", "labels", "position_ids")}
 
 
-def run_stack(name: str, model_dir: str, out: Path, steps: int, batch: int, seq: int, layout: str = "pad") -> None:
+def run_stack(
+    name: str, model_dir: str, out: Path, steps: int, batch: int, seq: int, layout: str = "pad", host: bool = False
+) -> None:
     import torch
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
@@ -205,6 +216,192 @@ def run_stack(name: str, model_dir: str, out: Path, steps: int, batch: int, seq:
     (out / f"{name}.json").write_text(
         json.dumps({"step_ms": step_s * 1000, "per_category_ms": per_cat, "top": rows[:60]}), encoding="utf-8"
     )
+    if host:
+        host_profile(name, model, inputs, accelerator, optimizer, out, steps, step_s * 1000, total)
+
+
+LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
+               "cudaLaunchCooperativeKernel", "cudaGraphLaunch")  # fmt: skip
+SYNC_APIS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
+             "cudaMemcpyAsync", "cudaMemGetInfo", "aten::_local_scalar_dense", "aten::item")  # fmt: skip
+
+
+def _ours(key: str) -> bool:
+    """Events of this project's kernels: its autograd functions (forward ``_XFunction``, backward
+    ``..._XFunctionBackward``) and custom ops (``fms_accel_kernels::``)."""
+    if key.startswith("fms_accel_kernels::"):
+        return True
+    tail = key.rsplit(" ", 1)[-1]
+    return tail.startswith("_") and (tail.endswith("Function") or tail.endswith("FunctionBackward"))
+
+
+def host_profile(name, model, inputs, accelerator, optimizer, out: Path, steps: int, wall_ms: float, gpu_ms: float):
+    """Where the host time of one training step goes (see the module docstring, ``--host``)."""
+    import cProfile
+    import io
+    import pstats
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    # 1. host time per phase (no sync inside the step: while the host is the bottleneck, the phases' host times
+    # add up to the wall time and the final loss.item() waits only for the GPU's tail)
+    phases = collections.defaultdict(float)
+    torch.cuda.synchronize()
+    t_start = time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        loss = model(**inputs).loss
+        t1 = time.perf_counter()
+        accelerator.backward(loss)
+        t2 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        loss.item()
+        t4 = time.perf_counter()
+        for key, value in (("forward", t1 - t0), ("backward", t2 - t1), ("optimizer", t3 - t2), ("wait", t4 - t3)):
+            phases[key] += value * 1000 / steps
+    phased_wall = (time.perf_counter() - t_start) * 1000 / steps
+
+    def step() -> None:
+        loss = model(**inputs).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    # 2. CPU + CUDA profile of 2 steps
+    n_prof = 2
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(n_prof):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    per = {evt.key: evt for evt in events}
+
+    def calls(keys) -> list[tuple[str, float, float]]:
+        return [(k, per[k].count / n_prof, per[k].self_cpu_time_total / 1000 / n_prof) for k in keys if k in per]
+
+    launches = calls(LAUNCH_APIS)
+    syncs = calls(SYNC_APIS)
+    ours = sorted(
+        ((e.key, e.count / n_prof, e.cpu_time_total / 1000 / n_prof, e.self_cpu_time_total / 1000 / n_prof)
+         for e in events if _ours(e.key)),
+        key=lambda r: -r[2],
+    )  # fmt: skip
+    by_self = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    total_self = sum(e.self_cpu_time_total for e in events) / 1000 / n_prof
+    n_launch = sum(c for _k, c, _t in launches)
+    import fms_acceleration_accelerate_kernels as kernels_package
+
+    lines = [
+        f"stack {name}: wall {wall_ms:.1f} ms/step, GPU busy {gpu_ms:.1f} ms/step (from {name}.txt); kernels package "
+        f"from {Path(kernels_package.__file__).parent}",
+        f"host time per phase (ms/step, mean of {steps}, no sync inside the step; wall {phased_wall:.1f}): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()),
+        f"profiled ({n_prof} steps, CPU+CUDA activity): {total_self:.1f} ms/step of self CPU time in profiled events",
+        f"kernel launches per step: {n_launch:.0f} ("
+        + ", ".join(f"{k} {c:.0f} = {t:.2f} ms" for k, c, t in launches)
+        + ")",
+        "syncs / host-device calls per step: "
+        + (", ".join(f"{k} {c:.0f} = {t:.2f} ms" for k, c, t in syncs) or "none"),
+        "",
+        "this project's autograd functions and custom ops (per step: calls, CPU ms inclusive, self):",
+    ]
+    lines += [f"  {c:6.0f} {t:8.2f} {st:8.2f}  {k}" for k, c, t, st in ours] or ["  none"]
+    lines += ["", "top ops by self CPU time (per step: calls, self CPU ms, CPU ms inclusive):"]
+    lines += [
+        f"  {e.count / n_prof:6.0f} {e.self_cpu_time_total / 1000 / n_prof:8.2f} "
+        f"{e.cpu_time_total / 1000 / n_prof:8.2f}  {e.key[:120]}"
+        for e in by_self[:45]
+    ]
+    text = "\n".join(lines)
+    print(text, flush=True)
+    (out / f"{name}.host.txt").write_text(text + "\n", encoding="utf-8")
+
+    # 3. Python functions (cProfile)
+    n_py = 3
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(n_py):
+        step()
+    profiler.disable()
+    buffer = io.StringIO()
+    stats = pstats.Stats(profiler, stream=buffer)
+    buffer.write(f"cProfile of {n_py} steps of {name} (times are for all {n_py} steps, inflated by cProfile)\n")
+    stats.sort_stats("tottime").print_stats(50)
+    stats.sort_stats("cumulative").print_stats(90)
+    (out / f"{name}.pyprof.txt").write_text(buffer.getvalue(), encoding="utf-8")
+
+
+def launch_bench(out: Path) -> None:
+    """Host cost (µs) of one launch: a torch op, the RMSNorm Triton kernel bare, directly through its compiled
+    kernel, through the package's launcher and its autograd function / custom op / public entry."""
+    import importlib
+
+    import torch
+    import triton
+
+    rms = importlib.import_module("fms_acceleration_accelerate_kernels.rms_norm")  # the package exports a function
+
+    n_rows, n_cols = 970, SHAPE["hidden_size"]
+    x = torch.randn(n_rows, n_cols, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(n_cols, device="cuda", dtype=torch.bfloat16)
+    y = torch.empty_like(x)
+    rstd = torch.empty(n_rows, device="cuda", dtype=torch.float32)
+    block = rms.row_block(n_cols)
+    warps = rms.num_warps_for(block)
+
+    def bare():
+        return rms._rms_norm_fwd_kernel[(n_rows,)](
+            x, w, y, rstd, x.stride(0), y.stride(0), n_cols, 1e-5, 0.0, BLOCK=block, num_warps=warps
+        )
+
+    compiled = bare()
+    torch.cuda.synchronize()
+    cases = {
+        "torch x.add_(0.0) (one aten op)": lambda: x.add_(0.0),
+        "triton kernel[grid](...) bare": bare,
+        "_forward (launcher: reshape, empty x2, launch)": lambda: rms._forward(x, w, 1e-5, 0.0),
+        "custom op rms_norm_fwd (eager dispatch)": lambda: torch.ops.fms_accel_kernels.rms_norm_fwd(x, w, 1e-5, 0.0),
+    }
+    xg = x.clone().requires_grad_(True)
+    grad_cases = {
+        "_RMSNormFunction.apply (grad)": lambda: rms._RMSNormFunction.apply(xg, w, 1e-5, 0.0),
+        "rms_norm() public entry (grad)": lambda: rms.rms_norm(xg, w, 1e-5, 0.0),
+    }
+    try:  # the compiled kernel's own launcher (no binding / specialisation / cache lookup); API of triton 3.x
+        runner = compiled[(n_rows, 1, 1)]
+        args = (x, w, y, rstd, x.stride(0), y.stride(0), n_cols, 1e-5, 0.0, block)  # constexprs included
+        expected = y.clone()
+        y.zero_()
+        runner(*args)
+        torch.cuda.synchronize()
+        if not torch.equal(y, expected):
+            raise RuntimeError("the direct launch wrote a different result")
+        cases["triton CompiledKernel[grid](...) direct"] = lambda: runner(*args)
+    except (AttributeError, TypeError, RuntimeError, ValueError) as exc:  # reported; the rest still runs
+        print(f"[launch_bench] direct launch not measured: {type(exc).__name__}: {exc}", flush=True)
+    lines = [f"triton {triton.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name(0)}", "",
+             "| launch | host µs per call |", "|---|---|"]  # fmt: skip
+    reps = 2000
+    for label, fn in [*cases.items(), *grad_cases.items()]:
+        with torch.no_grad() if label in cases else torch.enable_grad():
+            for _ in range(50):
+                fn()
+            torch.cuda.synchronize()
+            best = float("inf")
+            for _ in range(3):
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                best = min(best, (time.perf_counter() - t0) / reps * 1e6)
+                torch.cuda.synchronize()
+        lines.append(f"| {label} | {best:.1f} |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    (out / "launch_bench.md").write_text(text + "\n", encoding="utf-8")
 
 
 def gemm_experiment(out: Path) -> None:
@@ -262,13 +459,19 @@ def main() -> int:
     parser.add_argument("--layout", choices=["pad", "flatten"], default="pad",
                         help="flatten: one row of --batch instruction examples (the padding-free layout)")
     parser.add_argument("--no-gemm-experiment", action="store_true")
+    parser.add_argument(
+        "--host", action="store_true", help="also profile the host side per stack (<stack>.host.txt, .pyprof.txt)"
+    )
+    parser.add_argument("--launch-bench", action="store_true", help="time the host cost of one kernel launch")
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run this stack in-process
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.one:
-        run_stack(args.one, args.model_dir, out, args.steps, args.batch, args.seq, args.layout)
+        run_stack(args.one, args.model_dir, out, args.steps, args.batch, args.seq, args.layout, args.host)
         return 0
+    if args.launch_bench:
+        launch_bench(out)
     if not args.no_gemm_experiment:
         gemm_experiment(out)
     build_model(Path(args.model_dir))
@@ -276,7 +479,7 @@ def main() -> int:
     for name in args.stacks:
         cmd = [sys.executable, __file__, "--out", str(out), "--model-dir", args.model_dir, "--one", name,
                "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--layout", args.layout]  # fmt: skip
+               "--layout", args.layout] + (["--host"] if args.host else [])  # fmt: skip
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, env=dict(os.environ), timeout=300).returncode
         print(f"[profile_step] {name}: exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)

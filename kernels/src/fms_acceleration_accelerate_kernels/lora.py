@@ -5,9 +5,10 @@ For one projection ``y = x W^T + b + s * (x A^T) B^T`` with ``W`` (out, in) froz
 * forward dequantises ``W`` into a temporary (``W`` is a weight format of ``dequant.py``: packed tensors plus
   metadata, or a dense tensor), runs one GEMM, frees it, and adds the LoRA term in the GEMM epilogue
   (``addmm_``);
-* backward saves only ``x``, the tiny ``x A^T`` (tokens, r) and references to ``A``, ``B`` and the quantised
-  weight; it dequantises ``W`` again for ``dx = dy W`` instead of keeping a dense copy alive between forward and
-  backward. Gradients: ``dx``, ``dA``, ``dB`` (and the bias when it requires grad); the base weight is frozen
+* backward saves only ``x``, the tiny ``x A^T`` (tokens, r), ``A`` and ``B`` in the compute dtype (cast once in
+  forward, so the backward casts nothing; the parameters themselves when they already are in that dtype) and a
+  reference to the quantised weight; it dequantises ``W`` again for ``dx = dy W`` instead of keeping a dense copy
+  alive between forward and backward. Gradients: ``dx``, ``dA``, ``dB`` (and the bias when it requires grad); the base weight is frozen
   (a dense base weight that requires grad is refused).
 
 Grouped variants share one input: ``lora_qkv`` saves ``x`` once, computes all three LoRA down-projections with
@@ -222,29 +223,36 @@ def _dequantize(weight: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _lora_down(x2: torch.Tensor, lora_As: Sequence[torch.Tensor | None], dtype: torch.dtype):
-    """``x A^T`` for all adapters with one GEMM. Returns (xa (T, sum r) or None, [(index, column slice)])."""
+    """``x A^T`` for all adapters with one GEMM.
+
+    Returns:
+        ``(xa, slices, stacked)``: xa (T, sum r) or None; ``[(index, slice)]``, the rows of ``stacked`` / columns
+        of ``xa`` of each adapter; stacked (sum r, in), the adapters' A in ``dtype`` (stacked, then cast once;
+        saved for the backward, which then casts nothing), or None.
+    """
     present = [(i, a) for i, a in enumerate(lora_As) if a is not None]
     if not present:
-        return None, []
-    stacked = torch.cat([a.to(dtype) for _, a in present], dim=0) if len(present) > 1 else present[0][1].to(dtype)
+        return None, [], None
+    stacked = (torch.cat([a for _, a in present], dim=0) if len(present) > 1 else present[0][1]).to(dtype)
     xa = x2 @ stacked.t()
     slices, start = [], 0
     for i, a in present:
         slices.append((i, slice(start, start + a.shape[0])))
         start += a.shape[0]
-    return xa, slices
+    return xa, slices, stacked
 
 
 def _lora_backward(
     grads: Sequence[torch.Tensor | None],
     inp: torch.Tensor,
     down: torch.Tensor | None,
-    lora_As: Sequence[torch.Tensor | None],
-    lora_Bs: Sequence[torch.Tensor | None],
+    stacked_a: torch.Tensor | None,
+    slices: Sequence[tuple[int, slice]],
+    cast_bs: Sequence[torch.Tensor | None],
+    param_dtypes: Sequence[tuple[torch.dtype, torch.dtype] | None],
     scalings: Sequence[float],
     d_inp: torch.Tensor | None,
     need_inp: bool,
-    dtype: torch.dtype,
 ):
     """Adapter gradients of projections sharing one input.
 
@@ -252,6 +260,10 @@ def _lora_backward(
         grads: per projection, (T, out_i) upstream gradient or None.
         inp: (T, in) shared input.
         down: (T, sum r) saved ``inp A^T`` of all adapters (column blocks in projection order).
+        stacked_a, slices: the adapters' A in the compute dtype and each adapter's rows, from ``_lora_down``.
+        cast_bs: per projection, its B in the compute dtype (None without adapter).
+        param_dtypes: per projection, the dtypes of its A and B parameters (those of the returned gradients).
+        scalings: per projection, the LoRA scaling.
         d_inp: (T, in) input gradient accumulated so far (the base part), or None.
         need_inp: whether the input gradient is wanted.
 
@@ -261,39 +273,48 @@ def _lora_backward(
     n = len(grads)
     d_as: list[torch.Tensor | None] = [None] * n
     d_bs: list[torch.Tensor | None] = [None] * n
-    parts, part_as, part_idx = [], [], []
-    col = 0
-    for i in range(n):
-        a, b = lora_As[i], lora_Bs[i]
-        if a is None:
-            continue
-        r = a.shape[0]
-        cols = slice(col, col + r)
-        col += r
+    parts, used = [], []
+    for i, cols in slices:
         g = grads[i]
         if g is None:
             continue
         s = scalings[i]
-        # dB = s * g^T (x A^T);  d(x A^T) = s * g B
-        d_bs[i] = (g.t() @ down[:, cols]).mul_(s).to(b.dtype)
-        parts.append((g @ b.to(dtype)).mul_(s))
-        part_as.append(a.to(dtype))
-        part_idx.append(i)
+        # dB = s * g^T (x A^T);  d(x A^T) = s * g B  (a scaling of 1 multiplies nothing: same values)
+        d_b = g.t() @ down[:, cols]
+        part = g @ cast_bs[i]
+        if s != 1.0:
+            d_b.mul_(s)
+            part.mul_(s)
+        d_bs[i] = d_b.to(param_dtypes[i][1])
+        parts.append(part)
+        used.append((i, cols))
     if parts:
         d_down = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-        stacked_a = torch.cat(part_as, dim=0) if len(part_as) > 1 else part_as[0]
+        if len(used) == len(slices):
+            a = stacked_a
+        else:  # some projection got no gradient: the rows of the others
+            a = torch.cat([stacked_a[cols] for _, cols in used]) if len(used) > 1 else stacked_a[used[0][1]]
         if need_inp:
             if d_inp is None:
-                d_inp = d_down @ stacked_a
+                d_inp = d_down @ a
             else:
-                d_inp.addmm_(d_down, stacked_a)
+                d_inp.addmm_(d_down, a)
         d_a_all = d_down.t() @ inp  # (sum r, in)
         row = 0
-        for i in part_idx:
-            r = lora_As[i].shape[0]
-            d_as[i] = d_a_all[row : row + r].to(lora_As[i].dtype)
+        for i, cols in used:
+            r = cols.stop - cols.start
+            d_as[i] = d_a_all[row : row + r].to(param_dtypes[i][0])
             row += r
     return d_inp, d_as, d_bs
+
+
+def _cast_bs(lora_Bs: Sequence[torch.Tensor | None], dtype: torch.dtype) -> list[torch.Tensor | None]:
+    """Each B in the compute dtype (the parameter itself when it already is)."""
+    return [b.to(dtype) if b is not None else None for b in lora_Bs]
+
+
+def _param_dtypes(lora_As, lora_Bs) -> tuple[tuple[torch.dtype, torch.dtype] | None, ...]:
+    return tuple((a.dtype, b.dtype) if a is not None else None for a, b in zip(lora_As, lora_Bs))
 
 
 def _base_linear(
@@ -332,12 +353,15 @@ class _FusedLoraLinearFunction(torch.autograd.Function):
         outs = []
         for i in range(n):
             outs.append(_base_linear(x2, plan.weights[i], biases[i], dtype))
-        down, slices = _lora_down(x2, lora_As, dtype)
+        down, slices, stacked = _lora_down(x2, lora_As, dtype)
+        cast_bs = _cast_bs(lora_Bs, dtype)
         for i, cols in slices:
-            outs[i].addmm_(down[:, cols], lora_Bs[i].to(dtype).t(), alpha=plan.scalings[i])
+            outs[i].addmm_(down[:, cols], cast_bs[i].t(), alpha=plan.scalings[i])
         ctx.plan = plan
         ctx.x_shape = x.shape
-        ctx.save_for_backward(x2, down, *lora_As, *lora_Bs)
+        ctx.slices = slices
+        ctx.param_dtypes = _param_dtypes(lora_As, lora_Bs)
+        ctx.save_for_backward(x2, down, stacked, *cast_bs)
         outs = tuple(o.view(*lead, o.shape[-1]) for o in outs)
         return outs[0] if n == 1 else outs
 
@@ -346,8 +370,7 @@ class _FusedLoraLinearFunction(torch.autograd.Function):
     def backward(ctx, *grad_outs: torch.Tensor | None):
         plan: _Plan = ctx.plan
         n = len(plan.weights)
-        x2, down, *ab = ctx.saved_tensors
-        lora_As, lora_Bs = ab[:n], ab[n:]
+        x2, down, stacked, *cast_bs = ctx.saved_tensors
         dtype = x2.dtype
         grads = [
             g.reshape(-1, plan.out_features[i]).to(dtype) if g is not None else None for i, g in enumerate(grad_outs)
@@ -366,7 +389,9 @@ class _FusedLoraLinearFunction(torch.autograd.Function):
                     else:
                         dx.addmm_(grads[i], w)
                     del w
-            dx, d_as, d_bs = _lora_backward(grads, x2, down, lora_As, lora_Bs, plan.scalings, dx, need_x, dtype)
+            dx, d_as, d_bs = _lora_backward(
+                grads, x2, down, stacked, ctx.slices, cast_bs, ctx.param_dtypes, plan.scalings, dx, need_x
+            )
             result: list[torch.Tensor | None] = [dx.view(ctx.x_shape) if (need_x and dx is not None) else None, None]
             for i in range(n):
                 bias_grad = None
@@ -484,7 +509,8 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
     kernels of ``glu.py``.
 
     ``flat`` holds (A_g, B_g, bias_g, A_u, B_u, bias_u, A_d, B_d, bias_d), None where absent.
-    Saved: x, gate, up, the (T, r) LoRA down-projections; not saved: h = act(gate) * up, any dense weight.
+    Saved: x, gate, up, the (T, r) LoRA down-projections, A and B in the compute dtype; not saved:
+    h = act(gate) * up, any dense weight.
     """
 
     @staticmethod
@@ -496,16 +522,17 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
         gate_up = []
         for i in (0, 1):
             gate_up.append(_base_linear(x2, plan.weights[i], biases[i], dtype))
-        down_gu, slices = _lora_down(x2, lora_As[:2], dtype)
+        cast_bs = _cast_bs(lora_Bs, dtype)
+        down_gu, slices, stacked_gu = _lora_down(x2, lora_As[:2], dtype)
         for i, cols in slices:
-            gate_up[i].addmm_(down_gu[:, cols], lora_Bs[i].to(dtype).t(), alpha=plan.scalings[i])
+            gate_up[i].addmm_(down_gu[:, cols], cast_bs[i].t(), alpha=plan.scalings[i])
         gate, up = gate_up
         h = glu_forward(gate, up, plan.act)
-        down_d, slices_d = _lora_down(h, lora_As[2:], dtype)
+        down_d, slices_d, stacked_d = _lora_down(h, lora_As[2:], dtype)
         if plan.compute_output:
             y = _base_linear(h, plan.weights[2], biases[2], dtype)
             if slices_d:
-                y.addmm_(down_d, lora_Bs[2].to(dtype).t(), alpha=plan.scalings[2])
+                y.addmm_(down_d, cast_bs[2].t(), alpha=plan.scalings[2])
         elif plan.out_features[2] == x2.shape[1]:
             # the caller discards y (checkpoint recomputation): only the saved tensors below matter. The
             # placeholder is the input itself, not a new tensor: a recomputation under selective checkpointing
@@ -516,15 +543,17 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
         del h
         ctx.plan = plan
         ctx.x_shape = x.shape
-        ctx.save_for_backward(x2, gate, up, down_gu, down_d, *lora_As, *lora_Bs)
+        ctx.slices = (slices, slices_d)
+        ctx.param_dtypes = _param_dtypes(lora_As, lora_Bs)
+        ctx.save_for_backward(x2, gate, up, down_gu, down_d, stacked_gu, stacked_d, *cast_bs)
         return y.view(*lead, y.shape[-1])
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: torch.Tensor):
         plan: _Plan = ctx.plan
-        x2, gate, up, down_gu, down_d, *ab = ctx.saved_tensors
-        lora_As, lora_Bs = ab[:3], ab[3:]
+        x2, gate, up, down_gu, down_d, stacked_gu, stacked_d, *cast_bs = ctx.saved_tensors
+        slices_gu, slices_d = ctx.slices
         dtype = x2.dtype
         need = ctx.needs_input_grad
         gy = grad_y.reshape(-1, plan.out_features[2]).to(dtype)
@@ -534,11 +563,12 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
             d_bs_d = [None]
             dh = _dequantize(plan.weights[2], dtype)
             dh = gy @ dh  # (T, I); the dense down weight is dropped right after
-            if lora_As[2] is not None:
+            if slices_d:
                 h = glu_forward(gate, up, plan.act)
                 dh, d_as_d, d_bs_d = _lora_backward(
-                    [gy], h, down_d, lora_As[2:], lora_Bs[2:], plan.scalings[2:], dh, True, dtype
-                )
+                    [gy], h, down_d, stacked_d, slices_d, cast_bs[2:], ctx.param_dtypes[2:], plan.scalings[2:], dh,
+                    True,
+                )  # fmt: skip
                 del h
             bias_d = gy.sum(0) if need[10] else None
             dgate, dup = glu_backward(dh, gate, up, plan.act, dgate_out=dh)  # dgate overwrites dh
@@ -554,8 +584,9 @@ class _FusedLoraMlpFunction(torch.autograd.Function):
                         dx.addmm_(g, w)
                     del w
             dx, d_as, d_bs = _lora_backward(
-                [dgate, dup], x2, down_gu, lora_As[:2], lora_Bs[:2], plan.scalings[:2], dx, need_x, dtype
-            )
+                [dgate, dup], x2, down_gu, stacked_gu, slices_gu, cast_bs[:2], ctx.param_dtypes[:2], plan.scalings[:2],
+                dx, need_x,
+            )  # fmt: skip
             bias_g = dgate.sum(0) if need[4] else None
             bias_u = dup.sum(0) if need[7] else None
         return (

@@ -33,6 +33,7 @@ arguments such as ``adapter_names``), the forward it replaced runs instead.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -226,27 +227,97 @@ class FusedLoraReport:
             self.base_layers.add(projection.base_layer)
 
 
-def _projection_args(module: nn.Module, registry: DequantBackendRegistry) -> Any:
-    """The ``LoraProjection`` of a module, read now (inside a forward)."""
-    if is_peft_lora_layer(module):
-        return peft_lora_projection(module, registry)
-    return base_projection(module, registry)
+class ProjectionReader:
+    """Reads one projection's ``LoraProjection`` inside a forward, with as little Python as each call needs.
+
+    A patched forward runs at every training step (and again in checkpoint recomputation), so the decisions that
+    depend only on the layer are taken once and taken again only when their inputs change:
+
+    * per module object and base layer object (both held by weak reference, never kept alive): whether the module is
+      a PEFT LoRA layer and which dequant backend reads its base layer (the backend's ``weight_format`` is checked
+      on that first read);
+    * per adapter state of a LoRA layer, the key ``(disable_adapters, merged, active_adapters, training)``: whether
+      the layer can be fused now (:func:`fused_lora_unsupported_reason`) and which adapter it uses.
+
+    The tensors (base weight, bias, ``lora_A`` / ``lora_B`` weights) and the scaling are read at every call, so
+    the parameters FSDP gathered for this forward and PEFT's ``set_scale`` are always the ones used.
+    """
+
+    __slots__ = ("_adapter", "_backend", "_base", "_lora", "_module", "_state", "registry")
+
+    def __init__(self, registry: DequantBackendRegistry) -> None:
+        self.registry = registry
+        self._module: Any = None
+        self._base: Any = None
+        self._lora = False
+        self._backend: Any = None
+        self._state: tuple | None = None
+        self._adapter: str | None = None
+
+    def _bind(self, module: nn.Module, base: nn.Module) -> None:
+        backend = self.registry.backend_for(base)
+        backend.read_weight(base)  # checks once that the backend returns its declared weight format
+        self._lora = is_peft_lora_layer(module)
+        self._backend = backend
+        self._state = None
+        self._adapter = None
+        self._module = weakref.ref(module)
+        self._base = weakref.ref(base)
+
+    def read(self, module: nn.Module) -> Any | None:
+        """The ``LoraProjection`` of ``module`` (tensors read now), or None when its LoRA layer cannot be fused in
+        its current state (disabled / merged adapters, several active adapters, active dropout, ...)."""
+        from fms_acceleration_accelerate_kernels.lora import LoraProjection
+
+        base = base_layer_of(module)
+        if self._module is None or self._module() is not module or self._base() is not base:
+            self._bind(module, base)
+        if not self._lora:
+            return LoraProjection(base=self._backend.read(base), bias=getattr(base, "bias", None))
+        state = (
+            getattr(module, "disable_adapters", False),
+            getattr(module, "merged", False),
+            tuple(module.active_adapters),
+            module.training,
+        )
+        if state != self._state:
+            reason = fused_lora_unsupported_reason(module)
+            self._adapter = next(a for a in module.active_adapters if a in module.lora_A) if reason is None else None
+            self._state = state
+        adapter = self._adapter
+        if adapter is None:
+            return None
+        return LoraProjection(
+            base=self._backend.read(base),
+            lora_A=module.lora_A[adapter].weight,
+            lora_B=module.lora_B[adapter].weight,
+            scaling=float(module.scaling[adapter]),
+            bias=getattr(base, "bias", None),
+        )
 
 
-def _runtime_fusable(modules: Sequence[nn.Module]) -> bool:
-    """False when a LoRA member cannot be fused in its current state (disabled / merged adapters, ...)."""
-    return all(not is_peft_lora_layer(m) or fused_lora_unsupported_reason(m) is None for m in modules)
+def _read_all(readers: Sequence[ProjectionReader], modules: Sequence[nn.Module]) -> list[Any] | None:
+    """Every module's projection, or None when one of them cannot be fused now."""
+    projections = []
+    for reader, module in zip(readers, modules):
+        projection = reader.read(module)
+        if projection is None:
+            return None
+        projections.append(projection)
+    return projections
 
 
 def _single_forward(
     module: nn.Module, previous: Callable[..., Any], registry: DequantBackendRegistry
 ) -> Callable[..., Any]:
+    reader = ProjectionReader(registry)
+
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         from fms_acceleration_accelerate_kernels.lora import lora_linear
 
-        if args or kwargs or not _runtime_fusable((module,)):
+        p = None if (args or kwargs) else reader.read(module)
+        if p is None:
             return previous(x, *args, **kwargs)
-        p = _projection_args(module, registry)
         return lora_linear(x, p.base, p.lora_A, p.lora_B, p.scaling, p.bias)
 
     return forward
@@ -269,6 +340,7 @@ class QKVGroup:
         self.names = tuple(names)
         self.previous = tuple(getattr(attention, n).forward for n in names)
         self.registry = registry
+        self.readers = tuple(ProjectionReader(registry) for _ in names)
         self._kept: list[tuple[torch.Tensor, torch.Tensor] | None] = [None, None]
 
     @property
@@ -279,10 +351,10 @@ class QKVGroup:
         from fms_acceleration_accelerate_kernels.lora import lora_qkv
 
         self._kept = [None, None]
-        modules = self.modules
-        if args or kwargs or not _runtime_fusable(modules):
+        projections = None if (args or kwargs) else _read_all(self.readers, self.modules)
+        if projections is None:
             return self.previous[0](x, *args, **kwargs)
-        q, k, v = lora_qkv(x, *(_projection_args(m, self.registry) for m in modules))
+        q, k, v = lora_qkv(x, *projections)
         self._kept = [(x, k), (x, v)]
         return q
 
@@ -316,14 +388,14 @@ def _glu_mlp_forward(
     With ``recompute``, a checkpoint recomputation skips the down projection (see ``recompute.py``).
     """
     kind, approximate = activation
+    readers = tuple(ProjectionReader(registry) for _ in names)
 
     def forward(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         from fms_acceleration_accelerate_kernels.lora import lora_mlp_geglu, lora_mlp_swiglu
 
-        modules = [getattr(mlp, n) for n in names]
-        if args or kwargs or not _runtime_fusable(modules):
+        projections = None if (args or kwargs) else _read_all(readers, [getattr(mlp, n) for n in names])
+        if projections is None:
             return previous(x, *args, **kwargs)
-        projections = [_projection_args(m, registry) for m in modules]
         compute_output = recompute.compute_output() if recompute is not None else True
         if kind == "silu":
             return lora_mlp_swiglu(x, *projections, compute_output=compute_output)
