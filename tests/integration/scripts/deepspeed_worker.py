@@ -97,6 +97,9 @@ def batches() -> list[torch.Tensor]:
 
 def load_model():
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    # ZeRO-3 with an Accelerator (or TrainingArguments) created first: transformers loads a 16/32-bit model partitioned
+    # (deepspeed.zero.Init), a 4-bit one whole (DeepSpeed partitions it when it builds the engine)
+    report["loaded_partitioned"] = sum(hasattr(p, "ds_id") for p in model.parameters())
     if stack in LORA_TARGETS:
         from peft import LoraConfig, get_peft_model
 
