@@ -258,6 +258,39 @@ def test_backward_saves_no_dense_weight():
     assert dense_numel in saved_ref  # the reference does keep the dense weight: the check can tell the difference
 
 
+def test_backward_casts_no_adapter_weight():
+    """fp32 adapters (PEFT's default under a bf16 model): A and B are cast to the compute dtype once, in forward,
+    and saved; the backward only casts the adapter gradients back to fp32 (one cast per gradient)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten._to_copy.default:
+                self.seen.append((args[0].dtype, out.dtype))
+            return out
+
+    hidden, outs, r = 64, (64, 32, 32), 4
+    bases = [weight_of(make_base("dense_bf16", hidden, n, seed=80 + n)) for n in outs]
+    leaves = []
+    for i, n in enumerate(outs):
+        leaves += [t.to(DEVICE, torch.float32).requires_grad_(True) for t in lora_weights(hidden, n, r, 90 + i)]
+    x = _tokens(5, hidden, seed=95).to(DEVICE, torch.bfloat16).requires_grad_(True)
+    specs = [LoraProjection(bases[i], leaves[2 * i], leaves[2 * i + 1], 2.0) for i in range(3)]
+    q, k, v = lora_qkv(x, *specs)
+    loss = (q * q).sum() + k.sum() + v.sum()  # bf16 throughout: the loss's backward casts nothing
+    casts = Casts()
+    with casts:
+        loss.backward()
+    assert (torch.float32, torch.bfloat16) not in casts.seen, f"the backward cast fp32 weights again: {casts.seen}"
+    assert casts.seen.count((torch.bfloat16, torch.float32)) == 6  # dA, dB of three adapters
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in leaves)
+
+
 # ---------------------------------------------------------------------------------- refusals and options
 
 

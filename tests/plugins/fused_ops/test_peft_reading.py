@@ -102,3 +102,44 @@ def test_base_layer_bias_is_read_with_the_weight():
     p = peft_lora_projection(layer, REGISTRY)
     base = layer.get_base_layer()
     assert isinstance(p.base, Bnb4bitWeight) and p.bias is base.bias and p.lora_B is layer.lora_B["default"].weight
+
+
+def test_projection_reader_follows_the_adapter_state_and_reads_tensors_every_call():
+    """The reader decides once per adapter state (and base layer) but reads the tensors at every call."""
+    import gc
+    import weakref
+
+    from fms_acceleration_accelerate_foak.fused_lora import ProjectionReader
+
+    layer = _peft_layer(lora_dropout=0.1)
+    reader = ProjectionReader(REGISTRY)
+    layer.eval()  # dropout is the identity: fusable
+    p = reader.read(layer)
+    assert p is not None and p.lora_A is layer.lora_A["default"].weight and isinstance(p.base, Bnb4bitWeight)
+    layer.train()  # active dropout: not fusable now
+    assert reader.read(layer) is None
+    layer.eval()
+    layer.enable_adapters(False)
+    assert reader.read(layer) is None
+    layer.enable_adapters(True)
+    assert reader.read(layer) is not None
+    # a parameter replaced in place of the old one (e.g. by FSDP or a loaded adapter) is the one read
+    replacement = torch.nn.Parameter(layer.lora_A["default"].weight.detach().clone())
+    layer.lora_A["default"].weight = replacement
+    assert reader.read(layer).lora_A is replacement
+    layer.scaling["default"] = 3.0  # PEFT's set_scale writes here
+    assert reader.read(layer).scaling == 3.0
+    # another base layer (e.g. swapped by a plugin) is read by its own backend
+    dense = nn.Linear(64, 32).requires_grad_(False)
+    layer.base_layer = dense
+    p = reader.read(layer)
+    assert isinstance(p.base, DenseWeight) and p.base.weight is dense.weight
+    # a plain layer: no adapter state, its weight and bias
+    plain = nn.Linear(16, 8, bias=True).requires_grad_(False)
+    p = reader.read(plain)
+    assert p.lora_A is None and p.base.weight is plain.weight and p.bias is plain.bias
+    # the reader keeps no module alive
+    gone = weakref.ref(plain)
+    del plain, p
+    gc.collect()
+    assert gone() is None
