@@ -5,7 +5,8 @@ with a DeepSpeed JSON file (``gradient_clipping: 0``, as the baseline does not c
 ``stage3_param_persistence_threshold: 0``, so every parameter of the tiny model is partitioned) and the stack's
 ``acceleration:`` section. Each stack (full fine-tuning, LoRA, bitsandbytes QLoRA, each with the fused kernels)
 trains 5 steps through the script's own ``Accelerator`` and through the HF Trainer, and must follow the same
-stack without DeepSpeed (one process, same section) step for step. See ``scripts/deepspeed_worker.py``.
+stack without DeepSpeed (one process, same section) step for step; the Trainer's save must load in plain
+transformers / PEFT and give the trained logits. See ``scripts/deepspeed_worker.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from .conftest import ACCELERATE, SCRIPTS, free_port, run
@@ -83,7 +85,11 @@ def deepspeed_run(work: Path, env: dict[str, str], stage: int, stack: str, clien
     """``accelerate launch`` of the worker with a DeepSpeed config of ``stage`` and the stack's section."""
     name = f"zero{stage}-{stack}-{client}-{processes}"
     ds_config = {
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        "zero_optimization": {
+            "stage": stage,
+            "stage3_param_persistence_threshold": 0,
+            "stage3_gather_16bit_weights_on_model_save": True,  # the trainer's save writes whole weights
+        },
         "gradient_clipping": 0.0,
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
@@ -106,7 +112,44 @@ def deepspeed_run(work: Path, env: dict[str, str], stage: int, stack: str, clien
         str(WORKER), str(work), stack, client,
     ]  # fmt: skip
     done = run(cmd, dict(env, FMS_TEST_REPORT_NAME=name), work, TIMEOUT)
-    return _report(work, name, done)
+    report = _report(work, name, done)
+    report["saved"] = str(work / f"{name}-saved")
+    return report
+
+
+def check_saved(report: dict, work: Path) -> None:
+    """The trainer's save under DeepSpeed loads in plain transformers (+ PEFT for an adapter, on a 4-bit model
+    quantized by transformers' own BitsAndBytesConfig for QLoRA) and computes the trained model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    saved = Path(report["saved"])
+    g = torch.Generator().manual_seed(1)  # the worker's first batch
+    base = torch.randint(0, 96, (8, 16), generator=g)
+    rows = base[torch.randint(0, 8, (4,), generator=g)][:2]
+    if report["stack"] == "full-foak":
+        assert (saved / "model.safetensors").is_file()
+        model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32)
+    else:
+        from peft import PeftModel
+
+        assert (saved / "adapter_model.safetensors").is_file() and not (saved / "model.safetensors").exists()
+        quantization = {}
+        if report["stack"] == "qlora-foak":
+            from transformers import BitsAndBytesConfig
+
+            quantization["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=torch.float32,
+                bnb_4bit_quant_storage=torch.float32,
+            )
+        base_model = AutoModelForCausalLM.from_pretrained(work / "llama", dtype=torch.float32, **quantization)
+        model = PeftModel.from_pretrained(base_model, saved)
+    model.train()  # as the worker computed them (no dropout in the tiny Llama)
+    with torch.no_grad():
+        logits = model(input_ids=rows).logits
+    torch.testing.assert_close(logits, torch.tensor(report["logits"]), atol=1e-4, rtol=0)
 
 
 def check_run(report: dict, reference: dict, stage: int, processes: int) -> None:
@@ -142,7 +185,8 @@ def check_run(report: dict, reference: dict, stage: int, processes: int) -> None
         (3, "qlora-foak", "accelerator"),
         (3, "lora-foak", "accelerator"),
         (3, "full-foak", "trainer"),
-        (2, "qlora-foak", "trainer"),
+        (3, "qlora-foak", "trainer"),
+        (2, "qlora-foak", "accelerator"),
         (2, "lora-foak", "accelerator"),
     ],
     ids=lambda v: str(v),
@@ -153,12 +197,14 @@ def test_stack_under_deepspeed_matches_the_stack_without_it(work, env, baseline,
     check_run(report, baseline(stack, client), stage, 1)
     if stack == "qlora-foak":
         assert report["patch_counts"]["fused_lora"] == 8 and report["patch_counts"]["fused_dequant"] == 6
+    if client == "trainer":
+        check_saved(report, work)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("stage", "stack", "client"),
-    [(3, "qlora-foak", "accelerator"), (3, "lora-foak", "trainer"), (2, "full-foak", "accelerator")],
+    [(3, "qlora-foak", "accelerator"), (3, "lora-foak", "trainer"), (2, "qlora-foak", "trainer")],
     ids=lambda v: str(v),
 )
 def test_two_gloo_processes_match_one_process_without_deepspeed(work, env, baseline, stage, stack, client):
@@ -166,6 +212,8 @@ def test_two_gloo_processes_match_one_process_without_deepspeed(work, env, basel
     _needs(stack)
     report = deepspeed_run(work, env, stage, stack, client, processes=2)
     check_run(report, baseline(stack, client), stage, 2)
+    if client == "trainer":
+        check_saved(report, work)
 
 
 def test_launcher_refuses_a_plugin_deepspeed_cannot_serve_before_any_worker_starts(work, env):

@@ -16,7 +16,8 @@ The model is the ``save_pretrained`` checkpoint in ``OUT/llama``, loaded with ``
 bitsandbytes plugin for ``qlora-foak``); LoRA comes from ``get_peft_model``. Every rank trains on its share of the
 same global batches; the reported loss of a step is the mean over ranks.
 
-Writes ``OUT/<name>.json`` (``name`` from ``$FMS_TEST_REPORT_NAME``, default ``report``) on rank 0.
+Writes ``OUT/<name>.json`` (``name`` from ``$FMS_TEST_REPORT_NAME``, default ``report``) on rank 0; the HF Trainer
+also saves the trained model (``trainer.save_model``) to ``OUT/<name>-saved``.
 """
 
 import json
@@ -200,6 +201,12 @@ elif client == "trainer":
     trainer._get_train_sampler = lambda *a, **k: torch.utils.data.SequentialSampler(dataset)
     trainer.train()
     report.update(describe(trainer.model_wrapped, trainer.accelerator), losses=recorder.losses)
+    # the trained model's logits (train mode, no dropout: bitsandbytes' CPU path repacks weights in eval mode), then
+    # the trainer's save: a whole model, or the PEFT adapter, that plain transformers / PEFT must load back
+    with torch.no_grad():
+        report["logits"] = trainer.model_wrapped(input_ids=rows[:2]).logits.tolist()
+    name = os.environ.get("FMS_TEST_REPORT_NAME", "report")
+    trainer.save_model(os.path.join(out_dir, f"{name}-saved"))
     final = trainer.accelerator
 else:
     raise SystemExit(f"unknown client {client!r}")
