@@ -43,6 +43,7 @@ from .lora import (
     quantized_linear_ref,
 )
 from .moe import MoERouting, moe_experts, moe_experts_ref, moe_experts_triton, moe_route, moe_route_ref
+from .moe_lora import ExpertLoRA, moe_experts_lora, moe_experts_lora_ref, moe_experts_lora_triton
 from .nf4 import FourBitState, dequantize_4bit, dequantize_4bit_ref, dequantize_4bit_triton
 from .rms_norm import rms_norm, rms_norm_ref, rms_norm_triton
 from .rope import apply_rotary_pos_emb, rope, rope_ref, rope_triton
@@ -52,6 +53,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Bnb4bitWeight",
     "DenseWeight",
+    "ExpertLoRA",
     "FourBitState",
     "GPTQWeight",
     "LoraProjection",
@@ -89,6 +91,9 @@ __all__ = [
     "lora_qkv",
     "lora_qkv_ref",
     "moe_experts",
+    "moe_experts_lora",
+    "moe_experts_lora_ref",
+    "moe_experts_lora_triton",
     "moe_experts_ref",
     "moe_experts_triton",
     "moe_route",

@@ -84,6 +84,7 @@ __all__ = [
     "ACTIVATIONS",
     "GemmLaunch",
     "MoERouting",
+    "moe_act_backward_triton",
     "moe_combine_ref",
     "moe_combine_triton",
     "moe_down_backward_ref",
@@ -1082,6 +1083,27 @@ def _down_backward_two_pass(dout, down, h, top_k_weights, routing, layout, need_
     values: measured on an H100, its error against fp32 stays under transformers' grouped_mm's; an fp32 ``d(a)``
     would match the fused epilogue's digits at twice the traffic of this buffer.)"""
     n_slots, two_i = h.shape
+    da = h
+    if n_slots and (need_dh or need_aw or need_dw):
+        stride_h, stride_i = layout.down_strides(down)
+        da = moe_grouped_mm_triton(dout, down, stride_i, stride_h, two_i // 2, routing, None, "down_bwd", launch, True)
+    return moe_act_backward_triton(da, h, top_k_weights, routing, layout, need_dh, need_aw, need_dw)
+
+
+def moe_act_backward_triton(
+    da: torch.Tensor,
+    h: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    routing: MoERouting,
+    layout: _Layout,
+    need_dh: bool = True,
+    need_aw: bool = True,
+    need_dw: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The gated activation's backward on expert-ordered rows, one elementwise pass: from ``d(a)`` (S, I) before
+    the routing weight and the saved ``h`` (S, 2I), ``(dh (S, 2I) = act'(h) * (w d(a)), w * a (S, I),
+    <d(a), a> (S,) fp32)``, each None when not asked for (rows past ``offsets[E]``: unset, zero for the last)."""
+    n_slots, two_i = h.shape
     inter = two_i // 2
     block_c = min(_ACT_BWD_BLOCK_C, next_power_of_2(inter))
     n_blocks_c = triton.cdiv(inter, block_c)
@@ -1089,8 +1111,6 @@ def _down_backward_two_pass(dout, down, h, top_k_weights, routing, layout, need_
     aw = torch.empty(n_slots, inter, dtype=h.dtype, device=h.device) if need_aw else None
     dwp = torch.zeros(n_blocks_c, n_slots, dtype=torch.float32, device=h.device) if need_dw else None
     if n_slots and (need_dh or need_aw or need_dw):
-        stride_h, stride_i = layout.down_strides(down)
-        da = moe_grouped_mm_triton(dout, down, stride_i, stride_h, inter, routing, None, "down_bwd", launch, True)
         gate_off, up_off, step = layout.gate_up_rows(inter)
         grid = (triton.cdiv(n_slots, _ACT_BWD_BLOCK_R), n_blocks_c)
         _moe_act_bwd_kernel[grid](
