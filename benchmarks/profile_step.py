@@ -15,6 +15,12 @@ torch.profiler run, the kernel launches (``cudaLaunchKernel`` for torch ops, ``c
 kernels), the device-to-host syncs, the CPU time of this project's autograd functions and custom ops, and the top
 ops by self CPU time; and a cProfile of a few steps (``OUT/<stack>.pyprof.txt``: Python functions by own and
 cumulative time; cProfile slows Python down, so read it for shares, not absolute times).
+``--cpu-proxy`` needs no GPU: each stack's host work, on CPU, with a model of the reference depth at width 64 and
+the flattened row cut to ``--seq`` (default 16) tokens per example; ``TRITON_INTERPRET=1`` sends every op down
+its Triton path and every Triton launch is replaced by a no-op that counts it (``OUT/<stack>.proxy.txt``: step
+time, Triton launches per step, cProfile). It leaves out what only a GPU costs (kernel launches, the Triton
+launcher, device queries) and the padding-free plugin uses its CPU backend, so compare stacks and versions of
+the code with it, not absolute times.
 ``--launch-bench`` times the host cost of one launch (``OUT/launch_bench.md``): a torch op, a bare Triton
 ``kernel[grid](...)``, the same compiled kernel launched directly, and the RMSNorm kernel's Python entry points. The model is the reference Llama (8B layer shapes, 8 layers), random init, written once to
 ``--model-dir`` (created on the GPU, then ``save_pretrained``).
@@ -105,7 +111,7 @@ def build_model(model_dir: Path) -> None:
     torch.cuda.empty_cache()
 
 
-def flattened_batch(batch: int, seq: int) -> dict:
+def flattened_batch(batch: int, seq: int, vocab_size: int = SHAPE["vocab_size"]) -> dict:
     """The first batch of the padding-free benchmark (benchmarks/scenarios-padding-free.yaml): ``batch`` examples of
     the shipped instruction data in one row, ``position_ids`` restarting per example, each first label ignored."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -113,24 +119,22 @@ def flattened_batch(batch: int, seq: int) -> dict:
 
     scenario = Scenario(name="profile", group="profile", model="reference", dataset="instructions", collate="flatten",
                         batch_size=batch, seq_len=seq)
-    first = make_batches(scenario, SHAPE["vocab_size"], 1, 0, 1)[0]
+    first = make_batches(scenario, vocab_size, 1, 0, 1)[0]
     return {k: v for k, v in first.items() if k in ("input_ids", "labels", "position_ids")}
 
 
-def run_stack(
-    name: str, model_dir: str, out: Path, steps: int, batch: int, seq: int, layout: str = "pad", host: bool = False
-) -> None:
+def build_stack(name: str, model_dir: str, cpu: bool = False):
+    """``(accelerator, model, optimizer)`` of one stack, prepared; on the GPU, or on CPU for ``--cpu-proxy``."""
     import torch
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
-    from torch.profiler import ProfilerActivity, profile
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     from fms_acceleration_accelerate import AccelerationKwargs, get_framework
 
     peft_kind, section = STACKS[name]
     handlers = [AccelerationKwargs(config={"plugins": section})] if section else []
-    accelerator = Accelerator(mixed_precision="bf16", kwargs_handlers=handlers)
+    accelerator = Accelerator(mixed_precision="bf16", kwargs_handlers=handlers, cpu=cpu)
     framework = get_framework(accelerator)
     dtype = torch.bfloat16
     lora = LoraConfig(
@@ -139,7 +143,9 @@ def run_stack(
     if framework is not None and framework.requires_custom_loading:
         model = framework.model_loader(model_dir, torch_dtype=dtype)
     else:
-        kw: dict = {"dtype": dtype, "device_map": {"": 0}, "attn_implementation": ATTENTION.get(name, "sdpa")}
+        kw: dict = {"dtype": dtype, "attn_implementation": ATTENTION.get(name, "sdpa")}
+        if not cpu:
+            kw["device_map"] = {"": 0}
         if peft_kind == "qlora":
             kw["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True,
@@ -160,9 +166,18 @@ def run_stack(
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=not cpu)
     model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, model, optimizer
 
+
+def run_stack(
+    name: str, model_dir: str, out: Path, steps: int, batch: int, seq: int, layout: str = "pad", host: bool = False
+) -> None:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    accelerator, model, optimizer = build_stack(name, model_dir)
     if layout == "flatten":
         inputs = {k: v.cuda() for k, v in flattened_batch(batch, seq).items()}
     else:
@@ -304,7 +319,7 @@ def host_profile(name, model, inputs, accelerator, optimizer, out: Path, steps: 
         f"kernel launches per step: {n_launch:.0f} ("
         + ", ".join(f"{k} {c:.0f} = {t:.2f} ms" for k, c, t in launches)
         + ")",
-        "syncs / host-device calls per step: "
+        "syncs / device-to-host reads per step: "
         + (", ".join(f"{k} {c:.0f} = {t:.2f} ms" for k, c, t in syncs) or "none"),
         "",
         "this project's autograd functions and custom ops (per step: calls, CPU ms inclusive, self):",
@@ -333,6 +348,117 @@ def host_profile(name, model, inputs, accelerator, optimizer, out: Path, steps: 
     stats.sort_stats("tottime").print_stats(50)
     stats.sort_stats("cumulative").print_stats(90)
     (out / f"{name}.pyprof.txt").write_text(buffer.getvalue(), encoding="utf-8")
+
+
+PROXY_SHAPE = dict(
+    SHAPE, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, vocab_size=8192,
+    max_position_embeddings=4096,
+)  # fmt: skip
+"""``--cpu-proxy``'s model: the reference depth and layer structure at a width where CPU compute is negligible."""
+
+
+def stub_triton_launches() -> collections.Counter:
+    """Replace every Triton kernel of the kernels package by a launcher that only counts its launches (the
+    outputs stay uninitialised: ``--cpu-proxy`` measures host work, never values). Returns the counts."""
+    import importlib
+    import pkgutil
+
+    import fms_acceleration_accelerate_kernels as package
+    import triton
+
+    counts: collections.Counter = collections.Counter()
+
+    class NoLaunch:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs) -> None:
+                counts[self.name] += 1
+
+            return launch
+
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, triton.runtime.jit.KernelInterface):
+                setattr(module, attr, NoLaunch(attr))
+    return counts
+
+
+def count_aten_ops(fn) -> collections.Counter:
+    """The aten ops ``fn`` dispatches below autograd (each one a kernel launch or a view on a GPU), by name."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: collections.Counter = collections.Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            counts[str(func.overloadpacket.__name__)] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return counts
+
+
+def run_stack_cpu_proxy(name: str, model_dir: str, out: Path, steps: int, batch: int, seq: int) -> None:
+    """The host work of one stack's training step without a GPU (see ``--cpu-proxy``)."""
+    import cProfile
+    import io
+    import pstats
+
+    launches = stub_triton_launches()
+    accelerator, model, optimizer = build_stack(name, model_dir, cpu=True)
+    inputs = flattened_batch(batch, seq, PROXY_SHAPE["vocab_size"])
+
+    def step() -> None:
+        loss = model(**inputs).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()
+
+    for _ in range(3):
+        step()
+    launches.clear()
+    ops = count_aten_ops(step)
+    per_step = dict(launches)
+    best = float("inf")
+    for _ in range(3):  # best of 3 means: the CPU may be shared
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        best = min(best, (time.perf_counter() - t0) * 1000 / steps)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(3):
+        step()
+    profiler.disable()
+    buffer = io.StringIO()
+    buffer.write(
+        f"cpu proxy {name}: step {best:.1f} ms (best of 3 means of {steps}), "
+        f"{int(inputs['position_ids'].numel())} tokens, Triton launches per step {sum(per_step.values())} "
+        f"(no-ops here): {per_step}\naten ops per step (after autograd, as a GPU would run them): "
+        f"{sum(ops.values())}; top: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(15))
+        + "\ncProfile of 3 steps (times for all 3, inflated by cProfile):\n"
+    )
+    stats = pstats.Stats(profiler, stream=buffer)
+    stats.sort_stats("tottime").print_stats(40)
+    stats.sort_stats("cumulative").print_stats(80)
+    text = buffer.getvalue()
+    print("\n".join(text.split("\n", 2)[:2]), flush=True)
+    (out / f"{name}.proxy.txt").write_text(text, encoding="utf-8")
+
+
+def build_proxy_model(model_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    if (model_dir / "config.json").exists():
+        return
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(LlamaConfig(**PROXY_SHAPE), dtype=torch.bfloat16).save_pretrained(model_dir)
 
 
 def launch_bench(out: Path) -> None:
@@ -365,6 +491,8 @@ def launch_bench(out: Path) -> None:
         "triton kernel[grid](...) bare": bare,
         "_forward (launcher: reshape, empty x2, launch)": lambda: rms._forward(x, w, 1e-5, 0.0),
         "custom op rms_norm_fwd (eager dispatch)": lambda: torch.ops.fms_accel_kernels.rms_norm_fwd(x, w, 1e-5, 0.0),
+        "torch.cuda.mem_get_info() (fused linear CE sizes its chunks with it)": torch.cuda.mem_get_info,
+        "torch.cuda.get_device_properties(0)": lambda: torch.cuda.get_device_properties(0),
     }
     xg = x.clone().requires_grad_(True)
     grad_cases = {
@@ -385,12 +513,13 @@ def launch_bench(out: Path) -> None:
         print(f"[launch_bench] direct launch not measured: {type(exc).__name__}: {exc}", flush=True)
     lines = [f"triton {triton.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name(0)}", "",
              "| launch | host µs per call |", "|---|---|"]  # fmt: skip
-    reps = 2000
     for label, fn in [*cases.items(), *grad_cases.items()]:
         with torch.no_grad() if label in cases else torch.enable_grad():
-            for _ in range(50):
+            t0 = time.perf_counter()
+            for _ in range(20):
                 fn()
             torch.cuda.synchronize()
+            reps = max(10, min(2000, int(0.1 / max((time.perf_counter() - t0) / 20, 1e-7))))  # ~0.1 s a round
             best = float("inf")
             for _ in range(3):
                 t0 = time.perf_counter()
@@ -455,7 +584,7 @@ def main() -> int:
     parser.add_argument("--model-dir", default="/tmp/fms_profile_model")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--seq", type=int, default=None, help="tokens per example (default 2048; --cpu-proxy: 16)")
     parser.add_argument("--layout", choices=["pad", "flatten"], default="pad",
                         help="flatten: one row of --batch instruction examples (the padding-free layout)")
     parser.add_argument("--no-gemm-experiment", action="store_true")
@@ -463,10 +592,19 @@ def main() -> int:
         "--host", action="store_true", help="also profile the host side per stack (<stack>.host.txt, .pyprof.txt)"
     )
     parser.add_argument("--launch-bench", action="store_true", help="time the host cost of one kernel launch")
+    parser.add_argument(
+        "--cpu-proxy",
+        action="store_true",
+        help="no GPU: each stack's host work on CPU (tiny model, flattened rows, Triton launches stubbed out)",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run this stack in-process
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.seq is None:
+        args.seq = 16 if args.cpu_proxy else 2048
+    if args.cpu_proxy:
+        return cpu_proxy_main(args, out)
     if args.one:
         run_stack(args.one, args.model_dir, out, args.steps, args.batch, args.seq, args.layout, args.host)
         return 0
@@ -483,6 +621,23 @@ def main() -> int:
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, env=dict(os.environ), timeout=300).returncode
         print(f"[profile_step] {name}: exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
+        status = status or rc
+    return status
+
+
+def cpu_proxy_main(args: argparse.Namespace, out: Path) -> int:
+    """``--cpu-proxy``: one process per stack (``TRITON_INTERPRET=1`` routes every op to its Triton path)."""
+    model_dir = Path(args.model_dir + "-cpu-proxy")
+    if args.one:
+        run_stack_cpu_proxy(args.one, str(model_dir), out, args.steps, args.batch, args.seq)
+        return 0
+    build_proxy_model(model_dir)
+    status = 0
+    for name in args.stacks:
+        cmd = [sys.executable, __file__, "--out", str(out), "--model-dir", args.model_dir, "--one", name, "--steps",
+               str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--cpu-proxy"]  # fmt: skip
+        env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+        rc = subprocess.run(cmd, env=env, timeout=900).returncode
         status = status or rc
     return status
 
