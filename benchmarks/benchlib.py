@@ -49,6 +49,20 @@ EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 PAD_ID = 0
 EOS_ID = 1
 
+# overlapped start-up (run_benchmarks.py starts a row's `accelerate launch` while the previous row runs;
+# train_bench.py waits after its imports): the variables the runner gives every process of a row
+GO_FILE_ENV = "FMS_BENCH_GO_FILE"
+"""A file the runner creates once the previous row's processes have exited; train_bench.py waits for it after its
+imports (before anything initialises CUDA) when this is set."""
+RUNNER_PID_ENV = "FMS_BENCH_RUNNER_PID"
+"""The runner's process id: a process waiting for its go stops when the runner is gone."""
+BASE_NICE_ENV = "FMS_BENCH_BASE_NICE"
+"""The runner's nice value, which a row's processes go back to at their go."""
+ROW_ENV = "FMS_BENCH_ROW"
+"""Names the row (runner pid and scenario): the runner finds every process of a row by it, whatever its session."""
+START_NICE = 10
+"""How much lower the priority of a row's launcher (and so of its workers until their go) is, with overlap on."""
+
 VERSION_PACKAGES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "triton", "liger-kernel")
 
 
@@ -513,8 +527,14 @@ def load_instruction_token_lists(seq_len: int, tokenizer_path: Path = TOKENIZER_
     return [([*e.ids, EOS_ID])[:seq_len] for e in encoded]
 
 
-def make_batches(scenario: Scenario, vocab_size: int, num_batches: int, rank: int, world: int) -> list[dict[str, Any]]:
+def make_batches(
+    scenario: Scenario, vocab_size: int, num_batches: int, rank: int, world: int,
+    examples: list[list[int]] | None = None,
+) -> list[dict[str, Any]]:  # fmt: skip
     """The batches one rank trains on, identical for every scenario with the same data settings.
+
+    ``examples``: the instruction data already tokenized (:func:`load_instruction_token_lists` at the scenario's
+    ``seq_len``); tokenized here when not given.
 
     Returns a list of dicts of CPU tensors: ``input_ids``, ``labels`` and ``attention_mask`` (pad) or
     ``position_ids`` (flatten), plus ``num_tokens`` (int: non-padding tokens in the batch).
@@ -540,7 +560,8 @@ def make_batches(scenario: Scenario, vocab_size: int, num_batches: int, rank: in
                 )
         return out
 
-    examples = load_instruction_token_lists(seq)
+    if examples is None:
+        examples = load_instruction_token_lists(seq)
     max_id = max(max(e) for e in examples)
     if max_id >= vocab_size:
         raise ScenarioError(

@@ -351,6 +351,67 @@ def _kill_tree(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def row_processes(tag: str) -> list[int]:
+    """Live processes of the row tagged ``tag`` (their environment holds ``FMS_BENCH_ROW=tag``: the launcher,
+    torchrun's agent, every worker and whatever they started, in whichever session). Linux (``/proc``); elsewhere
+    an empty list."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    needle = b"\0" + f"{benchlib.ROW_ENV}={tag}".encode() + b"\0"
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()  # empty for a zombie: it holds no memory any longer
+        except (FileNotFoundError, PermissionError, ProcessLookupError):
+            continue
+        if needle in b"\0" + environ:
+            found.append(int(entry.name))
+    return found
+
+
+def reap_row(tag: str, grace: float = 10.0) -> list[int]:
+    """Wait up to ``grace`` seconds for the processes of row ``tag`` to end (its launcher has exited or was
+    stopped), then kill those left, by their ids. Returns the ids that had to be killed."""
+    deadline = time.monotonic() + grace
+    left = row_processes(tag)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.1)
+        left = row_processes(tag)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return left
+
+
+def gpu_memory_used_mib() -> list[float] | None:
+    """Memory in use on every GPU (MiB) from ``nvidia-smi``, which creates no CUDA context; None without it."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=memory.used", "--format=csv,noheader,nounits"], capture_output=True, text=True,
+            timeout=30,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    try:
+        return [float(line) for line in out.stdout.split()] if out.returncode == 0 else None
+    except ValueError:
+        return None
+
+
+def _lower_priority() -> None:
+    """Run in the child between fork and exec (``preexec_fn``): the row's launcher and all it starts get a lower
+    priority, which its workers give up again at their go."""
+    os.nice(benchlib.START_NICE)
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     if not path.is_file():
         return ""
@@ -370,9 +431,12 @@ def wall_breakdown(result: Mapping[str, Any], started_at: float, ended_at: float
     """Where one row's wall time went: ``launch 5.1 | imports 4.2 | ... | exit 1.3`` (seconds).
 
     ``launch``: from starting ``accelerate launch`` to the first line of ``train_bench.py`` (the launcher's own
-    imports and checks, process start); then the script's phases on rank 0 (``imports``, ``accelerator``,
-    ``load_and_augment``, ``prepare``, ``data``, ``train`` = warmup + timed steps, ``finish``); ``exit``: from
-    writing the result to the launcher's exit (interpreter and CUDA teardown of every process).
+    imports and checks, process start); then the script's phases on rank 0 (``imports`` (none initialises
+    CUDA), ``tokenize`` (instruction data only), ``waited`` (overlapped start-up only: blocked until its go),
+    ``late_imports`` (peft / bitsandbytes, after the go), ``accelerator``, ``load_and_augment``, ``prepare``,
+    ``data``, ``train`` = warmup + timed steps, ``finish``); ``exit``: from writing the result to the launcher's
+    exit (interpreter and CUDA teardown of every process). With overlap, everything up to ``waited`` ran while
+    the previous row ran.
     Empty when the worker wrote no timestamps (it never started).
     """
     stamps = result.get("timestamps") or {}
@@ -1029,8 +1093,47 @@ def gpu_name_without_context() -> str:
     return "gpu"
 
 
+GPU_RELEASED_MARGIN_MIB = 256.0
+"""A GPU counts as released when it uses at most this much more memory than before the first row."""
+GPU_RELEASE_WAIT_S = 10.0
+
+
+@dataclass
+class RowProcess:
+    """One scenario's ``accelerate launch`` process tree: planned, then started (at its turn, or earlier while the
+    previous row runs), given its go, waited for. Times: ``time.time()`` (compared with the workers' own
+    timestamps) and ``time.monotonic()`` (durations)."""
+
+    s: Scenario
+    row: dict[str, Any]
+    argv: list[str]
+    env: dict[str, str]
+    log: Path
+    result_path: Path
+    go_file: Path | None
+    proc: subprocess.Popen | None = None
+    prestarted: bool = False
+    launched_at: float = 0.0
+    launched_mono: float = 0.0
+    go_at: float | None = None
+    go_mono: float | None = None
+    timeout: float = 0.0
+    events: dict[str, Any] | None = None
+
+    @property
+    def tag(self) -> str:
+        return self.env[benchlib.ROW_ENV]
+
+
 class Runner:
-    """Runs the selected scenarios of one file and keeps the CSV/losses up to date after each."""
+    """Runs the selected scenarios of one file and keeps the CSV/losses up to date after each.
+
+    With overlap on (default on CUDA, ``--overlap`` / ``--no-overlap``), row i+1's ``accelerate launch`` starts
+    right after row i got its go, at a lower priority; its workers do their imports (and tokenize the instruction
+    data) and wait for a go file, which the runner creates once every process of row i has exited (and, on CUDA,
+    the GPUs' memory is back to what it was before the first row). Any model the row needs is built before its go.
+    ``logs/timeline.json`` keeps every row's launch, go, exit and its workers' own timestamps.
+    """
 
     def __init__(self, sfile: ScenarioFile, scenarios: list[Scenario], args: argparse.Namespace) -> None:
         self.sfile = sfile
@@ -1056,10 +1159,25 @@ class Runner:
         self.rows: list[dict[str, Any]] = []
         self.losses: dict[str, list[float]] = {}
         self.started = time.monotonic()
+        requested = getattr(args, "overlap", None)
+        self.overlap = not self.on_cpu if requested is None else bool(requested)
+        self.timeline: list[dict[str, Any]] = []
+        self.gpu_idle_mib: list[float] | None = None  # GPU memory in use at the first go (no row running yet)
+        self.gos_given = 0
 
     # -- models
     def model_dir(self, s: Scenario) -> str:
         return self.model_dir_for(s.model, s.dtype)
+
+    def planned_model_dir(self, s: Scenario) -> str:
+        """The folder :meth:`model_dir` gives for ``s``, without building anything (a row may be launched before
+        its model is built; it loads the model only after its go, which comes after the build)."""
+        spec = self.sfile.models.get(s.model)
+        if spec is None:
+            return s.model
+        if "path" in spec:
+            return str(spec["path"])
+        return self.model_dirs.get(s.model) or str(self.work_dir / "models" / s.model)
 
     def needs_build(self, name: str) -> bool:
         """True when model ``name`` (or the model it takes its layers from) has not been built yet; a GPTQ
@@ -1158,6 +1276,11 @@ class Runner:
 
     # -- one scenario
     def prepare(self, s: Scenario) -> tuple[list[str], dict[str, str], Stack, list[str]]:
+        """The command, environment, stack and activating plugins of ``s``; builds no model (see :meth:`begin`).
+
+        Raises:
+            SkipScenario: the row cannot run here. ScenarioError (and ValueError etc.): it cannot run as written.
+        """
         if s.peer == "liger":
             if self.on_cpu:
                 raise SkipScenario("Liger-Kernel needs a CUDA GPU")
@@ -1195,8 +1318,9 @@ class Runner:
         env.setdefault("HF_HUB_OFFLINE", "1")
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
+        env[benchlib.ROW_ENV] = f"{os.getpid()}:{s.name}"
         argv = [*launch_argv(self.launcher), "--config_file", str(cfg_path), str(TRAIN_SCRIPT), *train_args_for(s)]
-        argv += ["--model-dir", self.model_dir(s), "--result-json", str(self.work_dir / f"{s.name}.json")]
+        argv += ["--model-dir", self.planned_model_dir(s), "--result-json", str(self.work_dir / f"{s.name}.json")]
         if stack.body is not None:
             if self.entry == ENTRY_SECTION:
                 accel_file = cfg_path  # the Accelerate config itself; its acceleration: section is read
@@ -1207,16 +1331,13 @@ class Runner:
             argv += ["--acceleration-config", str(accel_file), "--entry", self.entry]
         return argv, env, stack, active
 
-    def run_one(self, s: Scenario) -> dict[str, Any]:
+    # -- one scenario: planned, launched (maybe before its turn), given its go, waited for
+    def budget_left(self) -> float | None:
+        return self.args.time_budget - (time.monotonic() - self.started) if self.args.time_budget else None
+
+    def plan(self, s: Scenario) -> RowProcess | dict[str, Any]:
+        """The process of ``s`` ready to launch, or its finished row when it cannot run (skipped / failed)."""
         row = base_row(s, self.sfile, _parse_overrides(self.args.model_set))
-        elapsed = time.monotonic() - self.started
-        budget_left = self.args.time_budget - elapsed if self.args.time_budget else None
-        # a row that must first build its model (random init + save, tens of seconds for billions of
-        # parameters) needs twice the minimum, so the build cannot overrun the budget
-        needed = self.args.min_scenario_time * (2 if self.needs_build(s.model) else 1)
-        if budget_left is not None and budget_left < needed:
-            row.update(status="skipped", note=f"time budget ({self.args.time_budget:.0f}s) used up")
-            return row
         try:
             argv, env, stack, active = self.prepare(s)
         except SkipScenario as exc:
@@ -1228,38 +1349,165 @@ class Runner:
         row["command"] = display_command(argv)
         row["active_plugins"] = "+".join(active)
         row["entry"] = self.entry if stack.body is not None else ""
+        go_file = None
+        if self.overlap:
+            go_file = self.work_dir / "go" / s.name
+            go_file.parent.mkdir(exist_ok=True)
+            go_file.unlink(missing_ok=True)
+            env[benchlib.GO_FILE_ENV] = str(go_file)
+            env[benchlib.RUNNER_PID_ENV] = str(os.getpid())
+            env[benchlib.BASE_NICE_ENV] = str(os.getpriority(os.PRIO_PROCESS, 0))
         log = self.out_dir / "logs" / f"{s.name}.log"
-        timeout = self.args.scenario_timeout
-        if budget_left is not None:
-            timeout = min(timeout, max(budget_left, self.args.min_scenario_time))
-        print(f"[bench] {s.name}: {row['command']}", flush=True)
-        t0 = time.monotonic()
-        started_at = time.time()  # wall clock: compared with the worker's timestamps (same machine)
-        result_path = self.work_dir / f"{s.name}.json"
-        result_path.unlink(missing_ok=True)
-        with log.open("w", encoding="utf-8") as handle:
-            handle.write(row["command"] + "\n\n")
+        return RowProcess(s, row, argv, env, log, self.work_dir / f"{s.name}.json", go_file, events={})
+
+    def launch(self, rp: RowProcess, prestarted: bool) -> None:
+        """Start the row's ``accelerate launch`` (with overlap on: at a lower priority, see ``_lower_priority``)."""
+        rp.result_path.unlink(missing_ok=True)
+        rp.prestarted = prestarted
+        shown = "prestarted, waits for its go: " if prestarted else ""
+        print(f"[bench] {rp.s.name}: {shown}{rp.row['command']}", flush=True)
+        rp.launched_mono = time.monotonic()
+        rp.launched_at = time.time()  # wall clock: compared with the worker's timestamps (same machine)
+        with rp.log.open("w", encoding="utf-8") as handle:
+            handle.write(rp.row["command"] + "\n\n")
             handle.flush()
-            proc = subprocess.Popen(
-                argv, stdout=handle, stderr=subprocess.STDOUT, env=env, cwd=str(REPO_ROOT), start_new_session=True
-            )
-            try:
-                code = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                _kill_tree(proc)
-                code = None
-        row["wall_s"] = time.monotonic() - t0
-        result = json.loads(result_path.read_text(encoding="utf-8")) if result_path.is_file() else {}
-        row["wall_breakdown"] = wall_breakdown(result, started_at, time.time())
+            rp.proc = subprocess.Popen(
+                rp.argv, stdout=handle, stderr=subprocess.STDOUT, env=rp.env, cwd=str(REPO_ROOT),
+                start_new_session=True, preexec_fn=_lower_priority if self.overlap else None,
+            )  # fmt: skip
+
+    def cancel(self, rp: RowProcess, status: str, note: str) -> dict[str, Any]:
+        """Stop a launched row that will not get its go (every process of it, by id); its row says why."""
+        if rp.proc is not None:
+            if rp.proc.poll() is None:
+                _kill_tree(rp.proc)
+            rp.events["leftovers_killed"] = reap_row(rp.tag, grace=5.0)
+            rp.events["cancelled_at"] = time.time()
+        row = base_row(rp.s, self.sfile, _parse_overrides(self.args.model_set)) if status == "skipped" else rp.row
+        row.update(status=status, note=note)
+        self.record(rp, row, {})
+        return row
+
+    def give_go(self, rp: RowProcess) -> None:
+        """The row may start using the GPUs: every process of the previous row has exited (:meth:`finish`), and
+        on CUDA the GPUs' memory is back to what it was at the first go (up to 10 s of waiting for that)."""
+        if self.overlap and not self.on_cpu and self.gos_given == 0:
+            self.gpu_idle_mib = gpu_memory_used_mib()  # no row has run yet (model builds have exited)
+        elif self.gpu_idle_mib is not None:
+            deadline = time.monotonic() + GPU_RELEASE_WAIT_S
+            used = gpu_memory_used_mib()
+            while used is not None and time.monotonic() < deadline and any(
+                u - b > GPU_RELEASED_MARGIN_MIB for u, b in zip(used, self.gpu_idle_mib)
+            ):
+                time.sleep(0.2)
+                used = gpu_memory_used_mib()
+            rp.events["gpu_mem_used_mib_at_go"] = used
+            if used is not None and any(u - b > GPU_RELEASED_MARGIN_MIB for u, b in zip(used, self.gpu_idle_mib)):
+                print(f"[bench] {rp.s.name}: WARNING: GPU memory in use at the go: {used} MiB (before the first "
+                      f"row: {self.gpu_idle_mib} MiB)", flush=True)  # fmt: skip
+        self.gos_given += 1
+        if rp.go_file is not None:
+            rp.go_file.touch()
+        rp.go_mono = time.monotonic()
+        rp.go_at = time.time()
+
+    def begin(self, s: Scenario, pending: RowProcess | dict[str, Any] | None) -> RowProcess | dict[str, Any]:
+        """Row ``s``'s turn: the time-budget check, its model build, then its go (a row not launched yet is launched
+        now). ``pending``: what :meth:`prestart` left for ``s``. Returns the running row, or its finished row."""
+        budget_left = self.budget_left()
+        # a row that must first build its model (random init + save, tens of seconds for billions of
+        # parameters) needs twice the minimum, so the build cannot overrun the budget
+        needed = self.args.min_scenario_time * (2 if self.needs_build(s.model) else 1)
+        if budget_left is not None and budget_left < needed:
+            note = f"time budget ({self.args.time_budget:.0f}s) used up"
+            if isinstance(pending, RowProcess):
+                return self.cancel(pending, "skipped", note)
+            return dict(base_row(s, self.sfile, _parse_overrides(self.args.model_set)), status="skipped", note=note)
+        rp = self.plan(s) if pending is None else pending
+        if not isinstance(rp, RowProcess):
+            return rp
+        rp.events["built_model"] = self.needs_build(s.model)
+        try:
+            self.model_dir(s)  # build (GPU) now: the previous row has exited and this one has no go yet
+        except (ScenarioError, ValueError, RuntimeError, OSError) as exc:
+            note = f"{type(exc).__name__}: {exc}".replace("\n", " ")[:500]
+            if rp.proc is not None:
+                return self.cancel(rp, "failed", note)
+            rp.row.update(status="failed", note=note)
+            return rp.row
+        rp.events["model_ready_at"] = time.time()
+        rp.timeout = self.args.scenario_timeout
+        budget_left = self.budget_left()
+        if budget_left is not None:
+            rp.timeout = min(rp.timeout, max(budget_left, self.args.min_scenario_time))
+        if rp.proc is not None and rp.proc.poll() is None:
+            self.give_go(rp)
+        elif rp.proc is None:
+            self.give_go(rp)  # before the launch: its workers find the go file at once
+            self.launch(rp, prestarted=False)
+        else:  # prestarted and already ended (failed while importing): its go changes nothing
+            rp.go_mono, rp.go_at = time.monotonic(), time.time()
+        return rp
+
+    def prestart(self, s: Scenario) -> RowProcess | dict[str, Any] | None:
+        """Launch row ``s`` now, while the current row runs: it waits for its go after its imports. None (nothing
+        launched) when the time budget could not let it run anyway; a finished row when it cannot run at all."""
+        budget_left = self.budget_left()
+        if budget_left is not None and budget_left < self.args.min_scenario_time:
+            return None
+        rp = self.plan(s)
+        if isinstance(rp, RowProcess):
+            self.launch(rp, prestarted=True)
+        return rp
+
+    def finish(self, rp: RowProcess) -> dict[str, Any]:
+        """Wait for the row (its timeout counts from its go), make sure every process of it has ended, read its
+        result."""
+        row = rp.row
+        started = max(rp.go_mono or rp.launched_mono, rp.launched_mono)
+        try:
+            code = rp.proc.wait(timeout=max(rp.timeout - (time.monotonic() - started), 0.0))
+        except subprocess.TimeoutExpired:
+            _kill_tree(rp.proc)
+            code = None
+        ended = time.time()
+        row["wall_s"] = time.monotonic() - rp.launched_mono
+        # the next row's go needs the GPU memory of this one released: none of its processes may be left
+        leftovers = reap_row(rp.tag)
+        rp.events["exited_at"] = time.time()
+        if leftovers:
+            rp.events["leftovers_killed"] = leftovers
+            print(f"[bench] {rp.s.name}: killed processes left after its launcher exited: {leftovers}", flush=True)
+        result = json.loads(rp.result_path.read_text(encoding="utf-8")) if rp.result_path.is_file() else {}
+        row["wall_breakdown"] = wall_breakdown(result, rp.launched_at, ended)
         if code is None:
-            row.update(status="failed", note=f"timed out after {timeout:.0f}s")
+            row.update(status="failed", note=f"timed out after {rp.timeout:.0f}s")
         elif code != 0 or result.get("status") != "ok":
-            note = result.get("error") or _last_error_line(log) or f"exit code {code}"
+            note = result.get("error") or _last_error_line(rp.log) or f"exit code {code}"
             row.update(status="failed", note=str(note).replace("\n", " ")[:500])
         else:
             fill_result(row, result)
-            self.losses[s.name] = list(result.get("losses") or [])
+            self.losses[rp.s.name] = list(result.get("losses") or [])
+        start_up = result.get("start_up") or {}
+        early = ["CUDA initialised"] if start_up.get("cuda_initialized_at_wait") else []
+        early += [f"{m} imported" for m in start_up.get("deferred_modules_loaded_at_wait") or []]
+        if early:  # the waiting process did what it must leave for after its go
+            warning = f"before its go: {', '.join(early)}"
+            print(f"[bench] {rp.s.name}: WARNING: {warning}", flush=True)
+            row["note"] = f"{row.get('note', '')}; {warning}".strip("; ")
+        self.record(rp, row, result)
         return row
+
+    def record(self, rp: RowProcess, row: Mapping[str, Any], result: Mapping[str, Any]) -> None:
+        """One entry of ``logs/timeline.json``: the runner's times of the row and its workers' own."""
+        entry: dict[str, Any] = {
+            "scenario": rp.s.name, "row": rp.tag, "status": row.get("status"), "prestarted": rp.prestarted,
+            "launched_at": rp.launched_at if rp.proc is not None else None, "go_at": rp.go_at,
+            **(rp.events or {}),
+        }  # fmt: skip
+        entry.update({f"worker_{k}": v for k, v in (result.get("timestamps") or {}).items()})
+        entry.update({f"worker_{k}": v for k, v in (result.get("start_up") or {}).items()})
+        self.timeline.append(entry)
 
     def save(self) -> None:
         s_by_name = {s.name: s for s in self.scenarios}
@@ -1268,6 +1516,7 @@ class Runner:
         compute_fits(self.rows, s_by_name)
         write_csv(self.rows, self.out_dir / "results.csv")
         (self.out_dir / "losses.json").write_text(json.dumps(self.losses, indent=1), encoding="utf-8")
+        (self.out_dir / "logs" / "timeline.json").write_text(json.dumps(self.timeline, indent=1), encoding="utf-8")
 
     def run(self) -> Path:
         invocation = display_command([sys.executable, *sys.argv])
@@ -1275,17 +1524,29 @@ class Runner:
             f"{invocation}\n# launcher: {self.launcher}; entry: {self.entry}; cwd: repository root; started {benchlib.environment_info()['date']}\n",
             encoding="utf-8",
         )
+        pending: RowProcess | dict[str, Any] | None = None  # what prestart() left for the next row
         try:
-            for s in self.scenarios:
-                row = self.run_one(s)
+            for index, s in enumerate(self.scenarios):
+                current, pending = self.begin(s, pending), None
+                if self.overlap and isinstance(current, RowProcess) and index + 1 < len(self.scenarios):
+                    pending = self.prestart(self.scenarios[index + 1])  # its start-up overlaps this row
+                row = self.finish(current) if isinstance(current, RowProcess) else current
                 row.setdefault("command", "")
                 took = f" in {row['wall_s']:.0f}s" if row.get("wall_s") else ""
+                if isinstance(current, RowProcess) and current.prestarted and current.go_at is not None:
+                    took += (f" ({current.events['exited_at'] - current.go_at:.0f}s after its go; its start-up "
+                             "overlapped the previous row)")  # fmt: skip
                 print(f"[bench] {s.name}: {row['status']}{took} {row.get('note', '')}".rstrip(), flush=True)
                 if row.get("wall_breakdown"):
                     print(f"[bench] {s.name}: wall seconds: {row['wall_breakdown']}", flush=True)
                 self.rows.append(row)
                 self.save()
-        finally:  # the built models can be many GB
+        finally:
+            if isinstance(pending, RowProcess) and pending.proc is not None:  # interrupted: stop what waits
+                if pending.proc.poll() is None:
+                    _kill_tree(pending.proc)
+                reap_row(pending.tag, grace=5.0)
+            # the built models can be many GB
             if not self.args.keep_models and not self.args.work_dir:
                 shutil.rmtree(self.work_dir, ignore_errors=True)
         charts = write_charts(self.rows, self.out_dir, self.losses)
@@ -1442,7 +1703,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--min-scenario-time", type=float, default=45.0, help="do not start a scenario with less budget left"
     )
-    r.add_argument("--scenario-timeout", type=float, default=600.0)
+    r.add_argument("--scenario-timeout", type=float, default=600.0,
+                   help="seconds a row may take from its go (with overlap: its start-up before the go not counted)")
+    r.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="start each row's accelerate launch while the previous row runs; its workers import, then "
+                   "wait for a go given once the previous row's processes have exited (default: on with CUDA, "
+                   "off on CPU)")  # fmt: skip
     r.add_argument("--compare", nargs="?", const="auto", default=None, metavar="REFERENCE_CSV",
                    help="compare with reference results after the run (non-zero exit on regression)")  # fmt: skip
     r.add_argument("--threshold", type=float, default=0.05, help="regression threshold for --compare")

@@ -26,7 +26,15 @@ Accelerate config (on CPU through :func:`cpu_fsdp_seam`); the HF QLoRA recipe th
 bytes in the training dtype (``bnb_4bit_quant_storage``, as the HF FSDP-QLoRA docs do). During the timed steps
 a :class:`CollectiveCounter` counts all-gather / reduce-scatter bytes. ``--rank-data replicate`` gives every
 rank the 1-GPU run's batches (loss parity with 1 GPU). The result also carries the seconds of every phase and
-two wall-clock timestamps, from which the runner prints where the row's wall time went.
+wall-clock timestamps, from which the runner prints where the row's wall time went.
+
+Overlapped start-up (``$FMS_BENCH_GO_FILE`` set; the runner's default on CUDA): the runner starts this script while
+the previous row still trains. It does its imports (:func:`import_before_go`: nothing that initialises CUDA) and
+tokenizes the instruction data, then sleeps until that file exists, which the runner creates once every process of
+the previous row has exited; only then come peft / bitsandbytes (:data:`DEFERRED_MODULES`), the ``Accelerator``,
+the model and the steps. The result's ``start_up`` says whether CUDA was initialised or a deferred module imported
+when the wait began (neither may be), the nice values while waiting and training, and every rank's go and start of
+training.
 """
 
 from __future__ import annotations
@@ -51,6 +59,13 @@ import benchlib
 from benchlib import Scenario
 
 SCRIPT_START = time.time()  # after the stdlib/yaml imports (milliseconds): the runner's per-row breakdown
+PARENT_PID = os.getppid()  # the launcher (or torchrun's agent): a process waiting for its go stops when it is gone
+GO_POLL_S = 0.05
+"""Seconds between two looks for the go file while waiting (the process sleeps in between)."""
+DEFERRED_MODULES = ("peft", "bitsandbytes", "transformers.training_args")
+"""Imported only after the go: bitsandbytes reads the GPUs' compute capability through torch when it is imported,
+which initialises CUDA in the importing process, and ``import peft`` and transformers' ``TrainingArguments``
+import bitsandbytes when it is installed."""
 GIB = 1024**3
 MEMORY_TRACE_ENV = "FMS_BENCH_MEMORY_TRACE"
 """Set to 1 (CUDA only): record every allocation's Python stack and print, on rank 0, the live CUDA bytes grouped
@@ -507,6 +522,80 @@ class CollectiveCounter:
             yield self
 
 
+def import_before_go() -> None:
+    """The imports a process may do while it waits for its go: torch, transformers (its modeling module and the
+    auto class this script loads with) and accelerate. None of them initialises CUDA (with this package's start-up
+    hook active, the ``import accelerate`` also installs the integration, which imports neither peft nor
+    bitsandbytes); :data:`DEFERRED_MODULES` come after the go."""
+    import torch  # noqa: F401
+    import transformers.modeling_utils  # noqa: F401
+    from accelerate import Accelerator  # noqa: F401
+    from accelerate.utils import set_seed  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def restore_priority(target: int | None) -> int:
+    """Set every thread of this process to nice ``target`` (the runner's own): the runner starts each row's
+    launcher at a lower priority (``benchlib.START_NICE``) so that a start-up that overlaps the running row yields
+    to it, and the training must not run at that priority. Raising a priority again needs CAP_SYS_NICE (root
+    usually has it); without it the value stays, and the runner started every row the same way, so all rows
+    still train alike. Returns the nice value this thread trains at."""
+    current = os.getpriority(os.PRIO_PROCESS, 0)  # Linux: the calling thread
+    if target is None or current <= target:
+        return current
+    tasks = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
+    try:
+        for tid in tasks:  # on Linux a nice value belongs to a thread; threads made while importing have it too
+            try:
+                os.setpriority(os.PRIO_PROCESS, int(tid), target)
+            except ProcessLookupError:  # the thread ended meanwhile
+                continue
+    except PermissionError:
+        pass  # no CAP_SYS_NICE: trains at the start-up priority (reported in the result's start_up.nice_at_train)
+    return os.getpriority(os.PRIO_PROCESS, 0)
+
+
+def wait_for_go(go_file: str) -> dict[str, Any]:
+    """Block until the runner creates ``go_file`` (it does once the previous row's processes have exited), looking
+    every :data:`GO_POLL_S` seconds and sleeping in between; then give this process its normal priority back.
+
+    Gives up (``SystemExit``) when the process that launched this one, or the runner
+    (``$FMS_BENCH_RUNNER_PID``), is gone: a row the runner no longer waits for must not linger.
+    Returns what the result records about the start-up: whether CUDA was initialised (it must not be) and which
+    :data:`DEFERRED_MODULES` were already imported (none must be) when the wait began, the wait's timestamps and
+    the nice values.
+    """
+    import torch
+
+    info: dict[str, Any] = {
+        "waiting_from": time.time(),
+        "cuda_initialized_at_wait": torch.cuda.is_initialized(),
+        "deferred_modules_loaded_at_wait": [m for m in DEFERRED_MODULES if m in sys.modules],
+        "nice_while_waiting": os.getpriority(os.PRIO_PROCESS, 0),
+    }
+    runner = int(os.environ.get(benchlib.RUNNER_PID_ENV) or 0)
+    while not os.path.exists(go_file):
+        if os.getppid() != PARENT_PID:
+            raise SystemExit("the launcher of this process is gone: no go will come")
+        if runner and not _alive(runner):
+            raise SystemExit(f"the benchmark runner (pid {runner}) is gone: no go will come")
+        time.sleep(GO_POLL_S)
+    info["go_seen"] = time.time()
+    base = os.environ.get(benchlib.BASE_NICE_ENV)
+    info["nice_at_train"] = restore_priority(int(base) if base not in (None, "") else None)
+    return info
+
+
 class PhaseClock:
     """Seconds per phase of the run (rank 0 prints them; the runner turns them into a wall-time breakdown)."""
 
@@ -520,14 +609,28 @@ class PhaseClock:
         self._last = now
 
 
-def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
-    import peft  # noqa: F401  (the imports phase: what every row pays before its first CUDA call)
+def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -> dict[str, Any]:
+    """One scenario; fills ``stamps`` (wall-clock times: the wait for the go, the training loop) as it goes."""
+    import_before_go()  # the imports phase: what every row pays before its first CUDA call
     import torch
-    import transformers  # noqa: F401
     from accelerate.utils import set_seed
 
     clock.done("imports")
     s = scenario_from_args(args)
+    examples = None
+    if s.dataset == "instructions":  # tokenizing is no part of any measurement: done before the go
+        examples = benchlib.load_instruction_token_lists(s.seq_len)
+        clock.done("tokenize")
+    go_file = os.environ.get(benchlib.GO_FILE_ENV)
+    start_up: dict[str, Any] = {"waited_for_go": bool(go_file)}
+    if go_file:  # overlapped start-up: the runner says when the previous row's processes have exited
+        start_up.update(wait_for_go(go_file))
+        stamps["waiting_from"], stamps["go_seen"] = start_up.pop("waiting_from"), start_up.pop("go_seen")
+        clock.done("waited")
+    import peft  # noqa: F401  (DEFERRED_MODULES: imports bitsandbytes, which initialises CUDA)
+    from transformers import TrainingArguments  # noqa: F401
+
+    clock.done("late_imports")
     work_dir = tempfile.mkdtemp(prefix="train_bench_")
     train_args = make_train_args(s, os.path.join(work_dir, "trainer"))
     accelerator, framework, entry = make_accelerator(args)
@@ -559,10 +662,13 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
 
     vocab = model.config.vocab_size if hasattr(model, "config") else accelerator.unwrap_model(model).config.vocab_size
     if s.rank_data == "replicate":  # every rank trains on the 1-GPU run's batches (see Scenario.rank_data)
-        batches = benchlib.make_batches(s, vocab, s.steps, 0, 1)
+        batches = benchlib.make_batches(s, vocab, s.steps, 0, 1, examples=examples)
     else:
-        batches = benchlib.make_batches(s, vocab, s.steps, accelerator.process_index, accelerator.num_processes)
+        batches = benchlib.make_batches(
+            s, vocab, s.steps, accelerator.process_index, accelerator.num_processes, examples=examples
+        )
     clock.done("data")
+    stamps["train_start"] = time.time()
     losses: list[float] = []
     step_times: list[float] = []
     measured_tokens = 0
@@ -614,6 +720,7 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
         if on_cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t_start
+    stamps["train_end"] = time.time()
     clock.done("train")
     if profiler is not None:  # the kernels of the Chrome trace (its documented export: name, ts / dur in us)
         Path(profile_dir).mkdir(parents=True, exist_ok=True)
@@ -645,6 +752,10 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
     rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0], device=device)
     peaks = accelerator.gather(peaks).view(-1, 6).max(dim=0).values
     rss = accelerator.gather(rss).max()
+    # every rank's go and start of training (wall clock): the runner checks that none began before the previous
+    # row's processes had exited
+    moments = torch.tensor([stamps.get("go_seen", 0.0), stamps["train_start"]], dtype=torch.float64, device=device)
+    moments = accelerator.gather(moments).view(-1, 2).tolist()
     total_tokens, total_slots = tokens.tolist()
     result = {
         "status": "ok",
@@ -671,6 +782,11 @@ def run(args: argparse.Namespace, clock: PhaseClock) -> dict[str, Any]:
         "active_plugins": list(framework.active_plugin_names) if framework is not None else [],
         "patches": len(framework.patches) if framework is not None else None,
         "entry": entry,
+        "start_up": {
+            **start_up,
+            "ranks_go_seen": [m[0] for m in moments] if go_file else None,
+            "ranks_train_start": [m[1] for m in moments],
+        },
         "experts_implementation": experts_implementation_of(model),  # after prepare: a plugin may have switched it
         **info,
         **benchlib.environment_info(),
@@ -688,22 +804,23 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     clock = PhaseClock(SCRIPT_START)
+    stamps = {"script_start": SCRIPT_START}
     try:
-        result = run(args, clock)
+        result = run(args, clock, stamps)
     except BaseException as exc:  # record why, then fail the process (the runner reads the log and the code)
         if rank == 0 and not isinstance(exc, KeyboardInterrupt):
             failed = {
                 "status": "failed",
                 "error": f"{type(exc).__name__}: {exc}"[:2000],
                 "phase_seconds": clock.phases,
-                "timestamps": {"script_start": SCRIPT_START, "result_written": time.time()},
+                "timestamps": {**stamps, "result_written": time.time()},
             }
             Path(args.result_json).write_text(json.dumps(failed), encoding="utf-8")
         traceback.print_exc()
         return 1
     if rank == 0:
         result["phase_seconds"] = clock.phases
-        result["timestamps"] = {"script_start": SCRIPT_START, "result_written": time.time()}
+        result["timestamps"] = {**stamps, "result_written": time.time()}
         Path(args.result_json).write_text(json.dumps(result), encoding="utf-8")
     return 0
 

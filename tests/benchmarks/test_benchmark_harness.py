@@ -4,6 +4,7 @@ and one end-to-end run of the runner on a tiny model through ``accelerate launch
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import subprocess
@@ -493,8 +494,8 @@ def test_fsdp2_gloo_run_through_the_runner(tmp_path: Path) -> None:
     assert multi["loss_vs_1gpu_match"] == "yes", multi["loss_vs_1gpu_max_rel_diff"]
     for r in (multi, single):
         parts = [p.split()[0] for p in r["wall_breakdown"].split(" | ")]
-        assert parts == ["launch", "imports", "accelerator", "load_and_augment", "prepare", "data", "train",
-                         "finish", "exit"]  # fmt: skip
+        assert parts == ["launch", "imports", "late_imports", "accelerator", "load_and_augment", "prepare", "data",
+                         "train", "finish", "exit"]  # fmt: skip
     assert "### Multi-GPU" in stdout and "| lora-fsdp2-x2 | HF | fsdp2 | 2 |" in stdout
     assert "wall seconds: launch" in stdout
     assert (out / "scaling_efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -563,3 +564,140 @@ def test_kernel_profile_summary_categories_and_busy_time() -> None:
     assert summary["compute_busy_ms"] == pytest.approx(0.04)
     assert summary["kernel_ms"] == pytest.approx({"nccl": 0.05, "gemm": 0.025, "triton": 0.02, "attention": 0.005})
     assert list(summary["kernel_ms"]) == ["nccl", "gemm", "triton", "attention"]
+
+
+# ------------------------------------------------------------------------------------------- overlapped start-up
+MICRO = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": 256, "max_position_embeddings": 128,
+         "tie_word_embeddings": False}  # fmt: skip
+OVERLAP_SCENARIOS = f"""
+models:
+  micro: {{config: {json.dumps(MICRO)}}}
+  micro2: {{config: {json.dumps(dict(MICRO, num_hidden_layers=2))}}}   # built at its row's turn, before its go
+defaults: {{model: micro, dtype: float32, batch_size: 2, seq_len: 32, steps: 4, warmup_steps: 1,
+           gradient_checkpointing: true, learning_rate: 0.001, peft: lora, rank_data: replicate}}
+scenarios:
+  - {{name: first, group: g, inject_delay_ms: 1500}}   # trains 6 s: the next row's start-up ends meanwhile
+  - {{name: two-ranks, group: g, num_gpus: 2}}         # 2 gloo processes: each waits for the go
+  - {{name: built-late, group: g2, model: micro2}}
+"""
+
+
+@pytest.mark.slow
+def test_overlapped_start_up_trains_only_after_the_previous_row_exited(tmp_path: Path) -> None:
+    """--overlap on CPU: every row after the first is launched while the previous one runs, and no process of it
+    starts training before every process of the previous row has exited."""
+    out = tmp_path / "out"
+    scenarios = tmp_path / "scenarios.yaml"
+    scenarios.write_text(OVERLAP_SCENARIOS, encoding="utf-8")
+    run = _run(["benchmarks/run_benchmarks.py", "run", str(scenarios), "--out", str(out), "--device", "cpu",
+                "--overlap"])  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = {r["scenario"]: r for r in run_benchmarks.read_csv(out / "results.csv")}
+    assert all(r["status"] == "ok" for r in rows.values()), {n: r["note"] for n, r in rows.items()}
+    timeline = json.loads((out / "logs" / "timeline.json").read_text(encoding="utf-8"))
+    assert [e["scenario"] for e in timeline] == ["first", "two-ranks", "built-late"]
+    assert [e["prestarted"] for e in timeline] == [False, True, True]
+    for prev, cur in itertools.pairwise(timeline):
+        assert cur["launched_at"] < prev["exited_at"], "the start-up did not overlap the previous row"
+        assert cur["go_at"] >= prev["exited_at"]
+        assert len(cur["worker_ranks_go_seen"]) == len(cur["worker_ranks_train_start"])
+        assert min(cur["worker_ranks_go_seen"]) >= cur["go_at"]
+        assert min(cur["worker_ranks_train_start"]) > prev["exited_at"], (
+            f"{cur['scenario']} started training before {prev['scenario']} had exited"
+        )
+    first, second, late = timeline
+    assert second["worker_waiting_from"] < first["exited_at"]  # its imports were done while the first row ran
+    assert late["built_model"] and second["exited_at"] <= late["model_ready_at"] <= late["go_at"]  # built in between
+    nice = os.getpriority(os.PRIO_PROCESS, 0)
+    for e in timeline:
+        assert e["worker_cuda_initialized_at_wait"] is False and e["worker_deferred_modules_loaded_at_wait"] == []
+        assert e["worker_nice_while_waiting"] == min(nice + benchlib.START_NICE, 19)
+        assert nice <= e["worker_nice_at_train"] <= e["worker_nice_while_waiting"]
+        assert run_benchmarks.row_processes(e["row"]) == []
+    parts = [p.split()[0] for p in rows["two-ranks"]["wall_breakdown"].split(" | ")]
+    assert parts == ["launch", "imports", "waited", "late_imports", "accelerator", "load_and_augment", "prepare",
+                     "data", "train", "finish", "exit"]  # fmt: skip
+    assert float(rows["two-ranks"]["wall_breakdown"].split("waited ")[1].split()[0]) > 0
+    # the waiting changes nothing that is measured: 2 ranks on the 1-process row's batches follow its losses
+    assert rows["two-ranks"]["loss_vs_1gpu_match"] == "yes", rows["two-ranks"]["loss_vs_1gpu_max_rel_diff"]
+    assert "two-ranks: prestarted, waits for its go" in run.stdout and "after its go" in run.stdout
+
+
+@pytest.mark.slow
+def test_a_prestarted_row_the_time_budget_leaves_out_is_stopped_and_skipped(tmp_path: Path) -> None:
+    model = tmp_path / "micro"  # built beforehand: the budget check then asks for the minimum only
+    built = _run(["benchmarks/benchlib.py", "build-model", "--config", json.dumps(MICRO), "--out", str(model),
+                  "--dtype", "float32"])  # fmt: skip
+    assert built.returncode == 0, built.stderr[-2000:]
+    scenarios = tmp_path / "scenarios.yaml"
+    scenarios.write_text(
+        f"""
+models: {{micro: {{path: {model}}}}}
+defaults: {{model: micro, dtype: float32, batch_size: 2, seq_len: 32, steps: 4, warmup_steps: 1, peft: lora}}
+scenarios:
+  - {{name: first, group: g, inject_delay_ms: 2000}}   # over 10 s in all: the budget is then short of the minimum
+  - {{name: second, group: g}}
+  - {{name: third, group: g}}
+""",
+        encoding="utf-8",
+    )
+    out = tmp_path / "out"
+    run = _run(["benchmarks/run_benchmarks.py", "run", str(scenarios), "--out", str(out), "--device", "cpu",
+                "--overlap", "--time-budget", "40", "--min-scenario-time", "30"])  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = {r["scenario"]: r for r in run_benchmarks.read_csv(out / "results.csv")}
+    assert rows["first"]["status"] == "ok", rows["first"]["note"]
+    for name in ("second", "third"):
+        assert rows[name]["status"] == "skipped" and "time budget (40s) used up" in rows[name]["note"], rows[name]
+    timeline = {e["scenario"]: e for e in json.loads((out / "logs" / "timeline.json").read_text(encoding="utf-8"))}
+    assert list(timeline) == ["first", "second"]  # the third was never launched
+    second = timeline["second"]
+    assert second["prestarted"] and second["go_at"] is None and second["cancelled_at"] >= timeline["first"]["exited_at"]
+    assert second["launched_at"] < timeline["first"]["exited_at"]
+    assert "worker_train_start" not in second  # it never trained (nor wrote a result)
+    assert run_benchmarks.row_processes(second["row"]) == []  # every process of it ended
+    assert " step " not in (out / "logs" / "second.log").read_text(encoding="utf-8")
+
+
+@pytest.mark.slow
+def test_imports_before_the_go_leave_out_what_initialises_cuda(tmp_path: Path) -> None:
+    """What a waiting process imports (with the start-up hook of a launched worker active) must not import
+    bitsandbytes, which initialises CUDA when imported, nor what imports it (peft, TrainingArguments)."""
+    section = tmp_path / "section.yaml"
+    section.write_text("plugins: {}\n", encoding="utf-8")
+    code = (
+        f"import sys, json; sys.path.insert(0, {str(BENCH)!r}); import torch, train_bench; "
+        "train_bench.import_before_go(); "
+        "print(json.dumps([torch.cuda.is_initialized(), [m for m in train_bench.DEFERRED_MODULES if m in sys.modules],"
+        " [m for m in ('accelerate', 'transformers.modeling_utils') if m in sys.modules]]))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "FMS_ACCELERATION_SECTION": str(section)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    initialized, deferred, loaded = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (initialized, deferred, loaded) == (False, [], ["accelerate", "transformers.modeling_utils"])
+
+
+def test_waiting_for_the_go_sleeps_and_stops_without_a_runner(tmp_path: Path, monkeypatch) -> None:
+    import threading
+    import time
+
+    import train_bench
+
+    go = tmp_path / "go"
+    monkeypatch.setenv(benchlib.RUNNER_PID_ENV, str(os.getpid()))
+    monkeypatch.delenv(benchlib.BASE_NICE_ENV, raising=False)
+    timer = threading.Timer(0.5, go.touch)
+    wall, cpu = time.time(), time.process_time()
+    timer.start()
+    info = train_bench.wait_for_go(str(go))
+    assert 0.5 <= time.time() - wall < 2.0 and info["go_seen"] >= wall + 0.5
+    assert time.process_time() - cpu < 0.2  # it slept: a busy wait would have used about 0.5 s of CPU
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    monkeypatch.setenv(benchlib.RUNNER_PID_ENV, str(gone.pid))
+    with pytest.raises(SystemExit, match=r"runner \(pid \d+\) is gone"):
+        train_bench.wait_for_go(str(tmp_path / "never"))
