@@ -24,6 +24,7 @@ import torch
 
 from fms_acceleration_accelerate.model_specs import MoESpec, experts_activation
 
+from .expert_lora import ExpertAdapters
 from .expert_parallel import ExpertParallel
 from .routing import RoutingStats
 
@@ -102,7 +103,10 @@ def _in_backward() -> bool:
 
 
 def make_experts_forward(
-    plans: ExpertsPlans, stats: RoutingStats | None, ep: ExpertParallel | None = None
+    plans: ExpertsPlans,
+    stats: RoutingStats | None,
+    ep: ExpertParallel | None = None,
+    adapters: ExpertAdapters | None = None,
 ) -> Callable[..., torch.Tensor]:
     """The experts forward to register in ``ExpertsInterface``.
 
@@ -111,12 +115,16 @@ def make_experts_forward(
         stats: where to count the tokens per expert (training forwards only), or ``None``.
         ep: the expert parallelism whose sharded modules dispatch their tokens over the EP group
             (:meth:`~.expert_parallel.ExpertParallel.experts_forward`), or ``None``.
+        adapters: where PEFT's ``target_parameters`` adapters active on a module's expert stacks are found
+            (:mod:`.expert_lora`); a module with some computes them with ``moe_experts_lora`` on its untouched
+            weights. ``None``: none are.
 
     Returns:
         ``forward(experts_module, hidden_states (T, H), top_k_index (T, k), top_k_weights (T, k)) -> (T, H)`` in
         ``hidden_states``' dtype; expert ids ``>= E`` (expert-parallel sentinels) contribute nothing.
     """
     from fms_acceleration_accelerate_kernels.moe import moe_experts, moe_route
+    from fms_acceleration_accelerate_kernels.moe_lora import moe_experts_lora
 
     def scattermoe_experts_forward(
         self: torch.nn.Module,
@@ -139,14 +147,15 @@ def make_experts_forward(
         down_bias = getattr(self, plan.down_bias) if plan.down_bias else None
         shard = ep.shard_of(self) if ep is not None else None
         counting = stats is not None and self.training and not torch.compiler.is_compiling() and not _in_backward()
+        lora = adapters.factors(self) if adapters is not None else None
+        if lora is not None:
+            if shard is not None:
+                raise RuntimeError(f"{plan.layer}: LoRA on experts is not supported with expert parallelism")
+            assert adapters is not None
+            adapters.factored_calls += 1
 
         def local_experts(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, routing: Any = None):
-            return moe_experts(
-                rows,
-                index,
-                weights,
-                gate_up,
-                down,
+            common = dict(
                 act=plan.act,
                 gate_first=plan.gate_first,
                 gate_up_bias=gate_up_bias,
@@ -156,6 +165,18 @@ def make_experts_forward(
                 routing=routing,
                 **dict(plan.act_parameters),
             )
+            if lora is not None:
+                return moe_experts_lora(
+                    rows,
+                    index,
+                    weights,
+                    gate_up,
+                    down,
+                    gate_up_lora=lora.get(plan.gate_up_proj),
+                    down_lora=lora.get(plan.down_proj),
+                    **common,
+                )
+            return moe_experts(rows, index, weights, gate_up, down, **common)
 
         if shard is not None:
             assert ep is not None

@@ -60,6 +60,7 @@ from fms_acceleration_accelerate.model_specs import (
 from fms_acceleration_accelerate.plugin import AccelerationPlugin
 
 from .config import ScatterMoEConfig
+from .expert_lora import ExpertAdapters, install_peft_route
 from .expert_parallel import ExpertParallel
 from .experts import EXPERTS_PREFIX, ExpertsPlans, make_experts_forward, register_experts_function
 from .routing import RoutingStats
@@ -128,6 +129,9 @@ class ScatterMoEPlugin(AccelerationPlugin):
         """Tokens per expert per MoE layer, counted on the device in training forwards (``routing_stats: true``);
         see :class:`~.routing.RoutingStats`."""
         self._plans = ExpertsPlans(self._spec_of_experts)
+        self.expert_adapters = ExpertAdapters()
+        """PEFT ``target_parameters`` adapters active on the experts during their call (see :mod:`.expert_lora`);
+        ``expert_adapters.factored_calls`` counts the experts forwards that computed them from the factors."""
         self._config_patches: list[Any] = []
         """The patch records of the config objects whose experts implementation this plugin set."""
         self._specs: dict[str, MoESpec] = {}
@@ -306,6 +310,7 @@ class ScatterMoEPlugin(AccelerationPlugin):
                 run, or the installed transformers has no experts interface.
         """
         match = self._match(model)
+        self._install_lora_route(model)
         causal = match.causal_lm.module
         patched = self._patched_configs()
         if all(any(e.module.config is c for c in patched) for e in match.experts):
@@ -324,7 +329,10 @@ class ScatterMoEPlugin(AccelerationPlugin):
 
         if key not in vars(ExpertsInterface)["_global_mapping"]:
             forward = make_experts_forward(
-                self._plans, self.routing_stats if self.config.routing_stats else None, self.expert_parallel
+                self._plans,
+                self.routing_stats if self.config.routing_stats else None,
+                self.expert_parallel,
+                self.expert_adapters,
             )
             register_experts_function(
                 self.patches, key, forward, "grouped expert kernels (moe_experts: Triton on CUDA, else torch)"
@@ -351,6 +359,37 @@ class ScatterMoEPlugin(AccelerationPlugin):
                 ", ".join(activations),
             )
         return match
+
+    def _install_lora_route(self, model: nn.Module) -> None:
+        """LoRA on the experts through the expert kernels: once a model this plugin patches carries PEFT
+        ``target_parameters`` adapters (a PEFT model wrapped before ``augmentation``, or by the time
+        ``Accelerator.prepare`` / ``get_callbacks_and_ready_for_train`` patch it), patch PEFT's ``ParamWrapper``
+        (see :mod:`.expert_lora`); not under expert parallelism, which refuses LoRA on the experts."""
+        import sys
+
+        if self.expert_parallel is not None or "peft" not in sys.modules:
+            return
+        from peft.tuners.lora.layer import ParamWrapper
+
+        if not any(isinstance(m, ParamWrapper) for m in model.modules()):
+            return
+        install_peft_route(
+            self.patches,
+            self.expert_adapters,
+            self._lora_plan,
+            "scattermoe: LoRA on experts in the expert kernels (moe_experts_lora: x W^T + s (x A^T) B^T per expert, "
+            "no merged weights)",
+        )
+
+    def _lora_plan(self, module: Any) -> Any:
+        """The plan of an experts module whose forward is this plugin's (its adapters may be computed from their
+        factors), else ``None``."""
+        config = getattr(module, "config", None)
+        if getattr(config, "_experts_implementation", None) != self.experts_key:
+            return None
+        if self.expert_parallel is not None and self.expert_parallel.shard_of(module) is not None:
+            return None
+        return self._plans.get(module)
 
     # ------------------------------------------------------------------------------------------- expert parallelism
     def shard_experts(self, model: nn.Module, context: RunContext | None = None) -> list[str]:
