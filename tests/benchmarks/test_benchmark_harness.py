@@ -657,7 +657,7 @@ scenarios:
     assert second["launched_at"] < timeline["first"]["exited_at"]
     assert "worker_train_start" not in second  # it never trained (nor wrote a result)
     assert run_benchmarks.row_processes(second["row"]) == []  # every process of it ended
-    assert " step " not in (out / "logs" / "second.log").read_text(encoding="utf-8")
+    assert "\nstep " not in (out / "logs" / "second.log").read_text(encoding="utf-8")  # no training step logged
 
 
 @pytest.mark.slow
