@@ -690,7 +690,8 @@ CSV_COLUMNS = (
 ``state_alloc_gib`` = allocated after ``prepare``, ``forward_alloc_gib`` = after the first timed forward;
 ``peak_alloc_gib`` is the larger of ``prepare_peak_alloc_gib`` (loading + prepare) and ``train_peak_alloc_gib``
 (the training steps). ``experts_implementation``: the experts backend an MoE model trained with
-(transformers' ``eager`` / ``grouped_mm`` / ``batched_mm``, or the plugin's ``fms_scattermoe``). Ratios are
+(transformers' ``eager`` / ``grouped_mm`` / ``batched_mm``, or the plugin's ``fms_scattermoe``; ``+lora_factors``: the
+plugin computed PEFT's expert adapters from their factors, without merged expert weights). Ratios are
 against the group's baseline; ``scaling_efficiency`` = tokens/s per GPU / tokens/s of the matching 1-GPU row
 (``scaling_reference``); ``fit_*`` are linear extrapolations of measured peak memory in the layer count."""
 

@@ -267,6 +267,16 @@ def experts_implementation_of(model: Any) -> str:
     return "fms_scattermoe" if value.startswith("fms_scattermoe_") else value
 
 
+def experts_lora_route(framework: Any) -> str:
+    """``"+lora_factors"`` when the MoE plugin computed PEFT's expert adapters from their factors in its kernels (no
+    merged expert weights) during the run, else ``""``."""
+    for plugin in getattr(framework, "plugins", ()) if framework is not None else ():
+        adapters = getattr(plugin, "expert_adapters", None)
+        if adapters is not None and adapters.factored_calls:
+            return "+lora_factors"
+    return ""
+
+
 def make_train_args(s: Scenario, out_dir: str) -> Any:
     """``transformers.TrainingArguments`` describing this run, for plugins' ``augmentation(model, train_args)``.
 
@@ -787,7 +797,8 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
             "ranks_go_seen": [m[0] for m in moments] if go_file else None,
             "ranks_train_start": [m[1] for m in moments],
         },
-        "experts_implementation": experts_implementation_of(model),  # after prepare: a plugin may have switched it
+        # after prepare: a plugin may have switched it; "+lora_factors": expert adapters computed from their factors
+        "experts_implementation": experts_implementation_of(model) + experts_lora_route(framework),
         **info,
         **benchlib.environment_info(),
     }

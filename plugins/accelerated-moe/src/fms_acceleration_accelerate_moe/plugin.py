@@ -8,9 +8,10 @@ torch reference otherwise) on the model's own 3-D expert parameters. Two recorde
 :mod:`.experts`): an entry ``fms_scattermoe_<id>`` in transformers' ``ExpertsInterface`` registry, and the model
 config's ``_experts_implementation`` pointing at it. Module classes, parameter names and the checkpoint format are
 untouched: ``save_pretrained`` writes the model's own safetensors (the config's experts implementation is not
-serialised), LoRA through PEFT's ``target_parameters`` on the expert weights keeps working (PEFT adds the adapter's
-delta to the weights the experts forward reads), and the router, the shared experts and the load-balancing loss stay
-the model's.
+serialised), and the router, the shared experts and the load-balancing loss stay the model's. LoRA through PEFT's
+``target_parameters`` on the expert weights is computed from the adapters' factors in the kernels
+(:mod:`.expert_lora`: a recorded patch of PEFT's ``ParamWrapper._activate_lora``, once a patched model carries such
+adapters), never as merged ``W + s B A`` stacks; the adapters stay PEFT's, in PEFT's format.
 
 Where the experts are and how their weights are laid out comes from the architecture's
 :class:`~fms_acceleration_accelerate.model_specs.MoESpec`; architectures without one are refused before loading.
@@ -687,6 +688,9 @@ class ScatterMoEPlugin(AccelerationPlugin):
             "rows; Triton on CUDA / TRITON_INTERPRET=1, else the torch reference) through transformers' "
             "ExpertsInterface, on the model's own expert parameters (checkpoint format unchanged)",
             f"architectures: {', '.join(moe_model_types())}",
+            "LoRA on the experts (PEFT target_parameters): computed from the adapters' factors in the kernels "
+            "(moe_experts_lora), without merged expert weights"
+            + ("" if not c.expert_parallel else " - not with expert parallelism, which refuses it"),
             f"expert parallelism: {'ep_degree ' + str(c.ep_degree) if c.expert_parallel else 'none (ep_degree 1)'}",
         ]
         if c.routing_stats:
