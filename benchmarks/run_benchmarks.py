@@ -1525,6 +1525,7 @@ class Runner:
             encoding="utf-8",
         )
         pending: RowProcess | dict[str, Any] | None = None  # what prestart() left for the next row
+        current: RowProcess | dict[str, Any] | None = None
         try:
             for index, s in enumerate(self.scenarios):
                 current, pending = self.begin(s, pending), None
@@ -1542,10 +1543,10 @@ class Runner:
                 self.rows.append(row)
                 self.save()
         finally:
-            if isinstance(pending, RowProcess) and pending.proc is not None:  # interrupted: stop what waits
-                if pending.proc.poll() is None:
-                    _kill_tree(pending.proc)
-                reap_row(pending.tag, grace=5.0)
+            for left in (current, pending):  # interrupted: stop the running row and the one waiting for its go
+                if isinstance(left, RowProcess) and left.proc is not None and left.proc.poll() is None:
+                    _kill_tree(left.proc)
+                    reap_row(left.tag, grace=5.0)
             # the built models can be many GB
             if not self.args.keep_models and not self.args.work_dir:
                 shutil.rmtree(self.work_dir, ignore_errors=True)

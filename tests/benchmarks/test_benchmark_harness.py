@@ -579,14 +579,16 @@ defaults: {{model: micro, dtype: float32, batch_size: 2, seq_len: 32, steps: 4, 
 scenarios:
   - {{name: first, group: g, inject_delay_ms: 1500}}   # trains 6 s: the next row's start-up ends meanwhile
   - {{name: two-ranks, group: g, num_gpus: 2}}         # 2 gloo processes: each waits for the go
-  - {{name: built-late, group: g2, model: micro2}}
+  - {{name: broken, group: g3, lora_target_modules: [no_such_module]}}   # fails after its go
+  - {{name: built-late, group: g2, model: micro2}}     # still runs
 """
 
 
 @pytest.mark.slow
 def test_overlapped_start_up_trains_only_after_the_previous_row_exited(tmp_path: Path) -> None:
     """--overlap on CPU: every row after the first is launched while the previous one runs, and no process of it
-    starts training before every process of the previous row has exited."""
+    starts training before every process of the previous row has exited; a row that fails after its go does not
+    keep the next from running; a model first needed by a prestarted row is built between the rows."""
     out = tmp_path / "out"
     scenarios = tmp_path / "scenarios.yaml"
     scenarios.write_text(OVERLAP_SCENARIOS, encoding="utf-8")
@@ -594,27 +596,31 @@ def test_overlapped_start_up_trains_only_after_the_previous_row_exited(tmp_path:
                 "--overlap"])  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     rows = {r["scenario"]: r for r in run_benchmarks.read_csv(out / "results.csv")}
+    assert rows.pop("broken")["status"] == "failed"
     assert all(r["status"] == "ok" for r in rows.values()), {n: r["note"] for n, r in rows.items()}
     timeline = json.loads((out / "logs" / "timeline.json").read_text(encoding="utf-8"))
-    assert [e["scenario"] for e in timeline] == ["first", "two-ranks", "built-late"]
-    assert [e["prestarted"] for e in timeline] == [False, True, True]
+    assert [e["scenario"] for e in timeline] == ["first", "two-ranks", "broken", "built-late"]
+    assert [e["prestarted"] for e in timeline] == [False, True, True, True]
     for prev, cur in itertools.pairwise(timeline):
         assert cur["launched_at"] < prev["exited_at"], "the start-up did not overlap the previous row"
         assert cur["go_at"] >= prev["exited_at"]
+        if cur["scenario"] == "broken":
+            assert cur["worker_go_seen"] >= cur["go_at"] and "worker_train_start" not in cur
+            continue
         assert len(cur["worker_ranks_go_seen"]) == len(cur["worker_ranks_train_start"])
         assert min(cur["worker_ranks_go_seen"]) >= cur["go_at"]
         assert min(cur["worker_ranks_train_start"]) > prev["exited_at"], (
             f"{cur['scenario']} started training before {prev['scenario']} had exited"
         )
-    first, second, late = timeline
+    first, second, broken, late = timeline
     assert second["worker_waiting_from"] < first["exited_at"]  # its imports were done while the first row ran
-    assert late["built_model"] and second["exited_at"] <= late["model_ready_at"] <= late["go_at"]  # built in between
+    assert late["built_model"] and broken["exited_at"] <= late["model_ready_at"] <= late["go_at"]  # built in between
     nice = os.getpriority(os.PRIO_PROCESS, 0)
-    for e in timeline:
+    for e in (first, second, late):
         assert e["worker_cuda_initialized_at_wait"] is False and e["worker_deferred_modules_loaded_at_wait"] == []
         assert e["worker_nice_while_waiting"] == min(nice + benchlib.START_NICE, 19)
         assert nice <= e["worker_nice_at_train"] <= e["worker_nice_while_waiting"]
-        assert run_benchmarks.row_processes(e["row"]) == []
+    assert all(run_benchmarks.row_processes(e["row"]) == [] for e in timeline)  # every process of every row ended
     parts = [p.split()[0] for p in rows["two-ranks"]["wall_breakdown"].split(" | ")]
     assert parts == ["launch", "imports", "waited", "late_imports", "accelerator", "load_and_augment", "prepare",
                      "data", "train", "finish", "exit"]  # fmt: skip
