@@ -1396,8 +1396,10 @@ class Runner:
         elif self.gpu_idle_mib is not None:
             deadline = time.monotonic() + GPU_RELEASE_WAIT_S
             used = gpu_memory_used_mib()
-            while used is not None and time.monotonic() < deadline and any(
-                u - b > GPU_RELEASED_MARGIN_MIB for u, b in zip(used, self.gpu_idle_mib)
+            while (
+                used is not None
+                and time.monotonic() < deadline
+                and any(u - b > GPU_RELEASED_MARGIN_MIB for u, b in zip(used, self.gpu_idle_mib))
             ):
                 time.sleep(0.2)
                 used = gpu_memory_used_mib()
@@ -1704,8 +1706,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--min-scenario-time", type=float, default=45.0, help="do not start a scenario with less budget left"
     )
-    r.add_argument("--scenario-timeout", type=float, default=600.0,
-                   help="seconds a row may take from its go (with overlap: its start-up before the go not counted)")
+    r.add_argument(
+        "--scenario-timeout",
+        type=float,
+        default=600.0,
+        help="seconds a row may take from its go (with overlap: its start-up before the go not counted)",
+    )
     r.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=None,
                    help="start each row's accelerate launch while the previous row runs; its workers import, then "
                    "wait for a go given once the previous row's processes have exited (default: on with CUDA, "

@@ -96,15 +96,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--breakdown", action="store_true", help="time each kernel of the Triton path on its own")
     parser.add_argument("--sweep", action="store_true", help="also sweep the Triton kernels' tile settings")
     parser.add_argument("--piece-rep-ms", type=int, default=100, help="do_bench time per kernel (--breakdown/--sweep)")
-    parser.add_argument("--precompile-jobs", type=int, default=0,
-                        help="--sweep: compile its settings first in this many processes")
+    parser.add_argument(
+        "--precompile-jobs", type=int, default=0, help="--sweep: compile its settings first in this many processes"
+    )
     parser.add_argument("--precompile-only", action="store_true",
                         help="only compile the sweep's settings (--precompile-jobs processes) and exit")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on CPU in Triton's interpreter")
     parser.add_argument("--codegen", action="store_true", help="compile the kernels for sm_90 offline (no GPU)")
     parser.add_argument("--json", action="store_true", help="--codegen: one JSON object per line")
-    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
-                        help="--codegen: operand dtype (fp32: the defaults with their reduction step halved)")
+    parser.add_argument(
+        "--dtype",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="--codegen: operand dtype (fp32: the defaults with their reduction step halved)",
+    )
     parser.add_argument("--precision", choices=("native", "tf32", "ieee"), default="native",
                         help="--codegen: the dots' precision (fp32 operands: tf32 or ieee)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -255,8 +260,9 @@ def make_impls(names, params: dict, shape, device, best_launch=None) -> tuple[di
         impls["triton_sweep_best"] = lambda x, i, w: moe_experts_triton(
             x, i, w, gate_up, down, act="silu", launch=best_launch
         )
-        notes["triton_sweep_best"] = "moe_experts_triton with the sweep's fastest setting of each kernel: " + json.dumps(
-            {k: list(v) for k, v in best_launch.items()}
+        notes["triton_sweep_best"] = (
+            "moe_experts_triton with the sweep's fastest setting of each kernel: "
+            + json.dumps({k: list(v) for k, v in best_launch.items()})
         )
     return impls, notes
 
@@ -393,7 +399,10 @@ def _piece_row(name, fn, launch, info, shape, timer) -> dict:
     base = info["baseline"][name]
     if out.dim() == 2 and out.shape[0] == info["n_slots"] and base.shape[0] == info["n_valid"]:
         out = out[: info["n_valid"]]
-    row = {"piece": name, "err_vs_default": rel_err(out, base) if out.is_floating_point() else float(not out.equal(base))}
+    row = {
+        "piece": name,
+        "err_vs_default": rel_err(out, base) if out.is_floating_point() else float(not out.equal(base)),
+    }
     row["ms"] = timer(lambda: fn(launch))
     if name in PIECE_FLOPS:
         row["tflops"] = PIECE_FLOPS[name] * n_tokens * top_k * hidden * inter / (row["ms"] * 1e-3) / 1e12
@@ -512,8 +521,17 @@ def _kernel_variants(moe, n_split: int = 1, dtype: str = "bf16", precision: int 
     bf16 = f"*{dtype}"
     tiles = dict(PRECISION=precision, BLOCK_E=64)
     glu = dict(STEP=1, TOPK=8, ACT=0, EVEN_K=True, GROUP_M=8, **tiles)
-    wgrad = dict(TOPK=8, HAS_DB=False, HAS_SCALE=False, NEED_SLOTS=True, EVEN_N=True, EVEN_K=True,
-                 PRECISION=precision, GROUP_M=8, stride_dwk=1)
+    wgrad = dict(
+        TOPK=8,
+        HAS_DB=False,
+        HAS_SCALE=False,
+        NEED_SLOTS=True,
+        EVEN_N=True,
+        EVEN_K=True,
+        PRECISION=precision,
+        GROUP_M=8,
+        stride_dwk=1,
+    )
     # strides equal to 1 at run time are specialised to the constant 1 by Triton: K is W's unit-stride dim in up and
     # down, N in down_bwd and dx
     wgrad_ptrs = {n: bf16 for n in ("G", "X", "DW", "DB", "SCALE")}
@@ -522,13 +540,22 @@ def _kernel_variants(moe, n_split: int = 1, dtype: str = "bf16", precision: int 
     w_nk, w_kn = {"W_DESC": ("1nk", True, "USE_TMA")}, {"W_DESC": ("1kn", False, "USE_TMA")}
     rows_x = {"X_DESC": ("mk", None, "X_TMA")}
     if n_split:
-        down_bwd = ("", moe._moe_down_bwd_kernel, {n: bf16 for n in ("DOUT", "W", "HBUF", "DH", "AW", "TKW")}
-                    | {"DWP": "*fp32", "alpha": "fp32", "limit": "fp32"},
-                    dict(STORE_DH=True, STORE_AW=True, STORE_DWP=True, stride_wn=1, HALVES=n_split, **glu),
-                    w_kn)
+        down_bwd = (
+            "",
+            moe._moe_down_bwd_kernel,
+            {n: bf16 for n in ("DOUT", "W", "HBUF", "DH", "AW", "TKW")}
+            | {"DWP": "*fp32", "alpha": "fp32", "limit": "fp32"},
+            dict(STORE_DH=True, STORE_AW=True, STORE_DWP=True, stride_wn=1, HALVES=n_split, **glu),
+            w_kn,
+        )
     else:  # two passes: the GEMM on gathered rows (the activation backward is an untiled elementwise kernel)
-        down_bwd = ("two_pass", moe._moe_grouped_mm_kernel, mm_ptrs, dict(X_GATHER=True, X_TMA=False, stride_wn=1, **mm),
-                    w_kn)
+        down_bwd = (
+            "two_pass",
+            moe._moe_grouped_mm_kernel,
+            mm_ptrs,
+            dict(X_GATHER=True, X_TMA=False, stride_wn=1, **mm),
+            w_kn,
+        )
     return {
         "up": [("", moe._moe_up_kernel, {n: bf16 for n in ("X", "W", "BIAS", "HOUT", "AOUT")}
                 | {"alpha": "fp32", "limit": "fp32"}, dict(HAS_BIAS=False, STORE_H=True, stride_wk=1, **glu), w_nk)],
@@ -617,7 +644,9 @@ def codegen(args: argparse.Namespace) -> int:
     precision = {"native": 0, "tf32": 1, "ieee": 2}[args.precision]
     # IEEE fp32 dots get the pointer-only defaults only
     tables = (_LAUNCH_NO_TMA,) if args.precision == "ieee" else (_LAUNCH, _LAUNCH_NO_TMA)
-    jobs = [(kernel, tuple(_for_element_size(kernel, launch, size))) for table in tables for kernel, launch in table.items()]
+    jobs = [
+        (kernel, tuple(_for_element_size(kernel, launch, size))) for table in tables for kernel, launch in table.items()
+    ]
     if args.sweep:
         jobs += [(kernel, tuple(GemmLaunch(*cand))) for kernel, cands in SWEEP.items() for cand in cands]
     seen = set()
@@ -716,9 +745,9 @@ def main(argv: list[str] | None = None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    result["all_checks_ok"] = all(
-        r.get("ok", False) for r in result["rows"] if r["impl"].startswith("triton")
-    ) and all(job.get("ok", True) for sw in result["sweeps"].values() for job in sw["jobs"] if "error" not in job)
+    result["all_checks_ok"] = all(r.get("ok", False) for r in result["rows"] if r["impl"].startswith("triton")) and all(
+        job.get("ok", True) for sw in result["sweeps"].values() for job in sw["jobs"] if "error" not in job
+    )
     write()
     print(f"all checks ok: {result['all_checks_ok']}; wrote {out_dir / 'moe_bench.json'} in "
           f"{result['environment']['script_seconds']:.0f} s", flush=True)  # fmt: skip
