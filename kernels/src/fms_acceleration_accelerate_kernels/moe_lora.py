@@ -97,8 +97,10 @@ _LORA_LAUNCH: Mapping[str, GemmLaunch] = {
     "lora_r": GemmLaunch(64, 64, 64, 4, 3),
     "wgrad_lora": GemmLaunch(32, 64, 64, 4, 3),
 }
-# rows x columns (gate_up: columns of I, a gate and an up tile each) per program of _moe_lowrank_kernel
-_LOWRANK_BLOCK_M, _LOWRANK_BLOCK_N, _LOWRANK_BLOCK_R = 64, 64, 64
+# rows x columns (gate_up: columns of I, a gate and an up tile each) x rank step per program of _moe_lowrank_kernel
+# on GPUs, and its warps / stages: compiled for sm_90 without spills in bf16, fp16 and fp32, gated or not, ranks up
+# to 64 (tests/kernels/test_experts_lora.py); the interpreter's small tiles exercise tails in the tests
+_LOWRANK_BLOCK_M, _LOWRANK_BLOCK_N, _LOWRANK_BLOCK_R, _LOWRANK_WARPS, _LOWRANK_STAGES = 64, 64, 64, 8, 2
 _LOWRANK_INTERPRETER = (16, 32, 16)
 
 
@@ -219,7 +221,8 @@ def _lowrank_add(
         stride_wn, stride_wr, y.stride(0), out_a.stride(0), float(scale), gate_off, up_off,
         layout.alpha if gated else 0.0, layout.limit if gated else 0.0, GATED=gated, STEP=step,
         ACT=layout.act if gated else 0, PRECISION=_precision(y.dtype), GROUP_M=_GROUP_M, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_E=next_power_of_2(routing.num_experts), num_warps=4, num_stages=2,
+        BLOCK_N=block_n, BLOCK_R=block_r, BLOCK_E=next_power_of_2(routing.num_experts), num_warps=_LOWRANK_WARPS,
+        num_stages=_LOWRANK_STAGES,
     )  # fmt: skip
     return a
 
