@@ -166,7 +166,7 @@ def build_stack(name: str, model_dir: str, cpu: bool = False):
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=not cpu)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, fused=True)
     model, optimizer = accelerator.prepare(model, optimizer)
     return accelerator, model, optimizer
 
