@@ -8,6 +8,9 @@ every MoE layer computes its experts with the grouped kernels of
 :func:`fms_acceleration_accelerate_kernels.moe.moe_experts` (Triton on CUDA or with ``TRITON_INTERPRET=1``, its
 torch reference otherwise), reading the module's own 3-D parameters: the weights, their names and their layout stay
 the model's, so checkpoints do too. Both changes (the registry entry and the config value) are recorded patches.
+A module whose PEFT ``target_parameters`` adapters are active calls
+:func:`fms_acceleration_accelerate_kernels.moe_lora.moe_experts_lora` with their factors instead (see
+:mod:`.expert_lora`).
 
 Where the weights are and how they are laid out comes from the architecture's
 :class:`~fms_acceleration_accelerate.model_specs.MoESpec` (an :class:`ExpertsPlan` per experts module).
