@@ -117,8 +117,15 @@ def flattened_batch(batch: int, seq: int, vocab_size: int = SHAPE["vocab_size"])
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from benchlib import Scenario, make_batches
 
-    scenario = Scenario(name="profile", group="profile", model="reference", dataset="instructions", collate="flatten",
-                        batch_size=batch, seq_len=seq)
+    scenario = Scenario(
+        name="profile",
+        group="profile",
+        model="reference",
+        dataset="instructions",
+        collate="flatten",
+        batch_size=batch,
+        seq_len=seq,
+    )
     first = make_batches(scenario, vocab_size, 1, 0, 1)[0]
     return {k: v for k, v in first.items() if k in ("input_ids", "labels", "position_ids")}
 
@@ -440,7 +447,8 @@ def run_stack_cpu_proxy(name: str, model_dir: str, out: Path, steps: int, batch:
         f"cpu proxy {name}: step {best:.1f} ms (best of 3 means of {steps}), "
         f"{int(inputs['position_ids'].numel())} tokens, Triton launches per step {sum(per_step.values())} "
         f"(no-ops here): {per_step}\naten ops per step (after autograd, as a GPU would run them): "
-        f"{sum(ops.values())}; top: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(15))
+        f"{sum(ops.values())}; top: "
+        + ", ".join(f"{k} {v}" for k, v in ops.most_common(15))
         + "\ncProfile of 3 steps (times for all 3, inflated by cProfile):\n"
     )
     stats = pstats.Stats(profiler, stream=buffer)
@@ -585,8 +593,12 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=None, help="tokens per example (default 2048; --cpu-proxy: 16)")
-    parser.add_argument("--layout", choices=["pad", "flatten"], default="pad",
-                        help="flatten: one row of --batch instruction examples (the padding-free layout)")
+    parser.add_argument(
+        "--layout",
+        choices=["pad", "flatten"],
+        default="pad",
+        help="flatten: one row of --batch instruction examples (the padding-free layout)",
+    )
     parser.add_argument("--no-gemm-experiment", action="store_true")
     parser.add_argument(
         "--host", action="store_true", help="also profile the host side per stack (<stack>.host.txt, .pyprof.txt)"
