@@ -241,3 +241,43 @@ def test_gpu_tiles_compile_for_sm90_without_spills():
         assert s["shared_bytes"] <= 232448, s
         if s["precision"] != 2:  # IEEE fp32 dots (TF32 off) run on CUDA cores: a few spilled bytes are tolerated
             assert s["stack_bytes"] == 0, s
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("hidden,inter,n_experts,top_k", [(1536, 512, 40, 8), (4096, 1792, 8, 2)])
+def test_lora_experts_real_shapes_gpu(hidden, inter, n_experts, top_k):
+    """Layer shapes of GraniteMoe-3B and Mixtral (intermediate cut), 2048 tokens, r 16 on both stacks: fp32 equals
+    the merged-weight reference; bf16 within 4 times the error of the merged-weight route in bf16 (floor 2e-2 of
+    the scale): h, y, d(a) and the input-gradient rows are rounded twice (the base GEMM's output, then with the
+    low-rank term), and the routing-weight gradient <d(a), a> sums two such tensors."""
+    from fms_acceleration_accelerate_kernels.moe import moe_experts_triton
+
+    g = torch.Generator().manual_seed(0)
+    n_tokens, rank = 2048, 16
+    weights, index = torch.topk(torch.randn(n_tokens, n_experts, generator=g).softmax(-1), top_k, dim=-1)
+    tensors = dict(
+        hidden=torch.randn(n_tokens, hidden, generator=g),
+        top_k_weights=weights,
+        a_gu=torch.randn(n_experts, rank, hidden, generator=g) * hidden**-0.5,
+        b_gu=torch.randn(n_experts, 2 * inter, rank, generator=g) * 0.05,
+        a_d=torch.randn(n_experts, rank, inter, generator=g) * inter**-0.5,
+        b_d=torch.randn(n_experts, hidden, rank, generator=g) * 0.05,
+    )
+    frozen = dict(
+        gate_up=torch.randn(n_experts, 2 * inter, hidden, generator=g) * hidden**-0.5,
+        down=torch.randn(n_experts, hidden, inter, generator=g) * inter**-0.5,
+    )
+    upstream = torch.randn(n_tokens, hidden, generator=g)
+    want = _run(moe_experts_ref, index, tensors, frozen, torch.float32, upstream, merged=True)
+    ours32 = _run(moe_experts_lora_triton, index, tensors, frozen, torch.float32, upstream)
+    merged16 = _run(moe_experts_triton, index, tensors, frozen, torch.bfloat16, upstream, merged=True)
+    ours16 = _run(moe_experts_lora_triton, index, tensors, frozen, torch.bfloat16, upstream)
+    torch.testing.assert_close(ours32[0], want[0], atol=1e-3, rtol=1e-3)
+    for name in want[1]:
+        torch.testing.assert_close(ours32[1][name], want[1][name], atol=2e-3, rtol=2e-3, msg=lambda m, n=name: n + m)
+    pairs = [("out", want[0], merged16[0], ours16[0])]
+    pairs += [(f"d{n}", want[1][n], merged16[1][n], ours16[1][n]) for n in want[1]]
+    for name, exact, route, ours in pairs:
+        allowed = max(4 * (route - exact).abs().max(), 2e-2 * exact.abs().max())
+        assert (ours - exact).abs().max() <= allowed, name
