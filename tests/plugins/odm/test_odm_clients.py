@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("fms_acceleration_accelerate_odm")
 
-from .test_odm_trainer import VOCAB, _data, _tiny_model
+from .test_odm_trainer import VOCAB, _data, _tiny_model, cpu_trainer_kwargs
 
 
 def _mixing(**overrides):
@@ -45,20 +45,10 @@ def test_trl_sft_trainer_mixture_moves_toward_the_learnable_category(tmp_path):
         with_kwargs=True,
     )
     args = SFTConfig(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=150,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=50,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        max_length=None,
-        dataset_kwargs={"skip_prepare_dataset": True},
-        disable_tqdm=True,
-    )
+        **cpu_trainer_kwargs(tmp_path / "out", max_steps=150, learning_rate=1e-2, lr_scheduler_type="constant",
+                             logging_steps=50, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
+                             disable_tqdm=True)
+    )  # fmt: skip
     callback = OnlineMixingCallback(plot=False)
     trainer = SFTTrainer(
         model=model,

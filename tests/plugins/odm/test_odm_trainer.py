@@ -31,6 +31,20 @@ def _tiny_model(tmp_path):
     return LlamaForCausalLM.from_pretrained(tmp_path / "model")
 
 
+def cpu_trainer_kwargs(output_dir, **overrides):
+    """The keyword arguments every short CPU Trainer / SFTTrainer run here shares (batch 4, no saving, no
+    reporting, no workers), with ``overrides`` on top."""
+    return {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        **overrides,
+    }
+
+
 def _data():
     rng = random.Random(0)
     learnable = [{"input_ids": [(s + i) % VOCAB for i in range(LENGTH)]} for s in range(64)]
@@ -48,17 +62,9 @@ def test_trainer_mixture_moves_toward_the_rewarded_category(tmp_path):
     torch.manual_seed(0)
     dataset = OnlineMixingDataset(_data(), sampling_interval=4, gamma=0.1, eta=0.05, reward_type="train_loss", seed=1)
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=120,
-        learning_rate=2e-2,
-        lr_scheduler_type="constant",
-        logging_steps=20,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-    )
+        **cpu_trainer_kwargs(tmp_path / "out", max_steps=120, learning_rate=2e-2, lr_scheduler_type="constant",
+                             logging_steps=20)
+    )  # fmt: skip
     callback = OnlineMixingCallback(update_interval=1)
     trainer = Trainer(model=_tiny_model(tmp_path), args=args, train_dataset=dataset, callbacks=[callback])
     trainer.train()
@@ -102,19 +108,9 @@ def _resume_run(tmp_path, out, *, crash_at=None, resume=False, attach="construct
 
     dataset = OnlineMixingDataset(data, sampling_interval=2, gamma=0.1, eta=0.5, reward_type="train_loss", seed=3)
     args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=4,
-        max_steps=10,
-        learning_rate=2e-2,
-        lr_scheduler_type="linear",
-        logging_steps=1,
-        save_strategy="steps",
-        save_steps=5,
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
+        **cpu_trainer_kwargs(out, max_steps=10, learning_rate=2e-2, lr_scheduler_type="linear", logging_steps=1,
+                             save_strategy="steps", save_steps=5, remove_unused_columns=False)
+    )  # fmt: skip
     callback = OnlineMixingCallback(update_interval=2)  # the checkpoint at step 5 holds a pending reward
     callbacks = [callback] if attach == "constructor" else []
     model = LlamaForCausalLM.from_pretrained(tmp_path / "model")
@@ -174,17 +170,9 @@ def test_trainer_velocity_reward_moves_the_mixture_toward_the_learnable_category
     torch.manual_seed(0)
     dataset = OnlineMixingDataset(_data(), sampling_interval=4, gamma=0.1, eta=1.0, reward_type="velocity", seed=1)
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=150,
-        learning_rate=1e-2,
-        lr_scheduler_type="constant",
-        logging_steps=50,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-    )
+        **cpu_trainer_kwargs(tmp_path / "out", max_steps=150, learning_rate=1e-2, lr_scheduler_type="constant",
+                             logging_steps=50)
+    )  # fmt: skip
     trainer = Trainer(
         model=_tiny_model(tmp_path), args=args, train_dataset=dataset, callbacks=[OnlineMixingCallback(plot=False)]
     )
@@ -210,15 +198,7 @@ def test_trainer_counts_examples_flattened_into_one_row(tmp_path):
 
     torch.manual_seed(0)
     dataset = OnlineMixingDataset(_data(), sampling_interval=4, reward_type="train_loss", seed=1)
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        max_steps=6,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-    )
+    args = TrainingArguments(**cpu_trainer_kwargs(tmp_path / "out", max_steps=6))
     seen_rows = []
 
     def collate(examples):

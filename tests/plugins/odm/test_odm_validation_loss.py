@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("fms_acceleration_accelerate_odm")
 
-from .test_odm_trainer import _data, _tiny_model
+from .test_odm_trainer import _data, _tiny_model, cpu_trainer_kwargs
 
 
 def _trainer(tmp_path, mixing, *, eval_dataset=None, eval_strategy="steps"):
@@ -20,19 +20,9 @@ def _trainer(tmp_path, mixing, *, eval_dataset=None, eval_strategy="steps"):
         return {key: torch.tensor([e[key] for e in examples]) for key in ("input_ids", "labels")}
 
     args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_steps=6,
-        eval_strategy=eval_strategy,
-        eval_steps=2,
-        learning_rate=1e-2,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
+        **cpu_trainer_kwargs(tmp_path / "out", per_device_eval_batch_size=4, max_steps=6, eval_strategy=eval_strategy,
+                             eval_steps=2, learning_rate=1e-2, disable_tqdm=True)
+    )  # fmt: skip
     return Trainer(
         model=_tiny_model(tmp_path),
         args=args,
