@@ -857,6 +857,13 @@ def match_model(model: Any, spec: ArchitectureSpec) -> ModelMatch:
     )
 
 
+def _logical_shape(tensor: Any) -> tuple[int, ...]:
+    """The shape ``tensor`` has in the model: a parameter DeepSpeed ZeRO-3 partitioned holds an empty local tensor
+    between forwards and keeps its full shape in ``ds_shape``."""
+    shape = getattr(tensor, "ds_shape", None)
+    return tuple(shape if shape is not None else tensor.shape)
+
+
 def _inside(parent: MatchedModule, found: list[MatchedModule]) -> list[MatchedModule]:
     return [m for m in found if m.path.startswith(parent.path + ".")]
 
@@ -911,26 +918,27 @@ def _check_moe(
             if attribute is None:
                 continue
             value = getattr(module, attribute, None)
-            if not isinstance(value, torch.Tensor) or value.dim() != dims:
+            if not isinstance(value, torch.Tensor) or len(_logical_shape(value)) != dims:
                 raise ModelStructureError(
                     f"{spec.model_type}: experts {matched.path} ({type(module).__name__}) has no {dims}-D tensor "
                     f"{attribute!r} (found {type(value).__name__}"
-                    + (f" of shape {tuple(value.shape)}" if isinstance(value, torch.Tensor) else "")
+                    + (f" of shape {tuple(_logical_shape(value))}" if isinstance(value, torch.Tensor) else "")
                     + ")",
                     fix=fix,
                 )
-        gate_up, down = getattr(module, moe.gate_up_proj), getattr(module, moe.down_proj)
-        two_i, hidden = (gate_up.shape[2], gate_up.shape[1]) if moe.transposed else gate_up.shape[1:]
-        d_hidden, inter = (down.shape[2], down.shape[1]) if moe.transposed else down.shape[1:]
-        n_experts = gate_up.shape[0]
+        gate_up = _logical_shape(getattr(module, moe.gate_up_proj))
+        down = _logical_shape(getattr(module, moe.down_proj))
+        two_i, hidden = (gate_up[2], gate_up[1]) if moe.transposed else gate_up[1:]
+        d_hidden, inter = (down[2], down[1]) if moe.transposed else down[1:]
+        n_experts = gate_up[0]
         expected_experts = moe.num_experts(config) if config is not None else n_experts
         if getattr(module, "_is_expert_parallel", False):  # transformers' own EP keeps only the local experts
             expected_experts = n_experts
-        if two_i != 2 * inter or hidden != d_hidden or down.shape[0] != n_experts or n_experts != expected_experts:
+        if two_i != 2 * inter or hidden != d_hidden or down[0] != n_experts or n_experts != expected_experts:
             layout = "(E, H, 2I) and (E, I, H)" if moe.transposed else "(E, 2I, H) and (E, H, I)"
             raise ModelStructureError(
-                f"{spec.model_type}: experts {matched.path} hold {moe.gate_up_proj} {tuple(gate_up.shape)} and "
-                f"{moe.down_proj} {tuple(down.shape)}, expected {layout} with E = {expected_experts} "
+                f"{spec.model_type}: experts {matched.path} hold {moe.gate_up_proj} {tuple(gate_up)} and "
+                f"{moe.down_proj} {tuple(down)}, expected {layout} with E = {expected_experts} "
                 f"({moe.num_experts_config})",
                 fix=fix,
             )

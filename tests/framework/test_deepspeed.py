@@ -230,6 +230,10 @@ def test_check_says_what_deepspeed_does_with_each_plugin(tmp_path, capsys):
             "load_staging: cpu stages the 4-bit model",
         ),
         ({"peft": {"quantization": {"auto_gptq": {}}}}, "GPTQ-LoRA is not supported under DeepSpeed"),
+        (
+            {"training": {"moe": {"scattermoe": {"ep_degree": 2}}}},
+            "not supported with DeepSpeed: ZeRO would partition and gather the experts",
+        ),
     ],
 )
 def test_plugins_refuse_deepspeed_settings_when_the_config_is_read(tmp_path, capsys, section, message):

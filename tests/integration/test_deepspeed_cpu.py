@@ -6,7 +6,9 @@ with a DeepSpeed JSON file (``gradient_clipping: 0``, as the baseline does not c
 ``acceleration:`` section. Each stack (full fine-tuning, LoRA, bitsandbytes QLoRA, each with the fused kernels)
 trains 5 steps through the script's own ``Accelerator`` and through the HF Trainer, and must follow the same
 stack without DeepSpeed (one process, same section) step for step; the Trainer's save must load in plain
-transformers / PEFT and give the trained logits. See ``scripts/deepspeed_worker.py``.
+transformers / PEFT and give the trained logits. The MoE experts (``ep_degree: 1``, tiny Mixtral) and padding-free
+attention (sdpa, eager) follow the same comparison through the script's ``Accelerator``. See
+``scripts/deepspeed_worker.py``.
 """
 
 from __future__ import annotations
@@ -40,7 +42,28 @@ def work(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("deepspeed")
     tiny_llama(folder / "llama")
+    _tiny_mixtral(folder / "mixtral")
     return folder
+
+
+def _tiny_mixtral(path: Path) -> Path:
+    """A random-init 2-layer Mixtral (hidden 32, 4 experts, top-2) with the worker's vocabulary."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    MixtralForCausalLM(config).save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +260,52 @@ def test_launcher_refuses_a_plugin_deepspeed_cannot_serve_before_any_worker_star
     assert "acceleration.peft.quantization.bitsandbytes.load_staging" in done.stderr
     assert "load_staging: cpu stages the 4-bit model in host memory" in done.stderr
     assert "Traceback" not in done.stderr and not marker.exists()
+
+
+def check_plain_run(report: dict, reference: dict, stage: int) -> None:
+    """A stack without fused kernels (nothing for the framework to register under ZeRO-3): the same losses as
+    without DeepSpeed; under ZeRO-3 every parameter partitioned between steps (loaded so by zero.Init) and gathered
+    by DeepSpeed's own module hooks only (no parameter it had to register on the fly)."""
+    assert report["distributed_type"] == "DistributedType.DEEPSPEED" and report["world"] == 1
+    assert reference["distributed_type"] == "DistributedType.NO" and reference["ds_params"] == 0
+    assert report["plugins"] == reference["plugins"] and report["plugins"]
+    assert len(report["losses"]) == 5 and len(set(report["losses"])) == 5  # it trained
+    assert report["losses"] == pytest.approx(reference["losses"], abs=2e-5)
+    assert report["gathered_scopes"] == [] and report["external_params"] == 0
+    if stage == 3:
+        assert report["ds_params"] == report["params"] == report["partitioned"] == report["loaded_partitioned"]
+    else:
+        assert report["ds_params"] == 0
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_moe_experts_under_deepspeed_match_the_stack_without_it(work, env, baseline, stage):
+    """scattermoe with ep_degree 1 on a tiny Mixtral: the experts forward reads the 3-D expert stacks inside the
+    experts module's own call, so under ZeRO-3 DeepSpeed's hooks of that module gather them (partitioned between
+    steps, nothing registered on the fly), and the losses follow the run without DeepSpeed."""
+    report = deepspeed_run(work, env, stage, "moe", "accelerator")
+    reference = baseline("moe", "accelerator")
+    check_plain_run(report, reference, stage)
+    assert report["plugins"] == ["scattermoe"]
+    assert report["experts_implementation"].startswith("fms_scattermoe_")
+    assert reference["experts_implementation"].startswith("fms_scattermoe_")
+    # every training forward ran the plugin's experts: 2 layers x 5 steps x 16 tokens x 4 rows x top-2
+    assert report["routed_tokens"] == reference["routed_tokens"] == 2 * 5 * 16 * 4 * 2
+    if stage == 3:
+        assert report["partitioned_3d"] == 4  # gate_up_proj and down_proj of both layers' experts
+
+
+@pytest.mark.parametrize(("stage", "backend"), [(2, "sdpa"), (3, "sdpa"), (3, "eager")], ids=lambda v: str(v))
+def test_padding_free_under_deepspeed_matches_the_stack_without_it(work, env, baseline, stage, backend):
+    """Padding-free attention on right-padded batches of examples of different lengths: the plugin's collator
+    flattens each batch into one row of real tokens also when DeepSpeed's engine trains, and the losses follow the
+    run without DeepSpeed."""
+    stack = f"padding-free-{backend}"
+    report = deepspeed_run(work, env, stage, stack, "accelerator")
+    reference = baseline(stack, "accelerator")
+    check_plain_run(report, reference, stage)
+    assert report["plugins"] == ["padding_free"] and report["backend"] == reference["backend"] == backend
+    assert report["attn_implementation"].startswith(f"fms_padding_free_{backend}_")
+    shapes = report["batch_shapes"]
+    assert shapes == reference["batch_shapes"] and len(shapes) == 5
+    assert all(rows == 1 and 4 * 5 <= tokens < 4 * 16 for rows, tokens in shapes)  # flattened, pads removed

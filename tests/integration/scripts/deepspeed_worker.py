@@ -10,6 +10,9 @@ Usage::
 ``qlora-foak`` (bitsandbytes nf4 + fused LoRA / dequant and kernels); its acceleration section is
 :data:`SECTIONS` (the launched run gets it from the Accelerate config, the baseline from the environment, as a
 launched worker would).
+``moe`` (the scattermoe experts, ``ep_degree: 1``, on the tiny Mixtral in ``OUT/mixtral``), ``padding-free-sdpa`` /
+``padding-free-eager`` (padding-free attention with that backend; right-padded batches of examples of different
+lengths, which the plugin flattens into one row).
 ``CLIENT``: ``accelerator`` (the script's own ``Accelerator`` and loop) or ``trainer`` (the HF Trainer).
 
 The model is the ``save_pretrained`` checkpoint in ``OUT/llama``, loaded with ``from_pretrained`` (routed to the
@@ -74,6 +77,12 @@ SECTIONS = {
     },
 }
 
+SECTIONS["moe"] = {"training": {"moe": {"scattermoe": {"ep_degree": 1, "routing_stats": True}}}}
+for backend in ("sdpa", "eager"):
+    SECTIONS[f"padding-free-{backend}"] = {"training": {"attention": {"padding_free": {"attention_backend": backend}}}}
+PADDED = stack.startswith("padding-free")
+MODEL_DIRS = {"moe": "mixtral"}
+
 if "--print-section" in sys.argv[4:]:
     print(json.dumps(SECTIONS[stack]))
     sys.exit(0)
@@ -87,13 +96,25 @@ from fms_acceleration_accelerate.accelerate_integration import get_framework  # 
 
 world = int(os.environ.get("WORLD_SIZE", "1"))
 handlers = []
-model_dir = os.path.join(out_dir, "llama")
+model_dir = os.path.join(out_dir, MODEL_DIRS.get(stack, "llama"))
 
 
 def batches() -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(1)
     base = torch.randint(0, VOCAB, (8, 16), generator=g)
     return [base[torch.randint(0, 8, (BATCH,), generator=g)] for _ in range(STEPS)]
+
+
+def padded_examples() -> list[dict[str, torch.Tensor]]:
+    """The rows of :func:`batches`, each cut to a length of 5 to 16 tokens and right-padded (id 0) to 16."""
+    g = torch.Generator().manual_seed(2)
+    examples = []
+    for row in torch.cat(batches()):
+        length = int(torch.randint(5, 17, (1,), generator=g))
+        mask = (torch.arange(row.numel()) < length).long()
+        ids = torch.where(mask.bool(), row, torch.zeros_like(row))
+        examples.append({"input_ids": ids, "attention_mask": mask, "labels": torch.where(mask.bool(), row, -100)})
+    return examples
 
 
 def load_model():
@@ -132,6 +153,7 @@ def describe(model, accelerator) -> dict:
         # ZeRO-3 between steps: every parameter partitioned (its local data empty)
         "partitioned": sum(hasattr(p, "ds_id") and p.data.numel() == 0 for p in params),
         "params": len(params),
+        "partitioned_3d": sum(hasattr(p, "ds_id") and len(p.ds_shape) == 3 and p.data.numel() == 0 for p in params),
         "gathered_scopes": sorted({type(m).__name__ for m in gathered}),
         "gathered_count": len(gathered),
         # external parameters of every module (DeepSpeed registers one by itself when a forward reads a weight that
@@ -140,7 +162,17 @@ def describe(model, accelerator) -> dict:
         "registered_external": sum(len(m._fms_acceleration_zero3_external) for m in gathered),
         "plugins": list(framework.active_plugin_names) if framework else None,
         "patch_targets": sorted({r.replacement for r in framework.patches.records}) if framework else [],
-        "patch_counts": dict(framework.plugin("fused_ops_and_kernels").patch_counts) if framework else {},
+        "patch_counts": dict(framework.plugin("fused_ops_and_kernels").patch_counts)
+        if framework and "fused_ops_and_kernels" in framework.active_plugin_names
+        else {},
+        "experts_implementation": getattr(model.config, "_experts_implementation", None),
+        "attn_implementation": model.config._attn_implementation,
+        "routed_tokens": int(sum(c.sum() for c in framework.plugin("scattermoe").routing_stats.totals().values()))
+        if framework and "scattermoe" in framework.active_plugin_names
+        else 0,
+        "backend": framework.plugin("padding_free").backend_of(model).name
+        if framework and "padding_free" in framework.active_plugin_names
+        else None,
     }
 
 
@@ -151,16 +183,21 @@ if client == "accelerator":
     accelerator = Accelerator(cpu=baseline, kwargs_handlers=handlers)
     model = load_model()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    data = torch.utils.data.DataLoader(torch.cat(batches()), batch_size=BATCH // accelerator.num_processes)
+    rows = padded_examples() if PADDED else torch.cat(batches())
+    data = torch.utils.data.DataLoader(rows, batch_size=BATCH // accelerator.num_processes)
     model, optimizer, data = accelerator.prepare(model, optimizer, data)
-    losses = []
+    losses, shapes = [], []
     for ids in data:
-        loss = model(input_ids=ids, labels=ids).loss
+        if PADDED:  # a dict of padded rows, flattened by the padding-free plugin's collator: one row of real tokens
+            shapes.append(list(ids["input_ids"].shape))
+            loss = model(**ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(accelerator.reduce(loss.detach(), reduction="mean").item())
-    report.update(describe(model, accelerator), losses=losses)
+    report.update(describe(model, accelerator), losses=losses, batch_shapes=shapes)
     del model, optimizer
     final = accelerator
 elif client == "trainer":

@@ -25,7 +25,7 @@ Which hook does what
 * ``augmentation``, or ``prepare_contribution`` when a script never calls it (the section came with the Accelerate
   config), or ``get_callbacks_and_ready_for_train`` given a trainer's model: patch the model, once per causal LM.
   The experts forward reads the module's parameters inside the module's own call, so FSDP wrapping before or after
-  makes no difference.
+  makes no difference, and under DeepSpeed ZeRO-3 the hooks of the experts module gather them.
 * ``check_prepared_model``: refuse a model without MoE experts at ``Accelerator.prepare``.
 * ``prepare_contribution`` with ``ep_degree > 1``: shard the experts over the expert-parallel groups
   (:meth:`ScatterMoEPlugin.shard_experts`, see :mod:`.expert_parallel`): each process keeps its slice of every

@@ -125,6 +125,22 @@ def _compute_dtype(model: Any, context: RunContext, train_args: Any) -> torch.dt
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
+def _unwrap_engine(model: Any) -> Any:
+    """The model inside DDP / DataParallel wrappers and DeepSpeed's engine (what ``Accelerator.prepare`` returns
+    with several processes or under DeepSpeed; the engine's class is recognised by name, deepspeed is not
+    imported)."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    def is_engine(m: Any) -> bool:
+        return hasattr(m, "module") and any(
+            c.__name__ == "DeepSpeedEngine" and c.__module__.startswith("deepspeed") for c in type(m).__mro__
+        )
+
+    while isinstance(model, (DataParallel, DistributedDataParallel)) or is_engine(model):
+        model = model.module
+    return model
+
+
 class PaddingFreePlugin(AccelerationPlugin):
     """Padding-free training: flattened batches and attention that never crosses example boundaries."""
 
@@ -314,6 +330,7 @@ class PaddingFreePlugin(AccelerationPlugin):
         return None if done is None else done[1]
 
     def _match(self, model: Any) -> Any:
+        model = _unwrap_engine(model)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         spec = architecture_spec(model_type, path=self.key_path())
         return match_model(model, spec)
