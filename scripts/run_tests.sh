@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# The test suite (default CPU tier; GPU tests are skipped without CUDA). Extra args go to pytest.
+# The test suite (default CPU tier; GPU tests are skipped without CUDA; the 30 slowest tests are listed at the end).
+# Extra args go to pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VPY=$(bash scripts/setup_env.sh) || exit 1
-"$VPY" -m pytest -m "not gpu" -p no:cacheprovider "$@"
+"$VPY" -m pytest -m "not gpu" -p no:cacheprovider --durations=30 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "error: pytest collected no tests" >&2
