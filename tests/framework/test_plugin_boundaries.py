@@ -152,6 +152,7 @@ def test_loading_a_plugin_imports_no_training_library() -> None:
     launch` launcher included: a plugin module that imported peft / bitsandbytes / transformers' trainer there would
     slow every launch and print their import-time messages (bitsandbytes' hub-kernel notice) from the launcher,
     where nothing of ours can scope them."""
+    import os
     import subprocess
     import sys
 
@@ -164,9 +165,13 @@ def test_loading_a_plugin_imports_no_training_library() -> None:
         "heavy = sorted(m for m in ('peft', 'bitsandbytes', 'trl', 'transformers.trainer') if m in sys.modules)\n"
         "print(len(eps), ','.join(heavy))\n"
     )
+    # PYTHONSAFEPATH: `-c` would otherwise put the working directory first on sys.path, where any stray module
+    # (a `signal.py` in the repository's parent folder, say) would shadow the standard library
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
     done = subprocess.run(
-        [sys.executable, "-c", probe], cwd=ROOT.parent, capture_output=True, text=True, timeout=120, check=False
-    )
+        [sys.executable, "-c", probe], cwd=ROOT.parent, env=env, capture_output=True, text=True, timeout=120,
+        check=False,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     count, heavy = (
         done.stdout.strip().splitlines()[-1].split(" ", 1) if " " in done.stdout.strip() else (done.stdout.strip(), "")
