@@ -7,6 +7,7 @@ the returned map) on its half of the batch. Writes ``$OUT_DIR/result.json`` on r
 Usage: torchrun --nproc_per_node 2 fsdp2_gloo_worker.py OUT_DIR [fused_attention]
 """
 
+import gc
 import json
 import os
 import sys
@@ -134,6 +135,11 @@ def main():
         )
         with open(os.path.join(out_dir, "result.json"), "w", encoding="utf-8") as handle:
             json.dump(result, handle, indent=1)
+    # the teardown order of fms_acceleration_accelerate.teardown: drop the sharded model and its optimizer (and with
+    # them the gradient collectives' state) first, then wait for every process while gloo's worker threads finish,
+    # then destroy the process group
+    del model, optimizer, mapping, loss
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 
