@@ -409,35 +409,58 @@ def _m(name: str) -> str:
     return f"transformers.models.{name}.modeling_{name}"
 
 
+def _moe_llama_like(prefix: str, model_type: str, moe: MoESpec, **overrides: Any) -> ArchitectureSpec:
+    """Spec of a Llama-shaped mixture-of-experts architecture (modeling module ``_m(model_type)``): its decoder
+    layers hold the ``moe`` block instead of a dense MLP, and its head adds the router load-balancing loss unless
+    ``logits`` says otherwise."""
+    overrides.setdefault("logits", LogitsSpec(router_aux_loss=True))
+    return _llama_like(prefix, model_type, _m(model_type), mlp=None, moe=moe, **overrides)
+
+
+def _moe_block(prefix: str, block: str = "SparseMoeBlock", **fields: Any) -> MoESpec:
+    """MoESpec of a ``<prefix><block>`` holding a ``<prefix>Experts`` and a ``<prefix>TopKRouter``."""
+    return MoESpec(
+        block_class_names=(f"{prefix}{block}",),
+        experts_class_names=(f"{prefix}Experts",),
+        router_class_names=(f"{prefix}TopKRouter",),
+        **fields,
+    )
+
+
+def _norm_topk_prob_moe_block(prefix: str, **fields: Any) -> MoESpec:
+    """:func:`_moe_block` of the Qwen-MoE router (OLMoE's too): ``gate``, softmax over the config's
+    ``num_experts`` then top-k, renormalised when the config's ``norm_topk_prob`` says so."""
+    return _moe_block(
+        prefix,
+        router_attribute="gate",
+        num_experts_config="num_experts",
+        routing="softmax_topk",
+        normalize_top_k="norm_topk_prob",
+        **fields,
+    )
+
+
 _SPECS: tuple[ArchitectureSpec, ...] = (
     _llama_like("Llama", "llama", _m("llama")),
     _llama_like("Mistral", "mistral", _m("mistral")),
-    _llama_like(
+    _moe_llama_like(
         "Mixtral",
         "mixtral",
-        _m("mixtral"),
-        mlp=None,
-        moe=MoESpec(
-            block_class_names=("MixtralSparseMoeBlock",),
-            experts_class_names=("MixtralExperts",),
-            router_class_names=("MixtralTopKRouter",),
+        _moe_block(
+            "Mixtral",
             router_attribute="gate",
             routing="softmax_topk",  # softmax in fp32 over all experts, then top-k
             normalize_top_k=True,  # always renormalised
             router_jitter_config="router_jitter_noise",
         ),
-        logits=LogitsSpec(router_aux_loss=True),
     ),
     _llama_like("Granite", "granite", _m("granite"), logits=LogitsSpec(scaling_config="logits_scaling")),
-    _llama_like(
+    _moe_llama_like(
         "GraniteMoe",
         "granitemoe",
-        _m("granitemoe"),
-        mlp=None,
-        moe=MoESpec(
-            block_class_names=("GraniteMoeMoE",),
-            experts_class_names=("GraniteMoeExperts",),
-            router_class_names=("GraniteMoeTopKRouter",),
+        _moe_block(
+            "GraniteMoe",
+            "MoE",
             router_attribute="router",
             routing="topk_softmax",  # top-k of the fp32 logits, softmax over those k
             normalize_top_k=False,  # the softmax over k already sums to 1
@@ -471,71 +494,35 @@ _SPECS: tuple[ArchitectureSpec, ...] = (
     ),
     _llama_like("Qwen2", "qwen2", _m("qwen2")),
     _llama_like("Qwen3", "qwen3", _m("qwen3")),
-    _llama_like(
+    _moe_llama_like(  # dense Qwen2MoeMLP only as the shared expert and in mlp_only_layers
         "Qwen2Moe",
         "qwen2_moe",
-        _m("qwen2_moe"),
-        mlp=None,  # dense Qwen2MoeMLP only as the shared expert and in mlp_only_layers
-        moe=MoESpec(
-            block_class_names=("Qwen2MoeSparseMoeBlock",),
-            experts_class_names=("Qwen2MoeExperts",),
-            router_class_names=("Qwen2MoeTopKRouter",),
-            router_attribute="gate",
-            num_experts_config="num_experts",
-            routing="softmax_topk",
-            normalize_top_k="norm_topk_prob",
+        _norm_topk_prob_moe_block(
+            "Qwen2Moe",
             shared_expert="shared_expert",
             shared_expert_gate="shared_expert_gate",
             every_layer=False,
         ),
-        logits=LogitsSpec(router_aux_loss=True),
         mlp_output_only_to_residual=False,
     ),
-    _llama_like(
+    _moe_llama_like(  # dense Qwen3MoeMLP only in mlp_only_layers
         "Qwen3Moe",
         "qwen3_moe",
-        _m("qwen3_moe"),
-        mlp=None,  # dense Qwen3MoeMLP only in mlp_only_layers
-        moe=MoESpec(
-            block_class_names=("Qwen3MoeSparseMoeBlock",),
-            experts_class_names=("Qwen3MoeExperts",),
-            router_class_names=("Qwen3MoeTopKRouter",),
-            router_attribute="gate",
-            num_experts_config="num_experts",
-            routing="softmax_topk",
-            normalize_top_k="norm_topk_prob",
-            every_layer=False,
-        ),
-        logits=LogitsSpec(router_aux_loss=True),
+        _norm_topk_prob_moe_block("Qwen3Moe", every_layer=False),
         mlp_output_only_to_residual=False,
     ),
-    _llama_like(
+    _moe_llama_like(  # OlmoeMLP is defined but not used by the decoder layers
         "Olmoe",
         "olmoe",
-        _m("olmoe"),
-        mlp=None,  # OlmoeMLP is defined but not used by the decoder layers
-        moe=MoESpec(
-            block_class_names=("OlmoeSparseMoeBlock",),
-            experts_class_names=("OlmoeExperts",),
-            router_class_names=("OlmoeTopKRouter",),
-            router_attribute="gate",
-            num_experts_config="num_experts",
-            routing="softmax_topk",
-            normalize_top_k="norm_topk_prob",
-        ),
-        logits=LogitsSpec(router_aux_loss=True),
+        _norm_topk_prob_moe_block("Olmoe"),
         mlp_output_only_to_residual=False,
     ),
-    _llama_like(
+    _moe_llama_like(
         "GptOss",
         "gpt_oss",
-        _m("gpt_oss"),
-        attention=AttentionSpec(class_names=("GptOssAttention",), sinks="sinks"),  # q/k/v/o with biases
-        mlp=None,
-        moe=MoESpec(
-            block_class_names=("GptOssMLP",),
-            experts_class_names=("GptOssExperts",),
-            router_class_names=("GptOssTopKRouter",),
+        _moe_block(
+            "GptOss",
+            "MLP",
             router_attribute="router",
             routing="topk_softmax",  # top-k of the logits (router bias included), softmax over those k
             normalize_top_k=False,  # the softmax over k already sums to 1
@@ -547,8 +534,8 @@ _SPECS: tuple[ArchitectureSpec, ...] = (
             activation="gpt_oss",  # (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit)
             activation_parameters=(("alpha", "alpha"), ("limit", "limit")),
         ),
+        attention=AttentionSpec(class_names=("GptOssAttention",), sinks="sinks"),  # q/k/v/o with biases
         rotary=RotarySpec(module=_m("gpt_oss"), half_width=True),  # cos/sin head_dim / 2 wide
-        logits=LogitsSpec(router_aux_loss=True),
     ),
     _llama_like(
         "Gemma",
