@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from .conftest import ACCELERATE, SCRIPTS, free_port, run
+from .tiny_models import tiny_mixtral
 
 pytest.importorskip("deepspeed")
 
@@ -42,28 +43,8 @@ def work(tmp_path_factory) -> Path:
 
     folder = tmp_path_factory.mktemp("deepspeed")
     tiny_llama(folder / "llama")
-    _tiny_mixtral(folder / "mixtral")
+    tiny_mixtral(folder / "mixtral", vocab_size=96)  # the worker's vocabulary
     return folder
-
-
-def _tiny_mixtral(path: Path) -> Path:
-    """A random-init 2-layer Mixtral (hidden 32, 4 experts, top-2) with the worker's vocabulary."""
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    MixtralForCausalLM(config).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

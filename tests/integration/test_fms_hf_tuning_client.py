@@ -33,6 +33,7 @@ from .fms_hf_tuning_replay import (
     get_data_collator,
     moe_checkpoint_conversion_available,
 )
+from .tiny_models import WORD_TOKENIZER_IDS, tiny_llama, tiny_mixtral
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -54,28 +55,6 @@ def _tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>")
 
 
-def _tiny_llama(path: Path, vocab_size: int) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=2,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    return path
-
-
-@pytest.mark.slow
 def _load_as_fms_hf_tuning(loader, path: Path):
     """``loader(path)`` with the keyword arguments fms-hf-tuning passes when it loads the model."""
     import torch
@@ -103,6 +82,7 @@ def _pretokenized_sft_config(tmp_path: Path):
     )
 
 
+@pytest.mark.slow
 def test_qlora_flag_set_trains_through_fms_acceleration(tmp_path, request):
     """``--bitsandbytes nf4 False --fused_lora bitsandbytes True --fast_kernels True True True`` (fms-hf-tuning's
     documented QLoRA flag set, which writes both fused-ops sections)."""
@@ -143,7 +123,7 @@ def test_qlora_flag_set_trains_through_fms_acceleration(tmp_path, request):
     assert options.fast_rms_layernorm and options.fast_rope_embeddings
 
     tokenizer = _tokenizer()
-    path = _tiny_llama(tmp_path / "model", len(tokenizer))
+    path = tiny_llama(tmp_path / "model", len(tokenizer), **WORD_TOKENIZER_IDS)
     model_loader = framework.model_loader if framework.requires_custom_loading else AutoModelForCausalLM.from_pretrained
     model = _load_as_fms_hf_tuning(model_loader, path)
     assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == 2 * 7
@@ -241,7 +221,7 @@ def _padding_free_multipack_run(tmp_path: Path, request, collator_of) -> tuple[o
     assert not framework.requires_custom_loading and framework.requires_augmentation
 
     tokenizer = _tokenizer()
-    path = _tiny_llama(tmp_path / "model", len(tokenizer))
+    path = tiny_llama(tmp_path / "model", len(tokenizer), **WORD_TOKENIZER_IDS)
     model = _load_as_fms_hf_tuning(AutoModelForCausalLM.from_pretrained, path)
     lengths = [4 + (7 * i) % 11 for i in range(32)]  # 4 .. 14 tokens
     ids = [[3 + (i + j) % len(WORDS) for j in range(n)] + [2] for i, n in enumerate(lengths)]
@@ -329,29 +309,6 @@ def test_fast_moe_flag_activates_the_scattermoe_plugin():
         assert additional_accel_framework_callbacks(active_plugins=framework.active_plugins) == []
 
 
-def _tiny_mixtral(path: Path, vocab_size: int) -> Path:
-    import torch
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    config = MixtralConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=2,
-    )
-    torch.manual_seed(0)
-    MixtralForCausalLM(config).save_pretrained(path)
-    return path
-
-
 @pytest.mark.slow
 def test_fast_moe_flag_trains_a_tiny_mixtral_through_fms_acceleration(tmp_path, request):
     """fms-hf-tuning's flow for ``--fast_moe 1`` (full fine-tuning of a tiny Mixtral on a pretokenized dataset with
@@ -370,7 +327,7 @@ def test_fast_moe_flag_trains_a_tiny_mixtral_through_fms_acceleration(tmp_path, 
     assert [name for name, _plugin in framework.active_plugins] == ["scattermoe"]
 
     tokenizer = _tokenizer()
-    path = _tiny_mixtral(tmp_path / "model", len(tokenizer))
+    path = tiny_mixtral(tmp_path / "model", len(tokenizer), **WORD_TOKENIZER_IDS)
     model = _load_as_fms_hf_tuning(AutoModelForCausalLM.from_pretrained, path)
     ids = [[3 + (i + j) % len(WORDS) for j in range(10)] + [2] for i in range(32)]
     data = Dataset.from_dict({"input_ids": ids, "labels": ids})  # a pretokenized dataset

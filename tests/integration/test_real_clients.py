@@ -28,6 +28,7 @@ from fms_acceleration_accelerate.framework import framework_of
 
 from .conftest import ACCELERATE, REPO, SCRIPTS, free_port, run
 from .test_launch import needs_hook
+from .tiny_models import WORD_TOKENIZER_IDS, tiny_llama
 
 WORKER = str(SCRIPTS / "real_client_worker.py")
 CPU_QLORA = REPO / "launch_configs" / "accelerate-cpu-qlora-foak.yaml"
@@ -52,23 +53,7 @@ pytestmark = pytest.mark.skipif(not _bitsandbytes_available(), reason="bitsandby
 
 def save_tiny_llama(folder: Path) -> Path:
     """The test model: Llama, hidden 64, 2 layers, vocab 256 (dims multiples of 64, so 4-bit blocks divide them)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    return tiny_llama(folder, 256, num_hidden_layers=LAYERS, **WORD_TOKENIZER_IDS)
 
 
 @pytest.fixture(scope="module")
