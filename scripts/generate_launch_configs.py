@@ -307,29 +307,65 @@ tpu_use_cluster: false
 tpu_use_sudo: false
 """
 
+
+def accelerate_base(
+    intro: str,
+    distributed_type: str,
+    *,
+    before: str = "",
+    after: str = "",
+    mixed_precision: str = "bf16",
+    num_machines: int = 1,
+    num_processes: int = 8,
+    processes_note: str | None = "Total number of processes (one per GPU).",
+    use_cpu: bool = False,
+) -> str:
+    """An Accelerate config file's text, keys in the order Accelerate writes them (sorted).
+
+    ``intro``: the leading comment lines; ``before``: the keys sorted before ``distributed_type``
+    (``deepspeed_config``); ``after``: the keys sorted between ``enable_cpu_affinity`` and ``mixed_precision``
+    (``fsdp_config``, ``gpu_ids``, ``main_process_*``) with any comment on ``mixed_precision``; the other
+    arguments are the values of their keys (``processes_note``: a comment on ``num_processes``, or none)."""
+    note = f"# {processes_note}\n" if processes_note else ""
+    return (
+        f"{intro}compute_environment: LOCAL_MACHINE\ndebug: false\n{before}"
+        f"distributed_type: {distributed_type}\ndowncast_bf16: 'no'\nenable_cpu_affinity: false\n{after}"
+        f"mixed_precision: {mixed_precision}\nnum_machines: {num_machines}\n{note}num_processes: {num_processes}\n"
+        f"use_cpu: {str(use_cpu).lower()}\n" + _ACCELERATE_COMMON_TAIL
+    )
+
+
+def _deepspeed_config(stage: int, extra: str = "") -> str:
+    """The ``deepspeed_config`` block of ZeRO stage ``stage`` (bf16 comes from ``mixed_precision``), ``extra``
+    lines at its end."""
+    return (
+        f"deepspeed_config:\n  zero_stage: {stage}\n  gradient_accumulation_steps: 1\n  gradient_clipping: 1.0\n"
+        f"  offload_optimizer_device: none\n  offload_param_device: none\n{extra}"
+    )
+
+
+def _fsdp2_config(wrap_note: str = "", loading_note: str = "", reshard_note: str = "") -> str:
+    """The ``fsdp_config`` block of the FSDP2 bases; each note (comment lines) stands above its key."""
+    return (
+        f"fsdp_config:\n  fsdp_version: 2\n{wrap_note}  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
+        f"{loading_note}  fsdp_cpu_ram_efficient_loading: false\n  fsdp_offload_params: false\n"
+        f"{reshard_note}  fsdp_reshard_after_forward: true\n  fsdp_state_dict_type: SHARDED_STATE_DICT\n"
+        "  fsdp_activation_checkpointing: false\n"
+    )
+
+
 ACCELERATE_BASES: dict[str, str] = {
-    "single-gpu": """\
-# One process on one GPU; no sharding.
-compute_environment: LOCAL_MACHINE
-debug: false
-distributed_type: 'NO'
-downcast_bf16: 'no'
-enable_cpu_affinity: false
-gpu_ids: '0'
-# bf16 autocast for the trainable (LoRA) parameters; 4-bit base weights stay packed.
-mixed_precision: bf16
-num_machines: 1
-num_processes: 1
-use_cpu: false
-"""
-    + _ACCELERATE_COMMON_TAIL,
-    "fsdp1": """\
-# FSDP1 (FullyShardedDataParallel) over every GPU of one machine.
-compute_environment: LOCAL_MACHINE
-debug: false
-distributed_type: FSDP
-downcast_bf16: 'no'
-enable_cpu_affinity: false
+    "single-gpu": accelerate_base(
+        "# One process on one GPU; no sharding.\n",
+        "'NO'",
+        after="gpu_ids: '0'\n# bf16 autocast for the trainable (LoRA) parameters; 4-bit base weights stay packed.\n",
+        num_processes=1,
+        processes_note=None,
+    ),
+    "fsdp1": accelerate_base(
+        "# FSDP1 (FullyShardedDataParallel) over every GPU of one machine.\n",
+        "FSDP",
+        after="""\
 fsdp_config:
   fsdp_version: 1
   # Wrap each decoder layer (the model's _no_split_modules) as one FSDP unit; the acceleration plugins
@@ -349,158 +385,108 @@ fsdp_config:
 # fp32_lora_params: false below). Under mixed precision Accelerate upcasts every trainable FSDP1 flat
 # parameter to fp32, which would include the packed 4-bit storage that fused LoRA keeps in the same unit.
 # Gradients are still reduced in fp32 (the bitsandbytes plugin asks for it). FSDP2 has no such limit.
-mixed_precision: 'no'
-num_machines: 1
-# Total number of processes (one per GPU).
-num_processes: 8
-use_cpu: false
-"""
-    + _ACCELERATE_COMMON_TAIL,
-    "fsdp2": """\
-# FSDP2 (per-parameter sharding with fully_shard) over every GPU of one machine.
-compute_environment: LOCAL_MACHINE
-debug: false
-distributed_type: FSDP
-downcast_bf16: 'no'
-enable_cpu_affinity: false
-fsdp_config:
-  fsdp_version: 2
+""",
+        mixed_precision="'no'",
+    ),
+    "fsdp2": accelerate_base(
+        "# FSDP2 (per-parameter sharding with fully_shard) over every GPU of one machine.\n",
+        "FSDP",
+        after=_fsdp2_config(
+            wrap_note="""\
   # Shard each decoder layer (the model's _no_split_modules); the acceleration plugins shard their own
   # units (e.g. LoRA adapters with their base layer) before Accelerate's prepare.
-  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
+""",
+            loading_note="""\
   # false: the acceleration plugins shard their own units before Accelerate's prepare, which Accelerate's
   # meta-device reload cannot follow (refused when on); the bitsandbytes plugin loads on rank 0 and
   # broadcasts by itself (low_cpu_mem_usage=True).
-  fsdp_cpu_ram_efficient_loading: false
-  fsdp_offload_params: false
-  # FSDP2 takes a bool here: free the gathered parameters after each unit's forward.
-  fsdp_reshard_after_forward: true
-  fsdp_state_dict_type: SHARDED_STATE_DICT
-  fsdp_activation_checkpointing: false
-mixed_precision: bf16
-num_machines: 1
-# Total number of processes (one per GPU).
-num_processes: 8
-use_cpu: false
-"""
-    + _ACCELERATE_COMMON_TAIL,
-    "multinode-fsdp2": """\
+""",
+            reshard_note="  # FSDP2 takes a bool here: free the gathered parameters after each unit's forward.\n",
+        ),
+    ),
+    "multinode-fsdp2": accelerate_base(
+        """\
 # FSDP2 over 2 machines with 8 GPUs each. Run the same command on every machine, e.g.
 #   accelerate launch --config_file THIS.yaml --machine_rank 0 train.py   # on the main machine
 #   accelerate launch --config_file THIS.yaml --machine_rank 1 \\
 #       --main_process_ip <address of machine 0> train.py                  # on the other one
 # Each process reads the acceleration section below from the environment Accelerate sets up.
-compute_environment: LOCAL_MACHINE
-debug: false
-distributed_type: FSDP
-downcast_bf16: 'no'
-enable_cpu_affinity: false
-fsdp_config:
-  fsdp_version: 2
-  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP
-  # false: plugins shard their own units (see the single-machine FSDP2 config)
-  fsdp_cpu_ram_efficient_loading: false
-  fsdp_offload_params: false
-  fsdp_reshard_after_forward: true
-  fsdp_state_dict_type: SHARDED_STATE_DICT
-  fsdp_activation_checkpointing: false
+""",
+        "FSDP",
+        after=_fsdp2_config(
+            loading_note="  # false: plugins shard their own units (see the single-machine FSDP2 config)\n"
+        )
+        + """\
 # Address and port of machine 0, reachable from every machine (replace, or pass --main_process_ip).
 main_process_ip: 127.0.0.1
 main_process_port: 29500
-mixed_precision: bf16
-num_machines: 2
-# Total number of processes over all machines (2 x 8 GPUs).
-num_processes: 16
-use_cpu: false
-"""
-    + _ACCELERATE_COMMON_TAIL,
-    "deepspeed-zero2": """\
+""",
+        num_machines=2,
+        num_processes=16,
+        processes_note="Total number of processes over all machines (2 x 8 GPUs).",
+    ),
+    "deepspeed-zero2": accelerate_base(
+        """\
 # DeepSpeed ZeRO-2 over every GPU of one machine: optimizer states and gradients partitioned, parameters
 # whole on every GPU. Accelerate builds the DeepSpeed engine in prepare; the acceleration plugins do their
 # part before that (see 'fms-accelerate check' on this file).
-compute_environment: LOCAL_MACHINE
-debug: false
-deepspeed_config:
-  zero_stage: 2
-  gradient_accumulation_steps: 1
-  gradient_clipping: 1.0
-  offload_optimizer_device: none
-  offload_param_device: none
-distributed_type: DEEPSPEED
-downcast_bf16: 'no'
-enable_cpu_affinity: false
+""",
+        "DEEPSPEED",
+        before=_deepspeed_config(2),
+        after="""\
 # DeepSpeed's bf16 mode: the engine casts every floating parameter to bf16 (load the model in bf16: the
 # bitsandbytes plugin keeps its packed 4-bit storage in the training dtype, so the cast leaves it alone) and
 # keeps fp32 master weights of the trainable parameters in its optimizer.
-mixed_precision: bf16
-num_machines: 1
-# Total number of processes (one per GPU).
-num_processes: 8
-use_cpu: false
-"""
-    + _ACCELERATE_COMMON_TAIL,
-    "deepspeed-zero3": """\
+""",
+    ),
+    "deepspeed-zero3": accelerate_base(
+        """\
 # DeepSpeed ZeRO-3 over every GPU of one machine: parameters, gradients and optimizer states partitioned.
 # Accelerate builds the DeepSpeed engine in prepare; the acceleration plugins do their part before that: the
 # weights fused kernels read inside attention / MLP modules are gathered by DeepSpeed at those modules' forward
 # and backward (see 'fms-accelerate check' on this file).
-compute_environment: LOCAL_MACHINE
-debug: false
-deepspeed_config:
-  zero_stage: 3
-  gradient_accumulation_steps: 1
-  gradient_clipping: 1.0
-  offload_optimizer_device: none
-  offload_param_device: none
+""",
+        "DEEPSPEED",
+        before=_deepspeed_config(
+            3,
+            """\
   # 16/32-bit models are loaded partitioned (deepspeed.zero.Init); a 4-bit model is loaded whole on each GPU
   # and partitioned when the engine is built.
   zero3_init_flag: true
   # Saving gathers a whole 16-bit model (save_model / save_pretrained write a loadable checkpoint).
   zero3_save_16bit_model: true
-distributed_type: DEEPSPEED
-downcast_bf16: 'no'
-enable_cpu_affinity: false
+""",
+        ),
+        after="""\
 # DeepSpeed's bf16 mode: the engine casts every floating parameter to bf16 (load the model in bf16: the
 # bitsandbytes plugin keeps its packed 4-bit storage in the training dtype, so the cast leaves it alone and
 # ZeRO-3 partitions it like any other bf16 parameter) and keeps fp32 master weights of the trainable
 # parameters in its optimizer.
-mixed_precision: bf16
-num_machines: 1
-# Total number of processes (one per GPU).
-num_processes: 8
-use_cpu: false
-"""
-    + _ACCELERATE_COMMON_TAIL,
-    "cpu": """\
+""",
+    ),
+    "cpu": accelerate_base(
+        """\
 # CPU only, one process (Accelerate starts one process when use_cpu is true). Runs anywhere; the
 # kernels take their CPU paths (Triton interpreter or PyTorch reference).
-compute_environment: LOCAL_MACHINE
-debug: false
-distributed_type: 'NO'
-downcast_bf16: 'no'
-enable_cpu_affinity: false
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 1
-use_cpu: true
-"""
-    + _ACCELERATE_COMMON_TAIL,
-    "cpu-2proc": """\
+""",
+        "'NO'",
+        mixed_precision="'no'",
+        num_processes=1,
+        processes_note=None,
+        use_cpu=True,
+    ),
+    "cpu-2proc": accelerate_base(
+        """\
 # Two processes on a machine without a GPU: Accelerate starts them through torchrun, and a script that
 # creates Accelerator(cpu=True) (as examples/train_tiny.py does without CUDA) joins them into one gloo
 # process group (data parallel on CPU). On a machine with 2 GPUs the same file runs on the GPUs.
-compute_environment: LOCAL_MACHINE
-debug: false
-distributed_type: MULTI_GPU
-downcast_bf16: 'no'
-enable_cpu_affinity: false
-gpu_ids: all
-mixed_precision: 'no'
-num_machines: 1
-num_processes: 2
-use_cpu: false
-"""
-    + _ACCELERATE_COMMON_TAIL,
+""",
+        "MULTI_GPU",
+        after="gpu_ids: all\n",
+        mixed_precision="'no'",
+        num_processes=2,
+        processes_note=None,
+    ),
 }
 
 # Full fine-tuning with the kernels plugin: no plugin shards units of its own (that needs fused_lora /
