@@ -41,7 +41,9 @@ PEERS = ("none", "liger")
 DATASETS = ("synthetic", "instructions")
 COLLATE_MODES = ("pad", "pack", "flatten")
 DTYPES = ("bfloat16", "float16", "float32")
-DISTRIBUTED = ("ddp", "fsdp1", "fsdp2")
+DISTRIBUTED = ("ddp", "fsdp1", "fsdp2", "zero2", "zero3")
+DEEPSPEED_STAGES = {"zero2": 2, "zero3": 3}
+"""``distributed`` values that run under DeepSpeed, and their ZeRO stage."""
 RANK_DATA = ("split", "replicate")
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 """transformers' own experts backends of MoE models (``from_pretrained(..., experts_implementation=...)``)."""
@@ -63,7 +65,9 @@ ROW_ENV = "FMS_BENCH_ROW"
 START_NICE = 10
 """How much lower the priority of a row's launcher (and so of its workers until their go) is, with overlap on."""
 
-VERSION_PACKAGES = ("torch", "transformers", "accelerate", "peft", "bitsandbytes", "triton", "liger-kernel")
+VERSION_PACKAGES = (
+    "torch", "transformers", "accelerate", "peft", "bitsandbytes", "triton", "liger-kernel", "deepspeed",
+)  # fmt: skip
 
 
 class ScenarioError(ValueError):
@@ -94,7 +98,11 @@ class Scenario:
         inject_delay_ms: sleep this long after every optimizer step (test hook: simulates a slowdown).
         loss_rtol: largest relative per-step loss difference from the baseline that still counts as agreeing.
         distributed: how ``num_gpus`` processes share the work: ``ddp`` (plain data parallel; nothing on one
-            GPU), ``fsdp1`` or ``fsdp2`` (Accelerate's FSDP with the runner's ``fsdp_config``, also on one GPU).
+            GPU), ``fsdp1`` or ``fsdp2`` (Accelerate's FSDP with the runner's ``fsdp_config``, also on one GPU),
+            ``zero2`` or ``zero3`` (Accelerate's DeepSpeed ZeRO stage 2 / 3 with the runner's ``deepspeed_config``,
+            also on one GPU; needs the ``deepspeed`` package).
+        max_grad_norm: clip the gradient norm at this value before every optimizer step (0: no clipping). Under
+            DeepSpeed it is the engine's ``gradient_clipping``; elsewhere ``accelerator.clip_grad_norm_``.
         rank_data: ``split`` (rank ``r`` trains on global batch ``i * world + r``) or ``replicate`` (every rank
             trains on the batches a 1-GPU run sees, so the averaged gradient, hence the loss curve, equals the
             1-GPU run's: a tight loss-parity check of the sharding; throughput is unaffected).
@@ -141,6 +149,7 @@ class Scenario:
     inject_delay_ms: float = 0.0
     loss_rtol: float = 0.03
     distributed: str = "ddp"
+    max_grad_norm: float = 0.0
     rank_data: str = "split"
     extrapolate_layers: int = 0
     extended: bool = False
@@ -232,6 +241,8 @@ def make_scenario(raw: Mapping[str, Any], defaults: Mapping[str, Any], where: st
         raise ScenarioError(f"{where}: lora_target_parameters needs peft: lora or qlora (peft is full)")
     if s.extrapolate_layers < 0:
         raise ScenarioError(f"{where}: extrapolate_layers must be >= 0 (0: no extrapolation)")
+    if s.max_grad_norm < 0:
+        raise ScenarioError(f"{where}: max_grad_norm must be >= 0 (0: no clipping), got {s.max_grad_norm}")
     if s.steps <= s.warmup_steps:
         raise ScenarioError(f"{where}: steps ({s.steps}) must exceed warmup_steps ({s.warmup_steps})")
     if s.batch_size < 1 or s.seq_len < 2 or s.num_gpus < 1:
@@ -684,7 +695,7 @@ CSV_COLUMNS = (
     "fit_train_gib_per_layer", "fit_train_peak_alloc_gib_extrapolated",
     "loss_first", "loss_final", "loss_max_rel_diff", "loss_match",
     "wall_s", "wall_breakdown", "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version",
-    "bitsandbytes", "triton", "liger_kernel", "python", "date", "command",
+    "bitsandbytes", "triton", "liger_kernel", "deepspeed", "python", "date", "command",
 )  # fmt: skip
 """One row per scenario. Units: tokens/s, seconds, GiB, bytes. Memory is per GPU (max over ranks):
 ``state_alloc_gib`` = allocated after ``prepare``, ``forward_alloc_gib`` = after the first timed forward;

@@ -8,7 +8,11 @@
 # What it does, in order (every step logs; a failing optional wheel is reported and skipped):
 #   1. wheels/**/*.whl  (git-ignored folder carried to the machine: bitsandbytes, liger-kernel, ...)
 #      installed with `pip install --no-deps --no-index`, one wheel at a time so one bad wheel cannot block
-#      the rest; wheels whose package is already installed at that version are skipped.
+#      the rest; wheels whose package is already installed at that version are skipped. Wheels inside a folder
+#      named deps/ (e.g. wheels/deepspeed/deps/: pydantic, hjson, ... that deepspeed needs) are dependencies only:
+#      installed when their package is missing, never replacing one the machine has at another version (its
+#      torch/transformers stack keeps its own pydantic, psutil, ...). Any other wheel is a package under test and
+#      replaces an installed version that differs.
 #   2. the framework (.), kernels/ and every plugins/*/ with a pyproject.toml, editable, `--no-deps
 #      --no-build-isolation --no-index` (the machine's torch/transformers/accelerate/peft/triton are kept;
 #      setuptools comes with torch on Python >= 3.12; a setuptools wheel under wheels/ is used if it is not).
@@ -51,6 +55,13 @@ EOF
       log "wheel $base: $dist $ver already installed"
       continue
     fi
+    case "/$whl" in
+      */deps/*)
+        if [ -n "$have" ]; then
+          log "wheel $base: dependency only; keeping the installed $dist $have"
+          continue
+        fi ;;
+    esac
     if pip_try "$whl" >/tmp/gpu_setup_pip.log 2>&1; then
       log "wheel $base: installed"
     else
@@ -105,7 +116,7 @@ import importlib.util
 import sys
 from importlib import metadata
 
-for name in ("torch", "transformers", "accelerate", "peft", "triton", "bitsandbytes", "liger-kernel",
+for name in ("torch", "transformers", "accelerate", "peft", "triton", "bitsandbytes", "liger-kernel", "deepspeed",
              "fms-acceleration-accelerate", "fms-acceleration-accelerate-kernels"):
     try:
         print(f"[gpu_setup] {name:<40} {metadata.version(name)}", file=sys.stderr)

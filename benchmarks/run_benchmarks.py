@@ -207,6 +207,35 @@ def fsdp_version_of(s: Scenario) -> int | None:
     return {"fsdp1": 1, "fsdp2": 2}.get(s.distributed)
 
 
+def deepspeed_config_for(stage: int, s: Scenario) -> dict[str, Any]:
+    """The inline ``deepspeed_config`` every row of one ZeRO stage gets (baseline and plugin stacks alike).
+
+    The keys stock ``accelerate config`` writes, as in the shipped ``accelerate-deepspeed-zero*`` configs: no
+    offload, ``gradient_accumulation_steps`` 1, ``gradient_clipping`` = the scenario's ``max_grad_norm`` (the rows
+    without DeepSpeed clip at the same value through ``accelerator.clip_grad_norm_``); ZeRO-3 with
+    ``zero3_init_flag`` (16/32-bit models load partitioned; the bitsandbytes loader builds its 4-bit model outside
+    ``zero.Init`` and DeepSpeed partitions it when the engine is built) and ``zero3_save_16bit_model``. No
+    ``optimizer`` section: the AdamW ``train_bench.py`` creates reaches DeepSpeed as its client optimizer (nothing
+    of DeepSpeed's compiled ops, such as FusedAdam, is built or loaded).
+    """
+    cfg: dict[str, Any] = {
+        "zero_stage": stage,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": s.max_grad_norm,
+        "offload_optimizer_device": "none",
+        "offload_param_device": "none",
+    }
+    if stage == 3:
+        cfg["zero3_init_flag"] = True
+        cfg["zero3_save_16bit_model"] = True
+    return cfg
+
+
+DEEPSPEED_ENV = {"DS_BUILD_OPS": "0"}
+"""Environment of every DeepSpeed row: no op is built ahead of time or just in time (the client AdamW needs
+none); ``DS_ACCELERATOR`` is pinned to the row's device as well (``cuda`` / ``cpu``)."""
+
+
 def write_accelerate_config(
     s: Scenario, stack: Stack, path: Path, *, on_cpu: bool, entry: str, extra_base: Mapping[str, Any] | None
 ) -> dict[str, Any]:
@@ -214,10 +243,14 @@ def write_accelerate_config(
 
     ``distributed: fsdp1|fsdp2`` gives ``distributed_type: FSDP`` with :func:`fsdp_config_for` (also on one GPU);
     a stack or ``accelerate_config`` file may refine it but not name another FSDP version (ScenarioError).
+    ``distributed: zero2|zero3`` gives ``distributed_type: DEEPSPEED`` with :func:`deepspeed_config_for` (also on
+    one GPU, and on CPU, where DeepSpeed runs its CPU accelerator over gloo: ``use_cpu`` stays false); a stack may
+    not bring an Accelerate config of another distribution (ScenarioError).
     On CPU, Accelerate cannot run FSDP: the config asks for plain multi-process (gloo) and ``train_bench.py``
     switches the ``Accelerator`` to FSDP through a test seam (its ``entry`` column says so).
     """
     version = fsdp_version_of(s)
+    stage = benchlib.DEEPSPEED_STAGES.get(s.distributed)
     cfg: dict[str, Any] = {
         "compute_environment": "LOCAL_MACHINE",
         "distributed_type": "NO" if s.num_gpus == 1 else "MULTI_GPU",
@@ -232,9 +265,22 @@ def write_accelerate_config(
     if version is not None:
         cfg["distributed_type"] = "FSDP"
         cfg["fsdp_config"] = fsdp_config_for(version)
+    if stage is not None:
+        cfg["distributed_type"] = "DEEPSPEED"
+        cfg["deepspeed_config"] = deepspeed_config_for(stage, s)
     for base in (stack.accelerate_base, extra_base):
         if not base:
             continue
+        base_type = base.get("distributed_type")
+        base_stage = (base.get("deepspeed_config") or {}).get("zero_stage")
+        if (base_type == "DEEPSPEED" and base_stage != stage) or (
+            stage is not None and base_type not in (None, "DEEPSPEED")
+        ):
+            raise ScenarioError(
+                f"{s.name}: the stack's Accelerate config runs {base_type}"
+                f"{f' ZeRO-{base_stage}' if base_type == 'DEEPSPEED' else ''} but the scenario says distributed: "
+                f"{s.distributed}; use an acceleration-only stack (the runner writes the DeepSpeed settings)"
+            )
         base_version = (base.get("fsdp_config") or {}).get("fsdp_version", 1)
         if base.get("distributed_type") == "FSDP" and base_version != version:
             raise ScenarioError(
@@ -246,6 +292,8 @@ def write_accelerate_config(
                 continue
             if key == "fsdp_config" and "fsdp_config" in cfg:
                 cfg["fsdp_config"] = {**cfg["fsdp_config"], **value}
+            elif key == "deepspeed_config" and "deepspeed_config" in cfg:
+                cfg["deepspeed_config"] = {**cfg["deepspeed_config"], **value}
             else:
                 cfg[key] = value
     if version == 2 and stack.body is not None and "fsdp_config" in cfg and shards_own_fsdp2_units(stack.body):
@@ -259,8 +307,8 @@ def write_accelerate_config(
     # bf16: Accelerate's FSDP1 fp32 upcast of trainable units would reach the packed 4-bit storage)
     pinned = (stack.accelerate_base or {}).get("mixed_precision")
     cfg["mixed_precision"] = "no" if on_cpu else str(pinned) if pinned is not None else mixed_precision_for(s, on_cpu)
-    cfg["use_cpu"] = on_cpu
-    if on_cpu:  # Accelerate refuses FSDP on CPU: gloo processes here, FSDP through train_bench's seam
+    cfg["use_cpu"] = on_cpu and stage is None  # DeepSpeed needs use_cpu false (its CPU accelerator, gloo)
+    if on_cpu and stage is None:  # Accelerate refuses FSDP on CPU: gloo processes here, FSDP through train_bench's seam
         cfg["distributed_type"] = "NO" if s.num_gpus == 1 else "MULTI_GPU"
         cfg.pop("fsdp_config", None)
     if stack.body is not None and entry == ENTRY_SECTION:
@@ -497,7 +545,7 @@ def fill_result(row: dict[str, Any], result: Mapping[str, Any]) -> None:
         "gpu_mem_gib", "state_alloc_gib", "forward_alloc_gib", "prepare_peak_alloc_gib", "train_peak_alloc_gib",
         "allgather_bytes_per_step",
         "reduce_scatter_bytes_per_step", "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version", "bitsandbytes", "triton",
-        "liger_kernel", "python", "date", "entry", "patches", "experts_implementation",
+        "liger_kernel", "deepspeed", "python", "date", "entry", "patches", "experts_implementation",
     ):  # fmt: skip
         if key in result:
             row[key] = result[key]
@@ -574,9 +622,12 @@ def scaling_reference(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
     """The successful 1-GPU row with the same stack and workload as ``row`` (``None`` if there is none).
 
     Preference: the same ``distributed`` value (e.g. FSDP2 on 1 GPU), then a plain 1-GPU row (``ddp``: no
-    wrapper), then any; the earliest such row of the run.
+    wrapper), then any; the earliest such row of the run. A 1-GPU DeepSpeed row (``zero2`` / ``zero3``) has one
+    too: the same stack on 1 GPU without DeepSpeed (plain ``ddp`` only), so its loss columns check DeepSpeed's
+    training against the run without it and ``scaling_efficiency`` is its speed relative to that run.
     """
-    if str(row.get("num_gpus")) in ("", "1"):
+    one_gpu = str(row.get("num_gpus")) in ("", "1")
+    if one_gpu and row.get("distributed") not in benchlib.DEEPSPEED_STAGES:
         return None
     key = tuple(str(row.get(k, "")) for k in SCALING_KEY)
     candidates = [
@@ -584,7 +635,7 @@ def scaling_reference(row: Mapping[str, Any], rows: Sequence[Mapping[str, Any]])
         if r is not row and str(r.get("num_gpus")) == "1" and r.get("status") == "ok"
         and tuple(str(r.get(k, "")) for k in SCALING_KEY) == key
     ]  # fmt: skip
-    for wanted in (row.get("distributed"), "ddp", None):
+    for wanted in ("ddp",) if one_gpu else (row.get("distributed"), "ddp", None):
         for r in candidates:
             if wanted is None or r.get("distributed", "ddp") == wanted:
                 return r
@@ -615,7 +666,8 @@ def compute_scaling(
     rows: list[dict[str, Any]], losses: Mapping[str, list[float]], s_by_name: Mapping[str, Scenario]
 ) -> None:
     """Fill ``scaling_reference``, ``scaling_efficiency`` (tokens/s per GPU at N / tokens/s of the 1-GPU row)
-    and the loss agreement with that row, for every multi-GPU row."""
+    and the loss agreement with that row, for every multi-GPU row and every 1-GPU DeepSpeed row (whose reference is
+    the same stack without DeepSpeed; one process sees the same batches either way, so its check is step by step)."""
     for row in rows:
         for key in ("scaling_reference", "scaling_efficiency", "loss_vs_1gpu_max_rel_diff", "loss_vs_1gpu_match"):
             row[key] = ""
@@ -632,7 +684,8 @@ def compute_scaling(
         if mine and theirs:
             s = s_by_name.get(row["scenario"])
             rtol = s.loss_rtol if s is not None else 0.03
-            diff, verdict = loss_agreement(mine, theirs, row.get("rank_data") == "replicate", rtol)
+            replicate = row.get("rank_data") == "replicate" or str(row.get("num_gpus")) in ("", "1")
+            diff, verdict = loss_agreement(mine, theirs, replicate, rtol)
             row["loss_vs_1gpu_max_rel_diff"], row["loss_vs_1gpu_match"] = diff, verdict
 
 
@@ -779,7 +832,9 @@ def by_group(rows: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 
 def is_multi_gpu(row: Mapping[str, Any]) -> bool:
-    return str(row.get("num_gpus", "1")) not in ("", "1") or row.get("distributed") in ("fsdp1", "fsdp2")
+    return str(row.get("num_gpus", "1")) not in ("", "1") or row.get("distributed") in (
+        "fsdp1", "fsdp2", *benchlib.DEEPSPEED_STAGES,
+    )  # fmt: skip
 
 
 def _mib(row: Mapping[str, Any], key: str) -> str:
@@ -1298,6 +1353,11 @@ class Runner:
             )
         if not self.on_cpu and s.num_gpus > self.num_gpus:
             raise SkipScenario(f"needs {s.num_gpus} GPUs, {self.num_gpus} visible")
+        if s.distributed in benchlib.DEEPSPEED_STAGES and not benchlib.has_module("deepspeed"):
+            raise SkipScenario(
+                f"distributed: {s.distributed} needs deepspeed, which is not installed (carry its wheel and its "
+                "dependencies' in wheels/deepspeed/; see benchmarks/README.md)"
+            )
         stack = resolve_stack(s.plugins, s.plugins_label)
         active = check_stack_activates(stack)
         if gptq_model != (GPTQ_PLUGIN in active):
@@ -1319,6 +1379,9 @@ class Runner:
         env.setdefault("TRANSFORMERS_OFFLINE", "1")
         env.setdefault("TOKENIZERS_PARALLELISM", "false")
         env[benchlib.ROW_ENV] = f"{os.getpid()}:{s.name}"
+        if s.distributed in benchlib.DEEPSPEED_STAGES:
+            env.update(DEEPSPEED_ENV)
+            env["DS_ACCELERATOR"] = "cpu" if self.on_cpu else "cuda"
         argv = [*launch_argv(self.launcher), "--config_file", str(cfg_path), str(TRAIN_SCRIPT), *train_args_for(s)]
         argv += ["--model-dir", self.planned_model_dir(s), "--result-json", str(self.work_dir / f"{s.name}.json")]
         if stack.body is not None:

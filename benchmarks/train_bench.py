@@ -322,6 +322,8 @@ def load_and_prepare(
     dtype = getattr(torch, s.dtype)
     device = accelerator.device
     is_fsdp = str(accelerator.distributed_type).endswith("FSDP")
+    ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None) if is_deepspeed(accelerator) else None
+    zero3 = ds_plugin is not None and ds_plugin.zero_stage == 3
     if s.peer == "liger":
         info["peer_patch"] = apply_liger(model_dir)
 
@@ -334,11 +336,16 @@ def load_and_prepare(
         kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": s.attn_implementation}
         if s.experts_implementation is not None:  # transformers' experts backend of an MoE model
             kwargs["experts_implementation"] = s.experts_implementation
-        if not is_fsdp:  # each process loads onto its own GPU (an index: what bitsandbytes expects)
+        # each process loads onto its own GPU (an index: what bitsandbytes expects); not under FSDP, nor under
+        # ZeRO-3, where transformers refuses a device_map (16/32-bit weights load partitioned under zero.Init)
+        if not is_fsdp and not zero3:
             kwargs["device_map"] = {"": accelerator.local_process_index if device.type == "cuda" else "cpu"}
         if s.peft == "qlora":
             quant: dict[str, Any] = {}
-            if is_fsdp:  # the HF docs' FSDP-QLoRA recipe: packed 4-bit bytes stored in the training dtype
+            if is_fsdp or ds_plugin is not None:
+                # the HF docs' FSDP-QLoRA / DeepSpeed ZeRO-3 QLoRA recipe: packed 4-bit bytes stored in the
+                # training dtype (so sharding / DeepSpeed's bf16 cast treat them like the other parameters; the
+                # bitsandbytes plugin's `auto` storage does the same under ZeRO-2, kept alike here)
                 quant["bnb_4bit_quant_storage"] = dtype
                 info["bnb_4bit_quant_storage"] = str(dtype)
             kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -396,10 +403,35 @@ def load_and_prepare(
     if s.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()  # from_pretrained returns eval mode, and HF checkpoints only in train mode
-    info["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    info["total_params"] = sum(p.numel() for p in model.parameters())
-    info["fp32_params"] = sum(p.numel() for p in model.parameters() if p.dtype == torch.float32)
+    # a ZeRO-3 partitioned parameter (loaded under zero.Init) is empty here; ds_numel is its full size
+    info["trainable_params"] = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    info["total_params"] = sum(_numel(p) for p in model.parameters())
+    info["fp32_params"] = sum(_numel(p) for p in model.parameters() if p.dtype == torch.float32)
     return model, info
+
+
+def _numel(p: Any) -> int:
+    return int(getattr(p, "ds_numel", None) or p.numel())
+
+
+def is_deepspeed(accelerator: Any) -> bool:
+    return str(accelerator.distributed_type).endswith("DEEPSPEED")
+
+
+def deepspeed_info(model: Any) -> dict[str, Any]:
+    """What the DeepSpeed engine trained with (read from the prepared model, a ``DeepSpeedEngine``)."""
+    import deepspeed
+
+    optimizer = getattr(model, "optimizer", None)
+    client = getattr(model, "client_optimizer", None)
+    return {
+        "deepspeed_version": deepspeed.__version__,
+        "deepspeed_zero_stage": model.zero_optimization_stage(),
+        "deepspeed_bf16": bool(model.bfloat16_enabled()),
+        "deepspeed_gradient_clipping": model.gradient_clipping(),
+        "deepspeed_optimizer": f"{type(optimizer).__name__} over {type(client).__name__}",
+        "deepspeed_ds_build_ops": os.environ.get("DS_BUILD_OPS", ""),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- loop
@@ -421,7 +453,17 @@ def make_accelerator(args: argparse.Namespace) -> tuple[Any, Any, str]:
         integration = None
     if integration is not None and (os.environ.get(integration.ENV_SECTION) or args.acceleration_config):
         integration.install()
-    accelerator = Accelerator()
+    handlers = []
+    if args.distributed in benchlib.DEEPSPEED_STAGES and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch
+
+        if not torch.cuda.is_available():
+            # DeepSpeed needs Accelerate's cpu=False, where Accelerate 1.x picks no backend without a GPU: ask
+            # for gloo explicitly, else each process thinks it is alone
+            from accelerate.utils import InitProcessGroupKwargs
+
+            handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    accelerator = Accelerator(kwargs_handlers=handlers)
     seam = ""
     if args.distributed in ("fsdp1", "fsdp2") and accelerator.device.type == "cpu":
         seam = cpu_fsdp_seam(accelerator, int(args.distributed[-1]))
@@ -656,7 +698,14 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
     clock.done("load_and_augment")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate, fused=True if on_cuda else None)
+    if is_deepspeed(accelerator):  # no DataLoader goes through prepare: DeepSpeed learns the batch size here
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = s.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
+    if is_deepspeed(accelerator):
+        info.update(deepspeed_info(model))
+        if accelerator.is_main_process:
+            print("deepspeed: " + ", ".join(f"{k[len('deepspeed_'):]} {v}" for k, v in deepspeed_info(model).items()))
+    clip_here = s.max_grad_norm > 0 and not is_deepspeed(accelerator)
     if framework is not None:
         framework.get_callbacks_and_ready_for_train(model, accelerator)
     # what the prepared model holds on this GPU before any step (sharded parameters and what plugins keep), the
@@ -670,7 +719,8 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
     forward_alloc = 0  # allocated after the first timed step's forward: state + saved activations + loss
     clock.done("prepare")
 
-    vocab = model.config.vocab_size if hasattr(model, "config") else accelerator.unwrap_model(model).config.vocab_size
+    # the model's config (a DeepSpeedEngine's own `config` is DeepSpeed's settings)
+    vocab = accelerator.unwrap_model(model).config.vocab_size
     if s.rank_data == "replicate":  # every rank trains on the 1-GPU run's batches (see Scenario.rank_data)
         batches = benchlib.make_batches(s, vocab, s.steps, 0, 1, examples=examples)
     else:
@@ -712,6 +762,8 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
                 if trace_memory:
                     print_memory_trace(torch, f"step {step} after forward")
             accelerator.backward(loss)
+            if clip_here:  # under DeepSpeed the engine clips (gradient_clipping in its config)
+                accelerator.clip_grad_norm_(model.parameters(), s.max_grad_norm)
             if step == s.warmup_steps and trace_memory:
                 print_memory_trace(torch, f"step {step} after backward (training peak so far "
                                           f"{torch.cuda.max_memory_allocated() / GIB:.3f} GiB)")  # fmt: skip
