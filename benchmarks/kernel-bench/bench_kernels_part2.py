@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from benchtiming import cuda_median_ms
 from fms_acceleration_accelerate_foak.dequant_backends import FOAK_DEQUANT_BACKENDS
 from fms_acceleration_accelerate_foak.fused_lora import base_projection
 from fms_acceleration_accelerate_foak.fused_lora import peft_lora_projection as _peft_lora_projection
@@ -65,28 +66,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def cuda_time_ms(fn: Callable[[], object], warmup: int, reps: int, inner: int = 1) -> float:
-    """Median time of one ``fn`` call in ms: CUDA events around ``inner`` back-to-back calls, divided by ``inner``.
-
-    ``inner > 1`` measures device throughput (launch overhead hidden behind the previous call, as in training);
-    ``inner == 1`` includes the host-side launch latency of a single call.
-    """
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    times.sort()
-    return times[len(times) // 2]
-
-
 def peak_extra_mib(fn: Callable[[], object]) -> float:
     """Peak memory allocated during ``fn`` above what was allocated before it, in MiB."""
     torch.cuda.synchronize()
@@ -108,7 +87,7 @@ def copy_bandwidth_gbs(warmup: int, reps: int) -> float:
     """Device-to-device copy bandwidth (bytes read + written per second), 1 GiB buffer."""
     src = torch.empty(2**30, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
-    ms = cuda_time_ms(lambda: dst.copy_(src), warmup, reps)
+    ms = cuda_median_ms(lambda: dst.copy_(src), warmup, reps)
     return 2 * src.numel() / (ms * 1e-3) / 1e9
 
 
@@ -133,10 +112,10 @@ def _bench_dequant_case(bnb, out_f: int, in_f: int, nested: bool, warmup: int, r
     absmax_bytes = state.absmax.numel() * state.absmax.element_size()
     bytes_moved = n // 2 + absmax_bytes + 2 * n
     out_buf = torch.empty_like(ours)
-    t_ours = cuda_time_ms(lambda: dequantize_4bit_triton(packed, state, out=out_buf), warmup, reps, inner=20)
-    t_bnb = cuda_time_ms(lambda: bnb.functional.dequantize_4bit(packed, qs, out=out_buf), warmup, reps, inner=20)
-    t_ours_1 = cuda_time_ms(lambda: dequantize_4bit_triton(packed, state, out=out_buf), warmup, reps)
-    t_bnb_1 = cuda_time_ms(lambda: bnb.functional.dequantize_4bit(packed, qs, out=out_buf), warmup, reps)
+    t_ours = cuda_median_ms(lambda: dequantize_4bit_triton(packed, state, out=out_buf), warmup, reps, inner=20)
+    t_bnb = cuda_median_ms(lambda: bnb.functional.dequantize_4bit(packed, qs, out=out_buf), warmup, reps, inner=20)
+    t_ours_1 = cuda_median_ms(lambda: dequantize_4bit_triton(packed, state, out=out_buf), warmup, reps)
+    t_bnb_1 = cuda_median_ms(lambda: bnb.functional.dequantize_4bit(packed, qs, out=out_buf), warmup, reps)
     rows = []
     for impl, ms, ms_1 in (("ours_triton", t_ours, t_ours_1), ("bitsandbytes", t_bnb, t_bnb_1)):
         gbs = bytes_moved / (ms * 1e-3) / 1e9
@@ -312,7 +291,7 @@ def _bench_lora_base(bnb, peft, base: str, rows: list[dict], tokens: int, r: int
         timings = {}
         for impl, fn in (("peft", ref_fn), ("ours_fused", our_fn)):
             step = _fwd_bwd(fn, x, grads)
-            ms = cuda_time_ms(step, warmup, reps)
+            ms = cuda_median_ms(step, warmup, reps)
             blk.zero_grad(set_to_none=True)
             x.grad = None
             mem = peak_extra_mib(step)

@@ -38,19 +38,17 @@ Triton's interpreter (timings meaningless), to check the script itself without a
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib.util
 import itertools
 import json
 import os
-import platform
-import shlex
 import subprocess
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
+
+from benchtiming import cuda_median_ms, run_environment, wall_ms_once  # this folder's sibling module
 
 SHAPES_8B = {"q_o": (4096, 4096), "k_v": (1024, 4096), "gate_up": (14336, 4096), "down": (4096, 14336)}
 SHAPES_SMOKE = {"q_o": (64, 128), "k_v": (32, 128), "gate_up": (96, 128), "down": (64, 256)}
@@ -99,29 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_timer(smoke: bool, warmup: int, reps: int) -> Callable[[Callable[[], object], int], float]:
-    """``timer(fn, inner)``: median ms of one ``fn`` call (CUDA events around ``inner`` back-to-back calls)."""
-    import torch
+    """``timer(fn, inner)``: median ms of one ``fn`` call (CUDA events around ``inner`` back-to-back calls; one
+    wall-clock call with --smoke)."""
 
     def cuda_ms(fn: Callable[[], object], inner: int = 10) -> float:
-        for _ in range(warmup):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(reps):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(inner):
-                fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / inner)
-        return sorted(times)[len(times) // 2]
+        return cuda_median_ms(fn, warmup, reps, inner)
 
     def cpu_ms(fn: Callable[[], object], inner: int = 1) -> float:
-        fn()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
+        return wall_ms_once(fn)
 
     return cpu_ms if smoke else cuda_ms
 
@@ -132,27 +115,13 @@ def max_err(got, truth) -> float:
 
 
 def environment(args: argparse.Namespace, device) -> dict:
-    import torch
-
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "triton", "fms-acceleration-accelerate-kernels"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
-        "cuda": torch.version.cuda,
-        "versions": versions,
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-        "bits": args.bits,
-        "group_size": args.group_size,
-        "checkpoint_format": "gptq",
-    }
-    if device.type == "cuda":
-        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
-    return env
+    return run_environment(
+        device,
+        ("torch", "triton", "fms-acceleration-accelerate-kernels"),
+        bits=args.bits,
+        group_size=args.group_size,
+        checkpoint_format="gptq",
+    )
 
 
 def copy_bandwidth_gbs(timer, device) -> float:

@@ -46,18 +46,14 @@ shared memory and whether the dots lower to Hopper's ``wgmma`` (one JSON object 
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import re
-import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 
 # name: (hidden H, intermediate I, experts E, top-k, tokens T)
@@ -129,34 +125,17 @@ def make_timer(smoke: bool, rep_ms: int) -> Callable[[Callable[[], object]], flo
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
-    def cpu_ms(fn: Callable[[], object]) -> float:
-        fn()
-        start = time.perf_counter()
-        fn()
-        return (time.perf_counter() - start) * 1e3
+    if smoke:
+        from benchtiming import wall_ms_once  # imported here: tests load this file by path for compile_stats
 
-    return cpu_ms if smoke else gpu_ms
+        return wall_ms_once
+    return gpu_ms
 
 
 def environment(device) -> dict:
-    import torch
+    from benchtiming import run_environment  # imported here: tests load this file by path for compile_stats
 
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "triton", "transformers", "fms-acceleration-accelerate-kernels"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)",
-        "cuda": torch.version.cuda,
-        "versions": versions,
-        "date_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": shlex.join([sys.executable, *sys.argv]),
-    }
-    if device.type == "cuda":
-        env["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
-    return env
+    return run_environment(device, ("torch", "triton", "transformers", "fms-acceleration-accelerate-kernels"))
 
 
 def rel_err(got, truth) -> float:
