@@ -881,6 +881,11 @@ def multigpu_table(rows: Sequence[Mapping[str, Any]]) -> str:
         f"Memory: max over ranks. Data: {data}; loss vs 1 GPU compares the loss curves step by step "
         "(replicated data) or the mean of the second half (loose, split data).",
     ]
+    if any(r.get("distributed") in benchlib.DEEPSPEED_STAGES and str(r.get("num_gpus")) in ("", "1") for r in multi):
+        lines[-1] += (
+            " A 1-GPU DeepSpeed row's 1-GPU row is the same stack without DeepSpeed (its scaling efficiency: tokens/s"
+            " with DeepSpeed / without; loss compared step by step)."
+        )
     return "\n".join(lines)
 
 
