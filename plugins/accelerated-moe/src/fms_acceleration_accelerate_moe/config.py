@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fms_acceleration_accelerate.config import option
 from fms_acceleration_accelerate.errors import AccelerationConfigError
@@ -37,6 +37,13 @@ class ScatterMoEConfig:
         False,
         help="fms-hf-tuning's key: true runs the expert kernels without any expert parallelism (as ep_degree: 1); "
         "contradicts ep_degree > 1",
+    )
+    quantize_experts: bool | Literal["auto"] = option(
+        "auto",
+        help="4-bit expert weights: each MoE layer's 3-D expert stacks in bitsandbytes' 4-bit storage (the settings "
+        "of the model's 4-bit linear layers), dequantized per layer in the forward and again in the backward; frozen "
+        "(LoRA on them through PEFT target_parameters). auto (default): when peft.quantization.bitsandbytes is "
+        "active; true: require it; false: keep the experts in the training dtype",
     )
     routing_stats: bool = option(
         True,

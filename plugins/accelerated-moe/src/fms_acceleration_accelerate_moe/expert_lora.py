@@ -16,6 +16,8 @@ PEFT's own route (the parametrization) still runs whenever this one does not app
 (PEFT then calls the module without activating them, and the experts run the plain kernels), expert weights that
 train themselves, low-precision storage PEFT upcasts for the merge, a single expert, ``torch.compile`` tracing, or
 a PEFT whose adapter layout differs from the one described above (checked once, on a tiny wrapper of PEFT's own).
+For 4-bit expert stacks (see :mod:`.quantized_experts`) PEFT's route would merge into packed codes, so there
+active adapters that this route cannot take raise an error instead.
 PEFT refuses ``lora_dropout``, ``lora_bias`` and DoRA on ``target_parameters`` itself.
 """
 
@@ -28,6 +30,8 @@ from typing import Any
 from weakref import WeakKeyDictionary
 
 import torch
+
+from .quantized_experts import is_4bit_stack, stack_dtype, stack_shape
 
 logger = logging.getLogger("fms_acceleration_accelerate_moe")
 
@@ -153,7 +157,8 @@ def install_peft_route(patches: Any, adapters: ExpertAdapters, plan_of: Callable
             return None
         for name in (plan.gate_up_proj, plan.down_proj):  # both stacks must stay plain frozen weights
             weight = getattr(base, name)
-            if weight.dim() != 3 or weight.shape[0] != n_experts or weight.dtype not in _COMPUTE_DTYPES:
+            shape, dtype = stack_shape(weight), stack_dtype(weight)  # 4-bit stacks: their logical shape and dtype
+            if len(shape) != 3 or shape[0] != n_experts or dtype not in _COMPUTE_DTYPES:
                 return None
             if weight.requires_grad:
                 return None
@@ -167,6 +172,13 @@ def install_peft_route(patches: Any, adapters: ExpertAdapters, plan_of: Callable
 
     def _activate_lora(self: Any, active_adapters: list[str]) -> Any:
         lora = factored(self, active_adapters)
+        if lora is None and is_4bit_stack(self.get_param()) and any(a in self.lora_A for a in active_adapters or ()):
+            raise RuntimeError(
+                f"LoRA on the 4-bit expert stack {type(self.get_base_layer()).__name__}.{self.parameter_name} can only "
+                "be computed from the adapters' factors in the scattermoe experts forward (PEFT's own route would add "
+                "the merged adapters to the packed 4-bit codes); keep the model's experts implementation the "
+                "plugin's, one adapter layout PEFT's, and do not torch.compile the experts"
+            )
         if lora is None:
             return original(self, active_adapters)
         return adapters.active(self.get_base_layer(), self.parameter_name, lora)

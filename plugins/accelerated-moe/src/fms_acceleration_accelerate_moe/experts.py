@@ -10,7 +10,8 @@ torch reference otherwise), reading the module's own 3-D parameters: the weights
 the model's, so checkpoints do too. Both changes (the registry entry and the config value) are recorded patches.
 A module whose PEFT ``target_parameters`` adapters are active calls
 :func:`fms_acceleration_accelerate_kernels.moe_lora.moe_experts_lora` with their factors instead (see
-:mod:`.expert_lora`).
+:mod:`.expert_lora`). Expert stacks held in 4-bit (``quantize_experts``) are dequantized for the call and again in
+the backward, never kept in 16 bit in between (see :mod:`.quantized_experts`).
 
 Where the weights are and how they are laid out comes from the architecture's
 :class:`~fms_acceleration_accelerate.model_specs.MoESpec` (an :class:`ExpertsPlan` per experts module).
@@ -29,6 +30,7 @@ from fms_acceleration_accelerate.model_specs import MoESpec, experts_activation
 
 from .expert_lora import ExpertAdapters
 from .expert_parallel import ExpertParallel
+from .quantized_experts import frozen_check, stack_shape, stacks_context
 from .routing import RoutingStats
 
 EXPERTS_PREFIX = "fms_scattermoe"
@@ -157,7 +159,14 @@ def make_experts_forward(
             assert adapters is not None
             adapters.factored_calls += 1
 
+        frozen_check((gate_up, down), plan.layer)
+
         def local_experts(rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor, routing: Any = None):
+            # 4-bit stacks: dequantized for this call only, and again in the backward (see .quantized_experts)
+            with stacks_context((gate_up, down)) as (gate_up_w, down_w):
+                return experts_call(rows, index, weights, gate_up_w, down_w, routing)
+
+        def experts_call(rows, index, weights, gate_up_w, down_w, routing):
             common = dict(
                 act=plan.act,
                 gate_first=plan.gate_first,
@@ -173,13 +182,13 @@ def make_experts_forward(
                     rows,
                     index,
                     weights,
-                    gate_up,
-                    down,
+                    gate_up_w,
+                    down_w,
                     gate_up_lora=lora.get(plan.gate_up_proj),
                     down_lora=lora.get(plan.down_proj),
                     **common,
                 )
-            return moe_experts(rows, index, weights, gate_up, down, **common)
+            return moe_experts(rows, index, weights, gate_up_w, down_w, **common)
 
         if shard is not None:
             assert ep is not None
@@ -195,7 +204,7 @@ def make_experts_forward(
         routing = None
         if counting:
             assert stats is not None
-            routing = moe_route(top_k_index, gate_up.shape[0])
+            routing = moe_route(top_k_index, stack_shape(gate_up)[0])
             stats.add(plan.layer, routing.tokens_per_expert)
         return local_experts(hidden_states, top_k_index, top_k_weights, routing)
 

@@ -64,9 +64,12 @@ from .config import ScatterMoEConfig
 from .expert_lora import ExpertAdapters, install_peft_route
 from .expert_parallel import ExpertParallel
 from .experts import EXPERTS_PREFIX, ExpertsPlans, make_experts_forward, register_experts_function
+from .quantized_experts import StackQuantization, dequantize_stack, is_4bit_stack, peft_shape_patch, quantize_stack
 from .routing import RoutingStats
 
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Sequence
+
     from accelerate import Accelerator
     from torch import nn
     from transformers import TrainerCallback
@@ -74,6 +77,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from fms_acceleration_accelerate.distributed import PrepareContribution, RunContext
 
 logger = logging.getLogger("fms_acceleration_accelerate_moe")
+
+BNB_PLUGIN = "bitsandbytes"
+"""The name of the plugin whose 4-bit storage ``quantize_experts`` uses (section ``peft.quantization.bitsandbytes``)."""
 
 
 def moe_model_types() -> tuple[str, ...]:
@@ -131,6 +137,9 @@ class ScatterMoEPlugin(AccelerationPlugin):
         see :class:`~.routing.RoutingStats`."""
         self._plans = ExpertsPlans(self._spec_of_experts)
         self.expert_adapters = ExpertAdapters()
+        self._expert_quantization: tuple[str, bool] | None = None
+        """(quant type, double quantization) of the bitsandbytes plugin when the expert stacks go 4-bit
+        (``quantize_experts``, decided in :meth:`check_compatibility`), else ``None``."""
         """PEFT ``target_parameters`` adapters active on the experts during their call (see :mod:`.expert_lora`);
         ``expert_adapters.factored_calls`` counts the experts forwards that computed them from the factors."""
         self._config_patches: list[Any] = []
@@ -169,10 +178,52 @@ class ScatterMoEPlugin(AccelerationPlugin):
         check_spec_classes(spec)
         return spec
 
+    def check_compatibility(self, active: Sequence[AccelerationPlugin]) -> None:
+        """Decide whether the expert stacks go 4-bit (``quantize_experts``, with the bitsandbytes plugin's settings)
+        and refuse the combinations that cannot work: ``quantize_experts: true`` without the bitsandbytes plugin,
+        4-bit experts with expert parallelism."""
+        bnb = next((p for p in active if p.plugin_name() == BNB_PLUGIN), None)
+        wanted = self.config.quantize_experts
+        path = self.key_path("quantize_experts")
+        if wanted is True and bnb is None:
+            raise AccelerationConfigError(
+                "quantize_experts: true stores the expert weights in the bitsandbytes plugin's 4-bit format, but "
+                "peft.quantization.bitsandbytes is not active",
+                path=path,
+                fix="add the peft.quantization.bitsandbytes section (QLoRA), or set quantize_experts: auto / false",
+            )
+        if wanted is False or bnb is None:
+            self._expert_quantization = None
+            return
+        if self.config.expert_parallel:
+            raise AccelerationConfigError(
+                f"4-bit expert weights (the bitsandbytes plugin is active, quantize_experts: {wanted!r}) are not "
+                f"supported with expert parallelism (ep_degree {self.config.ep_degree})",
+                path=path,
+                fix="set ep_degree: 1, or quantize_experts: false to keep the experts in the training dtype",
+            )
+        bnb_config = bnb.config
+        self._expert_quantization = (str(bnb_config.quant_type), bool(bnb_config.bnb_4bit_use_double_quant))
+
+    @property
+    def quantizes_experts(self) -> bool:
+        """Whether this plugin stores the expert stacks in 4-bit (decided when the framework is created)."""
+        return self._expert_quantization is not None
+
     def check_run_settings(self, context: RunContext) -> None:
         """``ep_degree`` against the run (before any model is loaded): it must divide the world size, and FSDP1
-        and DeepSpeed cannot leave the expert shards to expert parallelism."""
+        and DeepSpeed cannot leave the expert shards to expert parallelism. 4-bit experts: not under FSDP or
+        DeepSpeed ZeRO-3, which would shard the packed stacks without their quantization state."""
         self._check_expert_parallel(context)
+        if self.quantizes_experts and (context.is_fsdp or (context.is_deepspeed and context.zero_stage == 3)):
+            wrap = "FSDP" if context.is_fsdp else "DeepSpeed ZeRO-3"
+            raise AccelerationConfigError(
+                f"4-bit expert weights (quantize_experts with the bitsandbytes plugin) are not supported under {wrap}, "
+                "which would shard the packed expert stacks apart from their quantization state",
+                path=self.key_path("quantize_experts"),
+                fix="set quantize_experts: false (the experts stay in the training dtype and are sharded as usual), "
+                "or train without FSDP / ZeRO-3 (one process, DDP or ZeRO-2)",
+            )
 
     def _check_expert_parallel(self, context: RunContext) -> None:
         ep = self.config.ep_degree
@@ -231,7 +282,7 @@ class ScatterMoEPlugin(AccelerationPlugin):
         ``ep_degree > 1``, shard the experts (:meth:`shard_experts`) and ask FSDP to ignore them."""
         self.patch_model(model, context)
         if self.expert_parallel is None:
-            return None
+            return self._zero3_lora_scopes(model, context)
         from fms_acceleration_accelerate.distributed import PrepareContribution
 
         sharded = self.shard_experts(model, context)
@@ -246,6 +297,32 @@ class ScatterMoEPlugin(AccelerationPlugin):
             notes=(
                 f"expert parallelism: {groups.ep_size} processes per group, {groups.replicas} replica(s); "
                 f"{len(sharded)} expert parameters hold this process's experts and are left out of FSDP / DDP",
+            ),
+        )
+
+    def _zero3_lora_scopes(self, model: nn.Module, context: RunContext) -> PrepareContribution | None:
+        """Under DeepSpeed ZeRO-3, LoRA on the experts: the outermost PEFT ``ParamWrapper`` around each experts module
+        with this plugin's forward is a fused scope. The factor route reads the adapters' factors and the base
+        stacks in the wrapper's forward, before the experts module's own forward starts; as external parameters of
+        the wrapper DeepSpeed gathers them all at its forward and backward (not one by one on first access)."""
+        import sys
+
+        if not (context.is_deepspeed and context.zero_stage == 3) or "peft" not in sys.modules:
+            return None
+        from peft.tuners.lora.layer import ParamWrapper
+
+        from fms_acceleration_accelerate.distributed import PrepareContribution
+
+        def adapted(name: str, module: nn.Module) -> bool:
+            return isinstance(module, ParamWrapper) and self._lora_plan(module.get_base_layer()) is not None
+
+        if not any(adapted("", m) for m in model.modules()):
+            return None
+        return PrepareContribution(
+            fused_scopes=(adapted,),
+            notes=(
+                "scattermoe: LoRA on experts under ZeRO-3: each adapted experts module's PEFT wrapper gathers its "
+                "factors and base expert stacks at its forward and backward",
             ),
         )
 
@@ -325,6 +402,8 @@ class ScatterMoEPlugin(AccelerationPlugin):
             self._specs[class_name] = spec.moe
         for experts in match.experts:
             self._plans.add(experts.module, spec.moe, experts.path)
+        if self.quantizes_experts:
+            self.quantize_experts(model, match)
         key = self.experts_key
         from transformers.integrations.moe import ExpertsInterface
 
@@ -381,6 +460,72 @@ class ScatterMoEPlugin(AccelerationPlugin):
             "scattermoe: LoRA on experts in the expert kernels (moe_experts_lora: x W^T + s (x A^T) B^T per expert, "
             "no merged weights)",
         )
+
+    def quantize_experts(self, model: nn.Module, match: ModelMatch) -> list[str]:
+        """Replace every expert stack of ``match`` that is not 4-bit yet by its frozen 4-bit form (recorded patches;
+        reverting puts back a dequantized parameter of the original dtype), quantized like the model's 4-bit linear
+        layers; make PEFT read the stacks' logical shape and compute LoRA on them from the factors (see
+        :mod:`.quantized_experts`). Returns the qualified names quantized now.
+
+        Raises:
+            AccelerationConfigError: an expert's size is not a multiple of the 4-bit block size.
+        """
+        import importlib.util
+
+        import torch
+
+        assert self._expert_quantization is not None
+        settings = StackQuantization.like_model(model, *self._expert_quantization)
+        done: list[str] = []
+        before = after = 0
+        for experts in match.experts:
+            plan = self._plans.get(experts.module)
+            for name in (plan.gate_up_proj, plan.down_proj):
+                weight = getattr(experts.module, name)
+                if is_4bit_stack(weight):
+                    continue
+                path = f"{experts.path}.{name}"
+                try:
+                    packed = quantize_stack(weight, settings, path)
+                except ValueError as error:
+                    raise AccelerationConfigError(
+                        str(error), path=self.key_path("quantize_experts"), fix="set quantize_experts: false"
+                    ) from None
+
+                def restore(module: Any = experts.module, name: str = name, trains: bool = weight.requires_grad):
+                    return torch.nn.Parameter(dequantize_stack(getattr(module, name)), requires_grad=trains)
+
+                before += weight.numel() * weight.element_size()
+                after += packed.numel() * packed.element_size()
+                self.patches.patch(
+                    experts.module,
+                    name,
+                    packed,
+                    target=path,
+                    description=f"4-bit {settings.quant_type} expert stack (block {settings.blocksize}, double quant "
+                    f"{settings.compress_statistics})",
+                    restore=restore,
+                )
+                done.append(path)
+        if importlib.util.find_spec("peft") is not None:
+            peft_shape_patch(self.patches, "scattermoe: PEFT reads the logical (E, rows, cols) shape of 4-bit stacks")
+            from peft.tuners.lora.layer import ParamWrapper  # noqa: F401  (the LoRA route patches it)
+
+            install_peft_route(
+                self.patches,
+                self.expert_adapters,
+                self._lora_plan,
+                "scattermoe: LoRA on experts in the expert kernels (moe_experts_lora on the dequantized 4-bit stacks)",
+            )
+        if done and is_main_process():
+            logger.info(
+                "scattermoe: %d expert stacks stored in 4-bit %s (%.1f MiB -> %.1f MiB of packed codes)",
+                len(done),
+                settings.quant_type,
+                before / 2**20,
+                after / 2**20,
+            )
+        return done
 
     def _lora_plan(self, module: Any) -> Any:
         """The plan of an experts module whose forward is this plugin's (its adapters may be computed from their
@@ -693,6 +838,11 @@ class ScatterMoEPlugin(AccelerationPlugin):
             + ("" if not c.expert_parallel else " - not with expert parallelism, which refuses it"),
             f"expert parallelism: {'ep_degree ' + str(c.ep_degree) if c.expert_parallel else 'none (ep_degree 1)'}",
         ]
+        if self.quantizes_experts:
+            lines.append(
+                "quantize_experts: expert stacks stored in bitsandbytes 4-bit (the model's Linear4bit settings), "
+                "frozen; dequantized per layer in the forward and again in the backward"
+            )
         if c.routing_stats:
             lines.append(
                 "routing_stats: tokens per expert per layer counted on the device; load balance in the trainer log "
