@@ -148,7 +148,8 @@ def check_saved(report: dict, work: Path) -> None:
                 bnb_4bit_compute_dtype=torch.float32,
                 bnb_4bit_quant_storage=torch.float32,
             )
-        base_model = AutoModelForCausalLM.from_pretrained(work / "llama", dtype=torch.float32, **quantization)
+        base_dir = work / ("mixtral" if report["stack"].startswith("moe") else "llama")
+        base_model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, **quantization)
         model = PeftModel.from_pretrained(base_model, saved)
     model.train()  # as the worker computed them (no dropout in the tiny Llama)
     with torch.no_grad():
@@ -290,3 +291,35 @@ def test_padding_free_under_deepspeed_matches_the_stack_without_it(work, env, ba
     shapes = report["batch_shapes"]
     assert shapes == reference["batch_shapes"] and len(shapes) == 5
     assert all(rows == 1 and 4 * 5 <= tokens < 4 * 16 for rows, tokens in shapes)  # flattened, pads removed
+
+
+@pytest.mark.slow  # a baseline and a DeepSpeed run of the tiny Mixtral: ~70 s on 2 shared cores
+@pytest.mark.parametrize(("stage", "client"), [(2, "accelerator"), (3, "trainer")], ids=lambda v: str(v))
+def test_lora_on_experts_under_deepspeed_matches_the_stack_without_it(work, env, baseline, stage, client):
+    """LoRA on attention and on the experts' 3-D stacks (PEFT ``target_parameters``), computed from the adapters'
+    factors in the expert kernels: the same losses as without DeepSpeed, every experts forward on the factor route
+    (under ZeRO-3 too, where the base stacks and the factors are partitioned between steps: the MoE plugin has each
+    adapted experts module gather them at its forward and backward); under ZeRO-3 the HF Trainer's saved adapter
+    loads in plain PEFT on the base model and gives the trained logits."""
+    report = deepspeed_run(work, env, stage, "moe-lora", client)
+    reference = baseline("moe-lora", client)
+    assert report["distributed_type"] == "DistributedType.DEEPSPEED" and report["world"] == 1
+    assert reference["distributed_type"] == "DistributedType.NO" and reference["ds_params"] == 0
+    assert report["plugins"] == reference["plugins"] == ["scattermoe"]
+    assert len(report["losses"]) == 5 and len(set(report["losses"])) == 5  # it trained
+    assert report["losses"] == pytest.approx(reference["losses"], abs=2e-5)
+    # every training forward of both MoE layers took the factor route, in both runs
+    assert report["factored_calls"] == reference["factored_calls"] == 2 * 5
+    assert report["routed_tokens"] == reference["routed_tokens"] > 0
+    if stage == 3:
+        assert report["ds_params"] == report["params"] == report["partitioned"]
+        assert report["gathered_scopes"] == ["ParamWrapper"] and report["gathered_count"] == 2
+        assert report["registered_external"] == 2 * 6  # per layer: 2 base stacks, A and B of 2 adapters
+        # DeepSpeed registered nothing on the fly inside the MoE blocks (it does, one parameter each, for PEFT's
+        # LoRA on the attention projections, whose forward reads lora_A's weight (its dtype) outside lora_A's call)
+        extra = report["unregistered_external"]
+        assert all(".self_attn." in entry for entry in extra), extra
+    else:
+        assert report["ds_params"] == 0 and report["gathered_scopes"] == [] and report["external_params"] == 0
+    if client == "trainer":
+        check_saved(report, work)
