@@ -31,7 +31,7 @@ from weakref import WeakKeyDictionary
 
 import torch
 
-from .quantized_experts import is_4bit_stack, stack_dtype, stack_shape
+from .quantized_experts import frozen_check, is_4bit_stack, stack_dtype, stack_shape
 
 logger = logging.getLogger("fms_acceleration_accelerate_moe")
 
@@ -173,6 +173,8 @@ def install_peft_route(patches: Any, adapters: ExpertAdapters, plan_of: Callable
     def _activate_lora(self: Any, active_adapters: list[str]) -> Any:
         lora = factored(self, active_adapters)
         if lora is None and is_4bit_stack(self.get_param()) and any(a in self.lora_A for a in active_adapters or ()):
+            base = self.get_base_layer()
+            frozen_check(tuple(p for p in base.parameters(recurse=False)), type(base).__name__)
             raise RuntimeError(
                 f"LoRA on the 4-bit expert stack {type(self.get_base_layer()).__name__}.{self.parameter_name} can only "
                 "be computed from the adapters' factors in the scattermoe experts forward (PEFT's own route would add "
