@@ -117,23 +117,30 @@ def test_moe_scenario_file_shapes_baselines_and_priority() -> None:
             assert s.name.endswith(f"-hf-{s.experts_implementation}"), s.name
         assert bool(s.lora_target_parameters) == ("lora-experts" in s.group), s.name
         if s.lora_target_parameters:
-            assert s.lora_target_parameters == EXPERTS and s.peft == "lora"
+            assert s.lora_target_parameters == EXPERTS and s.peft == ("qlora" if "qlora" in s.group else "lora")
     groups = {s.group for s in sfile.scenarios}
-    assert groups == {f"{m}-{p}" for m in ("granite", "mixtral") for p in ("full", "lora", "lora-experts")}
+    qlora = {"granite-qlora-experts"}  # extended rows: QLoRA with the expert stacks in 4-bit (quantize_experts)
+    assert groups - qlora == {f"{m}-{p}" for m in ("granite", "mixtral") for p in ("full", "lora", "lora-experts")}
+    assert groups & qlora == qlora
+    assert all(s.extended for s in sfile.scenarios if s.group in qlora)
     assert sfile.baselines == {g: f"{g}-hf-grouped_mm" for g in groups}  # ratios are against HF grouped_mm
     core = [s.name for s in sfile.select([], [])]
     assert core[:6] == [
         "granite-full-hf-grouped_mm", "granite-full-ours", "mixtral-full-hf-grouped_mm", "mixtral-full-ours",
         "granite-full-hf-eager", "mixtral-full-hf-eager",
     ]  # fmt: skip
-    for group in groups:  # every group's core rows: the baseline and the plugin alone
+    for group in groups - qlora:  # every group's core rows: the baseline and the plugin alone
         assert {f"{group}-hf-grouped_mm", f"{group}-ours"} <= set(core), group
     extended = {s.name for s in sfile.scenarios if s.extended}
     assert "granite-full-hf-batched_mm" in extended and not extended & set(core)
     # the plugin rows run the shipped configuration
     shipped = run_benchmarks.resolve_stack("moe-scattermoe-granite-ep1", "shipped").body
     assert shipped == SCATTERMOE
-    assert all(s.plugins == "moe-scattermoe-granite-ep1" for s in sfile.scenarios if s.name.endswith("-ours"))
+    assert all(
+        s.plugins == "moe-scattermoe-granite-ep1"
+        for s in sfile.scenarios
+        if s.name.endswith("-ours") and s.group not in qlora
+    )
 
 
 def test_cpu_scenario_file_has_moe_rows() -> None:
