@@ -11,19 +11,25 @@ untouched: ``save_pretrained`` writes the model's own safetensors (the config's 
 serialised), and the router, the shared experts and the load-balancing loss stay the model's. LoRA through PEFT's
 ``target_parameters`` on the expert weights is computed from the adapters' factors in the kernels
 (:mod:`.expert_lora`: a recorded patch of PEFT's ``ParamWrapper._activate_lora``, once a patched model carries such
-adapters), never as merged ``W + s B A`` stacks; the adapters stay PEFT's, in PEFT's format.
+adapters), never as merged ``W + s B A`` stacks; the adapters stay PEFT's, in PEFT's format. With the bitsandbytes
+plugin active (``quantize_experts``), the expert stacks are stored in its 4-bit format and dequantized per layer in
+the experts forward and backward (:mod:`.quantized_experts`; recorded patches of the modules' parameters).
 
 Where the experts are and how their weights are laid out comes from the architecture's
 :class:`~fms_acceleration_accelerate.model_specs.MoESpec`; architectures without one are refused before loading.
 
 Which hook does what
 --------------------
+* ``check_compatibility`` (the framework is created): whether the expert stacks go 4-bit (``quantize_experts``
+  and the bitsandbytes plugin); refuse ``quantize_experts: true`` without it and 4-bit experts with ``ep_degree > 1``.
 * ``check_model_type`` (before loading): refuse architectures without a MoE spec and specs the installed
   transformers does not match.
 * ``check_run_settings`` (the ``Accelerator`` is created): refuse ``ep_degree`` values the run cannot honour (not
-  dividing the world size; FSDP1 and DeepSpeed, which would shard the experts themselves).
+  dividing the world size; FSDP1 and DeepSpeed, which would shard the experts themselves), and 4-bit experts under
+  FSDP or DeepSpeed ZeRO-3.
 * ``augmentation``, or ``prepare_contribution`` when a script never calls it (the section came with the Accelerate
-  config), or ``get_callbacks_and_ready_for_train`` given a trainer's model: patch the model, once per causal LM.
+  config), or ``get_callbacks_and_ready_for_train`` given a trainer's model: patch the model, once per causal LM
+  (4-bit experts: quantize the stacks then, :meth:`ScatterMoEPlugin.quantize_experts`).
   The experts forward reads the module's parameters inside the module's own call, so FSDP wrapping before or after
   makes no difference, and under DeepSpeed ZeRO-3 the hooks of the experts module gather them.
 * ``check_prepared_model``: refuse a model without MoE experts at ``Accelerator.prepare``.

@@ -172,8 +172,8 @@ def dequantized_stacks(*stacks: torch.Tensor | None) -> Iterator[tuple[torch.Ten
     keys = [(b.untyped_storage().data_ptr(), b.dtype, s, [None]) for s, b in pairs]
 
     def pack(tensor: torch.Tensor) -> Any:
-        if tensor.device.type == "meta" or tensor.layout != torch.strided:
-            return tensor
+        if type(tensor) is not torch.Tensor or tensor.device.type == "meta" or tensor.layout != torch.strided:
+            return tensor  # the buffers and their views are plain strided tensors; subclasses have other storage
         pointer = tensor.untyped_storage().data_ptr()
         for key, dtype, stack, cache in keys:
             if pointer == key and tensor.dtype == dtype:
