@@ -846,7 +846,11 @@ def match_model(model: Any, spec: ArchitectureSpec) -> ModelMatch:
 
 def _logical_shape(tensor: Any) -> tuple[int, ...]:
     """The shape ``tensor`` has in the model: a parameter DeepSpeed ZeRO-3 partitioned holds an empty local tensor
-    between forwards and keeps its full shape in ``ds_shape``."""
+    between forwards and keeps its full shape in ``ds_shape``; a bitsandbytes 4-bit expert stack (the MoE plugin's
+    ``quantize_experts``) holds packed codes and keeps its 3-D shape in its quantization state."""
+    state = getattr(tensor, "quant_state", None)
+    if type(tensor).__name__ == "Params4bit" and state is not None and len(getattr(state, "shape", ())) == 3:
+        return tuple(state.shape)
     shape = getattr(tensor, "ds_shape", None)
     return tuple(shape if shape is not None else tensor.shape)
 

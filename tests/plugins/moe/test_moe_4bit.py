@@ -286,3 +286,89 @@ def test_4bit_experts_refused_under_fsdp_and_zero3(run):
     with pytest.raises(AccelerationConfigError, match="not supported under"):
         plugin.check_run_settings(context)
     _moe_plugin(_framework(moe={"ep_degree": 1, "quantize_experts": False})).check_run_settings(context)
+
+
+def test_trl_sft_trainer_peft_config_on_4bit_experts(saved_models, tmp_path):
+    """The framework API with TRL's SFTTrainer: the plugins load and quantize (``no_peft_model``), the trainer wraps
+    the 4-bit stacks with its ``peft_config`` (attention and experts) and trains; the expert adapters move, the
+    stacks stay 4-bit and untouched, the adapters were computed from their factors."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    from tests.plugins.aadp.padding_free_helpers import tiny_tokenizer
+    from tests.plugins.odm.test_odm_trainer import cpu_trainer_kwargs
+
+    framework = _framework(bnb={**BNB, "no_peft_model": True})
+    model = framework.model_loader(str(saved_models("mixtral")), dtype=torch.float32, attn_implementation="eager")
+    model, (peft_config,) = framework.augmentation(model, None, (_lora(),))
+    codes = {n: p.data.clone() for n, p in _stacks(model).items()}
+    assert codes and peft_config is not None  # the trainer adds the adapters
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.arange(3, 15)
+    rows = [((ramp + torch.randint(0, 20, (1,), generator=g)) % 60 + 3).tolist() for _ in range(24)]
+    args = SFTConfig(
+        **cpu_trainer_kwargs(tmp_path / "out", max_steps=6, learning_rate=1e-2, lr_scheduler_type="constant",
+                             logging_steps=2, max_length=None, dataset_kwargs={"skip_prepare_dataset": True},
+                             disable_tqdm=True, seed=0)
+    )  # fmt: skip
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list([{"input_ids": r, "labels": r} for r in rows]),
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config,
+    )
+    for callback in framework.get_callbacks_and_ready_for_train(trainer.model, trainer.accelerator):
+        trainer.add_callback(callback)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "experts" in n and "lora_A" in n}
+    assert before
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and losses[-1] < losses[0], losses
+    after = dict(trainer.model.named_parameters())
+    assert all(not torch.equal(after[n], p) for n, p in before.items())
+    stacks = {
+        n.replace("base_model.model.", "").replace(".base_layer", ""): p for n, p in _stacks(trainer.model).items()
+    }
+    assert stacks.keys() == {n.replace(".base_layer", "") for n in codes}
+    for name, data in codes.items():
+        assert torch.equal(stacks[name.replace(".base_layer", "")].data.view(torch.uint8), data.view(torch.uint8))
+    assert _moe_plugin(framework).expert_adapters.factored_calls > 0
+
+
+def test_accelerate_prepare_quantizes_a_peft_wrapped_model(saved_models):
+    """The sections given to a stock Accelerator (AccelerationKwargs): from_pretrained loads through the bitsandbytes
+    plugin, the script wraps the model with PEFT (LoRA on the 16-bit stacks), and Accelerator.prepare quantizes the
+    stacks under PEFT's wrappers; training steps compute the adapters from their factors on the 4-bit stacks."""
+    from accelerate import Accelerator
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from fms_acceleration_accelerate import AccelerationKwargs
+    from fms_acceleration_accelerate.accelerate_integration import get_framework
+
+    accelerator = Accelerator(cpu=True, kwargs_handlers=[AccelerationKwargs(_body(bnb={**BNB, "no_peft_model": True}))])
+    framework = get_framework(accelerator)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(saved_models("granitemoe")), dtype=torch.float32, attn_implementation="eager"
+        )
+        assert type(model.model.layers[0].self_attn.q_proj.weight).__name__ == "Params4bit"
+        torch.manual_seed(0)
+        model = get_peft_model(model, _lora())
+        assert not _stacks(model)  # PEFT wrapped the 16-bit stacks
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        assert len(_stacks(model)) == 2 * model.config.num_hidden_layers
+        model.train()  # the loader hands the model over in eval mode
+        losses = []
+        for _ in range(4):
+            loss = model(**batch()).loss
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0], losses
+        assert _moe_plugin(framework).expert_adapters.factored_calls == 4 * model.config.num_hidden_layers
+    finally:
+        framework.revert()
