@@ -26,7 +26,6 @@ the MoE plugin quantizes each stack itself (option ``quantize_experts``):
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -119,21 +118,21 @@ def dequantize_stack(value: torch.Tensor) -> torch.Tensor:
 
 class _PackedRef:
     """What the saved-tensor hook keeps instead of (a view of) a dequantized buffer: the packed stack and the view's
-    geometry. Unpacking dequantizes again, once for all views unpacked while an earlier result is still alive."""
+    geometry. The first unpack of one stack of one call dequantizes it into ``cache``, shared by that call's refs of
+    the stack; the buffer goes when the last of them does (the graph nodes that saved them have run their backward),
+    so a backward that reads many views of a stack (the torch reference's per-expert GEMMs) dequantizes it once."""
 
     __slots__ = ("cache", "offset", "size", "stack", "stride")
 
-    def __init__(self, stack: torch.Tensor, view: torch.Tensor, cache: list[Any]) -> None:
+    def __init__(self, stack: torch.Tensor, view: torch.Tensor, cache: list[torch.Tensor | None]) -> None:
         self.stack = stack
         self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
-        self.cache = cache  # [weakref of the last dequantized buffer], shared by the refs of one stack and call
+        self.cache = cache
 
     def unpack(self) -> torch.Tensor:
-        buffer = self.cache[0]() if self.cache[0] is not None else None
-        if buffer is None:
-            buffer = dequantize_stack(self.stack)
-            self.cache[0] = weakref.ref(buffer)
-        return buffer.as_strided(self.size, self.stride, self.offset)
+        if self.cache[0] is None:
+            self.cache[0] = dequantize_stack(self.stack)
+        return self.cache[0].as_strided(self.size, self.stride, self.offset)
 
 
 def _outer_saved_tensor_hooks() -> bool:
