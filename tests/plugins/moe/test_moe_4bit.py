@@ -264,10 +264,13 @@ def test_quantize_experts_default_without_bitsandbytes_keeps_the_experts():
     assert not _moe_plugin(framework).quantizes_experts
 
 
-def test_4bit_experts_refused_with_expert_parallelism():
-    with pytest.raises(AccelerationConfigError, match="not supported with expert parallelism"):
-        _framework(moe={"ep_degree": 2})
-    assert not _moe_plugin(_framework(moe={"ep_degree": 2, "quantize_experts": False})).quantizes_experts
+def test_4bit_experts_with_expert_parallelism_refused_or_declined(caplog):
+    with pytest.raises(AccelerationConfigError, match="not supported with expert parallelism") as info:
+        _framework(moe={"ep_degree": 2, "quantize_experts": True})
+    assert "quantize_experts" in str(info.value)
+    with caplog.at_level("INFO", logger="fms_acceleration_accelerate_moe"):
+        assert not _moe_plugin(_framework(moe={"ep_degree": 2})).quantizes_experts  # auto: the experts stay 16-bit
+    assert "keeps the experts in the training dtype (expert parallelism" in caplog.text
 
 
 @pytest.mark.parametrize(
@@ -277,14 +280,29 @@ def test_4bit_experts_refused_with_expert_parallelism():
         {"distributed_type": "DEEPSPEED", "zero_stage": 3, "world_size": 2},
     ],
 )
-def test_4bit_experts_refused_under_fsdp_and_zero3(run):
+def test_4bit_experts_under_fsdp_and_zero3_refused_or_declined(run):
     from fms_acceleration_accelerate.distributed import RunContext
 
     context = RunContext(**run)
-    plugin = _moe_plugin(_framework())
-    with pytest.raises(AccelerationConfigError, match="not supported under"):
+    plugin = _moe_plugin(_framework(moe={"ep_degree": 1, "quantize_experts": True}))
+    with pytest.raises(AccelerationConfigError, match=r"not supported with (FSDP|DeepSpeed ZeRO-3)"):
         plugin.check_run_settings(context)
-    _moe_plugin(_framework(moe={"ep_degree": 1, "quantize_experts": False})).check_run_settings(context)
+    auto = _moe_plugin(_framework())
+    assert auto.quantizes_experts
+    auto.check_run_settings(context)
+    assert not auto.quantizes_experts
+
+
+def test_4bit_experts_declined_at_patch_time_under_fsdp(saved_models):
+    """A run whose settings reach the plugin only with the model (its run context when it patches): auto keeps the
+    experts 16-bit there too."""
+    from fms_acceleration_accelerate.distributed import RunContext
+
+    framework = _framework()
+    model = framework.model_loader(str(saved_models("mixtral")), dtype=torch.float32)
+    plugin = _moe_plugin(framework)
+    plugin.patch_model(model, RunContext(distributed_type="FSDP", fsdp_version=2, world_size=2))
+    assert not _stacks(model) and not plugin.quantizes_experts
 
 
 def test_trl_sft_trainer_peft_config_on_4bit_experts(saved_models, tmp_path):

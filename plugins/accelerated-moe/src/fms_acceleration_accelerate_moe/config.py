@@ -43,7 +43,8 @@ class ScatterMoEConfig:
         help="4-bit expert weights: each MoE layer's 3-D expert stacks in bitsandbytes' 4-bit storage (the settings "
         "of the model's 4-bit linear layers), dequantized per layer in the forward and again in the backward; frozen "
         "(LoRA on them through PEFT target_parameters). auto (default): when peft.quantization.bitsandbytes is "
-        "active; true: require it; false: keep the experts in the training dtype",
+        "active, except with expert parallelism, FSDP or DeepSpeed ZeRO-3; true: the same, refused without that "
+        "plugin or with those; false: keep the experts in the training dtype",
     )
     routing_stats: bool = option(
         True,

@@ -21,12 +21,13 @@ Where the experts are and how their weights are laid out comes from the architec
 Which hook does what
 --------------------
 * ``check_compatibility`` (the framework is created): whether the expert stacks go 4-bit (``quantize_experts``
-  and the bitsandbytes plugin); refuse ``quantize_experts: true`` without it and 4-bit experts with ``ep_degree > 1``.
+  and the bitsandbytes plugin); refuse ``quantize_experts: true`` without it or with ``ep_degree > 1`` (``auto``
+  keeps the experts in the training dtype there).
 * ``check_model_type`` (before loading): refuse architectures without a MoE spec and specs the installed
   transformers does not match.
 * ``check_run_settings`` (the ``Accelerator`` is created): refuse ``ep_degree`` values the run cannot honour (not
   dividing the world size; FSDP1 and DeepSpeed, which would shard the experts themselves), and 4-bit experts under
-  FSDP or DeepSpeed ZeRO-3.
+  FSDP or DeepSpeed ZeRO-3 (``quantize_experts: true`` refused, ``auto`` keeps the experts 16-bit).
 * ``augmentation``, or ``prepare_contribution`` when a script never calls it (the section came with the Accelerate
   config), or ``get_callbacks_and_ready_for_train`` given a trainer's model: patch the model, once per causal LM
   (4-bit experts: quantize the stacks then, :meth:`ScatterMoEPlugin.quantize_experts`).
@@ -186,8 +187,8 @@ class ScatterMoEPlugin(AccelerationPlugin):
 
     def check_compatibility(self, active: Sequence[AccelerationPlugin]) -> None:
         """Decide whether the expert stacks go 4-bit (``quantize_experts``, with the bitsandbytes plugin's settings)
-        and refuse the combinations that cannot work: ``quantize_experts: true`` without the bitsandbytes plugin,
-        4-bit experts with expert parallelism."""
+        and refuse the combinations that cannot work: ``quantize_experts: true`` without the bitsandbytes plugin or
+        with expert parallelism (``auto`` keeps the experts in the training dtype there)."""
         bnb = next((p for p in active if p.plugin_name() == BNB_PLUGIN), None)
         wanted = self.config.quantize_experts
         path = self.key_path("quantize_experts")
@@ -201,15 +202,35 @@ class ScatterMoEPlugin(AccelerationPlugin):
         if wanted is False or bnb is None:
             self._expert_quantization = None
             return
-        if self.config.expert_parallel:
-            raise AccelerationConfigError(
-                f"4-bit expert weights (the bitsandbytes plugin is active, quantize_experts: {wanted!r}) are not "
-                f"supported with expert parallelism (ep_degree {self.config.ep_degree})",
-                path=path,
-                fix="set ep_degree: 1, or quantize_experts: false to keep the experts in the training dtype",
-            )
         bnb_config = bnb.config
         self._expert_quantization = (str(bnb_config.quant_type), bool(bnb_config.bnb_4bit_use_double_quant))
+        if self.config.expert_parallel:
+            self._decline_quantization(f"expert parallelism (ep_degree {self.config.ep_degree})", "set ep_degree: 1")
+
+    def _decline_quantization(self, what: str, other_fix: str) -> None:
+        """4-bit experts cannot work with ``what``: ``quantize_experts: true`` is refused, ``auto`` keeps the experts
+        in the training dtype (with a log note)."""
+        if self._expert_quantization is None:
+            return
+        if self.config.quantize_experts is True:
+            raise AccelerationConfigError(
+                f"4-bit expert weights (quantize_experts: true) are not supported with {what}",
+                path=self.key_path("quantize_experts"),
+                fix=f"set quantize_experts: auto or false (the experts stay in the training dtype), or {other_fix}",
+            )
+        self._expert_quantization = None
+        if is_main_process():
+            logger.info("scattermoe: quantize_experts: auto keeps the experts in the training dtype (%s)", what)
+
+    def _check_quantization_run(self, context: RunContext) -> None:
+        """4-bit experts are not for FSDP or DeepSpeed ZeRO-3, which would shard the packed stacks apart from their
+        quantization state."""
+        if context.is_fsdp:
+            self._decline_quantization("FSDP (it would shard the packed expert stacks)", "train without FSDP")
+        elif context.is_deepspeed and context.zero_stage == 3:
+            self._decline_quantization(
+                "DeepSpeed ZeRO-3 (it would partition the packed expert stacks)", "use ZeRO-2 or no DeepSpeed"
+            )
 
     @property
     def quantizes_experts(self) -> bool:
@@ -219,17 +240,10 @@ class ScatterMoEPlugin(AccelerationPlugin):
     def check_run_settings(self, context: RunContext) -> None:
         """``ep_degree`` against the run (before any model is loaded): it must divide the world size, and FSDP1
         and DeepSpeed cannot leave the expert shards to expert parallelism. 4-bit experts: not under FSDP or
-        DeepSpeed ZeRO-3, which would shard the packed stacks without their quantization state."""
+        DeepSpeed ZeRO-3, which would shard the packed stacks without their quantization state (``quantize_experts:
+        true`` is refused there, ``auto`` keeps the experts in the training dtype)."""
         self._check_expert_parallel(context)
-        if self.quantizes_experts and (context.is_fsdp or (context.is_deepspeed and context.zero_stage == 3)):
-            wrap = "FSDP" if context.is_fsdp else "DeepSpeed ZeRO-3"
-            raise AccelerationConfigError(
-                f"4-bit expert weights (quantize_experts with the bitsandbytes plugin) are not supported under {wrap}, "
-                "which would shard the packed expert stacks apart from their quantization state",
-                path=self.key_path("quantize_experts"),
-                fix="set quantize_experts: false (the experts stay in the training dtype and are sharded as usual), "
-                "or train without FSDP / ZeRO-3 (one process, DDP or ZeRO-2)",
-            )
+        self._check_quantization_run(context)
 
     def _check_expert_parallel(self, context: RunContext) -> None:
         ep = self.config.ep_degree
@@ -408,6 +422,7 @@ class ScatterMoEPlugin(AccelerationPlugin):
             self._specs[class_name] = spec.moe
         for experts in match.experts:
             self._plans.add(experts.module, spec.moe, experts.path)
+        self._check_quantization_run(context)
         if self.quantizes_experts:
             self.quantize_experts(model, match)
         key = self.experts_key
