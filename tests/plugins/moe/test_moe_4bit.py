@@ -305,6 +305,20 @@ def test_4bit_experts_declined_at_patch_time_under_fsdp(saved_models):
     assert not _stacks(model) and not plugin.quantizes_experts
 
 
+def test_4bit_stacks_refused_at_prepare_under_fsdp(saved_models):
+    """Stacks quantized before the run's settings were known (augmentation on one process's view), then an FSDP
+    prepare: refused with the fix named."""
+    from fms_acceleration_accelerate.distributed import RunContext
+
+    framework = _framework()
+    model = framework.model_loader(str(saved_models("mixtral")), dtype=torch.float32)
+    model, _ = framework.augmentation(model, None, (_lora(target_parameters=None),))
+    assert _stacks(model)
+    with pytest.raises(AccelerationConfigError, match="expert stacks are 4-bit") as info:
+        _moe_plugin(framework).check_prepared_model(model, RunContext(distributed_type="FSDP", fsdp_version=2))
+    assert "quantize_experts: false" in str(info.value)
+
+
 def test_trl_sft_trainer_peft_config_on_4bit_experts(saved_models, tmp_path):
     """The framework API with TRL's SFTTrainer: the plugins load and quantize (``no_peft_model``), the trainer wraps
     the 4-bit stacks with its ``peft_config`` (attention and experts) and trains; the expert adapters move, the

@@ -286,8 +286,20 @@ class ScatterMoEPlugin(AccelerationPlugin):
             )
 
     def check_prepared_model(self, model: nn.Module, context: RunContext) -> None:
-        """Refuse, at ``Accelerator.prepare``, a model without the MoE experts its spec names."""
+        """Refuse, at ``Accelerator.prepare``, a model without the MoE experts its spec names, and 4-bit expert
+        stacks (quantized before the run's settings were known) that FSDP or DeepSpeed ZeRO-3 would shard."""
         self._match(_unwrap_data_parallel(model))
+        if context.is_fsdp or (context.is_deepspeed and context.zero_stage == 3):
+            packed = [n for n, p in model.named_parameters() if is_4bit_stack(p)]
+            if packed:
+                raise AccelerationConfigError(
+                    f"{len(packed)} expert stacks are 4-bit (e.g. {packed[0]}), but this run uses "
+                    f"{'FSDP' if context.is_fsdp else 'DeepSpeed ZeRO-3'}, which would shard the packed codes apart "
+                    "from their quantization state",
+                    path=self.key_path("quantize_experts"),
+                    fix="set quantize_experts: false, or create the Accelerator (or pass the run's settings) before "
+                    "the model is augmented so that quantize_experts: auto can keep the experts 16-bit",
+                )
 
     # ------------------------------------------------------------------------------------------- patching
     def augmentation(
