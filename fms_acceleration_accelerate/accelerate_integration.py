@@ -80,6 +80,7 @@ from accelerate.utils import DistributedType, KwargsHandler
 
 from .accelerate_config import check_accelerate_document
 from .config import read_yaml
+from .deepspeed_offload import check_offload
 from .distributed import (
     DeepSpeedSettings,
     FsdpSettings,
@@ -520,6 +521,7 @@ def check_accelerate_settings(accelerator: Any, framework: AccelerationFramework
     """
     context = framework.bind_run_context(build_context(accelerator, framework))  # built once per Accelerator
     _check_deepspeed_process_group(context)
+    check_offload(context)
     for plugin in framework.plugins:
         plugin.check_run_settings(context)
     if context.fsdp_version != 2 or not context.fsdp.cpu_ram_efficient_loading:

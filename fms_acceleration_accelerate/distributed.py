@@ -119,12 +119,16 @@ class DeepSpeedSettings:
         offload_optimizer: optimizer-state offload device: ``"none"``, ``"cpu"`` or ``"nvme"``.
         zero3_init: whether models are created under ``deepspeed.zero.Init`` (partitioned while loading).
         config_file: the DeepSpeed JSON config file, when the settings came from one.
+        force_cpu_optimizer: the DeepSpeed config's ``zero_force_ds_cpu_optimizer`` (``None``: not set, which
+            DeepSpeed and Accelerate take as true): with ``offload_optimizer``, Accelerate then replaces a torch
+            optimizer by ``DeepSpeedCPUAdam``; false keeps the script's optimizer.
     """
 
     offload_param: str | None = None
     offload_optimizer: str | None = None
     zero3_init: bool | None = None
     config_file: str | None = None
+    force_cpu_optimizer: bool | None = None
 
     def describe(self) -> str:
         """E.g. ``offload: params cpu, optimizer cpu`` (empty when nothing is offloaded or nothing is known)."""

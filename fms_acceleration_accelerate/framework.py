@@ -372,6 +372,12 @@ class AccelerationFramework:
             return []
         self.configured_run = dataclasses.replace(context, framework=self)
         errors = []
+        from .deepspeed_offload import check_offload
+
+        try:
+            check_offload(self.configured_run)
+        except AccelerationConfigError as exc:
+            errors.append(exc)
         for plugin in self.plugins:
             try:
                 with self._full_paths(plugin):

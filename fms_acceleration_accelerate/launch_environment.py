@@ -211,7 +211,13 @@ def deepspeed_from_config(
         value = concrete(value)
         return str(value).strip().lower() if value is not None else None
 
+    force_cpu_optimizer = None
     if config is not None:
+        force = concrete(config.get("zero_force_ds_cpu_optimizer"))
+        if isinstance(force, bool):
+            force_cpu_optimizer = force
+        elif isinstance(force, str) and force.strip().lower() in ("true", "false"):
+            force_cpu_optimizer = force.strip().lower() == "true"
         zero = config.get("zero_optimization")
         zero = zero if isinstance(zero, Mapping) else {}
         stage = concrete(zero.get("stage"))
@@ -235,6 +241,7 @@ def deepspeed_from_config(
         offload_optimizer=device(offload_optimizer),
         zero3_init=zero3_init,
         config_file=config_file,
+        force_cpu_optimizer=force_cpu_optimizer,
     )
     return zero_stage, settings, mixed_precision
 
@@ -244,9 +251,11 @@ def deepspeed_settings(deepspeed_plugin: Any) -> tuple[DeepSpeedSettings, str | 
     object, and DeepSpeed's mixed precision from its config (``None`` when the config enables neither)."""
     config = getattr(deepspeed_plugin, "deepspeed_config", None)
     mixed = None
+    force_cpu_optimizer = None
     if isinstance(config, Mapping):
-        _, _, found = deepspeed_from_config(config, mixed_precision="")
+        _, from_config, found = deepspeed_from_config(config, mixed_precision="")
         mixed = found or None
+        force_cpu_optimizer = from_config.force_cpu_optimizer
 
     def device(name: str) -> str | None:
         value = getattr(deepspeed_plugin, name, None)
@@ -258,6 +267,7 @@ def deepspeed_settings(deepspeed_plugin: Any) -> tuple[DeepSpeedSettings, str | 
             offload_param=device("offload_param_device"),
             offload_optimizer=device("offload_optimizer_device"),
             zero3_init=None if init is None else bool(init),
+            force_cpu_optimizer=force_cpu_optimizer,
         ),
         mixed,
     )

@@ -883,5 +883,25 @@ class ScatterMoEPlugin(AccelerationPlugin):
             )
         return lines
 
+    def describe_run(self, context: RunContext) -> list[str]:
+        """Under DeepSpeed: how ZeRO treats the expert stacks (and their LoRA factors), offload included."""
+        if not context.is_deepspeed:
+            return []
+        from fms_acceleration_accelerate.deepspeed_offload import describe_offload
+
+        stage = context.zero_stage
+        lines = [
+            "DeepSpeed ZeRO-3: the experts module's forward reads its own 3-D stacks, which DeepSpeed's hooks gather "
+            "for it; with LoRA on the experts, each adapted experts module's PEFT wrapper gathers the adapters' "
+            "factors and the base stacks at its forward and backward (external parameters)"
+            if stage == 3
+            else f"DeepSpeed ZeRO-{stage if stage is not None else '?'}: expert stacks stay whole on every rank"
+        ]
+        return lines + describe_offload(
+            context,
+            "the expert stacks and LoRA factors are fetched from there whenever ZeRO-3 gathers them; the expert "
+            "kernels only ever see whole stacks on the compute device",
+        )
+
 
 __all__ = ["ScatterMoEPlugin", "moe_model_types"]

@@ -216,6 +216,14 @@ class BitsAndBytesAccelerationPlugin(AccelerationPlugin):
             )
         if self.config.fsdp2_packed_all_gather:
             lines.append("fsdp2_packed_all_gather: FSDP2 only, unused under DeepSpeed")
+        from fms_acceleration_accelerate.deepspeed_offload import describe_offload
+
+        lines += describe_offload(
+            context,
+            "the packed 4-bit storage's partitions are moved there as the raw bytes they are (in the storage dtype, "
+            "never cast) and fetched back when ZeRO-3 gathers a layer; the quantization state (no parameter) stays "
+            "on the compute device",
+        )
         return lines
 
     def prepare_contribution(self, model: nn.Module, context: RunContext) -> PrepareContribution | None:

@@ -369,5 +369,15 @@ class PaddingFreePlugin(AccelerationPlugin):
             lines.append("data: batches are left as the collator builds them (flatten_batches: false)")
         return lines
 
+    def describe_run(self, context: RunContext) -> list[str]:
+        """Under DeepSpeed: the plugin has no parameters; offload changes nothing for it."""
+        from fms_acceleration_accelerate.deepspeed_offload import describe_offload
+
+        return describe_offload(
+            context,
+            "the attention dispatch and the collator own no parameters: nothing changes for them (the model's "
+            "weights are fetched back whenever ZeRO-3 gathers them)",
+        )
+
 
 __all__ = ["FlatteningCollator", "PaddingFreePlugin"]

@@ -444,18 +444,28 @@ class FusedOpsAndKernelsPlugin(AccelerationPlugin):
         """Under DeepSpeed: what ZeRO does with the patched modules."""
         if not context.is_deepspeed:
             return []
+        from fms_acceleration_accelerate.deepspeed_offload import describe_offload
+
         stage = context.zero_stage
         fused = self.config.fused_lora or self.config.fused_dequant
+        offload = describe_offload(
+            context,
+            "the weights the kernels read are fetched from there whenever ZeRO-3 gathers them"
+            + (" (each attention / MLP module's, at its forward and backward)" if fused else "")
+            + "; the kernels only ever see whole weights on the compute device",
+        )
         if stage == 3 and fused:
             return [
                 "DeepSpeed ZeRO-3: kernels patched before the engine is built; the parameters inside every attention "
                 "and MLP module (LoRA and base weights) are registered as that module's external parameters, so "
                 "DeepSpeed gathers them at its forward and backward and the fused LoRA / dequant kernels read whole "
                 "weights; the other kernels read only weights that DeepSpeed's own hooks gather",
+                *offload,
             ]
         where = "parameters stay whole on every rank" if stage in (0, 1, 2) else "DeepSpeed's hooks gather weights"
         return [
-            f"DeepSpeed ZeRO-{stage if stage is not None else '?'}: {where}; kernels patched before the engine is built"
+            f"DeepSpeed ZeRO-{stage if stage is not None else '?'}: {where}; kernels patched before the engine is built",
+            *offload,
         ]
 
     def contributes_under_fsdp2(self) -> bool:
