@@ -85,20 +85,34 @@ def baseline(work, env):
     return get
 
 
-def deepspeed_run(work: Path, env: dict[str, str], stage: int, stack: str, client: str, processes: int = 1) -> dict:
-    """``accelerate launch`` of the worker with a DeepSpeed config of ``stage`` and the stack's section."""
-    name = f"zero{stage}-{stack}-{client}-{processes}"
+def deepspeed_run(
+    work: Path,
+    env: dict[str, str],
+    stage: int,
+    stack: str,
+    client: str,
+    processes: int = 1,
+    *,
+    zero: dict | None = None,
+    extra: dict | None = None,
+    tag: str = "",
+) -> dict:
+    """``accelerate launch`` of the worker with a DeepSpeed config of ``stage`` and the stack's section; ``zero`` adds
+    ``zero_optimization`` keys (e.g. offload), ``extra`` top-level keys, ``tag`` names the run apart."""
+    name = f"zero{stage}-{stack}-{client}-{processes}{tag}"
     ds_config = {
         "zero_optimization": {
             "stage": stage,
             "stage3_param_persistence_threshold": 0,
             "stage3_gather_16bit_weights_on_model_save": True,  # the trainer's save writes whole weights
+            **(zero or {}),
         },
         "gradient_clipping": 0.0,
         "train_micro_batch_size_per_gpu": "auto",
         "train_batch_size": "auto",
         "gradient_accumulation_steps": 1,
         "bf16": {"enabled": False},
+        **(extra or {}),
     }
     (work / f"{name}-ds.json").write_text(json.dumps(ds_config), encoding="utf-8")
     config = {
@@ -323,3 +337,79 @@ def test_lora_on_experts_under_deepspeed_matches_the_stack_without_it(work, env,
         assert report["ds_params"] == 0 and report["gathered_scopes"] == [] and report["external_params"] == 0
     if client == "trainer":
         check_saved(report, work)
+
+
+# ZeRO-Offload (CPU: the offloaded partitions and optimizer states live in host memory, which on this CPU-only
+# machine is where they already are; the code paths are DeepSpeed's offload ones all the same)
+OFFLOAD_CPU = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
+
+
+def _slow(*values):
+    return pytest.param(*values, marks=pytest.mark.slow)
+
+
+@pytest.mark.parametrize(
+    ("stage", "stack", "client", "cpu_adam"),
+    [
+        (3, "qlora-foak", "accelerator", True),
+        _slow(3, "lora-foak", "accelerator", False),
+        _slow(3, "full-foak", "trainer", True),
+        _slow(2, "qlora-foak", "trainer", False),
+        _slow(3, "moe-lora", "accelerator", True),
+        _slow(3, "padding-free-sdpa", "accelerator", True),
+    ],
+    ids=lambda v: str(v),
+)
+def test_offload_to_cpu_follows_the_stack_without_it(work, env, baseline, stage, stack, client, cpu_adam):
+    """ZeRO-Offload of the optimizer (and under ZeRO-3 of the parameters: bitsandbytes' packed storage, the fused
+    scopes' gathered weights, the expert stacks and their LoRA factors) to the CPU: the same losses as the stack
+    without DeepSpeed, stepped by DeepSpeedCPUAdam (Accelerate's replacement of the script's AdamW, its op compiled
+    at the first start) or, with ``zero_force_ds_cpu_optimizer: false``, by the script's own AdamW; the HF Trainer's
+    save loads in plain transformers / PEFT."""
+    _needs(stack)
+    zero = dict(OFFLOAD_CPU) if stage == 3 else {"offload_optimizer": {"device": "cpu"}}
+    extra = {} if cpu_adam else {"zero_force_ds_cpu_optimizer": False}
+    report = deepspeed_run(work, env, stage, stack, client, zero=zero, extra=extra, tag="-offload")
+    reference = baseline(stack, client)
+    assert report["distributed_type"] == "DistributedType.DEEPSPEED" and report["plugins"] == reference["plugins"]
+    assert report["optimizer"] == ("DeepSpeedCPUAdam" if cpu_adam else "AdamW")
+    assert len(report["losses"]) == 5 and len(set(report["losses"])) == 5  # it trained
+    assert report["losses"] == pytest.approx(reference["losses"], abs=2e-5)
+    if stage == 3:
+        assert report["ds_params"] == report["params"] == report["partitioned"]
+    if stack == "moe-lora":
+        assert report["factored_calls"] == reference["factored_calls"] == 2 * 5
+    if client == "trainer":
+        check_saved(report, work)
+
+
+def _needs_async_io() -> None:
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        pytest.skip("DeepSpeed cannot build its async_io op here (no libaio development files)")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("stage", "stack", "offloaded"),
+    [(3, "qlora-foak", ("offload_param", "offload_optimizer")), (3, "lora-foak", ("offload_param",)),
+     (2, "lora-foak", ("offload_optimizer",))],
+    ids=lambda v: str(v),
+)  # fmt: skip
+def test_offload_to_nvme_follows_the_stack_without_it(work, env, baseline, stage, stack, offloaded, tmp_path):
+    """nvme offload (files under ``nvme_path``, through DeepSpeed's async_io op): the same losses as the stack
+    without DeepSpeed; the packed 4-bit storage is swapped to files and back as it is."""
+    _needs(stack)
+    _needs_async_io()
+    zero = {key: {"device": "nvme", "nvme_path": str(tmp_path)} for key in offloaded}
+    report = deepspeed_run(work, env, stage, stack, "accelerator", zero=zero, tag="-nvme-" + "-".join(offloaded))
+    reference = baseline(stack, "accelerator")
+    assert report["losses"] == pytest.approx(reference["losses"], abs=2e-5)
+    assert report["optimizer"] == ("DeepSpeedCPUAdam" if "offload_optimizer" in offloaded else "AdamW")
+    if stage == 3:  # DeepSpeed's swap folders (the parameters' named after its swap buffers' dtype)
+        swapped = {p.name for p in (tmp_path / "zero_stage_3").iterdir()}
+        assert any(name.endswith("params") for name in swapped) == ("offload_param" in offloaded), swapped
+        assert ("optimizer" in swapped) == ("offload_optimizer" in offloaded), swapped
+    else:  # ZeRO-2 keeps nvme-offloaded optimizer states in host memory
+        assert list(tmp_path.iterdir()) == []

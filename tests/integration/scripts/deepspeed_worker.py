@@ -150,6 +150,15 @@ def inner(model):
     return model
 
 
+def _optimizer_name(accelerator) -> str | None:
+    engine = getattr(accelerator, "deepspeed_engine_wrapped", None)
+    if engine is None:
+        return None
+    optimizer = engine.engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return type(inner).__name__
+
+
 def describe(model, accelerator) -> dict:
     model = inner(model)
     params = list(model.parameters())
@@ -181,6 +190,8 @@ def describe(model, accelerator) -> dict:
         "patch_counts": dict(framework.plugin("fused_ops_and_kernels").patch_counts)
         if framework and "fused_ops_and_kernels" in framework.active_plugin_names
         else {},
+        # the optimizer that steps (DeepSpeed's wrapper's inner one: DeepSpeedCPUAdam or the script's AdamW)
+        "optimizer": _optimizer_name(accelerator),
         "experts_implementation": getattr(model.config, "_experts_implementation", None),
         "attn_implementation": model.config._attn_implementation,
         # experts forwards that computed their LoRA from the adapters' factors (not PEFT's merged weights)
