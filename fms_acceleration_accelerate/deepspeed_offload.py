@@ -64,13 +64,17 @@ def probe_offload_ops(need_cpu_adam: bool, need_async_io: bool) -> OffloadOps:
         compiler = os.environ.get("CXX", "c++")
         missing = [what for what, found in ((compiler, shutil.which(compiler)), ("ninja", _has_ninja())) if not found]
         cpu_adam = not missing
-        cpu_adam_missing = f"{' and '.join(missing)} not found, and the installed DeepSpeed has no prebuilt cpu_adam"
+        if missing:
+            cpu_adam_missing = (
+                f"{' and '.join(missing)} not found, and the installed DeepSpeed has no prebuilt cpu_adam"
+            )
     async_io, async_io_missing = True, ""
     if need_async_io and not installed_ops.get("async_io", False):
         from deepspeed.ops.op_builder import AsyncIOBuilder
 
         async_io = bool(AsyncIOBuilder().is_compatible(verbose=False))
-        async_io_missing = "DeepSpeed cannot build its async_io op here (the libaio development files are missing)"
+        if not async_io:
+            async_io_missing = "DeepSpeed cannot build its async_io op here (the libaio development files are missing)"
     return OffloadOps(cpu_adam, async_io, cpu_adam_missing, async_io_missing)
 
 
