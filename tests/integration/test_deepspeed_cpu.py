@@ -413,3 +413,14 @@ def test_offload_to_nvme_follows_the_stack_without_it(work, env, baseline, stage
         assert ("optimizer" in swapped) == ("offload_optimizer" in offloaded), swapped
     else:  # ZeRO-2 keeps nvme-offloaded optimizer states in host memory
         assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_offload_with_two_gloo_processes_follows_one_process_without_deepspeed(work, env, baseline):
+    """bitsandbytes QLoRA with the fused kernels, ZeRO-3 with parameters and optimizer offloaded to the CPU, two
+    gloo processes: each process's partitions (the packed storage's among them) offloaded and gathered across
+    processes, DeepSpeedCPUAdam stepping each process's share."""
+    _needs("qlora-foak")
+    report = deepspeed_run(work, env, 3, "qlora-foak", "accelerator", 2, zero=dict(OFFLOAD_CPU), tag="-offload")
+    check_run(report, baseline("qlora-foak", "accelerator"), 3, 2)
+    assert report["optimizer"] == "DeepSpeedCPUAdam"
