@@ -36,6 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .packed_dispatch import SHAPE_HANDLERS
+
 aten = torch.ops.aten
 
 
@@ -126,6 +128,10 @@ class Packed4bitWeight(torch.Tensor):
         return Packed4bitWeight(
             packed, absmax, shape, dtype or self.dtype, self.blocksize, self.quant_type, self.row_numel
         )
+
+    def _reshaped(self, shape: Any) -> Packed4bitWeight:
+        """The same packed codes and scales (no copy) under the logical ``shape`` (same number of elements)."""
+        return self._rewrap(self.packed, self.absmax, shape)
 
     # ------------------------------------------------------------------------------------- subclass protocol
     def __tensor_flatten__(self) -> tuple[list[str], tuple[Any, ...]]:
@@ -245,26 +251,7 @@ class Packed4bitWeight(torch.Tensor):
 
 
 # ----------------------------------------------------------------------------------------- dispatch table
-def _detach(func: Any, t: Packed4bitWeight, *args: Any, **kwargs: Any) -> Packed4bitWeight:
-    return t._rewrap(t.packed, t.absmax, t.shape)
-
-
-def _split(func: Any, t: Packed4bitWeight, split_size: int, dim: int = 0) -> list[Packed4bitWeight]:
-    rows = t.shape[dim]
-    return [t._slice(dim, s, min(s + split_size, rows)) for s in range(0, rows, split_size)]
-
-
-def _slice(
-    func: Any, t: Packed4bitWeight, dim: int = 0, start: int | None = 0, end: int | None = None, step: int = 1
-) -> Packed4bitWeight:
-    if step != 1:
-        raise NotImplementedError("Packed4bitWeight slicing needs step 1")
-    rows = t.shape[dim]
-    start = 0 if start is None else min(max(start, 0), rows)
-    end = rows if end is None else min(end, rows)
-    return t._slice(dim, start, end)
-
-
+# detach / alias, split, slice, view and as_strided: the shared shape-only handlers (SHAPE_HANDLERS)
 def _new_zeros(func: Any, t: Packed4bitWeight, size: Any, **kwargs: Any) -> Packed4bitWeight:
     numel = math.prod(size)
     if numel % t.blocksize:
@@ -285,22 +272,6 @@ def _copy_(func: Any, dst: Packed4bitWeight, src: Any, non_blocking: bool = Fals
     dst.packed.copy_(src.packed, non_blocking)
     dst.absmax.copy_(src.absmax, non_blocking)
     return dst
-
-
-def _view(func: Any, t: Packed4bitWeight, size: Any) -> Packed4bitWeight:
-    size = list(size)
-    if -1 in size:
-        known = math.prod(s for s in size if s != -1)
-        size[size.index(-1)] = t.numel() // known
-    if math.prod(size) != t.numel():
-        raise ValueError(f"cannot view {tuple(t.shape)} as {tuple(size)}")
-    return t._rewrap(t.packed, t.absmax, tuple(size))
-
-
-def _as_strided(func: Any, t: Packed4bitWeight, size: Any, stride: Any, storage_offset: int | None = 0):
-    if math.prod(size) != t.numel() or (storage_offset or 0) != 0:
-        raise NotImplementedError("Packed4bitWeight.as_strided only re-views the whole tensor")
-    return t._rewrap(t.packed, t.absmax, tuple(size))
 
 
 def _to_copy(func: Any, t: Packed4bitWeight, **kwargs: Any) -> Packed4bitWeight:
@@ -345,15 +316,9 @@ def _equal(func: Any, a: Any, b: Any) -> bool:
 
 _DISPATCH: Mapping[Any, Any] = MappingProxyType(
     {
-        aten.detach.default: _detach,
-        aten.alias.default: _detach,
-        aten.split.Tensor: _split,
-        aten.slice.Tensor: _slice,
+        **SHAPE_HANDLERS,
         aten.new_zeros.default: _new_zeros,
         aten.copy_.default: _copy_,
-        aten.view.default: _view,
-        aten._unsafe_view.default: _view,
-        aten.as_strided.default: _as_strided,
         aten._to_copy.default: _to_copy,
         aten.clone.default: _clone,
         aten.is_pinned.default: _is_pinned,

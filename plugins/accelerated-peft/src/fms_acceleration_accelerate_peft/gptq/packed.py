@@ -47,6 +47,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..packed_dispatch import SHAPE_HANDLERS
 from .layer import GPTQComputeMixin
 
 aten = torch.ops.aten
@@ -181,6 +182,10 @@ class GPTQPackedWeight(torch.Tensor):
 
     def _inner(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in _INNER}
+
+    def _reshaped(self, shape: Any) -> GPTQPackedWeight:
+        """The same inner tensors (no copy) under the logical ``shape`` (same number of elements)."""
+        return self._rewrap(self._inner(), shape)
 
     @property
     def rows(self) -> int:
@@ -329,26 +334,7 @@ def _map_inner(t: GPTQPackedWeight, fn: Any) -> dict[str, torch.Tensor]:
     return {name: fn(getattr(t, name)) for name in _INNER}
 
 
-def _detach(func: Any, t: GPTQPackedWeight, *args: Any, **kwargs: Any) -> GPTQPackedWeight:
-    return t._rewrap(t._inner(), t.shape)
-
-
-def _split(func: Any, t: GPTQPackedWeight, split_size: int, dim: int = 0) -> list[GPTQPackedWeight]:
-    rows = t.shape[dim]
-    return [t._slice(dim, s, min(s + split_size, rows)) for s in range(0, rows, split_size)]
-
-
-def _slice(
-    func: Any, t: GPTQPackedWeight, dim: int = 0, start: int | None = 0, end: int | None = None, step: int = 1
-) -> GPTQPackedWeight:
-    if step != 1:
-        raise NotImplementedError("GPTQPackedWeight slicing needs step 1")
-    rows = t.shape[dim]
-    start = 0 if start is None else min(max(start, 0), rows)
-    end = rows if end is None else min(end, rows)
-    return t._slice(dim, start, end)
-
-
+# detach / alias, split, slice, view and as_strided: the shared shape-only handlers (SHAPE_HANDLERS)
 def _new_zeros(func: Any, t: GPTQPackedWeight, size: Any, **kwargs: Any) -> GPTQPackedWeight:
     numel = math.prod(size)
     pf = 32 // t.bits
@@ -379,22 +365,6 @@ def _copy_(func: Any, dst: GPTQPackedWeight, src: Any, non_blocking: bool = Fals
         getattr(dst, name).copy_(getattr(src, name), non_blocking)
     dst.sequential_g_idx = src.sequential_g_idx  # it describes the g_idx just copied
     return dst
-
-
-def _view(func: Any, t: GPTQPackedWeight, size: Any) -> GPTQPackedWeight:
-    size = list(size)
-    if -1 in size:
-        known = math.prod(s for s in size if s != -1)
-        size[size.index(-1)] = t.numel() // known
-    if math.prod(size) != t.numel():
-        raise ValueError(f"cannot view {tuple(t.shape)} as {tuple(size)}")
-    return t._rewrap(t._inner(), tuple(size))
-
-
-def _as_strided(func: Any, t: GPTQPackedWeight, size: Any, stride: Any, storage_offset: int | None = 0):
-    if math.prod(size) != t.numel() or (storage_offset or 0) != 0:
-        raise NotImplementedError("GPTQPackedWeight.as_strided only re-views the whole tensor")
-    return t._rewrap(t._inner(), tuple(size))
 
 
 def _to_copy(func: Any, t: GPTQPackedWeight, **kwargs: Any) -> GPTQPackedWeight:
@@ -462,15 +432,9 @@ module is imported)."""
 
 _DISPATCH: Mapping[Any, Any] = MappingProxyType(
     {
-        aten.detach.default: _detach,
-        aten.alias.default: _detach,
-        aten.split.Tensor: _split,
-        aten.slice.Tensor: _slice,
+        **SHAPE_HANDLERS,
         aten.new_zeros.default: _new_zeros,
         aten.copy_.default: _copy_,
-        aten.view.default: _view,
-        aten._unsafe_view.default: _view,
-        aten.as_strided.default: _as_strided,
         aten._to_copy.default: _to_copy,
         aten.clone.default: _clone,
         aten.is_pinned.default: _is_pinned,
