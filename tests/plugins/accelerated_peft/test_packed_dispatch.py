@@ -69,6 +69,9 @@ def test_split_and_slice_cut_rows(make):
     torch.testing.assert_close(weight[8:].dequantize(), full[8:], rtol=0, atol=0)
     torch.testing.assert_close(weight[:8].dequantize(), full[:8], rtol=0, atol=0)
     torch.testing.assert_close(weight[8:100].dequantize(), full[8:], rtol=0, atol=0)
+    # negative bounds count from the end, as for a plain tensor (ROWS - 8 falls on a packing boundary)
+    torch.testing.assert_close(weight[-8:].dequantize(), full[-8:], rtol=0, atol=0)
+    torch.testing.assert_close(weight[:-8].dequantize(), full[:-8], rtol=0, atol=0)
 
 
 @WEIGHTS

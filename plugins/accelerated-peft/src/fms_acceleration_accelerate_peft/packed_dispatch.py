@@ -52,9 +52,9 @@ def _slice(func: Any, t: PackedWeight, dim: int = 0, start: int | None = 0, end:
     if step != 1:
         raise NotImplementedError(f"{_name(t)} slicing needs step 1, got step {step}")
     rows = t.shape[dim]
-    start = 0 if start is None else min(max(start, 0), rows)
-    end = rows if end is None else min(end, rows)
-    return t._slice(dim, start, end)
+    # Python's slice bounds: negative counts from the end, out-of-range clamps, an empty range stays empty
+    start, end, _ = slice(start, end).indices(rows)
+    return t._slice(dim, start, max(start, end))
 
 
 def _view(func: Any, t: PackedWeight, size: Any) -> Any:
