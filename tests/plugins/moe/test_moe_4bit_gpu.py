@@ -11,6 +11,7 @@ import pytest
 import torch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytest.importorskip("bitsandbytes", reason="the 4-bit expert stacks are bitsandbytes' (install bitsandbytes)")
 
 H, INTER, E, K, T = 1536, 512, 40, 8, 8192
 
