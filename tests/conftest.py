@@ -24,6 +24,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+_PROCESS_ENV_PREFIXES = ("FMS_ACCELERATION", "ACCELERATE_")
+
+
 @pytest.fixture(autouse=True)
 def _isolate_process_state():
     """Leave no process-wide state from one test to the next.
@@ -31,12 +34,13 @@ def _isolate_process_state():
     - This package's environment variables: ``export_section`` (the launcher's hand-off) sets
       ``FMS_ACCELERATION_SECTION`` in the process that calls it; a value left behind makes every later
       ``Accelerator()`` and routed ``from_pretrained`` of the test process, and every process it spawns, read that
-      section.
+      section. Accelerate's own ``ACCELERATE_*`` variables likewise: ``Accelerator(deepspeed_plugin=...)`` sets
+      ``ACCELERATE_USE_DEEPSPEED=true``, which would send every later ``prepare`` of the process to DeepSpeed.
     - Accelerate's shared state: a trainer's ``Accelerator`` (e.g. TRL's, whose ``SFTConfig`` turns bf16 on by
       default) would otherwise hand its mixed precision to every later ``Accelerator()`` of the process."""
-    before = {k: v for k, v in os.environ.items() if k.startswith("FMS_ACCELERATION")}
+    before = {k: v for k, v in os.environ.items() if k.startswith(_PROCESS_ENV_PREFIXES)}
     yield
-    for key in [k for k in os.environ if k.startswith("FMS_ACCELERATION") and k not in before]:
+    for key in [k for k in os.environ if k.startswith(_PROCESS_ENV_PREFIXES) and k not in before]:
         del os.environ[key]
     os.environ.update(before)
     state = sys.modules.get("accelerate.state")
