@@ -378,8 +378,13 @@ def run_worker(args: argparse.Namespace) -> None:
         (out / f"{case.name}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
         print(json.dumps({k: v for k, v in result.items() if k != "losses"}), flush=True)
         print(f"{case.name} losses: " + " ".join(f"{x:.4f}" for x in losses), flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+    # the package's teardown order: the sharded model and its optimizer (and the gradient collectives' state) go
+    # first, every process waits at a barrier while gloo's worker threads finish, then the process group goes
+    # (a rank destroyed the group under a running gloo thread once: 'terminate called without an active exception')
+    from fms_acceleration_accelerate.teardown import end_training
+
+    del model, optimizer, q_proj, loss
+    end_training(accelerator)
 
 
 def _first_lora_q_proj(model: torch.nn.Module) -> torch.nn.Module | None:

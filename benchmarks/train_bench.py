@@ -704,7 +704,7 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
     if is_deepspeed(accelerator):
         info.update(deepspeed_info(model))
         if accelerator.is_main_process:
-            print("deepspeed: " + ", ".join(f"{k[len('deepspeed_'):]} {v}" for k, v in deepspeed_info(model).items()))
+            print("deepspeed: " + ", ".join(f"{k[len('deepspeed_') :]} {v}" for k, v in deepspeed_info(model).items()))
     clip_here = s.max_grad_norm > 0 and not is_deepspeed(accelerator)
     if framework is not None:
         framework.get_callbacks_and_ready_for_train(model, accelerator)

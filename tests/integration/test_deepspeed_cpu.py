@@ -201,7 +201,7 @@ def check_run(report: dict, reference: dict, stage: int, processes: int) -> None
 @pytest.mark.parametrize(
     ("stage", "stack", "client"),
     [
-        (3, "qlora-foak", "accelerator"),
+        pytest.param(3, "qlora-foak", "accelerator", marks=pytest.mark.extended),  # the trainer row covers it
         (3, "lora-foak", "accelerator"),
         (3, "full-foak", "trainer"),
         (3, "qlora-foak", "trainer"),
@@ -274,7 +274,7 @@ def check_plain_run(report: dict, reference: dict, stage: int) -> None:
         assert report["ds_params"] == 0
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.extended), 3])
 def test_moe_experts_under_deepspeed_match_the_stack_without_it(work, env, baseline, stage):
     """scattermoe with ep_degree 1 on a tiny Mixtral: the experts forward reads the 3-D expert stacks inside the
     experts module's own call, so under ZeRO-3 DeepSpeed's hooks of that module gather them (partitioned between
@@ -308,7 +308,11 @@ def test_padding_free_under_deepspeed_matches_the_stack_without_it(work, env, ba
 
 
 @pytest.mark.slow  # a baseline and a DeepSpeed run of the tiny Mixtral: ~70 s on 2 shared cores
-@pytest.mark.parametrize(("stage", "client"), [(2, "accelerator"), (3, "trainer")], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    ("stage", "client"),
+    [pytest.param(2, "accelerator", marks=pytest.mark.extended), (3, "trainer")],
+    ids=lambda v: str(v),
+)
 def test_lora_on_experts_under_deepspeed_matches_the_stack_without_it(work, env, baseline, stage, client):
     """LoRA on attention and on the experts' 3-D stacks (PEFT ``target_parameters``), computed from the adapters'
     factors in the expert kernels: the same losses as without DeepSpeed, every experts forward on the factor route
@@ -344,19 +348,19 @@ def test_lora_on_experts_under_deepspeed_matches_the_stack_without_it(work, env,
 OFFLOAD_CPU = {"offload_optimizer": {"device": "cpu"}, "offload_param": {"device": "cpu"}}
 
 
-def _slow(*values):
-    return pytest.param(*values, marks=pytest.mark.slow)
+def _extended(*values):
+    return pytest.param(*values, marks=[pytest.mark.slow, pytest.mark.extended])
 
 
 @pytest.mark.parametrize(
     ("stage", "stack", "client", "cpu_adam"),
     [
         (3, "qlora-foak", "accelerator", True),
-        _slow(3, "lora-foak", "accelerator", False),
-        _slow(3, "full-foak", "trainer", True),
-        _slow(2, "qlora-foak", "trainer", False),
-        _slow(3, "moe-lora", "accelerator", True),
-        _slow(3, "padding-free-sdpa", "accelerator", True),
+        _extended(3, "lora-foak", "accelerator", False),
+        _extended(3, "full-foak", "trainer", True),
+        _extended(2, "qlora-foak", "trainer", False),
+        _extended(3, "moe-lora", "accelerator", True),
+        _extended(3, "padding-free-sdpa", "accelerator", True),
     ],
     ids=lambda v: str(v),
 )
@@ -391,6 +395,7 @@ def _needs_async_io() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.parametrize(
     ("stage", "stack", "offloaded"),
     [(3, "qlora-foak", ("offload_param", "offload_optimizer")), (3, "lora-foak", ("offload_param",)),
@@ -416,6 +421,7 @@ def test_offload_to_nvme_follows_the_stack_without_it(work, env, baseline, stage
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_offload_with_two_gloo_processes_follows_one_process_without_deepspeed(work, env, baseline):
     """bitsandbytes QLoRA with the fused kernels, ZeRO-3 with parameters and optimizer offloaded to the CPU, two
     gloo processes: each process's partitions (the packed storage's among them) offloaded and gathered across
