@@ -11,7 +11,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 _MISSING = object()
@@ -34,6 +34,9 @@ class PatchRecord:
             ``PreTrainedModel.loss_function``); ``None``: delete the attribute.
         restore: builds the original value again on revert (the record then keeps no reference to it, e.g.
             a replaced layer whose weight memory must be released once its replacement is sharded).
+        value: the replacement object itself.
+        keep_later: on revert, leave the attribute as it is when it no longer holds ``value`` (something set over
+            this patch later, e.g. another library's wrapper that calls this one, stays in place).
     """
 
     plugin: str
@@ -44,6 +47,8 @@ class PatchRecord:
     original: Any
     undo: Callable[[], None] | None = None
     restore: Callable[[], Any] | None = None
+    value: Any = field(default=None, compare=False, repr=False)
+    keep_later: bool = False
 
     @property
     def had_own_attribute(self) -> bool:
@@ -100,6 +105,7 @@ class PatchRecorder:
         undo: Callable[[], None] | None = None,
         restore: Callable[[], Any] | None = None,
         create: bool = False,
+        keep_later: bool = False,
     ) -> PatchRecord:
         """Set ``owner.attribute = replacement`` and record it.
 
@@ -116,6 +122,9 @@ class PatchRecorder:
                 record keeps no reference to the original (see :attr:`PatchRecord.restore`).
             create: the attribute may be new (e.g. a marker of what another library was told about ``owner``);
                 revert deletes it again (or calls ``undo``).
+            keep_later: on revert, leave the attribute alone when it no longer holds ``replacement``: a value set
+                over this patch later and not reverted (e.g. another library's wrapper that captured this patch as
+                its original) stays in place. Use it for patches of shared library classes.
 
         Raises:
             AttributeError: ``owner`` has no attribute ``attribute`` and ``create`` is false (patches never invent
@@ -133,6 +142,8 @@ class PatchRecorder:
             original=original,
             undo=undo,
             restore=restore,
+            value=replacement,
+            keep_later=keep_later,
         )
         setattr(owner, attribute, replacement)
         self._records.append(record)
@@ -199,6 +210,8 @@ class PatchRecorder:
 
 
 def _undo(record: PatchRecord) -> None:
+    if record.keep_later and _own_value(record.owner, record.attribute) is not record.value:
+        return
     if record.restore is not None:
         setattr(record.owner, record.attribute, record.restore())
     elif record.had_own_attribute:
@@ -226,6 +239,7 @@ class PluginPatcher:
         description: str | None = None,
         undo: Callable[[], None] | None = None,
         restore: Callable[[], Any] | None = None,
+        keep_later: bool = False,
     ) -> PatchRecord:
         """Record-and-set, see :meth:`PatchRecorder.patch`."""
         return self._recorder.patch(
@@ -237,6 +251,7 @@ class PluginPatcher:
             description=description,
             undo=undo,
             restore=restore,
+            keep_later=keep_later,
         )
 
     def patch_forward(

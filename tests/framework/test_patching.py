@@ -193,3 +193,43 @@ def test_replace_child_with_restore_keeps_no_reference_to_the_original():
     assert len(rec) == 1 and not rec.records[0].had_own_attribute
     assert rec.revert() == 1
     assert parent[0] is rebuilt[0] and isinstance(parent[0], torch.nn.Linear)
+
+
+def test_keep_later_leaves_a_wrapper_set_over_the_patch_and_reverts_otherwise():
+    class Shared:
+        def method(self) -> str:
+            return "library"
+
+    original = vars(Shared)["method"]
+    rec = PatchRecorder()
+
+    def ours(self: Shared) -> str:
+        return "ours:" + original(self)
+
+    rec.patch(Shared, "method", ours, plugin="p", keep_later=True)
+
+    def wrapper(self: Shared) -> str:  # another library wraps our patch, outside the recorder
+        return "wrapped:" + ours(self)
+
+    Shared.method = wrapper
+    assert Shared().method() == "wrapped:ours:library"
+    assert rec.revert() == 1
+    assert vars(Shared)["method"] is wrapper  # not clobbered by the revert
+
+    # nothing over it: revert restores the original, as without the option
+    rec.patch(Shared, "method", ours, plugin="p", keep_later=True)
+    rec.patch(Shared, "method", lambda self: "plain", plugin="q")  # a recorded patch over it reverts first
+    assert rec.revert() == 2
+    assert vars(Shared)["method"] is wrapper
+
+    del Shared.method
+    Shared.method = original
+    rec.patch(Shared, "method", ours, plugin="p", keep_later=True)
+    assert Shared().method() == "ours:library"
+    rec.revert()
+    assert vars(Shared)["method"] is original
+    # without the option a wrapper set over the patch is replaced by the original
+    rec.patch(Shared, "method", ours, plugin="p")
+    Shared.method = wrapper
+    rec.revert()
+    assert vars(Shared)["method"] is original

@@ -185,17 +185,13 @@ def install_peft_route(patches: Any, adapters: ExpertAdapters, plan_of: Callable
             return original(self, active_adapters)
         return adapters.active(self.get_base_layer(), self.parameter_name, lora)
 
-    def restore() -> Any:  # a later patch over this one (not reverted yet) stays; it calls this one, which is inert
-        current = vars(ParamWrapper)["_activate_lora"]
-        return original if current is _activate_lora else current
-
     patches.patch(
         ParamWrapper,
         "_activate_lora",
         _activate_lora,
         target="peft ParamWrapper._activate_lora (LoRA target_parameters on experts)",
         description=description,
-        restore=restore,
+        keep_later=True,  # a later wrapper over this one stays; it calls this one, which is inert once reverted
     )
     return True
 

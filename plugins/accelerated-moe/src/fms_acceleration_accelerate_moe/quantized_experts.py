@@ -210,17 +210,13 @@ def peft_shape_patch(patches: Any, description: str) -> bool:
         self._param_ndim = 3
         return in_features, out_features
 
-    def restore() -> Any:
-        current = vars(ParamWrapper)["_get_in_out_features"]
-        return original if current is _get_in_out_features else current
-
     patches.patch(
         ParamWrapper,
         "_get_in_out_features",
         _get_in_out_features,
         target="peft ParamWrapper._get_in_out_features (4-bit expert stacks)",
         description=description,
-        restore=restore,
+        keep_later=True,
     )
     return True
 
