@@ -222,6 +222,40 @@ def _undo(record: PatchRecord) -> None:
         delattr(record.owner, record.attribute)
 
 
+def patch_mapping_entry(
+    patches: PluginPatcher,
+    owner: Any,
+    attribute: str,
+    key: str,
+    value: Any,
+    *,
+    target: str,
+    description: str,
+) -> PatchRecord:
+    """Add ``key -> value`` to the dict held in ``owner.attribute`` (e.g. a transformers ``GeneralInterface``
+    class's ``_global_mapping``) as a patch recorded by the plugin's ``patches``: the dict is replaced by a copy that holds the entry.
+
+    On revert the original dict object comes back, with whatever others registered in the copy meanwhile (the
+    entry of ``key`` excepted); when someone replaced the dict after this patch and has not reverted yet, only
+    ``key`` is taken out of the current one, so several frameworks may revert in any order.
+    """
+    before = _own_value(owner, attribute)
+    if not isinstance(before, dict):
+        raise TypeError(f"cannot add {key!r} to {_name_of(owner)}.{attribute}: not a dict held by that object")
+    installed = {**before, key: value}
+
+    def restore() -> dict[str, Any]:
+        current = _own_value(owner, attribute)
+        if current is not installed:
+            return {name: entry for name, entry in current.items() if name != key}
+        for name, entry in installed.items():
+            if name != key and before.get(name) is not entry:
+                before[name] = entry
+        return before
+
+    return patches.patch(owner, attribute, installed, target=target, description=description, restore=restore)
+
+
 class PluginPatcher:
     """A plugin's view of the recorder: every patch is attributed to that plugin."""
 

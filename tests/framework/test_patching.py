@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import types
+from typing import ClassVar
 
 import pytest
 import torch
 from torch import nn
 
-from fms_acceleration_accelerate.patching import PatchRecorder, PluginPatcher
+from fms_acceleration_accelerate.patching import PatchRecorder, PluginPatcher, patch_mapping_entry
 
 
 class Block(nn.Module):
@@ -233,3 +234,31 @@ def test_keep_later_leaves_a_wrapper_set_over_the_patch_and_reverts_otherwise():
     Shared.method = wrapper
     rec.revert()
     assert vars(Shared)["method"] is original
+
+
+def test_patch_mapping_entry_reverts_in_any_order_and_keeps_others_entries():
+    class Registry:
+        _global_mapping: ClassVar[dict[str, int]] = {"a": 1}
+
+    original = Registry._global_mapping
+    first = PluginPatcher(PatchRecorder(), "first")
+    second = PluginPatcher(PatchRecorder(), "second")
+    patch_mapping_entry(first, Registry, "_global_mapping", "ours", 2, target="Registry[ours]", description="x")
+    assert Registry._global_mapping == {"a": 1, "ours": 2} and original == {"a": 1}
+    Registry._global_mapping["added_meanwhile"] = 3  # someone registers into our copy
+    patch_mapping_entry(second, Registry, "_global_mapping", "theirs", 4, target="Registry[theirs]", description="y")
+    first._recorder.revert()  # reverted first although the other framework patched after it
+    assert Registry._global_mapping == {"a": 1, "added_meanwhile": 3, "theirs": 4}
+    second._recorder.revert()
+    assert Registry._global_mapping == {"a": 1, "added_meanwhile": 3}
+
+    # in order: the original dict object itself comes back, holding what was registered meanwhile
+    patch_mapping_entry(first, Registry, "_global_mapping", "ours", 2, target="Registry[ours]", description="x")
+    before = Registry._global_mapping
+    Registry._global_mapping["late"] = 5
+    first._recorder.revert()
+    assert Registry._global_mapping is not before and "ours" not in Registry._global_mapping
+    assert Registry._global_mapping["late"] == 5
+
+    with pytest.raises(TypeError, match="not a dict"):
+        patch_mapping_entry(first, Registry, "missing", "k", 1, target="t", description="d")

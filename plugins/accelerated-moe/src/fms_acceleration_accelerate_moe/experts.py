@@ -27,6 +27,7 @@ from weakref import WeakKeyDictionary
 import torch
 
 from fms_acceleration_accelerate.model_specs import MoESpec, experts_activation
+from fms_acceleration_accelerate.patching import patch_mapping_entry
 
 from .expert_lora import ExpertAdapters
 from .expert_parallel import ExpertParallel
@@ -212,35 +213,18 @@ def make_experts_forward(
 
 
 def register_experts_function(patches: Any, key: str, function: Callable[..., Any], description: str) -> None:
-    """Add ``key -> function`` to transformers' ``ExpertsInterface`` registry as a recorded patch.
-
-    The class-wide mapping is replaced by a copy that holds the entry. Reverting hands back the original mapping
-    object with whatever others registered in it meanwhile (minus ``key``); if another framework replaced the
-    mapping after this one and has not reverted yet, reverting only takes ``key`` out of the current mapping, so
-    frameworks may revert in any order.
-    """
+    """Add ``key -> function`` to transformers' ``ExpertsInterface`` registry as a recorded patch (see
+    :func:`~fms_acceleration_accelerate.patching.patch_mapping_entry`: reverts in any order with other frameworks)."""
     from transformers.integrations.moe import ExpertsInterface
 
-    before = vars(ExpertsInterface)["_global_mapping"]
-    installed = dict(before)
-    installed[key] = function
-
-    def restore() -> dict[str, Any]:
-        current = vars(ExpertsInterface)["_global_mapping"]
-        if current is not installed:  # someone replaced the mapping after us: leave theirs, minus our entry
-            return {name: value for name, value in current.items() if name != key}
-        for name, value in installed.items():  # entries added to our copy in the meantime survive the revert
-            if name != key and before.get(name) is not value:
-                before[name] = value
-        return before
-
-    patches.patch(
+    patch_mapping_entry(
+        patches,
         ExpertsInterface,
         "_global_mapping",
-        installed,
+        key,
+        function,
         target=f"transformers ExpertsInterface[{key!r}]",
         description=description,
-        restore=restore,
     )
 
 

@@ -41,6 +41,7 @@ from fms_acceleration_accelerate.model_specs import (
     match_model,
     supported_model_types,
 )
+from fms_acceleration_accelerate.patching import patch_mapping_entry
 from fms_acceleration_accelerate.plugin import AccelerationPlugin
 
 from .attention import (
@@ -71,29 +72,16 @@ ATTENTION_PREFIX = "fms_padding_free"
 
 
 def _register(patches: Any, interface: type, key: str, function: Any, what: str) -> None:
-    """Add ``key -> function`` to a transformers ``GeneralInterface`` class's global mapping, as a recorded patch:
-    the mapping is replaced by a copy holding the entry. On revert the original mapping object comes back, with any
-    entry registered by others in the meantime (the entry of ``key`` excepted); when another framework replaced the
-    mapping after this one (and has not reverted yet), only ``key`` is taken out of the current mapping."""
-    original = vars(interface)["_global_mapping"]
-    replacement = {**original, key: function}
-
-    def restore() -> dict[str, Any]:
-        current = vars(interface)["_global_mapping"]
-        if current is not replacement:
-            return {name: value for name, value in current.items() if name != key}
-        for name, value in replacement.items():
-            if name != key and original.get(name) is not value:
-                original[name] = value
-        return original
-
-    patches.patch(
+    """Add ``key -> function`` to a transformers ``GeneralInterface`` class's global mapping, as a recorded patch
+    (see :func:`~fms_acceleration_accelerate.patching.patch_mapping_entry`)."""
+    patch_mapping_entry(
+        patches,
         interface,
         "_global_mapping",
-        replacement,
+        key,
+        function,
         target=f"transformers {interface.__name__}[{key!r}]",
         description=what,
-        restore=restore,
     )
 
 
