@@ -13,6 +13,10 @@
 * every other ``(B, L)`` tensor (``token_type_ids``, completion masks, ...) flattened the same way; the
   ``attention_mask`` is dropped (every remaining token is real).
 
+With ``pad_to_multiple_of`` (the plugin's option of that name), the row is then extended to a multiple of that many
+tokens by one filler example of its own (:func:`append_filler`): rows come in a few lengths instead of a new one
+every step, and the loss and gradients stay those of the real examples.
+
 Where an example starts: at the first real token of each row, after a pad token, and (when the batch has
 ``position_ids``) wherever a position is not the previous one + 1 (rows that already hold several examples). A
 batch that is already flat (one row, no padding) keeps its tokens; its boundary labels are set to -100 and the
@@ -66,9 +70,15 @@ def _restarting_positions(starts: torch.Tensor) -> torch.Tensor:
     return index - start_of
 
 
-def flatten_batch(batch: Any) -> tuple[Any, str]:
+def flatten_batch(batch: Any, pad_to_multiple_of: int = 1, pad_token_id: int = 0) -> tuple[Any, str]:
     """The flattened form of ``batch`` (see the module docstring) and what was done: ``"flattened"``,
     ``"already flat"`` or ``"unchanged: <why>"``.
+
+    Args:
+        batch: what a collator returned.
+        pad_to_multiple_of: round the flattened row's length up to a multiple of this (0 or 1: as it is) by
+            appending one filler example (:func:`append_filler`).
+        pad_token_id: the filler's token id.
 
     Raises:
         ValueError: ``labels`` (or ``position_ids``) whose shape differs from ``input_ids``.
@@ -135,7 +145,51 @@ def flatten_batch(batch: Any) -> tuple[Any, str]:
         out.update(_boundaries(flat_starts, total))
     if "seq_idx" in batch and "seq_idx" not in out:
         out["seq_idx"] = (torch.cumsum(flat_starts.long(), 0) - 1).to(torch.int32)[None]
+    if pad_to_multiple_of > 1:
+        out = append_filler(out, pad_to_multiple_of, pad_token_id)
     return out, status
+
+
+FILLER_VALUES = {"input_ids": None, "labels": IGNORE_INDEX, "attention_mask": 1}
+"""The filler's value per key (``None``: the pad token id); position_ids and seq_idx are computed, every other
+token-aligned tensor (token_type_ids, completion masks, ...) gets zeros."""
+
+
+def append_filler(flat: dict[str, Any], multiple: int, pad_token_id: int = 0) -> dict[str, Any]:
+    """A flattened batch (one row, with ``cu_seq_lens``, as :func:`flatten_batch` returns it) whose row is extended to
+    a multiple of ``multiple`` tokens by one filler example: ``pad_token_id`` tokens, ``position_ids`` from 0,
+    labels -100, an ``attention_mask`` of ones where the batch has one (the filler is an example of its own, not
+    padding), zeros in any other token-aligned tensor, the next ``seq_idx``, and one more ``cu_seq_lens`` entry.
+    Attention stays inside each example, so no real token attends to the filler and the filler attends to no real
+    token; its labels score nothing, and the previous example's last token predicts nothing across the boundary
+    (the filler's first label is -100 too). The batch is returned as it is when the row is a multiple already."""
+    input_ids = flat["input_ids"]
+    total = int(input_ids.shape[1])
+    extra = -total % multiple
+    if extra == 0:
+        return flat
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        if not (isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[:2]) == (1, total)):
+            out[key] = value
+            continue
+        shape = (1, extra, *value.shape[2:])
+        if key == "position_ids":
+            tail = torch.arange(extra, dtype=value.dtype, device=value.device).view(1, extra).expand(shape)
+        elif key == "seq_idx":
+            tail = torch.full(shape, int(value.max()) + 1, dtype=value.dtype, device=value.device)
+        else:
+            fill = FILLER_VALUES.get(key, 0)
+            tail = torch.full(shape, pad_token_id if fill is None else fill, dtype=value.dtype, device=value.device)
+        out[key] = torch.cat([value, tail], dim=1)
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        cu = out.get(key)
+        if isinstance(cu, torch.Tensor):
+            out[key] = torch.cat([cu.flatten(), cu.new_tensor([total + extra])])
+    for key in ("max_length_q", "max_length_k"):
+        if key in out:
+            out[key] = max(int(out[key]), extra)
+    return out
 
 
 class FlatteningCollator:
@@ -146,13 +200,17 @@ class FlatteningCollator:
         collate_fn: the DataLoader's own ``collate_fn``.
     """
 
-    def __init__(self, collate_fn: Callable[[Any], Any]) -> None:
+    def __init__(
+        self, collate_fn: Callable[[Any], Any], pad_to_multiple_of: int = 1, pad_token_id: int | None = None
+    ) -> None:
         self.collate_fn = collate_fn
         self._collate = padding_for_flattening(collate_fn)
         self._warned = False
+        self.pad_to_multiple_of = max(1, int(pad_to_multiple_of))
+        self.pad_token_id = pad_token_id_of(collate_fn) if pad_token_id is None else int(pad_token_id)
 
     def __call__(self, features: Any) -> Any:
-        batch, status = flatten_batch(self._collate(features))
+        batch, status = flatten_batch(self._collate(features), self.pad_to_multiple_of, self.pad_token_id)
         if status.startswith("unchanged") and not self._warned:
             self._warned = True
             logger.warning(
@@ -164,7 +222,19 @@ class FlatteningCollator:
         return batch
 
     def __repr__(self) -> str:
-        return f"FlatteningCollator({_describe(self.collate_fn)})"
+        bucket = f", pad_to_multiple_of={self.pad_to_multiple_of}" if self.pad_to_multiple_of > 1 else ""
+        return f"FlatteningCollator({_describe(self.collate_fn)}{bucket})"
+
+
+def pad_token_id_of(collate_fn: Any) -> int:
+    """The pad token id a collator pads with (its ``pad_token_id``, as TRL's collators hold it, or its tokenizer's /
+    processing class's), else 0. Only the filler of :func:`append_filler` uses it: the filler is never attended to
+    and never scored, so its token id changes no result."""
+    candidates = [getattr(collate_fn, "pad_token_id", None)]
+    for attribute in ("tokenizer", "processing_class"):
+        owner = getattr(collate_fn, attribute, None)
+        candidates.append(getattr(getattr(owner, "tokenizer", owner), "pad_token_id", None))
+    return next((int(c) for c in candidates if isinstance(c, int) and not isinstance(c, bool)), 0)
 
 
 def _is_non_padding_seq2seq_collator(collate_fn: Any) -> bool:
@@ -192,11 +262,20 @@ def _describe(collate_fn: Any) -> str:
     return str(getattr(collate_fn, "__qualname__", None) or type(collate_fn).__name__)
 
 
-def wrap_collate_fn(collate_fn: Callable[[Any], Any]) -> tuple[Callable[[Any], Any], bool]:
-    """``(FlatteningCollator(collate_fn), True)``, or ``(collate_fn, False)`` when it already flattens."""
+def wrap_collate_fn(collate_fn: Callable[[Any], Any], pad_to_multiple_of: int = 1) -> tuple[Callable[[Any], Any], bool]:
+    """``(FlatteningCollator(collate_fn, pad_to_multiple_of), True)``, or ``(collate_fn, False)`` when it already
+    flattens."""
     if isinstance(collate_fn, FlatteningCollator):
         return collate_fn, False
-    return FlatteningCollator(collate_fn), True
+    return FlatteningCollator(collate_fn, pad_to_multiple_of), True
 
 
-__all__ = ["IGNORE_INDEX", "FlatteningCollator", "flatten_batch", "padding_for_flattening", "wrap_collate_fn"]
+__all__ = [
+    "IGNORE_INDEX",
+    "FlatteningCollator",
+    "append_filler",
+    "flatten_batch",
+    "pad_token_id_of",
+    "padding_for_flattening",
+    "wrap_collate_fn",
+]

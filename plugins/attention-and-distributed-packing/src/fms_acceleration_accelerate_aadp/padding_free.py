@@ -279,7 +279,7 @@ class PaddingFreePlugin(AccelerationPlugin):
         holder = dataloader
         while isinstance(vars(holder).get("base_dataloader"), torch.utils.data.DataLoader):
             holder = vars(holder)["base_dataloader"]
-        wrapped, changed = wrap_collate_fn(holder.collate_fn)
+        wrapped, changed = wrap_collate_fn(holder.collate_fn, self.config.bucket)
         if changed:
             self.patches.patch(
                 holder,
@@ -352,6 +352,12 @@ class PaddingFreePlugin(AccelerationPlugin):
                 "data: the collate_fn of every DataLoader given to Accelerator.prepare (and of a trainer's training "
                 "DataLoader) flattens padded batches into one row: position_ids restart per example, each example's "
                 "first label is ignored"
+                + (
+                    f"; the row is rounded up to a multiple of {self.config.bucket} tokens by one filler example "
+                    "(pad_to_multiple_of: never attended to, never scored)"
+                    if self.config.bucket > 1
+                    else " (pad_to_multiple_of: off, the row keeps its length)"
+                )
             )
         else:
             lines.append("data: batches are left as the collator builds them (flatten_batches: false)")
