@@ -233,6 +233,48 @@ class FlashAttnBackend(AttentionBackend):
         return _from_tokens(out, segments)
 
 
+def _flash_ops_usable() -> bool:
+    """Whether this torch's private flash attention ops take the arguments :class:`_FlashVarlenFunction` passes."""
+    aten = torch.ops.aten
+    if not (hasattr(aten, "_flash_attention_forward") and hasattr(aten, "_flash_attention_backward")):
+        return False
+    needed = {"scale", "window_size_left", "window_size_right"}
+    for op, positional in ((aten._flash_attention_forward, 10), (aten._flash_attention_backward, 14)):
+        arguments = op.default._schema.arguments
+        names = {a.name for a in arguments}
+        if not needed <= names or sum(1 for a in arguments if not a.kwarg_only) != positional:
+            return False
+    return True
+
+
+class _FlashVarlenFunction(torch.autograd.Function):
+    """Causal variable-length attention through PyTorch's flash kernels, called directly.
+
+    The same kernels ``torch.nn.attention.varlen.varlen_attn`` runs, without its custom-op dispatch (a few hundred
+    microseconds of host time per call, forward and backward, which a host-bound step of a few thousand tokens
+    pays in every layer). Key/value heads may be fewer than query heads (the kernels read them grouped).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_len, scale, window_left):
+        out, lse, rng_a, rng_b, _ = torch.ops.aten._flash_attention_forward(
+            q, k, v, cu_seqlens, cu_seqlens, max_len, max_len, 0.0, True, False,
+            scale=scale, window_size_left=window_left, window_size_right=0,
+        )  # fmt: skip
+        ctx.save_for_backward(q, k, v, cu_seqlens, out, lse, rng_a, rng_b)
+        ctx.max_len, ctx.scale, ctx.window_left = max_len, scale, window_left
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, cu_seqlens, out, lse, rng_a, rng_b = ctx.saved_tensors
+        dq, dk, dv = torch.ops.aten._flash_attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_len, ctx.max_len, 0.0, True,
+            rng_a, rng_b, scale=ctx.scale, window_size_left=ctx.window_left, window_size_right=0,
+        )  # fmt: skip
+        return dq, dk, dv, None, None, None, None
+
+
 class TorchVarlenBackend(AttentionBackend):
     """PyTorch's own variable-length attention, ``torch.nn.attention.varlen.varlen_attn`` (its flash kernel)."""
 
@@ -240,6 +282,8 @@ class TorchVarlenBackend(AttentionBackend):
 
     def __init__(self, function: Callable[..., torch.Tensor] | None = None) -> None:
         self._function = function
+        self._parameter_names: set[str] | None = None
+        self._direct: bool | None = None
 
     def function(self) -> Callable[..., torch.Tensor] | None:
         if self._function is None:
@@ -254,8 +298,16 @@ class TorchVarlenBackend(AttentionBackend):
         return self.function() is not None and self.function().__module__ == "torch.nn.attention.varlen"
 
     def _parameters(self) -> set[str]:
-        function = self.function()
-        return set(inspect.signature(function).parameters) if function is not None else set()
+        if self._parameter_names is None:
+            function = self.function()
+            self._parameter_names = set(inspect.signature(function).parameters) if function is not None else set()
+        return self._parameter_names
+
+    def _calls_kernels_directly(self) -> bool:
+        """torch's own function, whose flash kernels :class:`_FlashVarlenFunction` calls without the custom op."""
+        if self._direct is None:
+            self._direct = self._is_torch_kernel() and _flash_ops_usable()
+        return self._direct
 
     def unavailable(self) -> str | None:
         if self.function() is None:
@@ -284,8 +336,12 @@ class TorchVarlenBackend(AttentionBackend):
                 "the varlen attention backend got attention dropout or soft-capping, which it cannot compute",
                 fix=_FIX_BACKEND,
             )
-        parameters = self._parameters()
         q, k, v = (_to_tokens(t, segments) for t in (query, key, value))
+        if q.is_cuda and self._calls_kernels_directly():
+            window_left = -1 if sliding_window is None else sliding_window - 1
+            out = _FlashVarlenFunction.apply(q, k, v, segments.cu_seqlens, segments.max_len, scaling, window_left)
+            return _from_tokens(out, segments)
+        parameters = self._parameters()
         kwargs: dict[str, Any] = {"scale": scaling}
         if k.shape[1] != q.shape[1]:
             if "enable_gqa" in parameters:
