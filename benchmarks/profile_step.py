@@ -114,6 +114,12 @@ def build_model(model_dir: Path) -> None:
 def flattened_batch(batch: int, seq: int, vocab_size: int = SHAPE["vocab_size"]) -> dict:
     """The first batch of the padding-free benchmark (benchmarks/scenarios-padding-free.yaml): ``batch`` examples of
     the shipped instruction data in one row, ``position_ids`` restarting per example, each first label ignored."""
+    return flattened_batches(batch, seq, 1, vocab_size)[0]
+
+
+def flattened_batches(batch: int, seq: int, count: int, vocab_size: int = SHAPE["vocab_size"], multiple: int = 1):
+    """The first ``count`` batches of the padding-free benchmark (each row a new length, as in training); with
+    ``multiple`` > 1 each row is rounded up by the padding-free plugin's filler example (``pad_to_multiple_of``)."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from benchlib import Scenario, make_batches
 
@@ -126,8 +132,20 @@ def flattened_batch(batch: int, seq: int, vocab_size: int = SHAPE["vocab_size"])
         batch_size=batch,
         seq_len=seq,
     )
-    first = make_batches(scenario, vocab_size, 1, 0, 1)[0]
-    return {k: v for k, v in first.items() if k in ("input_ids", "labels", "position_ids")}
+    rows = [
+        {k: v for k, v in b.items() if k in ("input_ids", "labels", "position_ids")}
+        for b in make_batches(scenario, vocab_size, count, 0, 1)
+    ]
+    if multiple > 1:
+        from fms_acceleration_accelerate_aadp.collate import append_filler
+
+        rows = [append_filler(row, multiple) for row in rows]
+    return rows
+
+
+def run_label(name: str, batches: int = 1, pad: int = 1) -> str:
+    """Output file stem of a stack run: ``<stack>[-pad<N>][-vary<K>]``."""
+    return name + (f"-pad{pad}" if pad > 1 else "") + (f"-vary{batches}" if batches > 1 else "")
 
 
 def build_stack(name: str, model_dir: str, cpu: bool = False):
@@ -179,22 +197,32 @@ def build_stack(name: str, model_dir: str, cpu: bool = False):
 
 
 def run_stack(
-    name: str, model_dir: str, out: Path, steps: int, batch: int, seq: int, layout: str = "pad", host: bool = False
-) -> None:
+    name: str, model_dir: str, out: Path, steps: int, batch: int, seq: int, layout: str = "pad", host: bool = False,
+    batches: int = 1, pad: int = 1,
+) -> None:  # fmt: skip
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    label = run_label(name, batches, pad)
     accelerator, model, optimizer = build_stack(name, model_dir)
     if layout == "flatten":
-        inputs = {k: v.cuda() for k, v in flattened_batch(batch, seq).items()}
+        rows = [{k: v.cuda() for k, v in b.items()} for b in flattened_batches(batch, seq, batches, multiple=pad)]
     else:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(0, SHAPE["vocab_size"], (batch, seq), generator=g).cuda()
-        inputs = {"input_ids": ids, "labels": ids}
-    tokens = int((inputs["labels"] != -100).sum()) if layout == "flatten" else batch * seq
+        rows = [{"input_ids": ids, "labels": ids}]
+    # scored tokens (real ones: the filler's labels are -100) per step, averaged over the rows
+    tokens = sum(int((r["labels"] != -100).sum()) for r in rows) / len(rows) if layout == "flatten" else batch * seq
+    row_lengths = sorted({int(r["input_ids"].shape[1]) for r in rows})
+    fed = [0]
+
+    def next_inputs() -> dict:
+        """The next row (cycling): with --batches K the row length changes every step, as in training."""
+        fed[0] += 1
+        return rows[(fed[0] - 1) % len(rows)]
 
     def step() -> float:
-        loss = model(**inputs).loss
+        loss = model(**next_inputs()).loss
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -214,32 +242,36 @@ def run_stack(
             step()
         torch.cuda.synchronize()
     per_cat: dict[str, float] = collections.defaultdict(float)
-    rows = []
+    top = []
     for evt in prof.key_averages():
         t = evt.self_device_time_total / 1000.0 / 2  # ms per step
         if t <= 0:
             continue
         per_cat[category(evt.key)] += t
-        rows.append((t, evt.count // 2, evt.key))
-    rows.sort(reverse=True)
+        top.append((t, evt.count // 2, evt.key))
+    top.sort(reverse=True)
     total = sum(per_cat.values())
     lines = [
-        f"stack {name} ({layout}): step {step_s * 1000:.1f} ms (mean of {steps}), {tokens / step_s:.0f} tok/s, "
+        f"stack {label} ({layout}): step {step_s * 1000:.1f} ms (mean of {steps}), {tokens / step_s:.0f} tok/s, "
         f"GPU busy {total:.1f} ms/step, peak alloc {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
+        f"rows: {len(rows)} different batches (row lengths {row_lengths[:8]}{' ...' if len(row_lengths) > 8 else ''}), "
+        f"pad_to_multiple_of {pad}",
         "per category (ms/step): "
         + ", ".join(f"{k} {v:.1f}" for k, v in sorted(per_cat.items(), key=lambda kv: -kv[1])),
         "",
         f"{'ms/step':>8} {'calls':>6}  kernel",
     ]
-    lines += [f"{t:8.2f} {c:6d}  {k[:150]}" for t, c, k in rows[:45]]
+    lines += [f"{t:8.2f} {c:6d}  {k[:150]}" for t, c, k in top[:45]]
     text = "\n".join(lines)
     print(text, flush=True)
-    (out / f"{name}.txt").write_text(text + "\n", encoding="utf-8")
-    (out / f"{name}.json").write_text(
-        json.dumps({"step_ms": step_s * 1000, "per_category_ms": per_cat, "top": rows[:60]}), encoding="utf-8"
-    )
+    (out / f"{label}.txt").write_text(text + "\n", encoding="utf-8")
+    (out / f"{label}.json").write_text(
+        json.dumps({"step_ms": step_s * 1000, "per_category_ms": per_cat, "top": top[:60], "row_lengths": row_lengths,
+                    "pad_to_multiple_of": pad}),
+        encoding="utf-8",
+    )  # fmt: skip
     if host:
-        host_profile(name, model, inputs, accelerator, optimizer, out, steps, step_s * 1000, total)
+        host_profile(label, model, next_inputs, accelerator, optimizer, out, steps, step_s * 1000, total)
 
 
 LAUNCH_APIS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx",
@@ -258,7 +290,8 @@ def _ours(key: str) -> bool:
 
 
 def host_profile(name, model, inputs, accelerator, optimizer, out: Path, steps: int, wall_ms: float, gpu_ms: float):
-    """Where the host time of one training step goes (see the module docstring, ``--host``)."""
+    """Where the host time of one training step goes (see the module docstring, ``--host``). ``inputs``: the batch,
+    or a function returning the next one."""
     import cProfile
     import io
     import pstats
@@ -266,14 +299,17 @@ def host_profile(name, model, inputs, accelerator, optimizer, out: Path, steps: 
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    feed = inputs if callable(inputs) else (lambda: inputs)
+
     # 1. host time per phase (no sync inside the step: while the host is the bottleneck, the phases' host times
     # add up to the wall time and the final loss.item() waits only for the GPU's tail)
     phases = collections.defaultdict(float)
     torch.cuda.synchronize()
     t_start = time.perf_counter()
     for _ in range(steps):
+        batch = feed()
         t0 = time.perf_counter()
-        loss = model(**inputs).loss
+        loss = model(**batch).loss
         t1 = time.perf_counter()
         accelerator.backward(loss)
         t2 = time.perf_counter()
@@ -287,7 +323,7 @@ def host_profile(name, model, inputs, accelerator, optimizer, out: Path, steps: 
     phased_wall = (time.perf_counter() - t_start) * 1000 / steps
 
     def step() -> None:
-        loss = model(**inputs).loss
+        loss = model(**feed()).loss
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -409,17 +445,23 @@ def count_aten_ops(fn) -> collections.Counter:
     return counts
 
 
-def run_stack_cpu_proxy(name: str, model_dir: str, out: Path, steps: int, batch: int, seq: int) -> None:
+def run_stack_cpu_proxy(
+    name: str, model_dir: str, out: Path, steps: int, batch: int, seq: int, batches: int = 1, pad: int = 1
+) -> None:
     """The host work of one stack's training step without a GPU (see ``--cpu-proxy``)."""
     import cProfile
     import io
     import pstats
 
+    label = run_label(name, batches, pad)
     launches = stub_triton_launches()
     accelerator, model, optimizer = build_stack(name, model_dir, cpu=True)
-    inputs = flattened_batch(batch, seq, PROXY_SHAPE["vocab_size"])
+    rows = flattened_batches(batch, seq, batches, PROXY_SHAPE["vocab_size"], multiple=pad)
+    fed = [0]
 
     def step() -> None:
+        fed[0] += 1
+        inputs = rows[(fed[0] - 1) % len(rows)]
         loss = model(**inputs).loss
         accelerator.backward(loss)
         optimizer.step()
@@ -444,8 +486,8 @@ def run_stack_cpu_proxy(name: str, model_dir: str, out: Path, steps: int, batch:
     profiler.disable()
     buffer = io.StringIO()
     buffer.write(
-        f"cpu proxy {name}: step {best:.1f} ms (best of 3 means of {steps}), "
-        f"{int(inputs['position_ids'].numel())} tokens, Triton launches per step {sum(per_step.values())} "
+        f"cpu proxy {label}: step {best:.1f} ms (best of 3 means of {steps}), "
+        f"rows of {sorted({int(r['position_ids'].numel()) for r in rows})} tokens, Triton launches per step {sum(per_step.values())} "
         f"(no-ops here): {per_step}\naten ops per step (after autograd, as a GPU would run them): "
         f"{sum(ops.values())}; top: "
         + ", ".join(f"{k} {v}" for k, v in ops.most_common(15))
@@ -456,7 +498,7 @@ def run_stack_cpu_proxy(name: str, model_dir: str, out: Path, steps: int, batch:
     stats.sort_stats("cumulative").print_stats(80)
     text = buffer.getvalue()
     print("\n".join(text.split("\n", 2)[:2]), flush=True)
-    (out / f"{name}.proxy.txt").write_text(text, encoding="utf-8")
+    (out / f"{label}.proxy.txt").write_text(text, encoding="utf-8")
 
 
 def build_proxy_model(model_dir: Path) -> None:
@@ -536,9 +578,106 @@ def launch_bench(out: Path) -> None:
                 best = min(best, (time.perf_counter() - t0) / reps * 1e6)
                 torch.cuda.synchronize()
         lines.append(f"| {label} | {best:.1f} |")
+    lines += ["", *shape_change_bench()]
     text = "\n".join(lines)
     print(text, flush=True)
     (out / "launch_bench.md").write_text(text + "\n", encoding="utf-8")
+
+
+def _compiled_variants(kernel) -> int | str:
+    """How many compiled versions a Triton kernel holds (its per-device caches; triton 3.x), or '?'."""
+    try:
+        return sum(len(cache[0]) for cache in kernel.device_caches.values())
+    except (AttributeError, TypeError, IndexError, KeyError):
+        return "?"
+
+
+def shape_change_bench(calls: int = 120, burst: int = 8) -> list[str]:
+    """Host µs per call of a forward + backward whose row count M is fixed, changes every call to a value never seen
+    before (M in 1500..2000, as the padding-free row's token count changes every step), changes among values seen
+    before, or is rounded up to a multiple of 128 (``pad_to_multiple_of``): for ``F.linear`` at the 8B shapes
+    (frozen bf16 weight, the input needing its gradient: LoRA's base layers) and for this project's Triton RMSNorm.
+    Calls run in bursts of ``burst`` with a sync between bursts, so the GPU queue never fills and the time is the
+    host's own (the GPU work of a burst is far below the host's launch budget of a queue)."""
+    import importlib
+    import random
+
+    import torch
+    import torch.nn.functional as F
+
+    rms = importlib.import_module("fms_acceleration_accelerate_kernels.rms_norm")
+    hidden = SHAPE["hidden_size"]
+    rng = random.Random(0)
+    pool = list(range(1500, 2001))
+    rng.shuffle(pool)
+    fixed = 1700
+    x_base = torch.randn(2048, hidden, device="cuda", dtype=torch.bfloat16)
+    widths = (hidden, SHAPE["intermediate_size"])
+    g_base = {n: torch.randn(2048, n, device="cuda", dtype=torch.bfloat16) for n in widths}
+
+    def linear_case(n_out: int):
+        weight = torch.randn(n_out, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+
+        def call(m: int) -> None:
+            x = x_base[:m].detach().requires_grad_(True)
+            F.linear(x, weight).backward(g_base[n_out][:m])
+
+        return call
+
+    rms_weight = torch.ones(hidden, device="cuda", dtype=torch.bfloat16)
+
+    def rms_call(m: int) -> None:
+        x = x_base[:m].detach().requires_grad_(True)
+        rms.rms_norm(x, rms_weight, 1e-5, 0.0).backward(g_base[hidden][:m])
+
+    cases = {
+        f"F.linear {hidden}->{hidden} fwd+bwd": linear_case(hidden),
+        f"F.linear {hidden}->{SHAPE['intermediate_size']} fwd+bwd": linear_case(SHAPE["intermediate_size"]),
+        f"rms_norm (Triton) {hidden} fwd+bwd": rms_call,
+    }
+
+    def host_us(fn, ms: list[int]) -> tuple[float, float]:
+        """(mean, median) host µs per call over ``ms``."""
+        times = []
+        torch.cuda.synchronize()
+        for start in range(0, len(ms), burst):
+            for m in ms[start : start + burst]:
+                t0 = time.perf_counter()
+                fn(m)
+                times.append((time.perf_counter() - t0) * 1e6)
+            torch.cuda.synchronize()
+        times.sort()
+        return sum(times) / len(times), times[len(times) // 2]
+
+    lines = [
+        f"host µs per call, mean / median of {calls} calls (bursts of {burst}, sync between bursts); M = rows",
+        "",
+        "| op | M fixed (1700) | M new every call (1500..2000) | M changing, seen before | M rounded up to 128 |",
+        "|---|---|---|---|---|",
+    ]
+    rms_before = (_compiled_variants(rms._rms_norm_fwd_kernel), _compiled_variants(rms._rms_norm_bwd_kernel))
+    for index, (label, fn) in enumerate(cases.items()):
+        new_ms = pool[index * calls : (index + 1) * calls]  # unseen by this op (each case has its own GEMM shapes)
+        for m in (fixed, fixed + 12, 1792):  # warm: cuBLAS handles, both Triton divisibility variants, a bucket
+            fn(m)
+        torch.cuda.synchronize()
+        fixed_t = host_us(fn, [fixed] * calls)
+        new_t = host_us(fn, new_ms)
+        seen = list(new_ms)
+        rng.shuffle(seen)
+        seen_t = host_us(fn, seen)
+        bucket_t = host_us(fn, [-(-m // 128) * 128 for m in seen])
+        cells = [f"{a:.1f} / {b:.1f}" for a, b in (fixed_t, new_t, seen_t, bucket_t)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    rms_after = (_compiled_variants(rms._rms_norm_fwd_kernel), _compiled_variants(rms._rms_norm_bwd_kernel))
+    lines += [
+        "",
+        f"Triton RMSNorm compiled variants (forward, backward): {rms_before} before the first rms_norm case (other "
+        f"launches above compiled the forward), {rms_after} after {4 * calls} calls over {calls} new row counts "
+        "and the buckets (row counts are runtime arguments: Triton specialises an integer argument only on == 1 and "
+        "divisibility by 16)",
+    ]
+    return lines
 
 
 def gemm_experiment(out: Path) -> None:
@@ -609,6 +748,20 @@ def main() -> int:
         action="store_true",
         help="no GPU: each stack's host work on CPU (tiny model, flattened rows, Triton launches stubbed out)",
     )
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=1,
+        help="--layout flatten: cycle through this many different batches, so the row length changes every step as "
+        "in training (default 1: the same batch every step); outputs are named <stack>-vary<K>",
+    )
+    parser.add_argument(
+        "--pad-to-multiple-of",
+        type=int,
+        default=1,
+        help="--layout flatten: round each row up to a multiple of N tokens with the padding-free plugin's filler "
+        "example (its pad_to_multiple_of option; tokens/s still counts real tokens); outputs are named <stack>-pad<N>",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run this stack in-process
     args = parser.parse_args()
     out = Path(args.out)
@@ -617,8 +770,13 @@ def main() -> int:
         args.seq = 16 if args.cpu_proxy else 2048
     if args.cpu_proxy:
         return cpu_proxy_main(args, out)
+    if args.batches < 1 or args.pad_to_multiple_of < 1:
+        parser.error("--batches and --pad-to-multiple-of must be >= 1")
+    if (args.batches > 1 or args.pad_to_multiple_of > 1) and args.layout != "flatten" and not args.cpu_proxy:
+        parser.error("--batches and --pad-to-multiple-of apply to flattened rows: add --layout flatten")
     if args.one:
-        run_stack(args.one, args.model_dir, out, args.steps, args.batch, args.seq, args.layout, args.host)
+        run_stack(args.one, args.model_dir, out, args.steps, args.batch, args.seq, args.layout, args.host,
+                  args.batches, args.pad_to_multiple_of)  # fmt: skip
         return 0
     if args.launch_bench:
         launch_bench(out)
@@ -629,7 +787,8 @@ def main() -> int:
     for name in args.stacks:
         cmd = [sys.executable, __file__, "--out", str(out), "--model-dir", args.model_dir, "--one", name,
                "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--layout", args.layout] + (["--host"] if args.host else [])  # fmt: skip
+               "--layout", args.layout, "--batches", str(args.batches),
+               "--pad-to-multiple-of", str(args.pad_to_multiple_of)] + (["--host"] if args.host else [])  # fmt: skip
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, env=dict(os.environ), timeout=300).returncode
         print(f"[profile_step] {name}: exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -641,13 +800,15 @@ def cpu_proxy_main(args: argparse.Namespace, out: Path) -> int:
     """``--cpu-proxy``: one process per stack (``TRITON_INTERPRET=1`` routes every op to its Triton path)."""
     model_dir = Path(args.model_dir + "-cpu-proxy")
     if args.one:
-        run_stack_cpu_proxy(args.one, str(model_dir), out, args.steps, args.batch, args.seq)
+        run_stack_cpu_proxy(args.one, str(model_dir), out, args.steps, args.batch, args.seq, args.batches,
+                            args.pad_to_multiple_of)  # fmt: skip
         return 0
     build_proxy_model(model_dir)
     status = 0
     for name in args.stacks:
         cmd = [sys.executable, __file__, "--out", str(out), "--model-dir", args.model_dir, "--one", name, "--steps",
-               str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--cpu-proxy"]  # fmt: skip
+               str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq), "--cpu-proxy",
+               "--batches", str(args.batches), "--pad-to-multiple-of", str(args.pad_to_multiple_of)]  # fmt: skip
         env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
         rc = subprocess.run(cmd, env=env, timeout=900).returncode
         status = status or rc

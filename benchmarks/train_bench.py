@@ -277,6 +277,27 @@ def experts_lora_route(framework: Any) -> str:
     return ""
 
 
+def bucket_flat_rows(batches: list[dict[str, Any]], framework: Any) -> list[dict[str, Any]]:
+    """The padding-free plugin's ``pad_to_multiple_of`` applied to the flattened rows this script feeds the model
+    directly (no DataLoader, so the plugin's collate wrapper never sees them): each row gets the filler example the
+    wrapper would append. ``num_tokens`` keeps counting the real tokens only (tokens/s), while the padded-token count
+    (``padding_fraction``) includes the filler."""
+    plugin = next((p for p in getattr(framework, "plugins", ()) if getattr(p, "name", "") == "padding_free"), None)
+    multiple = getattr(getattr(plugin, "config", None), "bucket", 1)
+    if multiple <= 1:
+        return batches
+    from fms_acceleration_accelerate_aadp.collate import append_filler
+
+    out = []
+    for batch in batches:
+        if "position_ids" not in batch or batch["input_ids"].shape[0] != 1:  # padded rows (collate: pad)
+            out.append(batch)
+            continue
+        body = append_filler({k: v for k, v in batch.items() if k != "num_tokens"}, multiple, benchlib.PAD_ID)
+        out.append({**body, "num_tokens": batch["num_tokens"]})
+    return out
+
+
 def make_train_args(s: Scenario, out_dir: str) -> Any:
     """``transformers.TrainingArguments`` describing this run, for plugins' ``augmentation(model, train_args)``.
 
@@ -293,7 +314,9 @@ def make_train_args(s: Scenario, out_dir: str) -> Any:
         learning_rate=s.learning_rate,
         gradient_checkpointing=s.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
-        bf16=on_gpu and s.dtype == "bfloat16",
+        # the autocast the row trains under (run_benchmarks.mixed_precision_for): on CPU only for float32 master
+        # weights in bf16
+        bf16=s.dtype == "bfloat16" and (on_gpu or s.master_weights == "float32"),
         fp16=on_gpu and s.dtype == "float16",
         use_cpu=not on_gpu,
         report_to="none",
@@ -319,7 +342,9 @@ def load_and_prepare(
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     info: dict[str, Any] = {"loader": "transformers", "augmented_by_plugins": False, "peer_patch": ""}
-    dtype = getattr(torch, s.dtype)
+    # the dtype the weights load (and train) in: the row's dtype, or float32 master weights trained under the
+    # row's dtype as autocast (the AMP recipe, ``master_weights: float32``)
+    dtype = torch.float32 if s.master_weights == "float32" else getattr(torch, s.dtype)
     device = accelerator.device
     is_fsdp = str(accelerator.distributed_type).endswith("FSDP")
     ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None) if is_deepspeed(accelerator) else None
@@ -407,7 +432,28 @@ def load_and_prepare(
     info["trainable_params"] = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     info["total_params"] = sum(_numel(p) for p in model.parameters())
     info["fp32_params"] = sum(_numel(p) for p in model.parameters() if p.dtype == torch.float32)
+    if s.master_weights == "float32" and info["fp32_params"] != info["total_params"]:
+        raise ValueError(
+            f"master_weights: float32 but {info['total_params'] - info['fp32_params']} of {info['total_params']} "
+            "parameters are not float32 after loading and augmentation"
+        )
     return model, info
+
+
+def check_master_weights(s: Scenario, accelerator: Any) -> dict[str, Any]:
+    """What a ``master_weights: float32`` row trains under: the ``Accelerator`` must autocast to the row's dtype
+    (Accelerate ``mixed_precision``), else the row would train plain float32 (``ValueError``). Returns the result's
+    ``autocast`` entry (``"none"`` for other rows and for ``dtype: float32``)."""
+    if s.master_weights != "float32" or s.dtype == "float32":
+        return {"autocast": "none"}
+    wanted = {"bfloat16": "bf16", "float16": "fp16"}[s.dtype]
+    if accelerator.mixed_precision != wanted or not accelerator.native_amp:
+        raise ValueError(
+            f"master_weights: float32 with dtype: {s.dtype} needs Accelerate mixed_precision: {wanted} (autocast); "
+            f"this Accelerator has mixed_precision: {accelerator.mixed_precision}, native_amp: "
+            f"{accelerator.native_amp}"
+        )
+    return {"autocast": f"{wanted} ({accelerator.device.type})"}
 
 
 def _numel(p: Any) -> int:
@@ -694,7 +740,11 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
         torch.cuda.memory._record_memory_history(max_entries=100000, stacks="python")
     clock.done("accelerator")
 
+    autocast = check_master_weights(s, accelerator)
     model, info = load_and_prepare(s, args.model_dir, framework, accelerator, train_args)
+    info.update(autocast)
+    if s.master_weights == "float32" and accelerator.is_main_process:
+        print(f"master weights: float32 ({info['fp32_params']} parameters), autocast {info['autocast']}", flush=True)
     clock.done("load_and_augment")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=s.learning_rate, fused=True if on_cuda else None)
@@ -727,6 +777,7 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
         batches = benchlib.make_batches(
             s, vocab, s.steps, accelerator.process_index, accelerator.num_processes, examples=examples
         )
+    batches = bucket_flat_rows(batches, framework)
     clock.done("data")
     stamps["train_start"] = time.time()
     losses: list[float] = []
