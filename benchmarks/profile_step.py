@@ -22,7 +22,13 @@ time, Triton launches per step, cProfile). It leaves out what only a GPU costs (
 launcher, device queries) and the padding-free plugin uses its CPU backend, so compare stacks and versions of
 the code with it, not absolute times.
 ``--launch-bench`` times the host cost of one launch (``OUT/launch_bench.md``): a torch op, a bare Triton
-``kernel[grid](...)``, the same compiled kernel launched directly, and the RMSNorm kernel's Python entry points. The model is the reference Llama (8B layer shapes, 8 layers), random init, written once to
+``kernel[grid](...)``, the same compiled kernel launched directly, and the RMSNorm kernel's Python entry points;
+and the host cost of ``F.linear`` (8B shapes) and the Triton RMSNorm, forward + backward, with the row count fixed,
+new every call, changing among seen values, or rounded up to 128 (:func:`shape_change_bench`).
+With ``--layout flatten``, ``--batches K`` cycles through K different batches (a new row length every step, as in
+training; the default 1 repeats one batch), ``--pad-to-multiple-of N`` rounds each row up with the padding-free
+plugin's filler example, and ``--variants 1:1 16:1 16:128`` measures several such (K, N) input variants in each
+stack's process (outputs ``<stack>[-pad<N>][-vary<K>].*``). The model is the reference Llama (8B layer shapes, 8 layers), random init, written once to
 ``--model-dir`` (created on the GPU, then ``save_pretrained``).
 """
 
@@ -198,13 +204,22 @@ def build_stack(name: str, model_dir: str, cpu: bool = False):
 
 def run_stack(
     name: str, model_dir: str, out: Path, steps: int, batch: int, seq: int, layout: str = "pad", host: bool = False,
-    batches: int = 1, pad: int = 1,
+    variants: list[tuple[int, int]] | None = None,
+) -> None:  # fmt: skip
+    """Build the stack once, then measure each ``(batches, pad_to_multiple_of)`` variant of its input rows."""
+    accelerator, model, optimizer = build_stack(name, model_dir)
+    for batches, pad in variants or [(1, 1)]:
+        measure_stack(name, accelerator, model, optimizer, out, steps, batch, seq, layout, host, batches, pad)
+
+
+def measure_stack(
+    name: str, accelerator, model, optimizer, out: Path, steps: int, batch: int, seq: int, layout: str, host: bool,
+    batches: int, pad: int,
 ) -> None:  # fmt: skip
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     label = run_label(name, batches, pad)
-    accelerator, model, optimizer = build_stack(name, model_dir)
     if layout == "flatten":
         rows = [{k: v.cuda() for k, v in b.items()} for b in flattened_batches(batch, seq, batches, multiple=pad)]
     else:
@@ -762,6 +777,15 @@ def main() -> int:
         help="--layout flatten: round each row up to a multiple of N tokens with the padding-free plugin's filler "
         "example (its pad_to_multiple_of option; tokens/s still counts real tokens); outputs are named <stack>-pad<N>",
     )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        metavar="K:N",
+        help="--layout flatten: measure several input variants in each stack's process (the model is loaded once), "
+        "each K batches (--batches) rounded up to a multiple of N (--pad-to-multiple-of), e.g. 1:1 16:1 16:128; "
+        "overrides --batches / --pad-to-multiple-of (GPU runs; --cpu-proxy takes --batches / --pad-to-multiple-of)",
+    )
     parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: run this stack in-process
     args = parser.parse_args()
     out = Path(args.out)
@@ -770,13 +794,17 @@ def main() -> int:
         args.seq = 16 if args.cpu_proxy else 2048
     if args.cpu_proxy:
         return cpu_proxy_main(args, out)
-    if args.batches < 1 or args.pad_to_multiple_of < 1:
-        parser.error("--batches and --pad-to-multiple-of must be >= 1")
-    if (args.batches > 1 or args.pad_to_multiple_of > 1) and args.layout != "flatten" and not args.cpu_proxy:
-        parser.error("--batches and --pad-to-multiple-of apply to flattened rows: add --layout flatten")
+    try:
+        variants = [tuple(int(x) for x in v.split(":")) for v in args.variants] if args.variants else None
+    except ValueError:
+        parser.error(f"--variants expects K:N pairs of integers, got {args.variants}")
+    variants = variants or [(args.batches, args.pad_to_multiple_of)]
+    if any(len(v) != 2 or min(v) < 1 for v in variants):
+        parser.error("--batches, --pad-to-multiple-of and each --variants K:N must be >= 1")
+    if any(v != (1, 1) for v in variants) and args.layout != "flatten" and not args.cpu_proxy:
+        parser.error("--batches / --pad-to-multiple-of / --variants apply to flattened rows: add --layout flatten")
     if args.one:
-        run_stack(args.one, args.model_dir, out, args.steps, args.batch, args.seq, args.layout, args.host,
-                  args.batches, args.pad_to_multiple_of)  # fmt: skip
+        run_stack(args.one, args.model_dir, out, args.steps, args.batch, args.seq, args.layout, args.host, variants)
         return 0
     if args.launch_bench:
         launch_bench(out)
@@ -787,8 +815,8 @@ def main() -> int:
     for name in args.stacks:
         cmd = [sys.executable, __file__, "--out", str(out), "--model-dir", args.model_dir, "--one", name,
                "--steps", str(args.steps), "--batch", str(args.batch), "--seq", str(args.seq),
-               "--layout", args.layout, "--batches", str(args.batches),
-               "--pad-to-multiple-of", str(args.pad_to_multiple_of)] + (["--host"] if args.host else [])  # fmt: skip
+               "--layout", args.layout, "--variants", *(f"{k}:{n}" for k, n in variants)]  # fmt: skip
+        cmd += ["--host"] if args.host else []
         t0 = time.perf_counter()
         rc = subprocess.run(cmd, env=dict(os.environ), timeout=300).returncode
         print(f"[profile_step] {name}: exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
