@@ -45,6 +45,8 @@ DISTRIBUTED = ("ddp", "fsdp1", "fsdp2", "zero2", "zero3")
 DEEPSPEED_STAGES = {"zero2": 2, "zero3": 3}
 """``distributed`` values that run under DeepSpeed, and their ZeRO stage."""
 RANK_DATA = ("split", "replicate")
+MASTER_WEIGHTS = ("dtype", "float32")
+"""``master_weights`` values: the weights in the row's ``dtype``, or in float32 under ``dtype`` autocast (AMP)."""
 EXPERTS_IMPLEMENTATIONS = ("eager", "grouped_mm", "batched_mm")
 """transformers' own experts backends of MoE models (``from_pretrained(..., experts_implementation=...)``)."""
 
@@ -117,6 +119,12 @@ class Scenario:
         lora_target_parameters: PEFT ``target_parameters`` (LoRA on parameters rather than modules, e.g. the
             3-D expert weights ``experts.gate_up_proj``, ``experts.down_proj`` of MoE models), next to
             ``lora_target_modules``.
+        master_weights: ``dtype`` (default): the weights are loaded and trained in ``dtype``. ``float32``: the
+            standard mixed-precision (AMP) recipe: the weights are loaded in float32 (from the same checkpoint as
+            the other rows) and the optimizer updates them in float32, while forward and backward run under
+            ``dtype`` autocast (Accelerate ``mixed_precision`` bf16 / fp16; on CPU bf16 only). With ``dtype:
+            float32`` it is plain float32. ``peft: full`` or ``lora`` without DeepSpeed (whose bf16 mode keeps
+            float32 master weights of its own); the reference of a full fine-tuning row under DeepSpeed.
     """
 
     name: str
@@ -155,6 +163,7 @@ class Scenario:
     extended: bool = False
     experts_implementation: str | None = None
     lora_target_parameters: tuple[str, ...] = ()
+    master_weights: str = "dtype"
 
     @property
     def uses_plugins(self) -> bool:
@@ -237,6 +246,18 @@ def make_scenario(raw: Mapping[str, Any], defaults: Mapping[str, Any], where: st
     _check_choice(where, "rank_data", s.rank_data, RANK_DATA)
     if s.experts_implementation is not None:
         _check_choice(where, "experts_implementation", s.experts_implementation, EXPERTS_IMPLEMENTATIONS)
+    _check_choice(where, "master_weights", s.master_weights, MASTER_WEIGHTS)
+    if s.master_weights == "float32" and s.peft == "qlora":
+        raise ScenarioError(
+            f"{where}: master_weights: float32 needs peft: full or lora (a 4-bit base has no float32 weights, and "
+            "PEFT keeps the LoRA adapters in float32 already); remove master_weights from this row"
+        )
+    if s.master_weights == "float32" and s.distributed in DEEPSPEED_STAGES:
+        raise ScenarioError(
+            f"{where}: master_weights: float32 with distributed: {s.distributed}: DeepSpeed's bf16 mode keeps float32 "
+            "master weights itself; remove master_weights from this row (use it on the reference row without "
+            "DeepSpeed)"
+        )
     if s.lora_target_parameters and s.peft == "full":
         raise ScenarioError(f"{where}: lora_target_parameters needs peft: lora or qlora (peft is full)")
     if s.extrapolate_layers < 0:
@@ -684,7 +705,7 @@ CSV_COLUMNS = (
     "scenario", "group", "is_baseline", "status", "note",
     "peft", "plugins", "active_plugins", "patches", "prep", "peer", "model", "entry", "experts_implementation",
     "batch_size", "seq_len", "steps", "warmup_steps", "gradient_checkpointing", "num_gpus",
-    "distributed", "rank_data", "num_layers", "dataset", "collate", "dtype",
+    "distributed", "rank_data", "num_layers", "dataset", "collate", "dtype", "master_weights",
     "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s", "padding_fraction",
     "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib", "gpu_mem_gib",
     "state_alloc_gib", "forward_alloc_gib", "prepare_peak_alloc_gib", "train_peak_alloc_gib",

@@ -160,9 +160,20 @@ def free_port() -> int:
 
 
 def mixed_precision_for(s: Scenario, on_cpu: bool) -> str:
-    if on_cpu:
+    """Accelerate's ``mixed_precision`` of a row: its ``dtype`` as autocast on a GPU, none on CPU (the weights train
+    in ``dtype`` there) unless the row keeps float32 master weights (``master_weights: float32``), which trains
+    under bf16 autocast on CPU too."""
+    autocast = {"bfloat16": "bf16", "float16": "fp16"}.get(s.dtype, "no")
+    if not on_cpu:
+        return autocast
+    if s.master_weights != "float32":
         return "no"
-    return {"bfloat16": "bf16", "float16": "fp16"}.get(s.dtype, "no")
+    if autocast == "fp16":
+        raise ScenarioError(
+            f"{s.name}: master_weights: float32 with dtype: float16 on CPU: Accelerate runs no float16 autocast on "
+            "CPU (the row would train in plain float32); use dtype: bfloat16 or float32 (--set dtype=...)"
+        )
+    return autocast
 
 
 def shards_own_fsdp2_units(body: Mapping[str, Any]) -> bool:
@@ -306,7 +317,18 @@ def write_accelerate_config(
     # a stack's own Accelerate config may pin mixed precision (the shipped FSDP1 QLoRA config trains in plain
     # bf16: Accelerate's FSDP1 fp32 upcast of trainable units would reach the packed 4-bit storage)
     pinned = (stack.accelerate_base or {}).get("mixed_precision")
-    cfg["mixed_precision"] = "no" if on_cpu else str(pinned) if pinned is not None else mixed_precision_for(s, on_cpu)
+    if s.master_weights == "float32":  # the AMP recipe: the autocast of the row's dtype, whatever the device
+        cfg["mixed_precision"] = mixed_precision_for(s, on_cpu)
+        if pinned is not None and str(pinned) != cfg["mixed_precision"]:
+            raise ScenarioError(
+                f"{s.name}: the stack's Accelerate config pins mixed_precision: {pinned}, but master_weights: float32 "
+                f"with dtype: {s.dtype} trains under mixed_precision: {cfg['mixed_precision']}; remove "
+                "master_weights from this row or use an acceleration-only stack"
+            )
+    else:
+        cfg["mixed_precision"] = (
+            "no" if on_cpu else str(pinned) if pinned is not None else mixed_precision_for(s, on_cpu)
+        )
     cfg["use_cpu"] = on_cpu and stage is None  # DeepSpeed needs use_cpu false (its CPU accelerator, gloo)
     if on_cpu and stage is None:  # Accelerate refuses FSDP on CPU: gloo processes here, FSDP through train_bench's seam
         cfg["distributed_type"] = "NO" if s.num_gpus == 1 else "MULTI_GPU"
@@ -534,6 +556,7 @@ def base_row(s: Scenario, models: ScenarioFile, model_overrides: Mapping[str, An
         "dataset": s.dataset,
         "collate": s.collate if s.dataset != "synthetic" else "",
         "dtype": s.dtype,
+        "master_weights": s.master_weights,
     }
 
 

@@ -173,3 +173,76 @@ def test_zero3_row_follows_its_run_without_deepspeed_through_the_runner(tmp_path
     assert len(set(ref)) == 4  # the loss moves: batches differ step by step and the adapters train
     log = (out / "logs" / "lora-foak-zero3.log").read_text(encoding="utf-8")
     assert "deepspeed: version" in log and "zero_stage 3" in log and "gradient_clipping 1.0" in log
+
+
+def test_full_ft_reference_trains_fp32_master_weights_under_bf16_autocast(tmp_path: Path) -> None:
+    """The full-FT parity reference without DeepSpeed keeps float32 master weights as DeepSpeed's bf16 mode does
+    (``master_weights: float32``: float32 weights, Accelerate mixed_precision bf16); the key's bad uses are errors."""
+    import dataclasses
+
+    import train_bench
+
+    sfile = benchlib.load_scenarios(DS_FILE)
+    by_name = {s.name: s for s in sfile.scenarios}
+    assert [s.name for s in sfile.scenarios if s.master_weights == "float32"] == ["full-foak"]
+    ref = by_name["full-foak"]
+    assert ref.dtype == "bfloat16" and ref.distributed == "ddp" and ref.learning_rate == 1.0e-5
+    assert by_name["full-foak-zero3"].loss_rtol == by_name["full-foak-zero2"].loss_rtol == 0.02
+    assert _config(ref, tmp_path)["mixed_precision"] == "bf16"
+    # on CPU too: torch's CPU bf16 autocast (other rows train in their dtype there); plain float32 for the dry run
+    assert _config(ref, tmp_path, on_cpu=True)["mixed_precision"] == "bf16"
+    assert _config(dataclasses.replace(ref, dtype="float32"), tmp_path, on_cpu=True)["mixed_precision"] == "no"
+    with pytest.raises(benchlib.ScenarioError, match="no float16 autocast on CPU"):
+        _config(dataclasses.replace(ref, dtype="float16"), tmp_path, on_cpu=True)
+    # train_bench.py gets the key and reads it back
+    argv = run_benchmarks.train_args_for(ref)
+    assert argv[argv.index("--master-weights") + 1] == "float32"
+    parsed = train_bench.build_parser().parse_args([*argv, "--model-dir", "m", "--result-json", "r.json"])
+    assert train_bench.scenario_from_args(parsed).master_weights == "float32"
+    assert run_benchmarks.base_row(ref, sfile)["master_weights"] == "float32"
+
+    base = {"name": "n", "group": "g", "model": "m", "peft": "full"}
+    for extra, message in (
+        ({"master_weights": "fp32"}, "master_weights='fp32' is not one of dtype, float32"),
+        ({"master_weights": "float32", "peft": "qlora"}, "needs peft: full or lora"),
+        ({"master_weights": "float32", "distributed": "zero3"}, "DeepSpeed's bf16 mode keeps float32 master weights"),
+    ):
+        with pytest.raises(benchlib.ScenarioError, match=message):
+            benchlib.make_scenario({**base, **extra}, {}, "here")
+    # a stack whose Accelerate config pins another mixed precision would silently train without autocast
+    lora = benchlib.make_scenario(
+        {**base, "peft": "lora", "master_weights": "float32", "distributed": "fsdp1"}, {}, "x"
+    )
+    pinned = run_benchmarks.resolve_stack("accelerate-fsdp1-qlora-foak", "fsdp1")
+    with pytest.raises(benchlib.ScenarioError, match="pins mixed_precision: no"):
+        run_benchmarks.write_accelerate_config(
+            lora, pinned, tmp_path / "bad.yaml", on_cpu=False, entry=run_benchmarks.ENTRY_SECTION, extra_base=None
+        )
+
+
+@pytest.mark.slow
+def test_full_ft_zero3_row_follows_its_fp32_master_weights_reference_on_cpu(tmp_path: Path) -> None:
+    """bf16 on CPU: the ZeRO-3 full fine-tuning row (bf16 weights, DeepSpeed's float32 partitions) and its reference
+    without DeepSpeed (float32 weights under CPU bf16 autocast), both with the fused-ops kernels, through the runner:
+    the parity columns say they agree step by step."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, str(BENCH / "run_benchmarks.py"), "run", str(DS_FILE), "--device", "cpu", "--out", str(out),
+        "--only", "full-foak-zero3", "full-foak", "--set", "dtype=bfloat16", "seq_len=32", "batch_size=1", "steps=6",
+        "warmup_steps=1", "learning_rate=1.0e-4", "--model-set", "hidden_size=32", "intermediate_size=64",
+        "num_hidden_layers=1", "num_attention_heads=2", "num_key_value_heads=1", "vocab_size=8192",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = {r["scenario"]: r for r in csv.DictReader((out / "results.csv").open(encoding="utf-8"))}
+    z3, ref = rows["full-foak-zero3"], rows["full-foak"]
+    assert z3["status"] == "ok" and ref["status"] == "ok", rows
+    assert ref["master_weights"] == "float32" and z3["master_weights"] == "dtype"
+    assert z3["scaling_reference"] == "full-foak" and z3["loss_vs_1gpu_match"] == "yes"
+    assert float(z3["loss_vs_1gpu_max_rel_diff"]) < 1e-3
+    log = (out / "logs" / "full-foak.log").read_text(encoding="utf-8")
+    assert "master weights: float32" in log and "autocast bf16 (cpu)" in log
+    losses = json.loads((out / "losses.json").read_text(encoding="utf-8"))
+    assert len(set(losses["full-foak"])) == 6  # it trains
