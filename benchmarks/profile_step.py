@@ -22,7 +22,7 @@ time, Triton launches per step, cProfile). It leaves out what only a GPU costs (
 launcher, device queries) and the padding-free plugin uses its CPU backend, so compare stacks and versions of
 the code with it, not absolute times.
 ``--launch-bench`` times the host cost of one launch (``OUT/launch_bench.md``): a torch op, a bare Triton
-``kernel[grid](args)``, the same compiled kernel launched directly, and the RMSNorm kernel's Python entry points;
+``kernel[grid] call``, the same compiled kernel launched directly, and the RMSNorm kernel's Python entry points;
 and the host cost of ``F.linear`` (8B shapes) and the Triton RMSNorm, forward + backward, with the row count fixed,
 new every call, changing among seen values, or rounded up to 128 (:func:`shape_change_bench`).
 With ``--layout flatten``, ``--batches K`` cycles through K different batches (a new row length every step, as in
@@ -553,7 +553,7 @@ def launch_bench(out: Path) -> None:
     torch.cuda.synchronize()
     cases = {
         "torch x.add_(0.0) (one aten op)": lambda: x.add_(0.0),
-        "triton kernel[grid](args) bare": bare,
+        "triton kernel[grid] call bare": bare,
         "_forward (launcher: reshape, empty x2, launch)": lambda: rms._forward(x, w, 1e-5, 0.0),
         "custom op rms_norm_fwd (eager dispatch)": lambda: torch.ops.fms_accel_kernels.rms_norm_fwd(x, w, 1e-5, 0.0),
         "torch.cuda.mem_get_info() (fused linear CE sizes its chunks with it)": torch.cuda.mem_get_info,
@@ -573,7 +573,7 @@ def launch_bench(out: Path) -> None:
         torch.cuda.synchronize()
         if not torch.equal(y, expected):
             raise RuntimeError("the direct launch wrote a different result")
-        cases["triton CompiledKernel[grid](...) direct"] = lambda: runner(*args)
+        cases["triton CompiledKernel[grid] call direct"] = lambda: runner(*args)
     except (AttributeError, TypeError, RuntimeError, ValueError) as exc:  # reported; the rest still runs
         print(f"[launch_bench] direct launch not measured: {type(exc).__name__}: {exc}", flush=True)
     lines = [f"triton {triton.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name(0)}", "",
