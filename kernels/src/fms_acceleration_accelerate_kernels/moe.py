@@ -52,7 +52,10 @@ the GEMMs read scattered token rows through the sort index instead of copying th
      token's ``k`` rows.
 
   Transient backward buffers: ``dh`` (S, 2I), ``w a`` (S, I) (freed after ``dW_d``), ``dx_rows`` (S, H), and
-  with two passes ``da`` (S, I) (freed after the second).
+  with two passes ``da`` (S, I) (freed after the second). The saved ``h`` is dropped once the activation backward
+  has read it, before the weight gradients are allocated (under non-reentrant activation checkpointing that frees
+  it: at the weight-gradient peak only ``dh`` is live, against transformers' ``grouped_mm``'s gathered tokens
+  (S, H) and its (S, 2I) projection gradient).
 
 Math in fp32 accumulators, one rounding per stored tensor; bf16/fp16 operands use tensor cores, fp32 operands
 TF32 when ``torch.backends.cuda.matmul.allow_tf32`` is on and IEEE fp32 otherwise. In interpreter mode the dots
@@ -1403,9 +1406,15 @@ def _bias_grad_torch(g, g_gather, routing, scale, dtype):
     return db.index_add_(0, experts, vals).to(dtype)
 
 
-def _backward_impl(dout, hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, h, routing,
-                   layout, needs, launch):  # fmt: skip
-    """Gradients (hidden, top_k_weights, gate_up, down, gate_up_bias, down_bias), None where not needed."""
+def _backward_impl(dout, saved, routing, layout, needs, launch):
+    """Gradients (hidden, top_k_weights, gate_up, down, gate_up_bias, down_bias), None where not needed.
+
+    ``saved``: the list ``[hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, h]``, emptied
+    here, so that ``h`` (S, 2I) goes as soon as the activation backward has read it, before the weight gradients are
+    allocated. (Under non-reentrant activation checkpointing the unpacked recomputed ``h`` is referenced only from
+    here; without checkpointing autograd's saved variable keeps it until the backward returns, as before.)"""
+    hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, h = saved
+    saved.clear()
     need_x, need_w, need_gu, need_d, need_gub, need_db = needs
     dout = dout.contiguous()
     weights = top_k_weights.reshape(-1)
@@ -1413,6 +1422,7 @@ def _backward_impl(dout, hidden, top_k_index, top_k_weights, gate_up, down, gate
     dh, aw, dw_rows = moe_down_backward_triton(
         dout, down, h, weights, routing, layout, need_dh=need_dh, need_aw=need_d, need_dw=need_w, launch=launch
     )
+    del h
     d_hidden = d_weights = d_gate_up = d_down = d_gate_up_bias = d_down_bias = None
     if need_db:
         d_down_bias = torch.empty_like(down_bias)
@@ -1473,13 +1483,10 @@ class _MoEExpertsFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, h = ctx.saved_tensors
         n = ctx.needs_input_grad
         needs = (n[0], n[2], n[3], n[4], n[5], n[6])
-        grads = _backward_impl(
-            dout, hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, h, ctx.routing,
-            ctx.layout, needs, ctx.launch,
-        )  # fmt: skip
+        # the saved tensors go in a list that the backward empties: no reference to h stays in this frame
+        grads = _backward_impl(dout, list(ctx.saved_tensors), ctx.routing, ctx.layout, needs, ctx.launch)
         d_hidden, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias = grads
         return d_hidden, None, d_weights, d_gate_up, d_down, d_gate_up_bias, d_down_bias, None, None, None
 
@@ -1552,10 +1559,8 @@ def _moe_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = _Layout(act, gate_first, interleaved, transposed, alpha, limit)
     routing = _routing_from(perm, inv_perm, offsets, gate_up.shape[0], top_k_index.shape[1])
-    grads = _backward_impl(
-        dout, hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, h, routing, layout,
-        tuple(needs), None,
-    )  # fmt: skip
+    saved = [hidden, top_k_index, top_k_weights, gate_up, down, gate_up_bias, down_bias, h]
+    grads = _backward_impl(dout, saved, routing, layout, tuple(needs), None)
     return tuple(g if g is not None else dout.new_empty(0) for g in grads)
 
 

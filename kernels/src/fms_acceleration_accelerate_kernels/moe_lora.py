@@ -313,7 +313,7 @@ class _MoELoRAExpertsFunction(torch.autograd.Function):
         else:
             da = h
         dh, aw, dw_rows = moe_act_backward_triton(da, h, weights, routing, layout, need_dh, need_a_d, need_w)
-        del da
+        del da, h  # h (S, 2I) is freed here under non-reentrant activation checkpointing (see moe.py)
         d_a_gu = d_b_gu = d_a_d = d_b_d = None
         if need_b_d:  # dB_d[e] = s g^T (w u_d)
             wu = u_d * weights[routing.perm.long()].to(u_d.dtype)[:, None]
