@@ -709,7 +709,7 @@ CSV_COLUMNS = (
     "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s", "padding_fraction",
     "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib", "gpu_mem_gib",
     "state_alloc_gib", "forward_alloc_gib", "prepare_peak_alloc_gib", "train_peak_alloc_gib",
-    "allgather_bytes_per_step", "reduce_scatter_bytes_per_step",
+    "device_allocs_per_step", "alloc_retries", "allgather_bytes_per_step", "reduce_scatter_bytes_per_step",
     "throughput_ratio", "memory_ratio", "reserved_ratio",
     "scaling_reference", "scaling_efficiency", "loss_vs_1gpu_max_rel_diff", "loss_vs_1gpu_match",
     "fit_target_layers", "fit_gib_per_layer", "fit_peak_alloc_gib_extrapolated", "fit_verdict",

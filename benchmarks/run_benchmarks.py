@@ -566,7 +566,7 @@ def fill_result(row: dict[str, Any], result: Mapping[str, Any]) -> None:
         "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s",
         "padding_fraction", "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib",
         "gpu_mem_gib", "state_alloc_gib", "forward_alloc_gib", "prepare_peak_alloc_gib", "train_peak_alloc_gib",
-        "allgather_bytes_per_step",
+        "device_allocs_per_step", "alloc_retries", "allgather_bytes_per_step",
         "reduce_scatter_bytes_per_step", "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version", "bitsandbytes", "triton",
         "liger_kernel", "deepspeed", "python", "date", "entry", "patches", "experts_implementation",
     ):  # fmt: skip
@@ -790,7 +790,7 @@ def compute_fits(rows: list[dict[str, Any]], s_by_name: Mapping[str, Scenario]) 
 DIGITS = {
     "train_tokens_per_s": 1, "train_tokens_per_s_per_gpu": 1, "step_time_s": 4, "step_time_p50_s": 4,
     "padding_fraction": 4, "peak_alloc_gib": 3, "peak_reserved_gib": 3, "peak_rss_gib": 3, "gpu_mem_gib": 1,
-    "state_alloc_gib": 3, "forward_alloc_gib": 3, "prepare_peak_alloc_gib": 3, "train_peak_alloc_gib": 3,
+    "device_allocs_per_step": 2, "state_alloc_gib": 3, "forward_alloc_gib": 3, "prepare_peak_alloc_gib": 3, "train_peak_alloc_gib": 3,
     "fit_train_gib_per_layer": 3, "fit_train_peak_alloc_gib_extrapolated": 2,
     "throughput_ratio": 3, "memory_ratio": 3, "reserved_ratio": 3, "loss_first": 4, "loss_final": 4,
     "loss_max_rel_diff": 5, "wall_s": 1, "scaling_efficiency": 3, "loss_vs_1gpu_max_rel_diff": 5,

@@ -277,6 +277,13 @@ def experts_lora_route(framework: Any) -> str:
     return ""
 
 
+def allocator_counts(torch: Any, device: Any) -> list[int]:
+    """The CUDA caching allocator's device allocations (``cudaMalloc`` calls) and its retries (an allocation that
+    failed, freed the cache and tried again: a synchronising ``cudaFree`` of every cached block) so far."""
+    stats = torch.cuda.memory_stats(device)
+    return [int(stats.get("num_device_alloc", 0)), int(stats.get("num_alloc_retries", 0))]
+
+
 def bucket_flat_rows(batches: list[dict[str, Any]], framework: Any) -> list[dict[str, Any]]:
     """The padding-free plugin's ``pad_to_multiple_of`` applied to the flattened rows this script feeds the model
     directly (no DataLoader, so the plugin's collate wrapper never sees them): each row gets the filler example the
@@ -786,6 +793,7 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
     padded_tokens = 0
     t_start = 0.0
     counter = CollectiveCounter()
+    allocator_start = [0, 0]
     armed = [False]  # the backward trace of the first timed step only
     if trace_memory:
         trace_backward_memory(torch, model, armed)
@@ -799,6 +807,8 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
                     torch.cuda.synchronize()
                 if accelerator.num_processes > 1:
                     timed.enter_context(counter.counting())  # reverted when the loop ends
+                if on_cuda:  # the caching allocator's counters: new device allocations in the timed steps
+                    allocator_start = allocator_counts(torch, device)
                 if profile_dir:
                     from torch.profiler import ProfilerActivity, profile
 
@@ -833,6 +843,9 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
         if on_cuda:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - t_start
+    allocator = (
+        [end - start for end, start in zip(allocator_counts(torch, device), allocator_start)] if on_cuda else [0, 0]
+    )
     stamps["train_end"] = time.time()
     clock.done("train")
     if profiler is not None:  # the kernels of the Chrome trace (its documented export: name, ts / dur in us)
@@ -862,6 +875,8 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
         ).float()  # fmt: skip
     else:
         peaks = torch.zeros(6, device=device)
+    allocator = accelerator.gather(torch.tensor(allocator, dtype=torch.float64, device=device)).view(-1, 2)
+    allocator = allocator.max(dim=0).values.tolist()
     rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0], device=device)
     peaks = accelerator.gather(peaks).view(-1, 6).max(dim=0).values
     rss = accelerator.gather(rss).max()
@@ -886,6 +901,8 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
         "train_peak_alloc_gib": peaks[5].item() / GIB if on_cuda else None,
         "peak_rss_gib": rss.item() / GIB,
         "gpu_mem_gib": torch.cuda.get_device_properties(device).total_memory / GIB if on_cuda else None,
+        "device_allocs_per_step": allocator[0] / timed_steps if on_cuda else None,
+        "alloc_retries": int(allocator[1]) if on_cuda else None,
         "allgather_bytes_per_step": int(comm[0].item()) if accelerator.num_processes > 1 else None,
         "reduce_scatter_bytes_per_step": int(comm[1].item()) if accelerator.num_processes > 1 else None,
         "collective_calls": dict(counter.calls),
