@@ -710,7 +710,7 @@ CSV_COLUMNS = (
     "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib", "gpu_mem_gib",
     "state_alloc_gib", "forward_alloc_gib", "prepare_peak_alloc_gib", "train_peak_alloc_gib",
     "device_allocs_per_step", "alloc_retries", "allgather_bytes_per_step", "reduce_scatter_bytes_per_step",
-    "throughput_ratio", "memory_ratio", "reserved_ratio",
+    "param_bytes_per_rank", "buffer_bytes_per_rank", "throughput_ratio", "memory_ratio", "reserved_ratio",
     "scaling_reference", "scaling_efficiency", "loss_vs_1gpu_max_rel_diff", "loss_vs_1gpu_match",
     "fit_target_layers", "fit_gib_per_layer", "fit_peak_alloc_gib_extrapolated", "fit_verdict",
     "fit_train_gib_per_layer", "fit_train_peak_alloc_gib_extrapolated",

@@ -567,7 +567,7 @@ def fill_result(row: dict[str, Any], result: Mapping[str, Any]) -> None:
         "padding_fraction", "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib",
         "gpu_mem_gib", "state_alloc_gib", "forward_alloc_gib", "prepare_peak_alloc_gib", "train_peak_alloc_gib",
         "device_allocs_per_step", "alloc_retries", "allgather_bytes_per_step",
-        "reduce_scatter_bytes_per_step", "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version", "bitsandbytes", "triton",
+        "reduce_scatter_bytes_per_step", "param_bytes_per_rank", "buffer_bytes_per_rank", "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version", "bitsandbytes", "triton",
         "liger_kernel", "deepspeed", "python", "date", "entry", "patches", "experts_implementation",
     ):  # fmt: skip
         if key in result:

@@ -467,6 +467,37 @@ def _numel(p: Any) -> int:
     return int(getattr(p, "ds_numel", None) or p.numel())
 
 
+def tensor_bytes(tensor: Any) -> int:
+    """Bytes this process stores for ``tensor``: DeepSpeed ZeRO-3's partition (``ds_tensor``) for a partitioned
+    parameter; for a tensor subclass (FSDP2's ``DTensor``, a packed quantized weight whose shape and dtype are the
+    logical ones) the bytes of the inner tensors it flattens to (``__tensor_flatten__``), recursively; else
+    ``numel * element_size``."""
+    import torch
+
+    partition = getattr(tensor, "ds_tensor", None)
+    if partition is not None:
+        return tensor_bytes(partition)
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        inner = (getattr(tensor, name) for name in names)
+        return sum(tensor_bytes(value) for value in inner if isinstance(value, torch.Tensor))
+    return tensor.numel() * tensor.element_size()
+
+
+def held_bytes(model: Any) -> tuple[int, int]:
+    """``(parameter bytes, buffer bytes)`` this process holds of ``model`` after prepare (:func:`tensor_bytes`:
+    local shards, packed storage; under FSDP1 with ``use_orig_params`` the views into this rank's flat shard),
+    every distinct tensor counted once."""
+    seen: set[int] = set()
+    totals = [0, 0]
+    for index, tensors in ((0, model.parameters()), (1, model.buffers())):
+        for tensor in tensors:
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                totals[index] += tensor_bytes(tensor)
+    return totals[0], totals[1]
+
+
 def is_deepspeed(accelerator: Any) -> bool:
     return str(accelerator.distributed_type).endswith("DEEPSPEED")
 
@@ -769,6 +800,7 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
     # peak of loading + preparing (a loader may hold more than the sharded state for a while), then the peak
     # counters restart so that the training steps get their own peak
     state_alloc = torch.cuda.memory_allocated(device) if on_cuda else 0
+    held = held_bytes(model)  # the model state of this rank (its shards), whatever the device
     prepare_peak = torch.cuda.max_memory_allocated(device) if on_cuda else 0
     prepare_peak_reserved = torch.cuda.max_memory_reserved(device) if on_cuda else 0
     if on_cuda:
@@ -880,6 +912,7 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
     rss = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0], device=device)
     peaks = accelerator.gather(peaks).view(-1, 6).max(dim=0).values
     rss = accelerator.gather(rss).max()
+    held = accelerator.gather(torch.tensor([held], dtype=torch.float64, device=device)).view(-1, 2).max(dim=0).values
     # every rank's go and start of training (wall clock): the runner checks that none began before the previous
     # row's processes had exited
     moments = torch.tensor([stamps.get("go_seen", 0.0), stamps["train_start"]], dtype=torch.float64, device=device)
@@ -900,6 +933,8 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
         "prepare_peak_alloc_gib": peaks[4].item() / GIB if on_cuda else None,
         "train_peak_alloc_gib": peaks[5].item() / GIB if on_cuda else None,
         "peak_rss_gib": rss.item() / GIB,
+        "param_bytes_per_rank": int(held[0].item()),
+        "buffer_bytes_per_rank": int(held[1].item()),
         "gpu_mem_gib": torch.cuda.get_device_properties(device).total_memory / GIB if on_cuda else None,
         "device_allocs_per_step": allocator[0] / timed_steps if on_cuda else None,
         "alloc_retries": int(allocator[1]) if on_cuda else None,
