@@ -1374,11 +1374,6 @@ class Runner:
         gptq_model = self.is_gptq_model(s.model)
         if s.peft == "qlora" and not gptq_model and not benchlib.has_module("bitsandbytes"):
             raise SkipScenario("bitsandbytes is not installed (carry its wheel in wheels/)")
-        if self.on_cpu and s.distributed == "fsdp1":
-            raise SkipScenario(
-                "FSDP1 needs a GPU here (torch's FSDP1 rejects the CPU device_id Accelerate passes; the CPU seam "
-                "covers FSDP2)"
-            )
         if not self.on_cpu and s.num_gpus > self.num_gpus:
             raise SkipScenario(f"needs {s.num_gpus} GPUs, {self.num_gpus} visible")
         if s.distributed in benchlib.DEEPSPEED_STAGES and not benchlib.has_module("deepspeed"):

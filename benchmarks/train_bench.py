@@ -593,6 +593,13 @@ def cpu_fsdp_seam(accelerator: Any, version: int) -> str:
         kwargs["use_orig_params"] = True
     accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(**kwargs)
     accelerator.state.distributed_type = DistributedType.FSDP
+    if version == 1 and accelerator.device.index is not None:
+        # Accelerate's multi-CPU device is "cpu:0" (its index), which FSDP1 passes on as device_id; torch's FSDP1
+        # takes the compute device of a CPU module as plain "cpu" and refuses the two as inconsistent
+        import torch
+        from accelerate import PartialState
+
+        PartialState().device = accelerator.state.device = torch.device("cpu")
     return f"cpu seam: FSDP{version} over gloo"
 
 
@@ -603,9 +610,14 @@ class CollectiveCounter:
     ``all_gather_into_tensor`` / ``all_gather_single`` / ``all_gather`` / ``_all_gather_base`` and the
     ``reduce_scatter`` equivalents) through a :class:`~fms_acceleration_accelerate.patching.PatchRecorder`, so
     every wrapper is recorded and :meth:`counting` reverts them on exit. All-gather bytes: the gathered output
-    (every rank's shard, this rank's included); reduce-scatter bytes: the full input. Collectives issued inside
-    torch's C++ (DDP's bucketed all-reduce) are not seen.
+    (every rank's shard, this rank's included); reduce-scatter bytes: the full input. Under DeepSpeed, whose
+    communication backend keeps the torch all-gather / reduce-scatter functions it found at start-up, those two
+    attributes of the backend are wrapped too (ZeRO-3's parameter gathers and gradient reduce-scatters, ZeRO-2's
+    parameter all-gather after the step). Not seen: all-reduces and reduces (DDP's bucketed all-reduce inside
+    torch's C++, ZeRO-2's gradient reduction).
     """
+
+    DEEPSPEED = (("allgather", "all_gather_function", 0), ("reduce_scatter", "reduce_scatter_function", 1))
 
     GATHER = ("all_gather_into_tensor", "all_gather_single", "_all_gather_base", "all_gather")
     SCATTER = ("reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base", "reduce_scatter")
@@ -654,6 +666,15 @@ class CollectiveCounter:
                     recorder.patch(
                         dist, name, self._wrap(kind, position, original), plugin="train_bench",
                         description=f"byte counter ({kind})",
+                    )  # fmt: skip
+            deepspeed_comm = sys.modules.get("deepspeed.comm.comm")
+            backend = getattr(deepspeed_comm, "cdb", None)
+            for kind, name, position in self.DEEPSPEED if backend is not None else ():
+                original = getattr(backend, name, None)
+                if original is not None:
+                    recorder.patch(
+                        backend, name, self._wrap(kind, position, original), plugin="train_bench",
+                        description=f"byte counter ({kind}, DeepSpeed backend)",
                     )  # fmt: skip
             yield self
 
