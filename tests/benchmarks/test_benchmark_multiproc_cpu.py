@@ -3,6 +3,9 @@ CPU multi-process scenarios file (GPTQ-LoRA under FSDP2, plugin stacks under Dee
 
 from __future__ import annotations
 
+import csv
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -80,3 +83,33 @@ def test_multiproc_cpu_rows_have_a_one_process_reference_and_replicated_data() -
             assert by_name[ref["scenario"]].num_gpus == 1 and by_name[ref["scenario"]].distributed in ("ddp", None)
     assert refs["gptq-lora-fsdp2-x4"]["scenario"] == "gptq-lora-x1"
     assert refs["qlora-foak-zero3-x2"]["scenario"] == "qlora-foak"
+
+
+@pytest.mark.slow
+def test_gptq_lora_under_fsdp1_and_fsdp2_on_gloo_matches_one_process(tmp_path: Path) -> None:
+    """GPTQ-LoRA on 2 gloo processes under FSDP1 and FSDP2 (replicated data) follows the 1-process loss curve step
+    by step; under FSDP2 each rank holds about half of the packed model, and the per-step all-gather of the packed
+    model is well under the 16-bit model's."""
+    out = tmp_path / "out"
+    rows_run = ["gptq-lora-x1", "gptq-lora-fsdp2-x2", "gptq-lora-fsdp1-x2", "gptq-lora-fsdp2-x2-bf16",
+                "lora-fsdp2-x2-bf16"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, "benchmarks/run_benchmarks.py", "run", str(SCENARIOS), "--only", *rows_run,
+         "--device", "cpu", "--out", str(out), "--work-dir", str(tmp_path / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**env, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with (out / "results.csv").open(newline="", encoding="utf-8") as handle:
+        rows = {r["scenario"]: r for r in csv.DictReader(handle)}
+    for name in rows_run:
+        assert rows[name]["status"] == "ok", (name, rows[name]["note"])
+    one = rows["gptq-lora-x1"]
+    whole = int(one["param_bytes_per_rank"]) + int(one["buffer_bytes_per_rank"])  # packed buffers in one process
+    for name in ("gptq-lora-fsdp2-x2", "gptq-lora-fsdp1-x2"):
+        row = rows[name]
+        assert row["scaling_reference"] == "gptq-lora-x1" and row["loss_vs_1gpu_match"] == "yes", row
+        assert float(row["loss_vs_1gpu_max_rel_diff"]) <= 1e-3
+        assert 0.45 * whole < int(row["param_bytes_per_rank"]) < 0.6 * whole, (name, whole, row["param_bytes_per_rank"])
+    packed, dense = rows["gptq-lora-fsdp2-x2-bf16"], rows["lora-fsdp2-x2-bf16"]
+    assert 0 < int(packed["allgather_bytes_per_step"]) < 0.5 * int(dense["allgather_bytes_per_step"])
