@@ -113,3 +113,28 @@ def test_gptq_lora_under_fsdp1_and_fsdp2_on_gloo_matches_one_process(tmp_path: P
         assert 0.45 * whole < int(row["param_bytes_per_rank"]) < 0.6 * whole, (name, whole, row["param_bytes_per_rank"])
     packed, dense = rows["gptq-lora-fsdp2-x2-bf16"], rows["lora-fsdp2-x2-bf16"]
     assert 0 < int(packed["allgather_bytes_per_step"]) < 0.5 * int(dense["allgather_bytes_per_step"])
+
+
+@pytest.mark.slow
+def test_zero3_on_two_processes_counts_deepspeed_collectives_and_halves_the_parameters(tmp_path: Path) -> None:
+    """LoRA + fused ops under ZeRO-3 on 2 gloo processes against the same stack in one process: the loss curves
+    agree step by step, each rank holds half the parameters, the all-gathers DeepSpeed issues through its
+    communication backend are counted, and the reduce-scatter is the LoRA gradients (float32)."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path / "out"
+    rows_run = ["lora-foak", "lora-foak-zero3-x2"]
+    done = subprocess.run(
+        [sys.executable, "benchmarks/run_benchmarks.py", "run", str(SCENARIOS), "--only", *rows_run,
+         "--device", "cpu", "--out", str(out), "--work-dir", str(tmp_path / "work")],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with (out / "results.csv").open(newline="", encoding="utf-8") as handle:
+        rows = {r["scenario"]: r for r in csv.DictReader(handle)}
+    one, zero3 = rows["lora-foak"], rows["lora-foak-zero3-x2"]
+    assert one["status"] == "ok" and zero3["status"] == "ok", (one["note"], zero3["note"])
+    assert zero3["scaling_reference"] == "lora-foak" and zero3["loss_vs_1gpu_match"] == "yes"
+    assert int(zero3["param_bytes_per_rank"]) == int(one["param_bytes_per_rank"]) // 2
+    lora_values = 2 * 8 * (256 + 256) + 2 * 8 * (256 + 128)  # per layer: r8 on q, o (256 -> 256), k, v (256 -> 128)
+    assert int(zero3["reduce_scatter_bytes_per_step"]) == 2 * lora_values * 4  # 2 layers, float32
+    assert int(zero3["allgather_bytes_per_step"]) >= int(one["param_bytes_per_rank"])  # every weight at least once
