@@ -146,22 +146,28 @@ def test_every_deepspeed_row_of_our_stacks_has_its_reference_without_deepspeed()
     )
 
 
+def _run_tiny_rows(out: Path, names: list[str], settings: list[str]) -> dict[str, dict[str, str]]:
+    """Run rows ``names`` of the DeepSpeed file on CPU through the runner into ``out`` (tiny Llama, batch 1 x 32,
+    one warm-up step, plus ``settings``) and return the results CSV's rows by scenario name."""
+    cmd = [
+        sys.executable, str(BENCH / "run_benchmarks.py"), "run", str(DS_FILE), "--device", "cpu", "--out", str(out),
+        "--only", *names, "--set", "seq_len=32", "batch_size=1", "warmup_steps=1", *settings,
+        "--model-set", "hidden_size=32", "intermediate_size=64", "num_hidden_layers=1", "num_attention_heads=2",
+        "num_key_value_heads=1", "vocab_size=8192",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return {r["scenario"]: r for r in csv.DictReader((out / "results.csv").open(encoding="utf-8"))}
+
+
 @pytest.mark.slow
 def test_zero3_row_follows_its_run_without_deepspeed_through_the_runner(tmp_path: Path) -> None:
     """A tiny LoRA + fused-ops row under ZeRO-3 (DeepSpeed's CPU accelerator) and the same stack without DeepSpeed,
     through the runner and stock ``accelerate launch``: both train, and the parity columns say they agree."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, str(BENCH / "run_benchmarks.py"), "run", str(DS_FILE), "--device", "cpu", "--out", str(out),
-        "--only", "lora-foak-zero3", "lora-foak", "--set", "dtype=float32", "seq_len=32", "batch_size=1", "steps=4",
-        "warmup_steps=1", "--model-set", "hidden_size=32", "intermediate_size=64", "num_hidden_layers=1",
-        "num_attention_heads=2", "num_key_value_heads=1", "vocab_size=8192",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = {r["scenario"]: r for r in csv.DictReader((out / "results.csv").open(encoding="utf-8"))}
+    rows = _run_tiny_rows(out, ["lora-foak-zero3", "lora-foak"], ["dtype=float32", "steps=4"])
     z3 = rows["lora-foak-zero3"]
     assert z3["status"] == "ok" and rows["lora-foak"]["status"] == "ok", rows
     assert z3["deepspeed"] and z3["active_plugins"] == "fused_ops_and_kernels"
@@ -227,16 +233,7 @@ def test_full_ft_zero3_row_follows_its_fp32_master_weights_reference_on_cpu(tmp_
     the parity columns say they agree step by step."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "out"
-    cmd = [
-        sys.executable, str(BENCH / "run_benchmarks.py"), "run", str(DS_FILE), "--device", "cpu", "--out", str(out),
-        "--only", "full-foak-zero3", "full-foak", "--set", "dtype=bfloat16", "seq_len=32", "batch_size=1", "steps=6",
-        "warmup_steps=1", "learning_rate=1.0e-4", "--model-set", "hidden_size=32", "intermediate_size=64",
-        "num_hidden_layers=1", "num_attention_heads=2", "num_key_value_heads=1", "vocab_size=8192",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = {r["scenario"]: r for r in csv.DictReader((out / "results.csv").open(encoding="utf-8"))}
+    rows = _run_tiny_rows(out, ["full-foak-zero3", "full-foak"], ["dtype=bfloat16", "steps=6", "learning_rate=1.0e-4"])
     z3, ref = rows["full-foak-zero3"], rows["full-foak"]
     assert z3["status"] == "ok" and ref["status"] == "ok", rows
     assert ref["master_weights"] == "float32" and z3["master_weights"] == "dtype"
