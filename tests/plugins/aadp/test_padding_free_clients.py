@@ -137,7 +137,8 @@ def test_hf_trainer_under_the_launched_section(model_dir, tmp_path, monkeypatch)
     torch.testing.assert_close(torch.tensor(_losses(trainer)), torch.tensor(_losses(padded)), rtol=1e-4, atol=1e-5)
 
 
-def test_trl_sft_trainer_padding_free(model_dir, tmp_path):
+@pytest.mark.parametrize("multiple", [0, 16])
+def test_trl_sft_trainer_padding_free(model_dir, tmp_path, multiple):
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
@@ -154,12 +155,16 @@ def test_trl_sft_trainer_padding_free(model_dir, tmp_path):
         return _losses(trainer), seen.shapes
 
     padded_losses, padded_shapes = run_trl(load_tiny(model_dir), padding_free=False)
-    framework = padding_free_framework()
+    framework = padding_free_framework(pad_to_multiple_of=multiple)
     with framework:
         model, _ = framework.augmentation(load_tiny(model_dir), None)
         losses, shapes = run_trl(model, padding_free=True, callbacks_from=framework)
         assert framework.plugin("padding_free").backend_of(model).name == "sdpa"
     assert all(shape[0] == 1 for shape, _ in shapes) and all(shape[0] == 3 for shape, _ in padded_shapes)
+    if multiple:  # every flattened row rounded up by the filler example, the losses still those of the padded run
+        assert all(shape[1] % multiple == 0 for shape, _ in shapes), shapes
+    else:  # without the option some rows are not multiples of 16 (so the check above means something)
+        assert any(shape[1] % 16 for shape, _ in shapes), shapes
     assert len(losses) == STEPS
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(padded_losses), rtol=1e-4, atol=1e-5)
 
