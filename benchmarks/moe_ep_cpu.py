@@ -20,7 +20,10 @@ takes its ``ROWS / N`` rows of every batch (stock ``Accelerator(cpu=True)``, DDP
 Accelerate refuses FSDP without a GPU). The one-process reference is the same model and optimizer with
 transformers' eager experts on the whole batches, in the parent process. The all-to-all bytes are counted by
 wrapping ``torch.distributed.all_to_all_single`` (and ``all_reduce``) inside the worker for the training steps
-only (restored afterwards); ``a2a_offrank_bytes`` leaves out the chunk a process sends to itself.
+only (restored afterwards); ``a2a_offrank_bytes`` leaves out the chunk a process sends to itself. Every step, the
+counted bytes summed over the processes are checked against what the dispatch sends for the routing it was given
+(:func:`dispatch_bytes`: one hidden row per token and destination process, slot metadata, counts): column
+``a2a_bytes_as_expected``, and the exit status.
 
 Usage::
 
@@ -192,11 +195,23 @@ class CollectiveCounter:
         self._dist.all_to_all_single, self._dist.all_reduce = self._originals
 
 
+def dispatch_bytes(ep: int, slots: int, rows: int, row_bytes: int, weight_bytes: int, backward: bool) -> int:
+    """Bytes one expert-parallel layer call hands to ``all_to_all_single`` for the slots and rows one process sends
+    (the dispatch protocol of ``ExpertParallel.experts_forward``): the count exchange (``ep`` x 2 int64), per slot
+    its row index and local expert id (2 int64) and its routing weight, the ``rows`` distinct (token, destination)
+    hidden rows out and as many combined rows back; the backward sends the same rows both ways again and the
+    weights' gradients. The combined rows that come back are the receiver's to send; counted here with the rows they
+    answer, so the sum over the processes of an EP group is exact (and so is the off-rank part, given the off-rank
+    ``slots`` and ``rows``; the count exchange's off-rank part is ``(ep - 1) x 2`` int64 instead)."""
+    passes = 2 if backward else 1
+    return ep * 2 * 8 + slots * (2 * 8 + passes * weight_bytes) + 2 * passes * rows * row_bytes
+
+
 class RoutingCounter:
     """Counts, per ``experts_forward`` call of the plugin's expert parallelism (an instance attribute shadowing the
     method while installed, removed by ``close``), the routing slots this process sends and the distinct
-    (token, destination process) pairs among them: what a dispatch sending each token once per destination
-    process would send instead of once per slot."""
+    (token, destination process) pairs among them (the rows the dispatch sends: one per token and destination
+    process, whatever the number of its slots there), and the all-to-all bytes :func:`dispatch_bytes` expects."""
 
     def __init__(self, expert_parallel: Any) -> None:
         import torch.distributed as dist
@@ -205,23 +220,31 @@ class RoutingCounter:
         self.reset()
         method = type(expert_parallel).experts_forward
 
-        def experts_forward(shard, hidden, top_k_index, *args, **kwargs):
+        def experts_forward(shard, hidden, top_k_index, top_k_weights, *args, **kwargs):
             group = expert_parallel.groups.ep_group
             me = dist.get_rank(group)
             owner = torch.div(top_k_index, shard.count, rounding_mode="floor")  # (T, k)
             size = dist.get_world_size(group)
             hit = torch.zeros(owner.shape[0], size, dtype=torch.bool).scatter_(1, owner, True)  # (T, ranks)
-            self.slots += owner.numel()
-            self.offrank_slots += int((owner != me).sum())
-            self.pairs += int(hit.sum())
-            self.offrank_pairs += int(hit.sum() - hit[:, me].sum())
+            slots, offrank_slots = owner.numel(), int((owner != me).sum())
+            pairs, offrank_pairs = int(hit.sum()), int(hit.sum() - hit[:, me].sum())
+            self.slots += slots
+            self.offrank_slots += offrank_slots
+            self.pairs += pairs
+            self.offrank_pairs += offrank_pairs
             self.tokens += owner.shape[0]
-            return method(expert_parallel, shard, hidden, top_k_index, *args, **kwargs)
+            backward = torch.is_grad_enabled() and (hidden.requires_grad or top_k_weights.requires_grad)
+            row_bytes, weight_bytes = hidden.shape[1] * hidden.element_size(), top_k_weights.element_size()
+            self.expected_bytes += dispatch_bytes(size, slots, pairs, row_bytes, weight_bytes, backward)
+            offrank = dispatch_bytes(size, offrank_slots, offrank_pairs, row_bytes, weight_bytes, backward)
+            self.expected_offrank_bytes += offrank - 2 * 8  # less the count exchange's own row
+            return method(expert_parallel, shard, hidden, top_k_index, top_k_weights, *args, **kwargs)
 
         expert_parallel.experts_forward = experts_forward
 
     def reset(self) -> None:
         self.slots = self.offrank_slots = self.pairs = self.offrank_pairs = self.tokens = 0
+        self.expected_bytes = self.expected_offrank_bytes = 0
 
     def close(self) -> None:
         vars(self._ep).pop("experts_forward", None)
@@ -289,7 +312,8 @@ def worker(model_dir: str, method: str, ep_degree: int, wrap: str, steps: int) -
             reduced.append(counter.all_reduce_bytes)
             if routing is not None:
                 routed.append([routing.tokens, routing.slots, routing.offrank_slots, routing.pairs,
-                               routing.offrank_pairs])  # fmt: skip
+                               routing.offrank_pairs, routing.expected_bytes,
+                               routing.expected_offrank_bytes])  # fmt: skip
             value = loss.detach().clone()
             counter.close()  # the loss average below is not the training's traffic
             dist.all_reduce(value)
@@ -342,8 +366,8 @@ FIELDS = [
     "run", "model", "method", "wrap", "nproc", "ep_degree", "status", "experts_per_rank", "expert_param_bytes_per_rank",
     "param_bytes_per_rank", "trainable_dense_bytes_per_rank", "a2a_bytes_per_step_per_rank",
     "a2a_offrank_bytes_per_step_per_rank", "a2a_calls_per_step", "python_all_reduce_bytes_per_step_per_rank",
-    "offrank_slots_per_token", "offrank_ranks_per_token", "offrank_rows_if_once_per_rank", "loss_max_rel_diff",
-    "loss_parity", "ref_loss_change", "diff_vs_change", "losses", "ref_losses", "note",
+    "offrank_slots_per_token", "offrank_ranks_per_token", "offrank_rows_if_once_per_rank", "a2a_bytes_as_expected",
+    "loss_max_rel_diff", "loss_parity", "ref_loss_change", "diff_vs_change", "losses", "ref_losses", "note",
 ]  # fmt: skip
 
 
@@ -362,11 +386,19 @@ def summarise(run: Run, reports: list[dict], ref: list[float], error: str) -> di
         """Mean over the steps after the first, then max over ranks (the busiest rank)."""
         return max(sum(r[key][1:]) / max(1, len(r[key]) - 1) for r in reports)
 
-    if first.get("routing"):  # over every rank and step: [tokens, slots, off-rank slots, pairs, off-rank pairs]
-        totals = [sum(step[i] for r in reports for step in r["routing"]) for i in range(5)]
+    if first.get("routing"):
+        # over every rank and step: [tokens, slots, off-rank slots, pairs, off-rank pairs, expected bytes, off-rank]
+        totals = [sum(step[i] for r in reports for step in r["routing"]) for i in range(7)]
         row["offrank_slots_per_token"] = f"{totals[2] / totals[0]:.2f}"
         row["offrank_ranks_per_token"] = f"{totals[4] / totals[0]:.2f}"
         row["offrank_rows_if_once_per_rank"] = f"{totals[4] / max(1, totals[2]):.2f}"
+        # every step, summed over the processes: the counted bytes are the protocol's (dispatch_bytes)
+        exact = all(
+            sum(r["a2a_bytes"][s] for r in reports) == sum(r["routing"][s][5] for r in reports)
+            and sum(r["a2a_offrank_bytes"][s] for r in reports) == sum(r["routing"][s][6] for r in reports)
+            for s in range(len(first["routing"]))
+        )
+        row["a2a_bytes_as_expected"] = "yes" if exact else "NO"
     row.update(
         status="ok",
         experts_per_rank="/".join(str(e) for e in first["local_experts"]),
@@ -396,8 +428,8 @@ def write(rows: list[dict], out: Path) -> None:
         "run", "status", "experts_per_rank", "expert_param_bytes_per_rank", "param_bytes_per_rank",
         "a2a_bytes_per_step_per_rank", "a2a_offrank_bytes_per_step_per_rank", "a2a_calls_per_step",
         "python_all_reduce_bytes_per_step_per_rank", "offrank_slots_per_token", "offrank_ranks_per_token",
-        "offrank_rows_if_once_per_rank", "loss_max_rel_diff", "loss_parity", "ref_loss_change",
-        "diff_vs_change",
+        "offrank_rows_if_once_per_rank", "a2a_bytes_as_expected", "loss_max_rel_diff", "loss_parity",
+        "ref_loss_change", "diff_vs_change",
     ]  # fmt: skip
     lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
     lines += ["| " + " | ".join(str(r.get(k, "")) for k in shown) + " |" for r in rows]
@@ -437,7 +469,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row.get('note', '')}", flush=True)  # fmt: skip
         write(rows, args.out)
     print((args.out / "moe_ep_cpu.md").read_text(encoding="utf-8"))
-    return 0 if all(r["status"] == "ok" and r["loss_parity"] == "yes" for r in rows) else 1
+    checks = ("loss_parity", "a2a_bytes_as_expected")
+    return 0 if all(r["status"] == "ok" and all(r.get(c, "yes") == "yes" for c in checks) for r in rows) else 1
 
 
 def _worker_entry(argv: list[str]) -> None:

@@ -1,6 +1,7 @@
 """benchmarks/moe_ep_cpu.py: the run list, the tiny models' routing shapes, and one real 2-process expert-parallel run
-(gloo) whose all-to-all byte count must equal what the dispatch sends (counted from the routing, not from the
-counter), whose experts are halved per rank and whose losses match one process."""
+(gloo) whose all-to-all byte count must equal what the dispatch sends (one hidden row per token and destination
+process, counted from the routing, not from the counter), whose experts are halved per rank and whose losses match
+one process."""
 
 from __future__ import annotations
 
@@ -47,17 +48,21 @@ def test_two_process_run_counts_the_dispatch_bytes_and_matches_one_process(tmp_p
 
     reports = [json.loads((tmp_path / "runs" / row["run"] / f"rank{r}.json").read_text()) for r in range(2)]
     slots = ep.ROWS * ep.SEQ * k  # every token's k routing slots, over both processes
-    # per layer and step, over both processes: the counts (2 x 2 int64), the local ids (int64 per slot), the rows
-    # dispatched and combined forward and the same two backward (float32 x hidden per slot, each way)
-    expected = layers * (2 * 2 * 8 + slots * 8 + 4 * slots * hidden * 4)
     for step in range(2):
-        assert sum(r["a2a_bytes"][step] for r in reports) == expected
-        assert all(r["a2a_calls"][step] == 6 * layers for r in reports)
-        # the routing counter: every slot once; the off-rank part of the traffic is the off-rank slots' ids and rows
         tokens, slots_seen, offrank, pairs, offrank_pairs = (
             sum(r["routing"][step][i] for r in reports) for i in range(5)
         )
         assert tokens == ep.ROWS * ep.SEQ * layers and slots_seen == slots * layers
-        assert 0 < offrank < slots_seen and offrank_pairs <= offrank and slots_seen / k <= pairs <= slots_seen
-        assert sum(r["a2a_offrank_bytes"][step] for r in reports) == layers * 2 * 8 + offrank * (8 + 4 * hidden * 4)
+        assert 0 < offrank < slots_seen and offrank_pairs <= offrank and slots_seen / k <= pairs < slots_seen
+        # per layer and step, over both processes: the counts (2 x 2 int64 from each), per slot its row index and
+        # local id (2 int64) and its weight (float32, forward and backward), and one float32 x hidden row per
+        # distinct (token, destination) pair four times (dispatched and combined, forward and backward)
+        expected = layers * 2 * (2 * 2 * 8) + slots_seen * (2 * 8 + 2 * 4) + pairs * 4 * hidden * 4
+        assert sum(r["a2a_bytes"][step] for r in reports) == expected
+        # forward: counts, slot metadata, rows, weights, combined rows; backward: the rows both ways, the weights
+        assert all(r["a2a_calls"][step] == 8 * layers for r in reports)
+        # off-rank: the other process's row of the counts, the off-rank slots' metadata and weights, the off-rank rows
+        expected_offrank = layers * 2 * (2 * 8) + offrank * (2 * 8 + 2 * 4) + offrank_pairs * 4 * hidden * 4
+        assert sum(r["a2a_offrank_bytes"][step] for r in reports) == expected_offrank
     assert float(row["offrank_rows_if_once_per_rank"]) <= 1.0
+    assert row["a2a_bytes_as_expected"] == "yes"  # the benchmark's own check (dispatch_bytes) agrees

@@ -14,6 +14,9 @@ Accelerator from ``$FMS_ACCELERATION_SECTION``), saves a ``save_steps`` checkpoi
 every rank reloads both with plain ``from_pretrained`` (see :func:`trainer_main`). ``framework-api``: the same
 with the section given to the script's own ``AccelerationFramework`` and a stock Trainer (no section reaches the
 trainer's Accelerator).
+
+``dispatch``: no training; one experts layer called directly under expert parallelism, its all-to-all calls
+recorded, against the unsharded layer with transformers' eager experts (see :func:`dispatch_main`).
 """
 
 from __future__ import annotations
@@ -246,13 +249,97 @@ def trainer_main(model_dir: str, out_dir: str, ep_degree: int = 2, framework_api
     return result
 
 
+def dispatch_main(model_dir: str, ep_degree: int, tokens: int = 6) -> dict:
+    """One experts layer (the first MoE layer of a model routing every token to every expert) under expert
+    parallelism, called directly on ``tokens`` tokens per rank, forward and backward, with the shapes and splits of
+    every ``all_to_all_single`` recorded (the function wrapped for these calls only); and the same layer of the
+    unsharded model with transformers' eager experts on every rank's tokens (the one-process reference).
+
+    Two routings: ``all`` (every token to every expert) and ``first_rank`` (every token to two experts of EP rank 0
+    only: the other ranks receive no row and still take part in every exchange, backward included)."""
+    import torch.distributed as dist
+
+    from fms_acceleration_accelerate import AccelerationFramework
+    from fms_acceleration_accelerate.distributed import RunContext
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    framework = AccelerationFramework({"training": {"moe": {"scattermoe": {"ep_degree": ep_degree}}}})
+    plugin = framework.plugin("scattermoe")
+    model = load(model_dir)
+    plugin.shard_experts(model, RunContext(world_size=world, distributed_type="MULTI_CPU"))
+    experts = model.model.layers[0].mlp.experts
+    shard = plugin.expert_parallel.shard_of(experts)
+    reference = load(model_dir, experts_implementation="eager").model.layers[0].mlp.experts
+    total, k = shard.total, model.config.num_experts_per_tok
+    hidden_size = model.config.hidden_size
+
+    g = torch.Generator().manual_seed(11)  # every rank draws every rank's inputs; each takes its own rows
+    hidden = torch.randn(world * tokens, hidden_size, generator=g)
+    target = torch.randn(world * tokens, hidden_size, generator=g)
+    mine = slice(rank * tokens, (rank + 1) * tokens)
+    routings = {
+        "all": torch.stack([torch.randperm(total, generator=g)[:k] for _ in range(world * tokens)]),
+        "first_rank": torch.stack([torch.randperm(2, generator=g) for _ in range(world * tokens)]),
+    }
+    original = dist.all_to_all_single
+    calls: list[dict] = []
+
+    def counting(output, input, output_split_sizes=None, input_split_sizes=None, group=None, **kwargs):
+        calls.append({"shape": list(input.shape), "dtype": str(input.dtype), "splits": list(input_split_sizes or [])})
+        return original(output, input, output_split_sizes, input_split_sizes, group=group, **kwargs)
+
+    result: dict = {"rank": rank, "world": world, "tokens": tokens, "k": k, "experts": total}
+    result["hidden_size"] = hidden_size
+    for label, index in routings.items():
+        weights = torch.rand(index.shape, generator=g) + 0.1
+        calls.clear()
+        experts.zero_grad(set_to_none=True)
+        reference.zero_grad(set_to_none=True)
+        ep_hidden = hidden[mine].clone().requires_grad_(True)
+        ep_weights = weights[mine].clone().requires_grad_(True)
+        dist.all_to_all_single = counting
+        try:
+            out = experts(ep_hidden, index[mine], ep_weights)
+            (out * target[mine]).sum().backward()
+        finally:
+            dist.all_to_all_single = original
+
+        ref_hidden = hidden.clone().requires_grad_(True)
+        ref_weights = weights.clone().requires_grad_(True)
+        ref_out = reference(ref_hidden, index, ref_weights)
+        (ref_out * target).sum().backward()
+
+        pairs = {
+            "out": (out, ref_out[mine]),
+            "grad_hidden": (ep_hidden.grad, ref_hidden.grad[mine]),
+            "grad_weights": (ep_weights.grad, ref_weights.grad[mine]),
+        }
+        for name in shard.names:
+            # the hook scales expert gradients by 1 / world (the mean loss over processes); the loss here is the sum
+            want = getattr(reference, name).grad[shard.first : shard.first + shard.count]
+            pairs[f"grad_{name}"] = (getattr(experts, name).grad * world, want)
+        result[label] = {
+            "calls": list(calls),
+            # (relative, absolute difference, largest reference value)
+            "compared": {
+                key: (rel_diff(got, want), max_diff(got, want), want.abs().max().item())
+                for key, (got, want) in pairs.items()
+            },
+        }
+    framework.revert()
+    return result
+
+
 if __name__ == "__main__":
     model_dir, out_dir, ep = sys.argv[1], sys.argv[2], int(sys.argv[3])
     wrap = sys.argv[4] if len(sys.argv) > 4 else "ddp"
     rank = int(os.environ.get("RANK", "0"))
     path = Path(out_dir) / f"rank{rank}.json"
     try:
-        if wrap in ("trainer", "framework-api"):
+        if wrap == "dispatch":
+            outcome = dispatch_main(model_dir, ep)
+        elif wrap in ("trainer", "framework-api"):
             outcome = trainer_main(model_dir, out_dir, ep, framework_api=wrap == "framework-api")
         else:
             outcome = main(model_dir, out_dir, ep, wrap)

@@ -118,6 +118,51 @@ def test_expert_parallel_training_matches_one_process(nproc, ep_degree, wrap, sa
 
 
 @pytest.mark.slow
+def test_dispatch_sends_each_token_once_per_destination_rank(saved_models, tmp_path):
+    """Top-k = the number of experts (4 experts, every token routed to all of them) on 2 ranks: each token has 2
+    slots on each rank, and its hidden row crosses the wire once per rank (T rows per destination, not T x k / ep),
+    both ways, forward and backward. Then every token routed to two experts of rank 0 only: rank 1 receives nothing
+    and still takes part in every exchange. Both times the layer's output and the gradients of the hidden states,
+    the routing weights and the local experts are those of the unsharded layer with transformers' eager experts."""
+    reports = _run_workers(saved_models("mixtral", num_experts_per_tok=4), tmp_path, 2, 2, "dispatch")
+    for rank, report in enumerate(reports):
+        tokens, k, ep, hidden = report["tokens"], report["k"], report["world"], report["hidden_size"]
+        assert (k, report["experts"], ep) == (4, 4, 2)
+        for label, sent_rows, sent_slots in (
+            ("all", [tokens] * ep, [tokens * k // ep] * ep),
+            ("first_rank", [tokens, 0], [2 * tokens, 0]),
+        ):
+            calls = report[label]["calls"]
+            # forward: the counts, the slots' (row index, local id), the rows, the weights, the combined rows back;
+            # backward: the combined rows' gradient, then the rows' and the weights' gradients
+            assert len(calls) == 8, calls
+            counts, meta, rows, weights, back, grad_back, grad_rows, grad_weights = calls
+            assert counts["shape"] == [ep, 2] and counts["dtype"] == "torch.int64" and counts["splits"] == []
+            # the hidden rows: one per (token, destination), not one per slot (that would be 2 x)
+            for call in (rows, grad_back):  # this rank's tokens out, their gradients out
+                assert call["splits"] == sent_rows, f"rank {rank} {label}: rows sent per destination {call['splits']}"
+            serves = label == "all" or rank == 0  # this rank's experts got slots (from every rank)
+            for call in (back, grad_rows):  # what this rank received, sent back to each source
+                want = [tokens if serves else 0] * ep
+                assert call["splits"] == want, f"rank {rank} {label}: rows sent back {call['splits']}"
+            for call in (rows, back, grad_back, grad_rows):
+                assert call["shape"] == [sum(call["splits"]), hidden] and call["dtype"] == "torch.float32"
+            # per slot: the metadata out, the weights out, their gradients back from what this rank received
+            assert meta["shape"] == [sum(sent_slots), 2] and meta["splits"] == sent_slots
+            assert weights["shape"] == [sum(sent_slots)] and weights["splits"] == sent_slots
+            assert grad_weights["splits"] == [(sent_slots[0] if serves else 0)] * ep
+            compared = report[label]["compared"]
+            assert sorted(compared) == ["grad_down_proj", "grad_gate_up_proj", "grad_hidden", "grad_weights", "out"]
+            for key, (rel, diff, scale) in compared.items():
+                if label == "first_rank" and rank == 1 and key in ("grad_down_proj", "grad_gate_up_proj"):
+                    # rank 1's experts got no token: their gradient is an exact zero, as the reference's
+                    assert scale == 0 and diff == 0, f"rank {rank} {label} {key}: {diff}"
+                    continue
+                assert scale > 0, f"rank {rank} {label} {key}: the reference is zero"
+                assert rel < GRAD_RTOL, f"rank {rank} {label} {key}: off by {rel:.2e} (relative)"
+
+
+@pytest.mark.slow
 def test_hf_trainer_saves_every_expert_under_expert_parallelism(saved_models, tmp_path):
     """The HF Trainer writes its weights on the main process from its state dict, which under expert parallelism
     holds that process's experts only; the plugin patches the trainer at prepare so its checkpoints (save_steps)

@@ -29,11 +29,25 @@ of the model. With ``ep_degree == W`` there are no replicas and no reduction.
 
 Dispatch
 --------
-:meth:`ExpertParallel.experts_forward`: every (token, slot) row goes to the rank owning its expert (the row counts
-are exchanged first with an ``all_to_all_single`` of sizes, then the rows and their local expert ids), the local
-experts compute the rows they received, the results come back with the inverse all-to-all and are combined with
-the routing weights where the token lives. The row exchanges are an autograd function whose backward is the
-inverse all-to-all. ``all_to_all_single`` with uneven splits works on gloo (CPU tensors) and NCCL.
+:meth:`ExpertParallel.experts_forward` sends each token's hidden row once to every rank that owns at least one of
+its routed experts, however many of its routing slots that rank serves (with top-8 routing over a few ranks most
+tokens have several slots on the same rank):
+
+1. the sender lists the distinct (token, destination rank) pairs, grouped by destination, and exchanges with every
+   rank of the EP group one small ``all_to_all_single`` of two counts per destination: the rows (pairs) and the
+   routing slots it will send there;
+2. it sends the rows, and for every slot the index of its row within that destination's rows, its expert's local
+   id and its routing weight;
+3. the receiving rank's local experts compute each slot from its row, times its routing weight, and the slots of
+   the same row are summed there, so one combined row per (token, destination) goes back with the inverse
+   all-to-all;
+4. the sender adds the rows that came back into its tokens' outputs.
+
+The rows and the weights travel through an autograd function whose backward is the inverse all-to-all, so the
+hidden states, the routing weights (the router) and the local experts all get their gradients. Both sums (a row's
+slots on the receiving rank, a token's destinations on the sender) accumulate in float32 when the experts compute
+in a lower precision, and are rounded once: to the experts' output dtype for the trip back, to the hidden states'
+dtype at the end. ``all_to_all_single`` with uneven splits works on gloo (CPU tensors) and NCCL.
 
 Saving
 ------
@@ -141,6 +155,35 @@ class _AllToAll(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         out_splits, in_splits = ctx.splits
         return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+class _Dispatch(torch.autograd.Function):
+    """The dispatch's two autograd exchanges in one node: the rows (split by ``row_splits``) and the slots' routing
+    weights (split by ``slot_splits``). One node, so the backward runs both inverse all-to-alls in the same order on
+    every rank of the group (rows, then weights), whichever of the outputs the graph used."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        rows: torch.Tensor,
+        weights: torch.Tensor,
+        row_splits: tuple[list[int], list[int]],
+        slot_splits: tuple[list[int], list[int]],
+        group: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.row_splits, ctx.slot_splits, ctx.group = row_splits, slot_splits, group
+        return _all_to_all(rows, *row_splits, group), _all_to_all(weights, *slot_splits, group)
+
+    @staticmethod
+    def backward(ctx: Any, grad_rows: torch.Tensor, grad_weights: torch.Tensor) -> tuple[Any, ...]:
+        (rows_out, rows_in), (slots_out, slots_in) = ctx.row_splits, ctx.slot_splits
+        return (
+            _all_to_all(grad_rows, rows_in, rows_out, ctx.group),
+            _all_to_all(grad_weights, slots_in, slots_out, ctx.group),
+            None,
+            None,
+            None,
+        )
 
 
 def _all_to_all(rows: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
@@ -257,35 +300,72 @@ class ExpertParallel:
             hidden: (T, H) this process's tokens.
             top_k_index: (T, k) global expert ids.
             top_k_weights: (T, k) routing weights.
-            local_experts: ``(rows (M, H), local ids (M, 1), weights (M, 1)) -> (M, H)``: the local experts.
+            local_experts: ``(rows (M, H), local ids (M, 1), weights (M, 1)) -> (M, H)``: the local experts, each
+                row's output times its weight.
             zero_terms: a zero scalar that depends on the local expert parameters (keeps their gradients, zero,
                 in the graph when no row came to this process).
 
         Returns:
             (T, H) in ``hidden``'s dtype.
+
+        Every (token, destination rank) pair sends one row whatever the number of its slots on that rank (see the
+        module docstring's Dispatch section).
         """
         import torch.distributed as dist
 
         groups = self.groups
         assert groups is not None
-        tokens, k = top_k_index.shape
+        ep, group = groups.ep_size, groups.ep_group
+        tokens = top_k_index.shape[0]
         flat = top_k_index.reshape(-1)
+        slot_token = torch.arange(tokens, device=flat.device).repeat_interleave(top_k_index.shape[1])
         owner = torch.div(flat, shard.count, rounding_mode="floor")
-        order = torch.argsort(owner, stable=True)
-        send = torch.bincount(owner, minlength=groups.ep_size)
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=groups.ep_group)
-        send_splits, recv_splits = send.tolist(), recv.tolist()
-        local_ids = (flat - owner * shard.count).index_select(0, order)
-        recv_ids = _all_to_all(local_ids, recv_splits, send_splits, groups.ep_group)
-        rows = _AllToAll.apply(hidden.index_select(0, order // k), recv_splits, send_splits, groups.ep_group)
-        if rows.shape[0]:
-            computed = local_experts(rows, recv_ids.unsqueeze(1), rows.new_ones((rows.shape[0], 1)))
-        else:  # keep the backward all-to-all (which the other processes wait for) and the weights in the graph
-            computed = rows * 0 + zero_terms().to(rows.dtype)
-        back = _AllToAll.apply(computed, send_splits, recv_splits, groups.ep_group)
-        slots = back.new_zeros((flat.shape[0], back.shape[1])).index_copy(0, order, back)
-        out = (slots.view(tokens, k, -1) * top_k_weights.unsqueeze(-1).to(slots.dtype)).sum(dim=1)
+        # the distinct (token, destination) pairs, grouped by destination then ordered by token: the sent rows
+        pair_key = owner * tokens + slot_token
+        hit = torch.zeros(ep * tokens, dtype=torch.bool, device=flat.device)
+        hit[pair_key] = True
+        pair_of_key = torch.cumsum(hit, 0) - 1  # a key's row among all the sent rows
+        pair_token = hit.nonzero().squeeze(1) % tokens
+        row_counts = hit.view(ep, tokens).sum(1)
+        slot_counts = torch.bincount(owner, minlength=ep)
+        row_starts = torch.cumsum(row_counts, 0) - row_counts
+        # the slots in row order (grouped by destination too), each naming its row within its destination's rows
+        slot_pair = pair_of_key.index_select(0, pair_key)
+        order = torch.argsort(slot_pair, stable=True)
+        slot_owner = owner.index_select(0, order)
+        meta = torch.stack(
+            (slot_pair.index_select(0, order) - row_starts.index_select(0, slot_owner),
+             flat.index_select(0, order) - slot_owner * shard.count),
+            dim=1,
+        )  # fmt: skip
+        counts = torch.stack((row_counts, slot_counts), dim=1)
+        recv_counts = torch.empty_like(counts)
+        dist.all_to_all_single(recv_counts, counts, group=group)
+        (send_rows, send_slots), (recv_rows, recv_slots) = counts.T.tolist(), recv_counts.T.tolist()
+        recv_meta = _all_to_all(meta, recv_slots, send_slots, group)
+        rows, weights = _Dispatch.apply(
+            hidden.index_select(0, pair_token),
+            top_k_weights.reshape(-1).index_select(0, order),
+            (recv_rows, send_rows),
+            (recv_slots, send_slots),
+            group,
+        )
+        if recv_meta.shape[0]:
+            # a received slot's row: its source's first row in the receive buffer + the index the source sent
+            source_starts = torch.cumsum(recv_counts[:, 0], 0) - recv_counts[:, 0]
+            sources = torch.arange(ep, device=flat.device).repeat_interleave(
+                recv_counts[:, 1], output_size=recv_meta.shape[0]
+            )
+            row_index = source_starts.index_select(0, sources) + recv_meta[:, 0]
+            computed = local_experts(rows.index_select(0, row_index), recv_meta[:, 1:], weights.unsqueeze(1))
+            total = torch.promote_types(computed.dtype, torch.float32)
+            combined = computed.new_zeros(rows.shape[0], computed.shape[1], dtype=total)
+            combined = combined.index_add(0, row_index, computed.to(total)).to(computed.dtype)
+        else:  # keep the backward all-to-alls (which the other processes wait for) and the experts in the graph
+            combined = rows * 0 + zero_terms().to(rows.dtype)
+        back = _AllToAll.apply(combined, send_rows, recv_rows, group)
+        total = torch.promote_types(back.dtype, torch.float32)
+        out = back.new_zeros(tokens, back.shape[1], dtype=total).index_add(0, pair_token, back.to(total))
         return out.to(hidden.dtype)
 
     # ------------------------------------------------------------------------------------------- saving
