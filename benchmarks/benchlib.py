@@ -125,6 +125,10 @@ class Scenario:
             ``dtype`` autocast (Accelerate ``mixed_precision`` bf16 / fp16; on CPU bf16 only). With ``dtype:
             float32`` it is plain float32. ``peft: full`` or ``lora`` without DeepSpeed (whose bf16 mode keeps
             float32 master weights of its own); the reference of a full fine-tuning row under DeepSpeed.
+        compile_layers: after ``accelerator.prepare``, compile every decoder layer with ``torch.compile(dynamic=True)``
+            (``nn.Module.compile``; the layers share one compiled graph, the row length stays symbolic). The same
+            for HF and plugin rows, so that a compiled stack is compared with a compiled baseline. The first steps
+            pay the compilation: give the row enough ``warmup_steps``.
     """
 
     name: str
@@ -164,6 +168,7 @@ class Scenario:
     experts_implementation: str | None = None
     lora_target_parameters: tuple[str, ...] = ()
     master_weights: str = "dtype"
+    compile_layers: bool = False
 
     @property
     def uses_plugins(self) -> bool:
@@ -706,7 +711,7 @@ CSV_COLUMNS = (
     "peft", "plugins", "active_plugins", "patches", "prep", "peer", "model", "entry", "experts_implementation",
     "batch_size", "seq_len", "steps", "warmup_steps", "gradient_checkpointing", "num_gpus",
     "distributed", "rank_data", "num_layers", "dataset", "collate", "dtype", "master_weights",
-    "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s", "padding_fraction",
+    "compile_layers", "train_tokens_per_s", "train_tokens_per_s_per_gpu", "step_time_s", "step_time_p50_s", "padding_fraction",
     "measured_tokens", "peak_alloc_gib", "peak_reserved_gib", "peak_rss_gib", "gpu_mem_gib",
     "state_alloc_gib", "forward_alloc_gib", "prepare_peak_alloc_gib", "train_peak_alloc_gib",
     "device_allocs_per_step", "alloc_retries", "allgather_bytes_per_step", "reduce_scatter_bytes_per_step",

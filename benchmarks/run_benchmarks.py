@@ -557,6 +557,7 @@ def base_row(s: Scenario, models: ScenarioFile, model_overrides: Mapping[str, An
         "collate": s.collate if s.dataset != "synthetic" else "",
         "dtype": s.dtype,
         "master_weights": s.master_weights,
+        "compile_layers": s.compile_layers,
     }
 
 
@@ -569,6 +570,7 @@ def fill_result(row: dict[str, Any], result: Mapping[str, Any]) -> None:
         "device_allocs_per_step", "alloc_retries", "allgather_bytes_per_step",
         "reduce_scatter_bytes_per_step", "param_bytes_per_rank", "buffer_bytes_per_rank", "device", "gpu_name", "torch", "transformers", "accelerate", "peft_version", "bitsandbytes", "triton",
         "liger_kernel", "deepspeed", "python", "date", "entry", "patches", "experts_implementation",
+        "compile_layers",
     ):  # fmt: skip
         if key in result:
             row[key] = result[key]

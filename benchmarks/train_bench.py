@@ -340,6 +340,18 @@ def hf_peft_fsdp_recipe(model: Any, accelerator: Any) -> None:
     update_fsdp_plugin_peft(model, accelerator)
 
 
+def compile_decoder_layers(model: Any) -> int:
+    """``compile_layers``: ``torch.compile(dynamic=True)`` on every module whose class is a decoder layer (the
+    ``*DecoderLayer`` classes of transformers' models); returns how many. No layer found is an error: a row that
+    asks to compile must not run uncompiled."""
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise RuntimeError("compile_layers: the model has no *DecoderLayer module to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
+
+
 def load_and_prepare(
     s: Scenario, model_dir: str, framework: Any, accelerator: Any, train_args: Any
 ) -> tuple[Any, dict]:
@@ -814,6 +826,10 @@ def run(args: argparse.Namespace, clock: PhaseClock, stamps: dict[str, float]) -
         info.update(deepspeed_info(model))
         if accelerator.is_main_process:
             print("deepspeed: " + ", ".join(f"{k[len('deepspeed_') :]} {v}" for k, v in deepspeed_info(model).items()))
+    if s.compile_layers:
+        info["compile_layers"] = compile_decoder_layers(model)  # the CSV column: how many layers were compiled
+        if accelerator.is_main_process:
+            print(f"compiled {info['compile_layers']} decoder layers (torch.compile, dynamic=True)", flush=True)
     clip_here = s.max_grad_norm > 0 and not is_deepspeed(accelerator)
     if framework is not None:
         framework.get_callbacks_and_ready_for_train(model, accelerator)

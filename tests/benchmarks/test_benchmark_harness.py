@@ -35,6 +35,7 @@ scenarios:
   - {name: base, group: g, peft: lora}
   - {name: slow, group: g, peft: lora, inject_delay_ms: 1500}   # the same run with an injected slowdown
   - {name: ddp, group: g2, peft: lora, num_gpus: 2}   # 2 processes (gloo on CPU): ranks split the batches
+  - {name: compiled, group: g, peft: lora, compile_layers: true}   # the decoder layer under torch.compile
 """
 
 
@@ -273,7 +274,7 @@ def test_runner_end_to_end_on_cpu_and_regression_check(tmp_path: Path) -> None:
     out = tmp_path / "out"
     stdout, rows = _run_cpu_scenarios(tmp_path, TINY_SCENARIOS, out)
     by_name = {r["scenario"]: r for r in rows}
-    assert list(by_name) == ["base", "slow", "ddp"]
+    assert list(by_name) == ["base", "slow", "ddp", "compiled"]
     assert by_name["ddp"]["status"] == "ok", by_name["ddp"]["note"]
     assert int(by_name["ddp"]["measured_tokens"]) == 2 * 3 * 2 * 32  # counted over both ranks
     assert by_name["ddp"]["num_gpus"] == "2" and by_name["ddp"]["is_baseline"] == "yes"
@@ -287,6 +288,9 @@ def test_runner_end_to_end_on_cpu_and_regression_check(tmp_path: Path) -> None:
     assert base["is_baseline"] == "yes" and float(base["throughput_ratio"]) == 1.0
     assert float(slow["step_time_s"]) >= 1.5 and float(slow["throughput_ratio"]) < 0.8
     assert slow["loss_match"] == "yes", "same model, data and seed: the loss curves must agree"
+    compiled = by_name["compiled"]  # the CSV says how many layers were compiled (the scenario's flag alone: True)
+    assert compiled["status"] == "ok" and compiled["compile_layers"] == "1", compiled["note"]
+    assert base["compile_layers"] == "False" and compiled["loss_match"] == "yes"
     for name in ("throughput_ratio.png", "memory_ratio.png", "loss_curves.png"):
         data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
