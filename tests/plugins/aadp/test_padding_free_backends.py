@@ -319,3 +319,51 @@ def test_attention_function_never_drops_sinks():
     # decoding with a cache (queries shorter than the keys) applies them too: the last query of the full call
     last, _ = function(module, q[:, :, -1:], k, v, None, scaling=0.3, s_aux=sinks)
     torch.testing.assert_close(last[:, 0], with_sinks[:, -1], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------- torch.compile
+def test_varlen_backend_settles_its_call_path_when_chosen(monkeypatch):
+    """Choosing the varlen backend inspects varlen_attn's signature and the flash ops' schemas once; ``attend``
+    (traced under torch.compile) must find the answers cached, or every attention layer breaks the graph."""
+    from fms_acceleration_accelerate_aadp import attention
+
+    backend = TorchVarlenBackend(varlen_attn_2_13)
+    assert choose_backend(("varlen",), ModelNeeds(), GPU_BF16, backends={"varlen": backend}).backend is backend
+
+    def no_inspection(*args, **kwargs):
+        raise AssertionError("inspected at attention time")
+
+    assert backend._parameter_names is not None and "window_size" in backend._parameter_names  # read when chosen
+    monkeypatch.setattr(attention, "_flash_ops_usable", no_inspection)
+    assert backend._calls_kernels_directly() is False  # a stand-in function: the generic call path
+    segments = _segments_case(padded=False)
+    q, k, v = _qkv()
+    got = backend.attend(q, k, v, segments, scaling=0.3, dropout=0.0, sliding_window=None, softcap=None)
+    expected = EagerBackend().attend(q, k, v, segments, scaling=0.3, dropout=0.0, sliding_window=None, softcap=None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_function_compiles_without_graph_breaks():
+    """The registered attention function (segments given, as the decoder stack passes them) traces into one graph
+    with ``fullgraph=True``, forward and backward, and computes what it computes uncompiled."""
+    torch._dynamo.reset()
+    segments = _segments_case(padded=True)
+    function = make_attention_function(SdpaBackend())
+    module = torch.nn.Module()
+
+    def attend(q, k, v):
+        return function(module, q, k, v, None, scaling=0.3, fms_padding_free_segments=segments)[0]
+
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True, dynamic=True)
+    q, k, v = (t.requires_grad_(True) for t in _qkv())
+    out = compiled(q, k, v)
+    out.square().sum().backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    q2, k2, v2 = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    ref = attend(q2, k2, v2)
+    ref.square().sum().backward()
+    real = torch.ones(2, 10, dtype=torch.bool)
+    real[1, 7:] = False
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, (q2.grad, k2.grad, v2.grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

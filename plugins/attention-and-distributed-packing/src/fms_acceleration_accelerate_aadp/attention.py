@@ -315,6 +315,10 @@ class TorchVarlenBackend(AttentionBackend):
         return None
 
     def cannot_run(self, model: ModelNeeds, run: RunNeeds) -> str | None:
+        # settle how ``attend`` will call the kernels now, while choosing: under torch.compile, ``attend`` is traced,
+        # and inspecting signatures or op schemas there would break the graph in every attention layer
+        self._parameters()
+        self._calls_kernels_directly()
         if self._function is None or self._is_torch_kernel():
             if run.device_type != "cuda":
                 return f"needs a CUDA device (the run is on {run.device_type})"
