@@ -156,3 +156,41 @@ def test_accelerate_only_script_prepare_patches_the_model(reference_kernels, sav
     assert_grads_close(want_grads, grads)
     assert len(plugin.routing_stats) == model.config.num_hidden_layers
     framework.revert()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral"])
+def test_full_fine_tune_with_the_fused_ops_plugin(model_type, triton_interpreter, saved_models, tmp_path):
+    """The MoE plugin stacked with the fused-ops plugin's kernels (fused linear cross-entropy, RMSNorm, RoPE), as
+    the GPU benchmark's full fine-tuning rows run them: first-step loss and gradients equal to eager experts + HF's
+    modules, and the HF Trainer's run follows eager's loss step by step (float32)."""
+    from fms_acceleration_accelerate.framework import AccelerationFramework
+
+    body = {
+        "training": {
+            "moe": {"scattermoe": {"ep_degree": 1}},
+            "fused_ops_and_kernels": {
+                "fast_loss": "fused_linear",
+                "fast_rms_layernorm": True,
+                "fast_rope_embeddings": True,
+            },
+        }
+    }
+    directory = saved_models(model_type)
+    want_loss, want_grads = loss_and_grads(load(directory, experts_implementation="eager"), batch())
+    baseline = _train(load(directory, experts_implementation="eager"), tmp_path / "eager")
+
+    framework = AccelerationFramework(body)
+    assert {name for name, _ in framework.active_plugins} >= {"scattermoe", "fused_ops_and_kernels"}, (
+        framework.active_plugins
+    )
+    with framework:
+        model, _ = framework.augmentation(load(directory))
+        plugins = {record.plugin for record in framework.patches.records}
+        loss, grads = loss_and_grads(model, batch())
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+        assert_grads_close(want_grads, grads, rtol=1e-4, atol=1e-6)
+        history = _train(model, tmp_path / "stack", framework.get_callbacks_and_ready_for_train(model))
+    assert plugins >= {"scattermoe", "fused_ops_and_kernels"}, plugins  # both plugins patched the model
+    assert len(history) == len(baseline) == 3 and history[-1]["loss"] < history[0]["loss"]
+    for want, got in zip(baseline, history):
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-3)
