@@ -645,7 +645,22 @@ def shape_change_bench(calls: int = 120, burst: int = 8) -> list[str]:
         x = x_base[:m].detach().requires_grad_(True)
         rms.rms_norm(x, rms_weight, 1e-5, 0.0).backward(g_base[hidden][:m])
 
+    lora = importlib.import_module("fms_acceleration_accelerate_kernels.lora")
+    lora_a = torch.randn(16, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+    lora_b = torch.randn(hidden, 16, device="cuda", dtype=torch.bfloat16) * 0.02
+    square = torch.randn(hidden, hidden, device="cuda", dtype=torch.bfloat16) * 0.02
+
+    def addmm_call(m: int) -> None:  # the fused LoRA's epilogue: out += (x A^T) B^T, through cuBLASLt
+        out = x_base[:m] @ square.t()
+        out.addmm_(x_base[:m, :16], lora_b.t())
+
+    def fused_lora_call(m: int) -> None:  # the fused-ops stack's projection: frozen base + LoRA, fwd + bwd
+        x = x_base[:m].detach().requires_grad_(True)
+        lora.lora_linear(x, square, lora_a, lora_b, 1.0).backward(g_base[hidden][:m])
+
     cases = {
+        f"mm + addmm_ {hidden}->{hidden} (LoRA epilogue) fwd": addmm_call,
+        f"fused lora_linear {hidden}->{hidden} r16 fwd+bwd": fused_lora_call,
         f"F.linear {hidden}->{hidden} fwd+bwd": linear_case(hidden),
         f"F.linear {hidden}->{SHAPE['intermediate_size']} fwd+bwd": linear_case(SHAPE["intermediate_size"]),
         f"rms_norm (Triton) {hidden} fwd+bwd": rms_call,
