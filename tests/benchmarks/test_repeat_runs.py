@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-import repeat_runs  # noqa: E402
+import repeat_runs
 
 
 def test_rows_after_only_rotate_each_round_and_nothing_else_moves():
