@@ -2,21 +2,21 @@
 
 A padding-free LoRA step of a few thousand tokens is paced by the host (Python and kernel launches), and its speed
 moves from one run to the next by more than the difference between two attention calls. One run of each row cannot
-rank such rows. This script runs ``run_benchmarks.py run`` ``--rounds`` times, without overlapped start-up (no other
-row's process starts while a row trains), rotating the order of the ``--only`` rows every round so that no row
+rank such rows. This script runs ``run_benchmarks.py run`` ``--repeats`` times, without overlapped start-up (no other
+row's process starts while a row trains), rotating the order of the ``--only`` rows every time so that no row
 always runs first or after the same row, and summarises:
 
-* per row: tokens/s of every round, their median, min and max;
-* per row and round: the ratio to ``--reference`` (a row of the same round), and the median, min and max of those
+* per row: tokens/s of every run, their median, min and max;
+* per row and run: the ratio to ``--reference`` (a row of the same run), and the median, min and max of those
   ratios; a ratio whose min and max fall on either side of a threshold is not a ranking.
 
 Usage::
 
-    python benchmarks/repeat_runs.py --rounds 3 --reference pf-lora-flatten-flex-hf --out DIR -- \\
+    python benchmarks/repeat_runs.py --repeats 3 --reference pf-lora-flatten-flex-hf --out DIR -- \\
         benchmarks/scenarios-padding-free.yaml --only pf-lora-flatten-flex-hf pf-lora-ours --set steps=40
 
 Everything after ``--`` is passed to ``run_benchmarks.py run`` (its ``--out`` and ``--overlap`` are set here).
-Writes ``DIR/round<k>/`` (each round's own results), ``DIR/repeats.csv`` and ``DIR/repeats.md``.
+Writes ``DIR/repeat<k>/`` (each run's own results), ``DIR/repeats.csv`` and ``DIR/repeats.md``.
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 RUNNER = Path(__file__).resolve().parent / "run_benchmarks.py"
-COLUMNS = ("scenario", "rounds", "tok_s", "tok_s_median", "tok_s_min", "tok_s_max", "ratio", "ratio_median",
+COLUMNS = ("scenario", "runs", "tok_s", "tok_s_median", "tok_s_min", "tok_s_max", "ratio", "ratio_median",
            "ratio_min", "ratio_max")  # fmt: skip
 
 
-def rotated_args(args: Sequence[str], round_index: int) -> list[str]:
-    """``args`` with the names after ``--only`` rotated left by ``round_index`` (other arguments unchanged)."""
+def rotated_args(args: Sequence[str], index: int) -> list[str]:
+    """``args`` with the names after ``--only`` rotated left by ``index`` (other arguments unchanged)."""
     out = list(args)
     if "--only" not in out:
         return out
@@ -45,39 +45,39 @@ def rotated_args(args: Sequence[str], round_index: int) -> list[str]:
         end += 1
     names = out[start:end]
     if names:
-        shift = round_index % len(names)
+        shift = index % len(names)
         out[start:end] = names[shift:] + names[:shift]
     return out
 
 
-def read_rounds(csv_paths: Sequence[Path]) -> list[dict[str, float]]:
-    """tokens/s by scenario for each round's ``results.csv`` (rows that did not finish ``ok`` are left out)."""
-    rounds = []
+def read_runs(csv_paths: Sequence[Path]) -> list[dict[str, float]]:
+    """tokens/s by scenario for each run's ``results.csv`` (rows that did not finish ``ok`` are left out)."""
+    runs = []
     for path in csv_paths:
         with path.open(newline="", encoding="utf-8") as handle:
-            rounds.append(
+            runs.append(
                 {
                     row["scenario"]: float(row["train_tokens_per_s"])
                     for row in csv.DictReader(handle)
                     if row.get("status") == "ok" and row.get("train_tokens_per_s")
                 }
             )
-    return rounds
+    return runs
 
 
-def summarise(rounds: Sequence[dict[str, float]], reference: str) -> list[dict[str, str]]:
-    """One row per scenario seen in any round: its tokens/s per round and the spread, and its ratio to
-    ``reference`` in each round where both ran."""
+def summarise(runs: Sequence[dict[str, float]], reference: str) -> list[dict[str, str]]:
+    """One row per scenario seen in any run: its tokens/s per run and the spread, and its ratio to
+    ``reference`` in each run where both ran."""
     names: list[str] = []
-    for values in rounds:
+    for values in runs:
         names += [name for name in values if name not in names]
     rows = []
     for name in names:
-        speeds = [values[name] for values in rounds if name in values]
-        ratios = [values[name] / values[reference] for values in rounds if name in values and reference in values]
+        speeds = [values[name] for values in runs if name in values]
+        ratios = [values[name] / values[reference] for values in runs if name in values and reference in values]
         row = {
             "scenario": name,
-            "rounds": str(len(speeds)),
+            "runs": str(len(speeds)),
             "tok_s": " ".join(f"{v:.0f}" for v in speeds),
             "tok_s_median": f"{statistics.median(speeds):.0f}",
             "tok_s_min": f"{min(speeds):.0f}",
@@ -97,13 +97,13 @@ def write_outputs(rows: Sequence[dict[str, str]], out: Path, reference: str) -> 
         writer.writeheader()
         writer.writerows(rows)
     lines = [
-        f"| row | rounds | tok/s per round | median tok/s | x {reference} per round | median (min-max) |",
+        f"| row | runs | tok/s per run | median tok/s | x {reference} per run | median (min-max) |",
         "|---|---:|---|---:|---|---|",
     ]
     for r in rows:
         spread = f"{r['ratio_median']} ({r['ratio_min']}-{r['ratio_max']})" if r["ratio"] else ""
         lines.append(
-            f"| {r['scenario']} | {r['rounds']} | {r['tok_s']} | {r['tok_s_median']} | {r['ratio']} | {spread} |"
+            f"| {r['scenario']} | {r['runs']} | {r['tok_s']} | {r['tok_s_median']} | {r['ratio']} | {spread} |"
         )
     (out / "repeats.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -113,12 +113,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     runner_args = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--reference", required=True, help="the row every ratio is taken against (same round)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--reference", required=True, help="the row every ratio is taken against (same run)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(own)
-    if args.rounds < 1:
-        parser.error("--rounds must be >= 1")
+    if args.repeats < 1:
+        parser.error("--repeats must be >= 1")
     if not runner_args:
         parser.error("give run_benchmarks.py run's arguments after --: a scenarios file and e.g. --only ROWS")
     if any(a in ("--out", "--overlap", "--no-overlap") for a in runner_args):
@@ -126,23 +126,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_paths = []
-    for k in range(args.rounds):
-        round_out = out / f"round{k + 1}"
+    for k in range(args.repeats):
+        run_out = out / f"repeat{k + 1}"
         command = [sys.executable, str(RUNNER), "run", *rotated_args(runner_args, k), "--no-overlap",
-                   "--out", str(round_out)]  # fmt: skip
-        print(f"[repeat] round {k + 1}/{args.rounds}: {' '.join(command)}", flush=True)
+                   "--out", str(run_out)]  # fmt: skip
+        print(f"[repeat] run {k + 1}/{args.repeats}: {' '.join(command)}", flush=True)
         done = subprocess.run(command, check=False)
         if done.returncode != 0:
-            print(f"[repeat] round {k + 1} exited with {done.returncode}", flush=True)
-        if (round_out / "results.csv").exists():
-            csv_paths.append(round_out / "results.csv")
+            print(f"[repeat] run {k + 1} exited with {done.returncode}", flush=True)
+        if (run_out / "results.csv").exists():
+            csv_paths.append(run_out / "results.csv")
     if not csv_paths:
-        print("[repeat] no round wrote results", flush=True)
+        print("[repeat] no run wrote results", flush=True)
         return 1
-    rows = summarise(read_rounds(csv_paths), args.reference)
+    rows = summarise(read_runs(csv_paths), args.reference)
     write_outputs(rows, out, args.reference)
     print((out / "repeats.md").read_text(encoding="utf-8"), flush=True)
-    return 0 if len(csv_paths) == args.rounds else 1
+    return 0 if len(csv_paths) == args.repeats else 1
 
 
 if __name__ == "__main__":
