@@ -202,7 +202,7 @@ def check_run(report: dict, reference: dict, stage: int, processes: int) -> None
     ("stage", "stack", "client"),
     [
         pytest.param(3, "qlora-foak", "accelerator", marks=pytest.mark.extended),  # the trainer row covers it
-        (3, "lora-foak", "accelerator"),
+        pytest.param(3, "lora-foak", "accelerator", marks=pytest.mark.extended),  # two-process lora-foak row covers it
         (3, "full-foak", "trainer"),
         (3, "qlora-foak", "trainer"),
         (2, "qlora-foak", "accelerator"),
