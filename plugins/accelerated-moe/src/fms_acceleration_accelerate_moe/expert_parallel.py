@@ -157,6 +157,13 @@ class _AllToAll(torch.autograd.Function):
         return _all_to_all(grad, in_splits, out_splits, ctx.group), None, None, None
 
 
+def _sum_rows(values: torch.Tensor, index: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` rows, row ``i`` the sum of the ``values`` rows whose ``index`` is ``i``; accumulated in float32 when
+    ``values`` is in a lower precision (the caller rounds the result once)."""
+    total = torch.promote_types(values.dtype, torch.float32)
+    return values.new_zeros(count, values.shape[1], dtype=total).index_add(0, index, values.to(total))
+
+
 class _Dispatch(torch.autograd.Function):
     """The dispatch's two autograd exchanges in one node: the rows (split by ``row_splits``) and the slots' routing
     weights (split by ``slot_splits``). One node, so the backward runs both inverse all-to-alls in the same order on
@@ -358,15 +365,11 @@ class ExpertParallel:
             )
             row_index = source_starts.index_select(0, sources) + recv_meta[:, 0]
             computed = local_experts(rows.index_select(0, row_index), recv_meta[:, 1:], weights.unsqueeze(1))
-            total = torch.promote_types(computed.dtype, torch.float32)
-            combined = computed.new_zeros(rows.shape[0], computed.shape[1], dtype=total)
-            combined = combined.index_add(0, row_index, computed.to(total)).to(computed.dtype)
+            combined = _sum_rows(computed, row_index, rows.shape[0]).to(computed.dtype)
         else:  # keep the backward all-to-alls (which the other processes wait for) and the experts in the graph
             combined = rows * 0 + zero_terms().to(rows.dtype)
         back = _AllToAll.apply(combined, send_rows, recv_rows, group)
-        total = torch.promote_types(back.dtype, torch.float32)
-        out = back.new_zeros(tokens, back.shape[1], dtype=total).index_add(0, pair_token, back.to(total))
-        return out.to(hidden.dtype)
+        return _sum_rows(back, pair_token, tokens).to(hidden.dtype)
 
     # ------------------------------------------------------------------------------------------- saving
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
