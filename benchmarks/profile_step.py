@@ -77,6 +77,9 @@ STACKS: dict[str, tuple[str, dict | None]] = {
         "lora",
         {"training": {"attention": {"padding_free": {"method": "huggingface"}}, "fused_ops_and_kernels": _KERNELS}},
     ),
+    # the same LoRA step with attention replaced by an elementwise sum of q, k and v (no mask, no boundaries): what
+    # the step would take if attention cost nothing, the bound of any attention backend's gain on this shape
+    "lora-attention-free": ("lora", None),
     "lora-pf-foak-hfloss": (
         "lora",
         {
@@ -87,7 +90,25 @@ STACKS: dict[str, tuple[str, dict | None]] = {
         },
     ),
 }
-ATTENTION = {"lora-hf-flex": "flex_attention"}  # attn_implementation of the stacks without plugins (default sdpa)
+ATTENTION = {"lora-hf-flex": "flex_attention", "lora-attention-free": "attention_free"}
+# (attn_implementation of the stacks without plugins, default sdpa; "attention_free" is registered by
+# register_attention_free below)
+
+
+def register_attention_free() -> None:
+    """Register ``attention_free`` in transformers' attention and mask registries: the attention output is
+    ``q + k + v`` (key/value heads repeated to the query heads), so every projection still gets its gradient; no
+    mask is built. Only :func:`build_stack` of the ``lora-attention-free`` stack calls it (one process per stack)."""
+    from transformers.masking_utils import AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    def attention_free(module, query, key, value, attention_mask, **kwargs):
+        groups = query.shape[1] // key.shape[1]
+        out = query + (key + value).repeat_interleave(groups, dim=1)
+        return out.transpose(1, 2).contiguous(), None
+
+    AttentionInterface.register("attention_free", attention_free)
+    AttentionMaskInterface.register("attention_free", lambda *args, **kwargs: None)
 
 
 def category(name: str) -> str:
@@ -164,6 +185,8 @@ def build_stack(name: str, model_dir: str, cpu: bool = False):
     from fms_acceleration_accelerate import AccelerationKwargs, get_framework
 
     peft_kind, section = STACKS[name]
+    if ATTENTION.get(name) == "attention_free":
+        register_attention_free()
     handlers = [AccelerationKwargs(config={"plugins": section})] if section else []
     accelerator = Accelerator(mixed_precision="bf16", kwargs_handlers=handlers, cpu=cpu)
     framework = get_framework(accelerator)
