@@ -276,3 +276,19 @@ def test_shipped_fsdp_configs_avoid_combinations_the_prepare_hooks_refuse():
         bnb = config["acceleration"].get("peft", {}).get("quantization", {}).get("bitsandbytes")
         if fsdp.get("fsdp_version") == 1 and bnb is not None:
             assert config["mixed_precision"] == "no" and bnb["fp32_lora_params"] is False, path.name
+
+
+def test_padding_free_rounds_rows_up_exactly_where_fused_lora_runs():
+    """The shipped configs that put padding-free next to the fused LoRA kernels round each flattened row up to a
+    multiple of 128 tokens (measured faster with those kernels on one H100); the others leave rows as they are."""
+    seen = {True: 0, False: 0}
+    for path in _shipped_files():
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+        framework = AccelerationFramework({"plugins": config.get("acceleration", config.get("plugins"))})
+        names = {p.name for p in framework.plugins}
+        if "padding_free" not in names:
+            continue
+        fused_lora = "fused_ops_and_kernels" in names and framework.plugin("fused_ops_and_kernels").config.fused_lora
+        assert framework.plugin("padding_free").config.bucket == (128 if fused_lora else 1), path.name
+        seen[bool(fused_lora)] += 1
+    assert seen[True] >= 3 and seen[False] >= 3, seen
