@@ -162,6 +162,7 @@ def _run_tiny_rows(out: Path, names: list[str], settings: list[str]) -> dict[str
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # the two-process ZeRO-3 runner row (test_benchmark_multiproc_cpu.py) covers this path
 def test_zero3_row_follows_its_run_without_deepspeed_through_the_runner(tmp_path: Path) -> None:
     """A tiny LoRA + fused-ops row under ZeRO-3 (DeepSpeed's CPU accelerator) and the same stack without DeepSpeed,
     through the runner and stock ``accelerate launch``: both train, and the parity columns say they agree."""
@@ -227,6 +228,7 @@ def test_full_ft_reference_trains_fp32_master_weights_under_bf16_autocast(tmp_pa
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # full fine-tuning under ZeRO-3 against its run without DeepSpeed: test_deepspeed_cpu.py
 def test_full_ft_zero3_row_follows_its_fp32_master_weights_reference_on_cpu(tmp_path: Path) -> None:
     """bf16 on CPU: the ZeRO-3 full fine-tuning row (bf16 weights, DeepSpeed's float32 partitions) and its reference
     without DeepSpeed (float32 weights under CPU bf16 autocast), both with the fused-ops kernels, through the runner:

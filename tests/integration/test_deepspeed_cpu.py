@@ -205,8 +205,9 @@ def check_run(report: dict, reference: dict, stage: int, processes: int) -> None
         pytest.param(3, "lora-foak", "accelerator", marks=pytest.mark.extended),  # two-process lora-foak row covers it
         (3, "full-foak", "trainer"),
         (3, "qlora-foak", "trainer"),
-        (2, "qlora-foak", "accelerator"),
-        pytest.param(2, "lora-foak", "accelerator", marks=pytest.mark.extended),  # stage 2's row above covers it
+        # stage 2: the two-process qlora-foak trainer row covers it
+        pytest.param(2, "qlora-foak", "accelerator", marks=pytest.mark.extended),
+        pytest.param(2, "lora-foak", "accelerator", marks=pytest.mark.extended),
     ],
     ids=lambda v: str(v),
 )
@@ -278,7 +279,8 @@ def check_plain_run(report: dict, reference: dict, stage: int) -> None:
         assert report["ds_params"] == 0
 
 
-@pytest.mark.parametrize("stage", [pytest.param(2, marks=pytest.mark.extended), 3])
+@pytest.mark.extended  # the MoE LoRA row under ZeRO-3 (trainer) covers the plugin's gathering of partitioned stacks
+@pytest.mark.parametrize("stage", [2, 3])
 def test_moe_experts_under_deepspeed_match_the_stack_without_it(work, env, baseline, stage):
     """scattermoe with ep_degree 1 on a tiny Mixtral: the experts forward reads the 3-D expert stacks inside the
     experts module's own call, so under ZeRO-3 DeepSpeed's hooks of that module gather them (partitioned between
@@ -295,7 +297,11 @@ def test_moe_experts_under_deepspeed_match_the_stack_without_it(work, env, basel
         assert report["partitioned_3d"] == 4  # gate_up_proj and down_proj of both layers' experts
 
 
-@pytest.mark.parametrize(("stage", "backend"), [(2, "sdpa"), (3, "sdpa"), (3, "eager")], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    ("stage", "backend"),
+    [(2, "sdpa"), (3, "sdpa"), pytest.param(3, "eager", marks=pytest.mark.extended)],  # (3, sdpa) covers stage 3
+    ids=lambda v: str(v),
+)
 def test_padding_free_under_deepspeed_matches_the_stack_without_it(work, env, baseline, stage, backend):
     """Padding-free attention on right-padded batches of examples of different lengths: the plugin's collator
     flattens each batch into one row of real tokens also when DeepSpeed's engine trains, and the losses follow the
